@@ -1,0 +1,1 @@
+"""AEGIS export: merge, fold the soul, write GGUF, check parity, make an Ollama model."""

@@ -1,0 +1,1 @@
+"""AEGIS serving: an OpenAI-compatible API and a chat front end."""

@@ -1,0 +1,1 @@
+"""AEGIS training: soul injection into a 4-bit LoRA-tuned causal LM."""

@@ -1,0 +1,37 @@
+"""python -m train --config FILE --run-dir DIR [--set section.key=value ...] [--resume]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train", description="Train LoRA + the soul on the α schedule.")
+    ap.add_argument("--config", required=True, type=Path, help="TOML file (see configs/)")
+    ap.add_argument("--run-dir", required=True, type=Path, help="where config, metrics and checkpoints go")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one config value (repeatable)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .data import DataError
+    from .loop import run
+    try:
+        run(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Checkpoint I/O in one place. No pickle is ever written or read: tensors go to safetensors, the rest to JSON.
+
+A checkpoint directory (`checkpoints/step_N/` or `final/`) holds:
+    adapter_config.json, adapter_model.safetensors   the LoRA adapter, as PEFT writes it (PeftModel loads it)
+    soul.safetensors                                  generators (B, 28) and alpha; metadata: step, gate, mix, ...
+    tokenizer files                                   as the base's tokenizer saves them
+    optimizer.safetensors, trainer_state.json         what resume needs: optimizer, LR scheduler, RNG, data position
+    rng.safetensors
+It is written under a temporary name and renamed when complete, so a run killed at any moment never leaves a
+directory that resume or export would take for complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SOUL = "soul.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+RNG = "rng.safetensors"
+STATE = "trainer_state.json"
+REQUIRED = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SOUL)
+RESUMABLE = REQUIRED + (OPTIMIZER, RNG, STATE)
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+# ---- the soul ---------------------------------------------------------------------------------------------------
+
+def save_soul(path: Path, soul, meta: dict) -> None:
+    metadata = {k: json.dumps(v) for k, v in meta.items()}
+    metadata.update(format_version=str(FORMAT_VERSION), hidden_size=str(soul.hidden_size), mix=json.dumps(soul.mix),
+                    gate=json.dumps(float(soul.gate())))
+    save_file({"generators": soul.generators.detach().float().cpu().contiguous(),
+               "alpha": soul.alpha.detach().float().cpu().reshape(1)}, str(path), metadata=metadata)
+
+
+def read_soul(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The soul's tensors and metadata (values JSON-decoded), checked for format and shape."""
+    path = Path(ckpt) / SOUL
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt}: no {SOUL} (not an AEGIS checkpoint, or an incomplete one)")
+    with safe_open(str(path), "pt") as f:
+        raw = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = {k: json.loads(v) for k, v in raw.items()}
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: soul format version {meta.get('format_version')!r}; this AEGIS reads "
+                              f"version {FORMAT_VERSION}")
+    hidden = meta.get("hidden_size")
+    if "generators" not in tensors or "alpha" not in tensors or not isinstance(hidden, int):
+        raise CheckpointError(f"{path}: missing generators, alpha or hidden_size")
+    if tuple(tensors["generators"].shape) != (hidden // 8, 28):
+        raise CheckpointError(f"{path}: generators have shape {tuple(tensors['generators'].shape)}, expected "
+                              f"({hidden // 8}, 28) for hidden size {hidden}")
+    return tensors, meta
+
+
+def load_soul_into(soul, ckpt: Path) -> dict:
+    tensors, meta = read_soul(ckpt)
+    if meta["hidden_size"] != soul.hidden_size:
+        raise CheckpointError(f"{Path(ckpt) / SOUL}: soul hidden size {meta['hidden_size']} does not match the "
+                              f"base model's {soul.hidden_size}")
+    with torch.no_grad():
+        soul.generators.copy_(tensors["generators"].to(soul.generators))
+        soul.alpha.copy_(tensors["alpha"].reshape(()).to(soul.alpha))
+    soul.mix = meta.get("mix", soul.mix)
+    return meta
+
+
+# ---- optimizer and RNG ------------------------------------------------------------------------------------------
+
+def _save_optimizer(path: Path, optimizer) -> dict:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            tensors[f"{idx}.{name}"] = (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(path: Path, optimizer, groups: dict) -> None:
+    flat = load_file(str(path))
+    state: dict[int, dict] = {}
+    for key, value in flat.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    return tensors, {"python": [version, list(internal), gauss]}
+
+
+def _restore_rng(path: Path, py: dict) -> None:
+    tensors = load_file(str(path))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = py["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ---- whole checkpoints ------------------------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: Path, dest: Path) -> None:
+    """Atomically put the finished directory `tmp` at `dest` (replacing an older one of the same name)."""
+    _fsync_dir(tmp)
+    if dest.exists():
+        old = dest.with_name(f"{TMP_PREFIX}old-{dest.name}-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dest)
+    _fsync_dir(dest.parent)
+
+
+def save(dest: Path, *, model, soul, tokenizer, optimizer=None, scheduler=None, soul_meta: dict,
+         trainer_state: dict | None = None, before_commit=None) -> Path:
+    """Write a complete checkpoint at `dest` atomically. `before_commit(tmp)` is a test hook."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    save_soul(tmp / SOUL, soul, soul_meta)
+    if optimizer is not None:
+        state = dict(trainer_state or {})
+        state["optimizer"] = _save_optimizer(tmp / OPTIMIZER, optimizer)
+        state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+        rng_tensors, state["rng"] = _rng_state()
+        save_file(rng_tensors, str(tmp / RNG))
+        state["format_version"] = FORMAT_VERSION
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
+    if before_commit is not None:
+        before_commit(tmp)
+    commit(tmp, dest)
+    return dest
+
+
+def is_complete(path: Path, resumable: bool = False) -> bool:
+    path = Path(path)
+    return (path.is_dir() and not path.name.startswith(TMP_PREFIX) and
+            all((path / f).is_file() for f in (RESUMABLE if resumable else REQUIRED)))
+
+
+def step_of(path: Path) -> int:
+    m = re.fullmatch(r"step_(\d+)", Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete step checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if step_of(p) >= 0 and is_complete(p)), key=step_of)
+
+
+def latest(run_dir: Path, resumable: bool = True) -> Path | None:
+    """The newest complete checkpoint to resume from (or export): step checkpoints and final/."""
+    cands = [p for p in list_checkpoints(run_dir) if is_complete(p, resumable)]
+    final = Path(run_dir) / FINAL
+    if is_complete(final, resumable):
+        return final
+    return cands[-1] if cands else None
+
+
+def resume(ckpt: Path, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG from `ckpt`; returns the trainer state (step, data position, ...)."""
+    ckpt = Path(ckpt)
+    state = json.loads((ckpt / STATE).read_text())
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{ckpt / STATE}: format version {state.get('format_version')!r} is not "
+                              f"{FORMAT_VERSION}")
+    _load_optimizer(ckpt / OPTIMIZER, optimizer, state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _restore_rng(ckpt / RNG, state["rng"])
+    return state
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Keep only the newest `keep_last` step checkpoints (0 keeps all); stale temporary directories go too."""
+    root = Path(run_dir) / CHECKPOINTS
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    if root.is_dir():
+        for tmp in root.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def adapter_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(ckpt) / ADAPTER_WEIGHTS))

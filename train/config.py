@@ -1,0 +1,256 @@
+"""Run configuration: typed sections read from TOML, `--set section.key=value` overrides, and validation that
+reports every problem at once (unknown keys, wrong types, bad values), naming the file and key."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_origin, get_type_hints
+
+from .schedule import PHI, SHAPES
+from .soul import INITS, MIXES
+
+EMBEDDED = "embedded"  # model.base for the tiny Phi-3 that ships with the package
+QUANTIZATIONS = ("nf4", "none")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ALPHA_MODES = ("scheduled", "learned")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class ModelConfig:
+    base: str = "HODACHI/Borea-Phi-3.5-mini-Instruct-Jp"
+    revision: str = ""  # hub revision; empty for the default branch
+    quantization: str = "nf4"
+    dtype: str = "auto"  # compute dtype: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on the CPU
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "auto"
+
+
+@dataclass
+class SoulConfig:
+    mix: str = "interpolate"
+    init: str = "identity"
+    alpha_mode: str = "scheduled"
+
+
+@dataclass
+class ScheduleConfig:
+    total_steps: int = 500
+    warmup_steps: int = 50
+    anneal_steps: int = 400
+    start_alpha: float = -5.0
+    target_alpha: float = PHI
+    shape: str = "linear"
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    lr_schedule: str = "constant"  # constant | linear | cosine (after lr_warmup_steps of linear warmup)
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_length: int = 512
+    save_steps: int = 100
+    keep_last: int = 0  # 0 keeps every checkpoint
+    seed: int = 42
+    memory_budget_gib: float = 12.0
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=lambda: ["embedded:prose_train.txt"])
+    eval: list[str] = field(default_factory=list)
+    skip_bad_lines: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    soul: SoulConfig = field(default_factory=SoulConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+class ConfigError(ValueError):
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s) in the configuration:\n" +
+                         "\n".join(f"  - {p}" for p in problems))
+
+
+def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `typ`; strings from --set are parsed as TOML values first."""
+    if typ == (str | list[str]):  # a single word such as "auto", or a list of names
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return value
+        problems.append(f"{key}: expected a string or a list of strings, got {value!r}")
+        return None
+    if get_origin(typ) is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            problems.append(f"{key}: expected a list of strings, got {value!r}")
+            return None
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{key}: expected true or false, got {value!r}")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        problems.append(f"{key}: expected an integer, got {value!r}")
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        problems.append(f"{key}: expected a number, got {value!r}")
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+        problems.append(f"{key}: expected a string, got {value!r}")
+    return None
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise ValueError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as nf4 or a path
+    return key.strip(), value
+
+
+def build(raw: dict[str, Any], overrides: list[str] = (), source: str = "<config>") -> Config:
+    """Turn nested dict + overrides into a Config, or raise ConfigError listing every problem."""
+    problems: list[str] = []
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for text in overrides:
+        try:
+            key, value = _parse_override(text)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        section, _, name = key.partition(".")
+        merged.setdefault(section, {})
+        if isinstance(merged[section], dict):
+            merged[section][name] = value
+    cfg = Config()
+    sections = {f.name: f for f in fields(Config)}
+    for section, values in merged.items():
+        if section not in sections:
+            problems.append(f"[{section}]: unknown section (known: {', '.join(sections)})")
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{section}: expected a table")
+            continue
+        target = getattr(cfg, section)
+        hints = get_type_hints(type(target))
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if name not in hints:
+                problems.append(f"{key}: unknown key (known: {', '.join(hints)})")
+                continue
+            coerced = _coerce(value, hints[name], key, problems)
+            if coerced is not None:
+                setattr(target, name, coerced)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def validate(cfg: Config) -> list[str]:
+    p: list[str] = []
+
+    def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            p.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+    def positive(key: str, value: float, zero_ok: bool = False) -> None:
+        if value < 0 or (value == 0 and not zero_ok):
+            p.append(f"{key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+    choice("model.quantization", cfg.model.quantization, QUANTIZATIONS)
+    choice("model.dtype", cfg.model.dtype, DTYPES)
+    choice("soul.mix", cfg.soul.mix, MIXES)
+    choice("soul.init", cfg.soul.init, INITS)
+    choice("soul.alpha_mode", cfg.soul.alpha_mode, ALPHA_MODES)
+    choice("schedule.shape", cfg.schedule.shape, SHAPES)
+    choice("train.lr_schedule", cfg.train.lr_schedule, LR_SCHEDULES)
+    if not cfg.model.base:
+        p.append("model.base: must name a hub id, a local directory or 'embedded'")
+    positive("lora.r", cfg.lora.r)
+    positive("lora.alpha", cfg.lora.alpha)
+    if not 0 <= cfg.lora.dropout < 1:
+        p.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    t = cfg.lora.target_modules
+    if isinstance(t, str) and t not in ("auto", "all-linear"):
+        p.append(f"lora.target_modules: {t!r} must be 'auto', 'all-linear' or a list of module names")
+    if isinstance(t, list) and not t:
+        p.append("lora.target_modules: the list is empty")
+    s = cfg.schedule
+    positive("schedule.total_steps", s.total_steps)
+    positive("schedule.warmup_steps", s.warmup_steps, zero_ok=True)
+    positive("schedule.anneal_steps", s.anneal_steps)
+    if s.warmup_steps + s.anneal_steps > s.total_steps:
+        p.append(f"schedule: warmup_steps + anneal_steps ({s.warmup_steps + s.anneal_steps}) exceeds "
+                 f"total_steps ({s.total_steps})")
+    tr = cfg.train
+    positive("train.lr", tr.lr)
+    positive("train.weight_decay", tr.weight_decay, zero_ok=True)
+    positive("train.max_grad_norm", tr.max_grad_norm, zero_ok=True)
+    positive("train.lr_warmup_steps", tr.lr_warmup_steps, zero_ok=True)
+    positive("train.batch_size", tr.batch_size)
+    positive("train.grad_accum", tr.grad_accum)
+    positive("train.save_steps", tr.save_steps)
+    positive("train.keep_last", tr.keep_last, zero_ok=True)
+    positive("train.memory_budget_gib", tr.memory_budget_gib)
+    if tr.max_length < 16:
+        p.append(f"train.max_length: must be at least 16, got {tr.max_length}")
+    if not cfg.data.train:
+        p.append("data.train: at least one source is needed")
+    return p
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), [f"not valid TOML: {e}"]) from None
+    return build(raw, overrides, source=str(path))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (what the run directory's config.toml holds)."""
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value, ensure_ascii=False)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,250 @@
+"""Training data: read sources, tokenize (chat loss only on assistant tokens), pack to max_length, batch by rank.
+
+Sources (`data.train` / `data.eval` entries):
+    embedded:NAME          a file of the corpus that ships with AEGIS (train/corpus/NAME)
+    hf:OWNER/NAME          a hub dataset repo, fetched with huggingface-hub (its .txt/.jsonl/.json files)
+    PATH                   a local .txt, .jsonl or .json file, or a directory of them
+Formats: .txt (paragraphs split at blank lines), JSONL with {"text"}, {"messages": [...]} or
+{"instruction", "input", "output"}; .json holding a list of such objects.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def resolve(source: str) -> list[Path]:
+    """The local files behind one `data.*` entry."""
+    if source.startswith("embedded:"):
+        from .tiny import corpus_path
+        path = corpus_path(source.removeprefix("embedded:"))
+        if not path.is_file():
+            raise DataError(f"{source}: no such file in the embedded corpus")
+        return [path]
+    if source.startswith("hf:"):
+        from huggingface_hub import snapshot_download
+        repo, _, revision = source.removeprefix("hf:").partition("@")
+        root = Path(snapshot_download(repo_id=repo, repo_type="dataset", revision=revision or None,
+                                      allow_patterns=[f"*{s}" for s in SUFFIXES]))
+        files = sorted(p for p in root.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"{source}: the dataset has no {'/'.join(SUFFIXES)} files")
+        return files
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"{source}: the directory has no {'/'.join(SUFFIXES)} files")
+        return files
+    if not path.is_file():
+        raise DataError(f"{source}: no such file")
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{source}: unsupported file type {path.suffix!r} (use {', '.join(SUFFIXES)})")
+    return [path]
+
+
+def _check_record(obj) -> tuple[str, object]:
+    """('text'|'messages', payload) for a valid record; raises ValueError naming the bad field."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("'messages' must be a non-empty list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise ValueError(f"messages[{i}] must be an object")
+            if m.get("role") not in ROLES:
+                raise ValueError(f"messages[{i}].role {m.get('role')!r} is not one of {', '.join(ROLES)}")
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}].content must be a string")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError("'messages' has no assistant message to learn from")
+        return "messages", msgs
+    if "instruction" in obj or "output" in obj:
+        for key in ("instruction", "output"):
+            if not isinstance(obj.get(key), str) or not obj[key]:
+                raise ValueError(f"'{key}' must be a non-empty string")
+        if not isinstance(obj.get("input", ""), str):
+            raise ValueError("'input' must be a string")
+        user = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
+        return "messages", [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+    if "text" in obj:
+        if not isinstance(obj["text"], str):
+            raise ValueError("'text' must be a string")
+        return "text", obj["text"]
+    raise ValueError(f"no 'text', 'messages' or 'instruction'/'output' field (keys: {', '.join(obj) or 'none'})")
+
+
+def records(path: Path, skip_bad: bool = False, skipped: list[str] | None = None) -> Iterator[tuple[str, object]]:
+    """Yield (kind, payload) from one file. Every bad line is reported at once as `file:line: problem`,
+    unless skip_bad, when they are skipped and listed in `skipped`."""
+    if path.suffix == ".txt":
+        for para in path.read_text(encoding="utf-8").split("\n\n"):
+            if para.strip():
+                yield "text", para.strip()
+        return
+    if path.suffix == ".json":
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(items, list):
+            raise DataError(f"{path}:1: expected a JSON list of records")
+        lines = [(i + 1, item) for i, item in enumerate(items)]  # record numbers stand in for lines
+    else:
+        lines = []
+        for no, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if raw.strip():
+                try:
+                    lines.append((no, json.loads(raw)))
+                except json.JSONDecodeError as e:
+                    lines.append((no, ValueError(f"not valid JSON ({e.msg} at column {e.colno})")))
+    good, bad = [], []
+    for no, obj in lines:
+        try:
+            if isinstance(obj, ValueError):
+                raise obj
+            good.append(_check_record(obj))
+        except ValueError as e:
+            bad.append(f"{path}:{no}: {e}")
+    if bad and not skip_bad:
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise DataError(f"{len(bad)} bad record(s) (set data.skip_bad_lines = true to skip them):\n  " +
+                        "\n  ".join(bad[:20]) + more)
+    if skipped is not None:
+        skipped += bad
+    yield from good
+
+
+def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans of each assistant turn (its content and end-of-turn marker)."""
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False,  # noqa: E731
+                                                             add_generation_prompt=gen)
+    full = render(messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = render(messages[:i], True) if i else render([], True)
+        upto = render(messages[: i + 1], False)
+        if not full.startswith(prefix):
+            raise DataError("the chat template does not render a conversation as a prefix of its continuation")
+        end = len(full) if i == len(messages) - 1 else len(_common_prefix(upto, full))
+        spans.append((len(prefix), end))
+    return full, spans
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def tokenize(tokenizer, kind: str, payload) -> Example:
+    if kind == "text":
+        ids = tokenizer(payload, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return Example(ids, list(ids))
+    text, spans = _assistant_spans(tokenizer, payload)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [tid if any(s < e_ and e > s_ for s_, e_ in spans) else IGNORE
+              for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return Example(enc["input_ids"], labels)
+
+
+def load(sources: list[str], tokenizer, skip_bad: bool = False, log=print) -> list[Example]:
+    """Read and tokenize every source; all validation happens here, before training starts."""
+    examples: list[Example] = []
+    skipped: list[str] = []
+    for source in sources:
+        for path in resolve(source):
+            examples += [tokenize(tokenizer, k, p) for k, p in records(path, skip_bad, skipped)]
+    if skipped:
+        log(f"skipped {len(skipped)} bad record(s); first: {skipped[0]}")
+    if not examples:
+        raise DataError(f"{', '.join(sources)}: no usable examples")
+    return examples
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Concatenate examples (each already ends in EOS) into one stream and cut it into max_length windows.
+    No padding is created; only the last window may be shorter."""
+    ids = [t for ex in examples for t in ex.input_ids]
+    labels = [t for ex in examples for t in ex.labels]
+    return [Example(ids[i: i + max_length], labels[i: i + max_length]) for i in range(0, len(ids), max_length)
+            if any(x != IGNORE for x in labels[i + 1: i + max_length])]
+
+
+def epoch_sequences(examples: list[Example], max_length: int, seed: int, epoch: int) -> list[Example]:
+    """The packed sequences of one epoch: examples shuffled by (seed, epoch), then packed. Deterministic."""
+    order = list(range(len(examples)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return pack([examples[i] for i in order], max_length)
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ex.input_ids) for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, :n] = torch.tensor(ex.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class Stream:
+    """Global order of packed sequences, consumed a global batch at a time and shared out by rank.
+
+    Position is (epoch, offset) in global sequences, so it does not depend on the number of processes: a run
+    resumed on another process count continues at the same place."""
+
+    def __init__(self, examples: list[Example], max_length: int, seed: int, rank: int = 0, world: int = 1):
+        self.examples, self.max_length, self.seed, self.rank, self.world = examples, max_length, seed, rank, world
+        self.epoch, self.offset = 0, 0
+        self._seqs = epoch_sequences(examples, max_length, seed, 0)
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._seqs = epoch_sequences(self.examples, self.max_length, self.seed, self.epoch)
+
+    def _take(self, n: int) -> list[Example]:
+        out = []
+        while len(out) < n:
+            if self.offset >= len(self._seqs):
+                self.restore({"epoch": self.epoch + 1, "offset": 0})
+            out.append(self._seqs[self.offset])
+            self.offset += 1
+        return out
+
+    def next_update(self, batch_size: int, accum: int) -> list[list[Example]]:
+        """This rank's micro-batches for one update: global batch = world x batch_size x accum sequences."""
+        glob = self._take(self.world * batch_size * accum)
+        return [glob[(j * self.world + self.rank) * batch_size:(j * self.world + self.rank + 1) * batch_size]
+                for j in range(accum)]

@@ -1,0 +1,166 @@
+"""The training recipe, top to bottom: config -> base + LoRA + soul -> data -> updates on the α schedule ->
+metrics and atomic checkpoints. Runs under accelerate: one process, or several with `accelerate launch`/`torchrun`."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, data, model as model_mod, schedule
+from .config import Config, to_toml
+from .metrics import METRICS, JsonlSink, MetricLogger, ProgressSink
+
+
+def masked_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labelled positions (float32) and how many there were."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                           ignore_index=data.IGNORE, reduction="sum")
+    return loss, int((shift_labels != data.IGNORE).sum())
+
+
+def _sched(cfg: Config) -> schedule.Schedule:
+    return schedule.Schedule(**asdict(cfg.schedule))
+
+
+def soul_metadata(cfg: Config, step: int) -> dict:
+    return {"step": step, "schedule": asdict(cfg.schedule), "alpha_mode": cfg.soul.alpha_mode,
+            "init": cfg.soul.init, "base": cfg.model.base, "revision": cfg.model.revision,
+            "quantization": cfg.model.quantization, "dtype": cfg.model.dtype}
+
+
+def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: bool = True) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from peft import set_peft_model_state_dict
+    from transformers import AutoTokenizer, get_scheduler
+
+    run_dir = Path(run_dir)
+    acc = Accelerator()
+    main = acc.is_main_process
+    set_seed(cfg.train.seed)
+    sched = _sched(cfg)
+
+    # ---- resume point (decided before anything is written) ----
+    start_ckpt = None
+    if resume:
+        if checkpoint.is_complete(run_dir / checkpoint.FINAL):
+            log(f"{run_dir}: the run already finished ({checkpoint.FINAL}/ exists); nothing to resume")
+            return run_dir / checkpoint.FINAL
+        start_ckpt = checkpoint.latest(run_dir, resumable=True)
+        if start_ckpt is None:
+            log(f"{run_dir}: no complete checkpoint to resume from; starting from step 0")
+
+    base_path = model_mod.resolve_base(cfg.model.base, cfg.model.revision)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    examples = data.load(cfg.data.train, tokenizer, cfg.data.skip_bad_lines, log=log if main else lambda *_: None)
+    stream = data.Stream(examples, cfg.train.max_length, cfg.train.seed, acc.process_index, acc.num_processes)
+
+    model, soul = model_mod.build(cfg, base_path, acc.device, cfg.train.seed)
+    model.peft_config["default"].base_model_name_or_path = cfg.model.base
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.soul.alpha_mode == "learned":
+        params.append(soul.alpha)  # frozen until the anneal ends (its grad stays None, AdamW skips it)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    lr_sched = get_scheduler(cfg.train.lr_schedule, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
+                             num_training_steps=sched.total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+
+    step = 0
+    if start_ckpt is not None:
+        inner = acc.unwrap_model(model)
+        set_peft_model_state_dict(inner, checkpoint.adapter_weights(start_ckpt))
+        checkpoint.load_soul_into(soul, start_ckpt)
+        state = checkpoint.resume(start_ckpt, optimizer, lr_sched)
+        step = state["step"]
+        stream.restore(state["data"])
+        log(f"resumed from {start_ckpt} at step {step}")
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    sink = JsonlSink(run_dir / METRICS)
+    if main and step:
+        sink.truncate_after(step)
+    bar = ProgressSink(sched.total_steps, initial=step, enabled=progress and main)
+    logger = MetricLogger([sink, bar] if main else [])
+
+    def save(dest: Path) -> None:
+        acc.wait_for_everyone()
+        if main:
+            checkpoint.save(dest, model=acc.unwrap_model(model), soul=soul, tokenizer=tokenizer,
+                            optimizer=optimizer, scheduler=lr_sched, soul_meta=soul_metadata(cfg, step),
+                            trainer_state={"step": step, "data": stream.state(), "world_size": acc.num_processes})
+            checkpoint.prune(run_dir, cfg.train.keep_last)
+        acc.wait_for_everyone()
+
+    anneal_end = sched.warmup_steps + sched.anneal_steps
+    model.train()
+    t_start = time.time()
+    tokens_total = 0
+    record: dict = {}
+    while step < sched.total_steps:
+        step += 1
+        t0 = time.time()
+        learned = cfg.soul.alpha_mode == "learned" and step > anneal_end
+        soul.alpha.requires_grad_(learned)
+        if not learned:
+            with torch.no_grad():
+                soul.alpha.fill_(schedule.alpha_for_step(step, sched))
+        micro = [data.collate(b, tokenizer.pad_token_id) for b in stream.next_update(cfg.train.batch_size,
+                                                                                  cfg.train.grad_accum)]
+        n_targets = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in micro)
+        loss_sum, tokens = 0.0, 0
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            sync = acc.no_sync(model) if (i < len(micro) - 1 and acc.num_processes > 1) else nullcontext()
+            with sync:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss, _ = masked_loss_sum(logits, batch["labels"])
+                acc.backward(loss / max(n_targets, 1))
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        if cfg.train.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(params, cfg.train.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
+                                                                    if p.grad is not None])))
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        totals = acc.reduce(torch.tensor([loss_sum, n_targets, tokens], dtype=torch.float64, device=acc.device),
+                            reduction="sum").tolist()
+        dt = time.time() - t0
+        tokens_total += int(totals[2])
+        health = soul.health()
+        record = {"step": step, "loss": totals[0] / max(totals[1], 1), "lr": lr_sched.get_last_lr()[0],
+                  "alpha": health["alpha"], "gate": health["gate"], "phase": schedule.phase(health["alpha"], sched),
+                  "ortho_error": health["ortho_error"], "det_min": health["det_min"],
+                  "det_max": health["det_max"], "rotation_norm": health["rotation_norm"], "grad_norm": grad_norm,
+                  "tokens": int(totals[2]), "tokens_per_s": totals[2] / dt, "elapsed_s": time.time() - t_start}
+        if torch.cuda.is_available():
+            record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        logger.log(record)
+        if step % cfg.train.save_steps == 0:
+            save(run_dir / checkpoint.CHECKPOINTS / f"step_{step}")
+    save(run_dir / checkpoint.FINAL)
+    logger.close()
+    if main:
+        summary = {"steps": step, "final_loss": record.get("loss"), "alpha": record.get("alpha"),
+                   "gate": record.get("gate"), "phase": record.get("phase"), "ortho_error": record.get("ortho_error"),
+                   "tokens_this_session": tokens_total, "seconds_this_session": round(time.time() - t_start, 1),
+                   "final": str(run_dir / checkpoint.FINAL)}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        log("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in summary.items()))
+    return run_dir / checkpoint.FINAL

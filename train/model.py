@@ -1,0 +1,168 @@
+"""Load the base model (hub id, local directory or the embedded tiny Phi-3), quantize it, add LoRA, attach the soul."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import soul as soul_mod
+from .config import EMBEDDED, Config
+
+# LoRA targets for `lora.target_modules = "auto"`: the attention projections under each architecture's own names.
+AUTO_TARGETS = {
+    "phi3": ["qkv_proj", "o_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+
+
+def resolve_base(base: str, revision: str = "") -> Path:
+    """A local directory for `base`: the embedded tiny model, an existing directory, or a hub snapshot.
+
+    Hub downloads go through huggingface-hub, which honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE (offline, a
+    snapshot already in the cache is used)."""
+    if base == EMBEDDED:
+        from .tiny import ensure
+        return ensure()
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or base.startswith((".", "/", "~")) or base.count("/") != 1:
+        raise FileNotFoundError(f"model.base: {base!r} is neither a directory with a model nor a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(repo_id=base, revision=revision or None, allow_patterns=HUB_FILES))
+
+
+def device_for(local_rank: int = 0) -> torch.device:
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPUs here have no fast half-precision matmul; the 4-bit storage is the same
+
+
+def load_base(path: Path, quantization: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": dtype, "device_map": {"": device}}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def _linear_names(model: nn.Module) -> set[str]:
+    """Leaf names of every linear layer (4-bit ones included) except the output head."""
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head and not name.endswith("lm_head"):
+            names.add(name.rsplit(".", 1)[-1])
+    return names
+
+
+def target_modules(model: nn.Module, spec: str | list[str]) -> list[str]:
+    """Resolve `lora.target_modules`; a name that matches no module is an error, not a silent no-op."""
+    present = _linear_names(model)
+    if spec == "auto":
+        kind = model.config.model_type
+        if kind not in AUTO_TARGETS:
+            raise ValueError(f"lora.target_modules: no 'auto' targets known for model type {kind!r}; "
+                             f"name them (linear layers here: {', '.join(sorted(present))})")
+        spec = AUTO_TARGETS[kind]
+    elif spec == "all-linear":
+        return sorted(present)
+    missing = [n for n in spec if n not in present]
+    if missing:
+        raise ValueError(f"lora.target_modules: {', '.join(missing)} match no linear layer of this model "
+                         f"(it has: {', '.join(sorted(present))})")
+    return list(spec)
+
+
+def add_lora(model: nn.Module, cfg: Config):
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules(model, cfg.lora.target_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def build(cfg: Config, base_path: Path, device: torch.device, seed: int):
+    """Base (quantized as configured) + LoRA + soul, ready to train. Returns (peft_model, soul)."""
+    dtype = compute_dtype(cfg.model.dtype, device)
+    model = load_base(base_path, cfg.model.quantization, dtype, device)
+    model = add_lora(model, cfg)
+    hidden = model.get_base_model().get_output_embeddings().in_features
+    gen = torch.Generator().manual_seed(seed)
+    soul = soul_mod.Soul(hidden, mix=cfg.soul.mix, init=cfg.soul.init, alpha=cfg.schedule.start_alpha,
+                         generator=gen)
+    soul_mod.attach(model, soul)
+    return model, soul
+
+
+def lora_module_names(model: nn.Module) -> list[str]:
+    """Names of the modules that carry LoRA weights (for checks and tests)."""
+    return sorted({re.sub(r"\.lora_[AB].*$", "", n) for n, _ in model.named_parameters() if ".lora_" in n})
+
+
+
+
+
+def load_checkpoint(ckpt: Path, base: str | None = None, quantization: str | None = None, dtype: str = "auto",
+                    device: torch.device | None = None):
+    """Base + PEFT adapter + soul from a checkpoint directory, for inference (chat, eval, export, serve).
+
+    The base is the one named in the soul's metadata unless `base` overrides it; quantization defaults to what
+    the checkpoint was trained with. Returns (model, soul, tokenizer, soul_metadata)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from . import checkpoint
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint directory")
+    for name in checkpoint.REQUIRED:
+        if not (ckpt / name).is_file():
+            raise checkpoint.CheckpointError(f"{ckpt}: missing {name}; not a complete AEGIS checkpoint")
+    tensors, meta = checkpoint.read_soul(ckpt)
+    device = device or device_for()
+    base_path = resolve_base(base or meta["base"], meta.get("revision", ""))
+    from transformers import AutoConfig
+    hidden = AutoConfig.from_pretrained(base_path).hidden_size
+    if hidden != meta["hidden_size"]:
+        raise checkpoint.CheckpointError(f"{ckpt / checkpoint.SOUL}: the soul was trained for hidden size "
+                                         f"{meta['hidden_size']}, but the base {base_path} has {hidden}")
+    model = load_base(base_path, quantization or meta.get("quantization", "none"), compute_dtype(dtype, device),
+                      device)
+    model = PeftModel.from_pretrained(model, ckpt, is_trainable=False)
+    soul = soul_mod.Soul(hidden, mix=meta["mix"])
+    checkpoint.load_soul_into(soul, ckpt)
+    soul_mod.attach(model, soul)
+    model.eval()
+    tok_dir = ckpt if (ckpt / "tokenizer_config.json").exists() else base_path
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    meta["base_path"] = str(base_path)
+    return model, soul, tokenizer, meta

@@ -1,0 +1,125 @@
+"""The soul: a gated block-diagonal SO(8) rotation in front of the LM head.
+
+For a hidden state h of size H (H divisible by 8) split into B = H/8 blocks of 8:
+
+    R_b = matrix_exp(A_b - A_b^T)            A_b strictly upper-triangular, 28 free values per block
+    h'  = h + g * (R h - h)                   mix = "interpolate" (default; g = 0 is the base model)
+    h'  = h + g * R h                         mix = "residual" (the seed code's form)
+    g   = sigmoid(alpha)
+
+The exponential of a skew-symmetric matrix is exactly orthogonal with determinant +1, so R is in SO(8)^B by
+construction (no penalty term). Everything here runs in float32 whatever the model's dtype. Because h' = M h is
+linear, the head W h' = (W M) h folds into one weight: `fold()` returns W M.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BLOCK = 8
+FREE = BLOCK * (BLOCK - 1) // 2  # 28
+MIXES = ("interpolate", "residual")
+INITS = ("identity", "random")
+
+
+class Soul(nn.Module):
+    def __init__(self, hidden_size: int, mix: str = "interpolate", init: str = "identity", alpha: float = -5.0,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if hidden_size % BLOCK:
+            raise ValueError(f"soul: hidden size {hidden_size} is not divisible by {BLOCK}")
+        if mix not in MIXES:
+            raise ValueError(f"soul.mix: {mix!r} is not one of {', '.join(MIXES)}")
+        if init not in INITS:
+            raise ValueError(f"soul.init: {init!r} is not one of {', '.join(INITS)}")
+        self.hidden_size, self.mix, self.blocks = hidden_size, mix, hidden_size // BLOCK
+        params = torch.zeros(self.blocks, FREE)
+        if init == "random":  # the seed code starts from a random rotation
+            params = torch.randn(self.blocks, FREE, generator=generator) * 0.1
+        self.generators = nn.Parameter(params)  # (B, 28)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)), requires_grad=False)
+        rows, cols = torch.triu_indices(BLOCK, BLOCK, offset=1)
+        self.register_buffer("_rows", rows, persistent=False)
+        self.register_buffer("_cols", cols, persistent=False)
+
+    def rotation(self) -> torch.Tensor:
+        """R as (B, 8, 8) float32."""
+        a = self.generators.new_zeros(self.blocks, BLOCK, BLOCK, dtype=torch.float32)
+        a[:, self._rows, self._cols] = self.generators.float()
+        return torch.linalg.matrix_exp(a - a.transpose(1, 2))
+
+    def gate(self) -> torch.Tensor:
+        return torch.sigmoid(self.alpha.float())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., H) -> h' (..., H), float32."""
+        x = h.float().unflatten(-1, (self.blocks, BLOCK))
+        rx = torch.einsum("bij,...bj->...bi", self.rotation(), x)
+        g = self.gate()
+        out = x + g * (rx - x) if self.mix == "interpolate" else x + g * rx
+        return out.flatten(-2)
+
+    def matrix(self) -> torch.Tensor:
+        """The (H, H) float32 map M with soul(h) = M h."""
+        r = torch.block_diag(*self.rotation())
+        eye = torch.eye(self.hidden_size, device=r.device)
+        g = self.gate()
+        return eye + g * (r - eye) if self.mix == "interpolate" else eye + g * r
+
+    @torch.no_grad()
+    def fold(self, weight: torch.Tensor) -> torch.Tensor:
+        """The head weight W M (float32) that computes head(soul(h)) with no soul; checked for NaN/inf."""
+        folded = weight.float() @ self.matrix().to(weight.device)
+        if not torch.isfinite(folded).all():
+            raise ValueError("soul.fold: the folded head weight is not finite")
+        return folded
+
+    @torch.no_grad()
+    def health(self) -> dict[str, float]:
+        """Figures for the logs: how exact and how formed the rotation is."""
+        r = self.rotation()
+        eye = torch.eye(BLOCK, device=r.device)
+        ortho = torch.linalg.matrix_norm(r.transpose(1, 2) @ r - eye)
+        det = torch.linalg.det(r)
+        return {
+            "alpha": float(self.alpha), "gate": float(self.gate()),
+            "ortho_error": float(ortho.max()), "det_min": float(det.min()), "det_max": float(det.max()),
+            "rotation_norm": float(torch.linalg.matrix_norm(r - eye).mean()),
+        }
+
+
+class SoulHead(nn.Module):
+    """Wraps the model's LM head so generate(), the KV cache and every HF utility keep working."""
+
+    def __init__(self, head: nn.Linear, soul: Soul):
+        super().__init__()
+        self.head, self.soul = head, soul
+
+    @property
+    def weight(self) -> torch.Tensor:  # some HF utilities read lm_head.weight
+        return self.head.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.soul(h).to(self.head.weight.dtype))
+
+
+def attach(model: nn.Module, soul: Soul) -> SoulHead:
+    """Put `soul` in front of `model`'s output embedding (an HF PreTrainedModel, PEFT-wrapped or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if isinstance(head, SoulHead):
+        raise ValueError("soul: this model already has a soul attached")
+    if head.in_features != soul.hidden_size:
+        raise ValueError(f"soul: hidden size {soul.hidden_size} does not match the model's head "
+                         f"({head.in_features})")
+    wrapped = SoulHead(head, soul.to(head.weight.device))
+    base.set_output_embeddings(wrapped)
+    return wrapped
+
+
+def find(model: nn.Module) -> Soul | None:
+    for module in model.modules():
+        if isinstance(module, Soul):
+            return module
+    return None
