@@ -1,0 +1,294 @@
+"""Live terminal monitor of a training run: python -m train.monitor RUN_DIR [--once] [--interval S]
+
+It reads only what the run writes: config.toml (total steps and the α schedule), metrics.jsonl (through
+train.metrics.read, which skips a truncated last line) and the checkpoint directories. So it works while the run
+is going, after it has ended, and before it has started (then it waits for the directory to appear).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from . import checkpoint, metrics, schedule
+
+ORTHO_LIMIT = 1e-4  # the rotation is exact by construction; more than this means the float32 maths went wrong
+SPIKE_WINDOW = 20  # a loss is compared with the median of the losses just before it
+SPIKE_FACTOR = 1.5  # ... and is a spike when above factor * median + SPIKE_MARGIN
+SPIKE_MARGIN = 0.5  # the margin keeps a batch of harder text from counting as a spike at low loss
+SPARK = "▁▂▃▄▅▆▇█"
+PHASES = (("chaos", "chaos"), ("transition", "transition"), ("golden", "golden ratio"))
+
+
+def number(value) -> float:
+    """A metrics value as a float: the writer stores non-finite floats as the strings 'nan', 'inf', '-inf'."""
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def sparkline(values: list[float], width: int = 48) -> str:
+    """Block characters for the finite values, averaged into at most `width` buckets (whole run, left to right)."""
+    vals = [v for v in values if math.isfinite(v)]
+    if not vals:
+        return ""
+    buckets = min(width, len(vals))
+    means = []
+    for i in range(buckets):
+        chunk = vals[i * len(vals) // buckets:(i + 1) * len(vals) // buckets]
+        means.append(sum(chunk) / len(chunk))
+    lo, hi = min(means), max(means)
+    if hi - lo < 1e-12:
+        return SPARK[3] * len(means)
+    return "".join(SPARK[min(len(SPARK) - 1, int((m - lo) / (hi - lo) * len(SPARK)))] for m in means)
+
+
+def read_schedule(run_dir: Path) -> schedule.Schedule | None:
+    """The run's α schedule (and total steps) from its resolved config.toml; None before the run wrote it."""
+    path = Path(run_dir) / "config.toml"
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8")).get("schedule", {})
+    except (FileNotFoundError, tomllib.TOMLDecodeError):
+        return None
+    known = schedule.Schedule.__dataclass_fields__
+    return schedule.Schedule(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass
+class State:
+    """Everything one frame shows, computed from the run directory (no rendering here, so tests can check it)."""
+    run_dir: Path
+    exists: bool = False
+    sched: schedule.Schedule | None = None
+    records: list[dict] = field(default_factory=list)
+    finished: bool = False
+    checkpoint: Path | None = None
+    checkpoint_step: int | None = None
+    metrics_age_s: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def last(self) -> dict | None:
+        return self.records[-1] if self.records else None
+
+
+def find_warnings(records: list[dict]) -> list[str]:
+    """NaN/inf losses, loss spikes (each loss against the median of the window before it) and orthogonality."""
+    out = []
+    bad = [r["step"] for r in records if not math.isfinite(number(r.get("loss")))]
+    if bad:
+        out.append(f"non-finite loss at {len(bad)} step(s): first {bad[0]}, last {bad[-1]}")
+    spikes = []
+    window: list[float] = []
+    for r in records:
+        loss = number(r.get("loss"))
+        if not math.isfinite(loss):
+            continue
+        if len(window) >= SPIKE_WINDOW // 2:
+            med = statistics.median(window)
+            if loss > SPIKE_FACTOR * med + SPIKE_MARGIN:
+                spikes.append((r["step"], loss, med))
+        window = (window + [loss])[-SPIKE_WINDOW:]
+    if spikes:
+        step, loss, med = spikes[-1]
+        out.append(f"loss spike at step {step}: {loss:.3f} against a recent median of {med:.3f}"
+                   + (f" ({len(spikes)} spikes in all)" if len(spikes) > 1 else ""))
+    if records:
+        last = records[-1]
+        ortho = number(last.get("ortho_error"))
+        if not ortho <= ORTHO_LIMIT:  # also catches NaN
+            out.append(f"orthogonality error {ortho:.2e} at step {last['step']} is above {ORTHO_LIMIT:.0e}: "
+                       "the rotation is no longer in SO(8)")
+        for key in ("grad_norm", "alpha", "gate"):
+            if not math.isfinite(number(last.get(key))):
+                out.append(f"{key} is {last.get(key)} at step {last['step']}")
+    return out
+
+
+def collect(run_dir: Path) -> State:
+    run_dir = Path(run_dir)
+    st = State(run_dir=run_dir, exists=run_dir.is_dir())
+    if not st.exists:
+        return st
+    st.sched = read_schedule(run_dir)
+    st.records = metrics.read(run_dir / metrics.METRICS)
+    mpath = run_dir / metrics.METRICS
+    if mpath.exists():
+        st.metrics_age_s = max(0.0, time.time() - mpath.stat().st_mtime)
+    st.finished = (run_dir / "summary.json").exists() and checkpoint.is_complete(run_dir / checkpoint.FINAL)
+    st.checkpoint = checkpoint.latest(run_dir, resumable=False)
+    if st.checkpoint is not None:
+        try:
+            st.checkpoint_step = checkpoint.read_soul(st.checkpoint)[1].get("step")
+        except (checkpoint.CheckpointError, OSError, ValueError):
+            st.checkpoint_step = checkpoint.step_of(st.checkpoint) if checkpoint.step_of(st.checkpoint) >= 0 else None
+    st.warnings = find_warnings(st.records)
+    return st
+
+
+def seconds_per_step(records: list[dict], window: int = 50) -> float | None:
+    """From the recent records of the current session (elapsed_s restarts at 0 when a run resumes)."""
+    recent = records[-window:]
+    for i in range(len(recent) - 1, 0, -1):  # keep only the tail after the last restart
+        if number(recent[i]["elapsed_s"]) < number(recent[i - 1]["elapsed_s"]):
+            recent = recent[i:]
+            break
+    if len(recent) >= 2:
+        d_steps = recent[-1]["step"] - recent[0]["step"]
+        d_time = number(recent[-1]["elapsed_s"]) - number(recent[0]["elapsed_s"])
+        if d_steps > 0 and d_time > 0:
+            return d_time / d_steps
+    if recent and recent[-1]["step"] > 0 and number(recent[-1].get("elapsed_s")) > 0:
+        return number(recent[-1]["elapsed_s"]) / len(recent)
+    return None
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _fmt(value, spec: str) -> str:
+    v = number(value)
+    return format(v, spec) if math.isfinite(v) else str(value)
+
+
+def _phase_line(current: str) -> Text:
+    t = Text()
+    for i, (key, label) in enumerate(PHASES):
+        if i:
+            t.append(" → ", style="dim")
+        t.append(label, style="bold reverse" if key == current else "dim")
+    return t
+
+
+def render(st: State):
+    title = f"AEGIS run {st.run_dir}"
+    if not st.exists:
+        return Panel(Text(f"waiting for the run to start: {st.run_dir} does not exist yet", style="yellow"),
+                     title=title, box=box.ROUNDED)
+    last = st.last
+    if last is None:
+        msg = "waiting for the first step (no metrics yet)"
+        if st.sched is None:
+            msg = "waiting for the run to start (no config.toml yet)"
+        return Panel(Text(msg, style="yellow"), title=title, box=box.ROUNDED)
+
+    sched = st.sched
+    total = sched.total_steps if sched else None
+    step = last["step"]
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+
+    # progress: step / total, ETA
+    if total:
+        frac = min(1.0, step / total)
+        prog = f"{step} / {total} ({frac:.0%})"
+    else:
+        prog = f"{step} / ? (no config.toml)"
+    sps = seconds_per_step(st.records)
+    if st.finished:
+        prog += "  finished"
+    elif total and sps is not None:
+        prog += f"  ETA {duration(max(0, total - step) * sps)}"
+    if st.metrics_age_s is not None and not st.finished and st.metrics_age_s > 120:
+        prog += f"  (no new step for {duration(st.metrics_age_s)})"
+    table.add_row("step", prog)
+
+    # phase, α and gate with their targets
+    table.add_row("phase", Text.assemble(_phase_line(last.get("phase", "")), f"   ({last.get('phase')})"))
+    alpha_line = f"{_fmt(last.get('alpha'), '+.4f')}"
+    gate_line = f"{_fmt(last.get('gate'), '.4f')}"
+    if sched:
+        alpha_line += (f"   scheduled {schedule.alpha_for_step(step, sched):+.4f}"
+                       f"   target {sched.target_alpha:+.4f}")
+        gate_line += f"   target {schedule.gate(sched.target_alpha):.4f}"
+    table.add_row("α", alpha_line)
+    table.add_row("gate", gate_line)
+
+    # loss and its trend over the whole run
+    losses = [number(r.get("loss")) for r in st.records]
+    finite = [v for v in losses if math.isfinite(v)]
+    loss_text = Text(_fmt(last.get("loss"), ".4f"), style="bold" if math.isfinite(losses[-1]) else "bold red")
+    if finite:
+        recent = finite[-SPIKE_WINDOW:]
+        loss_text.append(f"   mean of last {len(recent)} {sum(recent) / len(recent):.4f}   min {min(finite):.4f}")
+    table.add_row("loss", loss_text)
+    table.add_row("trend", Text(sparkline(losses), style="cyan"))
+
+    # the soul's structure
+    table.add_row("ortho error", f"{_fmt(last.get('ortho_error'), '.2e')}   (limit {ORTHO_LIMIT:.0e})")
+    table.add_row("det range", f"{_fmt(last.get('det_min'), '.6f')} … {_fmt(last.get('det_max'), '.6f')}")
+    table.add_row("rotation norm", f"{_fmt(last.get('rotation_norm'), '.4f')}   (‖R − I‖, 0 = identity)")
+    thr = f"{_fmt(last.get('tokens_per_s'), ',.0f')} tokens/s"
+    if sps:
+        thr += f"   {sps:.2f} s/step"
+    table.add_row("throughput", thr)
+    if "gpu_mem_gib" in last:
+        table.add_row("GPU memory", f"{_fmt(last.get('gpu_mem_gib'), '.2f')} GiB (peak)")
+    if st.checkpoint is not None:
+        ck = f"{st.checkpoint.relative_to(st.run_dir)}"
+        if st.checkpoint_step is not None:
+            ck += f" (step {st.checkpoint_step})"
+        table.add_row("checkpoint", ck)
+    else:
+        table.add_row("checkpoint", Text("none complete yet", style="dim"))
+
+    parts = [table]
+    for w in st.warnings:
+        parts.append(Text(f"WARNING: {w}", style="bold red"))
+    return Panel(Group(*parts), title=title, box=box.ROUNDED,
+                 border_style="red" if st.warnings else ("green" if st.finished else "blue"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.monitor",
+                                 description="Watch a training run: step, phase, α/gate, loss trend, soul health.")
+    ap.add_argument("run_dir", type=Path, help="the run directory given to `python -m train --run-dir`")
+    ap.add_argument("--once", action="store_true", help="print one frame and exit")
+    ap.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    ap.add_argument("--width", type=int, default=None, help="frame width in columns (default: the terminal's)")
+    args = ap.parse_args(argv)
+    if not args.interval > 0:
+        ap.error("--interval must be > 0")
+    if args.width is not None and args.width < 40:
+        ap.error("--width must be at least 40")
+    if args.run_dir.exists() and not args.run_dir.is_dir():
+        print(f"error: {args.run_dir} is a file, not a run directory", file=sys.stderr)
+        return 2
+    console = Console(width=args.width)
+    if args.once:
+        console.print(render(collect(args.run_dir)))
+        return 0
+    try:
+        with Live(render(collect(args.run_dir)), console=console, auto_refresh=False, screen=False) as live:
+            while True:
+                time.sleep(args.interval)
+                live.update(render(collect(args.run_dir)), refresh=True)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
