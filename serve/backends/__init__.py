@@ -1,0 +1,45 @@
+"""Model runtimes behind one interface (base.Backend); `open_backend` picks one from what the path holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Backend, Detokenizer, Sampling, Session
+
+KINDS = ("auto", "llamacpp", "hf")
+
+
+def detect(path: Path) -> str:
+    """llamacpp for a .gguf file, hf for a model directory or a training checkpoint."""
+    from .hf import is_checkpoint, is_hf_model
+
+    path = Path(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "llamacpp"
+        raise ValueError(f"{path}: not a GGUF file (no GGUF magic)")
+    if path.is_dir() and (is_checkpoint(path) or is_hf_model(path)):
+        return "hf"
+    if path.is_dir():
+        raise ValueError(f"{path}: a directory, but neither a training checkpoint (soul.safetensors + adapter) "
+                         f"nor a model directory (config.json)")
+    raise FileNotFoundError(f"{path}: no such file or directory")
+
+
+def open_backend(path: Path, kind: str = "auto", *, n_ctx: int = 0, workers: int = 1, threads: int = 0,
+                 gpu_layers: int = -1, device: str = "auto", dtype: str = "auto",
+                 quantization: str | None = None) -> Backend:
+    path = Path(path)
+    if kind == "auto":
+        kind = detect(path)
+    if kind == "llamacpp":
+        from .llamacpp import LlamaCppBackend
+        return LlamaCppBackend(path, n_ctx=n_ctx, n_threads=threads, gpu_layers=gpu_layers, workers=workers)
+    if kind == "hf":
+        from .hf import HFBackend
+        return HFBackend(path, n_ctx=n_ctx, device=device, dtype=dtype, quantization=quantization)
+    raise ValueError(f"backend {kind!r} is not one of {', '.join(KINDS)}")
+
+
+__all__ = ["Backend", "Detokenizer", "KINDS", "Sampling", "Session", "detect", "open_backend"]

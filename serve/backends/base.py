@@ -1,0 +1,94 @@
+"""The one interface between the API and a model runtime.
+
+A `Backend` is a loaded model as the API sees it: its vocabulary (tokenize, detokenize), its chat template and
+special tokens, its context length and its end-of-turn tokens. Tokenizing runs on the request's thread, so the API
+can validate a prompt's length before it queues anything.
+
+Decoding state (a llama.cpp context, a KV cache) is not thread-safe, so it lives in a `Session`: each worker of the
+pool owns exactly one and is the only thread that touches it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# Phi-3's end-of-turn tokens. <|assistant|> and <|user|> are stops too: a small model that forgets <|end|> goes
+# on to write the next turn itself, and that text must not reach the client.
+END_OF_TURN = ("<|end|>", "<|endoftext|>", "<|assistant|>", "<|user|>", "<|system|>", "<|im_end|>", "<|eot_id|>")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding parameters after validation; every backend reads the same fields."""
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+
+class Detokenizer(abc.ABC):
+    """Turns generated token ids into text one at a time, holding back incomplete UTF-8 sequences."""
+
+    @abc.abstractmethod
+    def push(self, token: int) -> str:
+        """Text that token completes (may be empty)."""
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end of generation."""
+        return ""
+
+
+class Session(abc.ABC):
+    """One worker's private decoding state."""
+
+    @abc.abstractmethod
+    def generate(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
+        """Sampled token ids, one per step, until the caller stops iterating (the caller enforces every limit:
+        stop tokens, max_tokens, cancellation, the deadline). Closing the iterator frees the session for the
+        next job."""
+
+    def close(self) -> None:
+        pass
+
+
+class Backend(abc.ABC):
+    kind: str = "?"
+    context_length: int
+    vocab_size: int
+    chat_template: str | None  # Jinja source as the model ships it, or None
+    special_tokens: dict[str, str]  # bos_token, eos_token, ... for the template
+    stop_ids: frozenset[int]  # end-of-turn tokens: generation stops there
+    add_bos: bool  # whether tokenize() puts BOS in front (then a template that writes BOS must not)
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of text; special-token text (<|user|>, ...) becomes the special token, as HF does."""
+
+    @abc.abstractmethod
+    def detokenizer(self) -> Detokenizer:
+        pass
+
+    @abc.abstractmethod
+    def new_session(self) -> Session:
+        """Decoding state for one worker (called once per worker, on that worker's thread)."""
+
+    def describe(self) -> dict:
+        """Facts for /v1/models and logs."""
+        return {"backend": self.kind, "context_length": self.context_length}
+
+    def close(self) -> None:
+        pass
+
+
+def end_of_turn_ids(lookup) -> set[int]:
+    """Ids of the END_OF_TURN tokens a vocabulary has; lookup(text) -> id or None."""
+    ids = set()
+    for text in END_OF_TURN:
+        tid = lookup(text)
+        if tid is not None:
+            ids.add(tid)
+    return ids

@@ -1,0 +1,138 @@
+"""llama.cpp through llama-cpp-python, on a GGUF file (CPU here; GPU where llama-cpp-python is built with CUDA).
+
+The vocabulary is a vocab-only load of the same file (no weights, no context), so tokenizing on request threads never
+touches a worker's context. Each worker gets its own `Llama` (the weights are memory-mapped, so they are shared).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .base import Backend, Detokenizer, Sampling, Session, end_of_turn_ids
+
+
+def _quiet_logs() -> None:
+    # llama.cpp writes its loader chatter straight to stderr from C; route it through a no-op callback.
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def _drop(level, text, user_data):  # noqa: ARG001
+        pass
+
+    global _LOG_CALLBACK
+    _LOG_CALLBACK = _drop  # keep a reference: llama.cpp holds the raw pointer
+    llama_cpp.llama_log_set(_drop, ctypes.c_void_p(0))
+
+
+_LOG_CALLBACK = None
+
+
+class LlamaDetokenizer(Detokenizer):
+    def __init__(self, piece):
+        self._piece = piece
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._utf8.decode(self._piece(token))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+class LlamaSession(Session):
+    def __init__(self, llm):
+        self.llm = llm
+
+    def generate(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
+        import llama_cpp
+
+        seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % 0xFFFFFFFF
+        self.llm.set_seed(seed)  # read when generate() builds its sampler chain
+        # Llama.generate reuses the longest cached prefix of the previous prompt on this context (multi-turn chats
+        # re-evaluate only the new turn). min_p and typical are neutral so the OpenAI parameters mean what they say.
+        return self.llm.generate(prompt, top_k=sampling.top_k, top_p=sampling.top_p, min_p=0.0, typical_p=1.0,
+                                 temp=sampling.temperature, repeat_penalty=1.0,
+                                 frequency_penalty=sampling.frequency_penalty,
+                                 presence_penalty=sampling.presence_penalty)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class LlamaCppBackend(Backend):
+    kind = "llama.cpp"
+
+    def __init__(self, path: Path, n_ctx: int = 0, n_threads: int = 0, n_batch: int = 512, gpu_layers: int = -1,
+                 workers: int = 1):
+        import llama_cpp
+
+        _quiet_logs()
+        self.path = Path(path)
+        self._vocab_llm = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+        model = self._vocab_llm._model
+        self._vocab = model.vocab
+        self.vocab_size = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        n_ctx_train = llama_cpp.llama_model_n_ctx_train(model.model)
+        # Long-context models (Phi-3.5: 128k) would reserve a huge KV cache per worker; 4096 unless asked.
+        self.context_length = n_ctx or min(n_ctx_train, 4096)
+        self.n_ctx_train = n_ctx_train
+        self.n_threads = n_threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+        self.n_batch, self.gpu_layers = n_batch, gpu_layers
+        raw = llama_cpp.llama_model_chat_template(model.model, None)
+        self.chat_template = raw.decode("utf-8") if raw else None
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self.special_tokens = {}
+        for name, tid in (("bos_token", llama_cpp.llama_vocab_bos(self._vocab)),
+                          ("eos_token", llama_cpp.llama_vocab_eos(self._vocab))):
+            if 0 <= tid < self.vocab_size:
+                self.special_tokens[name] = self._text(tid)
+        stops = end_of_turn_ids(self._lookup)
+        stops |= {t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
+        self.stop_ids = frozenset(stops)
+        self._pieces: dict[int, bytes] = {}
+
+    def _text(self, tid: int) -> str:
+        import llama_cpp
+        return llama_cpp.llama_vocab_get_text(self._vocab, tid).decode("utf-8", errors="replace")
+
+    def _lookup(self, text: str) -> int | None:
+        ids = self.tokenize(text, add_special=False)
+        return ids[0] if len(ids) == 1 and self._text(ids[0]) == text else None
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self._vocab_llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (b"" for control tokens), cached: the vocabulary never changes."""
+        got = self._pieces.get(token)
+        if got is None:
+            import llama_cpp
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n > len(buf):  # a piece longer than the buffer: ask again with the size it told us
+                buf = ctypes.create_string_buffer(n)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            got = self._pieces[token] = buf.raw[:max(n, 0)]
+        return got
+
+    def detokenizer(self) -> Detokenizer:
+        return LlamaDetokenizer(self.piece)
+
+    def new_session(self) -> Session:
+        import llama_cpp
+        llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=self.context_length, n_batch=self.n_batch,
+                              n_threads=self.n_threads, n_threads_batch=self.n_threads,
+                              n_gpu_layers=self.gpu_layers, verbose=False)
+        return LlamaSession(llm)
+
+    def describe(self) -> dict:
+        import llama_cpp
+        return {"backend": self.kind, "context_length": self.context_length, "path": str(self.path),
+                "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+
+    def close(self) -> None:
+        self._vocab_llm.close()
