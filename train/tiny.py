@@ -23,9 +23,10 @@ import time
 from importlib import resources
 from pathlib import Path
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SP_VOCAB = 4000
-SEQ_LEN, BATCH, STEPS, LR = 256, 8, 600, 3e-3
+SEQ_LEN, BATCH, STEPS, LR = 256, 8, 300, 3e-3
+EVAL_EVERY, DROPOUT = 25, 0.1  # keep the weights with the best held-out loss; the corpus is small
 ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, original_max_position_embeddings=512, max_position_embeddings=2048,
             rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -120,13 +121,21 @@ def _pretrain(model, ids: list[int], eval_ids: list[int], log) -> dict[str, floa
         n = len(stream) // SEQ_LEN
         return torch.tensor(stream[: n * SEQ_LEN]).view(n, SEQ_LEN)
 
+    @torch.no_grad()
+    def held_loss() -> float:
+        model.eval()
+        loss = sum(model(input_ids=w[None], labels=w[None]).loss.item() for w in held) / len(held)
+        model.train()
+        return loss
+
     train, held = windows(ids), windows(eval_ids)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(0)
     model.train()
     start = time.time()
-    for step in range(STEPS):
-        lr = LR * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / STEPS))
+    best = (float("inf"), 0, None)
+    for step in range(1, STEPS + 1):
+        lr = LR * min(1.0, step / 30) * 0.5 * (1 + math.cos(math.pi * step / STEPS))
         for group in opt.param_groups:
             group["lr"] = lr
         batch = train[torch.randint(len(train), (BATCH,), generator=g)]
@@ -135,12 +144,16 @@ def _pretrain(model, ids: list[int], eval_ids: list[int], log) -> dict[str, floa
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == STEPS - 1:
-            log(f"  pretrain step {step + 1}/{STEPS} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
+        if step % EVAL_EVERY == 0:
+            h = held_loss()
+            if h < best[0]:
+                best = (h, step, {k: v.clone() for k, v in model.state_dict().items()})
+            log(f"  pretrain step {step}/{STEPS} loss {loss.item():.3f} held-out {h:.3f} "
+                f"({time.time() - start:.0f}s)")
+    model.load_state_dict(best[2])
     model.eval()
-    with torch.no_grad():
-        held_loss = sum(model(input_ids=w[None], labels=w[None]).loss.item() for w in held) / len(held)
-    return {"train_loss": loss.item(), "heldout_loss": held_loss, "seconds": time.time() - start}
+    return {"train_loss": loss.item(), "heldout_loss": best[0], "best_step": best[1],
+            "seconds": time.time() - start}
 
 
 def build(out: Path, log=print) -> Path:
@@ -168,13 +181,14 @@ def build(out: Path, log=print) -> Path:
             rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long,
                           "rope_theta": ARCH["rope_theta"]},
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=False, sliding_window=None, attention_dropout=0.0, resid_pdrop=0.0,
-            embd_pdrop=0.0)
+            tie_word_embeddings=False, sliding_window=None, attention_dropout=0.0, resid_pdrop=DROPOUT,
+            embd_pdrop=DROPOUT)
         model = Phi3ForCausalLM(config)
         log(f"pre-training {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters on "
             f"{len(ids)} tokens for {STEPS} steps")
         stats = _pretrain(model, ids, eval_ids, log)
         stats["ln_vocab"] = math.log(config.vocab_size)
+        model.config.resid_pdrop = model.config.embd_pdrop = 0.0  # dropout was for pre-training only
         model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(t) for t in
                                                 ("<|end|>", "<|endoftext|>", "<|assistant|>")]
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -194,11 +208,18 @@ def build(out: Path, log=print) -> Path:
 
 
 def ensure(log=print) -> Path:
-    """The cached tiny model, built on first use."""
+    """The cached tiny model, built on first use (one builder at a time; the others wait and reuse it)."""
+    import fcntl
+
     path = cache_root() / f"tiny-{fingerprint()}"
     if (path / "aegis_tiny.json").exists():
         return path
-    return build(path, log=log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / "aegis_tiny.json").exists():
+            return path
+        return build(path, log=log)
 
 
 def main(argv: list[str] | None = None) -> None:
