@@ -1,0 +1,103 @@
+"""What every export step shares: the error type, finding a run's checkpoint, and writing files so that a crash or a
+failed check never replaces something good with something half-written (write under a temporary name, rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+
+
+class ExportError(Exception):
+    """A problem with the user's input or a failed check; the message names the file or key."""
+
+
+def tmp_sibling(dest: Path) -> Path:
+    return dest.with_name(f"{TMP_PREFIX}{dest.name}-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path):
+    """Yields a fresh temporary directory beside `dest`; on success it replaces `dest` in one rename."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(dest)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        old = dest.with_name(f"{TMP_PREFIX}old-{dest.name}-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
+@contextlib.contextmanager
+def atomic_file(dest: Path):
+    """Yields a temporary path beside `dest`; on success it is renamed onto `dest`, on failure removed."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(dest)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dest)
+
+
+def write_text(dest: Path, text: str) -> None:
+    with atomic_file(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(dest: Path, data) -> None:
+    write_text(dest, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """A short digest of some files' contents (to tell whether an earlier export came from the same input)."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()[:16]
+
+
+def find_checkpoint(run_dir: Path) -> Path:
+    """The run's final/ checkpoint, else its newest complete step checkpoint."""
+    from train import checkpoint
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"{run_dir}: no such run directory")
+    if not (run_dir / "config.toml").is_file() and not (run_dir / checkpoint.CHECKPOINTS).is_dir():
+        raise ExportError(f"{run_dir}: not a run directory (no config.toml and no {checkpoint.CHECKPOINTS}/)")
+    final = run_dir / checkpoint.FINAL
+    if checkpoint.is_complete(final):
+        return final
+    steps = checkpoint.list_checkpoints(run_dir)
+    if steps:
+        return steps[-1]
+    raise ExportError(f"{run_dir}: no complete checkpoint ({checkpoint.FINAL}/ or {checkpoint.CHECKPOINTS}/step_N/ "
+                      f"with {', '.join(checkpoint.REQUIRED)})")

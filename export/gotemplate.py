@@ -1,0 +1,291 @@
+"""A renderer for the subset of Go's text/template that Ollama chat templates use, so a Modelfile's TEMPLATE can be
+checked against the tokenizer's Jinja chat template without Ollama.
+
+Supported: text; {{ pipeline }} output; {{- and -}} whitespace trimming; {{/* comments */}}; if / else if / else /
+end; range (with optional `$i, $v :=`) / else / end; values .Field, .A.B, $.Field, $var, $var.Field, "strings"
+(Go escapes), numbers, true/false, (parenthesised pipelines); functions eq, ne, not, and, or, len, slice, index.
+Anything else is a TemplateError naming the position, rather than a silently different rendering."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+_ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.DOTALL)
+_TOKEN = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<raw>`[^`]*`)|(?P<num>-?\d+(?:\.\d+)?)|'
+                    r'(?P<var>\$[A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)|(?P<field>(?:\.[A-Za-z_][A-Za-z0-9_]*)+|\.)|'
+                    r'(?P<ident>[A-Za-z_][A-Za-z0-9_]*)|(?P<punct>:=|[(),|=]))')
+
+
+class TemplateError(ValueError):
+    pass
+
+
+# ---- lexing into text and actions ---------------------------------------------------------------------------------
+
+def _split(src: str) -> list[tuple[str, str]]:
+    """[('text', s) | ('action', body)] with Go's trim markers applied to the neighbouring text."""
+    parts: list[tuple[str, str]] = []
+    pos, trim_next = 0, False
+    for m in _ACTION.finditer(src):
+        text = src[pos:m.start()]
+        if trim_next:
+            text = text.lstrip(" \t\r\n")
+        if m.group(1):
+            text = text.rstrip(" \t\r\n")
+        if text:
+            parts.append(("text", text))
+        body = m.group(2).strip()
+        if not (body.startswith("/*") and body.endswith("*/")):
+            parts.append(("action", body))
+        trim_next = bool(m.group(3))
+        pos = m.end()
+    text = src[pos:]
+    if trim_next:
+        text = text.lstrip(" \t\r\n")
+    if text:
+        parts.append(("text", text))
+    return parts
+
+
+def _tokens(body: str) -> list[tuple[str, str]]:
+    out, pos = [], 0
+    while pos < len(body):
+        if body[pos:].strip() == "":
+            break
+        m = _TOKEN.match(body, pos)
+        if not m or m.end() == pos:
+            raise TemplateError(f"cannot read {body[pos:]!r} in {{{{ {body} }}}}")
+        kind = m.lastgroup
+        out.append((kind, m.group(kind)))
+        pos = m.end()
+    return out
+
+
+# ---- parsing into a tree -------------------------------------------------------------------------------------------
+
+def _parse(parts: list[tuple[str, str]]):
+    pos = 0
+
+    def block(stops: tuple[str, ...]):
+        nonlocal pos
+        nodes = []
+        while pos < len(parts):
+            kind, val = parts[pos]
+            if kind == "text":
+                nodes.append(("text", val))
+                pos += 1
+                continue
+            word = val.split(None, 1)[0] if val else ""
+            if word in stops:
+                return nodes, val
+            pos += 1
+            if word == "if":
+                nodes.append(if_chain(val[2:].strip()))
+            elif word == "range":
+                nodes.append(range_node(val[5:].strip()))
+            elif word in ("end", "else"):
+                raise TemplateError(f"unexpected {{{{ {val} }}}}")
+            elif word in ("with", "define", "template", "block", "break", "continue"):
+                raise TemplateError(f"{{{{ {val} }}}}: '{word}' is outside the supported subset")
+            else:
+                nodes.append(("out", _tokens(val)))
+        if stops:
+            raise TemplateError(f"missing {{{{ end }}}} (expected one of {stops})")
+        return nodes, None
+
+    def if_chain(cond: str):
+        nonlocal pos
+        branches = []
+        body, stop = block(("else", "end"))
+        branches.append((_tokens(cond), body))
+        while stop is not None and stop != "end":
+            pos += 1
+            rest = stop[4:].strip()
+            if rest.startswith("if "):
+                body, stop = block(("else", "end"))
+                branches.append((_tokens(rest[3:].strip()), body))
+            else:
+                body, stop = block(("end",))
+                branches.append((None, body))
+        pos += 1
+        return ("if", branches)
+
+    def range_node(spec: str):
+        nonlocal pos
+        names = []
+        m = re.match(r"^(\$\w+)\s*(?:,\s*(\$\w+)\s*)?:=\s*(.*)$", spec)
+        if m:
+            names = [n for n in (m.group(1), m.group(2)) if n]
+            spec = m.group(3)
+        body, stop = block(("else", "end"))
+        other = []
+        if stop == "else":
+            pos += 1
+            other, stop = block(("end",))
+        pos += 1
+        return ("range", names, _tokens(spec), body, other)
+
+    nodes, _ = block(())
+    return nodes
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------------
+
+def _truth(v) -> bool:
+    return not (v is None or v is False or v == 0 or v == "" or (hasattr(v, "__len__") and len(v) == 0))
+
+
+def _field(obj, name: str):
+    if isinstance(obj, dict):
+        if name in obj:
+            return obj[name]
+        for k in obj:  # Ollama's messages are Go structs (Role, Content); accept JSON-style keys too
+            if isinstance(k, str) and k.lower() == name.lower():
+                return obj[k]
+        return None
+    return getattr(obj, name, None)
+
+
+def _path(obj, dotted: str):
+    for name in [p for p in dotted.split(".") if p]:
+        obj = _field(obj, name)
+    return obj
+
+
+_FUNCS = {
+    "eq": lambda a, *b: any(a == x for x in b),
+    "ne": lambda a, b: a != b,
+    "not": lambda a: not _truth(a),
+    "len": lambda a: len(a),
+    "index": lambda a, *i: _index(a, i),
+    "slice": lambda a, *i: a[i[0]:(i[1] if len(i) > 1 else None)],
+}
+
+
+def _index(a, idx):
+    for i in idx:
+        a = a[i]
+    return a
+
+
+class _Eval:
+    def __init__(self, root):
+        self.root = root
+        self.vars = [{"$": root}]
+
+    def var(self, name: str):
+        for scope in reversed(self.vars):
+            if name in scope:
+                return scope[name]
+        raise TemplateError(f"undefined variable {name}")
+
+    def value(self, tok, dot):
+        kind, v = tok
+        if kind == "str":
+            return ast.literal_eval(v)
+        if kind == "raw":
+            return v[1:-1]
+        if kind == "num":
+            return float(v) if "." in v else int(v)
+        if kind == "field":
+            return dot if v == "." else _path(dot, v)
+        if kind == "var":
+            head, _, rest = v.partition(".")
+            return _path(self.var(head), rest)
+        if kind == "ident" and v in ("true", "false"):
+            return v == "true"
+        if kind == "ident" and v == "nil":
+            return None
+        raise TemplateError(f"unexpected {v!r}")
+
+    def pipeline(self, toks, dot):
+        toks = list(toks)
+        if toks and toks[0][0] == "var" and len(toks) > 1 and toks[1] == ("punct", "="):
+            raise TemplateError("variable assignment with '=' is outside the supported subset")
+        if len(toks) > 1 and toks[1] == ("punct", ":="):
+            value = self.pipeline(toks[2:], dot)
+            self.vars[-1][toks[0][1]] = value
+            return None
+        if "|" in [t[1] for t in toks if t[0] == "punct"]:
+            raise TemplateError("pipes '|' are outside the supported subset")
+        args = self._args(toks, dot)
+        return args
+
+    def _args(self, toks, dot):
+        items, i = [], 0
+        while i < len(toks):
+            kind, v = toks[i]
+            if (kind, v) == ("punct", "("):
+                depth, j = 1, i + 1
+                while depth:
+                    if j >= len(toks):
+                        raise TemplateError("unbalanced parentheses")
+                    depth += {"(": 1, ")": -1}.get(toks[j][1], 0) if toks[j][0] == "punct" else 0
+                    j += 1
+                items.append(("value", self._args(toks[i + 1:j - 1], dot)))
+                i = j
+                continue
+            items.append(("fn", v) if kind == "ident" and v in (*_FUNCS, "and", "or") else
+                         ("value", self.value(toks[i], dot)))
+            i += 1
+        if not items:
+            raise TemplateError("empty action")
+        if items[0][0] == "fn":
+            name, args = items[0][1], [v for _, v in items[1:]]
+            if name == "and":
+                out = True
+                for a in args:
+                    out = a
+                    if not _truth(a):
+                        break
+                return out
+            if name == "or":
+                out = False
+                for a in args:
+                    out = a
+                    if _truth(a):
+                        break
+                return out
+            return _FUNCS[name](*args)
+        if len(items) != 1:
+            raise TemplateError(f"cannot call a non-function with arguments: {toks}")
+        return items[0][1]
+
+    def run(self, nodes, dot, out: list[str]):
+        for node in nodes:
+            kind = node[0]
+            if kind == "text":
+                out.append(node[1])
+            elif kind == "out":
+                v = self.pipeline(node[1], dot)
+                if v is not None and not (len(node[1]) > 1 and node[1][1] == ("punct", ":=")):
+                    out.append(v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v))
+            elif kind == "if":
+                for cond, body in node[1]:
+                    if cond is None or _truth(self.pipeline(cond, dot)):
+                        self.run(body, dot, out)
+                        break
+            elif kind == "range":
+                _, names, spec, body, other = node
+                seq = self.pipeline(spec, dot)
+                items = list(seq.items()) if isinstance(seq, dict) else list(enumerate(seq or []))
+                if not items:
+                    self.run(other, dot, out)
+                for k, v in items:
+                    scope = {}
+                    if len(names) == 1:
+                        scope[names[0]] = v
+                    elif len(names) == 2:
+                        scope[names[0]], scope[names[1]] = k, v
+                    self.vars.append(scope)
+                    self.run(body, v, out)
+                    self.vars.pop()
+
+
+def render(template: str, data: dict) -> str:
+    """Render `template` with `data` as the dot (e.g. {"Messages": [{"Role": "user", "Content": "..."}]})."""
+    tree = _parse(_split(template))
+    out: list[str] = []
+    _Eval(data).run(tree, data, out)
+    return "".join(out)

@@ -1,0 +1,225 @@
+"""Parity of a GGUF with the merged HF model it came from, measured with llama.cpp (llama-cpp-python).
+
+Logits: the same token ids go through transformers (float32) and llama.cpp (logits for every position); reported
+are top-1 agreement, mean KL(HF‖GGUF) and max |Δlogit|, with thresholds by type. Both sides get identical ids, so
+this measures the weights and the graph, not the tokenizer.
+
+LongRoPE: transformers switches to the long factors when a sequence is longer than the original context; llama.cpp
+switches by the context size it was created with. Short prompts therefore run with n_ctx = the original context,
+and the long prompt with a larger n_ctx, so both sides use the same factors.
+
+Template: the chat rendered from the GGUF's own template and tokenized by llama.cpp must give exactly the ids the
+HF tokenizer gives for the chat rendered with its chat template. The llama.cpp KV cache is kept in F32 here so that
+f32 parity measures the file, not the cache's rounding."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import prompts
+from .files import ExportError, write_json
+
+PARITY_FILE = "parity.json"
+# Per type: minimum top-1 agreement, maximum mean KL(HF‖GGUF) (nats), maximum |Δlogit| (None: not bounded).
+THRESHOLDS = {
+    "f32": {"top1": 0.999, "kl": 1e-5, "max_abs": 5e-3},
+    "f16": {"top1": 0.99, "kl": 1e-3, "max_abs": None},
+    "bf16": {"top1": 0.98, "kl": 5e-3, "max_abs": None},
+    "q8_0": {"top1": 0.99, "kl": 1e-2, "max_abs": None},
+    "q6_k": {"top1": 0.95, "kl": 3e-2, "max_abs": None},
+    "q5_0": {"top1": 0.93, "kl": 5e-2, "max_abs": None},
+    "q5_1": {"top1": 0.93, "kl": 5e-2, "max_abs": None},
+    "q5_k_s": {"top1": 0.93, "kl": 5e-2, "max_abs": None},
+    "q5_k_m": {"top1": 0.93, "kl": 5e-2, "max_abs": None},
+    "q4_0": {"top1": 0.85, "kl": 0.15, "max_abs": None},
+    "q4_1": {"top1": 0.85, "kl": 0.15, "max_abs": None},
+    "q4_k_s": {"top1": 0.85, "kl": 0.15, "max_abs": None},
+    "q4_k_m": {"top1": 0.85, "kl": 0.15, "max_abs": None},
+    "q3_k_s": {"top1": 0.7, "kl": 0.4, "max_abs": None},
+    "q3_k_m": {"top1": 0.7, "kl": 0.4, "max_abs": None},
+    "q3_k_l": {"top1": 0.7, "kl": 0.4, "max_abs": None},
+    "q2_k": {"top1": 0.5, "kl": 1.0, "max_abs": None},
+}
+GEN_TOKENS = 32
+# Two tokens whose HF logits are within TIE of each other (probabilities within ~10 %) count as a tie for top-1.
+TIE = 0.1
+
+
+def _kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    p = p_logits.astype(np.float64)
+    q = q_logits.astype(np.float64)
+    lp = p - p.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq = q - q.max(-1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def metrics(hf: np.ndarray, gg: np.ndarray) -> dict:
+    """top1: strict argmax agreement. top1_tie: the GGUF's pick is HF's pick or within TIE of HF's best logit,
+    i.e. HF itself could not tell the two apart (a small model has many such near-ties, and any rounding flips
+    them; the thresholds apply to this one)."""
+    kl = _kl_rows(hf, gg)
+    pick = gg.argmax(-1)
+    gap = hf.max(-1) - np.take_along_axis(hf, pick[:, None], -1)[:, 0]
+    return {"tokens": int(hf.shape[0]), "top1": float((hf.argmax(-1) == pick).mean()),
+            "top1_tie": float((gap <= TIE).mean()), "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "max_abs": float(np.abs(hf - gg).max())}
+
+
+def _llama(path: Path, n_ctx: int, threads: int | None):
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
+                           logits_all=True, verbose=False, n_threads=threads, n_threads_batch=threads,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, seed=0)
+
+
+def _gguf_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def _render_gguf_template(llm, messages) -> str:
+    """Render the chat with the template stored in the GGUF (as llama-cpp-python's Jinja formatter does)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    meta = llm.metadata
+    template = meta.get("tokenizer.chat_template")
+    if not template:
+        raise ExportError("the GGUF has no tokenizer.chat_template")
+
+    def token(key):
+        tid = meta.get(key)
+        return llm.detokenize([int(tid)], special=True).decode("utf-8") if tid is not None else ""
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                            bos_token=token("tokenizer.ggml.bos_token_id"),
+                                            eos_token=token("tokenizer.ggml.eos_token_id"))
+
+
+def template_parity(llm, tokenizer) -> dict:
+    hf_text = prompts.chat_text(tokenizer)
+    hf_ids = prompts.encode(tokenizer, hf_text, templated=True)
+    gg_text = _render_gguf_template(llm, prompts.CHAT)
+    gg_ids = llm.tokenize(gg_text.encode("utf-8"), add_bos=False, special=True)
+    first = next((i for i, (a, b) in enumerate(zip(hf_ids, gg_ids)) if a != b), min(len(hf_ids), len(gg_ids)))
+    ok = hf_text == gg_text and list(hf_ids) == list(gg_ids)
+    out = {"ok": ok, "text_equal": hf_text == gg_text, "hf_tokens": len(hf_ids), "gguf_tokens": len(gg_ids)}
+    if not ok:
+        out["first_difference"] = {"index": first, "hf": tokenizer.convert_ids_to_tokens(hf_ids[first:first + 5]),
+                                   "gguf": [llm.detokenize([t], special=True).decode("utf-8", "replace")
+                                            for t in gg_ids[first:first + 5]]}
+    return out
+
+
+def _generate(llm, tokenizer) -> str:
+    """A short greedy continuation of the chat prompt (shows the GGUF speaks, and what)."""
+    ids = prompts.encode(tokenizer, prompts.chat_text(tokenizer), templated=True)
+    llm.reset()
+    out = []
+    for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        if llm.token_is_eog(tok) if hasattr(llm, "token_is_eog") else tok == llm.token_eos():
+            break
+        out.append(tok)
+        if len(out) >= GEN_TOKENS:
+            break
+    return llm.detokenize(out).decode("utf-8", "replace")
+
+
+def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None = None, log=print) -> dict:
+    """Measure parity; returns the report (with "passed"). Raises ExportError only for unusable input."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .to_gguf import hparams, read_config
+
+    start = time.time()
+    threads = threads or max(1, min(4, os.cpu_count() or 1))
+    model_dir, gguf_path = Path(model_dir), Path(gguf_path)
+    hp = hparams(read_config(model_dir))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    items = [(f"short{i}", prompts.encode(tok, t)) for i, t in enumerate(prompts.SHORT)]
+    if tok.chat_template:
+        items.append(("chat", prompts.encode(tok, prompts.chat_text(tok), templated=True)))
+    longrope = hp.rope_type in ("longrope", "su") and hp.n_ctx_orig and hp.n_ctx > hp.n_ctx_orig
+    short_ctx = hp.n_ctx_orig if longrope else min(hp.n_ctx, 2048)
+    groups = [(short_ctx, items)]
+    if longrope:
+        ids = prompts.long_ids(tok, hp.n_ctx_orig)
+        groups.append((min(hp.n_ctx, 64 * math.ceil((len(ids) + 1) / 64)), [("long", ids)]))
+
+    per, hf_all, gg_all, template, sample = {}, [], [], None, None
+    for n_ctx, group in groups:
+        llm = _llama(gguf_path, n_ctx, threads)
+        try:
+            for label, ids in group:
+                with torch.no_grad():
+                    hf = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+                gg = _gguf_logits(llm, ids)
+                if gg.shape != hf.shape:
+                    raise ExportError(f"{gguf_path}: llama.cpp gives logits of shape {gg.shape}, transformers "
+                                      f"{hf.shape} (vocabulary size differs)")
+                per[label] = metrics(hf, gg)
+                per[label]["n_ctx"] = n_ctx
+                hf_all.append(hf)
+                gg_all.append(gg)
+            if template is None and tok.chat_template:
+                template = template_parity(llm, tok)
+                sample = _generate(llm, tok)
+        finally:
+            llm.close() if hasattr(llm, "close") else None
+            del llm
+    del model
+    overall = metrics(np.concatenate(hf_all), np.concatenate(gg_all))
+    limits = THRESHOLDS.get(out_type, THRESHOLDS["q2_k"])
+    failures = []
+    if overall["top1_tie"] < limits["top1"]:
+        failures.append(f"top-1 agreement {overall['top1_tie']:.2%} (ties within {TIE} counted) < "
+                        f"{limits['top1']:.0%}")
+    if overall["kl_mean"] > limits["kl"]:
+        failures.append(f"mean KL {overall['kl_mean']:.3g} > {limits['kl']:g}")
+    if limits["max_abs"] is not None and overall["max_abs"] > limits["max_abs"]:
+        failures.append(f"max |Δlogit| {overall['max_abs']:.3g} > {limits['max_abs']:g}")
+    if template is not None and not template["ok"]:
+        failures.append("chat template tokens differ between llama.cpp and the HF tokenizer")
+    return {"gguf": gguf_path.name, "type": out_type, "passed": not failures, "failures": failures,
+            "thresholds": limits, "overall": overall, "prompts": per, "template": template, "sample": sample,
+            "longrope": bool(longrope), "seconds": round(time.time() - start, 1)}
+
+
+def table(report: dict) -> str:
+    rows = [("prompt", "tokens", "n_ctx", "top-1", "top-1 (ties)", "mean KL", "max |Δlogit|")]
+    for label, m in [*report["prompts"].items(), ("all", report["overall"])]:
+        rows.append((label, str(m["tokens"]), str(m.get("n_ctx", "")), f"{m['top1']:.2%}", f"{m['top1_tie']:.2%}",
+                     f"{m['kl_mean']:.2e}", f"{m['max_abs']:.3g}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    t = report.get("template")
+    lines.append(f"template parity: {'ok' if t and t['ok'] else 'n/a' if t is None else 'DIFFERENT'}"
+                 + (f" ({t['hf_tokens']} tokens)" if t else ""))
+    lines.append(f"{report['gguf']} ({report['type']}): {'PASS' if report['passed'] else 'FAIL: ' + '; '.join(report['failures'])}")
+    return "\n".join(lines)
+
+
+def record(directory: Path, report: dict) -> Path:
+    """Add `report` to parity.json beside the GGUF (one entry per file name), written atomically."""
+    path = Path(directory) / PARITY_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data[report["gguf"]] = report
+    write_json(path, data)
+    return path

@@ -1,0 +1,45 @@
+"""K-quants (q4_k_m, q5_k_m, q6_k, ...) from llama.cpp's own quantizer, called through llama-cpp-python.
+
+gguf-py cannot make K-quants, and llama.cpp's quantizer also picks mixed types per tensor (e.g. q6_k for some
+ffn_down rows in q4_k_m). The input is a float GGUF of the merged model's own precision, so nothing is rounded
+twice. llama.cpp falls back to another type for tensors whose rows are not a multiple of 256; what it did is
+captured from its log and reported."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from pathlib import Path
+
+from . import names
+from .files import ExportError, atomic_file
+
+
+def llama_quantize(src: Path, dest: Path, out_type: str, threads: int = 0) -> list[str]:
+    """Quantize GGUF `src` into `dest` (written atomically). Returns llama.cpp's fallback messages."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    kind, ftype_name, _ = names.TYPES[out_type]
+    if kind != "llama":
+        raise ExportError(f"llama_quantize: {out_type} is not a llama.cpp quantization (internal)")
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode("utf-8", "replace"))
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype_name)
+    params.nthread = threads
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        with atomic_file(dest) as tmp:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+            if rc != 0:
+                tail = "".join(lines)[-2000:]
+                raise ExportError(f"llama.cpp could not quantize {src} to {out_type} (code {rc}):\n{tail}")
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    log = "".join(lines)
+    return [m.strip() for m in re.findall(r"[^\n]*fallback[^\n]*", log, flags=re.IGNORECASE)]

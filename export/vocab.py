@@ -1,0 +1,184 @@
+"""The tokenizer as GGUF metadata: tokens, scores, token types, special ids and the flags llama.cpp needs to
+tokenize exactly as the Hugging Face tokenizer does.
+
+Where the HF tokenizer's behaviour is not written down in one obvious field (whether it adds BOS, whether a text
+segment after a special token gets SentencePiece's '▁' prefix, whether special tokens swallow the whitespace after
+them) it is measured by tokenizing a probe, so the GGUF follows what the tokenizer does rather than what a config
+file claims."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import names
+from .files import ExportError
+
+# End-of-turn tokens of the chat formats AEGIS knows (Phi-3, ChatML/Qwen, Llama 3).
+EOT_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>")
+# BPE pre-tokenizer names llama.cpp knows, by HF model type.
+BPE_PRE = {"qwen2": "qwen2", "llama": "llama-bpe", "mistral": "llama-bpe"}
+
+
+@dataclass
+class Vocab:
+    model: str  # "llama" (SentencePiece) or "gpt2" (byte-level BPE)
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+    merges: list[str] = field(default_factory=list)
+    pre: str | None = None
+    special: dict[str, int] = field(default_factory=dict)  # bos/eos/eot/unk/pad -> id
+    add_bos: bool = False
+    add_eos: bool = False
+    add_space_prefix: bool | None = None  # SentencePiece only
+    specials_rstrip: bool = False  # special tokens eat the whitespace after them (Phi-3's tokenizer does)
+    chat_template: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _added_tokens(model_dir: Path) -> list[dict]:
+    """[{id, content, special}] from tokenizer.json, else tokenizer_config.json."""
+    tj = model_dir / "tokenizer.json"
+    if tj.is_file():
+        return [{"id": int(t["id"]), "content": t["content"], "special": bool(t.get("special"))}
+                for t in json.loads(tj.read_text(encoding="utf-8")).get("added_tokens", [])]
+    tc = model_dir / "tokenizer_config.json"
+    if tc.is_file():
+        dec = json.loads(tc.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
+        return [{"id": int(i), "content": t["content"], "special": bool(t.get("special"))} for i, t in dec.items()]
+    return []
+
+
+def _spm(model_dir: Path, n_vocab: int) -> Vocab:
+    from sentencepiece import SentencePieceProcessor
+
+    path = model_dir / "tokenizer.model"
+    sp = SentencePieceProcessor(model_file=str(path))
+    n_sp = sp.vocab_size()
+    if n_sp > n_vocab:
+        raise ExportError(f"{path}: {n_sp} pieces, more than the model's vocab_size {n_vocab} (config.json)")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    scores = [-10000.0] * n_vocab
+    types = [names.TOKEN_UNUSED] * n_vocab
+    for i in range(n_sp):
+        tokens[i], scores[i] = sp.id_to_piece(i), sp.get_score(i)
+        types[i] = (names.TOKEN_UNKNOWN if sp.is_unknown(i) else names.TOKEN_CONTROL if sp.is_control(i)
+                    else names.TOKEN_UNUSED if sp.is_unused(i) else names.TOKEN_BYTE if sp.is_byte(i)
+                    else names.TOKEN_NORMAL)
+    for t in _added_tokens(model_dir):
+        i = t["id"]
+        if i >= n_vocab:
+            raise ExportError(f"{model_dir / 'tokenizer.json'}: added token {t['content']!r} has id {i}, outside "
+                              f"vocab_size {n_vocab} (config.json)")
+        if i < n_sp and tokens[i] == t["content"]:
+            continue  # <unk>, <s>, </s>: SentencePiece already typed them
+        tokens[i], scores[i] = t["content"], -1000.0
+        types[i] = names.TOKEN_CONTROL if t["special"] else names.TOKEN_USER_DEFINED
+    return Vocab(model="llama", tokens=tokens, scores=scores, types=types)
+
+
+def _bpe(model_dir: Path, n_vocab: int, model_type: str) -> Vocab:
+    tj = model_dir / "tokenizer.json"
+    data = json.loads(tj.read_text(encoding="utf-8"))
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        raise ExportError(f"{tj}: tokenizer model {model.get('type')!r} is not supported (SentencePiece with "
+                          f"tokenizer.model, or byte-level BPE)")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [names.TOKEN_UNUSED] * n_vocab
+    for piece, i in model["vocab"].items():
+        tokens[i], types[i] = piece, names.TOKEN_NORMAL
+    for t in _added_tokens(model_dir):
+        tokens[t["id"]] = t["content"]
+        types[t["id"]] = names.TOKEN_CONTROL if t["special"] else names.TOKEN_USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return Vocab(model="gpt2", tokens=tokens, scores=[0.0] * n_vocab, types=types, merges=merges,
+                 pre=BPE_PRE.get(model_type, "default"))
+
+
+def _probe(tok, vocab: Vocab) -> None:
+    """Measure the HF tokenizer's BOS/EOS, space-prefix and rstrip behaviour (see the module docstring)."""
+    ids = tok("a")["input_ids"]
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    vocab.add_bos = bos is not None and len(ids) > 0 and ids[0] == bos
+    vocab.add_eos = eos is not None and len(ids) > 0 and ids[-1] == eos and len(ids) > 1
+    specials = [t for t in tok.all_special_tokens if t not in (tok.bos_token, tok.eos_token, tok.unk_token,
+                                                                 tok.pad_token, "<|endoftext|>")]
+    probe = next((t for t in EOT_TOKENS if t in specials), specials[0] if specials else None)
+    if vocab.model == "llama":
+        if probe is not None:
+            pieces = tok.convert_ids_to_tokens(tok(probe + "a", add_special_tokens=False)["input_ids"])
+            vocab.add_space_prefix = len(pieces) > 1 and pieces[1].startswith("▁")
+            first = tok.convert_ids_to_tokens(tok("a", add_special_tokens=False)["input_ids"])
+            if first and first[0].startswith("▁") != vocab.add_space_prefix:
+                vocab.notes.append(
+                    f"the HF tokenizer puts '▁' before the first plain-text segment "
+                    f"({'yes' if first[0].startswith('▁') else 'no'}) but "
+                    f"{'also' if vocab.add_space_prefix else 'not'} after special tokens; llama.cpp does one "
+                    f"or the other, so add_space_prefix={vocab.add_space_prefix} follows chat-templated text, and "
+                    f"untemplated text must be tokenized by HF for exact parity")
+        else:
+            first = tok.convert_ids_to_tokens(tok("a", add_special_tokens=False)["input_ids"])
+            vocab.add_space_prefix = bool(first) and first[0].startswith("▁")
+    if probe is not None:
+        vocab.specials_rstrip = len(tok(probe + "\n", add_special_tokens=False)["input_ids"]) == 1
+
+
+def build(model_dir: Path, config: dict) -> Vocab:
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    n_vocab = int(config["vocab_size"])
+    if (model_dir / "tokenizer.model").is_file():
+        vocab = _spm(model_dir, n_vocab)
+    elif (model_dir / "tokenizer.json").is_file():
+        vocab = _bpe(model_dir, n_vocab, config.get("model_type", ""))
+    else:
+        raise ExportError(f"{model_dir}: no tokenizer.model (SentencePiece) or tokenizer.json")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if len(tok) > n_vocab:
+        raise ExportError(f"{model_dir}: the tokenizer has {len(tok)} tokens, more than vocab_size {n_vocab}")
+    for want, got in ((tok.convert_ids_to_tokens(i), vocab.tokens[i]) for i in range(len(tok))):
+        if vocab.model == "llama" and want != got:
+            raise ExportError(f"{model_dir}: token {got!r} in the GGUF vocabulary is {want!r} in the HF tokenizer")
+    for name, tid in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id),
+                      ("pad", tok.pad_token_id)):
+        if tid is not None:
+            vocab.special[name] = int(tid)
+    for t in EOT_TOKENS:
+        tid = tok.convert_tokens_to_ids(t)
+        if isinstance(tid, int) and tid != tok.unk_token_id and vocab.tokens[tid] == t:
+            vocab.special["eot"] = tid
+            break
+    template = tok.chat_template
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()))
+    vocab.chat_template = template
+    _probe(tok, vocab)
+    return vocab
+
+
+def write(writer, vocab: Vocab) -> None:
+    """Add the vocabulary's keys to a gguf.GGUFWriter (llama.cpp's tokenizer reads these)."""
+    arch = writer.arch
+    k = lambda n: names.key(n, arch)  # noqa: E731
+    writer.add_string(k("tokenizer_model"), vocab.model)
+    if vocab.pre:
+        writer.add_string(k("tokenizer_pre"), vocab.pre)
+    writer.add_array(k("tokens"), vocab.tokens)
+    writer.add_array(k("scores"), vocab.scores)
+    writer.add_array(k("token_types"), vocab.types)
+    if vocab.merges:
+        writer.add_array(k("merges"), vocab.merges)
+    for name, tid in vocab.special.items():
+        writer.add_uint32(k(f"{name}_id"), tid)
+    # Written explicitly: llama.cpp's defaults for a SentencePiece vocabulary (add BOS, add a space prefix) are
+    # not this tokenizer's.
+    writer.add_bool(k("add_bos"), vocab.add_bos)
+    writer.add_bool(k("add_eos"), vocab.add_eos)
+    if vocab.add_space_prefix is not None:
+        writer.add_bool(k("add_space_prefix"), vocab.add_space_prefix)
+    if vocab.chat_template:
+        writer.add_string(k("chat_template"), vocab.chat_template)
