@@ -27,6 +27,7 @@ from . import checkpoint, metrics, schedule
 
 ORTHO_LIMIT = 1e-4  # the rotation is exact by construction; more than this means the float32 maths went wrong
 SPIKE_WINDOW = 20  # a loss is compared with the median of the losses just before it
+SPIKE_MIN = 5  # ... once there are at least this many
 SPIKE_FACTOR = 1.5  # ... and is a spike when above factor * median + SPIKE_MARGIN
 SPIKE_MARGIN = 0.5  # the margin keeps a batch of harder text from counting as a spike at low loss
 SPARK = "▁▂▃▄▅▆▇█"
@@ -102,7 +103,7 @@ def find_warnings(records: list[dict]) -> list[str]:
         loss = number(r.get("loss"))
         if not math.isfinite(loss):
             continue
-        if len(window) >= SPIKE_WINDOW // 2:
+        if len(window) >= SPIKE_MIN:
             med = statistics.median(window)
             if loss > SPIKE_FACTOR * med + SPIKE_MARGIN:
                 spikes.append((r["step"], loss, med))

@@ -1,0 +1,128 @@
+"""The monitor renders frames from the metrics of a real short run (and from the states around it)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from train import metrics, monitor
+
+REPO = Path(__file__).resolve().parent.parent
+
+# `short_run` (conftest.py): a finished short run of `python -m train` on the embedded model, shared by the
+# session. The assertions read its schedule from its config.toml rather than assuming one.
+
+
+def frame(run_dir: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "train.monitor", str(run_dir), "--once", "--width", "110"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def partial_copy(run: Path, dest: Path, upto: int, tail: str = "") -> list[dict]:
+    """A copy of the run as it was after step `upto` (config and metrics only), plus an optional torn last line."""
+    dest.mkdir()
+    shutil.copy(run / "config.toml", dest / "config.toml")
+    lines = (run / metrics.METRICS).read_text(encoding="utf-8").splitlines()[:upto]
+    (dest / metrics.METRICS).write_text("\n".join(lines) + "\n" + tail, encoding="utf-8")
+    return [json.loads(x) for x in lines]
+
+
+def test_frame_mid_run_shows_step_phase_alpha(short_run, tmp_path):
+    # A step in the middle of the transition; a writer's half-written line after it must be skipped, not fatal.
+    total = monitor.read_schedule(short_run).total_steps
+    steps = [r["step"] for r in metrics.read(short_run) if r["phase"] == "transition"]
+    mid = steps[len(steps) // 2]
+    recs = partial_copy(short_run, tmp_path / "mid", mid, tail=f'{{"step": {mid + 1}, "loss": 5.1')
+    last = recs[-1]
+    assert last["step"] == mid and last["phase"] == "transition"
+    out = frame(tmp_path / "mid")
+    assert f"{mid} / {total} ({mid / total:.0%})" in out
+    assert "(transition)" in out
+    assert f"α              {last['alpha']:+.4f}" in out
+    assert -5 < last["alpha"] < 1.618
+    assert f"gate           {last['gate']:.4f}" in out
+    assert "target +1.6180" in out and "target 0.8345" in out
+    assert "ETA" in out and "finished" not in out
+    assert "WARNING" not in out
+    assert "none complete yet" in out  # the copy has no checkpoints
+
+
+def test_frame_after_the_run(short_run):
+    total = monitor.read_schedule(short_run).total_steps
+    last = metrics.read(short_run)[-1]
+    assert last["step"] == total and last["phase"] == "golden"
+    out = frame(short_run)
+    assert f"{total} / {total} (100%)" in out and "finished" in out
+    assert "(golden)" in out
+    assert f"{last['alpha']:+.4f}" == "+1.6180" and "α              +1.6180" in out
+    assert "gate           0.8345" in out
+    assert f"{last['ortho_error']:.2e}" in out
+    assert f"checkpoint     final (step {total})" in out
+    assert "WARNING" not in out
+
+
+def test_frame_before_the_run(tmp_path):
+    out = frame(tmp_path / "not-yet")
+    assert "waiting for the run to start" in out
+
+
+def test_warnings_on_nan_spike_and_orthogonality(short_run, tmp_path):
+    recs = metrics.read(short_run)
+    bad = [dict(r) for r in recs]
+    assert len(bad) >= 12
+    bad[5]["loss"] = "nan"  # as the metrics writer stores a NaN
+    bad[-2]["loss"] = bad[-3]["loss"] * 3 + 1
+    bad[-1]["ortho_error"] = 3e-3
+    dest = tmp_path / "bad"
+    dest.mkdir()
+    shutil.copy(short_run / "config.toml", dest / "config.toml")
+    (dest / metrics.METRICS).write_text("".join(json.dumps(r) + "\n" for r in bad), encoding="utf-8")
+    warnings = monitor.collect(dest).warnings
+    assert any("non-finite loss" in w and "first 6" in w for w in warnings), warnings
+    assert any(f"loss spike at step {bad[-2]['step']}" in w for w in warnings), warnings
+    assert any("orthogonality error 3.00e-03" in w for w in warnings), warnings
+    out = frame(dest)
+    assert out.count("WARNING") == 3
+    assert "nan" in out  # the latest loss is fine, but the trend skips the NaN instead of failing
+    # the real run itself raises none of these
+    assert monitor.collect(short_run).warnings == []
+
+
+def test_live_mode_waits_then_follows_the_run(short_run, tmp_path):
+    """Started before the run directory exists, the live monitor picks the run up when it appears."""
+    run = tmp_path / "later"
+    proc = subprocess.Popen([sys.executable, "-m", "train.monitor", str(run), "--interval", "0.2", "--width", "110"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)
+        assert proc.poll() is None, proc.communicate()[1]
+        partial_copy(short_run, run, 7)
+        time.sleep(3)
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the live display stops and leaves its last frame
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    total = monitor.read_schedule(short_run).total_steps
+    assert f"7 / {total}" in out, out
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "train.monitor", str(f), "--once"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not a run directory" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "train.monitor", str(tmp_path), "--interval", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--interval" in proc.stderr
+
+
+def test_sparkline_and_number():
+    assert monitor.sparkline([1.0, 2.0, 3.0, float("nan")]) == "▁▅█"
+    assert monitor.number("inf") == float("inf") and monitor.number("nan") != monitor.number("nan")
