@@ -60,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
                     help="context length (0: the model's own; llama.cpp caps that at 4096)")
     ap.add_argument("--max-tokens-default", type=_non_negative, default=0,
                     help="max_tokens for chat requests that give none (0: the rest of the context)")
-    ap.add_argument("--threads", type=_non_negative, default=0, help="llama.cpp threads per worker (0: cores/workers)")
+    ap.add_argument("--threads", type=_non_negative, default=0,
+                    help="llama.cpp threads per worker (0: half the cores, split among the workers)")
     ap.add_argument("--gpu-layers", type=int, default=-1, help="llama.cpp layers to offload (-1: all, if a GPU)")
     ap.add_argument("--device", default="auto", help="transformers backend: auto | cpu | cuda | cuda:N")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],

@@ -83,10 +83,11 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
         _raise_for(job.finish)
         return "".join(parts)
 
-    def record(p: engine.Prepared, job: Job) -> None:
-        if job.finish is not None:
-            ttft = None if job.first_text is None else job.first_text - job.submitted
-            metrics.record_generation(p.model.name, job.finish, ttft)
+    def record(name: str, job: Job, finish: Finish) -> None:
+        ttft = None if job.first_text is None else job.first_text - job.submitted
+        metrics.record_generation(name, finish, ttft)
+
+    registry.on_finish = record
 
     async def stream(p: engine.Prepared, job: Job, make_chunk, first_chunk=None) -> AsyncIterator[bytes]:
         try:
@@ -109,7 +110,6 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
         finally:
             # the client went away (the stream was cancelled) or we are done: the worker stops at its next token
             job.cancel()
-            record(p, job)
 
     # ---- routes ---------------------------------------------------------------------------------------------
 
@@ -135,10 +135,7 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
             return Stream(stream(p, job, chunk, first_chunk), media_type="text/event-stream", headers=SSE_HEADERS)
-        try:
-            text = await collect(job)
-        finally:
-            record(p, job)
+        text = await collect(job)
         body = ChatCompletion(rid, created, name, [ChatChoice(0, AssistantMessage("assistant", text),
                                                               job.finish.reason)], _usage(job.finish))
         return Response(body, media_type=MediaType.JSON)
@@ -161,10 +158,7 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
                 return body
 
             return Stream(stream(p, job, chunk), media_type="text/event-stream", headers=SSE_HEADERS)
-        try:
-            text = await collect(job)
-        finally:
-            record(p, job)
+        text = await collect(job)
         body = Completion(rid, created, name, [CompletionChoice(0, text, job.finish.reason)], _usage(job.finish))
         return Response(body, media_type=MediaType.JSON)
 

@@ -42,6 +42,7 @@ class Registry:
         self.error: str | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self.on_finish = None  # on_finish(model_name, job, finish), from the worker thread
 
     @property
     def names(self) -> list[str]:
@@ -55,7 +56,8 @@ class Registry:
                 backend = open_backend(spec.path, spec.backend, n_ctx=s.ctx_size, workers=s.workers,
                                        threads=s.threads, gpu_layers=s.gpu_layers, device=s.device, dtype=s.dtype,
                                        quantization=s.quantization)
-                pool = WorkerPool(backend, workers=s.workers, max_queue=s.queue_size)
+                pool = WorkerPool(backend, workers=s.workers, max_queue=s.queue_size,
+                                  on_finish=self._finished_hook(spec.name))
                 pool.start()
                 with self._lock:
                     if self._closed:  # shut down while loading
@@ -69,6 +71,12 @@ class Registry:
             self.error = f"{type(e).__name__}: {e}"
             log.error("loading the model failed: %s", self.error)
             raise
+
+    def _finished_hook(self, name: str):
+        def hook(job, finish):
+            if self.on_finish is not None:
+                self.on_finish(name, job, finish)
+        return hook
 
     def get(self, name: str | None) -> ServedModel:
         if not self.ready:
@@ -208,6 +216,7 @@ class Prepared:
     sampling: Sampling
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False
 
 
 def prepare_chat(registry: Registry, req: ChatCompletionRequest) -> Prepared:
@@ -220,7 +229,7 @@ def prepare_chat(registry: Registry, req: ChatCompletionRequest) -> Prepared:
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = budget(model.backend, len(prompt), requested, 0, param, "messages", registry.settings)
     return Prepared(model, prompt, max_tokens, stops, sampling, bool(req.stream),
-                    bool(req.stream_options and req.stream_options.include_usage))
+                    bool(req.stream_options and req.stream_options.include_usage), bool(req.ignore_eos))
 
 
 def prepare_completion(registry: Registry, req: CompletionRequest) -> Prepared:
@@ -232,12 +241,12 @@ def prepare_completion(registry: Registry, req: CompletionRequest) -> Prepared:
     max_tokens = budget(model.backend, len(prompt), req.max_tokens, 16, "max_tokens", "prompt",
                         registry.settings)
     return Prepared(model, prompt, max_tokens, stops, sampling, bool(req.stream),
-                    bool(req.stream_options and req.stream_options.include_usage))
+                    bool(req.stream_options and req.stream_options.include_usage), bool(req.ignore_eos))
 
 
 def submit(p: Prepared, timeout: float) -> Job:
     job = Job(prompt=p.prompt, sampling=p.sampling, max_tokens=p.max_tokens, stops=p.stops, timeout=timeout,
-              loop=asyncio.get_running_loop())
+              loop=asyncio.get_running_loop(), ignore_eos=p.ignore_eos)
     try:
         p.model.pool.submit(job)
     except QueueFull as e:

@@ -79,6 +79,7 @@ class Job:
     stops: list[str]
     timeout: float
     loop: asyncio.AbstractEventLoop
+    ignore_eos: bool = False
     submitted: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finish: Finish | None = None
@@ -138,7 +139,7 @@ def run_job(backend: Backend, session, job: Job) -> Finish:
     or the deadline, whichever comes first."""
     detok = backend.detokenizer()
     stopper = StopMatcher(job.stops)
-    stop_ids = backend.stop_ids
+    stop_ids = frozenset() if job.ignore_eos else backend.stop_ids
     n, reason, hit = 0, "length", False
     tokens = session.generate(job.prompt, job.sampling)
     try:
@@ -174,10 +175,13 @@ def run_job(backend: Backend, session, job: Job) -> Finish:
 
 
 class WorkerPool:
-    def __init__(self, backend: Backend, workers: int = 1, max_queue: int = 64):
+    def __init__(self, backend: Backend, workers: int = 1, max_queue: int = 64, on_finish=None):
+        """on_finish(job, finish) runs on the worker thread after every job, whether or not anyone still listens
+        (a dropped stream's job is counted too)."""
         if workers < 1 or max_queue < 0:
             raise ValueError("workers must be >= 1 and the queue size >= 0")
         self.backend, self.workers, self.max_queue = backend, workers, max_queue
+        self.on_finish = on_finish
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self.waiting = 0  # jobs in the queue, not yet picked up
@@ -229,6 +233,11 @@ class WorkerPool:
             finally:
                 with self._lock:
                     self.busy -= 1
+            if self.on_finish is not None:
+                try:
+                    self.on_finish(job, finish)
+                except Exception:  # noqa: BLE001 - bookkeeping must never take a worker down
+                    log.exception("on_finish failed")
             job.emit(finish)
         session.close()
 

@@ -22,6 +22,8 @@ Seed = Annotated[int, Meta(ge=-(2 ** 63), le=2 ** 63 - 1)]
 N = Annotated[int, Meta(ge=1, le=128, description="only 1 is supported")]
 StopList = Annotated[list[str], Meta(max_length=4)]
 ModelId = Annotated[str, Meta(max_length=256)]
+IgnoreEos = Annotated[bool, Meta(description="extension: generate through end-of-turn tokens (fixed-length "
+                                             "benchmarks); stop strings and max_tokens still apply")]
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
@@ -55,6 +57,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     n: N | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    ignore_eos: IgnoreEos = False
     logprobs: bool | None = None
     tools: list[dict] | None = None
     user: str | None = None
@@ -75,6 +78,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     best_of: N | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    ignore_eos: IgnoreEos = False
     echo: bool | None = None
     suffix: str | None = None
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None

@@ -76,11 +76,16 @@ class LlamaCppBackend(Backend):
         model = self._vocab_llm._model
         self._vocab = model.vocab
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        n_ctx_train = llama_cpp.llama_model_n_ctx_train(model.model)
+        # a vocab-only load has no hyperparameters (n_ctx_train() is 0): read the context from the metadata
+        meta = self._vocab_llm.metadata
+        arch = meta.get("general.architecture", "")
+        n_ctx_train = int(meta.get(f"{arch}.context_length", 0) or 0) or 4096
         # Long-context models (Phi-3.5: 128k) would reserve a huge KV cache per worker; 4096 unless asked.
         self.context_length = n_ctx or min(n_ctx_train, 4096)
         self.n_ctx_train = n_ctx_train
-        self.n_threads = n_threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+        # half the cores split among the workers, as llama-cpp-python's own server does: on shared or busy cores
+        # more threads than free cores make llama.cpp's thread barriers spin and slow everything down
+        self.n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2 // max(1, workers))
         self.n_batch, self.gpu_layers = n_batch, gpu_layers
         raw = llama_cpp.llama_model_chat_template(model.model, None)
         self.chat_template = raw.decode("utf-8") if raw else None

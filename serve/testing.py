@@ -1,0 +1,131 @@
+"""Helpers shared by the serve tests and the benchmark: a real short training run of the embedded model exported to
+GGUF (cached by a fingerprint of the code that makes it), and servers started as real processes on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_ARGS = ["--config", str(REPO / "configs" / "quickstart.toml"), "--set", "schedule.total_steps=20",
+              "--set", "schedule.warmup_steps=5", "--set", "schedule.anneal_steps=10", "--set", "train.save_steps=10",
+              "--no-progress"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fingerprint() -> str:
+    """What the exported run depends on: the training and export code, the recipe and the embedded model."""
+    h = hashlib.sha256(" ".join(TRAIN_ARGS[2:]).encode())
+    for folder in ("train", "export"):
+        for path in sorted((REPO / folder).rglob("*")):
+            if path.is_file() and path.suffix in (".py", ".txt", ".jsonl", ".toml", ".jinja"):
+                h.update(path.relative_to(REPO).as_posix().encode())
+                h.update(path.read_bytes())
+    h.update((REPO / "configs" / "quickstart.toml").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def find_gguf(run_dir: Path, kind: str = "f16") -> Path | None:
+    """The run's exported GGUF of that type (export writes RUN/export/NAME-TYPE.gguf); temporary files skipped."""
+    ggufs = [p for p in sorted(Path(run_dir).glob("export/**/*.gguf")) if not p.name.startswith(".")]
+    hits = [p for p in ggufs if p.stem.endswith(f"-{kind}")] or ggufs
+    return hits[0] if hits else None
+
+
+def exported_run(cache_root: Path, log=print) -> Path:
+    """A run directory with a 20-step training run of the embedded model and its export (GGUF under export/).
+    Reused while the fingerprint matches; rebuilt (train, then `python -m export all`) otherwise."""
+    run = Path(cache_root) / f"run-{_fingerprint()}"
+    if (run / "final").is_dir() and find_gguf(run):
+        return run
+    if run.exists():
+        shutil.rmtree(run)
+    run.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    steps = [[sys.executable, "-m", "train", *TRAIN_ARGS, "--run-dir", str(run)],
+             [sys.executable, "-m", "export", "all", "--run", str(run)]]
+    for cmd in steps:
+        log(f"$ {' '.join(cmd[1:])}")
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[1:3])} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                               f"{done.stderr[-3000:]}")
+    if not find_gguf(run):
+        raise RuntimeError(f"export left no GGUF under {run / 'export'}")
+    return run
+
+
+class Server:
+    """`python -m serve ARGS` on a free loopback port; waits until /ready answers 200."""
+
+    def __init__(self, *args: str, api_key: str | None = None, log_path: Path | None = None,
+                 ready_timeout: float = 180.0, module: str = "serve"):
+        self.port = free_port()
+        self.api_key = api_key
+        self.args = [sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", str(self.port)]
+        if api_key:
+            self.args += ["--api-key", api_key]
+        self.log_path = Path(log_path) if log_path else None
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api(self) -> str:
+        return f"{self.url}/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path and self.log_path.exists() else ""
+
+    def start(self, ready_path: str = "/ready") -> "Server":
+        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server not ready after {self.ready_timeout}s:\n{self.log()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
