@@ -1,0 +1,176 @@
+"""Held-out loss and perplexity of a checkpoint, of the same checkpoint with the soul's gate shut, and of the base.
+
+    python -m train.eval --checkpoint RUN_DIR/final [--data FILE ...] [--json] [--out FILE]
+
+The three rows separate what each part did: `base` is the base model alone (adapter disabled, gate shut: the
+same weights, in the same quantization, that the adapter was trained on); `gate_shut` is base + LoRA with g = 0;
+`checkpoint` is base + LoRA + soul as trained. With mix = "interpolate" a shut gate is exactly the base head.
+
+Loss is token-weighted: the sum of next-token cross-entropy over every labelled token of the data, divided by
+their number (not a mean of per-example means). Each example is scored on its own (no packing across examples,
+so no example is predicted from another's text); one longer than max_length is cut into windows of max_length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tomllib
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, data
+
+VARIANTS = ("checkpoint", "gate_shut", "base")
+DEFAULT_MAX_LENGTH = 512
+
+
+def run_config(ckpt: Path) -> tuple[Path | None, dict]:
+    """The run directory holding `ckpt` (RUN/final or RUN/checkpoints/step_N) and its config.toml as a dict."""
+    ckpt = Path(ckpt).resolve()
+    for cand in (ckpt.parent, ckpt.parent.parent):
+        cfg = cand / "config.toml"
+        if cfg.is_file():
+            return cand, tomllib.loads(cfg.read_text(encoding="utf-8"))
+    return None, {}
+
+
+def windows(examples: list[data.Example], max_length: int) -> list[data.Example]:
+    """Each example cut into windows of at most max_length tokens; windows with nothing to predict are dropped."""
+    out = []
+    for ex in examples:
+        for i in range(0, len(ex.input_ids), max_length):
+            w = data.Example(ex.input_ids[i:i + max_length], ex.labels[i:i + max_length])
+            if any(t != data.IGNORE for t in w.labels[1:]):
+                out.append(w)
+    return out
+
+
+@contextmanager
+def gate_shut(soul):
+    """g = sigmoid(-inf) = 0 exactly, for the duration; alpha is restored afterwards."""
+    saved = soul.alpha.detach().clone()
+    with torch.no_grad():
+        soul.alpha.fill_(-math.inf)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            soul.alpha.copy_(saved)
+
+
+@torch.no_grad()
+def loss_over(model, seqs: list[data.Example], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
+    """(sum of token losses, number of labelled tokens) over `seqs`, batched by similar length."""
+    from .loop import masked_loss_sum
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
+    total, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = data.collate([seqs[i] for i in order[start:start + batch_size]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, n = masked_loss_sum(logits, batch["labels"])
+        total += float(loss)
+        count += n
+    return total, count
+
+
+def figures(loss_sum: float, count: int) -> dict:
+    loss = loss_sum / count
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+
+
+def evaluate(ckpt: Path, sources: list[str] | None = None, variants=VARIANTS, max_length: int | None = None,
+             base: str | None = None, quantization: str | None = None, batch_size: int = 8, log=print) -> dict:
+    """The figures for each variant as a dict (what --json prints)."""
+    from .model import load_checkpoint
+
+    ckpt = Path(ckpt)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint directory")
+    run_dir, cfg = run_config(ckpt)
+    if not sources:
+        sources = cfg.get("data", {}).get("eval") or []
+        if not sources:
+            where = f"{run_dir / 'config.toml'} has no data.eval" if run_dir else "no config.toml beside it"
+            raise ValueError(f"{ckpt}: no evaluation data given (--data) and {where}")
+    max_length = max_length or cfg.get("train", {}).get("max_length", DEFAULT_MAX_LENGTH)
+    for source in sources:  # a missing file should fail before the model is loaded
+        data.resolve(source)
+
+    model, soul, tokenizer, meta = load_checkpoint(ckpt, base=base, quantization=quantization)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seqs = windows(data.load(list(sources), tokenizer, log=log), max_length)
+    result = {"checkpoint": str(ckpt), "data": list(sources), "max_length": max_length,
+              "base": meta.get("base"), "quantization": quantization or meta.get("quantization"),
+              "step": meta.get("step"), "mix": soul.mix, "gate": float(soul.gate()), "alpha": float(soul.alpha),
+              "results": {}}
+    for variant in variants:
+        adapter_off = model.disable_adapter() if variant == "base" else nullcontext()
+        shut = gate_shut(soul) if variant in ("base", "gate_shut") else nullcontext()
+        with adapter_off, shut:
+            result["results"][variant] = figures(*loss_over(model, seqs, pad_id, batch_size))
+    res = result["results"]
+    if "base" in res:
+        for variant in ("checkpoint", "gate_shut"):
+            if variant in res:
+                res[variant]["ratio_to_base"] = res[variant]["perplexity"] / res["base"]["perplexity"]
+    return result
+
+
+def table(result: dict) -> str:
+    rows = [f"{result['checkpoint']} (step {result['step']}, gate {result['gate']:.4f}, mix {result['mix']}) on "
+            f"{', '.join(result['data'])}: {next(iter(result['results'].values()))['tokens']} labelled tokens",
+            f"{'':<12}{'loss':>10}{'perplexity':>13}{'vs base':>10}"]
+    labels = {"checkpoint": "checkpoint", "gate_shut": "gate shut", "base": "base"}
+    for variant, r in result["results"].items():
+        ratio = f"{r['ratio_to_base']:.4f}" if "ratio_to_base" in r else ""
+        rows.append(f"{labels[variant]:<12}{r['loss']:>10.4f}{r['perplexity']:>13.3f}{ratio:>10}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.eval", description="Held-out loss and perplexity of a "
+                                 "checkpoint, of it with the gate shut (g = 0), and of the base alone.")
+    ap.add_argument("--checkpoint", required=True, type=Path, help="RUN_DIR/final or RUN_DIR/checkpoints/step_N")
+    ap.add_argument("--base", action="store_true", help="evaluate the base alone only (no adapter, no soul)")
+    ap.add_argument("--base-model", default=None, help="use this base instead of the one the checkpoint names")
+    ap.add_argument("--data", action="append", default=None, metavar="SOURCE",
+                    help="evaluation data (file, directory, embedded:NAME; repeatable); default: the run's "
+                         "data.eval from its config.toml")
+    ap.add_argument("--max-length", type=int, default=None, help="window length (default: the run's "
+                    "train.max_length)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
+    args = ap.parse_args(argv)
+    if args.max_length is not None and args.max_length < 2:
+        ap.error("--max-length must be at least 2")
+    if args.batch_size < 1:
+        ap.error("--batch-size must be at least 1")
+    variants = ("base",) if args.base else VARIANTS
+    try:
+        result = evaluate(args.checkpoint, args.data, variants, args.max_length, base=args.base_model,
+                          batch_size=args.batch_size, log=lambda m: print(m, file=sys.stderr))
+    except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=1, ensure_ascii=False)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n", encoding="utf-8")
+    print(text if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
