@@ -121,18 +121,25 @@ def template_parity(llm, tokenizer) -> dict:
     return out
 
 
-def _generate(llm, tokenizer) -> str:
-    """A short greedy continuation of the chat prompt (shows the GGUF speaks, and what)."""
-    ids = prompts.encode(tokenizer, prompts.chat_text(tokenizer), templated=True)
-    llm.reset()
+def _generate(llm, ids: list[int]) -> str:
+    """A short greedy continuation (shows that the GGUF speaks, and what)."""
+    import llama_cpp
+
     out = []
     for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-        if llm.token_is_eog(tok) if hasattr(llm, "token_is_eog") else tok == llm.token_eos():
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
             break
         out.append(tok)
         if len(out) >= GEN_TOKENS:
             break
     return llm.detokenize(out).decode("utf-8", "replace")
+
+
+def samples(llm, tokenizer) -> dict:
+    out = {"prose": _generate(llm, prompts.encode(tokenizer, prompts.SHORT[1][:8]))}
+    if tokenizer.chat_template:
+        out["chat"] = _generate(llm, prompts.encode(tokenizer, prompts.chat_text(tokenizer), templated=True))
+    return out
 
 
 def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None = None, log=print) -> dict:
@@ -174,9 +181,9 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
                 per[label]["n_ctx"] = n_ctx
                 hf_all.append(hf)
                 gg_all.append(gg)
-            if template is None and tok.chat_template:
-                template = template_parity(llm, tok)
-                sample = _generate(llm, tok)
+            if sample is None:
+                template = template_parity(llm, tok) if tok.chat_template else None
+                sample = samples(llm, tok)
         finally:
             llm.close() if hasattr(llm, "close") else None
             del llm

@@ -49,14 +49,15 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
     kind = names.TYPES[out_type][0]
     try:
         if kind == "python":
-            result = to_gguf.write_gguf(model_dir, candidate, out_type, name=name, progress=progress, log=log)
+            result = to_gguf.write_gguf(model_dir, candidate, out_type, name=name, progress=progress, log=log,
+                                        label=f"{out.name} (unchecked)")
             summary = {"fallbacks": result.fallbacks, "notes": result.notes}
         else:
             base_type = INTERMEDIATE.get(_merged_dtype(model_dir), "f32")
             intermediate = out.with_name(f".tmp-{out.stem}-{os.getpid()}.{base_type}.gguf")
             try:
                 result = to_gguf.write_gguf(model_dir, intermediate, base_type, name=name, progress=progress,
-                                            log=log)
+                                            log=log, label=f"{base_type} intermediate for {out.name}")
                 log(f"quantizing to {out_type} with llama.cpp")
                 fallbacks = quantize.llama_quantize(intermediate, candidate, out_type)
             finally:
@@ -70,17 +71,19 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
         log(f"tensor types: {', '.join(f'{v} {k}' for k, v in sorted(summary['tensor_types'].items()))}")
         if not check_parity:
             os.replace(candidate, out)
+            log(f"written without a parity check: {out}")
             summary["parity"] = None
             return {"path": str(out), **summary}
         report = parity.check(model_dir, candidate, out_type, threads=threads, log=log)
         report["gguf"] = out.name
         report.update({k: summary[k] for k in ("made_by", "tensor_types", "fallbacks", "notes", "bytes", "source")})
         log(parity.table(report))
-        if report["sample"] is not None:
-            log(f"sample (greedy, chat prompt): {report['sample']!r}")
+        for kind, text in (report["sample"] or {}).items():
+            log(f"sample (greedy, {kind} prompt): {text!r}")
         if report["passed"]:
             os.replace(candidate, out)
             parity.record(out.parent, report)
+            log(f"parity passed: {out}")
             return {"path": str(out), **summary, "parity": report}
         rejected = out.with_name(out.name + ".rejected")
         os.replace(candidate, rejected)

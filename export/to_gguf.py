@@ -266,7 +266,7 @@ def default_name(model_dir: Path) -> str:
 
 
 def write_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = None, progress: bool = True,
-               log=print) -> WriteResult:
+               log=print, label: str | None = None) -> WriteResult:
     """Write `model_dir` as GGUF of a Python-made type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)."""
     import gguf
 
@@ -303,7 +303,7 @@ def write_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = Non
         size = tmp.stat().st_size
     for f in fallbacks:
         log(f"  fallback: {f}")
-    log(f"wrote {out} ({size / 2**20:.1f} MiB, {len(plan)} tensors: "
+    log(f"wrote {label or out} ({size / 2**20:.1f} MiB, {len(plan)} tensors: "
         f"{', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
     return WriteResult(path=str(out), type=out_type, tensors=len(plan), tensor_types=counts, fallbacks=fallbacks,
                        notes=notes, bytes=size)

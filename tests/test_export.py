@@ -1,0 +1,237 @@
+"""Export end to end on the embedded tiny Phi-3, from a real short training run: `python -m export all` run as a user
+would, then every output checked with the tools a user runs (plain transformers, llama-cpp-python, gguf's reader)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TYPES = ["f16", "q8_0", "q4_k_m"]
+JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
+
+
+def export_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "export", *args], capture_output=True, text=True, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"export failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def exported(short_run, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("export") / "out"
+    proc = export_cli("all", "--run", str(short_run), "--out", str(out), "--type", ",".join(TYPES),
+                      "--name", "tiny-soul", "--system", "あなたは親切なアシスタントです。", "--no-progress")
+    return {"run": short_run, "out": out, "stdout": proc.stdout, "merged": out / "merged",
+            "gguf": {t: out / f"tiny-soul-{t}.gguf" for t in TYPES}, "modelfile": out / "tiny-soul.modelfile",
+            "parity": json.loads((out / "parity.json").read_text())}
+
+
+def test_all_prints_where_everything_is(exported):
+    out = exported["stdout"]
+    for t, p in exported["gguf"].items():
+        assert p.is_file(), t
+        assert str(p) in out
+    assert str(exported["modelfile"]) in out and str(exported["merged"]) in out
+    assert not list(exported["out"].glob(".tmp-*")), "temporary files left behind"
+
+
+def test_merged_model_loads_in_plain_transformers_and_matches_checkpoint(exported):
+    import torch
+
+    from train.model import load_checkpoint
+
+    merged = exported["merged"]
+    ids = [[5, 120, 33, 900, 17, 250, 8, 64], [300, 301, 302, 11, 12]]
+    # A fresh interpreter that imports only transformers: the merged model needs no AEGIS code.
+    code = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(merged)!r}, dtype=torch.float32)\n"
+        f"out = [m(input_ids=torch.tensor([i])).logits[0].tolist() for i in {ids!r}]\n"
+        "assert not [n for n in sys.modules if n.split('.')[0] in ('train', 'export', 'serve')]\n"
+        "print(json.dumps(out))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged_logits = [torch.tensor(x) for x in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+    ckpt = exported["run"] / "final"
+    model, soul, _, _ = load_checkpoint(ckpt, quantization="none", dtype="float32", device=torch.device("cpu"))
+    with torch.no_grad():
+        for i, got in zip(ids, merged_logits):
+            ref = model(input_ids=torch.tensor([i])).logits[0]
+            assert float((ref - got).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+    report = json.loads((merged / "aegis_export.json").read_text())
+    assert report["check"]["relative"] <= 1e-4 and report["check"]["top1_agreement"] == 1.0
+    # The run trained on a 4-bit base: its gap to the full-precision merge is reported apart, not as an error.
+    assert report["quantization"] == "nf4" and report["quantization_gap"]["max_abs"] > 0
+    cfg = json.loads((merged / "config.json").read_text())
+    assert cfg["model_type"] == "phi3" and not cfg.get("tie_word_embeddings")
+    assert (merged / "tokenizer.model").is_file() and (merged / "chat_template.jinja").is_file()
+    # The soul really is in the head: lm_head differs from the base's, by exactly the fold.
+    from safetensors.torch import load_file
+
+    from train.model import resolve_base
+    base_head = load_file(str(resolve_base("embedded") / "model.safetensors"))["lm_head.weight"]
+    head = load_file(str(merged / "model.safetensors"))["lm_head.weight"]
+    assert not torch.equal(head, base_head)
+
+
+def test_gguf_f16_q8_0_pass_parity_and_speak_japanese(exported):
+    import llama_cpp
+
+    from export import prompts
+
+    for t in ("f16", "q8_0"):
+        entry = exported["parity"][exported["gguf"][t].name]
+        assert entry["passed"], entry["failures"]
+        assert entry["template"]["ok"]
+        assert entry["longrope"] and entry["prompts"]["long"]["n_ctx"] > 512 >= entry["prompts"]["short0"]["n_ctx"]
+        assert entry["overall"]["top1_tie"] >= 0.99
+    assert exported["parity"][exported["gguf"]["f16"].name]["overall"]["kl_mean"] < 1e-3
+
+    # Generation through llama-cpp-python's own API, from a Japanese prompt it tokenizes itself.
+    for t in ("f16", "q8_0"):
+        llm = llama_cpp.Llama(model_path=str(exported["gguf"][t]), n_ctx=512, verbose=False)
+        out = llm.create_completion(prompts.SHORT[1][:8], max_tokens=24, temperature=0.0)
+        text = out["choices"][0]["text"]
+        assert JAPANESE.search(text), (t, text)
+        assert JAPANESE.search(exported["parity"][exported["gguf"][t].name]["sample"]["prose"])
+
+
+def test_q4_k_m_made_by_llama_cpp_quantizer(exported):
+    import gguf
+
+    path = exported["gguf"]["q4_k_m"]
+    reader = gguf.GGUFReader(str(path))
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    entry = exported["parity"][path.name]
+    assert entry["made_by"] == "llama.cpp quantizer" and entry["passed"]
+    # hidden size 128 is not a multiple of 256: llama.cpp falls back for those tensors, and that is reported.
+    assert entry["fallbacks"] and "fallback" in entry["fallbacks"][0]
+    assert set(entry["tensor_types"]) - {"F32"}
+
+
+def _field(reader, key):
+    f = reader.fields[key]
+    if len(f.types) == 1 and f.types[0] == __import__("gguf").GGUFValueType.STRING:
+        return bytes(f.parts[-1]).decode()
+    if len(f.data) == 1:
+        return f.parts[f.data[0]][0].item()
+    return [f.parts[i] for i in f.data]
+
+
+def test_gguf_reads_back_with_gguf_reader(exported, tiny_path):
+    import gguf
+    from transformers import AutoTokenizer
+
+    from export import names
+
+    reader = gguf.GGUFReader(str(exported["gguf"]["f16"]))
+    cfg = json.loads((exported["merged"] / "config.json").read_text())
+    k = lambda n: names.key(n, "phi3")  # noqa: E731
+    assert _field(reader, "general.architecture") == "phi3"
+    assert _field(reader, k("context_length")) == 2048
+    assert _field(reader, k("rope_original_context")) == 512
+    assert _field(reader, k("embedding_length")) == 128
+    assert _field(reader, k("feed_forward_length")) == 384
+    assert _field(reader, k("block_count")) == 4
+    assert _field(reader, k("head_count")) == 4 and _field(reader, k("head_count_kv")) == 4
+    assert _field(reader, k("rope_dimension_count")) == 32
+    assert _field(reader, k("rope_freq_base")) == pytest.approx(10000.0)
+    assert _field(reader, k("rms_eps")) == pytest.approx(1e-5)
+    assert _field(reader, k("sliding_window")) == 0
+    assert _field(reader, k("rope_attn_factor")) == pytest.approx(math.sqrt(1 + math.log(4) / math.log(512)), 1e-6)
+
+    tok = AutoTokenizer.from_pretrained(exported["merged"])
+    assert _field(reader, k("tokenizer_model")) == "llama"
+    tokens = [bytes(p).decode() for p in _field(reader, k("tokens"))]
+    types = [int(p[0]) for p in _field(reader, k("token_types"))]
+    assert len(tokens) == cfg["vocab_size"] == 4032 and len(tok) < 4032  # padded like Phi-3's 32064
+    for t in ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>", "<|system|>"):
+        i = tok.convert_tokens_to_ids(t)
+        assert tokens[i] == t and types[i] == names.TOKEN_CONTROL
+    assert tokens[:3] == ["<unk>", "<s>", "</s>"] and types[0] == names.TOKEN_UNKNOWN
+    assert types[-1] == names.TOKEN_UNUSED and tokens[-1].startswith("[PAD")
+    assert _field(reader, k("bos_id")) == tok.bos_token_id
+    assert _field(reader, k("eos_id")) == tok.eos_token_id
+    assert _field(reader, k("eot_id")) == tok.convert_tokens_to_ids("<|end|>")
+    assert _field(reader, k("unk_id")) == tok.unk_token_id and _field(reader, k("pad_id")) == tok.pad_token_id
+    assert _field(reader, k("add_bos")) is False  # explicit, not llama.cpp's SentencePiece default
+    assert _field(reader, k("add_space_prefix")) is False
+    assert _field(reader, k("chat_template")) == tok.chat_template
+    name = _field(reader, "general.name")
+    assert "phi3" not in name.lower() and "phi-3" not in name.lower()  # this tokenizer keeps whitespace after specials
+
+    tensors = {t.name: t for t in reader.tensors}
+    assert tensors["rope_factors_long.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert list(tensors["rope_factors_short.weight"].shape) == [16]
+    assert list(tensors["blk.0.attn_qkv.weight"].shape) == [128, 3 * 128]  # fused, GGUF order (cols, rows)
+    assert list(tensors["blk.0.ffn_up.weight"].shape) == [128, 2 * 384]  # gate and up, fused
+    assert tensors["blk.0.attn_qkv.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert not [n for n in tensors if re.search(r"attn_[qkv]\.|ffn_gate", n)]
+    for n, t in tensors.items():
+        if "norm" in n or len(t.shape) == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, n
+    expected = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_factors_long.weight",
+                "rope_factors_short.weight"} | {f"blk.{b}.{n}.weight" for b in range(4) for n in
+                                               ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down")}
+    assert set(tensors) == expected
+
+
+def test_modelfile_template_renders_like_the_chat_template(exported):
+    from transformers import AutoTokenizer
+
+    from export import modelfile
+
+    text = exported["modelfile"].read_text()
+    cmds = modelfile.parse(text)
+    (from_path,) = [a for c, a in cmds if c == "FROM"]
+    assert (exported["modelfile"].parent / from_path).resolve().is_file()
+    (template,) = [a for c, a in cmds if c == "TEMPLATE"]
+    stops = {a.split(" ", 1)[1].strip('"') for c, a in cmds if c == "PARAMETER" and a.startswith("stop ")}
+    assert {"<|end|>", "<|user|>", "<|assistant|>", "<|system|>"} <= stops
+    assert ("PARAMETER", "num_ctx 512") in cmds
+    assert ("SYSTEM", "あなたは親切なアシスタントです。") in cmds
+    tok = AutoTokenizer.from_pretrained(exported["merged"])
+    chats = [
+        [{"role": "user", "content": "こんにちは"}],
+        [{"role": "system", "content": "丁寧に答えてください。"}, {"role": "user", "content": "富士山の高さは？"}],
+        [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "こんにちは！"},
+         {"role": "user", "content": "日本語で話して"}],
+        [{"role": "system", "content": ""}, {"role": "user", "content": " 空白で始まる\n改行も "}],
+    ]
+    for chat in chats:
+        result = modelfile.check_template(template, tok, chat)
+        assert result["ok"], (result["go_text"], result["hf_text"])
+
+
+def test_rerun_is_idempotent(exported):
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in exported["gguf"].values()}
+    merged_mtime = (exported["merged"] / "model.safetensors").stat().st_mtime_ns
+    proc = export_cli("all", "--run", str(exported["run"]), "--out", str(exported["out"]), "--type", ",".join(TYPES),
+                      "--name", "tiny-soul", "--no-progress")
+    assert "reusing" in proc.stdout
+    after = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in exported["gguf"].values()}
+    assert after == before and (exported["merged"] / "model.safetensors").stat().st_mtime_ns == merged_mtime
+    assert not list(exported["out"].glob(".tmp-*"))
+    assert json.loads((exported["out"] / "parity.json").read_text()).keys() == exported["parity"].keys()
+
+
+def test_gguf_command_writes_parity_json_beside_the_file(exported, tmp_path):
+    out = tmp_path / "m.gguf"
+    proc = export_cli("gguf", "--model", str(exported["merged"]), "--out", str(out), "--type", "f32",
+                      "--no-progress")
+    assert out.is_file() and "PASS" in proc.stdout and "top-1" in proc.stdout
+    entry = json.loads((tmp_path / "parity.json").read_text())["m.gguf"]
+    assert entry["passed"] and entry["overall"]["max_abs"] < 5e-3 and entry["overall"]["top1"] == 1.0
+    assert entry["tensor_types"] == {"F32": 29}
