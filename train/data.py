@@ -150,7 +150,11 @@ def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[i
         upto = render(messages[: i + 1], False)
         if not full.startswith(prefix):
             raise DataError("the chat template does not render a conversation as a prefix of its continuation")
-        end = len(full) if i == len(messages) - 1 else len(_common_prefix(upto, full))
+        end = len(full)
+        if i < len(messages) - 1:
+            # `upto` may close the conversation (Phi-3 appends EOS); that closing text is not part of the turn
+            closing = tokenizer.eos_token if tokenizer.eos_token and upto.endswith(tokenizer.eos_token) else ""
+            end = min(len(_common_prefix(upto, full)), len(upto) - len(closing))
         spans.append((len(prefix), end))
     return full, spans
 

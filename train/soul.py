@@ -44,10 +44,11 @@ class Soul(nn.Module):
         self.register_buffer("_cols", cols, persistent=False)
 
     def rotation(self) -> torch.Tensor:
-        """R as (B, 8, 8) float32."""
-        a = self.generators.new_zeros(self.blocks, BLOCK, BLOCK, dtype=torch.float32)
-        a[:, self._rows, self._cols] = self.generators.float()
-        return torch.linalg.matrix_exp(a - a.transpose(1, 2))
+        """R as (B, 8, 8) float32. The exponential is taken in float64 (B tiny 8x8 matrices, so it costs nothing):
+        in float32 its orthogonality error grows past 1e-5 once the generators are large."""
+        a = self.generators.new_zeros(self.blocks, BLOCK, BLOCK, dtype=torch.float64)
+        a[:, self._rows, self._cols] = self.generators.double()
+        return torch.linalg.matrix_exp(a - a.transpose(1, 2)).float()
 
     def gate(self) -> torch.Tensor:
         return torch.sigmoid(self.alpha.float())
@@ -78,8 +79,8 @@ class Soul(nn.Module):
     @torch.no_grad()
     def health(self) -> dict[str, float]:
         """Figures for the logs: how exact and how formed the rotation is."""
-        r = self.rotation()
-        eye = torch.eye(BLOCK, device=r.device)
+        r = self.rotation().double()
+        eye = torch.eye(BLOCK, device=r.device, dtype=r.dtype)
         ortho = torch.linalg.matrix_norm(r.transpose(1, 2) @ r - eye)
         det = torch.linalg.det(r)
         return {

@@ -1,0 +1,66 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from train.config import ConfigError, build, load, to_toml
+from train.schedule import PHI
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_borea_config_is_the_seed_recipe_exactly():
+    cfg = load(ROOT / "configs" / "borea_rtx3060.toml")
+    assert cfg.model.base == "HODACHI/Borea-Phi-3.5-mini-Instruct-Jp"
+    assert cfg.model.quantization == "nf4"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (16, 32, "auto")
+    s = cfg.schedule
+    assert (s.total_steps, s.warmup_steps, s.anneal_steps, s.start_alpha, s.shape) == (500, 50, 400, -5.0, "linear")
+    assert s.target_alpha == pytest.approx(PHI, abs=1e-9)
+    t = cfg.train
+    assert (t.lr, t.batch_size, t.grad_accum, t.max_length, t.save_steps) == (2e-4, 1, 1, 512, 100)
+
+
+def test_quickstart_has_the_same_recipe_on_the_embedded_model():
+    seed, quick = load(ROOT / "configs" / "borea_rtx3060.toml"), load(ROOT / "configs" / "quickstart.toml")
+    assert quick.model.base == "embedded"
+    for section in ("lora", "soul", "schedule"):
+        assert getattr(quick, section) == getattr(seed, section)
+    assert (quick.train.lr, quick.train.batch_size, quick.train.max_length, quick.train.save_steps) == \
+        (seed.train.lr, seed.train.batch_size, seed.train.max_length, seed.train.save_steps)
+
+
+def test_overrides_parse_toml_values_and_bare_words():
+    cfg = build({}, ["train.lr=1e-3", "model.quantization=none", "lora.target_modules=[\"qkv_proj\"]",
+                     "schedule.shape=cosine", "model.gradient_checkpointing=true", "data.train=a.txt,b.jsonl"])
+    assert cfg.train.lr == 1e-3 and cfg.model.quantization == "none" and cfg.lora.target_modules == ["qkv_proj"]
+    assert cfg.schedule.shape == "cosine" and cfg.model.gradient_checkpointing is True
+    assert cfg.data.train == ["a.txt", "b.jsonl"]
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nquantization = "int3"\ncolour = "red"\n[lora]\nr = "sixteen"\n'
+                   '[schedule]\ntotal_steps = 10\nwarmup_steps = 8\nanneal_steps = 8\n[extra]\nx = 1\n')
+    with pytest.raises(ConfigError) as err:
+        load(bad, ["train.lr=-1", "soul.mix=blend", "nonsense"])
+    msg = str(err.value)
+    assert str(bad) in msg
+    for fragment in ("model.quantization: 'int3'", "model.colour: unknown key", "lora.r: expected an integer",
+                     "[extra]: unknown section", "train.lr: must be > 0", "soul.mix: 'blend'",
+                     "warmup_steps + anneal_steps (16) exceeds total_steps (10)", "expected section.key=value"):
+        assert fragment in msg, fragment
+    assert len(err.value.problems) == 8
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    bad = tmp_path / "broken.toml"
+    bad.write_text("[model\nbase = 1")
+    with pytest.raises(ConfigError, match="(?s)broken.toml: .*not valid TOML.*line 1"):
+        load(bad)
+
+
+def test_resolved_config_round_trips():
+    cfg = load(ROOT / "configs" / "quickstart.toml", ["train.seed=7"])
+    again = build(tomllib.loads(to_toml(cfg)))
+    assert again == cfg

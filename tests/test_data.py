@@ -1,0 +1,119 @@
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from train import data
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_path)
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in rows) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def test_chat_loss_covers_exactly_the_assistant_turns(tok):
+    msgs = [{"role": "system", "content": "あなたは親切なアシスタントです。"},
+            {"role": "user", "content": "空はなぜ青いのですか。"},
+            {"role": "assistant", "content": "光が散らばるからです。"},
+            {"role": "user", "content": "夕焼けは？"},
+            {"role": "assistant", "content": "赤い光が残るからです。"}]
+    ex = data.tokenize(tok, "messages", msgs)
+    assert len(ex.input_ids) == len(ex.labels)
+    learned = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != data.IGNORE])
+    assert learned == "光が散らばるからです。<|end|>\n赤い光が残るからです。<|end|>\n<|endoftext|>"
+    masked = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab == data.IGNORE])
+    assert "空はなぜ青いのですか。" in masked and "<|user|>" in masked and "<|assistant|>" in masked
+    assert "光が散らばる" not in masked
+
+
+def test_formats_text_instruction_and_txt(tmp_path, tok):
+    src = _jsonl(tmp_path / "mix.jsonl", [{"text": "猫が眠る。"},
+                                          {"instruction": "翻訳して", "input": "cat", "output": "猫"}])
+    txt = tmp_path / "p.txt"
+    txt.write_text("一段落目です。\n\n二段落目です。\n", encoding="utf-8")
+    ex = data.load([str(src), str(txt)], tok)
+    assert len(ex) == 4
+    assert all(lab == t for t, lab in zip(ex[0].input_ids, ex[0].labels))  # plain text: every token learned
+    instr = tok.decode([t for t, lab in zip(ex[1].input_ids, ex[1].labels) if lab != data.IGNORE])
+    assert instr.startswith("猫<|end|>") and "翻訳" not in instr
+    assert ex[0].input_ids[-1] == tok.eos_token_id
+
+
+def test_bad_lines_are_all_reported_with_file_and_line(tmp_path, tok):
+    src = _jsonl(tmp_path / "bad.jsonl", [
+        {"text": "良い行"}, "{not json", {"messages": [{"role": "bot", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "質問"}]}, {"foo": 1}, [1, 2]])
+    with pytest.raises(data.DataError) as err:
+        data.load([str(src)], tok)
+    msg = str(err.value)
+    for line, frag in [(2, "not valid JSON"), (3, "messages[0].role 'bot'"), (4, "'messages' has no assistant message"),
+                       (5, "no 'text', 'messages'"), (6, "expected a JSON object")]:
+        assert f"{src}:{line}: {frag}" in msg
+    assert "5 bad record(s)" in msg
+
+
+def test_bad_lines_can_be_skipped_and_counted(tmp_path, tok):
+    src = _jsonl(tmp_path / "bad.jsonl", [{"text": "良い行"}, "{oops", {"text": 5}])
+    seen = []
+    ex = data.load([str(src)], tok, skip_bad=True, log=seen.append)
+    assert len(ex) == 1 and "skipped 2 bad record(s)" in seen[0] and "bad.jsonl:2" in seen[0]
+
+
+def test_missing_and_unsupported_sources(tmp_path, tok):
+    with pytest.raises(data.DataError, match="nope.jsonl: no such file"):
+        data.load([str(tmp_path / "nope.jsonl")], tok)
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(data.DataError, match="unsupported file type '.csv'"):
+        data.load([str(tmp_path / "x.csv")], tok)
+    with pytest.raises(data.DataError, match="embedded:nothing.txt"):
+        data.resolve("embedded:nothing.txt")
+
+
+def test_packing_fills_windows_without_padding(tok):
+    ex = data.load(["embedded:prose_eval.txt"], tok)
+    total = sum(len(e.input_ids) for e in ex)
+    packed = data.pack(ex, 128)
+    assert all(len(p.input_ids) == 128 for p in packed[:-1])
+    assert sum(len(p.input_ids) for p in packed) == total
+    assert [t for p in packed for t in p.input_ids] == [t for e in ex for t in e.input_ids]
+
+
+def test_stream_is_deterministic_and_independent_of_process_count(tok):
+    ex = data.load(["embedded:prose_eval.txt"], tok)
+    one = data.Stream(ex, 64, seed=3)
+    two = [data.Stream(ex, 64, seed=3, rank=r, world=2) for r in range(2)]
+    for _ in range(5):
+        a = one.next_update(1, 2)  # one process, accumulation 2
+        b = [s.next_update(1, 1)[0] for s in two]  # two processes, no accumulation: one micro-batch each
+        assert [x.input_ids for m in a for x in m] == [x.input_ids for m in b for x in m]
+    again = data.Stream(ex, 64, seed=3)
+    again.restore(one.state())
+    assert again.next_update(1, 1)[0][0].input_ids == one.next_update(1, 1)[0][0].input_ids
+
+
+def test_hub_dataset_from_a_snapshot_shaped_cache(tmp_path, tok, monkeypatch):
+    """The real huggingface-hub code path, offline, on a local cache laid out like a hub snapshot."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--TFMC--imatrix-dataset-for-japanese-llm"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copy(data.resolve("embedded:prose_eval.txt")[0], snap / "imatrix.txt")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    files = data.resolve("hf:TFMC/imatrix-dataset-for-japanese-llm")
+    assert [f.name for f in files] == ["imatrix.txt"] and os.path.realpath(files[0]).startswith(str(tmp_path))
+    assert len(data.load(["hf:TFMC/imatrix-dataset-for-japanese-llm"], tok)) > 10
