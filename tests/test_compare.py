@@ -1,0 +1,61 @@
+"""The recipe comparison runs both recipes for real (a few steps) and writes one report with both rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from train import compare
+
+REPO = compare.REPO
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    proc = subprocess.run([sys.executable, "-m", "train.compare", "--steps", "6", "--out", str(root / "reports"),
+                           "--work-dir", str(root / "runs")], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, proc
+
+
+def test_report_has_both_rows(report):
+    root, proc = report
+    out = root / "reports"
+    md = (out / "recipe_comparison.md").read_text(encoding="utf-8")
+    data = json.loads((out / "recipe_comparison.json").read_text(encoding="utf-8"))
+    assert set(data["recipes"]) == {"aegis", "seed"}
+    assert data["steps"] == 6 and data["data"] == ["embedded:prose_eval.txt"]
+    for name, init, mix in (("aegis", "identity", "interpolate"), ("seed", "random", "residual")):
+        r = data["recipes"][name]
+        assert (r["init"], r["mix"]) == (init, mix)
+        assert r["gate"] == pytest.approx(0.8345, abs=1e-4)  # the short schedule still ends at φ
+        assert math.isfinite(r["perplexity"])
+        assert r["ratio_to_base"] == pytest.approx(r["perplexity"] / data["base"]["perplexity"])
+        title = compare.RECIPES[name]["title"]
+        assert f"| {title} | {init} | {mix} |" in md
+        assert f"{r['perplexity']:.3f}" in md
+        # each run went through the real entry point and left its metrics and final checkpoint
+        assert (root / "runs" / name / "final" / "soul.safetensors").is_file()
+        assert len((root / "runs" / name / "metrics.jsonl").read_text().splitlines()) == 6
+    assert f"| base (no adapter, no soul) |" in md and f"{data['base']['perplexity']:.3f}" in md
+    assert data["goal"]["met"] == (data["recipes"]["aegis"]["ratio_to_base"] <= 1.05)
+    assert (out / "recipe_comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Goal" in proc.stdout
+
+
+def test_schedule_shrinks_in_proportion():
+    from train.config import Config
+    assert compare.schedule_overrides(Config(), 20) == ["schedule.total_steps=20", "schedule.warmup_steps=2",
+                                                        "schedule.anneal_steps=16"]
+    assert compare.schedule_overrides(Config(), None) == []
+
+
+def test_recipe_keys_are_not_overridable(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "train.compare", "--set", "soul.mix=residual", "--out",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "soul.mix" in proc.stderr

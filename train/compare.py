@@ -1,0 +1,228 @@
+"""Recipe comparison on the embedded model: python -m train.compare [--steps N] [--out reports]
+
+Runs the seed schedule twice through the real training entry point (`python -m train`), once with the AEGIS
+recipe (soul.init = identity, soul.mix = interpolate) and once with the seed code's (soul.init = random,
+soul.mix = residual), then measures held-out perplexity of the base and of both results on the corpus's
+held-out prose and writes one report: recipe_comparison.md, .json and .png (loss, α and gate against step).
+
+The retention goal for AEGIS: held-out perplexity at most 5 % above the base's (ratio <= 1.05) while the gate
+ends at sigmoid(φ) = 0.8345. The seed recipe is reported beside it, whatever it comes to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import checkpoint, metrics, schedule
+from .config import ConfigError, load
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "configs" / "quickstart.toml"
+DEFAULT_DATA = ["embedded:prose_eval.txt"]
+RETENTION_LIMIT = 1.05  # AEGIS may be at most 5 % worse than the base on held-out text
+GATE_GOAL = 0.83
+RECIPES = {
+    "aegis": {"title": "AEGIS", "init": "identity", "mix": "interpolate"},
+    "seed": {"title": "seed code", "init": "random", "mix": "residual"},
+}
+REPORT = "recipe_comparison"
+
+
+def schedule_overrides(cfg, steps: int | None) -> list[str]:
+    """--set values that shrink the schedule to `steps`, keeping warmup and anneal in proportion."""
+    s = cfg.schedule
+    if steps is None or steps == s.total_steps:
+        return []
+    warmup = round(s.warmup_steps * steps / s.total_steps)
+    # at least the last step sits at the target, as in the full schedule (step k uses α of index k - 1)
+    anneal = max(1, min(steps - warmup - 1, round(s.anneal_steps * steps / s.total_steps)))
+    warmup = min(warmup, steps - anneal - 1) if steps > anneal + 1 else 0
+    return [f"schedule.total_steps={steps}", f"schedule.warmup_steps={warmup}", f"schedule.anneal_steps={anneal}"]
+
+
+def train_once(config: Path, run_dir: Path, overrides: list[str], log) -> float:
+    """One run through `python -m train` in a fresh process (as a user would start it); returns seconds."""
+    cmd = [sys.executable, "-m", "train", "--config", str(config), "--run-dir", str(run_dir), "--no-progress"]
+    for o in overrides:
+        cmd += ["--set", o]
+    log("$ " + " ".join(cmd))
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training run {run_dir} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return time.time() - t0
+
+
+def plot(runs: dict[str, list[dict]], path: Path, target_alpha: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    colors = {"aegis": "tab:blue", "seed": "tab:red"}
+    for name, recs in runs.items():
+        steps = [r["step"] for r in recs]
+        loss = [metrics_float(r["loss"]) for r in recs]
+        window = 20
+        smooth = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1])
+                  for i in range(len(loss))]
+        label = RECIPES[name]["title"]
+        axes[0].plot(steps, loss, color=colors[name], alpha=0.2, linewidth=0.8)
+        axes[0].plot(steps, smooth, color=colors[name], label=f"{label} (mean of {window})")
+        axes[1].plot(steps, [r["alpha"] for r in recs], color=colors[name], label=label)
+        axes[2].plot(steps, [r["gate"] for r in recs], color=colors[name], label=label)
+    axes[0].set_ylabel("training loss")
+    axes[1].set_ylabel("α")
+    axes[1].axhline(target_alpha, color="gray", linestyle=":", linewidth=1)
+    axes[2].set_ylabel("gate = sigmoid(α)")
+    axes[2].axhline(schedule.gate(target_alpha), color="gray", linestyle=":", linewidth=1)
+    axes[2].set_xlabel("step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle("Recipe comparison on the embedded model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def metrics_float(v) -> float:
+    return float(v)  # "nan"/"inf" strings become the floats they stand for
+
+
+def markdown(rep: dict) -> str:
+    base = rep["base"]
+    goal = rep["goal"]
+    lines = [
+        "# Recipe comparison: AEGIS vs the seed code",
+        "",
+        f"Generated {rep['generated']} by `{rep['command']}` "
+        f"({rep['steps']} steps of the seed schedule on the embedded tiny Phi-3, {rep['quantization']}).",
+        f"Held-out data: {', '.join(rep['data'])} ({base['tokens']} labelled tokens, each paragraph scored on its "
+        "own). Perplexity is exp of the token-weighted mean loss.",
+        "",
+        "| recipe | soul.init | soul.mix | final α | final gate | held-out loss | perplexity | ratio to base "
+        "| gate shut (LoRA only) | train loss (last 20) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| base (no adapter, no soul) | – | – | – | – | {base['loss']:.4f} | {base['perplexity']:.3f} | 1.000 "
+        "| – | – |",
+    ]
+    for name, r in rep["recipes"].items():
+        lines.append(f"| {RECIPES[name]['title']} | {r['init']} | {r['mix']} | {r['alpha']:+.4f} | {r['gate']:.4f} "
+                     f"| {r['loss']:.4f} | {r['perplexity']:.3f} | {r['ratio_to_base']:.3f} "
+                     f"| {r['gate_shut']['perplexity']:.3f} ({r['gate_shut']['ratio_to_base']:.3f}) "
+                     f"| {r['train_loss_last20']:.4f} |")
+    verdict = "met" if goal["met"] else "NOT met"
+    lines += [
+        "",
+        f"**Goal** (AEGIS perplexity ≤ {RETENTION_LIMIT:.2f} × base while the gate ends ≥ {GATE_GOAL}): "
+        f"**{verdict}** — ratio {goal['ratio']:.3f}, gate {goal['gate']:.4f}.",
+        "",
+        f"![loss, α and gate against step]({REPORT}.png)",
+        "",
+        "Rows: *perplexity* is the checkpoint as trained (base + LoRA + soul at its final gate); *gate shut* is "
+        "the same checkpoint with g = 0, i.e. what LoRA alone did; the difference between the two is the soul's "
+        "share.",
+        "",
+        f"Reproduce: `{rep['command']}` (training runs go to `{rep['work_dir']}`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.compare", description="Train the AEGIS and the seed recipe "
+                                 "on the embedded model and write a held-out perplexity report.")
+    ap.add_argument("--steps", type=int, default=None, help="total steps of each run (default: the config's, 500)")
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base config (default: "
+                    "configs/quickstart.toml, the embedded model)")
+    ap.add_argument("--data", action="append", default=None, metavar="SOURCE",
+                    help=f"held-out data (default: {DEFAULT_DATA[0]})")
+    ap.add_argument("--out", type=Path, default=REPO / "reports", help="report directory (default: reports/)")
+    ap.add_argument("--work-dir", type=Path, default=REPO / "runs" / "compare",
+                    help="where the two training runs go (default: runs/compare; replaced on each call)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="extra config override for both runs (repeatable)")
+    args = ap.parse_args(argv)
+    if args.steps is not None and args.steps < 2:
+        ap.error("--steps must be at least 2")
+    bad = [o for o in args.overrides if o.split("=", 1)[0].strip() in ("soul.init", "soul.mix")]
+    if bad:
+        ap.error(f"--set {bad[0]}: the recipes differ exactly in soul.init and soul.mix; they are not overridable")
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    data_sources = args.data or DEFAULT_DATA
+
+    try:
+        cfg = load(args.config, args.overrides)
+        common = args.overrides + schedule_overrides(cfg, args.steps)
+        cfg = load(args.config, common)  # validates the shortened schedule too
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    steps = cfg.schedule.total_steps
+    common += [f"train.save_steps={steps}", "train.keep_last=1"]  # only the end of each run is evaluated
+
+    from .eval import evaluate
+    report = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "command": "python -m train.compare" + (f" --steps {args.steps}" if args.steps else ""),
+              "config": str(args.config.resolve().relative_to(REPO)) if args.config.resolve().is_relative_to(REPO)
+              else str(args.config), "overrides": args.overrides, "steps": steps, "base_model": cfg.model.base,
+              "quantization": cfg.model.quantization, "data": data_sources, "work_dir": str(args.work_dir),
+              "schedule": {k: getattr(cfg.schedule, k) for k in cfg.schedule.__dataclass_fields__},
+              "recipes": {}}
+    histories = {}
+    base_rows = []
+    try:
+        for name, recipe in RECIPES.items():
+            run_dir = args.work_dir / name
+            if run_dir.exists():
+                import shutil
+                shutil.rmtree(run_dir)  # a fresh run every time: the report must come from this code
+            seconds = train_once(args.config, run_dir, common + [f"soul.init={recipe['init']}",
+                                                                 f"soul.mix={recipe['mix']}"], log)
+            final = run_dir / checkpoint.FINAL
+            log(f"{recipe['title']}: trained in {seconds:.0f}s; evaluating {final}")
+            ev = evaluate(final, data_sources, log=log)
+            recs = metrics.read(run_dir)
+            histories[name] = recs
+            last20 = [metrics_float(r["loss"]) for r in recs[-20:]]
+            res = ev["results"]
+            base_rows.append(res["base"])
+            report["recipes"][name] = {
+                "init": recipe["init"], "mix": recipe["mix"], "alpha": ev["alpha"], "gate": ev["gate"],
+                "loss": res["checkpoint"]["loss"], "perplexity": res["checkpoint"]["perplexity"],
+                "ratio_to_base": res["checkpoint"]["ratio_to_base"], "gate_shut": res["gate_shut"],
+                "base": res["base"], "train_loss_last20": sum(last20) / len(last20),
+                "ortho_error": recs[-1]["ortho_error"], "rotation_norm": recs[-1]["rotation_norm"],
+                "train_seconds": round(seconds, 1), "run_dir": str(run_dir)}
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    # Both runs sit on the same base in the same quantization, so their base rows must agree.
+    if abs(base_rows[0]["loss"] - base_rows[1]["loss"]) > 1e-4:
+        print(f"error: the two runs disagree on the base's loss ({base_rows[0]['loss']} vs {base_rows[1]['loss']})",
+              file=sys.stderr)
+        return 1
+    report["base"] = base_rows[0]
+    a = report["recipes"]["aegis"]
+    report["goal"] = {"ratio_limit": RETENTION_LIMIT, "gate_goal": GATE_GOAL, "ratio": a["ratio_to_base"],
+                      "gate": a["gate"], "met": a["ratio_to_base"] <= RETENTION_LIMIT and a["gate"] >= GATE_GOAL}
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{REPORT}.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n",
+                                             encoding="utf-8")
+    (args.out / f"{REPORT}.md").write_text(markdown(report), encoding="utf-8")
+    plot(histories, args.out / f"{REPORT}.png", cfg.schedule.target_alpha)
+    print(markdown(report))
+    log(f"report written to {args.out / REPORT}.md, .json, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
