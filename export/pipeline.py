@@ -82,6 +82,7 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
             log(f"sample (greedy, {kind} prompt): {text!r}")
         if report["passed"]:
             os.replace(candidate, out)
+            out.with_name(out.name + ".rejected").unlink(missing_ok=True)  # an older failure is now stale
             parity.record(out.parent, report)
             log(f"parity passed: {out}")
             return {"path": str(out), **summary, "parity": report}
