@@ -28,8 +28,8 @@ from .files import ExportError, write_json
 PARITY_FILE = "parity.json"
 # Per type: minimum top-1 agreement (near-ties counted, see metrics), maximum mean KL(HF‖GGUF) in nats, maximum
 # |Δlogit| (None: not bounded). Set so that a faithful export of even the tiny embedded model passes (its 128-wide
-# rows give quantization little to average over), while a structural mistake (a wrong permutation, wrong rope
-# factors, a missing soul) gives KL well above 1 and fails every type.
+# rows give quantization little to average over), while a structural mistake (a wrong q/k row order, wrong rope
+# factors, a missing soul) drops top-1 agreement far below them and fails (tests/test_export_tied.py shows one).
 THRESHOLDS = {
     "f32": {"top1": 0.999, "kl": 1e-5, "max_abs": 5e-3},
     "f16": {"top1": 0.99, "kl": 1e-3, "max_abs": None},

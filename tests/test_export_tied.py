@@ -97,3 +97,21 @@ def test_llama_family_gguf_parity(tied_checkpoint):
     assert {"output.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_gate.weight"} <= names
     k = next(t for t in reader.tensors if t.name == "blk.0.attn_k.weight")
     assert list(k.shape) == [64, 32]  # 2 kv heads x 16
+
+
+def test_parity_catches_a_structural_mistake(tied_checkpoint, monkeypatch):
+    """Written without llama.cpp's q/k row order, the same model must fail parity: the thresholds catch real
+    export mistakes, not just rounding."""
+    from export import names
+    from export.files import ExportError
+    from export.pipeline import export_gguf
+
+    merged = tied_checkpoint["root"] / "merged"
+    if not merged.exists():
+        pytest.skip("needs the merge test's output")
+    monkeypatch.setitem(names.ARCHITECTURES["llama"], "permute_qk", False)
+    with pytest.raises(ExportError, match="parity failed"):
+        export_gguf(merged, tied_checkpoint["root"] / "wrong-q8_0.gguf", "q8_0", progress=False,
+                    log=lambda *_: None)
+    report = json.loads((tied_checkpoint["root"] / "parity.json").read_text())["wrong-q8_0.gguf"]
+    assert report["overall"]["top1_tie"] < 0.75 and report["overall"]["kl_mean"] > 0.01
