@@ -1,0 +1,171 @@
+"""Training throughput at Phi-3.5-mini's exact shapes (random weights; no hub on the GPU machine).
+
+One run measures, side by side on the same card and the same real tokens:
+  (a) plain PEFT + bitsandbytes QLoRA: NF4 + double quant, bf16 compute, LoRA r16/α32 on qkv_proj + o_proj,
+      prepare_model_for_kbit_training, AdamW 2e-4, HF forward with labels;
+  (b) `python -m train` (the product's own path: soul + seed schedule), run as a user runs it, through the Borea
+      config file with the base laid out as a hub snapshot (HF_HUB_OFFLINE=1), so the Borea code path is the one timed.
+Reported: tokens/s of real (non-padding) tokens (median over steps after warm-up), step time, peak
+torch.cuda.max_memory_allocated, and the mean loss of the last steps (speed must not come from doing less work).
+
+    python bench/train_throughput.py --work /tmp/bench --steps 30 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+HUB_ID = "HODACHI/Borea-Phi-3.5-mini-Instruct-Jp"
+COMMIT = "0" * 40
+WARMUP = 3
+# Phi-3.5-mini-instruct's shapes: 3.82 B parameters.
+PHI35 = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072,
+             original_max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def build_model(hf_home: Path) -> Path:
+    """A random Phi-3.5-mini-shaped model saved as a hub snapshot of the Borea id, with the tiny tokenizer."""
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    from train.tiny import ensure
+    repo = hf_home / "hub" / ("models--" + HUB_ID.replace("/", "--"))
+    snap = repo / "snapshots" / COMMIT
+    if (snap / "config.json").exists():
+        return snap
+    n = PHI35["hidden_size"] // PHI35["num_attention_heads"] // 2
+    cfg = Phi3Config(**PHI35, rope_scaling={"type": "longrope", "short_factor": [1.0 + i / n for i in range(n)],
+                                            "long_factor": [1.0 + 4 * i / n for i in range(n)]})
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Phi3ForCausalLM(cfg).to(torch.bfloat16)
+    print(f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters", flush=True)
+    model.save_pretrained(snap)
+    AutoTokenizer.from_pretrained(ensure()).save_pretrained(snap)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    del model
+    torch.cuda.empty_cache()
+    return snap
+
+
+def sequences(snap: Path, n: int, length: int) -> list[torch.Tensor]:
+    """n windows of `length` real tokens from the embedded corpus."""
+    from transformers import AutoTokenizer
+
+    from train import data
+    tok = AutoTokenizer.from_pretrained(snap)
+    ex = data.load(["embedded:prose_train_a.txt", "embedded:prose_train_b.txt", "embedded:prose_train_c.txt"], tok)
+    packed = [p for p in data.pack(ex, length) if len(p.input_ids) == length]
+    return [torch.tensor(packed[i % len(packed)].input_ids) for i in range(n)]
+
+
+def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool) -> dict:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.cuda.reset_peak_memory_stats()
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(snap, quantization_config=q, dtype=torch.bfloat16,
+                                                 device_map={"": 0})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                             target_modules=["qkv_proj", "o_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    seqs = sequences(snap, steps * batch, length)
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for s in range(steps):
+        ids = torch.stack(seqs[s * batch:(s + 1) * batch]).cuda()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt
+    torch.cuda.empty_cache()
+    step_s = statistics.median(times[WARMUP:])
+    return {"tokens_per_s": batch * length / step_s, "step_s": step_s, "peak_gib": peak,
+            "loss_last5": statistics.mean(losses[-5:]), "losses": losses}
+
+
+def ours(snap: Path, hf_home: Path, work: Path, steps: int, batch: int, length: int, ckpt: bool,
+         extra: list[str]) -> dict:
+    run = work / f"run_b{batch}_{'ckpt' if ckpt else 'nockpt'}"
+    shutil.rmtree(run, ignore_errors=True)
+    sets = [f"schedule.total_steps={steps}", f"schedule.warmup_steps={max(1, steps // 10)}",
+            f"schedule.anneal_steps={steps * 8 // 10}", f"train.save_steps={steps}", f"train.batch_size={batch}",
+            f"train.max_length={length}", f"model.gradient_checkpointing={'true' if ckpt else 'false'}",
+            'data.train=["embedded:prose_train_a.txt","embedded:prose_train_b.txt","embedded:prose_train_c.txt"]']
+    cmd = [sys.executable, "-m", "train", "--config", str(ROOT / "configs" / "borea_rtx3060.toml"),
+           "--run-dir", str(run), "--no-progress"] + [a for s in sets + extra for a in ("--set", s)]
+    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    from train.metrics import read
+    recs = read(run)
+    step_s = statistics.median(r["tokens"] / r["tokens_per_s"] for r in recs[WARMUP:])
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in recs[WARMUP:]), "step_s": step_s,
+            "peak_gib": max(r["gpu_mem_gib"] for r in recs), "loss_last5": statistics.mean(r["loss"]
+                                                                                        for r in recs[-5:]),
+            "losses": [r["loss"] for r in recs], "updates": len(recs), "final_gate": recs[-1]["gate"],
+            "ortho_error": max(r["ortho_error"] for r in recs), "wall_s": time.time() - t0,
+            "checkpoint": sorted(p.name for p in (run / "checkpoints").iterdir())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/aegis-bench"))
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--settings", default="seed,throughput", help="seed = 1x512 no checkpointing; "
+                    "throughput = BxL with gradient checkpointing (see --tp-batch)")
+    ap.add_argument("--tp-batch", type=int, default=8)
+    ap.add_argument("--which", default="plain,ours")
+    ap.add_argument("--ours-set", action="append", default=[], help="extra --set for our runs")
+    ap.add_argument("--out", type=Path, default=Path("train_throughput.json"))
+    args = ap.parse_args()
+    hf_home = args.work / "hf"
+    snap = build_model(hf_home)
+    grid = {"seed": (1, 512, False), "throughput": (args.tp_batch, 512, True)}
+    results = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+               "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "bitsandbytes")},
+               "command": " ".join(sys.argv), "rows": []}
+    for name in args.settings.split(","):
+        batch, length, ckpt = grid[name]
+        for which in args.which.split(","):
+            print(f"== {name}: {which} {batch}x{length} checkpointing={ckpt}", flush=True)
+            r = (plain_peft(snap, args.steps, batch, length, ckpt) if which == "plain" else
+                 ours(snap, hf_home, args.work, args.steps, batch, length, ckpt, args.ours_set))
+            r.update(setting=name, which=which, batch=batch, length=length, checkpointing=ckpt)
+            results["rows"].append(r)
+            print({k: v for k, v in r.items() if k != "losses"}, flush=True)
+            args.out.write_text(json.dumps(results, indent=1))
+    print("\n| setting | path | batch×len | ckpt | tokens/s | step ms | peak GiB | loss (last 5) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results["rows"]:
+        print(f"| {r['setting']} | {r['which']} | {r['batch']}×{r['length']} | {r['checkpointing']} | "
+              f"{r['tokens_per_s']:.0f} | {1000 * r['step_s']:.0f} | {r['peak_gib']:.2f} | {r['loss_last5']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
