@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from . import names
-from .files import ExportError
+from .files import ExportError, write_json
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,6 +114,8 @@ def _problems(args) -> list[str]:
             out.append(f"--run {args.run}: no such directory")
         if args.checkpoint is not None and not args.checkpoint.is_dir():
             out.append(f"--checkpoint {args.checkpoint}: no such directory")
+        if args.out is not None and args.out.exists() and not args.out.is_dir():
+            out.append(f"--out {args.out}: exists and is not a directory")
     return out
 
 
@@ -161,7 +162,7 @@ def run(args) -> int:
         summary = export_all(args.run, args.types, out=args.out, base=args.base, dtype=args.dtype, name=args.name,
                              system=args.system, checkpoint=args.checkpoint, force=args.force,
                              progress=not args.no_progress, device=args.device)
-        (Path(summary["merged"]).parent / "export.json").write_text(json.dumps(summary, indent=1))
+        write_json(Path(summary["merged"]).parent / "export.json", summary)
     return 0
 
 

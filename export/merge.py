@@ -81,7 +81,9 @@ def validate_checkpoint(ckpt: Path, base: str | None = None) -> tuple[dict, Path
         raise ExportError(f"{ckpt}: no such checkpoint directory")
     for name in checkpoint.REQUIRED:
         if not (ckpt / name).is_file():
-            raise ExportError(f"{ckpt / name}: missing; {ckpt} is not a complete AEGIS checkpoint")
+            hint = (f" (it looks like a run directory: use {ckpt / checkpoint.FINAL} or `python -m export all "
+                    f"--run {ckpt}`)" if (ckpt / checkpoint.FINAL).is_dir() else "")
+            raise ExportError(f"{ckpt / name}: missing; {ckpt} is not a complete AEGIS checkpoint{hint}")
     try:
         _, meta = checkpoint.read_soul(ckpt)
     except checkpoint.CheckpointError as e:
