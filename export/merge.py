@@ -160,8 +160,6 @@ def fold_head(model, soul, dtype) -> bool:
     for c in {id(cfg): cfg, id(text_cfg): text_cfg}.values():
         if getattr(c, "tie_word_embeddings", False):
             c.tie_word_embeddings = False
-    if hasattr(model, "_tied_weights_keys") and tied:
-        model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
     return tied
 
 
