@@ -18,7 +18,6 @@ from litestar import Litestar, MediaType, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
-from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.response import Stream
 
@@ -27,6 +26,7 @@ from . import engine
 from .config import Settings
 from .errors import HANDLERS, APIError
 from .metrics import Metrics
+from .openapi import ExactJsonRenderPlugin
 from .pool import Finish, Job
 from .schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
                       CompletionChoice, CompletionRequest, ErrorResponse, Health, ModelCard, ModelList, Usage)
@@ -212,7 +212,7 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
         components = Components(security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")})
         security = {"security": [{"bearer": []}]}
     openapi = OpenAPIConfig(title="AEGIS API", version=VERSION, description=package_doc, components=components,
-                            render_plugins=[JsonRenderPlugin()], path="/schema", **security)
+                            render_plugins=[ExactJsonRenderPlugin()], path="/schema", **security)
 
     app = Litestar(
         route_handlers=[chat_completions, completions, list_models, get_model, health, ready, prometheus],

@@ -102,10 +102,8 @@ class Registry:
 # ---- request checks ---------------------------------------------------------------------------------------------
 
 def _stops(stop) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(s == "" for s in stops):
-        raise bad_request("stop sequences must not be empty strings", "stop")
-    return stops
+    # an empty stop string would match everywhere; "" alone (some clients send it for "none") means no stop
+    return [s for s in ([stop] if isinstance(stop, str) else list(stop or [])) if s]
 
 
 def _sampling(req) -> Sampling:
@@ -138,17 +136,9 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict]:
     """Messages as plain dicts for the template: text parts joined, `developer` read as `system`."""
     out = []
     for i, m in enumerate(req.messages):
-        if m.role == "tool":
-            raise bad_request("tool messages are not supported by this server", f"messages[{i}].role")
         content = m.content
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise bad_request(f"content part type {part.type!r} is not supported; only text",
-                                      f"messages[{i}].content[{j}]")
-                texts.append(part.text)
-            content = "".join(texts)
+        if isinstance(content, list):  # text parts (the schema admits no other kind)
+            content = "".join(part.text for part in content)
         if content is None:
             raise bad_request("a message needs content", f"messages[{i}].content")
         out.append({"role": "system" if m.role == "developer" else m.role, "content": content})

@@ -38,6 +38,8 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def _response(err: APIError) -> Response:
+    if err.status < 500:
+        log.debug("client error %d %s: %s", err.status, err.param, err.message)
     return Response(err.body(), status_code=err.status, media_type=MediaType.JSON, headers=err.headers)
 
 

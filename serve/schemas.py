@@ -19,22 +19,25 @@ TopK = Annotated[int, Meta(ge=0, le=1_000_000, description="extension: keep only
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 MaxTokens = Annotated[int, Meta(ge=1, le=10_000_000)]
 Seed = Annotated[int, Meta(ge=-(2 ** 63), le=2 ** 63 - 1)]
-N = Annotated[int, Meta(ge=1, le=128, description="only 1 is supported")]
-StopList = Annotated[list[str], Meta(max_length=4)]
+N = Annotated[int, Meta(ge=1, le=1, description="one completion per request (only 1 is supported)")]
+StopList = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=4)]
 ModelId = Annotated[str, Meta(max_length=256)]
 IgnoreEos = Annotated[bool, Meta(description="extension: generate through end-of-turn tokens (fixed-length "
                                              "benchmarks); stop strings and max_tokens still apply")]
-Role = Literal["system", "developer", "user", "assistant", "tool"]
+PromptText = Annotated[str, Meta(min_length=1)]
+PromptList = Annotated[list[str | int], Meta(min_length=1, max_length=1_000_000,
+                                             description="one string, or token ids of the model's vocabulary")]
+Role = Literal["system", "developer", "user", "assistant"]  # no tool calling here
 
 
 class TextPart(msgspec.Struct, kw_only=True):
-    type: str
-    text: str | None = None
+    type: Literal["text"]  # images, audio and files are not supported
+    text: str
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
     role: Role
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart]
     name: str | None = None
 
 
@@ -59,12 +62,12 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     ignore_eos: IgnoreEos = False
     logprobs: bool | None = None
-    tools: list[dict] | None = None
+    tools: Annotated[list[dict], Meta(max_length=0, description="not supported")] | None = None
     user: str | None = None
 
 
 class CompletionRequest(msgspec.Struct, kw_only=True):
-    prompt: str | Annotated[list[str | int], Meta(min_length=1, max_length=1_000_000)]
+    prompt: PromptText | PromptList
     model: ModelId | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
@@ -80,8 +83,8 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     ignore_eos: IgnoreEos = False
     echo: bool | None = None
-    suffix: str | None = None
-    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    suffix: Annotated[str, Meta(max_length=0, description="not supported")] | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=0, description="not supported")] | None = None
     user: str | None = None
 
 

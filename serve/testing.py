@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,14 +28,21 @@ def free_port() -> int:
 
 
 def _fingerprint() -> str:
-    """What the exported run depends on: the training and export code, the recipe and the embedded model."""
+    """What the exported run depends on: the committed training and export code, the recipe and the embedded model's
+    corpus (git tree hashes, so edits in progress elsewhere in the working tree do not force a rebuild; without git,
+    the files' contents)."""
     h = hashlib.sha256(" ".join(TRAIN_ARGS[2:]).encode())
-    for folder in ("train", "export"):
-        for path in sorted((REPO / folder).rglob("*")):
-            if path.is_file() and path.suffix in (".py", ".txt", ".jsonl", ".toml", ".jinja"):
-                h.update(path.relative_to(REPO).as_posix().encode())
-                h.update(path.read_bytes())
-    h.update((REPO / "configs" / "quickstart.toml").read_bytes())
+    try:
+        trees = subprocess.run(["git", "rev-parse", "HEAD:train", "HEAD:export", "HEAD:configs/quickstart.toml"],
+                               cwd=REPO, capture_output=True, text=True, check=True).stdout
+        h.update(trees.encode())
+    except (OSError, subprocess.CalledProcessError):
+        for folder in ("train", "export"):
+            for path in sorted((REPO / folder).rglob("*")):
+                if path.is_file() and path.suffix in (".py", ".txt", ".jsonl", ".toml", ".jinja"):
+                    h.update(path.relative_to(REPO).as_posix().encode())
+                    h.update(path.read_bytes())
+        h.update((REPO / "configs" / "quickstart.toml").read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -48,7 +56,7 @@ def find_gguf(run_dir: Path, kind: str = "f16") -> Path | None:
 def exported_run(cache_root: Path, log=print) -> Path:
     """A run directory with a 20-step training run of the embedded model and its export (GGUF under export/).
     Reused while the fingerprint matches; rebuilt (train, then `python -m export all`) otherwise."""
-    run = Path(cache_root) / f"run-{_fingerprint()}"
+    run = Path(cache_root).resolve() / f"run-{_fingerprint()}"
     if (run / "final").is_dir() and find_gguf(run):
         return run
     if run.exists():
@@ -66,6 +74,18 @@ def exported_run(cache_root: Path, log=print) -> Path:
     if not find_gguf(run):
         raise RuntimeError(f"export left no GGUF under {run / 'export'}")
     return run
+
+
+def served_files(request) -> tuple[Path, Path]:
+    """For a pytest fixture: (GGUF, tokenizer directory) of the embedded model after a short training run and its
+    export, cached in pytest's cache directory. AEGIS_TEST_GGUF and AEGIS_TEST_TOKENIZER name existing files
+    instead (quick iterations)."""
+    if os.environ.get("AEGIS_TEST_GGUF"):
+        return Path(os.environ["AEGIS_TEST_GGUF"]), Path(os.environ["AEGIS_TEST_TOKENIZER"])
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    root = Path(cache.mkdir("aegis-serve")) if cache is not None else Path(tempfile.gettempdir()) / "aegis-serve"
+    run = exported_run(root)
+    return find_gguf(run), run / "final"
 
 
 class Server:

@@ -4,7 +4,6 @@ embedded model, driven by the official openai client and raw HTTP."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 from pathlib import Path
@@ -13,7 +12,8 @@ import httpx
 import openai
 import pytest
 
-from serve.testing import Server, exported_run, find_gguf
+from serve import testing
+from serve.testing import Server
 
 KEY = "test-key-5f2c"
 CHAT = [{"role": "system", "content": "あなたは親切なアシスタントです。"},
@@ -21,13 +21,8 @@ CHAT = [{"role": "system", "content": "あなたは親切なアシスタント�
 
 
 @pytest.fixture(scope="session")
-def served_files(request, tmp_path_factory) -> tuple[Path, Path]:
-    """(GGUF, tokenizer directory) of the embedded model after a short training run and its export.
-    AEGIS_TEST_GGUF (+ AEGIS_TEST_TOKENIZER) point at existing files instead, for quick iterations."""
-    if os.environ.get("AEGIS_TEST_GGUF"):
-        return Path(os.environ["AEGIS_TEST_GGUF"]), Path(os.environ["AEGIS_TEST_TOKENIZER"])
-    run = exported_run(Path(request.config.cache.mkdir("aegis-serve")))
-    return find_gguf(run), run / "final"
+def served_files(request) -> tuple[Path, Path]:
+    return testing.served_files(request)
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +94,14 @@ def test_stream_matches_non_stream(client):
 
 
 def test_generation_ends_at_end_of_turn(client):
-    # a greedy reply without ignore_eos ends on the model's <|end|> (finish_reason stop) well before the limit
-    r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=400, temperature=0)
-    assert r.choices[0].finish_reason == "stop"
-    assert r.usage.completion_tokens < 400
+    # sampled replies end on the model's end-of-turn token (finish_reason stop) before the limit, and no special
+    # token's text ever reaches the client
+    finishes = []
+    for seed in range(6):
+        r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=200, temperature=0.8, seed=seed)
+        finishes.append((r.choices[0].finish_reason, r.usage.completion_tokens))
+        assert "<|" not in r.choices[0].message.content
+    assert any(reason == "stop" and n < 200 for reason, n in finishes), finishes
 
 
 def test_completions(client):
@@ -143,7 +142,7 @@ def test_seed_makes_sampling_repeatable(client):
     (dict(messages=CHAT, max_tokens=100_000), "max_tokens"),
     (dict(messages=CHAT, temperature=7), "temperature"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
-          ), "messages[0].content[0]"),
+          ), "messages[0].content[0].type"),
 ])
 def test_invalid_requests_are_400(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
