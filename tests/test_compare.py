@@ -42,7 +42,12 @@ def test_report_has_both_rows(report):
         # each run went through the real entry point and left its metrics and final checkpoint
         assert (root / "runs" / name / "final" / "soul.safetensors").is_file()
         assert len((root / "runs" / name / "metrics.jsonl").read_text().splitlines()) == 6
-    assert f"| base (no adapter, no soul) |" in md and f"{data['base']['perplexity']:.3f}" in md
+        # the text it trained on, scored for contrast, with its own base row
+        t = r["train_text"]
+        assert t["base"]["loss"] == pytest.approx(data["train_base"]["loss"], abs=1e-4)
+        assert f"| {title} | {t['checkpoint']['ratio_to_base']:.3f} | {t['gate_shut']['ratio_to_base']:.3f} |" in md
+    assert data["train_data"] == ["embedded:prose_train_c.txt"]
+    assert "| base (no adapter, no soul) |" in md and f"{data['base']['perplexity']:.3f}" in md
     assert data["goal"]["met"] == (data["recipes"]["aegis"]["ratio_to_base"] <= 1.05)
     assert (out / "recipe_comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Goal" in proc.stdout

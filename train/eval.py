@@ -86,45 +86,68 @@ def figures(loss_sum: float, count: int) -> dict:
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
 
 
+def default_sources(ckpt: Path) -> list[str]:
+    """The run's data.eval, from the config.toml of the run that holds `ckpt`."""
+    run_dir, cfg = run_config(ckpt)
+    sources = cfg.get("data", {}).get("eval") or []
+    if not sources:
+        where = f"{run_dir / 'config.toml'} has no data.eval" if run_dir else "no config.toml beside it"
+        raise ValueError(f"{ckpt}: no evaluation data given (--data) and {where}")
+    return list(sources)
+
+
+class Evaluator:
+    """One loaded checkpoint, scored on as many data sets as asked (the model is loaded once)."""
+
+    def __init__(self, ckpt: Path, base: str | None = None, quantization: str | None = None,
+                 max_length: int | None = None, batch_size: int = 8):
+        from .model import load_checkpoint
+
+        self.ckpt = Path(ckpt)
+        if not self.ckpt.is_dir():
+            raise FileNotFoundError(f"{self.ckpt}: no such checkpoint directory")
+        _, cfg = run_config(self.ckpt)
+        self.max_length = max_length or cfg.get("train", {}).get("max_length", DEFAULT_MAX_LENGTH)
+        self.batch_size = batch_size
+        self.model, self.soul, self.tokenizer, self.meta = load_checkpoint(self.ckpt, base=base,
+                                                                           quantization=quantization)
+        self.quantization = quantization or self.meta.get("quantization")
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def run(self, sources: list[str], variants=VARIANTS, log=print) -> dict:
+        """The figures for each variant as a dict (what --json prints)."""
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+        seqs = windows(data.load(list(sources), self.tokenizer, log=log), self.max_length)
+        soul = self.soul
+        result = {"checkpoint": str(self.ckpt), "data": list(sources), "max_length": self.max_length,
+                  "base": self.meta.get("base"), "quantization": self.quantization, "step": self.meta.get("step"),
+                  "mix": soul.mix, "gate": float(soul.gate()), "alpha": float(soul.alpha), "results": {}}
+        for variant in variants:
+            adapter_off = self.model.disable_adapter() if variant == "base" else nullcontext()
+            shut = gate_shut(soul) if variant in ("base", "gate_shut") else nullcontext()
+            with adapter_off, shut:
+                result["results"][variant] = figures(*loss_over(self.model, seqs, self.pad_id, self.batch_size))
+        res = result["results"]
+        if "base" in res:
+            for variant in ("checkpoint", "gate_shut"):
+                if variant in res:
+                    res[variant]["ratio_to_base"] = res[variant]["perplexity"] / res["base"]["perplexity"]
+        return result
+
+
 def evaluate(ckpt: Path, sources: list[str] | None = None, variants=VARIANTS, max_length: int | None = None,
              base: str | None = None, quantization: str | None = None, batch_size: int = 8, log=print) -> dict:
-    """The figures for each variant as a dict (what --json prints)."""
-    from .model import load_checkpoint
-
+    """Load `ckpt` and score it on `sources` (default: the run's data.eval)."""
     ckpt = Path(ckpt)
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint directory")
-    run_dir, cfg = run_config(ckpt)
-    if not sources:
-        sources = cfg.get("data", {}).get("eval") or []
-        if not sources:
-            where = f"{run_dir / 'config.toml'} has no data.eval" if run_dir else "no config.toml beside it"
-            raise ValueError(f"{ckpt}: no evaluation data given (--data) and {where}")
-    max_length = max_length or cfg.get("train", {}).get("max_length", DEFAULT_MAX_LENGTH)
+    sources = list(sources) if sources else default_sources(ckpt)
     for source in sources:  # a missing file should fail before the model is loaded
         data.resolve(source)
-
-    model, soul, tokenizer, meta = load_checkpoint(ckpt, base=base, quantization=quantization)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    seqs = windows(data.load(list(sources), tokenizer, log=log), max_length)
-    result = {"checkpoint": str(ckpt), "data": list(sources), "max_length": max_length,
-              "base": meta.get("base"), "quantization": quantization or meta.get("quantization"),
-              "step": meta.get("step"), "mix": soul.mix, "gate": float(soul.gate()), "alpha": float(soul.alpha),
-              "results": {}}
-    for variant in variants:
-        adapter_off = model.disable_adapter() if variant == "base" else nullcontext()
-        shut = gate_shut(soul) if variant in ("base", "gate_shut") else nullcontext()
-        with adapter_off, shut:
-            result["results"][variant] = figures(*loss_over(model, seqs, pad_id, batch_size))
-    res = result["results"]
-    if "base" in res:
-        for variant in ("checkpoint", "gate_shut"):
-            if variant in res:
-                res[variant]["ratio_to_base"] = res[variant]["perplexity"] / res["base"]["perplexity"]
-    return result
+    return Evaluator(ckpt, base, quantization, max_length, batch_size).run(sources, variants, log)
 
 
 def table(result: dict) -> str:
