@@ -1,0 +1,129 @@
+# AEGIS images: one target per role, all on one shared base (Debian bookworm, Python 3.11, a venv at /opt/aegis).
+#
+#   train   python -m train: torch (CUDA build from PyPI) + bitsandbytes + transformers/peft/accelerate
+#   export  python -m export: the train image's Python + gguf + llama-cpp-python
+#   serve   python -m serve (OpenAI-compatible API, llama.cpp) and python -m serve.ui (Gradio): no torch
+#
+#   docker build --target train -t aegis-train .        (compose.yaml builds all three; see docs/containers.md)
+#
+# Build arguments:
+#   BASE_IMAGE          the Debian bookworm image to start from (default below, pinned by date tag); a locally built
+#                       one works the same (docker/local-base.sh makes one where no registry is reachable)
+#   LLAMA_CMAKE_ARGS    how llama.cpp is compiled for llama-cpp-python (default: portable x86-64 with AVX2/FMA, not
+#                       -march=native of the build machine)
+#   SERVE_TRANSFORMERS  1: also install torch + transformers into serve, for its transformers backend (default 0)
+#   TORCH_INDEX_URL     an extra package index for torch, e.g. https://download.pytorch.org/whl/cpu for CPU-only
+#                       images (default: none, so PyPI's CUDA build)
+# Local wheels: wheel files in docker/wheels/ (git-ignored) are preferred to PyPI's of the same release. A CPU-only
+# torch wheel there (torch-2.13.0+cpu-...whl) makes CPU images without the multi-GB CUDA build; nothing there (the
+# default) means torch's CUDA build from PyPI.
+
+ARG BASE_IMAGE=docker.io/library/debian:bookworm-20250520-slim
+
+# ---- base: Python, a venv, the user, the data directories ------------------------------------------------------
+FROM ${BASE_IMAGE} AS base
+ARG DEBIAN_FRONTEND=noninteractive
+# Package versions come with the pinned base image's Debian release; pinning each one would break at every
+# Debian point release, which removes the old versions from the mirrors.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates libgomp1 python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/aegis \
+    && groupadd --gid 1000 aegis \
+    && useradd --uid 1000 --gid aegis --create-home --shell /usr/sbin/nologin aegis \
+    && mkdir -p /data/runs /cache/huggingface /cache/aegis \
+    && chown -R aegis:aegis /data /cache
+ENV PATH=/opt/aegis/bin:$PATH \
+    VIRTUAL_ENV=/opt/aegis \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    HF_HOME=/cache/huggingface \
+    AEGIS_CACHE=/cache/aegis \
+    AEGIS_RUNS=/data/runs
+WORKDIR /app
+COPY pyproject.toml docker/requirements.py docker/constraints.txt /app/deps/
+
+# ---- builders: local wheels available; nothing of these stages but what is copied out reaches an image ----------
+FROM base AS wheels
+COPY docker/wheels/ /tmp/wheels/
+
+# llama-cpp-python's wheel, compiled once, copied into export and serve
+FROM wheels AS llama-build
+ARG DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential cmake \
+    && rm -rf /var/lib/apt/lists/*
+ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF"
+# No pip cache here: pip would reuse a wheel built with other LLAMA_CMAKE_ARGS. A wheel of the pinned release in
+# docker/wheels/ is taken as it is, without compiling.
+RUN CMAKE_ARGS="$LLAMA_CMAKE_ARGS" pip wheel --no-cache-dir --no-deps --find-links /tmp/wheels \
+        -c /app/deps/constraints.txt --wheel-dir /llama llama-cpp-python
+
+# the project's own wheel (its source only; third-party packages are installed per role, below)
+FROM base AS package
+COPY train/ /src/train/
+COPY export/ /src/export/
+COPY serve/ /src/serve/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    cp /app/deps/pyproject.toml /src/ && pip wheel --no-deps --wheel-dir /pkg /src
+
+# third-party packages per role, in the venv (these layers stay cached while pyproject.toml is unchanged)
+FROM wheels AS train-venv
+ARG TORCH_INDEX_URL=""
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python /app/deps/requirements.py /app/deps/pyproject.toml train >/tmp/train.txt \
+    && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} --find-links /tmp/wheels \
+        -c /app/deps/constraints.txt -r /tmp/train.txt
+
+FROM wheels AS serve-venv
+ARG SERVE_TRANSFORMERS=0
+ARG TORCH_INDEX_URL=""
+COPY --from=llama-build /llama/ /tmp/llama/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    set -- serve && if [ "$SERVE_TRANSFORMERS" = 1 ]; then set -- serve train; fi \
+    && python /app/deps/requirements.py /app/deps/pyproject.toml "$@" >/tmp/serve.txt \
+    && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} --only-binary llama-cpp-python \
+        --find-links /tmp/llama --find-links /tmp/wheels -c /app/deps/constraints.txt -r /tmp/serve.txt
+
+FROM base AS train-runtime
+COPY --from=train-venv /opt/aegis/ /opt/aegis/
+
+# ---- the role images ---------------------------------------------------------------------------------------------
+FROM train-runtime AS train
+COPY --from=package /pkg/ /tmp/pkg/
+RUN pip install --no-cache-dir --no-deps /tmp/pkg/*.whl && rm -rf /tmp/pkg
+COPY configs/ /app/configs/
+COPY docker/train-entrypoint.sh /app/docker/
+USER 1000:1000
+ENTRYPOINT ["bash", "/app/docker/train-entrypoint.sh"]
+
+# export: the train image's packages (shared layers) + gguf + llama-cpp-python
+FROM train-runtime AS export
+COPY --from=llama-build /llama/ /tmp/llama/
+RUN python /app/deps/requirements.py /app/deps/pyproject.toml export >/tmp/export.txt \
+    && pip install --no-cache-dir --only-binary llama-cpp-python --find-links /tmp/llama \
+        -c /app/deps/constraints.txt -r /tmp/export.txt \
+    && rm -rf /tmp/llama /tmp/export.txt
+COPY --from=package /pkg/ /tmp/pkg/
+RUN pip install --no-cache-dir --no-deps /tmp/pkg/*.whl && rm -rf /tmp/pkg
+COPY configs/ /app/configs/
+COPY docker/export-entrypoint.sh /app/docker/
+USER 1000:1000
+ENTRYPOINT ["bash", "/app/docker/export-entrypoint.sh"]
+
+# serve: the API and the chat UI (compose runs both from this image)
+FROM base AS serve
+COPY --from=serve-venv /opt/aegis/ /opt/aegis/
+COPY --from=package /pkg/ /tmp/pkg/
+RUN pip install --no-cache-dir --no-deps /tmp/pkg/*.whl && rm -rf /tmp/pkg
+COPY docker/serve-entrypoint.sh docker/healthcheck.py /app/docker/
+USER 1000:1000
+ENV AEGIS_PORT=8000
+EXPOSE 8000 7860
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["python", "/app/docker/healthcheck.py"]
+ENTRYPOINT ["bash", "/app/docker/serve-entrypoint.sh"]
