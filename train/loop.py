@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, data, model as model_mod, schedule
-from .config import Config, to_toml
+from .config import EMBEDDED, Config, to_toml
 from .metrics import METRICS, JsonlSink, MetricLogger, ProgressSink
 
 
@@ -43,7 +43,9 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
     from transformers import AutoTokenizer, get_scheduler
 
     run_dir = Path(run_dir)
-    acc = Accelerator()
+    # cpu=True when there is no GPU, so `torchrun --nproc-per-node N` on CPUs forms a gloo group (accelerate only
+    # looks for one on CPUs when told to, as `accelerate launch --cpu` does)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
     main = acc.is_main_process
     set_seed(cfg.train.seed)
     sched = _sched(cfg)
@@ -66,10 +68,14 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
     stream = data.Stream(examples, cfg.train.max_length, cfg.train.seed, acc.process_index, acc.num_processes)
 
     model, soul = model_mod.build(cfg, base_path, acc.device, cfg.train.seed)
-    model.peft_config["default"].base_model_name_or_path = cfg.model.base
+    # the adapter names its base as users would load it: the hub id or directory (the embedded model by its path)
+    model.peft_config["default"].base_model_name_or_path = (str(base_path) if cfg.model.base == EMBEDDED
+                                                             else cfg.model.base)
+    learned_alpha = cfg.soul.alpha_mode == "learned"
+    # A learned α is trainable from the start so DDP registers it; until the anneal ends the schedule overwrites
+    # it and its gradient is dropped before each update.
+    soul.alpha.requires_grad_(learned_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.soul.alpha_mode == "learned":
-        params.append(soul.alpha)  # frozen until the anneal ends (its grad stays None, AdamW skips it)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     lr_sched = get_scheduler(cfg.train.lr_schedule, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
                              num_training_steps=sched.total_steps)
@@ -83,6 +89,12 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
         state = checkpoint.resume(start_ckpt, optimizer, lr_sched)
         step = state["step"]
         stream.restore(state["data"])
+        accum = _rescale_accum(cfg, state, acc.num_processes)
+        if accum != cfg.train.grad_accum:
+            log(f"resumed on {acc.num_processes} process(es) instead of {state['world_size']}: gradient "
+                f"accumulation {cfg.train.grad_accum} -> {accum} keeps the global batch of "
+                f"{state['global_batch']} sequences")
+            cfg.train.grad_accum = accum
         log(f"resumed from {start_ckpt} at step {step}")
 
     if main:
@@ -99,7 +111,10 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
         if main:
             checkpoint.save(dest, model=acc.unwrap_model(model), soul=soul, tokenizer=tokenizer,
                             optimizer=optimizer, scheduler=lr_sched, soul_meta=soul_metadata(cfg, step),
-                            trainer_state={"step": step, "data": stream.state(), "world_size": acc.num_processes})
+                            trainer_state={"step": step, "data": stream.state(), "world_size": acc.num_processes,
+                                           "grad_accum": cfg.train.grad_accum,
+                                           "global_batch": acc.num_processes * cfg.train.batch_size
+                                           * cfg.train.grad_accum})
             checkpoint.prune(run_dir, cfg.train.keep_last)
         acc.wait_for_everyone()
 
@@ -111,9 +126,8 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
     while step < sched.total_steps:
         step += 1
         t0 = time.time()
-        learned = cfg.soul.alpha_mode == "learned" and step > anneal_end
-        soul.alpha.requires_grad_(learned)
-        if not learned:
+        free_alpha = learned_alpha and step > anneal_end
+        if not free_alpha:
             with torch.no_grad():
                 soul.alpha.fill_(schedule.alpha_for_step(step, sched))
         micro = [data.collate(b, tokenizer.pad_token_id) for b in stream.next_update(cfg.train.batch_size,
@@ -129,6 +143,8 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
                 acc.backward(loss / max(n_targets, 1))
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
+        if learned_alpha and not free_alpha:
+            soul.alpha.grad = None  # AdamW skips it: the schedule owns α until the anneal ends
         if cfg.train.max_grad_norm > 0:
             grad_norm = float(acc.clip_grad_norm_(params, cfg.train.max_grad_norm))
         else:
@@ -164,3 +180,15 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
         log("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in summary.items()))
     return run_dir / checkpoint.FINAL
+
+
+def _rescale_accum(cfg: Config, state: dict, world: int) -> int:
+    """Gradient accumulation that keeps the checkpoint's global batch (processes x micro-batch x accumulation)."""
+    glob = state.get("global_batch", world * cfg.train.batch_size * cfg.train.grad_accum)
+    if world * cfg.train.batch_size * cfg.train.grad_accum == glob:
+        return cfg.train.grad_accum
+    accum, rem = divmod(glob, world * cfg.train.batch_size)
+    if rem or accum < 1:
+        raise ValueError(f"resume: the checkpoint's global batch of {glob} sequences cannot be kept with {world} "
+                         f"process(es) x train.batch_size {cfg.train.batch_size}; choose a batch size that divides it")
+    return accum
