@@ -73,19 +73,45 @@ def exported_run(cache_root: Path, log=print) -> Path:
                                f"{done.stderr[-3000:]}")
     if not find_gguf(run):
         raise RuntimeError(f"export left no GGUF under {run / 'export'}")
+    for old in run.parent.glob("run-*"):  # runs made by older code are of no further use
+        if old != run:
+            shutil.rmtree(old, ignore_errors=True)
     return run
 
 
-def served_files(request) -> tuple[Path, Path]:
-    """For a pytest fixture: (GGUF, tokenizer directory) of the embedded model after a short training run and its
-    export, cached in pytest's cache directory. AEGIS_TEST_GGUF and AEGIS_TEST_TOKENIZER name existing files
-    instead (quick iterations)."""
-    if os.environ.get("AEGIS_TEST_GGUF"):
-        return Path(os.environ["AEGIS_TEST_GGUF"]), Path(os.environ["AEGIS_TEST_TOKENIZER"])
+def run_for_tests(request) -> Path:
+    """For pytest fixtures: an exported short run of the embedded model, cached in pytest's cache directory (or
+    AEGIS_TEST_RUN, an existing run directory with its export, for quick iterations)."""
+    if os.environ.get("AEGIS_TEST_RUN"):
+        return Path(os.environ["AEGIS_TEST_RUN"])
     cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     root = Path(cache.mkdir("aegis-serve")) if cache is not None else Path(tempfile.gettempdir()) / "aegis-serve"
-    run = exported_run(root)
+    return exported_run(root)
+
+
+def served_files(request) -> tuple[Path, Path]:
+    """(GGUF, tokenizer directory) of the exported test run."""
+    run = run_for_tests(request)
     return find_gguf(run), run / "final"
+
+
+def base_gguf(run_dir: Path) -> Path:
+    """The run's base model (before LoRA and soul) as a GGUF, for base-vs-souled comparisons; made once per run
+    with `python -m export gguf`."""
+    import tomllib
+
+    out = Path(run_dir) / "export-base" / "base-f16.gguf"
+    if out.exists():
+        return out
+    base = tomllib.loads((Path(run_dir) / "config.toml").read_text())["model"]["base"]
+    if base == "embedded":
+        from train.tiny import ensure
+        base = str(ensure())
+    done = subprocess.run([sys.executable, "-m", "export", "gguf", "--model", base, "--out", str(out), "--type",
+                           "f16"], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0 or not out.exists():
+        raise RuntimeError(f"export gguf of the base failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return out
 
 
 class Server:

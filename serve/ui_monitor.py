@@ -1,0 +1,169 @@
+"""The Soul monitor's data and pictures: runs found under a directory, their metrics read through train.metrics, and
+one figure of loss, α (with the φ line), gate, orthogonality error and tokens/s, drawn with matplotlib on the
+server (no plotting scripts from anywhere else reach the browser)."""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import time
+import tomllib
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display here; figures are rendered to images
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from train import metrics as train_metrics  # noqa: E402
+from train.schedule import PHI, gate as gate_of  # noqa: E402
+
+from .ui_theme import NEON  # noqa: E402
+
+LIVE_WINDOW_S = 60  # a run whose metrics changed this recently is shown as live
+PHASE_COLORS = {"chaos": NEON["magenta"], "transition": NEON["amber"], "golden": NEON["gold"]}
+
+
+def list_runs(root: Path) -> list[Path]:
+    """Run directories (holding metrics.jsonl) at root, one and two levels below it; newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = {p.parent for pattern in (train_metrics.METRICS, f"*/{train_metrics.METRICS}",
+                                      f"*/*/{train_metrics.METRICS}") for p in root.glob(pattern)}
+    return sorted(found, key=lambda p: (p / train_metrics.METRICS).stat().st_mtime, reverse=True)
+
+
+def target_alpha(run: Path) -> float:
+    """The schedule's target α from the run's config.toml (φ unless the run chose otherwise)."""
+    try:
+        cfg = tomllib.loads((Path(run) / "config.toml").read_text(encoding="utf-8"))
+        return float(cfg.get("schedule", {}).get("target_alpha", PHI))
+    except (OSError, ValueError, TypeError, tomllib.TOMLDecodeError):
+        return PHI
+
+
+def _num(value) -> float:
+    """A metric value as float; the strings metrics.jsonl uses for NaN/inf come back as NaN."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["step"], _num(r[key])) for r in records if key in r]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def status(run: Path, records: list[dict]) -> dict:
+    path = Path(run) / train_metrics.METRICS
+    age = time.time() - path.stat().st_mtime if path.exists() else math.inf
+    last = records[-1] if records else {}
+    finished = (Path(run) / "summary.json").exists()
+    return {"step": last.get("step"), "phase": last.get("phase", "—"), "loss": _num(last.get("loss")),
+            "alpha": _num(last.get("alpha")), "gate": _num(last.get("gate")),
+            "ortho_error": _num(last.get("ortho_error")), "tokens_per_s": _num(last.get("tokens_per_s")),
+            "live": age < LIVE_WINDOW_S and not finished, "finished": finished, "age_s": age}
+
+
+def badge_html(info: dict, run: Path | None) -> str:
+    phase = str(info.get("phase", "—"))
+    color = PHASE_COLORS.get(phase, NEON["dim"])
+    state = "LIVE" if info.get("live") else "FINISHED" if info.get("finished") else "IDLE"
+    name = html.escape(Path(run).name) if run else "no run"
+
+    def fmt(key, spec):
+        value = info.get(key)
+        return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+    return (f'<div class="soul-status"><span class="phase-badge" data-phase="{html.escape(phase)}" '
+            f'style="border-color:{color};color:{color}">{html.escape(phase.upper())}</span>'
+            f'<span class="run-state">{state}</span> <b>{name}</b> · step {info.get("step") or "—"} · '
+            f'loss {fmt("loss", ".3f")} · α {fmt("alpha", "+.4f")} · gate {fmt("gate", ".4f")} · '
+            f'ortho {fmt("ortho_error", ".1e")} · {fmt("tokens_per_s", ".0f")} tok/s</div>')
+
+
+def _style(ax, title: str) -> None:
+    ax.set_facecolor(NEON["panel"])
+    ax.set_title(title, color=NEON["cyan"], fontsize=10, family="monospace", loc="left")
+    ax.tick_params(colors=NEON["text"], labelsize=8, which="both")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for spine in ax.spines.values():
+        spine.set_color(NEON["grid"])
+    ax.grid(True, color=NEON["grid"], linewidth=0.5, alpha=0.6)
+
+
+def figure(records: list[dict], target: float = PHI):
+    """Five panels of a run's metrics; an empty run gives empty panels with a note."""
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.2), dpi=90)
+    fig.patch.set_facecolor(NEON["bg"])
+    panels = axes.ravel()
+    steps, loss = series(records, "loss")
+    _style(panels[0], "loss")
+    panels[0].plot(steps, loss, color=NEON["cyan"], linewidth=1.4)
+
+    steps_a, alpha = series(records, "alpha")
+    _style(panels[1], "α (gate logit)")
+    panels[1].plot(steps_a, alpha, color=NEON["magenta"], linewidth=1.6, label="α")
+    panels[1].axhline(target, color=NEON["gold"], linestyle="--", linewidth=1.0,
+                      label=f"φ = {target:.4f}" if abs(target - PHI) < 1e-6 else f"target = {target:.4f}")
+    panels[1].legend(loc="lower right", fontsize=8, facecolor=NEON["panel"], labelcolor=NEON["text"],
+                     edgecolor=NEON["grid"])
+
+    steps_g, gate = series(records, "gate")
+    _style(panels[2], "gate = σ(α)")
+    panels[2].plot(steps_g, gate, color=NEON["green"], linewidth=1.6, label="gate")
+    panels[2].axhline(gate_of(target), color=NEON["gold"], linestyle="--", linewidth=1.0,
+                      label=f"σ(φ) = {gate_of(target):.4f}")
+    panels[2].set_ylim(-0.02, 1.02)
+    panels[2].legend(loc="lower right", fontsize=8, facecolor=NEON["panel"], labelcolor=NEON["text"],
+                     edgecolor=NEON["grid"])
+
+    steps_o, ortho = series(records, "ortho_error")
+    _style(panels[3], r"orthogonality error $\|R^\top R - I\|$")
+    positive = [(s, v) for s, v in zip(steps_o, ortho) if v > 0]
+    if positive:
+        panels[3].semilogy([p[0] for p in positive], [p[1] for p in positive], color=NEON["amber"], linewidth=1.2)
+
+    steps_t, tps = series(records, "tokens_per_s")
+    _style(panels[4], "tokens / s")
+    panels[4].plot(steps_t, tps, color=NEON["blue"], linewidth=1.2)
+
+    panel = panels[5]
+    panel.axis("off")
+    phases = [(r["step"], r.get("phase")) for r in records if r.get("phase")]
+    lines = ["phase changes:"] + [f"  step {s:>6}: {p}" for i, (s, p) in enumerate(phases)
+                                  if i == 0 or phases[i - 1][1] != p][:8]
+    if not records:
+        lines = ["no metrics yet:", "waiting for metrics.jsonl"]
+    panel.text(0.02, 0.95, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9,
+               color=NEON["text"], transform=panel.transAxes)
+    for ax in panels[:5]:
+        ax.set_xlabel("step", color=NEON["dim"], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def render_png(fig) -> "Image.Image":
+    """The figure as an image, and the figure closed (a live monitor redraws every few seconds)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", facecolor=fig.get_facecolor())
+    finally:
+        plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf)
+
+
+def snapshot(run: Path | None):
+    """(badge HTML, plot image) for a run directory, for the UI."""
+    if run is None or not Path(run).is_dir():
+        return badge_html({}, None), render_png(figure([]))
+    records = train_metrics.read(Path(run))
+    return badge_html(status(run, records), run), render_png(figure(records, target_alpha(run)))
