@@ -1,0 +1,57 @@
+"""The transformers backend behind the same API: a training checkpoint (base + LoRA + soul as a module) and the
+merged export (soul folded into lm_head) served next to the GGUF, all three answering the same greedy request with
+the same prompt tokens and the same reply."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from serve import testing
+from serve.testing import Server
+
+MESSAGES = [{"role": "user", "content": "日本の四季について説明してください。"}]
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    run = testing.run_for_tests(request)
+    log = tmp_path_factory.mktemp("serve") / "hf.log"
+    # --quantization none: the checkpoint's base in full precision, as the merged export is
+    with Server("--model", f"ckpt={run / 'final'}", "--model", f"merged={run / 'export' / 'merged'}",
+                "--model", f"gguf={testing.find_gguf(run)}", "--quantization", "none", "--threads", "1",
+                log_path=log) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.api, api_key="none", max_retries=0, timeout=120)
+
+
+def test_models_name_each_backend(client):
+    cards = {m.id: m.model_extra["backend"] for m in client.models.list().data}
+    assert cards == {"ckpt": "transformers (checkpoint)", "merged": "transformers", "gguf": "llama.cpp"}
+
+
+def test_checkpoint_merged_and_gguf_agree(client):
+    replies = {}
+    for model in ("ckpt", "merged", "gguf"):
+        r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=16, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        replies[model] = (r.usage.prompt_tokens, r.choices[0].message.content)
+    assert replies["ckpt"] == replies["merged"] == replies["gguf"], replies
+
+
+def test_transformers_backend_streams_stops_and_seeds(client):
+    args = dict(model="ckpt", messages=MESSAGES, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**args).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **args)
+                       if c.choices)
+    assert streamed == whole
+    stop = whole[5:7]
+    cut = client.chat.completions.create(stop=stop, **args).choices[0]
+    assert cut.message.content == whole[:whole.index(stop)] and cut.finish_reason == "stop"
+    sampled = dict(model="ckpt", messages=MESSAGES, max_tokens=12, temperature=1.0, seed=99)
+    first = client.chat.completions.create(**sampled).choices[0].message.content
+    assert client.chat.completions.create(**sampled).choices[0].message.content == first

@@ -1,0 +1,98 @@
+"""The parts of the server that decide what a reply contains, checked without HTTP: stop strings across token
+boundaries, the chat template rendered as transformers renders it, the GGUF backend's tokens and end-of-turn ids,
+and UTF-8 text split over byte tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve import template, testing
+from serve.pool import StopMatcher
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "こんにちは"}],
+    [{"role": "system", "content": "あなたは親切なアシスタントです。"}, {"role": "user", "content": "天気は?"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "一"}, {"role": "assistant", "content": "二"},
+     {"role": "user", "content": "三 <b>&amp;</b> {{ x }}"}],
+]
+
+
+def feed(matcher: StopMatcher, pieces: list[str]) -> tuple[str, bool]:
+    out = ""
+    for piece in pieces:
+        text, hit = matcher.push(piece)
+        out += text
+        if hit:
+            return out, True
+    return out + matcher.flush(), False
+
+
+def test_stop_string_split_over_tokens_is_cut_and_never_sent():
+    assert feed(StopMatcher(["STOP"]), ["ab", "cS", "TO", "Pxyz"]) == ("abc", True)
+
+
+def test_partial_stop_prefix_is_released_when_it_does_not_complete():
+    m = StopMatcher(["END"])
+    assert m.push("abE") == ("ab", False)  # "E" could start END: held back
+    assert m.push("x") == ("Ex", False)  # it did not: released
+    assert feed(StopMatcher(["END"]), ["abE", "N"]) == ("abEN", False)  # flushed at the end
+
+
+def test_earliest_of_several_stops_wins():
+    assert feed(StopMatcher(["world", "lo"]), ["hello world"]) == ("hel", True)
+    assert feed(StopMatcher([]), ["a", "b"]) == ("ab", False)
+
+
+@pytest.fixture(scope="module")
+def run(request):
+    return testing.run_for_tests(request)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(run):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(run / "final")
+
+
+@pytest.fixture(scope="module")
+def gguf_backend(run):
+    from serve.backends.llamacpp import LlamaCppBackend
+    backend = LlamaCppBackend(testing.find_gguf(run))
+    yield backend
+    backend.close()
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_template_renders_as_transformers_does(tokenizer, gguf_backend, messages):
+    assert gguf_backend.chat_template == tokenizer.chat_template  # the GGUF carries the model's own template
+    ours = template.render(gguf_backend.chat_template, messages, gguf_backend.special_tokens)
+    assert ours == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # and the model's tokens for it are the ones transformers produces
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                        return_dict=True)["input_ids"]
+    assert gguf_backend.tokenize(ours, add_special=gguf_backend.add_bos) == list(ids)
+
+
+def test_template_refusals_are_client_errors():
+    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be from the user') }}" \
+             "{% endif %}{{ messages[0]['content'] }}"
+    with pytest.raises(template.TemplateError, match="first message must be from the user"):
+        template.render(strict, [{"role": "assistant", "content": "x"}], {})
+    with pytest.raises(template.TemplateError):
+        template.render("{{ messages.__class__.__mro__ }}{% for %}", [], {})  # broken template, sandboxed
+
+
+def test_end_of_turn_tokens_stop_generation(gguf_backend, tokenizer):
+    for text in ("<|end|>", "<|endoftext|>", "<|assistant|>", "<|user|>"):
+        assert tokenizer.convert_tokens_to_ids(text) in gguf_backend.stop_ids, text
+    assert gguf_backend.context_length == 2048
+
+
+def test_utf8_split_over_byte_tokens_comes_out_whole(gguf_backend):
+    text = "鬱蒼とした森で𩸽を食べた。"  # rare characters: byte-fallback tokens, several per character
+    ids = gguf_backend.tokenize(text, add_special=False)
+    assert len(ids) > len(text)
+    detok = gguf_backend.detokenizer()
+    pieces = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces).lstrip() == text
+    assert all("\ufffd" not in p for p in pieces)  # never half a character on the wire
