@@ -6,6 +6,7 @@ The routes know nothing about which backend runs a model: they validate, build t
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import threading
@@ -14,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import msgspec
-from litestar import Litestar, MediaType, Response, get, post
+from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
@@ -71,14 +72,23 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
 
     # ---- generation -----------------------------------------------------------------------------------------
 
-    async def collect(job: Job) -> str:
+    async def watch_disconnect(request: Request, job: Job) -> None:
+        # the body has been read, so the next ASGI message is the disconnect: a client that gives up on a
+        # non-streamed request frees its worker too
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel()
+
+    async def collect(request: Request, job: Job) -> str:
         parts = []
+        watcher = asyncio.create_task(watch_disconnect(request, job))
         try:
-            async for text in job.events():
-                parts.append(text)
+            async for pieces in job.events():
+                parts.extend(pieces)
         except TimeoutError:
             raise APIError(504, "the request did not finish within the server's timeout") from None
         finally:
+            watcher.cancel()
             job.cancel()  # a no-op once finished
         _raise_for(job.finish)
         return "".join(parts)
@@ -94,8 +104,9 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
             if first_chunk is not None:
                 yield _sse(first_chunk)
             try:
-                async for text in job.events():
-                    yield _sse(make_chunk(text, None))
+                async for pieces in job.events():
+                    # one event per piece, as OpenAI sends them, but one write for all that arrived together
+                    yield b"".join(_sse(make_chunk(text, None)) for text in pieces)
                 _raise_for(job.finish)
             except TimeoutError:
                 raise APIError(504, "the request did not finish within the server's timeout") from None
@@ -116,7 +127,7 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
     @post("/v1/chat/completions", guards=[v1_guard], status_code=200, tags=["openai"],
           responses={200: ResponseSpec(ChatCompletion, description="a completion, or server-sent events when "
                                                                    "stream is true"), **ERRORS})
-    async def chat_completions(data: ChatCompletionRequest) -> Response:
+    async def chat_completions(data: ChatCompletionRequest, request: Request) -> Response:
         """Chat completion with the model's own chat template."""
         p = engine.prepare_chat(registry, data)
         job = engine.submit(p, settings.timeout)
@@ -135,7 +146,7 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
             return Stream(stream(p, job, chunk, first_chunk), media_type="text/event-stream", headers=SSE_HEADERS)
-        text = await collect(job)
+        text = await collect(request, job)
         body = ChatCompletion(rid, created, name, [ChatChoice(0, AssistantMessage("assistant", text),
                                                               job.finish.reason)], _usage(job.finish))
         return Response(body, media_type=MediaType.JSON)
@@ -143,7 +154,7 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
     @post("/v1/completions", guards=[v1_guard], status_code=200, tags=["openai"],
           responses={200: ResponseSpec(Completion, description="a completion, or server-sent events when stream "
                                                                "is true"), **ERRORS})
-    async def completions(data: CompletionRequest) -> Response:
+    async def completions(data: CompletionRequest, request: Request) -> Response:
         """Plain text completion of a prompt (no chat template)."""
         p = engine.prepare_completion(registry, data)
         job = engine.submit(p, settings.timeout)
@@ -158,7 +169,7 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
                 return body
 
             return Stream(stream(p, job, chunk), media_type="text/event-stream", headers=SSE_HEADERS)
-        text = await collect(job)
+        text = await collect(request, job)
         body = Completion(rid, created, name, [CompletionChoice(0, text, job.finish.reason)], _usage(job.finish))
         return Response(body, media_type=MediaType.JSON)
 

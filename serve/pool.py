@@ -111,8 +111,9 @@ class Job:
         self.cancelled.set()
 
     async def events(self):
-        """Text pieces as the worker produces them; ends when the job finishes (then `self.finish` is set).
-        Raises TimeoutError if the deadline passes first (the worker is told to stop)."""
+        """Lists of text pieces (one per token that completed text) as the worker produces them; ends when the
+        job finishes (then `self.finish` is set). Raises TimeoutError if the deadline passes first (the worker is
+        told to stop)."""
         while True:
             remaining = self.deadline - time.monotonic()
             try:
@@ -125,9 +126,9 @@ class Job:
                 self._pending = False
                 items = list(self._items)
                 self._items.clear()
-            text = "".join(i for i in items if isinstance(i, str))
-            if text:
-                yield text
+            pieces = [i for i in items if isinstance(i, str)]
+            if pieces:
+                yield pieces
             for item in items:
                 if isinstance(item, Finish):
                     self.finish = item

@@ -248,6 +248,17 @@ def test_dropped_streams_free_their_workers(server, client):
     assert metric(server, "aegis_completion_tokens_total", model="tiny") - tokens_before < 2 * 1000 + 4
 
 
+def test_abandoned_non_stream_request_is_cancelled(server):
+    cancelled_before = metric(server, "aegis_generations_total", model="tiny", reason="cancelled")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 2000 tokens are done
+        httpx.post(server.api + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3,
+                   json={"model": "tiny", "messages": CHAT, "max_tokens": 2000, "ignore_eos": True})
+    deadline = time.monotonic() + 10
+    while metric(server, "aegis_generations_total", model="tiny", reason="cancelled") < cancelled_before + 1:
+        assert time.monotonic() < deadline, "the abandoned request kept its worker"
+        time.sleep(0.1)
+
+
 # ---- limits: a second server with one worker, no waiting room, a short timeout and a small body limit -----------
 
 @pytest.fixture(scope="module")
