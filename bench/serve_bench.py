@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
     print(table)
     for clients, o in overhead.items():
-        print(f"{clients} client(s): our throughput is {o['throughput_pct']:+.1f} % below llama_cpp.server "
-              f"(negative: faster); TTFT p50 {o['ttft_p50_ms_delta']:+.1f} ms")
+        print(f"{clients} client(s): overhead {o['throughput_pct']:+.1f} % in tokens/s against llama_cpp.server "
+              f"(negative: ours is faster), TTFT p50 {o['ttft_p50_ms_delta']:+.1f} ms")
     print(f"wrote {args.out}")
     return 0
 
