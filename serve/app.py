@@ -108,10 +108,10 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
                     # one event per piece, as OpenAI sends them, but one write for all that arrived together
                     yield b"".join(_sse(make_chunk(text, None)) for text in pieces)
                 _raise_for(job.finish)
-            except TimeoutError:
-                raise APIError(504, "the request did not finish within the server's timeout") from None
-            except APIError as e:  # headers are gone already: the error travels as an event, as OpenAI does
-                yield _sse(e.body())
+            except (TimeoutError, APIError) as e:  # headers are gone: the error travels as an event, as OpenAI does
+                err = e if isinstance(e, APIError) else APIError(504, "the request did not finish within the "
+                                                                      "server's timeout")
+                yield _sse(err.body())
                 yield b"data: [DONE]\n\n"
                 return
             yield _sse(make_chunk(None, job.finish.reason))

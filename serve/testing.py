@@ -118,7 +118,7 @@ class Server:
     """`python -m serve ARGS` on a free loopback port; waits until /ready answers 200."""
 
     def __init__(self, *args: str, api_key: str | None = None, log_path: Path | None = None,
-                 ready_timeout: float = 180.0, module: str = "serve"):
+                 ready_timeout: float = 180.0, module: str = "serve", ready_path: str = "/ready"):
         self.port = free_port()
         self.api_key = api_key
         self.args = [sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", str(self.port)]
@@ -126,6 +126,7 @@ class Server:
             self.args += ["--api-key", api_key]
         self.log_path = Path(log_path) if log_path else None
         self.ready_timeout = ready_timeout
+        self.ready_path = ready_path
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -139,7 +140,9 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path and self.log_path.exists() else ""
 
-    def start(self, ready_path: str = "/ready") -> "Server":
+    def start(self, ready_path: str | None = None) -> "Server":
+        """Start and wait until ready_path (default: the one given at construction) answers 200."""
+        ready_path = ready_path or self.ready_path
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -287,5 +287,9 @@ def test_full_queue_is_429_then_timeout_is_504(limited):
     with pytest.raises(openai.APIStatusError) as e:  # ~2000 tokens take longer than the 0.25 s timeout
         c.chat.completions.create(model=name, messages=CHAT, max_tokens=2000, extra_body={"ignore_eos": True})
     assert e.value.status_code == 504 and e.value.body["type"] == "timeout_error"
+    with pytest.raises(openai.APIError, match="timeout"):  # in a stream the error arrives as an event
+        for _chunk in c.chat.completions.create(model=name, messages=CHAT, max_tokens=2000, stream=True,
+                                                extra_body={"ignore_eos": True}):
+            pass
     r = httpx.post(limited.api + "/chat/completions", json={"messages": [{"role": "user", "content": "あ" * 5000}]})
     assert r.status_code == 413

@@ -4,6 +4,9 @@ the same prompt tokens and the same reply."""
 
 from __future__ import annotations
 
+import time
+
+import httpx
 import openai
 import pytest
 
@@ -20,13 +23,28 @@ def server(request, tmp_path_factory):
     # --quantization none: the checkpoint's base in full precision, as the merged export is
     with Server("--model", f"ckpt={run / 'final'}", "--model", f"merged={run / 'export' / 'merged'}",
                 "--model", f"gguf={testing.find_gguf(run)}", "--quantization", "none", "--threads", "1",
-                log_path=log) as s:
+                log_path=log, ready_path="/health") as s:  # up, not yet ready: transformers loads for seconds
         yield s
 
 
 @pytest.fixture(scope="module")
 def client(server):
+    deadline = time.monotonic() + 180
+    while httpx.get(server.url + "/ready").status_code != 200:
+        assert time.monotonic() < deadline and server.alive(), server.log()
+        time.sleep(0.2)
     return openai.OpenAI(base_url=server.api, api_key="none", max_retries=0, timeout=120)
+
+
+def test_answers_503_until_the_models_are_loaded(server):
+    health = httpx.get(server.url + "/health").json()
+    if health["ready"]:
+        pytest.skip("the models loaded before the first request")
+    assert health["status"] == "ok"
+    r = httpx.post(server.api + "/chat/completions", json={"model": "ckpt", "messages": MESSAGES})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+    assert r.headers["retry-after"]
+    assert httpx.get(server.url + "/ready").status_code == 503
 
 
 def test_models_name_each_backend(client):
