@@ -81,7 +81,9 @@ def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool) -> d
                            bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(snap, quantization_config=q, dtype=torch.bfloat16,
                                                  device_map={"": 0})
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing == ckpt
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                                              target_modules=["qkv_proj", "o_proj"]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
@@ -108,16 +110,18 @@ def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool) -> d
 
 
 def ours(snap: Path, hf_home: Path, work: Path, steps: int, batch: int, length: int, ckpt: bool,
-         extra: list[str]) -> dict:
-    run = work / f"run_b{batch}_{'ckpt' if ckpt else 'nockpt'}"
+         extra: list[str], nprocs: int = 1, profile: int = 0) -> dict:
+    run = work / f"run_b{batch}_{'ckpt' if ckpt else 'nockpt'}_n{nprocs}"
     shutil.rmtree(run, ignore_errors=True)
     sets = [f"schedule.total_steps={steps}", f"schedule.warmup_steps={max(1, steps // 10)}",
             f"schedule.anneal_steps={steps * 8 // 10}", f"train.save_steps={steps}", f"train.batch_size={batch}",
             f"train.max_length={length}", f"model.gradient_checkpointing={'true' if ckpt else 'false'}",
             'data.train=["embedded:prose_train_a.txt","embedded:prose_train_b.txt","embedded:prose_train_c.txt"]']
-    cmd = [sys.executable, "-m", "train", "--config", str(ROOT / "configs" / "borea_rtx3060.toml"),
-           "--run-dir", str(run), "--no-progress"] + [a for s in sets + extra for a in ("--set", s)]
-    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    launch = [sys.executable] if nprocs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   "--nproc-per-node", str(nprocs)]
+    cmd = launch + ["-m", "train", "--config", str(ROOT / "configs" / "borea_rtx3060.toml"),
+                    "--run-dir", str(run), "--no-progress"] + [a for s in sets + extra for a in ("--set", s)]
+    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", AEGIS_PROFILE=str(profile))
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -130,7 +134,8 @@ def ours(snap: Path, hf_home: Path, work: Path, steps: int, batch: int, length: 
                                                                                         for r in recs[-5:]),
             "losses": [r["loss"] for r in recs], "updates": len(recs), "final_gate": recs[-1]["gate"],
             "ortho_error": max(r["ortho_error"] for r in recs), "wall_s": time.time() - t0,
-            "checkpoint": sorted(p.name for p in (run / "checkpoints").iterdir())}
+            "checkpoint": sorted(p.name for p in (run / "checkpoints").iterdir()), "nprocs": nprocs,
+            "profile": (run / "profile.txt").read_text() if profile else ""}
 
 
 def main() -> None:
@@ -142,6 +147,8 @@ def main() -> None:
     ap.add_argument("--tp-batch", type=int, default=8)
     ap.add_argument("--which", default="plain,ours")
     ap.add_argument("--ours-set", action="append", default=[], help="extra --set for our runs")
+    ap.add_argument("--nprocs", default="1", help="process counts for our runs, e.g. 1,2 (one GPU each)")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many updates of our first run")
     ap.add_argument("--out", type=Path, default=Path("train_throughput.json"))
     args = ap.parse_args()
     hf_home = args.work / "hf"
@@ -152,18 +159,21 @@ def main() -> None:
                "command": " ".join(sys.argv), "rows": []}
     for name in args.settings.split(","):
         batch, length, ckpt = grid[name]
-        for which in args.which.split(","):
-            print(f"== {name}: {which} {batch}x{length} checkpointing={ckpt}", flush=True)
+        jobs = [("plain", 1)] if "plain" in args.which else []
+        jobs += [("ours", int(n)) for n in args.nprocs.split(",")] if "ours" in args.which else []
+        for which, n in jobs:
+            print(f"== {name}: {which} x{n} {batch}x{length} checkpointing={ckpt}", flush=True)
             r = (plain_peft(snap, args.steps, batch, length, ckpt) if which == "plain" else
-                 ours(snap, hf_home, args.work, args.steps, batch, length, ckpt, args.ours_set))
-            r.update(setting=name, which=which, batch=batch, length=length, checkpointing=ckpt)
+                 ours(snap, hf_home, args.work, args.steps, batch, length, ckpt, args.ours_set, n, args.profile))
+            args.profile = 0
+            r.update(setting=name, which=which, batch=batch, length=length, checkpointing=ckpt, nprocs=n)
             results["rows"].append(r)
             print({k: v for k, v in r.items() if k != "losses"}, flush=True)
             args.out.write_text(json.dumps(results, indent=1))
-    print("\n| setting | path | batch×len | ckpt | tokens/s | step ms | peak GiB | loss (last 5) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| setting | path | GPUs | batch×len per GPU | ckpt | tokens/s | step ms | peak GiB | loss (last 5) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        print(f"| {r['setting']} | {r['which']} | {r['batch']}×{r['length']} | {r['checkpointing']} | "
+        print(f"| {r['setting']} | {r['which']} | {r['nprocs']} | {r['batch']}×{r['length']} | {r['checkpointing']} | "
               f"{r['tokens_per_s']:.0f} | {1000 * r['step_s']:.0f} | {r['peak_gib']:.2f} | {r['loss_last5']:.3f} |")
 
 

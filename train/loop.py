@@ -119,6 +119,7 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
         acc.wait_for_everyone()
 
     anneal_end = sched.warmup_steps + sched.anneal_steps
+    profiler = _profiler(run_dir) if main else None
     model.train()
     t_start = time.time()
     tokens_total = 0
@@ -133,16 +134,16 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
         micro = [data.collate(b, tokenizer.pad_token_id) for b in stream.next_update(cfg.train.batch_size,
                                                                                   cfg.train.grad_accum)]
         n_targets = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in micro)
-        loss_sum, tokens = 0.0, 0
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)  # real tokens, counted before the copy
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         for i, batch in enumerate(micro):
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             sync = acc.no_sync(model) if (i < len(micro) - 1 and acc.num_processes > 1) else nullcontext()
             with sync:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss, _ = masked_loss_sum(logits, batch["labels"])
                 acc.backward(loss / max(n_targets, 1))
-            loss_sum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
+            loss_sum += loss.detach()
         if learned_alpha and not free_alpha:
             soul.alpha.grad = None  # AdamW skips it: the schedule owns α until the anneal ends
         if cfg.train.max_grad_norm > 0:
@@ -154,8 +155,8 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
 
-        totals = acc.reduce(torch.tensor([loss_sum, n_targets, tokens], dtype=torch.float64, device=acc.device),
-                            reduction="sum").tolist()
+        counts = torch.tensor([n_targets, tokens], dtype=torch.float64, device=acc.device)
+        totals = acc.reduce(torch.cat([loss_sum.reshape(1), counts]), reduction="sum").tolist()
         dt = time.time() - t0
         tokens_total += int(totals[2])
         health = soul.health()
@@ -167,10 +168,14 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
         if torch.cuda.is_available():
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         logger.log(record)
+        if profiler is not None:
+            profiler.step()
         if step % cfg.train.save_steps == 0:
             save(run_dir / checkpoint.CHECKPOINTS / f"step_{step}")
     save(run_dir / checkpoint.FINAL)
     logger.close()
+    if profiler is not None:
+        profiler.stop()
     if main:
         summary = {"steps": step, "final_loss": record.get("loss"), "alpha": record.get("alpha"),
                    "gate": record.get("gate"), "phase": record.get("phase"), "ortho_error": record.get("ortho_error"),
@@ -192,3 +197,23 @@ def _rescale_accum(cfg: Config, state: dict, world: int) -> int:
         raise ValueError(f"resume: the checkpoint's global batch of {glob} sequences cannot be kept with {world} "
                          f"process(es) x train.batch_size {cfg.train.batch_size}; choose a batch size that divides it")
     return accum
+
+
+def _profiler(run_dir: Path):
+    """AEGIS_PROFILE=N: profile N updates after 3 warm-up updates; the op table goes to RUN_DIR/profile.txt."""
+    import os
+    n = int(os.environ.get("AEGIS_PROFILE", "0"))
+    if n <= 0:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule as prof_schedule
+
+    def write(prof) -> None:
+        key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=40)
+        (run_dir / "profile.txt").write_text(table)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=activities, schedule=prof_schedule(wait=0, warmup=3, active=n, repeat=1),
+                   on_trace_ready=write)
+    prof.start()
+    return prof
