@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .backends import KINDS
+from .backends import KINDS, detect
 from .config import ModelSpec, Settings, parse_model_arg
 
 
@@ -79,6 +79,11 @@ def settings_from(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Sett
         spec = parse_model_arg(text)
         if not spec.path.exists():
             ap.error(f"--model {text}: {spec.path} does not exist")
+        if args.backend == "auto":
+            try:
+                detect(spec.path)  # a wrong kind of file fails here, not after the server has started
+            except (ValueError, OSError) as e:
+                ap.error(f"--model {text}: {e}")
         specs.append(ModelSpec(spec.name, spec.path, args.backend))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
