@@ -165,7 +165,7 @@ def main() -> None:
             print(f"== {name}: {which} x{n} {batch}x{length} checkpointing={ckpt}", flush=True)
             r = (plain_peft(snap, args.steps, batch, length, ckpt) if which == "plain" else
                  ours(snap, hf_home, args.work, args.steps, batch, length, ckpt, args.ours_set, n, args.profile))
-            args.profile = 0
+            args.profile = 0 if which == "ours" else args.profile
             r.update(setting=name, which=which, batch=batch, length=length, checkpointing=ckpt, nprocs=n)
             results["rows"].append(r)
             print({k: v for k, v in r.items() if k != "losses"}, flush=True)

@@ -208,9 +208,9 @@ def _profiler(run_dir: Path):
     from torch.profiler import ProfilerActivity, profile, schedule as prof_schedule
 
     def write(prof) -> None:
-        key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=key, row_limit=40)
-        (run_dir / "profile.txt").write_text(table)
+        avg = prof.key_averages()
+        keys = ["self_cpu_time_total"] + (["self_device_time_total"] if torch.cuda.is_available() else [])
+        (run_dir / "profile.txt").write_text("\n\n".join(avg.table(sort_by=k, row_limit=30) for k in keys))
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = profile(activities=activities, schedule=prof_schedule(wait=0, warmup=3, active=n, repeat=1),
