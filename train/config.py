@@ -26,7 +26,8 @@ class ModelConfig:
     revision: str = ""  # hub revision; empty for the default branch
     quantization: str = "nf4"
     dtype: str = "auto"  # compute dtype: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on the CPU
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = "auto"  # "auto": on only if the step would not fit train.memory_budget_gib
+    compile: bool = False  # torch.compile each decoder layer (fuses the many small kernels of a small batch)
 
 
 @dataclass
@@ -96,6 +97,11 @@ class ConfigError(ValueError):
 
 def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
     """Check `value` against the annotation `typ`; strings from --set are parsed as TOML values first."""
+    if typ == (bool | str):  # true, false or "auto"
+        if isinstance(value, bool) or value == "auto":
+            return value
+        problems.append(f"{key}: expected true, false or \"auto\", got {value!r}")
+        return None
     if typ == (str | list[str]):  # a single word such as "auto", or a list of names
         if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             return value

@@ -67,7 +67,7 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
     examples = data.load(cfg.data.train, tokenizer, cfg.data.skip_bad_lines, log=log if main else lambda *_: None)
     stream = data.Stream(examples, cfg.train.max_length, cfg.train.seed, acc.process_index, acc.num_processes)
 
-    model, soul = model_mod.build(cfg, base_path, acc.device, cfg.train.seed)
+    model, soul = model_mod.build(cfg, base_path, acc.device, cfg.train.seed, log=log if main else (lambda *_: None))
     # the adapter names its base as users would load it: the hub id or directory (the embedded model by its path)
     model.peft_config["default"].base_model_name_or_path = (str(base_path) if cfg.model.base == EMBEDDED
                                                              else cfg.model.base)

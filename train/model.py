@@ -95,13 +95,13 @@ def target_modules(model: nn.Module, spec: str | list[str]) -> list[str]:
     return list(spec)
 
 
-def add_lora(model: nn.Module, cfg: Config):
+def add_lora(model: nn.Module, cfg: Config, checkpointing: bool = False):
     from peft import LoraConfig, get_peft_model
 
     targets = target_modules(model, cfg.lora.target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
-    if cfg.model.gradient_checkpointing:
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -109,11 +109,25 @@ def add_lora(model: nn.Module, cfg: Config):
     return get_peft_model(model, lora)
 
 
-def build(cfg: Config, base_path: Path, device: torch.device, seed: int):
+def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=print):
     """Base (quantized as configured) + LoRA + soul, ready to train. Returns (peft_model, soul)."""
+    from transformers import AutoConfig
+
+    from .memory import plan
+    p = plan(AutoConfig.from_pretrained(base_path), cfg.train.batch_size, cfg.train.max_length,
+             cfg.model.quantization == "nf4", cfg.train.memory_budget_gib, cfg.model.gradient_checkpointing)
+    if device.type == "cuda":
+        log(f"memory plan: ~{p.estimate_gib:.1f} GiB of {p.budget_gib:g} GiB with gradient checkpointing "
+            f"{'on' if p.gradient_checkpointing else 'off'}")
+        if p.estimate_gib > p.budget_gib:
+            log(f"warning: the step is estimated at {p.estimate_gib:.1f} GiB, over train.memory_budget_gib "
+                f"{p.budget_gib:g}; lower train.batch_size or train.max_length")
     dtype = compute_dtype(cfg.model.dtype, device)
     model = load_base(base_path, cfg.model.quantization, dtype, device)
-    model = add_lora(model, cfg)
+    model = add_lora(model, cfg, checkpointing=p.gradient_checkpointing)
+    if cfg.model.compile:
+        for layer in model.get_base_model().model.layers:
+            layer.compile()
     hidden = model.get_base_model().get_output_embeddings().in_features
     gen = torch.Generator().manual_seed(seed)
     soul = soul_mod.Soul(hidden, mix=cfg.soul.mix, init=cfg.soul.init, alpha=cfg.schedule.start_alpha,
