@@ -27,7 +27,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_FINGERPRINT: list[str] = []
+
+
 def _fingerprint() -> str:
+    """Computed once per process, so one test session uses one run even if code is committed meanwhile."""
+    if not _FINGERPRINT:
+        _FINGERPRINT.append(_compute_fingerprint())
+    return _FINGERPRINT[0]
+
+
+def _compute_fingerprint() -> str:
     """What the exported run depends on: the committed training and export code, the recipe and the embedded model's
     corpus (git tree hashes, so edits in progress elsewhere in the working tree do not force a rebuild; without git,
     the files' contents)."""
