@@ -121,7 +121,8 @@ def build(api: Api, runs: Path | None):
                 history.pop()
             yield history, message, status_html(str(e), False)
             return
-        yield history, "", status_html(f"{model}: done", True)
+        turns = sum(1 for m in history if m.get("role") == "assistant")
+        yield history, "", status_html(f"{model}: done · {turns} turn(s)", True)
 
     def compare_side(prompt, model, system, temperature, max_tokens):
         if not (prompt or "").strip():
