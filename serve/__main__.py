@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from .backends import KINDS, detect
 from .config import ModelSpec, Settings, parse_model_arg

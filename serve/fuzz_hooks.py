@@ -2,8 +2,8 @@
 
 Bodies whose generated `model` has an even length are pointed at the served model (AEGIS_FUZZ_MODEL), so the fuzzer
 reaches prompt building and generation instead of meeting the 404 for an unknown model every time; the others keep
-their random name, so the 404 path is fuzzed too. max_tokens (and max_completion_tokens) above 64 is folded into 1..64, to keep a run
-short; invalid values are sent as generated."""
+their random name, so the 404 path is fuzzed too. max_tokens (and max_completion_tokens) above 64 is folded into
+1..64 to keep a run short; invalid values are sent as generated."""
 
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ CSS = """
 #aegis-title h1 { color: #00f0ff; text-shadow: 0 0 6px #00f0ff, 0 0 18px #ff2bd6; letter-spacing: .12em;
   margin: .2em 0 0 0; }
 #aegis-title p { color: #7b80a8; margin: 0; }
-.soul-status { font-family: ui-monospace, Menlo, Consolas, "DejaVu Sans Mono", monospace; color: #d7dcff; padding: .5em .2em; }
+.soul-status { font-family: ui-monospace, Menlo, Consolas, "DejaVu Sans Mono", monospace; color: #d7dcff;
+  padding: .5em .2em; }
 .phase-badge { display: inline-block; border: 1px solid; border-radius: 3px; padding: 0 .6em; margin-right: .6em;
   font-weight: bold; letter-spacing: .1em; box-shadow: 0 0 8px currentColor; }
 .run-state { color: #39ff88; margin-right: .6em; }
