@@ -61,6 +61,19 @@ def build_model(hf_home: Path) -> Path:
     return snap
 
 
+def dataset_snapshot(hf_home: Path) -> Path:
+    """The seed's dataset id as a hub snapshot holding the embedded corpus, so the Borea config runs unchanged."""
+    from train.tiny import corpus_path
+    repo = hf_home / "hub" / "datasets--TFMC--imatrix-dataset-for-japanese-llm"
+    snap = repo / "snapshots" / COMMIT
+    snap.mkdir(parents=True, exist_ok=True)
+    for name in ("prose_train_a.txt", "prose_train_b.txt", "prose_train_c.txt"):
+        shutil.copy(corpus_path(name), snap / name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snap
+
+
 def sequences(snap: Path, n: int, length: int) -> list[torch.Tensor]:
     """n windows of `length` real tokens from the embedded corpus."""
     from transformers import AutoTokenizer
@@ -150,9 +163,13 @@ def main() -> None:
     ap.add_argument("--nprocs", default="1", help="process counts for our runs, e.g. 1,2 (one GPU each)")
     ap.add_argument("--profile", type=int, default=0, help="profile this many updates of our first run")
     ap.add_argument("--out", type=Path, default=Path("train_throughput.json"))
+    ap.add_argument("--prepare-only", action="store_true", help="lay out the model and dataset snapshots, then stop")
     args = ap.parse_args()
     hf_home = args.work / "hf"
     snap = build_model(hf_home)
+    dataset_snapshot(hf_home)
+    if args.prepare_only:
+        return
     grid = {"seed": (1, 512, False), "throughput": (args.tp_batch, 512, True)}
     results = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
                "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "bitsandbytes")},
