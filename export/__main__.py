@@ -1,4 +1,4 @@
-"""python -m export {merge,gguf,parity,modelfile,ollama,all} ...  (see docs/export.md)"""
+"""python -m export {merge,gguf,parity,modelfile,ollama,all} ...  (see README.md, "Export")"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Property-based fuzzing of the API from its own OpenAPI schema with schemathesis' CLI: valid and invalid bodies
 (positive and negative generation), edge cases of every field, odd headers and methods. The server must never
-answer 5xx and must be alive afterwards. Bounded (a few dozen cases per operation and a time cap); docs/serve.md
+answer 5xx and must be alive afterwards. Bounded (a few dozen cases per operation and a time cap); README.md ("Serving")
 gives the longer run."""
 
 from __future__ import annotations
