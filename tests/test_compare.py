@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,11 +15,22 @@ from train import compare
 REPO = compare.REPO
 
 
+def first_paragraphs(name: str, n: int, dest: Path) -> Path:
+    """A small slice of a corpus file, so the test scores a few paragraphs instead of the whole file."""
+    from train.tiny import corpus_path, paragraphs
+    dest.write_text("\n\n".join(paragraphs(corpus_path(name))[:n]) + "\n", encoding="utf-8")
+    return dest
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
+    held = first_paragraphs("prose_eval.txt", 8, root / "held.txt")
+    seen = first_paragraphs("prose_train_c.txt", 8, root / "seen.txt")
     proc = subprocess.run([sys.executable, "-m", "train.compare", "--steps", "6", "--out", str(root / "reports"),
-                           "--work-dir", str(root / "runs")], cwd=REPO, capture_output=True, text=True, timeout=900)
+                           "--work-dir", str(root / "runs"), "--data", str(held), "--train-data", str(seen),
+                           "--set", "train.max_length=128"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, proc
 
@@ -29,7 +41,7 @@ def test_report_has_both_rows(report):
     md = (out / "recipe_comparison.md").read_text(encoding="utf-8")
     data = json.loads((out / "recipe_comparison.json").read_text(encoding="utf-8"))
     assert set(data["recipes"]) == {"aegis", "seed"}
-    assert data["steps"] == 6 and data["data"] == ["embedded:prose_eval.txt"]
+    assert data["steps"] == 6 and data["data"] == [str(root / "held.txt")]
     for name, init, mix in (("aegis", "identity", "interpolate"), ("seed", "random", "residual")):
         r = data["recipes"][name]
         assert (r["init"], r["mix"]) == (init, mix)
@@ -46,11 +58,16 @@ def test_report_has_both_rows(report):
         t = r["train_text"]
         assert t["base"]["loss"] == pytest.approx(data["train_base"]["loss"], abs=1e-4)
         assert f"| {title} | {t['checkpoint']['ratio_to_base']:.3f} | {t['gate_shut']['ratio_to_base']:.3f} |" in md
-    assert data["train_data"] == ["embedded:prose_train_c.txt"]
+    assert data["train_data"] == [str(root / "seen.txt")]
     assert "| base (no adapter, no soul) |" in md and f"{data['base']['perplexity']:.3f}" in md
     assert data["goal"]["met"] == (data["recipes"]["aegis"]["ratio_to_base"] <= 1.05)
     assert (out / "recipe_comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Goal" in proc.stdout
+
+
+def test_defaults_score_the_corpus_held_out_prose():
+    assert compare.DEFAULT_DATA == ["embedded:prose_eval.txt"]
+    assert compare.DEFAULT_TRAIN_DATA == ["embedded:prose_train_c.txt"]
 
 
 def test_schedule_shrinks_in_proportion():
