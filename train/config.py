@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
-from .schedule import PHI, SHAPES
+from .schedule import SHAPES, Schedule
 from .soul import INITS, MIXES
 
 EMBEDDED = "embedded"  # model.base for the tiny Phi-3 that ships with the package
@@ -46,16 +46,6 @@ class SoulConfig:
 
 
 @dataclass
-class ScheduleConfig:
-    total_steps: int = 500
-    warmup_steps: int = 50
-    anneal_steps: int = 400
-    start_alpha: float = -5.0
-    target_alpha: float = PHI
-    shape: str = "linear"
-
-
-@dataclass
 class TrainConfig:
     lr: float = 2e-4
     lr_schedule: str = "constant"  # constant | linear | cosine (after lr_warmup_steps of linear warmup)
@@ -83,7 +73,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     soul: SoulConfig = field(default_factory=SoulConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    schedule: Schedule = field(default_factory=Schedule)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 

@@ -26,10 +26,6 @@ def masked_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return loss, int((shift_labels != data.IGNORE).sum())
 
 
-def _sched(cfg: Config) -> schedule.Schedule:
-    return schedule.Schedule(**asdict(cfg.schedule))
-
-
 def soul_metadata(cfg: Config, step: int) -> dict:
     return {"step": step, "schedule": asdict(cfg.schedule), "alpha_mode": cfg.soul.alpha_mode,
             "init": cfg.soul.init, "base": cfg.model.base, "revision": cfg.model.revision,
@@ -48,7 +44,7 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
     acc = Accelerator(cpu=not torch.cuda.is_available())
     main = acc.is_main_process
     set_seed(cfg.train.seed)
-    sched = _sched(cfg)
+    sched = cfg.schedule
 
     # ---- resume point (decided before anything is written) ----
     start_ckpt = None

@@ -22,8 +22,8 @@ SHAPES = ("linear", "sigmoid", "cosine")
 GOLDEN_TOLERANCE = 0.01  # |α - target| below this counts as the golden phase
 
 
-@dataclass(frozen=True)
-class Schedule:
+@dataclass
+class Schedule:  # also the [schedule] section of the run configuration
     total_steps: int = 500
     warmup_steps: int = 50
     anneal_steps: int = 400
