@@ -9,6 +9,7 @@
 # Build arguments:
 #   BASE_IMAGE          the Debian bookworm image to start from (default below, pinned by date tag); a locally built
 #                       one works the same (docker/local-base.sh makes one where no registry is reachable)
+#   LLAMA_CPP_PYTHON    the llama-cpp-python release to compile (the one docker/constraints.txt pins)
 #   LLAMA_CMAKE_ARGS    how llama.cpp is compiled for llama-cpp-python (default: portable x86-64 with AVX2/FMA, not
 #                       -march=native of the build machine)
 #   SERVE_TRANSFORMERS  1: also install torch + transformers into serve, for its transformers backend (default 0)
@@ -44,42 +45,46 @@ ENV PATH=/opt/aegis/bin:$PATH \
     AEGIS_CACHE=/cache/aegis \
     AEGIS_RUNS=/data/runs
 WORKDIR /app
-COPY pyproject.toml docker/requirements.py docker/constraints.txt /app/deps/
 
-# ---- builders: local wheels available; nothing of these stages but what is copied out reaches an image ----------
-FROM base AS wheels
-COPY docker/wheels/ /tmp/wheels/
-
-# llama-cpp-python's wheel, compiled once, copied into export and serve
-FROM wheels AS llama-build
+# ---- builders: nothing of these stages reaches an image but what is copied out of them -------------------------
+# llama-cpp-python's wheel, compiled once, copied into export and serve. It depends on nothing but the base, its
+# version and the CMake options, so the slow compile stays cached while everything else changes.
+FROM base AS llama-build
 ARG DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential cmake \
     && rm -rf /var/lib/apt/lists/*
+ARG LLAMA_CPP_PYTHON=0.3.36
 ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF"
-# No pip cache here: pip would reuse a wheel built with other LLAMA_CMAKE_ARGS. A wheel of the pinned release in
-# docker/wheels/ is taken as it is, without compiling.
+# A wheel of this release in docker/wheels/ is taken as it is, without compiling. No pip cache: pip would reuse a
+# wheel it built with other LLAMA_CMAKE_ARGS.
+COPY docker/wheels/.gitignore docker/wheels/llama_cpp_python-* /tmp/wheels/
 RUN CMAKE_ARGS="$LLAMA_CMAKE_ARGS" pip wheel --no-cache-dir --no-deps --find-links /tmp/wheels \
-        -c /app/deps/constraints.txt --wheel-dir /llama llama-cpp-python
+        --wheel-dir /llama "llama-cpp-python==$LLAMA_CPP_PYTHON"
+
+# what the dependency installs read: pyproject.toml's requirements, the pins, local wheels
+FROM base AS deps
+COPY pyproject.toml docker/requirements.py docker/constraints.txt /app/deps/
+COPY docker/wheels/ /tmp/wheels/
 
 # the project's own wheel (its source only; third-party packages are installed per role, below)
 FROM base AS package
+COPY pyproject.toml /src/
 COPY train/ /src/train/
 COPY export/ /src/export/
 COPY serve/ /src/serve/
-RUN --mount=type=cache,target=/root/.cache/pip \
-    cp /app/deps/pyproject.toml /src/ && pip wheel --no-deps --wheel-dir /pkg /src
+RUN --mount=type=cache,target=/root/.cache/pip pip wheel --no-deps --wheel-dir /pkg /src
 
-# third-party packages per role, in the venv (these layers stay cached while pyproject.toml is unchanged)
-FROM wheels AS train-venv
+# third-party packages per role, in the venv (these layers stay cached while pyproject.toml and the pins are unchanged)
+FROM deps AS train-venv
 ARG TORCH_INDEX_URL=""
 RUN --mount=type=cache,target=/root/.cache/pip \
     python /app/deps/requirements.py /app/deps/pyproject.toml train >/tmp/train.txt \
     && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} --find-links /tmp/wheels \
         -c /app/deps/constraints.txt -r /tmp/train.txt
 
-FROM wheels AS serve-venv
+FROM deps AS serve-venv
 ARG SERVE_TRANSFORMERS=0
 ARG TORCH_INDEX_URL=""
 COPY --from=llama-build /llama/ /tmp/llama/
@@ -104,10 +109,11 @@ ENTRYPOINT ["bash", "/app/docker/train-entrypoint.sh"]
 # export: the train image's packages (shared layers) + gguf + llama-cpp-python
 FROM train-runtime AS export
 COPY --from=llama-build /llama/ /tmp/llama/
-RUN python /app/deps/requirements.py /app/deps/pyproject.toml export >/tmp/export.txt \
+COPY pyproject.toml docker/requirements.py docker/constraints.txt /tmp/deps/
+RUN python /tmp/deps/requirements.py /tmp/deps/pyproject.toml export >/tmp/export.txt \
     && pip install --no-cache-dir --only-binary llama-cpp-python --find-links /tmp/llama \
-        -c /app/deps/constraints.txt -r /tmp/export.txt \
-    && rm -rf /tmp/llama /tmp/export.txt
+        -c /tmp/deps/constraints.txt -r /tmp/export.txt \
+    && rm -rf /tmp/llama /tmp/deps /tmp/export.txt
 COPY --from=package /pkg/ /tmp/pkg/
 RUN pip install --no-cache-dir --no-deps /tmp/pkg/*.whl && rm -rf /tmp/pkg
 COPY configs/ /app/configs/

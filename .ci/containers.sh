@@ -27,7 +27,7 @@ phase() {  # phase NAME: close the previous phase's clock, start this one
     if [ -n "${PHASE:-}" ]; then TIMES+=("$(printf '%-34s %5d s' "$PHASE" $(( now - phase_start )))"); fi
     PHASE="$1"
     phase_start=$now
-    echo "== [$(( now - T0 ))s] $PHASE"
+    if [ -n "$PHASE" ]; then echo "== [$(( now - T0 ))s] $PHASE"; fi
 }
 summary() {
     phase ""
@@ -123,7 +123,7 @@ done
 shopt -u nullglob
 "${COMPOSE[@]}" build
 podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E 'aegis-(train|export|serve):cpu' || true
-if podman run --rm --entrypoint python localhost/aegis-serve:cpu -c "import torch" 2>/dev/null; then
+if podman run --rm --entrypoint python aegis-serve:cpu -c "import torch" 2>/dev/null; then
     echo "the serve image has torch in it" >&2
     exit 1
 fi
