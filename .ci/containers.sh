@@ -152,7 +152,7 @@ HEALTH_PID=$!
 phase "chain: up -d chat (train -> export -> serve -> chat)"
 # one command, as a user would: compose starts each service once the one before it completed (or is healthy)
 timeout "${AEGIS_CI_TIMEOUT:-3600}" "${COMPOSE[@]}" up -d chat
-"${COMPOSE[@]}" logs --no-color train | tail -n 3
+"${COMPOSE[@]}" logs --no-color train | grep -E "^train_1 +\| (train:|tiny model ready|done:)"
 "${COMPOSE[@]}" logs --no-color export | tail -n 8
 "${COMPOSE[@]}" ps
 
