@@ -94,7 +94,8 @@ cleanup() {
         wait "$SERVICE_PID" 2>/dev/null
         rm -rf "$SOCK_DIR"
     else
-        echo "== AEGIS_CI_KEEP=1: left running (DOCKER_HOST=$DOCKER_HOST COMPOSE_PROJECT_NAME=$COMPOSE_PROJECT_NAME)"
+        echo "== AEGIS_CI_KEEP=1: left running (DOCKER_HOST=$DOCKER_HOST COMPOSE_PROJECT_NAME=$COMPOSE_PROJECT_NAME;"
+        echo "   Podman's API service is pid $SERVICE_PID: kill it after down -v)"
     fi
     for w in "${COPIED_WHEELS[@]}"; do rm -f "$w"; done
     summary
@@ -215,10 +216,12 @@ while True:
         time.sleep(2)
 PY
 
-phase "down -v"
-"${COMPOSE[@]}" down -v --remove-orphans
-if podman volume exists "${COMPOSE_PROJECT_NAME}_aegis-cpu-data"; then
-    echo "down -v left the data volume behind" >&2
-    exit 1
+if [ "${AEGIS_CI_KEEP:-0}" != 1 ]; then
+    phase "down -v"
+    "${COMPOSE[@]}" down -v --remove-orphans
+    if podman volume exists "${COMPOSE_PROJECT_NAME}_aegis-cpu-data"; then
+        echo "down -v left the data volume behind" >&2
+        exit 1
+    fi
 fi
 echo "== containers: passed"
