@@ -135,12 +135,8 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
         if p.stream:
             def chunk(text, finish_reason, usage=None):
                 delta = {} if text is None else {"content": text}
-                body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                        "choices": [] if usage else [{"index": 0, "delta": delta, "logprobs": None,
-                                                      "finish_reason": finish_reason}]}
-                if usage:
-                    body["usage"] = msgspec.to_builtins(usage)
-                return body
+                return _chunk_body(rid, "chat.completion.chunk", created, name, {
+                    "index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}, usage)
 
             first_chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -161,12 +157,8 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
         rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), p.model.name
         if p.stream:
             def chunk(text, finish_reason, usage=None):
-                body = {"id": rid, "object": "text_completion", "created": created, "model": name,
-                        "choices": [] if usage else [{"index": 0, "text": text or "", "logprobs": None,
-                                                      "finish_reason": finish_reason}]}
-                if usage:
-                    body["usage"] = msgspec.to_builtins(usage)
-                return body
+                return _chunk_body(rid, "text_completion", created, name, {
+                    "index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}, usage)
 
             return Stream(stream(p, job, chunk), media_type="text/event-stream", headers=SSE_HEADERS)
         text = await collect(request, job)
@@ -233,3 +225,11 @@ def create_app(settings: Settings, registry: engine.Registry | None = None,
     app.state.registry = registry
     app.state.metrics = metrics
     return app
+
+
+def _chunk_body(rid: str, obj: str, created: int, model: str, choice: dict, usage=None) -> dict:
+    """One streamed event: a choice, or (the last one, with stream_options.include_usage) the usage alone."""
+    body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [] if usage else [choice]}
+    if usage:
+        body["usage"] = msgspec.to_builtins(usage)
+    return body
