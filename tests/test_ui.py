@@ -191,7 +191,7 @@ def test_compare_base_and_souled(page):
     page.fill("#compare-prompt textarea", "日本の四季について教えてください。")
     page.click("#compare-run")
     page.wait_for_function("() => ['#compare-a', '#compare-b'].every(s => document.querySelector(s + ' textarea')"
-                           " && document.querySelector(s + ' textarea').value.trim().length > 0)", timeout=60_000)
+                           " && document.querySelector(s + ' textarea').value.trim().length > 0)", timeout=120_000)
     a = page.input_value("#compare-a textarea")
     b = page.input_value("#compare-b textarea")
     assert "✖" not in a and "✖" not in b
