@@ -105,12 +105,18 @@ def pick(page, label: str, value: str) -> None:
 def set_number(page, label: str, value) -> None:
     """Set a Gradio slider through its number box, and wait until the slider itself shows the value."""
     box = page.get_by_label(f"number input for {label}", exact=True)
-    box.fill(str(value))
-    box.press("Enter")
-    box.blur()
     slider = page.get_by_label(f"range slider for {label}", exact=True)
-    page.wait_for_function("([el, v]) => Number(el.value) === v", arg=[slider.element_handle(), float(value)],
-                           timeout=10_000)
+    for attempt in range(3):  # an edit made while the settings panel is still opening can be dropped: type it again
+        box.fill(str(value))
+        box.press("Enter")
+        box.blur()
+        try:
+            page.wait_for_function("([el, v]) => Number(el.value) === v",
+                                   arg=[slider.element_handle(), float(value)], timeout=10_000)
+            return
+        except Exception:
+            if attempt == 2:
+                raise
 
 
 def test_chat_streams_a_reply(page, api, tmp_path):
