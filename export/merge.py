@@ -119,7 +119,6 @@ def logits_for(model, items: list[tuple[str, list[int]]]) -> dict:
 
 
 def compare(ref: dict, got: dict) -> LogitDiff:
-    import torch
 
     per, top, n, peak = {}, 0, 0, 0.0
     for label, a in ref.items():

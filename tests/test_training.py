@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from train import checkpoint, metrics
 from train.schedule import Schedule, alpha_for_step, gate
