@@ -74,15 +74,17 @@ def dataset_snapshot(hf_home: Path) -> Path:
     return snap
 
 
-def sequences(snap: Path, n: int, length: int) -> list[torch.Tensor]:
-    """n windows of `length` real tokens from the embedded corpus."""
+def windows(snap: Path, steps: int, batch: int, length: int, seed: int = 42):
+    """The micro-batches `python -m train` trains on (same corpus, packing, shuffle and seed as the Borea config with
+    the bench's data.train), so both paths see the same windows in the same order."""
     from transformers import AutoTokenizer
 
     from train import data
     tok = AutoTokenizer.from_pretrained(snap)
     ex = data.load(["embedded:prose_train_a.txt", "embedded:prose_train_b.txt", "embedded:prose_train_c.txt"], tok)
-    packed = [p for p in data.pack(ex, length) if len(p.input_ids) == length]
-    return [torch.tensor(packed[i % len(packed)].input_ids) for i in range(n)]
+    stream = data.Stream(ex, length, seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return [data.collate(stream.next_update(batch, 1)[0], pad, length) for _ in range(steps)]
 
 
 def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool) -> dict:
@@ -100,14 +102,15 @@ def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool) -> d
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                                              target_modules=["qkv_proj", "o_proj"]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    seqs = sequences(snap, steps * batch, length)
+    batches = windows(snap, steps, batch, length)
     torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for s in range(steps):
-        ids = torch.stack(seqs[s * batch:(s + 1) * batch]).cuda()
+    times, losses, tokens = [], [], []
+    for b in batches:
+        ids, labels, mask = (b[k].cuda() for k in ("input_ids", "labels", "attention_mask"))
+        tokens.append(int(b["attention_mask"].sum()))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
@@ -118,7 +121,8 @@ def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool) -> d
     del model, opt
     torch.cuda.empty_cache()
     step_s = statistics.median(times[WARMUP:])
-    return {"tokens_per_s": batch * length / step_s, "step_s": step_s, "peak_gib": peak,
+    return {"tokens_per_s": statistics.median(n / t for n, t in zip(tokens[WARMUP:], times[WARMUP:])),
+            "step_s": step_s, "peak_gib": peak,
             "loss_last5": statistics.mean(losses[-5:]), "losses": losses}
 
 
@@ -159,7 +163,10 @@ def main() -> None:
                     "throughput = BxL with gradient checkpointing (see --tp-batch)")
     ap.add_argument("--tp-batch", type=int, default=8)
     ap.add_argument("--which", default="plain,ours")
-    ap.add_argument("--ours-set", action="append", default=[], help="extra --set for our runs")
+    ap.add_argument("--ours-set", action="append", default=[], help="extra --set for all our runs")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[;KEY=VALUE]",
+                    help="run ours once per variant with these extra --set (e.g. eager=train.cuda_graphs=false)")
+    ap.add_argument("--plain-tp-batch", type=int, default=0, help="plain's throughput micro-batch (default --tp-batch)")
     ap.add_argument("--nprocs", default="1", help="process counts for our runs, e.g. 1,2 (one GPU each)")
     ap.add_argument("--profile", type=int, default=0, help="profile this many updates of our first run")
     ap.add_argument("--out", type=Path, default=Path("train_throughput.json"))
@@ -171,19 +178,23 @@ def main() -> None:
     if args.prepare_only:
         return
     grid = {"seed": (1, 512, False), "throughput": (args.tp_batch, 512, True)}
+    variants = [(v.partition("=")[0], [s for s in v.partition("=")[2].split(";") if s]) for v in args.variant]
+    variants = variants or [("", [])]
     results = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
                "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "bitsandbytes")},
                "command": " ".join(sys.argv), "rows": []}
     for name in args.settings.split(","):
         batch, length, ckpt = grid[name]
-        jobs = [("plain", 1)] if "plain" in args.which else []
-        jobs += [("ours", int(n)) for n in args.nprocs.split(",")] if "ours" in args.which else []
-        for which, n in jobs:
-            print(f"== {name}: {which} x{n} {batch}x{length} checkpointing={ckpt}", flush=True)
-            r = (plain_peft(snap, args.steps, batch, length, ckpt) if which == "plain" else
-                 ours(snap, hf_home, args.work, args.steps, batch, length, ckpt, args.ours_set, n, args.profile))
-            args.profile = 0 if which == "ours" else args.profile
-            r.update(setting=name, which=which, batch=batch, length=length, checkpointing=ckpt, nprocs=n)
+        jobs = [("plain", 1, [])] if "plain" in args.which else []
+        jobs += [(f"ours {label}".strip(), int(n), sets) for n in args.nprocs.split(",") for label, sets in variants
+                 if "ours" in args.which]
+        for which, n, sets in jobs:
+            b = args.plain_tp_batch or batch if which == "plain" and name == "throughput" else batch
+            print(f"== {name}: {which} x{n} {b}x{length} checkpointing={ckpt}", flush=True)
+            r = (plain_peft(snap, args.steps, b, length, ckpt) if which == "plain" else
+                 ours(snap, hf_home, args.work, args.steps, b, length, ckpt, args.ours_set + sets, n, args.profile))
+            args.profile = 0 if which != "plain" else args.profile
+            r.update(setting=name, which=which, batch=b, length=length, checkpointing=ckpt, nprocs=n)
             results["rows"].append(r)
             print({k: v for k, v in r.items() if k != "losses"}, flush=True)
             args.out.write_text(json.dumps(results, indent=1))
@@ -192,6 +203,24 @@ def main() -> None:
     for r in results["rows"]:
         print(f"| {r['setting']} | {r['which']} | {r['nprocs']} | {r['batch']}×{r['length']} | {r['checkpointing']} | "
               f"{r['tokens_per_s']:.0f} | {1000 * r['step_s']:.0f} | {r['peak_gib']:.2f} | {r['loss_last5']:.3f} |")
+    compare_losses(results)
+    args.out.write_text(json.dumps(results, indent=1))
+
+
+def compare_losses(results: dict) -> None:
+    """Same windows in the same order on both paths, so per-step losses compare directly. The noise scale is
+    plain's own step-to-step change (the windows differ from step to step)."""
+    for plain in (r for r in results["rows"] if r["which"] == "plain"):
+        noise = statistics.mean(abs(a - b) for a, b in zip(plain["losses"], plain["losses"][1:]))
+        for r in results["rows"]:
+            if r["which"] == "plain" or r["setting"] != plain["setting"] or r["batch"] != plain["batch"]:
+                continue
+            diff = [a - b for a, b in zip(r["losses"], plain["losses"])]
+            r["loss_vs_plain"] = {"mean_diff": statistics.mean(diff), "mean_abs_diff": statistics.mean(map(abs, diff)),
+                                  "plain_step_to_step": noise}
+            print(f"{r['setting']} {r['which']} vs plain, same windows: mean loss difference "
+                  f"{statistics.mean(diff):+.4f}, mean |difference| {statistics.mean(map(abs, diff)):.4f} "
+                  f"(plain's own step-to-step change {noise:.4f})")
 
 
 if __name__ == "__main__":

@@ -34,3 +34,5 @@ if dist.get_rank() == 0:
         "world": dist.get_world_size(),
         "max_diff": max(float((g - gathered[0]).abs().max()) for g in gathered),
         "moved": float(gathered[0][:-1].abs().max())}))
+dist.barrier()
+dist.destroy_process_group()  # a clean teardown: an undestroyed gloo group can abort the process at exit

@@ -59,6 +59,7 @@ class TrainConfig:
     keep_last: int = 0  # 0 keeps every checkpoint
     seed: int = 42
     memory_budget_gib: float = 12.0
+    cuda_graphs: bool | str = "auto"  # capture each micro-batch's forward + backward once, replay it (train/graphs.py)
 
 
 @dataclass

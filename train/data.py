@@ -207,8 +207,9 @@ def epoch_sequences(examples: list[Example], max_length: int, seed: int, epoch: 
     return pack([examples[i] for i in order], max_length)
 
 
-def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ex.input_ids) for ex in batch)
+def collate(batch: list[Example], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded tensors, `width` wide (default: the longest example). Padding is never labelled."""
+    width = width or max(len(ex.input_ids) for ex in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)

@@ -66,18 +66,17 @@ def gate_shut(soul):
 @torch.no_grad()
 def loss_over(model, seqs: list[data.Example], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
     """(sum of token losses, number of labelled tokens) over `seqs`, batched by similar length."""
-    from .loop import masked_loss_sum
+    from .loss import count_targets, masked_loss_sum
 
     device = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
         batch = data.collate([seqs[i] for i in order[start:start + batch_size]], pad_id)
+        count += count_targets(batch["labels"])
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, n = masked_loss_sum(logits, batch["labels"])
-        total += float(loss)
-        count += n
+        total += float(masked_loss_sum(logits, batch["labels"]))
     return total, count
 
 

@@ -10,20 +10,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from . import checkpoint, data, model as model_mod, schedule
+from . import checkpoint, data, graphs, model as model_mod, schedule
 from .config import EMBEDDED, Config, to_toml
+from .loss import count_targets, masked_loss_sum
 from .metrics import METRICS, JsonlSink, MetricLogger, ProgressSink
-
-
-def masked_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over labelled positions (float32) and how many there were."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                           ignore_index=data.IGNORE, reduction="sum")
-    return loss, int((shift_labels != data.IGNORE).sum())
 
 
 def soul_metadata(cfg: Config, step: int) -> dict:
@@ -63,7 +54,13 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
     examples = data.load(cfg.data.train, tokenizer, cfg.data.skip_bad_lines, log=log if main else lambda *_: None)
     stream = data.Stream(examples, cfg.train.max_length, cfg.train.seed, acc.process_index, acc.num_processes)
 
-    model, soul = model_mod.build(cfg, base_path, acc.device, cfg.train.seed, log=log if main else (lambda *_: None))
+    use_graphs, why = graphs.decide(cfg.train.cuda_graphs, acc.device, acc.num_processes,
+                                    model_mod.memory_plan(cfg, base_path).gradient_checkpointing)
+    if acc.device.type == "cuda" and main:
+        log(f"CUDA graphs {'on' if use_graphs else 'off'}: {why}"
+            + ("; model.compile is skipped, the captured step replaces it" if use_graphs and cfg.model.compile else ""))
+    model, soul = model_mod.build(cfg, base_path, acc.device, cfg.train.seed, log=log if main else (lambda *_: None),
+                                  compile_layers=not use_graphs)
     # the adapter names its base as users would load it: the hub id or directory (the embedded model by its path)
     model.peft_config["default"].base_model_name_or_path = (str(base_path) if cfg.model.base == EMBEDDED
                                                              else cfg.model.base)
@@ -72,7 +69,9 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
     # it and its gradient is dropped before each update.
     soul.alpha.requires_grad_(learned_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    # fused: one kernel for the whole update instead of a dozen per parameter group (the step is launch-bound)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  fused=acc.device.type == "cuda")
     lr_sched = get_scheduler(cfg.train.lr_schedule, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
                              num_training_steps=sched.total_steps)
     model, optimizer = acc.prepare(model, optimizer)
@@ -114,6 +113,9 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
             checkpoint.prune(run_dir, cfg.train.keep_last)
         acc.wait_for_everyone()
 
+    captured = (graphs.GraphedStep(model, soul, params, cfg.train.batch_size, cfg.train.max_length, acc.device)
+                if use_graphs else None)
+
     anneal_end = sched.warmup_steps + sched.anneal_steps
     profiler = _profiler(run_dir) if main else None
     model.train()
@@ -127,21 +129,31 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
         if not free_alpha:
             with torch.no_grad():
                 soul.alpha.fill_(schedule.alpha_for_step(step, sched))
-        micro = [data.collate(b, tokenizer.pad_token_id) for b in stream.next_update(cfg.train.batch_size,
-                                                                                  cfg.train.grad_accum)]
-        n_targets = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in micro)
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)  # real tokens, counted before the copy
+        micro = [data.collate(b, tokenizer.pad_token_id, cfg.train.max_length)
+                 for b in stream.next_update(cfg.train.batch_size, cfg.train.grad_accum)]
+        # counted on the host copies: no wait for the GPU inside the update
+        n_targets = sum(count_targets(b["labels"]) for b in micro)
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        if captured is not None:
+            captured.begin()
         for i, batch in enumerate(micro):
+            if captured is not None:
+                loss_sum += captured.micro(batch, 1.0 / max(n_targets, 1))
+                continue
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             sync = acc.no_sync(model) if (i < len(micro) - 1 and acc.num_processes > 1) else nullcontext()
             with sync:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss, _ = masked_loss_sum(logits, batch["labels"])
+                # no attention mask: padding is only ever on the right, where causal attention cannot see it
+                loss = masked_loss_sum(model(input_ids=batch["input_ids"]).logits, batch["labels"])
                 acc.backward(loss / max(n_targets, 1))
             loss_sum += loss.detach()
-        if learned_alpha and not free_alpha:
-            soul.alpha.grad = None  # AdamW skips it: the schedule owns α until the anneal ends
+        if captured is not None:
+            captured.end()
+        # until the anneal ends the schedule owns a learned α: its gradient is kept out of clipping and the update
+        held = [(soul.alpha, soul.alpha.grad)] if learned_alpha and not free_alpha else []
+        for p, _ in held:
+            p.grad = None
         if cfg.train.max_grad_norm > 0:
             grad_norm = float(acc.clip_grad_norm_(params, cfg.train.max_grad_norm))
         else:
@@ -149,7 +161,10 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
                                                                     if p.grad is not None])))
         optimizer.step()
         lr_sched.step()
-        optimizer.zero_grad(set_to_none=True)
+        for p, g in held:
+            p.grad = g
+        if captured is None:
+            optimizer.zero_grad(set_to_none=True)  # a captured step zeroes its fixed gradients in begin()
 
         counts = torch.tensor([n_targets, tokens], dtype=torch.float64, device=acc.device)
         totals = acc.reduce(torch.cat([loss_sum.reshape(1), counts]), reduction="sum").tolist()
@@ -168,6 +183,8 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
             profiler.step()
         if step % cfg.train.save_steps == 0:
             save(run_dir / checkpoint.CHECKPOINTS / f"step_{step}")
+    if captured is not None:
+        captured.close()
     save(run_dir / checkpoint.FINAL)
     logger.close()
     if profiler is not None:

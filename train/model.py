@@ -109,13 +109,19 @@ def add_lora(model: nn.Module, cfg: Config, checkpointing: bool = False):
     return get_peft_model(model, lora)
 
 
-def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=print):
-    """Base (quantized as configured) + LoRA + soul, ready to train. Returns (peft_model, soul)."""
+def memory_plan(cfg: Config, base_path: Path):
+    """The step's memory estimate and whether it needs gradient checkpointing (train/memory.py)."""
     from transformers import AutoConfig
 
     from .memory import plan
-    p = plan(AutoConfig.from_pretrained(base_path), cfg.train.batch_size, cfg.train.max_length,
-             cfg.model.quantization == "nf4", cfg.train.memory_budget_gib, cfg.model.gradient_checkpointing)
+    return plan(AutoConfig.from_pretrained(base_path), cfg.train.batch_size, cfg.train.max_length,
+                cfg.model.quantization == "nf4", cfg.train.memory_budget_gib, cfg.model.gradient_checkpointing)
+
+
+def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=print, compile_layers: bool = True):
+    """Base (quantized as configured) + LoRA + soul, ready to train. Returns (peft_model, soul).
+    The decoder layers are compiled when model.compile is set, unless `compile_layers` is False (a captured step)."""
+    p = memory_plan(cfg, base_path)
     if device.type == "cuda":
         log(f"memory plan: ~{p.estimate_gib:.1f} GiB of {p.budget_gib:g} GiB with gradient checkpointing "
             f"{'on' if p.gradient_checkpointing else 'off'}")
@@ -125,9 +131,13 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
     dtype = compute_dtype(cfg.model.dtype, device)
     model = load_base(base_path, cfg.model.quantization, dtype, device)
     model = add_lora(model, cfg, checkpointing=p.gradient_checkpointing)
-    if cfg.model.compile:
+    if cfg.model.compile and compile_layers:
+        # the blocks inside each layer, not the layer: transformers checkpoints a layer's forward, and a checkpoint
+        # traced into a compiled layer kept far more alive (20.9 GiB instead of ~7.4 at 16 x 512, BENCHMARKS.md)
         for layer in model.get_base_model().model.layers:
-            layer.compile()
+            for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+                if isinstance(getattr(layer, name, None), nn.Module):
+                    getattr(layer, name).compile()
     hidden = model.get_base_model().get_output_embeddings().in_features
     gen = torch.Generator().manual_seed(seed)
     soul = soul_mod.Soul(hidden, mix=cfg.soul.mix, init=cfg.soul.init, alpha=cfg.schedule.start_alpha,

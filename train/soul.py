@@ -42,6 +42,8 @@ class Soul(nn.Module):
         rows, cols = torch.triu_indices(BLOCK, BLOCK, offset=1)
         self.register_buffer("_rows", rows, persistent=False)
         self.register_buffer("_cols", cols, persistent=False)
+        # set by a captured training step (train/graphs.py), which computes R outside the graph and feeds it in
+        self.rotation_input: torch.Tensor | None = None
 
     def rotation(self) -> torch.Tensor:
         """R as (B, 8, 8) float32. The exponential is taken in float64 (B tiny 8x8 matrices, so it costs nothing):
@@ -56,7 +58,8 @@ class Soul(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., H) -> h' (..., H), float32."""
         x = h.float().unflatten(-1, (self.blocks, BLOCK))
-        rx = torch.einsum("bij,...bj->...bi", self.rotation(), x)
+        r = self.rotation() if self.rotation_input is None else self.rotation_input
+        rx = torch.einsum("bij,...bj->...bi", r, x)
         g = self.gate()
         out = x + g * (rx - x) if self.mix == "interpolate" else x + g * rx
         return out.flatten(-2)
