@@ -10,8 +10,12 @@ import math
 import time
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 matplotlib.use("Agg")  # no display here; figures are rendered to images
 
@@ -148,7 +152,7 @@ def figure(records: list[dict], target: float = PHI):
     return fig
 
 
-def render_png(fig) -> "Image.Image":
+def render_png(fig) -> Image.Image:
     """The figure as an image, and the figure closed (a live monitor redraws every few seconds)."""
     from PIL import Image
 

@@ -19,3 +19,14 @@ def test_auto_checkpointing_only_when_needed():
     assert big.gradient_checkpointing is True and big.estimate_gib <= 12.0
     assert plan(PHI35, 1, 512, True, 12.0, True).gradient_checkpointing is True  # an explicit choice stands
     assert estimate_gib(PHI35, 1, 512, quantized=False, checkpointing=False) > 7.0  # bf16 weights alone ~7 GiB
+
+
+def test_a_batch_that_does_not_fit_is_split_into_micro_batches():
+    whole = plan(PHI35, 16, 512, True, 12.0, "auto")
+    assert whole.micro_batch == 16 and whole.gradient_checkpointing  # fits with checkpointing
+    split = plan(PHI35, 64, 512, True, 12.0, "auto")
+    assert split.gradient_checkpointing and 64 % split.micro_batch == 0 and 1 < split.micro_batch < 64
+    assert split.estimate_gib <= 12.0
+    assert estimate_gib(PHI35, 2 * split.micro_batch, 512, True, True) > 12.0  # the largest divisor that fits
+    # nothing fits: micro-batch 1, and the estimate says by how much it is over (the caller warns)
+    assert plan(PHI35, 4, 512, True, 2.0, "auto").micro_batch == 1

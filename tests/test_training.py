@@ -139,3 +139,18 @@ def test_bad_config_and_bad_data_stop_before_training(tiny_path, tmp_path):
     bad = train_cli(tmp_path / "r2", f'data.train=["{rows}"]', check=False)
     assert bad.returncode == 2 and f"{rows}:2: messages[0].content must be a string" in bad.stderr
     assert not (tmp_path / "r2" / "metrics.jsonl").exists()
+
+
+def test_a_split_batch_trains_the_same_as_the_whole_batch(tiny_path, tmp_path):
+    """A memory budget the batch of 4 does not fit makes the plan run it as 2 micro-batches of 2 in the same update:
+    the loss is normalised over the whole update, so the curve is the same."""
+    common = ["schedule.total_steps=4", "schedule.warmup_steps=1", "schedule.anneal_steps=2", "train.save_steps=4",
+              "train.max_length=128", "train.batch_size=4", "lora.dropout=0.0", "model.gradient_checkpointing=false"]
+    whole = train_cli(tmp_path / "whole", *common)
+    split = train_cli(tmp_path / "split", *common, "train.memory_budget_gib=0.025")
+    assert "micro-batches" not in whole.stdout
+    assert "each batch of 4 runs as 2 micro-batches of 2" in split.stdout
+    a, b = metrics.read(tmp_path / "whole"), metrics.read(tmp_path / "split")
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)

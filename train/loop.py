@@ -54,8 +54,8 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
     examples = data.load(cfg.data.train, tokenizer, cfg.data.skip_bad_lines, log=log if main else lambda *_: None)
     stream = data.Stream(examples, cfg.train.max_length, cfg.train.seed, acc.process_index, acc.num_processes)
 
-    use_graphs, why = graphs.decide(cfg.train.cuda_graphs, acc.device, acc.num_processes,
-                                    model_mod.memory_plan(cfg, base_path).gradient_checkpointing)
+    mem = model_mod.memory_plan(cfg, base_path)
+    use_graphs, why = graphs.decide(cfg.train.cuda_graphs, acc.device, acc.num_processes, mem.gradient_checkpointing)
     if acc.device.type == "cuda" and main:
         log(f"CUDA graphs {'on' if use_graphs else 'off'}: {why}"
             + ("; model.compile is skipped, the captured step replaces it" if use_graphs and cfg.model.compile else ""))
@@ -113,7 +113,7 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
             checkpoint.prune(run_dir, cfg.train.keep_last)
         acc.wait_for_everyone()
 
-    captured = (graphs.GraphedStep(model, soul, params, cfg.train.batch_size, cfg.train.max_length, acc.device)
+    captured = (graphs.GraphedStep(model, soul, params, mem.micro_batch, cfg.train.max_length, acc.device)
                 if use_graphs else None)
 
     anneal_end = sched.warmup_steps + sched.anneal_steps
@@ -129,8 +129,9 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
         if not free_alpha:
             with torch.no_grad():
                 soul.alpha.fill_(schedule.alpha_for_step(step, sched))
-        micro = [data.collate(b, tokenizer.pad_token_id, cfg.train.max_length)
-                 for b in stream.next_update(cfg.train.batch_size, cfg.train.grad_accum)]
+        seqs = [ex for b in stream.next_update(cfg.train.batch_size, cfg.train.grad_accum) for ex in b]
+        micro = [data.collate(seqs[i:i + mem.micro_batch], tokenizer.pad_token_id, cfg.train.max_length)
+                 for i in range(0, len(seqs), mem.micro_batch)]
         # counted on the host copies: no wait for the GPU inside the update
         n_targets = sum(count_targets(b["labels"]) for b in micro)
         tokens = sum(int(b["attention_mask"].sum()) for b in micro)

@@ -122,12 +122,15 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
     """Base (quantized as configured) + LoRA + soul, ready to train. Returns (peft_model, soul).
     The decoder layers are compiled when model.compile is set, unless `compile_layers` is False (a captured step)."""
     p = memory_plan(cfg, base_path)
-    if device.type == "cuda":
+    split = cfg.train.batch_size // p.micro_batch
+    if device.type == "cuda" or split > 1:  # the budget is GPU memory; a split applies wherever it runs
         log(f"memory plan: ~{p.estimate_gib:.1f} GiB of {p.budget_gib:g} GiB with gradient checkpointing "
-            f"{'on' if p.gradient_checkpointing else 'off'}")
-        if p.estimate_gib > p.budget_gib:
-            log(f"warning: the step is estimated at {p.estimate_gib:.1f} GiB, over train.memory_budget_gib "
-                f"{p.budget_gib:g}; lower train.batch_size or train.max_length")
+            f"{'on' if p.gradient_checkpointing else 'off'}"
+            + (f"; each batch of {cfg.train.batch_size} runs as {split} micro-batches of {p.micro_batch}"
+               if split > 1 else ""))
+    if device.type == "cuda" and p.estimate_gib > p.budget_gib:
+        log(f"warning: the step is estimated at {p.estimate_gib:.1f} GiB even at micro-batch 1, over "
+            f"train.memory_budget_gib {p.budget_gib:g}; lower train.max_length")
     dtype = compute_dtype(cfg.model.dtype, device)
     model = load_base(base_path, cfg.model.quantization, dtype, device)
     model = add_lora(model, cfg, checkpointing=p.gradient_checkpointing)
