@@ -107,6 +107,16 @@ def test_decide():
         graphs.decide(True, cpu, 1, False)
 
 
+def test_decide_reads_the_models_rope(tiny_path):
+    from transformers import AutoConfig, LlamaConfig
+    gpu = torch.device("cuda")
+    assert graphs.decide("auto", gpu, 1, False, AutoConfig.from_pretrained(tiny_path))[0] is True  # LongRoPE
+    dynamic = LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert graphs.decide("auto", gpu, 1, False, dynamic) == (False, "rope type 'dynamic' synchronises with the host")
+    with pytest.raises(ValueError, match="rope type 'dynamic'"):
+        graphs.decide(True, gpu, 1, False, dynamic)
+
+
 @pytest.mark.gpu
 def test_replayed_graph_matches_the_plain_step_on_cuda(tiny_path):
     _compare(tiny_path, torch.device("cuda"), capture=True, tol=1e-2)  # bf16 compute

@@ -24,12 +24,25 @@ from .soul import BLOCK, Soul
 WARMUP = 3  # eager runs before capture: compile, cuBLAS workspaces and the allocator settle first
 
 
-def decide(setting: bool | str, device: torch.device, processes: int, checkpointing: bool) -> tuple[bool, str]:
+def _rope_types(params) -> set[str]:
+    """rope_type of a config's rope_parameters (per layer type in some models)."""
+    if not isinstance(params, dict):
+        return set()
+    if "rope_type" in params:
+        return {str(params["rope_type"])}
+    return set().union(*(_rope_types(v) for v in params.values())) if params else set()
+
+
+def decide(setting: bool | str, device: torch.device, processes: int, checkpointing: bool,
+           model_config=None) -> tuple[bool, str]:
     """Whether to capture the step, and why; `true` where it cannot work is an error naming the key."""
     import transformers
     from packaging.version import Version
 
     blockers = []
+    dynamic = sorted(t for t in _rope_types(getattr(model_config, "rope_parameters", None)) if "dynamic" in t)
+    if dynamic:  # these grow their frequency table after comparing the length on the host
+        blockers.append(f"rope type {dynamic[0]!r} synchronises with the host")
     if device.type != "cuda":
         blockers.append("there is no CUDA device")
     if processes > 1:

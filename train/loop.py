@@ -27,7 +27,7 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from peft import set_peft_model_state_dict
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
     run_dir = Path(run_dir)
     # cpu=True when there is no GPU, so `torchrun --nproc-per-node N` on CPUs forms a gloo group (accelerate only
@@ -55,7 +55,8 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
     stream = data.Stream(examples, cfg.train.max_length, cfg.train.seed, acc.process_index, acc.num_processes)
 
     mem = model_mod.memory_plan(cfg, base_path)
-    use_graphs, why = graphs.decide(cfg.train.cuda_graphs, acc.device, acc.num_processes, mem.gradient_checkpointing)
+    use_graphs, why = graphs.decide(cfg.train.cuda_graphs, acc.device, acc.num_processes, mem.gradient_checkpointing,
+                                    AutoConfig.from_pretrained(base_path))
     if acc.device.type == "cuda" and main:
         log(f"CUDA graphs {'on' if use_graphs else 'off'}: {why}"
             + ("; model.compile is skipped, the captured step replaces it" if use_graphs and cfg.model.compile else ""))
