@@ -8,8 +8,8 @@ update, BENCHMARKS.md). A replay issues all of them with one call. What capture 
   α is changed in place, and the soul's rotation, whose matrix exponential reads its norm on the host, is computed
   outside the graph and fed in as a leaf tensor; its gradient is carried back through the exponential afterwards.
 One process only: DDP's all-reduce hooks are not captured. The decoder layers are not compiled when the step is
-captured: compiled code recompiled during capture, and the graph already removes the launch cost compiling cut. With `capture=False` the same buffers run eagerly, which
-is how the CPU tests check this path against the plain one.
+captured: compiled code recompiled during capture, and the graph already removes the launch cost compiling cut.
+With `capture=False` the same buffers run eagerly, which is how the CPU tests check this path against the plain one.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from . import data
 from .loss import masked_loss_sum
 from .soul import BLOCK, Soul
 
-WARMUP = 3  # eager runs before capture: compile, cuBLAS workspaces and the allocator settle first
+WARMUP = 3  # eager runs before capture: lazy initialisation, cuBLAS workspaces and the allocator settle first
 
 
 def _rope_types(params) -> set[str]:
@@ -30,7 +30,7 @@ def _rope_types(params) -> set[str]:
         return set()
     if "rope_type" in params:
         return {str(params["rope_type"])}
-    return set().union(*(_rope_types(v) for v in params.values())) if params else set()
+    return set().union(*(_rope_types(v) for v in params.values()))
 
 
 def decide(setting: bool | str, device: torch.device, processes: int, checkpointing: bool,

@@ -49,7 +49,10 @@ def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing
 def plan(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str) -> Plan:
     """Gradient checkpointing as requested, or with "auto" only if the step would not fit the budget without it;
     then, if the step still does not fit, the largest divisor of the batch that does as the micro-batch."""
-    ckpt = bool(requested) if requested != "auto" else estimate_gib(config, batch, length, quantized, False) > budget_gib
+    if requested == "auto":
+        ckpt = estimate_gib(config, batch, length, quantized, False) > budget_gib
+    else:
+        ckpt = bool(requested)
     for micro in [m for m in range(batch, 0, -1) if batch % m == 0]:
         est = estimate_gib(config, micro, length, quantized, ckpt)
         if est <= budget_gib or micro == 1:
