@@ -189,7 +189,7 @@ def main() -> None:
         jobs += [(f"ours {label}".strip(), int(n), sets) for n in args.nprocs.split(",") for label, sets in variants
                  if "ours" in args.which]
         for which, n, sets in jobs:
-            b = args.plain_tp_batch or batch if which == "plain" and name == "throughput" else batch
+            b = (args.plain_tp_batch or batch) if which == "plain" and name == "throughput" else batch
             print(f"== {name}: {which} x{n} {b}x{length} checkpointing={ckpt}", flush=True)
             r = (plain_peft(snap, args.steps, b, length, ckpt) if which == "plain" else
                  ours(snap, hf_home, args.work, args.steps, b, length, ckpt, args.ours_set + sets, n, args.profile))

@@ -8,7 +8,7 @@ import torch
 
 from train import data, graphs, metrics, model as model_mod
 from train.config import build
-from train.loss import masked_loss_sum
+from train.loss import count_targets, masked_loss_sum
 
 from conftest import SHORT, train_cli
 
@@ -40,7 +40,7 @@ def _batches(device, n, width=64, seed=0):
 def _plain(model, params, batches, device):
     for p in params:
         p.grad = None
-    n = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in batches)
+    n = sum(count_targets(b["labels"]) for b in batches)
     total = 0.0
     for b in batches:
         loss = masked_loss_sum(model(input_ids=b["input_ids"].to(device)).logits, b["labels"].to(device))
@@ -50,7 +50,7 @@ def _plain(model, params, batches, device):
 
 
 def _captured(step, params, batches):
-    n = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in batches)
+    n = sum(count_targets(b["labels"]) for b in batches)
     step.begin()
     total = sum(float(step.micro(b, 1.0 / n)) for b in batches)
     step.end()

@@ -54,14 +54,15 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
     examples = data.load(cfg.data.train, tokenizer, cfg.data.skip_bad_lines, log=log if main else lambda *_: None)
     stream = data.Stream(examples, cfg.train.max_length, cfg.train.seed, acc.process_index, acc.num_processes)
 
-    mem = model_mod.memory_plan(cfg, base_path)
+    base_config = AutoConfig.from_pretrained(base_path)
+    mem = model_mod.memory_plan(cfg, base_config)
     use_graphs, why = graphs.decide(cfg.train.cuda_graphs, acc.device, acc.num_processes, mem.gradient_checkpointing,
-                                    AutoConfig.from_pretrained(base_path))
+                                    base_config)
     if acc.device.type == "cuda" and main:
         log(f"CUDA graphs {'on' if use_graphs else 'off'}: {why}"
             + ("; model.compile is skipped, the captured step replaces it" if use_graphs and cfg.model.compile else ""))
     model, soul = model_mod.build(cfg, base_path, acc.device, cfg.train.seed, log=log if main else (lambda *_: None),
-                                  compile_layers=not use_graphs)
+                                  plan=mem, compile_layers=not use_graphs)
     # the adapter names its base as users would load it: the hub id or directory (the embedded model by its path)
     model.peft_config["default"].base_model_name_or_path = (str(base_path) if cfg.model.base == EMBEDDED
                                                              else cfg.model.base)
@@ -152,10 +153,8 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
             loss_sum += loss.detach()
         if captured is not None:
             captured.end()
-        # until the anneal ends the schedule owns a learned α: its gradient is kept out of clipping and the update
-        held = [(soul.alpha, soul.alpha.grad)] if learned_alpha and not free_alpha else []
-        for p, _ in held:
-            p.grad = None
+        if learned_alpha and not free_alpha:
+            soul.alpha.grad = None  # AdamW skips it: the schedule owns α until the anneal ends
         if cfg.train.max_grad_norm > 0:
             grad_norm = float(acc.clip_grad_norm_(params, cfg.train.max_grad_norm))
         else:
@@ -163,10 +162,7 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
                                                                     if p.grad is not None])))
         optimizer.step()
         lr_sched.step()
-        for p, g in held:
-            p.grad = g
-        if captured is None:
-            optimizer.zero_grad(set_to_none=True)  # a captured step zeroes its fixed gradients in begin()
+        optimizer.zero_grad(set_to_none=True)  # a captured step re-attaches its fixed gradients in begin()
 
         counts = torch.tensor([n_targets, tokens], dtype=torch.float64, device=acc.device)
         totals = acc.reduce(torch.cat([loss_sum.reshape(1), counts]), reduction="sum").tolist()

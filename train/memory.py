@@ -53,8 +53,6 @@ def plan(config, batch: int, length: int, quantized: bool, budget_gib: float, re
         ckpt = estimate_gib(config, batch, length, quantized, False) > budget_gib
     else:
         ckpt = bool(requested)
-    for micro in [m for m in range(batch, 0, -1) if batch % m == 0]:
-        est = estimate_gib(config, micro, length, quantized, ckpt)
-        if est <= budget_gib or micro == 1:
-            return Plan(ckpt, est, budget_gib, micro)
-    raise AssertionError("unreachable: micro-batch 1 always returns")
+    micro = next((m for m in range(batch, 0, -1)
+                  if batch % m == 0 and estimate_gib(config, m, length, quantized, ckpt) <= budget_gib), 1)
+    return Plan(ckpt, estimate_gib(config, micro, length, quantized, ckpt), budget_gib, micro)

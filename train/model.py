@@ -109,19 +109,21 @@ def add_lora(model: nn.Module, cfg: Config, checkpointing: bool = False):
     return get_peft_model(model, lora)
 
 
-def memory_plan(cfg: Config, base_path: Path):
-    """The step's memory estimate and whether it needs gradient checkpointing (train/memory.py)."""
+def memory_plan(cfg: Config, base_config):
+    """The step's memory estimate, gradient checkpointing and micro-batch for the base's config (train/memory.py)."""
+    from .memory import plan
+    return plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4",
+                cfg.train.memory_budget_gib, cfg.model.gradient_checkpointing)
+
+
+def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=print, plan=None,
+          compile_layers: bool = True):
+    """Base (quantized as configured) + LoRA + soul, ready to train. Returns (peft_model, soul).
+    `plan` is the memory plan when the caller has made it already. The decoder layers are compiled when
+    model.compile is set, unless `compile_layers` is False (a captured step)."""
     from transformers import AutoConfig
 
-    from .memory import plan
-    return plan(AutoConfig.from_pretrained(base_path), cfg.train.batch_size, cfg.train.max_length,
-                cfg.model.quantization == "nf4", cfg.train.memory_budget_gib, cfg.model.gradient_checkpointing)
-
-
-def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=print, compile_layers: bool = True):
-    """Base (quantized as configured) + LoRA + soul, ready to train. Returns (peft_model, soul).
-    The decoder layers are compiled when model.compile is set, unless `compile_layers` is False (a captured step)."""
-    p = memory_plan(cfg, base_path)
+    p = plan or memory_plan(cfg, AutoConfig.from_pretrained(base_path))
     split = cfg.train.batch_size // p.micro_batch
     if device.type == "cuda" or split > 1:  # the budget is GPU memory; a split applies wherever it runs
         log(f"memory plan: ~{p.estimate_gib:.1f} GiB of {p.budget_gib:g} GiB with gradient checkpointing "
