@@ -154,3 +154,14 @@ def test_a_split_batch_trains_the_same_as_the_whole_batch(tiny_path, tmp_path):
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+def test_learned_alpha_follows_the_schedule_then_trains(tiny_path, tmp_path):
+    """soul.alpha_mode = learned: the schedule owns α through the anneal (its gradient is dropped), then AdamW moves it."""
+    train_cli(tmp_path / "run", *SHORT, "soul.alpha_mode=learned")
+    recs = metrics.read(tmp_path / "run")
+    sched = Schedule(total_steps=12, warmup_steps=3, anneal_steps=6)
+    for r in recs[:9]:
+        assert r["alpha"] == pytest.approx(alpha_for_step(r["step"], sched), abs=1e-6)
+    free = [r["alpha"] for r in recs[9:]]
+    assert all(abs(a - sched.target_alpha) > 1e-5 for a in free) and len(set(free)) == 3
