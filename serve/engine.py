@@ -15,7 +15,7 @@ from .backends import Backend, Sampling, open_backend
 from .config import ModelSpec, Settings
 from .errors import APIError, bad_request
 from .pool import Job, PoolClosed, QueueFull, WorkerPool
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
 log = logging.getLogger("serve")
 
@@ -106,7 +106,7 @@ def _stops(stop) -> list[str]:
     return [s for s in ([stop] if isinstance(stop, str) else list(stop or [])) if s]
 
 
-def _sampling(req) -> Sampling:
+def _sampling(req: SamplingRequest) -> Sampling:
     return Sampling(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -116,7 +116,7 @@ def _sampling(req) -> Sampling:
         seed=req.seed)
 
 
-def _check_unsupported(req) -> None:
+def _check_unsupported(req: SamplingRequest) -> None:
     if req.n not in (None, 1):
         raise bad_request("n > 1 is not supported: ask once per completion", "n", "unsupported_parameter")
     if getattr(req, "best_of", None) not in (None, 1):

@@ -45,14 +45,13 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(msgspec.Struct, kw_only=True):
-    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=4096)]
+class SamplingRequest(msgspec.Struct, kw_only=True):
+    """The fields both completion endpoints take (OpenAI's names)."""
     model: ModelId | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = None
     max_tokens: MaxTokens | None = None
-    max_completion_tokens: MaxTokens | None = None
     stop: str | StopList | None = None
     seed: Seed | None = None
     presence_penalty: Penalty | None = None
@@ -61,31 +60,22 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: IgnoreEos = False
-    logprobs: bool | None = None
-    tools: Annotated[list[dict], Meta(max_length=0, description="not supported")] | None = None
     user: str | None = None
 
 
-class CompletionRequest(msgspec.Struct, kw_only=True):
+class ChatCompletionRequest(SamplingRequest, kw_only=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=4096)]
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: bool | None = None
+    tools: Annotated[list[dict], Meta(max_length=0, description="not supported")] | None = None
+
+
+class CompletionRequest(SamplingRequest, kw_only=True):
     prompt: PromptText | PromptList
-    model: ModelId | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    max_tokens: MaxTokens | None = None
-    stop: str | StopList | None = None
-    seed: Seed | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    n: N | None = None
     best_of: N | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    ignore_eos: IgnoreEos = False
     echo: bool | None = None
     suffix: Annotated[str, Meta(max_length=0, description="not supported")] | None = None
     logprobs: Annotated[int, Meta(ge=0, le=0, description="not supported")] | None = None
-    user: str | None = None
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------
