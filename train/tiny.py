@@ -2,11 +2,19 @@
 
 It has Phi-3's real structure (fused qkv_proj / gate_up_proj, LongRoPE with short and long factors, an untied head),
 a SentencePiece BPE tokenizer with byte fallback trained on the corpus plus Phi-3's special tokens and chat template,
-and it is briefly pre-trained on the corpus's train split. Everything is deterministic, so a build is cached by a
-fingerprint of the corpus and this recipe, never downloaded.
+and it is pre-trained on the corpus's train split, the chats weighted up so that it learns to answer in turns. A
+build is cached by a fingerprint of the corpus and this recipe, never downloaded.
 
-    python -m train.tiny --out DIR        build into DIR
+Pre-training (800 steps of 32 x 256 tokens) takes under a minute on one GPU but roughly an hour on 2 CPU cores, so
+the weights of one build ship with the package (train/corpus/tiny_weights.safetensors, 16-bit, 14 MB) under the
+fingerprint and the tokenizer vocabulary they were trained for: a build whose fingerprint and vocabulary match them
+takes them and skips pre-training; any change to the corpus or the recipe makes the builder pre-train from source
+again (and tests/test_tiny_weights.py fails until the weights are shipped anew).
+
     python -m train.tiny                  build (or find) the cached copy and print its path
+    python -m train.tiny --out DIR        build into DIR
+    python -m train.tiny --out DIR --from-source --ship
+                                          pre-train from source (on a GPU if there is one) and ship the weights
 """
 
 from __future__ import annotations
@@ -23,12 +31,15 @@ import time
 from importlib import resources
 from pathlib import Path
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 SP_VOCAB = 4000
-SEQ_LEN, BATCH, STEPS, LR = 256, 8, 300, 3e-3
-EVAL_EVERY, DROPOUT = 25, 0.1  # keep the weights with the best held-out loss; the corpus is small
-ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=4, original_max_position_embeddings=512, max_position_embeddings=2048,
+SEQ_LEN, BATCH, STEPS, LR, WARMUP = 256, 32, 800, 1e-3, 30
+EVAL_EVERY, DROPOUT = 50, 0.1
+# The chats are a third of the corpus's tokens; seen CHAT_WEIGHT times as often as the prose, they teach the model
+# to answer a user turn and to close it with <|end|>.
+CHAT_WEIGHT = 3
+ARCH = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
+            num_key_value_heads=8, original_max_position_embeddings=512, max_position_embeddings=2048,
             rms_norm_eps=1e-5, rope_theta=10000.0)
 # Phi-3's added tokens in Phi-3's order; they follow the SentencePiece vocabulary as in the real model (32000...).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
@@ -41,8 +52,13 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
-CORPUS_TRAIN = ["prose_train_a.txt", "prose_train_b.txt", "prose_train_c.txt", "chat_train.jsonl"]
+CORPUS_PROSE = ["prose_train_a.txt", "prose_train_b.txt", "prose_train_c.txt"]
+CORPUS_CHAT = ["chat_train.jsonl"]
+CORPUS_TRAIN = CORPUS_PROSE + CORPUS_CHAT
+# Held-out prose is scored in the build's log; the held-out chats are never seen by the build (train.chat_quality).
+CORPUS_HELD = ["prose_eval.txt"]
 CORPUS_EVAL = ["prose_eval.txt", "chat_eval.jsonl"]
+SHIPPED = "tiny_weights.safetensors"
 
 
 def corpus_path(name: str) -> Path:
@@ -68,7 +84,8 @@ def _texts(names: list[str], render) -> list[str]:
 
 
 def fingerprint() -> str:
-    h = hashlib.sha256(json.dumps([RECIPE_VERSION, SP_VOCAB, SEQ_LEN, BATCH, STEPS, LR, ARCH]).encode())
+    h = hashlib.sha256(json.dumps([RECIPE_VERSION, SP_VOCAB, SEQ_LEN, BATCH, STEPS, LR, WARMUP, EVAL_EVERY, DROPOUT,
+                                   CHAT_WEIGHT, ARCH]).encode())
     for name in sorted(CORPUS_TRAIN + CORPUS_EVAL):
         h.update(corpus_path(name).read_bytes())
     return h.hexdigest()[:16]
@@ -114,50 +131,101 @@ def _train_tokenizer(texts: list[str], workdir: Path):
     return tok
 
 
-def _pretrain(model, ids: list[int], eval_ids: list[int], log) -> dict[str, float]:
+def vocab_digest(sp_model: Path) -> str:
+    """The SentencePiece vocabulary (pieces, scores, types), not the file: the file also records where it was
+    trained (temporary paths), so two identical vocabularies never have identical bytes."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    rows = (f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\t{sp.is_byte(i)}{sp.is_control(i)}{sp.is_unknown(i)}"
+            for i in range(sp.get_piece_size()))
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
+
+
+def _shipped(vocab: str, log) -> tuple[dict, dict] | None:
+    """(state dict, stats) of the shipped weights when they were trained for this fingerprint and vocabulary."""
+    from safetensors import safe_open
+
+    path = corpus_path(SHIPPED)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("fingerprint") != fingerprint() or meta.get("vocab") != vocab:
+            log(f"{path.name} was trained for fingerprint {meta.get('fingerprint')} / vocabulary {meta.get('vocab')}, "
+                f"this build is {fingerprint()} / {vocab}: pre-training from source")
+            return None
+        state = {k: f.get_tensor(k).float() for k in f.keys()}
+    return state, json.loads(meta["stats"])
+
+
+def ship(model_dir: Path) -> Path:
+    """Write a built model's weights (16-bit) into the package as the shipped weights of this fingerprint."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = Path(model_dir)
+    info = json.loads((model_dir / "aegis_tiny.json").read_text())
+    if info["fingerprint"] != fingerprint():
+        raise ValueError(f"{model_dir} was built for fingerprint {info['fingerprint']}, the recipe is {fingerprint()}")
+    state = {k: v.half().contiguous() for k, v in load_file(model_dir / "model.safetensors").items()}
+    stats = {k: v for k, v in info.items() if k not in ("fingerprint", "vocab", "shipped")}
+    dest = corpus_path(SHIPPED)
+    tmp = dest.with_name("." + dest.name + ".tmp")
+    save_file(state, str(tmp), metadata={"fingerprint": info["fingerprint"], "vocab": info["vocab"],
+                                         "stats": json.dumps(stats)})
+    os.replace(tmp, dest)
+    return dest
+
+
+def _pretrain(model, ids: list[int], held_ids: list[int], log) -> dict:
+    """AdamW on windows cut at random offsets, cosine schedule; the final weights are kept. Held-out prose is
+    scored along the way for the log: it bottoms out early and then rises while the model learns its small
+    corpus nearly by heart, which is what lets it close a reply with <|end|> instead of looping (README)."""
     import torch
 
-    def windows(stream: list[int]) -> torch.Tensor:
-        n = len(stream) // SEQ_LEN
-        return torch.tensor(stream[: n * SEQ_LEN]).view(n, SEQ_LEN)
+    device = next(model.parameters()).device
+    stream = torch.tensor(ids)
+    n = len(held_ids) // SEQ_LEN
+    held = torch.tensor(held_ids[: n * SEQ_LEN]).view(n, SEQ_LEN).to(device)
 
     @torch.no_grad()
     def held_loss() -> float:
         model.eval()
-        loss = sum(model(input_ids=w[None], labels=w[None]).loss.item() for w in held) / len(held)
+        loss = model(input_ids=held, labels=held).loss.item()  # windows of equal length: the mean over tokens
         model.train()
         return loss
 
-    train, held = windows(ids), windows(eval_ids)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
     model.train()
     start = time.time()
-    best = (float("inf"), 0, None)
+    recent: list[float] = []
     for step in range(1, STEPS + 1):
-        lr = LR * min(1.0, step / 30) * 0.5 * (1 + math.cos(math.pi * step / STEPS))
+        lr = LR * min(1.0, step / WARMUP) * 0.5 * (1 + math.cos(math.pi * step / STEPS))
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = train[torch.randint(len(train), (BATCH,), generator=g)]
+        # windows at random offsets: every epoch cuts the texts differently
+        starts = torch.randint(len(stream) - SEQ_LEN, (BATCH,), generator=g).tolist()
+        batch = torch.stack([stream[s:s + SEQ_LEN] for s in starts]).to(device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step % EVAL_EVERY == 0:
-            h = held_loss()
-            if h < best[0]:
-                best = (h, step, {k: v.clone() for k, v in model.state_dict().items()})
-            log(f"  pretrain step {step}/{STEPS} loss {loss.item():.3f} held-out {h:.3f} "
+        recent = (recent + [loss.item()])[-EVAL_EVERY:]
+        if step % EVAL_EVERY == 0 or step == STEPS:
+            log(f"  pretrain step {step}/{STEPS} loss {sum(recent) / len(recent):.3f} held-out {held_loss():.3f} "
                 f"({time.time() - start:.0f}s)")
-    model.load_state_dict(best[2])
-    model.eval()
-    return {"train_loss": loss.item(), "heldout_loss": best[0], "best_step": best[1],
-            "seconds": time.time() - start}
+    final = held_loss()
+    model.to("cpu").eval()
+    return {"train_loss": sum(recent) / len(recent), "heldout_loss": final, "steps": STEPS,
+            "seconds": round(time.time() - start, 1), "device": device.type}
 
 
-def build(out: Path, log=print) -> Path:
-    """Build the tiny model into `out` (written under a temporary name, then renamed)."""
+def build(out: Path, log=print, from_source: bool = False) -> Path:
+    """Build the tiny model into `out` (written under a temporary name, then renamed). The shipped weights are
+    used when they match this recipe and tokenizer, unless `from_source`."""
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -170,10 +238,7 @@ def build(out: Path, log=print) -> Path:
         log("building the embedded tiny Phi-3: tokenizer")
         plain = lambda msgs: "\n".join(m["content"] for m in msgs)  # noqa: E731 - text only, for the tokenizer
         tok = _train_tokenizer(_texts(CORPUS_TRAIN, plain), work)
-        render = lambda msgs: tok.apply_chat_template(msgs, tokenize=False)  # noqa: E731
-        encode = lambda texts: [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]
-                                + [tok.eos_token_id]]  # noqa: E731
-        ids, eval_ids = encode(_texts(CORPUS_TRAIN, render)), encode(_texts(CORPUS_EVAL, render))
+        vocab = vocab_digest(work / "sp.model")
         head_dim = ARCH["hidden_size"] // ARCH["num_attention_heads"]
         short, long = _rope_factors(head_dim // 2)
         config = Phi3Config(
@@ -184,10 +249,24 @@ def build(out: Path, log=print) -> Path:
             tie_word_embeddings=False, sliding_window=None, attention_dropout=0.0, resid_pdrop=DROPOUT,
             embd_pdrop=DROPOUT)
         model = Phi3ForCausalLM(config)
-        log(f"pre-training {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters on "
-            f"{len(ids)} tokens for {STEPS} steps")
-        stats = _pretrain(model, ids, eval_ids, log)
+        shipped = None if from_source else _shipped(vocab, log)
+        if shipped:
+            model.load_state_dict(shipped[0])
+            stats = {**shipped[1], "shipped": True}
+            log(f"using the shipped weights ({SHIPPED}) of this recipe")
+        else:
+            render = lambda msgs: tok.apply_chat_template(msgs, tokenize=False)  # noqa: E731
+            encode = lambda texts: [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]
+                                    + [tok.eos_token_id]]  # noqa: E731
+            texts = _texts(CORPUS_PROSE, render) + _texts(CORPUS_CHAT, render) * CHAT_WEIGHT
+            random.Random(0).shuffle(texts)
+            ids, held_ids = encode(texts), encode(_texts(CORPUS_HELD, render))
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            log(f"pre-training {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters on "
+                f"{len(ids)} tokens for {STEPS} steps of {BATCH} x {SEQ_LEN} ({device.type})")
+            stats = _pretrain(model.to(device), ids, held_ids, log)
         stats["ln_vocab"] = math.log(config.vocab_size)
+        model.eval()
         model.config.resid_pdrop = model.config.embd_pdrop = 0.0  # dropout was for pre-training only
         model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(t) for t in
                                                 ("<|end|>", "<|endoftext|>", "<|assistant|>")]
@@ -196,12 +275,13 @@ def build(out: Path, log=print) -> Path:
         model.save_pretrained(final)
         tok.save_pretrained(final)
         shutil.copy(work / "sp.model", final / "tokenizer.model")  # as on the hub: GGUF export reads scores here
-        (final / "aegis_tiny.json").write_text(json.dumps({"fingerprint": fingerprint(), **stats}, indent=1))
+        (final / "aegis_tiny.json").write_text(json.dumps({"fingerprint": fingerprint(), "vocab": vocab, **stats},
+                                                          indent=1))
         if out.exists():
             shutil.rmtree(out)
         os.replace(final, out)
         log(f"tiny model ready at {out}: held-out loss {stats['heldout_loss']:.2f} (ln vocab "
-            f"{stats['ln_vocab']:.2f}) in {stats['seconds']:.0f}s")
+            f"{stats['ln_vocab']:.2f})" + ("" if shipped else f" in {stats['seconds']:.0f}s"))
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -225,8 +305,15 @@ def ensure(log=print) -> Path:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.tiny", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="build into this directory (default: the cache)")
+    ap.add_argument("--from-source", action="store_true", help="pre-train even where shipped weights match")
+    ap.add_argument("--ship", action="store_true", help=f"then write the weights into the package as {SHIPPED}")
     args = ap.parse_args(argv)
-    print(build(args.out) if args.out else ensure())
+    if (args.from_source or args.ship) and not args.out:
+        ap.error("--from-source and --ship need --out")
+    path = build(args.out, from_source=args.from_source) if args.out else ensure()
+    if args.ship:
+        print(f"shipped {ship(path)}")
+    print(path)
 
 
 if __name__ == "__main__":
