@@ -86,7 +86,7 @@ def fingerprint(paths: list[Path]) -> str:
 
 def find_checkpoint(run_dir: Path) -> Path:
     """The run's final/ checkpoint, else its newest complete step checkpoint."""
-    from train import checkpoint
+    from aegis import checkpoint
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

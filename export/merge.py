@@ -65,7 +65,7 @@ def resolve_device(name: str):
 
 
 def source_fingerprint(ckpt: Path, base: str, dtype: str) -> str:
-    from train import checkpoint
+    from aegis import checkpoint
 
     digest = fingerprint([Path(ckpt) / n for n in checkpoint.REQUIRED])
     return f"{digest}-{base}-{dtype}"
@@ -73,8 +73,8 @@ def source_fingerprint(ckpt: Path, base: str, dtype: str) -> str:
 
 def validate_checkpoint(ckpt: Path, base: str | None = None) -> tuple[dict, Path]:
     """Check the checkpoint before any model is loaded; returns (soul metadata, base directory)."""
-    from train import checkpoint
-    from train.model import resolve_base
+    from aegis import checkpoint
+    from aegis.loading import resolve_base
 
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
@@ -137,7 +137,7 @@ def fold_head(model, soul, dtype) -> bool:
     import torch
     from torch import nn
 
-    from train.soul import SoulHead
+    from aegis.soul import SoulHead
 
     head = model.get_output_embeddings()
     if not isinstance(head, SoulHead):
@@ -178,7 +178,7 @@ def merge(ckpt: Path, out: Path, base: str | None = None, dtype: str = "float32"
     import torch
     from transformers import AutoModelForCausalLM
 
-    from train.model import load_checkpoint
+    from aegis.loading import load_checkpoint
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: not one of {', '.join(DTYPES)}")
@@ -231,7 +231,7 @@ def merge(ckpt: Path, out: Path, base: str | None = None, dtype: str = "float32"
 def _quantization_gap(ckpt, base_name, quantization, dtype, dev, items, merged, log) -> LogitDiff | None:
     """How far the model as trained (4-bit base + adapter + soul) is from the full-precision merge: the
     quantization gap, reported, never an error."""
-    from train.model import load_checkpoint
+    from aegis.loading import load_checkpoint
 
     try:
         trained, *_ = load_checkpoint(ckpt, base=base_name, quantization=quantization, dtype=dtype, device=dev)

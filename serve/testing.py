@@ -43,11 +43,11 @@ def _compute_fingerprint() -> str:
     the files' contents)."""
     h = hashlib.sha256(" ".join(TRAIN_ARGS[2:]).encode())
     try:
-        trees = subprocess.run(["git", "rev-parse", "HEAD:train", "HEAD:export", "HEAD:configs/quickstart.toml"],
+        trees = subprocess.run(["git", "rev-parse", "HEAD:aegis", "HEAD:train", "HEAD:export", "HEAD:configs/quickstart.toml"],
                                cwd=REPO, capture_output=True, text=True, check=True).stdout
         h.update(trees.encode())
     except (OSError, subprocess.CalledProcessError):
-        for folder in ("train", "export"):
+        for folder in ("aegis", "train", "export"):
             for path in sorted((REPO / folder).rglob("*")):
                 if path.is_file() and path.suffix in (".py", ".txt", ".jsonl", ".toml", ".jinja"):
                     h.update(path.relative_to(REPO).as_posix().encode())
@@ -115,7 +115,7 @@ def base_gguf(run_dir: Path) -> Path:
         return out
     base = tomllib.loads((Path(run_dir) / "config.toml").read_text())["model"]["base"]
     if base == "embedded":
-        from train.tiny import ensure
+        from aegis.tiny import ensure
         base = str(ensure())
     done = subprocess.run([sys.executable, "-m", "export", "gguf", "--model", base, "--out", str(out), "--type",
                            "f16"], cwd=REPO, capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""The Soul monitor's data and pictures: runs found under a directory, their metrics read through train.metrics, and
+"""The Soul monitor's data and pictures: runs found under a directory, their metrics read through aegis.metrics, and
 one figure of loss, α (with the φ line), gate, orthogonality error and tokens/s, drawn with matplotlib on the
 server (no plotting scripts from anywhere else reach the browser)."""
 
@@ -22,8 +22,8 @@ matplotlib.use("Agg")  # no display here; figures are rendered to images
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from train import metrics as train_metrics  # noqa: E402
-from train.schedule import PHI, gate as gate_of  # noqa: E402
+from aegis import metrics as train_metrics  # noqa: E402
+from aegis.schedule import PHI, gate as gate_of  # noqa: E402
 
 from .ui_theme import NEON  # noqa: E402
 

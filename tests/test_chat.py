@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def loaded(short_run):
-    from train.model import load_checkpoint
+    from aegis.loading import load_checkpoint
     return load_checkpoint(short_run / "final")
 
 
@@ -120,8 +120,8 @@ def test_mismatched_soul_is_a_clear_error(short_run, tmp_path):
 
 
 def test_soul_of_another_format_version_is_refused(short_run, tmp_path):
-    from train.checkpoint import CheckpointError
-    from train.model import load_checkpoint
+    from aegis.checkpoint import CheckpointError
+    from aegis.loading import load_checkpoint
     bad = tmp_path / "bad"
     shutil.copytree(short_run / "final", bad)
     _rewrite_soul(bad, format_version=99)

@@ -183,7 +183,7 @@ def script_commands(script: Path) -> list[list[str]]:
 
 def env_vars_read() -> str:
     """All the text where the project reads environment variables: its Python packages and docker/ scripts."""
-    files = [p for d in ("train", "export", "serve", "docker") for p in (ROOT / d).rglob("*")
+    files = [p for d in ("aegis", "train", "export", "serve", "docker") for p in (ROOT / d).rglob("*")
              if p.suffix in (".py", ".sh")]
     return "\n".join(p.read_text() for p in files)
 

@@ -46,7 +46,7 @@ def test_all_prints_where_everything_is(exported):
 def test_merged_model_loads_in_plain_transformers_and_matches_checkpoint(exported):
     import torch
 
-    from train.model import load_checkpoint
+    from aegis.loading import load_checkpoint
 
     merged = exported["merged"]
     ids = [[5, 120, 33, 900, 17, 250, 8, 64], [300, 301, 302, 11, 12]]
@@ -56,7 +56,7 @@ def test_merged_model_loads_in_plain_transformers_and_matches_checkpoint(exporte
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(merged)!r}, dtype=torch.float32)\n"
         f"out = [m(input_ids=torch.tensor([i])).logits[0].tolist() for i in {ids!r}]\n"
-        "assert not [n for n in sys.modules if n.split('.')[0] in ('train', 'export', 'serve')]\n"
+        "assert not [n for n in sys.modules if n.split('.')[0] in ('aegis', 'train', 'export', 'serve')]\n"
         "print(json.dumps(out))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -79,7 +79,7 @@ def test_merged_model_loads_in_plain_transformers_and_matches_checkpoint(exporte
     # The soul really is in the head: lm_head differs from the base's, by exactly the fold.
     from safetensors.torch import load_file
 
-    from train.model import resolve_base
+    from aegis.loading import resolve_base
     base_head = load_file(str(resolve_base("embedded") / "model.safetensors"))["lm_head.weight"]
     head = load_file(str(merged / "model.safetensors"))["lm_head.weight"]
     assert not torch.equal(head, base_head)

@@ -18,8 +18,8 @@ def tied_checkpoint(tiny_path, tmp_path_factory) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from train import checkpoint
-    from train.soul import Soul
+    from aegis import checkpoint
+    from aegis.soul import Soul
 
     root = tmp_path_factory.mktemp("tied")
     base = root / "tiny-llama-tied"

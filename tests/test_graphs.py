@@ -6,8 +6,9 @@ the same comparison runs through a real CUDA-graph capture and replays."""
 import pytest
 import torch
 
-from train import data, graphs, metrics, model as model_mod
-from train.config import build
+from aegis import loading as model_mod, metrics
+from aegis.config import build
+from train import data, graphs
 from train.loss import count_targets, masked_loss_sum
 
 from conftest import SHORT, train_cli

@@ -4,8 +4,8 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from train import model as model_mod
-from train.config import build
+from aegis import loading as model_mod
+from aegis.config import build
 
 
 def _cfg(**sets):

@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from train import metrics, monitor
+from aegis import metrics
+from train import monitor
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from train.schedule import PHI, Schedule, alpha_at, alpha_for_step, gate, phase
+from aegis.schedule import PHI, Schedule, alpha_at, alpha_for_step, gate, phase
 
 SEED = Schedule()  # 500 steps, 50 warmup at -5, 400 linear anneal to φ
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from train.soul import FREE, Soul, SoulHead, attach
+from aegis.soul import FREE, Soul, SoulHead, attach
 
 
 def test_identity_start_is_exactly_the_base():

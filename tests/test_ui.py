@@ -181,7 +181,7 @@ def test_monitor_plots_a_real_run_and_follows_it(page, run_dir, runs_root):
     pick(page, "run", str(runs_root / "live-run"))
     page.wait_for_function("() => document.querySelector('#soul-badge').innerText.includes('step 10')",
                            timeout=30_000)
-    from train.metrics import JsonlSink
+    from aegis.metrics import JsonlSink
     sink = JsonlSink(runs_root / "live-run" / "metrics.jsonl")
     for line in (run_dir / "metrics.jsonl").read_text().splitlines()[10:]:
         sink(json.loads(line))

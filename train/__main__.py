@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load
+from aegis.config import ConfigError, load
 
 
 def main(argv: list[str] | None = None) -> int:

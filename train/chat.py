@@ -1,6 +1,6 @@
 """Chat with a checkpoint in the terminal: python -m train.chat --checkpoint RUN_DIR/final [--prompt TEXT]
 
-Loads the base as trained (4-bit or not), the PEFT adapter and the soul through train.model.load_checkpoint,
+Loads the base as trained (4-bit or not), the PEFT adapter and the soul through aegis.loading.load_checkpoint,
 renders the conversation with the tokenizer's chat template and streams the reply. Commands in the loop:
 /reset (forget the conversation), /system TEXT (set the system prompt; /system alone clears it), /help, /exit.
 """
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data
+from aegis import checkpoint
+
+from . import data
 
 END_OF_TURN = ("<|end|>", "<|endoftext|>", "<|eot_id|>", "<|im_end|>")  # those the tokenizer knows are used
 HELP = "commands: /reset  /system TEXT  /help  /exit   (Ctrl-D also exits)"
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt is not None and not args.prompt.strip():
         ap.error("--prompt is empty")
 
-    from .model import load_checkpoint
+    from aegis.loading import load_checkpoint
     try:
         model, soul, tokenizer, meta = load_checkpoint(args.checkpoint, base=args.base,
                                                        quantization=args.quantization)

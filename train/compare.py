@@ -20,8 +20,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import checkpoint, metrics, schedule
-from .config import ConfigError, load
+from aegis import checkpoint, metrics, schedule
+from aegis.config import ConfigError, load
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.toml"

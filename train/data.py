@@ -1,7 +1,7 @@
 """Training data: read sources, tokenize (chat loss only on assistant tokens), pack to max_length, batch by rank.
 
 Sources (`data.train` / `data.eval` entries):
-    embedded:NAME          a file of the corpus that ships with AEGIS (train/corpus/NAME)
+    embedded:NAME          a file of the corpus that ships with AEGIS (aegis/corpus/NAME)
     hf:OWNER/NAME          a hub dataset repo, fetched with huggingface-hub (its .txt/.jsonl/.json files)
     PATH                   a local .txt, .jsonl or .json file, or a directory of them
 Formats: .txt (paragraphs split at blank lines), JSONL with {"text"}, {"messages": [...]} or
@@ -36,7 +36,7 @@ class Example:
 def resolve(source: str) -> list[Path]:
     """The local files behind one `data.*` entry."""
     if source.startswith("embedded:"):
-        from .tiny import corpus_path
+        from aegis.tiny import corpus_path
         path = corpus_path(source.removeprefix("embedded:"))
         if not path.is_file():
             raise DataError(f"{source}: no such file in the embedded corpus")

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data
+from aegis import checkpoint
+
+from . import data
 
 VARIANTS = ("checkpoint", "gate_shut", "base")
 DEFAULT_MAX_LENGTH = 512
@@ -100,7 +102,7 @@ class Evaluator:
 
     def __init__(self, ckpt: Path, base: str | None = None, quantization: str | None = None,
                  max_length: int | None = None, batch_size: int = 8):
-        from .model import load_checkpoint
+        from aegis.loading import load_checkpoint
 
         self.ckpt = Path(ckpt)
         if not self.ckpt.is_dir():

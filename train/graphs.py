@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aegis.soul import BLOCK, Soul
+
 from . import data
 from .loss import masked_loss_sum
-from .soul import BLOCK, Soul
 
 WARMUP = 3  # eager runs before capture: lazy initialisation, cuBLAS workspaces and the allocator settle first
 

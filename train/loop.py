@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, graphs, model as model_mod, schedule
-from .config import EMBEDDED, Config, to_toml
+from aegis import checkpoint, loading as model_mod, schedule
+from aegis.config import EMBEDDED, Config, to_toml
+from aegis.metrics import METRICS, JsonlSink, MetricLogger, ProgressSink
+
+from . import data, graphs
 from .loss import count_targets, masked_loss_sum
-from .metrics import METRICS, JsonlSink, MetricLogger, ProgressSink
 
 
 def soul_metadata(cfg: Config, step: int) -> dict:

@@ -1,7 +1,7 @@
 """Live terminal monitor of a training run: python -m train.monitor RUN_DIR [--once] [--interval S]
 
 It reads only what the run writes: config.toml (total steps and the α schedule), metrics.jsonl (through
-train.metrics.read, which skips a truncated last line) and the checkpoint directories. So it works while the run
+aegis.metrics.read, which skips a truncated last line) and the checkpoint directories. So it works while the run
 is going, after it has ended, and before it has started (then it waits for the directory to appear).
 """
 
@@ -23,7 +23,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from . import checkpoint, metrics, schedule
+from aegis import checkpoint, metrics, schedule
 
 ORTHO_LIMIT = 1e-4  # the rotation is exact by construction; more than this means the float32 maths went wrong
 SPIKE_WINDOW = 20  # a loss is compared with the median of the losses just before it

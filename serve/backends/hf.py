@@ -117,7 +117,7 @@ class HFBackend(Backend):
         self.device = torch.device(device)
         if is_checkpoint(self.path):
             # base + adapter + soul, exactly as training left them (the soul stays a module in front of the head)
-            from train.model import load_checkpoint
+            from aegis.loading import load_checkpoint
             self.model, _soul, self.tokenizer, _meta = load_checkpoint(self.path, quantization=quantization,
                                                                        dtype=dtype, device=self.device)
             self.kind = "transformers (checkpoint)"

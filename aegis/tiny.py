@@ -5,8 +5,8 @@ a SentencePiece BPE tokenizer with byte fallback trained on the corpus plus Phi-
 and it is briefly pre-trained on the corpus's train split. Everything is deterministic, so a build is cached by a
 fingerprint of the corpus and this recipe, never downloaded.
 
-    python -m train.tiny --out DIR        build into DIR
-    python -m train.tiny                  build (or find) the cached copy and print its path
+    python -m aegis.tiny --out DIR        build into DIR
+    python -m aegis.tiny                  build (or find) the cached copy and print its path
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ CORPUS_EVAL = ["prose_eval.txt", "chat_eval.jsonl"]
 
 def corpus_path(name: str) -> Path:
     """A file of the corpus that ships inside the package."""
-    return Path(str(resources.files("train") / "corpus" / name))
+    return Path(str(resources.files("aegis") / "corpus" / name))
 
 
 def paragraphs(path: Path) -> list[str]:
@@ -223,7 +223,7 @@ def ensure(log=print) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m train.tiny", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m aegis.tiny", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="build into this directory (default: the cache)")
     args = ap.parse_args(argv)
     print(build(args.out) if args.out else ensure())

@@ -110,7 +110,7 @@ def add_lora(model: nn.Module, cfg: Config, checkpointing: bool = False):
 
 
 def memory_plan(cfg: Config, base_config):
-    """The step's memory estimate, gradient checkpointing and micro-batch for the base's config (train/memory.py)."""
+    """The step's memory estimate, gradient checkpointing and micro-batch for the base's config (aegis/memory.py)."""
     from .memory import plan
     return plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4",
                 cfg.train.memory_budget_gib, cfg.model.gradient_checkpointing)
