@@ -18,10 +18,14 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+
+# torch (and safetensors' torch side) is imported by the functions that move tensors, not here: export's commands
+# and the torch-less serve image look at run directories through this module and start without it.
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
@@ -44,6 +48,8 @@ class CheckpointError(ValueError):
 # ---- the soul ---------------------------------------------------------------------------------------------------
 
 def save_soul(path: Path, soul, meta: dict) -> None:
+    from safetensors.torch import save_file
+
     metadata = {k: json.dumps(v) for k, v in meta.items()}
     metadata.update(format_version=str(FORMAT_VERSION), hidden_size=str(soul.hidden_size), mix=json.dumps(soul.mix),
                     gate=json.dumps(float(soul.gate())))
@@ -73,6 +79,8 @@ def read_soul(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_soul_into(soul, ckpt: Path) -> dict:
+    import torch
+
     tensors, meta = read_soul(ckpt)
     if meta["hidden_size"] != soul.hidden_size:
         raise CheckpointError(f"{Path(ckpt) / SOUL}: soul hidden size {meta['hidden_size']} does not match the "
@@ -87,6 +95,9 @@ def load_soul_into(soul, ckpt: Path) -> dict:
 # ---- optimizer and RNG ------------------------------------------------------------------------------------------
 
 def _save_optimizer(path: Path, optimizer) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
     sd = optimizer.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
@@ -97,6 +108,8 @@ def _save_optimizer(path: Path, optimizer) -> dict:
 
 
 def _load_optimizer(path: Path, optimizer, groups: dict) -> None:
+    from safetensors.torch import load_file
+
     flat = load_file(str(path))
     state: dict[int, dict] = {}
     for key, value in flat.items():
@@ -106,6 +119,8 @@ def _load_optimizer(path: Path, optimizer, groups: dict) -> None:
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    import torch
+
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -115,6 +130,9 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _restore_rng(path: Path, py: dict) -> None:
+    import torch
+    from safetensors.torch import load_file
+
     tensors = load_file(str(path))
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
@@ -154,6 +172,8 @@ def commit(tmp: Path, dest: Path) -> None:
 def save(dest: Path, *, model, soul, tokenizer, optimizer=None, scheduler=None, soul_meta: dict,
          trainer_state: dict | None = None, before_commit=None) -> Path:
     """Write a complete checkpoint at `dest` atomically. `before_commit(tmp)` is a test hook."""
+    from safetensors.torch import save_file
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}-{os.getpid()}")
@@ -231,4 +251,6 @@ def prune(run_dir: Path, keep_last: int) -> None:
 
 
 def adapter_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     return load_file(str(Path(ckpt) / ADAPTER_WEIGHTS))

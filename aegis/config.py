@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 from .schedule import SHAPES, Schedule
-from .soul import INITS, MIXES
 
 EMBEDDED = "embedded"  # model.base for the tiny Phi-3 that ships with the package
 QUANTIZATIONS = ("nf4", "none")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ALPHA_MODES = ("scheduled", "learned")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+MIXES = ("interpolate", "residual")  # soul.mix (aegis/soul.py has the maths)
+INITS = ("identity", "random")  # soul.init
 
 
 @dataclass

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from . import soul as soul_mod
+from . import checkpoint
 from .config import EMBEDDED, Config
+from .memory import plan as make_plan
+from .tiny import ensure as ensure_tiny
+
+# torch, transformers, peft and the soul (a torch module) are imported by the functions that build models: serve's
+# torch-less image imports this module with its transformers backend, and the CLIs start without torch.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # LoRA targets for `lora.target_modules = "auto"`: the attention projections under each architecture's own names.
 AUTO_TARGETS = {
@@ -31,8 +37,7 @@ def resolve_base(base: str, revision: str = "") -> Path:
     Hub downloads go through huggingface-hub, which honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE (offline, a
     snapshot already in the cache is used)."""
     if base == EMBEDDED:
-        from .tiny import ensure
-        return ensure()
+        return ensure_tiny()
     path = Path(base).expanduser()
     if path.is_dir():
         return path
@@ -43,10 +48,14 @@ def resolve_base(base: str, revision: str = "") -> Path:
 
 
 def device_for(local_rank: int = 0) -> torch.device:
+    import torch
+
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
@@ -55,6 +64,7 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_base(path: Path, quantization: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = {"dtype": dtype, "device_map": {"": device}}
@@ -69,6 +79,8 @@ def load_base(path: Path, quantization: str, dtype: torch.dtype, device: torch.d
 
 def _linear_names(model: nn.Module) -> set[str]:
     """Leaf names of every linear layer (4-bit ones included) except the output head."""
+    from torch import nn
+
     head = model.get_output_embeddings()
     names = set()
     for name, module in model.named_modules():
@@ -111,8 +123,7 @@ def add_lora(model: nn.Module, cfg: Config, checkpointing: bool = False):
 
 def memory_plan(cfg: Config, base_config):
     """The step's memory estimate, gradient checkpointing and micro-batch for the base's config (aegis/memory.py)."""
-    from .memory import plan
-    return plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4",
+    return make_plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4",
                 cfg.train.memory_budget_gib, cfg.model.gradient_checkpointing)
 
 
@@ -121,7 +132,11 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
     """Base (quantized as configured) + LoRA + soul, ready to train. Returns (peft_model, soul).
     `plan` is the memory plan when the caller has made it already. The decoder layers are compiled when
     model.compile is set, unless `compile_layers` is False (a captured step)."""
+    import torch
+    from torch import nn
     from transformers import AutoConfig
+
+    from . import soul as soul_mod
 
     p = plan or memory_plan(cfg, AutoConfig.from_pretrained(base_path))
     split = cfg.train.batch_size // p.micro_batch
@@ -156,9 +171,6 @@ def lora_module_names(model: nn.Module) -> list[str]:
     return sorted({re.sub(r"\.lora_[AB].*$", "", n) for n, _ in model.named_parameters() if ".lora_" in n})
 
 
-
-
-
 def load_checkpoint(ckpt: Path, base: str | None = None, quantization: str | None = None, dtype: str = "auto",
                     device: torch.device | None = None):
     """Base + PEFT adapter + soul from a checkpoint directory, for inference (chat, eval, export, serve).
@@ -166,9 +178,9 @@ def load_checkpoint(ckpt: Path, base: str | None = None, quantization: str | Non
     The base is the one named in the soul's metadata unless `base` overrides it; quantization defaults to what
     the checkpoint was trained with. Returns (model, soul, tokenizer, soul_metadata)."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from . import checkpoint
+    from . import soul as soul_mod
 
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
@@ -179,7 +191,6 @@ def load_checkpoint(ckpt: Path, base: str | None = None, quantization: str | Non
     tensors, meta = checkpoint.read_soul(ckpt)
     device = device or device_for()
     base_path = resolve_base(base or meta["base"], meta.get("revision", ""))
-    from transformers import AutoConfig
     hidden = AutoConfig.from_pretrained(base_path).hidden_size
     if hidden != meta["hidden_size"]:
         raise checkpoint.CheckpointError(f"{ckpt / checkpoint.SOUL}: the soul was trained for hidden size "

@@ -10,6 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
+from aegis import checkpoint
+
 TMP_PREFIX = ".tmp-"
 
 
@@ -86,8 +88,6 @@ def fingerprint(paths: list[Path]) -> str:
 
 def find_checkpoint(run_dir: Path) -> Path:
     """The run's final/ checkpoint, else its newest complete step checkpoint."""
-    from aegis import checkpoint
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir}: no such run directory")

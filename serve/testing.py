@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from aegis.tiny import ensure as ensure_tiny
+
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_ARGS = ["--config", str(REPO / "configs" / "quickstart.toml"), "--set", "schedule.total_steps=20",
               "--set", "schedule.warmup_steps=5", "--set", "schedule.anneal_steps=10", "--set", "train.save_steps=10",
@@ -115,8 +117,7 @@ def base_gguf(run_dir: Path) -> Path:
         return out
     base = tomllib.loads((Path(run_dir) / "config.toml").read_text())["model"]["base"]
     if base == "embedded":
-        from aegis.tiny import ensure
-        base = str(ensure())
+        base = str(ensure_tiny())
     done = subprocess.run([sys.executable, "-m", "export", "gguf", "--model", base, "--out", str(out), "--type",
                            "f16"], cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0 or not out.exists():

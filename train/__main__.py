@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # the loop brings torch and transformers with it: a config error is reported before they load
     from .data import DataError
     from .loop import run
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from aegis import checkpoint
+from aegis.loading import load_checkpoint
 
 from . import data
 
@@ -163,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt is not None and not args.prompt.strip():
         ap.error("--prompt is empty")
 
-    from aegis.loading import load_checkpoint
     try:
         model, soul, tokenizer, meta = load_checkpoint(args.checkpoint, base=args.base,
                                                        quantization=args.quantization)

@@ -23,6 +23,9 @@ from pathlib import Path
 from aegis import checkpoint, metrics, schedule
 from aegis.config import ConfigError, load
 
+from .data import DataError, resolve
+from .eval import Evaluator
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.toml"
 DEFAULT_DATA = ["embedded:prose_eval.txt"]
@@ -189,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     held_out = args.data or DEFAULT_DATA
     train_text = args.train_data or DEFAULT_TRAIN_DATA
 
-    from .data import DataError, resolve
     try:
         cfg = load(args.config, args.overrides)
         common = args.overrides + schedule_overrides(cfg, args.steps)
@@ -202,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     steps = cfg.schedule.total_steps
     common += [f"train.save_steps={steps}", "train.keep_last=1"]  # only the end of each run is evaluated
 
-    from .eval import Evaluator
     t_start = time.time()
     command = "python -m train.compare" + (f" --steps {args.steps}" if args.steps else "")
     report = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,

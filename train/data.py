@@ -18,6 +18,8 @@ from typing import Iterator
 
 import torch
 
+from aegis.tiny import corpus_path
+
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".txt", ".jsonl", ".json")
@@ -36,7 +38,6 @@ class Example:
 def resolve(source: str) -> list[Path]:
     """The local files behind one `data.*` entry."""
     if source.startswith("embedded:"):
-        from aegis.tiny import corpus_path
         path = corpus_path(source.removeprefix("embedded:"))
         if not path.is_file():
             raise DataError(f"{source}: no such file in the embedded corpus")

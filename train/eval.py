@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 
 from aegis import checkpoint
+from aegis.loading import load_checkpoint
 
 from . import data
+from .loss import count_targets, masked_loss_sum
 
 VARIANTS = ("checkpoint", "gate_shut", "base")
 DEFAULT_MAX_LENGTH = 512
@@ -68,8 +70,6 @@ def gate_shut(soul):
 @torch.no_grad()
 def loss_over(model, seqs: list[data.Example], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
     """(sum of token losses, number of labelled tokens) over `seqs`, batched by similar length."""
-    from .loss import count_targets, masked_loss_sum
-
     device = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
     total, count = 0.0, 0
@@ -102,8 +102,6 @@ class Evaluator:
 
     def __init__(self, ckpt: Path, base: str | None = None, quantization: str | None = None,
                  max_length: int | None = None, batch_size: int = 8):
-        from aegis.loading import load_checkpoint
-
         self.ckpt = Path(ckpt)
         if not self.ckpt.is_dir():
             raise FileNotFoundError(f"{self.ckpt}: no such checkpoint directory")

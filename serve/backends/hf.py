@@ -8,6 +8,8 @@ import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
+from aegis.loading import load_checkpoint
+
 from .base import Backend, Detokenizer, Sampling, Session, end_of_turn_ids
 
 
@@ -117,7 +119,6 @@ class HFBackend(Backend):
         self.device = torch.device(device)
         if is_checkpoint(self.path):
             # base + adapter + soul, exactly as training left them (the soul stays a module in front of the head)
-            from aegis.loading import load_checkpoint
             self.model, _soul, self.tokenizer, _meta = load_checkpoint(self.path, quantization=quantization,
                                                                        dtype=dtype, device=self.device)
             self.kind = "transformers (checkpoint)"
