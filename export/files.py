@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from aegis import checkpoint
+from aegis import checkpoint, runs
 
 TMP_PREFIX = ".tmp-"
 
@@ -91,8 +91,8 @@ def find_checkpoint(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir}: no such run directory")
-    if not (run_dir / "config.toml").is_file() and not (run_dir / checkpoint.CHECKPOINTS).is_dir():
-        raise ExportError(f"{run_dir}: not a run directory (no config.toml and no {checkpoint.CHECKPOINTS}/)")
+    if not (run_dir / runs.CONFIG).is_file() and not (run_dir / checkpoint.CHECKPOINTS).is_dir():
+        raise ExportError(f"{run_dir}: not a run directory (no {runs.CONFIG} and no {checkpoint.CHECKPOINTS}/)")
     final = run_dir / checkpoint.FINAL
     if checkpoint.is_complete(final):
         return final

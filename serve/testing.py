@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from aegis import runs
+from aegis.config import EMBEDDED
 from aegis.tiny import ensure as ensure_tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,13 +112,11 @@ def served_files(request) -> tuple[Path, Path]:
 def base_gguf(run_dir: Path) -> Path:
     """The run's base model (before LoRA and soul) as a GGUF, for base-vs-souled comparisons; made once per run
     with `python -m export gguf`."""
-    import tomllib
-
     out = Path(run_dir) / "export-base" / "base-f16.gguf"
     if out.exists():
         return out
-    base = tomllib.loads((Path(run_dir) / "config.toml").read_text())["model"]["base"]
-    if base == "embedded":
+    base = runs.read_config(run_dir).model.base
+    if base == EMBEDDED:
         base = str(ensure_tiny())
     done = subprocess.run([sys.executable, "-m", "export", "gguf", "--model", base, "--out", str(out), "--type",
                            "f16"], cwd=REPO, capture_output=True, text=True)

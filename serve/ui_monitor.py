@@ -8,7 +8,6 @@ import html
 import io
 import math
 import time
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +21,8 @@ matplotlib.use("Agg")  # no display here; figures are rendered to images
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from aegis import metrics as train_metrics  # noqa: E402
+from aegis import metrics as train_metrics, runs  # noqa: E402
+from aegis.config import ConfigError  # noqa: E402
 from aegis.schedule import PHI, gate as gate_of  # noqa: E402
 
 from .ui_theme import NEON  # noqa: E402
@@ -44,10 +44,10 @@ def list_runs(root: Path) -> list[Path]:
 def target_alpha(run: Path) -> float:
     """The schedule's target α from the run's config.toml (φ unless the run chose otherwise)."""
     try:
-        cfg = tomllib.loads((Path(run) / "config.toml").read_text(encoding="utf-8"))
-        return float(cfg.get("schedule", {}).get("target_alpha", PHI))
-    except (OSError, ValueError, TypeError, tomllib.TOMLDecodeError):
+        cfg = runs.read_config(run)
+    except ConfigError:  # one run's unreadable config does not take the monitor of every run down
         return PHI
+    return cfg.schedule.target_alpha if cfg else PHI
 
 
 def _num(value) -> float:

@@ -17,13 +17,12 @@ import argparse
 import json
 import math
 import sys
-import tomllib
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
-from aegis import checkpoint
+from aegis import checkpoint, runs
 from aegis.loading import load_checkpoint
 
 from . import data
@@ -31,16 +30,6 @@ from .loss import count_targets, masked_loss_sum
 
 VARIANTS = ("checkpoint", "gate_shut", "base")
 DEFAULT_MAX_LENGTH = 512
-
-
-def run_config(ckpt: Path) -> tuple[Path | None, dict]:
-    """The run directory holding `ckpt` (RUN/final or RUN/checkpoints/step_N) and its config.toml as a dict."""
-    ckpt = Path(ckpt).resolve()
-    for cand in (ckpt.parent, ckpt.parent.parent):
-        cfg = cand / "config.toml"
-        if cfg.is_file():
-            return cand, tomllib.loads(cfg.read_text(encoding="utf-8"))
-    return None, {}
 
 
 def windows(examples: list[data.Example], max_length: int) -> list[data.Example]:
@@ -89,10 +78,10 @@ def figures(loss_sum: float, count: int) -> dict:
 
 def default_sources(ckpt: Path) -> list[str]:
     """The run's data.eval, from the config.toml of the run that holds `ckpt`."""
-    run_dir, cfg = run_config(ckpt)
-    sources = cfg.get("data", {}).get("eval") or []
+    run_dir = runs.run_of(ckpt)
+    sources = runs.read_config(run_dir).data.eval if run_dir else []
     if not sources:
-        where = f"{run_dir / 'config.toml'} has no data.eval" if run_dir else "no config.toml beside it"
+        where = f"{run_dir / runs.CONFIG} has no data.eval" if run_dir else f"no {runs.CONFIG} beside it"
         raise ValueError(f"{ckpt}: no evaluation data given (--data) and {where}")
     return list(sources)
 
@@ -105,8 +94,9 @@ class Evaluator:
         self.ckpt = Path(ckpt)
         if not self.ckpt.is_dir():
             raise FileNotFoundError(f"{self.ckpt}: no such checkpoint directory")
-        _, cfg = run_config(self.ckpt)
-        self.max_length = max_length or cfg.get("train", {}).get("max_length", DEFAULT_MAX_LENGTH)
+        run_dir = runs.run_of(self.ckpt)
+        self.max_length = max_length or (runs.read_config(run_dir).train.max_length if run_dir
+                                         else DEFAULT_MAX_LENGTH)
         self.batch_size = batch_size
         self.model, self.soul, self.tokenizer, self.meta = load_checkpoint(self.ckpt, base=base,
                                                                            quantization=quantization)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from aegis import checkpoint, loading as model_mod, schedule
-from aegis.config import EMBEDDED, Config, to_toml
+from aegis import checkpoint, loading as model_mod, runs, schedule
+from aegis.config import EMBEDDED, Config
 from aegis.metrics import METRICS, JsonlSink, MetricLogger, ProgressSink
 
 from . import data, graphs
@@ -98,7 +98,7 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+        runs.write_config(run_dir, cfg)
     sink = JsonlSink(run_dir / METRICS)
     if main and step:
         sink.truncate_after(step)

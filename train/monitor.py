@@ -12,7 +12,6 @@ import math
 import statistics
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from aegis import checkpoint, metrics, schedule
+from aegis import checkpoint, metrics, runs, schedule
 
 ORTHO_LIMIT = 1e-4  # the rotation is exact by construction; more than this means the float32 maths went wrong
 SPIKE_WINDOW = 20  # a loss is compared with the median of the losses just before it
@@ -64,13 +63,8 @@ def sparkline(values: list[float], width: int = 48) -> str:
 
 def read_schedule(run_dir: Path) -> schedule.Schedule | None:
     """The run's α schedule (and total steps) from its resolved config.toml; None before the run wrote it."""
-    path = Path(run_dir) / "config.toml"
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8")).get("schedule", {})
-    except (FileNotFoundError, tomllib.TOMLDecodeError):
-        return None
-    known = schedule.Schedule.__dataclass_fields__
-    return schedule.Schedule(**{k: v for k, v in raw.items() if k in known})
+    cfg = runs.read_config(run_dir)
+    return cfg.schedule if cfg else None
 
 
 @dataclass
