@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 from safetensors import safe_open
 
+from .errors import AegisError
+
 # torch (and safetensors' torch side) is imported by the functions that move tensors, not here: export's commands
 # and the torch-less serve image look at run directories through this module and start without it.
 if TYPE_CHECKING:
@@ -41,7 +43,7 @@ FINAL = "final"
 TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AegisError):
     pass
 
 

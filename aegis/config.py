@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
+from .errors import AegisError
 from .schedule import SHAPES, Schedule
 
 EMBEDDED = "embedded"  # model.base for the tiny Phi-3 that ships with the package
@@ -80,7 +81,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(AegisError):
     def __init__(self, source: str, problems: list[str]):
         self.problems = problems
         super().__init__(f"{source}: {len(problems)} problem(s) in the configuration:\n" +

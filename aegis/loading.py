@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from . import checkpoint
 from .config import EMBEDDED, Config
+from .errors import ModelError
 from .memory import plan as make_plan
 from .tiny import ensure as ensure_tiny
 
@@ -42,9 +43,13 @@ def resolve_base(base: str, revision: str = "") -> Path:
     if path.is_dir():
         return path
     if path.exists() or base.startswith((".", "/", "~")) or base.count("/") != 1:
-        raise FileNotFoundError(f"model.base: {base!r} is neither a directory with a model nor a hub id (owner/name)")
+        raise ModelError(f"model.base: {base!r} is neither a directory with a model nor a hub id (owner/name)")
     from huggingface_hub import snapshot_download
-    return Path(snapshot_download(repo_id=base, revision=revision or None, allow_patterns=HUB_FILES))
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(repo_id=base, revision=revision or None, allow_patterns=HUB_FILES))
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:  # not on the hub, no access, or offline and not cached
+        raise ModelError(f"model.base: {base!r} could not be fetched from the hub: {e}") from e
 
 
 def device_for(local_rank: int = 0) -> torch.device:
@@ -95,14 +100,14 @@ def target_modules(model: nn.Module, spec: str | list[str]) -> list[str]:
     if spec == "auto":
         kind = model.config.model_type
         if kind not in AUTO_TARGETS:
-            raise ValueError(f"lora.target_modules: no 'auto' targets known for model type {kind!r}; "
+            raise ModelError(f"lora.target_modules: no 'auto' targets known for model type {kind!r}; "
                              f"name them (linear layers here: {', '.join(sorted(present))})")
         spec = AUTO_TARGETS[kind]
     elif spec == "all-linear":
         return sorted(present)
     missing = [n for n in spec if n not in present]
     if missing:
-        raise ValueError(f"lora.target_modules: {', '.join(missing)} match no linear layer of this model "
+        raise ModelError(f"lora.target_modules: {', '.join(missing)} match no linear layer of this model "
                          f"(it has: {', '.join(sorted(present))})")
     return list(spec)
 
@@ -184,7 +189,7 @@ def load_checkpoint(ckpt: Path, base: str | None = None, quantization: str | Non
 
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint directory")
+        raise checkpoint.CheckpointError(f"{ckpt}: no such checkpoint directory")
     for name in checkpoint.REQUIRED:
         if not (ckpt / name).is_file():
             raise checkpoint.CheckpointError(f"{ckpt}: missing {name}; not a complete AEGIS checkpoint")

@@ -6,8 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import names
-from .files import ExportError, write_json
+from aegis.errors import AegisError
+
+from . import merge, modelfile, names, ollama, parity, pipeline
+from .files import write_json
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,13 +73,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _problems(args) -> list[str]:
     """Every problem with the arguments at once, each naming the option and the file."""
-    from .merge import DTYPES
-    from .pipeline import check_type
-
     out = []
     cmd = args.command
-    if cmd in ("merge", "all") and args.dtype not in DTYPES:
-        out.append(f"--dtype {args.dtype!r}: not one of {', '.join(DTYPES)}")
+    if cmd in ("merge", "all") and args.dtype not in merge.DTYPES:
+        out.append(f"--dtype {args.dtype!r}: not one of {', '.join(merge.DTYPES)}")
     if cmd == "merge":
         if not args.checkpoint.is_dir():
             out.append(f"--checkpoint {args.checkpoint}: no such directory")
@@ -89,12 +88,12 @@ def _problems(args) -> list[str]:
     if cmd == "gguf":
         if args.out.suffix != ".gguf":
             out.append(f"--out {args.out}: should end in .gguf")
-        if (p := check_type(args.type)):
+        if (p := pipeline.check_type(args.type)):
             out.append(p)
     if cmd == "parity":
         if not args.gguf.is_file():
             out.append(f"--gguf {args.gguf}: no such file")
-        if args.type and (p := check_type(args.type)):
+        if args.type and (p := pipeline.check_type(args.type)):
             out.append(p)
     if cmd == "modelfile":
         if not args.gguf.is_file():
@@ -107,7 +106,7 @@ def _problems(args) -> list[str]:
         out.append(f"--modelfile {args.modelfile}: no such file")
     if cmd == "all":
         args.types = [t.strip() for spec in (args.types or ["f16,q8_0"]) for t in spec.split(",") if t.strip()]
-        out += [p for t in args.types if (p := check_type(t))]
+        out += [p for t in args.types if (p := pipeline.check_type(t))]
         if len(set(args.types)) != len(args.types):
             out.append(f"--type: repeated ({', '.join(args.types)})")
         if not args.run.is_dir():
@@ -130,38 +129,26 @@ def _guess_type(path: Path) -> str:
 def run(args) -> int:
     cmd = args.command
     if cmd == "merge":
-        from .merge import merge
-
-        merge(args.checkpoint, args.out, base=args.base, dtype=args.dtype, device=args.device,
-              quant_gap=not args.no_quant_gap)
+        merge.merge(args.checkpoint, args.out, base=args.base, dtype=args.dtype, device=args.device,
+                    quant_gap=not args.no_quant_gap)
     elif cmd == "gguf":
-        from .pipeline import export_gguf
-
-        export_gguf(args.model, args.out, args.type, name=args.name, progress=not args.no_progress,
-                    check_parity=not args.skip_parity, threads=args.threads)
+        pipeline.export_gguf(args.model, args.out, args.type, name=args.name, progress=not args.no_progress,
+                             check_parity=not args.skip_parity, threads=args.threads)
     elif cmd == "parity":
-        from . import parity
-
         report = parity.check(args.model, args.gguf, args.type or _guess_type(args.gguf), threads=args.threads)
         print(parity.table(report))
         path = parity.record(args.gguf.parent, report)
         print(f"written to {path}")
         return 0 if report["passed"] else 1
     elif cmd == "modelfile":
-        from . import modelfile
-
         modelfile.write(args.gguf, args.out, name=args.name, system=args.system, num_ctx=args.num_ctx,
                         model_dir=args.model)
     elif cmd == "ollama":
-        from . import ollama
-
         ollama.create(args.modelfile, args.name, host=args.host, use_cli=False if args.no_cli else None)
     elif cmd == "all":
-        from .pipeline import export_all
-
-        summary = export_all(args.run, args.types, out=args.out, base=args.base, dtype=args.dtype, name=args.name,
-                             system=args.system, checkpoint=args.checkpoint, force=args.force,
-                             progress=not args.no_progress, device=args.device)
+        summary = pipeline.export_all(args.run, args.types, out=args.out, base=args.base, dtype=args.dtype,
+                                      name=args.name, system=args.system, checkpoint=args.checkpoint,
+                                      force=args.force, progress=not args.no_progress, device=args.device)
         write_json(Path(summary["merged"]).parent / "export.json", summary)
     return 0
 
@@ -175,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(args)
-    except ExportError as e:
+    except AegisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -11,11 +11,12 @@ import shutil
 from pathlib import Path
 
 from aegis import checkpoint, runs
+from aegis.errors import AegisError
 
 TMP_PREFIX = ".tmp-"
 
 
-class ExportError(Exception):
+class ExportError(AegisError):
     """A problem with the user's input or a failed check; the message names the file or key."""
 
 

@@ -84,17 +84,11 @@ def validate_checkpoint(ckpt: Path, base: str | None = None) -> tuple[dict, Path
             hint = (f" (it looks like a run directory: use {ckpt / checkpoint.FINAL} or `python -m export all "
                     f"--run {ckpt}`)" if (ckpt / checkpoint.FINAL).is_dir() else "")
             raise ExportError(f"{ckpt / name}: missing; {ckpt} is not a complete AEGIS checkpoint{hint}")
-    try:
-        _, meta = checkpoint.read_soul(ckpt)
-    except checkpoint.CheckpointError as e:
-        raise ExportError(str(e)) from None
+    _, meta = checkpoint.read_soul(ckpt)
     name = base or meta.get("base")
     if not name:
         raise ExportError(f"{ckpt / checkpoint.SOUL}: metadata has no 'base'; pass --base")
-    try:
-        base_path = loading.resolve_base(name, meta.get("revision", "") if not base else "")
-    except FileNotFoundError as e:
-        raise ExportError(str(e)) from None
+    base_path = loading.resolve_base(name, meta.get("revision", "") if not base else "")
     cfg_file = base_path / "config.json"
     if not cfg_file.is_file():
         raise ExportError(f"{cfg_file}: missing; the base is not a Hugging Face model directory")

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from aegis.config import ConfigError, load
+from aegis.config import load
+from aegis.errors import AegisError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,15 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load(args.config, args.overrides)
-    except ConfigError as e:
+    except AegisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # the loop brings torch and transformers with it: a config error is reported before they load
-    from .data import DataError
     from .loop import run
     try:
         run(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except AegisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import torch
 
-from aegis import checkpoint
+from aegis.errors import AegisError
 from aegis.loading import load_checkpoint
-
-from . import data
 
 END_OF_TURN = ("<|end|>", "<|endoftext|>", "<|eot_id|>", "<|im_end|>")  # those the tokenizer knows are used
 HELP = "commands: /reset  /system TEXT  /help  /exit   (Ctrl-D also exits)"
@@ -167,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, soul, tokenizer, meta = load_checkpoint(args.checkpoint, base=args.base,
                                                        quantization=args.quantization)
-    except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, ValueError, OSError) as e:
+    except AegisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.seed is not None:

@@ -21,9 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from aegis import checkpoint, metrics, schedule
-from aegis.config import ConfigError, load
+from aegis.config import load
+from aegis.errors import AegisError
 
-from .data import DataError, resolve
+from .data import resolve
 from .eval import Evaluator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,6 +54,10 @@ def schedule_overrides(cfg, steps: int | None) -> list[str]:
     return [f"schedule.total_steps={steps}", f"schedule.warmup_steps={warmup}", f"schedule.anneal_steps={anneal}"]
 
 
+class RunFailed(AegisError):
+    """A recipe's training run exited with an error (its stderr ends the message)."""
+
+
 def train_once(config: Path, run_dir: Path, overrides: list[str], log) -> float:
     """One run through `python -m train` in a fresh process (as a user would start it); returns seconds."""
     cmd = [sys.executable, "-m", "train", "--config", str(config), "--run-dir", str(run_dir), "--no-progress"]
@@ -62,7 +67,7 @@ def train_once(config: Path, run_dir: Path, overrides: list[str], log) -> float:
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"training run {run_dir} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RunFailed(f"training run {run_dir} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return time.time() - t0
 
 
@@ -198,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(args.config, common)  # validates the shortened schedule too
         for source in held_out + train_text:  # fail before training, not after
             resolve(source)
-    except (ConfigError, DataError) as e:
+    except AegisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     steps = cfg.schedule.total_steps
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train_loss_last20": sum(last20) / len(last20),
                 "ortho_error": recs[-1]["ortho_error"], "rotation_norm": recs[-1]["rotation_norm"],
                 "train_seconds": round(seconds, 1), "run_dir": shown(run_dir)}
-    except (RuntimeError, ValueError, OSError) as e:
+    except AegisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     # Both runs sit on the same base in the same quantization, so their base rows must agree.

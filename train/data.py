@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from aegis.errors import AegisError
 from aegis.tiny import corpus_path
 
 IGNORE = -100
@@ -25,7 +26,7 @@ ROLES = ("system", "user", "assistant")
 SUFFIXES = (".txt", ".jsonl", ".json")
 
 
-class DataError(ValueError):
+class DataError(AegisError):
     pass
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from aegis import checkpoint, runs
+from aegis.errors import AegisError
 from aegis.loading import load_checkpoint
 
 from . import data
@@ -82,7 +83,7 @@ def default_sources(ckpt: Path) -> list[str]:
     sources = runs.read_config(run_dir).data.eval if run_dir else []
     if not sources:
         where = f"{run_dir / runs.CONFIG} has no data.eval" if run_dir else f"no {runs.CONFIG} beside it"
-        raise ValueError(f"{ckpt}: no evaluation data given (--data) and {where}")
+        raise data.DataError(f"{ckpt}: no evaluation data given (--data) and {where}")
     return list(sources)
 
 
@@ -93,7 +94,7 @@ class Evaluator:
                  max_length: int | None = None, batch_size: int = 8):
         self.ckpt = Path(ckpt)
         if not self.ckpt.is_dir():
-            raise FileNotFoundError(f"{self.ckpt}: no such checkpoint directory")
+            raise checkpoint.CheckpointError(f"{self.ckpt}: no such checkpoint directory")
         run_dir = runs.run_of(self.ckpt)
         self.max_length = max_length or (runs.read_config(run_dir).train.max_length if run_dir
                                          else DEFAULT_MAX_LENGTH)
@@ -132,7 +133,7 @@ def evaluate(ckpt: Path, sources: list[str] | None = None, variants=VARIANTS, ma
     """Load `ckpt` and score it on `sources` (default: the run's data.eval)."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint directory")
+        raise checkpoint.CheckpointError(f"{ckpt}: no such checkpoint directory")
     sources = list(sources) if sources else default_sources(ckpt)
     for source in sources:  # a missing file should fail before the model is loaded
         data.resolve(source)
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate(args.checkpoint, args.data, variants, args.max_length, base=args.base_model,
                           batch_size=args.batch_size, log=lambda m: print(m, file=sys.stderr))
-    except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, ValueError, OSError) as e:
+    except AegisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=1, ensure_ascii=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aegis.config import ConfigError
 from aegis.soul import BLOCK, Soul
 
 from . import data
@@ -51,7 +52,7 @@ def decide(setting: bool | str, device: torch.device, processes: int, checkpoint
     if Version(transformers.__version__) < Version("5.21"):  # LongRoPE picked its factors on the host before
         blockers.append(f"transformers {transformers.__version__} < 5.21 synchronises in LongRoPE")
     if setting is True and blockers:
-        raise ValueError("train.cuda_graphs = true, but " + "; ".join(blockers))
+        raise ConfigError("train.cuda_graphs = true", blockers)
     if setting == "auto" and checkpointing:
         blockers.append("gradient checkpointing is on (the batch is large enough not to be launch-bound)")
     if setting is False:

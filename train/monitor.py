@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from aegis import checkpoint, metrics, runs, schedule
+from aegis.errors import AegisError
 
 ORTHO_LIMIT = 1e-4  # the rotation is exact by construction; more than this means the float32 maths went wrong
 SPIKE_WINDOW = 20  # a loss is compared with the median of the losses just before it
@@ -273,16 +274,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.run_dir} is a file, not a run directory", file=sys.stderr)
         return 2
     console = Console(width=args.width)
-    if args.once:
-        console.print(render(collect(args.run_dir)))
-        return 0
     try:
+        if args.once:
+            console.print(render(collect(args.run_dir)))
+            return 0
         with Live(render(collect(args.run_dir)), console=console, auto_refresh=False, screen=False) as live:
             while True:
                 time.sleep(args.interval)
                 live.update(render(collect(args.run_dir)), refresh=True)
     except KeyboardInterrupt:
         return 0
+    except AegisError as e:  # e.g. a config.toml that does not parse
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
