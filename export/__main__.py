@@ -105,7 +105,8 @@ def _problems(args) -> list[str]:
     if cmd == "ollama" and not args.modelfile.is_file():
         out.append(f"--modelfile {args.modelfile}: no such file")
     if cmd == "all":
-        args.types = [t.strip() for spec in (args.types or ["f16,q8_0"]) for t in spec.split(",") if t.strip()]
+        specs = args.types or pipeline.DEFAULT_TYPES
+        args.types = [t.strip() for spec in specs for t in spec.split(",") if t.strip()]
         out += [p for t in args.types if (p := pipeline.check_type(t))]
         if len(set(args.types)) != len(args.types):
             out.append(f"--type: repeated ({', '.join(args.types)})")

@@ -47,8 +47,8 @@ def _compute_fingerprint() -> str:
     the files' contents)."""
     h = hashlib.sha256(" ".join(TRAIN_ARGS[2:]).encode())
     try:
-        trees = subprocess.run(["git", "rev-parse", "HEAD:aegis", "HEAD:train", "HEAD:export", "HEAD:configs/quickstart.toml"],
-                               cwd=REPO, capture_output=True, text=True, check=True).stdout
+        trees = subprocess.run(["git", "rev-parse", "HEAD:aegis", "HEAD:train", "HEAD:export",
+                                "HEAD:configs/quickstart.toml"], cwd=REPO, capture_output=True, text=True, check=True).stdout
         h.update(trees.encode())
     except (OSError, subprocess.CalledProcessError):
         for folder in ("aegis", "train", "export"):

@@ -126,4 +126,5 @@ def test_cli_rejects_bad_arguments(tmp_path):
 
 def test_sparkline_and_number():
     assert monitor.sparkline([1.0, 2.0, 3.0, float("nan")]) == "▁▅█"
-    assert monitor.number("inf") == float("inf") and monitor.number("nan") != monitor.number("nan")
+    assert metrics.number("inf") == float("inf") and metrics.number("nan") != metrics.number("nan")
+    assert all(metrics.number(v) != metrics.number(v) for v in (None, True, "text"))  # not numbers: NaN

@@ -81,7 +81,7 @@ def plot(runs: dict[str, list[dict]], path: Path, target_alpha: float) -> None:
     styles = {"aegis": "-", "seed": "--"}  # α and gate coincide for both recipes; dashes keep both visible
     for name, recs in runs.items():
         steps = [r["step"] for r in recs]
-        loss = [metrics_float(r["loss"]) for r in recs]
+        loss = [metrics.number(r["loss"]) for r in recs]
         window = 20
         smooth = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1])
                   for i in range(len(loss))]
@@ -103,10 +103,6 @@ def plot(runs: dict[str, list[dict]], path: Path, target_alpha: float) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def metrics_float(v) -> float:
-    return float(v)  # "nan"/"inf" strings become the floats they stand for
 
 
 def shown(path: Path) -> str:
@@ -233,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             del evaluator
             recs = metrics.read(run_dir)
             histories[name] = recs
-            last20 = [metrics_float(r["loss"]) for r in recs[-20:]]
+            last20 = [metrics.number(r["loss"]) for r in recs[-20:]]
             res = ev["results"]
             bases.append(res["base"])
             train_bases.append(tr["results"]["base"])

@@ -207,8 +207,9 @@ def _rescale_accum(cfg: Config, state: dict, world: int) -> int:
         return cfg.train.grad_accum
     accum, rem = divmod(glob, world * cfg.train.batch_size)
     if rem or accum < 1:
-        raise checkpoint.CheckpointError(f"resume: the checkpoint's global batch of {glob} sequences cannot be kept with {world} "
-                         f"process(es) x train.batch_size {cfg.train.batch_size}; choose a batch size that divides it")
+        raise checkpoint.CheckpointError(
+            f"resume: the checkpoint's global batch of {glob} sequences cannot be kept with {world} process(es) x "
+            f"train.batch_size {cfg.train.batch_size}; choose a batch size that divides it")
     return accum
 
 

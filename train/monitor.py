@@ -24,6 +24,7 @@ from rich.text import Text
 
 from aegis import checkpoint, metrics, runs, schedule
 from aegis.errors import AegisError
+from aegis.metrics import number
 
 ORTHO_LIMIT = 1e-4  # the rotation is exact by construction; more than this means the float32 maths went wrong
 SPIKE_WINDOW = 20  # a loss is compared with the median of the losses just before it
@@ -32,18 +33,6 @@ SPIKE_FACTOR = 1.5  # ... and is a spike when above factor * median + SPIKE_MARG
 SPIKE_MARGIN = 0.5  # the margin keeps a batch of harder text from counting as a spike at low loss
 SPARK = "▁▂▃▄▅▆▇█"
 PHASES = (("chaos", "chaos"), ("transition", "transition"), ("golden", "golden ratio"))
-
-
-def number(value) -> float:
-    """A metrics value as a float: the writer stores non-finite floats as the strings 'nan', 'inf', '-inf'."""
-    if isinstance(value, bool) or value is None:
-        return math.nan
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def sparkline(values: list[float], width: int = 48) -> str:
