@@ -74,7 +74,7 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
             log(f"written without a parity check: {out}")
             summary["parity"] = None
             return {"path": str(out), **summary}
-        report = parity.check(model_dir, candidate, out_type, threads=threads, log=log)
+        report = parity.check(model_dir, candidate, out_type, threads=threads, log=log, name=str(out))
         report["gguf"] = out.name
         report.update({k: summary[k] for k in ("made_by", "tensor_types", "fallbacks", "notes", "bytes", "source")})
         log(parity.table(report))

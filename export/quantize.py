@@ -11,13 +11,15 @@ import ctypes
 import re
 from pathlib import Path
 
+from aegis import llamacpp
+
 from . import names
 from .files import ExportError, atomic_file
 
 
 def llama_quantize(src: Path, dest: Path, out_type: str, threads: int = 0) -> list[str]:
     """Quantize GGUF `src` into `dest` (written atomically). Returns llama.cpp's fallback messages."""
-    import llama_cpp
+    llama_cpp = llamacpp.runtime()
     from llama_cpp import _logger
 
     kind, ftype_name, _ = names.TYPES[out_type]
