@@ -85,6 +85,7 @@ def validate_checkpoint(ckpt: Path, base: str | None = None) -> tuple[dict, Path
                     f"--run {ckpt}`)" if (ckpt / checkpoint.FINAL).is_dir() else "")
             raise ExportError(f"{ckpt / name}: missing; {ckpt} is not a complete AEGIS checkpoint{hint}")
     try:
+        checkpoint.verify(ckpt)
         _, meta = checkpoint.read_soul(ckpt)
     except checkpoint.CheckpointError as e:
         raise ExportError(str(e)) from None
