@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -117,7 +118,10 @@ def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
         problems.append(f"{key}: expected an integer, got {value!r}")
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            if math.isfinite(value):
+                return float(value)
+            problems.append(f"{key}: must be a finite number, got {value}")  # TOML has nan and inf
+            return None
         problems.append(f"{key}: expected a number, got {value!r}")
     elif typ is str:
         if isinstance(value, str):

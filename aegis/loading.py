@@ -193,6 +193,7 @@ def load_checkpoint(ckpt: Path, base: str | None = None, quantization: str | Non
     for name in checkpoint.REQUIRED:
         if not (ckpt / name).is_file():
             raise checkpoint.CheckpointError(f"{ckpt}: missing {name}; not a complete AEGIS checkpoint")
+    checkpoint.verify(ckpt)  # every reader (chat, eval, export, serve) trusts a checkpoint only once it verifies
     tensors, meta = checkpoint.read_soul(ckpt)
     device = device or device_for()
     base_path = resolve_base(base or meta["base"], meta.get("revision", ""))

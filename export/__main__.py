@@ -9,7 +9,7 @@ from pathlib import Path
 from aegis.errors import AegisError
 
 from . import merge, modelfile, names, ollama, parity, pipeline
-from .files import write_json
+from .files import unwritable, write_json
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,6 +116,9 @@ def _problems(args) -> list[str]:
             out.append(f"--checkpoint {args.checkpoint}: no such directory")
         if args.out is not None and args.out.exists() and not args.out.is_dir():
             out.append(f"--out {args.out}: exists and is not a directory")
+    dest = getattr(args, "out", None) or (args.run / "export" if cmd == "all" and args.run.is_dir() else None)
+    if dest is not None and (why := unwritable(dest)):
+        out.append(f"--out {dest}: cannot write there: {why}")
     return out
 
 

@@ -84,6 +84,7 @@ def validate_checkpoint(ckpt: Path, base: str | None = None) -> tuple[dict, Path
             hint = (f" (it looks like a run directory: use {ckpt / checkpoint.FINAL} or `python -m export all "
                     f"--run {ckpt}`)" if (ckpt / checkpoint.FINAL).is_dir() else "")
             raise ExportError(f"{ckpt / name}: missing; {ckpt} is not a complete AEGIS checkpoint{hint}")
+    checkpoint.verify(ckpt)
     _, meta = checkpoint.read_soul(ckpt)
     name = base or meta.get("base")
     if not name:

@@ -120,7 +120,7 @@ def export_all(run: Path, types: list[str], out: Path | None = None, base: str |
                checkpoint: Path | None = None, force: bool = False, progress: bool = True,
                device: str = "auto", log=print) -> dict:
     run = Path(run)
-    ckpt = Path(checkpoint) if checkpoint else find_checkpoint(run)
+    ckpt = Path(checkpoint) if checkpoint else find_checkpoint(run, log=log)
     out = Path(out) if out else run / "export"
     name = name or model_name(run)
     meta, _ = validate_checkpoint(ckpt, base)
