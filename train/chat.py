@@ -1,9 +1,8 @@
-"""Chat with a checkpoint in the terminal: python -m train.chat --checkpoint RUN_DIR[/final] [--prompt TEXT]
+"""Chat with a checkpoint in the terminal: python -m train.chat --checkpoint RUN_DIR/final [--prompt TEXT]
 
-A run directory stands for its final/ (else its newest complete checkpoint). Loads the base as trained (4-bit or
-not), the PEFT adapter and the soul through train.model.load_checkpoint, renders the conversation with the
-tokenizer's chat template and streams the reply. Commands in the loop: /reset (forget the conversation),
-/system TEXT (set the system prompt; /system alone clears it), /help, /exit.
+Loads the base as trained (4-bit or not), the PEFT adapter and the soul through train.model.load_checkpoint,
+renders the conversation with the tokenizer's chat template and streams the reply. Commands in the loop:
+/reset (forget the conversation), /system TEXT (set the system prompt; /system alone clears it), /help, /exit.
 """
 
 from __future__ import annotations
@@ -139,26 +138,28 @@ def loop(chat: Chat, inp=sys.stdin, out=sys.stdout) -> None:
         chat.reply(line, out)
 
 
-def checkpoint_dir(path: Path) -> Path:
-    """What --checkpoint names: a checkpoint directory as it is, or a run directory's final/ (else its newest
-    complete checkpoint)."""
+def checkpoint_dir(value: str) -> Path:
+    """--checkpoint: a checkpoint directory as it is, or a run directory's final/ (else its newest complete
+    checkpoint)."""
+    path = Path(value)
     if not path.is_dir() or any((path / name).exists() for name in checkpoint.REQUIRED):
         return path  # missing, or a checkpoint (complete or not): loading says what is wrong with it
     if (path / "config.toml").is_file() or (path / checkpoint.FINAL).exists() or (path / "checkpoints").is_dir():
         found = checkpoint.latest(path, resumable=False)
         if found is None:
-            raise checkpoint.CheckpointError(f"{path}: this run has no complete checkpoint yet (neither "
+            raise argparse.ArgumentTypeError(f"{path}: this run has no complete checkpoint yet (neither "
                                              f"{checkpoint.FINAL}/ nor checkpoints/step_N)")
         return found
-    raise checkpoint.CheckpointError(f"{path}: neither a checkpoint nor a run directory; pass RUN_DIR, "
+    raise argparse.ArgumentTypeError(f"{path}: neither a checkpoint nor a run directory; pass RUN_DIR, "
                                      "RUN_DIR/final or RUN_DIR/checkpoints/step_N")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.chat", description="Chat with a trained checkpoint "
                                  "(base + LoRA adapter + soul).")
-    ap.add_argument("--checkpoint", required=True, type=Path,
-                    help="RUN_DIR (its final/, else its newest checkpoint), RUN_DIR/final or RUN_DIR/checkpoints/step_N")
+    ap.add_argument("--checkpoint", required=True, type=checkpoint_dir,
+                    help="RUN_DIR (its final/, else its newest checkpoint), RUN_DIR/final or "
+                    "RUN_DIR/checkpoints/step_N")
     ap.add_argument("--prompt", default=None, help="answer this once and exit")
     ap.add_argument("--system", default=None, help="system prompt")
     ap.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default 0.7)")
@@ -180,15 +181,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from .model import load_checkpoint
     try:
-        ckpt = checkpoint_dir(args.checkpoint)
-        model, soul, tokenizer, meta = load_checkpoint(ckpt, base=args.base, quantization=args.quantization)
+        model, soul, tokenizer, meta = load_checkpoint(args.checkpoint, base=args.base,
+                                                       quantization=args.quantization)
     except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.seed is not None:
         from transformers import set_seed
         set_seed(args.seed)
-    print(f"loaded {ckpt} (step {meta.get('step')}, gate {float(soul.gate()):.4f}, "
+    print(f"loaded {args.checkpoint} (step {meta.get('step')}, gate {float(soul.gate()):.4f}, "
           f"base {meta.get('base')}, {meta.get('quantization')})", file=sys.stderr)
     chat = Chat(model, tokenizer, args.temperature, args.top_p, args.max_new_tokens, args.system)
     try:
