@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,13 @@ AUTO_TARGETS = {
     "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+
+# Two notes every command would print that say nothing to the user, dropped by their exact text:
+# bitsandbytes logs on import, on CPUs with AVX-512 BF16, that an optional hub-downloaded kernel package is missing
+# (its own CPU kernels are used); peft reads the model's `is_gradient_checkpointing`, which transformers 5 deprecates.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "from kernels-community" not in record.getMessage())
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def resolve_base(base: str, revision: str = "") -> Path:

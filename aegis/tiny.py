@@ -23,7 +23,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3  # 3: the config states LongRoPE's factor (transformers 5 warns on every load without it)
 SP_VOCAB = 4000
 SEQ_LEN, BATCH, STEPS, LR = 256, 8, 300, 3e-3
 EVAL_EVERY, DROPOUT = 25, 0.1  # keep the weights with the best held-out loss; the corpus is small
@@ -178,8 +178,9 @@ def build(out: Path, log=print) -> Path:
         short, long = _rope_factors(head_dim // 2)
         config = Phi3Config(
             vocab_size=64 * math.ceil(len(tok) / 64), **{k: v for k, v in ARCH.items() if k != "rope_theta"},
-            rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long,
-                          "rope_theta": ARCH["rope_theta"]},
+            rope_parameters={"rope_type": "longrope", "short_factor": short, "long_factor": long,
+                             "rope_theta": ARCH["rope_theta"], "factor": ARCH["max_position_embeddings"]
+                             / ARCH["original_max_position_embeddings"]},
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             tie_word_embeddings=False, sliding_window=None, attention_dropout=0.0, resid_pdrop=DROPOUT,
             embd_pdrop=DROPOUT)

@@ -133,3 +133,21 @@ def test_soul_of_another_format_version_is_refused(short_run, tmp_path):
 def test_bad_arguments(short_run):
     proc = run_chat("--checkpoint", str(short_run / "final"), "--top-p", "0")
     assert proc.returncode == 2 and "--top-p" in proc.stderr
+
+
+def test_a_run_directory_stands_for_its_final_checkpoint(short_run, tmp_path):
+    assert chat_mod.checkpoint_dir(short_run) == short_run / "final"
+    steps = tmp_path / "run"  # a run stopped before final/: its newest step checkpoint
+    shutil.copytree(short_run / "checkpoints", steps / "checkpoints")
+    newest = max((steps / "checkpoints").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    assert chat_mod.checkpoint_dir(steps) == newest
+    proc = run_chat("--checkpoint", str(short_run), "--prompt", PROMPT, "--temperature", "0",
+                    "--max-new-tokens", "4")
+    assert proc.returncode == 0 and f"loaded {short_run / 'final'} (step" in proc.stderr, proc.stderr
+    empty = tmp_path / "empty"  # a run directory with no checkpoint yet, and a directory that is neither
+    empty.mkdir()
+    (empty / "config.toml").write_text("")
+    proc = run_chat("--checkpoint", str(empty), "--prompt", PROMPT)
+    assert proc.returncode == 2 and "has no complete checkpoint yet" in proc.stderr, proc.stderr
+    proc = run_chat("--checkpoint", str(tmp_path), "--prompt", PROMPT)
+    assert proc.returncode == 2 and "pass RUN_DIR, RUN_DIR/final or RUN_DIR/checkpoints/step_N" in proc.stderr

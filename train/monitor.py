@@ -129,21 +129,27 @@ def collect(run_dir: Path) -> State:
     return st
 
 
-def seconds_per_step(records: list[dict], window: int = 50) -> float | None:
-    """From the recent records of the current session (elapsed_s restarts at 0 when a run resumes)."""
+def throughput(records: list[dict], window: int = 50) -> tuple[float, float] | None:
+    """(seconds per step, tokens per second) over the same recent records of the current session, so the two
+    always agree (tokens/s = tokens per step / s per step). Both come from elapsed_s, the wall time since the
+    session started, so they include what a step's own tokens_per_s leaves out (checkpoints, logging); elapsed_s
+    restarts at 0 when a run resumes, so only the tail after the last restart counts."""
     recent = records[-window:]
-    for i in range(len(recent) - 1, 0, -1):  # keep only the tail after the last restart
-        if number(recent[i]["elapsed_s"]) < number(recent[i - 1]["elapsed_s"]):
+    for i in range(len(recent) - 1, 0, -1):
+        if number(recent[i].get("elapsed_s")) < number(recent[i - 1].get("elapsed_s")):
             recent = recent[i:]
             break
-    if len(recent) >= 2:
-        d_steps = recent[-1]["step"] - recent[0]["step"]
-        d_time = number(recent[-1]["elapsed_s"]) - number(recent[0]["elapsed_s"])
-        if d_steps > 0 and d_time > 0:
-            return d_time / d_steps
-    if recent and recent[-1]["step"] > 0 and number(recent[-1].get("elapsed_s")) > 0:
-        return number(recent[-1]["elapsed_s"]) / len(recent)
-    return None
+    if len(recent) >= 2:  # from the first record's end to the last's: the steps and tokens after the first
+        steps = recent[-1]["step"] - recent[0]["step"]
+        seconds = number(recent[-1].get("elapsed_s")) - number(recent[0].get("elapsed_s"))
+        tokens = sum(number(r.get("tokens")) for r in recent[1:])
+    elif recent:  # one step so far: from the session's start
+        steps, seconds, tokens = 1, number(recent[0].get("elapsed_s")), number(recent[0].get("tokens"))
+    else:
+        return None
+    if not (steps > 0 and seconds > 0 and math.isfinite(seconds)):
+        return None
+    return seconds / steps, tokens / seconds
 
 
 def duration(seconds: float) -> str:
@@ -192,7 +198,8 @@ def render(st: State):
         prog = f"{step} / {total} ({frac:.0%})"
     else:
         prog = f"{step} / ? (no config.toml)"
-    sps = seconds_per_step(st.records)
+    rate = throughput(st.records)
+    sps = rate[0] if rate else None
     if st.finished:
         prog += "  finished"
     elif total and sps is not None:
@@ -226,10 +233,8 @@ def render(st: State):
     table.add_row("ortho error", f"{_fmt(last.get('ortho_error'), '.2e')}   (limit {ORTHO_LIMIT:.0e})")
     table.add_row("det range", f"{_fmt(last.get('det_min'), '.6f')} … {_fmt(last.get('det_max'), '.6f')}")
     table.add_row("rotation norm", f"{_fmt(last.get('rotation_norm'), '.4f')}   (‖R − I‖, 0 = identity)")
-    thr = f"{_fmt(last.get('tokens_per_s'), ',.0f')} tokens/s"
-    if sps:
-        thr += f"   {sps:.2f} s/step"
-    table.add_row("throughput", thr)
+    if rate:
+        table.add_row("throughput", f"{rate[1]:,.0f} tokens/s   {rate[0]:.2f} s/step   (recent steps)")
     if "gpu_mem_gib" in last:
         table.add_row("GPU memory", f"{_fmt(last.get('gpu_mem_gib'), '.2f')} GiB (peak)")
     if st.checkpoint is not None:
