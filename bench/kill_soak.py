@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from train import checkpoint, metrics  # noqa: E402
+from aegis import checkpoint, metrics  # noqa: E402
 
 
 def train_cmd(config: Path, run_dir: Path, sets: list[str], resume: bool) -> list[str]:
