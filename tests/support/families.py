@@ -151,13 +151,14 @@ def build_tokenizer(fmt: str, out: Path, tiny_path: Path) -> Path:
     return out
 
 
-def build_model(family: str, out: Path, tiny_path: Path, seed: int = 0) -> Path:
-    """A small model of `family` (a FAMILIES key) with seeded random weights, saved with its tokenizer at `out`."""
+def build_model(family: str, out: Path, tiny_path: Path, seed: int = 0, chat_format: str | None = None) -> Path:
+    """A small model of `family` (a FAMILIES key) with seeded random weights, saved with its tokenizer at `out`;
+    `chat_format` replaces the family's own."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     fmt, overrides = FAMILIES[family]
-    out = build_tokenizer(fmt, out, tiny_path)
+    out = build_tokenizer(chat_format or fmt, out, tiny_path)
     tok = AutoTokenizer.from_pretrained(out)
     cfg = AutoConfig.for_model(family, vocab_size=64 * -(-len(tok) // 64), bos_token_id=tok.bos_token_id,
                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPE, **overrides)
