@@ -93,7 +93,7 @@ def validate_checkpoint(ckpt: Path, base: str | None = None) -> tuple[dict, Path
         raise ExportError(f"{ckpt / checkpoint.SOUL}: metadata has no 'base'; pass --base")
     try:
         base_path = resolve_base(name, meta.get("revision", "") if not base else "")
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # no such base, or an architecture AEGIS does not support
         raise ExportError(str(e)) from None
     cfg_file = base_path / "config.json"
     if not cfg_file.is_file():

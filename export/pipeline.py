@@ -46,7 +46,7 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
     model_dir, out = Path(model_dir), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     candidate = out.with_name(f".tmp-{out.stem}-{os.getpid()}.unchecked.gguf")
-    kind = names.TYPES[out_type][0]
+    kind = "python" if out_type in names.PYTHON_TYPES else "llama"
     try:
         if kind == "python":
             result = to_gguf.write_gguf(model_dir, candidate, out_type, name=name, progress=progress, log=log,
