@@ -102,6 +102,7 @@ FAMILIES = {
     "mistral": ("mistral", {"tie_word_embeddings": False, "sliding_window": None}),
     "qwen2": ("chatml-default-system", {"tie_word_embeddings": True}),
 }
+PRETRAIN_STEPS = 30
 # Rows of 256 so that llama.cpp's K-quants apply rather than fall back.
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -151,6 +152,27 @@ def build_tokenizer(fmt: str, out: Path, tiny_path: Path) -> Path:
     return out
 
 
+def _pretrain(model, tok, steps: int = PRETRAIN_STEPS) -> None:
+    """A few steps of next-token training on the corpus: random weights give near-flat logits whose argmax any
+    rounding flips, so a quantized GGUF's parity would measure noise; trained ones have real preferences."""
+    import torch
+
+    from train.tiny import corpus_path
+
+    ids = tok(corpus_path("prose_train_a.txt").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    rows = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        batch = rows[torch.randint(len(rows), (8,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
 def build_model(family: str, out: Path, tiny_path: Path, seed: int = 0, chat_format: str | None = None) -> Path:
     """A small model of `family` (a FAMILIES key) with seeded random weights, saved with its tokenizer at `out`;
     `chat_format` replaces the family's own."""
@@ -164,11 +186,10 @@ def build_model(family: str, out: Path, tiny_path: Path, seed: int = 0, chat_for
                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPE, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # larger weights than the init, so that the logits have some spread to compare
+    with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-            elif family == "qwen2" and p.dim() == 1 and not torch.all(p == 1):
+            if family == "qwen2" and p.dim() == 1 and not torch.all(p == 1):
                 p.normal_(0.0, 0.5)  # non-zero q/k/v biases, so that a lost bias shows
+    _pretrain(model, tok)
     model.save_pretrained(out)
     return out
