@@ -20,16 +20,13 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-# LoRA targets for `lora.target_modules = "auto"`: the attention projections under each architecture's own names.
+# The families that go end to end (train -> merge -> GGUF -> serve; export/names.py writes each), with the LoRA
+# targets of `lora.target_modules = "auto"`: the attention projections under each architecture's own names.
 AUTO_TARGETS = {
     "phi3": ["qkv_proj", "o_proj"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 
@@ -41,8 +38,23 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
+def check_architecture(config_path: Path) -> None:
+    """Refuse a base whose architecture AEGIS does not support, from its config.json, before any weights load."""
+    import json
+
+    try:
+        cfg = json.loads(Path(config_path).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{config_path}: cannot read the base's config ({e})") from None
+    kind, archs = cfg.get("model_type"), cfg.get("architectures") or []
+    if kind not in AUTO_TARGETS or any(not a.endswith("ForCausalLM") for a in archs):
+        raise ModelError(f"{config_path}: model_type {kind!r} (architectures {', '.join(archs) or 'none'}) is not "
+                         f"supported; AEGIS trains and exports causal LMs of: {', '.join(AUTO_TARGETS)}")
+
+
 def resolve_base(base: str, revision: str = "") -> Path:
-    """A local directory for `base`: the embedded tiny model, an existing directory, or a hub snapshot.
+    """A local directory for `base`: the embedded tiny model, an existing directory, or a hub snapshot; its
+    architecture is checked first (a hub model's config.json is fetched alone before the weights).
 
     Hub downloads go through huggingface-hub, which honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE (offline, a
     snapshot already in the cache is used)."""
@@ -50,12 +62,16 @@ def resolve_base(base: str, revision: str = "") -> Path:
         return ensure_tiny()
     path = Path(base).expanduser()
     if path.is_dir():
+        if (path / "config.json").is_file():
+            check_architecture(path / "config.json")
         return path
     if path.exists() or base.startswith((".", "/", "~")) or base.count("/") != 1:
         raise ModelError(f"model.base: {base!r} is neither a directory with a model nor a hub id (owner/name)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     try:
+        # the architecture is checked from config.json before any weights are fetched
+        check_architecture(Path(hf_hub_download(repo_id=base, filename="config.json", revision=revision or None)))
         return Path(snapshot_download(repo_id=base, revision=revision or None, allow_patterns=HUB_FILES))
     except (HfHubHTTPError, LocalEntryNotFoundError) as e:  # not on the hub, no access, or offline and not cached
         raise ModelError(f"model.base: {base!r} could not be fetched from the hub: {e}") from e

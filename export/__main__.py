@@ -41,19 +41,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--type", help="thresholds to apply (default: from the file name, else f16)")
     p.add_argument("--threads", type=int)
 
-    p = sub.add_parser("modelfile", help="write an Ollama Modelfile for a GGUF")
+    model_help = "merged model directory whose chat template the Modelfile follows (default: merged/ beside the GGUF)"
+    p = sub.add_parser("modelfile", help="write an Ollama Modelfile for a GGUF (template proved against the model's)")
     p.add_argument("--gguf", required=True, type=Path)
     p.add_argument("--name", required=True)
     p.add_argument("--out", required=True, type=Path, help="e.g. modelfiles/NAME.modelfile")
     p.add_argument("--system", help="SYSTEM prompt")
     p.add_argument("--num-ctx", type=int, help="default: the GGUF's original context length")
-    p.add_argument("--model", type=Path, help="merged model directory: check the template against its chat template")
+    p.add_argument("--model", type=Path, help=model_help)
 
-    p = sub.add_parser("ollama", help="create an Ollama model from a Modelfile (CLI, else REST at OLLAMA_HOST)")
-    p.add_argument("--modelfile", required=True, type=Path)
+    p = sub.add_parser("ollama", help="create an Ollama model from a GGUF (through the ollama client)")
+    p.add_argument("--gguf", required=True, type=Path)
     p.add_argument("--name", required=True)
+    p.add_argument("--model", type=Path, help=model_help)
+    p.add_argument("--system", help="SYSTEM prompt")
+    p.add_argument("--num-ctx", type=int, help="default: the GGUF's original context length")
     p.add_argument("--host", help="Ollama server URL (default: $OLLAMA_HOST, else http://127.0.0.1:11434)")
-    p.add_argument("--no-cli", action="store_true", help="use the REST API even if the ollama CLI is on PATH")
 
     p = sub.add_parser("all", help="merge -> GGUF (each --type) -> parity -> Modelfile")
     p.add_argument("--run", required=True, type=Path, help="run directory (uses final/, else the newest checkpoint)")
@@ -95,15 +98,13 @@ def _problems(args) -> list[str]:
             out.append(f"--gguf {args.gguf}: no such file")
         if args.type and (p := pipeline.check_type(args.type)):
             out.append(p)
-    if cmd == "modelfile":
+    if cmd in ("modelfile", "ollama"):
         if not args.gguf.is_file():
             out.append(f"--gguf {args.gguf}: no such file")
         if args.num_ctx is not None and args.num_ctx <= 0:
             out.append(f"--num-ctx {args.num_ctx}: must be positive")
         if args.model is not None and not (args.model / "config.json").is_file():
             out.append(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
-    if cmd == "ollama" and not args.modelfile.is_file():
-        out.append(f"--modelfile {args.modelfile}: no such file")
     if cmd == "all":
         specs = args.types or pipeline.DEFAULT_TYPES
         args.types = [t.strip() for spec in specs for t in spec.split(",") if t.strip()]
@@ -145,10 +146,13 @@ def run(args) -> int:
         print(f"written to {path}")
         return 0 if report["passed"] else 1
     elif cmd == "modelfile":
-        modelfile.write(args.gguf, args.out, name=args.name, system=args.system, num_ctx=args.num_ctx,
-                        model_dir=args.model)
+        modelfile.write(args.gguf, args.out, model_dir=args.model, name=args.name, system=args.system,
+                        num_ctx=args.num_ctx)
     elif cmd == "ollama":
-        ollama.create(args.modelfile, args.name, host=args.host, use_cli=False if args.no_cli else None)
+        ollama.check_name(args.name)
+        mf = modelfile.build(args.gguf, modelfile.model_dir_for(args.gguf, args.model), system=args.system,
+                             num_ctx=args.num_ctx, name=args.name)
+        ollama.create(mf, args.name, host=args.host)
     elif cmd == "all":
         summary = pipeline.export_all(args.run, args.types, out=args.out, base=args.base, dtype=args.dtype,
                                       name=args.name, system=args.system, checkpoint=args.checkpoint,

@@ -108,7 +108,7 @@ def test_parity_catches_a_structural_mistake(tied_checkpoint, monkeypatch):
     merged = tied_checkpoint["root"] / "merged"
     if not merged.exists():
         pytest.skip("needs the merge test's output")
-    monkeypatch.setitem(names.ARCHITECTURES["llama"], "permute_qk", False)
+    monkeypatch.setitem(names.FAMILIES["llama"], "permute_qk", False)
     with pytest.raises(ExportError, match="parity failed"):
         export_gguf(merged, tied_checkpoint["root"] / "wrong-q8_0.gguf", "q8_0", progress=False,
                     log=lambda *_: None)
