@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aegis import llamacpp
+
 from . import chat_formats
 from .files import ExportError, write_text
 
@@ -67,9 +69,7 @@ def gguf_context(gguf_path: Path) -> int | None:
 
 def _llama_cpp_tokenizer(gguf_path: Path):
     """text -> ids as Ollama's runner tokenizes a rendered prompt: BOS as the vocabulary says, special tokens parsed."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    llm = llamacpp.runtime().Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     return lambda text: list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
 
