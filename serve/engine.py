@@ -10,7 +10,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import template
+from aegis.chat_template import TemplateError
+
+from . import prompt
 from .backends import Backend, Sampling, open_backend
 from .config import ModelSpec, Settings
 from .errors import APIError, bad_request
@@ -149,13 +151,9 @@ def chat_prompt(backend: Backend, messages: list[dict]) -> list[int]:
     if not backend.chat_template:
         raise bad_request("this model has no chat template; use /v1/completions", "messages", "no_chat_template")
     try:
-        text = template.render(backend.chat_template, messages, backend.special_tokens)
-    except template.TemplateError as e:
+        return prompt.chat_ids(backend, messages)
+    except TemplateError as e:
         raise bad_request(str(e), "messages", "chat_template_rejected") from e
-    bos = backend.special_tokens.get("bos_token")
-    # a template that writes BOS itself must not get a second one from the tokenizer
-    add_special = backend.add_bos and not (bos and text.startswith(bos))
-    return backend.tokenize(text, add_special=add_special)
 
 
 def completion_prompt(backend: Backend, prompt) -> list[int]:

@@ -12,7 +12,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .base import Backend, Detokenizer, Sampling, Session, end_of_turn_ids
+import numpy as np
+
+from .base import Backend, Control, Detokenizer, Sampling, Session, end_of_turn_ids
 
 
 def _quiet_logs() -> None:
@@ -49,15 +51,23 @@ class LlamaSession(Session):
 
     def generate(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
         import llama_cpp
+        from llama_cpp.llama_grammar import LlamaGrammar
 
         seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % 0xFFFFFFFF
         self.llm.set_seed(seed)  # read when generate() builds its sampler chain
+        grammar = LlamaGrammar.from_string(sampling.grammar) if sampling.grammar else None
         # Llama.generate reuses the longest cached prefix of the previous prompt on this context (multi-turn chats
         # re-evaluate only the new turn). min_p and typical are neutral so the OpenAI parameters mean what they say.
         return self.llm.generate(prompt, top_k=sampling.top_k, top_p=sampling.top_p, min_p=0.0, typical_p=1.0,
                                  temp=sampling.temperature, repeat_penalty=1.0,
                                  frequency_penalty=sampling.frequency_penalty,
-                                 presence_penalty=sampling.presence_penalty)
+                                 presence_penalty=sampling.presence_penalty, grammar=grammar)
+
+    def logits(self) -> np.ndarray:
+        import llama_cpp
+        # the last decoded position is the one the yielded token was sampled from (the next decode has not run)
+        row = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).copy()
 
     def close(self) -> None:
         self.llm.close()
@@ -65,6 +75,7 @@ class LlamaSession(Session):
 
 class LlamaCppBackend(Backend):
     kind = "llama.cpp"
+    supports_grammar = True
 
     def __init__(self, path: Path, n_ctx: int = 0, n_threads: int = 0, n_batch: int = 512, gpu_layers: int = -1,
                  workers: int = 1):
@@ -90,11 +101,19 @@ class LlamaCppBackend(Backend):
         raw = llama_cpp.llama_model_chat_template(model.model, None)
         self.chat_template = raw.decode("utf-8") if raw else None
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        self.bos_id = bos if 0 <= bos < self.vocab_size else None
         self.special_tokens = {}
-        for name, tid in (("bos_token", llama_cpp.llama_vocab_bos(self._vocab)),
-                          ("eos_token", llama_cpp.llama_vocab_eos(self._vocab))):
+        for name, tid in (("bos_token", bos), ("eos_token", llama_cpp.llama_vocab_eos(self._vocab))):
             if 0 <= tid < self.vocab_size:
                 self.special_tokens[name] = self._text(tid)
+        self.controls = {}
+        for tid in range(self.vocab_size):
+            attr = llama_cpp.llama_vocab_get_attr(self._vocab, tid)
+            # the tokens llama.cpp reads from text only when asked to parse special tokens
+            if attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN) and self._text(tid):
+                self.controls[self._text(tid)] = Control(tid, bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP),
+                                                         bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP))
         stops = end_of_turn_ids(self._lookup)
         stops |= {t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
         self.stop_ids = frozenset(stops)
@@ -105,13 +124,26 @@ class LlamaCppBackend(Backend):
         return llama_cpp.llama_vocab_get_text(self._vocab, tid).decode("utf-8", errors="replace")
 
     def _lookup(self, text: str) -> int | None:
-        ids = self.tokenize(text, add_special=False)
+        ids = self.tokenize(text, add_special=False, parse_special=True)
         return ids[0] if len(ids) == 1 and self._text(ids[0]) == text else None
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self._vocab_llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self._vocab_llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
 
-    def piece(self, token: int) -> bytes:
+    def tokenize_text(self, text: str) -> list[int]:
+        # llama.cpp tokenizes each stretch of text between control tokens on its own, as this does
+        return self._vocab_llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def check_grammar(self, grammar: str) -> bool:
+        """Whether llama.cpp's own parser accepts the GBNF (checked on the request thread, before any worker)."""
+        import llama_cpp
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            return False
+        llama_cpp.llama_sampler_free(sampler)
+        return True
+
+    def token_bytes(self, token: int) -> bytes:
         """The bytes a token stands for (b"" for control tokens), cached: the vocabulary never changes."""
         got = self._pieces.get(token)
         if got is None:
@@ -125,7 +157,7 @@ class LlamaCppBackend(Backend):
         return got
 
     def detokenizer(self) -> Detokenizer:
-        return LlamaDetokenizer(self.piece)
+        return LlamaDetokenizer(self.token_bytes)
 
     def new_session(self) -> Session:
         import llama_cpp
@@ -133,11 +165,6 @@ class LlamaCppBackend(Backend):
                               n_threads=self.n_threads, n_threads_batch=self.n_threads,
                               n_gpu_layers=self.gpu_layers, verbose=False)
         return LlamaSession(llm)
-
-    def describe(self) -> dict:
-        import llama_cpp
-        return {"backend": self.kind, "context_length": self.context_length, "path": str(self.path),
-                "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
 
     def close(self) -> None:
         self._vocab_llm.close()
