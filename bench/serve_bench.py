@@ -27,7 +27,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from serve.testing import Server, exported_run, find_gguf  # noqa: E402
+from tests.support.serving import Server, exported_run, find_gguf  # noqa: E402
 
 PROMPTS = ["こんにちは。自己紹介をしてください。", "日本の四季について説明してください。",
            "おすすめの本を三冊教えてください。", "明日の予定を立てるのを手伝ってください。"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -53,4 +53,3 @@ class Settings:
     dtype: str = "auto"
     quantization: str | None = None  # transformers checkpoints: nf4 | none (default: as trained)
     default_max_tokens: int = 0  # when a request gives none; 0: the rest of the context
-    extra: dict = field(default_factory=dict)

@@ -83,7 +83,6 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finish: Finish | None = None
-    started: float | None = None  # when a worker picked it up
     first_text: float | None = None  # when the first text was produced (time to first token)
 
     def __post_init__(self):
@@ -226,7 +225,6 @@ class WorkerPool:
                 elif time.monotonic() > job.deadline:
                     finish = Finish("timeout", len(job.prompt), 0)
                 else:
-                    job.started = time.monotonic()
                     finish = run_job(self.backend, session, job)
             except Exception as e:  # noqa: BLE001 - a runtime failure ends this job, never the worker
                 log.exception("generation failed")

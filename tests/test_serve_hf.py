@@ -10,19 +10,19 @@ import httpx
 import openai
 import pytest
 
-from serve import testing
-from serve.testing import Server
+from support import serving
+from support.serving import Server
 
 MESSAGES = [{"role": "user", "content": "日本の四季について説明してください。"}]
 
 
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
-    run = testing.run_for_tests(request)
+    run = serving.run_for_tests(request)
     log = tmp_path_factory.mktemp("serve") / "hf.log"
     # --quantization none: the checkpoint's base in full precision, as the merged export is
     with Server("--model", f"ckpt={run / 'final'}", "--model", f"merged={run / 'export' / 'merged'}",
-                "--model", f"gguf={testing.find_gguf(run)}", "--quantization", "none", "--threads", "1",
+                "--model", f"gguf={serving.find_gguf(run)}", "--quantization", "none", "--threads", "1",
                 log_path=log, ready_path="/health") as s:  # up, not yet ready: transformers loads for seconds
         yield s
 

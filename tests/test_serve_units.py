@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from aegis import chat_template
-from serve import prompt, testing
+from serve import prompt
+from support import serving
 from serve.pool import StopMatcher
 
 CONVERSATIONS = [
@@ -46,7 +47,7 @@ def test_earliest_of_several_stops_wins():
 
 @pytest.fixture(scope="module")
 def run(request):
-    return testing.run_for_tests(request)
+    return serving.run_for_tests(request)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def tokenizer(run):
 @pytest.fixture(scope="module")
 def gguf_backend(run):
     from serve.backends.llamacpp import LlamaCppBackend
-    backend = LlamaCppBackend(testing.find_gguf(run))
+    backend = LlamaCppBackend(serving.find_gguf(run))
     yield backend
     backend.close()
 
@@ -104,7 +105,7 @@ def test_parity_checks_the_prompt_that_is_served(run, gguf_backend):
     import llama_cpp
 
     from export import parity, prompts
-    llm = llama_cpp.Llama(model_path=str(testing.find_gguf(run)), vocab_only=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(serving.find_gguf(run)), vocab_only=True, verbose=False)
     try:
         checked = parity._render_gguf_template(llm, prompts.CHAT)
         assert checked == prompt.render(gguf_backend, prompts.CHAT)

@@ -1,5 +1,6 @@
-"""Helpers shared by the serve tests and the benchmark: a real short training run of the embedded model exported to
-GGUF (cached by a fingerprint of the code that makes it), and servers started as real processes on loopback."""
+"""Helpers shared by the serve tests and the benchmark (bench/serve_bench.py): a real short training run of the
+embedded model exported to GGUF (cached by a fingerprint of the code that makes it), and servers started as real
+processes on loopback."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_ARGS = ["--config", str(REPO / "configs" / "quickstart.toml"), "--set", "schedule.total_steps=20",
               "--set", "schedule.warmup_steps=5", "--set", "schedule.anneal_steps=10", "--set", "train.save_steps=10",
               "--no-progress"]
@@ -43,11 +44,12 @@ def _compute_fingerprint() -> str:
     the files' contents)."""
     h = hashlib.sha256(" ".join(TRAIN_ARGS[2:]).encode())
     try:
-        trees = subprocess.run(["git", "rev-parse", "HEAD:train", "HEAD:export", "HEAD:configs/quickstart.toml"],
+        trees = subprocess.run(["git", "rev-parse", "HEAD:aegis", "HEAD:train", "HEAD:export",
+                                "HEAD:configs/quickstart.toml"],
                                cwd=REPO, capture_output=True, text=True, check=True).stdout
         h.update(trees.encode())
     except (OSError, subprocess.CalledProcessError):
-        for folder in ("train", "export"):
+        for folder in ("aegis", "train", "export"):
             for path in sorted((REPO / folder).rglob("*")):
                 if path.is_file() and path.suffix in (".py", ".txt", ".jsonl", ".toml", ".jinja"):
                     h.update(path.relative_to(REPO).as_posix().encode())
