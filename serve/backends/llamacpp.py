@@ -46,8 +46,16 @@ class LlamaDetokenizer(Detokenizer):
 
 
 class LlamaSession(Session):
-    def __init__(self, llm):
+    def __init__(self, llm, text_only: np.ndarray):
         self.llm = llm
+        self._text_only = [self._ban(text_only)]
+
+    @staticmethod
+    def _ban(ids: np.ndarray):
+        def ban(_input_ids, logits):
+            logits[ids] = -np.inf
+            return logits
+        return ban
 
     def generate(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
         import llama_cpp
@@ -61,7 +69,10 @@ class LlamaSession(Session):
         return self.llm.generate(prompt, top_k=sampling.top_k, top_p=sampling.top_p, min_p=0.0, typical_p=1.0,
                                  temp=sampling.temperature, repeat_penalty=1.0,
                                  frequency_penalty=sampling.frequency_penalty,
-                                 presence_penalty=sampling.presence_penalty, grammar=grammar)
+                                 presence_penalty=sampling.presence_penalty, grammar=grammar,
+                                 # llama.cpp's grammar reads a control token as its text ("<|user|>" fits a JSON
+                                 # string): under a grammar only text tokens, and end-of-generation once it is done
+                                 logits_processor=self._text_only if grammar else None)
 
     def logits(self) -> np.ndarray:
         import llama_cpp
@@ -114,6 +125,8 @@ class LlamaCppBackend(Backend):
             if attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN) and self._text(tid):
                 self.controls[self._text(tid)] = Control(tid, bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP),
                                                          bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP))
+        self._controls_not_eog = np.array(sorted(c.id for c in self.controls.values()
+                                                 if not llama_cpp.llama_vocab_is_eog(self._vocab, c.id)), dtype=np.int64)
         stops = end_of_turn_ids(self._lookup)
         stops |= {t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
         self.stop_ids = frozenset(stops)
@@ -164,7 +177,7 @@ class LlamaCppBackend(Backend):
         llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=self.context_length, n_batch=self.n_batch,
                               n_threads=self.n_threads, n_threads_batch=self.n_threads,
                               n_gpu_layers=self.gpu_layers, verbose=False)
-        return LlamaSession(llm)
+        return LlamaSession(llm, self._controls_not_eog)
 
     def close(self) -> None:
         self._vocab_llm.close()
