@@ -21,7 +21,6 @@ from . import tools
 from .backends import Backend
 from .backends.base import Control
 from .errors import bad_request
-from .schemas import ChatMessage
 
 WHITESPACE = " \t\n\v\f\r"
 
@@ -86,31 +85,28 @@ def chat_ids(backend: Backend, messages: list[dict]) -> list[int]:
     return ids
 
 
-def _text(m: ChatMessage) -> str:
+def _text(m) -> str:
     return "".join(p.text for p in m.content) if isinstance(m.content, list) else m.content or ""
 
 
-def conversation(messages: list[ChatMessage], template: str, tool_text: str | None = None) -> list[dict]:
+def conversation(messages: list, template: str, tool_text: str | None = None) -> list[dict]:
     """A request's messages as the template's dicts (role, content[, name]): `developer` read as `system`, calls
     and tool results written in the tool format (tools.py), tool_text (the tools on offer) in the system turn."""
     out: list[dict] = []
     called: dict[str, str] = {}  # tool_call_id -> function name
     for i, m in enumerate(messages):
         at = f"messages[{i}]"
-        if m.tool_calls and m.role != "assistant":
-            raise bad_request("only assistant messages carry tool_calls", f"{at}.tool_calls")
-        if m.tool_call_id is not None and m.role != "tool":
-            raise bad_request("only tool messages carry tool_call_id", f"{at}.tool_call_id")
-        if m.content is None and not m.tool_calls:
-            raise bad_request("a message needs content", f"{at}.content")
+        calls = getattr(m, "tool_calls", None)
+        if m.content is None and not calls:
+            raise bad_request("an assistant message needs content or tool_calls", f"{at}.content")
         if m.role == "tool":
             if m.tool_call_id not in called:
                 raise bad_request("a tool message must answer a tool call of an earlier assistant message (by "
                                   "its id)", f"{at}.tool_call_id")
             item = {"role": "user", "content": tools.result_text(called[m.tool_call_id], _text(m))}
-        elif m.tool_calls:
-            calls = []
-            for j, call in enumerate(m.tool_calls):
+        elif calls:
+            written = []
+            for j, call in enumerate(calls):
                 try:
                     args = json.loads(call.function.arguments)
                 except ValueError:
@@ -119,11 +115,11 @@ def conversation(messages: list[ChatMessage], template: str, tool_text: str | No
                     raise bad_request("arguments must be a JSON object in text",
                                       f"{at}.tool_calls[{j}].function.arguments")
                 called[call.id] = call.function.name
-                calls.append((call.function.name, args))
-            item = {"role": "assistant", "content": "\n".join(filter(None, [_text(m), tools.calls_text(calls)]))}
+                written.append((call.function.name, args))
+            item = {"role": "assistant", "content": "\n".join(filter(None, [_text(m), tools.calls_text(written)]))}
         else:
             item = {"role": "system" if m.role == "developer" else m.role, "content": _text(m)}
-        if m.name is not None:
+        if getattr(m, "name", None) is not None:
             # a name the template never reads would vanish without a word
             if "name" not in template:
                 raise bad_request("this model's chat template has no place for message names", f"{at}.name")

@@ -55,13 +55,47 @@ class ToolCall(Strict):
     function: FunctionCall
 
 
-class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: Annotated[str, Meta(max_length=256)] | None = None
-    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
-    tool_call_id: Annotated[str, Meta(max_length=256)] | None = None  # tool turns: the call this answers
+Content = str | list[TextPart]
+Name = Annotated[str, Meta(max_length=256)]
+CallId = Annotated[str, Meta(max_length=256)]
+
+
+class Message(Strict, tag_field="role"):
+    """A chat message; `role` picks the kind (its value is the struct's tag)."""
+
+    @property
+    def role(self) -> str:
+        return self.__struct_config__.tag
+
+
+class SystemMessage(Message, tag="system"):
+    content: Content
+    name: Name | None = None
+
+
+class DeveloperMessage(Message, tag="developer"):
+    content: Content
+    name: Name | None = None
+
+
+class UserMessage(Message, tag="user"):
+    content: Content
+    name: Name | None = None
+
+
+class AssistantTurn(Message, tag="assistant"):
+    content: Content | None = None
+    name: Name | None = None
+    tool_calls: list[ToolCall] | None = None
     refusal: None = None  # what an SDK echoes back from a reply of ours: always null
+
+
+class ToolMessage(Message, tag="tool"):
+    content: Content
+    tool_call_id: CallId
+
+
+ChatMessage = SystemMessage | DeveloperMessage | UserMessage | AssistantTurn | ToolMessage
 
 
 class FunctionDef(Strict):
@@ -152,9 +186,9 @@ class CompletionRequest(SamplingRequest, kw_only=True):
 
 
 def _param(message: str) -> str | None:
-    """msgspec's `$.messages[0].role` as OpenAI's `messages[0].role`; an unknown field as its own path."""
+    """msgspec's `$.messages[0].role` as OpenAI's `messages[0].role`; an unknown or missing field as its own path."""
     path = message.rpartition(" - at `$")[2].rstrip("`").lstrip(".") if " - at `$" in message else ""
-    if message.startswith("Object contains unknown field `"):
+    if message.startswith(("Object contains unknown field `", "Object missing required field `")):
         field = message.split("`")[1]
         return f"{path}.{field}" if path else field
     return path or None
