@@ -100,7 +100,8 @@ class Checker:
             return self._string(schema, keys, where)
         if kind is None:
             if keys:
-                raise SchemaError(f"{where or '/'}: {sorted(keys)[0]} needs a type")
+                raise SchemaError(f"{where}/{sorted(keys)[0]}: not supported without a type (the grammar cannot "
+                                  f"enforce it)")
             return {}  # any JSON object, the converter's reading of an empty schema
         self._only(keys, {"type"}, where, f"for type {kind}")
         return {"type": kind}
