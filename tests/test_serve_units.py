@@ -1,8 +1,11 @@
 """The parts of the server that decide what a reply contains, checked without HTTP: stop strings across token
-boundaries, the chat template rendered as transformers renders it, the GGUF backend's tokens and end-of-turn ids,
-and UTF-8 text split over byte tokens."""
+boundaries, the chat template rendered as transformers renders it (and as export's parity check renders it), message
+text that never becomes control tokens, the GGUF backend's tokens and end-of-turn ids, UTF-8 text split over byte
+tokens, only text tokens under a grammar, and the tool format read and written."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -164,3 +167,41 @@ def test_under_a_grammar_only_text_tokens_are_generated(gguf_backend):
             assert not controls & set(out[:-1]) and not turns & set(out), out
     finally:
         session.close()
+
+
+def test_call_reader_streams_what_it_reads_whole():
+    from serve.tools import CallReader
+    text = ('{ "tool_calls" : [ { "name" : "get_weather" , "arguments" : { "city" : "東\\"京", "days": [1, '
+            '{"a": "}]"}] } } , {"name":"ping","arguments":{}} ] } ')
+    whole = CallReader()
+    whole.feed(text)
+    assert [(c.name, json.loads(c.arguments)) for c in whole.calls] == [
+        ("get_weather", {"city": '東"京', "days": [1, {"a": "}]"}]}), ("ping", {})]
+    for step in (1, 2, 5):
+        reader, events = CallReader(), []
+        for i in range(0, len(text), step):
+            events += reader.feed(text[i:i + step])
+        assert [(c.name, c.arguments) for c in reader.calls] == [(c.name, c.arguments) for c in whole.calls]
+        assert "".join(e[2] for e in events if e[0] == "arguments" and e[1] == 0) == whole.calls[0].arguments
+        assert [e[0] for e in events if e[0] == "call"] == ["call", "call"]
+    prose = CallReader()
+    assert prose.feed("晴れ {") == [("content", "晴れ {")] and prose.mode == "content"
+
+
+def test_tool_turns_render_in_the_documented_format(gguf_backend):
+    from serve import tools
+    from serve.schemas import ChatCompletionRequest, decode
+    req = decode(json.dumps({"messages": [
+        {"role": "developer", "content": "丁寧に"},
+        {"role": "user", "content": "天気は?"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "東京"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "晴れ"}]}).encode(), ChatCompletionRequest)
+    messages = prompt.conversation(req.messages, gguf_backend.chat_template, "TOOLS")
+    assert messages == [
+        {"role": "system", "content": "丁寧に\n\nTOOLS"},
+        {"role": "user", "content": "天気は?"},
+        {"role": "assistant", "content": '{"tool_calls":[{"name":"get_weather","arguments":{"city":"東京"}}]}'},
+        {"role": "user", "content": '{"tool_result":{"name":"get_weather","content":"晴れ"}}'}]
+    assert tools.system_text([{"name": "f", "description": None, "parameters": {"type": "object"}}]) == \
+        f'{tools.TOOLS_INTRO}\n{{"name":"f","parameters":{{"type":"object"}}}}\n{tools.CALL_HOWTO}'
