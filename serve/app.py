@@ -61,13 +61,18 @@ def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
 
 # ---- generation -------------------------------------------------------------------------------------------------
 
+async def _generate(request: Request, service: Service, kind, prepare, reply) -> Response:
+    """Both completion endpoints: decode strictly, prepare, then the one request path."""
+    p = prepare(service.registry, decode(await request.body(), kind))
+    return await respond(request, p, reply(p), service.settings.timeout)
+
+
 @post("/v1/chat/completions", guards=[api_key_guard], status_code=200, tags=["openai"],
       responses={200: ResponseSpec(ChatCompletion, description="a completion, or server-sent events when stream is "
                                                                "true"), **ERRORS})
 async def chat_completions(request: Request, service: Service) -> Response:
     """Chat completion with the model's own chat template (body: ChatCompletionRequest)."""
-    p = engine.prepare_chat(service.registry, decode(await request.body(), ChatCompletionRequest))
-    return await respond(request, p, ChatReply(p), service.settings.timeout)
+    return await _generate(request, service, ChatCompletionRequest, engine.prepare_chat, ChatReply)
 
 
 @post("/v1/completions", guards=[api_key_guard], status_code=200, tags=["openai"],
@@ -75,8 +80,7 @@ async def chat_completions(request: Request, service: Service) -> Response:
                                                            "true"), **ERRORS})
 async def completions(request: Request, service: Service) -> Response:
     """Plain text completion of a prompt, no chat template (body: CompletionRequest)."""
-    p = engine.prepare_completion(service.registry, decode(await request.body(), CompletionRequest))
-    return await respond(request, p, TextReply(p), service.settings.timeout)
+    return await _generate(request, service, CompletionRequest, engine.prepare_completion, TextReply)
 
 
 # ---- models and operations --------------------------------------------------------------------------------------

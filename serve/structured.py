@@ -12,8 +12,8 @@ where it is, never silently loosened. Enforced:
 - strings: one of minLength/maxLength, pattern, or format (date, time, date-time, uuid: their shapes)
 - anyOf; $ref to a place in the same schema (recursion included)
 - patterns: anchored ^...$, literals, classes such as [a-z0-9_] (not negated), groups, |, ?, *, +, {m,n}, . (any
-  character but a quote, a backslash or a control character); no backslash escapes but \\( \\) \\[ \\] \\{ \\} \\* \\+ \\?
-  \\| \\. is spelled [.]
+  character but a quote, a backslash or a control character); the only escapes are of ( ) [ ] { } * + ? | (a dot
+  is spelled [.], a digit [0-9])
 """
 
 from __future__ import annotations
@@ -138,18 +138,11 @@ class Checker:
                                                      for i, s in enumerate(items)]}
         self._only(keys, {"type", "items", "minItems", "maxItems"}, where, "for arrays")
         out = {"type": "array", "items": self.clean(schema.get("items", True), f"{where}/items", root)}
-        for word in ("minItems", "maxItems"):
-            if word in schema:
-                out[word] = self._count(schema[word], f"{where}/{word}")
-        if out.get("minItems", 0) > out.get("maxItems", out.get("minItems", 0)):
-            raise SchemaError(f"{where}: minItems is above maxItems")
-        return out
+        return self._bounds(schema, out, "minItems", "maxItems", where)
 
     def _string(self, schema, keys, where) -> dict:
         self._only(keys, {"type", "pattern", "format", "minLength", "maxLength"}, where, "for strings")
-        groups = [g for g in ("pattern", "format", "length") if (keys & {"minLength", "maxLength"} if g == "length"
-                                                                   else g in keys)]
-        if len(groups) > 1:
+        if ("pattern" in keys) + ("format" in keys) + bool(keys & {"minLength", "maxLength"}) > 1:
             raise SchemaError(f"{where}: pattern, format and minLength/maxLength cannot be combined")
         out = {"type": "string"}
         if "pattern" in schema:
@@ -159,18 +152,20 @@ class Checker:
                 raise SchemaError(f"{where}/format: {json.dumps(schema['format'])[:40]} is not supported "
                                   f"(only {', '.join(sorted(FORMATS))})")
             out["format"] = schema["format"]
-        for word in ("minLength", "maxLength"):
-            if word in schema:
-                out[word] = self._count(schema[word], f"{where}/{word}")
-        if out.get("minLength", 0) > out.get("maxLength", out.get("minLength", 0)):
-            raise SchemaError(f"{where}: minLength is above maxLength")
-        return out
+        return self._bounds(schema, out, "minLength", "maxLength", where)
 
     @staticmethod
-    def _count(value, where: str) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10_000:
-            raise SchemaError(f"{where}: must be an integer from 0 to 10000")
-        return value
+    def _bounds(schema: dict, out: dict, low: str, high: str, where: str) -> dict:
+        """out with schema's low/high counts (minItems/maxItems, minLength/maxLength), checked."""
+        for word in (low, high):
+            if word in schema:
+                value = schema[word]
+                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10_000:
+                    raise SchemaError(f"{where}/{word}: must be an integer from 0 to 10000")
+                out[word] = value
+        if out.get(low, 0) > out.get(high, out.get(low, 0)):
+            raise SchemaError(f"{where}: {low} is above {high}")
+        return out
 
     @staticmethod
     def _only(keys: set, allowed: set, where: str, context: str) -> None:

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from support import serving
-from support.serving import REPO, Server
+from support.serving import REPO
 
 SECTION = "### For app developers"
 
@@ -28,9 +28,7 @@ def test_the_command_serves_the_quickstart_model_under_the_name_the_examples_use
 
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
-    gguf, _ = serving.served_files(request)
-    log = tmp_path_factory.mktemp("serve") / "readme.log"
-    with Server("--model", f"quickstart-q8_0={gguf}", "--threads", "1", log_path=log) as s:
+    with serving.tiny_server(request, tmp_path_factory, name="quickstart-q8_0") as s:
         yield s
 
 

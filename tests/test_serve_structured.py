@@ -12,8 +12,7 @@ import jsonschema
 import openai
 import pytest
 
-from support import serving
-from support.serving import Server
+from support.fixtures import client, server  # noqa: F401 - fixtures
 
 USER = [{"role": "user", "content": "今日の予定を JSON で教えてください。"}]
 POINT = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"]}
@@ -63,19 +62,6 @@ SCHEMAS = {
                                                                 "maxItems": 2}}, "required": ["tags"]},
 }
 
-
-@pytest.fixture(scope="module")
-def server(request, tmp_path_factory):
-    gguf, _ = serving.served_files(request)
-    log = tmp_path_factory.mktemp("serve") / "structured.log"
-    with Server("--model", f"tiny={gguf}", "--threads", "1", log_path=log) as s:
-        yield s
-        assert s.alive(), s.log()
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.api, api_key="none", max_retries=0, timeout=120)
 
 
 def schema_format(schema: dict, strict: bool = True) -> dict:

@@ -12,8 +12,7 @@ import openai
 import pytest
 
 from serve import tools as tool_format
-from support import serving
-from support.serving import Server
+from support.fixtures import client, server  # noqa: F401 - fixtures
 
 USER = [{"role": "system", "content": "あなたは天気を調べるアシスタントです。"},
         {"role": "user", "content": "東京の明日の天気は？"}]
@@ -29,19 +28,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
          {"type": "function", "function": {"name": "ping", "description": "no arguments"}}]
 PARAMS = {"get_weather": WEATHER, "get_time": CLOCK, "ping": {"type": "object", "properties": {}}}
 
-
-@pytest.fixture(scope="module")
-def server(request, tmp_path_factory):
-    gguf, _ = serving.served_files(request)
-    log = tmp_path_factory.mktemp("serve") / "tools.log"
-    with Server("--model", f"tiny={gguf}", "--threads", "1", log_path=log) as s:
-        yield s
-        assert s.alive(), s.log()
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.api, api_key="none", max_retries=0, timeout=120)
 
 
 def call(client, **kwargs):

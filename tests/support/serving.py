@@ -4,6 +4,7 @@ processes on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -190,3 +191,19 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def tiny_server(request, tmp_path_factory, *args: str, name: str = "tiny"):
+    """The test run's GGUF served as `name` (one llama.cpp thread; more options in args); it must still be alive
+    when the tests are done with it."""
+    gguf, _ = served_files(request)
+    log = tmp_path_factory.mktemp("serve") / f"{name}.log"
+    with Server("--model", f"{name}={gguf}", "--threads", "1", *args, log_path=log) as server:
+        yield server
+        assert server.alive(), f"the server died during the tests:\n{server.log()}"
+
+
+def openai_client(server: Server):
+    import openai
+    return openai.OpenAI(base_url=server.api, api_key=server.api_key or "none", max_retries=0, timeout=120)
