@@ -11,17 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import is_checkpoint, is_hf_model
 from .base import Backend, Control, Detokenizer, Sampling, Session, end_of_turn_ids
 
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def is_checkpoint(path: Path) -> bool:
-    return (path / "soul.safetensors").is_file() and (path / "adapter_config.json").is_file()
-
-
-def is_hf_model(path: Path) -> bool:
-    return (path / "config.json").is_file()
 
 
 class HFDetokenizer(Detokenizer):
