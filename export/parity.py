@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aegis import llamacpp
+from aegis import chat_template, llamacpp
 
 from . import prompts
 from .files import ExportError, write_json
@@ -84,9 +84,7 @@ def _gguf_logits(llm, ids: list[int]) -> np.ndarray:
 
 
 def _render_gguf_template(llm, messages) -> str:
-    """Render the chat with the template stored in the GGUF (as llama-cpp-python's Jinja formatter does)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
+    """Render the chat with the template stored in the GGUF, by the renderer the server uses."""
     meta = llm.metadata
     template = meta.get("tokenizer.chat_template")
     if not template:
@@ -96,10 +94,8 @@ def _render_gguf_template(llm, messages) -> str:
         tid = meta.get(key)
         return llm.detokenize([int(tid)], special=True).decode("utf-8") if tid is not None else ""
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            bos_token=token("tokenizer.ggml.bos_token_id"),
-                                            eos_token=token("tokenizer.ggml.eos_token_id"))
+    return chat_template.render(template, messages, {"bos_token": token("tokenizer.ggml.bos_token_id"),
+                                                     "eos_token": token("tokenizer.ggml.eos_token_id")})
 
 
 def template_parity(llm, tokenizer) -> dict:

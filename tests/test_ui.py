@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve import testing
-from serve.testing import REPO, Server, base_gguf, find_gguf, free_port
+from support import serving as testing
+from support.serving import REPO, Server, base_gguf, find_gguf, free_port
 
 sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 

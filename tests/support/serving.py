@@ -1,8 +1,10 @@
-"""Helpers shared by the serve tests and the benchmark: a real short training run of the embedded model exported to
-GGUF (cached by a fingerprint of the code that makes it), and servers started as real processes on loopback."""
+"""Helpers shared by the serve tests and the benchmark (bench/serve_bench.py): a real short training run of the
+embedded model exported to GGUF (cached by a fingerprint of the code that makes it), and servers started as real
+processes on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -19,7 +21,7 @@ from aegis import runs
 from aegis.config import EMBEDDED
 from aegis.tiny import ensure as ensure_tiny
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_ARGS = ["--config", str(REPO / "configs" / "quickstart.toml"), "--set", "schedule.total_steps=20",
               "--set", "schedule.warmup_steps=5", "--set", "schedule.anneal_steps=10", "--set", "train.save_steps=10",
               "--no-progress"]
@@ -48,7 +50,8 @@ def _compute_fingerprint() -> str:
     h = hashlib.sha256(" ".join(TRAIN_ARGS[2:]).encode())
     try:
         trees = subprocess.run(["git", "rev-parse", "HEAD:aegis", "HEAD:train", "HEAD:export",
-                                "HEAD:configs/quickstart.toml"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+                                "HEAD:configs/quickstart.toml"],
+                               cwd=REPO, capture_output=True, text=True, check=True).stdout
         h.update(trees.encode())
     except (OSError, subprocess.CalledProcessError):
         for folder in ("aegis", "train", "export"):
@@ -189,3 +192,19 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def tiny_server(request, tmp_path_factory, *args: str, name: str = "tiny"):
+    """The test run's GGUF served as `name` (one llama.cpp thread; more options in args); it must still be alive
+    when the tests are done with it."""
+    gguf, _ = served_files(request)
+    log = tmp_path_factory.mktemp("serve") / f"{name}.log"
+    with Server("--model", f"{name}={gguf}", "--threads", "1", *args, log_path=log) as server:
+        yield server
+        assert server.alive(), f"the server died during the tests:\n{server.log()}"
+
+
+def openai_client(server: Server):
+    import openai
+    return openai.OpenAI(base_url=server.api, api_key=server.api_key or "none", max_retries=0, timeout=120)
