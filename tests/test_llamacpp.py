@@ -102,3 +102,13 @@ def test_loader_settings_reach_llama_cpp(tiny_path, tmp_path, extra):
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT,
                           env=_crash_env(tmp_path, "extra_bufts"), timeout=300)
     assert (proc.returncode == -11) == extra, (proc.returncode, proc.stderr[-1000:])
+
+
+def test_the_server_says_what_failed_when_llama_cpp_crashes(tiny_path, tmp_path):
+    """`serve` checks at start-up that the model decodes; a native crash there is a one-line error and exit 1."""
+    path = tmp_path / "m.gguf"
+    export_gguf(tiny_path, path, "q8_0", progress=False, check_parity=False, log=lambda *_: None)
+    proc = subprocess.run([sys.executable, "-m", "serve", "--model", str(path), "--port", "18677"], capture_output=True,
+                          text=True, cwd=ROOT, env=_crash_env(tmp_path, "always"), timeout=300)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "could not load the model" in proc.stderr and "SIGSEGV" in proc.stderr and str(path) in proc.stderr
