@@ -29,8 +29,8 @@ from .openapi import ExactJsonRenderPlugin
 from .pool import Finish, Job
 from .registry import Registry, ServedModel
 from .replies import ChatReply, TextReply, respond
-from .schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, Health,
-                      ModelCard, ModelList, decode)
+from .responses import ChatCompletion, Completion, ErrorResponse, Health, ModelCard, ModelList
+from .schemas import ChatCompletionRequest, CompletionRequest, decode
 
 VERSION = "0.1.0"
 ERRORS = {code: ResponseSpec(ErrorResponse, description=text) for code, text in (

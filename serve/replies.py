@@ -16,8 +16,8 @@ from litestar.response import Stream
 from . import engine
 from .errors import APIError
 from .pool import Finish, Job, Scored
-from .schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChoiceLogprobs, Completion, CompletionChoice,
-                      CompletionLogprobs, FunctionCallOut, TokenLogprob, ToolCallOut, TopLogprob, Usage)
+from .responses import (AssistantMessage, ChatChoice, ChatCompletion, ChoiceLogprobs, Completion, CompletionChoice,
+                        CompletionLogprobs, FunctionCallOut, TokenLogprob, ToolCallOut, TopLogprob, Usage)
 from .tools import CallReader
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

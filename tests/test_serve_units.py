@@ -205,3 +205,32 @@ def test_tool_turns_render_in_the_documented_format(gguf_backend):
         {"role": "user", "content": '{"tool_result":{"name":"get_weather","content":"晴れ"}}'}]
     assert tools.system_text([{"name": "f", "description": None, "parameters": {"type": "object"}}]) == \
         f'{tools.TOOLS_INTRO}\n{{"name":"f","parameters":{{"type":"object"}}}}\n{tools.CALL_HOWTO}'
+
+
+def test_control_tokens_that_strip_whitespace_tokenize_as_llama_cpp_does(tmp_path):
+    """Phi-3's own tokenizer (and llama.cpp for a GGUF named phi-3) drops the whitespace after its turn markers;
+    the prompt built piece by piece must still be exactly llama.cpp's tokens for the whole rendered text."""
+    import shutil
+
+    from export.to_gguf import write_gguf
+    from serve.backends.llamacpp import LlamaCppBackend
+    from train.tiny import ensure
+
+    model = tmp_path / "model"
+    shutil.copytree(ensure(), model)
+    path = model / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for t in data["added_tokens"]:
+        if t["content"].startswith("<|") and t["content"] != "<|endoftext|>":
+            t["rstrip"] = True
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    write_gguf(model, tmp_path / "m.gguf", "f16", name="Tiny-Phi-3-rstrip", progress=False, log=lambda *_: None)
+    backend = LlamaCppBackend(tmp_path / "m.gguf")
+    try:
+        assert any(c.rstrip for c in backend.controls.values())
+        for messages in [*CONVERSATIONS, [{"role": "user", "content": "  \n 先頭に空白"}]]:
+            whole = backend.tokenize(prompt.render(backend, messages), add_special=backend.add_bos,
+                                     parse_special=True)
+            assert prompt.chat_ids(backend, messages) == whole
+    finally:
+        backend.close()
