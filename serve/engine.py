@@ -157,8 +157,12 @@ def prepare_chat(registry: Registry, req: ChatCompletionRequest) -> Prepared:
     grammar = _grammar(backend, req, choice, defs)
     if not backend.chat_template:
         raise bad_request("this model has no chat template; use /v1/completions", "messages", "no_chat_template")
-    messages = prompt.conversation(req.messages, backend.chat_template,
-                                   tools.system_text(defs) if choice != "none" else None)
+    # what the system turn gets besides the conversation's own: the tools on offer, or what the JSON reply is for
+    # (the two never come together: a JSON response_format needs tool_choice none)
+    fmt = req.response_format
+    note = tools.system_text(defs) if choice != "none" else \
+        fmt.json_schema.description if isinstance(fmt, JsonSchemaFormat) else None
+    messages = prompt.conversation(req.messages, backend.chat_template, note)
     try:
         ids = prompt.chat_ids(backend, messages)
     except TemplateError as e:

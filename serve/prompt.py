@@ -89,9 +89,10 @@ def _text(m) -> str:
     return "".join(p.text for p in m.content) if isinstance(m.content, list) else m.content or ""
 
 
-def conversation(messages: list, template: str, tool_text: str | None = None) -> list[dict]:
+def conversation(messages: list, template: str, note: str | None = None) -> list[dict]:
     """A request's messages as the template's dicts (role, content[, name]): `developer` read as `system`, calls
-    and tool results written in the tool format (tools.py), tool_text (the tools on offer) in the system turn."""
+    and tool results written in the tool format (tools.py), `note` (the tools on offer, or what a JSON reply is
+    for) added to the system turn."""
     out: list[dict] = []
     called: dict[str, str] = {}  # tool_call_id -> function name
     for i, m in enumerate(messages):
@@ -125,9 +126,9 @@ def conversation(messages: list, template: str, tool_text: str | None = None) ->
                 raise bad_request("this model's chat template has no place for message names", f"{at}.name")
             item["name"] = m.name
         out.append(item)
-    if tool_text:
+    if note:
         if out and out[0]["role"] == "system":
-            out[0] = {**out[0], "content": "\n\n".join(filter(None, [out[0]["content"], tool_text]))}
+            out[0] = {**out[0], "content": "\n\n".join(filter(None, [out[0]["content"], note]))}
         else:
-            out.insert(0, {"role": "system", "content": tool_text})
+            out.insert(0, {"role": "system", "content": note})
     return out

@@ -141,6 +141,14 @@ def test_schemas_the_grammar_cannot_enforce_are_refused(client, schema, where):
     assert where in e.value.body["message"]
 
 
+def test_the_schema_description_reaches_the_model(client):
+    fmt = schema_format(SCHEMAS["const"])
+    plain = client.chat.completions.create(model="tiny", messages=USER, response_format=fmt, max_tokens=1)
+    fmt["json_schema"]["description"] = "会議の報告書の版と種類"
+    described = client.chat.completions.create(model="tiny", messages=USER, response_format=fmt, max_tokens=1)
+    assert described.usage.prompt_tokens > plain.usage.prompt_tokens + 5  # a system turn with the description
+
+
 def test_malformed_response_formats_are_400(client):
     for fmt, param in [({"type": "xml"}, "response_format.type"),
                        ({"type": "json_schema"}, "response_format.json_schema"),
