@@ -71,6 +71,7 @@ COPY docker/wheels/ /tmp/wheels/
 # the project's own wheel (its source only; third-party packages are installed per role, below)
 FROM base AS package
 COPY pyproject.toml /src/
+COPY aegis/ /src/aegis/
 COPY train/ /src/train/
 COPY export/ /src/export/
 COPY serve/ /src/serve/

@@ -27,25 +27,28 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from serve.testing import Server, exported_run, find_gguf  # noqa: E402
+from tests.support.serving import Server, exported_run, find_gguf  # noqa: E402
 
 PROMPTS = ["こんにちは。自己紹介をしてください。", "日本の四季について説明してください。",
            "おすすめの本を三冊教えてください。", "明日の予定を立てるのを手伝ってください。"]
 MODEL = "bench"
 
 
-def body(prompt: str, max_tokens: int, stream: bool) -> dict:
-    # repeat_penalty 1.0: llama-cpp-python's server otherwise applies 1.1 by default (ours ignores the field)
+# llama-cpp-python's server applies repeat_penalty 1.1 unless told 1.0; ours has no such field (and refuses it)
+EXTRA = {"llama_cpp.server": {"repeat_penalty": 1.0}}
+
+
+def body(prompt: str, max_tokens: int, stream: bool, extra: dict) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": stream, "repeat_penalty": 1.0}
+            "temperature": 0, "stream": stream, **extra}
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, extra: dict) -> dict:
     """A streamed request; times to the first content chunk and to the end."""
     start = time.perf_counter()
     first = None
     text = []
-    async with client.stream("POST", url, json=body(prompt, max_tokens, True)) as r:
+    async with client.stream("POST", url, json=body(prompt, max_tokens, True, extra)) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -61,13 +64,14 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     return {"ttft": (first or end) - start, "total": end - start, "text": "".join(text), "prompt": prompt}
 
 
-async def load(base: str, clients: int, requests: int, max_tokens: int, tokens: dict[str, int]) -> dict:
+async def load(base: str, clients: int, requests: int, max_tokens: int, tokens: dict[str, int],
+               extra: dict) -> dict:
     """`clients` concurrent clients, each sending `requests` requests one after another."""
     url = base + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def worker(i: int) -> list[dict]:
-            return [await one_request(client, url, PROMPTS[(i + k) % len(PROMPTS)], max_tokens)
+            return [await one_request(client, url, PROMPTS[(i + k) % len(PROMPTS)], max_tokens, extra)
                     for k in range(requests)]
 
         start = time.perf_counter()
@@ -83,11 +87,11 @@ async def load(base: str, clients: int, requests: int, max_tokens: int, tokens: 
             "texts": {r["prompt"]: r["text"] for r in results}}
 
 
-def completion_tokens(base: str, max_tokens: int) -> dict[str, int]:
+def completion_tokens(base: str, max_tokens: int, extra: dict) -> dict[str, int]:
     """Per prompt, the completion length from a non-streamed request (greedy: the same as in the timed runs)."""
     out = {}
     for p in PROMPTS:
-        r = httpx.post(base + "/v1/chat/completions", json=body(p, max_tokens, False), timeout=600)
+        r = httpx.post(base + "/v1/chat/completions", json=body(p, max_tokens, False, extra), timeout=600)
         r.raise_for_status()
         out[p] = r.json()["usage"]["completion_tokens"]
     return out
@@ -140,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, (server, ready) in servers.items():
             server.start(ready_path=ready)
-        tokens = {name: completion_tokens(s.url, args.max_tokens) for name, (s, _) in servers.items()}
+        tokens = {name: completion_tokens(s.url, args.max_tokens, EXTRA.get(name, {}))
+                  for name, (s, _) in servers.items()}
         if len(set(json.dumps(t, sort_keys=True) for t in tokens.values())) != 1:
             print(f"warning: the servers produced different completion lengths: {tokens}", file=sys.stderr)
         for clients in levels:
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 for name, (server, _) in servers.items():
                     results[name].append(asyncio.run(load(server.url, clients, args.requests, args.max_tokens,
-                                                          tokens[name])))
+                                                          tokens[name], EXTRA.get(name, {}))))
             texts = {name: rs[-1]["texts"] for name, rs in results.items()}
             same = len(set(json.dumps(t, sort_keys=True, ensure_ascii=False) for t in texts.values())) == 1
             for name, rs in results.items():

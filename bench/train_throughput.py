@@ -40,7 +40,7 @@ def build_model(hf_home: Path) -> Path:
     """A random Phi-3.5-mini-shaped model saved as a hub snapshot of the Borea id, with the tiny tokenizer."""
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
-    from train.tiny import ensure
+    from aegis.tiny import ensure
     repo = hf_home / "hub" / ("models--" + HUB_ID.replace("/", "--"))
     snap = repo / "snapshots" / COMMIT
     if (snap / "config.json").exists():
@@ -63,7 +63,7 @@ def build_model(hf_home: Path) -> Path:
 
 def dataset_snapshot(hf_home: Path) -> Path:
     """The seed's dataset id as a hub snapshot holding the embedded corpus, so the Borea config runs unchanged."""
-    from train.tiny import corpus_path
+    from aegis.tiny import corpus_path
     repo = hf_home / "hub" / "datasets--TFMC--imatrix-dataset-for-japanese-llm"
     snap = repo / "snapshots" / COMMIT
     snap.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ def ours(snap: Path, hf_home: Path, work: Path, steps: int, batch: int, length: 
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    from train.metrics import read
+    from aegis.metrics import read
     recs = read(run)
     step_s = statistics.median(r["tokens"] / r["tokens_per_s"] for r in recs[WARMUP:])
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in recs[WARMUP:]), "step_s": step_s,

@@ -6,8 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import names
-from .files import ExportError, write_json
+from aegis.errors import AegisError
+
+from . import merge, modelfile, names, ollama, parity, pipeline
+from .files import unwritable, write_json
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,19 +41,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--type", help="thresholds to apply (default: from the file name, else f16)")
     p.add_argument("--threads", type=int)
 
-    p = sub.add_parser("modelfile", help="write an Ollama Modelfile for a GGUF")
+    model_help = "merged model directory whose chat template the Modelfile follows (default: merged/ beside the GGUF)"
+    p = sub.add_parser("modelfile", help="write an Ollama Modelfile for a GGUF (template proved against the model's)")
     p.add_argument("--gguf", required=True, type=Path)
     p.add_argument("--name", required=True)
     p.add_argument("--out", required=True, type=Path, help="e.g. modelfiles/NAME.modelfile")
     p.add_argument("--system", help="SYSTEM prompt")
     p.add_argument("--num-ctx", type=int, help="default: the GGUF's original context length")
-    p.add_argument("--model", type=Path, help="merged model directory: check the template against its chat template")
+    p.add_argument("--model", type=Path, help=model_help)
 
-    p = sub.add_parser("ollama", help="create an Ollama model from a Modelfile (CLI, else REST at OLLAMA_HOST)")
-    p.add_argument("--modelfile", required=True, type=Path)
+    p = sub.add_parser("ollama", help="create an Ollama model from a GGUF (through the ollama client)")
+    p.add_argument("--gguf", required=True, type=Path)
     p.add_argument("--name", required=True)
+    p.add_argument("--model", type=Path, help=model_help)
+    p.add_argument("--system", help="SYSTEM prompt")
+    p.add_argument("--num-ctx", type=int, help="default: the GGUF's original context length")
     p.add_argument("--host", help="Ollama server URL (default: $OLLAMA_HOST, else http://127.0.0.1:11434)")
-    p.add_argument("--no-cli", action="store_true", help="use the REST API even if the ollama CLI is on PATH")
 
     p = sub.add_parser("all", help="merge -> GGUF (each --type) -> parity -> Modelfile")
     p.add_argument("--run", required=True, type=Path, help="run directory (uses final/, else the newest checkpoint)")
@@ -71,13 +76,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _problems(args) -> list[str]:
     """Every problem with the arguments at once, each naming the option and the file."""
-    from .merge import DTYPES
-    from .pipeline import check_type
-
     out = []
     cmd = args.command
-    if cmd in ("merge", "all") and args.dtype not in DTYPES:
-        out.append(f"--dtype {args.dtype!r}: not one of {', '.join(DTYPES)}")
+    if cmd in ("merge", "all") and args.dtype not in merge.DTYPES:
+        out.append(f"--dtype {args.dtype!r}: not one of {', '.join(merge.DTYPES)}")
     if cmd == "merge":
         if not args.checkpoint.is_dir():
             out.append(f"--checkpoint {args.checkpoint}: no such directory")
@@ -89,25 +91,24 @@ def _problems(args) -> list[str]:
     if cmd == "gguf":
         if args.out.suffix != ".gguf":
             out.append(f"--out {args.out}: should end in .gguf")
-        if (p := check_type(args.type)):
+        if (p := pipeline.check_type(args.type)):
             out.append(p)
     if cmd == "parity":
         if not args.gguf.is_file():
             out.append(f"--gguf {args.gguf}: no such file")
-        if args.type and (p := check_type(args.type)):
+        if args.type and (p := pipeline.check_type(args.type)):
             out.append(p)
-    if cmd == "modelfile":
+    if cmd in ("modelfile", "ollama"):
         if not args.gguf.is_file():
             out.append(f"--gguf {args.gguf}: no such file")
         if args.num_ctx is not None and args.num_ctx <= 0:
             out.append(f"--num-ctx {args.num_ctx}: must be positive")
         if args.model is not None and not (args.model / "config.json").is_file():
             out.append(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
-    if cmd == "ollama" and not args.modelfile.is_file():
-        out.append(f"--modelfile {args.modelfile}: no such file")
     if cmd == "all":
-        args.types = [t.strip() for spec in (args.types or ["f16,q8_0"]) for t in spec.split(",") if t.strip()]
-        out += [p for t in args.types if (p := check_type(t))]
+        specs = args.types or pipeline.DEFAULT_TYPES
+        args.types = [t.strip() for spec in specs for t in spec.split(",") if t.strip()]
+        out += [p for t in args.types if (p := pipeline.check_type(t))]
         if len(set(args.types)) != len(args.types):
             out.append(f"--type: repeated ({', '.join(args.types)})")
         if not args.run.is_dir():
@@ -116,6 +117,9 @@ def _problems(args) -> list[str]:
             out.append(f"--checkpoint {args.checkpoint}: no such directory")
         if args.out is not None and args.out.exists() and not args.out.is_dir():
             out.append(f"--out {args.out}: exists and is not a directory")
+    dest = getattr(args, "out", None) or (args.run / "export" if cmd == "all" and args.run.is_dir() else None)
+    if dest is not None and (why := unwritable(dest)):
+        out.append(f"--out {dest}: cannot write there: {why}")
     return out
 
 
@@ -130,38 +134,29 @@ def _guess_type(path: Path) -> str:
 def run(args) -> int:
     cmd = args.command
     if cmd == "merge":
-        from .merge import merge
-
-        merge(args.checkpoint, args.out, base=args.base, dtype=args.dtype, device=args.device,
-              quant_gap=not args.no_quant_gap)
+        merge.merge(args.checkpoint, args.out, base=args.base, dtype=args.dtype, device=args.device,
+                    quant_gap=not args.no_quant_gap)
     elif cmd == "gguf":
-        from .pipeline import export_gguf
-
-        export_gguf(args.model, args.out, args.type, name=args.name, progress=not args.no_progress,
-                    check_parity=not args.skip_parity, threads=args.threads)
+        pipeline.export_gguf(args.model, args.out, args.type, name=args.name, progress=not args.no_progress,
+                             check_parity=not args.skip_parity, threads=args.threads)
     elif cmd == "parity":
-        from . import parity
-
         report = parity.check(args.model, args.gguf, args.type or _guess_type(args.gguf), threads=args.threads)
         print(parity.table(report))
         path = parity.record(args.gguf.parent, report)
         print(f"written to {path}")
         return 0 if report["passed"] else 1
     elif cmd == "modelfile":
-        from . import modelfile
-
-        modelfile.write(args.gguf, args.out, name=args.name, system=args.system, num_ctx=args.num_ctx,
-                        model_dir=args.model)
+        modelfile.write(args.gguf, args.out, model_dir=args.model, name=args.name, system=args.system,
+                        num_ctx=args.num_ctx)
     elif cmd == "ollama":
-        from . import ollama
-
-        ollama.create(args.modelfile, args.name, host=args.host, use_cli=False if args.no_cli else None)
+        ollama.check_name(args.name)
+        mf = modelfile.build(args.gguf, modelfile.model_dir_for(args.gguf, args.model), system=args.system,
+                             num_ctx=args.num_ctx, name=args.name)
+        ollama.create(mf, args.name, host=args.host)
     elif cmd == "all":
-        from .pipeline import export_all
-
-        summary = export_all(args.run, args.types, out=args.out, base=args.base, dtype=args.dtype, name=args.name,
-                             system=args.system, checkpoint=args.checkpoint, force=args.force,
-                             progress=not args.no_progress, device=args.device)
+        summary = pipeline.export_all(args.run, args.types, out=args.out, base=args.base, dtype=args.dtype,
+                                      name=args.name, system=args.system, checkpoint=args.checkpoint,
+                                      force=args.force, progress=not args.no_progress, device=args.device)
         write_json(Path(summary["merged"]).parent / "export.json", summary)
     return 0
 
@@ -175,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(args)
-    except ExportError as e:
+    except AegisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

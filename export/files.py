@@ -8,12 +8,16 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
+
+from aegis import checkpoint, runs
+from aegis.errors import AegisError
 
 TMP_PREFIX = ".tmp-"
 
 
-class ExportError(Exception):
+class ExportError(AegisError):
     """A problem with the user's input or a failed check; the message names the file or key."""
 
 
@@ -58,6 +62,22 @@ def atomic_file(dest: Path):
     os.replace(tmp, dest)
 
 
+def unwritable(dest: Path) -> str | None:
+    """Why nothing can be written at `dest` (a file or directory to be made), or None when it can: its nearest
+    existing folder must be a directory that takes a new file (tried, then removed)."""
+    folder = Path(dest).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=TMP_PREFIX):
+            pass
+    except OSError as e:
+        return f"{folder} cannot be written ({e.strerror or e})"
+    return None
+
+
 def write_text(dest: Path, text: str) -> None:
     with atomic_file(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -84,20 +104,17 @@ def fingerprint(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def find_checkpoint(run_dir: Path) -> Path:
-    """The run's final/ checkpoint, else its newest complete step checkpoint."""
-    from train import checkpoint
-
+def find_checkpoint(run_dir: Path, log=print) -> Path:
+    """The run's newest checkpoint that verifies: final/, else the newest step checkpoint. Each newer one that fails
+    its digests is reported and skipped."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir}: no such run directory")
     if not (run_dir / "config.toml").is_file() and not (run_dir / checkpoint.CHECKPOINTS).is_dir():
         raise ExportError(f"{run_dir}: not a run directory (no config.toml and no {checkpoint.CHECKPOINTS}/)")
-    final = run_dir / checkpoint.FINAL
-    if checkpoint.is_complete(final):
-        return final
-    steps = checkpoint.list_checkpoints(run_dir)
-    if steps:
-        return steps[-1]
-    raise ExportError(f"{run_dir}: no complete checkpoint ({checkpoint.FINAL}/ or {checkpoint.CHECKPOINTS}/step_N/ "
-                      f"with {', '.join(checkpoint.REQUIRED)})")
+    found = checkpoint.newest_verified(run_dir, resumable=False, log=log)
+    if found is None:
+        raise ExportError(f"{run_dir}: no complete checkpoint that verifies ({checkpoint.FINAL}/ or "
+                          f"{checkpoint.CHECKPOINTS}/step_N/ with {', '.join(checkpoint.REQUIRED)} and a "
+                          f"{checkpoint.MANIFEST} they match)")
+    return found

@@ -3,7 +3,8 @@ checked against the tokenizer's Jinja chat template without Ollama.
 
 Supported: text; {{ pipeline }} output; {{- and -}} whitespace trimming; {{/* comments */}}; if / else if / else /
 end; range (with optional `$i, $v :=`) / else / end; values .Field, .A.B, $.Field, $var, $var.Field, "strings"
-(Go escapes), numbers, true/false, (parenthesised pipelines); functions eq, ne, not, and, or, len, slice, index.
+(Go escapes), numbers, true/false, (parenthesised pipelines); functions eq, ne, lt, le, gt, ge, not, and, or, len,
+slice, index.
 Anything else is a TemplateError naming the position, rather than a silently different rendering."""
 
 from __future__ import annotations
@@ -156,6 +157,10 @@ def _path(obj, dotted: str):
 _FUNCS = {
     "eq": lambda a, *b: any(a == x for x in b),
     "ne": lambda a, b: a != b,
+    "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b,
+    "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b,
     "not": lambda a: not _truth(a),
     "len": lambda a: len(a),
     "index": lambda a, *i: _index(a, i),

@@ -13,8 +13,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from aegis import checkpoint, loading
+
 from . import prompts
 from .files import ExportError, atomic_dir, fingerprint
+
+# torch and transformers are imported inside the functions that use them: `python -m export` checks its arguments,
+# and runs its steps that need no torch, without loading it.
 
 DTYPES = ("float32", "float16", "bfloat16")
 # Bound on max|Δlogit| / max|logit| between merged and checkpoint model: float32 only differs by summation order;
@@ -65,17 +70,12 @@ def resolve_device(name: str):
 
 
 def source_fingerprint(ckpt: Path, base: str, dtype: str) -> str:
-    from train import checkpoint
-
     digest = fingerprint([Path(ckpt) / n for n in checkpoint.REQUIRED])
     return f"{digest}-{base}-{dtype}"
 
 
 def validate_checkpoint(ckpt: Path, base: str | None = None) -> tuple[dict, Path]:
     """Check the checkpoint before any model is loaded; returns (soul metadata, base directory)."""
-    from train import checkpoint
-    from train.model import resolve_base
-
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise ExportError(f"{ckpt}: no such checkpoint directory")
@@ -84,17 +84,12 @@ def validate_checkpoint(ckpt: Path, base: str | None = None) -> tuple[dict, Path
             hint = (f" (it looks like a run directory: use {ckpt / checkpoint.FINAL} or `python -m export all "
                     f"--run {ckpt}`)" if (ckpt / checkpoint.FINAL).is_dir() else "")
             raise ExportError(f"{ckpt / name}: missing; {ckpt} is not a complete AEGIS checkpoint{hint}")
-    try:
-        _, meta = checkpoint.read_soul(ckpt)
-    except checkpoint.CheckpointError as e:
-        raise ExportError(str(e)) from None
+    checkpoint.verify(ckpt)
+    _, meta = checkpoint.read_soul(ckpt)
     name = base or meta.get("base")
     if not name:
         raise ExportError(f"{ckpt / checkpoint.SOUL}: metadata has no 'base'; pass --base")
-    try:
-        base_path = resolve_base(name, meta.get("revision", "") if not base else "")
-    except FileNotFoundError as e:
-        raise ExportError(str(e)) from None
+    base_path = loading.resolve_base(name, meta.get("revision", "") if not base else "")
     cfg_file = base_path / "config.json"
     if not cfg_file.is_file():
         raise ExportError(f"{cfg_file}: missing; the base is not a Hugging Face model directory")
@@ -137,11 +132,9 @@ def fold_head(model, soul, dtype) -> bool:
     import torch
     from torch import nn
 
-    from train.soul import SoulHead
-
     head = model.get_output_embeddings()
-    if not isinstance(head, SoulHead):
-        raise ExportError("merge: the model's head carries no soul (internal error)")
+    if getattr(head, "soul", None) is not soul:
+        raise ExportError("merge: the model's head does not carry this soul (internal error)")
     inner = head.head
     embed = model.get_input_embeddings()
     tied = inner.weight is embed.weight or inner.weight.data_ptr() == embed.weight.data_ptr()
@@ -178,8 +171,6 @@ def merge(ckpt: Path, out: Path, base: str | None = None, dtype: str = "float32"
     import torch
     from transformers import AutoModelForCausalLM
 
-    from train.model import load_checkpoint
-
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: not one of {', '.join(DTYPES)}")
     start = time.time()
@@ -190,7 +181,7 @@ def merge(ckpt: Path, out: Path, base: str | None = None, dtype: str = "float32"
     base_name = base or meta["base"]
     log(f"merge: {ckpt} (step {meta.get('step')}) onto {base_path} in {dtype} on {dev}")
 
-    model, soul, tok, meta = load_checkpoint(ckpt, base=base_name, quantization="none", dtype=dtype, device=dev)
+    model, soul, tok, meta = loading.load_checkpoint(ckpt, base=base_name, quantization="none", dtype=dtype, device=dev)
     items = prompts.check_set(tok)
     reference = logits_for(model, items)
     merged = model.merge_and_unload()
@@ -231,10 +222,8 @@ def merge(ckpt: Path, out: Path, base: str | None = None, dtype: str = "float32"
 def _quantization_gap(ckpt, base_name, quantization, dtype, dev, items, merged, log) -> LogitDiff | None:
     """How far the model as trained (4-bit base + adapter + soul) is from the full-precision merge: the
     quantization gap, reported, never an error."""
-    from train.model import load_checkpoint
-
     try:
-        trained, *_ = load_checkpoint(ckpt, base=base_name, quantization=quantization, dtype=dtype, device=dev)
+        trained, *_ = loading.load_checkpoint(ckpt, base=base_name, quantization=quantization, dtype=dtype, device=dev)
     except Exception as e:  # bitsandbytes may not run here; the merge itself does not need it
         log(f"quantization gap: not measured ({quantization} base could not be loaded: {e})")
         return None

@@ -1,30 +1,22 @@
-"""An Ollama Modelfile for an exported GGUF: FROM the file (relative to the Modelfile), Phi-3's chat format as a Go
-TEMPLATE over .Messages, stop parameters for the turn markers, num_ctx, and an optional SYSTEM prompt.
+"""An Ollama Modelfile for an exported GGUF: FROM the file (relative to the Modelfile), the model's own chat format as a
+Go TEMPLATE over .Messages with the stop parameters its turns end with, num_ctx, and an optional SYSTEM prompt.
 
-Ollama puts the Modelfile's SYSTEM prompt (or the request's) into .Messages as a system message and always asks
-for an assistant turn next, so the template renders what the tokenizer's chat template renders with
-add_generation_prompt=True; `check_template` proves it on a chat, token for token."""
+The template is derived from the tokenizer's chat template and proved token for token on a set of conversations
+(chat_formats.py); with the GGUF at hand the Modelfile's rendering is also tokenized by the GGUF's own llama.cpp
+vocabulary, as Ollama tokenizes it. A chat template no known format reproduces stops the export with the first
+difference shown: the Modelfile is never written with a guessed template."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import gotemplate, prompts
+from aegis import llamacpp
+
+from . import chat_formats
 from .files import ExportError, write_text
 
-PHI3_TEMPLATE = """{{- range .Messages }}
-{{- if eq .Role "system" }}{{ if .Content }}<|system|>
-{{ .Content }}<|end|>
-{{ end }}
-{{- else if eq .Role "user" }}<|user|>
-{{ .Content }}<|end|>
-{{ else if eq .Role "assistant" }}<|assistant|>
-{{ .Content }}<|end|>
-{{ end }}
-{{- end }}<|assistant|>
-"""
-STOPS = ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>")
 DEFAULT_NUM_CTX = 4096
 
 
@@ -34,29 +26,32 @@ def _quote(s: str) -> str:
     return f'"""{s}"""'
 
 
-def render_modelfile(from_path: str, num_ctx: int, system: str | None = None, name: str | None = None) -> str:
-    lines = [f"# Ollama Modelfile{f' for {name}' if name else ''}, written by `python -m export modelfile`.",
-             "# Phi-3 chat format; the soul is folded into the head, so nothing else is needed at run time.",
-             f"FROM {from_path}", "", f"TEMPLATE {_quote(PHI3_TEMPLATE)}", ""]
-    lines += [f'PARAMETER stop "{s}"' for s in STOPS]
-    lines.append(f"PARAMETER num_ctx {num_ctx}")
-    if system:
-        lines += ["", f"SYSTEM {_quote(system)}"]
-    return "\n".join(lines) + "\n"
+@dataclass
+class Modelfile:
+    """What Ollama needs to create the model: as Modelfile text (`render`) or as the create request (ollama.py)."""
+    gguf: Path
+    template: str
+    stops: list[str]
+    num_ctx: int
+    system: str | None = None
+    name: str | None = None
+    proof: chat_formats.Proof | None = field(default=None, repr=False)
 
+    @property
+    def parameters(self) -> dict:
+        return {"stop": list(self.stops), "num_ctx": self.num_ctx}
 
-def to_ollama_messages(messages: list[dict]) -> list[dict]:
-    return [{"Role": m["role"], "Content": m["content"]} for m in messages]
-
-
-def check_template(template: str, tokenizer, messages=prompts.CHAT) -> dict:
-    """Render `messages` with the Go template and with the tokenizer's chat template; compare text and tokens."""
-    go_text = gotemplate.render(template, {"Messages": to_ollama_messages(messages)})
-    hf_text = prompts.chat_text(tokenizer, messages)
-    go_ids = prompts.encode(tokenizer, go_text, templated=True)
-    hf_ids = prompts.encode(tokenizer, hf_text, templated=True)
-    return {"ok": go_ids == hf_ids and go_text == hf_text, "text_equal": go_text == hf_text,
-            "tokens": len(hf_ids), "go_text": go_text, "hf_text": hf_text}
+    def render(self, from_path: str) -> str:
+        fmt = self.proof.format if self.proof else "chat"
+        lines = [f"# Ollama Modelfile{f' for {self.name}' if self.name else ''}, written by `python -m export`.",
+                 f"# {fmt} chat format, derived from the model's chat template and checked token for token; the",
+                 "# soul is folded into the head, so nothing else is needed at run time.",
+                 f"FROM {from_path}", "", f"TEMPLATE {_quote(self.template)}", ""]
+        lines += [f'PARAMETER stop "{s}"' for s in self.stops]
+        lines.append(f"PARAMETER num_ctx {self.num_ctx}")
+        if self.system:
+            lines += ["", f"SYSTEM {_quote(self.system)}"]
+        return "\n".join(lines) + "\n"
 
 
 def gguf_context(gguf_path: Path) -> int | None:
@@ -64,70 +59,58 @@ def gguf_context(gguf_path: Path) -> int | None:
     import gguf
 
     reader = gguf.GGUFReader(str(gguf_path))
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    for key in (f"{arch}.rope.scaling.original_context_length", f"{arch}.context_length"):
-        f = reader.fields.get(key)
+    arch = bytes(reader.fields[gguf.Keys.General.ARCHITECTURE].parts[-1]).decode()
+    for key in (gguf.Keys.Rope.SCALING_ORIG_CTX_LEN, gguf.Keys.LLM.CONTEXT_LENGTH):
+        f = reader.fields.get(key.format(arch=arch))
         if f is not None:
             return int(f.parts[-1][0])
     return None
 
 
-def write(gguf_path: Path, out: Path, name: str | None = None, system: str | None = None,
-          num_ctx: int | None = None, model_dir: Path | None = None, require_gguf: bool = True,
-          log=print) -> Path:
-    """Write the Modelfile at `out` (atomically). With `model_dir`, first check the template against that model's
-    chat template and refuse to write one that renders differently."""
-    gguf_path, out = Path(gguf_path), Path(out)
-    if require_gguf and not gguf_path.is_file():
-        raise ExportError(f"{gguf_path}: no such GGUF file")
-    if num_ctx is None:
-        num_ctx = (gguf_context(gguf_path) if gguf_path.is_file() else None) or DEFAULT_NUM_CTX
+def _llama_cpp_tokenizer(gguf_path: Path):
+    """text -> ids as Ollama's runner tokenizes a rendered prompt: BOS as the vocabulary says, special tokens parsed."""
+    llm = llamacpp.runtime().Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    return lambda text: list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+
+def model_dir_for(gguf_path: Path, model_dir: Path | None) -> Path:
+    """The merged model whose chat template the Modelfile follows: --model, else merged/ beside the GGUF."""
     if model_dir is not None:
-        from transformers import AutoTokenizer
+        return Path(model_dir)
+    beside = Path(gguf_path).parent / "merged"
+    if (beside / "config.json").is_file():
+        return beside
+    raise ExportError(f"--model is needed: the Modelfile's template comes from the model's own chat template, and "
+                      f"there is no merged model at {beside}")
 
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        if tok.chat_template:
-            result = check_template(PHI3_TEMPLATE, tok)
-            if not result["ok"]:
-                raise ExportError(f"the Modelfile template renders differently from {model_dir}'s chat template:\n"
-                                  f"  Modelfile: {result['go_text']!r}\n  tokenizer: {result['hf_text']!r}")
-            log(f"modelfile template renders the chat token-identically to the chat template "
-                f"({result['tokens']} tokens)")
+
+def build(gguf_path: Path, model_dir: Path, system: str | None = None, num_ctx: int | None = None,
+          name: str | None = None, log=print) -> Modelfile:
+    """The Modelfile for `gguf_path`, its template derived from `model_dir`'s chat template and proved."""
+    from transformers import AutoTokenizer
+
+    gguf_path, model_dir = Path(gguf_path), Path(model_dir)
+    if not gguf_path.is_file():
+        raise ExportError(f"{gguf_path}: no such GGUF file")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    proof = chat_formats.derive(tok, str(model_dir), {"the GGUF's llama.cpp vocabulary": _llama_cpp_tokenizer(gguf_path)})
+    log(proof.summary())
+    for note in proof.notes:
+        log(f"  note: {note}")
+    if system and not proof.system:
+        raise ExportError(f"--system: {model_dir}'s chat template refuses system messages")
+    return Modelfile(gguf=gguf_path, template=proof.template, stops=proof.stops, system=system, name=name,
+                     num_ctx=num_ctx or gguf_context(gguf_path) or DEFAULT_NUM_CTX, proof=proof)
+
+
+def write(gguf_path: Path, out: Path, model_dir: Path | None = None, name: str | None = None,
+          system: str | None = None, num_ctx: int | None = None, log=print) -> Modelfile:
+    """Write the Modelfile at `out` (atomically) once its template is proved; returns it (with the proof)."""
+    out = Path(out)
+    mf = build(gguf_path, model_dir_for(gguf_path, model_dir), system, num_ctx, name, log)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rel = os.path.relpath(gguf_path.resolve(), out.parent.resolve())
+    rel = os.path.relpath(mf.gguf.resolve(), out.parent.resolve())
     from_path = rel if rel.startswith("..") else f"./{rel}"
-    write_text(out, render_modelfile(from_path, num_ctx, system, name))
-    log(f"wrote {out} (FROM {from_path}, num_ctx {num_ctx})")
-    return out
-
-
-# ---- reading one back (for `ollama`) -------------------------------------------------------------------------------
-
-def parse(text: str, where: str = "Modelfile") -> list[tuple[str, str]]:
-    """[(COMMAND, argument)] with triple-quoted and quoted arguments unwrapped; comments and blank lines skipped."""
-    out, lines, i = [], text.splitlines(), 0
-    while i < len(lines):
-        line = lines[i].strip()
-        i += 1
-        if not line or line.startswith("#"):
-            continue
-        cmd, _, arg = line.partition(" ")
-        arg = arg.strip()
-        if arg.startswith('"""'):
-            body = arg[3:]
-            if body.endswith('"""') and len(arg) >= 6:
-                arg = body[:-3]
-            else:
-                parts = [body]
-                while True:
-                    if i >= len(lines):
-                        raise ExportError(f"{where}: {cmd} starts a \"\"\" string that never ends")
-                    nxt = lines[i]
-                    i += 1
-                    if nxt.rstrip().endswith('"""'):
-                        parts.append(nxt.rstrip()[:-3])
-                        break
-                    parts.append(nxt)
-                arg = "\n".join(parts)
-        out.append((cmd.upper(), arg))
-    return out
+    write_text(out, mf.render(from_path))
+    log(f"wrote {out} (FROM {from_path}, num_ctx {mf.num_ctx})")
+    return mf

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aegis import chat_template, llamacpp
+
 from . import prompts
 from .files import ExportError, write_json
 
@@ -68,12 +70,11 @@ def metrics(hf: np.ndarray, gg: np.ndarray) -> dict:
             "max_abs": float(np.abs(hf - gg).max())}
 
 
-def _llama(path: Path, n_ctx: int, threads: int | None):
-    import llama_cpp
-
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
-                           logits_all=True, verbose=False, n_threads=threads, n_threads_batch=threads,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, seed=0)
+def _llama(path: Path, n_ctx: int, threads: int | None, extra_bufts: bool):
+    f32 = llamacpp.runtime().GGML_TYPE_F32
+    return llamacpp.open_model(path, extra_bufts=extra_bufts, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
+                               n_ubatch=min(n_ctx, 512), logits_all=True, verbose=False, n_threads=threads,
+                               n_threads_batch=threads, type_k=f32, type_v=f32, seed=0)
 
 
 def _gguf_logits(llm, ids: list[int]) -> np.ndarray:
@@ -83,9 +84,7 @@ def _gguf_logits(llm, ids: list[int]) -> np.ndarray:
 
 
 def _render_gguf_template(llm, messages) -> str:
-    """Render the chat with the template stored in the GGUF (as llama-cpp-python's Jinja formatter does)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
+    """Render the chat with the template stored in the GGUF, by the renderer the server uses."""
     meta = llm.metadata
     template = meta.get("tokenizer.chat_template")
     if not template:
@@ -95,10 +94,8 @@ def _render_gguf_template(llm, messages) -> str:
         tid = meta.get(key)
         return llm.detokenize([int(tid)], special=True).decode("utf-8") if tid is not None else ""
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            bos_token=token("tokenizer.ggml.bos_token_id"),
-                                            eos_token=token("tokenizer.ggml.eos_token_id"))
+    return chat_template.render(template, messages, {"bos_token": token("tokenizer.ggml.bos_token_id"),
+                                                     "eos_token": token("tokenizer.ggml.eos_token_id")})
 
 
 def template_parity(llm, tokenizer) -> dict:
@@ -118,8 +115,7 @@ def template_parity(llm, tokenizer) -> dict:
 
 def _generate(llm, ids: list[int]) -> str:
     """A short greedy continuation (shows that the GGUF speaks, and what)."""
-    import llama_cpp
-
+    llama_cpp = llamacpp.runtime()
     out = []
     for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
         if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
@@ -138,7 +134,7 @@ def samples(llm, tokenizer) -> dict:
 
 
 def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None = None, device: str = "auto",
-          log=print) -> dict:
+          log=print, name: str | None = None) -> dict:
     """Measure parity; returns the report (with "passed"). Raises ExportError only for unusable input."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,6 +144,8 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
     start = time.time()
     threads = threads or max(1, min(4, os.cpu_count() or 1))
     model_dir, gguf_path = Path(model_dir), Path(gguf_path)
+    # A crash inside llama.cpp would take this process with it: a child loads and decodes the file first.
+    loader = llamacpp.probe(gguf_path, threads=threads, log=log, name=name)
     hp = hparams(read_config(model_dir))
     tok = AutoTokenizer.from_pretrained(model_dir)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -166,7 +164,7 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
 
     per, hf_all, gg_all, template, sample = {}, [], [], None, None
     for n_ctx, group in groups:
-        llm = _llama(gguf_path, n_ctx, threads)
+        llm = _llama(gguf_path, n_ctx, threads, loader.extra_bufts)
         try:
             for label, ids in group:
                 with torch.no_grad():
@@ -200,7 +198,8 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
         failures.append("chat template tokens differ between llama.cpp and the HF tokenizer")
     return {"gguf": gguf_path.name, "type": out_type, "passed": not failures, "failures": failures,
             "thresholds": limits, "overall": overall, "prompts": per, "template": template, "sample": sample,
-            "longrope": bool(longrope), "seconds": round(time.time() - start, 1)}
+            "longrope": bool(longrope), "extra_bufts": loader.extra_bufts, "loader_note": loader.note,
+            "seconds": round(time.time() - start, 1)}
 
 
 def table(report: dict) -> str:

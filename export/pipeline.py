@@ -46,7 +46,7 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
     model_dir, out = Path(model_dir), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     candidate = out.with_name(f".tmp-{out.stem}-{os.getpid()}.unchecked.gguf")
-    kind = names.TYPES[out_type][0]
+    kind = "python" if out_type in names.PYTHON_TYPES else "llama"
     try:
         if kind == "python":
             result = to_gguf.write_gguf(model_dir, candidate, out_type, name=name, progress=progress, log=log,
@@ -74,7 +74,7 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
             log(f"written without a parity check: {out}")
             summary["parity"] = None
             return {"path": str(out), **summary}
-        report = parity.check(model_dir, candidate, out_type, threads=threads, log=log)
+        report = parity.check(model_dir, candidate, out_type, threads=threads, log=log, name=str(out))
         report["gguf"] = out.name
         report.update({k: summary[k] for k in ("made_by", "tensor_types", "fallbacks", "notes", "bytes", "source")})
         log(parity.table(report))
@@ -120,7 +120,7 @@ def export_all(run: Path, types: list[str], out: Path | None = None, base: str |
                checkpoint: Path | None = None, force: bool = False, progress: bool = True,
                device: str = "auto", log=print) -> dict:
     run = Path(run)
-    ckpt = Path(checkpoint) if checkpoint else find_checkpoint(run)
+    ckpt = Path(checkpoint) if checkpoint else find_checkpoint(run, log=log)
     out = Path(out) if out else run / "export"
     name = name or model_name(run)
     meta, _ = validate_checkpoint(ckpt, base)
@@ -141,14 +141,18 @@ def export_all(run: Path, types: list[str], out: Path | None = None, base: str |
         ggufs[t] = export_gguf(merged_dir, path, t, name=name, progress=progress, log=log)["path"]
     chosen = min(ggufs.values(), key=lambda p: Path(p).stat().st_size)
     mf = out / f"{name}.modelfile"
-    modelfile_mod.write(Path(chosen), mf, name=name, system=system, model_dir=merged_dir)
+    # The Modelfile's template is derived from the merged model's chat template and proved token for token.
+    proof = modelfile_mod.write(Path(chosen), mf, model_dir=merged_dir, name=name, system=system, log=log).proof
     summary = {"checkpoint": str(ckpt), "merged": str(merged_dir), "gguf": ggufs, "modelfile": str(mf),
-               "parity": str(out / parity.PARITY_FILE), "merge_check": merge_report.get("check")}
+               "parity": str(out / parity.PARITY_FILE), "merge_check": merge_report.get("check"),
+               "template": proof.to_json()}
     log("")
     log(f"checkpoint  {ckpt}")
     log(f"merged      {merged_dir}")
     for t, p in ggufs.items():
         log(f"gguf {t:<6} {p}")
     log(f"parity      {out / parity.PARITY_FILE}")
-    log(f"modelfile   {mf}  (FROM {Path(chosen).name}; `python -m export ollama --modelfile {mf} --name {name}`)")
+    log(f"template    {proof.summary()}")
+    log(f"modelfile   {mf}  (FROM {Path(chosen).name}; `ollama create {name} -f {mf}`, or without the CLI "
+        f"`python -m export ollama --gguf {chosen} --name {name}`)")
     return summary

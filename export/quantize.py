@@ -11,17 +11,18 @@ import ctypes
 import re
 from pathlib import Path
 
+from aegis import llamacpp
+
 from . import names
 from .files import ExportError, atomic_file
 
 
 def llama_quantize(src: Path, dest: Path, out_type: str, threads: int = 0) -> list[str]:
     """Quantize GGUF `src` into `dest` (written atomically). Returns llama.cpp's fallback messages."""
-    import llama_cpp
+    llama_cpp = llamacpp.runtime()
     from llama_cpp import _logger
 
-    kind, ftype_name, _ = names.TYPES[out_type]
-    if kind != "llama":
+    if out_type not in names.TYPES or out_type in names.PYTHON_TYPES:
         raise ExportError(f"llama_quantize: {out_type} is not a llama.cpp quantization (internal)")
     lines: list[str] = []
 
@@ -30,7 +31,7 @@ def llama_quantize(src: Path, dest: Path, out_type: str, threads: int = 0) -> li
         lines.append(text.decode("utf-8", "replace"))
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, ftype_name)
+    params.ftype = int(names.TYPES[out_type])  # gguf-py's LlamaFileType values are llama.cpp's LLAMA_FTYPE_*
     params.nthread = threads
     llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
     try:

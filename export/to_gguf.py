@@ -50,9 +50,9 @@ def read_config(model_dir: Path) -> dict:
 def hparams(cfg: dict, where: str = "config.json") -> HParams:
     cfg = {**cfg, **cfg.get("text_config", {})}
     model_type = cfg.get("model_type")
-    if model_type not in names.ARCHITECTURES:
+    if model_type not in names.FAMILIES:
         raise ExportError(f"{where}: model_type {model_type!r} is not supported (supported: "
-                          f"{', '.join(names.ARCHITECTURES)})")
+                          f"{', '.join(names.FAMILIES)})")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads", "max_position_embeddings") if k not in cfg]
     if missing:
@@ -148,15 +148,17 @@ def _sort_key(gguf_name: str):
 def plan_tensors(src: TensorSource, hp: HParams, target, fallbacks: list[str]) -> list[Planned]:
     import gguf
 
-    table = names.tensor_map(hp.model_type, hp.n_layer)
-    unknown = [n for n in src.where if n not in table and not n.endswith("rotary_emb.inv_freq")]
+    # gguf-py's name map for the architecture; a tensor it cannot name is an error (it would be silently lost)
+    namer = names.tensor_namer(hp.model_type, hp.n_layer)
+    table = {n: namer(n) for n in src.where if not n.endswith("rotary_emb.inv_freq")}
+    unknown = [n for n, g in table.items() if g is None]
     if unknown:
         raise ExportError(f"tensors with no GGUF name for {hp.model_type}: {', '.join(sorted(unknown)[:8])}"
-                          f"{' ...' if len(unknown) > 8 else ''} (export/names.py)")
-    plan = [Planned(table[n], n, src.shape(n), None) for n in src.where if n in table]
+                          f"{' ...' if len(unknown) > 8 else ''}")
+    plan = [Planned(g, n, src.shape(n), None) for n, g in table.items()]
     for p in plan:
         p.qtype = _choose_type(target, p.gguf, p.shape, fallbacks)
-    if names.ARCHITECTURES[hp.model_type]["longrope"] and hp.rope_type in ("longrope", "su"):
+    if names.FAMILIES[hp.model_type]["longrope"] and hp.rope_type in ("longrope", "su"):
         for gname, key in ((names.ROPE_FACTORS_LONG, "long_factor"), (names.ROPE_FACTORS_SHORT, "short_factor")):
             factors = hp.rope.get(key)
             if not factors or len(factors) != hp.rope_dims // 2:
@@ -173,7 +175,7 @@ def convert(p: Planned, src: TensorSource, hp: HParams) -> np.ndarray:
 
     Q = gguf.GGMLQuantizationType
     data = p.data if p.data is not None else src.load(p.hf)
-    if names.ARCHITECTURES[hp.model_type]["permute_qk"]:
+    if names.FAMILIES[hp.model_type]["permute_qk"]:
         if p.gguf.endswith(("attn_q.weight", "attn_q.bias")):
             data = permute_qk(data, hp.n_head)
         elif p.gguf.endswith(("attn_k.weight", "attn_k.bias")):
@@ -209,39 +211,37 @@ def _name_for_llama_cpp(name: str, vocab: vocab_mod.Vocab) -> tuple[str, str | N
 def write_metadata(writer, hp: HParams, vocab: vocab_mod.Vocab, name: str, file_type: int) -> list[str]:
     import gguf
 
-    arch = writer.arch
-    k = lambda n: names.key(n, arch)  # noqa: E731
     notes = list(vocab.notes)
     gname, note = _name_for_llama_cpp(name, vocab)
     if note:
         notes.append(note)
-    writer.add_string(k("name"), gname)
-    writer.add_uint32(k("file_type"), file_type)
-    writer.add_uint32(k("quantization_version"), gguf.GGML_QUANT_VERSION)
-    writer.add_uint32(k("vocab_size"), hp.n_vocab)
-    writer.add_uint32(k("context_length"), hp.n_ctx)
-    writer.add_uint32(k("embedding_length"), hp.n_embd)
-    writer.add_uint32(k("feed_forward_length"), hp.n_ff)
-    writer.add_uint32(k("block_count"), hp.n_layer)
-    writer.add_uint32(k("head_count"), hp.n_head)
-    writer.add_uint32(k("head_count_kv"), hp.n_head_kv)
-    writer.add_float32(k("rms_eps"), hp.rms_eps)
-    writer.add_uint32(k("rope_dimension_count"), hp.rope_dims)
-    writer.add_float32(k("rope_freq_base"), hp.rope_theta)
+    writer.add_name(gname)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(hp.n_vocab)
+    writer.add_context_length(hp.n_ctx)
+    writer.add_embedding_length(hp.n_embd)
+    writer.add_feed_forward_length(hp.n_ff)
+    writer.add_block_count(hp.n_layer)
+    writer.add_head_count(hp.n_head)
+    writer.add_head_count_kv(hp.n_head_kv)
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    writer.add_rope_dimension_count(hp.rope_dims)
+    writer.add_rope_freq_base(hp.rope_theta)
     if hp.model_type == "phi3":
         # Phi-3 metadata llama.cpp reads: original context (picks short/long factors), sliding window (0 = none).
         orig = hp.n_ctx_orig or hp.n_ctx
-        writer.add_uint32(k("rope_original_context"), orig)
-        writer.add_uint32(k("sliding_window"), hp.sliding_window or 0)
+        writer.add_rope_scaling_orig_ctx_len(orig)
+        writer.add_sliding_window(hp.sliding_window or 0)
         if hp.rope_type in ("longrope", "su"):
             scale = hp.n_ctx / orig
-            attn = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0
-            writer.add_float32(k("rope_attn_factor"), attn)
+            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1
+                                                 else 1.0)
         elif hp.rope_type != "default":
             raise ExportError(f"config.json: rope type {hp.rope_type!r} is not supported for phi3")
     elif hp.rope_type == "linear":
-        writer.add_string(k("rope_scaling_type"), "linear")
-        writer.add_float32(k("rope_scaling_factor"), float(hp.rope["factor"]))
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(hp.rope["factor"]))
     elif hp.rope_type != "default":
         raise ExportError(f"config.json: rope type {hp.rope_type!r} is not supported for {hp.model_type}")
     vocab_mod.write(writer, vocab)
@@ -270,20 +270,20 @@ def write_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = Non
     """Write `model_dir` as GGUF of a Python-made type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)."""
     import gguf
 
-    if out_type not in names.TYPES or names.TYPES[out_type][0] != "python":
+    if out_type not in names.PYTHON_TYPES:
         raise ExportError(f"write_gguf: --type {out_type!r} is not made in Python (internal)")
     model_dir, out = Path(model_dir), Path(out)
     cfg = read_config(model_dir)
     hp = hparams(cfg, str(model_dir / "config.json"))
     vocab = vocab_mod.build(model_dir, cfg)
     src = TensorSource(model_dir)
-    target = gguf.GGMLQuantizationType[names.TYPES[out_type][1]]
+    target = names.PYTHON_TYPES[out_type]
     fallbacks: list[str] = []
     plan = plan_tensors(src, hp, target, fallbacks)
     counts: dict[str, int] = {}
     with atomic_file(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), names.ARCHITECTURES[hp.model_type]["arch"])
-        notes = write_metadata(writer, hp, vocab, name or default_name(model_dir), names.TYPES[out_type][2])
+        writer = gguf.GGUFWriter(str(tmp), names.arch_name(hp.model_type))
+        notes = write_metadata(writer, hp, vocab, name or default_name(model_dir), int(names.TYPES[out_type]))
         for p in plan:
             if p.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 dt = np.float32 if p.qtype == gguf.GGMLQuantizationType.F32 else np.float16

@@ -12,8 +12,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import names
+import gguf
+
 from .files import ExportError
+
+T = gguf.TokenType
 
 # End-of-turn tokens of the chat formats AEGIS knows (Phi-3, ChatML/Qwen, Llama 3).
 EOT_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>")
@@ -27,14 +30,10 @@ class Vocab:
     tokens: list[str]
     scores: list[float]
     types: list[int]
-    merges: list[str] = field(default_factory=list)
+    special: gguf.SpecialVocab | None = None  # merges, special ids (bos/eos/eot/unk/pad), add_bos/eos, chat template
     pre: str | None = None
-    special: dict[str, int] = field(default_factory=dict)  # bos/eos/eot/unk/pad -> id
-    add_bos: bool = False
-    add_eos: bool = False
     add_space_prefix: bool | None = None  # SentencePiece only
     specials_rstrip: bool = False  # special tokens eat the whitespace after them (Phi-3's tokenizer does)
-    chat_template: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -61,12 +60,12 @@ def _spm(model_dir: Path, n_vocab: int) -> Vocab:
         raise ExportError(f"{path}: {n_sp} pieces, more than the model's vocab_size {n_vocab} (config.json)")
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     scores = [-10000.0] * n_vocab
-    types = [names.TOKEN_UNUSED] * n_vocab
+    types = [T.UNUSED] * n_vocab
     for i in range(n_sp):
         tokens[i], scores[i] = sp.id_to_piece(i), sp.get_score(i)
-        types[i] = (names.TOKEN_UNKNOWN if sp.is_unknown(i) else names.TOKEN_CONTROL if sp.is_control(i)
-                    else names.TOKEN_UNUSED if sp.is_unused(i) else names.TOKEN_BYTE if sp.is_byte(i)
-                    else names.TOKEN_NORMAL)
+        types[i] = (T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i)
+                    else T.UNUSED if sp.is_unused(i) else T.BYTE if sp.is_byte(i)
+                    else T.NORMAL)
     for t in _added_tokens(model_dir):
         i = t["id"]
         if i >= n_vocab:
@@ -75,7 +74,7 @@ def _spm(model_dir: Path, n_vocab: int) -> Vocab:
         if i < n_sp and tokens[i] == t["content"]:
             continue  # <unk>, <s>, </s>: SentencePiece already typed them
         tokens[i], scores[i] = t["content"], -1000.0
-        types[i] = names.TOKEN_CONTROL if t["special"] else names.TOKEN_USER_DEFINED
+        types[i] = T.CONTROL if t["special"] else T.USER_DEFINED
     return Vocab(model="llama", tokens=tokens, scores=scores, types=types)
 
 
@@ -87,14 +86,13 @@ def _bpe(model_dir: Path, n_vocab: int, model_type: str) -> Vocab:
         raise ExportError(f"{tj}: tokenizer model {model.get('type')!r} is not supported (SentencePiece with "
                           f"tokenizer.model, or byte-level BPE)")
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
-    types = [names.TOKEN_UNUSED] * n_vocab
+    types = [T.UNUSED] * n_vocab
     for piece, i in model["vocab"].items():
-        tokens[i], types[i] = piece, names.TOKEN_NORMAL
+        tokens[i], types[i] = piece, T.NORMAL
     for t in _added_tokens(model_dir):
         tokens[t["id"]] = t["content"]
-        types[t["id"]] = names.TOKEN_CONTROL if t["special"] else names.TOKEN_USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return Vocab(model="gpt2", tokens=tokens, scores=[0.0] * n_vocab, types=types, merges=merges,
+        types[t["id"]] = T.CONTROL if t["special"] else T.USER_DEFINED
+    return Vocab(model="gpt2", tokens=tokens, scores=[0.0] * n_vocab, types=types,
                  pre=BPE_PRE.get(model_type, "default"))
 
 
@@ -102,14 +100,16 @@ def _probe(tok, vocab: Vocab) -> None:
     """Measure the HF tokenizer's BOS/EOS, space-prefix and rstrip behaviour (see the module docstring)."""
     ids = tok("a")["input_ids"]
     bos, eos = tok.bos_token_id, tok.eos_token_id
-    vocab.add_bos = bos is not None and len(ids) > 0 and ids[0] == bos
-    vocab.add_eos = eos is not None and len(ids) > 0 and ids[-1] == eos and len(ids) > 1
+    vocab.special.add_special_token = {
+        "bos": bos is not None and len(ids) > 0 and ids[0] == bos,
+        "eos": eos is not None and len(ids) > 1 and ids[-1] == eos}
     specials = [t for t in tok.all_special_tokens if t not in (tok.bos_token, tok.eos_token, tok.unk_token,
                                                                  tok.pad_token, "<|endoftext|>")]
     probe = next((t for t in EOT_TOKENS if t in specials), specials[0] if specials else None)
+    space_probe = probe or tok.bos_token  # a chat template's text follows a turn marker, or BOS
     if vocab.model == "llama":
-        if probe is not None:
-            pieces = tok.convert_ids_to_tokens(tok(probe + "a", add_special_tokens=False)["input_ids"])
+        if space_probe is not None:
+            pieces = tok.convert_ids_to_tokens(tok(space_probe + "a", add_special_tokens=False)["input_ids"])
             vocab.add_space_prefix = len(pieces) > 1 and pieces[1].startswith("▁")
             first = tok.convert_ids_to_tokens(tok("a", add_special_tokens=False)["input_ids"])
             if first and first[0].startswith("▁") != vocab.add_space_prefix:
@@ -143,42 +143,36 @@ def build(model_dir: Path, config: dict) -> Vocab:
     for want, got in ((tok.convert_ids_to_tokens(i), vocab.tokens[i]) for i in range(len(tok))):
         if vocab.model == "llama" and want != got:
             raise ExportError(f"{model_dir}: token {got!r} in the GGUF vocabulary is {want!r} in the HF tokenizer")
+    # gguf-py reads merges and special tokens from the files; the ids the HF tokenizer actually uses win.
+    vocab.special = gguf.SpecialVocab(model_dir, load_merges=vocab.model == "gpt2",
+                                      special_token_types=("bos", "eos", "unk", "pad"), n_vocab=n_vocab)
     for name, tid in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id),
                       ("pad", tok.pad_token_id)):
         if tid is not None:
-            vocab.special[name] = int(tid)
+            vocab.special.special_token_ids[name] = int(tid)
     for t in EOT_TOKENS:
         tid = tok.convert_tokens_to_ids(t)
         if isinstance(tid, int) and tid != tok.unk_token_id and vocab.tokens[tid] == t:
-            vocab.special["eot"] = tid
+            vocab.special.special_token_ids["eot"] = tid
             break
     template = tok.chat_template
     if isinstance(template, dict):
         template = template.get("default") or next(iter(template.values()))
-    vocab.chat_template = template
+    vocab.special.chat_template = template
     _probe(tok, vocab)
     return vocab
 
 
 def write(writer, vocab: Vocab) -> None:
     """Add the vocabulary's keys to a gguf.GGUFWriter (llama.cpp's tokenizer reads these)."""
-    arch = writer.arch
-    k = lambda n: names.key(n, arch)  # noqa: E731
-    writer.add_string(k("tokenizer_model"), vocab.model)
+    writer.add_tokenizer_model(vocab.model)
     if vocab.pre:
-        writer.add_string(k("tokenizer_pre"), vocab.pre)
-    writer.add_array(k("tokens"), vocab.tokens)
-    writer.add_array(k("scores"), vocab.scores)
-    writer.add_array(k("token_types"), vocab.types)
-    if vocab.merges:
-        writer.add_array(k("merges"), vocab.merges)
-    for name, tid in vocab.special.items():
-        writer.add_uint32(k(f"{name}_id"), tid)
-    # Written explicitly: llama.cpp's defaults for a SentencePiece vocabulary (add BOS, add a space prefix) are
-    # not this tokenizer's.
-    writer.add_bool(k("add_bos"), vocab.add_bos)
-    writer.add_bool(k("add_eos"), vocab.add_eos)
+        writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    # add_bos/add_eos are always written (measured by _probe): llama.cpp's defaults for a SentencePiece vocabulary
+    # (add BOS, add a space prefix) are not this tokenizer's.
+    vocab.special.add_to_gguf(writer, quiet=True)
     if vocab.add_space_prefix is not None:
-        writer.add_bool(k("add_space_prefix"), vocab.add_space_prefix)
-    if vocab.chat_template:
-        writer.add_string(k("chat_template"), vocab.chat_template)
+        writer.add_add_space_prefix(vocab.add_space_prefix)

@@ -1,10 +1,17 @@
-"""Server settings, shared by the CLI, the app factory and the tests."""
+"""The server's settings, declared once: each field's default, help text and check make the command line
+(`python -m serve --help`), and the app, the registry and the tests read the same fields."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .backends import KINDS, detect
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -38,19 +45,105 @@ def parse_model_arg(text: str) -> ModelSpec:
     return ModelSpec(name or default_name(path), path)
 
 
+def _checked(kind, ok, rule: str):
+    """An argparse type: text -> kind, refused unless ok(value)."""
+    def check(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {rule}")
+        return value
+    check.__name__ = kind.__name__  # argparse names the type in its messages
+    return check
+
+
+POSITIVE_INT = _checked(int, lambda v: v > 0, "> 0")
+NON_NEGATIVE = _checked(int, lambda v: v >= 0, ">= 0")
+POSITIVE = _checked(float, lambda v: v > 0, "> 0")
+
+
+def setting(default, help: str, *, parse=None, choices=None, metavar=None, env=None, repeat=False):
+    """A field of Settings with what its command-line option needs (parse: argparse type; env: the environment
+    variable read when the option is not given)."""
+    meta = {"help": help, "parse": parse, "choices": choices, "metavar": metavar, "env": env, "repeat": repeat}
+    if repeat:
+        return field(default_factory=list, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class Settings:
-    models: list[ModelSpec]
-    api_key: str | None = None
-    workers: int = 1  # model workers per model
-    queue_size: int = 64  # requests that may wait for a worker, per model
-    timeout: float = 300.0  # seconds per request, queue wait included
-    max_body_bytes: int = 1 << 20
-    ctx_size: int = 0  # 0: the model's own (capped at 4096 for llama.cpp)
-    threads: int = 0  # llama.cpp threads per worker; 0: cores / workers
-    gpu_layers: int = -1  # llama.cpp layers on the GPU (-1: all, where the build has a GPU)
-    device: str = "auto"  # transformers backend
-    dtype: str = "auto"
-    quantization: str | None = None  # transformers checkpoints: nf4 | none (default: as trained)
-    default_max_tokens: int = 0  # when a request gives none; 0: the rest of the context
-    extra: dict = field(default_factory=dict)
+    models: list[ModelSpec] = setting(None, "a GGUF file, a merged model directory or a training checkpoint; "
+                                            "repeat to serve several (the first is the default); NAME is the id "
+                                            "clients use (default: from the path)",
+                                      parse=parse_model_arg, metavar="[NAME=]PATH", repeat=True)
+    backend: str = setting("auto", "auto: llama.cpp for GGUF files, transformers for directories", choices=KINDS)
+    host: str = setting("127.0.0.1", "address to listen on (default: loopback only)")
+    port: int = setting(8000, "TCP port", parse=POSITIVE_INT)
+    api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on /v1 (default: $AEGIS_API_KEY, else "
+                                        "no key)", metavar="KEY", env="AEGIS_API_KEY")
+    workers: int = setting(1, "model workers per model (each has its own llama.cpp context)", parse=POSITIVE_INT)
+    queue_size: int = setting(64, "requests that may wait for a worker before the server answers 429",
+                              parse=NON_NEGATIVE)
+    timeout: float = setting(300.0, "seconds per request, queue included", parse=POSITIVE)
+    max_body: int = setting(1 << 20, "largest request body (413 beyond)", parse=POSITIVE_INT, metavar="BYTES")
+    ctx_size: int = setting(0, "context length (0: the model's own; llama.cpp caps that at 4096)",
+                            parse=NON_NEGATIVE)
+    max_tokens_default: int = setting(0, "max_tokens for chat requests that give none (0: the rest of the context)",
+                                      parse=NON_NEGATIVE)
+    threads: int = setting(0, "llama.cpp threads per worker (0: half the cores, split among the workers)",
+                           parse=NON_NEGATIVE)
+    gpu_layers: int = setting(-1, "llama.cpp layers to offload (-1: all, if a GPU)")
+    device: str = setting("auto", "transformers backend: auto | cpu | cuda | cuda:N")
+    dtype: str = setting("auto", "transformers backend compute dtype",
+                         choices=("auto", "bfloat16", "float16", "float32"))
+    quantization: str | None = setting(None, "transformers backend, training checkpoints: load the base in 4-bit or "
+                                             "not (default: as trained)", choices=("nf4", "none"))
+    log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+
+
+def parser(description: str = "") -> argparse.ArgumentParser:
+    """The command line, generated from Settings."""
+    ap = argparse.ArgumentParser(prog="python -m serve", description=description)
+    hints = typing.get_type_hints(Settings)
+    for f in dataclasses.fields(Settings):
+        m = f.metadata
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        flag = "--model" if f.name == "models" else "--" + f.name.replace("_", "-")
+        text = m["help"] if m["repeat"] or "default" in m["help"] else f"{m['help']} (default: {f.default})"
+        kwargs = {"help": text, "dest": f.name, "metavar": m["metavar"] or ("N" if kind in (int, float) else None)}
+        if m["choices"]:
+            kwargs["choices"] = m["choices"]
+        if m["repeat"]:
+            ap.add_argument(flag, action="append", required=True, type=m["parse"], **kwargs)
+        else:
+            ap.add_argument(flag, type=m["parse"] or (kind if kind in (int, float) else str), default=f.default,
+                            **kwargs)
+    return ap
+
+
+def settings_from(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Settings:
+    """Settings from parsed arguments, with what needs more than one option checked (argparse exits on errors)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
+    for f in dataclasses.fields(Settings):
+        if f.metadata["env"] and values[f.name] is None:
+            values[f.name] = os.environ.get(f.metadata["env"]) or None
+    specs = []
+    for spec in values["models"]:
+        if not spec.path.exists():
+            ap.error(f"--model {spec.path}: no such file or directory")
+        if values["backend"] == "auto":
+            try:
+                detect(spec.path)  # a wrong kind of file fails here, not after the server has started
+            except (ValueError, OSError) as e:
+                ap.error(f"--model {spec.path}: {e}")
+        specs.append(dataclasses.replace(spec, backend=values["backend"]))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        ap.error(f"--model: two models share a name ({', '.join(names)}); name them with NAME=PATH")
+    if not 0 < values["port"] < 65536:
+        ap.error(f"--port {values['port']}: not a TCP port")
+    return Settings(**{**values, "models": specs})

@@ -1,182 +1,67 @@
-"""From a validated request to a queued job: the served models, prompt building with the model's own chat template,
-the token budget against the context, and the checks a schema cannot express. Everything here raises APIError
-with the client's status (400/404/429/503); nothing a client sends reaches a backend unchecked."""
+"""From a decoded request to a job ready to queue: the prompt (the model's own chat template), the grammar that
+constrains the reply (response_format, tools), the token budget against the context, and every check a type cannot
+express. Everything here raises APIError with the client's status (400/404/429/503); nothing a client sends reaches
+a backend unchecked, and every field it sends is honoured or refused by name."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
 from dataclasses import dataclass
 
-from . import template
-from .backends import Backend, Sampling, open_backend
-from .config import ModelSpec, Settings
+from aegis.chat_template import TemplateError
+
+from . import prompt, structured, tools
+from .backends import Backend, Sampling
+from .config import Settings
 from .errors import APIError, bad_request
-from .pool import Job, PoolClosed, QueueFull, WorkerPool
-from .schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from .pool import Job, PoolClosed, QueueFull
+from .registry import Registry, ServedModel
+from .schemas import (ChatCompletionRequest, CompletionRequest, JsonObjectFormat, JsonSchemaFormat,
+                      NamedToolChoice, SamplingRequest)
 
 log = logging.getLogger("serve")
 
 
 @dataclass
-class ServedModel:
-    spec: ModelSpec
-    backend: Backend
-    pool: WorkerPool
-    created: int
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-class Registry:
-    """The served models. Loading runs on a background thread so /health answers while weights load."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.models: dict[str, ServedModel] = {}
-        self.ready = False
-        self.error: str | None = None
-        self._closed = False
-        self._lock = threading.Lock()
-        self.on_finish = None  # on_finish(model_name, job, finish), from the worker thread
-
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.settings.models]
-
-    def load_all(self) -> None:
-        s = self.settings
-        try:
-            for spec in s.models:
-                started = time.monotonic()
-                backend = open_backend(spec.path, spec.backend, n_ctx=s.ctx_size, workers=s.workers,
-                                       threads=s.threads, gpu_layers=s.gpu_layers, device=s.device, dtype=s.dtype,
-                                       quantization=s.quantization)
-                pool = WorkerPool(backend, workers=s.workers, max_queue=s.queue_size,
-                                  on_finish=self._finished_hook(spec.name))
-                pool.start()
-                with self._lock:
-                    if self._closed:  # shut down while loading
-                        pool.close()
-                        return
-                    self.models[spec.name] = ServedModel(spec, backend, pool, int(time.time()))
-                log.info("model %s ready (%s, context %d, %d worker(s)) in %.1fs", spec.name, backend.kind,
-                         backend.context_length, s.workers, time.monotonic() - started)
-            self.ready = True
-        except Exception as e:  # noqa: BLE001 - reported through /health and the log; the CLI exits
-            self.error = f"{type(e).__name__}: {e}"
-            log.error("loading the model failed: %s", self.error)
-            raise
-
-    def _finished_hook(self, name: str):
-        def hook(job, finish):
-            if self.on_finish is not None:
-                self.on_finish(name, job, finish)
-        return hook
-
-    def get(self, name: str | None) -> ServedModel:
-        if not self.ready:
-            msg = f"the model failed to load: {self.error}" if self.error else "the model is still loading"
-            raise APIError(503, msg, headers={"Retry-After": "5"})
-        key = name if name is not None else self.names[0]
-        model = self.models.get(key)
-        if model is None:
-            raise APIError(404, f"the model {key!r} does not exist; this server has: {', '.join(self.names)}",
-                           param="model", code="model_not_found")
-        return model
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            models, self.models = list(self.models.values()), {}
-        self.ready = False
-        for m in models:
-            m.pool.close()
-            m.backend.close()
+class Prepared:
+    model: ServedModel
+    prompt: list[int]
+    max_tokens: int
+    stops: list[str]
+    sampling: Sampling
+    stream: bool
+    include_usage: bool
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no log-probabilities; else alternatives per token
+    tools: bool = False  # the reply is read for tool calls
 
 
-# ---- request checks ---------------------------------------------------------------------------------------------
+def _unsupported(message: str, param: str) -> APIError:
+    return bad_request(message, param, "unsupported_parameter")
+
+
+def _check_common(req: SamplingRequest) -> None:
+    if req.n not in (None, 1):
+        raise _unsupported("n > 1 is not supported: send one request per completion", "n")
+    if req.logit_bias:
+        raise _unsupported("logit_bias is not supported by this server", "logit_bias")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+    if req.user:
+        log.debug("request for user %r", req.user)
+
 
 def _stops(stop) -> list[str]:
     # an empty stop string would match everywhere; "" alone (some clients send it for "none") means no stop
     return [s for s in ([stop] if isinstance(stop, str) else list(stop or [])) if s]
 
 
-def _sampling(req: SamplingRequest) -> Sampling:
-    return Sampling(
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        seed=req.seed)
-
-
-def _check_unsupported(req: SamplingRequest) -> None:
-    if req.n not in (None, 1):
-        raise bad_request("n > 1 is not supported: ask once per completion", "n", "unsupported_parameter")
-    if getattr(req, "best_of", None) not in (None, 1):
-        raise bad_request("best_of > 1 is not supported", "best_of", "unsupported_parameter")
-    if getattr(req, "tools", None):
-        raise bad_request("tools are not supported by this server", "tools", "unsupported_parameter")
-    logprobs = getattr(req, "logprobs", None)
-    if logprobs:
-        raise bad_request("logprobs are not supported by this server", "logprobs", "unsupported_parameter")
-    if getattr(req, "echo", None):
-        raise bad_request("echo is not supported by this server", "echo", "unsupported_parameter")
-    if getattr(req, "suffix", None):
-        raise bad_request("suffix (insertion) is not supported by this server", "suffix", "unsupported_parameter")
-
-
-def chat_messages(req: ChatCompletionRequest) -> list[dict]:
-    """Messages as plain dicts for the template: text parts joined, `developer` read as `system`."""
-    out = []
-    for i, m in enumerate(req.messages):
-        content = m.content
-        if isinstance(content, list):  # text parts (the schema admits no other kind)
-            content = "".join(part.text for part in content)
-        if content is None:
-            raise bad_request("a message needs content", f"messages[{i}].content")
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-    return out
-
-
-def chat_prompt(backend: Backend, messages: list[dict]) -> list[int]:
-    if not backend.chat_template:
-        raise bad_request("this model has no chat template; use /v1/completions", "messages", "no_chat_template")
-    try:
-        text = template.render(backend.chat_template, messages, backend.special_tokens)
-    except template.TemplateError as e:
-        raise bad_request(str(e), "messages", "chat_template_rejected") from e
-    bos = backend.special_tokens.get("bos_token")
-    # a template that writes BOS itself must not get a second one from the tokenizer
-    add_special = backend.add_bos and not (bos and text.startswith(bos))
-    return backend.tokenize(text, add_special=add_special)
-
-
-def completion_prompt(backend: Backend, prompt) -> list[int]:
-    if isinstance(prompt, str):
-        ids = backend.tokenize(prompt, add_special=backend.add_bos)
-    elif all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-        bad = next((p for p in prompt if not 0 <= p < backend.vocab_size), None)
-        if bad is not None:
-            raise bad_request(f"token id {bad} is outside the vocabulary (0..{backend.vocab_size - 1})", "prompt",
-                              "invalid_token")
-        ids = list(prompt)
-    elif len(prompt) == 1 and isinstance(prompt[0], str):
-        ids = backend.tokenize(prompt[0], add_special=backend.add_bos)
-    elif all(isinstance(p, str) for p in prompt):
-        raise bad_request("batched prompts are not supported: send one prompt per request", "prompt",
-                          "unsupported_parameter")
-    else:
-        raise bad_request("prompt must be a string, a list of one string, or a list of token ids", "prompt")
-    if not ids:
-        raise bad_request("the prompt is empty", "prompt")
-    return ids
+def _sampling(req: SamplingRequest, grammar: str | None = None) -> Sampling:
+    return Sampling(temperature=1.0 if req.temperature is None else req.temperature,
+                    top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+                    presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                    seed=req.seed, grammar=grammar)
 
 
 def budget(backend: Backend, prompt_len: int, requested: int | None, default: int, param: str,
@@ -194,49 +79,144 @@ def budget(backend: Backend, prompt_len: int, requested: int | None, default: in
         return requested
     if default:
         return min(default, room)
-    return min(settings.default_max_tokens, room) if settings.default_max_tokens else room
+    return min(settings.max_tokens_default, room) if settings.max_tokens_default else room
 
 
-@dataclass
-class Prepared:
-    model: ServedModel
-    prompt: list[int]
-    max_tokens: int
-    stops: list[str]
-    sampling: Sampling
-    stream: bool
-    include_usage: bool
-    ignore_eos: bool = False
+def _tool_plan(req: ChatCompletionRequest) -> tuple[str, list[dict]]:
+    """(choice, tools): choice is none | auto | required | a function's name."""
+    if req.functions is not None or req.function_call is not None:
+        param = "functions" if req.functions is not None else "function_call"
+        raise _unsupported("the legacy functions/function_call fields are not supported: use tools and tool_choice",
+                           param)
+    defs = []
+    for i, t in enumerate(req.tools or []):
+        params = t.function.parameters
+        where = f"tools[{i}].function.parameters"
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        elif params.get("type") != "object":
+            raise bad_request('a function\'s parameters must be a JSON Schema of "type": "object"', where)
+        if any(d["name"] == t.function.name for d in defs):
+            raise bad_request(f"two tools are named {t.function.name!r}", f"tools[{i}].function.name")
+        defs.append({"name": t.function.name, "description": t.function.description, "parameters": params,
+                     "param": where})
+    choice = req.tool_choice
+    if not defs:
+        if choice not in (None, "none"):
+            raise bad_request("tool_choice needs tools", "tool_choice")
+        if req.parallel_tool_calls is not None:
+            raise bad_request("parallel_tool_calls needs tools", "parallel_tool_calls")
+        return "none", []
+    if isinstance(choice, NamedToolChoice):
+        if all(d["name"] != choice.function.name for d in defs):
+            raise bad_request(f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                              "tool_choice.function.name")
+        return choice.function.name, defs
+    return choice or "auto", defs
+
+
+def _grammar(backend: Backend, req: ChatCompletionRequest, choice: str, defs: list[dict]) -> str | None:
+    fmt = req.response_format
+    constrained = isinstance(fmt, (JsonObjectFormat, JsonSchemaFormat))
+    if constrained and choice != "none":
+        raise _unsupported("response_format json_object/json_schema together with tools needs tool_choice none",
+                           "response_format")
+    param = "response_format" if constrained else "tools"
+    if not constrained and choice == "none":
+        return None
+    if not backend.supports_grammar:
+        raise _unsupported(f"this model's backend ({backend.kind}) cannot constrain decoding: serve a GGUF file for "
+                           f"{param}", param)
+    try:
+        if isinstance(fmt, JsonSchemaFormat):
+            param = "response_format.json_schema.schema"
+            schema = fmt.json_schema.schema
+            grammar = structured.schema_grammar({} if schema is None else schema)
+        elif constrained:
+            grammar = structured.schema_grammar({"type": "object"})
+        else:
+            grammar = tools.grammar(defs, choice, req.parallel_tool_calls is not False)
+    except structured.SchemaError as e:
+        raise _unsupported(f"this schema cannot be enforced: {e}", e.param or param) from None
+    except RecursionError:
+        raise bad_request("the schema is nested too deeply", param) from None
+    except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:  # what the converter refuses
+        raise _unsupported(f"this schema cannot be turned into a grammar: {e}", param) from None
+    if not backend.check_grammar(grammar):
+        raise _unsupported("this schema cannot be turned into a grammar llama.cpp accepts", param)
+    return grammar
 
 
 def prepare_chat(registry: Registry, req: ChatCompletionRequest) -> Prepared:
     model = registry.get(req.model)
-    _check_unsupported(req)
-    stops, sampling = _stops(req.stop), _sampling(req)
-    messages = chat_messages(req)
-    prompt = chat_prompt(model.backend, messages)
+    backend = model.backend
+    _check_common(req)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    choice, defs = _tool_plan(req)
+    grammar = _grammar(backend, req, choice, defs)
+    if not backend.chat_template:
+        raise bad_request("this model has no chat template; use /v1/completions", "messages", "no_chat_template")
+    # what the system turn gets besides the conversation's own: the tools on offer, or what the JSON reply is for
+    # (the two never come together: a JSON response_format needs tool_choice none)
+    fmt = req.response_format
+    note = tools.system_text(defs) if choice != "none" else \
+        fmt.json_schema.description if isinstance(fmt, JsonSchemaFormat) else None
+    messages = prompt.conversation(req.messages, backend.chat_template, note)
+    try:
+        ids = prompt.chat_ids(backend, messages)
+    except TemplateError as e:
+        raise bad_request(str(e), "messages", "chat_template_rejected") from e
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_tokens = budget(model.backend, len(prompt), requested, 0, param, "messages", registry.settings)
-    return Prepared(model, prompt, max_tokens, stops, sampling, bool(req.stream),
-                    bool(req.stream_options and req.stream_options.include_usage), bool(req.ignore_eos))
+    max_tokens = budget(backend, len(ids), requested, 0, param, "messages", registry.settings)
+    return Prepared(model, ids, max_tokens, _stops(req.stop), _sampling(req, grammar), bool(req.stream),
+                    bool(req.stream_options and req.stream_options.include_usage), req.ignore_eos,
+                    (req.top_logprobs or 0) if req.logprobs else None, choice != "none")
+
+
+def completion_prompt(backend: Backend, prompt_value, parse_special: bool) -> list[int]:
+    def tokenize(text: str) -> list[int]:
+        return backend.tokenize(text, add_special=backend.add_bos, parse_special=parse_special)
+
+    if isinstance(prompt_value, str):
+        ids = tokenize(prompt_value)
+    elif all(isinstance(p, int) and not isinstance(p, bool) for p in prompt_value):
+        bad = next((p for p in prompt_value if not 0 <= p < backend.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is outside the vocabulary (0..{backend.vocab_size - 1})", "prompt",
+                              "invalid_token")
+        ids = list(prompt_value)
+    elif len(prompt_value) == 1 and isinstance(prompt_value[0], str):
+        ids = tokenize(prompt_value[0])
+    elif all(isinstance(p, str) for p in prompt_value):
+        raise _unsupported("batched prompts are not supported: send one prompt per request", "prompt")
+    else:
+        raise bad_request("prompt must be a string, a list of one string, or a list of token ids", "prompt")
+    if not ids:
+        raise bad_request("the prompt is empty", "prompt")
+    return ids
 
 
 def prepare_completion(registry: Registry, req: CompletionRequest) -> Prepared:
     model = registry.get(req.model)
-    _check_unsupported(req)
-    stops, sampling = _stops(req.stop), _sampling(req)
-    prompt = completion_prompt(model.backend, req.prompt)
+    _check_common(req)
+    if req.best_of not in (None, 1):
+        raise _unsupported("best_of > 1 is not supported", "best_of")
+    if req.echo:
+        raise _unsupported("echo is not supported by this server", "echo")
+    if req.suffix:
+        raise _unsupported("suffix (insertion) is not supported by this server", "suffix")
+    ids = completion_prompt(model.backend, req.prompt, req.parse_special)
     # OpenAI's legacy completions default to 16 tokens
-    max_tokens = budget(model.backend, len(prompt), req.max_tokens, 16, "max_tokens", "prompt",
-                        registry.settings)
-    return Prepared(model, prompt, max_tokens, stops, sampling, bool(req.stream),
-                    bool(req.stream_options and req.stream_options.include_usage), bool(req.ignore_eos))
+    max_tokens = budget(model.backend, len(ids), req.max_tokens, 16, "max_tokens", "prompt", registry.settings)
+    return Prepared(model, ids, max_tokens, _stops(req.stop), _sampling(req), bool(req.stream),
+                    bool(req.stream_options and req.stream_options.include_usage), req.ignore_eos, req.logprobs)
 
 
 def submit(p: Prepared, timeout: float) -> Job:
     job = Job(prompt=p.prompt, sampling=p.sampling, max_tokens=p.max_tokens, stops=p.stops, timeout=timeout,
-              loop=asyncio.get_running_loop(), ignore_eos=p.ignore_eos)
+              loop=asyncio.get_running_loop(), ignore_eos=p.ignore_eos, logprobs=p.logprobs)
     try:
         p.model.pool.submit(job)
     except QueueFull as e:

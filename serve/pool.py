@@ -19,6 +19,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .backends.base import Backend, Sampling
 
 log = logging.getLogger("serve.pool")
@@ -38,6 +40,26 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     error: str = ""
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A generated token with its log-probability under the model and the most likely tokens at its place."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def score(logits: np.ndarray, token: int, top_n: int) -> Scored:
+    """Log-probabilities of the model's raw distribution (before temperature, penalties or a grammar)."""
+    z = logits.astype(np.float64)
+    z -= z.max()
+    logp = z - np.log(np.exp(z).sum())
+    top = []
+    if top_n:
+        best = np.argpartition(-logp, top_n - 1)[:top_n]
+        top = [(int(i), float(logp[i])) for i in best[np.argsort(-logp[best], kind="stable")]]
+    return Scored(token, float(logp[token]), top)
 
 
 class StopMatcher:
@@ -80,10 +102,10 @@ class Job:
     timeout: float
     loop: asyncio.AbstractEventLoop
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; else how many most-likely alternatives per token
     submitted: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finish: Finish | None = None
-    started: float | None = None  # when a worker picked it up
     first_text: float | None = None  # when the first text was produced (time to first token)
 
     def __post_init__(self):
@@ -111,9 +133,9 @@ class Job:
         self.cancelled.set()
 
     async def events(self):
-        """Lists of text pieces (one per token that completed text) as the worker produces them; ends when the
-        job finishes (then `self.finish` is set). Raises TimeoutError if the deadline passes first (the worker is
-        told to stop)."""
+        """Lists of text pieces (one per token that completed text) and, when asked for, Scored tokens, as the
+        worker produces them; ends when the job finishes (then `self.finish` is set). Raises TimeoutError if the
+        deadline passes first (the worker is told to stop)."""
         while True:
             remaining = self.deadline - time.monotonic()
             try:
@@ -126,7 +148,7 @@ class Job:
                 self._pending = False
                 items = list(self._items)
                 self._items.clear()
-            pieces = [i for i in items if isinstance(i, str)]
+            pieces = [i for i in items if not isinstance(i, Finish)]
             if pieces:
                 yield pieces
             for item in items:
@@ -155,6 +177,8 @@ def run_job(backend: Backend, session, job: Job) -> Finish:
                 reason = "stop"
                 break
             n += 1
+            if job.logprobs is not None:
+                job.emit(score(session.logits(), token, job.logprobs))
             text, hit = stopper.push(detok.push(token))
             if text:
                 job.emit(text)
@@ -226,7 +250,6 @@ class WorkerPool:
                 elif time.monotonic() > job.deadline:
                     finish = Finish("timeout", len(job.prompt), 0)
                 else:
-                    job.started = time.monotonic()
                     finish = run_job(self.backend, session, job)
             except Exception as e:  # noqa: BLE001 - a runtime failure ends this job, never the worker
                 log.exception("generation failed")

@@ -236,13 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     # nothing may phone home: the page must work offline
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .ui_theme import CSS, theme
+    from .ui_theme import CSS, FONTS, theme
 
     key = args.api_key if args.api_key is not None else os.environ.get("AEGIS_API_KEY")
     demo = build(Api(args.api.rstrip("/"), key), args.runs)
     demo.queue(default_concurrency_limit=8)
     demo.launch(server_name=args.host, server_port=args.port, theme=theme(), css=CSS, ssr_mode=False,
-                footer_links=[], show_error=True, quiet=False)
+                footer_links=[], show_error=True, quiet=False, allowed_paths=[str(FONTS)])
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The Soul monitor's data and pictures: runs found under a directory, their metrics read through train.metrics, and
+"""The Soul monitor's data and pictures: runs found under a directory, their metrics read through aegis.metrics, and
 one figure of loss, α (with the φ line), gate, orthogonality error and tokens/s, drawn with matplotlib on the
 server (no plotting scripts from anywhere else reach the browser)."""
 
@@ -8,7 +8,6 @@ import html
 import io
 import math
 import time
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,8 +21,10 @@ matplotlib.use("Agg")  # no display here; figures are rendered to images
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from train import metrics as train_metrics  # noqa: E402
-from train.schedule import PHI, gate as gate_of  # noqa: E402
+from aegis import metrics as train_metrics, runs  # noqa: E402
+from aegis.config import ConfigError  # noqa: E402
+from aegis.metrics import number  # noqa: E402
+from aegis.schedule import PHI, gate as gate_of  # noqa: E402
 
 from .ui_theme import NEON  # noqa: E402
 
@@ -44,22 +45,14 @@ def list_runs(root: Path) -> list[Path]:
 def target_alpha(run: Path) -> float:
     """The schedule's target α from the run's config.toml (φ unless the run chose otherwise)."""
     try:
-        cfg = tomllib.loads((Path(run) / "config.toml").read_text(encoding="utf-8"))
-        return float(cfg.get("schedule", {}).get("target_alpha", PHI))
-    except (OSError, ValueError, TypeError, tomllib.TOMLDecodeError):
+        cfg = runs.read_config(run)
+    except ConfigError:  # one run's unreadable config does not take the monitor of every run down
         return PHI
-
-
-def _num(value) -> float:
-    """A metric value as float; the strings metrics.jsonl uses for NaN/inf come back as NaN."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
+    return cfg.schedule.target_alpha if cfg else PHI
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pairs = [(r["step"], _num(r[key])) for r in records if key in r]
+    pairs = [(r["step"], number(r[key])) for r in records if key in r]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -68,9 +61,9 @@ def status(run: Path, records: list[dict]) -> dict:
     age = time.time() - path.stat().st_mtime if path.exists() else math.inf
     last = records[-1] if records else {}
     finished = (Path(run) / "summary.json").exists()
-    return {"step": last.get("step"), "phase": last.get("phase", "—"), "loss": _num(last.get("loss")),
-            "alpha": _num(last.get("alpha")), "gate": _num(last.get("gate")),
-            "ortho_error": _num(last.get("ortho_error")), "tokens_per_s": _num(last.get("tokens_per_s")),
+    return {"step": last.get("step"), "phase": last.get("phase", "—"), "loss": number(last.get("loss")),
+            "alpha": number(last.get("alpha")), "gate": number(last.get("gate")),
+            "ortho_error": number(last.get("ortho_error")), "tokens_per_s": number(last.get("tokens_per_s")),
             "live": age < LIVE_WINDOW_S and not finished, "finished": finished, "age_s": age}
 
 

@@ -1,23 +1,41 @@
-"""AEGIS's look: dark, neon accents, monospace, system fonts only (nothing is fetched from a font service, so the
-page works offline)."""
+"""AEGIS's look: dark, neon accents, monospace. Its one web font ships with it and is served by the UI itself
+(nothing is fetched from a font service, so the page works offline)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote
 
 NEON = {"bg": "#07070d", "panel": "#0e0f1a", "grid": "#2a2d45", "text": "#d7dcff", "dim": "#7b80a8",
         "cyan": "#00f0ff", "magenta": "#ff2bd6", "green": "#39ff88", "amber": "#ffb000", "gold": "#ffd84d",
         "blue": "#5a8cff", "red": "#ff4d6d"}
 
-# Latin monospace first, then Japanese fonts common on each system (monospace Latin fonts have no kana or kanji)
-MONO = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "DejaVu Sans Mono", "Liberation Mono",
+# Noto Sans JP, regular, the "japanese" subset (kana, JIS X 0208 kanji levels 1 and 2, ASCII, full-width forms:
+# 6,886 characters in 1 MB) from npm's @fontsource/noto-sans-jp 5.3.0 (files/noto-sans-jp-japanese-400-normal.woff2),
+# under the SIL Open Font License (fonts/LICENSE). A machine without a Japanese font showed kana and kanji as boxes.
+FONTS = Path(__file__).resolve().parent / "static" / "fonts"
+JAPANESE = "Noto Sans JP"
+JAPANESE_FILE = FONTS / "noto-sans-jp-japanese-400-normal.woff2"
+
+# Latin monospace first (they have no kana or kanji), then the shipped Japanese font, so Japanese looks the same on
+# every machine; then system Japanese fonts for the rare kanji the subset lacks
+MONO = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "DejaVu Sans Mono", "Liberation Mono", JAPANESE,
         "Noto Sans Mono CJK JP", "Osaka-Mono", "MS Gothic", "IPAGothic", "monospace"]
 
-CSS = """
+# Gradio serves files under allowed_paths at gradio_api/file=PATH; the URL is relative to the page, so the font is
+# found also behind a proxy that mounts the UI under a prefix.
+FONT_FACE = f"""
+@font-face {{ font-family: "{JAPANESE}"; font-style: normal; font-weight: 400; font-display: swap;
+  src: url("gradio_api/file={quote(str(JAPANESE_FILE))}") format("woff2"); }}
+"""
+
+CSS = FONT_FACE + """
 .gradio-container { background: radial-gradient(ellipse at top, #12132a 0%, #07070d 60%) !important; }
 #aegis-title h1 { color: #00f0ff; text-shadow: 0 0 6px #00f0ff, 0 0 18px #ff2bd6; letter-spacing: .12em;
   margin: .2em 0 0 0; }
 #aegis-title p { color: #7b80a8; margin: 0; }
-.soul-status { font-family: ui-monospace, Menlo, Consolas, "DejaVu Sans Mono", monospace; color: #d7dcff;
-  padding: .5em .2em; }
+.soul-status { font-family: ui-monospace, Menlo, Consolas, "DejaVu Sans Mono", "Noto Sans JP", monospace;
+  color: #d7dcff; padding: .5em .2em; }
 .phase-badge { display: inline-block; border: 1px solid; border-radius: 3px; padding: 0 .6em; margin-right: .6em;
   font-weight: bold; letter-spacing: .1em; box-shadow: 0 0 8px currentColor; }
 .run-state { color: #39ff88; margin-right: .6em; }

@@ -30,7 +30,7 @@ def train_cli(run_dir: Path, *overrides: str, resume: bool = False, check: bool 
 
 @pytest.fixture(scope="session")
 def tiny_path() -> Path:
-    from train.tiny import ensure
+    from aegis.tiny import ensure
     return ensure()
 
 

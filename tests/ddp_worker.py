@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from train import model as model_mod
-from train.config import load
+from aegis import loading as model_mod
+from aegis.config import load
 from train.loop import run
 
 souls = []

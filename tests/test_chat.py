@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from aegis import checkpoint
 from train import chat as chat_mod
 
 PROMPT = "こんにちは。今日はどんなことを手伝ってくれますか。"
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def loaded(short_run):
-    from train.model import load_checkpoint
+    from aegis.loading import load_checkpoint
     return load_checkpoint(short_run / "final")
 
 
@@ -107,6 +108,7 @@ def _rewrite_soul(ckpt: Path, **meta_changes) -> None:
     if "hidden_size" in meta_changes:
         tensors["generators"] = torch.zeros(meta_changes["hidden_size"] // 8, 28)
     save_file(tensors, str(path), metadata=meta)
+    checkpoint.write_manifest(ckpt)  # a well-formed checkpoint of another shape, not a damaged one
 
 
 def test_mismatched_soul_is_a_clear_error(short_run, tmp_path):
@@ -120,8 +122,8 @@ def test_mismatched_soul_is_a_clear_error(short_run, tmp_path):
 
 
 def test_soul_of_another_format_version_is_refused(short_run, tmp_path):
-    from train.checkpoint import CheckpointError
-    from train.model import load_checkpoint
+    from aegis.checkpoint import CheckpointError
+    from aegis.loading import load_checkpoint
     bad = tmp_path / "bad"
     shutil.copytree(short_run / "final", bad)
     _rewrite_soul(bad, format_version=99)
@@ -132,3 +134,21 @@ def test_soul_of_another_format_version_is_refused(short_run, tmp_path):
 def test_bad_arguments(short_run):
     proc = run_chat("--checkpoint", str(short_run / "final"), "--top-p", "0")
     assert proc.returncode == 2 and "--top-p" in proc.stderr
+
+
+def test_a_run_directory_stands_for_its_final_checkpoint(short_run, tmp_path):
+    assert chat_mod.checkpoint_dir(short_run) == short_run / "final"
+    steps = tmp_path / "run"  # a run stopped before final/: its newest step checkpoint
+    shutil.copytree(short_run / "checkpoints", steps / "checkpoints")
+    newest = max((steps / "checkpoints").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    assert chat_mod.checkpoint_dir(steps) == newest
+    proc = run_chat("--checkpoint", str(short_run), "--prompt", PROMPT, "--temperature", "0",
+                    "--max-new-tokens", "4")
+    assert proc.returncode == 0 and f"loaded {short_run / 'final'} (step" in proc.stderr, proc.stderr
+    empty = tmp_path / "empty"  # a run directory with no checkpoint yet, and a directory that is neither
+    empty.mkdir()
+    (empty / "config.toml").write_text("")
+    proc = run_chat("--checkpoint", str(empty), "--prompt", PROMPT)
+    assert proc.returncode == 2 and "has no complete checkpoint yet" in proc.stderr, proc.stderr
+    proc = run_chat("--checkpoint", str(tmp_path), "--prompt", PROMPT)
+    assert proc.returncode == 2 and "pass RUN_DIR, RUN_DIR/final or RUN_DIR/checkpoints/step_N" in proc.stderr

@@ -17,7 +17,7 @@ REPO = compare.REPO
 
 def first_paragraphs(name: str, n: int, dest: Path) -> Path:
     """A small slice of a corpus file, so the test scores a few paragraphs instead of the whole file."""
-    from train.tiny import corpus_path, paragraphs
+    from aegis.tiny import corpus_path, paragraphs
     dest.write_text("\n\n".join(paragraphs(corpus_path(name))[:n]) + "\n", encoding="utf-8")
     return dest
 
@@ -71,7 +71,7 @@ def test_defaults_score_the_corpus_held_out_prose():
 
 
 def test_schedule_shrinks_in_proportion():
-    from train.config import Config
+    from aegis.config import Config
     assert compare.schedule_overrides(Config(), 20) == ["schedule.total_steps=20", "schedule.warmup_steps=2",
                                                         "schedule.anneal_steps=16"]
     assert compare.schedule_overrides(Config(), None) == []

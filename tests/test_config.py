@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, build, load, to_toml
-from train.schedule import PHI
+from aegis.config import ConfigError, build, load, to_toml
+from aegis.schedule import PHI
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from train import checkpoint, metrics
+from aegis import checkpoint, metrics
 
 from conftest import QUICKSTART, ROOT, train_cli
 

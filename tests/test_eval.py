@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from train import eval as ev, monitor
-from train.tiny import corpus_path
+from aegis.tiny import corpus_path
 
 EVAL_DATA = ["embedded:prose_eval.txt"]
 
@@ -29,8 +29,8 @@ def direct_base_loss(ckpt: Path, max_length: int) -> tuple[float, int]:
     paragraphs split at blank lines, each tokenized + EOS, cut into max_length windows, log-softmax by hand."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from train.checkpoint import read_soul
-    from train.model import resolve_base
+    from aegis.checkpoint import read_soul
+    from aegis.loading import resolve_base
 
     meta = read_soul(ckpt)[1]
     assert meta["quantization"] == "nf4"
@@ -76,7 +76,7 @@ def test_rows_separate_lora_and_soul(short_run, result):
 
 
 def test_gate_shut_restores_alpha(short_run):
-    from train.model import load_checkpoint
+    from aegis.loading import load_checkpoint
     _, soul, _, _ = load_checkpoint(short_run / "final")
     before = float(soul.alpha)
     with ev.gate_shut(soul):

@@ -46,7 +46,7 @@ def test_all_prints_where_everything_is(exported):
 def test_merged_model_loads_in_plain_transformers_and_matches_checkpoint(exported):
     import torch
 
-    from train.model import load_checkpoint
+    from aegis.loading import load_checkpoint
 
     merged = exported["merged"]
     ids = [[5, 120, 33, 900, 17, 250, 8, 64], [300, 301, 302, 11, 12]]
@@ -56,7 +56,7 @@ def test_merged_model_loads_in_plain_transformers_and_matches_checkpoint(exporte
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(merged)!r}, dtype=torch.float32)\n"
         f"out = [m(input_ids=torch.tensor([i])).logits[0].tolist() for i in {ids!r}]\n"
-        "assert not [n for n in sys.modules if n.split('.')[0] in ('train', 'export', 'serve')]\n"
+        "assert not [n for n in sys.modules if n.split('.')[0] in ('aegis', 'train', 'export', 'serve')]\n"
         "print(json.dumps(out))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -79,7 +79,7 @@ def test_merged_model_loads_in_plain_transformers_and_matches_checkpoint(exporte
     # The soul really is in the head: lm_head differs from the base's, by exactly the fold.
     from safetensors.torch import load_file
 
-    from train.model import resolve_base
+    from aegis.loading import resolve_base
     base_head = load_file(str(resolve_base("embedded") / "model.safetensors"))["lm_head.weight"]
     head = load_file(str(merged / "model.safetensors"))["lm_head.weight"]
     assert not torch.equal(head, base_head)
@@ -133,41 +133,41 @@ def test_gguf_reads_back_with_gguf_reader(exported, tiny_path):
     import gguf
     from transformers import AutoTokenizer
 
-    from export import names
-
     reader = gguf.GGUFReader(str(exported["gguf"]["f16"]))
     cfg = json.loads((exported["merged"] / "config.json").read_text())
-    k = lambda n: names.key(n, "phi3")  # noqa: E731
-    assert _field(reader, "general.architecture") == "phi3"
-    assert _field(reader, k("context_length")) == 2048
-    assert _field(reader, k("rope_original_context")) == 512
-    assert _field(reader, k("embedding_length")) == 128
-    assert _field(reader, k("feed_forward_length")) == 384
-    assert _field(reader, k("block_count")) == 4
-    assert _field(reader, k("head_count")) == 4 and _field(reader, k("head_count_kv")) == 4
-    assert _field(reader, k("rope_dimension_count")) == 32
-    assert _field(reader, k("rope_freq_base")) == pytest.approx(10000.0)
-    assert _field(reader, k("rms_eps")) == pytest.approx(1e-5)
-    assert _field(reader, k("sliding_window")) == 0
-    assert _field(reader, k("rope_attn_factor")) == pytest.approx(math.sqrt(1 + math.log(4) / math.log(512)), 1e-6)
+    K, T = gguf.Keys, gguf.TokenType
+    k = lambda key: key.format(arch="phi3")  # noqa: E731
+    assert _field(reader, K.General.ARCHITECTURE) == "phi3"
+    assert _field(reader, k(K.LLM.CONTEXT_LENGTH)) == 2048
+    assert _field(reader, k(K.Rope.SCALING_ORIG_CTX_LEN)) == 512
+    assert _field(reader, k(K.LLM.EMBEDDING_LENGTH)) == 128
+    assert _field(reader, k(K.LLM.FEED_FORWARD_LENGTH)) == 384
+    assert _field(reader, k(K.LLM.BLOCK_COUNT)) == 4
+    assert _field(reader, k(K.Attention.HEAD_COUNT)) == 4 and _field(reader, k(K.Attention.HEAD_COUNT_KV)) == 4
+    assert _field(reader, k(K.Rope.DIMENSION_COUNT)) == 32
+    assert _field(reader, k(K.Rope.FREQ_BASE)) == pytest.approx(10000.0)
+    assert _field(reader, k(K.Attention.LAYERNORM_RMS_EPS)) == pytest.approx(1e-5)
+    assert _field(reader, k(K.Attention.SLIDING_WINDOW)) == 0
+    assert _field(reader, k(K.Rope.SCALING_ATTN_FACTOR)) == pytest.approx(math.sqrt(1 + math.log(4) / math.log(512)),
+                                                                           1e-6)
 
     tok = AutoTokenizer.from_pretrained(exported["merged"])
-    assert _field(reader, k("tokenizer_model")) == "llama"
-    tokens = [bytes(p).decode() for p in _field(reader, k("tokens"))]
-    types = [int(p[0]) for p in _field(reader, k("token_types"))]
+    assert _field(reader, K.Tokenizer.MODEL) == "llama"
+    tokens = [bytes(p).decode() for p in _field(reader, K.Tokenizer.LIST)]
+    types = [int(p[0]) for p in _field(reader, K.Tokenizer.TOKEN_TYPE)]
     assert len(tokens) == cfg["vocab_size"] == 4032 and len(tok) < 4032  # padded like Phi-3's 32064
     for t in ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>", "<|system|>"):
         i = tok.convert_tokens_to_ids(t)
-        assert tokens[i] == t and types[i] == names.TOKEN_CONTROL
-    assert tokens[:3] == ["<unk>", "<s>", "</s>"] and types[0] == names.TOKEN_UNKNOWN
-    assert types[-1] == names.TOKEN_UNUSED and tokens[-1].startswith("[PAD")
-    assert _field(reader, k("bos_id")) == tok.bos_token_id
-    assert _field(reader, k("eos_id")) == tok.eos_token_id
-    assert _field(reader, k("eot_id")) == tok.convert_tokens_to_ids("<|end|>")
-    assert _field(reader, k("unk_id")) == tok.unk_token_id and _field(reader, k("pad_id")) == tok.pad_token_id
-    assert _field(reader, k("add_bos")) is False  # explicit, not llama.cpp's SentencePiece default
-    assert _field(reader, k("add_space_prefix")) is False
-    assert _field(reader, k("chat_template")) == tok.chat_template
+        assert tokens[i] == t and types[i] == T.CONTROL
+    assert tokens[:3] == ["<unk>", "<s>", "</s>"] and types[0] == T.UNKNOWN
+    assert types[-1] == T.UNUSED and tokens[-1].startswith("[PAD")
+    assert _field(reader, K.Tokenizer.BOS_ID) == tok.bos_token_id
+    assert _field(reader, K.Tokenizer.EOS_ID) == tok.eos_token_id
+    assert _field(reader, K.Tokenizer.EOT_ID) == tok.convert_tokens_to_ids("<|end|>")
+    assert _field(reader, K.Tokenizer.UNK_ID) == tok.unk_token_id and _field(reader, K.Tokenizer.PAD_ID) == tok.pad_token_id
+    assert _field(reader, K.Tokenizer.ADD_BOS) is False  # explicit, not llama.cpp's SentencePiece default
+    assert _field(reader, K.Tokenizer.ADD_PREFIX) is False
+    assert _field(reader, K.Tokenizer.CHAT_TEMPLATE) == tok.chat_template
     name = _field(reader, "general.name")
     assert "phi3" not in name.lower() and "phi-3" not in name.lower()  # this tokenizer keeps whitespace after specials
 
@@ -188,12 +188,16 @@ def test_gguf_reads_back_with_gguf_reader(exported, tiny_path):
 
 
 def test_modelfile_template_renders_like_the_chat_template(exported):
+    from support.modelfile_text import parse
     from transformers import AutoTokenizer
 
-    from export import modelfile
+    from export import chat_formats
 
+    assert "template    chat template: Phi-3; the Modelfile template renders" in exported["stdout"]
+    proof = json.loads((exported["out"] / "export.json").read_text())["template"]
+    assert proof["ok"] and proof["format"] == "Phi-3" and len(proof["conversations"]) >= 6
     text = exported["modelfile"].read_text()
-    cmds = modelfile.parse(text)
+    cmds = parse(text)
     (from_path,) = [a for c, a in cmds if c == "FROM"]
     assert (exported["modelfile"].parent / from_path).resolve().is_file()
     (template,) = [a for c, a in cmds if c == "TEMPLATE"]
@@ -210,8 +214,8 @@ def test_modelfile_template_renders_like_the_chat_template(exported):
         [{"role": "system", "content": ""}, {"role": "user", "content": " 空白で始まる\n改行も "}],
     ]
     for chat in chats:
-        result = modelfile.check_template(template, tok, chat)
-        assert result["ok"], (result["go_text"], result["hf_text"])
+        go = chat_formats.render_go(template, chat)
+        assert go == tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 
 def test_rerun_is_idempotent(exported):

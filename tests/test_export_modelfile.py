@@ -1,65 +1,133 @@
-"""The Modelfile's Go template renders chats exactly as the tokenizer's chat template does (checked with a renderer
-of the Go template subset), the committed Borea Modelfile is that template, and the renderer follows Go's rules."""
+"""The Modelfile's Go template comes from the model's own chat template: for every chat format AEGIS supports, a
+tokenizer built here with that family's template and special tokens gets the right format, and the proof renders
+every conversation through the Go template (with the Go-template renderer) and through transformers'
+apply_chat_template to identical tokens. A template no format reproduces is an error, never a Phi-3 fallback."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from support import families
+from support.modelfile_text import parse
 
-from export import gotemplate, modelfile
+from export import chat_formats, gotemplate, modelfile
+from export.files import ExportError
 
 ROOT = Path(__file__).resolve().parents[1]
-CHATS = [
-    [{"role": "user", "content": "こんにちは"}],
-    [{"role": "system", "content": "丁寧に。"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-     {"role": "user", "content": "c"}],
-    [{"role": "system", "content": ""}, {"role": "user", "content": "  leading and trailing spaces  "}],
-    [{"role": "user", "content": "複数行の\n\n質問です。\n"}],
-]
+FORMATS = [f for f, spec in families.CHAT_FORMATS.items() if spec[-1] is not None]
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_path):
+def tokenizers(tiny_path, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("formats")
+    return {f: families.build_tokenizer(f, root / f, tiny_path) for f in families.CHAT_FORMATS}
+
+
+def _tok(path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tiny_path)
+    return AutoTokenizer.from_pretrained(path)
 
 
-@pytest.mark.parametrize("chat", CHATS)
-def test_template_is_token_identical_to_chat_template(tokenizer, chat):
-    result = modelfile.check_template(modelfile.PHI3_TEMPLATE, tokenizer, chat)
-    assert result["text_equal"], (result["go_text"], result["hf_text"])
-    assert result["ok"]
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_family_gets_its_own_template_token_for_token(tokenizers, fmt):
+    tok = _tok(tokenizers[fmt])
+    proof = chat_formats.derive(tok, fmt)
+    assert proof.format == families.CHAT_FORMATS[fmt][-1]
+    # Every conversation of the proof, rendered both ways here again and tokenized as the runtime does.
+    adds_bos = tok("a")["input_ids"][:1] == [tok.bos_token_id]
+    checked = 0
+    for name, conv in chat_formats.PROOF:
+        try:
+            want = tok.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True)
+        except Exception:
+            assert not proof.system and any(m["role"] == "system" for m in conv), name
+            continue
+        got = chat_formats.render_go(proof.template, conv)
+        ids = tok((tok.bos_token if adds_bos else "") + got, add_special_tokens=False)["input_ids"]
+        assert ids == want["input_ids"], (fmt, name, got)
+        checked += 1
+    proved = [c["name"] for c in proof.conversations]
+    assert checked >= 3 and checked == len([n for n, _ in chat_formats.PROOF if n in proved])
+    # The stops end the family's turns: its end-of-turn marker and its end-of-sequence token.
+    assert tok.eos_token in proof.stops
+    end_of_turn = {"Phi-3": "<|end|>", "ChatML": "<|im_end|>", "Llama 3": "<|eot_id|>", "Gemma": "<end_of_turn>"}
+    for key, marker in end_of_turn.items():
+        if proof.format.startswith(key):
+            assert marker in proof.stops
 
 
-def test_committed_borea_modelfile(tokenizer):
+def test_whitespace_trimming_and_refused_system_are_reported(tokenizers):
+    assert chat_formats.derive(_tok(tokenizers["chatml"]), "chatml").notes == []
+    llama3 = chat_formats.derive(_tok(tokenizers["llama3"]), "llama3")
+    assert any("strips whitespace" in n for n in llama3.notes) and llama3.system
+    gemma = chat_formats.derive(_tok(tokenizers["gemma-no-system"]), "gemma")
+    assert not gemma.system and any("refuses system messages" in n for n in gemma.notes)
+
+
+def test_a_template_no_format_reproduces_is_an_error(tokenizers):
+    with pytest.raises(chat_formats.ChatFormatError, match=r"alpaca: no Ollama template .* renders this chat template"):
+        chat_formats.derive(_tok(tokenizers["alpaca"]), "alpaca")
+    # ChatML's tokens with a template that differs in one place: the closest format and the difference are named.
+    tok = _tok(tokenizers["chatml"])
+    tok.chat_template = families.CHATML.replace("'\n' + message['content']", "':\n' + message['content']")
+    assert tok.chat_template != families.CHATML
+    with pytest.raises(chat_formats.ChatFormatError, match=r"closest: ChatML .*the Modelfile renders .*user\\n.*"
+                                                           r"the chat template .*user:\\n"):
+        chat_formats.derive(tok, "edited")
+    tok.chat_template = None
+    with pytest.raises(chat_formats.ChatFormatError, match="has no chat template"):
+        chat_formats.derive(tok, "none")
+
+
+def test_committed_borea_modelfile(tiny_path):
+    """Borea is Phi-3.5: its committed Modelfile holds the template derived for the Phi-3 chat format."""
     path = ROOT / "modelfiles" / "agiasi_borea.modelfile"
-    cmds = modelfile.parse(path.read_text(encoding="utf-8"), str(path))
-    assert dict((c, a) for c, a in cmds if c != "PARAMETER")["TEMPLATE"] == modelfile.PHI3_TEMPLATE
+    cmds = parse(path.read_text(encoding="utf-8"), str(path))
+    proof = chat_formats.derive(_tok(tiny_path), "tiny")
+    assert dict((c, a) for c, a in cmds if c != "PARAMETER")["TEMPLATE"] == proof.template
     params = [a for c, a in cmds if c == "PARAMETER"]
-    assert {'stop "<|end|>"', 'stop "<|user|>"', 'stop "<|assistant|>"', 'stop "<|system|>"',
-            "num_ctx 4096"} <= set(params)
+    assert {f'stop "{s}"' for s in proof.stops} | {"num_ctx 4096"} <= set(params)
     (from_path,) = [a for c, a in cmds if c == "FROM"]
     assert from_path.endswith(".gguf") and not Path(from_path).is_absolute()
 
 
 def test_modelfile_command(tiny_path, tmp_path):
-    import subprocess
-    import sys
-
+    """`export modelfile` on a ChatML model writes ChatML (not Phi-3), proved with the GGUF's llama.cpp vocabulary."""
     from export.to_gguf import write_gguf
 
-    gguf = tmp_path / "g" / "tiny-f16.gguf"
-    write_gguf(tiny_path, gguf, "f16", progress=False, log=lambda *_: None)
-    out = tmp_path / "modelfiles" / "tiny.modelfile"
-    proc = subprocess.run([sys.executable, "-m", "export", "modelfile", "--gguf", str(gguf), "--name", "tiny",
-                           "--out", str(out), "--model", str(tiny_path), "--system", "短く答えて。"],
+    model = families.build_model("qwen2", tmp_path / "qwen2", tiny_path)
+    gguf = tmp_path / "g" / "q-f16.gguf"
+    write_gguf(model, gguf, "f16", progress=False, log=lambda *_: None)
+    out = tmp_path / "modelfiles" / "q.modelfile"
+    proc = subprocess.run([sys.executable, "-m", "export", "modelfile", "--gguf", str(gguf), "--name", "q",
+                           "--out", str(out), "--model", str(model), "--system", "短く答えて。"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    cmds = modelfile.parse(out.read_text())
-    assert ("FROM", "../g/tiny-f16.gguf") in cmds and ("SYSTEM", "短く答えて。") in cmds
-    assert ("PARAMETER", "num_ctx 512") in cmds  # the GGUF's original (short-factor) context
+    assert "ChatML (default system prompt)" in proc.stdout and "the GGUF's llama.cpp vocabulary" in proc.stdout
+    cmds = parse(out.read_text())
+    assert ("FROM", "../g/q-f16.gguf") in cmds and ("SYSTEM", "短く答えて。") in cmds
+    assert ("PARAMETER", 'stop "<|im_end|>"') in cmds and ("PARAMETER", "num_ctx 1024") in cmds
+    assert not [c for c in cmds if c[0] == "PARAMETER" and "<|end|>" in c[1]]
+    template = dict(c for c in cmds if c[0] == "TEMPLATE")["TEMPLATE"]
+    assert "<|im_start|>" in template and "<|user|>" not in template
+    # Without --model and no merged/ beside the GGUF, the command asks for it rather than guessing.
+    proc = subprocess.run([sys.executable, "-m", "export", "modelfile", "--gguf", str(gguf), "--name", "q",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and "--model is needed" in proc.stderr
+
+
+def test_system_prompt_refused_where_the_chat_template_refuses_it(tiny_path, tmp_path):
+    from export.to_gguf import write_gguf
+
+    model = families.build_model("llama", tmp_path / "m", tiny_path, chat_format="gemma-no-system")
+    write_gguf(model, tmp_path / "m.gguf", "f16", progress=False, log=lambda *_: None)
+    assert modelfile.build(tmp_path / "m.gguf", model, log=lambda *_: None).proof.format == "Gemma"
+    with pytest.raises(ExportError, match="--system: .* refuses system messages"):
+        modelfile.build(tmp_path / "m.gguf", model, system="be brief", log=lambda *_: None)
 
 
 def test_go_template_rules():
@@ -73,6 +141,8 @@ def test_go_template_rules():
     assert render("{{ range .M }}{{ $.S }}{{ end }}", {"M": [1, 2], "S": "s"}) == "ss"
     assert render('{{ if and .A (not .B) }}ok{{ end }}', {"A": 1, "B": 0}) == "ok"
     assert render('{{ len .M }}', {"M": [1, 2, 3]}) == "3"
+    assert render('{{ range $i, $_ := .M }}{{ if gt $i 0 }},{{ end }}{{ $i }}{{ end }}', {"M": "abc"}) == "0,1,2"
+    assert render('{{ $f := index .M 0 }}{{ $f.C }}{{ len (slice .M 1) }}', {"M": [{"C": "x"}, 2]}) == "x1"
     assert render('{{ "a\\nb" }}', {}) == "a\nb"
     for bad in ("{{ if .X }}no end", "{{ end }}", "{{ with .X }}{{ end }}", "{{ .X | printf }}"):
         with pytest.raises(gotemplate.TemplateError):

@@ -1,6 +1,7 @@
-"""The Ollama REST client against a local server (loopback only) that checks every request the way Ollama's API
-documents it: blobs addressed by "sha256:<64 hex>", an upload's body must hash to its digest (else 400), HEAD says
-200/404, and /api/create needs a model name and files that refer to uploaded blobs, streaming JSON status lines."""
+"""Creating an Ollama model with the `ollama` client against a local server (loopback only) that checks every request
+the way Ollama's API documents it: blobs addressed by "sha256:<64 hex>", an upload's body must hash to its digest
+(else 400), HEAD says 200/404, and /api/create needs a model name and files that refer to uploaded blobs, streaming
+JSON status lines."""
 
 from __future__ import annotations
 
@@ -116,67 +117,57 @@ def small_gguf(tiny_path, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def mf(small_gguf, tiny_path) -> Path:
-    out = small_gguf.parent / "models" / "tiny.modelfile"
-    modelfile.write(small_gguf, out, name="tiny", system="日本語で答えてください。", model_dir=tiny_path,
-                    log=lambda *_: None)
-    return out
+@pytest.fixture(scope="module")
+def mf(small_gguf, tiny_path) -> modelfile.Modelfile:
+    return modelfile.build(small_gguf, tiny_path, system="日本語で答えてください。", log=lambda *_: None)
 
 
-def test_create_uploads_then_reuses_the_blob(server, mf, small_gguf):
+def test_create_uploads_the_gguf_then_creates_from_it(server, mf, small_gguf):
     logs = []
-    assert ollama.create(mf, "aegis-tiny:q8", host=server, use_cli=False, log=logs.append) == server
+    ollama.create(mf, "aegis-tiny:q8", host=server, log=logs.append)
     assert FakeOllama.problems == []
     digest = "sha256:" + hashlib.sha256(small_gguf.read_bytes()).hexdigest()
     assert FakeOllama.blobs == {digest: small_gguf.stat().st_size}
     (req,) = FakeOllama.creates
     assert req["model"] == "aegis-tiny:q8" and req["files"] == {small_gguf.name: digest}
-    assert req["template"] == modelfile.PHI3_TEMPLATE and req["system"] == "日本語で答えてください。"
-    assert set(req["parameters"]["stop"]) >= {"<|end|>", "<|user|>", "<|assistant|>", "<|system|>"}
+    # the template and stops the proof derived from the model's chat template, exactly as the Modelfile has them
+    assert req["template"] == mf.proof.template and req["system"] == "日本語で答えてください。"
+    assert req["parameters"]["stop"] == mf.proof.stops and "<|end|>" in req["parameters"]["stop"]
     assert req["parameters"]["num_ctx"] == 512 and req["stream"] is True
     assert "ollama: success" in logs and any("uploading" in line for line in logs)
-
-    logs.clear()
-    ollama.create(mf, "aegis-tiny:again", host=server, use_cli=False, log=logs.append)
-    assert any("already on the server" in line for line in logs) and not any("uploading" in line for line in logs)
-    assert len(FakeOllama.creates) == 2 and FakeOllama.problems == []
 
 
 def test_server_error_is_reported(server, mf):
     FakeOllama.fail_create = "unsupported architecture"
     with pytest.raises(ExportError, match="unsupported architecture"):
-        ollama.create(mf, "aegis-tiny", host=server, use_cli=False, log=lambda *_: None)
+        ollama.create(mf, "aegis-tiny", host=server, log=lambda *_: None)
 
 
-def test_no_cli_and_no_server_is_a_clear_error(mf, monkeypatch):
+def test_no_server_is_a_clear_error(mf, monkeypatch):
     import socket
 
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{port}")
-    monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(ExportError, match=r"no `ollama` CLI on PATH and no Ollama server answering at "
-                                          rf"http://127.0.0.1:{port}.*OLLAMA_HOST"):
+    with pytest.raises(ExportError, match=r"no Ollama server answering \(OLLAMA_HOST\).*OLLAMA_HOST"):
         ollama.create(mf, "aegis-tiny", log=lambda *_: None)
 
 
-def test_bad_names_and_modelfiles(tmp_path, mf):
+def test_bad_names(mf):
     with pytest.raises(ExportError, match="--name"):
-        ollama.create(mf, "bad name!", use_cli=False)
-    broken = tmp_path / "broken.modelfile"
-    broken.write_text("FROM ./missing.gguf\n")
-    with pytest.raises(ExportError, match="missing.gguf: no such file"):
-        ollama.create(broken, "x", use_cli=False)
-    (tmp_path / "x.gguf").write_bytes(b"GGUF")
-    broken.write_text("FROM ./x.gguf\nADAPTER ./lora.gguf\n")
-    with pytest.raises(ExportError, match="ADAPTER is not supported"):
-        ollama.create(broken, "x", use_cli=False)
+        ollama.create(mf, "bad name!")
 
 
-def test_ollama_host_forms():
-    assert ollama.host_url("0.0.0.0") == "http://127.0.0.1:11434"
-    assert ollama.host_url("example.internal:8080") == "http://example.internal:8080"
-    assert ollama.host_url("https://ollama.example") == "https://ollama.example:443"
-    assert ollama.host_url(None).startswith("http://")
+def test_ollama_command(server, small_gguf, tiny_path):
+    """`python -m export ollama` derives the template from the model and creates the model through the client."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "export", "ollama", "--gguf", str(small_gguf), "--model",
+                           str(tiny_path), "--name", "aegis-cli", "--host", server], capture_output=True, text=True,
+                          cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert "chat template: Phi-3" in proc.stdout and "ollama: created aegis-cli" in proc.stdout
+    assert [c["model"] for c in FakeOllama.creates] == ["aegis-cli"] and FakeOllama.problems == []

@@ -18,8 +18,8 @@ def tied_checkpoint(tiny_path, tmp_path_factory) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from train import checkpoint
-    from train.soul import Soul
+    from aegis import checkpoint
+    from aegis.soul import Soul
 
     root = tmp_path_factory.mktemp("tied")
     base = root / "tiny-llama-tied"
@@ -108,7 +108,7 @@ def test_parity_catches_a_structural_mistake(tied_checkpoint, monkeypatch):
     merged = tied_checkpoint["root"] / "merged"
     if not merged.exists():
         pytest.skip("needs the merge test's output")
-    monkeypatch.setitem(names.ARCHITECTURES["llama"], "permute_qk", False)
+    monkeypatch.setitem(names.FAMILIES["llama"], "permute_qk", False)
     with pytest.raises(ExportError, match="parity failed"):
         export_gguf(merged, tied_checkpoint["root"] / "wrong-q8_0.gguf", "q8_0", progress=False,
                     log=lambda *_: None)

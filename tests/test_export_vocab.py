@@ -51,7 +51,7 @@ def test_qwen2_with_byte_level_bpe(tmp_path):
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     from export.pipeline import export_gguf
-    from train.tiny import corpus_path
+    from aegis.tiny import corpus_path
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

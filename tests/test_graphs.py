@@ -6,8 +6,9 @@ the same comparison runs through a real CUDA-graph capture and replays."""
 import pytest
 import torch
 
-from train import data, graphs, metrics, model as model_mod
-from train.config import build
+from aegis import loading as model_mod, metrics
+from aegis.config import ConfigError, build
+from train import data, graphs
 from train.loss import count_targets, masked_loss_sum
 
 from conftest import SHORT, train_cli
@@ -101,9 +102,9 @@ def test_decide():
     assert graphs.decide(False, gpu, 1, False)[0] is False
     assert graphs.decide("auto", gpu, 1, True)[0] is False  # large batches are not launch-bound
     assert graphs.decide(True, gpu, 1, True)[0] is True
-    with pytest.raises(ValueError, match=r"train.cuda_graphs = true.*2 processes"):
+    with pytest.raises(ConfigError, match=r"(?s)train.cuda_graphs = true.*2 processes"):
         graphs.decide(True, gpu, 2, False)
-    with pytest.raises(ValueError, match="no CUDA device"):
+    with pytest.raises(ConfigError, match="no CUDA device"):
         graphs.decide(True, cpu, 1, False)
 
 
@@ -113,7 +114,7 @@ def test_decide_reads_the_models_rope(tiny_path):
     assert graphs.decide("auto", gpu, 1, False, AutoConfig.from_pretrained(tiny_path))[0] is True  # LongRoPE
     dynamic = LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     assert graphs.decide("auto", gpu, 1, False, dynamic) == (False, "rope type 'dynamic' synchronises with the host")
-    with pytest.raises(ValueError, match="rope type 'dynamic'"):
+    with pytest.raises(ConfigError, match="rope type 'dynamic'"):
         graphs.decide(True, gpu, 1, False, dynamic)
 
 

@@ -1,6 +1,6 @@
 from transformers import Phi3Config
 
-from train.memory import estimate_gib, plan
+from aegis.memory import estimate_gib, plan
 
 PHI35 = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                    num_attention_heads=32, num_key_value_heads=32)

@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from train import metrics, monitor
+from aegis import metrics
+from train import monitor
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,8 +99,12 @@ def test_warnings_on_nan_spike_and_orthogonality(short_run, tmp_path):
 def test_live_mode_waits_then_follows_the_run(short_run, tmp_path):
     """Started before the run directory exists, the live monitor picks the run up when it appears."""
     run = tmp_path / "later"
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that (Python then installs no
+    # KeyboardInterrupt handler): the monitor gets Ctrl-C's default handling back, as in a terminal, so the test
+    # also works when pytest itself runs in the background.
     proc = subprocess.Popen([sys.executable, "-m", "train.monitor", str(run), "--interval", "0.2", "--width", "110"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         time.sleep(4)
         assert proc.poll() is None, proc.communicate()[1]
@@ -107,10 +112,39 @@ def test_live_mode_waits_then_follows_the_run(short_run, tmp_path):
         time.sleep(3)
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: the live display stops and leaves its last frame
-        out, err = proc.communicate(timeout=30)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("the live monitor did not stop on SIGINT within 30 s") from None
     assert proc.returncode == 0, err
     total = monitor.read_schedule(short_run).total_steps
     assert f"7 / {total}" in out, out
+
+
+def test_one_throughput_in_which_tokens_per_s_and_s_per_step_agree(short_run, tmp_path):
+    # A step's own tokens_per_s leaves out what happens between steps (a checkpoint, logging), so the frame takes
+    # both figures from elapsed_s over the same steps. Here the last step's tokens_per_s (411) disagrees with the
+    # step times (0.5 s per 512 tokens): the frame must show 1,024 tokens/s with 0.50 s/step.
+    recs = [{**r, "tokens": 512, "elapsed_s": 0.5 * r["step"], "tokens_per_s": 411.0}
+            for r in metrics.read(short_run)[:10]]
+    dest = tmp_path / "rate"
+    dest.mkdir()
+    shutil.copy(short_run / "config.toml", dest / "config.toml")
+    (dest / metrics.METRICS).write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    assert monitor.throughput(recs) == (0.5, 1024.0)
+    assert "1,024 tokens/s   0.50 s/step" in frame(dest)
+    # a resumed session restarts elapsed_s: only the steps after the restart count
+    resumed = recs[:6] + [{**r, "elapsed_s": 0.25 * (r["step"] - 6), "tokens": 256} for r in recs[6:]]
+    assert monitor.throughput(resumed) == (0.25, 1024.0)
+    # the real run: the figures shown multiply to its tokens per step
+    real = metrics.read(short_run)
+    sps, tps = monitor.throughput(real)
+    window = real[-50:]
+    per_step = sum(r["tokens"] for r in window[1:]) / (window[-1]["step"] - window[0]["step"])
+    assert abs(sps * tps - per_step) < 1e-6 * per_step
+    assert f"{tps:,.0f} tokens/s   {sps:.2f} s/step" in frame(short_run)
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
@@ -125,4 +159,5 @@ def test_cli_rejects_bad_arguments(tmp_path):
 
 def test_sparkline_and_number():
     assert monitor.sparkline([1.0, 2.0, 3.0, float("nan")]) == "▁▅█"
-    assert monitor.number("inf") == float("inf") and monitor.number("nan") != monitor.number("nan")
+    assert metrics.number("inf") == float("inf") and metrics.number("nan") != metrics.number("nan")
+    assert all(metrics.number(v) != metrics.number(v) for v in (None, True, "text"))  # not numbers: NaN

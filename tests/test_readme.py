@@ -1,4 +1,4 @@
-"""The README's two commands are the ones CI and users run."""
+"""The README's two commands are the ones CI and users run; its examples and links work against what they make."""
 
 import re
 from pathlib import Path
@@ -27,3 +27,35 @@ def test_main_job_uses_real_commands_and_files():
     # the GGUF the serve step names is the one `export all` writes for that run directory
     from export.pipeline import model_name
     assert f"runs/quickstart/export/{model_name(Path('runs/quickstart'))}-q8_0.gguf" in main
+
+
+def _code(lang: str) -> str:
+    return "\n".join(re.findall(rf"```{lang}\n(.+?)\n```", (ROOT / "README.md").read_text(), re.S))
+
+
+def test_api_examples_name_a_model_the_first_command_serves():
+    main, _ = _commands()
+    serve = main.split("-m serve ", 1)[1].split("&", 1)[0]
+    served = set()
+    for spec in re.findall(r"--model (\S+)", serve):
+        name, _, path = spec.rpartition("=")
+        served.add(name or Path(path).stem)  # NAME=PATH, or PATH served under its file's stem
+    assert served == {"quickstart-q8_0"}, served
+    used = re.findall(r'"model":\s*"([^"]+)"', _code("bash")) + re.findall(r'model="([^"]+)"', _code("python"))
+    assert len(used) >= 5 and set(used) <= served, used
+
+
+def test_every_relative_link_resolves():
+    links = re.findall(r"\]\(([^)\s]+)\)", (ROOT / "README.md").read_text())
+    local = [u.split("#")[0] for u in links if not re.match(r"[a-z]+:|#", u)]
+    assert local and [u for u in local if not (ROOT / u).exists()] == []
+
+
+def test_gguf_paths_belong_to_runs_the_readme_makes():
+    from export.pipeline import model_name
+    text = (ROOT / "README.md").read_text()
+    paths = re.findall(r"runs/([\w.-]+)/export/([\w.-]+)\.gguf", text)
+    assert paths
+    for run, stem in paths:
+        assert f"--run-dir runs/{run}" in text and f"export all --run runs/{run}" in text, run
+        assert stem.startswith(model_name(Path("runs") / run) + "-"), (run, stem)

@@ -1,8 +1,6 @@
-import math
-
 import pytest
 
-from train.schedule import PHI, Schedule, alpha_at, alpha_for_step, gate, phase
+from aegis.schedule import PHI, Schedule, alpha_at, alpha_for_step, gate, phase
 
 SEED = Schedule()  # 500 steps, 50 warmup at -5, 400 linear anneal to φ
 
@@ -23,6 +21,7 @@ def test_alpha_at_the_seed_steps(step, expected):
 
 def test_gate_goes_from_closed_to_golden():
     assert gate(alpha_for_step(1, SEED)) == pytest.approx(0.0067, abs=1e-4)
+    assert gate(alpha_for_step(50, SEED)) == pytest.approx(0.0067, abs=1e-4)  # the last warmup step
     assert gate(alpha_for_step(500, SEED)) == pytest.approx(0.8345, abs=1e-4)
 
 
@@ -54,6 +53,11 @@ def test_unknown_shape():
         alpha_at(60, Schedule(shape="step"))
 
 
-def test_pure_function_no_state():
-    assert [alpha_at(i, SEED) for i in range(500)] == [alpha_at(i, SEED) for i in range(500)]
-    assert not math.isnan(alpha_at(10**9, SEED))
+def test_the_whole_seed_curve_asked_in_any_order():
+    """Every step of the seed recipe as its numbers state it (α = -5 for the 50 warmup steps and the anneal's first
+    step, then 400 equal steps up to φ = 1.6180339887, held to step 500), asked for last step first: α depends on
+    the step alone."""
+    rise = (1.6180339887 + 5) / 400
+    for step in range(500, 0, -1):
+        assert alpha_for_step(step, SEED) == pytest.approx(-5 + min(max(step - 51, 0), 400) * rise, abs=1e-9)
+    assert alpha_at(10**9, SEED) == pytest.approx(1.6180339887)  # past the end it stays at φ

@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from serve import testing
-from serve.testing import Server
+from support import serving
+from support.serving import Server
 
 KEY = "test-key-5f2c"
 CHAT = [{"role": "system", "content": "あなたは親切なアシスタントです。"},
@@ -22,7 +22,7 @@ CHAT = [{"role": "system", "content": "あなたは親切なアシスタント�
 
 @pytest.fixture(scope="session")
 def served_files(request) -> tuple[Path, Path]:
-    return testing.served_files(request)
+    return serving.served_files(request)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve import testing
-from serve.testing import Server
+from support import serving
+from support.serving import Server
 
 KEY = "fuzz-key"
 MODEL = "tiny"
@@ -23,7 +23,7 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="session")
 def served_files(request):
-    return testing.served_files(request)
+    return serving.served_files(request)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def test_fuzzing_finds_no_server_errors(fuzz_server, tmp_path):
            "--header", f"Authorization: Bearer {KEY}", "--checks", "not_a_server_error",
            "--max-examples", "25", "--seed", "20260101", "--generation-database", "none",
            "--workers", "1", "--request-timeout", "60", "--no-color"]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "serve.fuzz_hooks", "AEGIS_FUZZ_MODEL": MODEL}
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.support.fuzz_hooks", "AEGIS_FUZZ_MODEL": MODEL,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(serving.REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     report = done.stdout[-4000:] + done.stderr[-2000:]
     (tmp_path / "schemathesis.log").write_text(done.stdout + done.stderr)

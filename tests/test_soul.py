@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from train.soul import FREE, Soul, SoulHead, attach
+from aegis.soul import FREE, Soul, SoulHead, attach
 
 
 def test_identity_start_is_exactly_the_base():
@@ -55,10 +55,34 @@ def test_random_init_moves_off_identity_and_is_seeded():
 
 
 def test_gradients_reach_the_generators_not_alpha():
+    # The loss projects h' on a fixed direction u, which a rotation changes (unlike ||h'||^2, whose gradient at
+    # the identity is exactly zero). At A = 0, dR = dA - dA^T, so d(u . h')/dA_ij = g (u_i h_j - u_j h_i) per block.
+    torch.manual_seed(0)
     soul = Soul(32, alpha=0.0)
-    soul(torch.randn(2, 32)).pow(2).sum().backward()
-    assert soul.generators.grad is not None and soul.generators.grad.abs().sum() > 0
-    assert soul.alpha.grad is None  # α is set by the schedule
+    h, u = torch.randn(3, 32), torch.randn(32)
+    (soul(h) @ u).sum().backward()
+    g = torch.sigmoid(torch.tensor(0.0))
+    hb, ub = h.unflatten(-1, (4, 8)), u.unflatten(-1, (4, 8))
+    outer = torch.einsum("bi,nbj->bij", ub, hb)  # (blocks, 8, 8): sum over the batch of u_i h_j
+    rows, cols = torch.triu_indices(8, 8, offset=1)
+    expected = g * (outer - outer.transpose(1, 2))[:, rows, cols]
+    assert expected.abs().min() > 1e-3  # the check below could not pass on a zero gradient
+    torch.testing.assert_close(soul.generators.grad, expected, rtol=1e-5, atol=1e-6)
+    assert soul.alpha.grad is None  # α belongs to the schedule unless soul.alpha_mode = "learned"
+
+
+def test_a_learned_alpha_gets_its_gradient():
+    soul = Soul(32, alpha=0.0)
+    soul.alpha.requires_grad_(True)  # what training does for soul.alpha_mode = "learned"
+    with torch.no_grad():
+        soul.generators.normal_()
+    h, u = torch.randn(3, 32), torch.randn(32)
+    (soul(h) @ u).sum().backward()
+    # d(u . h')/dα = g (1 - g) u . (R h - h)
+    r = torch.block_diag(*soul.rotation()).detach()
+    expected = 0.25 * ((h @ r.T - h) @ u).sum()
+    torch.testing.assert_close(soul.alpha.grad, expected, rtol=1e-5, atol=1e-6)
+    assert soul.generators.grad.abs().sum() > 0
 
 
 def test_bad_arguments_are_clear_errors():

@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from train import tiny
+from aegis import tiny
 
 
 def shipped_metadata() -> dict:
@@ -18,7 +18,7 @@ def shipped_metadata() -> dict:
 
 
 def test_shipped_weights_were_trained_for_this_recipe_and_corpus():
-    """Fails when the corpus or the recipe changes without a new `python -m train.tiny --from-source --ship`."""
+    """Fails when the corpus or the recipe changes without a new `python -m aegis.tiny --out DIR --from-source --ship`."""
     path = tiny.corpus_path(tiny.SHIPPED)
     assert path.stat().st_size <= 20 * 2**20
     assert shipped_metadata()["fingerprint"] == tiny.fingerprint()

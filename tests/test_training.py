@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from train import checkpoint, metrics
-from train.schedule import Schedule, alpha_for_step, gate
+from aegis import checkpoint, metrics
+from aegis.schedule import Schedule, alpha_for_step, gate
 
 from conftest import QUICKSTART, ROOT, SHORT, train_cli
 
@@ -82,7 +82,7 @@ def test_interrupted_save_leaves_the_last_complete_checkpoint(short_run, tmp_pat
     run = tmp_path / "run"
     shutil.copytree(short_run, run)
     shutil.rmtree(run / "final")
-    from train.model import load_checkpoint
+    from aegis.loading import load_checkpoint
     model, soul, tok, _ = load_checkpoint(run / "checkpoints" / "step_12")
 
     def die(tmp):

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve import testing
-from serve.testing import REPO, Server, base_gguf, find_gguf, free_port
+from support import serving as testing
+from support.serving import REPO, Server, base_gguf, find_gguf, free_port
 
 sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
@@ -27,7 +27,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 SCREENSHOT = REPO / "docs" / "screenshot-ui.png"
 
 if not Path(CHROMIUM).exists():
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+    pytest.skip(f"the chat page's browser tests need Chromium at {CHROMIUM}: apt-get install chromium "
+                "(as .ci/run does)", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +163,20 @@ def test_chat_streams_a_reply(page, api, tmp_path):
     assert shot.stat().st_size > 10_000
 
 
+def test_japanese_renders_in_the_shipped_font(page, ui):
+    """The page ships Noto Sans JP and the browser uses it for the Japanese on the page, so kana and kanji do not
+    depend on the machine's fonts (this test's machine may have none: `fc-list :lang=ja`)."""
+    page.evaluate("() => document.fonts.ready")
+    faces = page.evaluate("""() => [...document.fonts].filter(f => f.family.replace(/["']/g, '') === 'Noto Sans JP')
+                                  .map(f => f.status)""")
+    assert faces == ["loaded"], faces  # declared once, and loaded because the page's Japanese needed it
+    assert page.evaluate("""() => document.fonts.check('16px "Noto Sans JP"', '日本語の秋')""")
+    family = page.evaluate("() => getComputedStyle(document.querySelector('#chatbot .message')).fontFamily")
+    assert "Noto Sans JP" in family, family
+    fetched = [u for u in page.requests if u.startswith(ui) and u.endswith(".woff2")]
+    assert fetched and httpx.get(fetched[0], timeout=10).status_code == 200, fetched
+
+
 def test_monitor_plots_a_real_run_and_follows_it(page, run_dir, runs_root):
     page.get_by_role("tab", name="Soul monitor").click()
     pick(page, "run", str(runs_root / "finished-run"))
@@ -181,7 +196,7 @@ def test_monitor_plots_a_real_run_and_follows_it(page, run_dir, runs_root):
     pick(page, "run", str(runs_root / "live-run"))
     page.wait_for_function("() => document.querySelector('#soul-badge').innerText.includes('step 10')",
                            timeout=30_000)
-    from train.metrics import JsonlSink
+    from aegis.metrics import JsonlSink
     sink = JsonlSink(runs_root / "live-run" / "metrics.jsonl")
     for line in (run_dir / "metrics.jsonl").read_text().splitlines()[10:]:
         sink(json.loads(line))

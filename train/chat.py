@@ -1,6 +1,6 @@
 """Chat with a checkpoint in the terminal: python -m train.chat --checkpoint RUN_DIR/final [--prompt TEXT]
 
-Loads the base as trained (4-bit or not), the PEFT adapter and the soul through train.model.load_checkpoint,
+Loads the base as trained (4-bit or not), the PEFT adapter and the soul through aegis.loading.load_checkpoint,
 renders the conversation with the tokenizer's chat template and streams the reply. Commands in the loop:
 /reset (forget the conversation), /system TEXT (set the system prompt; /system alone clears it), /help, /exit.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data
+from aegis.errors import AegisError
+from aegis.loading import load_checkpoint
 
 END_OF_TURN = ("<|end|>", "<|endoftext|>", "<|eot_id|>", "<|im_end|>")  # those the tokenizer knows are used
 HELP = "commands: /reset  /system TEXT  /help  /exit   (Ctrl-D also exits)"
@@ -138,10 +139,28 @@ def loop(chat: Chat, inp=sys.stdin, out=sys.stdout) -> None:
         chat.reply(line, out)
 
 
+def checkpoint_dir(value: str) -> Path:
+    """--checkpoint: a checkpoint directory as it is, or a run directory's final/ (else its newest complete
+    checkpoint)."""
+    path = Path(value)
+    if not path.is_dir() or any((path / name).exists() for name in checkpoint.REQUIRED):
+        return path  # missing, or a checkpoint (complete or not): loading says what is wrong with it
+    if (path / "config.toml").is_file() or (path / checkpoint.FINAL).exists() or (path / "checkpoints").is_dir():
+        found = checkpoint.latest(path, resumable=False)
+        if found is None:
+            raise argparse.ArgumentTypeError(f"{path}: this run has no complete checkpoint yet (neither "
+                                             f"{checkpoint.FINAL}/ nor checkpoints/step_N)")
+        return found
+    raise argparse.ArgumentTypeError(f"{path}: neither a checkpoint nor a run directory; pass RUN_DIR, "
+                                     "RUN_DIR/final or RUN_DIR/checkpoints/step_N")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.chat", description="Chat with a trained checkpoint "
                                  "(base + LoRA adapter + soul).")
-    ap.add_argument("--checkpoint", required=True, type=Path, help="RUN_DIR/final or RUN_DIR/checkpoints/step_N")
+    ap.add_argument("--checkpoint", required=True, type=checkpoint_dir,
+                    help="RUN_DIR (its final/, else its newest checkpoint), RUN_DIR/final or "
+                    "RUN_DIR/checkpoints/step_N")
     ap.add_argument("--prompt", default=None, help="answer this once and exit")
     ap.add_argument("--system", default=None, help="system prompt")
     ap.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default 0.7)")
@@ -161,11 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt is not None and not args.prompt.strip():
         ap.error("--prompt is empty")
 
-    from .model import load_checkpoint
     try:
         model, soul, tokenizer, meta = load_checkpoint(args.checkpoint, base=args.base,
                                                        quantization=args.quantization)
-    except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, ValueError, OSError) as e:
+    except AegisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.seed is not None:

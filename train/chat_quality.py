@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data
+from aegis import checkpoint
+from aegis.tiny import ensure
+
+from . import data
 
 HELD_OUT = "embedded:chat_eval.jsonl"
 MAX_NEW_TOKENS = 96
@@ -151,7 +154,6 @@ def evaluate(checkpoint_dir: Path | None, source: str = HELD_OUT, max_new_tokens
     if checkpoint_dir is None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .tiny import ensure
         path = ensure(log=log)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -20,8 +20,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import checkpoint, metrics, schedule
-from .config import ConfigError, load
+from aegis import checkpoint, metrics, schedule
+from aegis.config import load
+from aegis.errors import AegisError
+
+from .data import resolve
+from .eval import Evaluator
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.toml"
@@ -50,6 +54,10 @@ def schedule_overrides(cfg, steps: int | None) -> list[str]:
     return [f"schedule.total_steps={steps}", f"schedule.warmup_steps={warmup}", f"schedule.anneal_steps={anneal}"]
 
 
+class RunFailed(AegisError):
+    """A recipe's training run exited with an error (its stderr ends the message)."""
+
+
 def train_once(config: Path, run_dir: Path, overrides: list[str], log) -> float:
     """One run through `python -m train` in a fresh process (as a user would start it); returns seconds."""
     cmd = [sys.executable, "-m", "train", "--config", str(config), "--run-dir", str(run_dir), "--no-progress"]
@@ -59,7 +67,7 @@ def train_once(config: Path, run_dir: Path, overrides: list[str], log) -> float:
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"training run {run_dir} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RunFailed(f"training run {run_dir} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return time.time() - t0
 
 
@@ -73,7 +81,7 @@ def plot(runs: dict[str, list[dict]], path: Path, target_alpha: float) -> None:
     styles = {"aegis": "-", "seed": "--"}  # α and gate coincide for both recipes; dashes keep both visible
     for name, recs in runs.items():
         steps = [r["step"] for r in recs]
-        loss = [metrics_float(r["loss"]) for r in recs]
+        loss = [metrics.number(r["loss"]) for r in recs]
         window = 20
         smooth = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1])
                   for i in range(len(loss))]
@@ -95,10 +103,6 @@ def plot(runs: dict[str, list[dict]], path: Path, target_alpha: float) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def metrics_float(v) -> float:
-    return float(v)  # "nan"/"inf" strings become the floats they stand for
 
 
 def shown(path: Path) -> str:
@@ -189,20 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     held_out = args.data or DEFAULT_DATA
     train_text = args.train_data or DEFAULT_TRAIN_DATA
 
-    from .data import DataError, resolve
     try:
         cfg = load(args.config, args.overrides)
         common = args.overrides + schedule_overrides(cfg, args.steps)
         cfg = load(args.config, common)  # validates the shortened schedule too
         for source in held_out + train_text:  # fail before training, not after
             resolve(source)
-    except (ConfigError, DataError) as e:
+    except AegisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     steps = cfg.schedule.total_steps
     common += [f"train.save_steps={steps}", "train.keep_last=1"]  # only the end of each run is evaluated
 
-    from .eval import Evaluator
     t_start = time.time()
     command = "python -m train.compare" + (f" --steps {args.steps}" if args.steps else "")
     report = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             del evaluator
             recs = metrics.read(run_dir)
             histories[name] = recs
-            last20 = [metrics_float(r["loss"]) for r in recs[-20:]]
+            last20 = [metrics.number(r["loss"]) for r in recs[-20:]]
             res = ev["results"]
             bases.append(res["base"])
             train_bases.append(tr["results"]["base"])
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train_loss_last20": sum(last20) / len(last20),
                 "ortho_error": recs[-1]["ortho_error"], "rotation_norm": recs[-1]["rotation_norm"],
                 "train_seconds": round(seconds, 1), "run_dir": shown(run_dir)}
-    except (RuntimeError, ValueError, OSError) as e:
+    except AegisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     # Both runs sit on the same base in the same quantization, so their base rows must agree.

@@ -1,7 +1,7 @@
 """Training data: read sources, tokenize (chat loss only on assistant tokens), pack to max_length, batch by rank.
 
 Sources (`data.train` / `data.eval` entries):
-    embedded:NAME          a file of the corpus that ships with AEGIS (train/corpus/NAME)
+    embedded:NAME          a file of the corpus that ships with AEGIS (aegis/corpus/NAME)
     hf:OWNER/NAME          a hub dataset repo, fetched with huggingface-hub (its .txt/.jsonl/.json files)
     PATH                   a local .txt, .jsonl or .json file, or a directory of them
 Formats: .txt (paragraphs split at blank lines), JSONL with {"text"}, {"messages": [...]} or
@@ -18,12 +18,15 @@ from typing import Iterator
 
 import torch
 
+from aegis.errors import AegisError
+from aegis.tiny import corpus_path
+
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".txt", ".jsonl", ".json")
 
 
-class DataError(ValueError):
+class DataError(AegisError):
     pass
 
 
@@ -36,7 +39,6 @@ class Example:
 def resolve(source: str) -> list[Path]:
     """The local files behind one `data.*` entry."""
     if source.startswith("embedded:"):
-        from .tiny import corpus_path
         path = corpus_path(source.removeprefix("embedded:"))
         if not path.is_file():
             raise DataError(f"{source}: no such file in the embedded corpus")
@@ -90,23 +92,34 @@ def _check_record(obj) -> tuple[str, object]:
         user = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
         return "messages", [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
     if "text" in obj:
-        if not isinstance(obj["text"], str):
-            raise ValueError("'text' must be a string")
+        if not isinstance(obj["text"], str) or not obj["text"].strip():
+            raise ValueError("'text' must be a non-empty string")
         return "text", obj["text"]
     raise ValueError(f"no 'text', 'messages' or 'instruction'/'output' field (keys: {', '.join(obj) or 'none'})")
+
+
+def read_text(path: Path) -> str:
+    """A data file's text; one that is not UTF-8 (a binary file, another encoding) is a DataError naming it."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        f"a binary file or another encoding?") from None
 
 
 def records(path: Path, skip_bad: bool = False, skipped: list[str] | None = None) -> Iterator[tuple[str, object]]:
     """Yield (kind, payload) from one file. Every bad line is reported at once as `file:line: problem`,
     unless skip_bad, when they are skipped and listed in `skipped`."""
     if path.suffix == ".txt":
-        for para in path.read_text(encoding="utf-8").split("\n\n"):
+        for para in read_text(path).split("\n\n"):
             if para.strip():
                 yield "text", para.strip()
         return
     if path.suffix == ".json":
         try:
-            items = json.loads(path.read_text(encoding="utf-8"))
+            items = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(items, list):
@@ -114,7 +127,7 @@ def records(path: Path, skip_bad: bool = False, skipped: list[str] | None = None
         lines = [(i + 1, item) for i, item in enumerate(items)]  # record numbers stand in for lines
     else:
         lines = []
-        for no, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for no, raw in enumerate(read_text(path).splitlines(), 1):
             if raw.strip():
                 try:
                     lines.append((no, json.loads(raw)))
@@ -128,6 +141,8 @@ def records(path: Path, skip_bad: bool = False, skipped: list[str] | None = None
             good.append(_check_record(obj))
         except ValueError as e:
             bad.append(f"{path}:{no}: {e}")
+    if len(bad) == 1 and not skip_bad:
+        raise DataError(f"{bad[0]} (set data.skip_bad_lines = true to skip bad records)")
     if bad and not skip_bad:
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
         raise DataError(f"{len(bad)} bad record(s) (set data.skip_bad_lines = true to skip them):\n  " +
@@ -231,6 +246,9 @@ class Stream:
         self.examples, self.max_length, self.seed, self.rank, self.world = examples, max_length, seed, rank, world
         self.epoch, self.offset = 0, 0
         self._seqs = epoch_sequences(examples, max_length, seed, 0)
+        if not self._seqs:
+            raise DataError(f"the data holds no sequence with a token to learn from ({len(examples)} example(s), "
+                            f"none longer than its end-of-text token)")
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}

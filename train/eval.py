@@ -17,26 +17,20 @@ import argparse
 import json
 import math
 import sys
-import tomllib
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, data
+from aegis import checkpoint, runs
+from aegis.errors import AegisError
+from aegis.loading import load_checkpoint
+
+from . import data
+from .loss import count_targets, masked_loss_sum
 
 VARIANTS = ("checkpoint", "gate_shut", "base")
 DEFAULT_MAX_LENGTH = 512
-
-
-def run_config(ckpt: Path) -> tuple[Path | None, dict]:
-    """The run directory holding `ckpt` (RUN/final or RUN/checkpoints/step_N) and its config.toml as a dict."""
-    ckpt = Path(ckpt).resolve()
-    for cand in (ckpt.parent, ckpt.parent.parent):
-        cfg = cand / "config.toml"
-        if cfg.is_file():
-            return cand, tomllib.loads(cfg.read_text(encoding="utf-8"))
-    return None, {}
 
 
 def windows(examples: list[data.Example], max_length: int) -> list[data.Example]:
@@ -66,8 +60,6 @@ def gate_shut(soul):
 @torch.no_grad()
 def loss_over(model, seqs: list[data.Example], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
     """(sum of token losses, number of labelled tokens) over `seqs`, batched by similar length."""
-    from .loss import count_targets, masked_loss_sum
-
     device = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
     total, count = 0.0, 0
@@ -87,11 +79,11 @@ def figures(loss_sum: float, count: int) -> dict:
 
 def default_sources(ckpt: Path) -> list[str]:
     """The run's data.eval, from the config.toml of the run that holds `ckpt`."""
-    run_dir, cfg = run_config(ckpt)
-    sources = cfg.get("data", {}).get("eval") or []
+    run_dir = runs.run_of(ckpt)
+    sources = runs.read_config(run_dir).data.eval if run_dir else []
     if not sources:
-        where = f"{run_dir / 'config.toml'} has no data.eval" if run_dir else "no config.toml beside it"
-        raise ValueError(f"{ckpt}: no evaluation data given (--data) and {where}")
+        where = f"{run_dir / runs.CONFIG} has no data.eval" if run_dir else f"no {runs.CONFIG} beside it"
+        raise data.DataError(f"{ckpt}: no evaluation data given (--data) and {where}")
     return list(sources)
 
 
@@ -100,13 +92,12 @@ class Evaluator:
 
     def __init__(self, ckpt: Path, base: str | None = None, quantization: str | None = None,
                  max_length: int | None = None, batch_size: int = 8):
-        from .model import load_checkpoint
-
         self.ckpt = Path(ckpt)
         if not self.ckpt.is_dir():
-            raise FileNotFoundError(f"{self.ckpt}: no such checkpoint directory")
-        _, cfg = run_config(self.ckpt)
-        self.max_length = max_length or cfg.get("train", {}).get("max_length", DEFAULT_MAX_LENGTH)
+            raise checkpoint.CheckpointError(f"{self.ckpt}: no such checkpoint directory")
+        run_dir = runs.run_of(self.ckpt)
+        self.max_length = max_length or (runs.read_config(run_dir).train.max_length if run_dir
+                                         else DEFAULT_MAX_LENGTH)
         self.batch_size = batch_size
         self.model, self.soul, self.tokenizer, self.meta = load_checkpoint(self.ckpt, base=base,
                                                                            quantization=quantization)
@@ -142,7 +133,7 @@ def evaluate(ckpt: Path, sources: list[str] | None = None, variants=VARIANTS, ma
     """Load `ckpt` and score it on `sources` (default: the run's data.eval)."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint directory")
+        raise checkpoint.CheckpointError(f"{ckpt}: no such checkpoint directory")
     sources = list(sources) if sources else default_sources(ckpt)
     for source in sources:  # a missing file should fail before the model is loaded
         data.resolve(source)
@@ -183,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate(args.checkpoint, args.data, variants, args.max_length, base=args.base_model,
                           batch_size=args.batch_size, log=lambda m: print(m, file=sys.stderr))
-    except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, ValueError, OSError) as e:
+    except AegisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=1, ensure_ascii=False)

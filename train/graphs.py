@@ -17,9 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aegis.config import ConfigError
+from aegis.soul import BLOCK, Soul
+
 from . import data
 from .loss import masked_loss_sum
-from .soul import BLOCK, Soul
 
 WARMUP = 3  # eager runs before capture: lazy initialisation, cuBLAS workspaces and the allocator settle first
 
@@ -50,7 +52,7 @@ def decide(setting: bool | str, device: torch.device, processes: int, checkpoint
     if Version(transformers.__version__) < Version("5.21"):  # LongRoPE picked its factors on the host before
         blockers.append(f"transformers {transformers.__version__} < 5.21 synchronises in LongRoPE")
     if setting is True and blockers:
-        raise ValueError("train.cuda_graphs = true, but " + "; ".join(blockers))
+        raise ConfigError("train.cuda_graphs = true", blockers)
     if setting == "auto" and checkpointing:
         blockers.append("gradient checkpointing is on (the batch is large enough not to be launch-bound)")
     if setting is False:

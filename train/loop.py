@@ -1,142 +1,214 @@
-"""The training recipe, top to bottom: config -> base + LoRA + soul -> data -> updates on the α schedule ->
-metrics and atomic checkpoints. Runs under accelerate: one process, or several with `accelerate launch`/`torchrun`."""
+"""The training recipe: config -> base + LoRA + soul -> data -> updates on the α schedule -> metrics and atomic,
+checksummed checkpoints. Runs under accelerate: one process, or several with `accelerate launch`/`torchrun`.
+
+`run` is the recipe itself; each of its steps is a method of `Recipe`, and where the run stands is one `Progress`
+record. A non-finite loss, gradient norm or weight stops the run at the step where it appears, before anything of
+that step is saved."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import set_peft_model_state_dict
+from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
-from . import checkpoint, data, graphs, model as model_mod, schedule
-from .config import EMBEDDED, Config, to_toml
+from aegis import checkpoint, loading as model_mod, runs, schedule
+from aegis.config import EMBEDDED, Config, to_dict
+from aegis.metrics import METRICS, JsonlSink, MetricLogger, ProgressSink
+
+from . import data, graphs, rundir
 from .loss import count_targets, masked_loss_sum
-from .metrics import METRICS, JsonlSink, MetricLogger, ProgressSink
+from .rundir import RunError
 
 
-def soul_metadata(cfg: Config, step: int) -> dict:
-    return {"step": step, "schedule": asdict(cfg.schedule), "alpha_mode": cfg.soul.alpha_mode,
-            "init": cfg.soul.init, "base": cfg.model.base, "revision": cfg.model.revision,
-            "quantization": cfg.model.quantization, "dtype": cfg.model.dtype}
+class NonFiniteError(RunError):
+    """A loss, gradient norm or weight that is NaN or infinite; the message names the step."""
 
 
-def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: bool = True) -> Path:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from peft import set_peft_model_state_dict
-    from transformers import AutoConfig, AutoTokenizer, get_scheduler
+@dataclass
+class Progress:
+    """Where the run stands: the updates done (what a checkpoint resumes from) and this session's totals."""
+    step: int = 0
+    tokens: int = 0  # trained on in this session
+    started: float = field(default_factory=time.time)  # this session's start
+    last: dict = field(default_factory=dict)  # the newest metrics record
 
-    run_dir = Path(run_dir)
-    # cpu=True when there is no GPU, so `torchrun --nproc-per-node N` on CPUs forms a gloo group (accelerate only
-    # looks for one on CPUs when told to, as `accelerate launch --cpu` does)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    main = acc.is_main_process
-    set_seed(cfg.train.seed)
-    sched = cfg.schedule
 
-    # ---- resume point (decided before anything is written) ----
-    start_ckpt = None
-    if resume:
-        if checkpoint.is_complete(run_dir / checkpoint.FINAL):
-            log(f"{run_dir}: the run already finished ({checkpoint.FINAL}/ exists); nothing to resume")
-            return run_dir / checkpoint.FINAL
-        start_ckpt = checkpoint.latest(run_dir, resumable=True)
-        if start_ckpt is None:
-            log(f"{run_dir}: no complete checkpoint to resume from; starting from step 0")
+def run(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False, log=print,
+        progress: bool = True) -> Path:
+    """Train `cfg` into `run_dir`; returns the final checkpoint. `resume` continues the run there from its newest
+    checkpoint that verifies; `overwrite` deletes a run there first; without either, a run there is an error."""
+    recipe = Recipe(cfg, Path(run_dir), log)
+    start = recipe.check(resume, overwrite)
+    if start is not None and start.name == checkpoint.FINAL:
+        recipe.log(f"{run_dir}: the run already finished ({checkpoint.FINAL}/ verifies); nothing to resume")
+        return start
+    recipe.set_up()
+    if start is not None:
+        recipe.restore(start)
+    recipe.begin(show_progress=progress)
+    while recipe.progress.step < cfg.schedule.total_steps:
+        recipe.record(recipe.step())
+        if recipe.progress.step % cfg.train.save_steps == 0:
+            recipe.save(recipe.run_dir / checkpoint.CHECKPOINTS / f"step_{recipe.progress.step}")
+    recipe.finish()
+    return recipe.run_dir / checkpoint.FINAL
 
-    base_path = model_mod.resolve_base(cfg.model.base, cfg.model.revision)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    examples = data.load(cfg.data.train, tokenizer, cfg.data.skip_bad_lines, log=log if main else lambda *_: None)
-    stream = data.Stream(examples, cfg.train.max_length, cfg.train.seed, acc.process_index, acc.num_processes)
 
-    base_config = AutoConfig.from_pretrained(base_path)
-    mem = model_mod.memory_plan(cfg, base_config)
-    use_graphs, why = graphs.decide(cfg.train.cuda_graphs, acc.device, acc.num_processes, mem.gradient_checkpointing,
-                                    base_config)
-    if acc.device.type == "cuda" and main:
-        log(f"CUDA graphs {'on' if use_graphs else 'off'}: {why}"
-            + ("; model.compile is skipped, the captured step replaces it" if use_graphs and cfg.model.compile else ""))
-    model, soul = model_mod.build(cfg, base_path, acc.device, cfg.train.seed, log=log if main else (lambda *_: None),
-                                  plan=mem, compile_layers=not use_graphs)
-    # the adapter names its base as users would load it: the hub id or directory (the embedded model by its path)
-    model.peft_config["default"].base_model_name_or_path = (str(base_path) if cfg.model.base == EMBEDDED
-                                                             else cfg.model.base)
-    learned_alpha = cfg.soul.alpha_mode == "learned"
-    # A learned α is trainable from the start so DDP registers it; until the anneal ends the schedule overwrites
-    # it and its gradient is dropped before each update.
-    soul.alpha.requires_grad_(learned_alpha)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel for the whole update instead of a dozen per parameter group (the step is launch-bound)
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  fused=acc.device.type == "cuda")
-    lr_sched = get_scheduler(cfg.train.lr_schedule, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
-                             num_training_steps=sched.total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
+class Recipe:
+    """The steps of one run in the order `run` calls them: check, set_up, restore, begin, then step/record/save
+    until the schedule ends, and finish."""
 
-    step = 0
-    if start_ckpt is not None:
-        inner = acc.unwrap_model(model)
-        set_peft_model_state_dict(inner, checkpoint.adapter_weights(start_ckpt))
-        checkpoint.load_soul_into(soul, start_ckpt)
-        state = checkpoint.resume(start_ckpt, optimizer, lr_sched)
-        step = state["step"]
-        stream.restore(state["data"])
-        accum = _rescale_accum(cfg, state, acc.num_processes)
-        if accum != cfg.train.grad_accum:
-            log(f"resumed on {acc.num_processes} process(es) instead of {state['world_size']}: gradient "
-                f"accumulation {cfg.train.grad_accum} -> {accum} keeps the global batch of "
-                f"{state['global_batch']} sequences")
-            cfg.train.grad_accum = accum
-        log(f"resumed from {start_ckpt} at step {step}")
+    def __init__(self, cfg: Config, run_dir: Path, log=print):
+        self.cfg, self.run_dir = cfg, run_dir
+        # cpu=True when there is no GPU, so `torchrun --nproc-per-node N` on CPUs forms a gloo group (accelerate only
+        # looks for one on CPUs when told to, as `accelerate launch --cpu` does)
+        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        self.main = self.acc.is_main_process
+        self.log = log if self.main else (lambda *_: None)
+        self.progress = Progress()
+        set_seed(cfg.train.seed)
 
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
-    sink = JsonlSink(run_dir / METRICS)
-    if main and step:
-        sink.truncate_after(step)
-    bar = ProgressSink(sched.total_steps, initial=step, enabled=progress and main)
-    logger = MetricLogger([sink, bar] if main else [])
+    def check(self, resume: bool, overwrite: bool) -> Path | None:
+        """The run directory's rules and, on resume, the checkpoint to start from: all before any model loads."""
+        rundir.prepare(self.run_dir, resume, overwrite, self.main, self.log)
+        if not resume:
+            return None
+        start, _ = rundir.resume_point(self.run_dir, self.cfg, self.acc.num_processes, self.log)
+        return start
 
-    def save(dest: Path) -> None:
-        acc.wait_for_everyone()
-        if main:
-            checkpoint.save(dest, model=acc.unwrap_model(model), soul=soul, tokenizer=tokenizer,
-                            optimizer=optimizer, scheduler=lr_sched, soul_meta=soul_metadata(cfg, step),
-                            trainer_state={"step": step, "data": stream.state(), "world_size": acc.num_processes,
-                                           "grad_accum": cfg.train.grad_accum,
-                                           "global_batch": acc.num_processes * cfg.train.batch_size
-                                           * cfg.train.grad_accum})
-            checkpoint.prune(run_dir, cfg.train.keep_last)
-        acc.wait_for_everyone()
+    # ---- set up -----------------------------------------------------------------------------------------------
 
-    captured = (graphs.GraphedStep(model, soul, params, mem.micro_batch, cfg.train.max_length, acc.device)
-                if use_graphs else None)
+    def set_up(self) -> None:
+        """Tokenizer and data, then base + LoRA + soul, then optimizer and LR schedule."""
+        base_path = model_mod.resolve_base(self.cfg.model.base, self.cfg.model.revision)
+        self._set_up_data(base_path)
+        self._set_up_model(base_path)
+        self._set_up_optimizer()
 
-    anneal_end = sched.warmup_steps + sched.anneal_steps
-    profiler = _profiler(run_dir) if main else None
-    model.train()
-    t_start = time.time()
-    tokens_total = 0
-    record: dict = {}
-    while step < sched.total_steps:
-        step += 1
+    def _set_up_data(self, base_path: Path) -> None:
+        cfg = self.cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(base_path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        examples = data.load(cfg.data.train, self.tokenizer, cfg.data.skip_bad_lines, log=self.log)
+        self.stream = data.Stream(examples, cfg.train.max_length, cfg.train.seed, self.acc.process_index,
+                                  self.acc.num_processes)
+
+    def _set_up_model(self, base_path: Path) -> None:
+        cfg, acc = self.cfg, self.acc
+        base_config = AutoConfig.from_pretrained(base_path)
+        self.mem = model_mod.memory_plan(cfg, base_config)
+        self.use_graphs, why = graphs.decide(cfg.train.cuda_graphs, acc.device, acc.num_processes,
+                                             self.mem.gradient_checkpointing, base_config)
+        if acc.device.type == "cuda":
+            self.log(f"CUDA graphs {'on' if self.use_graphs else 'off'}: {why}" + (
+                "; model.compile is skipped, the captured step replaces it" if self.use_graphs and cfg.model.compile
+                else ""))
+        self.model, self.soul = model_mod.build(cfg, base_path, acc.device, cfg.train.seed, log=self.log,
+                                                plan=self.mem, compile_layers=not self.use_graphs)
+        # the adapter names its base as users would load it: the hub id or directory (the embedded model by its path)
+        self.model.peft_config["default"].base_model_name_or_path = (str(base_path) if cfg.model.base == EMBEDDED
+                                                                     else cfg.model.base)
+        # A learned α is trainable from the start so DDP registers it; until the anneal ends the schedule overwrites
+        # it and its gradient is dropped before each update.
+        self.learned_alpha = cfg.soul.alpha_mode == "learned"
+        self.soul.alpha.requires_grad_(self.learned_alpha)
+
+    def _set_up_optimizer(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # fused: one kernel for the whole update instead of a dozen per parameter group (the step is launch-bound)
+        optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                      fused=acc.device.type == "cuda")
+        self.lr_sched = get_scheduler(cfg.train.lr_schedule, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
+                                      num_training_steps=cfg.schedule.total_steps)
+        self.model, self.optimizer = acc.prepare(self.model, optimizer)
+
+    # ---- restore and begin ------------------------------------------------------------------------------------
+
+    def restore(self, ckpt: Path) -> None:
+        """Adapter, soul, optimizer, LR schedule, RNG and data position from `ckpt`; the global batch is kept."""
+        set_peft_model_state_dict(self.acc.unwrap_model(self.model), checkpoint.adapter_weights(ckpt))
+        checkpoint.load_soul_into(self.soul, ckpt)
+        state = checkpoint.resume(ckpt, self.optimizer, self.lr_sched)
+        self.progress.step = state["step"]
+        self.stream.restore(state["data"])
+        accum = rundir.accum_for(self.cfg, state, self.acc.num_processes)
+        if accum != self.cfg.train.grad_accum:
+            self.log(f"resumed on {self.acc.num_processes} process(es) instead of {state['world_size']}: gradient "
+                     f"accumulation {self.cfg.train.grad_accum} -> {accum} keeps the global batch of "
+                     f"{state['global_batch']} sequences")
+            self.cfg.train.grad_accum = accum
+        self.log(f"resumed from {ckpt} at step {self.progress.step}")
+
+    def begin(self, show_progress: bool = True) -> None:
+        """config.toml, metrics.jsonl cut back to the step we start from (each step is written once, whenever the
+        run was killed), the progress bar, the captured step; then train mode."""
+        sink = JsonlSink(self.run_dir / METRICS)
+        if self.main:
+            runs.write_config(self.run_dir, self.cfg)
+            sink.truncate_after(self.progress.step)
+        bar = ProgressSink(self.cfg.schedule.total_steps, initial=self.progress.step,
+                           enabled=show_progress and self.main)
+        self.logger = MetricLogger([sink, bar] if self.main else [])
+        self.captured = (graphs.GraphedStep(self.model, self.soul, self.params, self.mem.micro_batch,
+                                            self.cfg.train.max_length, self.acc.device) if self.use_graphs else None)
+        self.profiler = _profiler(self.run_dir) if self.main else None
+        self.progress.started = time.time()
+        self.model.train()
+
+    # ---- one update -------------------------------------------------------------------------------------------
+
+    def step(self) -> dict:
+        """One update: α from the schedule, forward + backward over the micro-batches, clip, check, AdamW.
+        Returns its metrics record."""
+        p, cfg = self.progress, self.cfg
+        p.step += 1
         t0 = time.time()
-        free_alpha = learned_alpha and step > anneal_end
+        anneal_end = cfg.schedule.warmup_steps + cfg.schedule.anneal_steps
+        free_alpha = self.learned_alpha and p.step > anneal_end
         if not free_alpha:
             with torch.no_grad():
-                soul.alpha.fill_(schedule.alpha_for_step(step, sched))
-        seqs = [ex for b in stream.next_update(cfg.train.batch_size, cfg.train.grad_accum) for ex in b]
-        micro = [data.collate(seqs[i:i + mem.micro_batch], tokenizer.pad_token_id, cfg.train.max_length)
-                 for i in range(0, len(seqs), mem.micro_batch)]
+                self.soul.alpha.fill_(schedule.alpha_for_step(p.step, cfg.schedule))
+        seqs = [ex for b in self.stream.next_update(cfg.train.batch_size, cfg.train.grad_accum) for ex in b]
+        micro = [data.collate(seqs[i:i + self.mem.micro_batch], self.tokenizer.pad_token_id, cfg.train.max_length)
+                 for i in range(0, len(seqs), self.mem.micro_batch)]
+        loss_sum, n_targets = self._forward_backward(micro)
+        if self.learned_alpha and not free_alpha:
+            self.soul.alpha.grad = None  # AdamW skips it: the schedule owns α until the anneal ends
+        grad_norm = self._grad_norm()
         # counted on the host copies: no wait for the GPU inside the update
+        counts = torch.tensor([n_targets, sum(int(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64,
+                              device=self.acc.device)
+        totals = self.acc.reduce(torch.cat([loss_sum.reshape(1), counts]), reduction="sum")
+        loss_total, targets, tokens = totals.tolist()
+        loss = loss_total / max(targets, 1)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self._stop(f"the loss is {loss} and the gradient norm {grad_norm}")
+        self.optimizer.step()
+        self.lr_sched.step()
+        self.optimizer.zero_grad(set_to_none=True)  # a captured step re-attaches its fixed gradients in begin()
+        rec = self._metrics(loss, grad_norm, int(tokens), time.time() - t0)
+        broken = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
+        if broken:  # the soul's health is measured on the updated weights: NaN there means the update broke them
+            self._stop(f"the update left {', '.join(broken)} non-finite")
+        return rec
+
+    def _forward_backward(self, micro: list[dict]) -> tuple[torch.Tensor, int]:
+        """Gradients of the update's mean loss per target token, accumulated over its micro-batches (DDP syncs on
+        the last); returns the loss summed over target tokens and their number, this process's share."""
+        acc, captured = self.acc, self.captured
         n_targets = sum(count_targets(b["labels"]) for b in micro)
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         if captured is not None:
             captured.begin()
@@ -145,74 +217,92 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, log=print, progress: b
                 loss_sum += captured.micro(batch, 1.0 / max(n_targets, 1))
                 continue
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
-            sync = acc.no_sync(model) if (i < len(micro) - 1 and acc.num_processes > 1) else nullcontext()
+            sync = acc.no_sync(self.model) if (i < len(micro) - 1 and acc.num_processes > 1) else nullcontext()
             with sync:
                 # no attention mask: padding is only ever on the right, where causal attention cannot see it
-                loss = masked_loss_sum(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+                loss = masked_loss_sum(self.model(input_ids=batch["input_ids"]).logits, batch["labels"])
                 acc.backward(loss / max(n_targets, 1))
             loss_sum += loss.detach()
         if captured is not None:
             captured.end()
-        if learned_alpha and not free_alpha:
-            soul.alpha.grad = None  # AdamW skips it: the schedule owns α until the anneal ends
-        if cfg.train.max_grad_norm > 0:
-            grad_norm = float(acc.clip_grad_norm_(params, cfg.train.max_grad_norm))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
-                                                                    if p.grad is not None])))
-        optimizer.step()
-        lr_sched.step()
-        optimizer.zero_grad(set_to_none=True)  # a captured step re-attaches its fixed gradients in begin()
+        return loss_sum, n_targets
 
-        counts = torch.tensor([n_targets, tokens], dtype=torch.float64, device=acc.device)
-        totals = acc.reduce(torch.cat([loss_sum.reshape(1), counts]), reduction="sum").tolist()
-        dt = time.time() - t0
-        tokens_total += int(totals[2])
-        health = soul.health()
-        record = {"step": step, "loss": totals[0] / max(totals[1], 1), "lr": lr_sched.get_last_lr()[0],
-                  "alpha": health["alpha"], "gate": health["gate"], "phase": schedule.phase(health["alpha"], sched),
-                  "ortho_error": health["ortho_error"], "det_min": health["det_min"],
-                  "det_max": health["det_max"], "rotation_norm": health["rotation_norm"], "grad_norm": grad_norm,
-                  "tokens": int(totals[2]), "tokens_per_s": totals[2] / dt, "elapsed_s": time.time() - t_start}
+    def _grad_norm(self) -> float:
+        """The gradients' global norm, after clipping them to train.max_grad_norm when it is set."""
+        if self.cfg.train.max_grad_norm > 0:
+            return float(self.acc.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params
+                                                           if p.grad is not None])))
+
+    def _metrics(self, loss: float, grad_norm: float, tokens: int, seconds: float) -> dict:
+        p, health = self.progress, self.soul.health()
+        rec = {"step": p.step, "loss": loss, "lr": self.lr_sched.get_last_lr()[0], "alpha": health["alpha"],
+               "gate": health["gate"], "phase": schedule.phase(health["alpha"], self.cfg.schedule),
+               "ortho_error": health["ortho_error"], "det_min": health["det_min"], "det_max": health["det_max"],
+               "rotation_norm": health["rotation_norm"], "grad_norm": grad_norm, "tokens": tokens,
+               "tokens_per_s": tokens / seconds, "elapsed_s": time.time() - p.started}
         if torch.cuda.is_available():
-            record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        logger.log(record)
-        if profiler is not None:
-            profiler.step()
-        if step % cfg.train.save_steps == 0:
-            save(run_dir / checkpoint.CHECKPOINTS / f"step_{step}")
-    if captured is not None:
-        captured.close()
-    save(run_dir / checkpoint.FINAL)
-    logger.close()
-    if profiler is not None:
-        profiler.stop()
-    if main:
-        summary = {"steps": step, "final_loss": record.get("loss"), "alpha": record.get("alpha"),
-                   "gate": record.get("gate"), "phase": record.get("phase"), "ortho_error": record.get("ortho_error"),
-                   "tokens_this_session": tokens_total, "seconds_this_session": round(time.time() - t_start, 1),
-                   "final": str(run_dir / checkpoint.FINAL)}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        log("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                 for k, v in summary.items()))
-    return run_dir / checkpoint.FINAL
+            rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return rec
+
+    def _stop(self, what: str) -> None:
+        newest = checkpoint.latest(self.run_dir)
+        raise NonFiniteError(f"step {self.progress.step}: {what}; the run stops here and nothing of this step is "
+                             f"saved (newest checkpoint: {newest or 'none'}); lower train.lr or check the data")
+
+    # ---- record and save --------------------------------------------------------------------------------------
+
+    def record(self, rec: dict) -> None:
+        self.progress.last = rec
+        self.progress.tokens += rec["tokens"]
+        self.logger.log(rec)
+        if self.profiler is not None:
+            self.profiler.step()
+
+    def save(self, dest: Path) -> None:
+        """A checkpoint of the current step: the main process writes it, every process waits for it."""
+        if not bool(torch.stack([p.isfinite().all() for p in self.params]).all()):
+            self._stop("a weight is no longer finite")
+        acc, cfg, step = self.acc, self.cfg, self.progress.step
+        acc.wait_for_everyone()
+        if self.main:
+            state = {"step": step, "data": self.stream.state(), "world_size": acc.num_processes,
+                     "grad_accum": cfg.train.grad_accum, "config": to_dict(cfg),
+                     "global_batch": acc.num_processes * cfg.train.batch_size * cfg.train.grad_accum}
+            checkpoint.save(dest, model=acc.unwrap_model(self.model), soul=self.soul, tokenizer=self.tokenizer,
+                            optimizer=self.optimizer, scheduler=self.lr_sched, soul_meta=soul_metadata(cfg, step),
+                            trainer_state=state)
+            checkpoint.prune(self.run_dir, cfg.train.keep_last)
+        acc.wait_for_everyone()
+
+    def finish(self) -> None:
+        """final/, then summary.json and the closing line."""
+        if self.captured is not None:
+            self.captured.close()
+        self.save(self.run_dir / checkpoint.FINAL)
+        self.logger.close()
+        if self.profiler is not None:
+            self.profiler.stop()
+        if not self.main:
+            return
+        p, last = self.progress, self.progress.last
+        summary = {"steps": p.step, "final_loss": last.get("loss"), "alpha": last.get("alpha"),
+                   "gate": last.get("gate"), "phase": last.get("phase"), "ortho_error": last.get("ortho_error"),
+                   "tokens_this_session": p.tokens, "seconds_this_session": round(time.time() - p.started, 1),
+                   "final": str(self.run_dir / checkpoint.FINAL)}
+        rundir.write_text(self.run_dir / rundir.SUMMARY, json.dumps(summary, indent=1))
+        self.log("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in summary.items()))
 
 
-def _rescale_accum(cfg: Config, state: dict, world: int) -> int:
-    """Gradient accumulation that keeps the checkpoint's global batch (processes x micro-batch x accumulation)."""
-    glob = state.get("global_batch", world * cfg.train.batch_size * cfg.train.grad_accum)
-    if world * cfg.train.batch_size * cfg.train.grad_accum == glob:
-        return cfg.train.grad_accum
-    accum, rem = divmod(glob, world * cfg.train.batch_size)
-    if rem or accum < 1:
-        raise ValueError(f"resume: the checkpoint's global batch of {glob} sequences cannot be kept with {world} "
-                         f"process(es) x train.batch_size {cfg.train.batch_size}; choose a batch size that divides it")
-    return accum
+def soul_metadata(cfg: Config, step: int) -> dict:
+    return {"step": step, "schedule": asdict(cfg.schedule), "alpha_mode": cfg.soul.alpha_mode,
+            "init": cfg.soul.init, "base": cfg.model.base, "revision": cfg.model.revision,
+            "quantization": cfg.model.quantization, "dtype": cfg.model.dtype}
 
 
 def _profiler(run_dir: Path):
     """AEGIS_PROFILE=N: profile N updates after 3 warm-up updates; the op table goes to RUN_DIR/profile.txt."""
-    import os
     n = int(os.environ.get("AEGIS_PROFILE", "0"))
     if n <= 0:
         return None

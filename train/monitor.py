@@ -1,7 +1,7 @@
 """Live terminal monitor of a training run: python -m train.monitor RUN_DIR [--once] [--interval S]
 
 It reads only what the run writes: config.toml (total steps and the α schedule), metrics.jsonl (through
-train.metrics.read, which skips a truncated last line) and the checkpoint directories. So it works while the run
+aegis.metrics.read, which skips a truncated last line) and the checkpoint directories. So it works while the run
 is going, after it has ended, and before it has started (then it waits for the directory to appear).
 """
 
@@ -12,7 +12,6 @@ import math
 import statistics
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from . import checkpoint, metrics, schedule
+from aegis import checkpoint, metrics, runs, schedule
+from aegis.errors import AegisError
+from aegis.metrics import number
 
 ORTHO_LIMIT = 1e-4  # the rotation is exact by construction; more than this means the float32 maths went wrong
 SPIKE_WINDOW = 20  # a loss is compared with the median of the losses just before it
@@ -32,18 +33,6 @@ SPIKE_FACTOR = 1.5  # ... and is a spike when above factor * median + SPIKE_MARG
 SPIKE_MARGIN = 0.5  # the margin keeps a batch of harder text from counting as a spike at low loss
 SPARK = "▁▂▃▄▅▆▇█"
 PHASES = (("chaos", "chaos"), ("transition", "transition"), ("golden", "golden ratio"))
-
-
-def number(value) -> float:
-    """A metrics value as a float: the writer stores non-finite floats as the strings 'nan', 'inf', '-inf'."""
-    if isinstance(value, bool) or value is None:
-        return math.nan
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def sparkline(values: list[float], width: int = 48) -> str:
@@ -64,13 +53,8 @@ def sparkline(values: list[float], width: int = 48) -> str:
 
 def read_schedule(run_dir: Path) -> schedule.Schedule | None:
     """The run's α schedule (and total steps) from its resolved config.toml; None before the run wrote it."""
-    path = Path(run_dir) / "config.toml"
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8")).get("schedule", {})
-    except (FileNotFoundError, tomllib.TOMLDecodeError):
-        return None
-    known = schedule.Schedule.__dataclass_fields__
-    return schedule.Schedule(**{k: v for k, v in raw.items() if k in known})
+    cfg = runs.read_config(run_dir)
+    return cfg.schedule if cfg else None
 
 
 @dataclass
@@ -145,21 +129,27 @@ def collect(run_dir: Path) -> State:
     return st
 
 
-def seconds_per_step(records: list[dict], window: int = 50) -> float | None:
-    """From the recent records of the current session (elapsed_s restarts at 0 when a run resumes)."""
+def throughput(records: list[dict], window: int = 50) -> tuple[float, float] | None:
+    """(seconds per step, tokens per second) over the same recent records of the current session, so the two
+    always agree (tokens/s = tokens per step / s per step). Both come from elapsed_s, the wall time since the
+    session started, so they include what a step's own tokens_per_s leaves out (checkpoints, logging); elapsed_s
+    restarts at 0 when a run resumes, so only the tail after the last restart counts."""
     recent = records[-window:]
-    for i in range(len(recent) - 1, 0, -1):  # keep only the tail after the last restart
-        if number(recent[i]["elapsed_s"]) < number(recent[i - 1]["elapsed_s"]):
+    for i in range(len(recent) - 1, 0, -1):
+        if number(recent[i].get("elapsed_s")) < number(recent[i - 1].get("elapsed_s")):
             recent = recent[i:]
             break
-    if len(recent) >= 2:
-        d_steps = recent[-1]["step"] - recent[0]["step"]
-        d_time = number(recent[-1]["elapsed_s"]) - number(recent[0]["elapsed_s"])
-        if d_steps > 0 and d_time > 0:
-            return d_time / d_steps
-    if recent and recent[-1]["step"] > 0 and number(recent[-1].get("elapsed_s")) > 0:
-        return number(recent[-1]["elapsed_s"]) / len(recent)
-    return None
+    if len(recent) >= 2:  # from the first record's end to the last's: the steps and tokens after the first
+        steps = recent[-1]["step"] - recent[0]["step"]
+        seconds = number(recent[-1].get("elapsed_s")) - number(recent[0].get("elapsed_s"))
+        tokens = sum(number(r.get("tokens")) for r in recent[1:])
+    elif recent:  # one step so far: from the session's start
+        steps, seconds, tokens = 1, number(recent[0].get("elapsed_s")), number(recent[0].get("tokens"))
+    else:
+        return None
+    if not (steps > 0 and seconds > 0 and math.isfinite(seconds)):
+        return None
+    return seconds / steps, tokens / seconds
 
 
 def duration(seconds: float) -> str:
@@ -208,7 +198,8 @@ def render(st: State):
         prog = f"{step} / {total} ({frac:.0%})"
     else:
         prog = f"{step} / ? (no config.toml)"
-    sps = seconds_per_step(st.records)
+    rate = throughput(st.records)
+    sps = rate[0] if rate else None
     if st.finished:
         prog += "  finished"
     elif total and sps is not None:
@@ -242,10 +233,8 @@ def render(st: State):
     table.add_row("ortho error", f"{_fmt(last.get('ortho_error'), '.2e')}   (limit {ORTHO_LIMIT:.0e})")
     table.add_row("det range", f"{_fmt(last.get('det_min'), '.6f')} … {_fmt(last.get('det_max'), '.6f')}")
     table.add_row("rotation norm", f"{_fmt(last.get('rotation_norm'), '.4f')}   (‖R − I‖, 0 = identity)")
-    thr = f"{_fmt(last.get('tokens_per_s'), ',.0f')} tokens/s"
-    if sps:
-        thr += f"   {sps:.2f} s/step"
-    table.add_row("throughput", thr)
+    if rate:
+        table.add_row("throughput", f"{rate[1]:,.0f} tokens/s   {rate[0]:.2f} s/step   (recent steps)")
     if "gpu_mem_gib" in last:
         table.add_row("GPU memory", f"{_fmt(last.get('gpu_mem_gib'), '.2f')} GiB (peak)")
     if st.checkpoint is not None:
@@ -279,16 +268,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.run_dir} is a file, not a run directory", file=sys.stderr)
         return 2
     console = Console(width=args.width)
-    if args.once:
-        console.print(render(collect(args.run_dir)))
-        return 0
     try:
+        if args.once:
+            console.print(render(collect(args.run_dir)))
+            return 0
         with Live(render(collect(args.run_dir)), console=console, auto_refresh=False, screen=False) as live:
             while True:
                 time.sleep(args.interval)
                 live.update(render(collect(args.run_dir)), refresh=True)
     except KeyboardInterrupt:
         return 0
+    except AegisError as e:  # e.g. a config.toml that does not parse
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

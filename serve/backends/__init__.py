@@ -9,10 +9,17 @@ from .base import Backend, Detokenizer, Sampling, Session
 KINDS = ("auto", "llamacpp", "hf")
 
 
-def detect(path: Path) -> str:
-    """llamacpp for a .gguf file, hf for a model directory or a training checkpoint."""
-    from .hf import is_checkpoint, is_hf_model
+def is_checkpoint(path: Path) -> bool:
+    return (path / "soul.safetensors").is_file() and (path / "adapter_config.json").is_file()
 
+
+def is_hf_model(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def detect(path: Path) -> str:
+    """llamacpp for a .gguf file, hf for a model directory or a training checkpoint (read from the path alone, so
+    neither runtime is imported to tell)."""
     path = Path(path)
     if path.is_file():
         with open(path, "rb") as f:
@@ -33,6 +40,7 @@ def open_backend(path: Path, kind: str = "auto", *, n_ctx: int = 0, workers: int
     path = Path(path)
     if kind == "auto":
         kind = detect(path)
+    # each runtime is imported only when a model needs it (the serve image has llama.cpp but no torch)
     if kind == "llamacpp":
         from .llamacpp import LlamaCppBackend
         return LlamaCppBackend(path, n_ctx=n_ctx, n_threads=threads, gpu_layers=gpu_layers, workers=workers)

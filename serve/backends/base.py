@@ -14,6 +14,8 @@ import abc
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 # Phi-3's end-of-turn tokens. <|assistant|> and <|user|> are stops too: a small model that forgets <|end|> goes
 # on to write the next turn itself, and that text must not reach the client.
 END_OF_TURN = ("<|end|>", "<|endoftext|>", "<|assistant|>", "<|user|>", "<|system|>", "<|im_end|>", "<|eot_id|>")
@@ -28,6 +30,16 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    grammar: str | None = None  # GBNF the reply must follow (backends with supports_grammar only)
+
+
+@dataclass(frozen=True)
+class Control:
+    """A control token (<|user|>, <|end|>, <s>, ...): only the chat template may produce one. lstrip/rstrip: the
+    tokenizer drops whitespace to its left/right, as the joint tokenization of a prompt does."""
+    id: int
+    lstrip: bool = False
+    rstrip: bool = False
 
 
 class Detokenizer(abc.ABC):
@@ -51,6 +63,11 @@ class Session(abc.ABC):
         stop tokens, max_tokens, cancellation, the deadline). Closing the iterator frees the session for the
         next job."""
 
+    @abc.abstractmethod
+    def logits(self) -> np.ndarray:
+        """The model's raw logits (float, one per vocabulary entry) for the token generate() yielded last, read
+        before the iterator is advanced again."""
+
     def close(self) -> None:
         pass
 
@@ -61,24 +78,36 @@ class Backend(abc.ABC):
     vocab_size: int
     chat_template: str | None  # Jinja source as the model ships it, or None
     special_tokens: dict[str, str]  # bos_token, eos_token, ... for the template
+    controls: dict[str, Control]  # control-token text -> token
     stop_ids: frozenset[int]  # end-of-turn tokens: generation stops there
-    add_bos: bool  # whether tokenize() puts BOS in front (then a template that writes BOS must not)
+    add_bos: bool  # whether a prompt starts with BOS (then a template that writes BOS gets no second one)
+    bos_id: int | None
+    supports_grammar: bool = False  # whether Sampling.grammar is honoured
 
     @abc.abstractmethod
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        """Token ids of text; special-token text (<|user|>, ...) becomes the special token, as HF does."""
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids of text as a whole prompt: BOS in front when add_special and the model wants one; control-token
+        text (<|user|>, ...) becomes the control token only when parse_special, else it is ordinary text."""
+
+    @abc.abstractmethod
+    def tokenize_text(self, text: str) -> list[int]:
+        """Token ids of ordinary text inside a prompt (after a control token): no BOS, no control tokens."""
+
+    @abc.abstractmethod
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (b"" for control tokens)."""
 
     @abc.abstractmethod
     def detokenizer(self) -> Detokenizer:
         pass
 
+    def check_grammar(self, grammar: str) -> bool:
+        """Whether the runtime's own parser accepts the GBNF (only asked where supports_grammar)."""
+        return False
+
     @abc.abstractmethod
     def new_session(self) -> Session:
         """Decoding state for one worker (called once per worker, on that worker's thread)."""
-
-    def describe(self) -> dict:
-        """Facts for /v1/models and logs."""
-        return {"backend": self.kind, "context_length": self.context_length}
 
     def close(self) -> None:
         pass

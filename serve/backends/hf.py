@@ -5,18 +5,18 @@ inference_mode); each worker's KV cache lives only inside its own generate() cal
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from .base import Backend, Detokenizer, Sampling, Session, end_of_turn_ids
+import numpy as np
 
+from aegis.loading import load_checkpoint
 
-def is_checkpoint(path: Path) -> bool:
-    return (path / "soul.safetensors").is_file() and (path / "adapter_config.json").is_file()
+from . import is_checkpoint, is_hf_model
+from .base import Backend, Control, Detokenizer, Sampling, Session, end_of_turn_ids
 
-
-def is_hf_model(path: Path) -> bool:
-    return (path / "config.json").is_file()
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class HFDetokenizer(Detokenizer):
@@ -78,6 +78,10 @@ def sample(logits, sampling: Sampling, counts: dict[int, int], generator):
 class HFSession(Session):
     def __init__(self, backend: "HFBackend"):
         self.backend = backend
+        self._logits = None
+
+    def logits(self) -> np.ndarray:
+        return self._logits.numpy()
 
     def generate(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
         import torch
@@ -97,6 +101,7 @@ class HFSession(Session):
                     logits[n_vocab:] = float("-inf")
                 token = sample(logits, sampling, counts, generator)
                 counts[token] = counts.get(token, 0) + 1
+                self._logits = logits
                 yield token
                 cache = out["cache"] if "cache" in out else out["past_key_values"]
                 out = model(input_ids=torch.tensor([[token]], device=device), **{self.backend.cache_arg: cache},
@@ -117,7 +122,6 @@ class HFBackend(Backend):
         self.device = torch.device(device)
         if is_checkpoint(self.path):
             # base + adapter + soul, exactly as training left them (the soul stays a module in front of the head)
-            from train.model import load_checkpoint
             self.model, _soul, self.tokenizer, _meta = load_checkpoint(self.path, quantization=quantization,
                                                                        dtype=dtype, device=self.device)
             self.kind = "transformers (checkpoint)"
@@ -141,6 +145,10 @@ class HFBackend(Backend):
         self.chat_template = tok.chat_template if isinstance(tok.chat_template, str) else None
         self.special_tokens = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
         self.add_bos = bool(getattr(tok, "add_bos_token", False)) and tok.bos_token_id is not None
+        self.bos_id = tok.bos_token_id
+        self.controls = {t.content: Control(i, bool(t.lstrip), bool(t.rstrip))
+                         for i, t in tok.added_tokens_decoder.items() if t.special and t.content}
+        self._text_tokenizer, self._metaspace = text_tokenizer(tok)
         unk = tok.unk_token_id
 
         def lookup(text: str) -> int | None:
@@ -154,8 +162,23 @@ class HFBackend(Backend):
             stops.add(tok.eos_token_id)
         self.stop_ids = frozenset(stops)
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special, split_special_tokens=not parse_special)[
+            "input_ids"]
+
+    def tokenize_text(self, text: str) -> list[int]:
+        if self._text_tokenizer is None:
+            return self.tokenize(text, add_special=False)
+        return self._text_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def token_bytes(self, token: int) -> bytes:
+        if token in self.tokenizer.all_special_ids:
+            return b""
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if m := BYTE_PIECE.fullmatch(piece):
+            return bytes([int(m.group(1), 16)])
+        return (piece.replace("\u2581", " ") if self._metaspace else
+                self.tokenizer.convert_tokens_to_string([piece])).encode("utf-8")
 
     def detokenizer(self) -> Detokenizer:
         return HFDetokenizer(self.tokenizer)
@@ -163,6 +186,21 @@ class HFBackend(Backend):
     def new_session(self) -> Session:
         return HFSession(self)
 
-    def describe(self) -> dict:
-        return {"backend": self.kind, "context_length": self.context_length, "path": str(self.path),
-                "device": str(self.device)}
+
+def text_tokenizer(tok):
+    """(a copy of the fast tokenizer that reads control-token text as text and, for SentencePiece-style
+    tokenizers, adds no word-start marker in front, or None; whether it is SentencePiece-style). A stretch of text
+    inside a prompt must tokenize as it does inside the whole prompt, where only the very start gets the marker."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return None, False
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.encode_special_tokens = True
+    pre = copy.pre_tokenizer
+    metaspace = isinstance(pre, pre_tokenizers.Metaspace)
+    if metaspace:
+        pre.prepend_scheme = "never"
+        copy.pre_tokenizer = pre
+    return copy, metaspace

@@ -12,12 +12,16 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .base import Backend, Detokenizer, Sampling, Session, end_of_turn_ids
+import numpy as np
+
+from aegis import llamacpp
+
+from .base import Backend, Control, Detokenizer, Sampling, Session, end_of_turn_ids
 
 
 def _quiet_logs() -> None:
     # llama.cpp writes its loader chatter straight to stderr from C; route it through a no-op callback.
-    import llama_cpp
+    llama_cpp = llamacpp.runtime()
 
     @llama_cpp.llama_log_callback
     def _drop(level, text, user_data):  # noqa: ARG001
@@ -44,20 +48,39 @@ class LlamaDetokenizer(Detokenizer):
 
 
 class LlamaSession(Session):
-    def __init__(self, llm):
+    def __init__(self, llm, text_only: np.ndarray):
         self.llm = llm
+        self._text_only = [self._ban(text_only)]
+
+    @staticmethod
+    def _ban(ids: np.ndarray):
+        def ban(_input_ids, logits):
+            logits[ids] = -np.inf
+            return logits
+        return ban
 
     def generate(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
-        import llama_cpp
+        llama_cpp = llamacpp.runtime()
+        from llama_cpp.llama_grammar import LlamaGrammar
 
         seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % 0xFFFFFFFF
         self.llm.set_seed(seed)  # read when generate() builds its sampler chain
+        grammar = LlamaGrammar.from_string(sampling.grammar) if sampling.grammar else None
         # Llama.generate reuses the longest cached prefix of the previous prompt on this context (multi-turn chats
         # re-evaluate only the new turn). min_p and typical are neutral so the OpenAI parameters mean what they say.
         return self.llm.generate(prompt, top_k=sampling.top_k, top_p=sampling.top_p, min_p=0.0, typical_p=1.0,
                                  temp=sampling.temperature, repeat_penalty=1.0,
                                  frequency_penalty=sampling.frequency_penalty,
-                                 presence_penalty=sampling.presence_penalty)
+                                 presence_penalty=sampling.presence_penalty, grammar=grammar,
+                                 # llama.cpp's grammar reads a control token as its text ("<|user|>" fits a JSON
+                                 # string): under a grammar only text tokens, and end-of-generation once it is done
+                                 logits_processor=self._text_only if grammar else None)
+
+    def logits(self) -> np.ndarray:
+        llama_cpp = llamacpp.runtime()
+        # the last decoded position is the one the yielded token was sampled from (the next decode has not run)
+        row = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).copy()
 
     def close(self) -> None:
         self.llm.close()
@@ -65,10 +88,11 @@ class LlamaSession(Session):
 
 class LlamaCppBackend(Backend):
     kind = "llama.cpp"
+    supports_grammar = True
 
     def __init__(self, path: Path, n_ctx: int = 0, n_threads: int = 0, n_batch: int = 512, gpu_layers: int = -1,
                  workers: int = 1):
-        import llama_cpp
+        llama_cpp = llamacpp.runtime()
 
         _quiet_logs()
         self.path = Path(path)
@@ -87,35 +111,61 @@ class LlamaCppBackend(Backend):
         # more threads than free cores make llama.cpp's thread barriers spin and slow everything down
         self.n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2 // max(1, workers))
         self.n_batch, self.gpu_layers = n_batch, gpu_layers
+        # Before any request: a child process loads the file and decodes, so a crash in llama.cpp is a start-up
+        # error that says what failed (and which loader settings are safe), not the death of the first request.
+        self.loader = llamacpp.probe(self.path, threads=self.n_threads)
         raw = llama_cpp.llama_model_chat_template(model.model, None)
         self.chat_template = raw.decode("utf-8") if raw else None
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        self.bos_id = bos if 0 <= bos < self.vocab_size else None
         self.special_tokens = {}
-        for name, tid in (("bos_token", llama_cpp.llama_vocab_bos(self._vocab)),
-                          ("eos_token", llama_cpp.llama_vocab_eos(self._vocab))):
+        for name, tid in (("bos_token", bos), ("eos_token", llama_cpp.llama_vocab_eos(self._vocab))):
             if 0 <= tid < self.vocab_size:
                 self.special_tokens[name] = self._text(tid)
+        self.controls = {}
+        for tid in range(self.vocab_size):
+            attr = llama_cpp.llama_vocab_get_attr(self._vocab, tid)
+            # the tokens llama.cpp reads from text only when asked to parse special tokens
+            if attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN) and self._text(tid):
+                self.controls[self._text(tid)] = Control(tid, bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP),
+                                                         bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP))
+        self._controls_not_eog = np.array(sorted(c.id for c in self.controls.values()
+                                                 if not llama_cpp.llama_vocab_is_eog(self._vocab, c.id)), dtype=np.int64)
         stops = end_of_turn_ids(self._lookup)
         stops |= {t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
         self.stop_ids = frozenset(stops)
         self._pieces: dict[int, bytes] = {}
 
     def _text(self, tid: int) -> str:
-        import llama_cpp
+        llama_cpp = llamacpp.runtime()
         return llama_cpp.llama_vocab_get_text(self._vocab, tid).decode("utf-8", errors="replace")
 
     def _lookup(self, text: str) -> int | None:
-        ids = self.tokenize(text, add_special=False)
+        ids = self.tokenize(text, add_special=False, parse_special=True)
         return ids[0] if len(ids) == 1 and self._text(ids[0]) == text else None
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self._vocab_llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self._vocab_llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
 
-    def piece(self, token: int) -> bytes:
+    def tokenize_text(self, text: str) -> list[int]:
+        # llama.cpp tokenizes each stretch of text between control tokens on its own, as this does
+        return self._vocab_llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def check_grammar(self, grammar: str) -> bool:
+        """Whether llama.cpp's own parser accepts the GBNF (checked on the request thread, before any worker)."""
+        llama_cpp = llamacpp.runtime()
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            return False
+        llama_cpp.llama_sampler_free(sampler)
+        return True
+
+    def token_bytes(self, token: int) -> bytes:
         """The bytes a token stands for (b"" for control tokens), cached: the vocabulary never changes."""
         got = self._pieces.get(token)
         if got is None:
-            import llama_cpp
+            llama_cpp = llamacpp.runtime()
             buf = ctypes.create_string_buffer(64)
             n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
             if n > len(buf):  # a piece longer than the buffer: ask again with the size it told us
@@ -125,19 +175,13 @@ class LlamaCppBackend(Backend):
         return got
 
     def detokenizer(self) -> Detokenizer:
-        return LlamaDetokenizer(self.piece)
+        return LlamaDetokenizer(self.token_bytes)
 
     def new_session(self) -> Session:
-        import llama_cpp
-        llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=self.context_length, n_batch=self.n_batch,
-                              n_threads=self.n_threads, n_threads_batch=self.n_threads,
-                              n_gpu_layers=self.gpu_layers, verbose=False)
-        return LlamaSession(llm)
-
-    def describe(self) -> dict:
-        import llama_cpp
-        return {"backend": self.kind, "context_length": self.context_length, "path": str(self.path),
-                "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+        llm = llamacpp.open_model(self.path, extra_bufts=self.loader.extra_bufts, n_ctx=self.context_length,
+                                  n_batch=self.n_batch, n_threads=self.n_threads, n_threads_batch=self.n_threads,
+                                  n_gpu_layers=self.gpu_layers, verbose=False)
+        return LlamaSession(llm, self._controls_not_eog)
 
     def close(self) -> None:
         self._vocab_llm.close()

@@ -6,14 +6,14 @@ and it is pre-trained on the corpus's train split, the chats weighted up so that
 build is cached by a fingerprint of the corpus and this recipe, never downloaded.
 
 Pre-training (800 steps of 32 x 256 tokens) takes under a minute on one GPU but roughly an hour on 2 CPU cores, so
-the weights of one build ship with the package (train/corpus/tiny_weights.safetensors, 16-bit, 14 MB) under the
+the weights of one build ship with the package (aegis/corpus/tiny_weights.safetensors, 16-bit, 14 MB) under the
 fingerprint and the tokenizer vocabulary they were trained for: a build whose fingerprint and vocabulary match them
 takes them and skips pre-training; any change to the corpus or the recipe makes the builder pre-train from source
 again (and tests/test_tiny_weights.py fails until the weights are shipped anew).
 
-    python -m train.tiny                  build (or find) the cached copy and print its path
-    python -m train.tiny --out DIR        build into DIR
-    python -m train.tiny --out DIR --from-source --ship
+    python -m aegis.tiny                  build (or find) the cached copy and print its path
+    python -m aegis.tiny --out DIR        build into DIR
+    python -m aegis.tiny --out DIR --from-source --ship
                                           pre-train from source (on a GPU if there is one) and ship the weights
 """
 
@@ -31,6 +31,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
+# 3: chats weighted up, trained to fit the corpus; the config states LongRoPE's factor (transformers 5 warns on every
+# load without it)
 RECIPE_VERSION = 3
 SP_VOCAB = 4000
 SEQ_LEN, BATCH, STEPS, LR, WARMUP = 256, 32, 800, 1e-3, 30
@@ -63,7 +65,7 @@ SHIPPED = "tiny_weights.safetensors"
 
 def corpus_path(name: str) -> Path:
     """A file of the corpus that ships inside the package."""
-    return Path(str(resources.files("train") / "corpus" / name))
+    return Path(str(resources.files("aegis") / "corpus" / name))
 
 
 def paragraphs(path: Path) -> list[str]:
@@ -243,8 +245,9 @@ def build(out: Path, log=print, from_source: bool = False) -> Path:
         short, long = _rope_factors(head_dim // 2)
         config = Phi3Config(
             vocab_size=64 * math.ceil(len(tok) / 64), **{k: v for k, v in ARCH.items() if k != "rope_theta"},
-            rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long,
-                          "rope_theta": ARCH["rope_theta"]},
+            rope_parameters={"rope_type": "longrope", "short_factor": short, "long_factor": long,
+                             "rope_theta": ARCH["rope_theta"], "factor": ARCH["max_position_embeddings"]
+                             / ARCH["original_max_position_embeddings"]},
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             tie_word_embeddings=False, sliding_window=None, attention_dropout=0.0, resid_pdrop=DROPOUT,
             embd_pdrop=DROPOUT)
@@ -303,7 +306,7 @@ def ensure(log=print) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m train.tiny", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m aegis.tiny", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="build into this directory (default: the cache)")
     ap.add_argument("--from-source", action="store_true", help="pre-train even where shipped weights match")
     ap.add_argument("--ship", action="store_true", help=f"then write the weights into the package as {SHIPPED}")

@@ -29,9 +29,20 @@ def read(path: Path) -> list[dict]:
     return out
 
 
+def number(value) -> float:
+    """A metric value as a float: non-finite floats come back from the strings 'nan', 'inf', '-inf' they were
+    written as; anything else that is not a number (missing, a bool, text) is NaN."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf; the monitor warns on these strings
+        return str(value)  # JSON has no NaN/inf; number() reads these strings back
     return value
 
 

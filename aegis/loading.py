@@ -2,51 +2,90 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from . import soul as soul_mod
+from . import checkpoint
 from .config import EMBEDDED, Config
+from .errors import ModelError
+from .memory import plan as make_plan
+from .tiny import ensure as ensure_tiny
 
-# LoRA targets for `lora.target_modules = "auto"`: the attention projections under each architecture's own names.
+# torch, transformers, peft and the soul (a torch module) are imported by the functions that build models: serve's
+# torch-less image imports this module with its transformers backend, and the CLIs start without torch.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# The families that go end to end (train -> merge -> GGUF -> serve; export/names.py writes each), with the LoRA
+# targets of `lora.target_modules = "auto"`: the attention projections under each architecture's own names.
 AUTO_TARGETS = {
     "phi3": ["qkv_proj", "o_proj"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 
+# Two notes every command would print that say nothing to the user, dropped by their exact text:
+# bitsandbytes logs on import, on CPUs with AVX-512 BF16, that an optional hub-downloaded kernel package is missing
+# (its own CPU kernels are used); peft reads the model's `is_gradient_checkpointing`, which transformers 5 deprecates.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "from kernels-community" not in record.getMessage())
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def check_architecture(config_path: Path) -> None:
+    """Refuse a base whose architecture AEGIS does not support, from its config.json, before any weights load."""
+    import json
+
+    try:
+        cfg = json.loads(Path(config_path).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{config_path}: cannot read the base's config ({e})") from None
+    kind, archs = cfg.get("model_type"), cfg.get("architectures") or []
+    if kind not in AUTO_TARGETS or any(not a.endswith("ForCausalLM") for a in archs):
+        raise ModelError(f"{config_path}: model_type {kind!r} (architectures {', '.join(archs) or 'none'}) is not "
+                         f"supported; AEGIS trains and exports causal LMs of: {', '.join(AUTO_TARGETS)}")
+
 
 def resolve_base(base: str, revision: str = "") -> Path:
-    """A local directory for `base`: the embedded tiny model, an existing directory, or a hub snapshot.
+    """A local directory for `base`: the embedded tiny model, an existing directory, or a hub snapshot; its
+    architecture is checked first (a hub model's config.json is fetched alone before the weights).
 
     Hub downloads go through huggingface-hub, which honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE (offline, a
     snapshot already in the cache is used)."""
     if base == EMBEDDED:
-        from .tiny import ensure
-        return ensure()
+        return ensure_tiny()
     path = Path(base).expanduser()
     if path.is_dir():
+        if (path / "config.json").is_file():
+            check_architecture(path / "config.json")
         return path
     if path.exists() or base.startswith((".", "/", "~")) or base.count("/") != 1:
-        raise FileNotFoundError(f"model.base: {base!r} is neither a directory with a model nor a hub id (owner/name)")
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(repo_id=base, revision=revision or None, allow_patterns=HUB_FILES))
+        raise ModelError(f"model.base: {base!r} is neither a directory with a model nor a hub id (owner/name)")
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        # the architecture is checked from config.json before any weights are fetched
+        check_architecture(Path(hf_hub_download(repo_id=base, filename="config.json", revision=revision or None)))
+        return Path(snapshot_download(repo_id=base, revision=revision or None, allow_patterns=HUB_FILES))
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:  # not on the hub, no access, or offline and not cached
+        raise ModelError(f"model.base: {base!r} could not be fetched from the hub: {e}") from e
 
 
 def device_for(local_rank: int = 0) -> torch.device:
+    import torch
+
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
@@ -55,6 +94,7 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_base(path: Path, quantization: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = {"dtype": dtype, "device_map": {"": device}}
@@ -69,6 +109,8 @@ def load_base(path: Path, quantization: str, dtype: torch.dtype, device: torch.d
 
 def _linear_names(model: nn.Module) -> set[str]:
     """Leaf names of every linear layer (4-bit ones included) except the output head."""
+    from torch import nn
+
     head = model.get_output_embeddings()
     names = set()
     for name, module in model.named_modules():
@@ -83,14 +125,14 @@ def target_modules(model: nn.Module, spec: str | list[str]) -> list[str]:
     if spec == "auto":
         kind = model.config.model_type
         if kind not in AUTO_TARGETS:
-            raise ValueError(f"lora.target_modules: no 'auto' targets known for model type {kind!r}; "
+            raise ModelError(f"lora.target_modules: no 'auto' targets known for model type {kind!r}; "
                              f"name them (linear layers here: {', '.join(sorted(present))})")
         spec = AUTO_TARGETS[kind]
     elif spec == "all-linear":
         return sorted(present)
     missing = [n for n in spec if n not in present]
     if missing:
-        raise ValueError(f"lora.target_modules: {', '.join(missing)} match no linear layer of this model "
+        raise ModelError(f"lora.target_modules: {', '.join(missing)} match no linear layer of this model "
                          f"(it has: {', '.join(sorted(present))})")
     return list(spec)
 
@@ -110,9 +152,8 @@ def add_lora(model: nn.Module, cfg: Config, checkpointing: bool = False):
 
 
 def memory_plan(cfg: Config, base_config):
-    """The step's memory estimate, gradient checkpointing and micro-batch for the base's config (train/memory.py)."""
-    from .memory import plan
-    return plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4",
+    """The step's memory estimate, gradient checkpointing and micro-batch for the base's config (aegis/memory.py)."""
+    return make_plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4",
                 cfg.train.memory_budget_gib, cfg.model.gradient_checkpointing)
 
 
@@ -121,7 +162,11 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
     """Base (quantized as configured) + LoRA + soul, ready to train. Returns (peft_model, soul).
     `plan` is the memory plan when the caller has made it already. The decoder layers are compiled when
     model.compile is set, unless `compile_layers` is False (a captured step)."""
+    import torch
+    from torch import nn
     from transformers import AutoConfig
+
+    from . import soul as soul_mod
 
     p = plan or memory_plan(cfg, AutoConfig.from_pretrained(base_path))
     split = cfg.train.batch_size // p.micro_batch
@@ -156,9 +201,6 @@ def lora_module_names(model: nn.Module) -> list[str]:
     return sorted({re.sub(r"\.lora_[AB].*$", "", n) for n, _ in model.named_parameters() if ".lora_" in n})
 
 
-
-
-
 def load_checkpoint(ckpt: Path, base: str | None = None, quantization: str | None = None, dtype: str = "auto",
                     device: torch.device | None = None):
     """Base + PEFT adapter + soul from a checkpoint directory, for inference (chat, eval, export, serve).
@@ -166,20 +208,20 @@ def load_checkpoint(ckpt: Path, base: str | None = None, quantization: str | Non
     The base is the one named in the soul's metadata unless `base` overrides it; quantization defaults to what
     the checkpoint was trained with. Returns (model, soul, tokenizer, soul_metadata)."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from . import checkpoint
+    from . import soul as soul_mod
 
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint directory")
+        raise checkpoint.CheckpointError(f"{ckpt}: no such checkpoint directory")
     for name in checkpoint.REQUIRED:
         if not (ckpt / name).is_file():
             raise checkpoint.CheckpointError(f"{ckpt}: missing {name}; not a complete AEGIS checkpoint")
+    checkpoint.verify(ckpt)  # every reader (chat, eval, export, serve) trusts a checkpoint only once it verifies
     tensors, meta = checkpoint.read_soul(ckpt)
     device = device or device_for()
     base_path = resolve_base(base or meta["base"], meta.get("revision", ""))
-    from transformers import AutoConfig
     hidden = AutoConfig.from_pretrained(base_path).hidden_size
     if hidden != meta["hidden_size"]:
         raise checkpoint.CheckpointError(f"{ckpt / checkpoint.SOUL}: the soul was trained for hidden size "

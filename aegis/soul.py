@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import INITS, MIXES
+
 BLOCK = 8
 FREE = BLOCK * (BLOCK - 1) // 2  # 28
-MIXES = ("interpolate", "residual")
-INITS = ("identity", "random")
 
 
 class Soul(nn.Module):

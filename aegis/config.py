@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
+from .errors import AegisError
 from .schedule import SHAPES, Schedule
-from .soul import INITS, MIXES
 
 EMBEDDED = "embedded"  # model.base for the tiny Phi-3 that ships with the package
 QUANTIZATIONS = ("nf4", "none")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ALPHA_MODES = ("scheduled", "learned")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+MIXES = ("interpolate", "residual")  # soul.mix (aegis/soul.py has the maths)
+INITS = ("identity", "random")  # soul.init
 
 
 @dataclass
@@ -79,7 +82,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(AegisError):
     def __init__(self, source: str, problems: list[str]):
         self.problems = problems
         super().__init__(f"{source}: {len(problems)} problem(s) in the configuration:\n" +
@@ -115,7 +118,10 @@ def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
         problems.append(f"{key}: expected an integer, got {value!r}")
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            if math.isfinite(value):
+                return float(value)
+            problems.append(f"{key}: must be a finite number, got {value}")  # TOML has nan and inf
+            return None
         problems.append(f"{key}: expected a number, got {value!r}")
     elif typ is str:
         if isinstance(value, str):

@@ -1,4 +1,4 @@
-"""schemathesis hooks for fuzzing this API (SCHEMATHESIS_HOOKS=serve.fuzz_hooks).
+"""schemathesis hooks for fuzzing this API (SCHEMATHESIS_HOOKS=tests.support.fuzz_hooks).
 
 Bodies whose generated `model` has an even length are pointed at the served model (AEGIS_FUZZ_MODEL), so the fuzzer
 reaches prompt building and generation instead of meeting the 404 for an unknown model every time; the others keep

@@ -6,22 +6,32 @@ A checkpoint directory (`checkpoints/step_N/` or `final/`) holds:
     tokenizer files                                   as the base's tokenizer saves them
     optimizer.safetensors, trainer_state.json         what resume needs: optimizer, LR scheduler, RNG, data position
     rng.safetensors
+    manifest.json                                     size and sha256 of every other file, written last
 It is written under a temporary name and renamed when complete, so a run killed at any moment never leaves a
-directory that resume or export would take for complete.
+directory that resume or export would take for complete. Every reader verifies the manifest first (`verify`), so a
+file changed on disk afterwards (flipped bytes, a truncated copy) is caught before anything trusts it. A checkpoint
+without a manifest (written before AEGIS recorded digests) cannot be verified and is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+
+from .errors import AegisError
+
+# torch (and safetensors' torch side) is imported by the functions that move tensors, not here: export's commands
+# and the torch-less serve image look at run directories through this module and start without it.
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
@@ -30,6 +40,7 @@ SOUL = "soul.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
 STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
 REQUIRED = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SOUL)
 RESUMABLE = REQUIRED + (OPTIMIZER, RNG, STATE)
 CHECKPOINTS = "checkpoints"
@@ -37,13 +48,15 @@ FINAL = "final"
 TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AegisError):
     pass
 
 
 # ---- the soul ---------------------------------------------------------------------------------------------------
 
 def save_soul(path: Path, soul, meta: dict) -> None:
+    from safetensors.torch import save_file
+
     metadata = {k: json.dumps(v) for k, v in meta.items()}
     metadata.update(format_version=str(FORMAT_VERSION), hidden_size=str(soul.hidden_size), mix=json.dumps(soul.mix),
                     gate=json.dumps(float(soul.gate())))
@@ -73,6 +86,8 @@ def read_soul(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_soul_into(soul, ckpt: Path) -> dict:
+    import torch
+
     tensors, meta = read_soul(ckpt)
     if meta["hidden_size"] != soul.hidden_size:
         raise CheckpointError(f"{Path(ckpt) / SOUL}: soul hidden size {meta['hidden_size']} does not match the "
@@ -87,6 +102,9 @@ def load_soul_into(soul, ckpt: Path) -> dict:
 # ---- optimizer and RNG ------------------------------------------------------------------------------------------
 
 def _save_optimizer(path: Path, optimizer) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
     sd = optimizer.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
@@ -97,6 +115,8 @@ def _save_optimizer(path: Path, optimizer) -> dict:
 
 
 def _load_optimizer(path: Path, optimizer, groups: dict) -> None:
+    from safetensors.torch import load_file
+
     flat = load_file(str(path))
     state: dict[int, dict] = {}
     for key, value in flat.items():
@@ -106,6 +126,8 @@ def _load_optimizer(path: Path, optimizer, groups: dict) -> None:
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    import torch
+
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -115,6 +137,9 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _restore_rng(path: Path, py: dict) -> None:
+    import torch
+    from safetensors.torch import load_file
+
     tensors = load_file(str(path))
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
@@ -122,6 +147,53 @@ def _restore_rng(path: Path, py: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = py["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+# ---- digests ------------------------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(ckpt: Path) -> list[str]:
+    return sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(ckpt: Path) -> None:
+    """Record the size and sha256 of every file in `ckpt` (called last, before the directory is committed)."""
+    ckpt = Path(ckpt)
+    files = {name: {"bytes": (ckpt / name).stat().st_size, "sha256": _sha256(ckpt / name)} for name in _files(ckpt)}
+    (ckpt / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
+
+
+def verify(ckpt: Path) -> None:
+    """Raise CheckpointError unless every file in `ckpt` has the size and sha256 its manifest recorded (and no file
+    is missing or unrecorded). The message names each file that fails, with what was recorded and what was found."""
+    ckpt = Path(ckpt)
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing, so the checkpoint cannot be verified (written before AEGIS "
+                              f"recorded digests, or not a checkpoint); it is not used")
+    try:
+        files = json.loads(path.read_text())["files"]
+        recorded = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    problems = [f"{ckpt / name}: not recorded in {MANIFEST}" for name in _files(ckpt) if name not in recorded]
+    for name, (size, digest) in recorded.items():
+        f = ckpt / name
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{f}: {f.stat().st_size} bytes, {size} recorded (truncated or overwritten)")
+        elif (found := _sha256(f)) != digest:
+            problems.append(f"{f}: sha256 {found[:16]}…, {digest[:16]}… recorded (the file changed on disk)")
+    if problems:
+        raise CheckpointError("; ".join(problems))
 
 
 # ---- whole checkpoints ------------------------------------------------------------------------------------------
@@ -154,6 +226,8 @@ def commit(tmp: Path, dest: Path) -> None:
 def save(dest: Path, *, model, soul, tokenizer, optimizer=None, scheduler=None, soul_meta: dict,
          trainer_state: dict | None = None, before_commit=None) -> Path:
     """Write a complete checkpoint at `dest` atomically. `before_commit(tmp)` is a test hook."""
+    from safetensors.torch import save_file
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}-{os.getpid()}")
@@ -171,6 +245,7 @@ def save(dest: Path, *, model, soul, tokenizer, optimizer=None, scheduler=None, 
         save_file(rng_tensors, str(tmp / RNG))
         state["format_version"] = FORMAT_VERSION
         (tmp / STATE).write_text(json.dumps(state, indent=1))
+    write_manifest(tmp)
     if before_commit is not None:
         before_commit(tmp)
     commit(tmp, dest)
@@ -197,7 +272,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest(run_dir: Path, resumable: bool = True) -> Path | None:
-    """The newest complete checkpoint to resume from (or export): step checkpoints and final/."""
+    """The newest complete checkpoint, final/ first, without verifying it (what the monitor shows)."""
     cands = [p for p in list_checkpoints(run_dir) if is_complete(p, resumable)]
     final = Path(run_dir) / FINAL
     if is_complete(final, resumable):
@@ -205,13 +280,51 @@ def latest(run_dir: Path, resumable: bool = True) -> Path | None:
     return cands[-1] if cands else None
 
 
+def candidates(run_dir: Path) -> list[Path]:
+    """Every checkpoint directory of a run, newest first: final/, then checkpoints/step_N/ (complete or not)."""
+    root = Path(run_dir) / CHECKPOINTS
+    steps = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) >= 0), key=step_of) if root.is_dir() else []
+    final = Path(run_dir) / FINAL
+    return ([final] if final.is_dir() else []) + steps[::-1]
+
+
+def newest_verified(run_dir: Path, resumable: bool = True, log=print) -> Path | None:
+    """The newest checkpoint that is complete and verifies (what resume and export use). Each newer one that fails
+    is reported through `log` and skipped; None when none is left."""
+    failed = []
+    for ckpt in candidates(run_dir):
+        try:
+            missing = [f for f in (RESUMABLE if resumable else REQUIRED) if not (ckpt / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{ckpt}: missing {', '.join(missing)}")
+            verify(ckpt)
+        except CheckpointError as e:
+            log(f"skipping checkpoint {ckpt}: {e}")
+            failed.append(ckpt)
+            continue
+        if failed:
+            log(f"using {ckpt}, the newest checkpoint that verifies")
+        return ckpt
+    return None
+
+
+def read_state(ckpt: Path) -> dict:
+    """The trainer state of a resumable checkpoint: step, data position, world size, the run's config, ..."""
+    path = Path(ckpt) / STATE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        version = state.get("format_version") if isinstance(state, dict) else None
+        raise CheckpointError(f"{path}: format version {version!r} is not {FORMAT_VERSION}")
+    return state
+
+
 def resume(ckpt: Path, optimizer, scheduler) -> dict:
     """Restore optimizer, scheduler and RNG from `ckpt`; returns the trainer state (step, data position, ...)."""
     ckpt = Path(ckpt)
-    state = json.loads((ckpt / STATE).read_text())
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{ckpt / STATE}: format version {state.get('format_version')!r} is not "
-                              f"{FORMAT_VERSION}")
+    state = read_state(ckpt)
     _load_optimizer(ckpt / OPTIMIZER, optimizer, state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
@@ -231,4 +344,6 @@ def prune(run_dir: Path, keep_last: int) -> None:
 
 
 def adapter_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     return load_file(str(Path(ckpt) / ADAPTER_WEIGHTS))

@@ -1,5 +1,7 @@
-"""Render a model's own chat template (the Jinja source in the GGUF's `tokenizer.chat_template` or the tokenizer's
-config) the way transformers does: a sandboxed, immutable environment with trim_blocks and lstrip_blocks, the
+"""The one renderer of a model's own chat template (the Jinja source in a GGUF's `tokenizer.chat_template` or a
+tokenizer's config), used by the export checks and by the server alike, so what parity checks is what is served.
+
+It renders the way transformers does: a sandboxed, immutable environment with trim_blocks and lstrip_blocks, the
 `raise_exception` and `strftime_now` globals and a `tojson` filter that keeps non-ASCII text as is. No prompt format
 is ever hard-coded here."""
 
@@ -41,7 +43,8 @@ def compile_template(source: str) -> jinja2.Template:
 
 def render(source: str, messages: list[dict], special_tokens: dict[str, str],
            add_generation_prompt: bool = True) -> str:
-    """The prompt text for `messages` (dicts with role and content)."""
+    """The prompt text for `messages` (dicts with role and content); special_tokens gives the template its
+    bos_token, eos_token, ... variables."""
     try:
         template = compile_template(source)
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens)

@@ -1,8 +1,10 @@
-"""Helpers shared by the serve tests and the benchmark: a real short training run of the embedded model exported to
-GGUF (cached by a fingerprint of the code that makes it), and servers started as real processes on loopback."""
+"""Helpers shared by the serve tests and the benchmark (bench/serve_bench.py): a real short training run of the
+embedded model exported to GGUF (cached by a fingerprint of the code that makes it), and servers started as real
+processes on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -15,7 +17,11 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
+from aegis import runs
+from aegis.config import EMBEDDED
+from aegis.tiny import ensure as ensure_tiny
+
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_ARGS = ["--config", str(REPO / "configs" / "quickstart.toml"), "--set", "schedule.total_steps=20",
               "--set", "schedule.warmup_steps=5", "--set", "schedule.anneal_steps=10", "--set", "train.save_steps=10",
               "--no-progress"]
@@ -43,11 +49,12 @@ def _compute_fingerprint() -> str:
     the files' contents)."""
     h = hashlib.sha256(" ".join(TRAIN_ARGS[2:]).encode())
     try:
-        trees = subprocess.run(["git", "rev-parse", "HEAD:train", "HEAD:export", "HEAD:configs/quickstart.toml"],
+        trees = subprocess.run(["git", "rev-parse", "HEAD:aegis", "HEAD:train", "HEAD:export",
+                                "HEAD:configs/quickstart.toml"],
                                cwd=REPO, capture_output=True, text=True, check=True).stdout
         h.update(trees.encode())
     except (OSError, subprocess.CalledProcessError):
-        for folder in ("train", "export"):
+        for folder in ("aegis", "train", "export"):
             for path in sorted((REPO / folder).rglob("*")):
                 if path.is_file() and path.suffix in (".py", ".txt", ".jsonl", ".toml", ".jinja"):
                     h.update(path.relative_to(REPO).as_posix().encode())
@@ -108,15 +115,12 @@ def served_files(request) -> tuple[Path, Path]:
 def base_gguf(run_dir: Path) -> Path:
     """The run's base model (before LoRA and soul) as a GGUF, for base-vs-souled comparisons; made once per run
     with `python -m export gguf`."""
-    import tomllib
-
     out = Path(run_dir) / "export-base" / "base-f16.gguf"
     if out.exists():
         return out
-    base = tomllib.loads((Path(run_dir) / "config.toml").read_text())["model"]["base"]
-    if base == "embedded":
-        from train.tiny import ensure
-        base = str(ensure())
+    base = runs.read_config(run_dir).model.base
+    if base == EMBEDDED:
+        base = str(ensure_tiny())
     done = subprocess.run([sys.executable, "-m", "export", "gguf", "--model", base, "--out", str(out), "--type",
                            "f16"], cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0 or not out.exists():
@@ -188,3 +192,19 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def tiny_server(request, tmp_path_factory, *args: str, name: str = "tiny"):
+    """The test run's GGUF served as `name` (one llama.cpp thread; more options in args); it must still be alive
+    when the tests are done with it."""
+    gguf, _ = served_files(request)
+    log = tmp_path_factory.mktemp("serve") / f"{name}.log"
+    with Server("--model", f"{name}={gguf}", "--threads", "1", *args, log_path=log) as server:
+        yield server
+        assert server.alive(), f"the server died during the tests:\n{server.log()}"
+
+
+def openai_client(server: Server):
+    import openai
+    return openai.OpenAI(base_url=server.api, api_key=server.api_key or "none", max_retries=0, timeout=120)

@@ -1,0 +1,263 @@
+"""The Ollama TEMPLATE and stop parameters for a model's own chat format, proved equal to its chat template.
+
+Ollama renders a chat with a Go template over .Messages (the system, user and assistant messages in order, with
+consecutive messages of one role merged) and always asks for the assistant's turn next. The BOS token is not part of
+the text: llama.cpp's tokenizer adds it when the GGUF says so (export writes add_bos_token as the HF tokenizer
+behaves). The formats AEGIS writes (Phi-3, ChatML, Llama 3, Llama 2 [INST], Mistral [INST], Gemma) are Go templates
+built here, each with the few parameters its models vary (a default system prompt, whether an empty system message
+is printed, a literal BOS, the spacing around [INST]).
+
+A model's format is the first candidate whose template renders every conversation in PROOF to exactly the tokens
+the tokenizer's own Jinja chat template (transformers' apply_chat_template) gives. When none does, ChatFormatError
+shows where the closest candidate differs: nothing falls back silently."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from . import gotemplate
+from .files import ExportError
+
+
+def _m(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+# Conversations the template must render token for token: with and without a system prompt, an empty one, several
+# turns, several lines; each ends with a user turn, and the generation prompt is always asked for (as Ollama does).
+PROOF = [
+    ("user", [_m("user", "日本の首都はどこですか？")]),
+    ("system, user", [_m("system", "あなたは親切なアシスタントです。"), _m("user", "What is the capital of Japan?")]),
+    ("user, assistant, user", [_m("user", "こんにちは"), _m("assistant", "こんにちは！何をお手伝いしましょうか。"),
+                               _m("user", "富士山の高さは？")]),
+    ("system and three turns", [_m("system", "Answer briefly."), _m("user", "1+1?"), _m("assistant", "2"),
+                                _m("user", "2+2?"), _m("assistant", "4"), _m("user", "3+3?")]),
+    ("empty system", [_m("system", ""), _m("user", "a")]),
+    ("several lines", [_m("user", "複数行の\n\n質問です。\n- one\n- two")]),
+]
+# Whitespace around a message's content: kept exactly, or stripped by the chat template (Llama 2/3 and Gemma
+# templates trim); Ollama's template language has no trim, so that difference is reported, never hidden.
+EDGE = ("whitespace around content", [_m("user", "  leading and trailing spaces  "), _m("assistant", " b\n"),
+                                      _m("user", "c\n")])
+
+
+class ChatFormatError(ExportError):
+    """The tokenizer's chat template matches none of the formats AEGIS can write for Ollama."""
+
+
+@dataclass
+class Proof:
+    format: str
+    template: str
+    stops: list[str]
+    conversations: list[dict] = field(default_factory=list)  # {name, tokens}
+    tokenizers: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    system: bool = True  # False: the chat template refuses system messages
+
+    def summary(self) -> str:
+        tokens = sum(c["tokens"] for c in self.conversations)
+        return (f"chat template: {self.format}; the Modelfile template renders {len(self.conversations)} "
+                f"conversations to the same {tokens} tokens as the tokenizer's chat template "
+                f"(tokenized by {' and '.join(self.tokenizers)})")
+
+    def to_json(self) -> dict:
+        return {"ok": True, "format": self.format, "stops": self.stops, "conversations": self.conversations,
+                "tokenizers": self.tokenizers, "notes": self.notes, "system_messages": self.system}
+
+
+# ---- the formats ----------------------------------------------------------------------------------------------------
+
+def _turns(open_: str, close: str, gen: str, bos: str, skip_empty_system: bool, default_system: str | None) -> str:
+    """Formats that wrap each message as open(role) + content + close, e.g. <|im_start|>user\\n...<|im_end|>\\n.
+    No cosmetic newlines and no trim markers: every character of the template is one the chat renders."""
+    system = open_.format(role="system") + "{{ .Content }}" + close
+    if skip_empty_system:
+        system = "{{ if .Content }}" + system + "{{ end }}"
+    default = ""
+    if default_system is not None:
+        default = ('{{ if and (eq $i 0) (ne .Role "system") }}' + open_.format(role="system") + default_system
+                   + close + "{{ end }}")
+    return (bos + "{{ range $i, $m := .Messages }}" + default + '{{ if eq .Role "system" }}' + system
+            + "{{ else }}" + open_.format(role="{{ .Role }}") + "{{ .Content }}" + close + "{{ end }}{{ end }}" + gen)
+
+
+def _gemma(bos: str) -> str:
+    """Gemma has user and model turns only; a system message opens the first user turn (as Gemma 3's does)."""
+    return (bos + "{{ $first := index .Messages 0 }}{{ range $i, $m := .Messages }}"
+            '{{ if eq .Role "user" }}<start_of_turn>user\n{{ if and (eq $i 1) (eq $first.Role "system") }}'
+            "{{ $first.Content }}\n\n{{ end }}{{ .Content }}<end_of_turn>\n"
+            '{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
+            "{{ end }}{{ end }}<start_of_turn>model\n")
+
+
+def _llama2(bos: str, bos_text: str, eos_text: str) -> str:
+    """Llama 2: every user turn after the first starts with BOS; the system prompt sits in <<SYS>> inside the first."""
+    return (bos + "{{ $first := index .Messages 0 }}{{ range $i, $m := .Messages }}"
+            '{{ if eq .Role "user" }}{{ if gt $i 1 }}' + bos_text + "{{ end }}[INST] "
+            '{{ if and (eq $i 1) (eq $first.Role "system") }}<<SYS>>\n{{ $first.Content }}\n<</SYS>>\n\n{{ end }}'
+            '{{ .Content }} [/INST]{{ else if eq .Role "assistant" }} {{ .Content }} ' + eos_text
+            + "{{ end }}{{ end }}")
+
+
+def _mistral(bos: str, eos_text: str, close: str, space: str) -> str:
+    """Mistral: [INST] turns, the system prompt opening the last user turn (as Mistral's v0.3 template does)."""
+    return (bos + "{{ $first := index .Messages 0 }}{{ range $i, $m := .Messages }}"
+            "{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+            '{{ if eq .Role "user" }}[INST] {{ if and $last (eq $first.Role "system") }}{{ $first.Content }}\n\n'
+            "{{ end }}{{ .Content }}" + close + '{{ else if eq .Role "assistant" }}' + space + "{{ .Content }}"
+            + eos_text + "{{ end }}{{ end }}")
+
+
+@dataclass
+class _Candidate:
+    format: str
+    template: str
+    stops: tuple[str, ...]
+
+
+def _default_system(render, start: str, end: str) -> str | None:
+    """The system prompt a chat template inserts when the conversation has none (Qwen's and SmolLM's ChatML do)."""
+    text = render([_m("user", "x")])
+    m = re.search(re.escape(start) + "system\n(.*?)" + re.escape(end), text or "", re.DOTALL)
+    return m.group(1) if m else None
+
+
+def candidates(tok, render) -> list[_Candidate]:
+    """Every template AEGIS would write for this tokenizer, most likely first; `render(messages)` is the chat
+    template's text (None if it refuses the conversation)."""
+    vocab = tok.get_vocab()
+    has = lambda *ts: all(t in vocab for t in ts)  # noqa: E731
+    bos_text, eos_text = tok.bos_token or "", tok.eos_token or ""
+    boses = ["", bos_text] if bos_text else [""]
+    out: list[_Candidate] = []
+    if has("<|user|>", "<|assistant|>", "<|end|>"):
+        for bos in boses:
+            for skip in (True, False):
+                out.append(_Candidate("Phi-3", _turns("<|{role}|>\n", "<|end|>\n", "<|assistant|>\n", bos, skip, None),
+                                      ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>")))
+    if has("<|im_start|>", "<|im_end|>"):
+        default = _default_system(render, "<|im_start|>", "<|im_end|>")
+        for bos in boses:
+            for d in ([default, None] if default is not None else [None]):
+                for skip in (False, True):
+                    out.append(_Candidate("ChatML" + (" (default system prompt)" if d is not None else ""),
+                                          _turns("<|im_start|>{role}\n", "<|im_end|>\n", "<|im_start|>assistant\n",
+                                                 bos, skip, d), ("<|im_end|>", "<|im_start|>")))
+    if has("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
+        for bos in boses:
+            for skip in (False, True):
+                out.append(_Candidate("Llama 3", _turns("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>",
+                                                        "<|start_header_id|>assistant<|end_header_id|>\n\n", bos,
+                                                        skip, None),
+                                      ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>")))
+    if has("<start_of_turn>", "<end_of_turn>"):
+        for bos in boses:
+            out.append(_Candidate("Gemma", _gemma(bos), ("<end_of_turn>", "<start_of_turn>")))
+    if bos_text and eos_text:
+        for bos in boses:
+            out.append(_Candidate("Llama 2 [INST]", _llama2(bos, bos_text, eos_text),
+                                  ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")))
+            for close in ("[/INST]", " [/INST]"):
+                for space in (" ", ""):
+                    out.append(_Candidate("Mistral [INST]", _mistral(bos, eos_text, close, space),
+                                          ("[INST]", "[/INST]")))
+    for c in out:  # the model's own end-of-sequence token always stops a reply
+        c.stops = tuple(dict.fromkeys([*c.stops, eos_text] if eos_text else c.stops))
+    return out
+
+
+# ---- the proof ------------------------------------------------------------------------------------------------------
+
+def ollama_messages(messages: list[dict]) -> list[dict]:
+    """The .Messages Ollama gives a template: consecutive messages of one role merged with a blank line."""
+    out: list[dict] = []
+    for m in messages:
+        if out and out[-1]["Role"] == m["role"]:
+            out[-1]["Content"] += "\n\n" + m["content"]
+        else:
+            out.append({"Role": m["role"], "Content": m["content"]})
+    return out
+
+
+def render_go(template: str, messages: list[dict]) -> str:
+    return gotemplate.render(template, {"Messages": ollama_messages(messages)})
+
+
+def _hf_renderer(tok):
+    import jinja2
+
+    def render(messages):
+        try:
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError:  # raise_exception() in the template: it refuses this conversation
+            return None
+    return render
+
+
+def _difference(a: str, b: str) -> str:
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"at character {i} the Modelfile renders {a[max(0, i - 20):i + 30]!r}, the chat template {b[max(0, i - 20):i + 30]!r}"
+
+
+def _try(c: _Candidate, tok, render, tokenizers: dict) -> tuple[list[dict], list[str], str | None, bool]:
+    """(passed conversations, notes, first failure, system allowed) for one candidate."""
+    hf_ids = lambda text: list(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    passed, notes, system = [], [], True
+    for name, conv in [*PROOF, EDGE]:
+        want = render(conv)
+        if want is None:
+            if any(m["role"] == "system" for m in conv):
+                system = False
+                continue
+            return passed, notes, f"the chat template refuses the conversation '{name}'", system
+        try:
+            got = render_go(c.template, conv)
+        except (gotemplate.TemplateError, IndexError) as e:
+            return passed, notes, f"'{name}': the Go template fails ({e})", system
+        ids = hf_ids(want)
+        bad = [label for label, encode in tokenizers.items() if encode(got) != ids]
+        if not bad:
+            passed.append({"name": name, "tokens": len(ids)})
+            continue
+        if (name, conv) == EDGE:
+            stripped = [_m(m["role"], m["content"].strip()) for m in conv]
+            if render(stripped) == want and all(enc(render_go(c.template, stripped)) == ids
+                                                for enc in tokenizers.values()):
+                notes.append("the chat template strips whitespace around message content; Ollama's template "
+                             "language cannot, so a message that starts or ends with whitespace keeps it in Ollama")
+                continue
+        return passed, notes, f"'{name}': {_difference(got, want)} (differs for: {', '.join(bad)})", system
+    if not system:
+        notes.append("the chat template refuses system messages: a Modelfile SYSTEM prompt is refused")
+    return passed, notes, None, system
+
+
+def derive(tok, where: str, tokenizers: dict | None = None) -> Proof:
+    """The Ollama template, stops and proof for `tok`'s chat template. `tokenizers` maps a label to a function
+    text -> ids that tokenizes Ollama's rendering as the runtime does (BOS per the vocabulary, special tokens
+    parsed); the HF tokenizer is always one of them."""
+    template = tok.chat_template
+    if not template:
+        raise ChatFormatError(f"{where}: the tokenizer has no chat template; the Modelfile's template is derived "
+                              f"from the model's own, so there is nothing to derive it from")
+    # The runtime adds BOS to the rendered text as a token, then tokenizes the text as following it (llama.cpp
+    # does; export writes add_bos_token and add_space_prefix as the HF tokenizer behaves after special tokens).
+    adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
+    prefix = tok.bos_token if adds_bos else ""
+    tokenizers = {"the HF tokenizer": lambda text: list(tok(prefix + text, add_special_tokens=False)["input_ids"]),
+                  **(tokenizers or {})}
+    render = _hf_renderer(tok)
+    best = None
+    for c in candidates(tok, render):
+        passed, notes, failure, system = _try(c, tok, render, tokenizers)
+        if failure is None:
+            return Proof(c.format, c.template, list(c.stops), passed, list(tokenizers), notes, system)
+        if best is None or len(passed) > best[0]:
+            best = (len(passed), c.format, failure)
+    known = "Phi-3, ChatML, Llama 3, Llama 2 [INST], Mistral [INST], Gemma"
+    closest = (f"; closest: {best[1]} ({best[0]} of {len(PROOF) + 1} conversations match; {best[2]})" if best
+               else "; none of their turn markers is in the vocabulary")
+    raise ChatFormatError(f"{where}: no Ollama template AEGIS can write renders this chat template exactly (formats: "
+                          f"{known}){closest}")

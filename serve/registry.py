@@ -1,0 +1,95 @@
+"""The served models: loaded on a background thread (so /health answers while weights load), each with its
+worker pool; `get` answers 503 until they are ready and 404 for an unknown name."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from .backends import Backend, open_backend
+from .config import ModelSpec, Settings
+from .errors import APIError
+from .pool import WorkerPool
+
+log = logging.getLogger("serve")
+
+
+@dataclass
+class ServedModel:
+    spec: ModelSpec
+    backend: Backend
+    pool: WorkerPool
+    created: int
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Registry:
+    """The served models. Loading runs on a background thread so /health answers while weights load."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.models: dict[str, ServedModel] = {}
+        self.ready = False
+        self.error: str | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self.on_finish = None  # on_finish(model_name, job, finish), from the worker thread
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.settings.models]
+
+    def load_all(self) -> None:
+        s = self.settings
+        try:
+            for spec in s.models:
+                started = time.monotonic()
+                backend = open_backend(spec.path, spec.backend, n_ctx=s.ctx_size, workers=s.workers,
+                                       threads=s.threads, gpu_layers=s.gpu_layers, device=s.device, dtype=s.dtype,
+                                       quantization=s.quantization)
+                pool = WorkerPool(backend, workers=s.workers, max_queue=s.queue_size,
+                                  on_finish=self._finished_hook(spec.name))
+                pool.start()
+                with self._lock:
+                    if self._closed:  # shut down while loading
+                        pool.close()
+                        return
+                    self.models[spec.name] = ServedModel(spec, backend, pool, int(time.time()))
+                log.info("model %s ready (%s, context %d, %d worker(s)) in %.1fs", spec.name, backend.kind,
+                         backend.context_length, s.workers, time.monotonic() - started)
+            self.ready = True
+        except Exception as e:  # noqa: BLE001 - reported through /health and the log; the CLI exits
+            self.error = f"{type(e).__name__}: {e}"
+            log.error("loading the model failed: %s", self.error)
+            raise
+
+    def _finished_hook(self, name: str):
+        def hook(job, finish):
+            if self.on_finish is not None:
+                self.on_finish(name, job, finish)
+        return hook
+
+    def get(self, name: str | None) -> ServedModel:
+        if not self.ready:
+            msg = f"the model failed to load: {self.error}" if self.error else "the model is still loading"
+            raise APIError(503, msg, headers={"Retry-After": "5"})
+        key = name if name is not None else self.names[0]
+        model = self.models.get(key)
+        if model is None:
+            raise APIError(404, f"the model {key!r} does not exist; this server has: {', '.join(self.names)}",
+                           param="model", code="model_not_found")
+        return model
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            models, self.models = list(self.models.values()), {}
+        self.ready = False
+        for m in models:
+            m.pool.close()
+            m.backend.close()

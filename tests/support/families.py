@@ -1,0 +1,195 @@
+"""Small deterministic models of every family AEGIS supports, built by the tests as aegis/tiny.py builds the embedded
+Phi-3: a tokenizer (byte-level BPE trained on the embedded corpus, or the embedded SentencePiece model) with the
+family's special tokens and a chat template written after the family's own conventions, and seeded random weights of
+the family's architecture, including tied embeddings and q/k/v biases where the family has them.
+
+CHAT_FORMATS are the chat templates alone (for the Modelfile template proofs); FAMILIES pair an architecture with
+one of them (for the end-to-end runs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+# ---- chat templates, written after each family's conventions -------------------------------------------------------
+PHI3 = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML_DEFAULT_SYSTEM = (  # Qwen 2.5 and SmolLM 2 insert a system prompt when the conversation has none
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set turns = messages[1:] %}{% else %}{% set system = none %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system is not none %}"
+    "{% set content = '<<SYS>>\n' + system + '\n<</SYS>>\n\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}")
+MISTRAL = (  # v0.3's: the system prompt opens the last user turn
+    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+    "{% set turns = messages[1:] %}{% else %}{% set turns = messages %}{% endif %}"
+    "{{ bos_token }}{% for message in turns %}{% if message['role'] == 'user' %}"
+    "{% if loop.last and system_message is defined %}"
+    "{{ '[INST] ' + system_message + '\n\n' + message['content'] + '[/INST]' }}"
+    "{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
+MISTRAL_NO_SYSTEM = (  # v0.1's: user/assistant turns only
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+GEMMA = (  # Gemma 3's: a system message opens the first user turn; turns are trimmed
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set prefix = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+GEMMA_NO_SYSTEM = (  # Gemma 1/2's
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+    "else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+ALPACA = (  # a format AEGIS does not write: the proof must refuse it
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] }}"
+    "{% else %}{{ '### Response:\n' + message['content'] }}{% endif %}{{ '\n\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}")
+
+# name -> (tokenizer kind, special tokens, bos, eos, adds BOS, chat template, format the proof must find)
+CHAT_FORMATS = {
+    "phi3": ("tiny", [], None, None, False, PHI3, "Phi-3"),
+    "chatml": ("bpe", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", False, CHATML, "ChatML"),
+    "chatml-default-system": ("bpe", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", False,
+                              CHATML_DEFAULT_SYSTEM, "ChatML (default system prompt)"),
+    "llama3": ("bpe", ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                       "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", True, LLAMA3, "Llama 3"),
+    "llama2": ("spm", [], "<s>", "</s>", True, LLAMA2, "Llama 2 [INST]"),
+    "mistral": ("spm", [], "<s>", "</s>", True, MISTRAL, "Mistral [INST]"),
+    "mistral-no-system": ("spm", [], "<s>", "</s>", True, MISTRAL_NO_SYSTEM, "Mistral [INST]"),
+    "gemma": ("bpe", ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", True, GEMMA,
+              "Gemma"),
+    "gemma-no-system": ("bpe", ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>",
+                        True, GEMMA_NO_SYSTEM, "Gemma"),
+    "alpaca": ("bpe", ["<|endoftext|>"], None, "<|endoftext|>", False, ALPACA, None),
+}
+
+# architecture -> (chat format, config overrides): tied embeddings for Llama and Qwen2 (as SmolLM and Qwen2.5-0.5B),
+# Qwen2's q/k/v biases come with the architecture.
+FAMILIES = {
+    "phi3": ("phi3", {"tie_word_embeddings": False}),
+    "llama": ("llama3", {"tie_word_embeddings": True}),
+    "mistral": ("mistral", {"tie_word_embeddings": False, "sliding_window": None}),
+    "qwen2": ("chatml-default-system", {"tie_word_embeddings": True}),
+}
+PRETRAIN_STEPS = 30
+# Rows of 256 so that llama.cpp's K-quants apply rather than fall back.
+SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def _bpe(texts: list[str], specials: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1200, special_tokens=specials,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return bpe
+
+
+def build_tokenizer(fmt: str, out: Path, tiny_path: Path) -> Path:
+    """A tokenizer directory for chat format `fmt` (see CHAT_FORMATS)."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from aegis.tiny import corpus_path
+
+    kind, specials, bos, eos, add_bos, template, _ = CHAT_FORMATS[fmt]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "tiny":
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tiny_path / name, out / name)
+        tok = AutoTokenizer.from_pretrained(out)
+    elif kind == "spm":  # the embedded SentencePiece model, as Llama 2 and Mistral ship theirs
+        shutil.copy(tiny_path / "tokenizer.model", out / "tokenizer.model")
+        (out / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "bos_token": bos, "eos_token": eos, "unk_token": "<unk>",
+            "add_bos_token": add_bos, "add_eos_token": False, "legacy": True}))
+        tok = AutoTokenizer.from_pretrained(out)
+    else:
+        texts = [corpus_path(n).read_text(encoding="utf-8") for n in ("prose_train_a.txt", "prose_train_b.txt")]
+        bpe = _bpe(texts, specials)
+        if add_bos:
+            bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                               special_tokens=[(bos, bpe.token_to_id(bos))])
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos,
+                                      pad_token=specials[0] if specials[0] not in (bos, eos) else eos)
+    tok.chat_template = template
+    tok.save_pretrained(out)
+    return out
+
+
+def _pretrain(model, tok, steps: int = PRETRAIN_STEPS) -> None:
+    """A few steps of next-token training on the corpus: random weights give near-flat logits whose argmax any
+    rounding flips, so a quantized GGUF's parity would measure noise; trained ones have real preferences."""
+    import torch
+
+    from aegis.tiny import corpus_path
+
+    ids = tok(corpus_path("prose_train_a.txt").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    rows = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        batch = rows[torch.randint(len(rows), (8,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def build_model(family: str, out: Path, tiny_path: Path, seed: int = 0, chat_format: str | None = None) -> Path:
+    """A small model of `family` (a FAMILIES key) with seeded random weights, saved with its tokenizer at `out`;
+    `chat_format` replaces the family's own."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    fmt, overrides = FAMILIES[family]
+    out = build_tokenizer(chat_format or fmt, out, tiny_path)
+    tok = AutoTokenizer.from_pretrained(out)
+    cfg = AutoConfig.for_model(family, vocab_size=64 * -(-len(tok) // 64), bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPE, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if family == "qwen2" and p.dim() == 1 and not torch.all(p == 1):
+                p.normal_(0.0, 0.5)  # non-zero q/k/v biases, so that a lost bias shows
+    _pretrain(model, tok)
+    model.save_pretrained(out)
+    return out

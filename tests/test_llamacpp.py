@@ -1,0 +1,114 @@
+"""llama.cpp as the product loads it: every GGUF type export offers decodes, and a native crash is a clear error.
+
+The crash tests make llama.cpp's decode really fault (a read of address 0 inside the llama_decode call, through a
+sitecustomize on the child's path), so the child process dies by SIGSEGV as it would on a broken build."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from aegis import llamacpp
+from export import names
+from export.pipeline import export_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CRASHER = textwrap.dedent("""
+    # Makes llama_decode fault for real (SIGSEGV) when the model was loaded in the way CRASH_WHEN names.
+    import ctypes, os
+    import llama_cpp.llama_cpp as C
+
+    _load, _decode = C.llama_model_load_from_file, C.llama_decode
+    _state = {"extra": None}
+
+    def load(path, params):
+        _state["extra"] = bool(params.use_extra_bufts)
+        return _load(path, params)
+
+    def decode(ctx, batch):
+        when = os.environ["CRASH_WHEN"]
+        if when == "always" or (when == "extra_bufts" and _state["extra"]):
+            ctypes.string_at(0)
+        return _decode(ctx, batch)
+
+    C.llama_model_load_from_file, C.llama_decode = load, decode
+""")
+
+
+def _crash_env(tmp_path: Path, when: str) -> dict:
+    site = tmp_path / "crash_site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(CRASHER)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "CRASH_WHEN": when}
+
+
+def test_every_offered_type_loads_and_decodes(tiny_path, tmp_path):
+    """Every --type of `export gguf`, written from the embedded model, loads and decodes through the product's
+    loader (probe in a child, then the settings it chose). The CPU features of the llama.cpp build are printed, so
+    the log says where it ran (AMX or not)."""
+    print(f"llama.cpp build: {llamacpp.system_info()}")
+    for t in names.TYPES:
+        path = tmp_path / f"tiny-{t}.gguf"
+        export_gguf(tiny_path, path, t, progress=False, check_parity=False, log=lambda *_: None)
+        loader = llamacpp.probe(path)
+        assert loader.extra_bufts, f"{t}: the fast CPU paths were turned off: {loader.note}"
+        llm = llamacpp.open_model(path, extra_bufts=loader.extra_bufts, n_ctx=64, verbose=False)
+        try:
+            ids = llm.tokenize("日本の秋は".encode(), add_bos=False)
+            out = [tok for tok, _ in zip(llm.generate(ids, temp=0.0, top_k=1), range(4))]
+            assert len(out) == 4 and all(0 <= tok < llm.n_vocab() for tok in out), t
+        finally:
+            llm.close()
+
+
+def test_a_crash_in_llama_cpp_is_a_clear_error_and_leaves_no_file(tiny_path, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "export", "gguf", "--model", str(tiny_path), "--out",
+                           str(out / "m.gguf"), "--type", "q8_0", "--no-progress"], capture_output=True, text=True,
+                          cwd=ROOT, env=_crash_env(tmp_path, "always"), timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    err = proc.stderr
+    assert "m.gguf" in err and "Q8_0" in err and "SIGSEGV" in err, err[-2000:]
+    assert "llama.cpp build:" in err and "AVX" in err, err[-2000:]
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == [], "a temporary file was left behind"
+
+
+def test_fast_cpu_paths_are_dropped_only_when_they_crash(tiny_path, tmp_path):
+    """A build whose extra buffer types crash still exports: the probe falls back, says so, and parity runs."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "export", "gguf", "--model", str(tiny_path), "--out",
+                           str(out / "m.gguf"), "--type", "q8_0", "--no-progress"], capture_output=True, text=True,
+                          cwd=ROOT, env=_crash_env(tmp_path, "extra_bufts"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "killed by SIGSEGV" in text and "stay off for this file" in text
+    assert (out / "m.gguf").is_file()
+
+
+@pytest.mark.parametrize("extra", [True, False])
+def test_loader_settings_reach_llama_cpp(tiny_path, tmp_path, extra):
+    """open_model really passes the extra-buffer-type choice to llama.cpp (seen by the crashing hook's record)."""
+    path = tmp_path / "m.gguf"
+    export_gguf(tiny_path, path, "q8_0", progress=False, check_parity=False, log=lambda *_: None)
+    code = ("from aegis import llamacpp; import sys; "
+            f"m = llamacpp.open_model(sys.argv[1], extra_bufts={extra}, n_ctx=32, verbose=False); m.eval([5, 6])")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT,
+                          env=_crash_env(tmp_path, "extra_bufts"), timeout=300)
+    assert (proc.returncode == -11) == extra, (proc.returncode, proc.stderr[-1000:])
+
+
+def test_the_server_says_what_failed_when_llama_cpp_crashes(tiny_path, tmp_path):
+    """`serve` checks at start-up that the model decodes; a native crash there is a one-line error and exit 1."""
+    path = tmp_path / "m.gguf"
+    export_gguf(tiny_path, path, "q8_0", progress=False, check_parity=False, log=lambda *_: None)
+    proc = subprocess.run([sys.executable, "-m", "serve", "--model", str(path), "--port", "18677"], capture_output=True,
+                          text=True, cwd=ROOT, env=_crash_env(tmp_path, "always"), timeout=300)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "could not load the model" in proc.stderr and "SIGSEGV" in proc.stderr and str(path) in proc.stderr

@@ -1,0 +1,24 @@
+"""Commands print what matters to the user and no library notes that say nothing to them. A first run printed, on
+every command: bitsandbytes' note about an optional hub-downloaded kernel package (on CPUs with AVX-512 BF16),
+transformers' warning about the embedded model's LongRoPE config, and a FutureWarning that peft triggers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import ROOT, train_cli
+
+NOISE = ("kernels-community", "rope_parameters", "FutureWarning", "DeprecationWarning")
+
+
+def test_training_and_chat_print_no_library_notes(tiny_path, tmp_path):
+    run = tmp_path / "run"
+    proc = train_cli(run, "schedule.total_steps=2", "schedule.warmup_steps=1", "schedule.anneal_steps=1",
+                     "train.max_length=64", "train.save_steps=2")
+    chat = subprocess.run([sys.executable, "-m", "train.chat", "--checkpoint", str(run), "--prompt", "こんにちは",
+                           "--temperature", "0", "--max-new-tokens", "2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    for out in (proc.stdout + proc.stderr, chat.stderr):
+        assert not [n for n in NOISE if n in out], out

@@ -1,0 +1,161 @@
+"""Tools through the official openai client: tool_choice none / auto / required / a named function, calls whose
+arguments validate against the function's parameters (decoding is constrained), tool-call deltas streamed as OpenAI
+streams them, and an agent loop: call -> tool result -> final answer. The tiny model's choices are nonsense; the
+tests rely on the constraint, the format and the seed, not on the model being smart."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from serve import tools as tool_format
+from support.fixtures import client, server  # noqa: F401 - fixtures
+
+USER = [{"role": "system", "content": "あなたは天気を調べるアシスタントです。"},
+        {"role": "user", "content": "東京の明日の天気は？"}]
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["東京", "大阪", "札幌"]},
+                                            "days": {"type": "integer"},
+                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "days"]}
+CLOCK = {"type": "object", "properties": {"zone": {"type": "string", "pattern": "^[A-Z][a-z]{2,8}/[A-Z][a-z]{2,8}$"}},
+         "required": ["zone"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "都市の天気予報",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "現在時刻", "parameters": CLOCK}},
+         {"type": "function", "function": {"name": "ping", "description": "no arguments"}}]
+PARAMS = {"get_weather": WEATHER, "get_time": CLOCK, "ping": {"type": "object", "properties": {}}}
+
+
+
+def call(client, **kwargs):
+    args = dict(model="tiny", messages=USER, tools=TOOLS, temperature=1.0, max_tokens=300,
+                parallel_tool_calls=False) | kwargs
+    return client.chat.completions.create(**args)
+
+
+def check_calls(message, names=tuple(PARAMS)) -> None:
+    assert message.content is None and message.tool_calls
+    for c in message.tool_calls:
+        assert c.type == "function" and c.id.startswith("call_") and c.function.name in names
+        jsonschema.validate(json.loads(c.function.arguments), PARAMS[c.function.name])
+
+
+def test_required_always_calls_a_tool_with_valid_arguments(client):
+    picked = set()
+    for seed in range(6):
+        r = call(client, tool_choice="required", seed=seed)
+        assert r.choices[0].finish_reason == "tool_calls"
+        check_calls(r.choices[0].message)
+        assert len(r.choices[0].message.tool_calls) == 1  # parallel_tool_calls false
+        picked.add(r.choices[0].message.tool_calls[0].function.name)
+    assert len(picked) > 1  # the model chooses among the tools
+
+
+def test_a_named_function_is_the_one_called(client):
+    for seed in range(4):
+        r = call(client, tool_choice={"type": "function", "function": {"name": "get_time"}}, seed=seed)
+        check_calls(r.choices[0].message, names=("get_time",))
+
+
+def test_parallel_calls_when_allowed(client):
+    r = call(client, tool_choice="required", seed=3, parallel_tool_calls=True, max_tokens=400)
+    calls = r.choices[0].message.tool_calls
+    assert len(calls) > 1 and len({c.id for c in calls}) == len(calls)
+    if r.choices[0].finish_reason == "length":  # the nonsense model keeps calling; the last call was cut short
+        calls = calls[:-1]
+    for c in calls:
+        jsonschema.validate(json.loads(c.function.arguments), PARAMS[c.function.name])
+
+
+def test_auto_is_text_or_valid_calls(client):
+    # which the nonsense model picks is its business (it writes text); either is well formed
+    for seed in range(6):
+        message = call(client, seed=seed, max_tokens=60).choices[0].message
+        if message.tool_calls:
+            check_calls(message)
+        else:
+            assert not message.content.startswith(("{", " ", "\n"))
+
+
+def test_none_describes_no_tools_and_calls_none(client):
+    with_none = call(client, tool_choice="none", seed=1, max_tokens=20)
+    plain = client.chat.completions.create(model="tiny", messages=USER, temperature=1.0, seed=1, max_tokens=20)
+    assert with_none.choices[0].message.tool_calls is None
+    assert with_none.usage.prompt_tokens == plain.usage.prompt_tokens  # the tools are not in the prompt
+    assert with_none.choices[0].message.content == plain.choices[0].message.content
+    described = call(client, tool_choice="auto", seed=1, max_tokens=1)
+    assert described.usage.prompt_tokens > plain.usage.prompt_tokens + 50
+
+
+def test_tool_calls_stream_as_deltas(client):
+    args = dict(tool_choice="required", seed=11)
+    whole = call(client, **args).choices[0].message.tool_calls[0]
+    chunks = list(call(client, stream=True, **args))
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    first, rest = deltas[0], deltas[1:]
+    assert first.index == 0 and first.id.startswith("call_") and first.type == "function"
+    assert first.function.name == whole.function.name and first.function.arguments == ""
+    assert len(rest) > 3 and all(d.id is None and d.function.name is None for d in rest)  # really streamed
+    assert "".join(d.function.arguments for d in rest) == whole.function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+
+def get_weather(city: str, days: int, unit: str = "celsius") -> str:
+    return json.dumps({"city": city, "in_days": days, "forecast": "晴れ", "high": 21, "unit": unit},
+                      ensure_ascii=False)
+
+
+def test_agent_loop_call_result_answer(client, server):
+    messages = list(USER)
+    first = call(client, messages=messages, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                 seed=5)
+    assert first.choices[0].finish_reason == "tool_calls"
+    messages.append(first.choices[0].message)  # the SDK's own message object goes back, as apps do
+    for c in first.choices[0].message.tool_calls:
+        result = get_weather(**json.loads(c.function.arguments))
+        messages.append({"role": "tool", "tool_call_id": c.id, "content": result})
+    final = call(client, messages=messages, tool_choice="none", seed=5, max_tokens=40)
+    assert final.choices[0].message.tool_calls is None
+    assert final.choices[0].message.content and final.choices[0].finish_reason in ("stop", "length")
+    # the call and its result were rendered for the next turn, in the documented format
+    history = [{"role": "system", "content": USER[0]["content"]}, USER[1],
+               {"role": "assistant", "content": tool_format.calls_text(
+                   [("get_weather", json.loads(first.choices[0].message.tool_calls[0].function.arguments))])},
+               {"role": "user", "content": tool_format.result_text("get_weather", messages[-1]["content"])}]
+    rendered = client.completions.create(model="tiny", prompt=render_phi3(history), max_tokens=1,
+                                         extra_body={"parse_special": True})
+    assert final.usage.prompt_tokens == rendered.usage.prompt_tokens
+
+
+def render_phi3(messages) -> str:
+    """The embedded model's chat template, written out (what the Phi-3 template renders)."""
+    return "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages) + "<|assistant|>\n"
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(tool_choice={"type": "function", "function": {"name": "nowhere"}}), "tool_choice.function.name"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]),
+     "tools[0].function.parameters"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "maximum": 3}}}}}]), "tools[0].function.parameters"),
+    (dict(tools=[TOOLS[0], TOOLS[0]]), "tools[1].function.name"),
+    (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "tools[0].function.name"),
+    (dict(tools=None, tool_choice="required"), "tool_choice"),
+    (dict(tools=None, parallel_tool_calls=True), "parallel_tool_calls"),
+    (dict(response_format={"type": "json_object"}), "response_format"),
+    (dict(extra_body={"functions": [{"name": "f"}]}), "functions"),
+    (dict(extra_body={"function_call": "auto"}), "function_call"),
+    (dict(messages=USER + [{"role": "tool", "tool_call_id": "call_x", "content": "?"}]), "messages[2].tool_call_id"),
+    (dict(messages=USER + [{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "get_weather", "arguments": "{not json"}}]}]), "messages[2].tool_calls[0].function.arguments"),
+    (dict(messages=USER + [{"role": "assistant"}]), "messages[2].content"),
+])
+def test_tool_requests_that_cannot_be_honoured_are_400(client, kwargs, param):
+    args = dict(model="tiny", messages=USER, tools=TOOLS, max_tokens=4) | kwargs
+    args = {k: v for k, v in args.items() if v is not None}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**args)
+    assert e.value.body["param"] == param, e.value.body
