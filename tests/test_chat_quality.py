@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("text, ratio", [
     ("こんにちは。", 1.0),                          # hiragana and 。
-    ("カタカナと漢字、「かぎ括弧」！？", 1.0),        # katakana, ideographs, Japanese and full-width punctuation
-    ("ｶﾀｶﾅ…ー・々〆", 1.0),                       # half-width katakana, ellipsis, long vowel, iteration marks
+    ("カタカナと漢字、「かぎ括弧」！？", 1.0),  # katakana, ideographs, Japanese and full-width punctuation
+    ("ｶﾀｶﾅ…ー・々〆", 1.0),  # half-width katakana, ellipsis, long vowel, iteration marks
     ("OKです", 0.5),                                 # Latin letters count against
     ("ABCD", 0.0),
     ("480×0.45=216なので、216人です。", 1.0),       # digits and the signs of a sum are not counted

@@ -18,7 +18,8 @@ def shipped_metadata() -> dict:
 
 
 def test_shipped_weights_were_trained_for_this_recipe_and_corpus():
-    """Fails when the corpus or the recipe changes without a new `python -m aegis.tiny --out DIR --from-source --ship`."""
+    """Fails when the corpus or the recipe changes and the weights are not made anew
+    (`python -m aegis.tiny --out DIR --from-source --ship` on a GPU)."""
     path = tiny.corpus_path(tiny.SHIPPED)
     assert path.stat().st_size <= 20 * 2**20
     assert shipped_metadata()["fingerprint"] == tiny.fingerprint()

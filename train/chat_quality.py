@@ -176,7 +176,9 @@ def evaluate(checkpoint_dir: Path | None, source: str = HELD_OUT, max_new_tokens
 
 def report(result: dict, show: int = 3) -> str:
     s, ppl = result["summary"], result["perplexity"]
-    ok = lambda name: "" if name not in result["targets"] else (" ok" if result["targets"][name] else " MISSED")  # noqa: E731
+    def ok(name: str) -> str:
+        return "" if name not in result["targets"] else " ok" if result["targets"][name] else " MISSED"
+
     lines = [f"{result['model']} on {result['data']}: {s['replies']} greedy replies (at most "
              f"{result['max_new_tokens']} new tokens)",
              f"  Japanese characters   min {s['japanese_min']:.1%}  mean {s['japanese_mean']:.1%}  replies at "
@@ -190,7 +192,8 @@ def report(result: dict, show: int = 3) -> str:
             lines.append(f"  perplexity ({name:<10}) {ppl[name]['perplexity']:.3f} over {ppl[name]['tokens']} "
                          f"assistant tokens")
     if "ratio_to_base" in ppl:
-        lines.append(f"  checkpoint / base     {ppl['ratio_to_base']:.4f} (target <= {PERPLEXITY_MAX}){ok('perplexity')}")
+        lines.append(f"  checkpoint / base     {ppl['ratio_to_base']:.4f} (target <= {PERPLEXITY_MAX})"
+                     + ok("perplexity"))
     for row in result["rows"][:show]:
         lines += [f"  > {row['prompt']}", f"    {row['reply']}"]
     return "\n".join(lines)
