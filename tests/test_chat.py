@@ -114,10 +114,10 @@ def _rewrite_soul(ckpt: Path, **meta_changes) -> None:
 def test_mismatched_soul_is_a_clear_error(short_run, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(short_run / "final", bad)
-    _rewrite_soul(bad, hidden_size=256)
+    _rewrite_soul(bad, hidden_size=64)  # the embedded model has 256
     proc = run_chat("--checkpoint", str(bad), "--prompt", PROMPT)
     assert proc.returncode != 0
-    assert "soul.safetensors" in proc.stderr and "hidden size 256" in proc.stderr
+    assert "soul.safetensors" in proc.stderr and "hidden size 64" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -59,7 +59,7 @@ def test_wrong_hidden_size_is_named(ckpt_copy, previous_output):
     checkpoint.write_manifest(ckpt_copy)  # a well-formed checkpoint for another base, not a damaged one
     proc = export_cli("merge", "--checkpoint", str(ckpt_copy), "--out", str(previous_output))
     assert proc.returncode == 1
-    assert "hidden_size 64" in proc.stderr and "128" in proc.stderr and "soul.safetensors" in proc.stderr
+    assert "hidden_size 64" in proc.stderr and "hidden_size 256" in proc.stderr and "soul.safetensors" in proc.stderr
     assert (previous_output / "keep.txt").exists()
 
 

@@ -41,7 +41,7 @@ def test_run_directory_layout(short_run):
         assert checkpoint.is_complete(ckpt, resumable=True)
         assert (ckpt / "tokenizer_config.json").is_file()
         tensors, meta = checkpoint.read_soul(ckpt)
-        assert meta["hidden_size"] == 128 and meta["mix"] == "interpolate" and meta["base"] == "embedded"
+        assert meta["hidden_size"] == 256 and meta["mix"] == "interpolate" and meta["base"] == "embedded"
         assert meta["format_version"] == checkpoint.FORMAT_VERSION and "schedule" in meta
     _, meta = checkpoint.read_soul(short_run / "final")
     assert meta["step"] == 12 and meta["gate"] == pytest.approx(0.8345, abs=1e-4)
