@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from train import chat as chat_mod, checkpoint
+from aegis import checkpoint
+from train import chat as chat_mod
 
 PROMPT = "こんにちは。今日はどんなことを手伝ってくれますか。"
 
