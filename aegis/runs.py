@@ -3,9 +3,11 @@
     RUN/config.toml              the resolved config, written before the first step
     RUN/metrics.jsonl            one record per logged step (aegis/metrics.py)
     RUN/checkpoints/step_N/      complete step checkpoints, and RUN/final/ when the schedule ends (aegis/checkpoint.py)
+    RUN/summary.json             written last, when the run has finished
     RUN/export/                  what `python -m export` makes of it
 
-The run's config is read here and nowhere else, through the same loader and validation as a config file."""
+The run's config is read here and nowhere else, through the same loader and validation as a config file. What
+training writes beside its checkpoints is written whole (temporary name, then rename)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from .checkpoint import TMP_PREFIX
 from .config import Config, load, to_toml
 
 CONFIG = "config.toml"
+SUMMARY = "summary.json"
 
 
 def read_config(run_dir: Path) -> Config | None:
@@ -27,12 +30,16 @@ def read_config(run_dir: Path) -> Config | None:
     return load(path)
 
 
+def write_text(path: Path, text: str) -> None:
+    """A run file under a temporary name, then renamed: a reader never sees half of it."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_config(run_dir: Path, cfg: Config) -> None:
-    """config.toml under a temporary name, then renamed: a reader never sees half of it."""
-    run_dir = Path(run_dir)
-    tmp = run_dir / f"{TMP_PREFIX}{CONFIG}-{os.getpid()}"
-    tmp.write_text(to_toml(cfg), encoding="utf-8")
-    os.replace(tmp, run_dir / CONFIG)
+    write_text(Path(run_dir) / CONFIG, to_toml(cfg))
 
 
 def run_of(ckpt: Path) -> Path | None:

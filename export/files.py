@@ -110,8 +110,8 @@ def find_checkpoint(run_dir: Path, log=print) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir}: no such run directory")
-    if not (run_dir / "config.toml").is_file() and not (run_dir / checkpoint.CHECKPOINTS).is_dir():
-        raise ExportError(f"{run_dir}: not a run directory (no config.toml and no {checkpoint.CHECKPOINTS}/)")
+    if not (run_dir / runs.CONFIG).is_file() and not (run_dir / checkpoint.CHECKPOINTS).is_dir():
+        raise ExportError(f"{run_dir}: not a run directory (no {runs.CONFIG} and no {checkpoint.CHECKPOINTS}/)")
     found = checkpoint.newest_verified(run_dir, resumable=False, log=log)
     if found is None:
         raise ExportError(f"{run_dir}: no complete checkpoint that verifies ({checkpoint.FINAL}/ or "

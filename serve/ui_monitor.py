@@ -60,7 +60,7 @@ def status(run: Path, records: list[dict]) -> dict:
     path = Path(run) / train_metrics.METRICS
     age = time.time() - path.stat().st_mtime if path.exists() else math.inf
     last = records[-1] if records else {}
-    finished = (Path(run) / "summary.json").exists()
+    finished = (Path(run) / runs.SUMMARY).exists()
     return {"step": last.get("step"), "phase": last.get("phase", "—"), "loss": number(last.get("loss")),
             "alpha": number(last.get("alpha")), "gate": number(last.get("gate")),
             "ortho_error": number(last.get("ortho_error")), "tokens_per_s": number(last.get("tokens_per_s")),

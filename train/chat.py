@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from aegis import checkpoint, runs
 from aegis.errors import AegisError
 from aegis.loading import load_checkpoint
 
@@ -145,7 +146,7 @@ def checkpoint_dir(value: str) -> Path:
     path = Path(value)
     if not path.is_dir() or any((path / name).exists() for name in checkpoint.REQUIRED):
         return path  # missing, or a checkpoint (complete or not): loading says what is wrong with it
-    if (path / "config.toml").is_file() or (path / checkpoint.FINAL).exists() or (path / "checkpoints").is_dir():
+    if (path / runs.CONFIG).is_file() or (path / checkpoint.FINAL).exists() or (path / checkpoint.CHECKPOINTS).is_dir():
         found = checkpoint.latest(path, resumable=False)
         if found is None:
             raise argparse.ArgumentTypeError(f"{path}: this run has no complete checkpoint yet (neither "

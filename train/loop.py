@@ -290,7 +290,7 @@ class Recipe:
                    "gate": last.get("gate"), "phase": last.get("phase"), "ortho_error": last.get("ortho_error"),
                    "tokens_this_session": p.tokens, "seconds_this_session": round(time.time() - p.started, 1),
                    "final": str(self.run_dir / checkpoint.FINAL)}
-        rundir.write_text(self.run_dir / rundir.SUMMARY, json.dumps(summary, indent=1))
+        runs.write_text(self.run_dir / runs.SUMMARY, json.dumps(summary, indent=1))
         self.log("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in summary.items()))
 

@@ -118,7 +118,7 @@ def collect(run_dir: Path) -> State:
     mpath = run_dir / metrics.METRICS
     if mpath.exists():
         st.metrics_age_s = max(0.0, time.time() - mpath.stat().st_mtime)
-    st.finished = (run_dir / "summary.json").exists() and checkpoint.is_complete(run_dir / checkpoint.FINAL)
+    st.finished = (run_dir / runs.SUMMARY).exists() and checkpoint.is_complete(run_dir / checkpoint.FINAL)
     st.checkpoint = checkpoint.latest(run_dir, resumable=False)
     if st.checkpoint is not None:
         try:

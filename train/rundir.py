@@ -8,12 +8,11 @@ import shutil
 from pathlib import Path
 
 from aegis import checkpoint
-from aegis.errors import AegisError
 from aegis.config import Config, to_dict
+from aegis.errors import AegisError
 from aegis.metrics import METRICS
+from aegis.runs import CONFIG, SUMMARY
 
-CONFIG = "config.toml"
-SUMMARY = "summary.json"
 # What a run (and `python -m export all --run` by default) writes into its directory; `--overwrite` removes these.
 RUN_ENTRIES = (checkpoint.FINAL, checkpoint.CHECKPOINTS, METRICS, SUMMARY, CONFIG, "profile.txt", "export")
 # Keys that change the shape or number of a checkpoint's tensors: a resume must keep them.
@@ -102,10 +101,3 @@ def accum_for(cfg: Config, state: dict, world: int) -> int:
         raise RunError(f"resume: the checkpoint's global batch of {glob} sequences cannot be kept with {world} "
                        f"process(es) x train.batch_size {cfg.train.batch_size}; choose a batch size that divides it")
     return accum
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a run file atomically (temp + rename): a reader never sees half of it."""
-    tmp = path.with_name(f"{checkpoint.TMP_PREFIX}{path.name}-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
