@@ -5,11 +5,11 @@ a SentencePiece BPE tokenizer with byte fallback trained on the corpus plus Phi-
 and it is pre-trained on the corpus's train split, the chats weighted up so that it learns to answer in turns. A
 build is cached by a fingerprint of the corpus and this recipe, never downloaded.
 
-Pre-training (800 steps of 32 x 256 tokens) takes under a minute on one GPU but roughly an hour on 2 CPU cores, so
-the weights of one build ship with the package (aegis/corpus/tiny_weights.safetensors, 16-bit, 14 MB) under the
-fingerprint and the tokenizer vocabulary they were trained for: a build whose fingerprint and vocabulary match them
-takes them and skips pre-training; any change to the corpus or the recipe makes the builder pre-train from source
-again (and tests/test_tiny_weights.py fails until the weights are shipped anew).
+Pre-training (800 steps of 32 x 256 tokens) takes under a minute on one GPU but, by estimate, an hour on 2 CPU
+cores, so the weights of one build ship with the package (aegis/corpus/tiny_weights.safetensors, 16-bit, 14 MB)
+under the fingerprint and the tokenizer vocabulary they were trained for: a build whose fingerprint and vocabulary
+match them takes them and skips pre-training; any change to the corpus or the recipe makes the builder pre-train
+from source again (and tests/test_tiny_weights.py fails until the weights are shipped anew).
 
     python -m aegis.tiny                  build (or find) the cached copy and print its path
     python -m aegis.tiny --out DIR        build into DIR
