@@ -149,8 +149,8 @@ The goal is the soul within 5 % of the base: {'met' if rep['within_5_percent'] e
 | --- | --- | --- |
 {qa}
 
-Correct: {sum(a['correct'] for a in rep['before'])} of {len(QUESTIONS)} before, {sum(a['correct'] for a in rep['after'])}
-of {len(QUESTIONS)} after.
+Correct: {sum(a['correct'] for a in rep['before'])} of {len(QUESTIONS)} before,
+{sum(a['correct'] for a in rep['after'])} of {len(QUESTIONS)} after.
 
 ## Export
 
