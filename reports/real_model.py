@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -145,6 +146,8 @@ The goal is the soul within 5 % of the base: {'met' if rep['within_5_percent'] e
 
 ## Questions through the API (temperature 0): base f16 GGUF, then the soul's q8_0 GGUF
 
+An answer counts as correct when the expected word appears in it (Paris, 7 or seven, Jupiter, blue, Shakespeare).
+
 | question | base | after training (soul) |
 | --- | --- | --- |
 {qa}
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     print("base model, through the API:")
     before = ask(base_gguf)
     run_dir = work / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run every time
     anneal = max(1, args.steps * 2 // 3)
     run(sys.executable, "-m", "train", "--config", str(ROOT / "configs" / "quickstart.toml"), "--run-dir",
         str(run_dir), "--no-progress", "--set", f"model.base={base}",
