@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=default_cache, help=f"download and work directory ({default_cache})")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--out", type=Path, default=ROOT / "reports")
+    ap.add_argument("--reuse-run", action="store_true", help="keep a finished training run from an earlier call")
     args = ap.parse_args(argv)
     start = time.time()
     base = to_hf(fetch(args.cache), args.cache / "smollm2-135m-instruct")
@@ -180,14 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     print("base model, through the API:")
     before = ask(base_gguf)
     run_dir = work / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run every time
-    anneal = max(1, args.steps * 2 // 3)
-    run(sys.executable, "-m", "train", "--config", str(ROOT / "configs" / "quickstart.toml"), "--run-dir",
-        str(run_dir), "--no-progress", "--set", f"model.base={base}",
-        "--set", f'data.train=["{DATA / "train.txt"}"]', "--set", f'data.eval=["{DATA / "heldout.txt"}"]',
-        "--set", f"schedule.total_steps={args.steps}", "--set", f"schedule.warmup_steps={max(1, args.steps // 10)}",
-        "--set", f"schedule.anneal_steps={anneal}", "--set", f"train.save_steps={args.steps}",
-        "--set", "train.max_length=128", "--set", f"schedule.target_alpha={GATE_TARGET}")
+    if not (args.reuse_run and (run_dir / "final").is_dir()):
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run
+        anneal = max(1, args.steps * 2 // 3)
+        run(sys.executable, "-m", "train", "--config", str(ROOT / "configs" / "quickstart.toml"), "--run-dir",
+            str(run_dir), "--no-progress", "--set", f"model.base={base}",
+            "--set", f'data.train=["{DATA / "train.txt"}"]', "--set", f'data.eval=["{DATA / "heldout.txt"}"]',
+            "--set", f"schedule.total_steps={args.steps}", "--set", f"schedule.warmup_steps={max(1, args.steps // 10)}",
+            "--set", f"schedule.anneal_steps={anneal}", "--set", f"train.save_steps={args.steps}",
+            "--set", "train.max_length=128", "--set", f"schedule.target_alpha={GATE_TARGET}")
     print(run(sys.executable, "-m", "export", "all", "--run", str(run_dir), "--type", "f16,q8_0", "--name",
               "smollm2-soul", "--no-progress", "--force")[-1500:])
     ev = json.loads(run(sys.executable, "-m", "train.eval", "--checkpoint", str(run_dir / "final"), "--data",
