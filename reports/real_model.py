@@ -118,6 +118,12 @@ def ask(gguf: Path, log=print) -> list[dict]:
         proc.wait(30)
 
 
+def _pre(gguf_path: Path) -> str:
+    import gguf
+
+    return bytes(gguf.GGUFReader(str(gguf_path)).fields[gguf.Keys.Tokenizer.PRE].parts[-1]).decode()
+
+
 def markdown(rep: dict) -> str:
     ev = rep["perplexity"]
     rows = "\n".join(f"| {label} | {ev[k]['perplexity']:.3f} | {ev[k]['perplexity'] / ev['base']['perplexity']:.4f} |"
@@ -126,6 +132,11 @@ def markdown(rep: dict) -> str:
     qa = "\n".join(f"| {b['question']} | {b['answer'].strip()!r} | {a['answer'].strip()!r} |"
                    for b, a in zip(rep["before"], rep["after"]))
     t = rep["template"]
+    parity = "; ".join(f"{k}: top-1 {rep['parity_top1'][k]:.2%}, {v:.2%} with near-ties counted, mean KL "
+                       f"{rep['parity_kl'][k]:.1e}" for k, v in rep["parity_top1_ties"].items())
+    correct = lambda answers: sum(a["correct"] for a in answers)  # noqa: E731
+    took = (f"{rep['seconds'] / 60:.0f} minutes" + (" (the training run of an earlier call reused)"
+                                                   if rep["reused_run"] else ""))
     return f"""# A real pretrained model in the loop: SmolLM2-135M-Instruct
 
 Made by `python reports/real_model.py` (figures in `real_model.json`). The model comes from PyPI inside the package
@@ -133,7 +144,7 @@ Made by `python reports/real_model.py` (figures in `real_model.json`). The model
 (Llama family, ChatML, tied embeddings, {rep['parameters'] / 1e6:.0f} M parameters). It was trained for
 {rep['steps']} steps on `reports/real_model_data/train.txt` (English; 4-bit base, LoRA r16, the soul's gate annealed
 to {rep['gate']:.3f}), exported with `python -m export all` ({', '.join(rep['gguf'])}) and served with `python -m
-serve`. Run time on this machine (2 shared CPU cores): {rep['seconds'] / 60:.0f} minutes.
+serve`. Run time on this machine (2 CPU cores shared with other work): {took}.
 
 ## Held-out perplexity (`reports/real_model_data/heldout.txt`, {ev['base']['tokens']} tokens, `python -m train.eval`)
 
@@ -152,14 +163,16 @@ An answer counts as correct when the expected word appears in it (Paris, 7 or se
 | --- | --- | --- |
 {qa}
 
-Correct: {sum(a['correct'] for a in rep['before'])} of {len(QUESTIONS)} before,
-{sum(a['correct'] for a in rep['after'])} of {len(QUESTIONS)} after.
+Correct: {correct(rep['before'])} of {len(QUESTIONS)} before, {correct(rep['after'])} of {len(QUESTIONS)} after.
 
 ## Export
 
-Parity of every GGUF passed ({', '.join(f"{k}: top-1 {v:.2%}" for k, v in rep['parity_top1'].items())}). The
+Parity of every GGUF with the merged model passed ({parity}). The
 Modelfile's template: {t['format']}, proved on {len(t['conversations'])} conversations with
-{' and '.join(t['tokenizers'])}; its stops: {', '.join(t['stops'])}.
+{' and '.join(t['tokenizers'])}; its stops: {', '.join(t['stops'])}. The byte-level BPE pre-tokenizer written
+into the GGUF, measured as the first llama.cpp knows that splits probe texts as the HF tokenizer does:
+`{rep['pre']}` (the Llama family's usual `llama-bpe` tokenizes this model's text differently; the Modelfile proof,
+tokenizing with the GGUF's vocabulary, is what showed it).
 """
 
 
@@ -181,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     print("base model, through the API:")
     before = ask(base_gguf)
     run_dir = work / "run"
-    if not (args.reuse_run and (run_dir / "final").is_dir()):
+    reused = (run_dir / "final").is_dir()
+    if not (args.reuse_run and reused):
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run
         anneal = max(1, args.steps * 2 // 3)
         run(sys.executable, "-m", "train", "--config", str(ROOT / "configs" / "quickstart.toml"), "--run-dir",
@@ -208,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
            "within_5_percent": res["checkpoint"]["perplexity"] <= 1.05 * res["base"]["perplexity"],
            "before": before, "after": after, "gguf": list(export["gguf"]), "template": export["template"],
            "parity_top1": {k: v["overall"]["top1"] for k, v in parity.items()},
+           "parity_top1_ties": {k: v["overall"]["top1_tie"] for k, v in parity.items()},
+           "parity_kl": {k: v["overall"]["kl_mean"] for k, v in parity.items()},
+           "reused_run": bool(args.reuse_run and reused), "pre": _pre(Path(export["gguf"]["f16"])),
            "seconds": round(time.time() - start)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "real_model.json").write_text(json.dumps(rep, indent=1, ensure_ascii=False) + "\n")
