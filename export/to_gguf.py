@@ -277,6 +277,7 @@ def write_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = Non
     hp = hparams(cfg, str(model_dir / "config.json"))
     vocab = vocab_mod.build(model_dir, cfg)
     if vocab.model == "gpt2":
+        out.parent.mkdir(parents=True, exist_ok=True)
         vocab_mod.choose_pre(vocab, vocab.tokenizer, lambda p: _write_vocab_only(p, hp, vocab), out.parent)
     src = TensorSource(model_dir)
     target = names.PYTHON_TYPES[out_type]
