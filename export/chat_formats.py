@@ -198,7 +198,8 @@ def _hf_renderer(tok):
 
 def _difference(a: str, b: str) -> str:
     i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return f"at character {i} the Modelfile renders {a[max(0, i - 20):i + 30]!r}, the chat template {b[max(0, i - 20):i + 30]!r}"
+    around = slice(max(0, i - 20), i + 30)
+    return f"at character {i} the Modelfile renders {a[around]!r}, the chat template {b[around]!r}"
 
 
 def _try(c: _Candidate, tok, render, tokenizers: dict) -> tuple[list[dict], list[str], str | None, bool]:

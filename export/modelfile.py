@@ -93,7 +93,8 @@ def build(gguf_path: Path, model_dir: Path, system: str | None = None, num_ctx: 
     if not gguf_path.is_file():
         raise ExportError(f"{gguf_path}: no such GGUF file")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    proof = chat_formats.derive(tok, str(model_dir), {"the GGUF's llama.cpp vocabulary": _llama_cpp_tokenizer(gguf_path)})
+    runtime = {"the GGUF's llama.cpp vocabulary": _llama_cpp_tokenizer(gguf_path)}
+    proof = chat_formats.derive(tok, str(model_dir), runtime)
     log(proof.summary())
     for note in proof.notes:
         log(f"  note: {note}")

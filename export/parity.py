@@ -36,7 +36,9 @@ THRESHOLDS = {
     "f32": {"top1": 0.999, "kl": 1e-5, "max_abs": 5e-3},
     "f16": {"top1": 0.99, "kl": 1e-3, "max_abs": None},
     "bf16": {"top1": 0.98, "kl": 5e-3, "max_abs": None},
-    "q8_0": {"top1": 0.99, "kl": 1e-2, "max_abs": None},
+    # q8_0: a real 135 M model (SmolLM2, reports/real_model.md) keeps 97.6 % top-1 (mean KL 8e-3) in q8_0, whether
+    # gguf-py or llama.cpp's own quantizer makes the file; small, deep models lose more to 8-bit rounding
+    "q8_0": {"top1": 0.97, "kl": 1e-2, "max_abs": None},
     "q6_k": {"top1": 0.9, "kl": 5e-2, "max_abs": None},
     **{t: {"top1": 0.85, "kl": 0.1, "max_abs": None} for t in ("q5_0", "q5_1", "q5_k_s", "q5_k_m")},
     **{t: {"top1": 0.75, "kl": 0.25, "max_abs": None} for t in ("q4_0", "q4_1", "q4_k_s", "q4_k_m")},

@@ -276,6 +276,9 @@ def write_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = Non
     cfg = read_config(model_dir)
     hp = hparams(cfg, str(model_dir / "config.json"))
     vocab = vocab_mod.build(model_dir, cfg)
+    if vocab.model == "gpt2":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        vocab_mod.choose_pre(vocab, vocab.tokenizer, lambda p: _write_vocab_only(p, hp, vocab), out.parent)
     src = TensorSource(model_dir)
     target = names.PYTHON_TYPES[out_type]
     fallbacks: list[str] = []
@@ -307,6 +310,18 @@ def write_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = Non
         f"{', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
     return WriteResult(path=str(out), type=out_type, tensors=len(plan), tensor_types=counts, fallbacks=fallbacks,
                        notes=notes, bytes=size)
+
+
+def _write_vocab_only(path: Path, hp: HParams, vocab: vocab_mod.Vocab) -> None:
+    """A GGUF of metadata and vocabulary only, which llama.cpp loads with vocab_only to tokenize."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), names.arch_name(hp.model_type))
+    write_metadata(writer, hp, vocab, "vocab-probe", int(names.TYPES["f32"]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
 
 
 def _progress(items, enabled: bool, desc: str):

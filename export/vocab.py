@@ -20,8 +20,14 @@ T = gguf.TokenType
 
 # End-of-turn tokens of the chat formats AEGIS knows (Phi-3, ChatML/Qwen, Llama 3).
 EOT_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>")
-# BPE pre-tokenizer names llama.cpp knows, by HF model type.
+# Pre-tokenizers (how byte-level BPE splits text before merging) llama.cpp knows, the family's usual one first; the
+# one written is the first under which llama.cpp tokenizes PRE_PROBES exactly as the HF tokenizer does.
 BPE_PRE = {"qwen2": "qwen2", "llama": "llama-bpe", "mistral": "llama-bpe"}
+PRE_CANDIDATES = ("llama-bpe", "qwen2", "smollm", "gpt-2", "default", "gpt-4o", "llama4", "stablelm2", "starcoder",
+                  "olmo", "deepseek-llm", "refact", "command-r", "dbrx", "smaug-bpe", "bloom", "superbpe")
+PRE_PROBES = ["吾輩は猫である。名前はまだ無い。", "複数行の\n\n質問です。\n- one\n- two", "Numbers: 12345, 3.14159, 2026年12月1日",
+              "  two leading spaces\n\n\n\tand a tab,  double  spaces ", "I'm sure you'll SEE it's 'quoted' -- ok?!",
+              "def f(x):\n    return x**2  # code", "日本語と English が混ざった文章: 今日は good weather ですね。"]
 
 
 @dataclass
@@ -34,6 +40,7 @@ class Vocab:
     pre: str | None = None
     add_space_prefix: bool | None = None  # SentencePiece only
     specials_rstrip: bool = False  # special tokens eat the whitespace after them (Phi-3's tokenizer does)
+    tokenizer: object = field(default=None, repr=False)  # the HF tokenizer it was measured on
     notes: list[str] = field(default_factory=list)
 
 
@@ -126,6 +133,33 @@ def _probe(tok, vocab: Vocab) -> None:
         vocab.specials_rstrip = len(tok(probe + "\n", add_special_tokens=False)["input_ids"]) == 1
 
 
+def choose_pre(vocab: Vocab, tok, write_probe, workdir: Path) -> None:
+    """For byte-level BPE, set vocab.pre to the first of PRE_CANDIDATES under which llama.cpp tokenizes PRE_PROBES as
+    `tok` does. `write_probe(path)` writes a GGUF of the vocabulary and metadata only (no tensors)."""
+    import llama_cpp
+
+    want = [list(tok(t, add_special_tokens=False)["input_ids"]) for t in PRE_PROBES]
+    tried = []
+    for pre in dict.fromkeys([vocab.pre, *PRE_CANDIDATES]):
+        vocab.pre = pre
+        path = Path(workdir) / f".tmp-pre-{pre}.gguf"
+        try:
+            write_probe(path)
+            try:
+                llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+            except ValueError:  # a name this llama.cpp does not know
+                continue
+            got = [list(llm.tokenize(t.encode("utf-8"), add_bos=False, special=False)) for t in PRE_PROBES]
+            llm.close()
+        finally:
+            path.unlink(missing_ok=True)
+        tried.append(pre)
+        if got == want:
+            return
+    raise ExportError(f"the tokenizer splits text in a way none of llama.cpp's pre-tokenizers does (tried "
+                      f"{', '.join(tried)}): llama.cpp would tokenize differently from the HF tokenizer")
+
+
 def build(model_dir: Path, config: dict) -> Vocab:
     from transformers import AutoTokenizer
 
@@ -160,6 +194,7 @@ def build(model_dir: Path, config: dict) -> Vocab:
         template = template.get("default") or next(iter(template.values()))
     vocab.special.chat_template = template
     _probe(tok, vocab)
+    vocab.tokenizer = tok
     return vocab
 
 

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -117,6 +118,12 @@ def ask(gguf: Path, log=print) -> list[dict]:
         proc.wait(30)
 
 
+def _pre(gguf_path: Path) -> str:
+    import gguf
+
+    return bytes(gguf.GGUFReader(str(gguf_path)).fields[gguf.Keys.Tokenizer.PRE].parts[-1]).decode()
+
+
 def markdown(rep: dict) -> str:
     ev = rep["perplexity"]
     rows = "\n".join(f"| {label} | {ev[k]['perplexity']:.3f} | {ev[k]['perplexity'] / ev['base']['perplexity']:.4f} |"
@@ -125,6 +132,11 @@ def markdown(rep: dict) -> str:
     qa = "\n".join(f"| {b['question']} | {b['answer'].strip()!r} | {a['answer'].strip()!r} |"
                    for b, a in zip(rep["before"], rep["after"]))
     t = rep["template"]
+    parity = "; ".join(f"{k}: top-1 {rep['parity_top1'][k]:.2%}, {v:.2%} with near-ties counted, mean KL "
+                       f"{rep['parity_kl'][k]:.1e}" for k, v in rep["parity_top1_ties"].items())
+    correct = lambda answers: sum(a["correct"] for a in answers)  # noqa: E731
+    took = (f"{rep['seconds'] / 60:.0f} minutes" + (" (the training run of an earlier call reused)"
+                                                   if rep["reused_run"] else ""))
     return f"""# A real pretrained model in the loop: SmolLM2-135M-Instruct
 
 Made by `python reports/real_model.py` (figures in `real_model.json`). The model comes from PyPI inside the package
@@ -132,7 +144,7 @@ Made by `python reports/real_model.py` (figures in `real_model.json`). The model
 (Llama family, ChatML, tied embeddings, {rep['parameters'] / 1e6:.0f} M parameters). It was trained for
 {rep['steps']} steps on `reports/real_model_data/train.txt` (English; 4-bit base, LoRA r16, the soul's gate annealed
 to {rep['gate']:.3f}), exported with `python -m export all` ({', '.join(rep['gguf'])}) and served with `python -m
-serve`. Run time on this machine (2 shared CPU cores): {rep['seconds'] / 60:.0f} minutes.
+serve`. Run time on this machine (2 CPU cores shared with other work): {took}.
 
 ## Held-out perplexity (`reports/real_model_data/heldout.txt`, {ev['base']['tokens']} tokens, `python -m train.eval`)
 
@@ -145,18 +157,22 @@ The goal is the soul within 5 % of the base: {'met' if rep['within_5_percent'] e
 
 ## Questions through the API (temperature 0): base f16 GGUF, then the soul's q8_0 GGUF
 
+An answer counts as correct when the expected word appears in it (Paris, 7 or seven, Jupiter, blue, Shakespeare).
+
 | question | base | after training (soul) |
 | --- | --- | --- |
 {qa}
 
-Correct: {sum(a['correct'] for a in rep['before'])} of {len(QUESTIONS)} before, {sum(a['correct'] for a in rep['after'])}
-of {len(QUESTIONS)} after.
+Correct: {correct(rep['before'])} of {len(QUESTIONS)} before, {correct(rep['after'])} of {len(QUESTIONS)} after.
 
 ## Export
 
-Parity of every GGUF passed ({', '.join(f"{k}: top-1 {v:.2%}" for k, v in rep['parity_top1'].items())}). The
+Parity of every GGUF with the merged model passed ({parity}). The
 Modelfile's template: {t['format']}, proved on {len(t['conversations'])} conversations with
-{' and '.join(t['tokenizers'])}; its stops: {', '.join(t['stops'])}.
+{' and '.join(t['tokenizers'])}; its stops: {', '.join(t['stops'])}. The byte-level BPE pre-tokenizer written
+into the GGUF, measured as the first llama.cpp knows that splits probe texts as the HF tokenizer does:
+`{rep['pre']}` (the Llama family's usual `llama-bpe` tokenizes this model's text differently; the Modelfile proof,
+tokenizing with the GGUF's vocabulary, is what showed it).
 """
 
 
@@ -166,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=default_cache, help=f"download and work directory ({default_cache})")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--out", type=Path, default=ROOT / "reports")
+    ap.add_argument("--reuse-run", action="store_true", help="keep a finished training run from an earlier call")
     args = ap.parse_args(argv)
     start = time.time()
     base = to_hf(fetch(args.cache), args.cache / "smollm2-135m-instruct")
@@ -177,13 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     print("base model, through the API:")
     before = ask(base_gguf)
     run_dir = work / "run"
-    anneal = max(1, args.steps * 2 // 3)
-    run(sys.executable, "-m", "train", "--config", str(ROOT / "configs" / "quickstart.toml"), "--run-dir",
-        str(run_dir), "--no-progress", "--set", f"model.base={base}",
-        "--set", f'data.train=["{DATA / "train.txt"}"]', "--set", f'data.eval=["{DATA / "heldout.txt"}"]',
-        "--set", f"schedule.total_steps={args.steps}", "--set", f"schedule.warmup_steps={max(1, args.steps // 10)}",
-        "--set", f"schedule.anneal_steps={anneal}", "--set", f"train.save_steps={args.steps}",
-        "--set", "train.max_length=128", "--set", f"schedule.target_alpha={GATE_TARGET}")
+    reused = (run_dir / "final").is_dir()
+    if not (args.reuse_run and reused):
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run
+        anneal = max(1, args.steps * 2 // 3)
+        run(sys.executable, "-m", "train", "--config", str(ROOT / "configs" / "quickstart.toml"), "--run-dir",
+            str(run_dir), "--no-progress", "--set", f"model.base={base}",
+            "--set", f'data.train=["{DATA / "train.txt"}"]', "--set", f'data.eval=["{DATA / "heldout.txt"}"]',
+            "--set", f"schedule.total_steps={args.steps}", "--set", f"schedule.warmup_steps={max(1, args.steps // 10)}",
+            "--set", f"schedule.anneal_steps={anneal}", "--set", f"train.save_steps={args.steps}",
+            "--set", "train.max_length=128", "--set", f"schedule.target_alpha={GATE_TARGET}")
     print(run(sys.executable, "-m", "export", "all", "--run", str(run_dir), "--type", "f16,q8_0", "--name",
               "smollm2-soul", "--no-progress", "--force")[-1500:])
     ev = json.loads(run(sys.executable, "-m", "train.eval", "--checkpoint", str(run_dir / "final"), "--data",
@@ -202,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
            "within_5_percent": res["checkpoint"]["perplexity"] <= 1.05 * res["base"]["perplexity"],
            "before": before, "after": after, "gguf": list(export["gguf"]), "template": export["template"],
            "parity_top1": {k: v["overall"]["top1"] for k, v in parity.items()},
+           "parity_top1_ties": {k: v["overall"]["top1_tie"] for k, v in parity.items()},
+           "parity_kl": {k: v["overall"]["kl_mean"] for k, v in parity.items()},
+           "reused_run": bool(args.reuse_run and reused), "pre": _pre(Path(export["gguf"]["f16"])),
            "seconds": round(time.time() - start)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "real_model.json").write_text(json.dumps(rep, indent=1, ensure_ascii=False) + "\n")

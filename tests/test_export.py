@@ -168,7 +168,8 @@ def test_gguf_reads_back_with_gguf_reader(exported, tiny_path):
     assert _field(reader, K.Tokenizer.BOS_ID) == tok.bos_token_id
     assert _field(reader, K.Tokenizer.EOS_ID) == tok.eos_token_id
     assert _field(reader, K.Tokenizer.EOT_ID) == tok.convert_tokens_to_ids("<|end|>")
-    assert _field(reader, K.Tokenizer.UNK_ID) == tok.unk_token_id and _field(reader, K.Tokenizer.PAD_ID) == tok.pad_token_id
+    assert _field(reader, K.Tokenizer.UNK_ID) == tok.unk_token_id
+    assert _field(reader, K.Tokenizer.PAD_ID) == tok.pad_token_id
     assert _field(reader, K.Tokenizer.ADD_BOS) is False  # explicit, not llama.cpp's SentencePiece default
     assert _field(reader, K.Tokenizer.ADD_PREFIX) is False
     assert _field(reader, K.Tokenizer.CHAT_TEMPLATE) == tok.chat_template

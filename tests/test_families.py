@@ -36,7 +36,7 @@ def exported(request, tiny_path, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp(family)
     base = families.build_model(family, root / f"tiny-{family}", tiny_path)
     run = root / "run"
-    train_cli(run, *SHORT, f"model.base={base}")
+    train_cli(run, *SHORT, f"model.base={base}", *families.TRAIN_OVERRIDES.get(family, []))
     out = run / "export"
     proc = subprocess.run([sys.executable, "-m", "export", "all", "--run", str(run), "--type", ",".join(TYPES),
                            "--name", family, "--no-progress"], capture_output=True, text=True, cwd=ROOT)
