@@ -24,13 +24,7 @@ TYPES = list(names.TYPES)
 CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "日本の首都はどこですか？"}]
 
 
-# Known gap: train/data.py finds assistant turns by rendering each conversation's prefix, and Mistral v0.3's template
-# moves the system prompt to the last user turn, so multi-turn chats with a system prompt are refused in training.
-KNOWN_GAPS = {"mistral": "training data: Mistral v0.3 puts the system prompt in the last user turn (open in issue 15)"}
-
-
-@pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.skip(reason=KNOWN_GAPS[f]))
-                                        if f in KNOWN_GAPS else f for f in families.FAMILIES])
+@pytest.fixture(scope="module", params=list(families.FAMILIES))
 def exported(request, tiny_path, tmp_path_factory) -> dict:
     family = request.param
     root = tmp_path_factory.mktemp(family)
