@@ -4,10 +4,11 @@ template tokenizes differently: checked both ways with llama.cpp's tokenizer."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
+
+from support.tokenizers import copy_with_stripping_markers
 
 
 def _template_parity(gguf_path, model_dir):
@@ -25,14 +26,10 @@ def test_name_follows_the_tokenizers_whitespace_rule(tiny_path, tmp_path, rstrip
     from export.to_gguf import write_gguf
 
     model = tmp_path / "model"
-    shutil.copytree(tiny_path, model)
     if rstrip:  # make it behave like Phi-3's tokenizer: turn markers swallow the newline after them
-        path = model / "tokenizer.json"
-        data = json.loads(path.read_text(encoding="utf-8"))
-        for t in data["added_tokens"]:
-            if t["content"].startswith("<|") and t["content"] != "<|endoftext|>":
-                t["rstrip"] = True
-        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        copy_with_stripping_markers(tiny_path, model)
+    else:
+        shutil.copytree(tiny_path, model)
     # A name that says phi-3 either way: it must be kept only when the tokenizer strips.
     result = write_gguf(model, tmp_path / "m.gguf", "f16", name="Tiny-Phi-3-test", progress=False,
                         log=lambda *_: None)

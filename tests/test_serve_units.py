@@ -207,23 +207,14 @@ def test_tool_turns_render_in_the_documented_format(gguf_backend):
         f'{tools.TOOLS_INTRO}\n{{"name":"f","parameters":{{"type":"object"}}}}\n{tools.CALL_HOWTO}'
 
 
-def test_control_tokens_that_strip_whitespace_tokenize_as_llama_cpp_does(tmp_path):
+def test_control_tokens_that_strip_whitespace_tokenize_as_llama_cpp_does(tiny_path, tmp_path):
     """Phi-3's own tokenizer (and llama.cpp for a GGUF named phi-3) drops the whitespace after its turn markers;
     the prompt built piece by piece must still be exactly llama.cpp's tokens for the whole rendered text."""
-    import shutil
-
     from export.to_gguf import write_gguf
     from serve.backends.llamacpp import LlamaCppBackend
-    from train.tiny import ensure
+    from support.tokenizers import copy_with_stripping_markers
 
-    model = tmp_path / "model"
-    shutil.copytree(ensure(), model)
-    path = model / "tokenizer.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    for t in data["added_tokens"]:
-        if t["content"].startswith("<|") and t["content"] != "<|endoftext|>":
-            t["rstrip"] = True
-    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    model = copy_with_stripping_markers(tiny_path, tmp_path / "model")
     write_gguf(model, tmp_path / "m.gguf", "f16", name="Tiny-Phi-3-rstrip", progress=False, log=lambda *_: None)
     backend = LlamaCppBackend(tmp_path / "m.gguf")
     try:
