@@ -107,6 +107,25 @@ def _gguf_type(path: Path) -> str:
         return "unknown type"
 
 
+def trained_context(path: Path | str) -> int | None:
+    """The context a GGUF should be opened with unless asked otherwise: its context length, but for a LongRoPE model
+    (Phi-3: long and short rope factors) the original context. llama.cpp picks the factors once per context, not per
+    sequence as transformers does: with a context above the original it applies the long factors to every prompt,
+    short ones too, which then differ from what the model was trained and is run with elsewhere."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = bytes(reader.fields[gguf.Keys.General.ARCHITECTURE].parts[-1]).decode()
+    keys = [gguf.Keys.LLM.CONTEXT_LENGTH]
+    if any(t.name.startswith("rope_factors_long") for t in reader.tensors):
+        keys.insert(0, gguf.Keys.Rope.SCALING_ORIG_CTX_LEN)
+    for key in keys:
+        f = reader.fields.get(key.format(arch=arch))
+        if f is not None:
+            return int(f.parts[-1][0])
+    return None
+
+
 def _child(path: Path, extra_bufts: bool, threads: int | None) -> tuple[int, str, str]:
     cmd = [sys.executable, "-m", "aegis.llamacpp", "probe", str(path)]
     if not extra_bufts:

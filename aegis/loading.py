@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import re
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,12 +28,6 @@ AUTO_TARGETS = {
 }
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 
-# Two notes every command would print that say nothing to the user, dropped by their exact text:
-# bitsandbytes logs on import, on CPUs with AVX-512 BF16, that an optional hub-downloaded kernel package is missing
-# (its own CPU kernels are used); peft reads the model's `is_gradient_checkpointing`, which transformers 5 deprecates.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: "from kernels-community" not in record.getMessage())
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def check_architecture(config_path: Path) -> None:

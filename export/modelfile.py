@@ -54,19 +54,6 @@ class Modelfile:
         return "\n".join(lines) + "\n"
 
 
-def gguf_context(gguf_path: Path) -> int | None:
-    """The original (short-factor) context of a GGUF, else its context length: a sensible num_ctx."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(gguf_path))
-    arch = bytes(reader.fields[gguf.Keys.General.ARCHITECTURE].parts[-1]).decode()
-    for key in (gguf.Keys.Rope.SCALING_ORIG_CTX_LEN, gguf.Keys.LLM.CONTEXT_LENGTH):
-        f = reader.fields.get(key.format(arch=arch))
-        if f is not None:
-            return int(f.parts[-1][0])
-    return None
-
-
 def _llama_cpp_tokenizer(gguf_path: Path):
     """text -> ids as Ollama's runner tokenizes a rendered prompt: BOS as the vocabulary says, special tokens parsed."""
     llm = llamacpp.runtime().Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
@@ -101,7 +88,7 @@ def build(gguf_path: Path, model_dir: Path, system: str | None = None, num_ctx: 
     if system and not proof.system:
         raise ExportError(f"--system: {model_dir}'s chat template refuses system messages")
     return Modelfile(gguf=gguf_path, template=proof.template, stops=proof.stops, system=system, name=name,
-                     num_ctx=num_ctx or gguf_context(gguf_path) or DEFAULT_NUM_CTX, proof=proof)
+                     num_ctx=num_ctx or llamacpp.trained_context(gguf_path) or DEFAULT_NUM_CTX, proof=proof)
 
 
 def write(gguf_path: Path, out: Path, model_dir: Path | None = None, name: str | None = None,

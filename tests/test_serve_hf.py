@@ -20,10 +20,11 @@ MESSAGES = [{"role": "user", "content": "日本の四季について説明して
 def server(request, tmp_path_factory):
     run = serving.run_for_tests(request)
     log = tmp_path_factory.mktemp("serve") / "hf.log"
-    # --quantization none: the checkpoint's base in full precision, as the merged export is
+    # --quantization none: the checkpoint's base in full precision, as the merged export is. --ctx-size 512, the
+    # embedded model's original context: above it llama.cpp would use LongRoPE's long factors even for short prompts
     with Server("--model", f"ckpt={run / 'final'}", "--model", f"merged={run / 'export' / 'merged'}",
                 "--model", f"gguf={serving.find_gguf(run)}", "--quantization", "none", "--threads", "1",
-                log_path=log, ready_path="/health") as s:  # up, not yet ready: transformers loads for seconds
+                "--ctx-size", "512", log_path=log, ready_path="/health") as s:  # up, not yet ready: transformers loads for seconds
         yield s
 
 

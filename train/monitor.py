@@ -31,6 +31,8 @@ SPIKE_WINDOW = 20  # a loss is compared with the median of the losses just befor
 SPIKE_MIN = 5  # ... once there are at least this many
 SPIKE_FACTOR = 1.5  # ... and is a spike when above factor * median + SPIKE_MARGIN
 SPIKE_MARGIN = 0.5  # the margin keeps a batch of harder text from counting as a spike at low loss
+SPIKE_Z = 5.0  # ... and above the median by this many robust deviations (1.4826 * MAD): at batch 1 one example's
+# loss swings widely (0.02 to 1.5 within ten steps of a healthy run), so a spike must stand out from that spread too
 SPARK = "▁▂▃▄▅▆▇█"
 PHASES = (("chaos", "chaos"), ("transition", "transition"), ("golden", "golden ratio"))
 
@@ -89,7 +91,8 @@ def find_warnings(records: list[dict]) -> list[str]:
             continue
         if len(window) >= SPIKE_MIN:
             med = statistics.median(window)
-            if loss > SPIKE_FACTOR * med + SPIKE_MARGIN:
+            spread = 1.4826 * statistics.median(abs(v - med) for v in window)
+            if loss > SPIKE_FACTOR * med + SPIKE_MARGIN and loss > med + SPIKE_Z * spread:
                 spikes.append((r["step"], loss, med))
         window = (window + [loss])[-SPIKE_WINDOW:]
     if spikes:

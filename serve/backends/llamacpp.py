@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 from aegis import llamacpp
 
 from .base import Backend, Control, Detokenizer, Sampling, Session, end_of_turn_ids
+
+log = logging.getLogger(__name__)
 
 
 def _quiet_logs() -> None:
@@ -66,6 +69,7 @@ class LlamaSession(Session):
         seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % 0xFFFFFFFF
         self.llm.set_seed(seed)  # read when generate() builds its sampler chain
         grammar = LlamaGrammar.from_string(sampling.grammar) if sampling.grammar else None
+        self._prefill(prompt)
         # Llama.generate reuses the longest cached prefix of the previous prompt on this context (multi-turn chats
         # re-evaluate only the new turn). min_p and typical are neutral so the OpenAI parameters mean what they say.
         return self.llm.generate(prompt, top_k=sampling.top_k, top_p=sampling.top_p, min_p=0.0, typical_p=1.0,
@@ -75,6 +79,21 @@ class LlamaSession(Session):
                                  # llama.cpp's grammar reads a control token as its text ("<|user|>" fits a JSON
                                  # string): under a grammar only text tokens, and end-of-generation once it is done
                                  logits_processor=self._text_only if grammar else None)
+
+    def _prefill(self, prompt: list[int]) -> None:
+        """Decode all of the prompt but its last token, reusing what this context already holds, so that generate()
+        always decodes the last one alone. llama.cpp sums in another order for a batch of tokens than for one, so
+        the first logits of a prompt decoded whole and of the same prompt found in the cache differ in the last
+        digits, and a seeded sample can fall on a neighbouring token: with this, one seed gives one text whatever the
+        worker saw before."""
+        llm, head = self.llm, prompt[:-1]
+        keep = 0
+        for cached, wanted in zip(llm.input_ids[:llm.n_tokens].tolist(), head):
+            if cached != wanted:
+                break
+            keep += 1
+        llm.n_tokens = keep  # eval() drops the context's memory from here on
+        llm.eval(head[keep:])
 
     def logits(self) -> np.ndarray:
         llama_cpp = llamacpp.runtime()
@@ -106,6 +125,12 @@ class LlamaCppBackend(Backend):
         n_ctx_train = int(meta.get(f"{arch}.context_length", 0) or 0) or 4096
         # Long-context models (Phi-3.5: 128k) would reserve a huge KV cache per worker; 4096 unless asked.
         self.context_length = n_ctx or min(n_ctx_train, 4096)
+        short = llamacpp.trained_context(self.path)
+        if short and short < min(self.context_length, n_ctx_train):
+            # llama.cpp picks LongRoPE's factors once per context, transformers per sequence
+            log.info("%s: a context of %d is above the original %d, so llama.cpp applies the long rope factors to "
+                     "every prompt; --ctx-size %d runs short prompts as transformers does", self.path.name,
+                     self.context_length, short, short)
         self.n_ctx_train = n_ctx_train
         # half the cores split among the workers, as llama-cpp-python's own server does: on shared or busy cores
         # more threads than free cores make llama.cpp's thread barriers spin and slow everything down
