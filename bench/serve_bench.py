@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--gguf {gguf}: no such file")
 
     common = ["--model", str(gguf)]
-    ours = Server("--model", f"{MODEL}={gguf}", "--workers", "1", "--threads", str(args.threads),
+    ours = Server("--model", f"{MODEL}={gguf}", "--parallel", "1", "--threads", str(args.threads),
                   "--ctx-size", str(args.ctx), "--queue-size", "256")
     # --interrupt_requests False: by default llama_cpp.server aborts a running stream when the next request
     # arrives; queueing instead is what ours does and what 8 concurrent clients need

@@ -1,4 +1,4 @@
-"""python -m serve --model [NAME=]PATH [--model ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--workers N]
+"""python -m serve --model [NAME=]PATH [--model ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--parallel N]
 
 Serves an OpenAI-compatible API. PATH is a GGUF file (llama.cpp), a merged model directory or a training checkpoint
 (transformers). The server answers /health at once and the API once the models are loaded (503 before). Every

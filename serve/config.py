@@ -85,7 +85,13 @@ class Settings:
     port: int = setting(8000, "TCP port", parse=POSITIVE_INT)
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on /v1 (default: $AEGIS_API_KEY, else "
                                         "no key)", metavar="KEY", env="AEGIS_API_KEY")
-    workers: int = setting(1, "model workers per model (each has its own llama.cpp context)", parse=POSITIVE_INT)
+    parallel: int = setting(0, "requests each model serves at once (0: 4 for llama.cpp, decoded together in one batch "
+                               "with a KV cache per request; 1 for transformers, which runs a worker thread each)",
+                            parse=NON_NEGATIVE)
+    batch_size: int = setting(512, "llama.cpp: most tokens one decode step takes (a token per generating request, "
+                                   "then chunks of the prompts being read)", parse=POSITIVE_INT)
+    prefix_cache: str = setting("on", "llama.cpp: a request whose prompt starts as a finished one's did (a chat's next "
+                                      "turn) reuses that KV cache", choices=("on", "off"))
     queue_size: int = setting(64, "requests that may wait for a worker before the server answers 429",
                               parse=NON_NEGATIVE)
     timeout: float = setting(300.0, "seconds per request, queue included", parse=POSITIVE)
@@ -94,7 +100,7 @@ class Settings:
                             parse=NON_NEGATIVE)
     max_tokens_default: int = setting(0, "max_tokens for chat requests that give none (0: the rest of the context)",
                                       parse=NON_NEGATIVE)
-    threads: int = setting(0, "llama.cpp threads per worker (0: half the cores, split among the workers)",
+    threads: int = setting(0, "llama.cpp threads (0: half the cores)",
                            parse=NON_NEGATIVE)
     gpu_layers: int = setting(-1, "llama.cpp layers to offload (-1: all, if a GPU)")
     device: str = setting("auto", "transformers backend: auto | cpu | cuda | cuda:N")

@@ -1,5 +1,6 @@
-"""Prometheus metrics: requests by endpoint and status, tokens in and out, queue depth, busy workers, latency and
-time to first token. Each app has its own registry, so several servers in one process (tests) never share counts.
+"""Prometheus metrics: requests by endpoint and status, tokens in and out (cached prompt tokens too), queue depth, busy
+slots, the batched engine's decode steps and the sequences they carried, latency and time to first token. Each app
+has its own registry, so several servers in one process (tests) never share counts.
 
 Requests are counted by an ASGI middleware that sees the status line of every response (401 and 413 included)
 and times the whole exchange (a stream ends when its last chunk is sent). Paths outside the API are counted as
@@ -10,10 +11,28 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics"}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class BatchCounts:
+    """The batched engines' own counters, read when scraped: sequences / steps is the mean batch."""
+
+    def __init__(self):
+        self.pools = {}
+
+    def collect(self):
+        steps = CounterMetricFamily("aegis_decode_steps", "llama_decode calls of the batched engine", labels=["model"])
+        seqs = CounterMetricFamily("aegis_decode_sequences", "sequences those calls carried (a prompt chunk or one "
+                                   "generated token each)", labels=["model"])
+        for name, pool in self.pools.items():
+            steps.add_metric([name], pool.steps)
+            seqs.add_metric([name], pool.sequences)
+        yield steps
+        yield seqs
 
 
 class Metrics:
@@ -30,19 +49,28 @@ class Metrics:
         self.prompt_tokens = Counter("aegis_prompt_tokens", "prompt tokens processed", ["model"], registry=r)
         self.completion_tokens = Counter("aegis_completion_tokens", "tokens generated", ["model"], registry=r)
         self.queue_depth = Gauge("aegis_queue_depth", "requests waiting for a model worker", ["model"], registry=r)
-        self.busy_workers = Gauge("aegis_busy_workers", "model workers running a request", ["model"], registry=r)
-        self.workers = Gauge("aegis_workers", "model workers", ["model"], registry=r)
+        self.cached_tokens = Counter("aegis_cached_prompt_tokens", "prompt tokens found in a slot's KV cache",
+                                     ["model"], registry=r)
+        self.busy_workers = Gauge("aegis_busy_workers", "requests being decoded (llama.cpp slots or transformers "
+                                  "workers in use)", ["model"], registry=r)
+        self.workers = Gauge("aegis_workers", "requests a model serves at once (--parallel)", ["model"], registry=r)
         self.finished = Counter("aegis_generations", "generations by finish reason", ["model", "reason"],
                                 registry=r)
 
+        self.batches = BatchCounts()
+        r.register(self.batches)
+
     def watch_pool(self, model: str, pool) -> None:
-        """Queue depth and busy workers are read from the pool when scraped, never stale."""
+        """Queue depth, busy slots and decode steps are read from the pool when scraped, never stale."""
         self.queue_depth.labels(model).set_function(lambda: pool.waiting)
         self.busy_workers.labels(model).set_function(lambda: pool.busy)
         self.workers.labels(model).set(pool.workers)
+        if hasattr(pool, "steps"):
+            self.batches.pools[model] = pool
 
     def record_generation(self, model: str, finish, first_token_s: float | None) -> None:
         self.prompt_tokens.labels(model).inc(finish.prompt_tokens)
+        self.cached_tokens.labels(model).inc(finish.cached_tokens)
         self.completion_tokens.labels(model).inc(finish.completion_tokens)
         self.finished.labels(model, finish.reason).inc()
         if first_token_s is not None:

@@ -40,6 +40,7 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     error: str = ""
+    cached_tokens: int = 0  # prompt tokens whose KV was already in the slot (not decoded again)
 
 
 @dataclass(frozen=True)
@@ -157,46 +158,68 @@ class Job:
                     return
 
 
+class Decoding:
+    """One job's generated tokens turned into what the client receives: end-of-turn tokens, stop strings,
+    max_tokens, a cancel or the deadline end it, whichever comes first. Both engines (a worker running one job,
+    the batch running many) feed it one token at a time."""
+
+    def __init__(self, backend: Backend, job: Job):
+        self.job = job
+        self.detok = backend.detokenizer()
+        self.stopper = StopMatcher(job.stops)
+        self.stop_ids = frozenset() if job.ignore_eos else backend.stop_ids
+        self.n, self.reason, self.hit = 0, "length", False
+
+    def interrupted(self) -> bool:
+        """Whether the client went away or the deadline passed (checked before each token is computed)."""
+        if self.job.cancelled.is_set():
+            self.reason = "cancelled"
+        elif time.monotonic() > self.job.deadline:
+            self.reason = "timeout"
+        else:
+            return False
+        return True
+
+    def push(self, token: int, logits=None) -> bool:
+        """Take one sampled token; True when the job is done. logits(): the raw logits the token was sampled from,
+        asked for only when the job wants log-probabilities."""
+        if token in self.stop_ids:
+            self.reason = "stop"
+            return True
+        self.n += 1
+        if self.job.logprobs is not None:
+            self.job.emit(score(logits(), token, self.job.logprobs))
+        text, self.hit = self.stopper.push(self.detok.push(token))
+        if text:
+            self.job.emit(text)
+        if self.hit:
+            self.reason = "stop"
+            return True
+        return self.n >= self.job.max_tokens
+
+    def finish(self) -> Finish:
+        """Releases what the detokenizer and the stop matcher still hold; the Finish to emit."""
+        if not self.hit and self.reason in ("stop", "length"):
+            text, self.hit = self.stopper.push(self.detok.flush())
+            text += "" if self.hit else self.stopper.flush()
+            if text:
+                self.job.emit(text)
+            if self.hit:
+                self.reason = "stop"
+        return Finish(self.reason, len(self.job.prompt), self.n)
+
+
 def run_job(backend: Backend, session, job: Job) -> Finish:
-    """The per-token loop (on the worker thread): stops at end-of-turn tokens, stop strings, max_tokens, a cancel
-    or the deadline, whichever comes first."""
-    detok = backend.detokenizer()
-    stopper = StopMatcher(job.stops)
-    stop_ids = frozenset() if job.ignore_eos else backend.stop_ids
-    n, reason, hit = 0, "length", False
+    """One job on a worker's own session (on the worker thread)."""
+    dec = Decoding(backend, job)
     tokens = session.generate(job.prompt, job.sampling)
     try:
         for token in tokens:
-            if job.cancelled.is_set():
-                reason = "cancelled"
-                break
-            if time.monotonic() > job.deadline:
-                reason = "timeout"
-                break
-            if token in stop_ids:
-                reason = "stop"
-                break
-            n += 1
-            if job.logprobs is not None:
-                job.emit(score(session.logits(), token, job.logprobs))
-            text, hit = stopper.push(detok.push(token))
-            if text:
-                job.emit(text)
-            if hit:
-                reason = "stop"
-                break
-            if n >= job.max_tokens:
+            if dec.interrupted() or dec.push(token, session.logits):
                 break
     finally:
         tokens.close()
-    if not hit and reason in ("stop", "length"):
-        text, hit = stopper.push(detok.flush())
-        text += "" if hit else stopper.flush()
-        if text:
-            job.emit(text)
-        if hit:
-            reason = "stop"
-    return Finish(reason, len(job.prompt), n)
+    return dec.finish()
 
 
 class WorkerPool:

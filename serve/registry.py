@@ -11,16 +11,18 @@ from dataclasses import dataclass
 from .backends import Backend, open_backend
 from .config import ModelSpec, Settings
 from .errors import APIError
+from .batch import BatchPool
 from .pool import WorkerPool
 
 log = logging.getLogger("serve")
+DEFAULT_SLOTS = 4  # requests a llama.cpp model decodes together unless --parallel says otherwise (llama-server's too)
 
 
 @dataclass
 class ServedModel:
     spec: ModelSpec
     backend: Backend
-    pool: WorkerPool
+    pool: WorkerPool | BatchPool
     created: int
 
     @property
@@ -49,19 +51,24 @@ class Registry:
         try:
             for spec in s.models:
                 started = time.monotonic()
-                backend = open_backend(spec.path, spec.backend, n_ctx=s.ctx_size, workers=s.workers,
-                                       threads=s.threads, gpu_layers=s.gpu_layers, device=s.device, dtype=s.dtype,
-                                       quantization=s.quantization)
-                pool = WorkerPool(backend, workers=s.workers, max_queue=s.queue_size,
-                                  on_finish=self._finished_hook(spec.name))
+                backend = open_backend(spec.path, spec.backend, n_ctx=s.ctx_size, threads=s.threads,
+                                       batch_size=s.batch_size, gpu_layers=s.gpu_layers, device=s.device,
+                                       dtype=s.dtype, quantization=s.quantization)
+                hook = self._finished_hook(spec.name)
+                if backend.batched:
+                    pool = BatchPool(backend, slots=s.parallel or DEFAULT_SLOTS, max_queue=s.queue_size,
+                                     on_finish=hook, prefix_cache=s.prefix_cache == "on")
+                else:
+                    pool = WorkerPool(backend, workers=s.parallel or 1, max_queue=s.queue_size, on_finish=hook)
                 pool.start()
                 with self._lock:
                     if self._closed:  # shut down while loading
                         pool.close()
                         return
                     self.models[spec.name] = ServedModel(spec, backend, pool, int(time.time()))
-                log.info("model %s ready (%s, context %d, %d worker(s)) in %.1fs", spec.name, backend.kind,
-                         backend.context_length, s.workers, time.monotonic() - started)
+                log.info("model %s ready (%s, context %d, %d %s) in %.1fs", spec.name, backend.kind,
+                         backend.context_length, pool.workers, "slots in one batch" if backend.batched else "worker(s)",
+                         time.monotonic() - started)
             self.ready = True
         except Exception as e:  # noqa: BLE001 - reported through /health and the log; the CLI exits
             self.error = f"{type(e).__name__}: {e}"

@@ -17,7 +17,8 @@ from . import engine
 from .errors import APIError
 from .pool import Finish, Job, Scored
 from .responses import (AssistantMessage, ChatChoice, ChatCompletion, ChoiceLogprobs, Completion, CompletionChoice,
-                        CompletionLogprobs, FunctionCallOut, TokenLogprob, ToolCallOut, TopLogprob, Usage)
+                        CompletionLogprobs, FunctionCallOut, PromptTokensDetails, TokenLogprob, ToolCallOut,
+                        TopLogprob, Usage)
 from .tools import CallReader
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -25,7 +26,8 @@ TIMEOUT = "the request did not finish within the server's timeout"
 
 
 def _usage(finish: Finish) -> Usage:
-    return Usage(finish.prompt_tokens, finish.completion_tokens, finish.prompt_tokens + finish.completion_tokens)
+    return Usage(finish.prompt_tokens, finish.completion_tokens, finish.prompt_tokens + finish.completion_tokens,
+                 PromptTokensDetails(finish.cached_tokens))
 
 
 def _sse(payload) -> bytes:

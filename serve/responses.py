@@ -6,10 +6,15 @@ from __future__ import annotations
 import msgspec
 
 
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int  # prompt tokens whose KV cache was reused (a chat's earlier turns), not decoded again
+
+
 class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class FunctionCallOut(msgspec.Struct):

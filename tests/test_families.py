@@ -98,7 +98,7 @@ def test_served_answer_is_the_merged_models(exported, tmp_path):
                              eos_token_id=None)
     want = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     gguf = exported["out"] / f"{exported['family']}-f32.gguf"
-    with Server("--model", f"fam={gguf}", "--workers", "1", "--threads", "1", log_path=tmp_path / "serve.log") as s:
+    with Server("--model", f"fam={gguf}", "--parallel", "1", "--threads", "1", log_path=tmp_path / "serve.log") as s:
         r = httpx.post(s.api + "/chat/completions", timeout=120, json={
             "model": "fam", "messages": CHAT, "max_tokens": 6, "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200, r.text

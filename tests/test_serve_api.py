@@ -4,7 +4,6 @@ embedded model, driven by the official openai client and raw HTTP."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import openai
 import pytest
 
 from support import serving
-from support.serving import Server
+from support.serving import Server, metric
 
 KEY = "test-key-5f2c"
 CHAT = [{"role": "system", "content": "あなたは親切なアシスタントです。"},
@@ -29,7 +28,7 @@ def served_files(request) -> tuple[Path, Path]:
 def server(served_files, tmp_path_factory):
     gguf, _ = served_files
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with Server("--model", f"tiny={gguf}", "--workers", "2", "--threads", "1", api_key=KEY, log_path=log) as s:
+    with Server("--model", f"tiny={gguf}", "--parallel", "2", "--threads", "1", api_key=KEY, log_path=log) as s:
         yield s
         assert s.alive(), f"the server died during the tests:\n{s.log()}"
 
@@ -43,17 +42,6 @@ def client(server) -> openai.OpenAI:
 def tokenizer(served_files):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(served_files[1])
-
-
-def metric(server, name: str, **labels) -> float:
-    text = httpx.get(server.url + "/metrics").text
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(rf"^{name}(?:{{(.*)}})? (\S+)$", line)
-        if m and all(part in (m.group(1) or "") for part in want.split(",") if part):
-            total += float(m.group(2))
-    return total
 
 
 # ---- the happy paths ------------------------------------------------------------------------------------------
@@ -265,7 +253,7 @@ def test_abandoned_non_stream_request_is_cancelled(server):
 def limited(served_files, tmp_path_factory):
     gguf, _ = served_files
     log = tmp_path_factory.mktemp("serve") / "limited.log"
-    with Server("--model", str(gguf), "--workers", "1", "--threads", "1", "--queue-size", "0", "--timeout", "0.25",
+    with Server("--model", str(gguf), "--parallel", "1", "--threads", "1", "--queue-size", "0", "--timeout", "0.25",
                 "--max-body", "4096", log_path=log) as s:
         yield s
 

@@ -26,8 +26,8 @@ def gguf(request):
 
 
 @pytest.fixture(scope="module")
-def server(request, tmp_path_factory):  # two workers, to see that a seed means the same on both
-    with serving.tiny_server(request, tmp_path_factory, "--workers", "2") as s:
+def server(request, tmp_path_factory):  # two slots, to see that a seed means the same on both
+    with serving.tiny_server(request, tmp_path_factory, "--parallel", "2") as s:
         yield s
 
 
@@ -73,7 +73,7 @@ def test_top_logprobs_needs_logprobs(client):
 
 # ---- seeds, n, usage ----------------------------------------------------------------------------------------------
 
-def test_same_seed_same_text_on_any_worker_streamed_or_not(server, client):
+def test_same_seed_same_text_on_any_slot_streamed_or_not(server, client):
     args = dict(model="tiny", messages=USER, max_tokens=24, temperature=1.0, seed=4321)
 
     async def many():
@@ -81,7 +81,7 @@ def test_same_seed_same_text_on_any_worker_streamed_or_not(server, client):
             replies = await asyncio.gather(*(c.chat.completions.create(**args) for _ in range(4)))
         return [r.choices[0].message.content for r in replies]
 
-    texts = asyncio.run(many())  # two workers, four at once: both workers answer
+    texts = asyncio.run(many())  # two slots, four at once: decoded together in one batch, then the next two
     streamed = "".join(c.choices[0].delta.content or "" for c in chat(client, stream=True, **args) if c.choices)
     assert len(set(texts + [streamed])) == 1
     others = {chat(client, **(args | {"seed": s})).choices[0].message.content for s in range(3)}

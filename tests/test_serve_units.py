@@ -146,27 +146,29 @@ def test_message_text_never_becomes_control_tokens(request, tokenizer, kind):
 
 
 def test_under_a_grammar_only_text_tokens_are_generated(gguf_backend):
-    """llama.cpp's grammar reads a control token as its text; the session bans them while a grammar is active, so
-    "<|system|>" can neither end a JSON reply early nor appear in it."""
+    """llama.cpp's grammar reads a control token as its text; the batch's sampler chain bans them while a grammar is
+    active, so "<|system|>" can neither end a JSON reply early nor appear in it."""
     from serve.backends import Sampling
     prose = 'root ::= [^{ \\t\\n\\r] [^\\x00]*'
     ids = prompt.chat_ids(gguf_backend, [{"role": "user", "content": "天気を教えてください。"}])
     turns = {gguf_backend.controls[t].id for t in ("<|system|>", "<|user|>", "<|assistant|>")}
     controls = {c.id for c in gguf_backend.controls.values()}
-    session = gguf_backend.new_session()
+    batch = gguf_backend.new_batch(1)
     try:
         for seed in range(8):
-            tokens = session.generate(ids, Sampling(temperature=1.0, seed=seed, grammar=prose))
-            out = []
-            for token in tokens:
-                out.append(token)
-                if token in gguf_backend.stop_ids or len(out) == 12:
-                    break
-            tokens.close()
+            slot, keep = batch.claim([0], ids, reuse=True)
+            batch.start(slot, Sampling(temperature=1.0, seed=seed, grammar=prose))
+            batch.decode([(slot, ids[keep:-1], False)])
+            out, feed = [], ids[-1]
+            while not out or (out[-1] not in gguf_backend.stop_ids and len(out) < 12):
+                rows = batch.decode([(slot, [feed], True)])
+                feed = batch.sample(slot, rows[slot])
+                out.append(feed)
+            batch.release(slot)
             # only text, then perhaps the end of generation (<|end|>); never a turn marker
             assert not controls & set(out[:-1]) and not turns & set(out), out
     finally:
-        session.close()
+        batch.close()
 
 
 def test_call_reader_streams_what_it_reads_whole():

@@ -40,7 +40,7 @@ def run_dir(request) -> Path:
 def api(run_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("ui") / "api.log"
     server = Server("--model", f"souled={find_gguf(run_dir)}", "--model", f"base={base_gguf(run_dir)}",
-                    "--threads", "1", "--workers", "2", log_path=log)
+                    "--threads", "1", "--parallel", "2", log_path=log)
     with server:
         yield server
 

@@ -34,7 +34,7 @@ def detect(path: Path) -> str:
     raise FileNotFoundError(f"{path}: no such file or directory")
 
 
-def open_backend(path: Path, kind: str = "auto", *, n_ctx: int = 0, workers: int = 1, threads: int = 0,
+def open_backend(path: Path, kind: str = "auto", *, n_ctx: int = 0, threads: int = 0, batch_size: int = 512,
                  gpu_layers: int = -1, device: str = "auto", dtype: str = "auto",
                  quantization: str | None = None) -> Backend:
     path = Path(path)
@@ -43,7 +43,7 @@ def open_backend(path: Path, kind: str = "auto", *, n_ctx: int = 0, workers: int
     # each runtime is imported only when a model needs it (the serve image has llama.cpp but no torch)
     if kind == "llamacpp":
         from .llamacpp import LlamaCppBackend
-        return LlamaCppBackend(path, n_ctx=n_ctx, n_threads=threads, gpu_layers=gpu_layers, workers=workers)
+        return LlamaCppBackend(path, n_ctx=n_ctx, n_threads=threads, n_batch=batch_size, gpu_layers=gpu_layers)
     if kind == "hf":
         from .hf import HFBackend
         return HFBackend(path, n_ctx=n_ctx, device=device, dtype=dtype, quantization=quantization)

@@ -4,8 +4,8 @@ A `Backend` is a loaded model as the API sees it: its vocabulary (tokenize, deto
 special tokens, its context length and its end-of-turn tokens. Tokenizing runs on the request's thread, so the API
 can validate a prompt's length before it queues anything.
 
-Decoding state (a llama.cpp context, a KV cache) is not thread-safe, so it lives in a `Session`: each worker of the
-pool owns exactly one and is the only thread that touches it.
+Decoding state (a llama.cpp context, a KV cache) is not thread-safe: llama.cpp's lives in one batch that a single
+scheduler thread drives for every request (serve.batch); transformers' lives in a `Session` per worker thread.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class Backend(abc.ABC):
     add_bos: bool  # whether a prompt starts with BOS (then a template that writes BOS gets no second one)
     bos_id: int | None
     supports_grammar: bool = False  # whether Sampling.grammar is honoured
+    batched: bool = False  # new_batch (many requests in one decode) rather than new_session (one per worker)
 
     @abc.abstractmethod
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -105,9 +106,13 @@ class Backend(abc.ABC):
         """Whether the runtime's own parser accepts the GBNF (only asked where supports_grammar)."""
         return False
 
-    @abc.abstractmethod
     def new_session(self) -> Session:
-        """Decoding state for one worker (called once per worker, on that worker's thread)."""
+        """Decoding state for one worker of a worker pool (called once per worker, on that worker's thread)."""
+        raise NotImplementedError(f"the {self.kind} backend decodes in batches (new_batch)")
+
+    def new_batch(self, slots: int):
+        """Decoding state for many requests at once, driven by serve.batch.BatchPool (backends with `batched`)."""
+        raise NotImplementedError(f"the {self.kind} backend runs one request per worker (new_session)")
 
     def close(self) -> None:
         pass

@@ -1,7 +1,7 @@
 """llama.cpp through llama-cpp-python, on a GGUF file (CPU here; GPU where llama-cpp-python is built with CUDA).
 
 The vocabulary is a vocab-only load of the same file (no weights, no context), so tokenizing on request threads never
-touches a worker's context. Each worker gets its own `Llama` (the weights are memory-mapped, so they are shared).
+touches the decoding context. Decoding is one batched context for all requests (llamacpp_batch.LlamaBatch).
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ import codecs
 import ctypes
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 
 from aegis import llamacpp
 
-from .base import Backend, Control, Detokenizer, Sampling, Session, end_of_turn_ids
+from .base import Backend, Control, Detokenizer, end_of_turn_ids
+from .llamacpp_batch import LlamaBatch
 
 log = logging.getLogger(__name__)
 
@@ -50,67 +49,12 @@ class LlamaDetokenizer(Detokenizer):
         return self._utf8.decode(b"", final=True)
 
 
-class LlamaSession(Session):
-    def __init__(self, llm, text_only: np.ndarray):
-        self.llm = llm
-        self._text_only = [self._ban(text_only)]
-
-    @staticmethod
-    def _ban(ids: np.ndarray):
-        def ban(_input_ids, logits):
-            logits[ids] = -np.inf
-            return logits
-        return ban
-
-    def generate(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
-        llama_cpp = llamacpp.runtime()
-        from llama_cpp.llama_grammar import LlamaGrammar
-
-        seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % 0xFFFFFFFF
-        self.llm.set_seed(seed)  # read when generate() builds its sampler chain
-        grammar = LlamaGrammar.from_string(sampling.grammar) if sampling.grammar else None
-        self._prefill(prompt)
-        # Llama.generate reuses the longest cached prefix of the previous prompt on this context (multi-turn chats
-        # re-evaluate only the new turn). min_p and typical are neutral so the OpenAI parameters mean what they say.
-        return self.llm.generate(prompt, top_k=sampling.top_k, top_p=sampling.top_p, min_p=0.0, typical_p=1.0,
-                                 temp=sampling.temperature, repeat_penalty=1.0,
-                                 frequency_penalty=sampling.frequency_penalty,
-                                 presence_penalty=sampling.presence_penalty, grammar=grammar,
-                                 # llama.cpp's grammar reads a control token as its text ("<|user|>" fits a JSON
-                                 # string): under a grammar only text tokens, and end-of-generation once it is done
-                                 logits_processor=self._text_only if grammar else None)
-
-    def _prefill(self, prompt: list[int]) -> None:
-        """Decode all of the prompt but its last token, reusing what this context already holds, so that generate()
-        always decodes the last one alone. llama.cpp sums in another order for a batch of tokens than for one, so
-        the first logits of a prompt decoded whole and of the same prompt found in the cache differ in the last
-        digits, and a seeded sample can fall on a neighbouring token: with this, one seed gives one text whatever the
-        worker saw before."""
-        llm, head = self.llm, prompt[:-1]
-        keep = 0
-        for cached, wanted in zip(llm.input_ids[:llm.n_tokens].tolist(), head):
-            if cached != wanted:
-                break
-            keep += 1
-        llm.n_tokens = keep  # eval() drops the context's memory from here on
-        llm.eval(head[keep:])
-
-    def logits(self) -> np.ndarray:
-        llama_cpp = llamacpp.runtime()
-        # the last decoded position is the one the yielded token was sampled from (the next decode has not run)
-        row = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).copy()
-
-    def close(self) -> None:
-        self.llm.close()
-
-
 class LlamaCppBackend(Backend):
     kind = "llama.cpp"
     supports_grammar = True
+    batched = True
 
-    def __init__(self, path: Path, n_ctx: int = 0, n_threads: int = 0, n_batch: int = 512, gpu_layers: int = -1,
-                 workers: int = 1):
+    def __init__(self, path: Path, n_ctx: int = 0, n_threads: int = 0, n_batch: int = 512, gpu_layers: int = -1):
         llama_cpp = llamacpp.runtime()
 
         _quiet_logs()
@@ -132,9 +76,9 @@ class LlamaCppBackend(Backend):
                      "every prompt; --ctx-size %d runs short prompts as transformers does", self.path.name,
                      self.context_length, short, short)
         self.n_ctx_train = n_ctx_train
-        # half the cores split among the workers, as llama-cpp-python's own server does: on shared or busy cores
-        # more threads than free cores make llama.cpp's thread barriers spin and slow everything down
-        self.n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2 // max(1, workers))
+        # half the cores, as llama-cpp-python's own server does: on shared or busy cores more threads than free
+        # cores make llama.cpp's thread barriers spin and slow everything down
+        self.n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         self.n_batch, self.gpu_layers = n_batch, gpu_layers
         # Before any request: a child process loads the file and decodes, so a crash in llama.cpp is a start-up
         # error that says what failed (and which loader settings are safe), not the death of the first request.
@@ -155,8 +99,8 @@ class LlamaCppBackend(Backend):
             if attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN) and self._text(tid):
                 self.controls[self._text(tid)] = Control(tid, bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP),
                                                          bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP))
-        self._controls_not_eog = np.array(sorted(c.id for c in self.controls.values()
-                                                 if not llama_cpp.llama_vocab_is_eog(self._vocab, c.id)), dtype=np.int64)
+        self.controls_not_eog = sorted(c.id for c in self.controls.values()
+                                       if not llama_cpp.llama_vocab_is_eog(self._vocab, c.id))
         stops = end_of_turn_ids(self._lookup)
         stops |= {t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
         self.stop_ids = frozenset(stops)
@@ -202,11 +146,8 @@ class LlamaCppBackend(Backend):
     def detokenizer(self) -> Detokenizer:
         return LlamaDetokenizer(self.token_bytes)
 
-    def new_session(self) -> Session:
-        llm = llamacpp.open_model(self.path, extra_bufts=self.loader.extra_bufts, n_ctx=self.context_length,
-                                  n_batch=self.n_batch, n_threads=self.n_threads, n_threads_batch=self.n_threads,
-                                  n_gpu_layers=self.gpu_layers, verbose=False)
-        return LlamaSession(llm, self._controls_not_eog)
+    def new_batch(self, slots: int) -> LlamaBatch:
+        return LlamaBatch(self, slots)
 
     def close(self) -> None:
         self._vocab_llm.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -208,3 +209,15 @@ def tiny_server(request, tmp_path_factory, *args: str, name: str = "tiny"):
 def openai_client(server: Server):
     import openai
     return openai.OpenAI(base_url=server.api, api_key=server.api_key or "none", max_retries=0, timeout=120)
+
+
+def metric(server, name: str, **labels) -> float:
+    """The sum of a Prometheus metric's samples on /metrics whose labels include these."""
+    text = httpx.get(server.url + "/metrics").text
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{name}(?:{{(.*)}})? (\S+)$", line)
+        if m and all(part in (m.group(1) or "") for part in want.split(",") if part):
+            total += float(m.group(2))
+    return total

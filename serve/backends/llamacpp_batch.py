@@ -1,0 +1,179 @@
+"""Many sequences through one llama.cpp context (continuous batching), on llama-cpp-python's low-level API.
+
+The weights are loaded once. The context has one sequence id per slot, each with its own KV cells (the served
+context length per slot, so a request never competes for cells with another), its own sampler chain, and a record of
+the tokens its cells hold, so the next turn of a chat that lands on the same slot decodes only what is new. One
+`decode` call feeds the next token of every generating slot and chunks of the prompts still being read, in one
+llama_decode, which is what makes concurrent requests cheaper than running them one after another.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aegis import llamacpp
+
+from .base import Sampling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Slot:
+    seq: int  # llama.cpp sequence id
+    cached: list[int] = field(default_factory=list)  # the tokens whose KV this slot's cells hold, in order
+    sampler: object = None  # the running request's sampler chain (None while free)
+
+
+class LlamaBatch:
+    """One context with `slots` sequences. Not thread-safe: the scheduler thread alone calls it."""
+
+    def __init__(self, backend, slots: int):
+        lib = self.lib = llamacpp.runtime()
+        self.backend = backend
+        self.slots = [Slot(i) for i in range(slots)]
+        self.n_batch = max(backend.n_batch, slots)
+        mp = lib.llama_model_default_params()
+        mp.n_gpu_layers = backend.gpu_layers
+        mp.use_extra_bufts = backend.loader.extra_bufts
+        self.model = lib.llama_model_load_from_file(str(backend.path).encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"{backend.path}: llama.cpp could not load the model")
+        cp = lib.llama_context_default_params()
+        cp.n_ctx = backend.context_length * slots
+        cp.n_batch = cp.n_ubatch = self.n_batch
+        cp.n_seq_max = slots
+        cp.kv_unified = False  # each slot gets a whole context of its own
+        cp.n_threads = cp.n_threads_batch = backend.n_threads
+        cp.no_perf = True
+        self.ctx = lib.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            lib.llama_model_free(self.model)
+            raise RuntimeError(f"{backend.path}: llama.cpp could not make a context of {cp.n_ctx} tokens for "
+                               f"{slots} slots (memory?)")
+        self.mem = lib.llama_get_memory(self.ctx)
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        # under a grammar only text tokens and end-of-generation: llama.cpp's grammar reads a control token as its
+        # text ("<|user|>" fits inside a JSON string)
+        banned = backend.controls_not_eog
+        self._ban = (lib.llama_logit_bias * len(banned))(*[lib.llama_logit_bias(int(t), -np.inf) for t in banned])
+
+    # ---- slots ----------------------------------------------------------------------------------------------
+    def claim(self, free: list[int], prompt: list[int], reuse: bool) -> tuple[int, int]:
+        """(slot, tokens kept) for a new request among the free slots: the one whose cells already hold the
+        longest start of this prompt (all but its last token at most: that one is decoded for the first logits),
+        else the first free one. The slot's cells beyond the kept part are cleared."""
+        best, keep = free[0], 0
+        if reuse:
+            for i in free:
+                n = _common(self.slots[i].cached, prompt[:-1])
+                if n > keep:
+                    best, keep = i, n
+        slot = self.slots[best]
+        self.lib.llama_memory_seq_rm(self.mem, slot.seq, keep, -1)
+        del slot.cached[keep:]
+        return best, keep
+
+    def forget(self) -> None:
+        """Clear every slot's cells (after a failed decode nothing they hold can be trusted)."""
+        self.lib.llama_memory_clear(self.mem, True)
+        for slot in self.slots:
+            slot.cached.clear()
+
+    def start(self, index: int, sampling: Sampling) -> None:
+        slot = self.slots[index]
+        self.release(index)
+        slot.sampler = self._chain(sampling)
+
+    def release(self, index: int) -> None:
+        """The request on this slot is done; its cells stay for a later request that shares their prefix."""
+        slot = self.slots[index]
+        if slot.sampler is not None:
+            self.lib.llama_sampler_free(slot.sampler)
+            slot.sampler = None
+
+    def _chain(self, s: Sampling):
+        lib = self.lib
+        params = lib.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = lib.llama_sampler_chain_init(params)
+
+        def add(sampler):
+            lib.llama_sampler_chain_add(chain, sampler)
+
+        if s.grammar:
+            if len(self._ban):
+                add(lib.llama_sampler_init_logit_bias(self.n_vocab, len(self._ban), self._ban))
+            add(lib.llama_sampler_init_grammar(self.vocab, s.grammar.encode("utf-8"), b"root"))
+        if s.presence_penalty or s.frequency_penalty:
+            # OpenAI's penalties count the tokens generated so far: the chain sees only those
+            add(lib.llama_sampler_init_penalties(self.n_vocab, self.backend.context_length, 1.0,
+                                                 s.frequency_penalty, s.presence_penalty))
+        if s.temperature <= 0:
+            add(lib.llama_sampler_init_greedy())
+            return chain
+        if s.top_k > 0:
+            add(lib.llama_sampler_init_top_k(s.top_k))
+        if s.top_p < 1.0:
+            add(lib.llama_sampler_init_top_p(s.top_p, 1))
+        add(lib.llama_sampler_init_temp(s.temperature))
+        add(lib.llama_sampler_init_dist(lib.LLAMA_DEFAULT_SEED if s.seed is None else s.seed % 0xFFFFFFFF))
+        return chain
+
+    # ---- one step -------------------------------------------------------------------------------------------
+    def decode(self, feeds: list[tuple[int, list[int], bool]]) -> dict[int, int]:
+        """One llama_decode of (slot, tokens, logits wanted for the last one) for several slots, at most n_batch
+        tokens in all; {slot: row of its logits}."""
+        b, rows, n = self.batch, {}, 0
+        for index, tokens, want in feeds:
+            slot = self.slots[index]
+            for j, token in enumerate(tokens):
+                b.token[n] = token
+                b.pos[n] = len(slot.cached) + j
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = slot.seq
+                b.logits[n] = want and j == len(tokens) - 1
+                n += 1
+            if want and tokens:
+                rows[index] = n - 1
+        if n == 0:
+            return rows
+        b.n_tokens = n
+        rc = self.lib.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}) on a batch of {n} tokens")
+        for index, tokens, _ in feeds:
+            self.slots[index].cached.extend(tokens)
+        return rows
+
+    def sample(self, index: int, row: int) -> int:
+        """The slot's next token from the logits at that batch row (its sampler chain also records it)."""
+        return self.lib.llama_sampler_sample(self.slots[index].sampler, self.ctx, row)
+
+    def logits(self, row: int) -> np.ndarray:
+        ptr = self.lib.llama_get_logits_ith(self.ctx, row)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def close(self) -> None:
+        for i in range(len(self.slots)):
+            self.release(i)
+        if self.ctx:
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(self.ctx)
+            self.lib.llama_model_free(self.model)
+            self.ctx = None
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+

@@ -1,0 +1,179 @@
+"""Continuous batching: one model, many requests decoded together, as llama-server, vLLM and Ollama do.
+
+One scheduler thread owns the model's batch (a llama.cpp context with one sequence per slot). Each step it
+  1. takes queued requests into free slots (the slot that already holds the longest start of the prompt: a chat's
+     next turn decodes only its new tokens),
+  2. drops requests whose client went away or whose deadline passed, freeing their slots at once,
+  3. decodes, in one batch, the next token of every generating request plus chunks of the prompts still being read
+     (at most n_batch tokens in all, so a long prompt joins over several steps instead of stalling the streams),
+  4. samples each request's token with its own settings and hands it to that request's Decoding (stops, limits).
+The bounded queue and its 429 are the worker pool's: a request that finds neither a free slot nor a place in the
+queue is refused at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from .backends.base import Backend
+from .pool import Decoding, Finish, Job, PoolClosed, QueueFull
+
+log = logging.getLogger("serve.batch")
+
+
+@dataclass(eq=False)
+class Running:
+    job: Job
+    decoding: Decoding
+    pending: list[int]  # prompt tokens still to read, all but the last
+    next_token: int | None = None  # the prompt's last token, then each sampled one: decoded next step, for logits
+    cached: int = 0  # prompt tokens found in the slot's cells
+
+
+class BatchPool:
+    """Same face as pool.WorkerPool (start, submit, close, waiting, busy, workers) over one batched context."""
+
+    def __init__(self, backend: Backend, slots: int = 4, max_queue: int = 64, on_finish=None,
+                 prefix_cache: bool = True):
+        if slots < 1 or max_queue < 0:
+            raise ValueError("slots must be >= 1 and the queue size >= 0")
+        self.backend, self.workers, self.max_queue = backend, slots, max_queue
+        self.on_finish, self.prefix_cache = on_finish, prefix_cache
+        self.waiting = 0  # requests in the queue, not yet in a slot
+        self.busy = 0  # slots running a request
+        self.steps = self.sequences = 0  # decode calls and the sequences they carried (metrics)
+        self._queue: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._batch = None
+
+    def start(self) -> None:
+        """Make the batched context (on this thread: a failure is the caller's) and start the scheduler."""
+        self._batch = self.backend.new_batch(self.workers)
+        self._thread = threading.Thread(target=self._run, name="model-batch", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if self._closed:
+                raise PoolClosed("the server is shutting down")
+            if self.waiting >= self.max_queue + max(0, self.workers - self.busy):
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting)")
+            self.waiting += 1
+            self._queue.append(job)
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        elif self._batch is not None:
+            self._batch.close()
+
+    # ---- the scheduler thread -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        running: dict[int, Running] = {}
+        try:
+            while True:
+                with self._cv:
+                    while not self._closed and not self._queue and not running:
+                        self._cv.wait()
+                    if self._closed:
+                        break
+                    admitted = self._admit(running)
+                for slot, job in admitted:
+                    self._start(slot, job, running)
+                for slot in [s for s, r in running.items() if r.decoding.interrupted()]:
+                    self._finish(slot, running)
+                if not running:
+                    continue
+                try:
+                    self._step(running)
+                except Exception as e:  # noqa: BLE001 - a runtime failure ends the requests in this batch only
+                    log.exception("decoding failed")
+                    for slot in list(running):
+                        self._finish(slot, running, error=f"{type(e).__name__}: {e}")
+                    self._batch.forget()
+        finally:
+            for slot in list(running):
+                self._finish(slot, running, error="the server is shutting down")
+            self._fail_queued("the server is shutting down")
+            self._batch.close()
+
+    def _admit(self, running: dict[int, Running]) -> list[tuple[int, Job]]:
+        """Queued jobs into free slots (under the lock)."""
+        out = []
+        free = [i for i in range(self.workers) if i not in running]
+        while self._queue and free:
+            job = self._queue.popleft()
+            self.waiting -= 1
+            slot, keep = self._batch.claim(free, job.prompt, self.prefix_cache)
+            free.remove(slot)
+            self.busy += 1
+            pending = job.prompt[keep:-1]
+            running[slot] = Running(job, Decoding(self.backend, job), pending,
+                                    next_token=None if pending else job.prompt[-1], cached=keep)
+            out.append((slot, job))
+        return out
+
+    def _start(self, slot: int, job: Job, running: dict[int, Running]) -> None:
+        try:
+            self._batch.start(slot, job.sampling)
+        except Exception as e:  # noqa: BLE001 - e.g. a grammar llama.cpp refuses: this request fails, not the rest
+            self._finish(slot, running, error=f"{type(e).__name__}: {e}")
+
+    def _step(self, running: dict[int, Running]) -> None:
+        feeds, budget = [], self._batch.n_batch
+        for slot, r in running.items():  # every generating request moves one token each step
+            if r.next_token is not None:
+                feeds.append((slot, [r.next_token], True))
+                budget -= 1
+        # then prompts, in arrival order, in chunks that fit the batch. A prompt's last token waits for the next
+        # step, where it is decoded as generating tokens are: the first logits then come out of the same kind of
+        # step whether the rest of the prompt was read now or found in the cache (llama.cpp sums a batch of one
+        # sequence's tokens in another order than single tokens, and a seeded sample could tell the difference)
+        for slot, r in running.items():
+            if r.next_token is None and r.pending and budget > 0:
+                chunk, r.pending = r.pending[:budget], r.pending[budget:]
+                feeds.append((slot, chunk, False))
+                budget -= len(chunk)
+                if not r.pending:
+                    r.next_token = r.job.prompt[-1]
+        rows = self._batch.decode(feeds)
+        self.steps += 1
+        self.sequences += len(feeds)
+        for slot, row in rows.items():  # only the single-token feeds asked for logits
+            r = running[slot]
+            token = self._batch.sample(slot, row)
+            r.next_token = token
+            if r.decoding.push(token, lambda row=row: self._batch.logits(row)):
+                r.next_token = None
+                self._finish(slot, running)
+
+    def _finish(self, slot: int, running: dict[int, Running], error: str = "") -> None:
+        r = running.pop(slot)
+        self._batch.release(slot)
+        with self._cv:
+            self.busy -= 1
+        finish = Finish("error", len(r.job.prompt), r.decoding.n, error=error) if error else r.decoding.finish()
+        finish.cached_tokens = r.cached
+        if self.on_finish is not None:
+            try:
+                self.on_finish(r.job, finish)
+            except Exception:  # noqa: BLE001 - bookkeeping must never take the engine down
+                log.exception("on_finish failed")
+        r.job.emit(finish)
+
+    def _fail_queued(self, error: str) -> None:
+        with self._cv:
+            jobs, self._queue = list(self._queue), deque()
+            self.waiting = 0
+        for job in jobs:
+            job.emit(Finish("error", len(job.prompt), 0, error=error))
+
