@@ -1,13 +1,20 @@
-"""Tokens/s and time to first token of the AEGIS API against llama-cpp-python's own OpenAI server, on the same GGUF,
-the same machine, one after the other, with 1 and 8 concurrent streaming clients.
+"""The serving engine against llama.cpp's own servers, side by side in one run on one machine and one GGUF:
+ours (`python -m serve`, continuous batching), `llama-server` (continuous batching, `-np` slots; built from the
+llama.cpp source that llama-cpp-python vendors) and `python -m llama_cpp.server` (one request at a time).
 
-    python bench/serve_bench.py [--gguf FILE] [--clients 1,8] [--requests 8] [--max-tokens 128] [--threads 1]
-                                [--rounds 3] [--out bench/serve_results.json]
+    python bench/serve_bench.py [--gguf FILE] [--clients 1,4,16,64] [--max-tokens 256] [--requests 2]
+                                [--llama-server PATH] [--baseline-levels 1,4,16] [--ctx 1024] [--threads N]
+                                [--gpu-layers -1] [--out bench/serve_results.json]
 
-Both servers get one model instance (ours: --workers 1) with the same thread count and context, and the same
-requests: greedy decoding (identical tokens from both, checked), streamed, so time to first token is measured at the
-client. Rounds alternate between the servers, and the median round is reported, so drift on a shared machine falls
-on both. Without --gguf, the GGUF of a short training run of the embedded model is made (and cached) first.
+Each server is started for each level with as many slots as clients (ours --parallel N, llama-server -np N with a
+context of N x --ctx, so every slot has --ctx tokens as ours does), all layers on the GPU when there is one. Every
+client streams `--requests` greedy chat requests of exactly --max-tokens new tokens (end-of-turn tokens ignored: ours
+and llama-server take `ignore_eos`, llama_cpp.server a logit bias against them). Reported per level and server:
+aggregate tokens/s, the median request's tokens/s, time to first token p50/p90, and peak memory (GPU memory in use
+above what it was before the server started; without a GPU, the server process's peak RSS).
+
+Then prefix reuse: a five-turn chat on ours with --prefix-cache on and off, time to first token of each turn.
+Without --gguf, the GGUF of a short training run of the embedded model is made (and cached) first.
 """
 
 from __future__ import annotations
@@ -17,8 +24,11 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,161 +41,252 @@ from tests.support.serving import Server, exported_run, find_gguf  # noqa: E402
 
 PROMPTS = ["こんにちは。自己紹介をしてください。", "日本の四季について説明してください。",
            "おすすめの本を三冊教えてください。", "明日の予定を立てるのを手伝ってください。"]
+TURNS = ["京都の有名なお寺をいくつか教えてください。それぞれの歴史についても簡単に説明してください。",
+         "その中で、秋に紅葉が一番きれいなのはどこですか。行き方も教えてください。",
+         "近くでおすすめの食事処はありますか。予算は一人三千円くらいです。",
+         "雨の日でも楽しめる場所はありますか。子ども連れでも大丈夫なところがいいです。",
+         "最後に、一日で回れるおすすめのコースを作ってください。"]
 MODEL = "bench"
+CHAT_CTX = 2048  # the five-turn chat's context
+OURS, LLAMA_SERVER, LCP_SERVER = "aegis serve", "llama-server", "llama_cpp.server"
 
 
-# llama-cpp-python's server applies repeat_penalty 1.1 unless told 1.0; ours has no such field (and refuses it)
-EXTRA = {"llama_cpp.server": {"repeat_penalty": 1.0}}
+class MemoryWatch:
+    """Peak memory while a server runs: GPU memory in use (nvidia-smi) above the level before it started, or the
+    process's peak resident set without a GPU."""
+
+    def __init__(self):
+        self.gpu = shutil.which("nvidia-smi") is not None
+        self.base = self._gpu_used() if self.gpu else 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _gpu_used() -> int:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True).stdout
+        return int(out.split()[0]) if out.strip() else 0
+
+    @staticmethod
+    def _rss(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) // 1024
+        except OSError:
+            pass
+        return 0
+
+    def start(self, pid: int) -> None:
+        def poll():
+            while not self._stop.wait(0.2):
+                used = self._gpu_used() - self.base if self.gpu else self._rss(pid)
+                self.peak = max(self.peak, used)
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        return self.peak
 
 
-def body(prompt: str, max_tokens: int, stream: bool, extra: dict) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": stream, **extra}
+def server_for(name: str, gguf: Path, clients: int, args, prefix_cache: str = "on",
+               ctx: int = 0) -> tuple[Server, str]:
+    """The server and its readiness path, configured for `clients` concurrent requests (ctx: per slot)."""
+    ctx = ctx or args.ctx
+    if name == OURS:
+        return Server("--model", f"{MODEL}={gguf}", "--parallel", str(clients), "--ctx-size", str(ctx),
+                      "--queue-size", "512", "--prefix-cache", prefix_cache, "--gpu-layers", str(args.gpu_layers),
+                      *(["--threads", str(args.threads)] if args.threads else []), "--log-level", "warning"), "/ready"
+    if name == LLAMA_SERVER:
+        return Server("-m", str(gguf), "-a", MODEL, "-np", str(clients), "-c", str(ctx * clients), "-cb",
+                      "-ngl", str(999 if args.gpu_layers < 0 else args.gpu_layers),
+                      *(["-t", str(args.threads)] if args.threads else []), program=str(args.llama_server)), "/health"
+    # llama_cpp.server decodes one request at a time; --interrupt_requests False makes the next request wait instead
+    # of aborting the running stream
+    return Server("--model", str(gguf), "--model_alias", MODEL, "--n_ctx", str(ctx), "--n_gpu_layers",
+                  str(args.gpu_layers), "--interrupt_requests", "False",
+                  *(["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)] if args.threads
+                    else []), module="llama_cpp.server"), "/v1/models"
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, extra: dict) -> dict:
-    """A streamed request; times to the first content chunk and to the end."""
+def body(name: str, messages: list[dict], max_tokens: int, no_eos: list[int]) -> dict:
+    out = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    if name == LCP_SERVER:  # it has no ignore_eos; a bias keeps end-of-turn tokens from being chosen
+        out["logit_bias"] = {str(t): -100 for t in no_eos}
+    else:
+        out["ignore_eos"] = True
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> dict:
+    """A streamed request: time to the first content, to the end, and the tokens (usage, else content chunks)."""
     start = time.perf_counter()
-    first = None
-    text = []
-    async with client.stream("POST", url, json=body(prompt, max_tokens, True, extra)) as r:
+    first, chunks, usage, text = None, 0, None, []
+    async with client.stream("POST", url, json=payload) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if not line.startswith("data: ") or line.strip() == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
             choices = chunk.get("choices") or []
             piece = choices[0].get("delta", {}).get("content") if choices else None
             if piece:
-                if first is None:
-                    first = time.perf_counter()
+                first = first or time.perf_counter()
+                chunks += 1
                 text.append(piece)
     end = time.perf_counter()
-    return {"ttft": (first or end) - start, "total": end - start, "text": "".join(text), "prompt": prompt}
+    tokens = usage["completion_tokens"] if usage else chunks
+    return {"ttft": (first or end) - start, "total": end - start, "tokens": tokens, "text": "".join(text)}
 
 
-async def load(base: str, clients: int, requests: int, max_tokens: int, tokens: dict[str, int],
-               extra: dict) -> dict:
+async def load(base: str, name: str, clients: int, requests: int, max_tokens: int, no_eos: list[int]) -> dict:
     """`clients` concurrent clients, each sending `requests` requests one after another."""
     url = base + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
         async def worker(i: int) -> list[dict]:
-            return [await one_request(client, url, PROMPTS[(i + k) % len(PROMPTS)], max_tokens, extra)
+            return [await one_request(client, url, body(name, [{"role": "user", "content":
+                                                                PROMPTS[(i + k) % len(PROMPTS)]}],
+                                                          max_tokens, no_eos))
                     for k in range(requests)]
 
         start = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients))) for r in rs]
         wall = time.perf_counter() - start
-    total_tokens = sum(tokens[r["prompt"]] for r in results)
     ttfts = sorted(r["ttft"] for r in results)
-    return {"wall_s": wall, "requests": len(results), "completion_tokens": total_tokens,
-            "tokens_per_s": total_tokens / wall,
-            "per_request_tokens_per_s": statistics.median(tokens[r["prompt"]] / r["total"] for r in results),
+    tokens = sum(r["tokens"] for r in results)
+    return {"wall_s": wall, "requests": len(results), "completion_tokens": tokens, "tokens_per_s": tokens / wall,
+            "per_request_tokens_per_s": statistics.median(r["tokens"] / r["total"] for r in results),
             "ttft_p50_ms": 1000 * statistics.median(ttfts),
             "ttft_p90_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
-            "texts": {r["prompt"]: r["text"] for r in results}}
+            "min_tokens": min(r["tokens"] for r in results)}
 
 
-def completion_tokens(base: str, max_tokens: int, extra: dict) -> dict[str, int]:
-    """Per prompt, the completion length from a non-streamed request (greedy: the same as in the timed runs)."""
-    out = {}
-    for p in PROMPTS:
-        r = httpx.post(base + "/v1/chat/completions", json=body(p, max_tokens, False, extra), timeout=600)
-        r.raise_for_status()
-        out[p] = r.json()["usage"]["completion_tokens"]
+async def chat_turns(base: str, max_tokens: int) -> list[float]:
+    """A five-turn chat, greedy; time to first token of each turn (ms)."""
+    messages, out = [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for turn in TURNS:
+            messages.append({"role": "user", "content": turn})
+            r = await one_request(client, base + "/v1/chat/completions",
+                                  {"model": MODEL, "messages": messages, "max_tokens": max_tokens,
+                                   "temperature": 0, "stream": True, "ignore_eos": True})
+            out.append(1000 * r["ttft"])
+            messages.append({"role": "assistant", "content": r["text"]})
     return out
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| clients | server | tokens/s (all clients) | tokens/s per request | TTFT p50 (ms) | TTFT p90 (ms) |",
-             "|---:|---|---:|---:|---:|---:|"]
+def end_tokens(gguf: Path) -> list[int]:
+    """The GGUF's end-of-generation tokens (for llama_cpp.server's logit bias)."""
+    from aegis import llamacpp
+    lib = llamacpp.runtime()
+    llm = lib.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    vocab = llm._model.vocab
+    ids = [t for t in range(lib.llama_vocab_n_tokens(vocab)) if lib.llama_vocab_is_eog(vocab, t)]
+    llm.close()
+    return ids
+
+
+def markdown(rows: list[dict], memory: str) -> str:
+    lines = [f"| clients | server | tokens/s (all clients) | tokens/s per request | TTFT p50 (ms) | TTFT p90 (ms) | "
+             f"peak {memory} (MiB) |", "|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['server']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['per_request_tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} |")
+                     f"{r['per_request_tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | "
+                     f"{r['peak_mib']} |")
     return "\n".join(lines)
+
+
+def run_level(name: str, gguf: Path, clients: int, args, no_eos: list[int]) -> dict:
+    server, ready = server_for(name, gguf, clients, args)
+    watch = MemoryWatch()
+    server.start(ready_path=ready)
+    try:
+        watch.start(server.proc.pid)
+        asyncio.run(load(server.url, name, 1, 1, 8, no_eos))  # warm-up: first CUDA kernels, caches
+        result = asyncio.run(load(server.url, name, clients, args.requests, args.max_tokens, no_eos))
+    finally:
+        server.stop()
+        result_peak = watch.stop()
+    print(f"{clients:3d} clients  {name:18s} {result['tokens_per_s']:9.1f} tokens/s  "
+          f"TTFT p50 {result['ttft_p50_ms']:8.1f} ms  peak {result_peak} MiB", flush=True)
+    return {"clients": clients, "server": name, **result, "peak_mib": result_peak}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", type=Path, help="GGUF to serve (default: a short run of the embedded model)")
-    ap.add_argument("--clients", default="1,8", help="comma-separated concurrency levels")
-    ap.add_argument("--requests", type=int, default=8, help="requests per client per round")
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads, both servers")
-    ap.add_argument("--ctx", type=int, default=2048, help="context length, both servers")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per level (median reported)")
+    ap.add_argument("--clients", default="1,4,16,64", help="comma-separated concurrency levels")
+    ap.add_argument("--baseline-levels", default="1,4,16",
+                    help="levels llama_cpp.server runs (it serves one request at a time, so high levels take long)")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--ctx", type=int, default=1024, help="context per slot, every server")
+    ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: each server's default)")
+    ap.add_argument("--gpu-layers", type=int, default=-1, help="-1: all")
+    ap.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server executable (row left out without)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "serve_results.json")
     args = ap.parse_args(argv)
     try:
         levels = [int(c) for c in args.clients.split(",")]
+        baseline_levels = {int(c) for c in args.baseline_levels.split(",") if c}
     except ValueError:
-        ap.error(f"--clients {args.clients!r}: expected numbers like 1,8")
-    if any(c < 1 for c in levels) or args.requests < 1 or args.rounds < 1 or args.max_tokens < 1:
-        ap.error("--clients, --requests, --rounds and --max-tokens must be positive")
+        ap.error(f"--clients {args.clients!r} / --baseline-levels {args.baseline_levels!r}: expected numbers like 1,4")
+    if any(c < 1 for c in levels) or args.requests < 1 or args.max_tokens < 1 or args.ctx < args.max_tokens + 64:
+        ap.error("--clients, --requests and --max-tokens must be positive, --ctx at least --max-tokens + 64")
+    if args.llama_server and not os.access(args.llama_server, os.X_OK):
+        ap.error(f"--llama-server {args.llama_server}: not an executable")
     gguf = args.gguf
     if gguf is None:
         gguf = find_gguf(exported_run(Path(os.environ.get("AEGIS_CACHE", Path.home() / ".cache" / "aegis"))
                                       / "serve-bench", log=lambda m: print(m, file=sys.stderr)))
     if not gguf or not gguf.is_file():
         ap.error(f"--gguf {gguf}: no such file")
+    no_eos = end_tokens(gguf)
+    servers = [OURS] + ([LLAMA_SERVER] if args.llama_server else []) + [LCP_SERVER]
 
-    common = ["--model", str(gguf)]
-    ours = Server("--model", f"{MODEL}={gguf}", "--parallel", "1", "--threads", str(args.threads),
-                  "--ctx-size", str(args.ctx), "--queue-size", "256")
-    # --interrupt_requests False: by default llama_cpp.server aborts a running stream when the next request
-    # arrives; queueing instead is what ours does and what 8 concurrent clients need
-    theirs = Server(*common, "--model_alias", MODEL, "--n_threads", str(args.threads), "--n_threads_batch",
-                    str(args.threads), "--n_ctx", str(args.ctx), "--interrupt_requests", "False",
-                    module="llama_cpp.server")
-    # llama_cpp.server takes --host/--port too, so Server's flags fit both; it has no /ready: poll /v1/models
-    servers = {"aegis (serve)": (ours, "/ready"), "llama_cpp.server": (theirs, "/v1/models")}
-    rows, raw = [], {}
-    try:
-        for name, (server, ready) in servers.items():
-            server.start(ready_path=ready)
-        tokens = {name: completion_tokens(s.url, args.max_tokens, EXTRA.get(name, {}))
-                  for name, (s, _) in servers.items()}
-        if len(set(json.dumps(t, sort_keys=True) for t in tokens.values())) != 1:
-            print(f"warning: the servers produced different completion lengths: {tokens}", file=sys.stderr)
-        for clients in levels:
-            results = {name: [] for name in servers}
-            for _ in range(args.rounds):
-                for name, (server, _) in servers.items():
-                    results[name].append(asyncio.run(load(server.url, clients, args.requests, args.max_tokens,
-                                                          tokens[name], EXTRA.get(name, {}))))
-            texts = {name: rs[-1]["texts"] for name, rs in results.items()}
-            same = len(set(json.dumps(t, sort_keys=True, ensure_ascii=False) for t in texts.values())) == 1
-            for name, rs in results.items():
-                best = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]  # the median round
-                row = {"clients": clients, "server": name, "same_text_as_other": same,
-                       **{k: v for k, v in best.items() if k != "texts"},
-                       "rounds_tokens_per_s": [r["tokens_per_s"] for r in rs]}
-                rows.append(row)
-            raw[clients] = results
-    finally:
-        for server, _ in servers.values():
-            server.stop()
-
-    table = markdown(rows)
-    overhead = {}
+    rows = []
     for clients in levels:
-        a = next(r for r in rows if r["clients"] == clients and r["server"] == "aegis (serve)")
-        b = next(r for r in rows if r["clients"] == clients and r["server"] == "llama_cpp.server")
-        overhead[clients] = {"throughput_pct": 100 * (b["tokens_per_s"] - a["tokens_per_s"]) / b["tokens_per_s"],
-                             "ttft_p50_ms_delta": a["ttft_p50_ms"] - b["ttft_p50_ms"]}
+        for name in servers:
+            if name == LCP_SERVER and clients not in baseline_levels:
+                continue
+            rows.append(run_level(name, gguf, clients, args, no_eos))
+    turns = {}
+    for cache in ("on", "off"):
+        server, ready = server_for(OURS, gguf, 1, args, prefix_cache=cache, ctx=CHAT_CTX)
+        with server:
+            asyncio.run(load(server.url, OURS, 1, 1, 8, no_eos))
+            turns[cache] = asyncio.run(chat_turns(server.url, 64))
+        print(f"prefix cache {cache}: TTFT per turn (ms) " + ", ".join(f"{t:.1f}" for t in turns[cache]), flush=True)
+
+    memory = "GPU memory" if MemoryWatch().gpu else "RSS"
+    table = markdown(rows, memory)
+    ratios = {}
+    for clients in levels:
+        by = {r["server"]: r for r in rows if r["clients"] == clients}
+        ratios[clients] = {other: by[OURS]["tokens_per_s"] / by[other]["tokens_per_s"]
+                           for other in (LLAMA_SERVER, LCP_SERVER) if other in by}
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                         text=True).stdout.strip() if MemoryWatch().gpu else ""
     result = {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "max_tokens": args.max_tokens,
-              "requests_per_client": args.requests, "rounds": args.rounds, "threads": args.threads,
-              "ctx": args.ctx, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                           "python": platform.python_version()},
-              "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "rows": rows, "overhead": overhead, "table": table}
+              "requests_per_client": args.requests, "ctx_per_slot": args.ctx, "threads": args.threads,
+              "machine": {"cpus": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
+                          "python": platform.python_version()},
+              "date": time.strftime("%Y-%m-%d"),
+              "command": " ".join(["bench/serve_bench.py", *(argv if argv is not None else sys.argv[1:])]),
+              "rows": rows, "ratios_ours_over": ratios, "prefix_cache_ttft_ms": turns, "table": table}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
     print(table)
-    for clients, o in overhead.items():
-        print(f"{clients} client(s): overhead {o['throughput_pct']:+.1f} % in tokens/s against llama_cpp.server "
-              f"(negative: ours is faster), TTFT p50 {o['ttft_p50_ms_delta']:+.1f} ms")
+    for clients, r in ratios.items():
+        print(f"{clients} client(s): ours / " + ", ".join(f"{k} = {v:.2f}x" for k, v in r.items()))
     print(f"wrote {args.out}")
     return 0
 

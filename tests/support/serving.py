@@ -133,10 +133,13 @@ class Server:
     """`python -m serve ARGS` on a free loopback port; waits until /ready answers 200."""
 
     def __init__(self, *args: str, api_key: str | None = None, log_path: Path | None = None,
-                 ready_timeout: float = 180.0, module: str = "serve", ready_path: str = "/ready"):
+                 ready_timeout: float = 180.0, module: str = "serve", ready_path: str = "/ready",
+                 program: str | None = None):
+        """program: an executable to run instead of `python -m module` (llama.cpp's llama-server)."""
         self.port = free_port()
         self.api_key = api_key
-        self.args = [sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", str(self.port)]
+        head = [program] if program else [sys.executable, "-m", module]
+        self.args = [*head, *args, "--host", "127.0.0.1", "--port", str(self.port)]
         if api_key:
             self.args += ["--api-key", api_key]
         self.log_path = Path(log_path) if log_path else None
