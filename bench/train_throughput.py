@@ -1,8 +1,9 @@
 """Training throughput at Phi-3.5-mini's exact shapes (random weights; no hub on the GPU machine).
 
 One run measures, side by side on the same card and the same real tokens:
-  (a) plain PEFT + bitsandbytes QLoRA: NF4 + double quant, bf16 compute, LoRA r16/α32 on qkv_proj + o_proj,
-      prepare_model_for_kbit_training, AdamW 2e-4, HF forward with labels;
+  (a) plain PEFT + bitsandbytes QLoRA: NF4 + double quant, bf16 compute, LoRA r16/α32/dropout 0.05 on qkv_proj +
+      o_proj, prepare_model_for_kbit_training, AdamW 2e-4, HF forward with labels, in training mode (checked: the
+      layers are training and, where the row says so, checkpointed);
   (b) `python -m train` (the product's own path: soul + seed schedule), run as a user runs it, through the Borea
       config file with the base laid out as a hub snapshot (HF_HUB_OFFLINE=1), so the Borea code path is the one timed.
 Reported: tokens/s of real (non-padding) tokens (median over steps after warm-up), step time, peak
@@ -87,6 +88,17 @@ def windows(snap: Path, steps: int, batch: int, length: int, seed: int = 42):
     return [data.collate(stream.next_update(batch, 1)[0], pad, length) for _ in range(steps)]
 
 
+def check_plain_mode(model, ckpt: bool) -> None:
+    """The baseline does what its row says: training mode (LoRA dropout active) and, when the row says so, every
+    decoder layer checkpointed (transformers checkpoints a layer only when it is training and flagged)."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    assert model.training and layers and all(m.training for m in layers + dropouts), "not in training mode"
+    assert dropouts and all(d.p == 0.05 for d in dropouts), "LoRA dropout is not 0.05"
+    flagged = [bool(getattr(m, "gradient_checkpointing", False)) for m in layers]
+    assert all(f == ckpt for f in flagged), f"checkpointing {ckpt} asked, layers flagged {set(flagged)}"
+
+
 def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -101,6 +113,10 @@ def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool) -> d
     assert model.is_gradient_checkpointing == ckpt
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                                              target_modules=["qkv_proj", "o_proj"]))
+    # from_pretrained leaves the model in eval mode, where transformers never checkpoints and PEFT applies no LoRA
+    # dropout: a user's Trainer or loop trains in training mode, and so does this baseline
+    model.train()
+    check_plain_mode(model, ckpt)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     batches = windows(snap, steps, batch, length)
     torch.cuda.reset_peak_memory_stats()
@@ -167,6 +183,10 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[;KEY=VALUE]",
                     help="run ours once per variant with these extra --set (e.g. eager=train.cuda_graphs=false)")
     ap.add_argument("--plain-tp-batch", type=int, default=0, help="plain's throughput micro-batch (default --tp-batch)")
+    ap.add_argument("--plain-search", default="", metavar="B1,B2,...",
+                    help="throughput setting: run plain at each of these batch sizes, with and without checkpointing, "
+                         "and report its best within --budget-gib (the row it is compared by)")
+    ap.add_argument("--budget-gib", type=float, default=12.0)
     ap.add_argument("--nprocs", default="1", help="process counts for our runs, e.g. 1,2 (one GPU each)")
     ap.add_argument("--profile", type=int, default=0, help="profile this many updates of our first run")
     ap.add_argument("--out", type=Path, default=Path("train_throughput.json"))
@@ -185,19 +205,35 @@ def main() -> None:
                "command": " ".join(sys.argv), "rows": []}
     for name in args.settings.split(","):
         batch, length, ckpt = grid[name]
-        jobs = [("plain", 1, [])] if "plain" in args.which else []
-        jobs += [(f"ours {label}".strip(), int(n), sets) for n in args.nprocs.split(",") for label, sets in variants
-                 if "ours" in args.which]
-        for which, n, sets in jobs:
-            b = (args.plain_tp_batch or batch) if which == "plain" and name == "throughput" else batch
-            print(f"== {name}: {which} x{n} {b}x{length} checkpointing={ckpt}", flush=True)
-            r = (plain_peft(snap, args.steps, b, length, ckpt) if which == "plain" else
-                 ours(snap, hf_home, args.work, args.steps, b, length, ckpt, args.ours_set + sets, n, args.profile))
+        jobs = []
+        if "plain" in args.which:
+            if name == "throughput" and args.plain_search:
+                jobs += [("plain", 1, [], int(b), c) for b in args.plain_search.split(",") for c in (True, False)]
+            else:
+                jobs.append(("plain", 1, [], (args.plain_tp_batch or batch) if name == "throughput" else batch, ckpt))
+        jobs += [(f"ours {label}".strip(), int(n), sets, batch, ckpt) for n in args.nprocs.split(",")
+                 for label, sets in variants if "ours" in args.which]
+        for which, n, sets, b, c in jobs:
+            print(f"== {name}: {which} x{n} {b}x{length} checkpointing={c}", flush=True)
+            try:
+                r = (plain_peft(snap, args.steps, b, length, c) if which == "plain" else
+                     ours(snap, hf_home, args.work, args.steps, b, length, c, args.ours_set + sets, n, args.profile))
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                print(f"out of memory: {which} {b}x{length} checkpointing={c}", flush=True)
+                continue
             args.profile = 0 if which != "plain" else args.profile
-            r.update(setting=name, which=which, batch=b, length=length, checkpointing=ckpt, nprocs=n)
+            r.update(setting=name, which=which, batch=b, length=length, checkpointing=c, nprocs=n)
             results["rows"].append(r)
             print({k: v for k, v in r.items() if k != "losses"}, flush=True)
             args.out.write_text(json.dumps(results, indent=1))
+        plain = [r for r in results["rows"] if r["which"] == "plain" and r["setting"] == name
+                 and r["peak_gib"] <= args.budget_gib]
+        if plain:
+            best = max(plain, key=lambda r: r["tokens_per_s"])
+            best["best_plain_within_budget"] = True
+            print(f"{name}: plain's best within {args.budget_gib:g} GiB: {best['batch']}x{length} checkpointing="
+                  f"{best['checkpointing']}, {best['tokens_per_s']:.0f} tokens/s, {best['peak_gib']:.2f} GiB")
     print("\n| setting | path | GPUs | batch×len per GPU | ckpt | tokens/s | step ms | peak GiB | loss (last 5) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
