@@ -94,18 +94,22 @@ class Soul(nn.Module):
 
 
 class SoulHead(nn.Module):
-    """Wraps the model's LM head so generate(), the KV cache and every HF utility keep working."""
+    """Wraps the model's LM head so generate(), the KV cache and every HF utility keep working. While `deferred`,
+    the model's "logits" are the souled hidden states and the caller projects them itself (training's loss does,
+    a chunk of positions at a time, so the logits of a long sequence never exist all at once)."""
 
     def __init__(self, head: nn.Linear, soul: Soul):
         super().__init__()
         self.head, self.soul = head, soul
+        self.deferred = False
 
     @property
     def weight(self) -> torch.Tensor:  # some HF utilities read lm_head.weight
         return self.head.weight
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.soul(h).to(self.head.weight.dtype))
+        h = self.soul(h).to(self.head.weight.dtype)
+        return h if self.deferred else self.head(h)
 
 
 def attach(model: nn.Module, soul: Soul) -> SoulHead:
@@ -120,6 +124,13 @@ def attach(model: nn.Module, soul: Soul) -> SoulHead:
     wrapped = SoulHead(head, soul.to(head.weight.device))
     base.set_output_embeddings(wrapped)
     return wrapped
+
+
+def head_of(model: nn.Module) -> SoulHead:
+    for module in model.modules():
+        if isinstance(module, SoulHead):
+            return module
+    raise ValueError("soul: this model has no soul attached")
 
 
 def find(model: nn.Module) -> Soul | None:

@@ -21,12 +21,12 @@ from accelerate.utils import set_seed
 from peft import set_peft_model_state_dict
 from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
-from aegis import checkpoint, loading as model_mod, runs, schedule
+from aegis import checkpoint, loading as model_mod, runs, schedule, soul as soul_mod
 from aegis.config import EMBEDDED, Config, to_dict
 from aegis.metrics import METRICS, JsonlSink, MetricLogger, ProgressSink
 
 from . import data, graphs, rundir
-from .loss import count_targets, masked_loss_sum
+from .loss import LOSS_CHUNK_TOKENS, chunked_loss_sum, count_targets
 from .rundir import RunError
 
 
@@ -116,6 +116,7 @@ class Recipe:
                 else ""))
         self.model, self.soul = model_mod.build(cfg, base_path, acc.device, cfg.train.seed, log=self.log,
                                                 plan=self.mem, compile_layers=not self.use_graphs)
+        self.head = soul_mod.head_of(self.model)
         # the adapter names its base as users would load it: the hub id or directory (the embedded model by its path)
         self.model.peft_config["default"].base_model_name_or_path = (str(base_path) if cfg.model.base == EMBEDDED
                                                                      else cfg.model.base)
@@ -219,8 +220,14 @@ class Recipe:
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             sync = acc.no_sync(self.model) if (i < len(micro) - 1 and acc.num_processes > 1) else nullcontext()
             with sync:
-                # no attention mask: padding is only ever on the right, where causal attention cannot see it
-                loss = masked_loss_sum(self.model(input_ids=batch["input_ids"]).logits, batch["labels"])
+                # no attention mask: padding is only ever on the right, where causal attention cannot see it. The
+                # model stops at the souled hidden states; the loss projects them a chunk at a time
+                self.head.deferred = True
+                try:
+                    hidden = self.model(input_ids=batch["input_ids"]).logits
+                finally:
+                    self.head.deferred = False
+                loss = chunked_loss_sum(hidden, self.head.head, batch["labels"], LOSS_CHUNK_TOKENS)
                 acc.backward(loss / max(n_targets, 1))
             loss_sum += loss.detach()
         if captured is not None:
