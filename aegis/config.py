@@ -63,6 +63,9 @@ class TrainConfig:
     seed: int = 42
     memory_budget_gib: float = 12.0
     cuda_graphs: bool | str = "auto"  # capture each micro-batch's forward + backward once, replay it (train/graphs.py)
+    # keep checkpointed activations in host memory until the backward pass ("auto": only when the step would not fit
+    # the budget otherwise; long sequences)
+    offload_activations: bool | str = "auto"
 
 
 @dataclass

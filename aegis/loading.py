@@ -146,7 +146,7 @@ def add_lora(model: nn.Module, cfg: Config, checkpointing: bool = False):
 def memory_plan(cfg: Config, base_config):
     """The step's memory estimate, gradient checkpointing and micro-batch for the base's config (aegis/memory.py)."""
     return make_plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4",
-                cfg.train.memory_budget_gib, cfg.model.gradient_checkpointing)
+                     cfg.train.memory_budget_gib, cfg.model.gradient_checkpointing, cfg.train.offload_activations)
 
 
 def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=print, plan=None,
@@ -165,6 +165,7 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
     if device.type == "cuda" or split > 1:  # the budget is GPU memory; a split applies wherever it runs
         log(f"memory plan: ~{p.estimate_gib:.1f} GiB of {p.budget_gib:g} GiB with gradient checkpointing "
             f"{'on' if p.gradient_checkpointing else 'off'}"
+            + (", its kept activations in host memory" if p.offload else "")
             + (f"; each batch of {cfg.train.batch_size} runs as {split} micro-batches of {p.micro_batch}"
                if split > 1 else ""))
     if device.type == "cuda" and p.estimate_gib > p.budget_gib:

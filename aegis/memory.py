@@ -2,16 +2,20 @@
 
     peak ≈ weights + logits + activations
     weights      linear layers at 4.25 bits (NF4 + double-quantized scales) or 16 bits; the rest in 16 bits
-    logits       batch x length x vocab x 10 bytes (bf16 logits, fp32 copy for the loss, its gradient)
+    logits       min(tokens, 4096) x vocab x 10 bytes (bf16 logits, fp32 copy for the loss, its gradient): the loss
+                 projects 4096 positions at a time (train/loss.py)
     activations  without checkpointing: layers x tokens x hidden x 51 bytes;
-                 with it: layers x tokens x hidden x 2 bytes kept, plus one layer recomputed (tokens x hidden x 51)
+                 with it: layers x tokens x hidden x 2 bytes kept (in host memory when offloaded), plus one layer
+                 recomputed (tokens x hidden x 51)
 The 51 bytes per hidden unit, token and layer were measured on an H100 at Phi-3.5-mini's shapes (LoRA on the
 attention projections, SDPA attention): 4.69 GiB at 1 x 512 without checkpointing and 4.83 GiB at 8 x 512 with it.
 With the 10 % margin the estimate lies above every peak measured since (5.17 for 4.72 GiB at 1 x 512 with the
 captured step; 8.03 for 6.89 at 16 x 512 with checkpointing and compiled blocks): it errs on the safe side.
 Gradient checkpointing costs about a third more compute, so the plan turns it on only when the step would not fit
-otherwise. When even that does not fit, the plan splits each batch into smaller micro-batches accumulated into the
-same update: the loss is normalised over the whole update, so the gradient is the same, only computed in pieces.
+otherwise; then, for long sequences, it moves the kept activations to host memory (copies overlap the compute but
+cost PCIe bandwidth) only when the step still would not fit. When even that does not fit, the plan splits each batch
+into smaller micro-batches accumulated into the same update: the loss is normalised over the whole update, so the
+gradient is the same, only computed in pieces.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 ACT_BYTES = 51  # per hidden unit, token and layer, without checkpointing
 MARGIN = 1.10  # allocator fragmentation and workspace
+LOSS_CHUNK = 4096  # positions the loss projects at a time (train.loss.LOSS_CHUNK_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -28,9 +33,11 @@ class Plan:
     estimate_gib: float
     budget_gib: float
     micro_batch: int  # sequences per forward pass; below train.batch_size when the batch is split to fit
+    offload: bool = False  # checkpointed activations kept in host memory
 
 
-def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing: bool) -> float:
+def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing: bool,
+                 offload: bool = False) -> float:
     h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     inter = config.intermediate_size
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
@@ -40,19 +47,27 @@ def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing
     other = 2 * vocab * h + (2 * layers + 1) * h  # embeddings, untied head, norms
     weights = linear * (4.25 / 8 if quantized else 2) + other * 2
     tokens = batch * length
-    logits = tokens * vocab * 10
-    act = layers * tokens * h * (2 if checkpointing else ACT_BYTES) + (tokens * h * ACT_BYTES if checkpointing
-                                                                      else 0)
+    logits = min(tokens, LOSS_CHUNK) * vocab * 10
+    if checkpointing:
+        act = (0 if offload else layers * tokens * h * 2) + tokens * h * ACT_BYTES
+    else:
+        act = layers * tokens * h * ACT_BYTES
     return MARGIN * (weights + logits + act) / 2**30
 
 
-def plan(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str) -> Plan:
+def plan(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str,
+         offload: bool | str = False) -> Plan:
     """Gradient checkpointing as requested, or with "auto" only if the step would not fit the budget without it;
-    then, if the step still does not fit, the largest divisor of the batch that does as the micro-batch."""
+    activation offload likewise (with checkpointing only: it moves what checkpointing keeps); then, if the step
+    still does not fit, the largest divisor of the batch that does as the micro-batch."""
     if requested == "auto":
         ckpt = estimate_gib(config, batch, length, quantized, False) > budget_gib
     else:
         ckpt = bool(requested)
+    if offload == "auto":
+        off = ckpt and estimate_gib(config, batch, length, quantized, True) > budget_gib
+    else:
+        off = ckpt and bool(offload)
     micro = next((m for m in range(batch, 0, -1)
-                  if batch % m == 0 and estimate_gib(config, m, length, quantized, ckpt) <= budget_gib), 1)
-    return Plan(ckpt, estimate_gib(config, micro, length, quantized, ckpt), budget_gib, micro)
+                  if batch % m == 0 and estimate_gib(config, m, length, quantized, ckpt, off) <= budget_gib), 1)
+    return Plan(ckpt, estimate_gib(config, micro, length, quantized, ckpt, off), budget_gib, micro, off)

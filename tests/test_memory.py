@@ -30,3 +30,15 @@ def test_a_batch_that_does_not_fit_is_split_into_micro_batches():
     assert estimate_gib(PHI35, 2 * split.micro_batch, 512, True, True) > 12.0  # the largest divisor that fits
     # nothing fits: micro-batch 1, and the estimate says by how much it is over (the caller warns)
     assert plan(PHI35, 4, 512, True, 2.0, "auto").micro_batch == 1
+
+
+def test_long_sequences_keep_their_activations_in_host_memory_only_when_needed():
+    eight = plan(PHI35, 1, 8192, True, 12.0, "auto", "auto")
+    assert eight.gradient_checkpointing and not eight.offload and eight.estimate_gib <= 12.0
+    long = plan(PHI35, 1, 32768, True, 12.0, "auto", "auto")
+    assert long.gradient_checkpointing and long.offload and long.estimate_gib <= 12.0
+    assert estimate_gib(PHI35, 1, 32768, True, True, offload=False) > 12.0  # without offload it would not fit
+    assert not plan(PHI35, 1, 512, True, 12.0, False, True).offload  # nothing to offload without checkpointing
+    # the loss projects 4096 positions at a time: the logits term stops growing with the length
+    assert (estimate_gib(PHI35, 1, 65536, True, True, True) - estimate_gib(PHI35, 1, 32768, True, True, True)
+            < 2 * (estimate_gib(PHI35, 1, 32768, True, True, True) - estimate_gib(PHI35, 1, 16384, True, True, True)))

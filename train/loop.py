@@ -224,15 +224,23 @@ class Recipe:
                 # model stops at the souled hidden states; the loss projects them a chunk at a time
                 self.head.deferred = True
                 try:
-                    hidden = self.model(input_ids=batch["input_ids"]).logits
+                    with self._offload():
+                        hidden = self.model(input_ids=batch["input_ids"]).logits
+                        loss = chunked_loss_sum(hidden, self.head.head, batch["labels"], LOSS_CHUNK_TOKENS)
                 finally:
                     self.head.deferred = False
-                loss = chunked_loss_sum(hidden, self.head.head, batch["labels"], LOSS_CHUNK_TOKENS)
                 acc.backward(loss / max(n_targets, 1))
             loss_sum += loss.detach()
         if captured is not None:
             captured.end()
         return loss_sum, n_targets
+
+    def _offload(self):
+        """Where the memory plan says so, what the forward pass keeps for the backward (with checkpointing: each
+        layer's input) waits in host memory instead of on the GPU."""
+        if not self.mem.offload:
+            return nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=self.acc.device.type == "cuda")
 
     def _grad_norm(self) -> float:
         """The gradients' global norm, after clipping them to train.max_grad_norm when it is set."""
