@@ -26,7 +26,7 @@ from .config import Settings
 from .errors import HANDLERS, APIError
 from .metrics import Metrics
 from .openapi import ExactJsonRenderPlugin
-from .pool import Finish, Job
+from .job import Finish, Job
 from .registry import Registry, ServedModel
 from .replies import ChatReply, TextReply, respond
 from .responses import ChatCompletion, Completion, ErrorResponse, Health, ModelCard, ModelList

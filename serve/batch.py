@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .backends.base import Backend
-from .pool import Decoding, Finish, Job, PoolClosed, QueueFull
+from .job import Decoding, Finish, Job, PoolClosed, QueueFull
 
 log = logging.getLogger("serve.batch")
 

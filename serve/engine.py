@@ -15,7 +15,7 @@ from . import prompt, structured, tools
 from .backends import Backend, Sampling
 from .config import Settings
 from .errors import APIError, bad_request
-from .pool import Job, PoolClosed, QueueFull
+from .job import Job, PoolClosed, QueueFull
 from .registry import Registry, ServedModel
 from .schemas import (ChatCompletionRequest, CompletionRequest, JsonObjectFormat, JsonSchemaFormat,
                       NamedToolChoice, SamplingRequest)

@@ -1,212 +1,22 @@
-"""A fixed pool of model workers behind a bounded queue.
+"""A fixed pool of model workers behind a bounded queue, for runtimes that decode one request per worker
+(transformers; llama.cpp models are served by serve.batch instead).
 
-llama.cpp contexts are not thread-safe, so each worker thread owns one `Session` and runs one job at a time. A job
-that cannot get a place in the queue is refused at once (the API answers 429) rather than piling up. The worker
-checks the job's cancel flag and deadline at every token, so a client that goes away, or a job past its timeout,
-frees the worker at the next token.
-
-Results travel back to the event loop through a deque guarded by a lock, with at most one pending wake-up per job:
-a fast model produces tokens faster than the loop needs to hear about each one separately.
+Each worker thread owns one `Session` and runs one job at a time. A job that cannot get a place in the queue is
+refused at once (the API answers 429) rather than piling up. The worker checks the job's cancel flag and deadline at
+every token, so a client that goes away, or a job past its timeout, frees the worker at the next token.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
 
-import numpy as np
-
-from .backends.base import Backend, Sampling
+from .backends.base import Backend
+from .job import Decoding, Finish, Job, PoolClosed, QueueFull
 
 log = logging.getLogger("serve.pool")
-
-
-class QueueFull(Exception):
-    pass
-
-
-class PoolClosed(Exception):
-    pass
-
-
-@dataclass
-class Finish:
-    reason: str  # stop | length | cancelled | timeout | error
-    prompt_tokens: int
-    completion_tokens: int
-    error: str = ""
-    cached_tokens: int = 0  # prompt tokens whose KV was already in the slot (not decoded again)
-
-
-@dataclass(frozen=True)
-class Scored:
-    """A generated token with its log-probability under the model and the most likely tokens at its place."""
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-def score(logits: np.ndarray, token: int, top_n: int) -> Scored:
-    """Log-probabilities of the model's raw distribution (before temperature, penalties or a grammar)."""
-    z = logits.astype(np.float64)
-    z -= z.max()
-    logp = z - np.log(np.exp(z).sum())
-    top = []
-    if top_n:
-        best = np.argpartition(-logp, top_n - 1)[:top_n]
-        top = [(int(i), float(logp[i])) for i in best[np.argsort(-logp[best], kind="stable")]]
-    return Scored(token, float(logp[token]), top)
-
-
-class StopMatcher:
-    """Stop strings across token boundaries: text that could still turn into a stop string is held back, text
-    before a completed stop string is released and the stop string itself is never sent (as OpenAI does)."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.buf = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        self.buf += text
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buf = self.buf[:min(hits)], ""
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.buf)), hold, -1):
-                if self.buf.endswith(s[:k]):
-                    hold = k
-                    break
-        cut = len(self.buf) - hold
-        out, self.buf = self.buf[:cut], self.buf[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
-
-
-@dataclass(eq=False)
-class Job:
-    prompt: list[int]
-    sampling: Sampling
-    max_tokens: int
-    stops: list[str]
-    timeout: float
-    loop: asyncio.AbstractEventLoop
-    ignore_eos: bool = False
-    logprobs: int | None = None  # None: none; else how many most-likely alternatives per token
-    submitted: float = field(default_factory=time.monotonic)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    finish: Finish | None = None
-    first_text: float | None = None  # when the first text was produced (time to first token)
-
-    def __post_init__(self):
-        self.deadline = self.submitted + self.timeout
-        self._items: deque = deque()
-        self._lock = threading.Lock()
-        self._pending = False
-        self._wake = asyncio.Event()
-
-    # ---- worker side ----
-    def emit(self, item) -> None:
-        if self.first_text is None and isinstance(item, str):
-            self.first_text = time.monotonic()
-        with self._lock:
-            self._items.append(item)
-            wake, self._pending = not self._pending, True
-        if wake:
-            try:
-                self.loop.call_soon_threadsafe(self._wake.set)
-            except RuntimeError:  # the loop is closed (server shutting down): nobody is listening any more
-                self.cancelled.set()
-
-    # ---- event-loop side ----
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    async def events(self):
-        """Lists of text pieces (one per token that completed text) and, when asked for, Scored tokens, as the
-        worker produces them; ends when the job finishes (then `self.finish` is set). Raises TimeoutError if the
-        deadline passes first (the worker is told to stop)."""
-        while True:
-            remaining = self.deadline - time.monotonic()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(remaining, 0.001) + 0.5)
-            except asyncio.TimeoutError:
-                self.cancel()
-                raise TimeoutError from None
-            self._wake.clear()
-            with self._lock:
-                self._pending = False
-                items = list(self._items)
-                self._items.clear()
-            pieces = [i for i in items if not isinstance(i, Finish)]
-            if pieces:
-                yield pieces
-            for item in items:
-                if isinstance(item, Finish):
-                    self.finish = item
-                    return
-
-
-class Decoding:
-    """One job's generated tokens turned into what the client receives: end-of-turn tokens, stop strings,
-    max_tokens, a cancel or the deadline end it, whichever comes first. Both engines (a worker running one job,
-    the batch running many) feed it one token at a time."""
-
-    def __init__(self, backend: Backend, job: Job):
-        self.job = job
-        self.detok = backend.detokenizer()
-        self.stopper = StopMatcher(job.stops)
-        self.stop_ids = frozenset() if job.ignore_eos else backend.stop_ids
-        self.n, self.reason, self.hit = 0, "length", False
-
-    def interrupted(self) -> bool:
-        """Whether the client went away or the deadline passed (checked before each token is computed)."""
-        if self.job.cancelled.is_set():
-            self.reason = "cancelled"
-        elif time.monotonic() > self.job.deadline:
-            self.reason = "timeout"
-        else:
-            return False
-        return True
-
-    def push(self, token: int, logits=None) -> bool:
-        """Take one sampled token; True when the job is done. logits(): the raw logits the token was sampled from,
-        asked for only when the job wants log-probabilities."""
-        if token in self.stop_ids:
-            self.reason = "stop"
-            return True
-        self.n += 1
-        if self.job.logprobs is not None:
-            self.job.emit(score(logits(), token, self.job.logprobs))
-        text, self.hit = self.stopper.push(self.detok.push(token))
-        if text:
-            self.job.emit(text)
-        if self.hit:
-            self.reason = "stop"
-            return True
-        return self.n >= self.job.max_tokens
-
-    def finish(self) -> Finish:
-        """Releases what the detokenizer and the stop matcher still hold; the Finish to emit."""
-        if not self.hit and self.reason in ("stop", "length"):
-            text, self.hit = self.stopper.push(self.detok.flush())
-            text += "" if self.hit else self.stopper.flush()
-            if text:
-                self.job.emit(text)
-            if self.hit:
-                self.reason = "stop"
-        return Finish(self.reason, len(self.job.prompt), self.n)
 
 
 def run_job(backend: Backend, session, job: Job) -> Finish:

@@ -15,7 +15,7 @@ from litestar.response import Stream
 
 from . import engine
 from .errors import APIError
-from .pool import Finish, Job, Scored
+from .job import Finish, Job, Scored
 from .responses import (AssistantMessage, ChatChoice, ChatCompletion, ChoiceLogprobs, Completion, CompletionChoice,
                         CompletionLogprobs, FunctionCallOut, PromptTokensDetails, TokenLogprob, ToolCallOut,
                         TopLogprob, Usage)

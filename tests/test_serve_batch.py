@@ -14,7 +14,7 @@ from serve import prompt
 from serve.backends import Sampling
 from serve.backends.llamacpp import LlamaCppBackend
 from serve.batch import BatchPool
-from serve.pool import Job
+from serve.job import Job
 from support import serving
 from support.serving import metric
 

@@ -12,7 +12,7 @@ import pytest
 from aegis import chat_template
 from serve import prompt
 from support import serving
-from serve.pool import StopMatcher
+from serve.job import StopMatcher
 
 CONVERSATIONS = [
     [{"role": "user", "content": "こんにちは"}],
