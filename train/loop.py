@@ -26,7 +26,7 @@ from aegis.config import EMBEDDED, Config, to_dict
 from aegis.metrics import METRICS, JsonlSink, MetricLogger, ProgressSink
 
 from . import data, graphs, rundir
-from .loss import LOSS_CHUNK_TOKENS, chunked_loss_sum, count_targets
+from .loss import count_targets, micro_loss
 from .rundir import RunError
 
 
@@ -220,27 +220,12 @@ class Recipe:
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             sync = acc.no_sync(self.model) if (i < len(micro) - 1 and acc.num_processes > 1) else nullcontext()
             with sync:
-                # no attention mask: padding is only ever on the right, where causal attention cannot see it. The
-                # model stops at the souled hidden states; the loss projects them a chunk at a time
-                self.head.deferred = True
-                try:
-                    with self._offload():
-                        hidden = self.model(input_ids=batch["input_ids"]).logits
-                        loss = chunked_loss_sum(hidden, self.head.head, batch["labels"], LOSS_CHUNK_TOKENS)
-                finally:
-                    self.head.deferred = False
+                loss = micro_loss(self.model, self.head, batch, self.mem.offload)
                 acc.backward(loss / max(n_targets, 1))
             loss_sum += loss.detach()
         if captured is not None:
             captured.end()
         return loss_sum, n_targets
-
-    def _offload(self):
-        """Where the memory plan says so, what the forward pass keeps for the backward (with checkpointing: each
-        layer's input) waits in host memory instead of on the GPU."""
-        if not self.mem.offload:
-            return nullcontext()
-        return torch.autograd.graph.save_on_cpu(pin_memory=self.acc.device.type == "cuda")
 
     def _grad_norm(self) -> float:
         """The gradients' global norm, after clipping them to train.max_grad_norm when it is set."""

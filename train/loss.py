@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -36,6 +38,22 @@ def chunked_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.
 
 def _chunk_loss(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="sum")
+
+
+def micro_loss(model, head, batch: dict, offload: bool) -> torch.Tensor:
+    """A micro-batch's summed loss on the eager path: the model stops at the souled hidden states (the head is
+    deferred) and the loss projects them a chunk at a time. No attention mask: padding is only ever on the right,
+    where causal attention cannot see it. With `offload` (the memory plan's, for long sequences) what the forward
+    keeps for the backward (with checkpointing: each layer's input) waits in host memory instead of on the GPU."""
+    ids = batch["input_ids"]
+    keep = (torch.autograd.graph.save_on_cpu(pin_memory=ids.is_cuda) if offload else contextlib.nullcontext())
+    head.deferred = True
+    try:
+        with keep:
+            hidden = model(input_ids=ids).logits
+            return chunked_loss_sum(hidden, head.head, batch["labels"], LOSS_CHUNK_TOKENS)
+    finally:
+        head.deferred = False
 
 
 def count_targets(labels: torch.Tensor) -> int:
