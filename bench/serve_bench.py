@@ -100,7 +100,7 @@ def server_for(name: str, gguf: Path, clients: int, args, prefix_cache: str = "o
     ctx = ctx or args.ctx
     if name == OURS:
         return Server("--model", f"{MODEL}={gguf}", "--parallel", str(clients), "--ctx-size", str(ctx),
-                      "--queue-size", "512", "--prefix-cache", prefix_cache, "--gpu-layers", str(args.gpu_layers),
+                      "--queue-size", "512", "--prefix-cache", prefix_cache, "--n-gpu-layers", str(args.gpu_layers),
                       *(["--threads", str(args.threads)] if args.threads else []), "--log-level", "warning"), "/ready"
     if name == LLAMA_SERVER:
         return Server("-m", str(gguf), "-a", MODEL, "-np", str(clients), "-c", str(ctx * clients), "-cb",

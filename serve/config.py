@@ -102,7 +102,8 @@ class Settings:
                                       parse=NON_NEGATIVE)
     threads: int = setting(0, "llama.cpp threads (0: half the cores)",
                            parse=NON_NEGATIVE)
-    gpu_layers: int = setting(-1, "llama.cpp layers to offload (-1: all, if a GPU)")
+    n_gpu_layers: int = setting(-1, "llama.cpp layers on the GPU, as llama.cpp's own -ngl (-1: all, where the build "
+                                    "has a GPU; 0: CPU only)")
     device: str = setting("auto", "transformers backend: auto | cpu | cuda | cuda:N")
     dtype: str = setting("auto", "transformers backend compute dtype",
                          choices=("auto", "bfloat16", "float16", "float32"))

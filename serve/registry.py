@@ -52,7 +52,7 @@ class Registry:
             for spec in s.models:
                 started = time.monotonic()
                 backend = open_backend(spec.path, spec.backend, n_ctx=s.ctx_size, threads=s.threads,
-                                       batch_size=s.batch_size, gpu_layers=s.gpu_layers, device=s.device,
+                                       batch_size=s.batch_size, gpu_layers=s.n_gpu_layers, device=s.device,
                                        dtype=s.dtype, quantization=s.quantization)
                 hook = self._finished_hook(spec.name)
                 if backend.batched:
