@@ -15,7 +15,6 @@ without a manifest (written before AEGIS recorded digests) cannot be verified an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,21 +25,20 @@ from typing import TYPE_CHECKING
 
 from safetensors import safe_open
 
-from .errors import AegisError
+from .errors import CheckpointError
+from .manifest import FORMAT_VERSION, MANIFEST, verify, write_manifest  # noqa: F401 - checkpoint I/O's names
 
 # torch (and safetensors' torch side) is imported by the functions that move tensors, not here: export's commands
 # and the torch-less serve image look at run directories through this module and start without it.
 if TYPE_CHECKING:
     import torch
 
-FORMAT_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SOUL = "soul.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
 STATE = "trainer_state.json"
-MANIFEST = "manifest.json"
 REQUIRED = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SOUL)
 RESUMABLE = REQUIRED + (OPTIMIZER, RNG, STATE)
 CHECKPOINTS = "checkpoints"
@@ -48,8 +46,6 @@ FINAL = "final"
 TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(AegisError):
-    pass
 
 
 # ---- the soul ---------------------------------------------------------------------------------------------------
@@ -147,53 +143,6 @@ def _restore_rng(path: Path, py: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = py["python"]
     random.setstate((version, tuple(internal), gauss))
-
-
-# ---- digests ------------------------------------------------------------------------------------------------------
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _files(ckpt: Path) -> list[str]:
-    return sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def write_manifest(ckpt: Path) -> None:
-    """Record the size and sha256 of every file in `ckpt` (called last, before the directory is committed)."""
-    ckpt = Path(ckpt)
-    files = {name: {"bytes": (ckpt / name).stat().st_size, "sha256": _sha256(ckpt / name)} for name in _files(ckpt)}
-    (ckpt / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
-
-
-def verify(ckpt: Path) -> None:
-    """Raise CheckpointError unless every file in `ckpt` has the size and sha256 its manifest recorded (and no file
-    is missing or unrecorded). The message names each file that fails, with what was recorded and what was found."""
-    ckpt = Path(ckpt)
-    path = ckpt / MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing, so the checkpoint cannot be verified (written before AEGIS "
-                              f"recorded digests, or not a checkpoint); it is not used")
-    try:
-        files = json.loads(path.read_text())["files"]
-        recorded = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    problems = [f"{ckpt / name}: not recorded in {MANIFEST}" for name in _files(ckpt) if name not in recorded]
-    for name, (size, digest) in recorded.items():
-        f = ckpt / name
-        if not f.is_file():
-            problems.append(f"{f}: missing")
-        elif f.stat().st_size != size:
-            problems.append(f"{f}: {f.stat().st_size} bytes, {size} recorded (truncated or overwritten)")
-        elif (found := _sha256(f)) != digest:
-            problems.append(f"{f}: sha256 {found[:16]}…, {digest[:16]}… recorded (the file changed on disk)")
-    if problems:
-        raise CheckpointError("; ".join(problems))
 
 
 # ---- whole checkpoints ------------------------------------------------------------------------------------------

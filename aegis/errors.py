@@ -2,7 +2,7 @@
 
     AegisError
         ConfigError       aegis/config.py       a config file, a --set override, a setting this machine cannot honour
-        CheckpointError   aegis/checkpoint.py   a checkpoint that is missing, incomplete or does not fit its base
+        CheckpointError   here                  a checkpoint that is missing, incomplete, damaged or does not fit its base
         ModelError        here                  a base model that cannot be found or does not fit what is asked of it
         DataError         train/data.py         a data source or one of its records
         ExportError       export/files.py       export's inputs, or an export check that failed
@@ -18,4 +18,8 @@ class AegisError(Exception):
 
 
 class ModelError(AegisError):
+    pass
+
+
+class CheckpointError(AegisError):
     pass
