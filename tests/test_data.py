@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import shutil
@@ -26,13 +27,35 @@ def test_chat_loss_covers_exactly_the_assistant_turns(tok):
             {"role": "assistant", "content": "光が散らばるからです。"},
             {"role": "user", "content": "夕焼けは？"},
             {"role": "assistant", "content": "赤い光が残るからです。"}]
-    ex = data.tokenize(tok, "messages", msgs)
+    [ex] = data.tokenize(tok, "messages", msgs)  # one text holds every turn
     assert len(ex.input_ids) == len(ex.labels)
     learned = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != data.IGNORE])
     assert learned == "光が散らばるからです。<|end|>\n赤い光が残るからです。<|end|>\n<|endoftext|>"
     masked = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab == data.IGNORE])
     assert "空はなぜ青いのですか。" in masked and "<|user|>" in masked and "<|assistant|>" in masked
     assert "光が散らばる" not in masked
+
+
+def test_a_template_that_moves_the_system_prompt_trains_turn_by_turn(tok):
+    """Mistral v0.3's template puts the system prompt into the last user turn, so a conversation is not a prefix of
+    its continuation: each assistant turn becomes its own example (the conversation up to it), that turn alone
+    trained on, with the system prompt where the template puts it when the model is asked for that turn."""
+    from support.families import MISTRAL
+
+    mistral = copy.deepcopy(tok)
+    mistral.chat_template = MISTRAL
+    msgs = [{"role": "system", "content": "短く答えてください。"},
+            {"role": "user", "content": "空はなぜ青いのですか。"},
+            {"role": "assistant", "content": "光が散らばるからです。"},
+            {"role": "user", "content": "夕焼けは？"},
+            {"role": "assistant", "content": "赤い光が残るからです。"}]
+    first, second = data.tokenize(mistral, "messages", msgs)
+    for ex, turn, prompt in [(first, "光が散らばるからです。", msgs[:2]), (second, "赤い光が残るからです。", msgs[:4])]:
+        learned = mistral.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != data.IGNORE])
+        assert learned.strip() == turn + mistral.eos_token
+        asked = mistral.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        assert mistral.decode(ex.input_ids).startswith(asked)  # what the model is given when asked for the turn
+    assert "短く答えてください。" in mistral.decode(second.input_ids)  # the system prompt, before the last turn
 
 
 def test_formats_text_instruction_and_txt(tmp_path, tok):

@@ -103,9 +103,9 @@ FAMILIES = {
     "qwen2": ("chatml-default-system", {"tie_word_embeddings": True}),
 }
 PRETRAIN_STEPS = 30
-# Mistral v0.3's template moves the system prompt into the last user turn, so a chat's rendering is not a prefix of
-# its continuation's, which the training data loader requires of chats: that family trains on prose.
-TRAIN_OVERRIDES = {"mistral": ['data.train=["embedded:prose_train_a.txt", "embedded:prose_train_b.txt"]']}
+# Extra training settings per family (none today: Mistral v0.3's template, which moves the system prompt into the
+# last user turn, trains on the same chats, turn by turn: train/data.py).
+TRAIN_OVERRIDES: dict[str, list[str]] = {}
 # Rows of 256 so that llama.cpp's K-quants apply rather than fall back.
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0)
