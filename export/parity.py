@@ -141,7 +141,7 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .to_gguf import hparams, read_config
+    from .hparams import hparams, read_config
 
     start = time.time()
     threads = threads or max(1, min(4, os.cpu_count() or 1))

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from . import modelfile as modelfile_mod
-from . import names, parity, quantize, to_gguf
+from . import hparams, names, parity, quantize, to_gguf
 from .files import ExportError, find_checkpoint
 from .merge import merge, read_report, source_fingerprint, validate_checkpoint
 
@@ -27,7 +27,7 @@ def check_type(t: str) -> str | None:
 
 
 def _merged_dtype(model_dir: Path) -> str:
-    cfg = to_gguf.read_config(model_dir)
+    cfg = hparams.read_config(model_dir)
     return cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
 
 
