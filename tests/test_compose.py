@@ -203,8 +203,15 @@ def test_services_and_build_targets(compose):
         assert build["target"] in all_stages, f"{kind}/{name}: no Dockerfile stage {build['target']}"
         assert svc["image"].startswith("aegis-")
         assert set(build.get("args", {})) <= set(re.findall(r"^\s*ARG\s+([A-Z_]+)", DOCKERFILE.read_text(), re.M))
-    assert c["services"]["chat"]["build"]["target"] == c["services"]["serve"]["build"]["target"] == "serve"
-    assert c["services"]["chat"]["image"] == c["services"]["serve"]["image"]
+    serve, chat = c["services"]["serve"], c["services"]["chat"]
+    assert chat["build"]["target"] == "serve"  # the UI needs no GPU
+    if kind == "cpu":
+        assert serve["build"]["target"] == "serve" and chat["image"] == serve["image"]
+    else:  # the GPU chain's API: llama.cpp compiled with CUDA, a GPU reserved as train's is
+        assert serve["build"]["target"] == "serve-cuda" and serve["image"] != chat["image"]
+        assert serve["deploy"] == c["services"]["train"]["deploy"]
+        cuda = " ".join(all_stages["serve-cuda"] + all_stages["llama-build-cuda"])
+        assert "-DGGML_CUDA=on" in cuda and image_entrypoint("serve-cuda") == image_entrypoint("serve")
 
 
 def test_base_image_pinned_and_overridable(compose):
@@ -261,9 +268,10 @@ def test_one_shared_data_volume(compose):
 
 def test_nvidia_reservation_only_in_compose_yaml():
     gpu = load("default")
-    devices = gpu["services"]["train"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    assert [n for n, s in gpu["services"].items() if "deploy" in s] == ["train"]
+    for name in ("train", "serve"):  # training, and the API's llama.cpp compiled with CUDA
+        devices = gpu["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert sorted(n for n, s in gpu["services"].items() if "deploy" in s) == ["serve", "train"]
     cpu = load("cpu")
     assert not any("deploy" in s or "runtime" in s for s in cpu["services"].values())
     assert not set(cpu["volumes"]) & set(gpu["volumes"]), "the CPU chain's runs would mix with the GPU chain's"
@@ -279,6 +287,9 @@ def test_cpu_file_mirrors_compose_yaml():
         g.pop("deploy", None)
         g.pop("shm_size", None)
         g["volumes"] = [rename.get(v.split(":")[0], v.split(":")[0]) + v[len(v.split(":")[0]):] for v in g["volumes"]]
+        if name == "serve":  # the GPU chain's API image is the CUDA one
+            assert g["build"]["target"] == "serve-cuda" and c["build"]["target"] == "serve"
+            g["build"]["target"] = "serve"
         for d in (g, c):
             d.pop("image")
             d["build"] = {k: v for k, v in d["build"].items() if k != "args"}
