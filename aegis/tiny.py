@@ -31,6 +31,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from . import sp_tokenizer
+
 # 3: chats weighted up, trained to fit the corpus; the config states LongRoPE's factor (transformers 5 warns on every
 # load without it)
 RECIPE_VERSION = 3
@@ -102,46 +104,6 @@ def _rope_factors(n: int) -> tuple[list[float], list[float]]:
     short = [round(1.0 + 0.05 * i / (n - 1), 4) for i in range(n)]
     long = [round(1.0 + 3.0 * (i / (n - 1)) ** 2, 4) for i in range(n)]
     return short, long
-
-
-def _train_tokenizer(texts: list[str], workdir: Path):
-    import sentencepiece as spm
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer
-
-    source = workdir / "sp_input.txt"
-    source.write_text("\n".join(t.replace("\n", " ") for t in texts), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(source), model_prefix=str(workdir / "sp"), vocab_size=SP_VOCAB, model_type="bpe",
-        byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2, input_sentence_size=0,
-        shuffle_input_sentence=False)
-    tok_dir = workdir / "tok"
-    tok_dir.mkdir()
-    shutil.copy(workdir / "sp.model", tok_dir / "tokenizer.model")
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": False, "add_eos_token": False, "legacy": False}))
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    tok.add_special_tokens({"additional_special_tokens": [
-        AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in SPECIAL_TOKENS]})
-    # Phi-3's conventions: generation ends at <|endoftext|>, which is also the padding token.
-    tok.eos_token = tok.pad_token = "<|endoftext|>"
-    tok.chat_template = CHAT_TEMPLATE
-    tok.model_max_length = ARCH["max_position_embeddings"]
-    return tok
-
-
-def vocab_digest(sp_model: Path) -> str:
-    """The SentencePiece vocabulary (pieces, scores, types), not the file: the file also records where it was
-    trained (temporary paths), so two identical vocabularies never have identical bytes."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
-    rows = (f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\t{sp.is_byte(i)}{sp.is_control(i)}{sp.is_unknown(i)}"
-            for i in range(sp.get_piece_size()))
-    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
 def _shipped(vocab: str, log) -> tuple[dict, dict] | None:
@@ -239,8 +201,9 @@ def build(out: Path, log=print, from_source: bool = False) -> Path:
     try:
         log("building the embedded tiny Phi-3: tokenizer")
         plain = lambda msgs: "\n".join(m["content"] for m in msgs)  # noqa: E731 - text only, for the tokenizer
-        tok = _train_tokenizer(_texts(CORPUS_TRAIN, plain), work)
-        vocab = vocab_digest(work / "sp.model")
+        tok = sp_tokenizer.train(_texts(CORPUS_TRAIN, plain), work, SP_VOCAB, SPECIAL_TOKENS, CHAT_TEMPLATE,
+                                 ARCH["max_position_embeddings"])
+        vocab = sp_tokenizer.vocab_digest(work / "sp.model")
         head_dim = ARCH["hidden_size"] // ARCH["num_attention_heads"]
         short, long = _rope_factors(head_dim // 2)
         config = Phi3Config(
