@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ from aegis import checkpoint, loading as model_mod, runs, schedule, soul as soul
 from aegis.config import EMBEDDED, Config, to_dict
 from aegis.metrics import METRICS, JsonlSink, MetricLogger, ProgressSink
 
-from . import data, graphs, rundir
+from . import data, graphs, profile, rundir
 from .loss import count_targets, micro_loss
 from .rundir import RunError
 
@@ -164,7 +163,7 @@ class Recipe:
         self.logger = MetricLogger([sink, bar] if self.main else [])
         self.captured = (graphs.GraphedStep(self.model, self.soul, self.params, self.mem.micro_batch,
                                             self.cfg.train.max_length, self.acc.device) if self.use_graphs else None)
-        self.profiler = _profiler(self.run_dir) if self.main else None
+        self.profiler = profile.start(self.run_dir) if self.main else None
         self.progress.started = time.time()
         self.model.train()
 
@@ -299,22 +298,3 @@ def soul_metadata(cfg: Config, step: int) -> dict:
     return {"step": step, "schedule": asdict(cfg.schedule), "alpha_mode": cfg.soul.alpha_mode,
             "init": cfg.soul.init, "base": cfg.model.base, "revision": cfg.model.revision,
             "quantization": cfg.model.quantization, "dtype": cfg.model.dtype}
-
-
-def _profiler(run_dir: Path):
-    """AEGIS_PROFILE=N: profile N updates after 3 warm-up updates; the op table goes to RUN_DIR/profile.txt."""
-    n = int(os.environ.get("AEGIS_PROFILE", "0"))
-    if n <= 0:
-        return None
-    from torch.profiler import ProfilerActivity, profile, schedule as prof_schedule
-
-    def write(prof) -> None:
-        avg = prof.key_averages()
-        keys = ["self_cpu_time_total"] + (["self_device_time_total"] if torch.cuda.is_available() else [])
-        (run_dir / "profile.txt").write_text("\n\n".join(avg.table(sort_by=k, row_limit=30) for k in keys))
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    prof = profile(activities=activities, schedule=prof_schedule(wait=0, warmup=3, active=n, repeat=1),
-                   on_trace_ready=write)
-    prof.start()
-    return prof
