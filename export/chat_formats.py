@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from aegis import tool_format
+
 from . import gotemplate
 from .files import ExportError
 
@@ -69,18 +71,41 @@ class Proof:
 
 # ---- the formats ----------------------------------------------------------------------------------------------------
 
-def _turns(open_: str, close: str, gen: str, bos: str, skip_empty_system: bool, default_system: str | None) -> str:
+def _turns(open_: str, close: str, gen: str, bos: str, skip_empty_system: bool, default_system: str | None,
+           tools: bool = False) -> str:
     """Formats that wrap each message as open(role) + content + close, e.g. <|im_start|>user\\n...<|im_end|>\\n.
-    No cosmetic newlines and no trim markers: every character of the template is one the chat renders."""
-    system = open_.format(role="system") + "{{ .Content }}" + close
+    No cosmetic newlines and no trim markers: every character of the template is one the chat renders. With
+    `tools`, Ollama's tools, calls and tool results are written in AEGIS's tool format, as the server writes them."""
+    described = open_.format(role="system") + _TOOLS + close
+    system = (open_.format(role="system") + "{{ .Content }}"
+              + ("{{ if and $.Tools (eq $i 0) }}{{ if .Content }}\n\n{{ end }}" + _TOOLS + "{{ end }}" if tools else "")
+              + close)
     if skip_empty_system:
-        system = "{{ if .Content }}" + system + "{{ end }}"
+        system = ("{{ if or .Content (and $.Tools (eq $i 0)) }}" if tools else "{{ if .Content }}") + system \
+            + "{{ end }}"
     default = ""
     if default_system is not None:
         default = ('{{ if and (eq $i 0) (ne .Role "system") }}' + open_.format(role="system") + default_system
                    + close + "{{ end }}")
+    if tools:
+        default += '{{ if and $.Tools (eq $i 0) (ne .Role "system") }}' + described + "{{ end }}"
+    other = open_.format(role="{{ .Role }}") + "{{ .Content }}" + close
+    if tools:
+        other = ('{{ if eq .Role "tool" }}' + open_.format(role="user")
+                 + '{"tool_result":{"name":{{ json .ToolName }},"content":{{ json .Content }}}}' + close
+                 + "{{ else if .ToolCalls }}" + open_.format(role="assistant")
+                 + "{{ if .Content }}{{ .Content }}\n{{ end }}"
+                 + '{"tool_calls":[{{ range $j, $c := .ToolCalls }}{{ if $j }},{{ end }}'
+                 '{"name":{{ json .Function.Name }},"arguments":{{ json .Function.Arguments }}}{{ end }}]}' + close
+                 + "{{ else }}" + other + "{{ end }}")
     return (bos + "{{ range $i, $m := .Messages }}" + default + '{{ if eq .Role "system" }}' + system
-            + "{{ else }}" + open_.format(role="{{ .Role }}") + "{{ .Content }}" + close + "{{ end }}{{ end }}" + gen)
+            + "{{ else }}" + other + "{{ end }}{{ end }}" + gen)
+
+
+# AEGIS's tool format (aegis/tool_format.py) from Ollama's tools: the intro, a JSON line per tool, the instructions
+_TOOLS = (tool_format.TOOLS_INTRO + '{{ range $.Tools }}\n{"name":{{ json .Function.Name }}'
+          '{{ if .Function.Description }},"description":{{ json .Function.Description }}{{ end }}'
+          ',"parameters":{{ json .Function.Parameters }}}{{ end }}\n' + tool_format.CALL_HOWTO)
 
 
 def _gemma(bos: str) -> str:
@@ -135,7 +160,8 @@ def candidates(tok, render) -> list[_Candidate]:
     if has("<|user|>", "<|assistant|>", "<|end|>"):
         for bos in boses:
             for skip in (True, False):
-                out.append(_Candidate("Phi-3", _turns("<|{role}|>\n", "<|end|>\n", "<|assistant|>\n", bos, skip, None),
+                out.append(_Candidate("Phi-3", _turns("<|{role}|>\n", "<|end|>\n", "<|assistant|>\n", bos, skip, None,
+                                                      tools=True),
                                       ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>")))
     if has("<|im_start|>", "<|im_end|>"):
         default = _default_system(render, "<|im_start|>", "<|im_end|>")
@@ -171,18 +197,26 @@ def candidates(tok, render) -> list[_Candidate]:
 # ---- the proof ------------------------------------------------------------------------------------------------------
 
 def ollama_messages(messages: list[dict]) -> list[dict]:
-    """The .Messages Ollama gives a template: consecutive messages of one role merged with a blank line."""
+    """The .Messages Ollama gives a template: consecutive messages of one role merged with a blank line; a message
+    that called tools carries them (ToolCalls: Function.Name, Function.Arguments), a tool's result its ToolName."""
     out: list[dict] = []
     for m in messages:
-        if out and out[-1]["Role"] == m["role"]:
+        calls = [{"Function": {"Name": c["name"], "Arguments": c["arguments"]}} for c in m.get("tool_calls", [])]
+        plain = not calls and m["role"] != "tool"
+        if plain and out and out[-1]["Role"] == m["role"] and not out[-1]["ToolCalls"]:
             out[-1]["Content"] += "\n\n" + m["content"]
         else:
-            out.append({"Role": m["role"], "Content": m["content"]})
+            out.append({"Role": m["role"], "Content": m.get("content") or "", "ToolCalls": calls,
+                        "ToolName": m.get("tool_name", "")})
     return out
 
 
-def render_go(template: str, messages: list[dict]) -> str:
-    return gotemplate.render(template, {"Messages": ollama_messages(messages)})
+def render_go(template: str, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """tools: Ollama's request tools ({"type": "function", "function": {"name", "description", "parameters"}})."""
+    shaped = [{"Type": t.get("type", "function"), "Function": {
+        "Name": t["function"]["name"], "Description": t["function"].get("description", ""),
+        "Parameters": t["function"].get("parameters")}} for t in tools or []]
+    return gotemplate.render(template, {"Messages": ollama_messages(messages), "Tools": shaped})
 
 
 def _hf_renderer(tok):

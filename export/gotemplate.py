@@ -4,12 +4,14 @@ checked against the tokenizer's Jinja chat template without Ollama.
 Supported: text; {{ pipeline }} output; {{- and -}} whitespace trimming; {{/* comments */}}; if / else if / else /
 end; range (with optional `$i, $v :=`) / else / end; values .Field, .A.B, $.Field, $var, $var.Field, "strings"
 (Go escapes), numbers, true/false, (parenthesised pipelines); functions eq, ne, lt, le, gt, ge, not, and, or, len,
-slice, index.
+slice, index, and Ollama's json (Go's json.Marshal: compact, <, > and & escaped; keys in the order the data holds
+them, as a Go struct's fields are, so callers give maps' keys sorted as Go does).
 Anything else is a TemplateError naming the position, rather than a silently different rendering."""
 
 from __future__ import annotations
 
 import ast
+import json
 import re
 
 _ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.DOTALL)
@@ -165,7 +167,16 @@ _FUNCS = {
     "len": lambda a: len(a),
     "index": lambda a, *i: _index(a, i),
     "slice": lambda a, *i: a[i[0]:(i[1] if len(i) > 1 else None)],
+    "json": lambda a: _go_json(a),
 }
+
+
+def _go_json(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                    ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return text
 
 
 def _index(a, idx):

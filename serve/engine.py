@@ -9,6 +9,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from aegis import tool_format
 from aegis.chat_template import TemplateError
 
 from . import prompt, structured, tools
@@ -160,7 +161,7 @@ def prepare_chat(registry: Registry, req: ChatCompletionRequest) -> Prepared:
     # what the system turn gets besides the conversation's own: the tools on offer, or what the JSON reply is for
     # (the two never come together: a JSON response_format needs tool_choice none)
     fmt = req.response_format
-    note = tools.system_text(defs) if choice != "none" else \
+    note = tool_format.system_text(defs) if choice != "none" else \
         fmt.json_schema.description if isinstance(fmt, JsonSchemaFormat) else None
     messages = prompt.conversation(req.messages, backend.chat_template, note)
     try:

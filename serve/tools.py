@@ -1,7 +1,7 @@
 """Tool calling for models without a tool format of their own (Phi-3): the format, the grammar that enforces it and
 the reader that turns a reply into OpenAI tool calls, streamed or whole.
 
-The format (README, "Tools"):
+The format (README, "Tools"; its texts are aegis/tool_format.py's, which the Ollama Modelfile's template writes too):
 - the tools are described in the system turn: TOOLS_INTRO, one JSON object per tool ({"name", "description",
   "parameters"}) per line, then CALL_HOWTO;
 - a call is a reply of nothing but {"tool_calls": [{"name": NAME, "arguments": {...}}, ...]};
@@ -19,33 +19,8 @@ from dataclasses import dataclass, field
 
 from . import structured
 
-TOOLS_INTRO = ("You can call the tools below. Each line describes one tool: its name, what it does and the JSON "
-               "Schema of its arguments.")
-CALL_HOWTO = ('To call tools, reply with nothing but a JSON object of this form: {"tool_calls": [{"name": '
-              '"TOOL_NAME", "arguments": {...}}]}. Each result comes back in a user turn as {"tool_result": '
-              '{"name": "TOOL_NAME", "content": "..."}}. Otherwise, reply in plain text.')
 # auto: a call, or text that cannot be mistaken for one (it does not start with "{" or blank space), or nothing
 AUTO_RULES = 'root ::= json-reply | prose | ""\nprose ::= [^{ \\t\\n\\r] [^\\x00]*'
-
-
-def _json(value) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def system_text(tools: list[dict]) -> str:
-    """tools: {"name", "description", "parameters"} each."""
-    lines = [_json({k: t[k] for k in ("name", "description", "parameters") if t.get(k) is not None})
-             for t in tools]
-    return "\n".join([TOOLS_INTRO, *lines, CALL_HOWTO])
-
-
-def calls_text(calls: list[tuple[str, object]]) -> str:
-    """An assistant turn's calls, (name, parsed arguments) each, as the model writes them."""
-    return _json({"tool_calls": [{"name": name, "arguments": args} for name, args in calls]})
-
-
-def result_text(name: str, content: str) -> str:
-    return _json({"tool_result": {"name": name, "content": content}})
 
 
 def grammar(tools: list[dict], choice: str, parallel: bool) -> str:

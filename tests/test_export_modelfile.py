@@ -147,3 +147,42 @@ def test_go_template_rules():
     for bad in ("{{ if .X }}no end", "{{ end }}", "{{ with .X }}{{ end }}", "{{ .X | printf }}"):
         with pytest.raises(gotemplate.TemplateError):
             render(bad, {"X": 1})
+
+
+def test_phi3_template_writes_tools_as_the_server_does(tiny_path):
+    """Phi-3 has no tool format of its own; the Modelfile's template writes Ollama's tools, calls and tool results in
+    AEGIS's (aegis/tool_format.py), so a model that learned tool calls from the server's prompts sees the same text
+    under Ollama. Tools given with their keys in the order Go writes them (struct fields; map keys sorted)."""
+    import msgspec
+
+    from aegis import chat_template, tool_format
+    from serve import prompt
+    from serve.schemas import ChatCompletionRequest
+
+    tok = _tok(tiny_path)
+    template = chat_formats.derive(tok, "tiny").template
+    weather = {"type": "object", "required": ["city"],
+               "properties": {"city": {"type": "string", "description": "都市の名前"}}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "天気予報", "parameters": weather}},
+             {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "required": [],
+                                                                              "properties": {}}}}]
+    for system in ("丁寧に答えてください。", None):
+        head = [{"role": "system", "content": system}] if system else []
+        request = msgspec.json.decode(msgspec.json.encode({"model": "m", "tools": tools, "messages": head + [
+            {"role": "user", "content": "東京の天気は?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "東京"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "晴れ"}]}), type=ChatCompletionRequest)
+        note = tool_format.system_text([{"name": t["function"]["name"], "description": t["function"].get("description"),
+                                         "parameters": t["function"]["parameters"]} for t in tools])
+        served = chat_template.render(tok.chat_template, prompt.conversation(request.messages, tok.chat_template, note),
+                                      dict(bos_token=tok.bos_token, eos_token=tok.eos_token))
+        ollama = chat_formats.render_go(template, head + [
+            {"role": "user", "content": "東京の天気は?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "東京"}}]},
+            {"role": "tool", "content": "晴れ", "tool_name": "get_weather"}], tools=tools)
+        assert ollama == served
+        assert '{"tool_calls":[{"name":"get_weather","arguments":{"city":"東京"}}]}' in ollama
+        assert '<|user|>\n{"tool_result":{"name":"get_weather","content":"晴れ"}}<|end|>' in ollama
+    # without tools the template renders exactly what it rendered before (the token-for-token proof above)
+    assert tool_format.TOOLS_INTRO not in chat_formats.render_go(template, [{"role": "user", "content": "x"}])

@@ -11,7 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-from serve import tools as tool_format
+from aegis import tool_format
 from support.fixtures import client, server  # noqa: F401 - fixtures
 
 USER = [{"role": "system", "content": "あなたは天気を調べるアシスタントです。"},

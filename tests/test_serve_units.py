@@ -191,7 +191,7 @@ def test_call_reader_streams_what_it_reads_whole():
 
 
 def test_tool_turns_render_in_the_documented_format(gguf_backend):
-    from serve import tools
+    from aegis import tool_format
     from serve.schemas import ChatCompletionRequest, decode
     req = decode(json.dumps({"messages": [
         {"role": "developer", "content": "丁寧に"},
@@ -205,8 +205,8 @@ def test_tool_turns_render_in_the_documented_format(gguf_backend):
         {"role": "user", "content": "天気は?"},
         {"role": "assistant", "content": '{"tool_calls":[{"name":"get_weather","arguments":{"city":"東京"}}]}'},
         {"role": "user", "content": '{"tool_result":{"name":"get_weather","content":"晴れ"}}'}]
-    assert tools.system_text([{"name": "f", "description": None, "parameters": {"type": "object"}}]) == \
-        f'{tools.TOOLS_INTRO}\n{{"name":"f","parameters":{{"type":"object"}}}}\n{tools.CALL_HOWTO}'
+    assert tool_format.system_text([{"name": "f", "description": None, "parameters": {"type": "object"}}]) == \
+        f'{tool_format.TOOLS_INTRO}\n{{"name":"f","parameters":{{"type":"object"}}}}\n{tool_format.CALL_HOWTO}'
 
 
 def test_control_tokens_that_strip_whitespace_tokenize_as_llama_cpp_does(tiny_path, tmp_path):
