@@ -295,8 +295,6 @@ def main() -> int:
     models = [m.id for m in client.models.list().data]
     check(bool(models), "no models listed")
     model = models[0]
-    same = [whole_once(client, model, 24, PROMPTS[0]) for _ in range(2 * args.replicas)]
-    check(not any(o.error for o in same), f"plain requests failed: {[o.error for o in same if o.error]}")
     texts = set()
     for _ in range(2 * args.replicas):
         raw = client.chat.completions.with_raw_response.create(
