@@ -286,7 +286,11 @@ def prune(run_dir: Path, keep_last: int) -> None:
     root = Path(run_dir) / CHECKPOINTS
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            # renamed first (atomic), so a kill halfway through the delete leaves a temporary directory that every
+            # reader skips, never a step_N with files missing
+            doomed = old.with_name(f"{TMP_PREFIX}pruned-{old.name}-{os.getpid()}")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     if root.is_dir():
         for tmp in root.glob(f"{TMP_PREFIX}*"):
             shutil.rmtree(tmp, ignore_errors=True)
