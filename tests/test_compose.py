@@ -59,9 +59,24 @@ def compose(request) -> tuple[str, dict]:
 
 # ---- the Dockerfile, parsed just enough ------------------------------------------------------------------------
 
+def global_args() -> dict[str, str]:
+    """The build arguments declared before the first FROM, with their defaults: what a FROM line may name."""
+    out = {}
+    for line in DOCKERFILE.read_text().splitlines():
+        if re.match(r"FROM\s", line, re.I):
+            break
+        m = re.match(r"ARG\s+([A-Za-z_][A-Za-z0-9_]*)(?:=(\S*))?", line)
+        if m:
+            out[m.group(1)] = (m.group(2) or "").strip('"')
+    return out
+
+
 def stages() -> dict[str, list[str]]:
-    """Each build stage's instructions (continuation lines joined, comments dropped), by stage name."""
+    """Each build stage's instructions (continuation lines joined, comments dropped), by stage name; NAME:from is
+    what its FROM line says, NAME:parent that with the build arguments' defaults put in (an image or an earlier
+    stage)."""
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    defaults = global_args()
     out: dict[str, list[str]] = {}
     current = None
     for line in text.splitlines():
@@ -72,10 +87,28 @@ def stages() -> dict[str, list[str]]:
         if m:
             current = m.group(2) or m.group(1)
             out[current] = [line]
-            out[current + ":parent"] = [m.group(1)]
+            out[current + ":from"] = [m.group(1)]
+            out[current + ":parent"] = [re.sub(r"\$\{(\w+)\}", lambda a: defaults[a.group(1)], m.group(1))]
         elif current:
             out[current].append(line)
     return out
+
+
+def stage_names() -> list[str]:
+    return [name for name in stages() if ":" not in name]
+
+
+def built_from(target: str) -> set[str]:
+    """The stages a target's image is built from: its FROM parents and the stages it copies from, all the way down."""
+    all_stages, seen, todo = stages(), set(), [target]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in all_stages:
+            continue
+        seen.add(name)
+        todo.append(all_stages[name + ":parent"][0])
+        todo += [m.group(1) for line in all_stages[name] if (m := re.match(r"COPY\s+--from=(\S+)", line, re.I))]
+    return seen
 
 
 def lineage(name: str) -> list[str]:
@@ -207,23 +240,45 @@ def test_services_and_build_targets(compose):
     assert chat["build"]["target"] == "serve"  # the UI needs no GPU
     if kind == "cpu":
         assert serve["build"]["target"] == "serve" and chat["image"] == serve["image"]
-    else:  # the GPU chain's API: llama.cpp compiled with CUDA, a GPU reserved as train's is
-        assert serve["build"]["target"] == "serve-cuda" and serve["image"] != chat["image"]
+    else:  # the GPU chain's API: the same target on NVIDIA's images, llama.cpp compiled with CUDA, a GPU reserved
+        assert serve["build"]["target"] == "serve" and serve["image"] != chat["image"]
         assert serve["deploy"] == c["services"]["train"]["deploy"]
-        cuda = " ".join(all_stages["serve-cuda"] + all_stages["llama-build-cuda"])
-        assert "-DGGML_CUDA=on" in cuda and image_entrypoint("serve-cuda") == image_entrypoint("serve")
+        args = serve["build"]["args"]
+        nvidia = r"docker\.io/nvidia/cuda:(\d+\.\d+\.\d+)-{}-(ubuntu\d+\.\d+)"
+        runtime = re.fullmatch(nvidia.format("runtime"), args["BASE_IMAGE"])
+        devel = re.fullmatch(nvidia.format("devel"), args["LLAMA_BUILD_IMAGE"])
+        # one CUDA release and one Ubuntu (the same glibc and CUDA libraries) for the compile and the image it goes in
+        assert runtime and devel and runtime.groups() == devel.groups(), args
+        cmake = dict(a[2:].split("=", 1) for a in args["LLAMA_CMAKE_ARGS"].split())
+        assert cmake["GGML_CUDA"] == "on" and cmake["GGML_NATIVE"] == "OFF", cmake
+        assert "86" in cmake["CMAKE_CUDA_ARCHITECTURES"].split(";")  # the RTX 3060 the seed recipe was sized for
+    # the arguments reach the image: serve is built on BASE_IMAGE, its llama-cpp-python compiled on LLAMA_BUILD_IMAGE
+    # with LLAMA_CMAKE_ARGS
+    assert {"base", "llama-build"} <= built_from("serve")
+    assert all_stages["base:from"] == ["${BASE_IMAGE}"] and all_stages["llama-build:from"] == ["${LLAMA_BUILD_IMAGE}"]
+    assert any(line.startswith('RUN CMAKE_ARGS="$LLAMA_CMAKE_ARGS" ') for line in all_stages["llama-build"])
+    # every other service builds with the defaults: llama.cpp compiled for the CPU on the base stage
+    for name, svc in c["services"].items():
+        if (kind, name) != ("default", "serve"):
+            assert not {"LLAMA_BUILD_IMAGE", "LLAMA_CMAKE_ARGS"} & set(svc["build"]["args"]), f"{kind}/{name}"
 
 
 def test_base_image_pinned_and_overridable(compose):
-    _, c = compose
+    kind, c = compose
     m = re.search(r"^ARG BASE_IMAGE=(\S+)", DOCKERFILE.read_text(), re.M)
     assert m, "Dockerfile: no ARG BASE_IMAGE default"
     default = m.group(1)
     assert re.fullmatch(r"docker\.io/library/debian:bookworm-\d{8}-slim(@sha256:[0-9a-f]{64})?", default), default
-    for svc in c["services"].values():
+    for name, svc in c["services"].items():
+        if (kind, name) == ("default", "serve"):  # the GPU API: NVIDIA's CUDA runtime image, pinned by release
+            assert re.fullmatch(r"docker\.io/nvidia/cuda:\d+\.\d+\.\d+-runtime-ubuntu\d+\.\d+",
+                                svc["build"]["args"]["BASE_IMAGE"])
+            continue
         assert svc["build"]["args"]["BASE_IMAGE"] == default
-        assert load("default", {"AEGIS_BASE_IMAGE": "localhost/x"})["services"]["train"]["build"]["args"][
-            "BASE_IMAGE"] == "localhost/x"
+    overridden = load(kind, {"AEGIS_BASE_IMAGE": "localhost/x"})["services"]
+    assert overridden["train"]["build"]["args"]["BASE_IMAGE"] == "localhost/x"
+    assert overridden["serve"]["build"]["args"]["BASE_IMAGE"] == c["services"]["serve"]["build"]["args"][
+        "BASE_IMAGE"].replace(default, "localhost/x")
     assert "FROM ${BASE_IMAGE} AS base" in DOCKERFILE.read_text()
 
 
@@ -287,9 +342,6 @@ def test_cpu_file_mirrors_compose_yaml():
         g.pop("deploy", None)
         g.pop("shm_size", None)
         g["volumes"] = [rename.get(v.split(":")[0], v.split(":")[0]) + v[len(v.split(":")[0]):] for v in g["volumes"]]
-        if name == "serve":  # the GPU chain's API image is the CUDA one
-            assert g["build"]["target"] == "serve-cuda" and c["build"]["target"] == "serve"
-            g["build"]["target"] = "serve"
         for d in (g, c):
             d.pop("image")
             d["build"] = {k: v for k, v in d["build"].items() if k != "args"}
@@ -497,4 +549,44 @@ def test_llama_compile_depends_on_nothing_that_changes_often():
     lines = lineage("llama-build")
     copies = [ln for ln in lines if ln.upper().startswith("COPY")]
     assert copies == ["COPY docker/wheels/.gitignore docker/wheels/llama_cpp_python-* /tmp/wheels/"], copies
-    assert stages()["llama-build:parent"] == ["base"]
+    # by default it compiles on the base stage (the CUDA build names NVIDIA's devel image instead)
+    assert stages()["llama-build:from"] == ["${LLAMA_BUILD_IMAGE}"] and stages()["llama-build:parent"] == ["base"]
+
+
+def test_no_stage_repeats_another():
+    """One stage per job, whatever image it starts from: the images' setup (packages, venv, user, environment) is the
+    base stage's alone and the llama.cpp compile llama-build's alone; the GPU serve image differs by build arguments,
+    not by stages of its own."""
+    all_stages = stages()
+    names = stage_names()
+    # two stages start from an image outside the Dockerfile, each named by a build argument; the others from an
+    # earlier stage
+    outside = {n: all_stages[n + ":from"][0] for n in names if all_stages[n + ":from"][0] not in names}
+    assert outside == {"base": "${BASE_IMAGE}", "llama-build": "${LLAMA_BUILD_IMAGE}"}, outside
+    assert global_args()["LLAMA_BUILD_IMAGE"] == "base"
+    for i, name in enumerate(names):
+        parent = all_stages[name + ":parent"][0]
+        assert parent not in names or names.index(parent) < i, f"{name} starts from a later stage"
+
+    def where(pattern: str) -> list[str]:
+        return [n for n in names if any(re.search(pattern, line) for line in all_stages[n])]
+
+    assert where(r"\buseradd\b") == ["base"]
+    assert where(r"\bpython3 -m venv /opt/aegis\b") == ["base"]
+    assert where(r"^ENV .*\bVIRTUAL_ENV=") == ["base"]
+    assert where(r"^WORKDIR ") == ["base"]
+    assert where(r"\bapt-get install\b") == ["base", "llama-build"]
+    assert where(r"\bpip wheel\b.*llama-cpp-python") == ["llama-build"]
+    assert where(r"^(HEALTHCHECK|EXPOSE) ") == ["serve"]
+    # CUDA comes in through build arguments only, and nothing names a Python minor version (Debian bookworm has 3.11,
+    # NVIDIA's Ubuntu 24.04 images 3.12)
+    text = "\n".join(line for n in names for line in all_stages[n])
+    assert "CUDA" not in text
+    assert not re.search(r"python3\.\d|/lib/python", text)
+    # and no two stages share four instructions in a row (build arguments aside)
+    runs: dict[tuple[str, ...], str] = {}
+    for n in names:
+        body = [line for line in all_stages[n][1:] if not line.upper().startswith("ARG ")]
+        for k in range(len(body) - 3):
+            run = tuple(body[k:k + 4])
+            assert runs.setdefault(run, n) == n, f"stages {runs[run]} and {n} both run {run}"
