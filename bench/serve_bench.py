@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -98,6 +99,14 @@ def server_for(name: str, gguf: Path, clients: int, args, prefix_cache: str = "o
                ctx: int = 0) -> tuple[Server, str]:
     """The server and its readiness path, configured for `clients` concurrent requests (ctx: per slot)."""
     ctx = ctx or args.ctx
+    log = args.logs / f"{name.replace(' ', '_')}-{clients}-{prefix_cache}.log"  # a server that dies leaves its reason here
+    args.logs.mkdir(parents=True, exist_ok=True)
+    server, ready = _server(name, gguf, clients, args, prefix_cache, ctx)
+    server.log_path = log
+    return server, ready
+
+
+def _server(name: str, gguf: Path, clients: int, args, prefix_cache: str, ctx: int):
     if name == OURS:
         return Server("--model", f"{MODEL}={gguf}", "--parallel", str(clients), "--ctx-size", str(ctx),
                       "--queue-size", "512", "--prefix-cache", prefix_cache, "--n-gpu-layers", str(args.gpu_layers),
@@ -233,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-layers", type=int, default=-1, help="-1: all")
     ap.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server executable (row left out without)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "serve_results.json")
+    ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "serve-bench-logs",
+                    help="where each server's output goes")
     args = ap.parse_args(argv)
     try:
         levels = [int(c) for c in args.clients.split(",")]
@@ -252,18 +263,26 @@ def main(argv: list[str] | None = None) -> int:
     no_eos = end_tokens(gguf)
     servers = [OURS] + ([LLAMA_SERVER] if args.llama_server else []) + [LCP_SERVER]
 
-    rows = []
+    rows, failed = [], []
     for clients in levels:
         for name in servers:
             if name == LCP_SERVER and clients not in baseline_levels:
                 continue
-            rows.append(run_level(name, gguf, clients, args, no_eos))
+            try:
+                rows.append(run_level(name, gguf, clients, args, no_eos))
+            except RuntimeError as e:  # one server failing still leaves the others' rows; the reason is kept
+                print(f"{clients:3d} clients  {name}: FAILED {e}", flush=True)
+                failed.append({"clients": clients, "server": name, "error": str(e)[-2000:]})
     turns = {}
     for cache in ("on", "off"):
         server, ready = server_for(OURS, gguf, 1, args, prefix_cache=cache, ctx=CHAT_CTX)
-        with server:
-            asyncio.run(load(server.url, OURS, 1, 1, 8, no_eos))
-            turns[cache] = asyncio.run(chat_turns(server.url, 64))
+        try:
+            with server:
+                asyncio.run(load(server.url, OURS, 1, 1, 8, no_eos))
+                turns[cache] = asyncio.run(chat_turns(server.url, 64))
+        except RuntimeError as e:
+            failed.append({"server": OURS, "prefix_cache": cache, "error": str(e)[-2000:]})
+            continue
         print(f"prefix cache {cache}: TTFT per turn (ms) " + ", ".join(f"{t:.1f}" for t in turns[cache]), flush=True)
 
     memory = "GPU memory" if MemoryWatch().gpu else "RSS"
@@ -271,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {}
     for clients in levels:
         by = {r["server"]: r for r in rows if r["clients"] == clients}
+        if OURS not in by:
+            continue
         ratios[clients] = {other: by[OURS]["tokens_per_s"] / by[other]["tokens_per_s"]
                            for other in (LLAMA_SERVER, LCP_SERVER) if other in by}
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
@@ -281,14 +302,14 @@ def main(argv: list[str] | None = None) -> int:
                           "python": platform.python_version()},
               "date": time.strftime("%Y-%m-%d"),
               "command": " ".join(["bench/serve_bench.py", *(argv if argv is not None else sys.argv[1:])]),
-              "rows": rows, "ratios_ours_over": ratios, "prefix_cache_ttft_ms": turns, "table": table}
+              "rows": rows, "failed": failed, "ratios_ours_over": ratios, "prefix_cache_ttft_ms": turns, "table": table}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
     print(table)
     for clients, r in ratios.items():
         print(f"{clients} client(s): ours / " + ", ".join(f"{k} = {v:.2f}x" for k, v in r.items()))
     print(f"wrote {args.out}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

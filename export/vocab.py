@@ -14,6 +14,8 @@ from pathlib import Path
 
 import gguf
 
+from aegis import llamacpp
+
 from .files import ExportError
 
 T = gguf.TokenType
@@ -136,7 +138,7 @@ def _probe(tok, vocab: Vocab) -> None:
 def choose_pre(vocab: Vocab, tok, write_probe, workdir: Path) -> None:
     """For byte-level BPE, set vocab.pre to the first of PRE_CANDIDATES under which llama.cpp tokenizes PRE_PROBES as
     `tok` does. `write_probe(path)` writes a GGUF of the vocabulary and metadata only (no tensors)."""
-    import llama_cpp
+    llama_cpp = llamacpp.runtime()
 
     want = [list(tok(t, add_special_tokens=False)["input_ids"]) for t in PRE_PROBES]
     tried = []

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 
-from llama_cpp.llama_grammar import SchemaConverter
+from aegis import llamacpp
 
 ANNOTATIONS = frozenset({"title", "description", "examples", "default", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly", "$defs", "definitions"})
@@ -225,6 +225,9 @@ def grammar(schema: dict, defs: dict[str, dict], extra_rules: str = "") -> str:
     extra_rules defines root itself (then the schema's rule is `json-reply`)."""
     name = "json-reply" if extra_rules else ""
     doc = {**schema, "$defs": defs} if defs else schema
+    llamacpp.runtime()  # llama.cpp loads the one safe way before its package is imported
+    from llama_cpp.llama_grammar import SchemaConverter
+
     converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     converter.visit(converter.resolve_refs(doc, ""), name)
     text = converter.format_grammar()

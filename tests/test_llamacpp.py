@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CRASHER = textwrap.dedent("""
     # Makes llama_decode fault for real (SIGSEGV) when the model was loaded in the way CRASH_WHEN names.
     import ctypes, os
+    from aegis import llamacpp
+    llamacpp.runtime()  # as the product loads it
     import llama_cpp.llama_cpp as C
 
     _load, _decode = C.llama_model_load_from_file, C.llama_decode
@@ -45,7 +47,34 @@ def _crash_env(tmp_path: Path, when: str) -> dict:
     site = tmp_path / "crash_site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(CRASHER)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "CRASH_WHEN": when}
+    path = [str(site), str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "CRASH_WHEN": when}
+
+
+def test_llama_cpp_is_loaded_only_through_the_runtime():
+    """aegis.llamacpp.runtime() puts the real C++ runtime in the global symbol scope before llama.cpp's libraries
+    load. Anything that imports llama_cpp before it undoes that: on the GPU machine the CUDA build's server died in
+    llama_model::print_info, whose std::ostream calls had bound to libstdc++ copies exported by libggml-cuda.so,
+    because serve/structured.py imported llama_cpp's grammar module at import time. So: no product module imports
+    llama_cpp at its top level, and importing the entry points leaves it unloaded."""
+    import ast
+
+    offenders = []
+    for pkg in ("aegis", "serve", "export", "train", "bench"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            if path == ROOT / "aegis" / "llamacpp.py":
+                continue
+            for node in ast.parse(path.read_text()).body:
+                mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                if any(m == "llama_cpp" or m.startswith("llama_cpp.") for m in mods):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == [], f"top-level llama_cpp imports (use aegis.llamacpp.runtime()): {offenders}"
+    code = ("import sys, serve.app, serve.structured, serve.__main__, export.__main__, export.quantize, "
+            "export.vocab; print('llama_cpp' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False", "importing the entry points loaded llama_cpp before runtime()"
 
 
 def test_every_offered_type_loads_and_decodes(tiny_path, tmp_path):
