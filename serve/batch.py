@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .backends.base import Backend
-from .job import Decoding, Finish, Job, PoolClosed, QueueFull
+from .job import Decoding, Finish, Job, admit
 
 log = logging.getLogger("serve.batch")
 
@@ -59,10 +59,7 @@ class BatchPool:
 
     def submit(self, job: Job) -> None:
         with self._cv:
-            if self._closed:
-                raise PoolClosed("the server is shutting down")
-            if self.waiting >= self.max_queue + max(0, self.workers - self.busy):
-                raise QueueFull(f"the queue is full ({self.max_queue} waiting)")
+            admit(self._closed, self.waiting, self.max_queue, self.workers, self.busy)
             self.waiting += 1
             self._queue.append(job)
             self._cv.notify()
@@ -161,8 +158,8 @@ class BatchPool:
         self._batch.release(slot)
         with self._cv:
             self.busy -= 1
-        finish = Finish("error", len(r.job.prompt), r.decoding.n, error=error) if error else r.decoding.finish()
-        finish.cached_tokens = r.cached
+        finish = (Finish("error", len(r.job.prompt), r.decoding.n, error=error, cached_tokens=r.cached) if error
+                  else r.decoding.finish(cached_tokens=r.cached))
         if self.on_finish is not None:
             try:
                 self.on_finish(r.job, finish)

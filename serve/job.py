@@ -27,6 +27,15 @@ class PoolClosed(Exception):
     """The server is shutting down (503)."""
 
 
+def admit(closed: bool, waiting: int, max_queue: int, workers: int, busy: int) -> None:
+    """The admission rule both pools apply under their lock: a request waits if a worker or slot is free or the
+    queue has room (`max_queue` beyond the free ones), else 429; nothing is taken while shutting down (503)."""
+    if closed:
+        raise PoolClosed("the server is shutting down")
+    if waiting >= max_queue + max(0, workers - busy):
+        raise QueueFull(f"the queue is full ({max_queue} waiting)")
+
+
 @dataclass
 class Finish:
     reason: str  # stop | length | cancelled | timeout | error
@@ -190,8 +199,9 @@ class Decoding:
             return True
         return self.n >= self.job.max_tokens
 
-    def finish(self) -> Finish:
-        """Releases what the detokenizer and the stop matcher still hold; the Finish to emit."""
+    def finish(self, cached_tokens: int = 0) -> Finish:
+        """Releases what the detokenizer and the stop matcher still hold; the Finish to emit (cached_tokens: prompt
+        tokens the engine reused from the slot's cache)."""
         if not self.hit and self.reason in ("stop", "length"):
             text, self.hit = self.stopper.push(self.detok.flush())
             text += "" if self.hit else self.stopper.flush()
@@ -199,4 +209,4 @@ class Decoding:
                 self.job.emit(text)
             if self.hit:
                 self.reason = "stop"
-        return Finish(self.reason, len(self.job.prompt), self.n)
+        return Finish(self.reason, len(self.job.prompt), self.n, cached_tokens=cached_tokens)

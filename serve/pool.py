@@ -14,7 +14,7 @@ import threading
 import time
 
 from .backends.base import Backend
-from .job import Decoding, Finish, Job, PoolClosed, QueueFull
+from .job import Decoding, Finish, Job, admit
 
 log = logging.getLogger("serve.pool")
 
@@ -100,10 +100,7 @@ class WorkerPool:
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            if self._closed:
-                raise PoolClosed("the server is shutting down")
-            if self.waiting >= self.max_queue + max(0, self.workers - self.busy):
-                raise QueueFull(f"the queue is full ({self.max_queue} waiting)")
+            admit(self._closed, self.waiting, self.max_queue, self.workers, self.busy)
             self.waiting += 1
         self._queue.put(job)
 
