@@ -8,8 +8,11 @@ llama.cpp source that llama-cpp-python vendors) and `python -m llama_cpp.server`
 
 Each server is started for each level with as many slots as clients (ours --parallel N, llama-server -np N with a
 context of N x --ctx, so every slot has --ctx tokens as ours does), all layers on the GPU when there is one. Every
-client streams `--requests` greedy chat requests of exactly --max-tokens new tokens (end-of-turn tokens ignored: ours
-and llama-server take `ignore_eos`, llama_cpp.server a logit bias against them). Reported per level and server:
+client streams `--requests` greedy chat requests of --max-tokens new tokens (ours and llama-server take `ignore_eos`;
+llama_cpp.server has no such option and gets the plain request its users send: a logit bias against end-of-turn
+tokens would run its Python sampling path, ten times slower per token on a GPU, and flatter everyone else; its
+replies may end early, which min_tokens shows). Tokens are counted from usage, else --max-tokens for a reply that
+ended by length, else its chunks. Reported per level and server:
 aggregate tokens/s, the median request's tokens/s, time to first token p50/p90, and peak memory (GPU memory in use
 above what it was before the server started; without a GPU, the server process's peak RSS).
 
@@ -123,20 +126,18 @@ def _server(name: str, gguf: Path, clients: int, args, prefix_cache: str, ctx: i
                     else []), module="llama_cpp.server"), "/v1/models"
 
 
-def body(name: str, messages: list[dict], max_tokens: int, no_eos: list[int]) -> dict:
+def body(name: str, messages: list[dict], max_tokens: int) -> dict:
     out = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    if name == LCP_SERVER:  # it has no ignore_eos; a bias keeps end-of-turn tokens from being chosen
-        out["logit_bias"] = {str(t): -100 for t in no_eos}
-    else:
+    if name != LCP_SERVER:  # llama_cpp.server has no ignore_eos (see the module's docstring)
         out["ignore_eos"] = True
         out["stream_options"] = {"include_usage": True}
     return out
 
 
 async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> dict:
-    """A streamed request: time to the first content, to the end, and the tokens (usage, else content chunks)."""
+    """A streamed request: time to the first content, to the end, and the tokens (see the module's docstring)."""
     start = time.perf_counter()
-    first, chunks, usage, text = None, 0, None, []
+    first, chunks, usage, text, reason = None, 0, None, [], None
     async with client.stream("POST", url, json=payload) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -146,16 +147,17 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> dic
             usage = chunk.get("usage") or usage
             choices = chunk.get("choices") or []
             piece = choices[0].get("delta", {}).get("content") if choices else None
+            reason = (choices[0].get("finish_reason") if choices else None) or reason
             if piece:
                 first = first or time.perf_counter()
                 chunks += 1
                 text.append(piece)
     end = time.perf_counter()
-    tokens = usage["completion_tokens"] if usage else chunks
+    tokens = usage["completion_tokens"] if usage else payload["max_tokens"] if reason == "length" else chunks
     return {"ttft": (first or end) - start, "total": end - start, "tokens": tokens, "text": "".join(text)}
 
 
-async def load(base: str, name: str, clients: int, requests: int, max_tokens: int, no_eos: list[int]) -> dict:
+async def load(base: str, name: str, clients: int, requests: int, max_tokens: int) -> dict:
     """`clients` concurrent clients, each sending `requests` requests one after another."""
     url = base + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
@@ -163,7 +165,7 @@ async def load(base: str, name: str, clients: int, requests: int, max_tokens: in
         async def worker(i: int) -> list[dict]:
             return [await one_request(client, url, body(name, [{"role": "user", "content":
                                                                 PROMPTS[(i + k) % len(PROMPTS)]}],
-                                                          max_tokens, no_eos))
+                                                          max_tokens))
                     for k in range(requests)]
 
         start = time.perf_counter()
@@ -192,17 +194,6 @@ async def chat_turns(base: str, max_tokens: int) -> list[float]:
     return out
 
 
-def end_tokens(gguf: Path) -> list[int]:
-    """The GGUF's end-of-generation tokens (for llama_cpp.server's logit bias)."""
-    from aegis import llamacpp
-    lib = llamacpp.runtime()
-    llm = lib.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
-    vocab = llm._model.vocab
-    ids = [t for t in range(lib.llama_vocab_n_tokens(vocab)) if lib.llama_vocab_is_eog(vocab, t)]
-    llm.close()
-    return ids
-
-
 def markdown(rows: list[dict], memory: str) -> str:
     lines = [f"| clients | server | tokens/s (all clients) | tokens/s per request | TTFT p50 (ms) | TTFT p90 (ms) | "
              f"peak {memory} (MiB) |", "|---:|---|---:|---:|---:|---:|---:|"]
@@ -213,14 +204,14 @@ def markdown(rows: list[dict], memory: str) -> str:
     return "\n".join(lines)
 
 
-def run_level(name: str, gguf: Path, clients: int, args, no_eos: list[int]) -> dict:
+def run_level(name: str, gguf: Path, clients: int, args) -> dict:
     server, ready = server_for(name, gguf, clients, args)
     watch = MemoryWatch()
     server.start(ready_path=ready)
     try:
         watch.start(server.proc.pid)
-        asyncio.run(load(server.url, name, 1, 1, 8, no_eos))  # warm-up: first CUDA kernels, caches
-        result = asyncio.run(load(server.url, name, clients, args.requests, args.max_tokens, no_eos))
+        asyncio.run(load(server.url, name, 1, 1, 8))  # warm-up: first CUDA kernels, caches
+        result = asyncio.run(load(server.url, name, clients, args.requests, args.max_tokens))
     finally:
         server.stop()
         result_peak = watch.stop()
@@ -260,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
                                       / "serve-bench", log=lambda m: print(m, file=sys.stderr)))
     if not gguf or not gguf.is_file():
         ap.error(f"--gguf {gguf}: no such file")
-    no_eos = end_tokens(gguf)
     servers = [OURS] + ([LLAMA_SERVER] if args.llama_server else []) + [LCP_SERVER]
 
     rows, failed = [], []
@@ -269,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == LCP_SERVER and clients not in baseline_levels:
                 continue
             try:
-                rows.append(run_level(name, gguf, clients, args, no_eos))
+                rows.append(run_level(name, gguf, clients, args))
             except RuntimeError as e:  # one server failing still leaves the others' rows; the reason is kept
                 print(f"{clients:3d} clients  {name}: FAILED {e}", flush=True)
                 failed.append({"clients": clients, "server": name, "error": str(e)[-2000:]})
@@ -278,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         server, ready = server_for(OURS, gguf, 1, args, prefix_cache=cache, ctx=CHAT_CTX)
         try:
             with server:
-                asyncio.run(load(server.url, OURS, 1, 1, 8, no_eos))
+                asyncio.run(load(server.url, OURS, 1, 1, 8))
                 turns[cache] = asyncio.run(chat_turns(server.url, 64))
         except RuntimeError as e:
             failed.append({"server": OURS, "prefix_cache": cache, "error": str(e)[-2000:]})

@@ -80,7 +80,8 @@ def test_llama_cpp_is_loaded_only_through_the_runtime():
 def test_every_offered_type_loads_and_decodes(tiny_path, tmp_path):
     """Every --type of `export gguf`, written from the embedded model, loads and decodes through the product's
     loader (probe in a child, then the settings it chose). The CPU features of the llama.cpp build are printed, so
-    the log says where it ran (AMX or not)."""
+    the log says where it ran (AMX or not). Besides CI's CPU it passed on an AMX CPU (AMX_INT8, REPACK: the GPU
+    machine's, llama.cpp built there natively; BENCHMARKS.md, "llama.cpp on a CPU with AMX")."""
     print(f"llama.cpp build: {llamacpp.system_info()}")
     for t in names.TYPES:
         path = tmp_path / f"tiny-{t}.gguf"
