@@ -1,227 +1,28 @@
 """Static checks of the container files: compose.yaml and compose.cpu.yaml against the Dockerfile, the entrypoint
 scripts and the code they run. Every module, command-line flag, path, port, route and environment variable that the
 compose files name must exist where they say it does. The compose files are read as Compose resolves them
-(`docker-compose config`), so the checks need docker-compose (.ci/run installs it before the tests); hadolint and
-shellcheck run when installed (.ci/containers.sh installs them); the real builds and the CPU chain run in
+(`docker-compose config`), so the checks need docker-compose (.ci/run installs it before the tests). The pins of
+docker/constraints.txt are checked against pyproject.toml's ranges here too. The Dockerfile on its own (stages,
+build context, hadolint, shellcheck) is tests/test_dockerfile.py's; the real builds and the CPU chain run in
 .ci/containers.sh itself."""
 
 from __future__ import annotations
 
 import copy
-import functools
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from support.containers import (CACHE, DATA, DOCKERFILE, FILES, IMAGE_DIR, ROOT, SERVICES, assert_flags, built_from,
+                                env_vars_read, image_entrypoint, image_env, in_image, load, module_file,
+                                package_reads, script_commands, stages)
 
-yaml = pytest.importorskip("yaml")
-
-ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILE = ROOT / "Dockerfile"
-FILES = {"default": ROOT / "compose.yaml", "cpu": ROOT / "compose.cpu.yaml"}
-SERVICES = {"train", "export", "serve", "chat"}
-IMAGE_DIR = "/app"  # where the Dockerfile puts configs/ and docker/
-DATA, CACHE = "/data", "/cache"
-
-
-
-INSTALLED_BY = {"docker-compose": ".ci/run", "hadolint": ".ci/containers.sh", "shellcheck": ".ci/containers.sh"}
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if not path:
-        pytest.skip(f"{name} is not installed ({INSTALLED_BY[name]} installs it)")
-    return path
-
-
-@functools.lru_cache(maxsize=None)
-def _config(kind: str, env: tuple[tuple[str, str], ...]) -> str:
-    proc = subprocess.run([_tool("docker-compose"), "-f", str(FILES[kind]), "config"], capture_output=True,
-                          text=True, cwd=ROOT, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **dict(env)})
-    assert proc.returncode == 0 and not proc.stderr.strip(), f"docker-compose config of {FILES[kind]}: {proc.stderr}"
-    return proc.stdout
-
-
-def load(kind: str, env: dict[str, str] | None = None) -> dict:
-    """The compose file as Compose resolves it (`docker-compose config`: variables interpolated from `env` alone,
-    anchors merged, paths absolute, ports with their protocol); fails on any error or warning."""
-    return yaml.safe_load(_config(kind, tuple(sorted((env or {}).items()))))
+pytest.importorskip("yaml")
 
 
 @pytest.fixture(params=sorted(FILES), scope="module")
 def compose(request) -> tuple[str, dict]:
     return request.param, load(request.param)
-
-
-# ---- the Dockerfile, parsed just enough ------------------------------------------------------------------------
-
-def global_args() -> dict[str, str]:
-    """The build arguments declared before the first FROM, with their defaults: what a FROM line may name."""
-    out = {}
-    for line in DOCKERFILE.read_text().splitlines():
-        if re.match(r"FROM\s", line, re.I):
-            break
-        m = re.match(r"ARG\s+([A-Za-z_][A-Za-z0-9_]*)(?:=(\S*))?", line)
-        if m:
-            out[m.group(1)] = (m.group(2) or "").strip('"')
-    return out
-
-
-def stages() -> dict[str, list[str]]:
-    """Each build stage's instructions (continuation lines joined, comments dropped), by stage name; NAME:from is
-    what its FROM line says, NAME:parent that with the build arguments' defaults put in (an image or an earlier
-    stage)."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    defaults = global_args()
-    out: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.I)
-        if m:
-            current = m.group(2) or m.group(1)
-            out[current] = [line]
-            out[current + ":from"] = [m.group(1)]
-            out[current + ":parent"] = [re.sub(r"\$\{(\w+)\}", lambda a: defaults[a.group(1)], m.group(1))]
-        elif current:
-            out[current].append(line)
-    return out
-
-
-def stage_names() -> list[str]:
-    return [name for name in stages() if ":" not in name]
-
-
-def built_from(target: str) -> set[str]:
-    """The stages a target's image is built from: its FROM parents and the stages it copies from, all the way down."""
-    all_stages, seen, todo = stages(), set(), [target]
-    while todo:
-        name = todo.pop()
-        if name in seen or name not in all_stages:
-            continue
-        seen.add(name)
-        todo.append(all_stages[name + ":parent"][0])
-        todo += [m.group(1) for line in all_stages[name] if (m := re.match(r"COPY\s+--from=(\S+)", line, re.I))]
-    return seen
-
-
-def lineage(name: str) -> list[str]:
-    """The stage and its ancestors' instructions, nearest first."""
-    all_stages = stages()
-    out = []
-    while name in all_stages:
-        out.append(name)
-        name = all_stages[name + ":parent"][0]
-    return [line for s in out for line in all_stages[s]]
-
-
-def image_env(target: str) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for line in reversed(lineage(target)):
-        if line.upper().startswith("ENV "):
-            for k, v in re.findall(r"([A-Z_][A-Z0-9_]*)=(\S+)", line[4:]):
-                env[k] = v
-    return env
-
-
-def image_entrypoint(target: str) -> list[str]:
-    for line in lineage(target):
-        if line.upper().startswith("ENTRYPOINT "):
-            import json
-            return json.loads(line.split(None, 1)[1])
-    raise AssertionError(f"Dockerfile target {target} has no ENTRYPOINT")
-
-
-def copied_into(target: str) -> dict[str, str]:
-    """Image path -> repository path of each file COPY'd from the build context into the target's lineage."""
-    out = {}
-    for line in lineage(target):
-        m = re.match(r"COPY\s+(?!--from)(.+)", line, re.I)
-        if not m:
-            continue
-        parts = m.group(1).split()
-        *sources, dest = parts
-        for src in sources:
-            image_path = dest + Path(src).name if dest.endswith("/") and not src.endswith("/") else dest
-            out[image_path.rstrip("/")] = src.rstrip("/")
-    return out
-
-
-def in_image(target: str, path: str) -> Path:
-    """The repository file that `path` in the target's image comes from (asserts there is one)."""
-    for image_path, src in copied_into(target).items():
-        if path == image_path or path.startswith(image_path + "/"):
-            repo = ROOT / src / path[len(image_path):].lstrip("/") if path != image_path else ROOT / src
-            assert repo.exists(), f"{path} in the {target} image comes from {repo}, which does not exist"
-            return repo
-    raise AssertionError(f"nothing in the Dockerfile copies {path} into the {target} image")
-
-
-# ---- the code, searched just enough -----------------------------------------------------------------------------
-
-def module_file(module: str) -> Path:
-    base = ROOT / module.replace(".", "/")
-    for p in (base / "__main__.py", base.with_suffix(".py"), base / "__init__.py"):
-        if p.is_file():
-            return p
-    raise AssertionError(f"python -m {module}: no {base}.py or {base}/__main__.py in the repository")
-
-
-def module_source(module: str) -> str:
-    p = module_file(module)
-    files = [p] + (sorted(p.parent.glob("*.py")) if p.name in ("__main__.py", "__init__.py") else [])
-    return "\n".join(f.read_text() for f in files)
-
-
-def assert_flags(module: str, args: list[str]) -> None:
-    """Each --flag (and each subcommand word before the first flag) is defined by the module's command line."""
-    src = module_source(module)
-    for a in args:
-        if a.startswith("--"):
-            flag = a.split("=", 1)[0]
-            assert re.search(rf"""["']{re.escape(flag)}["']""", src), f"python -m {module}: no option {flag}"
-    words = []
-    for a in args:
-        if a.startswith("-"):
-            break
-        words.append(a)
-    for w in words:
-        assert re.search(rf"""add_parser\(\s*["']{re.escape(w)}["']""", src), f"python -m {module}: no command {w}"
-
-
-def script_commands(script: Path) -> list[list[str]]:
-    """The `python -m MODULE args...` commands a shell script runs (its exec lines), as words."""
-    text = re.sub(r"\\\n", " ", script.read_text())
-    cmds = []
-    for line in text.splitlines():
-        m = re.search(r"""exec\s+"\$python"\s+-m\s+(.*)""", line)
-        if m:
-            cmds.append([w.strip('"') for w in m.group(1).split()])
-    assert cmds, f"{script}: no `exec \"$python\" -m ...` line"
-    return cmds
-
-
-def env_vars_read() -> str:
-    """All the text where the project reads environment variables: its Python packages and docker/ scripts."""
-    files = [p for d in ("aegis", "train", "export", "serve", "docker") for p in (ROOT / d).rglob("*")
-             if p.suffix in (".py", ".sh")]
-    return "\n".join(p.read_text() for p in files)
-
-
-def package_reads(package: str, var: str) -> bool | None:
-    """Whether an installed package's source names the variable (None: package not installed)."""
-    import importlib.util
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    root = Path(next(iter(spec.submodule_search_locations)))
-    return any(var in p.read_text(errors="ignore") for p in root.rglob("*.py"))
 
 
 # ---- tests: structure ------------------------------------------------------------------------------------------
@@ -455,33 +256,7 @@ def test_environment_variables_are_read(compose):
         assert var in docs, f"{kind}: ${{{var}}} is not described in docs/containers.md"
 
 
-def test_images_keep_torch_out_of_serve():
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    serve_venv = "\n".join(stages()["serve-venv"])
-    assert "requirements.py /app/deps/pyproject.toml \"$@\"" in serve_venv and "set -- serve &&" in serve_venv
-    assert "set -- serve train" in serve_venv and 'SERVE_TRANSFORMERS" = 1' in serve_venv
-    import sys
-    sys.path.insert(0, str(ROOT / "docker"))
-    try:
-        from requirements import requirements
-    finally:
-        sys.path.pop(0)
-    names = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements(str(ROOT / "pyproject.toml"),
-                                                                                          ["serve"])}
-    assert "torch" not in names and "transformers" not in names
-    assert {"litestar", "gradio", "llama-cpp-python"} <= names
-    train = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower()
-             for r in requirements(str(ROOT / "pyproject.toml"), ["train"])}
-    assert {"torch", "bitsandbytes"} <= train
-    export = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower()
-              for r in requirements(str(ROOT / "pyproject.toml"), ["export"])}
-    assert {"gguf", "llama-cpp-python"} <= export
-    # the non-root user in each role image
-    for target in ("train", "export", "serve"):
-        users = [line for line in lineage(target) if line.upper().startswith("USER ")]
-        assert users and users[0] == "USER 1000:1000", target
-    assert "useradd --uid 1000" in text
-
+# ---- tests: the pins -----------------------------------------------------------------------------------------
 
 def test_constraints_lie_inside_pyproject_ranges():
     packaging = pytest.importorskip("packaging.requirements")
@@ -509,84 +284,3 @@ def test_constraints_lie_inside_pyproject_ranges():
     # the compiled llama-cpp-python is the pinned one
     m = re.search(r"^ARG LLAMA_CPP_PYTHON=(\S+)$", DOCKERFILE.read_text(), re.M)
     assert m and m.group(1) == pins["llama-cpp-python"]
-
-
-def test_dockerignore_lets_in_what_the_dockerfile_copies():
-    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
-    assert lines[0] == "*"
-    allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
-    for line in re.sub(r"\\\n", " ", DOCKERFILE.read_text()).splitlines():
-        m = re.match(r"\s*COPY\s+(?!--from)(.+)", line)
-        if m:
-            sources = m.group(1).split()[:-1]
-            for src in sources:
-                top = src.split("/")[0]
-                assert src.rstrip("/") in allowed or top in allowed, f".dockerignore keeps {src} out of the context"
-                # a wildcard may match nothing (optional files) as long as something else in the COPY exists
-                if "*" not in src:
-                    assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
-            assert any("*" not in src for src in sources), line
-    # local wheels travel in the context but never in git
-    assert (ROOT / "docker" / "wheels" / ".gitignore").read_text().splitlines()[1:] == ["*", "!.gitignore"]
-
-
-# ---- tests: the linters, where installed ------------------------------------------------------------------------
-
-def test_hadolint_clean():
-    proc = subprocess.run([_tool("hadolint"), "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
-    assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout + proc.stderr
-
-
-def test_shellcheck_clean():
-    scripts = sorted(str(p) for p in (ROOT / "docker").glob("*.sh")) + [str(ROOT / ".ci" / "containers.sh")]
-    proc = subprocess.run([_tool("shellcheck"), *scripts], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_llama_compile_depends_on_nothing_that_changes_often():
-    """The llama.cpp compile (minutes) must not rebuild when pyproject.toml, the pins or the source change."""
-    lines = lineage("llama-build")
-    copies = [ln for ln in lines if ln.upper().startswith("COPY")]
-    assert copies == ["COPY docker/wheels/.gitignore docker/wheels/llama_cpp_python-* /tmp/wheels/"], copies
-    # by default it compiles on the base stage (the CUDA build names NVIDIA's devel image instead)
-    assert stages()["llama-build:from"] == ["${LLAMA_BUILD_IMAGE}"] and stages()["llama-build:parent"] == ["base"]
-
-
-def test_no_stage_repeats_another():
-    """One stage per job, whatever image it starts from: the images' setup (packages, venv, user, environment) is the
-    base stage's alone and the llama.cpp compile llama-build's alone; the GPU serve image differs by build arguments,
-    not by stages of its own."""
-    all_stages = stages()
-    names = stage_names()
-    # two stages start from an image outside the Dockerfile, each named by a build argument; the others from an
-    # earlier stage
-    outside = {n: all_stages[n + ":from"][0] for n in names if all_stages[n + ":from"][0] not in names}
-    assert outside == {"base": "${BASE_IMAGE}", "llama-build": "${LLAMA_BUILD_IMAGE}"}, outside
-    assert global_args()["LLAMA_BUILD_IMAGE"] == "base"
-    for i, name in enumerate(names):
-        parent = all_stages[name + ":parent"][0]
-        assert parent not in names or names.index(parent) < i, f"{name} starts from a later stage"
-
-    def where(pattern: str) -> list[str]:
-        return [n for n in names if any(re.search(pattern, line) for line in all_stages[n])]
-
-    assert where(r"\buseradd\b") == ["base"]
-    assert where(r"\bpython3 -m venv /opt/aegis\b") == ["base"]
-    assert where(r"^ENV .*\bVIRTUAL_ENV=") == ["base"]
-    assert where(r"^WORKDIR ") == ["base"]
-    assert where(r"\bapt-get install\b") == ["base", "llama-build"]
-    assert where(r"\bpip wheel\b.*llama-cpp-python") == ["llama-build"]
-    assert where(r"^(HEALTHCHECK|EXPOSE) ") == ["serve"]
-    # CUDA comes in through build arguments only, and nothing names a Python minor version (Debian bookworm has 3.11,
-    # NVIDIA's Ubuntu 24.04 images 3.12)
-    text = "\n".join(line for n in names for line in all_stages[n])
-    assert "CUDA" not in text
-    assert not re.search(r"python3\.\d|/lib/python", text)
-    # and no two stages share four instructions in a row (build arguments aside)
-    runs: dict[tuple[str, ...], str] = {}
-    for n in names:
-        body = [line for line in all_stages[n][1:] if not line.upper().startswith("ARG ")]
-        for k in range(len(body) - 3):
-            run = tuple(body[k:k + 4])
-            assert runs.setdefault(run, n) == n, f"stages {runs[run]} and {n} both run {run}"
