@@ -66,6 +66,9 @@ class TrainConfig:
     # keep checkpointed activations in host memory until the backward pass ("auto": only when the step would not fit
     # the budget otherwise; long sequences)
     offload_activations: bool | str = "auto"
+    # dequantize the 4-bit base once and keep it at 16 bits, saving bitsandbytes' dequantization on every pass
+    # ("auto": on a GPU, only when the step fits the budget with it as planned without it; aegis/memory.py)
+    dequantized_base: bool | str = "auto"
 
 
 @dataclass

@@ -147,10 +147,12 @@ def add_lora(model: nn.Module, cfg: Config, checkpointing: bool = False):
     return get_peft_model(model, lora)
 
 
-def memory_plan(cfg: Config, base_config):
-    """The step's memory estimate, gradient checkpointing and micro-batch for the base's config (aegis/memory.py)."""
+def memory_plan(cfg: Config, base_config, device: torch.device | None = None):
+    """The step's memory estimate, gradient checkpointing, micro-batch and dequantized base for the base's config
+    (aegis/memory.py), for `device` (by default this machine's)."""
     return make_plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4",
-                     cfg.train.memory_budget_gib, cfg.model.gradient_checkpointing, cfg.train.offload_activations)
+                     cfg.train.memory_budget_gib, cfg.model.gradient_checkpointing, cfg.train.offload_activations,
+                     cfg.train.dequantized_base, gpu=(device or device_for()).type == "cuda")
 
 
 def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=print, plan=None,
@@ -164,20 +166,28 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
 
     from . import soul as soul_mod
 
-    p = plan or memory_plan(cfg, AutoConfig.from_pretrained(base_path))
+    p = plan or memory_plan(cfg, AutoConfig.from_pretrained(base_path), device)
     split = cfg.train.batch_size // p.micro_batch
-    if device.type == "cuda" or split > 1:  # the budget is GPU memory; a split applies wherever it runs
+    # the budget is GPU memory; a split and a dequantized base apply wherever it runs
+    if device.type == "cuda" or split > 1 or p.dequantized_base:
         log(f"memory plan: ~{p.estimate_gib:.1f} GiB of {p.budget_gib:g} GiB with gradient checkpointing "
             f"{'on' if p.gradient_checkpointing else 'off'}"
             + (", its kept activations in host memory" if p.offload else "")
             + (f"; each batch of {cfg.train.batch_size} runs as {split} micro-batches of {p.micro_batch}"
-               if split > 1 else ""))
+               if split > 1 else "")
+            + (f"; base {'dequantized once' if p.dequantized_base else 'kept at 4 bits'} ({p.why_base})"
+               if cfg.model.quantization == "nf4" else ""))
     if device.type == "cuda" and p.estimate_gib > p.budget_gib:
         log(f"warning: the step is estimated at {p.estimate_gib:.1f} GiB even at micro-batch 1, over "
             f"train.memory_budget_gib {p.budget_gib:g}; lower train.max_length")
     dtype = compute_dtype(cfg.model.dtype, device)
     model = load_base(base_path, cfg.model.quantization, dtype, device)
     model = add_lora(model, cfg, checkpointing=p.gradient_checkpointing)
+    if p.dequantized_base:  # after LoRA wraps the 4-bit layers: the adapters stay exactly as PEFT made them
+        from .dequant import dequantize_base
+
+        layers, size = dequantize_base(model)
+        log(f"dequantized {layers} 4-bit linear layers once: {size / 2**30:.2f} GiB of {dtype} weights")
     if cfg.model.compile and compile_layers:
         # the blocks inside each layer, not the layer: transformers checkpoints a layer's forward, and a checkpoint
         # traced into a compiled layer kept far more alive (20.9 GiB instead of ~7.4 at 16 x 512, BENCHMARKS.md)

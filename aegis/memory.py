@@ -16,11 +16,22 @@ otherwise; then, for long sequences, it moves the kept activations to host memor
 cost PCIe bandwidth) only when the step still would not fit. When even that does not fit, the plan splits each batch
 into smaller micro-batches accumulated into the same update: the loss is normalised over the whole update, so the
 gradient is the same, only computed in pieces.
+
+A quantized base can also be dequantized once and kept at 16 bits (aegis/dequant.py): bitsandbytes otherwise
+dequantizes every NF4 weight on every forward and backward pass, most of a step's GPU time at batch 1 x 512
+(~9 ms per pass at Phi-3.5-mini's size). The rule: plan the step with the 4-bit base as above, then keep its
+checkpointing, offload and micro-batch and dequantize only if the step still fits with the linear weights at 16
+bits. It never buys its memory with more checkpointing (about a third more compute), offload or splitting: those
+trade-offs against the dequantization saved are not measured, so a plan that would need them stays at 4 bits.
+Forced on, the step is planned around the 16-bit weights, and one that cannot fit even so is an error naming the
+key.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .config import ConfigError
 
 ACT_BYTES = 51  # per hidden unit, token and layer, without checkpointing
 MARGIN = 1.10  # allocator fragmentation and workspace
@@ -34,6 +45,8 @@ class Plan:
     budget_gib: float
     micro_batch: int  # sequences per forward pass; below train.batch_size when the batch is split to fit
     offload: bool = False  # checkpointed activations kept in host memory
+    dequantized_base: bool = False  # the 4-bit linear weights dequantized once and kept at 16 bits
+    why_base: str = ""  # why dequantized_base is on or off, with the estimates it was decided by (for the log)
 
 
 def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing: bool,
@@ -55,11 +68,9 @@ def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing
     return MARGIN * (weights + logits + act) / 2**30
 
 
-def plan(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str,
-         offload: bool | str = False) -> Plan:
-    """Gradient checkpointing as requested, or with "auto" only if the step would not fit the budget without it;
-    activation offload likewise (with checkpointing only: it moves what checkpointing keeps); then, if the step
-    still does not fit, the largest divisor of the batch that does as the micro-batch."""
+def _fit(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str,
+         offload: bool | str) -> tuple[bool, bool, int, float]:
+    """(checkpointing, offload, micro-batch, estimate) for linear weights at 4.25 bits (quantized) or 16."""
     if requested == "auto":
         ckpt = estimate_gib(config, batch, length, quantized, False) > budget_gib
     else:
@@ -70,4 +81,37 @@ def plan(config, batch: int, length: int, quantized: bool, budget_gib: float, re
         off = ckpt and bool(offload)
     micro = next((m for m in range(batch, 0, -1)
                   if batch % m == 0 and estimate_gib(config, m, length, quantized, ckpt, off) <= budget_gib), 1)
-    return Plan(ckpt, estimate_gib(config, micro, length, quantized, ckpt, off), budget_gib, micro, off)
+    return ckpt, off, micro, estimate_gib(config, micro, length, quantized, ckpt, off)
+
+
+def plan(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str,
+         offload: bool | str = False, dequantize: bool | str = False, gpu: bool = True) -> Plan:
+    """Gradient checkpointing as requested, or with "auto" only if the step would not fit the budget without it;
+    activation offload likewise (with checkpointing only: it moves what checkpointing keeps); then, if the step
+    still does not fit, the largest divisor of the batch that does as the micro-batch. Then the dequantized base
+    (`dequantize`, train.dequantized_base) by the rule in this module's docstring; "auto" is off where the step
+    runs without a GPU (`gpu` False): the budget and the time it saves are the GPU's, and at the CPU's fp32 compute
+    a dense copy would take ~7.5x the 4-bit layers' host memory."""
+    key = "train.dequantized_base = true"
+    if dequantize is True:
+        if not quantized:
+            raise ConfigError(key, ["model.quantization is \"none\": the base is already at 16 bits, there is "
+                                    "nothing to dequantize"])
+        ckpt, off, micro, dense = _fit(config, batch, length, False, budget_gib, requested, offload)
+        if dense > budget_gib:
+            raise ConfigError(key, [f"with the base's linear weights at 16 bits the step is estimated at "
+                                    f"{dense:.1f} GiB at micro-batch {micro}, gradient checkpointing "
+                                    f"{'on' if ckpt else 'off'}: over train.memory_budget_gib {budget_gib:g}; set it "
+                                    f"to \"auto\" or false, lower train.max_length or raise the budget"])
+        four = estimate_gib(config, micro, length, True, ckpt, off)
+        return Plan(ckpt, dense, budget_gib, micro, off, True, f"{key}: ~{dense:.1f} GiB, ~{four:.1f} GiB at 4 bits")
+    ckpt, off, micro, est = _fit(config, batch, length, quantized, budget_gib, requested, offload)
+    if not quantized or dequantize is False or not gpu:
+        why = ("the base is not quantized" if not quantized else "train.dequantized_base = false"
+               if dequantize is False else "\"auto\" without a CUDA device")
+        return Plan(ckpt, est, budget_gib, micro, off, False, why)
+    dense = estimate_gib(config, micro, length, False, ckpt, off)  # the same plan, 16-bit linear weights
+    on = dense <= budget_gib
+    why = (f"~{dense:.1f} GiB with the base dequantized, ~{est:.1f} GiB at 4 bits: "
+           + ("fits the budget with the same checkpointing and micro-batch" if on else "over the budget"))
+    return Plan(ckpt, dense if on else est, budget_gib, micro, off, on, why)

@@ -1,5 +1,9 @@
+import pytest
+import torch
 from transformers import Phi3Config
 
+from aegis.config import ConfigError, build
+from aegis.loading import memory_plan
 from aegis.memory import estimate_gib, plan
 
 PHI35 = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
@@ -42,3 +46,66 @@ def test_long_sequences_keep_their_activations_in_host_memory_only_when_needed()
     # the loss projects 4096 positions at a time: the logits term stops growing with the length
     assert (estimate_gib(PHI35, 1, 65536, True, True, True) - estimate_gib(PHI35, 1, 32768, True, True, True)
             < 2 * (estimate_gib(PHI35, 1, 32768, True, True, True) - estimate_gib(PHI35, 1, 16384, True, True, True)))
+
+
+SETTINGS = [(1, 512), (2, 512), (4, 512), (8, 512), (16, 512), (64, 512), (1, 2048), (1, 8192), (1, 32768)]
+
+
+def test_dequantized_base_only_where_it_fits_the_4bit_plan():
+    """The rule (aegis/memory.py): plan with the 4-bit base, then dequantize only if that very plan (checkpointing,
+    offload, micro-batch) still fits with the linear weights at 16 bits; it never costs more of those."""
+    for batch, length in SETTINGS:
+        four = plan(PHI35, batch, length, True, 12.0, "auto", "auto")
+        auto = plan(PHI35, batch, length, True, 12.0, "auto", "auto", "auto")
+        dense = estimate_gib(PHI35, four.micro_batch, length, False, four.gradient_checkpointing, four.offload)
+        assert auto.dequantized_base == (dense <= 12.0), (batch, length)
+        assert (auto.gradient_checkpointing, auto.offload, auto.micro_batch) == \
+            (four.gradient_checkpointing, four.offload, four.micro_batch), (batch, length)
+        assert auto.estimate_gib == (dense if auto.dequantized_base else four.estimate_gib)
+        assert f"~{dense:.1f} GiB with the base dequantized, ~{four.estimate_gib:.1f} GiB at 4 bits" in auto.why_base
+    # Phi-3.5-mini's linear weights at 16 bits instead of 4.25 bits cost ~5.5 GiB more
+    extra = estimate_gib(PHI35, 1, 512, False, False) - estimate_gib(PHI35, 1, 512, True, False)
+    assert 5.0 < extra < 6.0
+
+
+def test_the_seed_setting_dequantizes_and_long_or_big_batches_do_not():
+    seed = plan(PHI35, 1, 512, True, 12.0, "auto", "auto", "auto")
+    assert seed.dequantized_base and not seed.gradient_checkpointing and seed.estimate_gib <= 12.0
+    for batch, length in [(16, 512), (1, 32768)]:
+        assert not plan(PHI35, batch, length, True, 12.0, "auto", "auto", "auto").dequantized_base
+    # 2 x 512 fits at 4 bits without checkpointing but at 16 bits only with it: stays at 4 bits
+    two = plan(PHI35, 2, 512, True, 12.0, "auto", "auto", "auto")
+    assert not two.dequantized_base and not two.gradient_checkpointing
+    # a bigger budget takes it
+    assert plan(PHI35, 16, 512, True, 24.0, "auto", "auto", "auto").dequantized_base
+
+
+def test_dequantized_base_off_where_it_cannot_apply_or_is_not_asked_for():
+    assert not plan(PHI35, 1, 512, False, 12.0, "auto", "auto", "auto").dequantized_base  # not quantized
+    assert not plan(PHI35, 1, 512, True, 12.0, "auto", "auto", False).dequantized_base
+    cpu = plan(PHI35, 1, 512, True, 12.0, "auto", "auto", "auto", gpu=False)
+    assert not cpu.dequantized_base and "without a CUDA device" in cpu.why_base
+    assert plan(PHI35, 1, 512, True, 12.0, "auto", "auto", True, gpu=False).dequantized_base  # forced: anywhere
+
+
+def test_forcing_the_dequantized_base_plans_around_it_or_names_the_key():
+    # forced at 2 x 512: the step is planned with 16-bit weights, so checkpointing comes on to fit
+    two = plan(PHI35, 2, 512, True, 12.0, "auto", "auto", True)
+    assert two.dequantized_base and two.gradient_checkpointing and two.estimate_gib <= 12.0
+    assert two.estimate_gib == estimate_gib(PHI35, 2, 512, False, True)
+    # what cannot fit even at micro-batch 1 with checkpointing and offload is an error naming the key
+    with pytest.raises(ConfigError, match=r"(?s)train\.dequantized_base = true.*over train\.memory_budget_gib 12"):
+        plan(PHI35, 1, 32768, True, 12.0, "auto", "auto", True)
+    with pytest.raises(ConfigError, match=r"(?s)train\.dequantized_base = true.*model\.quantization"):
+        plan(PHI35, 1, 512, False, 12.0, "auto", "auto", True)
+
+
+def test_the_setting_is_validated_and_reaches_the_plan():
+    with pytest.raises(ConfigError, match=r"train\.dequantized_base: expected true, false or \"auto\""):
+        build({}, ["train.dequantized_base=sometimes"])
+    assert build({}).train.dequantized_base == "auto"
+    cfg = build({}, ["train.dequantized_base=true"])
+    assert memory_plan(cfg, PHI35, torch.device("cpu")).dequantized_base
+    auto = build({})
+    assert not memory_plan(auto, PHI35, torch.device("cpu")).dequantized_base  # "auto" keeps the CPU at 4 bits
+    assert memory_plan(auto, PHI35, torch.device("cuda")).dequantized_base  # the seed recipe on a GPU
