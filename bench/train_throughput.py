@@ -142,13 +142,14 @@ def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool) -> d
             "loss_last5": statistics.mean(losses[-5:]), "losses": losses}
 
 
-def ours(snap: Path, hf_home: Path, work: Path, steps: int, batch: int, length: int, ckpt: bool,
+def ours(snap: Path, hf_home: Path, work: Path, steps: int, batch: int, length: int, ckpt: bool | str,
          extra: list[str], nprocs: int = 1, profile: int = 0) -> dict:
-    run = work / f"run_b{batch}_{'ckpt' if ckpt else 'nockpt'}_n{nprocs}"
+    run = work / f"run_b{batch}x{length}_{'ckpt' if ckpt else 'nockpt'}_n{nprocs}"
     shutil.rmtree(run, ignore_errors=True)
+    flag = '"auto"' if ckpt == "auto" else "true" if ckpt else "false"  # "auto": the memory plan decides
     sets = [f"schedule.total_steps={steps}", f"schedule.warmup_steps={max(1, steps // 10)}",
             f"schedule.anneal_steps={steps * 8 // 10}", f"train.save_steps={steps}", f"train.batch_size={batch}",
-            f"train.max_length={length}", f"model.gradient_checkpointing={'true' if ckpt else 'false'}",
+            f"train.max_length={length}", f"model.gradient_checkpointing={flag}",
             'data.train=["embedded:prose_train_a.txt","embedded:prose_train_b.txt","embedded:prose_train_c.txt"]']
     launch = [sys.executable] if nprocs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    "--nproc-per-node", str(nprocs)]
@@ -176,7 +177,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/aegis-bench"))
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--settings", default="seed,throughput", help="seed = 1x512 no checkpointing; "
-                    "throughput = BxL with gradient checkpointing (see --tp-batch)")
+                    "throughput = BxL with gradient checkpointing (see --tp-batch); long (see --long-lengths)")
     ap.add_argument("--tp-batch", type=int, default=8)
     ap.add_argument("--which", default="plain,ours")
     ap.add_argument("--ours-set", action="append", default=[], help="extra --set for all our runs")
@@ -187,6 +188,11 @@ def main() -> None:
                     help="throughput setting: run plain at each of these batch sizes, with and without checkpointing, "
                          "and report its best within --budget-gib (the row it is compared by)")
     ap.add_argument("--budget-gib", type=float, default=12.0)
+    ap.add_argument("--long-lengths", default="8192,16384,32768", help="long = one sequence of each length, ours "
+                    "with the memory plan's choices; plain (checkpointed) at --plain-long-lengths, its longest within "
+                    "--budget-gib reported")
+    ap.add_argument("--plain-long-lengths", default="2048,4096,8192,12288,16384")
+    ap.add_argument("--long-steps", type=int, default=8)
     ap.add_argument("--nprocs", default="1", help="process counts for our runs, e.g. 1,2 (one GPU each)")
     ap.add_argument("--profile", type=int, default=0, help="profile this many updates of our first run")
     ap.add_argument("--out", type=Path, default=Path("train_throughput.json"))
@@ -204,6 +210,9 @@ def main() -> None:
                "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "bitsandbytes")},
                "command": " ".join(sys.argv), "rows": []}
     for name in args.settings.split(","):
+        if name == "long":
+            run_long(args, snap, hf_home, results)
+            continue
         batch, length, ckpt = grid[name]
         jobs = []
         if "plain" in args.which:
@@ -243,13 +252,44 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=1))
 
 
+def run_long(args, snap: Path, hf_home: Path, results: dict) -> None:
+    """One sequence per step at each length: ours as the planner decides (checkpointing, offload, chunked loss);
+    plain checkpointed, its best chance, up to the first length over the budget or out of memory."""
+    jobs = [("plain", int(n)) for n in args.plain_long_lengths.split(",")]
+    jobs += [("ours", int(n)) for n in args.long_lengths.split(",")]
+    over = False
+    for which, length in jobs:
+        if which == "plain" and over:
+            continue
+        print(f"== long: {which} 1x{length}", flush=True)
+        try:
+            r = (plain_peft(snap, args.long_steps, 1, length, True) if which == "plain" else
+                 ours(snap, hf_home, args.work, args.long_steps, 1, length, "auto", args.ours_set))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            print(f"out of memory: {which} 1x{length}", flush=True)
+            over = over or which == "plain"
+            continue
+        over = over or (which == "plain" and r["peak_gib"] > args.budget_gib)
+        r.update(setting="long", which=which, batch=1, length=length, checkpointing=True if which == "plain" else "auto",
+                 nprocs=1)
+        results["rows"].append(r)
+        print({k: v for k, v in r.items() if k not in ("losses", "profile")}, flush=True)
+    for which in ("plain", "ours"):
+        longest = max((r["length"] for r in results["rows"] if r["setting"] == "long" and r["which"] == which
+                       and r["peak_gib"] <= args.budget_gib), default=0)
+        results[f"longest_{which}_within_budget"] = longest
+        print(f"long: {which}'s longest within {args.budget_gib:g} GiB: {longest} tokens", flush=True)
+
+
 def compare_losses(results: dict) -> None:
     """Same windows in the same order on both paths, so per-step losses compare directly. The noise scale is
     plain's own step-to-step change (the windows differ from step to step)."""
     for plain in (r for r in results["rows"] if r["which"] == "plain"):
         noise = statistics.mean(abs(a - b) for a, b in zip(plain["losses"], plain["losses"][1:]))
         for r in results["rows"]:
-            if r["which"] == "plain" or r["setting"] != plain["setting"] or r["batch"] != plain["batch"]:
+            if r["which"] == "plain" or (r["setting"], r["batch"], r["length"]) != (plain["setting"], plain["batch"],
+                                                                                      plain["length"]):
                 continue
             diff = [a - b for a, b in zip(r["losses"], plain["losses"])]
             r["loss_vs_plain"] = {"mean_diff": statistics.mean(diff), "mean_abs_diff": statistics.mean(map(abs, diff)),
