@@ -129,6 +129,16 @@ def target_modules(model: nn.Module, spec: str | list[str]) -> list[str]:
     return list(spec)
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Gradient checkpointing of every decoder layer, non-reentrant, under the name this transformers has for it."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.18's name for it
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
 def add_lora(model: nn.Module, cfg: Config, checkpointing: bool = False):
     from peft import LoraConfig, get_peft_model
 
@@ -136,12 +146,7 @@ def add_lora(model: nn.Module, cfg: Config, checkpointing: bool = False):
     for p in model.parameters():
         p.requires_grad_(False)
     if checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.18's name for it
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)

@@ -96,7 +96,7 @@ def test_offloaded_checkpointed_activations_give_the_same_gradients(tiny_path, d
     """What the planner turns on for long sequences: gradient checkpointing, with what it keeps held in host memory
     until the backward pass (torch's save_on_cpu), through the chunked loss: the training loop's own micro_loss."""
     model, _ = _souled(tiny_path, device)
-    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model_mod.enable_checkpointing(model.get_base_model())
     head = soul_mod.head_of(model)
     ids = torch.randint(5, 3000, (1, 128), generator=torch.Generator().manual_seed(2)).to(device)
     grads = []
