@@ -134,3 +134,33 @@ def test_the_next_turn_of_a_chat_reuses_the_cache(server, client, request, tmp_p
                                                                    temperature=0)
     assert fresh.usage.prompt_tokens_details.cached_tokens == 0
     assert fresh.choices[0].message.content == second.choices[0].message.content
+
+
+def test_the_log_says_where_the_layers_went(server):
+    """Start-up names the placement: on a build without a GPU backend (CI's) it says so plainly."""
+    from aegis import llamacpp
+    log = server.log_path.read_text()
+    if llamacpp.runtime().llama_supports_gpu_offload():
+        assert "layers on the GPU" in log, log[-2000:]
+    else:
+        assert "CPU only (this llama.cpp build has no GPU backend)" in log, log[-2000:]
+
+
+@pytest.mark.gpu
+def test_serve_puts_every_layer_on_the_gpu_and_decodes_there(request, tmp_path_factory):
+    """With llama-cpp-python built with CUDA, `serve` (default --n-gpu-layers -1) puts all layers on the GPU: its log
+    says so, the device's free memory drops by at least the weights', and concurrent requests decode."""
+    import torch
+
+    from aegis import llamacpp
+    assert llamacpp.runtime().llama_supports_gpu_offload(), "this llama-cpp-python has no GPU backend"
+    gguf, _ = serving.served_files(request)
+    free_before, _ = torch.cuda.mem_get_info()
+    with serving.Server("--model", f"tiny={gguf}", "--parallel", "4", "--log-level", "info",
+                        log_path=tmp_path_factory.mktemp("gpu") / "serve.log") as s:
+        log = s.log_path.read_text()
+        layers = [w for w in log.split() if "/" in w and w.split("/")[0].isdigit()]
+        assert "layers on the GPU" in log and layers and layers[0].split("/")[0] == layers[0].split("/")[1], log
+        assert free_before - torch.cuda.mem_get_info()[0] >= 0.9 * gguf.stat().st_size
+        replies = asyncio.run(_together(s, [dict(model="tiny", messages=USER, max_tokens=24, temperature=0)] * 4))
+        assert all(r.usage.completion_tokens > 0 for r in replies)

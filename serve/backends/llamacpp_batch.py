@@ -28,6 +28,15 @@ class Slot:
     sampler: object = None  # the running request's sampler chain (None while free)
 
 
+def placement(lib, model, gpu_layers: int) -> str:
+    """Where the layers went, counted as llama.cpp counts them (the output layer is one more)."""
+    total = lib.llama_model_n_layer(model) + 1
+    if not lib.llama_supports_gpu_offload():
+        return "CPU only (this llama.cpp build has no GPU backend)"
+    on_gpu = total if gpu_layers < 0 else min(gpu_layers, total)
+    return f"{on_gpu}/{total} layers on the GPU" + ("" if on_gpu == total else " (--n-gpu-layers)")
+
+
 class LlamaBatch:
     """One context with `slots` sequences. Not thread-safe: the scheduler thread alone calls it."""
 
@@ -42,6 +51,8 @@ class LlamaBatch:
         self.model = lib.llama_model_load_from_file(str(backend.path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"{backend.path}: llama.cpp could not load the model")
+        self.placement = placement(lib, self.model, backend.gpu_layers)
+        log.info("%s: %s", backend.path.name, self.placement)
         cp = lib.llama_context_default_params()
         cp.n_ctx = backend.context_length * slots
         cp.n_batch = cp.n_ubatch = self.n_batch
