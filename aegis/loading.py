@@ -152,12 +152,24 @@ def add_lora(model: nn.Module, cfg: Config, checkpointing: bool = False):
     return get_peft_model(model, lora)
 
 
-def memory_plan(cfg: Config, base_config, device: torch.device | None = None):
+def memory_plan(cfg: Config, base_config, device: torch.device | None = None, log=None):
     """The step's memory estimate, gradient checkpointing, micro-batch and dequantized base for the base's config
-    (aegis/memory.py), for `device` (by default this machine's)."""
+    (aegis/memory.py), for `device` (by default this machine's), within train.memory_budget_gib or what the GPU has
+    free if that is less (said through `log`)."""
+    import torch
+
+    from .memory import device_budget
+
+    device = device or device_for()
+    free = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        free = torch.cuda.mem_get_info(device)[0] / 2**30
+    budget, note = device_budget(cfg.train.memory_budget_gib, free)
+    if note and log is not None:
+        log(note)
     return make_plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4",
-                     cfg.train.memory_budget_gib, cfg.model.gradient_checkpointing, cfg.train.offload_activations,
-                     cfg.train.dequantized_base, gpu=(device or device_for()).type == "cuda")
+                     budget, cfg.model.gradient_checkpointing, cfg.train.offload_activations,
+                     cfg.train.dequantized_base, gpu=device.type == "cuda")
 
 
 def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=print, plan=None,
@@ -171,7 +183,7 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
 
     from . import soul as soul_mod
 
-    p = plan or memory_plan(cfg, AutoConfig.from_pretrained(base_path), device)
+    p = plan or memory_plan(cfg, AutoConfig.from_pretrained(base_path), device, log)
     split = cfg.train.batch_size // p.micro_batch
     # the budget is GPU memory; a split and a dequantized base apply wherever it runs
     if device.type == "cuda" or split > 1 or p.dequantized_base:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from .config import ConfigError
 
 ACT_BYTES = 51  # per hidden unit, token and layer, without checkpointing
+DEVICE_RESERVE_GIB = 0.5  # what cuBLAS workspaces, the allocator's cache and other processes may still take
 MARGIN = 1.10  # allocator fragmentation and workspace
 LOSS_CHUNK = 4096  # positions the loss projects at a time (train.loss.LOSS_CHUNK_TOKENS)
 
@@ -66,6 +67,16 @@ def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing
     else:
         act = layers * tokens * h * ACT_BYTES
     return MARGIN * (weights + logits + act) / 2**30
+
+
+def device_budget(configured: float, free_gib: float | None) -> tuple[float, str]:
+    """The budget a plan can use: train.memory_budget_gib, or less where the GPU has less free than that (a 12 GB
+    card also holds the CUDA context and maybe a desktop). Returns (budget, a note for the log when lowered)."""
+    if free_gib is None or free_gib - DEVICE_RESERVE_GIB >= configured:
+        return configured, ""
+    budget = max(free_gib - DEVICE_RESERVE_GIB, 0.0)
+    return budget, (f"the GPU has {free_gib:.1f} GiB free, so the plan is for {budget:.1f} GiB, not "
+                    f"train.memory_budget_gib {configured:g}")
 
 
 def _fit(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str,

@@ -109,3 +109,26 @@ def test_the_setting_is_validated_and_reaches_the_plan():
     auto = build({})
     assert not memory_plan(auto, PHI35, torch.device("cpu")).dequantized_base  # "auto" keeps the CPU at 4 bits
     assert memory_plan(auto, PHI35, torch.device("cuda")).dequantized_base  # the seed recipe on a GPU
+
+
+def test_the_plan_stays_within_what_the_gpu_has_free():
+    """A 12 GB card does not have 12 GiB free (the CUDA context, a desktop): the budget is the smaller of the
+    setting and the free memory less a reserve, and the log says so; with room to spare the setting stands."""
+    from aegis.memory import DEVICE_RESERVE_GIB, device_budget
+
+    assert device_budget(12.0, None) == (12.0, "")
+    assert device_budget(12.0, 80.0) == (12.0, "")
+    budget, note = device_budget(12.0, 11.2)
+    assert budget == pytest.approx(11.2 - DEVICE_RESERVE_GIB)
+    assert "11.2 GiB free" in note and "train.memory_budget_gib 12" in note
+    # what it changes: at Phi-3.5-mini's shapes the seed step keeps its dequantized base in 12 GiB, not in 10
+    roomy = plan(PHI35, 1, 512, True, 12.0, "auto", "auto", "auto")
+    tight = plan(PHI35, 1, 512, True, device_budget(12.0, 10.0)[0], "auto", "auto", "auto")
+    assert roomy.dequantized_base and not tight.dequantized_base
+
+
+@pytest.mark.gpu
+def test_the_gpu_plan_uses_the_free_memory():
+    cfg = build({}, ["train.memory_budget_gib=10000"])  # more than any card has
+    p = memory_plan(cfg, PHI35, torch.device("cuda"))
+    assert p.budget_gib < torch.cuda.mem_get_info()[0] / 2**30

@@ -106,7 +106,7 @@ class Recipe:
     def _set_up_model(self, base_path: Path) -> None:
         cfg, acc = self.cfg, self.acc
         base_config = AutoConfig.from_pretrained(base_path)
-        self.mem = model_mod.memory_plan(cfg, base_config, acc.device)
+        self.mem = model_mod.memory_plan(cfg, base_config, acc.device, self.log)
         self.use_graphs, why = graphs.decide(cfg.train.cuda_graphs, acc.device, acc.num_processes,
                                              self.mem.gradient_checkpointing, base_config)
         if acc.device.type == "cuda":
