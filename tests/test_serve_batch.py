@@ -147,14 +147,17 @@ def test_the_log_says_where_the_layers_went(server):
 
 
 @pytest.mark.gpu
-def test_serve_puts_every_layer_on_the_gpu_and_decodes_there(request, tmp_path_factory):
+def test_serve_puts_every_layer_on_the_gpu_and_decodes_there(tiny_path, tmp_path_factory):
     """With llama-cpp-python built with CUDA, `serve` (default --n-gpu-layers -1) puts all layers on the GPU: its log
-    says so, the device's free memory drops by at least the weights', and concurrent requests decode."""
+    says so, the device's free memory drops by at least the weights', and concurrent requests decode. (The embedded
+    model exported directly: no training, so no bitsandbytes, is needed where this runs.)"""
     import torch
 
     from aegis import llamacpp
+    from export.pipeline import export_gguf
     assert llamacpp.runtime().llama_supports_gpu_offload(), "this llama-cpp-python has no GPU backend"
-    gguf, _ = serving.served_files(request)
+    gguf = tmp_path_factory.mktemp("gpu") / "tiny-q8_0.gguf"
+    export_gguf(tiny_path, gguf, "q8_0", progress=False, check_parity=False, log=lambda *_: None)
     free_before, _ = torch.cuda.mem_get_info()
     with serving.Server("--model", f"tiny={gguf}", "--parallel", "4", "--log-level", "info",
                         log_path=tmp_path_factory.mktemp("gpu") / "serve.log") as s:
