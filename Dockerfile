@@ -99,6 +99,13 @@ COPY export/ /src/export/
 COPY serve/ /src/serve/
 RUN --mount=type=cache,target=/root/.cache/pip pip wheel --no-deps --wheel-dir /pkg /src
 
+# what every role image adds on top of its packages: the project's wheel, the configs, the entrypoints
+FROM scratch AS app
+COPY --from=package /pkg/ /app/pkg/
+COPY configs/ /app/configs/
+COPY docker/train-entrypoint.sh docker/export-entrypoint.sh docker/serve-entrypoint.sh docker/healthcheck.py \
+    /app/docker/
+
 # third-party packages per role, in the venv (these layers stay cached while pyproject.toml and the pins are unchanged)
 FROM deps AS train-venv
 ARG TORCH_INDEX_URL=""
@@ -122,10 +129,8 @@ COPY --from=train-venv /opt/aegis/ /opt/aegis/
 
 # ---- the role images ---------------------------------------------------------------------------------------------
 FROM train-runtime AS train
-COPY --from=package /pkg/ /tmp/pkg/
-RUN pip install --no-cache-dir --no-deps /tmp/pkg/*.whl && rm -rf /tmp/pkg
-COPY configs/ /app/configs/
-COPY docker/train-entrypoint.sh /app/docker/
+COPY --from=app /app/ /app/
+RUN pip install --no-cache-dir --no-deps /app/pkg/*.whl && rm -rf /app/pkg
 USER 1000:1000
 ENTRYPOINT ["bash", "/app/docker/train-entrypoint.sh"]
 
@@ -137,10 +142,8 @@ RUN python /tmp/deps/requirements.py /tmp/deps/pyproject.toml export >/tmp/expor
     && pip install --no-cache-dir --only-binary llama-cpp-python --find-links /tmp/llama \
         -c /tmp/deps/constraints.txt -r /tmp/export.txt \
     && rm -rf /tmp/llama /tmp/deps /tmp/export.txt
-COPY --from=package /pkg/ /tmp/pkg/
-RUN pip install --no-cache-dir --no-deps /tmp/pkg/*.whl && rm -rf /tmp/pkg
-COPY configs/ /app/configs/
-COPY docker/export-entrypoint.sh /app/docker/
+COPY --from=app /app/ /app/
+RUN pip install --no-cache-dir --no-deps /app/pkg/*.whl && rm -rf /app/pkg
 USER 1000:1000
 ENTRYPOINT ["bash", "/app/docker/export-entrypoint.sh"]
 
@@ -149,9 +152,8 @@ ENTRYPOINT ["bash", "/app/docker/export-entrypoint.sh"]
 # says otherwise; the NVIDIA images set NVIDIA_VISIBLE_DEVICES and NVIDIA_DRIVER_CAPABILITIES themselves.
 FROM base AS serve
 COPY --from=serve-venv /opt/aegis/ /opt/aegis/
-COPY --from=package /pkg/ /tmp/pkg/
-RUN pip install --no-cache-dir --no-deps /tmp/pkg/*.whl && rm -rf /tmp/pkg
-COPY docker/serve-entrypoint.sh docker/healthcheck.py /app/docker/
+COPY --from=app /app/ /app/
+RUN pip install --no-cache-dir --no-deps /app/pkg/*.whl && rm -rf /app/pkg
 USER 1000:1000
 ENV AEGIS_PORT=8000
 EXPOSE 8000 7860

@@ -128,14 +128,20 @@ def image_entrypoint(target: str) -> list[str]:
 
 
 def copied_into(target: str) -> dict[str, str]:
-    """Image path -> repository path of each file COPY'd from the build context into the target's lineage."""
-    out = {}
+    """Image path -> repository path of each file COPY'd from the build context into the target's lineage, also
+    through a stage it copies from (COPY --from=STAGE)."""
+    out, all_stages = {}, stages()
     for line in lineage(target):
-        m = re.match(r"COPY\s+(?!--from)(.+)", line, re.I)
+        m = re.match(r"COPY\s+(?:--from=(\S+)\s+)?(.+)", line, re.I)
         if not m:
             continue
-        parts = m.group(1).split()
-        *sources, dest = parts
+        *sources, dest = m.group(2).split()
+        if m.group(1):
+            inner = copied_into(m.group(1)) if m.group(1) in all_stages else {}  # else an outside image
+            for src in (x.rstrip("/") for x in sources):
+                out.update({dest.rstrip("/") + path[len(src):]: repo for path, repo in inner.items()
+                            if path == src or path.startswith(src + "/")})
+            continue
         for src in sources:
             image_path = dest + Path(src).name if dest.endswith("/") and not src.endswith("/") else dest
             out[image_path.rstrip("/")] = src.rstrip("/")
