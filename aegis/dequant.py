@@ -79,10 +79,3 @@ def dequantize_base(model: nn.Module, convert=dequantized) -> tuple[int, int]:
         del old
     gc.collect()  # anything else that held on
     return len(targets), size
-
-
-def quantized_layers(model: nn.Module) -> int:
-    """How many bitsandbytes Linear4bit layers `model` still has (0 once dequantized)."""
-    import bitsandbytes as bnb
-
-    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

@@ -102,28 +102,24 @@ def server_for(name: str, gguf: Path, clients: int, args, prefix_cache: str = "o
                ctx: int = 0) -> tuple[Server, str]:
     """The server and its readiness path, configured for `clients` concurrent requests (ctx: per slot)."""
     ctx = ctx or args.ctx
-    log = args.logs / f"{name.replace(' ', '_')}-{clients}-{prefix_cache}.log"  # a server that dies leaves its reason here
     args.logs.mkdir(parents=True, exist_ok=True)
-    server, ready = _server(name, gguf, clients, args, prefix_cache, ctx)
-    server.log_path = log
-    return server, ready
-
-
-def _server(name: str, gguf: Path, clients: int, args, prefix_cache: str, ctx: int):
+    log = args.logs / f"{name.replace(' ', '_')}-{clients}-{prefix_cache}.log"  # a server that dies says why here
     if name == OURS:
         return Server("--model", f"{MODEL}={gguf}", "--parallel", str(clients), "--ctx-size", str(ctx),
                       "--queue-size", "512", "--prefix-cache", prefix_cache, "--n-gpu-layers", str(args.gpu_layers),
-                      *(["--threads", str(args.threads)] if args.threads else []), "--log-level", "warning"), "/ready"
+                      *(["--threads", str(args.threads)] if args.threads else []), "--log-level", "warning",
+                      log_path=log), "/ready"
     if name == LLAMA_SERVER:
         return Server("-m", str(gguf), "-a", MODEL, "-np", str(clients), "-c", str(ctx * clients), "-cb",
                       "-ngl", str(999 if args.gpu_layers < 0 else args.gpu_layers),
-                      *(["-t", str(args.threads)] if args.threads else []), program=str(args.llama_server)), "/health"
+                      *(["-t", str(args.threads)] if args.threads else []), program=str(args.llama_server),
+                      log_path=log), "/health"
     # llama_cpp.server decodes one request at a time; --interrupt_requests False makes the next request wait instead
     # of aborting the running stream
     return Server("--model", str(gguf), "--model_alias", MODEL, "--n_ctx", str(ctx), "--n_gpu_layers",
                   str(args.gpu_layers), "--interrupt_requests", "False",
                   *(["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)] if args.threads
-                    else []), module="llama_cpp.server"), "/v1/models"
+                    else []), module="llama_cpp.server", log_path=log), "/v1/models"
 
 
 def body(name: str, messages: list[dict], max_tokens: int) -> dict:

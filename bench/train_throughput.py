@@ -271,8 +271,8 @@ def run_long(args, snap: Path, hf_home: Path, results: dict) -> None:
             over = over or which == "plain"
             continue
         over = over or (which == "plain" and r["peak_gib"] > args.budget_gib)
-        r.update(setting="long", which=which, batch=1, length=length, checkpointing=True if which == "plain" else "auto",
-                 nprocs=1)
+        r.update(setting="long", which=which, batch=1, length=length, nprocs=1,
+                 checkpointing=True if which == "plain" else "auto")
         results["rows"].append(r)
         print({k: v for k, v in r.items() if k not in ("losses", "profile")}, flush=True)
     for which in ("plain", "ours"):

@@ -11,11 +11,16 @@ from torch.nn import functional as F
 
 from aegis import checkpoint, loading, metrics
 from aegis.config import build
-from aegis.dequant import DequantizedLinear, dequantize_base, dequantized, quantized_layers
+from aegis.dequant import DequantizedLinear, dequantize_base, dequantized
 
 from conftest import SHORT, train_cli
 
 QUIET = lambda *_: None  # noqa: E731
+
+
+def quantized_layers(model) -> int:
+    """How many bitsandbytes Linear4bit layers `model` still has (0 once dequantized)."""
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
 def souled(device: torch.device, dtype: str, dequantize: bool, convert=None):
