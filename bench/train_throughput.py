@@ -184,8 +184,9 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[;KEY=VALUE]",
                     help="run ours once per variant with these extra --set (e.g. eager=train.cuda_graphs=false)")
     ap.add_argument("--plain-tp-batch", type=int, default=0, help="plain's throughput micro-batch (default --tp-batch)")
-    ap.add_argument("--plain-search", default="", metavar="B1,B2,...",
-                    help="throughput setting: run plain at each of these batch sizes, with and without checkpointing, "
+    ap.add_argument("--plain-search", default="", metavar="B1,B2c,B3n,...",
+                    help="throughput setting: run plain at each of these batch sizes, with and without checkpointing "
+                         "(a c or n suffix: only with, only without), "
                          "and report its best within --budget-gib (the row it is compared by)")
     ap.add_argument("--budget-gib", type=float, default=12.0)
     ap.add_argument("--long-lengths", default="8192,16384,32768", help="long = one sequence of each length, ours "
@@ -217,7 +218,7 @@ def main() -> None:
         jobs = []
         if "plain" in args.which:
             if name == "throughput" and args.plain_search:
-                jobs += [("plain", 1, [], int(b), c) for b in args.plain_search.split(",") for c in (True, False)]
+                jobs += [("plain", 1, [], b, c) for b, c in plain_search(args.plain_search)]
             else:
                 jobs.append(("plain", 1, [], (args.plain_tp_batch or batch) if name == "throughput" else batch, ckpt))
         jobs += [(f"ours {label}".strip(), int(n), sets, batch, ckpt) for n in args.nprocs.split(",")
@@ -230,6 +231,10 @@ def main() -> None:
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 print(f"out of memory: {which} {b}x{length} checkpointing={c}", flush=True)
+                continue
+            except RuntimeError as e:  # a failed run of ours is reported and the others still run
+                print(f"failed: {which} {b}x{length}: {e}", flush=True)
+                results.setdefault("failed", []).append({"setting": name, "which": which, "error": str(e)[-3000:]})
                 continue
             args.profile = 0 if which != "plain" else args.profile
             r.update(setting=name, which=which, batch=b, length=length, checkpointing=c, nprocs=n)
@@ -252,6 +257,15 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=1))
 
 
+def plain_search(spec: str) -> list[tuple[int, bool]]:
+    """"8,16" runs each batch size with and without checkpointing; a suffix picks one: "2n" without, "16c" with."""
+    out = []
+    for item in spec.split(","):
+        modes = {"c": (True,), "n": (False,)}.get(item[-1], (True, False))
+        out += [(int(item.rstrip("cn")), c) for c in modes]
+    return out
+
+
 def run_long(args, snap: Path, hf_home: Path, results: dict) -> None:
     """One sequence per step at each length: ours as the planner decides (checkpointing, offload, chunked loss);
     plain checkpointed, its best chance, up to the first length over the budget or out of memory."""
@@ -270,11 +284,16 @@ def run_long(args, snap: Path, hf_home: Path, results: dict) -> None:
             print(f"out of memory: {which} 1x{length}", flush=True)
             over = over or which == "plain"
             continue
+        except RuntimeError as e:
+            print(f"failed: {which} 1x{length}: {e}", flush=True)
+            results.setdefault("failed", []).append({"setting": "long", "which": which, "error": str(e)[-3000:]})
+            continue
         over = over or (which == "plain" and r["peak_gib"] > args.budget_gib)
         r.update(setting="long", which=which, batch=1, length=length, nprocs=1,
                  checkpointing=True if which == "plain" else "auto")
         results["rows"].append(r)
         print({k: v for k, v in r.items() if k not in ("losses", "profile")}, flush=True)
+        args.out.write_text(json.dumps(results, indent=1))
     for which in ("plain", "ours"):
         longest = max((r["length"] for r in results["rows"] if r["setting"] == "long" and r["which"] == which
                        and r["peak_gib"] <= args.budget_gib), default=0)
