@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 HUB_ID = "HODACHI/Borea-Phi-3.5-mini-Instruct-Jp"
 COMMIT = "0" * 40
 WARMUP = 3
+CORPUS = ["embedded:prose_train_a.txt", "embedded:prose_train_b.txt", "embedded:prose_train_c.txt"]
 # Phi-3.5-mini-instruct's shapes: 3.82 B parameters.
 PHI35 = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072,
@@ -75,14 +76,14 @@ def dataset_snapshot(hf_home: Path) -> Path:
     return snap
 
 
-def windows(snap: Path, steps: int, batch: int, length: int, seed: int = 42):
+def windows(snap: Path, steps: int, batch: int, length: int, repeat: int = 1, seed: int = 42):
     """The micro-batches `python -m train` trains on (same corpus, packing, shuffle and seed as the Borea config with
     the bench's data.train), so both paths see the same windows in the same order."""
     from transformers import AutoTokenizer
 
     from train import data
     tok = AutoTokenizer.from_pretrained(snap)
-    ex = data.load(["embedded:prose_train_a.txt", "embedded:prose_train_b.txt", "embedded:prose_train_c.txt"], tok)
+    ex = data.load(CORPUS * repeat, tok)
     stream = data.Stream(ex, length, seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return [data.collate(stream.next_update(batch, 1)[0], pad, length) for _ in range(steps)]
@@ -99,7 +100,7 @@ def check_plain_mode(model, ckpt: bool) -> None:
     assert all(f == ckpt for f in flagged), f"checkpointing {ckpt} asked, layers flagged {set(flagged)}"
 
 
-def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool) -> dict:
+def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool, repeat: int = 1) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -118,7 +119,7 @@ def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool) -> d
     model.train()
     check_plain_mode(model, ckpt)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    batches = windows(snap, steps, batch, length)
+    batches = windows(snap, steps, batch, length, repeat)
     torch.cuda.reset_peak_memory_stats()
     times, losses, tokens = [], [], []
     for b in batches:
@@ -143,14 +144,14 @@ def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool) -> d
 
 
 def ours(snap: Path, hf_home: Path, work: Path, steps: int, batch: int, length: int, ckpt: bool | str,
-         extra: list[str], nprocs: int = 1, profile: int = 0) -> dict:
+         extra: list[str], nprocs: int = 1, profile: int = 0, repeat: int = 1) -> dict:
     run = work / f"run_b{batch}x{length}_{'ckpt' if ckpt else 'nockpt'}_n{nprocs}"
     shutil.rmtree(run, ignore_errors=True)
     flag = '"auto"' if ckpt == "auto" else "true" if ckpt else "false"  # "auto": the memory plan decides
     sets = [f"schedule.total_steps={steps}", f"schedule.warmup_steps={max(1, steps // 10)}",
             f"schedule.anneal_steps={steps * 8 // 10}", f"train.save_steps={steps}", f"train.batch_size={batch}",
             f"train.max_length={length}", f"model.gradient_checkpointing={flag}",
-            'data.train=["embedded:prose_train_a.txt","embedded:prose_train_b.txt","embedded:prose_train_c.txt"]']
+            "data.train=" + json.dumps(CORPUS * repeat)]
     launch = [sys.executable] if nprocs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    "--nproc-per-node", str(nprocs)]
     cmd = launch + ["-m", "train", "--config", str(ROOT / "configs" / "borea_rtx3060.toml"),
@@ -266,19 +267,31 @@ def plain_search(spec: str) -> list[tuple[int, bool]]:
     return out
 
 
+def corpus_repeat(snap: Path, windows_needed: int, length: int) -> int:
+    """How many copies of the corpus give every step of a long run a full window: the embedded corpus is ~34 k
+    tokens, so at 32 k one epoch packs one full window and a short remainder (padded to 32 k, it would be timed as a
+    step of a few hundred tokens)."""
+    from transformers import AutoTokenizer
+
+    from train import data
+    tokens = sum(len(e.input_ids) for e in data.load(CORPUS, AutoTokenizer.from_pretrained(snap)))
+    return -(-windows_needed * length // tokens) + 1
+
+
 def run_long(args, snap: Path, hf_home: Path, results: dict) -> None:
     """One sequence per step at each length: ours as the planner decides (checkpointing, offload, chunked loss);
     plain checkpointed, its best chance, up to the first length over the budget or out of memory."""
-    jobs = [("plain", int(n)) for n in args.plain_long_lengths.split(",")]
-    jobs += [("ours", int(n)) for n in args.long_lengths.split(",")]
+    jobs = [("ours", int(n)) for n in args.long_lengths.split(",") if n]
+    jobs += [("plain", int(n)) for n in args.plain_long_lengths.split(",") if n]
+    repeat = corpus_repeat(snap, args.long_steps + 1, max(n for _, n in jobs))
     over = False
     for which, length in jobs:
         if which == "plain" and over:
             continue
         print(f"== long: {which} 1x{length}", flush=True)
         try:
-            r = (plain_peft(snap, args.long_steps, 1, length, True) if which == "plain" else
-                 ours(snap, hf_home, args.work, args.long_steps, 1, length, "auto", args.ours_set))
+            r = (plain_peft(snap, args.long_steps, 1, length, True, repeat) if which == "plain" else
+                 ours(snap, hf_home, args.work, args.long_steps, 1, length, "auto", args.ours_set, repeat=repeat))
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             print(f"out of memory: {which} 1x{length}", flush=True)
