@@ -18,8 +18,8 @@ from train.loss import chunked_loss_sum, masked_loss_sum, micro_loss
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def _souled(tiny_path, device: str, quantization: str = "nf4"):
-    cfg = build({}, ["model.base=embedded", f"model.quantization={quantization}"])
+def _souled(tiny_path, device: str, quantization: str = "nf4", dtype: str = "auto"):
+    cfg = build({}, ["model.base=embedded", f"model.quantization={quantization}", f"model.dtype={dtype}"])
     model, soul = model_mod.build(cfg, tiny_path, torch.device(device), seed=0)
     with torch.no_grad():  # an open gate and a real rotation, so the soul's own gradient is part of the check
         soul.alpha.fill_(1.0)
@@ -68,10 +68,11 @@ def test_chunked_loss_matches_the_plain_loss_and_gradients(tiny_path, device):
 def test_past_the_original_context_the_long_factors_are_used(tiny_path, device):
     """The embedded model's original context is 512: a 640-token sequence through the training model (soul shut,
     LoRA still zero) gives transformers' own logits, which use the long factors (for every position, once the
-    sequence is longer than the original context); the same weights with the short factors give others."""
+    sequence is longer than the original context); the same weights with the short factors give others. Both sides
+    run in float32 (on the GPU too: bfloat16 rounding alone moves these logits by up to 0.2)."""
     from transformers import AutoModelForCausalLM
 
-    model, soul = _souled(tiny_path, device, quantization="none")
+    model, soul = _souled(tiny_path, device, quantization="none", dtype="float32")
     with torch.no_grad():
         soul.alpha.fill_(-60.0)  # gate 0: the base model's own head
     model.eval()
