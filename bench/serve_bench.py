@@ -16,7 +16,8 @@ ended by length, else its chunks. Reported per level and server:
 aggregate tokens/s, the median request's tokens/s, time to first token p50/p90, and peak memory (GPU memory in use
 above what it was before the server started; without a GPU, the server process's peak RSS).
 
-Then prefix reuse: a five-turn chat on ours with --prefix-cache on and off, time to first token of each turn.
+Then prefix reuse: --chats five-turn chats (scripted replies, so both runs see the same prompts) on ours with
+--prefix-cache on and off; time to first token of each turn (a one-token request), median over the chats.
 Without --gguf, the GGUF of a short training run of the embedded model is made (and cached) first.
 """
 
@@ -50,6 +51,27 @@ TURNS = ["京都の有名なお寺をいくつか教えてください。それ�
          "近くでおすすめの食事処はありますか。予算は一人三千円くらいです。",
          "雨の日でも楽しめる場所はありますか。子ども連れでも大丈夫なところがいいです。",
          "最後に、一日で回れるおすすめのコースを作ってください。"]
+REPLIES = [  # assistant turns of a usual length (~200 tokens each), so turn 5's prompt is ~1 000 tokens
+    "有名なお寺としては、清水寺、金閣寺、銀閣寺、東福寺、南禅寺などがあります。清水寺は七七八年に開かれたと伝えられ、"
+    "崖の上に張り出した舞台から京都の街を見渡せることで知られています。金閣寺は正式には鹿苑寺といい、足利義満の山荘を"
+    "のちに寺としたもので、金箔に覆われた舎利殿が池に映る姿が見事です。銀閣寺は慈照寺といい、足利義政が東山に建てた"
+    "山荘が始まりで、落ち着いた庭と建物が特徴です。南禅寺は大きな三門と、境内を通る水路閣で有名です。",
+    "紅葉なら東福寺がいちばんのおすすめです。通天橋という屋根のある橋から谷を見下ろすと、一面が赤や黄色に染まって"
+    "見えます。見ごろは例年十一月の中旬から下旬ですが、年によって少し前後します。行き方は、京都駅からJR奈良線に乗って"
+    "一駅の東福寺駅で降り、そこから歩いて十分ほどです。京阪電車の東福寺駅も使えます。紅葉の季節はとても混むので、"
+    "朝の拝観開始の時間に合わせて着くようにすると、比較的ゆっくり見られます。",
+    "東福寺の周りには、湯豆腐や精進料理を出すお店がいくつかあります。昼の時間なら、一人三千円ほどで湯豆腐のコースや"
+    "季節の小鉢がついた定食を食べられるお店が多いです。少し歩いて伏見稲荷大社の方へ行くと、いなり寿司やきつねうどんの"
+    "お店もあり、こちらはもっと手ごろです。紅葉の時期の週末はどこも行列になるので、予約ができるお店なら前もって"
+    "予約しておくと安心です。子ども向けの取り分け用のお皿を出してくれるお店もあります。",
+    "雨の日なら、京都水族館と京都鉄道博物館がおすすめです。どちらも京都駅から歩いて十五分ほどの梅小路公園の中にあり、"
+    "ほとんどが屋内なので天気を気にせず楽しめます。水族館ではオオサンショウウオやイルカのショーが見られ、鉄道博物館"
+    "では本物の蒸気機関車や新幹線が並んでいて、運転のシミュレーターもあります。ベビーカーのまま入れて、授乳室や"
+    "おむつ替えの場所もあるので、小さなお子さん連れでも大丈夫です。",
+    "一日のコースなら、朝いちばんに東福寺で紅葉を見て、十一時ごろに近くのお店で湯豆腐の昼食をとります。午後は電車で"
+    "京都駅へ戻り、梅小路公園まで歩いて京都鉄道博物館を見学し、夕方に京都水族館へ回ると、雨が降っても困りません。"
+    "時間に余裕があれば、夜は京都駅の近くで夕食をとって、ライトアップされた京都タワーを見てから帰るのもよいでしょう。"
+    "移動は電車と徒歩だけで済むので、子ども連れでも疲れにくいコースです。"]
 MODEL = "bench"
 CHAT_CTX = 2048  # the five-turn chat's context
 OURS, LLAMA_SERVER, LCP_SERVER = "aegis serve", "llama-server", "llama_cpp.server"
@@ -133,7 +155,7 @@ def body(name: str, messages: list[dict], max_tokens: int) -> dict:
 async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> dict:
     """A streamed request: time to the first content, to the end, and the tokens (see the module's docstring)."""
     start = time.perf_counter()
-    first, chunks, usage, text, reason = None, 0, None, [], None
+    first, chunks, usage, reason = None, 0, None, None
     async with client.stream("POST", url, json=payload) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -147,10 +169,9 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> dic
             if piece:
                 first = first or time.perf_counter()
                 chunks += 1
-                text.append(piece)
     end = time.perf_counter()
     tokens = usage["completion_tokens"] if usage else payload["max_tokens"] if reason == "length" else chunks
-    return {"ttft": (first or end) - start, "total": end - start, "tokens": tokens, "text": "".join(text)}
+    return {"ttft": (first or end) - start, "total": end - start, "tokens": tokens}
 
 
 async def load(base: str, name: str, clients: int, requests: int, max_tokens: int) -> dict:
@@ -176,17 +197,45 @@ async def load(base: str, name: str, clients: int, requests: int, max_tokens: in
             "min_tokens": min(r["tokens"] for r in results)}
 
 
-async def chat_turns(base: str, max_tokens: int) -> list[float]:
-    """A five-turn chat, greedy; time to first token of each turn (ms)."""
+def chat_turns(base: str, chat: int) -> list[tuple[float, int, int]]:
+    """One five-turn chat with scripted replies, so every run sees the same prompts whatever its model says (a
+    random-weight model's greedy reply can differ with the cache on and off, and so would the next prompt). Each
+    turn asks for one token: its latency is the time to the first token. (ms, prompt tokens, cached tokens) per turn.
+    `chat` numbers the opening, so consecutive chats share no more than the template's first tokens."""
     messages, out = [], []
-    async with httpx.AsyncClient(timeout=600) as client:
-        for turn in TURNS:
-            messages.append({"role": "user", "content": turn})
-            r = await one_request(client, base + "/v1/chat/completions",
-                                  {"model": MODEL, "messages": messages, "max_tokens": max_tokens,
-                                   "temperature": 0, "stream": True, "ignore_eos": True})
-            out.append(1000 * r["ttft"])
-            messages.append({"role": "assistant", "content": r["text"]})
+    with httpx.Client(timeout=600) as client:
+        for i, (turn, reply) in enumerate(zip(TURNS, REPLIES)):
+            messages.append({"role": "user", "content": f"{chat + 1}件目の相談です。{turn}" if i == 0 else turn})
+            start = time.perf_counter()
+            r = client.post(base + "/v1/chat/completions", json={"model": MODEL, "messages": messages,
+                                                                 "max_tokens": 1, "temperature": 0})
+            r.raise_for_status()
+            usage = r.json()["usage"]
+            out.append((1000 * (time.perf_counter() - start), usage["prompt_tokens"],
+                        (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0))
+            messages.append({"role": "assistant", "content": reply})
+    return out
+
+
+def prefix_reuse(gguf: Path, args, failed: list[dict]) -> dict:
+    """Time to first token per turn of --chats five-turn chats on one slot, prefix cache on and off: the median
+    over the chats per turn, with the prompt's length and the tokens found in the cache."""
+    out = {}
+    for cache in ("on", "off"):
+        server, _ = server_for(OURS, gguf, 1, args, prefix_cache=cache, ctx=CHAT_CTX)
+        try:
+            with server:
+                asyncio.run(load(server.url, OURS, 1, 1, 8))  # warm-up
+                chats = [chat_turns(server.url, k) for k in range(args.chats)]
+        except (RuntimeError, httpx.HTTPError) as e:
+            failed.append({"server": OURS, "prefix_cache": cache, "error": str(e)[-2000:]})
+            continue
+        out[cache] = [{"turn": t + 1, "ttft_ms": statistics.median(c[t][0] for c in chats),
+                       "prompt_tokens": chats[0][t][1], "cached_tokens": chats[0][t][2]} for t in range(len(TURNS))]
+        print(f"prefix cache {cache}: time to first token per turn (ms, median of {args.chats} chats) "
+              + ", ".join(f"{r['ttft_ms']:.1f}" for r in out[cache])
+              + "; prompt/cached tokens " + ", ".join(f"{r['prompt_tokens']}/{r['cached_tokens']}" for r in out[cache]),
+              flush=True)
     return out
 
 
@@ -219,7 +268,7 @@ def run_level(name: str, gguf: Path, clients: int, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", type=Path, help="GGUF to serve (default: a short run of the embedded model)")
-    ap.add_argument("--clients", default="1,4,16,64", help="comma-separated concurrency levels")
+    ap.add_argument("--clients", default="1,4,16,64", help="comma-separated concurrency levels (empty: none)")
     ap.add_argument("--baseline-levels", default="1,4,16",
                     help="levels llama_cpp.server runs (it serves one request at a time, so high levels take long)")
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
@@ -228,12 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: each server's default)")
     ap.add_argument("--gpu-layers", type=int, default=-1, help="-1: all")
     ap.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server executable (row left out without)")
+    ap.add_argument("--chats", type=int, default=5, help="five-turn chats for the prefix-reuse measure (0: none)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "serve_results.json")
     ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "serve-bench-logs",
                     help="where each server's output goes")
     args = ap.parse_args(argv)
     try:
-        levels = [int(c) for c in args.clients.split(",")]
+        levels = [int(c) for c in args.clients.split(",") if c]
         baseline_levels = {int(c) for c in args.baseline_levels.split(",") if c}
     except ValueError:
         ap.error(f"--clients {args.clients!r} / --baseline-levels {args.baseline_levels!r}: expected numbers like 1,4")
@@ -259,17 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:  # one server failing still leaves the others' rows; the reason is kept
                 print(f"{clients:3d} clients  {name}: FAILED {e}", flush=True)
                 failed.append({"clients": clients, "server": name, "error": str(e)[-2000:]})
-    turns = {}
-    for cache in ("on", "off"):
-        server, ready = server_for(OURS, gguf, 1, args, prefix_cache=cache, ctx=CHAT_CTX)
-        try:
-            with server:
-                asyncio.run(load(server.url, OURS, 1, 1, 8))
-                turns[cache] = asyncio.run(chat_turns(server.url, 64))
-        except RuntimeError as e:
-            failed.append({"server": OURS, "prefix_cache": cache, "error": str(e)[-2000:]})
-            continue
-        print(f"prefix cache {cache}: TTFT per turn (ms) " + ", ".join(f"{t:.1f}" for t in turns[cache]), flush=True)
+    turns = prefix_reuse(gguf, args, failed) if args.chats else {}
 
     memory = "GPU memory" if MemoryWatch().gpu else "RSS"
     table = markdown(rows, memory)
