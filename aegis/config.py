@@ -69,6 +69,9 @@ class TrainConfig:
     # dequantize the 4-bit base once and keep it at 16 bits, saving bitsandbytes' dequantization on every pass
     # ("auto": on a GPU, only when the step fits the budget with it as planned without it; aegis/memory.py)
     dequantized_base: bool | str = "auto"
+    # run each MLP a slice of positions at a time ("auto": only when one sequence would not fit the budget otherwise;
+    # aegis/tiled.py)
+    tiled_mlp: bool | str = "auto"
 
 
 @dataclass

@@ -6,7 +6,9 @@
                  projects 4096 positions at a time (train/loss.py)
     activations  without checkpointing: layers x tokens x hidden x 51 bytes;
                  with it: layers x tokens x hidden x 2 bytes kept (in host memory when offloaded), plus one layer
-                 recomputed (tokens x hidden x 51)
+                 recomputed (tokens x hidden x 51);
+                 with the MLP tiled (aegis/tiled.py) a layer keeps 8 x intermediate bytes per token less (the MLP's
+                 own intermediates), plus those of one slice of 4096 positions
 The 51 bytes per hidden unit, token and layer were measured on an H100 at Phi-3.5-mini's shapes (LoRA on the
 attention projections, SDPA attention): 4.69 GiB at 1 x 512 without checkpointing and 4.83 GiB at 8 x 512 with it.
 With the 10 % margin the estimate lies above every peak measured since (5.17 for 4.72 GiB at 1 x 512 with the
@@ -15,7 +17,9 @@ Gradient checkpointing costs about a third more compute, so the plan turns it on
 otherwise; then, for long sequences, it moves the kept activations to host memory (copies overlap the compute but
 cost PCIe bandwidth) only when the step still would not fit. When even that does not fit, the plan splits each batch
 into smaller micro-batches accumulated into the same update: the loss is normalised over the whole update, so the
-gradient is the same, only computed in pieces.
+gradient is the same, only computed in pieces. When one sequence alone still does not fit (tens of thousands of
+positions), the MLPs run a slice of positions at a time (train.tiled_mlp), for one more forward pass of the MLP.
+The tiled figures are derived from the MLP's shapes, not yet measured.
 
 A quantized base can also be dequantized once and kept at 16 bits (aegis/dequant.py): bitsandbytes otherwise
 dequantizes every NF4 weight on every forward and backward pass, most of a step's GPU time at batch 1 x 512
@@ -37,6 +41,8 @@ ACT_BYTES = 51  # per hidden unit, token and layer, without checkpointing
 DEVICE_RESERVE_GIB = 0.5  # what cuBLAS workspaces, the allocator's cache and other processes may still take
 MARGIN = 1.10  # allocator fragmentation and workspace
 LOSS_CHUNK = 4096  # positions the loss projects at a time (train.loss.LOSS_CHUNK_TOKENS)
+MLP_BYTES = 8  # per intermediate unit and token: what a gated MLP keeps for its backward pass, in 16 bits
+TILE = 4096  # positions per MLP slice (aegis/tiled.py): ~256 MiB of intermediates at Phi-3.5-mini's shapes
 
 
 @dataclass(frozen=True)
@@ -48,10 +54,11 @@ class Plan:
     offload: bool = False  # checkpointed activations kept in host memory
     dequantized_base: bool = False  # the 4-bit linear weights dequantized once and kept at 16 bits
     why_base: str = ""  # why dequantized_base is on or off, with the estimates it was decided by (for the log)
+    tiled_mlp: bool = False  # the MLPs run a slice of positions at a time (aegis/tiled.py)
 
 
 def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing: bool,
-                 offload: bool = False) -> float:
+                 offload: bool = False, tiled: bool = False) -> float:
     h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     inter = config.intermediate_size
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
@@ -62,10 +69,15 @@ def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing
     weights = linear * (4.25 / 8 if quantized else 2) + other * 2
     tokens = batch * length
     logits = min(tokens, LOSS_CHUNK) * vocab * 10
+    per_token = h * ACT_BYTES  # what one layer keeps per token
+    one_slice = 0
+    if tiled:
+        mlp = min(MLP_BYTES * inter, per_token // 2)
+        per_token, one_slice = per_token - mlp, min(tokens, TILE) * mlp
     if checkpointing:
-        act = (0 if offload else layers * tokens * h * 2) + tokens * h * ACT_BYTES
+        act = (0 if offload else layers * tokens * h * 2) + tokens * per_token + one_slice
     else:
-        act = layers * tokens * h * ACT_BYTES
+        act = layers * tokens * per_token + one_slice
     return MARGIN * (weights + logits + act) / 2**30
 
 
@@ -80,8 +92,9 @@ def device_budget(configured: float, free_gib: float | None) -> tuple[float, str
 
 
 def _fit(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str,
-         offload: bool | str) -> tuple[bool, bool, int, float]:
-    """(checkpointing, offload, micro-batch, estimate) for linear weights at 4.25 bits (quantized) or 16."""
+         offload: bool | str, tiled: bool | str) -> tuple[bool, bool, bool, int, float]:
+    """(checkpointing, offload, tiled MLP, micro-batch, estimate) for linear weights at 4.25 bits (quantized) or
+    16."""
     if requested == "auto":
         ckpt = estimate_gib(config, batch, length, quantized, False) > budget_gib
     else:
@@ -90,16 +103,22 @@ def _fit(config, batch: int, length: int, quantized: bool, budget_gib: float, re
         off = ckpt and estimate_gib(config, batch, length, quantized, True) > budget_gib
     else:
         off = ckpt and bool(offload)
+    if tiled == "auto":  # only when one sequence alone does not fit otherwise
+        tile = estimate_gib(config, 1, length, quantized, ckpt, off) > budget_gib
+    else:
+        tile = bool(tiled)
     micro = next((m for m in range(batch, 0, -1)
-                  if batch % m == 0 and estimate_gib(config, m, length, quantized, ckpt, off) <= budget_gib), 1)
-    return ckpt, off, micro, estimate_gib(config, micro, length, quantized, ckpt, off)
+                  if batch % m == 0 and estimate_gib(config, m, length, quantized, ckpt, off, tile) <= budget_gib), 1)
+    return ckpt, off, tile, micro, estimate_gib(config, micro, length, quantized, ckpt, off, tile)
 
 
 def plan(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str,
-         offload: bool | str = False, dequantize: bool | str = False, gpu: bool = True) -> Plan:
+         offload: bool | str = False, dequantize: bool | str = False, gpu: bool = True,
+         tiled: bool | str = False) -> Plan:
     """Gradient checkpointing as requested, or with "auto" only if the step would not fit the budget without it;
-    activation offload likewise (with checkpointing only: it moves what checkpointing keeps); then, if the step
-    still does not fit, the largest divisor of the batch that does as the micro-batch. Then the dequantized base
+    activation offload likewise (with checkpointing only: it moves what checkpointing keeps); the tiled MLP likewise,
+    when even one sequence would not fit; then, if the step still does not fit, the largest divisor of the batch that
+    does as the micro-batch. Then the dequantized base
     (`dequantize`, train.dequantized_base) by the rule in this module's docstring; "auto" is off where the step
     runs without a GPU (`gpu` False): the budget and the time it saves are the GPU's, and at the CPU's fp32 compute
     a dense copy would take ~7.5x the 4-bit layers' host memory."""
@@ -108,21 +127,22 @@ def plan(config, batch: int, length: int, quantized: bool, budget_gib: float, re
         if not quantized:
             raise ConfigError(key, ["model.quantization is \"none\": the base is already at 16 bits, there is "
                                     "nothing to dequantize"])
-        ckpt, off, micro, dense = _fit(config, batch, length, False, budget_gib, requested, offload)
+        ckpt, off, tile, micro, dense = _fit(config, batch, length, False, budget_gib, requested, offload, tiled)
         if dense > budget_gib:
             raise ConfigError(key, [f"with the base's linear weights at 16 bits the step is estimated at "
                                     f"{dense:.1f} GiB at micro-batch {micro}, gradient checkpointing "
                                     f"{'on' if ckpt else 'off'}: over train.memory_budget_gib {budget_gib:g}; set it "
                                     f"to \"auto\" or false, lower train.max_length or raise the budget"])
-        four = estimate_gib(config, micro, length, True, ckpt, off)
-        return Plan(ckpt, dense, budget_gib, micro, off, True, f"{key}: ~{dense:.1f} GiB, ~{four:.1f} GiB at 4 bits")
-    ckpt, off, micro, est = _fit(config, batch, length, quantized, budget_gib, requested, offload)
+        four = estimate_gib(config, micro, length, True, ckpt, off, tile)
+        return Plan(ckpt, dense, budget_gib, micro, off, True, f"{key}: ~{dense:.1f} GiB, ~{four:.1f} GiB at 4 bits",
+                    tile)
+    ckpt, off, tile, micro, est = _fit(config, batch, length, quantized, budget_gib, requested, offload, tiled)
     if not quantized or dequantize is False or not gpu:
         why = ("the base is not quantized" if not quantized else "train.dequantized_base = false"
                if dequantize is False else "\"auto\" without a CUDA device")
-        return Plan(ckpt, est, budget_gib, micro, off, False, why)
-    dense = estimate_gib(config, micro, length, False, ckpt, off)  # the same plan, 16-bit linear weights
+        return Plan(ckpt, est, budget_gib, micro, off, False, why, tile)
+    dense = estimate_gib(config, micro, length, False, ckpt, off, tile)  # the same plan, 16-bit linear weights
     on = dense <= budget_gib
     why = (f"~{dense:.1f} GiB with the base dequantized, ~{est:.1f} GiB at 4 bits: "
            + ("fits the budget with the same checkpointing and micro-batch" if on else "over the budget"))
-    return Plan(ckpt, dense if on else est, budget_gib, micro, off, on, why)
+    return Plan(ckpt, dense if on else est, budget_gib, micro, off, on, why, tile)

@@ -1,0 +1,121 @@
+"""The tiled MLP (aegis/tiled.py): the same loss and gradients as the whole MLP, far less kept for the backward pass,
+and the memory plan turns it on only where one sequence would not fit otherwise. The same check runs on the GPU
+(marked gpu) with the 4-bit base, checkpointing and offload as a long run uses them there."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import Phi3Config
+
+from aegis import loading as model_mod
+from aegis import soul as soul_mod
+from aegis.config import ConfigError, build
+from aegis.memory import estimate_gib, plan
+from aegis.tiled import tile_mlps
+from train.loss import micro_loss
+
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
+PHI35 = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=32)
+
+
+def _model(tiny_path, device: str, *sets: str):
+    # LoRA dropout stays on the CPU, where the generator gives a slice the numbers it gives that part of the whole;
+    # on the GPU a slice draws other numbers, so masks would differ for reasons that are not the tiling's
+    cfg = build({}, ["model.base=embedded", "model.quantization=" + ("nf4" if device == "cuda" else "none"),
+                     'lora.target_modules=["qkv_proj","o_proj","gate_up_proj"]',
+                     *(["lora.dropout=0.0"] if device == "cuda" else []), *sets])
+    model, soul = model_mod.build(cfg, tiny_path, torch.device(device), seed=0)
+    with torch.no_grad():  # an open gate and a real rotation
+        soul.alpha.fill_(1.0)
+        soul.generators.normal_(0, 0.1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # LoRA B starts at zero: give the MLP's adapter a gradient path of its own
+                p.normal_(0, 0.02)
+    model.train()
+    return model
+
+
+def _loss_and_grads(model, ids, offload: bool):
+    torch.manual_seed(0)  # the same LoRA dropout masks on every pass
+    loss = micro_loss(model, soul_mod.head_of(model), {"input_ids": ids, "labels": ids}, offload)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_tiled_mlp_gives_the_same_loss_and_gradients(tiny_path, device, checkpointing):
+    """Slices of 48 positions over a 200-token sequence (the last slice short), LoRA on the MLP too, with and without
+    gradient checkpointing (with it, the kept activations offloaded as a long run does)."""
+    model = _model(tiny_path, device)
+    if checkpointing:
+        model_mod.enable_checkpointing(model.get_base_model())
+    ids = torch.randint(5, 3000, (1, 200), generator=torch.Generator().manual_seed(3)).to(device)
+    whole, want = _loss_and_grads(model, ids, offload=checkpointing)
+    assert tile_mlps(model, 48) == model.get_base_model().config.num_hidden_layers
+    tiled, got = _loss_and_grads(model, ids, offload=checkpointing)
+    exact = device == "cpu"  # float32 on the CPU; bf16 compute over NF4 on the GPU
+    torch.testing.assert_close(tiled, whole, rtol=1e-5 if exact else 1e-2, atol=1e-4 if exact else 1e-1)
+    assert want.keys() == got.keys() and any("gate_up_proj.lora_B" in n for n in want) and any("soul" in n for n in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3 if exact else 5e-2, atol=1e-5 if exact else 1e-3,
+                                   msg=name)
+
+
+def _saved_bytes(module, x) -> int:
+    """Bytes the module's forward keeps for its backward pass, directly or as a checkpoint's inputs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(x)
+    return sum(storages.values()), out
+
+
+def test_a_tiled_mlp_keeps_one_slice_not_the_whole_sequence(tiny_path):
+    """What the slicing is for: at 8 slices, the MLP's own intermediates are kept for none of them (each slice keeps
+    only its input, a view of the layer's), so it keeps far less than the whole MLP does."""
+    model = _model(tiny_path, "cpu")
+    model.eval()  # no dropout, so both calls compute the same; gradients are still recorded
+    mlp = model.get_base_model().model.layers[0].mlp
+    x = torch.randn(1, 512, mlp.gate_up_proj.in_features, requires_grad=True)
+    whole, want = _saved_bytes(mlp, x)
+    tile_mlps(model, 64)
+    tiled, got = _saved_bytes(mlp, x)
+    torch.testing.assert_close(got, want)
+    assert whole > 4 * x.numel() * 4 and tiled < whole / 4, (whole, tiled)
+
+
+def test_the_plan_tiles_the_mlp_only_where_one_sequence_would_not_fit():
+    for length in (512, 8192, 32768, 49152):  # what fits with checkpointing and offload stays as it was
+        assert not plan(PHI35, 1, length, True, 12.0, "auto", "auto", "auto", True, "auto").tiled_mlp
+    long = plan(PHI35, 1, 81920, True, 12.0, "auto", "auto", "auto", True, "auto")  # 10x plain PEFT's 8 192
+    assert long.tiled_mlp and long.gradient_checkpointing and long.offload and long.estimate_gib <= 12.0
+    assert estimate_gib(PHI35, 1, 81920, True, True, True, tiled=False) > 12.0
+    # an explicit choice stands: forced on at 512 tokens, off at 80 k (then over the budget: the loader warns)
+    assert plan(PHI35, 1, 512, True, 12.0, "auto", "auto", "auto", True, True).tiled_mlp
+    forced_off = plan(PHI35, 1, 81920, True, 12.0, "auto", "auto", "auto", True, False)
+    assert not forced_off.tiled_mlp and forced_off.estimate_gib > 12.0
+
+
+def test_the_setting_is_validated_and_reaches_the_model(tiny_path):
+    with pytest.raises(ConfigError, match="train.tiled_mlp"):
+        build({}, ["train.tiled_mlp=\"sometimes\""])
+    said = []
+    model = _model(tiny_path, "cpu", "train.tiled_mlp=true")
+    layers = model.get_base_model().model.layers
+    assert all(isinstance(layer.mlp.forward, functools.partial) for layer in layers)
+    cfg = build({}, ["model.base=embedded", "model.quantization=none", "train.tiled_mlp=true"])
+    model_mod.build(cfg, tiny_path, torch.device("cpu"), seed=0, log=said.append)
+    assert any("each MLP 4096 positions at a time" in line for line in said), said
+    untiled = _model(tiny_path, "cpu")  # auto, a short sequence: the MLP's own forward
+    assert not isinstance(untiled.get_base_model().model.layers[0].mlp.forward, functools.partial)
