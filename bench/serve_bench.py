@@ -3,7 +3,7 @@ ours (`python -m serve`, continuous batching), `llama-server` (continuous batchi
 llama.cpp source that llama-cpp-python vendors) and `python -m llama_cpp.server` (one request at a time).
 
     python bench/serve_bench.py [--gguf FILE] [--clients 1,4,16,64] [--max-tokens 256] [--requests 2]
-                                [--llama-server PATH] [--baseline-levels 1,4,16] [--ctx 1024] [--threads N]
+                                [--llama-server PATH] [--baseline-levels 1,4,16,64] [--ctx 1024] [--threads N]
                                 [--gpu-layers -1] [--out bench/serve_results.json]
 
 Each server is started for each level with as many slots as clients (ours --parallel N, llama-server -np N with a
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", type=Path, help="GGUF to serve (default: a short run of the embedded model)")
     ap.add_argument("--clients", default="1,4,16,64", help="comma-separated concurrency levels (empty: none)")
-    ap.add_argument("--baseline-levels", default="1,4,16",
+    ap.add_argument("--baseline-levels", default="1,4,16,64",
                     help="levels llama_cpp.server runs (it serves one request at a time, so high levels take long)")
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=256)
