@@ -211,6 +211,9 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
         from .tiled import tile_mlps
 
         tile_mlps(model, TILE)
+    from .lora import compute_dtype_lora
+
+    compute_dtype_lora(model)  # the adapters computed in the compute dtype (aegis/lora.py)
     if cfg.model.compile and compile_layers:
         # the blocks inside each layer, not the layer: transformers checkpoints a layer's forward, and a checkpoint
         # traced into a compiled layer kept far more alive (20.9 GiB instead of ~7.4 at 16 x 512, BENCHMARKS.md)
