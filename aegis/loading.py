@@ -212,8 +212,10 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
 
         tile_mlps(model, TILE)
     from .lora import compute_dtype_lora
+    from .norms import fuse_rms_norms
 
     compute_dtype_lora(model)  # the adapters computed in the compute dtype (aegis/lora.py)
+    fuse_rms_norms(model)  # one kernel per norm each way (aegis/norms.py)
     if cfg.model.compile and compile_layers:
         # the blocks inside each layer, not the layer: transformers checkpoints a layer's forward, and a checkpoint
         # traced into a compiled layer kept far more alive (20.9 GiB instead of ~7.4 at 16 x 512, BENCHMARKS.md)
