@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from aegis import loading as model_mod
-from aegis import soul as soul_mod
 from aegis.config import build
 from aegis.lora import compute_dtype_lora
-from train.loss import micro_loss
+from support.training import loss_and_grads
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
 TARGETS = 'lora.target_modules=["qkv_proj","o_proj","gate_up_proj","down_proj"]'
@@ -42,25 +41,16 @@ def _peft(model) -> int:
     return n
 
 
-def _loss_and_grads(model, ids):
-    torch.manual_seed(0)  # the same dropout masks on both passes
-    loss = micro_loss(model, soul_mod.head_of(model), {"input_ids": ids, "labels": ids}, False)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_forward_gives_peft_loss_and_gradients(tiny_path, device):
     """Every adapted layer of a training build has the compute-dtype forward; the loss and every LoRA and soul
     gradient equal those of PEFT's own forward (LoRA dropout on, on the CPU)."""
     model = _model(tiny_path, device)
     ids = torch.randint(5, 3000, (2, 64), generator=torch.Generator().manual_seed(4)).to(device)
-    ours, got = _loss_and_grads(model, ids)
+    ours, got = loss_and_grads(model, ids)
     layers = model.get_base_model().config.num_hidden_layers
     assert _peft(model) == 4 * layers  # the build gave all of them ours
-    peft, want = _loss_and_grads(model, ids)
+    peft, want = loss_and_grads(model, ids)
     cpu = device == "cpu"  # float32 there: equal to rounding; bf16 on the GPU, where PEFT computes them in float32
     torch.testing.assert_close(ours, peft, rtol=1e-5 if cpu else 1e-2, atol=1e-4 if cpu else 1e-2)
     assert got.keys() == want.keys() and sum("lora_B" in n for n in got) == 4 * layers and any("soul" in n for n in got)

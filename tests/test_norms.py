@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from aegis import loading as model_mod
-from aegis import soul as soul_mod
 from aegis.config import build
 from aegis.norms import fuse_rms_norms
-from train.loss import micro_loss
+from support.training import loss_and_grads
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -25,15 +24,6 @@ def _unfuse(model) -> int:
             del m.forward
             n += 1
     return n
-
-
-def _loss_and_grads(model, ids):
-    torch.manual_seed(0)
-    loss = micro_loss(model, soul_mod.head_of(model), {"input_ids": ids, "labels": ids}, False)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -49,9 +39,9 @@ def test_fused_norms_give_the_same_loss_and_gradients(tiny_path, device):
                 p.normal_(1.0, 0.2)  # norms that are not all ones, so a lost weight shows
     model.train()
     ids = torch.randint(5, 3000, (2, 64), generator=torch.Generator().manual_seed(6)).to(device)
-    fused, got = _loss_and_grads(model, ids)
+    fused, got = loss_and_grads(model, ids)
     assert _unfuse(model) == 2 * model.get_base_model().config.num_hidden_layers + 1
-    own, want = _loss_and_grads(model, ids)
+    own, want = loss_and_grads(model, ids)
     cpu = device == "cpu"  # float32; on the GPU bf16, where the fused kernel rounds once instead of twice
     torch.testing.assert_close(fused, own, rtol=1e-5 if cpu else 1e-2, atol=1e-4 if cpu else 1e-2)
     assert got.keys() == want.keys() and any("lora_B" in n for n in got)

@@ -11,11 +11,10 @@ import torch
 from transformers import Phi3Config
 
 from aegis import loading as model_mod
-from aegis import soul as soul_mod
 from aegis.config import ConfigError, build
 from aegis.memory import estimate_gib, plan
 from aegis.tiled import tile_mlps
-from train.loss import micro_loss
+from support.training import loss_and_grads
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
 PHI35 = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
@@ -40,15 +39,6 @@ def _model(tiny_path, device: str, *sets: str):
     return model
 
 
-def _loss_and_grads(model, ids, offload: bool):
-    torch.manual_seed(0)  # the same LoRA dropout masks on every pass
-    loss = micro_loss(model, soul_mod.head_of(model), {"input_ids": ids, "labels": ids}, offload)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_tiled_mlp_gives_the_same_loss_and_gradients(tiny_path, device, checkpointing):
@@ -58,9 +48,9 @@ def test_tiled_mlp_gives_the_same_loss_and_gradients(tiny_path, device, checkpoi
     if checkpointing:
         model_mod.enable_checkpointing(model.get_base_model())
     ids = torch.randint(5, 3000, (1, 200), generator=torch.Generator().manual_seed(3)).to(device)
-    whole, want = _loss_and_grads(model, ids, offload=checkpointing)
+    whole, want = loss_and_grads(model, ids, offload=checkpointing)
     assert tile_mlps(model, 48) == model.get_base_model().config.num_hidden_layers
-    tiled, got = _loss_and_grads(model, ids, offload=checkpointing)
+    tiled, got = loss_and_grads(model, ids, offload=checkpointing)
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-4)
     assert want.keys() == got.keys() and any("gate_up_proj.lora_B" in n for n in want) and any("soul" in n for n in want)
     for name in want:
