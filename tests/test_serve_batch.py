@@ -149,7 +149,7 @@ def test_the_log_says_where_the_layers_went(server):
 @pytest.mark.gpu
 def test_serve_puts_every_layer_on_the_gpu_and_decodes_there(tiny_path, tmp_path_factory):
     """With llama-cpp-python built with CUDA, `serve` (default --n-gpu-layers -1) puts all layers on the GPU: its log
-    says so, the device's free memory drops by at least the weights', and concurrent requests decode. (The embedded
+    says so, the GPU's free memory drops by at least the weights', and concurrent requests decode. (The embedded
     model exported directly: no training, so no bitsandbytes, is needed where this runs.)"""
     import torch
 
