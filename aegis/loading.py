@@ -210,7 +210,7 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
     if p.tiled_mlp:
         from .tiled import tile_mlps
 
-        tile_mlps(model, TILE)
+        tile_mlps(model)
     from .lora import compute_dtype_lora
     from .norms import fuse_rms_norms
 
@@ -219,9 +219,9 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
     if cfg.model.compile and compile_layers:
         # the blocks inside each layer, not the layer: transformers checkpoints a layer's forward, and a checkpoint
         # traced into a compiled layer kept far more alive (20.9 GiB instead of ~7.4 at 16 x 512, BENCHMARKS.md)
+        # a tiled MLP runs its slices under checkpoints of their own, which compiled code would trace
+        blocks = ("input_layernorm", "self_attn", "post_attention_layernorm") + (() if p.tiled_mlp else ("mlp",))
         for layer in model.get_base_model().model.layers:
-            # a tiled MLP runs its slices under checkpoints of their own, which compiled code would trace
-            blocks = ("input_layernorm", "self_attn", "post_attention_layernorm") + (() if p.tiled_mlp else ("mlp",))
             for name in blocks:
                 if isinstance(getattr(layer, name, None), nn.Module):
                     getattr(layer, name).compile()
