@@ -8,7 +8,8 @@ small matmuls themselves. Here the adapter runs in the input's dtype, as under a
 (A, and B with the scaling folded in: r x in and out x r values), and B's product is added to the base output by
 `addmm`, in the matmul. Gradients still reach the float32 weights through the casts. The weights, their names and
 what is saved are PEFT's; only the instance's forward changes, and only where the layer is plain LoRA (one adapter,
-no DoRA or other variant, no bias on B); any other state falls back to PEFT's own forward. On the CPU, which
+no DoRA or other variant, no bias on B), over a plain or a bitsandbytes 4-bit base; any other state falls back to
+PEFT's own forward. On the CPU, which
 computes in float32, the result is PEFT's to rounding (tests/test_lora.py).
 """
 
@@ -40,14 +41,20 @@ def _forward(layer, peft_forward, x: torch.Tensor, *args, **kwargs) -> torch.Ten
     return out.view(result.shape)
 
 
+def _classes() -> tuple[type, ...]:
+    """PEFT's LoRA linear layer, and its twin over a 4-bit base where bitsandbytes is installed."""
+    from peft.tuners.lora import bnb, layer
+
+    return (layer.Linear,) + ((bnb.Linear4bit,) if hasattr(bnb, "Linear4bit") else ())
+
+
 def compute_dtype_lora(model: nn.Module) -> int:
     """Give every plain LoRA linear layer of `model` the forward above (once). Returns how many it gave it to."""
-    from peft.tuners.lora.layer import Linear
-
+    classes = _classes()
     n = 0
     for module in model.modules():
         given = getattr(module.__dict__.get("forward"), "func", None) is _forward
-        if type(module) is Linear and _plain(module) and not given:
+        if type(module) in classes and _plain(module) and not given:
             module.forward = functools.partial(_forward, module, module.forward)
             n += 1
     return n

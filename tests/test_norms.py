@@ -12,7 +12,7 @@ from torch import nn
 from aegis import loading as model_mod
 from aegis.config import build
 from aegis.norms import fuse_rms_norms
-from support.training import loss_and_grads
+from support.training import assert_grads_close, loss_and_grads
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -45,9 +45,11 @@ def test_fused_norms_give_the_same_loss_and_gradients(tiny_path, device):
     cpu = device == "cpu"  # float32; on the GPU bf16, where the fused kernel rounds once instead of twice
     torch.testing.assert_close(fused, own, rtol=1e-5 if cpu else 1e-2, atol=1e-4 if cpu else 1e-2)
     assert got.keys() == want.keys() and any("lora_B" in n for n in got)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4 if cpu else 5e-2, atol=1e-6 if cpu else 1e-3,
-                                   msg=name)
+    if cpu:
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    else:
+        assert_grads_close(got, want, rel=3e-2)
 
 
 class PlainRMSNorm(nn.Module):

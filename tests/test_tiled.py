@@ -14,7 +14,7 @@ from aegis import loading as model_mod
 from aegis.config import ConfigError, build
 from aegis.memory import estimate_gib, plan
 from aegis.tiled import tile_mlps
-from support.training import loss_and_grads
+from support.training import assert_grads_close, loss_and_grads
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
 PHI35 = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
@@ -53,8 +53,11 @@ def test_tiled_mlp_gives_the_same_loss_and_gradients(tiny_path, device, checkpoi
     tiled, got = loss_and_grads(model, ids, offload=checkpointing)
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-4)
     assert want.keys() == got.keys() and any("gate_up_proj.lora_B" in n for n in want) and any("soul" in n for n in want)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
+    if device == "cpu":
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
+    else:  # float32 on the GPU, where the slices' matmuls sum in another order than the whole's
+        assert_grads_close(got, want, rel=1e-3)
 
 
 def _saved_bytes(module, x) -> int:

@@ -17,3 +17,15 @@ def loss_and_grads(model, ids: torch.Tensor, offload: bool = False) -> tuple[tor
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads
+
+
+def assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rel: float) -> None:
+    """Every gradient within `rel` of the reference, measured over the whole tensor (the norm of the difference over
+    the reference's norm): in bf16, single elements near zero differ by more than any elementwise tolerance allows,
+    while a wrong product, scaling or lost slice moves the whole tensor. The worst one is printed either way."""
+    errors = {n: float((got[n].float() - want[n].float()).norm() / want[n].float().norm().clamp_min(1e-30))
+              for n in want}
+    worst = max(errors, key=errors.get)
+    print(f"worst relative gradient difference: {errors[worst]:.2e} ({worst}); limit {rel:.0e}")
+    bad = {n: e for n, e in errors.items() if not e <= rel}
+    assert not bad, f"{len(bad)} of {len(errors)} gradients differ by more than {rel:.0e}: {bad}"
