@@ -19,7 +19,8 @@ cost PCIe bandwidth) only when the step still would not fit. When even that does
 into smaller micro-batches accumulated into the same update: the loss is normalised over the whole update, so the
 gradient is the same, only computed in pieces. When one sequence alone still does not fit (tens of thousands of
 positions), the MLPs run a slice of positions at a time (train.tiled_mlp), for one more forward pass of the MLP.
-The tiled figures are derived from the MLP's shapes, not yet measured.
+The tiled figures are derived from the MLP's shapes; at 65 536 tokens the estimate (10.1 GiB) lay 18 % above the
+measured peak (8.54 GiB, H200), as the untiled ones do.
 
 A quantized base can also be dequantized once and kept at 16 bits (aegis/dequant.py): bitsandbytes otherwise
 dequantizes every NF4 weight on every forward and backward pass, most of a step's GPU time at batch 1 x 512
