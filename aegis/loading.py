@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 from . import checkpoint
 from .config import EMBEDDED, Config
 from .errors import ModelError
-from .memory import TILE
-from .memory import plan as make_plan
+from .memory import TILE, plan as make_plan
 from .tiny import ensure as ensure_tiny
 
 # torch, transformers, peft and the soul (a torch module) are imported by the functions that build models: serve's

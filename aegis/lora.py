@@ -9,16 +9,15 @@ small matmuls themselves. Here the adapter runs in the input's dtype, as under a
 `addmm`, in the matmul. Gradients still reach the float32 weights through the casts. The weights, their names and
 what is saved are PEFT's; only the instance's forward changes, and only where the layer is plain LoRA (one adapter,
 no DoRA or other variant, no bias on B), over a plain or a bitsandbytes 4-bit base; any other state falls back to
-PEFT's own forward. On the CPU, which
-computes in float32, the result is PEFT's to rounding (tests/test_lora.py).
+PEFT's own forward. On the CPU, which computes in float32, the result is PEFT's to rounding (tests/test_lora.py).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
+
+from .forwards import give
 
 ADAPTER = "default"
 
@@ -53,8 +52,6 @@ def compute_dtype_lora(model: nn.Module) -> int:
     classes = _classes()
     n = 0
     for module in model.modules():
-        given = getattr(module.__dict__.get("forward"), "func", None) is _forward
-        if type(module) in classes and _plain(module) and not given:
-            module.forward = functools.partial(_forward, module, module.forward)
+        if type(module) in classes and _plain(module) and give(module, _forward, module, module.forward):
             n += 1
     return n

@@ -11,12 +11,11 @@ once. The cost is one more forward pass of the MLP; the result and the gradients
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .forwards import give
 from .memory import TILE
 
 
@@ -31,11 +30,11 @@ def _tiled_forward(forward, chunk: int, hidden: torch.Tensor) -> torch.Tensor:
 def tile_mlps(model: nn.Module, chunk: int = TILE) -> int:
     """Make every decoder layer's `mlp` run `chunk` positions at a time while gradients are recorded. The modules,
     their names and their weights (LoRA included, if it targets the MLP) stay as they are: only the instance's
-    forward is wrapped. Returns the number of MLPs wrapped."""
+    forward is wrapped, once. Returns the number of MLPs wrapped."""
     n = 0
     for module in model.modules():
         mlp = getattr(module, "mlp", None)
-        if type(module).__name__.endswith("DecoderLayer") and isinstance(mlp, nn.Module):
-            mlp.forward = functools.partial(_tiled_forward, type(mlp).forward.__get__(mlp), chunk)
+        if (type(module).__name__.endswith("DecoderLayer") and isinstance(mlp, nn.Module)
+                and give(mlp, _tiled_forward, type(mlp).forward.__get__(mlp), chunk)):
             n += 1
     return n

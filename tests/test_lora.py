@@ -3,15 +3,13 @@ wherever the layer is in any other state. The same check runs on the GPU (marked
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 from aegis import loading as model_mod
 from aegis.config import build
-from aegis.lora import compute_dtype_lora
-from support.training import assert_grads_close, loss_and_grads
+from aegis.lora import _forward, compute_dtype_lora
+from support.training import assert_grads_close, loss_and_grads, restore_forwards
 
 # cpu: float32 over a plain base; cpu-nf4: float32 over bitsandbytes' 4-bit layers (PEFT's other LoRA class);
 # cuda: the 4-bit base in bf16, as training runs there
@@ -36,12 +34,7 @@ def _model(tiny_path, device: str, *sets: str):
 
 def _peft(model) -> int:
     """Back to PEFT's own forward on every layer that has ours."""
-    n = 0
-    for m in model.modules():
-        if hasattr(m, "lora_A") and isinstance(m.__dict__.get("forward"), functools.partial):
-            del m.forward
-            n += 1
-    return n
+    return restore_forwards(model, _forward)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,27 +3,17 @@ transformers' own, and a norm class that computes something else (Gemma's 1 + we
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from torch import nn
 
 from aegis import loading as model_mod
 from aegis.config import build
-from aegis.norms import fuse_rms_norms
-from support.training import assert_grads_close, loss_and_grads
+from aegis.forwards import given
+from aegis.norms import _fused, fuse_rms_norms
+from support.training import assert_grads_close, loss_and_grads, restore_forwards
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def _unfuse(model) -> int:
-    n = 0
-    for m in model.modules():
-        if type(m).__name__.endswith("RMSNorm") and isinstance(m.__dict__.get("forward"), functools.partial):
-            del m.forward
-            n += 1
-    return n
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -40,7 +30,7 @@ def test_fused_norms_give_the_same_loss_and_gradients(tiny_path, device):
     model.train()
     ids = torch.randint(5, 3000, (2, 64), generator=torch.Generator().manual_seed(6)).to(device)
     fused, got = loss_and_grads(model, ids)
-    assert _unfuse(model) == 2 * model.get_base_model().config.num_hidden_layers + 1
+    assert restore_forwards(model, _fused) == 2 * model.get_base_model().config.num_hidden_layers + 1
     own, want = loss_and_grads(model, ids)
     cpu = device == "cpu"  # float32; on the GPU bf16, where the fused kernel rounds once instead of twice
     torch.testing.assert_close(fused, own, rtol=1e-5 if cpu else 1e-2, atol=1e-4 if cpu else 1e-2)
@@ -75,6 +65,6 @@ def test_only_norms_that_compute_rmsnorm_are_switched():
     x = torch.randn(4, 16)
     before = [norm(x) for norm in model]
     assert fuse_rms_norms(model) == 2 and fuse_rms_norms(model) == 0  # once
-    assert [isinstance(n.__dict__.get("forward"), functools.partial) for n in model] == [True, False, True]
+    assert [given(n, _fused) for n in model] == [True, False, True]
     for norm, want in zip(model, before):
         torch.testing.assert_close(norm(x), want, rtol=1e-5, atol=1e-6)

@@ -4,8 +4,6 @@ and the memory plan turns it on only where one sequence would not fit otherwise.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from transformers import Phi3Config
@@ -13,7 +11,8 @@ from transformers import Phi3Config
 from aegis import loading as model_mod
 from aegis.config import ConfigError, build
 from aegis.memory import estimate_gib, plan
-from aegis.tiled import tile_mlps
+from aegis.forwards import given
+from aegis.tiled import _tiled_forward, tile_mlps
 from support.training import assert_grads_close, loss_and_grads
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -105,9 +104,10 @@ def test_the_setting_is_validated_and_reaches_the_model(tiny_path):
     said = []
     model = _model(tiny_path, "cpu", "train.tiled_mlp=true")
     layers = model.get_base_model().model.layers
-    assert all(isinstance(layer.mlp.forward, functools.partial) for layer in layers)
+    assert all(given(layer.mlp, _tiled_forward) for layer in layers)
+    assert tile_mlps(model) == 0  # once: the build's MLPs are not wrapped again
     cfg = build({}, ["model.base=embedded", "model.quantization=none", "train.tiled_mlp=true"])
     model_mod.build(cfg, tiny_path, torch.device("cpu"), seed=0, log=said.append)
     assert any("each MLP 4096 positions at a time" in line for line in said), said
     untiled = _model(tiny_path, "cpu")  # auto, a short sequence: the MLP's own forward
-    assert not isinstance(untiled.get_base_model().model.layers[0].mlp.forward, functools.partial)
+    assert not given(untiled.get_base_model().model.layers[0].mlp, _tiled_forward)

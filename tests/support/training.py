@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from aegis import soul as soul_mod
+from aegis.forwards import given
 from train.loss import micro_loss
 
 
@@ -17,6 +18,14 @@ def loss_and_grads(model, ids: torch.Tensor, offload: bool = False) -> tuple[tor
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads
+
+
+def restore_forwards(model, fn) -> int:
+    """Every module of `model` that runs `fn` back to its class's own forward; returns how many."""
+    modules = [m for m in model.modules() if given(m, fn)]
+    for m in modules:
+        del m.forward
+    return len(modules)
 
 
 def assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rel: float) -> None:
