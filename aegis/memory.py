@@ -4,30 +4,35 @@
     weights      linear layers at 4.25 bits (NF4 + double-quantized scales) or 16 bits; the rest in 16 bits
     logits       min(tokens, 4096) x vocab x 10 bytes (bf16 logits, fp32 copy for the loss, its gradient): the loss
                  projects 4096 positions at a time (train/loss.py)
-    activations  without checkpointing: layers x tokens x hidden x 51 bytes;
+    activations  without checkpointing: layers x tokens x hidden x 43 bytes;
                  with it: layers x tokens x hidden x 2 bytes kept (in host memory when offloaded), plus one layer
-                 recomputed (tokens x hidden x 51);
+                 recomputed and back-propagated (tokens x hidden x 51);
                  with the MLP tiled (aegis/tiled.py) a layer keeps 8 x intermediate bytes per token less (the MLP's
                  own intermediates), plus those of one slice of 4096 positions
-The 51 bytes per hidden unit, token and layer were measured on an H100 at Phi-3.5-mini's shapes (LoRA on the
-attention projections, SDPA attention): 4.69 GiB at 1 x 512 without checkpointing and 4.83 GiB at 8 x 512 with it.
-With the 10 % margin the estimate lies above every peak measured since (5.17 for 4.72 GiB at 1 x 512 with the
-captured step; 8.03 for 6.89 at 16 x 512 with checkpointing and compiled blocks): it errs on the safe side.
-Gradient checkpointing costs about a third more compute, so the plan turns it on only when the step would not fit
-otherwise; then, for long sequences, it moves the kept activations to host memory (copies overlap the compute but
-cost PCIe bandwidth) only when the step still would not fit. When even that does not fit, the plan splits each batch
-into smaller micro-batches accumulated into the same update: the loss is normalised over the whole update, so the
-gradient is the same, only computed in pieces. When one sequence alone still does not fit (tens of thousands of
-positions), the MLPs run a slice of positions at a time (train.tiled_mlp), for one more forward pass of the MLP.
-The tiled figures are derived from the MLP's shapes; at 65 536 tokens the estimate (10.1 GiB) lay 18 % above the
-measured peak (8.54 GiB, H200), as the untiled ones do.
+The byte counts were measured at Phi-3.5-mini's shapes (LoRA on the attention projections, SDPA attention). 43 is
+the least that keeps the estimate above the peaks without checkpointing: 4.72 GiB at 1 x 512 (estimate 4.76) and,
+on an H200, 10.31 GiB at 4 x 512 with the step captured (estimate 11.9). 51,
+for the layer under recomputation, was measured at 8 x 512 with checkpointing (4.83 GiB, H100); the estimate lies
+above every checkpointed peak since (8.03 for 6.89 at 16 x 512; 10.1 for 8.54 at 65 536 tokens, tiled), so it errs
+on the safe side.
+Recomputing costs about a third more compute; splitting a batch into micro-batches costs only smaller matrix
+products while each keeps about a thousand positions. So with "auto" the plan first looks for the largest
+micro-batch that fits without checkpointing, and takes it if it holds at least MIN_MICRO_TOKENS positions (at
+16 x 512 on an H200, 4 captured micro-batches of 4 x 512 without recompute ran at 20 039 tokens/s, the whole batch
+checkpointed at 16 666-17 899, BENCHMARKS.md); otherwise it turns checkpointing on. Then, for long sequences, it
+moves the kept activations to host memory (copies overlap the compute but cost PCIe bandwidth) only when the step
+still would not fit, and splits the batch into the largest micro-batch that fits: the loss is normalised over the
+whole update, so the gradient is the same, only computed in pieces. When one sequence alone still does not fit
+(tens of thousands of positions), the MLPs run a slice of positions at a time (train.tiled_mlp), for one more
+forward pass of the MLP. The tiled figures are derived from the MLP's shapes.
 
 A quantized base can also be dequantized once and kept at 16 bits (aegis/dequant.py): bitsandbytes otherwise
 dequantizes every NF4 weight on every forward and backward pass, most of a step's GPU time at batch 1 x 512
 (~9 ms per pass at Phi-3.5-mini's size). The rule: plan the step with the 4-bit base as above, then keep its
 checkpointing, offload and micro-batch and dequantize only if the step still fits with the linear weights at 16
-bits. It never buys its memory with more checkpointing (about a third more compute), offload or splitting: those
-trade-offs against the dequantization saved are not measured, so a plan that would need them stays at 4 bits.
+bits. It never buys its memory with more checkpointing (about a third more compute), offload or splitting: at
+16 x 512 the dequantized base at micro-batch 2 gained 3 % over the 4-bit one at 4 (20 564 against 20 039 tokens/s,
+H200), too little for a second rule, so a plan that would need them stays at 4 bits.
 Forced on, the step is planned around the 16-bit weights, and one that cannot fit even so is an error naming the
 key.
 """
@@ -38,7 +43,9 @@ from dataclasses import dataclass
 
 from .config import ConfigError
 
-ACT_BYTES = 51  # per hidden unit, token and layer, without checkpointing
+ACT_BYTES = 43  # what a layer keeps for its backward pass, per hidden unit and token, without checkpointing
+RECOMPUTE_BYTES = 51  # the one layer being recomputed and back-propagated under checkpointing, likewise
+MIN_MICRO_TOKENS = 1024  # positions per micro-batch below which recomputing beats splitting the batch further
 DEVICE_RESERVE_GIB = 0.5  # what cuBLAS workspaces, the allocator's cache and other processes may still take
 MARGIN = 1.10  # allocator fragmentation and workspace
 LOSS_CHUNK = 4096  # positions the loss projects at a time (train.loss.LOSS_CHUNK_TOKENS)
@@ -70,7 +77,7 @@ def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing
     weights = linear * (4.25 / 8 if quantized else 2) + other * 2
     tokens = batch * length
     logits = min(tokens, LOSS_CHUNK) * vocab * 10
-    per_token = h * ACT_BYTES  # what one layer keeps per token
+    per_token = h * (RECOMPUTE_BYTES if checkpointing else ACT_BYTES)  # what one layer keeps per token
     one_slice = 0
     if tiled:
         mlp = min(MLP_BYTES * inter, per_token // 2)
@@ -92,12 +99,20 @@ def device_budget(configured: float, free_gib: float | None) -> tuple[float, str
                     f"train.memory_budget_gib {configured:g}")
 
 
+def _largest_micro(config, batch: int, length: int, quantized: bool, budget_gib: float, ckpt: bool, off: bool,
+                   tile: bool) -> int | None:
+    """The largest divisor of the batch whose step fits the budget, or None when not even 1 does."""
+    return next((m for m in range(batch, 0, -1)
+                 if batch % m == 0 and estimate_gib(config, m, length, quantized, ckpt, off, tile) <= budget_gib), None)
+
+
 def _fit(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str,
          offload: bool | str, tiled: bool | str) -> tuple[bool, bool, bool, int, float]:
     """(checkpointing, offload, tiled MLP, micro-batch, estimate) for linear weights at 4.25 bits (quantized) or
     16."""
-    if requested == "auto":
-        ckpt = estimate_gib(config, batch, length, quantized, False) > budget_gib
+    if requested == "auto":  # no recompute while a micro-batch without it keeps MIN_MICRO_TOKENS positions
+        free = _largest_micro(config, batch, length, quantized, budget_gib, False, False, False)
+        ckpt = free is None or (free < batch and free * length < MIN_MICRO_TOKENS)
     else:
         ckpt = bool(requested)
     if offload == "auto":
@@ -108,18 +123,18 @@ def _fit(config, batch: int, length: int, quantized: bool, budget_gib: float, re
         tile = estimate_gib(config, 1, length, quantized, ckpt, off) > budget_gib
     else:
         tile = bool(tiled)
-    micro = next((m for m in range(batch, 0, -1)
-                  if batch % m == 0 and estimate_gib(config, m, length, quantized, ckpt, off, tile) <= budget_gib), 1)
+    micro = _largest_micro(config, batch, length, quantized, budget_gib, ckpt, off, tile) or 1
     return ckpt, off, tile, micro, estimate_gib(config, micro, length, quantized, ckpt, off, tile)
 
 
 def plan(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str,
          offload: bool | str = False, dequantize: bool | str = False, gpu: bool = True,
          tiled: bool | str = False) -> Plan:
-    """Gradient checkpointing as requested, or with "auto" only if the step would not fit the budget without it;
-    activation offload likewise (with checkpointing only: it moves what checkpointing keeps); the tiled MLP likewise,
-    when even one sequence would not fit; then, if the step still does not fit, the largest divisor of the batch that
-    does as the micro-batch. Then the dequantized base
+    """Gradient checkpointing as requested, or with "auto" only if the step would not fit the budget without it,
+    not even split into micro-batches of MIN_MICRO_TOKENS positions or more; activation offload likewise (with
+    checkpointing only: it moves what checkpointing keeps); the tiled MLP likewise, when even one sequence would not
+    fit; then, if the step still does not fit, the largest divisor of the batch that does as the micro-batch. Then
+    the dequantized base
     (`dequantize`, train.dequantized_base) by the rule in this module's docstring; "auto" is off where the step
     runs without a GPU (`gpu` False): the budget and the time it saves are the GPU's, and at the CPU's fp32 compute
     a dense copy would take ~7.5x the 4-bit layers' host memory."""

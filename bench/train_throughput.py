@@ -163,6 +163,7 @@ def ours(snap: Path, hf_home: Path, work: Path, steps: int, batch: int, length: 
         raise RuntimeError(f"train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     from aegis.metrics import read
     recs = read(run)
+    said = next((line for line in (proc.stdout + proc.stderr).splitlines() if "memory plan:" in line), "")
     step_s = statistics.median(r["tokens"] / r["tokens_per_s"] for r in recs[WARMUP:])
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in recs[WARMUP:]), "step_s": step_s,
             "peak_gib": max(r["gpu_mem_gib"] for r in recs), "loss_last5": statistics.mean(r["loss"]
@@ -170,6 +171,7 @@ def ours(snap: Path, hf_home: Path, work: Path, steps: int, batch: int, length: 
             "losses": [r["loss"] for r in recs], "updates": len(recs), "final_gate": recs[-1]["gate"],
             "ortho_error": max(r["ortho_error"] for r in recs), "wall_s": time.time() - t0,
             "checkpoint": sorted(p.name for p in (run / "checkpoints").iterdir()), "nprocs": nprocs,
+            "plan": said, "checkpointing": "gradient checkpointing on" in said if said else ckpt,
             "profile": (run / "profile.txt").read_text() if profile else ""}
 
 
@@ -205,7 +207,7 @@ def main() -> None:
     dataset_snapshot(hf_home)
     if args.prepare_only:
         return
-    grid = {"seed": (1, 512, False), "throughput": (args.tp_batch, 512, True)}
+    grid = {"seed": (1, 512, False), "throughput": (args.tp_batch, 512, True)}  # plain's; ours: the plan decides
     variants = [(v.partition("=")[0], [s for s in v.partition("=")[2].split(";") if s]) for v in args.variant]
     variants = variants or [("", [])]
     results = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
@@ -222,7 +224,7 @@ def main() -> None:
                 jobs += [("plain", 1, [], b, c) for b, c in plain_search(args.plain_search)]
             else:
                 jobs.append(("plain", 1, [], (args.plain_tp_batch or batch) if name == "throughput" else batch, ckpt))
-        jobs += [(f"ours {label}".strip(), int(n), sets, batch, ckpt) for n in args.nprocs.split(",")
+        jobs += [(f"ours {label}".strip(), int(n), sets, batch, "auto") for n in args.nprocs.split(",")
                  for label, sets in variants if "ours" in args.which]
         for which, n, sets, b, c in jobs:
             print(f"== {name}: {which} x{n} {b}x{length} checkpointing={c}", flush=True)
@@ -238,7 +240,8 @@ def main() -> None:
                 results.setdefault("failed", []).append({"setting": name, "which": which, "error": str(e)[-3000:]})
                 continue
             args.profile = 0 if which != "plain" else args.profile
-            r.update(setting=name, which=which, batch=b, length=length, checkpointing=c, nprocs=n)
+            r.update(setting=name, which=which, batch=b, length=length, nprocs=n)
+            r.setdefault("checkpointing", c)  # ours: what its memory plan chose
             results["rows"].append(r)
             print({k: v for k, v in r.items() if k != "losses"}, flush=True)
             args.out.write_text(json.dumps(results, indent=1))
@@ -302,8 +305,8 @@ def run_long(args, snap: Path, hf_home: Path, results: dict) -> None:
             results.setdefault("failed", []).append({"setting": "long", "which": which, "error": str(e)[-3000:]})
             continue
         over = over or (which == "plain" and r["peak_gib"] > args.budget_gib)
-        r.update(setting="long", which=which, batch=1, length=length, nprocs=1,
-                 checkpointing=True if which == "plain" else "auto")
+        r.update(setting="long", which=which, batch=1, length=length, nprocs=1)
+        r.setdefault("checkpointing", True)  # plain always; ours: what its memory plan chose
         results["rows"].append(r)
         print({k: v for k, v in r.items() if k not in ("losses", "profile")}, flush=True)
         args.out.write_text(json.dumps(results, indent=1))

@@ -4,34 +4,46 @@ from transformers import Phi3Config
 
 from aegis.config import ConfigError, build
 from aegis.loading import memory_plan
-from aegis.memory import estimate_gib, plan
+from aegis.memory import MIN_MICRO_TOKENS, estimate_gib, plan
 
 PHI35 = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                    num_attention_heads=32, num_key_value_heads=32)
 
 
-def test_estimate_matches_the_h100_measurements():
+def test_estimate_lies_just_above_the_measured_peaks():
     # measured peaks (torch.cuda.max_memory_allocated) at Phi-3.5-mini's shapes, NF4, LoRA r16 on qkv/o: BENCHMARKS.md
-    for batch, ckpt, measured in [(1, False, 4.69), (8, True, 4.83)]:
+    # (1 x 512 and 8 x 512 checkpointed on an H100; 4 x 512 captured, not compiled, on an H200)
+    for batch, ckpt, measured in [(1, False, 4.72), (8, True, 4.83), (4, False, 10.31)]:
         est = estimate_gib(PHI35, batch, 512, quantized=True, checkpointing=ckpt)
-        assert measured <= est <= measured * 1.15, (batch, ckpt, est)
+        assert measured <= est <= measured * 1.16, (batch, ckpt, est)
 
 
-def test_auto_checkpointing_only_when_needed():
+def test_auto_checkpointing_only_when_no_micro_batch_of_a_thousand_positions_fits_without_it():
     assert plan(PHI35, 1, 512, True, 12.0, "auto").gradient_checkpointing is False
+    # 8 x 512 does not fit whole, but 2 micro-batches of 4 x 512 (2 048 positions) do: no recompute
     big = plan(PHI35, 8, 512, True, 12.0, "auto")
-    assert big.gradient_checkpointing is True and big.estimate_gib <= 12.0
+    assert not big.gradient_checkpointing and big.micro_batch == 4 and big.estimate_gib <= 12.0
+    assert estimate_gib(PHI35, 8, 512, True, False) > 12.0
+    # in 6 GiB only 1 x 512 fits without it: fewer positions than MIN_MICRO_TOKENS, so the whole batch is checkpointed
+    assert MIN_MICRO_TOKENS > 512 and estimate_gib(PHI35, 1, 512, True, False) <= 6.0
+    tight = plan(PHI35, 8, 512, True, 6.0, "auto")
+    assert tight.gradient_checkpointing and tight.micro_batch == 8 and tight.estimate_gib <= 6.0
+    # one sequence of 2 048 positions fits without recompute; one of 8 192 does not
+    assert not plan(PHI35, 1, 2048, True, 12.0, "auto").gradient_checkpointing
+    assert plan(PHI35, 1, 8192, True, 12.0, "auto").gradient_checkpointing
     assert plan(PHI35, 1, 512, True, 12.0, True).gradient_checkpointing is True  # an explicit choice stands
     assert estimate_gib(PHI35, 1, 512, quantized=False, checkpointing=False) > 7.0  # bf16 weights alone ~7 GiB
 
 
 def test_a_batch_that_does_not_fit_is_split_into_micro_batches():
-    whole = plan(PHI35, 16, 512, True, 12.0, "auto")
-    assert whole.micro_batch == 16 and whole.gradient_checkpointing  # fits with checkpointing
-    split = plan(PHI35, 64, 512, True, 12.0, "auto")
-    assert split.gradient_checkpointing and 64 % split.micro_batch == 0 and 1 < split.micro_batch < 64
-    assert split.estimate_gib <= 12.0
-    assert estimate_gib(PHI35, 2 * split.micro_batch, 512, True, True) > 12.0  # the largest divisor that fits
+    for batch in (16, 64):
+        split = plan(PHI35, batch, 512, True, 12.0, "auto")
+        assert not split.gradient_checkpointing and split.micro_batch == 4 and split.estimate_gib <= 12.0
+    assert estimate_gib(PHI35, 8, 512, True, False) > 12.0  # the largest divisor that fits
+    # checkpointed (asked for), the batch is split only where it must be
+    forced = plan(PHI35, 64, 512, True, 12.0, True)
+    assert forced.gradient_checkpointing and 64 % forced.micro_batch == 0 and 1 < forced.micro_batch < 64
+    assert forced.estimate_gib <= 12.0 < estimate_gib(PHI35, 2 * forced.micro_batch, 512, True, True)
     # nothing fits: micro-batch 1, and the estimate says by how much it is over (the caller warns)
     assert plan(PHI35, 4, 512, True, 2.0, "auto").micro_batch == 1
 
@@ -76,8 +88,9 @@ def test_the_seed_setting_dequantizes_and_long_or_big_batches_do_not():
     # 2 x 512 fits at 4 bits without checkpointing but at 16 bits only with it: stays at 4 bits
     two = plan(PHI35, 2, 512, True, 12.0, "auto", "auto", "auto")
     assert not two.dequantized_base and not two.gradient_checkpointing
-    # a bigger budget takes it
-    assert plan(PHI35, 16, 512, True, 24.0, "auto", "auto", "auto").dequantized_base
+    # a bigger budget takes it: 16 x 512 as 2 micro-batches of 8 without recompute fits 32 GiB at 16 bits
+    roomy = plan(PHI35, 16, 512, True, 32.0, "auto", "auto", "auto")
+    assert roomy.dequantized_base and roomy.micro_batch == 8 and not roomy.gradient_checkpointing
 
 
 def test_dequantized_base_off_where_it_cannot_apply_or_is_not_asked_for():
