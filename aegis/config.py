@@ -72,6 +72,9 @@ class TrainConfig:
     # run each MLP a slice of positions at a time ("auto": only when one sequence would not fit the budget otherwise;
     # aegis/tiled.py)
     tiled_mlp: bool | str = "auto"
+    # run each attention a few heads at a time on long sequences ("auto": only when one sequence would not fit the
+    # budget even with the MLP tiled; aegis/tiled.py)
+    tiled_attention: bool | str = "auto"
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from . import checkpoint
 from .config import EMBEDDED, Config
 from .errors import ModelError
-from .memory import TILE, plan as make_plan
+from .memory import HEAD_GROUP, TILE, plan as make_plan
 from .tiny import ensure as ensure_tiny
 
 # torch, transformers, peft and the soul (a torch module) are imported by the functions that build models: serve's
@@ -169,7 +169,8 @@ def memory_plan(cfg: Config, base_config, device: torch.device | None = None, lo
         log(note)
     return make_plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4",
                      budget, cfg.model.gradient_checkpointing, cfg.train.offload_activations,
-                     cfg.train.dequantized_base, gpu=device.type == "cuda", tiled=cfg.train.tiled_mlp)
+                     cfg.train.dequantized_base, gpu=device.type == "cuda", tiled=cfg.train.tiled_mlp,
+                     tiled_attention=cfg.train.tiled_attention)
 
 
 def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=print, plan=None,
@@ -186,11 +187,12 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
     p = plan or memory_plan(cfg, AutoConfig.from_pretrained(base_path), device, log)
     split = cfg.train.batch_size // p.micro_batch
     # the budget is GPU memory; a split and a dequantized base apply wherever it runs
-    if device.type == "cuda" or split > 1 or p.dequantized_base or p.tiled_mlp:
+    if device.type == "cuda" or split > 1 or p.dequantized_base or p.tiled_mlp or p.tiled_attention:
         log(f"memory plan: ~{p.estimate_gib:.1f} GiB of {p.budget_gib:g} GiB with gradient checkpointing "
             f"{'on' if p.gradient_checkpointing else 'off'}"
             + (", its kept activations in host memory" if p.offload else "")
             + (f", each MLP {TILE} positions at a time" if p.tiled_mlp else "")
+            + (f", each attention {HEAD_GROUP} key/value heads at a time" if p.tiled_attention else "")
             + (f"; each batch of {cfg.train.batch_size} runs as {split} micro-batches of {p.micro_batch}"
                if split > 1 else "")
             + (f"; base {'dequantized once' if p.dequantized_base else 'kept at 4 bits'} ({p.why_base})"
@@ -206,10 +208,13 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
 
         layers, size = dequantize_base(model)
         log(f"dequantized {layers} 4-bit linear layers once: {size / 2**30:.2f} GiB of {dtype} weights")
-    if p.tiled_mlp:
-        from .tiled import tile_mlps
+    if p.tiled_mlp or p.tiled_attention:
+        from .tiled import tile_attentions, tile_mlps
 
-        tile_mlps(model)
+        if p.tiled_mlp:
+            tile_mlps(model)
+        if p.tiled_attention:
+            tile_attentions(model)
     from .lora import compute_dtype_lora
     from .norms import fuse_rms_norms
 
@@ -218,8 +223,9 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
     if cfg.model.compile and compile_layers:
         # the blocks inside each layer, not the layer: transformers checkpoints a layer's forward, and a checkpoint
         # traced into a compiled layer kept far more alive (20.9 GiB instead of ~7.4 at 16 x 512, BENCHMARKS.md)
-        # a tiled MLP runs its slices under checkpoints of their own, which compiled code would trace
-        blocks = ("input_layernorm", "self_attn", "post_attention_layernorm") + (() if p.tiled_mlp else ("mlp",))
+        # a tiled MLP or attention runs its pieces under checkpoints of their own, which compiled code would trace
+        blocks = (("input_layernorm", "post_attention_layernorm") + (() if p.tiled_attention else ("self_attn",))
+                  + (() if p.tiled_mlp else ("mlp",)))
         for layer in model.get_base_model().model.layers:
             for name in blocks:
                 if isinstance(getattr(layer, name, None), nn.Module):

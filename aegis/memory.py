@@ -8,7 +8,8 @@
                  with it: layers x tokens x hidden x 2 bytes kept (in host memory when offloaded), plus one layer
                  recomputed and back-propagated (tokens x hidden x 51);
                  with the MLP tiled (aegis/tiled.py) a layer keeps 8 x intermediate bytes per token less (the MLP's
-                 own intermediates), plus those of one slice of 4096 positions
+                 own intermediates), plus those of one slice of 4096 positions; with the attention tiled, 5 bytes
+                 per value of q, k and v less, plus those of one group of heads
 The byte counts were measured at Phi-3.5-mini's shapes (LoRA on the attention projections, SDPA attention). 43 is
 the least that keeps the estimate above the peaks without checkpointing: 4.72 GiB at 1 x 512 (estimate 4.76) and,
 on an H200, 10.31 GiB at 4 x 512 with the step captured (estimate 11.9). 51,
@@ -24,7 +25,10 @@ moves the kept activations to host memory (copies overlap the compute but cost P
 still would not fit, and splits the batch into the largest micro-batch that fits: the loss is normalised over the
 whole update, so the gradient is the same, only computed in pieces. When one sequence alone still does not fit
 (tens of thousands of positions), the MLPs run a slice of positions at a time (train.tiled_mlp), for one more
-forward pass of the MLP. The tiled figures are derived from the MLP's shapes.
+forward pass of the MLP, and where even that does not fit, the attentions a few heads at a time
+(train.tiled_attention), for one more forward pass of the attention. The tiled figures are derived from the shapes:
+the MLP's bytes have been measured against (65 536 tokens), the attention's 5 bytes per q, k and v value (the
+fused projection, the rotated q and k, the output and its copy for o_proj, in 16 bits) not yet.
 
 A quantized base can also be dequantized once and kept at 16 bits (aegis/dequant.py): bitsandbytes otherwise
 dequantizes every NF4 weight on every forward and backward pass, most of a step's GPU time at batch 1 x 512
@@ -39,7 +43,7 @@ key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import ConfigError
 
@@ -50,7 +54,9 @@ DEVICE_RESERVE_GIB = 0.5  # what cuBLAS workspaces, the allocator's cache and ot
 MARGIN = 1.10  # allocator fragmentation and workspace
 LOSS_CHUNK = 4096  # positions the loss projects at a time (train.loss.LOSS_CHUNK_TOKENS)
 MLP_BYTES = 8  # per intermediate unit and token: what a gated MLP keeps for its backward pass, in 16 bits
+ATTN_BYTES = 5  # per value of q, k and v and token: what attention keeps of them and its output, in 16 bits
 TILE = 4096  # positions per MLP slice (aegis/tiled.py): ~256 MiB of intermediates at Phi-3.5-mini's shapes
+HEAD_GROUP = 4  # key/value heads per group of the tiled attention (aegis/tiled.py): 8 groups at Phi-3.5-mini's
 
 
 @dataclass(frozen=True)
@@ -63,10 +69,11 @@ class Plan:
     dequantized_base: bool = False  # the 4-bit linear weights dequantized once and kept at 16 bits
     why_base: str = ""  # why dequantized_base is on or off, with the estimates it was decided by (for the log)
     tiled_mlp: bool = False  # the MLPs run a slice of positions at a time (aegis/tiled.py)
+    tiled_attention: bool = False  # the attentions run HEAD_GROUP key/value heads at a time (aegis/tiled.py)
 
 
 def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing: bool,
-                 offload: bool = False, tiled: bool = False) -> float:
+                 offload: bool = False, tiled: bool = False, tiled_attention: bool = False) -> float:
     h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     inter = config.intermediate_size
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
@@ -82,6 +89,9 @@ def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing
     if tiled:
         mlp = min(MLP_BYTES * inter, per_token // 2)
         per_token, one_slice = per_token - mlp, min(tokens, TILE) * mlp
+    if tiled_attention:  # one group of heads at a time
+        attn = ATTN_BYTES * (heads + 2 * kv) * head_dim
+        per_token -= attn - attn // -(-kv // HEAD_GROUP)
     if checkpointing:
         act = (0 if offload else layers * tokens * h * 2) + tokens * per_token + one_slice
     else:
@@ -99,19 +109,24 @@ def device_budget(configured: float, free_gib: float | None) -> tuple[float, str
                     f"train.memory_budget_gib {configured:g}")
 
 
-def _largest_micro(config, batch: int, length: int, quantized: bool, budget_gib: float, ckpt: bool, off: bool,
-                   tile: bool) -> int | None:
-    """The largest divisor of the batch whose step fits the budget, or None when not even 1 does."""
+def _largest_micro(config, batch: int, length: int, quantized: bool, budget_gib: float, *layout) -> int | None:
+    """The largest divisor of the batch whose step fits the budget with this (checkpointing, offload, tiled MLP,
+    tiled attention), or None when not even 1 does."""
     return next((m for m in range(batch, 0, -1)
-                 if batch % m == 0 and estimate_gib(config, m, length, quantized, ckpt, off, tile) <= budget_gib), None)
+                 if batch % m == 0 and estimate_gib(config, m, length, quantized, *layout) <= budget_gib), None)
+
+
+def _at(config, p: Plan, length: int, quantized: bool) -> float:
+    """The estimate of plan `p` with the linear weights at 4.25 bits (quantized) or 16."""
+    return estimate_gib(config, p.micro_batch, length, quantized, p.gradient_checkpointing, p.offload, p.tiled_mlp,
+                        p.tiled_attention)
 
 
 def _fit(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str,
-         offload: bool | str, tiled: bool | str) -> tuple[bool, bool, bool, int, float]:
-    """(checkpointing, offload, tiled MLP, micro-batch, estimate) for linear weights at 4.25 bits (quantized) or
-    16."""
+         offload: bool | str, tiled: bool | str, tiled_attention: bool | str) -> Plan:
+    """The plan, its base not dequantized, with linear weights at 4.25 bits (quantized) or 16."""
     if requested == "auto":  # no recompute while a micro-batch without it keeps MIN_MICRO_TOKENS positions
-        free = _largest_micro(config, batch, length, quantized, budget_gib, False, False, False)
+        free = _largest_micro(config, batch, length, quantized, budget_gib, False)
         ckpt = free is None or (free < batch and free * length < MIN_MICRO_TOKENS)
     else:
         ckpt = bool(requested)
@@ -119,46 +134,47 @@ def _fit(config, batch: int, length: int, quantized: bool, budget_gib: float, re
         off = ckpt and estimate_gib(config, batch, length, quantized, True) > budget_gib
     else:
         off = ckpt and bool(offload)
-    if tiled == "auto":  # only when one sequence alone does not fit otherwise
-        tile = estimate_gib(config, 1, length, quantized, ckpt, off) > budget_gib
-    else:
-        tile = bool(tiled)
-    micro = _largest_micro(config, batch, length, quantized, budget_gib, ckpt, off, tile) or 1
-    return ckpt, off, tile, micro, estimate_gib(config, micro, length, quantized, ckpt, off, tile)
+    # each tiling only when one sequence alone does not fit otherwise
+    tile = (estimate_gib(config, 1, length, quantized, ckpt, off) > budget_gib if tiled == "auto" else bool(tiled))
+    heads = (estimate_gib(config, 1, length, quantized, ckpt, off, tile) > budget_gib if tiled_attention == "auto"
+             else bool(tiled_attention))
+    micro = _largest_micro(config, batch, length, quantized, budget_gib, ckpt, off, tile, heads) or 1
+    p = Plan(ckpt, 0.0, budget_gib, micro, off, tiled_mlp=tile, tiled_attention=heads)
+    return replace(p, estimate_gib=_at(config, p, length, quantized))
 
 
 def plan(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str,
          offload: bool | str = False, dequantize: bool | str = False, gpu: bool = True,
-         tiled: bool | str = False) -> Plan:
+         tiled: bool | str = False, tiled_attention: bool | str = False) -> Plan:
     """Gradient checkpointing as requested, or with "auto" only if the step would not fit the budget without it,
     not even split into micro-batches of MIN_MICRO_TOKENS positions or more; activation offload likewise (with
     checkpointing only: it moves what checkpointing keeps); the tiled MLP likewise, when even one sequence would not
-    fit; then, if the step still does not fit, the largest divisor of the batch that does as the micro-batch. Then
-    the dequantized base
-    (`dequantize`, train.dequantized_base) by the rule in this module's docstring; "auto" is off where the step
-    runs without a GPU (`gpu` False): the budget and the time it saves are the GPU's, and at the CPU's fp32 compute
-    a dense copy would take ~7.5x the 4-bit layers' host memory."""
+    fit, and then the tiled attention; then, if the step still does not fit, the largest divisor of the batch that
+    does as the micro-batch. Then the dequantized base (`dequantize`, train.dequantized_base) by the rule in this
+    module's docstring; "auto" is off where the step runs without a GPU (`gpu` False): the budget and the time it
+    saves are the GPU's, and at the CPU's fp32 compute a dense copy would take ~7.5x the 4-bit layers' host
+    memory."""
     key = "train.dequantized_base = true"
     if dequantize is True:
         if not quantized:
             raise ConfigError(key, ["model.quantization is \"none\": the base is already at 16 bits, there is "
                                     "nothing to dequantize"])
-        ckpt, off, tile, micro, dense = _fit(config, batch, length, False, budget_gib, requested, offload, tiled)
-        if dense > budget_gib:
+        p = _fit(config, batch, length, False, budget_gib, requested, offload, tiled, tiled_attention)
+        if p.estimate_gib > budget_gib:
             raise ConfigError(key, [f"with the base's linear weights at 16 bits the step is estimated at "
-                                    f"{dense:.1f} GiB at micro-batch {micro}, gradient checkpointing "
-                                    f"{'on' if ckpt else 'off'}: over train.memory_budget_gib {budget_gib:g}; set it "
-                                    f"to \"auto\" or false, lower train.max_length or raise the budget"])
-        four = estimate_gib(config, micro, length, True, ckpt, off, tile)
-        return Plan(ckpt, dense, budget_gib, micro, off, True, f"{key}: ~{dense:.1f} GiB, ~{four:.1f} GiB at 4 bits",
-                    tile)
-    ckpt, off, tile, micro, est = _fit(config, batch, length, quantized, budget_gib, requested, offload, tiled)
+                                    f"{p.estimate_gib:.1f} GiB at micro-batch {p.micro_batch}, gradient checkpointing "
+                                    f"{'on' if p.gradient_checkpointing else 'off'}: over train.memory_budget_gib "
+                                    f"{budget_gib:g}; set it to \"auto\" or false, lower train.max_length or raise "
+                                    f"the budget"])
+        why = f"{key}: ~{p.estimate_gib:.1f} GiB, ~{_at(config, p, length, True):.1f} GiB at 4 bits"
+        return replace(p, dequantized_base=True, why_base=why)
+    p = _fit(config, batch, length, quantized, budget_gib, requested, offload, tiled, tiled_attention)
     if not quantized or dequantize is False or not gpu:
         why = ("the base is not quantized" if not quantized else "train.dequantized_base = false"
                if dequantize is False else "\"auto\" without a CUDA device")
-        return Plan(ckpt, est, budget_gib, micro, off, False, why, tile)
-    dense = estimate_gib(config, micro, length, False, ckpt, off, tile)  # the same plan, 16-bit linear weights
+        return replace(p, why_base=why)
+    dense = _at(config, p, length, False)  # the same plan, 16-bit linear weights
     on = dense <= budget_gib
-    why = (f"~{dense:.1f} GiB with the base dequantized, ~{est:.1f} GiB at 4 bits: "
+    why = (f"~{dense:.1f} GiB with the base dequantized, ~{p.estimate_gib:.1f} GiB at 4 bits: "
            + ("fits the budget with the same checkpointing and micro-batch" if on else "over the budget"))
-    return Plan(ckpt, dense if on else est, budget_gib, micro, off, on, why, tile)
+    return replace(p, estimate_gib=dense if on else p.estimate_gib, dequantized_base=on, why_base=why)
