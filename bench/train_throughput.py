@@ -284,8 +284,8 @@ def corpus_repeat(snap: Path, windows_needed: int, length: int) -> int:
 def run_long(args, snap: Path, hf_home: Path, results: dict) -> None:
     """One sequence per step at each length: ours as the planner decides (checkpointing, offload, chunked loss);
     plain checkpointed, its best chance, up to the first length over the budget or out of memory."""
-    jobs = [("ours", int(n)) for n in args.long_lengths.split(",") if n]
-    jobs += [("plain", int(n)) for n in args.plain_long_lengths.split(",") if n]
+    jobs = [("ours", int(n)) for n in args.long_lengths.split(",") if n and "ours" in args.which]
+    jobs += [("plain", int(n)) for n in args.plain_long_lengths.split(",") if n and "plain" in args.which]
     repeat = corpus_repeat(snap, args.long_steps + 1, max(n for _, n in jobs))
     over = False
     for which, length in jobs:
