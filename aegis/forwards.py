@@ -1,24 +1,45 @@
 """One module instance given another forward: the module, its weights and its names stay as they are.
 
-aegis/lora.py, aegis/norms.py and aegis/tiled.py change how a training build computes this way; `given` tells
-whether an instance already has the forward, so giving it twice changes nothing.
+aegis/lora.py, aegis/norms.py and aegis/tiled.py change how a training build computes this way. The instance's class
+becomes a subclass of its own (one per class and forward, with the same name) whose forward is the new one: not a
+forward object stored on each instance, which torch.compile guards by identity, so that every layer of a model
+compiled its block anew and, past the recompile limit of 8, the remaining layers ran uncompiled. `given` tells
+whether an instance already has the forward, so giving it twice changes nothing; `take_back` undoes it.
 """
 
 from __future__ import annotations
 
-import functools
-
 from torch import nn
+
+_MADE: dict[tuple[type, object], type] = {}
 
 
 def given(module: nn.Module, fn) -> bool:
     """Whether `module` already runs `fn` as its forward."""
-    return getattr(module.__dict__.get("forward"), "func", None) is fn
+    return type(module).__dict__.get("_given_forward") is fn
 
 
-def give(module: nn.Module, fn, *args) -> bool:
-    """Make `fn(*args, <the call's arguments>)` this instance's forward, once. False where it has it already."""
+def give(module: nn.Module, fn, **state) -> bool:
+    """Make `fn(module, own_forward, <the call's arguments>)` this instance's forward, once; `own_forward` is its
+    class's forward, bound, and `state` is set on the instance first (the values `fn` reads from it). False where it
+    has the forward already."""
     if given(module, fn):
         return False
-    module.forward = functools.partial(fn, *args)
+    cls = type(module)
+    sub = _MADE.get((cls, fn))
+    if sub is None:
+        def forward(self, *args, **kwargs):
+            return fn(self, cls.forward.__get__(self), *args, **kwargs)
+
+        sub = _MADE[cls, fn] = type(cls.__name__, (cls,), {"forward": forward, "_given_forward": fn,
+                                                           "__module__": cls.__module__})
+    for name, value in state.items():
+        setattr(module, name, value)
+    module.__class__ = sub
     return True
+
+
+def take_back(module: nn.Module) -> None:
+    """The instance's own class and forward again."""
+    if "_given_forward" in type(module).__dict__:
+        module.__class__ = type(module).__bases__[0]

@@ -202,6 +202,9 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
             f"train.memory_budget_gib {p.budget_gib:g}; lower train.max_length")
     dtype = compute_dtype(cfg.model.dtype, device)
     model = load_base(base_path, cfg.model.quantization, dtype, device)
+    from .causal import use_causal_sdpa
+
+    use_causal_sdpa(model, cfg.train.max_length)  # no mask is built per forward (aegis/causal.py)
     model = add_lora(model, cfg, checkpointing=p.gradient_checkpointing)
     if p.dequantized_base:  # after LoRA wraps the 4-bit layers: the adapters stay exactly as PEFT made them
         from .dequant import dequantize_base
@@ -221,21 +224,29 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
     compute_dtype_lora(model)  # the adapters computed in the compute dtype (aegis/lora.py)
     fuse_rms_norms(model)  # one kernel per norm each way (aegis/norms.py)
     if cfg.model.compile and compile_layers:
-        # the blocks inside each layer, not the layer: transformers checkpoints a layer's forward, and a checkpoint
-        # traced into a compiled layer kept far more alive (20.9 GiB instead of ~7.4 at 16 x 512, BENCHMARKS.md)
-        # a tiled MLP or attention runs its pieces under checkpoints of their own, which compiled code would trace
-        blocks = (("input_layernorm", "post_attention_layernorm") + (() if p.tiled_attention else ("self_attn",))
-                  + (() if p.tiled_mlp else ("mlp",)))
-        for layer in model.get_base_model().model.layers:
-            for name in blocks:
-                if isinstance(getattr(layer, name, None), nn.Module):
-                    getattr(layer, name).compile()
+        compile_blocks(model, p)
     hidden = model.get_base_model().get_output_embeddings().in_features
     gen = torch.Generator().manual_seed(seed)
     soul = soul_mod.Soul(hidden, mix=cfg.soul.mix, init=cfg.soul.init, alpha=cfg.schedule.start_alpha,
                          generator=gen)
     soul_mod.attach(model, soul)
     return model, soul
+
+
+def compile_blocks(model: nn.Module, p, **options) -> int:
+    """torch.compile the blocks inside each decoder layer (`options` go to torch.compile); returns how many.
+    The blocks, not the layer: transformers checkpoints a layer's forward, and a checkpoint traced into a compiled
+    layer kept far more alive (20.9 GiB instead of ~7.4 at 16 x 512, BENCHMARKS.md). A tiled MLP or attention runs
+    its pieces under checkpoints of their own, which compiled code would trace, so those stay as they are."""
+    from torch import nn
+
+    names = (("input_layernorm", "post_attention_layernorm") + (() if p.tiled_attention else ("self_attn",))
+             + (() if p.tiled_mlp else ("mlp",)))
+    blocks = [getattr(layer, name) for layer in model.get_base_model().model.layers for name in names
+              if isinstance(getattr(layer, name, None), nn.Module)]
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)
 
 
 def lora_module_names(model: nn.Module) -> list[str]:

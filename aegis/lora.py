@@ -52,6 +52,6 @@ def compute_dtype_lora(model: nn.Module) -> int:
     classes = _classes()
     n = 0
     for module in model.modules():
-        if type(module) in classes and _plain(module) and give(module, _forward, module, module.forward):
+        if type(module) in classes and _plain(module) and give(module, _forward):
             n += 1
     return n

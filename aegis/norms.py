@@ -19,7 +19,7 @@ from torch import nn
 from .forwards import give, given
 
 
-def _fused(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _fused(norm: nn.Module, own_forward, hidden: torch.Tensor) -> torch.Tensor:
     weight = norm.weight if norm.weight.dtype == hidden.dtype else norm.weight.to(hidden.dtype)
     return nn.functional.rms_norm(hidden, (hidden.size(-1),), weight, norm.variance_epsilon)
 
@@ -35,7 +35,7 @@ def _same(norm: nn.Module) -> bool:
             own = type(norm).forward(probe, x)
         except Exception:  # noqa: BLE001 - a norm that cannot run on its own keeps its own forward
             return False
-        return own.shape == x.shape and torch.allclose(own, _fused(probe, x), rtol=1e-5, atol=1e-5)
+        return own.shape == x.shape and torch.allclose(own, _fused(probe, None, x), rtol=1e-5, atol=1e-5)
 
 
 def fuse_rms_norms(model: nn.Module) -> int:
@@ -51,6 +51,6 @@ def fuse_rms_norms(model: nn.Module) -> int:
             continue
         if type(module) not in checked:
             checked[type(module)] = _same(module)
-        if checked[type(module)] and give(module, _fused, module):
+        if checked[type(module)] and give(module, _fused):
             n += 1
     return n

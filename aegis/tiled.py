@@ -33,7 +33,8 @@ from .lora import ADAPTER, _plain
 from .memory import HEAD_GROUP, TILE
 
 
-def _tiled_forward(forward, chunk: int, hidden: torch.Tensor) -> torch.Tensor:
+def _tiled_forward(mlp, forward, hidden: torch.Tensor) -> torch.Tensor:
+    chunk = mlp.tile_positions
     flat = hidden.reshape(-1, hidden.size(-1))
     if flat.size(0) <= chunk or not torch.is_grad_enabled():  # short inputs, and inference, run as they were
         return forward(hidden)
@@ -49,7 +50,7 @@ def tile_mlps(model: nn.Module, chunk: int = TILE) -> int:
     for module in model.modules():
         mlp = getattr(module, "mlp", None)
         if (type(module).__name__.endswith("DecoderLayer") and isinstance(mlp, nn.Module)
-                and give(mlp, _tiled_forward, type(mlp).forward.__get__(mlp), chunk)):
+                and give(mlp, _tiled_forward, tile_positions=chunk)):
             n += 1
     return n
 
@@ -109,10 +110,9 @@ def _groups(attn, per_group: int) -> list[tuple[slice, slice, slice, slice]]:
     return out
 
 
-def _tiled_attention(attn, forward, per_group: int, longer_than: int, hidden_states, position_embeddings=None,
-                     attention_mask=None, *args, **kwargs):
+def _tiled_attention(attn, forward, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    long = hidden_states.size(-2) > longer_than
+    long = hidden_states.size(-2) > attn.tile_longer_than
     parts = (_split(attn.qkv_proj, hidden_states.dtype), _split(attn.o_proj, hidden_states.dtype)) if long else None
     if (not long or not torch.is_grad_enabled() or args or attention_mask is not None or cache is not None
             or None in parts or attn.training and getattr(attn, "attention_dropout", 0.0)):
@@ -123,7 +123,7 @@ def _tiled_attention(attn, forward, per_group: int, longer_than: int, hidden_sta
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     cos, sin = position_embeddings
     total = low_o = None
-    for rows in _groups(attn, per_group):
+    for rows in _groups(attn, attn.tile_heads):
         got = checkpoint(_group, attn, rope, rows, x, low, w_qkv, b_qkv, cos, sin, w_o, a_o, drop_o,
                          use_reentrant=False)
         total = got[0] if total is None else total + got[0]
@@ -143,7 +143,6 @@ def tile_attentions(model: nn.Module, per_group: int = HEAD_GROUP, longer_than: 
         if (all(hasattr(module, a) for a in ("qkv_proj", "o_proj", "head_dim", "num_key_value_heads",
                                              "num_key_value_groups", "scaling"))
                 and hasattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb")
-                and give(module, _tiled_attention, module, type(module).forward.__get__(module), per_group,
-                         longer_than)):
+                and give(module, _tiled_attention, tile_heads=per_group, tile_longer_than=longer_than)):
             n += 1
     return n

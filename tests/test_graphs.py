@@ -143,3 +143,34 @@ def test_training_with_and_without_graphs_gives_the_same_curve(tiny_path, tmp_pa
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=5e-3)
         assert a["gate"] == pytest.approx(b["gate"], abs=1e-6)
     assert on[-1]["ortho_error"] < 1e-5
+
+
+def test_the_training_attention_builds_no_mask_even_while_a_graph_is_captured(tiny_path, monkeypatch):
+    """aegis/causal.py: transformers takes a CUDA-graph capture for tracing and then builds the full causal mask,
+    which the captured step would run (and a compiled attention recompile for); the training build's attention
+    builds none and runs SDPA causally, with the same logits."""
+    from aegis.causal import NAME
+
+    model, _, _ = _souled(tiny_path, torch.device("cpu"))
+    base = model.get_base_model()
+    assert base.config._attn_implementation == NAME
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        masks.append((attn_mask is None, is_causal))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = torch.randint(5, 3000, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        model(input_ids=ids)
+        assert masks and set(masks) == {(True, True)}  # no mask, causal, capturing or not
+        masks.clear()
+        base.set_attn_implementation("sdpa")
+        model(input_ids=ids)
+        assert not any(none for none, _ in masks)  # transformers' own, "capturing": a mask built and passed
+        monkeypatch.undo()
+        torch.testing.assert_close(model(input_ids=ids).logits, ours, rtol=0, atol=0)

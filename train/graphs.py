@@ -8,7 +8,9 @@ update, BENCHMARKS.md). A replay issues all of them with one call. What capture 
   α is changed in place, and the soul's rotation, whose matrix exponential reads its norm on the host, is computed
   outside the graph and fed in as a leaf tensor; its gradient is carried back through the exponential afterwards.
 One process only: DDP's all-reduce hooks are not captured. The decoder layers are not compiled when the step is
-captured: compiled code recompiled during capture, and the graph already removes the launch cost compiling cut.
+captured: compiled code recompiled during capture (transformers built an attention mask only while capturing, which
+aegis/causal.py now prevents; compiled blocks inside the capture are not yet shown to hold on a GPU), and the graph
+already removes the launch cost compiling cut.
 With `capture=False` the same buffers run eagerly, which is how the CPU tests check this path against the plain one.
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from aegis import soul as soul_mod
-from aegis.forwards import given
+from aegis.forwards import given, take_back
 from train.loss import micro_loss
 
 
@@ -24,7 +24,7 @@ def restore_forwards(model, fn) -> int:
     """Every module of `model` that runs `fn` back to its class's own forward; returns how many."""
     modules = [m for m in model.modules() if given(m, fn)]
     for m in modules:
-        del m.forward
+        take_back(m)
     return len(modules)
 
 
