@@ -19,8 +19,8 @@ NAME = "causal_sdpa"
 
 def use_causal_sdpa(model, max_length: int) -> bool:
     """Switch `model` (a transformers model using SDPA) to mask-free causal SDPA. Not where the model needs a mask of
-    its own (a sliding window shorter than the sequences), nor on a transformers without the mask functions that
-    let it skip the mask. Returns whether it switched."""
+    its own (a sliding window shorter than the sequences, chunked attention), nor on a transformers without the mask
+    functions that let it skip the mask. Returns whether it switched."""
     try:
         from transformers import AttentionInterface
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -29,7 +29,7 @@ def use_causal_sdpa(model, max_length: int) -> bool:
         return False
     window = getattr(model.config, "sliding_window", None)
     if (model.config._attn_implementation != "sdpa" or (window is not None and window < max_length)
-            or not hasattr(model, "set_attn_implementation")):
+            or getattr(model.config, "attention_chunk_size", None) or not hasattr(model, "set_attn_implementation")):
         return False
     AttentionInterface.register(NAME, sdpa_attention_forward)
     model.set_attn_implementation(NAME)
