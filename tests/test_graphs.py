@@ -174,3 +174,15 @@ def test_the_training_attention_builds_no_mask_even_while_a_graph_is_captured(ti
         assert not any(none for none, _ in masks)  # transformers' own, "capturing": a mask built and passed
         monkeypatch.undo()
         torch.testing.assert_close(model(input_ids=ids).logits, ours, rtol=0, atol=0)
+
+
+def test_a_model_that_needs_its_own_mask_keeps_it(tiny_path):
+    """A sliding window shorter than the sequences is a mask causal attention alone does not make."""
+    from transformers import AutoModelForCausalLM
+
+    from aegis.causal import use_causal_sdpa
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    model.config.sliding_window = 32
+    assert not use_causal_sdpa(model, 64) and model.config._attn_implementation == "sdpa"
+    assert use_causal_sdpa(model, 32) and model.config._attn_implementation != "sdpa"
