@@ -211,13 +211,12 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
 
         layers, size = dequantize_base(model)
         log(f"dequantized {layers} 4-bit linear layers once: {size / 2**30:.2f} GiB of {dtype} weights")
-    if p.tiled_mlp or p.tiled_attention:
-        from .tiled import tile_attentions, tile_mlps
+    from .tiled import tile_attentions, tile_mlps
 
-        if p.tiled_mlp:
-            tile_mlps(model)
-        if p.tiled_attention:
-            tile_attentions(model)
+    if p.tiled_mlp:
+        tile_mlps(model)
+    if p.tiled_attention:
+        tile_attentions(model)
     from .lora import compute_dtype_lora
     from .norms import fuse_rms_norms
 

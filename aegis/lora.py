@@ -22,14 +22,20 @@ from .forwards import give
 ADAPTER = "default"
 
 
-def _plain(layer) -> bool:
+def plain(layer) -> bool:
+    """One adapter, a plain linear A, no bias on B, no DoRA or other variant: what the forwards here reproduce."""
     return (list(layer.lora_A.keys()) == [ADAPTER] and isinstance(layer.lora_A[ADAPTER], nn.Linear)
             and layer.lora_B[ADAPTER].bias is None and not layer.use_dora.get(ADAPTER, False)
             and ADAPTER not in getattr(layer, "lora_variant", {}))
 
 
+def in_use(layer) -> bool:
+    """Its one adapter active and not merged into the base, checked at each call: PEFT can change either."""
+    return not layer.disable_adapters and not layer.merged and list(layer.active_adapters) == [ADAPTER]
+
+
 def _forward(layer, peft_forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if args or kwargs or layer.disable_adapters or layer.merged or list(layer.active_adapters) != [ADAPTER]:
+    if args or kwargs or not in_use(layer):
         return peft_forward(x, *args, **kwargs)
     result = layer.base_layer(x)
     dtype = result.dtype
@@ -52,6 +58,6 @@ def compute_dtype_lora(model: nn.Module) -> int:
     classes = _classes()
     n = 0
     for module in model.modules():
-        if type(module) in classes and _plain(module) and give(module, _forward):
+        if type(module) in classes and plain(module) and give(module, _forward):
             n += 1
     return n

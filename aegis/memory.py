@@ -56,7 +56,7 @@ LOSS_CHUNK = 4096  # positions the loss projects at a time (train.loss.LOSS_CHUN
 MLP_BYTES = 8  # per intermediate unit and token: what a gated MLP keeps for its backward pass, in 16 bits
 ATTN_BYTES = 5  # per value of q, k and v and token: what attention keeps of them and its output, in 16 bits
 TILE = 4096  # positions per MLP slice (aegis/tiled.py): ~256 MiB of intermediates at Phi-3.5-mini's shapes
-HEAD_GROUP = 4  # key/value heads per group of the tiled attention (aegis/tiled.py): 8 groups at Phi-3.5-mini's
+HEAD_GROUP = 4  # key/value heads per group of the tiled attention (aegis/tiled.py): 8 groups at Phi-3.5-mini's shapes
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,8 @@ def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing
         mlp = min(MLP_BYTES * inter, per_token // 2)
         per_token, one_slice = per_token - mlp, min(tokens, TILE) * mlp
     if tiled_attention:  # one group of heads at a time
-        attn = ATTN_BYTES * (heads + 2 * kv) * head_dim
-        per_token -= attn - attn // -(-kv // HEAD_GROUP)
+        attn, groups = ATTN_BYTES * (heads + 2 * kv) * head_dim, -(-kv // HEAD_GROUP)  # groups rounded up
+        per_token -= attn - attn // groups
     if checkpointing:
         act = (0 if offload else layers * tokens * h * 2) + tokens * per_token + one_slice
     else:

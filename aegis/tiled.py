@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .forwards import give
-from .lora import ADAPTER, _plain
+from .lora import ADAPTER, in_use, plain
 from .memory import HEAD_GROUP, TILE
 
 
@@ -72,7 +72,7 @@ def _split(proj: nn.Module, dtype: torch.dtype):
         return None
     if base is proj:
         return _weight(proj, dtype), None, None, None
-    if not _plain(proj) or proj.disable_adapters or proj.merged or list(proj.active_adapters) != [ADAPTER]:
+    if not (plain(proj) and in_use(proj)):
         return None
     return (_weight(proj.base_layer, dtype), proj.lora_A[ADAPTER].weight.to(dtype),
             (proj.lora_B[ADAPTER].weight * proj.scaling[ADAPTER]).to(dtype), proj.lora_dropout[ADAPTER])
@@ -112,10 +112,12 @@ def _groups(attn, per_group: int) -> list[tuple[slice, slice, slice, slice]]:
 
 def _tiled_attention(attn, forward, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    long = hidden_states.size(-2) > attn.tile_longer_than
-    parts = (_split(attn.qkv_proj, hidden_states.dtype), _split(attn.o_proj, hidden_states.dtype)) if long else None
-    if (not long or not torch.is_grad_enabled() or args or attention_mask is not None or cache is not None
-            or None in parts or attn.training and getattr(attn, "attention_dropout", 0.0)):
+    dropout = attn.training and getattr(attn, "attention_dropout", 0.0)
+    tiled = (hidden_states.size(-2) > attn.tile_longer_than and torch.is_grad_enabled() and not args
+             and attention_mask is None and cache is None and not dropout)
+    # the weights (a 4-bit base dequantized) only where the groups will use them
+    parts = (_split(attn.qkv_proj, hidden_states.dtype), _split(attn.o_proj, hidden_states.dtype)) if tiled else None
+    if not tiled or None in parts:
         return forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
     (w_qkv, a_qkv, b_qkv, drop_qkv), (w_o, a_o, b_o, drop_o) = parts
     x = hidden_states
