@@ -173,11 +173,10 @@ def memory_plan(cfg: Config, base_config, device: torch.device | None = None, lo
                      tiled_attention=cfg.train.tiled_attention)
 
 
-def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=print, plan=None,
-          compile_layers: bool = True):
+def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=print, plan=None):
     """Base (quantized as configured) + LoRA + soul, ready to train. Returns (peft_model, soul).
-    `plan` is the memory plan when the caller has made it already. The decoder layers are compiled when
-    model.compile is set, unless `compile_layers` is False (a captured step)."""
+    `plan` is the memory plan when the caller has made it already. The decoder layers' blocks are compiled when
+    model.compile is set (a captured step then replays the compiled kernels)."""
     import torch
     from torch import nn
     from transformers import AutoConfig
@@ -222,8 +221,8 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
 
     compute_dtype_lora(model)  # the adapters computed in the compute dtype (aegis/lora.py)
     fuse_rms_norms(model)  # one kernel per norm each way (aegis/norms.py)
-    if cfg.model.compile and compile_layers:
-        compile_blocks(model, p)
+    if cfg.model.compile:
+        log(f"model.compile: {compile_blocks(model, p)} blocks of the decoder layers compiled")
     hidden = model.get_base_model().get_output_embeddings().in_features
     gen = torch.Generator().manual_seed(seed)
     soul = soul_mod.Soul(hidden, mix=cfg.soul.mix, init=cfg.soul.init, alpha=cfg.schedule.start_alpha,

@@ -19,8 +19,8 @@ on the safe side.
 Recomputing costs about a third more compute; splitting a batch into micro-batches costs only smaller matrix
 products while each keeps about a thousand positions. So with "auto" the plan first looks for the largest
 micro-batch that fits without checkpointing, and takes it if it holds at least MIN_MICRO_TOKENS positions (at
-16 x 512 on an H200, 4 captured micro-batches of 4 x 512 without recompute ran at 20 039 tokens/s, the whole batch
-checkpointed at 16 666-17 899, BENCHMARKS.md); otherwise it turns checkpointing on. Then, for long sequences, it
+16 x 512 on an H200, 4 captured micro-batches of 4 x 512 without recompute ran at 26 659 tokens/s, the whole batch
+checkpointed at 18 159-20 305, BENCHMARKS.md); otherwise it turns checkpointing on. Then, for long sequences, it
 moves the kept activations to host memory (copies overlap the compute but cost PCIe bandwidth) only when the step
 still would not fit, and splits the batch into the largest micro-batch that fits: the loss is normalised over the
 whole update, so the gradient is the same, only computed in pieces. When one sequence alone still does not fit
@@ -28,7 +28,8 @@ whole update, so the gradient is the same, only computed in pieces. When one seq
 forward pass of the MLP, and where even that does not fit, the attentions a few heads at a time
 (train.tiled_attention), for one more forward pass of the attention. The tiled figures are derived from the shapes:
 the MLP's bytes have been measured against (65 536 tokens), the attention's 5 bytes per q, k and v value (the
-fused projection, the rotated q and k, the output and its copy for o_proj, in 16 bits) not yet.
+fused projection, the rotated q and k, the output and its copy for o_proj, in 16 bits) against 131 072 tokens (9.83
+GiB, estimate 10.8: on the safe side).
 
 A quantized base can also be dequantized once and kept at 16 bits (aegis/dequant.py): bitsandbytes otherwise
 dequantizes every NF4 weight on every forward and backward pass, most of a step's GPU time at batch 1 x 512

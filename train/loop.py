@@ -110,11 +110,9 @@ class Recipe:
         self.use_graphs, why = graphs.decide(cfg.train.cuda_graphs, acc.device, acc.num_processes,
                                              self.mem.gradient_checkpointing, base_config)
         if acc.device.type == "cuda":
-            self.log(f"CUDA graphs {'on' if self.use_graphs else 'off'}: {why}" + (
-                "; model.compile is skipped, the captured step replaces it" if self.use_graphs and cfg.model.compile
-                else ""))
+            self.log(f"CUDA graphs {'on' if self.use_graphs else 'off'}: {why}")
         self.model, self.soul = model_mod.build(cfg, base_path, acc.device, cfg.train.seed, log=self.log,
-                                                plan=self.mem, compile_layers=not self.use_graphs)
+                                                plan=self.mem)
         self.head = soul_mod.head_of(self.model)
         # the adapter names its base as users would load it: the hub id or directory (the embedded model by its path)
         self.model.peft_config["default"].base_model_name_or_path = (str(base_path) if cfg.model.base == EMBEDDED
