@@ -1,5 +1,5 @@
 """The compiled blocks (model.compile): one compiled graph per kind of block serves every decoder layer. A forward
-stored on each instance (as aegis/forwards.py once gave LoRA, norms and tiled layers) is guarded by identity, so
+stored on each instance (as LoRA, norm and tiled layers once got theirs) is guarded by identity, so
 each layer compiled its own graph and past torch's recompile limit (8) the remaining layers ran uncompiled."""
 
 from __future__ import annotations
