@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from aegis import checkpoint, runs
+from aegis.digest import sha256_file
 from aegis.errors import AegisError
 
 TMP_PREFIX = ".tmp-"
@@ -85,14 +86,6 @@ def write_text(dest: Path, text: str) -> None:
 
 def write_json(dest: Path, data) -> None:
     write_text(dest, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint(paths: list[Path]) -> str:
