@@ -10,6 +10,8 @@ import os
 import re
 from pathlib import Path
 
+from aegis.digest import write_sidecar
+
 from . import modelfile as modelfile_mod
 from . import hparams, names, parity, quantize, to_gguf
 from .files import ExportError, find_checkpoint
@@ -71,6 +73,7 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
         log(f"tensor types: {', '.join(f'{v} {k}' for k, v in sorted(summary['tensor_types'].items()))}")
         if not check_parity:
             os.replace(candidate, out)
+            write_sidecar(out)  # out.sha256: what serve checks the file against before loading it
             log(f"written without a parity check: {out}")
             summary["parity"] = None
             return {"path": str(out), **summary}
@@ -82,6 +85,7 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
             log(f"sample (greedy, {kind} prompt): {text!r}")
         if report["passed"]:
             os.replace(candidate, out)
+            write_sidecar(out)
             out.with_name(out.name + ".rejected").unlink(missing_ok=True)  # an older failure is now stale
             parity.record(out.parent, report)
             log(f"parity passed: {out}")
