@@ -1,8 +1,10 @@
 """python -m serve --model [NAME=]PATH [--model ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--parallel N]
 
 Serves an OpenAI-compatible API. PATH is a GGUF file (llama.cpp), a merged model directory or a training checkpoint
-(transformers). The server answers /health at once and the API once the models are loaded (503 before). Every
-option is a field of serve.config.Settings.
+(transformers); a GGUF must match the NAME.gguf.sha256 export wrote beside it (--no-verify for a file from
+elsewhere). The server answers /health at once and the API once the models are loaded (503 before). SIGTERM or
+Ctrl-C drains it: /ready and new requests answer 503 while the requests in flight get --shutdown-grace seconds to
+finish. Every option is a field of serve.config.Settings.
 """
 
 from __future__ import annotations
@@ -10,19 +12,27 @@ from __future__ import annotations
 import logging
 import sys
 
-import uvicorn
+from aegis.digest import DigestError
 
 from .app import create_app
 from .config import parser, settings_from
+from .registry import verify_files
+from .server import make
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__.splitlines()[0])
     settings = settings_from(ap.parse_args(argv), ap)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.no_verify:
+        try:
+            verify_files(settings.models)
+        except DigestError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
 
     failed: list[BaseException] = []
-    server: uvicorn.Server | None = None
+    server = None
 
     def on_load_error(e: BaseException) -> None:
         # a server that can never become ready should say so and exit, not answer 503 forever
@@ -31,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_error=on_load_error)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = make(app, settings)
     logging.getLogger("serve").info("serving %s on http://%s:%d/v1 (key %s)",
                                     ", ".join(s.name for s in settings.models), settings.host, settings.port,
                                     "required" if settings.api_key else "not required")

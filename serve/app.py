@@ -7,8 +7,10 @@ prepare the job (engine.py) and hand it to the one request path (replies.respond
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,27 +25,30 @@ from litestar.openapi.spec import Components, SecurityScheme
 from . import __doc__ as package_doc
 from . import engine
 from .config import Settings
-from .errors import HANDLERS, APIError
+from .errors import HANDLERS, APIError, BodyTimeout, ClientGone, shutting_down
 from .metrics import Metrics
 from .openapi import ExactJsonRenderPlugin
 from .job import Finish, Job
 from .registry import Registry, ServedModel
-from .replies import ChatReply, TextReply, respond
+from .replies import ChatReply, TextReply, cut_off, respond
 from .responses import ChatCompletion, Completion, ErrorResponse, Health, ModelCard, ModelList
 from .schemas import ChatCompletionRequest, CompletionRequest, decode
 
 VERSION = "0.1.0"
 ERRORS = {code: ResponseSpec(ErrorResponse, description=text) for code, text in (
     (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
-    (413, "request body too large"), (429, "queue full"), (503, "model not ready"), (504, "request timed out"))}
+    (408, "request body too slow"), (413, "request body too large"), (429, "queue full"),
+    (503, "model not ready, or the server is shutting down"), (504, "request timed out"))}
 
 
 @dataclass
 class Service:
-    """What the routes share: the settings, the served models and the metrics."""
+    """What the routes share: the settings, the served models and the metrics; draining once the server was told to
+    stop (serve/server.py sets it): /ready and new requests answer 503 while the requests in flight finish."""
     settings: Settings
     registry: Registry
     metrics: Metrics
+    draining: bool = False
 
 
 def service(state: State) -> Service:
@@ -59,6 +64,44 @@ def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         raise APIError(401, "missing or incorrect API key (send Authorization: Bearer KEY)")
 
 
+def accepting_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """New API requests are refused while the server drains (a balancer retries them on another replica)."""
+    if connection.app.state.service.draining:
+        raise shutting_down()
+
+
+def body_guard(timeout: float):
+    """ASGI middleware over the request body as the routes read it: the whole body must arrive within `timeout`
+    seconds (BodyTimeout: 408), and a client that disconnects before it has sent all of it raises ClientGone (a
+    client event, counted as 499) instead of Litestar's 500 "client disconnected prematurely". Here rather than in
+    the protocol (serve/server.py) because only here can the answer still be the API's own JSON."""
+
+    def middleware(app):
+        async def guarded(scope, receive, send):
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            deadline, complete = time.monotonic() + timeout, False
+
+            async def watched():
+                nonlocal complete
+                if complete:  # after the body only the disconnect can come, whenever it comes
+                    return await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+                except TimeoutError:
+                    raise BodyTimeout(f"did not arrive in full within {timeout:g} s") from None
+                if message["type"] == "http.disconnect":
+                    raise ClientGone()
+                complete = not message.get("more_body", False)
+                return message
+
+            await app(scope, watched, send)
+        return guarded
+
+    return middleware
+
+
 # ---- generation -------------------------------------------------------------------------------------------------
 
 async def _generate(request: Request, service: Service, kind, prepare, reply) -> Response:
@@ -67,7 +110,7 @@ async def _generate(request: Request, service: Service, kind, prepare, reply) ->
     return await respond(request, p, reply(p), service.settings.timeout)
 
 
-@post("/v1/chat/completions", guards=[api_key_guard], status_code=200, tags=["openai"],
+@post("/v1/chat/completions", guards=[accepting_guard, api_key_guard], status_code=200, tags=["openai"],
       responses={200: ResponseSpec(ChatCompletion, description="a completion, or server-sent events when stream is "
                                                                "true"), **ERRORS})
 async def chat_completions(request: Request, service: Service) -> Response:
@@ -75,7 +118,7 @@ async def chat_completions(request: Request, service: Service) -> Response:
     return await _generate(request, service, ChatCompletionRequest, engine.prepare_chat, ChatReply)
 
 
-@post("/v1/completions", guards=[api_key_guard], status_code=200, tags=["openai"],
+@post("/v1/completions", guards=[accepting_guard, api_key_guard], status_code=200, tags=["openai"],
       responses={200: ResponseSpec(Completion, description="a completion, or server-sent events when stream is "
                                                            "true"), **ERRORS})
 async def completions(request: Request, service: Service) -> Response:
@@ -89,14 +132,14 @@ def _card(m: ServedModel) -> ModelCard:
     return ModelCard(m.name, m.created, "aegis", m.backend.context_length, m.backend.kind)
 
 
-@get("/v1/models", guards=[api_key_guard], tags=["openai"], responses=ERRORS)
+@get("/v1/models", guards=[accepting_guard, api_key_guard], tags=["openai"], responses=ERRORS)
 async def list_models(service: Service) -> ModelList:
     """The served models."""
     service.registry.get(None)  # 503 until loaded
     return ModelList([_card(m) for m in service.registry.models.values()])
 
 
-@get("/v1/models/{model_id:path}", guards=[api_key_guard], tags=["openai"], responses=ERRORS)
+@get("/v1/models/{model_id:path}", guards=[accepting_guard, api_key_guard], tags=["openai"], responses=ERRORS)
 async def get_model(model_id: str, service: Service) -> ModelCard:
     """One served model."""
     return _card(service.registry.get(model_id.lstrip("/")))
@@ -104,14 +147,16 @@ async def get_model(model_id: str, service: Service) -> ModelCard:
 
 @get("/health", tags=["ops"])
 async def health(service: Service) -> Health:
-    """Liveness: the process answers (ready tells whether the models are loaded)."""
+    """Liveness: the process answers (ready tells whether the models are loaded and the server is not stopping)."""
     r = service.registry
-    return Health("ok", r.ready, r.names, r.error)
+    return Health("shutting_down" if service.draining else "ok", r.ready and not service.draining, r.names, r.error)
 
 
 @get("/ready", tags=["ops"], responses={503: ResponseSpec(ErrorResponse, description="not ready")})
 async def ready(service: Service) -> Health:
-    """Readiness: 200 once every model is loaded, 503 before."""
+    """Readiness: 200 once every model is loaded, 503 before and from the moment the server is told to stop."""
+    if service.draining:
+        raise shutting_down()
     service.registry.get(None)
     return Health("ready", True, service.registry.names)
 
@@ -157,9 +202,13 @@ def create_app(settings: Settings, registry: Registry | None = None,
         security = {"security": [{"bearer": []}]}
     openapi = OpenAPIConfig(title="AEGIS API", version=VERSION, description=package_doc, components=components,
                             render_plugins=[ExactJsonRenderPlugin()], path="/schema", **security)
+    svc = Service(settings, registry, metrics)
+    # outermost first: the metrics see every status, the cut-off ending included
+    middleware = [metrics.middleware, lambda app: cut_off(app, lambda: svc.draining),
+                  body_guard(settings.body_timeout)]
     app = Litestar(route_handlers=ROUTES, dependencies={"service": Provide(service, sync_to_thread=False)},
                    exception_handlers=HANDLERS, request_max_body_size=settings.max_body, openapi_config=openapi,
-                   middleware=[metrics.middleware], on_startup=[on_startup], on_shutdown=[registry.close],
+                   middleware=middleware, on_startup=[on_startup], on_shutdown=[registry.close],
                    debug=False, logging_config=None)
-    app.state.service = Service(settings, registry, metrics)
+    app.state.service = svc
     return app

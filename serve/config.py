@@ -63,6 +63,7 @@ def _checked(kind, ok, rule: str):
 POSITIVE_INT = _checked(int, lambda v: v > 0, "> 0")
 NON_NEGATIVE = _checked(int, lambda v: v >= 0, ">= 0")
 POSITIVE = _checked(float, lambda v: v > 0, "> 0")
+SECONDS = _checked(float, lambda v: v >= 0, ">= 0")
 
 
 def setting(default, help: str, *, parse=None, choices=None, metavar=None, env=None, repeat=False):
@@ -96,7 +97,8 @@ class Settings:
                               parse=NON_NEGATIVE)
     timeout: float = setting(300.0, "seconds per request, queue included", parse=POSITIVE)
     max_body: int = setting(1 << 20, "largest request body (413 beyond)", parse=POSITIVE_INT, metavar="BYTES")
-    ctx_size: int = setting(0, "context length (0: the model's own; llama.cpp caps that at 4096)",
+    ctx_size: int = setting(0, "context length (0: the model's own, at most 4096; a LongRoPE GGUF's original one, "
+                               "where replies are what export checked)",
                             parse=NON_NEGATIVE)
     max_tokens_default: int = setting(0, "max_tokens for chat requests that give none (0: the rest of the context)",
                                       parse=NON_NEGATIVE)
@@ -110,6 +112,19 @@ class Settings:
     quantization: str | None = setting(None, "transformers backend, training checkpoints: load the base in 4-bit or "
                                              "not (default: as trained)", choices=("nf4", "none"))
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+    no_verify: bool = setting(False, "serve GGUF files without checking them against the NAME.gguf.sha256 that export "
+                                     "writes beside each (for files made elsewhere)")
+    shutdown_grace: float = setting(30.0, "seconds the requests in flight get to finish after SIGTERM or Ctrl-C "
+                                          "(meanwhile /ready and new requests answer 503); what still runs then ends "
+                                          "with an error (a stream: an error event and [DONE]); a second signal "
+                                          "stops at once", parse=SECONDS)
+    header_timeout: float = setting(10.0, "seconds a client has to send a request's headers, from connecting or from "
+                                          "its first byte on a kept-alive connection (then it is closed)",
+                                    parse=POSITIVE)
+    body_timeout: float = setting(30.0, "seconds a request's body may take to arrive in full (408 beyond)",
+                                  parse=POSITIVE)
+    max_connections: int = setting(1000, "open connections at once; one more is answered 503 and closed, so that "
+                                         "idle clients never use up the process's files", parse=POSITIVE_INT)
 
 
 def parser(description: str = "") -> argparse.ArgumentParser:
@@ -126,6 +141,8 @@ def parser(description: str = "") -> argparse.ArgumentParser:
             kwargs["choices"] = m["choices"]
         if m["repeat"]:
             ap.add_argument(flag, action="append", required=True, type=m["parse"], **kwargs)
+        elif kind is bool:
+            ap.add_argument(flag, action="store_true", help=m["help"], dest=f.name)
         else:
             ap.add_argument(flag, type=m["parse"] or (kind if kind in (int, float) else str), default=f.default,
                             **kwargs)

@@ -13,11 +13,15 @@ from litestar.exceptions import HTTPException, ValidationException
 log = logging.getLogger("serve")
 
 TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-         404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
-         415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
-         504: "timeout_error"}
-CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
-         429: "queue_full", 503: "model_not_ready", 504: "timeout"}
+         404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
+         413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+         499: "invalid_request_error", 500: "server_error", 503: "server_error", 504: "timeout_error"}
+CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+         413: "request_too_large", 429: "queue_full", 499: "client_closed_request", 503: "model_not_ready",
+         504: "timeout"}
+# nginx's number for "the client closed the connection before the answer": counted as a client error, never a 5xx
+CLIENT_GONE = 499
+SHUTTING_DOWN = "the server is shutting down; retry on another replica or later"
 
 
 class APIError(Exception):
@@ -35,6 +39,19 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param, code)
+
+
+def shutting_down() -> APIError:
+    # Connection: close, so that a client (or a balancer) sends its next request on a new connection, elsewhere
+    return APIError(503, SHUTTING_DOWN, code="shutting_down", headers={"Retry-After": "1", "Connection": "close"})
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request body arrived in full (an abandoned upload)."""
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive in full within --body-timeout."""
 
 
 def _response(err: APIError) -> Response:
@@ -86,9 +103,27 @@ def on_http_exception(request: Request, exc: HTTPException) -> Response:
     return _response(APIError(status, str(exc.detail)))
 
 
+def on_client_gone(request: Request, _: ClientGone) -> Response:
+    # the client's doing, not the server's: logged as a client event and counted under 499 (nobody reads the reply)
+    log.info("client %s went away before sending all of its %s %s body", _client(request), request.method,
+             request.url.path)
+    return _response(APIError(CLIENT_GONE, "the client closed the connection before its request body arrived"))
+
+
+def on_body_timeout(request: Request, exc: BodyTimeout) -> Response:
+    log.info("client %s: %s %s body %s; answered 408", _client(request), request.method, request.url.path, exc)
+    # Connection: close: the rest of the body may still come, and it is not read
+    return _response(APIError(408, f"the request body {exc}", headers={"Connection": "close"}))
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
 def on_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _response(APIError(500, "internal server error", code="internal_error"))
 
 
-HANDLERS = {APIError: on_api_error, HTTPException: on_http_exception, Exception: on_unexpected}
+HANDLERS = {APIError: on_api_error, HTTPException: on_http_exception, ClientGone: on_client_gone,
+            BodyTimeout: on_body_timeout, Exception: on_unexpected}

@@ -1,5 +1,6 @@
 """Prometheus metrics: requests by endpoint and status, tokens in and out (cached prompt tokens too), queue depth, busy
-slots, the batched engine's decode steps and the sequences they carried, latency and time to first token. Each app
+slots, the batched engine's decode steps and the sequences they carried, latency and time to first token, open
+connections and those the server closed itself. Each app
 has its own registry, so several servers in one process (tests) never share counts.
 
 Requests are counted by an ASGI middleware that sees the status line of every response (401 and 413 included)
@@ -56,6 +57,12 @@ class Metrics:
         self.workers = Gauge("aegis_workers", "requests a model serves at once (--parallel)", ["model"], registry=r)
         self.finished = Counter("aegis_generations", "generations by finish reason", ["model", "reason"],
                                 registry=r)
+        # kept by the HTTP protocol (serve/server.py), below the app
+        self.open_connections = Gauge("aegis_open_connections", "HTTP connections open now", registry=r)
+        self.dropped = Counter("aegis_connections_dropped", "connections the server closed on its own: "
+                               "header_timeout (no complete request headers in time), body_timeout (a body the app "
+                               "did not read arrived too slowly), over_limit (--max-connections were open)",
+                               ["reason"], registry=r)
 
         self.batches = BatchCounts()
         r.register(self.batches)

@@ -8,7 +8,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .backends import Backend, open_backend
+from aegis import digest
+
+from .backends import Backend, detect, open_backend
 from .config import ModelSpec, Settings
 from .errors import APIError
 from .batch import BatchPool
@@ -16,6 +18,22 @@ from .pool import WorkerPool
 
 log = logging.getLogger("serve")
 DEFAULT_SLOTS = 4  # requests a llama.cpp model decodes together unless --parallel says otherwise (llama-server's too)
+
+
+def verify_files(specs: list[ModelSpec]) -> None:
+    """Checks each GGUF against the NAME.gguf.sha256 export wrote beside it, before anything is loaded: a damaged or
+    swapped file is refused, not served. Raises DigestError (its message names the file and --no-verify)."""
+    for spec in specs:
+        if (spec.backend if spec.backend != "auto" else detect(spec.path)) != "llamacpp":
+            continue  # a model directory: its weights are transformers' to check
+        started = time.monotonic()
+        try:
+            digest.verify(spec.path)
+        except digest.DigestError as e:
+            if not digest.sidecar(spec.path).is_file():
+                raise  # no record: the message already says what --no-verify is for
+            raise digest.DigestError(f"{e}; --no-verify serves it unchecked") from None
+        log.info("%s matches %s (%.1fs)", spec.path, digest.sidecar(spec.path).name, time.monotonic() - started)
 
 
 @dataclass

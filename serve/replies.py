@@ -7,14 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 from litestar import MediaType, Request, Response
 from litestar.response import Stream
 
 from . import engine
-from .errors import APIError
+from .errors import APIError, shutting_down
 from .job import Finish, Job, Scored
 from .responses import (AssistantMessage, ChatChoice, ChatCompletion, ChoiceLogprobs, Completion, CompletionChoice,
                         CompletionLogprobs, FunctionCallOut, PromptTokensDetails, TokenLogprob, ToolCallOut,
@@ -22,6 +22,7 @@ from .responses import (AssistantMessage, ChatChoice, ChatCompletion, ChoiceLogp
 from .tools import CallReader
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = b"data: [DONE]\n\n"
 TIMEOUT = "the request did not finish within the server's timeout"
 
 
@@ -210,7 +211,7 @@ async def _stream(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[
             _raise_for(job.finish)
         except (TimeoutError, APIError) as e:  # headers are gone: the error travels as an event, as OpenAI does
             yield _sse((e if isinstance(e, APIError) else APIError(504, TIMEOUT)).body())
-            yield b"data: [DONE]\n\n"
+            yield DONE
             return
         for chunk in reply.closing(job.finish):
             yield _sse(chunk)
@@ -218,7 +219,7 @@ async def _stream(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[
             last = reply.chunk({})
             last["choices"], last["usage"] = [], msgspec.to_builtins(_usage(job.finish))
             yield _sse(last)
-        yield b"data: [DONE]\n\n"
+        yield DONE
     finally:
         # the client went away (the stream was cancelled) or we are done: the worker stops at its next token
         job.cancel()
@@ -231,3 +232,44 @@ async def respond(request: Request, p: engine.Prepared, reply: Reply, timeout: f
         return Stream(_stream(job, reply, p.include_usage), media_type="text/event-stream", headers=SSE_HEADERS)
     items = await _collect(request, job)
     return Response(reply.body(items, job.finish), media_type=MediaType.JSON)
+
+
+def cut_off(app, stopping: Callable[[], bool]):
+    """ASGI middleware: when the shutdown grace period is over the server cancels the requests still running
+    (serve/server.py); each then ends as any failure of the API ends, not as a cut connection: the JSON 503
+    (shutting_down) if nothing was sent yet, an error event and [DONE] if a stream was under way.
+    stopping(): whether the server is shutting down (any other cancellation is passed on)."""
+
+    async def guarded(scope, receive, send):
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        state = {"started": False, "stream": False, "done": False}
+
+        async def watched(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                headers = dict((k.lower(), v) for k, v in message.get("headers", []))
+                state["stream"] = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            elif not message.get("more_body", False):
+                state["done"] = True
+            await send(message)
+
+        try:
+            await app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if not stopping() or state["done"]:
+                raise
+            asyncio.current_task().uncancel()  # handled: the ending below is this request's last word
+            err = shutting_down()
+            if not state["started"]:
+                body = msgspec.json.encode(err.body())
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                           *((k.lower().encode(), v.encode()) for k, v in err.headers.items())]
+                await send({"type": "http.response.start", "status": err.status, "headers": headers})
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+            else:
+                await send({"type": "http.response.body", "body": _sse(err.body()) + DONE if state["stream"] else b"",
+                            "more_body": False})
+
+    return guarded
