@@ -56,7 +56,7 @@ class Modelfile:
 
 def _llama_cpp_tokenizer(gguf_path: Path):
     """text -> ids as Ollama's runner tokenizes a rendered prompt: BOS as the vocabulary says, special tokens parsed."""
-    llm = llamacpp.runtime().Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    llm = llamacpp.open_vocab(gguf_path)
     return lambda text: list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
 

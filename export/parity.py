@@ -5,8 +5,13 @@ are top-1 agreement, mean KL(HF‖GGUF) and max |Δlogit|, with thresholds by ty
 this measures the weights and the graph, not the tokenizer.
 
 LongRoPE: transformers switches to the long factors when a sequence is longer than the original context; llama.cpp
-switches by the context size it was created with. Short prompts therefore run with n_ctx = the original context,
-and the long prompt with a larger n_ctx, so both sides use the same factors.
+switches by the context size it was created with. Short prompts therefore run in the context the server opens the
+file with by default (aegis.llamacpp.Context: a LongRoPE model's original context), and the long prompt in a larger
+one, so both sides use the same factors.
+
+Replies: each prompt's first GEN_TOKENS greedy tokens, decoded as the server decodes a request in its default
+context (aegis.llamacpp.greedy), are recorded in parity.json; `python -m serve` with default settings answers those
+prompts at temperature 0 with exactly those tokens (tests/test_served_parity.py).
 
 Template: the chat rendered from the GGUF's own template and tokenized by llama.cpp must give exactly the ids the
 HF tokenizer gives for the chat rendered with its chat template. The llama.cpp KV cache is kept in F32 here so that
@@ -115,24 +120,12 @@ def template_parity(llm, tokenizer) -> dict:
     return out
 
 
-def _generate(llm, ids: list[int]) -> str:
-    """A short greedy continuation (shows that the GGUF speaks, and what)."""
-    llama_cpp = llamacpp.runtime()
-    out = []
-    for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
-            break
-        out.append(tok)
-        if len(out) >= GEN_TOKENS:
-            break
-    return llm.detokenize(out).decode("utf-8", "replace")
-
-
-def samples(llm, tokenizer) -> dict:
-    out = {"prose": _generate(llm, prompts.encode(tokenizer, prompts.SHORT[1][:8]))}
-    if tokenizer.chat_template:
-        out["chat"] = _generate(llm, prompts.encode(tokenizer, prompts.chat_text(tokenizer), templated=True))
-    return out
+def replies(gguf_path: Path, items: list[tuple[str, list[int]]], n_ctx: int, threads: int,
+            extra_bufts: bool) -> dict:
+    """{label: {"prompt", "ids", "text"}}: each prompt's first GEN_TOKENS greedy tokens as the server decodes them
+    in its default context (ids), and their text up to the first end-of-generation token."""
+    got = llamacpp.greedy(gguf_path, [ids for _, ids in items], GEN_TOKENS, n_ctx, extra_bufts, threads)
+    return {label: {"prompt": list(ids), "ids": r.ids, "text": r.text} for (label, ids), r in zip(items, got)}
 
 
 def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None = None, device: str = "auto",
@@ -141,14 +134,12 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .hparams import hparams, read_config
-
     start = time.time()
     threads = threads or max(1, min(4, os.cpu_count() or 1))
     model_dir, gguf_path = Path(model_dir), Path(gguf_path)
     # A crash inside llama.cpp would take this process with it: a child loads and decodes the file first.
     loader = llamacpp.probe(gguf_path, threads=threads, log=log, name=name)
-    hp = hparams(read_config(model_dir))
+    rule = llamacpp.context(gguf_path)
     tok = AutoTokenizer.from_pretrained(model_dir)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
@@ -157,14 +148,17 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
     items = [(f"short{i}", prompts.encode(tok, t)) for i, t in enumerate(prompts.SHORT)]
     if tok.chat_template:
         items.append(("chat", prompts.encode(tok, prompts.chat_text(tok), templated=True)))
-    longrope = hp.rope_type in ("longrope", "su") and hp.n_ctx_orig and hp.n_ctx > hp.n_ctx_orig
-    short_ctx = hp.n_ctx_orig if longrope else min(hp.n_ctx, 2048)
-    groups = [(short_ctx, items)]
+    # the short prompts in the context the server uses by default; for LongRoPE one prompt past the original context,
+    # in a context large enough that llama.cpp takes the long factors as transformers does for that prompt
+    served_ctx = rule.default
+    longrope = bool(rule.original and rule.length and rule.length > rule.original)
+    groups = [(served_ctx, items)]
     if longrope:
-        ids = prompts.long_ids(tok, hp.n_ctx_orig)
-        groups.append((min(hp.n_ctx, 64 * math.ceil((len(ids) + 1) / 64)), [("long", ids)]))
+        ids = prompts.long_ids(tok, rule.original)
+        groups.append((min(rule.length, 64 * math.ceil((len(ids) + 1) / 64)), [("long", ids)]))
+    sampled = [("prose", prompts.encode(tok, prompts.SHORT[1][:8])), *items]
 
-    per, hf_all, gg_all, template, sample = {}, [], [], None, None
+    per, hf_all, gg_all, template = {}, [], [], None
     for n_ctx, group in groups:
         llm = _llama(gguf_path, n_ctx, threads, loader.extra_bufts)
         try:
@@ -179,13 +173,13 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
                 per[label]["n_ctx"] = n_ctx
                 hf_all.append(hf)
                 gg_all.append(gg)
-            if sample is None:
-                template = template_parity(llm, tok) if tok.chat_template else None
-                sample = samples(llm, tok)
+            if template is None and tok.chat_template:
+                template = template_parity(llm, tok)
         finally:
             llm.close() if hasattr(llm, "close") else None
             del llm
     del model
+    said = replies(gguf_path, sampled, served_ctx, threads, loader.extra_bufts)
     overall = metrics(np.concatenate(hf_all), np.concatenate(gg_all))
     limits = THRESHOLDS.get(out_type, THRESHOLDS["q2_k"])
     failures = []
@@ -199,8 +193,10 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
     if template is not None and not template["ok"]:
         failures.append("chat template tokens differ between llama.cpp and the HF tokenizer")
     return {"gguf": gguf_path.name, "type": out_type, "passed": not failures, "failures": failures,
-            "thresholds": limits, "overall": overall, "prompts": per, "template": template, "sample": sample,
-            "longrope": bool(longrope), "extra_bufts": loader.extra_bufts, "loader_note": loader.note,
+            "thresholds": limits, "overall": overall, "prompts": per, "template": template,
+            "sample": {k: said[k]["text"] for k in ("prose", "chat") if k in said}, "replies": said,
+            "served_context": served_ctx, "context_length": rule.length, "original_context": rule.original,
+            "longrope": longrope, "extra_bufts": loader.extra_bufts, "loader_note": loader.note,
             "seconds": round(time.time() - start, 1)}
 
 
@@ -212,11 +208,45 @@ def table(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    t = report.get("template")
-    lines.append(f"template parity: {'ok' if t and t['ok'] else 'n/a' if t is None else 'DIFFERENT'}"
-                 + (f" ({t['hf_tokens']} tokens)" if t else ""))
+    lines += verdict(report)
     lines.append(f"{report['gguf']} ({report['type']}): {'PASS' if report['passed'] else 'FAIL: ' + '; '.join(report['failures'])}")
     return "\n".join(lines)
+
+
+def verdict(report: dict) -> list[str]:
+    """Each figure in words: whether it is fine, and why."""
+    o, lim, kind = report["overall"], report["thresholds"], report["type"]
+    out = [f"top-1 agreement: the GGUF picks transformers' own next token at {o['top1']:.1%} of {o['tokens']} "
+           f"positions, and {o['top1_tie']:.1%} counting near-ties (transformers' best two within {TIE} logit: the "
+           f"model itself cannot tell them apart, so any rounding flips some); "
+           + (f"fine, the limit for {kind} is {lim['top1']:.0%} counting near-ties" if o["top1_tie"] >= lim["top1"]
+              else f"TOO LOW: {kind} needs {lim['top1']:.0%} counting near-ties"),
+           f"mean KL(HF‖GGUF): {o['kl_mean']:.2e} nats per position; "
+           + (f"fine, the limit for {kind} is {lim['kl']:g}" if o["kl_mean"] <= lim["kl"]
+              else f"TOO HIGH: {kind} allows {lim['kl']:g}")]
+    if lim["max_abs"] is None:
+        out.append(f"max |Δlogit|: {o['max_abs']:.3g}; not bounded for {kind} (its rounding moves single logits; the "
+                   f"two figures above bound what the model says)")
+    else:
+        out.append(f"max |Δlogit|: {o['max_abs']:.3g}; " + (f"fine, the limit for {kind} is {lim['max_abs']:g}"
+                                                          if o["max_abs"] <= lim["max_abs"]
+                                                          else f"TOO HIGH: {kind} allows {lim['max_abs']:g}"))
+    t = report.get("template")
+    out.append("chat template: " + ("none in the model" if t is None else
+                                    f"fine, the GGUF's renders the same {t['hf_tokens']} tokens as transformers'"
+                                    if t["ok"] else "DIFFERENT from transformers' (see first_difference)"))
+    served, orig, length = report.get("served_context"), report.get("original_context"), report.get("context_length")
+    if served is not None:  # reports written before the served context was recorded have none of these
+        why = (f"this LongRoPE model's original context of {orig}, in which llama.cpp applies the short rope factors "
+               f"as transformers does for prompts of up to {orig} tokens (the long prompt ran in a larger context to "
+               f"check the long factors)" if orig else
+               f"the model's context length of {length}, at most {llamacpp.CONTEXT_CAP}")
+        out.append(f"context: the short prompts ran in {served} positions, what `python -m serve` opens this file "
+                   f"with by default: {why}; its context length is {length}")
+        n = len(report.get("replies") or {})
+        out.append(f"replies: {n} prompts' first {GEN_TOKENS} greedy tokens, decoded as the server decodes them in "
+                   f"{served} positions, recorded in {PARITY_FILE}; the server gives the same at temperature 0")
+    return out
 
 
 def record(directory: Path, report: dict) -> Path:

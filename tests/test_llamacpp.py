@@ -142,3 +142,37 @@ def test_the_server_says_what_failed_when_llama_cpp_crashes(tiny_path, tmp_path)
                           text=True, cwd=ROOT, env=_crash_env(tmp_path, "always"), timeout=300)
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert "could not load the model" in proc.stderr and "SIGSEGV" in proc.stderr and str(path) in proc.stderr
+
+
+def _metadata_gguf(path: Path, length: int, original: int | None) -> Path:
+    """A GGUF of a Phi-3's context metadata alone (and, for LongRoPE, its long-factor tensor): all the rule reads."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "phi3")
+    w.add_context_length(length)
+    if original:
+        w.add_rope_scaling_orig_ctx_len(original)
+        w.add_tensor("rope_factors_long.weight", np.ones(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("length, original, default", [
+    (2048, 512, 512),  # the embedded tiny model: trained at 512, LongRoPE to 2048
+    (131072, 4096, 4096),  # Phi-3.5-mini (Borea): the original context, not the 4096 cap by chance
+    (131072, None, 4096),  # a long context without LongRoPE: capped
+    (2048, None, 2048),  # a short one: its own
+    (131072, 3000, 2816),  # an original off llama.cpp's 256-position rounding: rounded down to stay within it
+])
+def test_the_default_context_keeps_longrope_on_its_short_factors(tmp_path, length, original, default):
+    rule = llamacpp.context(_metadata_gguf(tmp_path / "m.gguf", length, original))
+    assert (rule.length, rule.original, rule.default) == (length, original, default)
+    assert not rule.long_factors(rule.default) and rule.warning(rule.default) is None
+    if original:
+        assert rule.long_factors(original + 1) and "long rope factors to every prompt" in rule.warning(original + 1)
+        assert llamacpp.trained_context(tmp_path / "m.gguf") == original
+    assert (rule.warning(length + 1) or "") != ""

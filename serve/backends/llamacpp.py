@@ -7,11 +7,9 @@ touches the decoding context. Decoding is one batched context for all requests (
 from __future__ import annotations
 
 import codecs
-import ctypes
 import logging
 import os
 from pathlib import Path
-
 
 from aegis import llamacpp
 
@@ -19,22 +17,6 @@ from .base import Backend, Control, Detokenizer, end_of_turn_ids
 from .llamacpp_batch import LlamaBatch
 
 log = logging.getLogger(__name__)
-
-
-def _quiet_logs() -> None:
-    # llama.cpp writes its loader chatter straight to stderr from C; route it through a no-op callback.
-    llama_cpp = llamacpp.runtime()
-
-    @llama_cpp.llama_log_callback
-    def _drop(level, text, user_data):  # noqa: ARG001
-        pass
-
-    global _LOG_CALLBACK
-    _LOG_CALLBACK = _drop  # keep a reference: llama.cpp holds the raw pointer
-    llama_cpp.llama_log_set(_drop, ctypes.c_void_p(0))
-
-
-_LOG_CALLBACK = None
 
 
 class LlamaDetokenizer(Detokenizer):
@@ -57,25 +39,20 @@ class LlamaCppBackend(Backend):
     def __init__(self, path: Path, n_ctx: int = 0, n_threads: int = 0, n_batch: int = 512, gpu_layers: int = -1):
         llama_cpp = llamacpp.runtime()
 
-        _quiet_logs()
         self.path = Path(path)
-        self._vocab_llm = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+        self._vocab_llm = llamacpp.open_vocab(self.path)
+        llamacpp.quiet()  # llama.cpp's loader chatter is no use in the server's log
         model = self._vocab_llm._model
         self._vocab = model.vocab
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        # a vocab-only load has no hyperparameters (n_ctx_train() is 0): read the context from the metadata
-        meta = self._vocab_llm.metadata
-        arch = meta.get("general.architecture", "")
-        n_ctx_train = int(meta.get(f"{arch}.context_length", 0) or 0) or 4096
-        # Long-context models (Phi-3.5: 128k) would reserve a huge KV cache per worker; 4096 unless asked.
-        self.context_length = n_ctx or min(n_ctx_train, 4096)
-        short = llamacpp.trained_context(self.path)
-        if short and short < min(self.context_length, n_ctx_train):
-            # llama.cpp picks LongRoPE's factors once per context, transformers per sequence
-            log.info("%s: a context of %d is above the original %d, so llama.cpp applies the long rope factors to "
-                     "every prompt; --ctx-size %d runs short prompts as transformers does", self.path.name,
-                     self.context_length, short, short)
-        self.n_ctx_train = n_ctx_train
+        # the one rule (aegis.llamacpp.Context): the model's context, a LongRoPE model's original one, at most 4096;
+        # export's parity records its greedy replies in the same context
+        rule = llamacpp.context(self.path)
+        self.context_length = n_ctx or rule.default
+        self.n_ctx_train = rule.length or self.context_length
+        if n_ctx and (why := rule.warning(n_ctx)):
+            log.warning("%s: --ctx-size %d: %s; the default (--ctx-size 0) serves %d", self.path.name, n_ctx, why,
+                        rule.default)
         # half the cores, as llama-cpp-python's own server does: on shared or busy cores more threads than free
         # cores make llama.cpp's thread barriers spin and slow everything down
         self.n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
@@ -134,13 +111,7 @@ class LlamaCppBackend(Backend):
         """The bytes a token stands for (b"" for control tokens), cached: the vocabulary never changes."""
         got = self._pieces.get(token)
         if got is None:
-            llama_cpp = llamacpp.runtime()
-            buf = ctypes.create_string_buffer(64)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-            if n > len(buf):  # a piece longer than the buffer: ask again with the size it told us
-                buf = ctypes.create_string_buffer(n)
-                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-            got = self._pieces[token] = buf.raw[:max(n, 0)]
+            got = self._pieces[token] = llamacpp.piece(self._vocab, token)
         return got
 
     def detokenizer(self) -> Detokenizer:

@@ -45,21 +45,11 @@ class LlamaBatch:
         self.backend = backend
         self.slots = [Slot(i) for i in range(slots)]
         self.n_batch = max(backend.n_batch, slots)
-        mp = lib.llama_model_default_params()
-        mp.n_gpu_layers = backend.gpu_layers
-        mp.use_extra_bufts = backend.loader.extra_bufts
-        self.model = lib.llama_model_load_from_file(str(backend.path).encode(), mp)
-        if not self.model:
-            raise RuntimeError(f"{backend.path}: llama.cpp could not load the model")
+        self.model = llamacpp.load_model(backend.path, backend.loader.extra_bufts, backend.gpu_layers)
         self.placement = placement(lib, self.model, backend.gpu_layers)
         log.info("%s: %s", backend.path.name, self.placement)
-        cp = lib.llama_context_default_params()
-        cp.n_ctx = backend.context_length * slots
-        cp.n_batch = cp.n_ubatch = self.n_batch
-        cp.n_seq_max = slots
-        cp.kv_unified = False  # each slot gets a whole context of its own
-        cp.n_threads = cp.n_threads_batch = backend.n_threads
-        cp.no_perf = True
+        # the same context as export's recorded greedy replies (aegis.llamacpp.greedy), per slot
+        cp = llamacpp.context_params(backend.context_length, slots, self.n_batch, backend.n_threads)
         self.ctx = lib.llama_init_from_model(self.model, cp)
         if not self.ctx:
             lib.llama_model_free(self.model)
