@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import safe_open
 
-from .errors import CheckpointError
+from .errors import CheckpointError, no_space, out_of_room
 from .manifest import FORMAT_VERSION, MANIFEST, verify, write_manifest  # noqa: F401 - checkpoint I/O's names
 
 # torch (and safetensors' torch side) is imported by the functions that move tensors, not here: export's commands
@@ -174,15 +174,35 @@ def commit(tmp: Path, dest: Path) -> None:
 
 def save(dest: Path, *, model, soul, tokenizer, optimizer=None, scheduler=None, soul_meta: dict,
          trainer_state: dict | None = None, before_commit=None) -> Path:
-    """Write a complete checkpoint at `dest` atomically. `before_commit(tmp)` is a test hook."""
-    from safetensors.torch import save_file
-
+    """Write a complete checkpoint at `dest` atomically. `before_commit(tmp)` is a test hook. A write that fails
+    leaves nothing behind (the temporary directory goes, an older `dest` stays); one that ran out of room is a
+    NoSpaceError naming `dest` and about what it needs (the size of the run's newest checkpoint)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+        _write(tmp, model, soul, tokenizer, optimizer, scheduler, soul_meta, trainer_state)
+    except Exception as e:  # not on an interrupt: that stands for a kill, whose leftovers prune() clears
+        written = _bytes_in(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if out_of_room(e):
+            run = dest.parent if dest.name == FINAL else dest.parent.parent
+            like = latest(run, resumable=optimizer is not None)  # the same tensors, so about the same size
+            needed = max(_bytes_in(like), written) if like is not None else None
+            raise no_space(dest, e, needed, written, then="continue with --resume") from None
+        raise
+    if before_commit is not None:
+        before_commit(tmp)
+    commit(tmp, dest)
+    return dest
+
+
+def _write(tmp: Path, model, soul, tokenizer, optimizer, scheduler, soul_meta: dict, trainer_state: dict | None):
+    from safetensors.torch import save_file
+
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     save_soul(tmp / SOUL, soul, soul_meta)
@@ -195,10 +215,10 @@ def save(dest: Path, *, model, soul, tokenizer, optimizer=None, scheduler=None, 
         state["format_version"] = FORMAT_VERSION
         (tmp / STATE).write_text(json.dumps(state, indent=1))
     write_manifest(tmp)
-    if before_commit is not None:
-        before_commit(tmp)
-    commit(tmp, dest)
-    return dest
+
+
+def _bytes_in(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) if Path(folder).is_dir() else 0
 
 
 def is_complete(path: Path, resumable: bool = False) -> bool:

@@ -21,6 +21,7 @@ ALPHA_MODES = ("scheduled", "learned")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MIXES = ("interpolate", "residual")  # soul.mix (aegis/soul.py has the maths)
 INITS = ("identity", "random")  # soul.init
+SEED_MAX = 2**32 - 1  # train.seed seeds Python's, numpy's and torch's generators
 
 
 @dataclass
@@ -95,10 +96,15 @@ class Config:
 
 
 class ConfigError(AegisError):
+    """Every problem of a configuration; one problem is one line, `source: problem`."""
+
     def __init__(self, source: str, problems: list[str]):
         self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s) in the configuration:\n" +
-                         "\n".join(f"  - {p}" for p in problems))
+        if len(problems) == 1:
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            super().__init__(f"{source}: {len(problems)} problem(s) in the configuration:\n" +
+                             "\n".join(f"  - {p}" for p in problems))
 
 
 def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
@@ -238,6 +244,8 @@ def validate(cfg: Config) -> list[str]:
     positive("train.save_steps", tr.save_steps)
     positive("train.keep_last", tr.keep_last, zero_ok=True)
     positive("train.memory_budget_gib", tr.memory_budget_gib)
+    if not 0 <= tr.seed <= SEED_MAX:  # numpy's generator, seeded with it, takes no other
+        p.append(f"train.seed: must be in [0, {SEED_MAX}], got {tr.seed}")
     if tr.max_length < 16:
         p.append(f"train.max_length: must be at least 16, got {tr.max_length}")
     if not cfg.data.train:
@@ -248,9 +256,17 @@ def validate(cfg: Config) -> list[str]:
 def load(path: str | Path, overrides: list[str] = ()) -> Config:
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(str(path), ["file not found"]) from None
+    except OSError as e:  # a directory, no permission
+        raise ConfigError(str(path), [f"cannot be read ({e.strerror or e})"]) from None
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}", [f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                                            f"a config is a TOML file"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), [f"not valid TOML: {e}"]) from None
     return build(raw, overrides, source=str(path))

@@ -27,6 +27,7 @@ AUTO_TARGETS = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 
@@ -44,6 +45,21 @@ def check_architecture(config_path: Path) -> None:
                          f"supported; AEGIS trains and exports causal LMs of: {', '.join(AUTO_TARGETS)}")
 
 
+def check_model_dir(path: Path) -> None:
+    """A local base must hold a model as transformers saves one: config.json, safetensors weights (no pickle is
+    ever loaded) and a tokenizer. What is missing is named before anything tries to load it."""
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any(path.glob("*.safetensors")):
+        missing.append("weights (*.safetensors)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(f"a tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    if missing:
+        raise ModelError(f"model.base: {path} is not a Hugging Face model directory: it has no "
+                         f"{', no '.join(missing)}")
+
+
 def resolve_base(base: str, revision: str = "") -> Path:
     """A local directory for `base`: the embedded tiny model, an existing directory, or a hub snapshot; its
     architecture is checked first (a hub model's config.json is fetched alone before the weights).
@@ -55,7 +71,8 @@ def resolve_base(base: str, revision: str = "") -> Path:
     path = Path(base).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
-            check_architecture(path / "config.json")
+            check_architecture(path / "config.json")  # the first thing to say about a family AEGIS cannot take
+        check_model_dir(path)
         return path
     if path.exists() or base.startswith((".", "/", "~")) or base.count("/") != 1:
         raise ModelError(f"model.base: {base!r} is neither a directory with a model nor a hub id (owner/name)")
@@ -155,22 +172,28 @@ def add_lora(model: nn.Module, cfg: Config, checkpointing: bool = False):
 def memory_plan(cfg: Config, base_config, device: torch.device | None = None, log=None):
     """The step's memory estimate, gradient checkpointing, micro-batch and dequantized base for the base's config
     (aegis/memory.py), for `device` (by default this machine's), within train.memory_budget_gib or what the GPU has
-    free if that is less (said through `log`)."""
+    free (on the CPU: the machine's memory) if that is less (said through `log`). A step that cannot fit even so is
+    a ConfigError with the estimate and the budget."""
+    import os
+
     import torch
 
-    from .memory import device_budget
+    from .memory import device_budget, refuse_over_budget
 
     device = device or device_for()
-    free = None
     if device.type == "cuda" and torch.cuda.is_available():
-        free = torch.cuda.mem_get_info(device)[0] / 2**30
-    budget, note = device_budget(cfg.train.memory_budget_gib, free)
+        budget, note = device_budget(cfg.train.memory_budget_gib, torch.cuda.mem_get_info(device)[0] / 2**30)
+    else:  # the step runs in the machine's memory: its size, not what happens to be free now (plans stay the same)
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        budget, note = device_budget(cfg.train.memory_budget_gib, total, "this machine has {:.1f} GiB of memory")
     if note and log is not None:
         log(note)
-    return make_plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4",
-                     budget, cfg.model.gradient_checkpointing, cfg.train.offload_activations,
-                     cfg.train.dequantized_base, gpu=device.type == "cuda", tiled=cfg.train.tiled_mlp,
-                     tiled_attention=cfg.train.tiled_attention)
+    p = make_plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4",
+                  budget, cfg.model.gradient_checkpointing, cfg.train.offload_activations,
+                  cfg.train.dequantized_base, gpu=device.type == "cuda", tiled=cfg.train.tiled_mlp,
+                  tiled_attention=cfg.train.tiled_attention)
+    refuse_over_budget(p, cfg.train.max_length, cfg.train.batch_size)
+    return p
 
 
 def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=print, plan=None):
@@ -196,9 +219,6 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
                if split > 1 else "")
             + (f"; base {'dequantized once' if p.dequantized_base else 'kept at 4 bits'} ({p.why_base})"
                if cfg.model.quantization == "nf4" else ""))
-    if device.type == "cuda" and p.estimate_gib > p.budget_gib:
-        log(f"warning: the step is estimated at {p.estimate_gib:.1f} GiB even at micro-batch 1, over "
-            f"train.memory_budget_gib {p.budget_gib:g}; lower train.max_length")
     dtype = compute_dtype(cfg.model.dtype, device)
     model = load_base(base_path, cfg.model.quantization, dtype, device)
     from .causal import use_causal_sdpa

@@ -4,6 +4,7 @@
     RUN/metrics.jsonl            one record per logged step (aegis/metrics.py)
     RUN/checkpoints/step_N/      complete step checkpoints, and RUN/final/ when the schedule ends (aegis/checkpoint.py)
     RUN/summary.json             written last, when the run has finished
+    RUN/train.lock               locked by the trainer using the directory (train/rundir.py); it stays, unlocked
     RUN/export/                  what `python -m export` makes of it
 
 The run's config is read here and nowhere else, through the same loader and validation as a config file. What
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from .checkpoint import TMP_PREFIX
 from .config import Config, load, to_toml
+from .errors import no_space, out_of_room
 
 CONFIG = "config.toml"
 SUMMARY = "summary.json"
@@ -31,10 +33,18 @@ def read_config(run_dir: Path) -> Config | None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """A run file under a temporary name, then renamed: a reader never sees half of it."""
+    """A run file under a temporary name, then renamed: a reader never sees half of it, and a write that runs out
+    of room leaves the older file as it was (NoSpaceError)."""
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    data = text.encode("utf-8")
+    try:
+        tmp.write_bytes(data)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if out_of_room(e):
+            raise no_space(path, e, len(data)) from None
+        raise
     os.replace(tmp, path)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aegis import checkpoint, runs
 from aegis.digest import sha256_file
-from aegis.errors import AegisError
+from aegis.errors import AegisError, no_space, out_of_room
 
 TMP_PREFIX = ".tmp-"
 
@@ -27,18 +27,20 @@ def tmp_sibling(dest: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: Path):
-    """Yields a fresh temporary directory beside `dest`; on success it replaces `dest` in one rename."""
+def atomic_dir(dest: Path, needed: int | None = None, shown: str | None = None):
+    """Yields a fresh temporary directory beside `dest`; on success it replaces `dest` in one rename. On failure it
+    is removed; a failure for want of room is then a NoSpaceError naming `dest` (or `shown`) with `needed` bytes."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(dest)
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_no_space(e, dest, needed, shown)
         raise
     if dest.exists():
         old = dest.with_name(f"{TMP_PREFIX}old-{dest.name}-{os.getpid()}")
@@ -50,17 +52,24 @@ def atomic_dir(dest: Path):
 
 
 @contextlib.contextmanager
-def atomic_file(dest: Path):
-    """Yields a temporary path beside `dest`; on success it is renamed onto `dest`, on failure removed."""
+def atomic_file(dest: Path, needed: int | None = None, shown: str | None = None):
+    """Yields a temporary path beside `dest`; on success it is renamed onto `dest`, on failure removed (and a
+    failure for want of room is a NoSpaceError, as in `atomic_dir`)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(dest)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        _raise_no_space(e, dest, needed, shown)
         raise
     os.replace(tmp, dest)
+
+
+def _raise_no_space(e: BaseException, dest: Path, needed: int | None, shown: str | None) -> None:
+    if isinstance(e, Exception) and not isinstance(e, AegisError) and out_of_room(e):
+        raise no_space(dest, e, needed, shown=shown) from None
 
 
 def unwritable(dest: Path) -> str | None:
@@ -80,8 +89,9 @@ def unwritable(dest: Path) -> str | None:
 
 
 def write_text(dest: Path, text: str) -> None:
-    with atomic_file(dest) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    data = text.encode("utf-8")
+    with atomic_file(dest, len(data)) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json(dest: Path, data) -> None:

@@ -189,7 +189,9 @@ def merge(ckpt: Path, out: Path, base: str | None = None, dtype: str = "float32"
     merged.config.use_cache = True
     gate = float(soul.gate())
     report = None
-    with atomic_dir(out) as tmp:
+    # what the weights take on disk (safetensors adds a header of a few KiB): the room a full disk is short of
+    needed = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
+    with atomic_dir(out, needed) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         _copy_extras(tmp, ckpt, base_path)

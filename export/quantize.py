@@ -8,13 +8,34 @@ captured from its log and reported."""
 from __future__ import annotations
 
 import ctypes
+import errno
+import os
 import re
+import shutil
 from pathlib import Path
 
 from aegis import llamacpp
+from aegis.errors import no_space, out_of_room
 
 from . import names
 from .files import ExportError, atomic_file
+
+FULL_BELOW = 1 << 20  # free bytes under which a failed write is taken for a full file system
+
+
+def _no_room(tmp: Path, written: int, log: str) -> int | None:
+    """Why llama.cpp's write stopped, if for want of room (ENOSPC, EFBIG): its writer may report a failed write
+    without the OS's reason, so the file system and the file-size limit are looked at too."""
+    import resource
+
+    if out_of_room(OSError(log)):
+        return errno.EFBIG if "File too large" in log else errno.ENOSPC
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and written >= limit:
+        return errno.EFBIG
+    if shutil.disk_usage(tmp.parent).free < FULL_BELOW:
+        return errno.ENOSPC
+    return None
 
 
 def llama_quantize(src: Path, dest: Path, out_type: str, threads: int = 0) -> list[str]:
@@ -39,6 +60,11 @@ def llama_quantize(src: Path, dest: Path, out_type: str, threads: int = 0) -> li
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
             if rc != 0:
                 tail = "".join(lines)[-2000:]
+                written = tmp.stat().st_size if tmp.exists() else 0
+                code = _no_room(tmp, written, tail)
+                if code is not None:
+                    tmp.unlink(missing_ok=True)  # first, so that the free space reported is what a retry finds
+                    raise no_space(dest, OSError(code, os.strerror(code)), written=written)
                 raise ExportError(f"llama.cpp could not quantize {src} to {out_type} (code {rc}):\n{tail}")
     finally:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))

@@ -230,18 +230,21 @@ def write_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = Non
     fallbacks: list[str] = []
     plan = plan_tensors(src, hp, target, fallbacks)
     counts: dict[str, int] = {}
-    with atomic_file(out) as tmp:
+    infos = []  # (name, shape, dtype, bytes, raw type): known before a byte is written, so is the size
+    for p in plan:
+        if p.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dt = np.dtype(np.float32 if p.qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+            infos.append((p.gguf, p.shape, dt, int(np.prod(p.shape)) * dt.itemsize, None))
+        else:
+            byte_shape = gguf.quant_shape_to_byte_shape(p.shape, p.qtype)
+            infos.append((p.gguf, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), p.qtype))
+        counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
+    needed = sum(info[3] for info in infos)  # the tensor data; the header and vocabulary add little
+    with atomic_file(out, needed, shown=str(out.parent / label) if label else None) as tmp:
         writer = gguf.GGUFWriter(str(tmp), names.arch_name(hp.model_type))
         notes = write_metadata(writer, hp, vocab, name or default_name(model_dir), int(names.TYPES[out_type]))
-        for p in plan:
-            if p.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                dt = np.float32 if p.qtype == gguf.GGMLQuantizationType.F32 else np.float16
-                writer.add_tensor_info(p.gguf, p.shape, np.dtype(dt), int(np.prod(p.shape)) * np.dtype(dt).itemsize)
-            else:
-                byte_shape = gguf.quant_shape_to_byte_shape(p.shape, p.qtype)
-                writer.add_tensor_info(p.gguf, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
-                                       raw_dtype=p.qtype)
-            counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
+        for gname, shape, dt, nbytes, raw in infos:
+            writer.add_tensor_info(gname, shape, dt, nbytes, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

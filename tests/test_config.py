@@ -64,3 +64,28 @@ def test_resolved_config_round_trips():
     cfg = load(ROOT / "configs" / "quickstart.toml", ["train.seed=7"])
     again = build(tomllib.loads(to_toml(cfg)))
     assert again == cfg
+
+
+def test_one_problem_is_one_line_naming_file_and_key(tmp_path):
+    bad = tmp_path / "one.toml"
+    bad.write_text("[train]\nseed = -1\n")
+    with pytest.raises(ConfigError) as err:
+        load(bad)
+    assert str(err.value) == f"{bad}: train.seed: must be in [0, 4294967295], got -1"
+
+
+def test_seeds_numpy_cannot_take_are_refused():
+    assert build({}, [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
+    assert build({}, ["train.seed=0"]).train.seed == 0
+    for seed in (-1, 2**32, 2**70):
+        with pytest.raises(ConfigError, match=rf"train\.seed: must be in \[0, 4294967295\], got {seed}"):
+            build({}, [f"train.seed={seed}"])
+
+
+def test_a_binary_or_unreadable_config_names_the_file(tmp_path):
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"[model]\n\xff\xfe\x00\x01")
+    with pytest.raises(ConfigError, match=r"binary\.toml:2: not UTF-8 text \(byte 0xff at offset 8\)"):
+        load(binary)
+    with pytest.raises(ConfigError, match=r"cannot be read \(Is a directory\)"):
+        load(tmp_path)

@@ -91,6 +91,23 @@ def test_bad_lines_can_be_skipped_and_counted(tmp_path, tok):
     assert len(ex) == 1 and "skipped 2 bad record(s)" in seen[0] and "bad.jsonl:2" in seen[0]
 
 
+def test_a_lone_surrogate_is_a_bad_record_wherever_it_is(tmp_path, tok):
+    """JSON's unpaired \\ud800 escape decodes to a string no tokenizer takes: a bad record naming its field."""
+    src = _jsonl(tmp_path / "bad.jsonl", [{"text": "良い行"}, '{"text": "a\\ud800b"}',
+                                          '{"messages": [{"role": "user", "content": "q"}, '
+                                          '{"role": "assistant", "content": "\\udfff"}]}',
+                                          '{"instruction": "x\\ud83d", "output": "y"}'])
+    with pytest.raises(data.DataError) as err:
+        data.load([str(src)], tok)
+    for line, field in [(2, "text"), (3, "messages[1].content"), (4, "instruction")]:
+        assert f"{src}:{line}: {field} holds a lone surrogate" in str(err.value)
+    seen = []
+    assert len(data.load([str(src)], tok, skip_bad=True, log=seen.append)) == 1
+    assert "skipped 3 bad record(s)" in seen[0]
+    pair = _jsonl(tmp_path / "pair.jsonl", ['{"text": "\\ud83d\\ude00"}'])  # a surrogate pair is one character
+    assert len(data.load([str(pair)], tok)) == 1
+
+
 def test_missing_and_unsupported_sources(tmp_path, tok):
     with pytest.raises(data.DataError, match="nope.jsonl: no such file"):
         data.load([str(tmp_path / "nope.jsonl")], tok)

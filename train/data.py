@@ -67,6 +67,27 @@ def resolve(source: str) -> list[Path]:
 
 def _check_record(obj) -> tuple[str, object]:
     """('text'|'messages', payload) for a valid record; raises ValueError naming the bad field."""
+    _check_unicode(obj, "")
+    return _record(obj)
+
+
+def _check_unicode(value, where: str) -> None:
+    """JSON's \\ud800-\\udfff escapes decode to lone surrogates: not text, and no tokenizer takes them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where or 'the record'} holds a lone surrogate {value[e.start]!r} at character "
+                             f"{e.start} (an unpaired \\u escape: not valid Unicode)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{where}[{i}]")
+
+
+def _record(obj) -> tuple[str, object]:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:

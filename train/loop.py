@@ -22,7 +22,8 @@ from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
 from aegis import checkpoint, loading as model_mod, runs, schedule, soul as soul_mod
 from aegis.config import EMBEDDED, Config, to_dict
-from aegis.metrics import METRICS, JsonlSink, MetricLogger, ProgressSink
+from aegis.errors import no_space, out_of_room
+from aegis.metrics import METRICS, JsonlSink, MetricLogger, ProgressSink, read as read_metrics
 
 from . import data, graphs, profile, rundir
 from .loss import count_targets, micro_loss
@@ -47,19 +48,22 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = Fals
     """Train `cfg` into `run_dir`; returns the final checkpoint. `resume` continues the run there from its newest
     checkpoint that verifies; `overwrite` deletes a run there first; without either, a run there is an error."""
     recipe = Recipe(cfg, Path(run_dir), log)
-    start = recipe.check(resume, overwrite)
-    if start is not None and start.name == checkpoint.FINAL:
-        recipe.log(f"{run_dir}: the run already finished ({checkpoint.FINAL}/ verifies); nothing to resume")
-        return start
-    recipe.set_up()
-    if start is not None:
-        recipe.restore(start)
-    recipe.begin(show_progress=progress)
-    while recipe.progress.step < cfg.schedule.total_steps:
-        recipe.record(recipe.step())
-        if recipe.progress.step % cfg.train.save_steps == 0:
-            recipe.save(recipe.run_dir / checkpoint.CHECKPOINTS / f"step_{recipe.progress.step}")
-    recipe.finish()
+    try:
+        start = recipe.check(resume, overwrite)  # takes the directory's lock (train/rundir.py)
+        if start is not None and start.name == checkpoint.FINAL:
+            recipe.log(f"{run_dir}: the run already finished ({checkpoint.FINAL}/ verifies); nothing to resume")
+            return start
+        recipe.set_up()
+        if start is not None:
+            recipe.restore(start)
+        recipe.begin(show_progress=progress)
+        while recipe.progress.step < cfg.schedule.total_steps:
+            recipe.record(recipe.step())
+            if recipe.progress.step % cfg.train.save_steps == 0:
+                recipe.save(recipe.run_dir / checkpoint.CHECKPOINTS / f"step_{recipe.progress.step}")
+        recipe.finish()
+    finally:
+        rundir.unlock(recipe.run_dir)
     return recipe.run_dir / checkpoint.FINAL
 
 
@@ -88,8 +92,11 @@ class Recipe:
     # ---- set up -----------------------------------------------------------------------------------------------
 
     def set_up(self) -> None:
-        """Tokenizer and data, then base + LoRA + soul, then optimizer and LR schedule."""
+        """The memory plan (from the base's config alone), tokenizer and data, then base + LoRA + soul, then
+        optimizer and LR schedule: a step that cannot fit, or bad data, is refused before any weights load."""
         base_path = model_mod.resolve_base(self.cfg.model.base, self.cfg.model.revision)
+        self.base_config = AutoConfig.from_pretrained(base_path)
+        self.mem = model_mod.memory_plan(self.cfg, self.base_config, self.acc.device, self.log)
         self._set_up_data(base_path)
         self._set_up_model(base_path)
         self._set_up_optimizer()
@@ -105,10 +112,8 @@ class Recipe:
 
     def _set_up_model(self, base_path: Path) -> None:
         cfg, acc = self.cfg, self.acc
-        base_config = AutoConfig.from_pretrained(base_path)
-        self.mem = model_mod.memory_plan(cfg, base_config, acc.device, self.log)
         self.use_graphs, why = graphs.decide(cfg.train.cuda_graphs, acc.device, acc.num_processes,
-                                             self.mem.gradient_checkpointing, base_config)
+                                             self.mem.gradient_checkpointing, self.base_config)
         if acc.device.type == "cuda":
             self.log(f"CUDA graphs {'on' if self.use_graphs else 'off'}: {why}")
         self.model, self.soul = model_mod.build(cfg, base_path, acc.device, cfg.train.seed, log=self.log,
@@ -155,7 +160,16 @@ class Recipe:
         sink = JsonlSink(self.run_dir / METRICS)
         if self.main:
             runs.write_config(self.run_dir, self.cfg)
-            sink.truncate_after(self.progress.step)
+            try:
+                sink.truncate_after(self.progress.step)
+            except OSError as e:
+                if out_of_room(e):
+                    raise no_space(self.run_dir / METRICS, e) from None
+                raise
+            # what summary.json reports if this session takes no step (a finished run whose final/ failed its
+            # digests is resumed from its last step checkpoint and only writes final/ again)
+            self.progress.last = next((r for r in reversed(read_metrics(self.run_dir))
+                                       if r["step"] == self.progress.step), {})
         bar = ProgressSink(self.cfg.schedule.total_steps, initial=self.progress.step,
                            enabled=show_progress and self.main)
         self.logger = MetricLogger([sink, bar] if self.main else [])
@@ -252,7 +266,12 @@ class Recipe:
     def record(self, rec: dict) -> None:
         self.progress.last = rec
         self.progress.tokens += rec["tokens"]
-        self.logger.log(rec)
+        try:
+            self.logger.log(rec)
+        except OSError as e:  # a line cut short is dropped by every reader, and by the resume
+            if out_of_room(e):
+                raise no_space(self.run_dir / METRICS, e, then="continue with --resume") from None
+            raise
         if self.profiler is not None:
             self.profiler.step()
 
@@ -283,6 +302,10 @@ class Recipe:
         if not self.main:
             return
         p, last = self.progress, self.progress.last
+        if not last:  # no step this session and none in metrics.jsonl: the soul itself still says where it stands
+            health = self.soul.health()
+            last = {k: health[k] for k in ("alpha", "gate", "ortho_error")}
+            last["phase"] = schedule.phase(health["alpha"], self.cfg.schedule)
         summary = {"steps": p.step, "final_loss": last.get("loss"), "alpha": last.get("alpha"),
                    "gate": last.get("gate"), "phase": last.get("phase"), "ortho_error": last.get("ortho_error"),
                    "tokens_this_session": p.tokens, "seconds_this_session": round(time.time() - p.started, 1),

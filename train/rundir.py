@@ -3,6 +3,7 @@ and the checkpoint a resume starts from (the newest that verifies, trained with 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +16,8 @@ from aegis.runs import CONFIG, SUMMARY
 
 # What a run (and `python -m export all --run` by default) writes into its directory; `--overwrite` removes these.
 RUN_ENTRIES = (checkpoint.FINAL, checkpoint.CHECKPOINTS, METRICS, SUMMARY, CONFIG, "profile.txt", "export")
+LOCK = "train.lock"  # held by the trainer using the directory (`lock`)
+_held: dict[Path, int] = {}
 # Keys that change the shape or number of a checkpoint's tensors: a resume must keep them.
 SHAPE_KEYS = ("model.base", "lora.r", "lora.target_modules", "soul.alpha_mode")
 
@@ -42,6 +45,8 @@ def prepare(run_dir: Path, resume: bool, overwrite: bool, main: bool = True, log
                        f"clean with --overwrite (which deletes it)")
     if not main:
         return
+    _writable(run_dir)
+    lock(run_dir)  # before --overwrite deletes anything: the run there may be a live one
     if overwrite and found:
         for name in RUN_ENTRIES:
             path = run_dir / name
@@ -50,6 +55,9 @@ def prepare(run_dir: Path, resume: bool, overwrite: bool, main: bool = True, log
             elif path.exists():
                 path.unlink()
         log(f"{run_dir}: --overwrite removed the earlier run")
+
+
+def _writable(run_dir: Path) -> None:
     probe = run_dir / f"{checkpoint.TMP_PREFIX}probe-{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -57,6 +65,33 @@ def prepare(run_dir: Path, resume: bool, overwrite: bool, main: bool = True, log
         probe.unlink()
     except OSError as e:
         raise RunError(f"{run_dir}: cannot be written ({e.strerror or e})") from None
+
+
+def lock(run_dir: Path) -> None:
+    """Hold the run directory for this process's lifetime: a second trainer there (a --resume while the run still
+    trains would read checkpoints the live run prunes) fails at once, naming the first one's PID. An flock on an
+    open file: the kernel drops it when the process ends, however it ends (kill -9 too), so none is ever stale.
+    The file stays; removing it would let two processes lock two different files of the same name."""
+    path = Path(run_dir) / LOCK
+    if path.parent.resolve() in _held:
+        return  # this process holds it already
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RunError(f"{run_dir}: in use by another trainer (PID {holder}, holding {path}); wait for it to "
+                       f"finish or stop it, then run again") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[path.parent.resolve()] = fd  # kept open, and so locked, until `unlock` or the process's end
+
+
+def unlock(run_dir: Path) -> None:
+    fd = _held.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def resume_point(run_dir: Path, cfg: Config, world: int, log=print) -> tuple[Path | None, dict]:
