@@ -28,7 +28,9 @@ def served_files(request) -> tuple[Path, Path]:
 def server(served_files, tmp_path_factory):
     gguf, _ = served_files
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with Server("--model", f"tiny={gguf}", "--parallel", "2", "--threads", "1", api_key=KEY, log_path=log) as s:
+    # the embedded model's whole context (serve's default is its original 512): room for 2000-token generations
+    with Server("--model", f"tiny={gguf}", "--parallel", "2", "--threads", "1", "--ctx-size", "2048", api_key=KEY,
+                log_path=log) as s:
         yield s
         assert s.alive(), f"the server died during the tests:\n{s.log()}"
 
@@ -253,8 +255,8 @@ def test_abandoned_non_stream_request_is_cancelled(server):
 def limited(served_files, tmp_path_factory):
     gguf, _ = served_files
     log = tmp_path_factory.mktemp("serve") / "limited.log"
-    with Server("--model", str(gguf), "--parallel", "1", "--threads", "1", "--queue-size", "0", "--timeout", "0.25",
-                "--max-body", "4096", log_path=log) as s:
+    with Server("--model", str(gguf), "--parallel", "1", "--threads", "1", "--ctx-size", "2048", "--queue-size", "0",
+                "--timeout", "0.25", "--max-body", "4096", log_path=log) as s:
         yield s
 
 

@@ -201,10 +201,12 @@ class Server:
 @contextlib.contextmanager
 def tiny_server(request, tmp_path_factory, *args: str, name: str = "tiny"):
     """The test run's GGUF served as `name` (one llama.cpp thread; more options in args); it must still be alive
-    when the tests are done with it."""
+    when the tests are done with it. Its context is the embedded model's whole 2048, not serve's default (the
+    original 512, where replies are what export checked: tests/test_served_parity.py), for the tool prompts (some
+    830 tokens) and long generations these tests send."""
     gguf, _ = served_files(request)
     log = tmp_path_factory.mktemp("serve") / f"{name}.log"
-    with Server("--model", f"{name}={gguf}", "--threads", "1", *args, log_path=log) as server:
+    with Server("--model", f"{name}={gguf}", "--threads", "1", "--ctx-size", "2048", *args, log_path=log) as server:
         yield server
         assert server.alive(), f"the server died during the tests:\n{server.log()}"
 
