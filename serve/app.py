@@ -106,7 +106,9 @@ def body_guard(timeout: float):
 
 async def _generate(request: Request, service: Service, kind, prepare, reply) -> Response:
     """Both completion endpoints: decode strictly, prepare, then the one request path."""
-    p = prepare(service.registry, decode(await request.body(), kind))
+    body = await request.body()
+    # preparing builds the request's grammar (a big schema takes a while): on a thread, never on the event loop
+    p = await asyncio.to_thread(lambda: prepare(service.registry, decode(body, kind)))
     return await respond(request, p, reply(p), service.settings.timeout)
 
 

@@ -137,6 +137,9 @@ def _grammar(backend: Backend, req: ChatCompletionRequest, choice: str, defs: li
             grammar = structured.schema_grammar({"type": "object"})
         else:
             grammar = tools.grammar(defs, choice, req.parallel_tool_calls is not False)
+    except structured.SchemaLimit as e:
+        where = e.param or param
+        raise bad_request(f"the schema is beyond a limit at {where}#{e}", where, "schema_too_large") from None
     except structured.SchemaError as e:
         raise _unsupported(f"this schema cannot be enforced: {e}", e.param or param) from None
     except RecursionError:

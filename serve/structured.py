@@ -14,6 +14,12 @@ where it is, never silently loosened. Enforced:
 - patterns: anchored ^...$, literals, classes such as [a-z0-9_] (not negated), groups, |, ?, *, +, {m,n}, . (any
   character but a quote, a backslash or a control character); the only escapes are of ( ) [ ] { } * + ? | (a dot
   is spelled [.], a digit [0-9])
+- formats date, time and date-time are real calendar values (rules of our own, CALENDAR_RULES): years 0001-9999,
+  each month's length, Feb 29 only in Gregorian leap years, times 00:00:00-23:59:59 (no leap second), at most six
+  fraction digits, Z or an offset up to +-23:59, so every value parses with Python's datetime.fromisoformat
+
+Every schema is also held to the LIMITS below before a grammar is built (SchemaLimit names the keyword and the
+limit), so no schema can crash llama.cpp or slow the decoding that every client shares.
 """
 
 from __future__ import annotations
@@ -34,11 +40,54 @@ CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]
 DOT_RULE = r'dot ::= [^"\\\x7F\x00-\x1F]'
 DEF_PREFIX = "aegis-def-"
 
+# ---- limits -------------------------------------------------------------------------------------------------
+# What one request's schemas (response_format's, or all its tools' parameters together) may ask of the grammar.
+# Why each, as measured on the quickstart model (tests/test_hardening_schema.py keeps the measurements honest):
+# - llama.cpp parses a grammar recursively, ~430 bytes of stack per nested group: 8 MB of stack overflows between
+#   15 000 and 20 000 nested groups (SIGSEGV: the whole server goes), a 1 MB thread stack between 2 000 and 3 000.
+#   The converter writes x{0,n} (and maxLength n, maxItems n) as n nested groups, and llama.cpp refuses more than
+#   1 000 of them anyway, but only after recursing through all of them: so no count above MAX_REPEAT gets there.
+# - the grammar runs on the decode thread every client shares: each token costs (parse states alive) x vocabulary.
+#   A repeated group whose body varies in length keeps a state per way to split the text: ^(a?){0,100}$ took
+#   0.2-0.6 s per token, ^(a{0,2}){0,50}$ 0.08 s, ^(a{0,10}){0,10}$ 5 ms; hence MAX_GROUP_REPEAT and
+#   MAX_REPEAT_PRODUCT (^(a{0,15}){0,15}$: 18 ms mean, 38 ms worst). An enum is one alternative per value, alive
+#   while they share a prefix: 1 000 values 35 ms per token (59 worst), 20 000 took seconds per token. Optional
+#   properties of one object are alternatives too (500: 19 ms per token) and the converter builds them in
+#   quadratic time (500: 1.3 s, 100: 0.03 s).
+# - what real applications send fits well within: OpenAI's structured outputs take at most 5 000 properties,
+#   10 levels of nesting, 1 000 enum values and 120 000 characters of names and values; agents send up to 128 tools.
+#   128 tools of 30 optional parameters each (418 KB) build in 0.5 s into a 1.2 MB grammar of 8 196 rules that
+#   llama.cpp takes in 0.06 s, then 5 ms per token.
+MAX_SCHEMA_BYTES = 512 * 1024  # the request's schemas as compact JSON
+MAX_DEPTH = 32  # schemas inside schemas (properties, items, anyOf, ... and through $ref), groups inside a pattern
+MAX_PROPERTIES = 5_000  # object properties, all objects of the request together
+MAX_OPTIONAL_PROPERTIES = 100  # properties one object does not require
+MAX_ALTERNATIVES = 128  # branches of one anyOf (or list of types); tools offered in one request
+MAX_ENUM_VALUES = 1_000  # values of one enum
+MAX_ENUM_BYTES = 128 * 1024  # enum and const values of the request, as JSON text
+MAX_REPEAT = 1_000  # one count: {m,n} in a pattern, minLength/maxLength, minItems/maxItems
+MAX_REPEAT_PRODUCT = 256  # counts multiplied through the groups around them in a pattern
+MAX_GROUP_REPEAT = 16  # times a pattern group that holds a repetition may repeat
+MAX_GRAMMAR_BYTES = 4 * 1024 * 1024  # the grammar text llama.cpp parses (a backstop: the limits above keep it lower)
+MAX_GRAMMAR_RULES = 20_000
+
 
 class SchemaError(ValueError):
     """A schema the grammar cannot enforce; the message says what and where (a JSON pointer inside the schema;
     `param`, where set, is the schema's place in the request)."""
     param: str | None = None
+
+
+class SchemaLimit(SchemaError):
+    """A schema beyond one of the limits above; the message names the keyword (its JSON pointer) and the limit."""
+
+
+def _limit(where: str, what: str, limit: int, unit: str) -> SchemaLimit:
+    return SchemaLimit(f"{where or '/'}: {what}, above the limit of {limit:,}{' ' + unit if unit else ''}")
+
+
+def _pointer(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
 
 
 def _is_type(value, name: str) -> bool:
@@ -50,14 +99,31 @@ def _is_type(value, name: str) -> bool:
 
 class Checker:
     """Checks schemas and gives them back without annotations, every $ref pointing at a definition of its own
-    (`#/$defs/aegis-def-N`, collected in `defs`), so several schemas can share one grammar without name clashes."""
+    (`#/$defs/aegis-def-N`, collected in `defs`), so several schemas can share one grammar without name clashes.
+    One Checker serves one request: the limits that count (bytes, properties, enum values) add up over its schemas."""
 
     def __init__(self):
         self.defs: dict[str, dict] = {}
         self._named: dict[tuple[int, str], str] = {}
+        self.schema_bytes = self.properties = self.enum_bytes = 0
 
-    def clean(self, schema, where: str = "", root=None):
+    def admit(self, schema) -> dict:
+        """A whole schema of the request: its size counted against MAX_SCHEMA_BYTES, then clean."""
+        try:
+            size = len(json.dumps(schema, ensure_ascii=False, separators=(",", ":")).encode())
+        except RecursionError:
+            raise _limit("", "the schema is nested too deeply", MAX_DEPTH, "levels") from None
+        except (TypeError, ValueError) as e:
+            raise SchemaError(f"/: not a JSON schema ({e})") from None
+        self.schema_bytes += size
+        if self.schema_bytes > MAX_SCHEMA_BYTES:
+            raise _limit("", f"the request's schemas take {self.schema_bytes:,} bytes", MAX_SCHEMA_BYTES, "bytes")
+        return self.clean(schema)
+
+    def clean(self, schema, where: str = "", root=None, depth: int = 0):
         root = schema if root is None else root
+        if depth > MAX_DEPTH:
+            raise _limit(where, f"schemas nested {depth} deep", MAX_DEPTH, "levels")
         if schema is True:
             return {}
         if not isinstance(schema, dict):
@@ -65,13 +131,15 @@ class Checker:
         keys = set(schema) - ANNOTATIONS
         if "$ref" in schema:
             self._only(keys, {"$ref"}, where, "beside $ref")
-            return {"$ref": "#/$defs/" + self._define(schema["$ref"], root, where)}
+            return {"$ref": "#/$defs/" + self._define(schema["$ref"], root, where, depth)}
         if "anyOf" in schema:
             self._only(keys, {"anyOf"}, where, "beside anyOf")
             alts = schema["anyOf"]
             if not isinstance(alts, list) or not alts:
                 raise SchemaError(f"{where}/anyOf: must be a non-empty list of schemas")
-            return {"anyOf": [self.clean(s, f"{where}/anyOf/{i}", root) for i, s in enumerate(alts)]}
+            if len(alts) > MAX_ALTERNATIVES:
+                raise _limit(f"{where}/anyOf", f"{len(alts):,} alternatives", MAX_ALTERNATIVES, "per anyOf")
+            return {"anyOf": [self.clean(s, f"{where}/anyOf/{i}", root, depth + 1) for i, s in enumerate(alts)]}
         if "oneOf" in keys or "allOf" in keys:
             word = "oneOf" if "oneOf" in keys else "allOf"
             raise SchemaError(f"{where}/{word}: not supported (the grammar cannot enforce it; use anyOf)")
@@ -89,13 +157,14 @@ class Checker:
                 values = [schema["const"]] if word == "const" else schema["enum"]
                 if word == "enum" and (not isinstance(values, list) or not values):
                     raise SchemaError(f"{where}/enum: must be a non-empty list")
+                self._values(values, f"{where}/{word}")
                 if kind and not all(_is_type(v, kind) for v in values):
                     raise SchemaError(f"{where}/{word}: a value is not of type {kind}")
                 return {word: schema[word]}
         if kind == "object" or (kind is None and keys & {"properties", "required", "additionalProperties"}):
-            return self._object(schema, keys, where, root)
+            return self._object(schema, keys, where, root, depth)
         if kind == "array":
-            return self._array(schema, keys, where, root)
+            return self._array(schema, keys, where, root, depth)
         if kind == "string":
             return self._string(schema, keys, where)
         if kind is None:
@@ -106,38 +175,60 @@ class Checker:
         self._only(keys, {"type"}, where, f"for type {kind}")
         return {"type": kind}
 
-    def _object(self, schema, keys, where, root) -> dict:
+    def _values(self, values: list, where: str) -> None:
+        """enum/const values against MAX_ENUM_VALUES and (with every other of the request) MAX_ENUM_BYTES."""
+        if len(values) > MAX_ENUM_VALUES:
+            raise _limit(where, f"{len(values):,} values", MAX_ENUM_VALUES, "per enum")
+        try:
+            self.enum_bytes += sum(len(json.dumps(v, ensure_ascii=False).encode()) for v in values)
+        except RecursionError:
+            raise _limit(where, "a value nested too deeply", MAX_DEPTH, "levels") from None
+        if self.enum_bytes > MAX_ENUM_BYTES:
+            raise _limit(where, f"the request's enum and const values take {self.enum_bytes:,} bytes",
+                         MAX_ENUM_BYTES, "bytes")
+
+    def _object(self, schema, keys, where, root, depth) -> dict:
         self._only(keys, {"type", "properties", "required", "additionalProperties"}, where, "for objects")
         props = schema.get("properties", {})
         if not isinstance(props, dict):
             raise SchemaError(f"{where}/properties: must be an object")
-        out = {"type": "object", "properties": {k: self.clean(v, f"{where}/properties/{k}", root)
-                                                for k, v in props.items()}}
+        self.properties += len(props)
+        if self.properties > MAX_PROPERTIES:
+            raise _limit(f"{where}/properties", f"the request's schemas have {self.properties:,} properties",
+                         MAX_PROPERTIES, "properties")
         required = schema.get("required", [])
-        if not isinstance(required, list) or any(r not in props for r in required):
+        if not isinstance(required, list) or any(not isinstance(r, str) or r not in props for r in required):
             raise SchemaError(f"{where}/required: must list names under properties")
+        optional = len(props) - len(set(required))
+        if optional > MAX_OPTIONAL_PROPERTIES:
+            raise _limit(f"{where}/properties", f"{optional:,} properties are not required",
+                         MAX_OPTIONAL_PROPERTIES, "optional properties per object")
+        out = {"type": "object", "properties": {k: self.clean(v, f"{where}/properties/{_pointer(k)}", root, depth + 1)
+                                                for k, v in props.items()}}
         if required:
             out["required"] = list(required)
         extra = schema.get("additionalProperties", "absent")
         if isinstance(extra, bool):
             out["additionalProperties"] = extra
         elif extra != "absent":
-            out["additionalProperties"] = self.clean(extra, f"{where}/additionalProperties", root)
+            out["additionalProperties"] = self.clean(extra, f"{where}/additionalProperties", root, depth + 1)
         if not props and "additionalProperties" not in out:
             return {"type": "object"}
         return out
 
-    def _array(self, schema, keys, where, root) -> dict:
+    def _array(self, schema, keys, where, root, depth) -> dict:
         if "prefixItems" in schema:
             self._only(keys, {"type", "prefixItems"} | ({"items"} if schema.get("items") is False else set()),
                        where, "beside prefixItems")
             items = schema["prefixItems"]
             if not isinstance(items, list) or not items:
                 raise SchemaError(f"{where}/prefixItems: must be a non-empty list")
-            return {"type": "array", "prefixItems": [self.clean(s, f"{where}/prefixItems/{i}", root)
+            if len(items) > MAX_REPEAT:
+                raise _limit(f"{where}/prefixItems", f"{len(items):,} items", MAX_REPEAT, "items")
+            return {"type": "array", "prefixItems": [self.clean(s, f"{where}/prefixItems/{i}", root, depth + 1)
                                                      for i, s in enumerate(items)]}
         self._only(keys, {"type", "items", "minItems", "maxItems"}, where, "for arrays")
-        out = {"type": "array", "items": self.clean(schema.get("items", True), f"{where}/items", root)}
+        out = {"type": "array", "items": self.clean(schema.get("items", True), f"{where}/items", root, depth + 1)}
         return self._bounds(schema, out, "minItems", "maxItems", where)
 
     def _string(self, schema, keys, where) -> dict:
@@ -160,8 +251,10 @@ class Checker:
         for word in (low, high):
             if word in schema:
                 value = schema[word]
-                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10_000:
-                    raise SchemaError(f"{where}/{word}: must be an integer from 0 to 10000")
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise SchemaError(f"{where}/{word}: must be a non-negative integer")
+                if value > MAX_REPEAT:
+                    raise _limit(f"{where}/{word}", f"{value:,}", MAX_REPEAT, "")
                 out[word] = value
         if out.get(low, 0) > out.get(high, out.get(low, 0)):
             raise SchemaError(f"{where}: {low} is above {high}")
@@ -173,7 +266,7 @@ class Checker:
         if extra:
             raise SchemaError(f"{where}/{extra[0]}: not supported {context} (the grammar cannot enforce it)")
 
-    def _define(self, ref, root, where: str) -> str:
+    def _define(self, ref, root, where: str, depth: int) -> str:
         if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
             raise SchemaError(f"{where}/$ref: only references inside the schema (#/...) are supported")
         key = (id(root), ref)
@@ -185,39 +278,140 @@ class Checker:
                     raise SchemaError(f"{where}/$ref: {ref} points nowhere")
                 target = target[part]
             name = self._named[key] = f"{DEF_PREFIX}{len(self._named)}"
-            self.defs[name] = self.clean(target, ref[1:], root)  # named first: recursion finds the name
+            # named first: recursion finds the name. A chain of references nests as deep as it is long
+            self.defs[name] = self.clean(target, ref[1:], root, depth + 1)
         return self._named[key]
+
+
+_QUANTIFIER = re.compile(r"[?*+]|\{(\d+)(,(\d*))?\}")
 
 
 def check_pattern(pattern, where: str) -> str:
     if not isinstance(pattern, str) or len(pattern) < 2 or pattern[0] != "^" or pattern[-1] != "$":
         raise SchemaError(f"{where}: a pattern must be anchored, ^...$")
-    body, i, depth = pattern[1:-1], 0, 0
+    body, i = pattern[1:-1], 0
+    # per open group: (the largest count product inside it so far, whether it holds a repetition)
+    groups: list[list] = [[1, False]]
     while i < len(body):
-        c = body[i]
+        c, atom = body[i], True
         if c == "\\":
             if i + 1 >= len(body) or body[i + 1] not in "[](){}*+?|":
                 raise SchemaError(f"{where}: the escape at {i + 1} is not supported (write a class such as [0-9])")
             i += 2
-            continue
-        if c == "[":
+        elif c == "[":
             end = body.find("]", i + 1)
             inner = body[i + 1:end]
             if end < 0 or not inner or inner[0] == "^" or any(ch in '"\\' or ord(ch) < 0x20 for ch in inner):
                 raise SchemaError(f"{where}: the class at {i + 1} is not supported (no negation, escapes or quotes)")
             i = end + 1
+        elif c == "(":
+            if body[i + 1:i + 2] == "?":
+                raise SchemaError(f"{where}: (?...) groups are not supported")
+            groups.append([1, False])
+            if len(groups) > MAX_DEPTH:
+                raise _limit(where, f"groups nested {len(groups) - 1} deep at {i + 1}", MAX_DEPTH, "levels")
+            i, atom = i + 1, False
+        elif c == ")":
+            if len(groups) == 1:
+                raise SchemaError(f"{where}: unbalanced parentheses")
+            inner, repeats = groups.pop()
+            i = _quantified(body, i + 1, inner, repeats, groups[-1], where)
             continue
-        if c == "{" and not re.match(r"\{\d+(,\d*)?\}", body[i:]):
-            raise SchemaError(f"{where}: the repetition at {i + 1} must be {{m}}, {{m,}} or {{m,n}}")
-        if c == "(" and body[i + 1:i + 2] == "?":
-            raise SchemaError(f"{where}: (?...) groups are not supported")
-        depth += (c == "(") - (c == ")")
-        if depth < 0 or c in '^$"' or ord(c) < 0x20 or c == "\x7f":
+        elif c in "{*+?":
+            if c == "{" and not _QUANTIFIER.match(body, i):
+                raise SchemaError(f"{where}: the repetition at {i + 1} must be {{m}}, {{m,}} or {{m,n}}")
+            raise SchemaError(f"{where}: the repetition at {i + 1} repeats nothing")
+        elif c in '^$"' or ord(c) < 0x20 or c == "\x7f":
             raise SchemaError(f"{where}: {c!r} at {i + 1} is not supported inside a pattern")
-        i += 1
-    if depth:
+        else:
+            i += 1
+        if atom:
+            i = _quantified(body, i, 1, False, groups[-1], where)
+    if len(groups) > 1:
         raise SchemaError(f"{where}: unbalanced parentheses")
     return pattern
+
+
+def _quantified(body: str, i: int, inner: int, repeats: bool, parent: list, where: str) -> int:
+    """After an atom or a group (whose largest count product inside is `inner`) at i: its quantifier if any,
+    checked against the limits and recorded in the parent group; the index after it."""
+    m = _QUANTIFIER.match(body, i) if i < len(body) else None
+    if not m:
+        parent[0] = max(parent[0], inner)
+        return i
+    if m.group(1) is not None:
+        low = int(m.group(1))
+        high = low if m.group(2) is None else int(m.group(3)) if m.group(3) else None
+        if high is not None and high < low:
+            raise SchemaError(f"{where}: the repetition at {i + 1} has its maximum below its minimum")
+        count = max(low, high or 0)
+    else:
+        high = 1 if m.group(0) == "?" else None
+        count = 1
+    count = max(count, 1 if high == 1 else 2)  # unbounded: at least two ways to split the text
+    if count > MAX_REPEAT:
+        raise _limit(where, f"the repetition at {i + 1} counts {count:,}", MAX_REPEAT, "")
+    if repeats and count > MAX_GROUP_REPEAT:
+        raise _limit(where, f"the group before {i + 1} holds a repetition and repeats {count:,} times",
+                     MAX_GROUP_REPEAT, "times")
+    product = count * inner
+    if product > MAX_REPEAT_PRODUCT and inner > 1:
+        raise _limit(where, f"the repetitions nested at {i + 1} multiply to {product:,}", MAX_REPEAT_PRODUCT, "")
+    parent[0], parent[1] = max(parent[0], product), True
+    if m.end() < len(body) and body[m.end()] in "{*+?":
+        raise SchemaError(f"{where}: the repetition at {m.end() + 1} repeats a repetition (use a group)")
+    return m.end()
+
+
+class _Converter:
+    """llama-cpp-python's converter with the calendar formats written by our own rules (made lazily: the class
+    lives in llama_cpp, which loads only through aegis.llamacpp.runtime())."""
+    cls = None
+
+    @classmethod
+    def make(cls):
+        if cls.cls is None:
+            llamacpp.runtime()  # llama.cpp loads the one safe way before its package is imported
+            from llama_cpp.llama_grammar import SchemaConverter
+
+            class Converter(SchemaConverter):
+                def visit(self, schema, name):
+                    fmt = schema.get("format")
+                    if schema.get("type") == "string" and fmt in ("date", "time", "date-time"):
+                        rule = self._calendar(fmt)
+                        return self._add_rule(name + "-" if name in ("root", "dot") else name or "root",
+                                              f'"\\"" {rule} "\\"" space')
+                    return super().visit(schema, name)
+
+                def _calendar(self, fmt: str) -> str:
+                    names = {}
+                    for key, text in CALENDAR_RULES:
+                        names[key] = self._add_rule(f"aegis-{key}", text.format(**names))
+                        if key == fmt:
+                            return names[key]
+                    raise AssertionError(fmt)
+
+            cls.cls = Converter
+        return cls.cls(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+
+# RFC 3339 dates and times that Python's datetime reads: years 0001-9999 (year 0 is no Gregorian year and Python
+# has none), month lengths, Feb 29 only in leap years (every 4th, not every 100th, every 400th), seconds 00-59 (no
+# leap second), at most six fraction digits (microseconds). In dependency order; {name} is a rule named before.
+CALENDAR_RULES = [
+    ("year", '[0-9] [0-9] [0-9] [1-9] | [0-9] [0-9] [1-9] "0" | [0-9] [1-9] "00" | [1-9] "000"'),
+    # the last two digits of a leap year that is not a century (04 ... 96), or a leap century's first two
+    ("leap-pair", '"0" [48] | [2468] [048] | [13579] [26]'),
+    ("leap-year", '[0-9] [0-9] {leap-pair} | {leap-pair} "00"'),
+    ("day-28", '"0" [1-9] | "1" [0-9] | "2" [0-8]'),
+    ("month-day", '("01" | "03" | "05" | "07" | "08" | "10" | "12") "-" ({day-28} | "29" | "30" | "31") | '
+                  '("04" | "06" | "09" | "11") "-" ({day-28} | "29" | "30") | "02-" {day-28}'),
+    ("date", '{year} "-" {month-day} | {leap-year} "-02-29"'),
+    ("hour", '[01] [0-9] | "2" [0-3]'),
+    ("time", '{hour} ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9] ([0-9] ([0-9] ([0-9] ([0-9] [0-9]?)?)?)?)?)? '
+             '("Z" | ("+" | "-") {hour} ":" [0-5] [0-9])'),
+    ("date-time", '{date} "T" {time}'),
+]
 
 
 def grammar(schema: dict, defs: dict[str, dict], extra_rules: str = "") -> str:
@@ -225,19 +419,21 @@ def grammar(schema: dict, defs: dict[str, dict], extra_rules: str = "") -> str:
     extra_rules defines root itself (then the schema's rule is `json-reply`)."""
     name = "json-reply" if extra_rules else ""
     doc = {**schema, "$defs": defs} if defs else schema
-    llamacpp.runtime()  # llama.cpp loads the one safe way before its package is imported
-    from llama_cpp.llama_grammar import SchemaConverter
-
-    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter = _Converter.make()
     converter.visit(converter.resolve_refs(doc, ""), name)
     text = converter.format_grammar()
     text = re.sub(r"^char ::= .*$", lambda _: CHAR_RULE, text, flags=re.M)
     text = re.sub(r"^dot ::= .*$", lambda _: DOT_RULE, text, flags=re.M)
-    return text + ("\n" + extra_rules if extra_rules else "")
+    text += "\n" + extra_rules if extra_rules else ""
+    rules = text.count("\n") + 1
+    if len(text) > MAX_GRAMMAR_BYTES or rules > MAX_GRAMMAR_RULES:
+        raise _limit("", f"its grammar would take {len(text):,} bytes in {rules:,} rules", MAX_GRAMMAR_BYTES,
+                     f"bytes (and {MAX_GRAMMAR_RULES:,} rules)")
+    return text
 
 
 def schema_grammar(schema: dict) -> str:
     """GBNF for one user schema (checked here; SchemaError if it cannot be enforced)."""
     checker = Checker()
-    cleaned = checker.clean(schema)
+    cleaned = checker.admit(schema)
     return grammar(cleaned, checker.defs)

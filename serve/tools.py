@@ -28,10 +28,13 @@ def grammar(tools: list[dict], choice: str, parallel: bool) -> str:
     request, set on the SchemaError when they cannot be enforced); choice: auto | required | a function's name."""
     checker = structured.Checker()
     alternatives = []
+    if len(tools) > structured.MAX_ALTERNATIVES:
+        raise structured.SchemaLimit(f"/: {len(tools)} tools, above the limit of {structured.MAX_ALTERNATIVES} per "
+                                     f"request")
     for t in tools:
         if choice in ("auto", "required") or choice == t["name"]:
             try:
-                params = checker.clean(t["parameters"])
+                params = checker.admit(t["parameters"])
             except structured.SchemaError as e:
                 e.param = t["param"]
                 raise
