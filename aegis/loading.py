@@ -54,7 +54,7 @@ def check_model_dir(path: Path) -> None:
     if not any(path.glob("*.safetensors")):
         missing.append("weights (*.safetensors)")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        missing.append(f"a tokenizer ({' or '.join(TOKENIZER_FILES)})")
+        missing.append(f"tokenizer ({', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]})")
     if missing:
         raise ModelError(f"model.base: {path} is not a Hugging Face model directory: it has no "
                          f"{', no '.join(missing)}")

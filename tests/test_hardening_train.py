@@ -235,6 +235,18 @@ def test_a_gguf_on_a_full_disk_keeps_the_earlier_file(merged, small_fs):
     assert not leftovers(small_fs)
 
 
+def test_a_k_quant_on_a_full_disk_is_one_line(merged, small_fs):
+    """Room for the float intermediate but not for llama.cpp's quantized file: its writer does not say why it
+    failed, so the full file system is recognised and named; the intermediate goes too."""
+    out = small_fs / "tiny-q4_k_m.gguf"
+    leave(small_fs, size_of(merged / "model.safetensors") + 2_000_000)
+    proc = cli("export", "gguf", "--model", str(merged), "--out", str(out), "--type", "q4_k_m", "--skip-parity",
+               "--no-progress")
+    assert "quantizing to q4_k_m with llama.cpp" in proc.stdout  # the intermediate was written
+    one_line_error(proc, str(small_fs), "tiny-q4_k_m", "no space left on device", "bytes it had written")
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
+
+
 def test_a_gguf_past_the_file_size_limit_is_one_line(merged, tmp_path):
     """The same refusal from a file-size limit (EFBIG, no root needed)."""
     out = tmp_path / "out" / "tiny-f16.gguf"
