@@ -1,9 +1,13 @@
-"""Recipe comparison on the embedded model: python -m train.compare [--steps N] [--out reports]
+"""Recipe comparison on the embedded model: python -m train.compare [--steps N] [--out DIR] [--update-report]
 
 Runs the seed schedule twice through the real training entry point (`python -m train`), once with the AEGIS
 recipe (soul.init = identity, soul.mix = interpolate) and once with the seed code's (soul.init = random,
 soul.mix = residual), then measures held-out perplexity of the base and of both results on the corpus's
 held-out prose and writes one report: recipe_comparison.md, .json and .png (loss, α and gate against step).
+
+The runs and the report go to --out (default runs/compare, like any run directory). The committed report under
+reports/ is rewritten only when asked with --update-report, so a quick look (--steps 20) never replaces the
+figures the README and the docs quote.
 
 The retention goal for AEGIS: held-out perplexity at most 5 % above the base's (ratio <= 1.05) while the gate
 ends at sigmoid(φ) = 0.8345. The seed recipe is reported beside it, whatever it comes to.
@@ -20,7 +24,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from aegis import checkpoint, metrics, schedule
+from aegis import checkpoint, metrics, runs, schedule
 from aegis.config import load
 from aegis.errors import AegisError
 
@@ -40,6 +44,8 @@ RECIPES = {
     "seed": {"title": "seed code", "init": "random", "mix": "residual"},
 }
 REPORT = "recipe_comparison"
+COMMITTED = REPO / "reports"  # the report the docs quote: written only with --update-report
+DEFAULT_OUT = Path("runs") / "compare"
 
 
 def schedule_overrides(cfg, steps: int | None) -> list[str]:
@@ -168,6 +174,17 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def write_report(directory: Path, report: dict, histories: dict[str, list[dict]], target_alpha: float) -> None:
+    """The report's three files, each written under a temporary name and renamed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    runs.write_text(directory / f"{REPORT}.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    runs.write_text(directory / f"{REPORT}.md", markdown(report))
+    png = directory / f"{REPORT}.png"
+    tmp = png.with_name(f"{runs.TMP_PREFIX}{png.name}")
+    plot(histories, tmp, target_alpha)
+    tmp.replace(png)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.compare", description="Train the AEGIS and the seed recipe "
                                  "on the embedded model and write a held-out perplexity report.")
@@ -178,12 +195,15 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"held-out data (default: {DEFAULT_DATA[0]})")
     ap.add_argument("--train-data", action="append", default=None, metavar="SOURCE",
                     help=f"training text scored for contrast (default: {DEFAULT_TRAIN_DATA[0]})")
-    ap.add_argument("--out", type=Path, default=REPO / "reports", help="report directory (default: reports/)")
-    ap.add_argument("--work-dir", type=Path, default=REPO / "runs" / "compare",
-                    help="where the two training runs go (default: runs/compare; replaced on each call)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help=f"where the two training runs (OUT/aegis, OUT/seed; replaced on each call) and the report "
+                    f"go (default: {DEFAULT_OUT})")
+    ap.add_argument("--update-report", action="store_true",
+                    help="also rewrite the committed report, reports/recipe_comparison.* (the figures the docs quote)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="extra config override for both runs (repeatable)")
     args = ap.parse_args(argv)
+    args.out = args.out.resolve()  # the runs start in the repository; a relative --out means the caller's directory
     if args.steps is not None and args.steps < 2:
         ap.error("--steps must be at least 2")
     bad = [o for o in args.overrides if o.split("=", 1)[0].strip() in ("soul.init", "soul.mix")]
@@ -206,17 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     common += [f"train.save_steps={steps}", "train.keep_last=1"]  # only the end of each run is evaluated
 
     t_start = time.time()
-    command = "python -m train.compare" + (f" --steps {args.steps}" if args.steps else "")
+    command = ("python -m train.compare" + (f" --steps {args.steps}" if args.steps else "")
+               + (" --update-report" if args.update_report else ""))
     report = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
               "config": shown(args.config), "overrides": args.overrides, "steps": steps,
               "base_model": cfg.model.base, "quantization": cfg.model.quantization, "data": held_out,
-              "train_data": train_text, "work_dir": shown(args.work_dir),
+              "train_data": train_text, "work_dir": shown(args.out),
               "schedule": {k: getattr(cfg.schedule, k) for k in cfg.schedule.__dataclass_fields__},
               "recipes": {}}
     histories, bases, train_bases = {}, [], []
     try:
         for name, recipe in RECIPES.items():
-            run_dir = args.work_dir / name
+            run_dir = args.out / name
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # a fresh run every time: the report must come from this code
             seconds = train_once(args.config, run_dir, common + [f"soul.init={recipe['init']}",
@@ -256,13 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     report["goal"] = {"ratio_limit": RETENTION_LIMIT, "gate_goal": GATE_GOAL, "ratio": a["ratio_to_base"],
                       "gate": a["gate"], "met": a["ratio_to_base"] <= RETENTION_LIMIT and a["gate"] >= GATE_GOAL}
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{REPORT}.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n",
-                                             encoding="utf-8")
-    (args.out / f"{REPORT}.md").write_text(markdown(report), encoding="utf-8")
-    plot(histories, args.out / f"{REPORT}.png", cfg.schedule.target_alpha)
+    for directory in [args.out] + ([COMMITTED] if args.update_report else []):
+        write_report(directory, report, histories, cfg.schedule.target_alpha)
+        log(f"report written to {directory / REPORT}.md, .json, .png")
     print(markdown(report))
-    log(f"report written to {args.out / REPORT}.md, .json, .png")
     return 0
 
 
