@@ -29,7 +29,7 @@ def exported(short_run, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("export") / "out"
     proc = export_cli("all", "--run", str(short_run), "--out", str(out), "--type", ",".join(TYPES),
                       "--name", "tiny-soul", "--system", "あなたは親切なアシスタントです。", "--no-progress")
-    return {"run": short_run, "out": out, "stdout": proc.stdout, "merged": out / "merged",
+    return {"run": short_run, "out": out, "stdout": proc.stdout, "stderr": proc.stderr, "merged": out / "merged",
             "gguf": {t: out / f"tiny-soul-{t}.gguf" for t in TYPES}, "modelfile": out / "tiny-soul.modelfile",
             "parity": json.loads((out / "parity.json").read_text())}
 
@@ -41,6 +41,13 @@ def test_all_prints_where_everything_is(exported):
         assert str(p) in out
     assert str(exported["modelfile"]) in out and str(exported["merged"]) in out
     assert not list(exported["out"].glob(".tmp-*")), "temporary files left behind"
+    # parity's figures in words, each with whether it is fine and why
+    assert re.search(r"top-1 agreement: .* at [\d.]+% of \d+ positions, .*; fine, the limit for q8_0 is 97% counting "
+                     r"near-ties", out), out
+    assert "mean KL(HF‖GGUF): " in out and "fine, the limit for f16 is 0.001" in out
+    assert "short prompts ran in 512 positions, what `python -m serve` opens this file with by default" in out
+    # a vocab-only load (the Modelfile's tokenizer) reads no hyperparameters; llama.cpp's warning about them is dropped
+    assert "n_ctx_train (0)" not in exported["stderr"] + out
 
 
 def test_merged_model_loads_in_plain_transformers_and_matches_checkpoint(exported):
@@ -96,6 +103,11 @@ def test_gguf_f16_q8_0_pass_parity_and_speak_japanese(exported):
         assert entry["template"]["ok"]
         assert entry["longrope"] and entry["prompts"]["long"]["n_ctx"] > 512 >= entry["prompts"]["short0"]["n_ctx"]
         assert entry["overall"]["top1_tie"] >= 0.99
+        # the greedy replies the server must give (tests/test_served_parity.py), decoded in its default context
+        assert entry["served_context"] == 512 and set(entry["replies"]) == {"prose", "short0", "short1", "short2",
+                                                                            "short3", "chat"}
+        assert all(len(r["ids"]) == 32 and r["prompt"] for r in entry["replies"].values())
+        assert entry["sample"]["prose"] == entry["replies"]["prose"]["text"]
     assert exported["parity"][exported["gguf"]["f16"].name]["overall"]["kl_mean"] < 1e-3
 
     # Generation through llama-cpp-python's own API, from a Japanese prompt it tokenizes itself.
