@@ -118,6 +118,9 @@ class Settings:
                                           "(meanwhile /ready and new requests answer 503); what still runs then ends "
                                           "with an error (a stream: an error event and [DONE]); a second signal "
                                           "stops at once", parse=SECONDS)
+    shutdown_delay: float = setting(0.0, "seconds a stopping server keeps answering (/ready and new requests 503) "
+                                         "even with no request in flight, so that a balancer's health checks see it "
+                                         "leave before it stops listening", parse=SECONDS)
     header_timeout: float = setting(10.0, "seconds a client has to send a request's headers, from connecting or from "
                                           "its first byte on a kept-alive connection (then it is closed)",
                                     parse=POSITIVE)

@@ -1,7 +1,7 @@
 """Prometheus metrics: requests by endpoint and status, tokens in and out (cached prompt tokens too), queue depth, busy
 slots, the batched engine's decode steps and the sequences they carried, latency and time to first token, open
-connections and those the server closed itself. Each app
-has its own registry, so several servers in one process (tests) never share counts.
+connections and those the server closed itself. Each app has its own registry, so several servers in one process
+(tests) never share counts.
 
 Requests are counted by an ASGI middleware that sees the status line of every response (401 and 413 included)
 and times the whole exchange (a stream ends when its last chunk is sent). Paths outside the API are counted as

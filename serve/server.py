@@ -9,9 +9,10 @@ the answer can still be the API's JSON 408; here a body is only cut when the app
 Shutdown (Server): uvicorn's first SIGTERM stops listening at once (a balancer sees refused connections, not a replica
 leaving) and, timeout_graceful_shutdown later, cancels what still runs, which a client sees as a plain-text 500 or a
 stream cut without [DONE]. Here the first SIGTERM or Ctrl-C starts a drain instead: /ready and new requests answer
-503 at once while the requests in flight get --shutdown-grace seconds; those still running then are cancelled and
-end in the API's shape (replies.cut_off); only then does uvicorn's own shutdown run, with nothing left to wait for.
-A second signal stops at once.
+503 at once while the requests in flight get --shutdown-grace seconds (and the server at least --shutdown-delay, for a
+balancer's checks to see it leave); those still running then are cancelled and end in the API's shape
+(replies.cut_off); only then does uvicorn's own shutdown run, with nothing left to wait for. A second signal stops at
+once.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .errors import APIError
 log = logging.getLogger("serve")
 
 BODY_SLACK = 1.0  # the protocol cuts an unread body this long after app.body_guard would have answered 408
-CUT_WAIT = 5.0  # seconds the requests cancelled at the end of the grace period get to send their ending
+CUT_WAIT = 2.0  # seconds the requests cancelled at the end of the grace period get to send their ending
 BACKSTOP = 3  # uvicorn's own timeout_graceful_shutdown: after the drain nothing should be left for it
 FILES_BESIDES_CONNECTIONS = 256  # the model, logs, pipes, the listening socket and what libraries open
 
@@ -170,22 +171,23 @@ class Server(uvicorn.Server):
         return await super().on_tick(counter)
 
     def _drain(self) -> None:
-        now, grace = time.monotonic(), self.service.settings.shutdown_grace
+        settings, now = self.service.settings, time.monotonic()
+        grace, elapsed = settings.shutdown_grace, now - self.drain_started
         running = [t for t in self.server_state.tasks if not t.done()]
         if not self.announced:
             self.announced = True
             log.info("stopping: /ready and new requests answer 503; %d request(s) in flight get up to %g s to finish "
                      "(--shutdown-grace; a second signal stops at once)", len(running), grace)
-        if not running:
+        if not running and elapsed >= settings.shutdown_delay:
             log.info("no request in flight: stopping")
             self.should_exit = True
-        elif self.cut_at is None and now - self.drain_started >= grace:
+        elif running and self.cut_at is None and elapsed >= grace:
             log.warning("the grace period (%g s) is over: ending the %d request(s) still running", grace,
                         len(running))
             self.cut_at = now
             for task in running:
                 task.cancel()
-        elif self.cut_at is not None and now - self.cut_at >= CUT_WAIT:
+        elif running and self.cut_at is not None and now - self.cut_at >= CUT_WAIT:
             log.warning("%d request(s) did not end %g s after being cancelled; stopping anyway", len(running),
                         CUT_WAIT)
             self.should_exit = True

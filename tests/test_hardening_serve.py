@@ -170,6 +170,27 @@ def test_a_second_signal_stops_at_once(gguf, tmp_path):
         server.stop()
 
 
+def test_a_stopping_server_answers_503_for_the_shutdown_delay(gguf, tmp_path):
+    """--shutdown-delay: with nothing in flight the server still answers /ready (503) that long after SIGTERM, so
+    that a balancer's health checks see it leave before it stops listening; then it exits 0."""
+    server = Server("--model", f"tiny={gguf}", "--threads", "1", "--shutdown-delay", "1.5",
+                    log_path=tmp_path / "serve.log").start()
+    try:
+        sent = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        seen = []
+        while server.proc.poll() is None:
+            try:
+                seen.append(httpx.get(server.url + "/ready", timeout=2).status_code)
+            except httpx.TransportError:
+                break
+            time.sleep(0.1)
+        assert server.proc.wait(10) == 0, server.log()
+        assert 1.5 <= time.monotonic() - sent < 6 and len(seen) >= 3 and set(seen) == {503}, seen
+    finally:
+        server.stop()
+
+
 # ---- connections ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
