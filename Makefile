@@ -1,0 +1,46 @@
+# The README's two commands.
+#   make demo   set up a fresh machine and run AEGIS on the embedded tiny Phi-3: train the quickstart, export it to
+#               GGUF, then serve the OpenAI-compatible API (127.0.0.1:8000) and the chat page (127.0.0.1:7860)
+#   make test   the same set-up, then the test suite (CI's .ci/run calls this)
+# Run again, each step picks up where it stopped: the venv is kept, train resumes (a finished run returns at once),
+# export reuses what is up to date. docs/setup.md lists the commands one by one.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN := runs/quickstart
+TRAINED := $(RUN)/export/quickstart-q8_0.gguf
+BASE := $(RUN)/export-base/base-f16.gguf
+
+.PHONY: demo test setup train export serve
+
+demo: serve
+
+test: setup
+	$(PY) -m pytest -q
+
+setup: $(VENV)/.installed
+
+# torch first, pinned, so pip takes its CPU build; llama-cpp-python compiles llama.cpp on its first install
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install torch==2.13.0
+	$(VENV)/bin/pip install -e '.[all]'
+	touch $@
+
+train: setup
+	$(PY) -m train --config configs/quickstart.toml --run-dir $(RUN) --resume
+
+export: train
+	$(PY) -m export all --run $(RUN)
+
+# the untrained embedded model as a GGUF too, for the chat page's Compare tab
+$(BASE): | setup
+	$(PY) -m export gguf --model "$$($(PY) -m aegis.tiny)" --out $@ --type f16
+
+# the trained model first: the chat page starts on the first model the server lists
+serve: export $(BASE)
+	$(PY) -m serve --model $(TRAINED) --model base=$(BASE) & server=$$!; \
+	trap 'kill $$server 2>/dev/null' EXIT; \
+	$(PY) -m serve.ui --api http://127.0.0.1:8000/v1 --runs runs
