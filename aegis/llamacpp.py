@@ -14,6 +14,11 @@ The probe first keeps llama.cpp's extra CPU buffer types (AMX / repacked weights
 a Phi-3.5-mini-shaped q8_0 decode 1.34x and read prompts 2.4x faster, BENCHMARKS.md); only if that child crashes
 and the same file decodes without them does the product load it without them, and it says so.
 
+Why one context rule and one greedy decoder here: the server and export's parity must open a GGUF in the same
+context (a LongRoPE model's rope factors depend on it, see Context) and decode the same way, or export would check
+replies the server does not give. `Context.default` is the server's default context; `greedy()` decodes as the
+server does, with its context parameters (`context_params()`), and export records what it gives.
+
     python -m aegis.llamacpp probe FILE.gguf [--no-extra-bufts]     the child's side (prints one JSON line)
 """
 
@@ -200,8 +205,8 @@ def context(path: Path | str) -> Context:
 
 
 def trained_context(path: Path | str) -> int | None:
-    """The context the model was trained with as it runs everywhere alike: a LongRoPE model's original context,
-    else its context length (what an Ollama Modelfile's num_ctx should be)."""
+    """The longest context in which llama.cpp runs the model as transformers does at every length: a LongRoPE
+    model's original context, else its context length (an Ollama Modelfile's num_ctx)."""
     c = context(path)
     return c.original or c.length
 

@@ -110,7 +110,8 @@ def _up_to_date(gguf_path: Path, source: str | None) -> bool:
         entry = json.loads((gguf_path.parent / parity.PARITY_FILE).read_text()).get(gguf_path.name)
     except (OSError, ValueError):
         return False
-    # and its recorded replies were decoded in the context the server now opens it with (older records have none)
+    # passed, for this merge, this very file, and its replies were recorded in the context the server now opens it
+    # with (records older than the served context have none)
     return bool(entry and entry.get("passed") and entry.get("source") == source
                 and entry.get("bytes") == gguf_path.stat().st_size
                 and entry.get("served_context") == llamacpp.context(gguf_path).default)

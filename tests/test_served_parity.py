@@ -20,12 +20,12 @@ from support import serving
 
 @pytest.fixture(scope="module")
 def checked(request) -> tuple:
-    """(GGUF, its parity.json entry, the recorded replies, the GGUF's token pieces as text and as bytes)."""
+    """(GGUF, its parity.json entry, the recorded replies, {token: the bytes it stands for})."""
     gguf, _ = serving.served_files(request)
     entry = json.loads((gguf.parent / "parity.json").read_text())[gguf.name]
     replies = entry.get("replies")
     assert replies and {"prose", "short0", "chat"} <= set(replies), "export's parity recorded no greedy replies"
-    llm = llamacpp.runtime().Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    llm = llamacpp.open_vocab(gguf)
     try:
         pieces = {t: llamacpp.piece(llm._model.vocab, t) for r in replies.values() for t in r["ids"]}
     finally:
@@ -58,6 +58,7 @@ def served_replies(server: serving.Server, replies: dict) -> dict:
 
 
 def expected(r: dict, pieces: dict, as_bytes: bool) -> tuple:
+    """(token texts, or bytes as the chat's logprobs give them; text) of the recorded reply."""
     raw = [pieces[t] for t in r["ids"]]
     return ([p if as_bytes else p.decode("utf-8", "replace") for p in raw],
             b"".join(raw).decode("utf-8", "replace"))
@@ -85,7 +86,7 @@ def test_default_server_replies_are_the_tokens_export_checked(checked, tmp_path_
 
 def test_a_larger_context_warns_and_is_what_the_check_catches(checked, tmp_path_factory):
     """The old default (2048) for the same file: a WARNING line at start-up names the long factors, and the check
-    above would fail (the brief's report: two of the four prose prompts answer differently)."""
+    above fails (on the quickstart run five of the six recorded replies come out different)."""
     gguf, _, replies, pieces = checked
     with server(gguf, tmp_path_factory, "--ctx-size", "2048") as s:
         served = served_replies(s, replies)
