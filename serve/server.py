@@ -63,8 +63,8 @@ class Protocol(H11Protocol):
         self.metrics.open_connections.inc()
         bound = self.settings.max_connections
         if len(self.connections) > bound:
-            _over_limit.warn("%d connections are open (--max-connections): new ones are answered 503 and closed",
-                             bound)
+            _over_limit.log(logging.WARNING, "%d connections are open (--max-connections): new ones are answered "
+                            "503 and closed (aegis_connections_dropped_total counts them)", bound)
             self._drop("over_limit", APIError(503, f"the server has {bound} connections open; retry later",
                                               code="too_many_connections"))
             return
@@ -114,13 +114,13 @@ class Protocol(H11Protocol):
         if phase == "headers":
             partial = bool(self.conn.trailing_data[0])
             # a connection opened ahead of need and never used is routine; half a request is worth a line
-            (log.info if partial else log.debug)("closed a connection from %s: no complete request headers within "
-                                                 "%g s (--header-timeout)", peer, self.settings.header_timeout)
+            _late.log(logging.INFO if partial else logging.DEBUG, "closed a connection from %s: no complete request "
+                      "headers within %g s (--header-timeout)", peer, self.settings.header_timeout)
             self._drop("header_timeout", APIError(408, f"the request headers did not arrive within "
                                                        f"{self.settings.header_timeout:g} s") if partial else None)
         else:
-            log.info("closed a connection from %s: a request body the server did not read was still arriving after "
-                     "%g s (--body-timeout)", peer, self.settings.body_timeout)
+            _late.log(logging.INFO, "closed a connection from %s: a request body the server did not read was still "
+                      "arriving after %g s (--body-timeout)", peer, self.settings.body_timeout)
             self._drop("body_timeout", None)
 
     def _drop(self, reason: str, err: APIError | None) -> None:
@@ -131,19 +131,20 @@ class Protocol(H11Protocol):
 
 
 class _Throttled:
-    """One log line per `every` seconds at most (a flood of connections must not flood the log too)."""
+    """One log line per `every` seconds at most: a flood of connections must not flood the log too (the metrics
+    count every one)."""
 
     def __init__(self, every: float):
         self.every, self.last = every, float("-inf")
 
-    def warn(self, msg: str, *args) -> None:
+    def log(self, level: int, msg: str, *args) -> None:
         now = time.monotonic()
-        if now - self.last >= self.every:
+        if log.isEnabledFor(level) and now - self.last >= self.every:
             self.last = now
-            log.warning(msg, *args)
+            log.log(level, msg, *args)
 
 
-_over_limit = _Throttled(10.0)
+_over_limit, _late = _Throttled(10.0), _Throttled(10.0)
 
 
 class Server(uvicorn.Server):
