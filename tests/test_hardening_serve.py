@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -189,6 +190,31 @@ def test_a_stopping_server_answers_503_for_the_shutdown_delay(gguf, tmp_path):
         assert 1.5 <= time.monotonic() - sent < 6 and len(seen) >= 3 and set(seen) == {503}, seen
     finally:
         server.stop()
+
+
+def _seconds(text: str) -> float:
+    assert text.endswith("s") and text[:-1].isdigit(), text
+    return float(text[:-1])
+
+
+def test_containers_give_the_drain_its_time():
+    """Every compose file's serve service is given longer than serve's grace period to stop (Compose's default is
+    10 s, after which it kills), and a replica keeps answering /ready 503 at least as long as the balancer's checks
+    take to mark it down (its interval, then fall - 1 fast intervals)."""
+    yaml = pytest.importorskip("yaml")
+    from serve.config import Settings
+    from serve.server import BACKSTOP, CUT_WAIT
+
+    grace = Settings().shutdown_grace
+    files = {"compose.yaml": "serve", "compose.cpu.yaml": "serve", "compose.replicas.yaml": "replica"}
+    for name, service in files.items():
+        svc = yaml.safe_load((REPO / name).read_text())["services"][service]
+        assert grace + CUT_WAIT < _seconds(svc["stop_grace_period"]) <= grace + CUT_WAIT + BACKSTOP + 10, name
+    command = yaml.safe_load((REPO / "compose.replicas.yaml").read_text())["services"]["replica"]["command"]
+    delay = float(command[command.index("--shutdown-delay") + 1])
+    cfg = (REPO / "docker" / "balancer" / "haproxy.cfg").read_text()
+    check = dict(re.findall(r"\b(inter|fastinter|fall) (\d+)s?\b", cfg.split("default-server", 1)[1].split("\n")[0]))
+    assert delay >= int(check["inter"]) + (int(check["fall"]) - 1) * int(check["fastinter"]), (delay, check)
 
 
 # ---- connections ------------------------------------------------------------------------------------------------
