@@ -40,6 +40,14 @@ bits. It never buys its memory with more checkpointing (about a third more compu
 H200), too little for a second rule, so a plan that would need them stays at 4 bits.
 Forced on, the step is planned around the 16-bit weights, and one that cannot fit even so is an error naming the
 key.
+
+A plan whose step is still estimated over the budget in its most frugal form (checkpointing, offload, both tilings,
+micro-batch 1, or whatever was forced) is refused before any weights load (`refuse_over_budget`), with the estimate
+and the budget: the allocation would otherwise fail minutes later. On a GPU the budget is train.memory_budget_gib or
+what the card has free, if less; on the CPU the step lives in the machine's memory, so it is the setting or the
+machine's size (not what happens to be free, so the same config plans the same on the same machine). The estimate
+counts 16-bit activations and the CPU computes in fp32: there a refused step is too big all the more, and one that
+passes may still be tight.
 """
 
 from __future__ import annotations

@@ -54,7 +54,11 @@ class JsonlSink:
         """On resume: drop records written after the checkpoint we resume from (atomically)."""
         keep = [r for r in read(self.path) if r["step"] <= step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
+        try:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial copy beside the file
+            raise
         os.replace(tmp, self.path)
 
     def __call__(self, record: dict) -> None:
