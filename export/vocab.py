@@ -138,8 +138,6 @@ def _probe(tok, vocab: Vocab) -> None:
 def choose_pre(vocab: Vocab, tok, write_probe, workdir: Path) -> None:
     """For byte-level BPE, set vocab.pre to the first of PRE_CANDIDATES under which llama.cpp tokenizes PRE_PROBES as
     `tok` does. `write_probe(path)` writes a GGUF of the vocabulary and metadata only (no tensors)."""
-    llama_cpp = llamacpp.runtime()
-
     want = [list(tok(t, add_special_tokens=False)["input_ids"]) for t in PRE_PROBES]
     tried = []
     for pre in dict.fromkeys([vocab.pre, *PRE_CANDIDATES]):
@@ -148,7 +146,7 @@ def choose_pre(vocab: Vocab, tok, write_probe, workdir: Path) -> None:
         try:
             write_probe(path)
             try:
-                llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+                llm = llamacpp.open_vocab(path)
             except ValueError:  # a name this llama.cpp does not know
                 continue
             got = [list(llm.tokenize(t.encode("utf-8"), add_bos=False, special=False)) for t in PRE_PROBES]
