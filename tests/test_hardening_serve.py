@@ -79,16 +79,16 @@ def _ask(server: Server, stream: bool, max_tokens: int, out: list, started: thre
         out.append(("broken", repr(e)))
 
 
-def _in_flight(server: Server, max_tokens: int, out: list) -> list[threading.Thread]:
+def _in_flight(server: Server, stream_tokens: int, whole_tokens: int, out: list) -> list[threading.Thread]:
     """4 streams generating (each has sent text) and 4 whole requests waiting behind them (--parallel 4)."""
     threads, started = [], [threading.Event() for _ in range(4)]
     for event in started:
-        threads.append(threading.Thread(target=_ask, args=(server, True, max_tokens, out, event)))
+        threads.append(threading.Thread(target=_ask, args=(server, True, stream_tokens, out, event)))
         threads[-1].start()
     for event in started:
         assert event.wait(60), f"a stream sent nothing: {out}\n{server.log()}"
     for _ in range(4):
-        threads.append(threading.Thread(target=_ask, args=(server, False, max_tokens, out)))
+        threads.append(threading.Thread(target=_ask, args=(server, False, whole_tokens, out)))
         threads[-1].start()
     _wait(lambda: metric(server, "aegis_queue_depth", model="tiny") == 4, 30, "4 requests queued")
     return threads
@@ -112,7 +112,8 @@ def test_sigterm_lets_the_requests_in_flight_finish(gguf, tmp_path):
                     log_path=tmp_path / "serve.log").start()
     try:
         out: list = []
-        threads = _in_flight(server, 250, out)
+        # the streams as long as the context allows: the whole requests must still find every slot taken
+        threads = _in_flight(server, 450, 100, out)
         sent = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         _refuses_at_once(server)
@@ -134,7 +135,7 @@ def test_what_runs_past_the_grace_period_ends_cleanly(gguf, tmp_path):
                     "--shutdown-grace", "1", log_path=tmp_path / "serve.log").start()
     try:
         out: list = []
-        threads = _in_flight(server, 1900, out)
+        threads = _in_flight(server, 1900, 1900, out)
         sent = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         _refuses_at_once(server)
