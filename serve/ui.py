@@ -1,20 +1,26 @@
-"""python -m serve.ui --api http://HOST:8000/v1 [--api-key KEY] [--runs DIR] [--host 127.0.0.1] [--port 7860]
+"""python -m serve.ui --api http://HOST:8000/v1 [--api-key KEY] [--runs DIR] [--base NAME] [--host 127.0.0.1]
+[--port 7860]
 
 A chat front end for the API. It speaks only the OpenAI protocol (models, streamed chat completions), so it works
 against any compatible server. Tabs: Chat, Soul monitor (live training metrics of runs under --runs) and Compare
-(one prompt to two models side by side).
+(one prompt to two models side by side; the untrained base, --base, is offered there and not for chatting).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import html
 import os
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 DEFAULT_SYSTEM = "あなたは親切で正確な日本語アシスタントです。"
+STOP_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
 class UIError(Exception):
@@ -38,93 +44,242 @@ def explain(e: Exception, api: str) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-class Api:
-    """The OpenAI-protocol calls the UI makes."""
+@dataclass
+class Model:
+    id: str
+    context: int | None  # tokens, from /v1/models' context_length (None where the server does not say)
+    base: bool  # the untrained base: offered for Compare, not for chatting
 
-    def __init__(self, base_url: str, api_key: str | None, timeout: float = 120.0):
+
+class Api:
+    """The OpenAI-protocol calls the UI makes (async, so that a stopped reply closes its HTTP stream at once, which
+    is what cancels the generation on the server)."""
+
+    def __init__(self, base_url: str, api_key: str | None, base_name: str = "base", timeout: float = 120.0):
         import openai
 
         self.base_url = base_url
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=timeout)
+        self.base_name = base_name
+        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0,
+                                         timeout=timeout)
 
-    def models(self) -> list[str]:
+    async def models(self) -> list[Model]:
+        """Trained models first (in the server's order), the base last."""
         try:
-            return [m.id for m in self.client.models.list().data]
+            found = (await self.client.models.list()).data
         except Exception as e:  # noqa: BLE001 - every failure becomes a message on the page
             raise UIError(explain(e, self.base_url)) from e
+        models = [Model(m.id, getattr(m, "context_length", None), m.id == self.base_name) for m in found]
+        return sorted(models, key=lambda m: m.base)
 
-    def stream(self, model: str, messages: list[dict], temperature: float, top_p: float, max_tokens: int,
-               stop: list[str]) -> Iterator[str]:
+    async def stream(self, model: str, messages: list[dict], temperature: float, top_p: float, max_tokens: int,
+                     stop: list[str]) -> AsyncIterator[str]:
         if not model:
             raise UIError("no model selected (is the API up? press ⟳ to reload the list)")
         try:
-            chunks = self.client.chat.completions.create(
+            chunks = await self.client.chat.completions.create(
                 model=model, messages=messages, temperature=temperature, top_p=top_p, max_tokens=int(max_tokens),
                 stop=stop or None, stream=True)
-            for chunk in chunks:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
-        except UIError:
-            raise
         except Exception as e:  # noqa: BLE001
             raise UIError(explain(e, self.base_url)) from e
+        try:
+            async for chunk in chunks:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
+        except Exception as e:  # noqa: BLE001
+            raise UIError(explain(e, self.base_url)) from e
+        finally:  # also when the reader is cancelled (stop, clear): closing the stream ends the generation
+            await chunks.close()
 
 
 def parse_stops(text: str) -> list[str]:
-    """Stop sequences, one per line (escapes like \\n are understood)."""
-    stops = []
-    for line in (text or "").splitlines():
-        if line:
-            stops.append(line.encode("utf-8").decode("unicode_escape") if "\\" in line else line)
+    """Stop sequences, one per line; \\n, \\t, \\r and \\\\ are understood, any other backslash is kept as typed."""
+    unescape = lambda m: STOP_ESCAPES.get(m.group(1), m.group(0))  # noqa: E731
+    stops = [re.sub(r"\\(.)", unescape, line) for line in (text or "").splitlines() if line]
     return stops[:4]
 
 
-def status_html(text: str, ok: bool) -> str:
-    import html
-    return f'<span class="{"api-ok" if ok else "api-error"}">{"●" if ok else "✖"} {html.escape(text)}</span>'
+def label(m: Model) -> str:
+    return f"{m.id} · untrained base" if m.base else f"{m.id} · trained"
 
+
+def max_tokens_limit(context: int | None) -> int:
+    """The largest max_tokens the slider offers: half the model's context, the other half left for the chat."""
+    return max(16, (context or 2048) // 2)
+
+
+def status_html(text: str, ok: bool) -> str:
+    # a <div> is an HTML block to the Markdown component: its text is not read as markdown, so escaping is enough
+    return (f'<div class="{"api-ok" if ok else "api-error"}" role="status">{"●" if ok else "✖"} '
+            f'{html.escape(text)}</div>')
+
+
+# ---- the conversation ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Turn:
+    role: str  # user | assistant
+    text: str
+    state: str = "sent"  # user: queued | sent | failed; assistant: sent | stopped | cut
+
+
+NOTES = {"queued": "⏳ queued: sent when the reply above ends", "stopped": "⏹ stopped",
+         "failed": "✖ not answered (see the status line): press retry to send it again",
+         "cut": "✖ cut short by an error (see the status line)"}
+
+
+@dataclass
+class Conversation:
+    """One browser session's chat. Sends only append to it; one loop (`drain`) answers the queued messages in
+    order, so a message sent while a reply is coming is queued, never lost or sent twice."""
+
+    turns: list[Turn] = field(default_factory=list)
+    busy: bool = False
+    reader: asyncio.Task | None = None  # reading the reply now being written
+    era: int = 0  # bumped by clear: a reply of an earlier era is dropped
+
+    def __deepcopy__(self, memo):  # gr.State copies its default for each session: each starts empty
+        return Conversation()
+
+    def queued(self) -> list[Turn]:
+        return [t for t in self.turns if t.role == "user" and t.state == "queued"]
+
+    def context(self, upto: Turn) -> list[dict]:
+        """The chat so far as API messages: answered turns only (a failed message is not part of it)."""
+        out = []
+        for t in self.turns[:self.turns.index(upto)]:
+            if (t.role == "user" and t.state == "sent") or (t.role == "assistant" and t.text):
+                out.append({"role": t.role, "content": t.text})
+        return out + [{"role": "user", "content": upto.text}]
+
+    def cancel(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+
+    def render(self) -> list[dict]:
+        """For gr.Chatbot with markdown off: it still reads the content as HTML, so the text is escaped (a message
+        is shown as typed, never turned into an element); the note is ours."""
+        shown = []
+        for t in self.turns:
+            note = NOTES.get(t.state)
+            body = html.escape(t.text) if t.text else ("…" if t.role == "assistant" else "")
+            if note:
+                body += f'<span class="turn-note turn-{t.state}">{html.escape(note)}</span>'
+            shown.append({"role": t.role, "content": body})
+        return shown
+
+
+# ---- the page -------------------------------------------------------------------------------------------------------
 
 def build(api: Api, runs: Path | None):
     import gradio as gr
 
     from . import ui_monitor
 
-    def refresh_models(current=None):
-        try:
-            names = api.models()
-        except UIError as e:
-            return gr.update(choices=[], value=None), gr.update(choices=[], value=None), \
-                gr.update(choices=[], value=None), status_html(str(e), False)
-        pick = current if current in names else (names[0] if names else None)
-        second = names[1] if len(names) > 1 else pick
-        return (gr.update(choices=names, value=pick), gr.update(choices=names, value=pick),
-                gr.update(choices=names, value=second),
-                status_html(f"connected to {api.base_url}: {len(names)} model(s)", True))
+    contexts: dict[str, int | None] = {}
 
-    def chat(message, history, model, system, temperature, top_p, max_tokens, stop):
-        history = list(history or [])
+    async def refresh_models(current=None):
+        try:
+            models = await api.models()
+        except UIError as e:
+            none = gr.update(choices=[], value=None)
+            return none, none, none, status_html(str(e), False)
+        contexts.update({m.id: m.context for m in models})
+        trained = [m for m in models if not m.base]
+        chat = [(label(m), m.id) for m in (trained or models)]
+        every = [(label(m), m.id) for m in models]
+        ids = [c[1] for c in chat]
+        pick = current if current in ids else (ids[0] if ids else None)
+        base = next((m.id for m in models if m.base), None)
+        a = base or (models[0].id if models else None)
+        b = next((m.id for m in trained if m.id != a), a)
+        note = f"connected to {api.base_url}: {len(models)} model(s)"
+        return (gr.update(choices=chat, value=pick), gr.update(choices=every, value=a),
+                gr.update(choices=every, value=b), status_html(note, True))
+
+    def bound_tokens(value, *models):
+        known = [contexts.get(m) for m in models if m]
+        limit = min(max_tokens_limit(c) for c in known) if known else max_tokens_limit(None)
+        return gr.update(maximum=limit, value=min(int(value or 1), limit))
+
+    async def send(message, convo: Conversation):
+        """Queue a message: the box empties (only here, never while a reply streams) and the bubble shows."""
         if not (message or "").strip():
-            yield history, "", gr.update()
-            return
-        messages = ([{"role": "system", "content": system}] if (system or "").strip() else [])
-        messages += [{"role": m["role"], "content": m["content"]} for m in history
-                     if m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)]
-        messages.append({"role": "user", "content": message})
-        history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-        yield history, "", status_html(f"{model}: generating…", True)
-        try:
-            for piece in api.stream(model, messages, temperature, top_p, max_tokens, parse_stops(stop)):
-                history[-1]["content"] += piece
-                yield history, "", gr.update()
-        except UIError as e:
-            if not history[-1]["content"]:
-                history.pop()
-            yield history, message, status_html(str(e), False)
-            return
-        turns = sum(1 for m in history if m.get("role") == "assistant")
-        yield history, "", status_html(f"{model}: done · {turns} turn(s)", True)
+            return gr.skip(), gr.skip()
+        convo.turns.append(Turn("user", message, "queued"))
+        return "", convo.render()
 
-    def compare_side(prompt, model, system, temperature, max_tokens):
+    async def drain(convo: Conversation, model, system, temperature, top_p, max_tokens, stop):
+        """Answer the queued messages in order; one loop per session (a second call finds it busy and leaves)."""
+        if convo.busy or not convo.queued():
+            yield gr.skip(), gr.skip(), gr.skip()
+            return
+        convo.busy = True
+        try:
+            while convo.queued():
+                turn = convo.queued()[0]
+                turn.state = "sent"
+                reply = Turn("assistant", "")
+                convo.turns.insert(convo.turns.index(turn) + 1, reply)
+                messages = ([{"role": "system", "content": system}] if (system or "").strip() else [])
+                messages += convo.context(turn)
+                waiting = len(convo.queued())
+                busy = f"{model}: generating…" + (f" ({waiting} queued)" if waiting else "")
+                yield convo.render(), status_html(busy, True), gr.update(interactive=True)
+                era, error, pieces = convo.era, None, asyncio.Queue()
+                convo.reader = asyncio.create_task(_read(api, pieces, model, messages, temperature, top_p,
+                                                         max_tokens, parse_stops(stop)))
+                while True:
+                    kind, value = await pieces.get()
+                    while kind == "piece" and not pieces.empty():  # what came meanwhile goes out in one update
+                        reply.text += value
+                        kind, value = pieces.get_nowait()
+                    if kind != "piece":
+                        break
+                    reply.text += value
+                    yield convo.render(), gr.skip(), gr.skip()
+                convo.reader = None
+                if kind == "stopped":
+                    reply.state = "stopped"
+                elif kind == "error":
+                    error = value
+                if convo.era != era:  # cleared meanwhile: nothing of this reply is kept
+                    continue
+                if error:
+                    if reply.text:
+                        reply.state = "cut"
+                    else:
+                        convo.turns.remove(reply)
+                        turn.state = "failed"
+                    status = status_html(error, False)
+                elif reply.state == "stopped":
+                    status = status_html(f"{model}: stopped", True)
+                else:
+                    turns = sum(1 for t in convo.turns if t.role == "assistant")
+                    status = status_html(f"{model}: done · {turns} turn(s)", True)
+                yield convo.render(), status, gr.update(interactive=bool(convo.queued()))
+        finally:
+            convo.busy = False
+            convo.cancel()
+
+    async def stop_reply(convo: Conversation):
+        convo.cancel()
+
+    async def clear_chat(convo: Conversation):
+        convo.era += 1
+        convo.cancel()
+        convo.turns.clear()
+        return [], status_html("cleared", True), gr.update(interactive=False)
+
+    async def retry(convo: Conversation):
+        failed = [t for t in convo.turns if t.role == "user" and t.state == "failed"]
+        for t in failed:  # to the end of the chat, queued again: one bubble each, as before
+            convo.turns.remove(t)
+            t.state = "queued"
+            convo.turns.append(t)
+        return convo.render()
+
+    async def compare_side(prompt, model, system, temperature, max_tokens):
         if not (prompt or "").strip():
             yield ""
             return
@@ -132,7 +287,7 @@ def build(api: Api, runs: Path | None):
         messages.append({"role": "user", "content": prompt})
         text = ""
         try:
-            for piece in api.stream(model, messages, temperature, 1.0, max_tokens, []):
+            async for piece in api.stream(model, messages, temperature, 1.0, max_tokens, []):
                 text += piece
                 yield text
         except UIError as e:
@@ -146,71 +301,111 @@ def build(api: Api, runs: Path | None):
         choices = run_choices()
         return gr.update(choices=choices, value=current if current in choices else (choices[0] if choices else None))
 
-    def monitor(run):
-        return ui_monitor.snapshot(Path(run) if run else None)
+    def monitor(run, seen):
+        """Badge and figures of a run; the figures only when its metrics changed since this page last got them."""
+        run = Path(run) if run else None
+        key = ui_monitor.fingerprint(run)
+        if key is not None and key == seen:
+            return ui_monitor.badge(run), gr.skip(), gr.skip(), seen
+        return *ui_monitor.snapshot(run), key
 
     with gr.Blocks(title="AEGIS", analytics_enabled=False) as demo:
         gr.Markdown("# AEGIS\nsouled Japanese chat · OpenAI protocol", elem_id="aegis-title")
-        with gr.Row():
-            model = gr.Dropdown(label="model", choices=[], scale=3, elem_id="model-picker")
-            reload_btn = gr.Button("⟳ models", scale=1, variant="secondary")
-            api_status = gr.HTML(status_html(f"connecting to {api.base_url}…", True), elem_id="api-status")
+        convo = gr.State(Conversation())
+        with gr.Row(elem_id="top-row"):
+            model = gr.Dropdown(label="model", choices=[], scale=3, min_width=200, elem_id="model-picker")
+            reload_btn = gr.Button("⟳ models", scale=1, min_width=100, variant="secondary")
+            api_status = gr.Markdown(status_html(f"connecting to {api.base_url}…", True), elem_id="api-status")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                chatbot = gr.Chatbot(label="chat", height=430, elem_id="chatbot", buttons=["copy", "copy_all"],
-                                     feedback_options=None)
-                with gr.Row():
+                chatbot = gr.Chatbot(label="chat", show_label=False, height=430, elem_id="chatbot",
+                                     render_markdown=False, sanitize_html=True, buttons=[], feedback_options=None)
+                with gr.Row(elem_id="chat-row"):
                     msg = gr.Textbox(placeholder="メッセージを入力… (Enter で送信)", show_label=False, scale=5,
-                                     elem_id="chat-input")
-                    send = gr.Button("send", variant="primary", scale=1, elem_id="chat-send")
-                    clear = gr.Button("clear", variant="secondary", scale=1)
+                                     min_width=200, elem_id="chat-input", label="message")
+                    send_btn = gr.Button("send", variant="primary", scale=1, min_width=70, elem_id="chat-send")
+                    stop_btn = gr.Button("stop", variant="stop", scale=1, min_width=70, interactive=False,
+                                         elem_id="chat-stop")
+                    clear = gr.Button("clear", variant="secondary", scale=1, min_width=70, elem_id="chat-clear")
+                    retry_btn = gr.Button("retry", variant="secondary", scale=1, min_width=70, elem_id="chat-retry")
                 with gr.Accordion("settings", open=False):
                     system = gr.Textbox(label="system prompt", value=DEFAULT_SYSTEM, lines=2)
                     with gr.Row():
                         temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature")
                         top_p = gr.Slider(0.0, 1.0, value=0.95, step=0.01, label="top-p")
-                        max_tokens = gr.Slider(1, 2048, value=256, step=1, label="max tokens")
-                    stop = gr.Textbox(label="stop sequences (one per line, up to 4)", lines=2)
+                        max_tokens = gr.Slider(1, max_tokens_limit(None), value=256, step=1,
+                                               label="max tokens", info="up to half the model's context")
+                    stop = gr.Textbox(label="stop sequences (one per line, up to 4; \\n for a line break)", lines=2)
             with gr.Tab("Soul monitor", id="monitor"):
                 if runs is None:
                     gr.Markdown("start the UI with `--runs DIR` to watch the training runs under DIR")
                 with gr.Row():
-                    run_dd = gr.Dropdown(label="run", choices=run_choices(), scale=4, elem_id="run-picker")
-                    runs_btn = gr.Button("⟳ runs", scale=1, variant="secondary")
-                    live = gr.Checkbox(value=True, label="live (refresh every 2 s)", scale=1)
-                badge = gr.HTML(elem_id="soul-badge")
+                    run_dd = gr.Dropdown(label="run", choices=run_choices(), scale=4, min_width=200,
+                                         elem_id="run-picker")
+                    runs_btn = gr.Button("⟳ runs", scale=1, min_width=100, variant="secondary")
+                    live = gr.Checkbox(value=True, label="live (refresh every 2 s)", scale=1, min_width=150)
+                badge = gr.Markdown(elem_id="soul-badge")
+                about = ("the run's loss, α with the φ line, the gate with σ(φ), the orthogonality error and tokens/s "
+                         "by step (the badge above has the latest values)")
                 plot = gr.Image(label="soul metrics", type="pil", interactive=False, elem_id="soul-plot",
-                                buttons=[])
+                                buttons=[], alt_text=about)
+                plot_tall = gr.Image(label="soul metrics (narrow screens)", type="pil", interactive=False,
+                                     elem_id="soul-plot-tall", buttons=[], alt_text=about)
                 timer = gr.Timer(2.0)
+                drawn = gr.State(None)  # the fingerprint of the run whose figures this page shows
             with gr.Tab("Compare", id="compare"):
                 cmp_prompt = gr.Textbox(label="prompt", lines=2, elem_id="compare-prompt")
                 with gr.Row():
                     cmp_temp = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature")
-                    cmp_max = gr.Slider(1, 1024, value=200, step=1, label="max tokens")
+                    cmp_max = gr.Slider(1, max_tokens_limit(None), value=200, step=1, label="max tokens")
                     cmp_btn = gr.Button("compare", variant="primary", elem_id="compare-run")
                 with gr.Row():
                     with gr.Column():
-                        model_a = gr.Dropdown(label="model A (e.g. base)", choices=[], elem_id="model-a")
+                        model_a = gr.Dropdown(label="model A", choices=[], elem_id="model-a")
                         out_a = gr.Textbox(label="A", lines=12, interactive=False, elem_id="compare-a")
                     with gr.Column():
-                        model_b = gr.Dropdown(label="model B (e.g. souled)", choices=[], elem_id="model-b")
+                        model_b = gr.Dropdown(label="model B", choices=[], elem_id="model-b")
                         out_b = gr.Textbox(label="B", lines=12, interactive=False, elem_id="compare-b")
 
         pickers = [model, model_a, model_b, api_status]
         demo.load(refresh_models, inputs=[model], outputs=pickers)
         reload_btn.click(refresh_models, inputs=[model], outputs=pickers)
-        chat_inputs = [msg, chatbot, model, system, temperature, top_p, max_tokens, stop]
-        msg.submit(chat, chat_inputs, [chatbot, msg, api_status])
-        send.click(chat, chat_inputs, [chatbot, msg, api_status])
-        clear.click(lambda: ([], ""), None, [chatbot, msg])
+        model.change(bound_tokens, [max_tokens, model], max_tokens, queue=False)
+        for picker in (model_a, model_b):
+            picker.change(bound_tokens, [cmp_max, model_a, model_b], cmp_max, queue=False)
+
+        settings = [convo, model, system, temperature, top_p, max_tokens, stop]
+        answer = dict(fn=drain, inputs=settings, outputs=[chatbot, api_status, stop_btn], show_progress="hidden")
+        for trigger in (msg.submit, send_btn.click):
+            # every press counts (the default drops a press while the last one is in flight, and the text with it)
+            trigger(send, [msg, convo], [msg, chatbot], queue=False, show_progress="hidden",
+                    trigger_mode="multiple").then(**answer)
+        stop_btn.click(stop_reply, convo, None, queue=False)
+        clear.click(clear_chat, convo, [chatbot, api_status, stop_btn], queue=False)
+        retry_btn.click(retry, convo, chatbot, queue=False).then(**answer)
         cmp_btn.click(compare_side, [cmp_prompt, model_a, system, cmp_temp, cmp_max], out_a)
         cmp_btn.click(compare_side, [cmp_prompt, model_b, system, cmp_temp, cmp_max], out_b)
         runs_btn.click(refresh_runs, [run_dd], run_dd)
-        run_dd.change(monitor, run_dd, [badge, plot])
-        demo.load(monitor, run_dd, [badge, plot])
-        timer.tick(monitor, run_dd, [badge, plot])
+        shown = [badge, plot, plot_tall, drawn]
+        run_dd.change(monitor, [run_dd, drawn], shown)
+        demo.load(monitor, [run_dd, drawn], shown)
+        timer.tick(monitor, [run_dd, drawn], shown, show_progress="hidden")
         live.change(lambda on: gr.Timer(active=on), live, timer)
     return demo
+
+
+async def _read(api: Api, pieces: asyncio.Queue, *request) -> None:
+    """Read one reply onto pieces, ending with ("end" | "error" | "stopped", detail). It runs as its own task so that
+    stop and clear can cancel it: the cancel closes the HTTP stream, which is what ends the generation on the
+    server."""
+    try:
+        async for piece in api.stream(*request):
+            pieces.put_nowait(("piece", piece))
+        pieces.put_nowait(("end", None))
+    except UIError as e:
+        pieces.put_nowait(("error", str(e)))
+    except asyncio.CancelledError:
+        pieces.put_nowait(("stopped", None))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -218,6 +413,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--api", default="http://127.0.0.1:8000/v1", help="base URL of an OpenAI-compatible API")
     ap.add_argument("--api-key", default=None, help="key for the API (default: $AEGIS_API_KEY, else none)")
     ap.add_argument("--runs", type=Path, default=None, help="directory with training runs for the Soul monitor")
+    ap.add_argument("--base", default="base", help="name of the served untrained base model, offered only in "
+                    "Compare (default: base)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     ap.add_argument("--port", type=int, default=7860)
     return ap
@@ -236,13 +433,16 @@ def main(argv: list[str] | None = None) -> int:
     # nothing may phone home: the page must work offline
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .ui_theme import CSS, FONTS, theme
+    from .ui_theme import CSS, STATIC, PagePolicy, theme
 
     key = args.api_key if args.api_key is not None else os.environ.get("AEGIS_API_KEY")
-    demo = build(Api(args.api.rstrip("/"), key), args.runs)
+    demo = build(Api(args.api.rstrip("/"), key, args.base), args.runs)
     demo.queue(default_concurrency_limit=8)
+    from starlette.middleware import Middleware
+
     demo.launch(server_name=args.host, server_port=args.port, theme=theme(), css=CSS, ssr_mode=False,
-                footer_links=[], show_error=True, quiet=False, allowed_paths=[str(FONTS)])
+                footer_links=[], show_error=True, quiet=False, allowed_paths=[str(STATIC)],
+                app_kwargs={"middleware": [Middleware(PagePolicy)]})
     return 0
 
 

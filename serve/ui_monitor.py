@@ -29,7 +29,6 @@ from aegis.schedule import PHI, gate as gate_of  # noqa: E402
 from .ui_theme import NEON  # noqa: E402
 
 LIVE_WINDOW_S = 60  # a run whose metrics changed this recently is shown as live
-PHASE_COLORS = {"chaos": NEON["magenta"], "transition": NEON["amber"], "golden": NEON["gold"]}
 
 
 def list_runs(root: Path) -> list[Path]:
@@ -69,7 +68,6 @@ def status(run: Path, records: list[dict]) -> dict:
 
 def badge_html(info: dict, run: Path | None) -> str:
     phase = str(info.get("phase", "—"))
-    color = PHASE_COLORS.get(phase, NEON["dim"])
     state = "LIVE" if info.get("live") else "FINISHED" if info.get("finished") else "IDLE"
     name = html.escape(Path(run).name) if run else "no run"
 
@@ -77,26 +75,31 @@ def badge_html(info: dict, run: Path | None) -> str:
         value = info.get(key)
         return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
-    return (f'<div class="soul-status"><span class="phase-badge" data-phase="{html.escape(phase)}" '
-            f'style="border-color:{color};color:{color}">{html.escape(phase.upper())}</span>'
+    # classes, not inline styles, colour the badge (ui_theme's CSS): the page's markdown keeps no style attributes
+    return (f'<div class="soul-status"><span class="phase-badge phase-{html.escape(phase)}" '
+            f'data-phase="{html.escape(phase)}">{html.escape(phase.upper())}</span>'
             f'<span class="run-state">{state}</span> <b>{name}</b> · step {info.get("step") or "—"} · '
             f'loss {fmt("loss", ".3f")} · α {fmt("alpha", "+.4f")} · gate {fmt("gate", ".4f")} · '
             f'ortho {fmt("ortho_error", ".1e")} · {fmt("tokens_per_s", ".0f")} tok/s</div>')
 
 
-def _style(ax, title: str) -> None:
+def _style(ax, title: str, size: float = 8) -> None:
     ax.set_facecolor(NEON["panel"])
-    ax.set_title(title, color=NEON["cyan"], fontsize=10, family="monospace", loc="left")
-    ax.tick_params(colors=NEON["text"], labelsize=8, which="both")
+    ax.set_title(title, color=NEON["cyan"], fontsize=size + 2, family="monospace", loc="left")
+    ax.tick_params(colors=NEON["text"], labelsize=size, which="both")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for spine in ax.spines.values():
         spine.set_color(NEON["grid"])
     ax.grid(True, color=NEON["grid"], linewidth=0.5, alpha=0.6)
 
 
-def figure(records: list[dict], target: float = PHI):
-    """Five panels of a run's metrics; an empty run gives empty panels with a note."""
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.2), dpi=90)
+def figure(records: list[dict], target: float = PHI, narrow: bool = False):
+    """Five panels of a run's metrics; an empty run gives empty panels with a note. narrow: one column, for a phone
+    (the wide figure shrunk to a phone's width has unreadable labels)."""
+    if narrow:
+        fig, axes = plt.subplots(6, 1, figsize=(4.2, 15), dpi=90)
+    else:
+        fig, axes = plt.subplots(2, 3, figsize=(12, 6.2), dpi=90)
     fig.patch.set_facecolor(NEON["bg"])
     panels = axes.ravel()
     steps, loss = series(records, "loss")
@@ -158,9 +161,28 @@ def render_png(fig) -> Image.Image:
     return Image.open(buf)
 
 
-def snapshot(run: Path | None):
-    """(badge HTML, plot image) for a run directory, for the UI."""
+def fingerprint(run: Path | None) -> tuple | None:
+    """What the figures of a run are drawn from (its metrics file's size and time, whether it has finished): the
+    same fingerprint, the same figures, so a live monitor redraws only when a record arrives."""
+    path = Path(run) / train_metrics.METRICS if run else None
+    if path is None or not path.exists():
+        return None
+    stat = path.stat()
+    return str(run), stat.st_size, stat.st_mtime_ns, (Path(run) / runs.SUMMARY).exists()
+
+
+def badge(run: Path | None) -> str:
     if run is None or not Path(run).is_dir():
-        return badge_html({}, None), render_png(figure([]))
+        return badge_html({}, None)
+    return badge_html(status(run, train_metrics.read(Path(run))), run)
+
+
+def snapshot(run: Path | None):
+    """(badge HTML, wide plot, one-column plot) for a run directory, for the UI (which shows one of the two,
+    by the screen's width)."""
+    if run is None or not Path(run).is_dir():
+        return badge_html({}, None), render_png(figure([])), render_png(figure([], narrow=True))
     records = train_metrics.read(Path(run))
-    return badge_html(status(run, records), run), render_png(figure(records, target_alpha(run)))
+    target = target_alpha(run)
+    return (badge_html(status(run, records), run), render_png(figure(records, target)),
+            render_png(figure(records, target, narrow=True)))

@@ -1,14 +1,15 @@
-"""The Gradio front end in a real headless Chromium (Playwright driving Debian's chromium): a streamed chat reply
-through the API, the Soul monitor plotting a real run's metrics and following it as records arrive, Compare with
-the base and the souled model side by side, a clear error when the API is down, and no request leaving loopback."""
+"""The Gradio front end in a real headless Chromium (Playwright driving Debian's chromium) against the real API
+serving a real run (the trained model and its untrained base, listed base first as the README once did): the
+trained model picked for chatting, a streamed chat reply, what a person types kept while replies stream, messages
+sent meanwhile queued and none lost, stop and clear ending the generation on the server, the max-tokens slider
+within the model's context, the Soul monitor plotting a real run and following it as records arrive, Compare, and
+after an API error one message per send."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,13 +18,12 @@ import pytest
 
 from aegis.tiny import corpus_path
 from support import serving as testing
-from support.serving import REPO, Server, base_gguf, find_gguf, free_port
+from support.browser import (CHROMIUM, CHROMIUM_ARGS, DESKTOP, open_page, outside, pick, set_number,
+                             ui_process)
+from support.serving import REPO, Server, base_gguf, find_gguf, metric
 
 sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # the README's picture is refreshed only when asked (AEGIS_UPDATE_SCREENSHOT=1), not on every test run
 SCREENSHOT = REPO / "docs" / "screenshot-ui.png"
 
@@ -40,7 +40,8 @@ def run_dir(request) -> Path:
 @pytest.fixture(scope="module")
 def api(run_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("ui") / "api.log"
-    server = Server("--model", f"souled={find_gguf(run_dir)}", "--model", f"base={base_gguf(run_dir)}",
+    # the base first, as the README's command listed it: the page must still chat with the trained model
+    server = Server("--model", f"base={base_gguf(run_dir)}", "--model", f"souled={find_gguf(run_dir)}",
                     "--threads", "1", "--parallel", "2", log_path=log)
     with server:
         yield server
@@ -62,71 +63,48 @@ def runs_root(run_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ui(api, runs_root, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("ui") / "ui.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "serve.ui", "--api", api.api, "--runs", str(runs_root),
-                                 "--port", str(port)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the UI did not come up:\n" + log.read_text()
-            time.sleep(0.3)
+    with ui_process(api.api, tmp_path_factory.mktemp("ui") / "ui.log", "--runs", str(runs_root)) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 @pytest.fixture(scope="module")
 def page(ui):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.requests = []
-        page.on("request", lambda r: page.requests.append(r.url))
-        page.goto(ui, wait_until="networkidle")
-        page.wait_for_selector("#api-status .api-ok", timeout=60_000)
-        yield page
+        yield open_page(browser, ui, DESKTOP)
         browser.close()
 
 
-def pick(page, label: str, value: str) -> None:
-    """Choose value in the Gradio dropdown labelled label."""
-    page.get_by_label(label, exact=True).click()
-    page.locator(f'li[role="option"][aria-label="{value}"]:visible').first.click()
+def status(page) -> str:
+    return page.inner_text("#api-status")
 
 
-def set_number(page, label: str, value) -> None:
-    """Set a Gradio slider through its number box, and wait until the slider itself shows the value."""
-    box = page.get_by_label(f"number input for {label}", exact=True)
-    slider = page.get_by_label(f"range slider for {label}", exact=True)
-    for attempt in range(3):  # an edit made while the settings panel is still opening can be dropped: type it again
-        box.fill(str(value))
-        box.press("Enter")
-        box.blur()
-        try:
-            page.wait_for_function("([el, v]) => Number(el.value) === v",
-                                   arg=[slider.element_handle(), float(value)], timeout=10_000)
-            return
-        except Exception:
-            if attempt == 2:
-                raise
+def wait_done(page, turns: int, timeout: float = 90_000) -> None:
+    page.wait_for_function(f"() => document.querySelector('#api-status').innerText.includes('done · {turns} turn')"
+                           " && !document.querySelector('#chatbot .turn-queued')", timeout=timeout)
+
+
+def chat_requests(api) -> float:
+    return metric(api, "aegis_requests_total", endpoint="/v1/chat/completions")
+
+
+def test_trained_model_is_picked_and_labelled(page):
+    """The server lists base first; the chat still goes to the trained model, named as such, and the base is
+    offered only in Compare."""
+    assert "2 model(s)" in status(page)
+    picker = page.get_by_label("model", exact=True)
+    assert picker.input_value() == "souled · trained"
+    picker.click()
+    offered = page.locator('li[role="option"]:visible').all_inner_texts()
+    page.keyboard.press("Escape")
+    assert [o.strip() for o in offered] == ["souled · trained"]
+    assert page.get_by_label("model A", exact=True).input_value() == "base · untrained base"
 
 
 def test_chat_streams_a_reply(page, api, tmp_path):
-    assert "2 model(s)" in page.inner_text("#api-status")
     page.get_by_text("settings").click()
     set_number(page, "temperature", 0)
     set_number(page, "max tokens", 48)
-    pick(page, "model", "souled")
     # record every length the reply passes through on the page: a streamed reply grows in steps
     page.evaluate("""() => { window.replyLengths = [];
         new MutationObserver(() => { const m = document.querySelectorAll('#chatbot .message');
@@ -136,7 +114,7 @@ def test_chat_streams_a_reply(page, api, tmp_path):
     page.keyboard.press("Enter")
     page.wait_for_function("() => document.querySelector('#api-status').innerText.includes('done · 1 turn')",
                            timeout=60_000)
-    shown = page.locator("#chatbot .message").all_inner_texts()
+    shown = page.locator("#chatbot .message.user, #chatbot .message.bot").all_inner_texts()
     assert shown[0].strip() == "こんにちは。自己紹介してください。"
     reply = shown[-1].strip()
     # the same request straight to the API (greedy) gives the same text: the UI showed the real streamed reply
@@ -159,7 +137,6 @@ def test_chat_streams_a_reply(page, api, tmp_path):
                            timeout=60_000)
     lengths = page.evaluate("() => window.replyLengths")
     assert len({n for n in lengths if n > 0}) >= 3, lengths  # the replies appeared piece by piece
-    page.get_by_text("settings").click()
     page.evaluate("() => window.scrollTo(0, 0)")
     shot = SCREENSHOT if os.environ.get("AEGIS_UPDATE_SCREENSHOT") else tmp_path / "screenshot-ui.png"
     page.screenshot(path=str(shot))
@@ -178,6 +155,39 @@ def test_japanese_renders_in_the_shipped_font(page, ui):
     assert "Noto Sans JP" in family, family
     fetched = [u for u in page.requests if u.startswith(ui) and u.endswith(".woff2")]
     assert fetched and httpx.get(fetched[0], timeout=10).status_code == 200, fetched
+
+
+def user_texts(page) -> list[str]:
+    return [t.strip() for t in page.locator("#chatbot .message.user").all_inner_texts()]
+
+
+def reply_started(page) -> None:
+    """Wait until the reply being written has some text."""
+    page.wait_for_function("() => { const m = document.querySelectorAll('#chatbot .message.bot');"
+                           " return m.length && m[m.length - 1].innerText.trim().replace('…', '').length > 0; }",
+                           timeout=60_000)
+
+
+def test_typing_is_kept_and_a_quick_second_message_is_queued(page, api):
+    """While a reply streams the input box is not touched (what is typed there stays), and a message sent 150 ms
+    after the first is queued on the page and sent after the first reply: each reaches the server once."""
+    set_number(page, "max tokens", 64)
+    before, requests = len(page.locator("#chatbot .message.bot").all()), chat_requests(api)
+    page.fill("#chat-input textarea", "一つ目の質問です。")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.querySelector('#chat-input textarea').value === ''")
+    page.wait_for_timeout(150)
+    page.fill("#chat-input textarea", "二つ目の質問です。")
+    page.keyboard.press("Enter")
+    reply_started(page)
+    page.click("#chat-input textarea")
+    page.keyboard.type("次の質問を書いているところ", delay=40)
+    wait_done(page, before + 2)
+    assert page.input_value("#chat-input textarea") == "次の質問を書いているところ"
+    assert user_texts(page)[-2:] == ["一つ目の質問です。", "二つ目の質問です。"]
+    assert user_texts(page).count("二つ目の質問です。") == 1
+    assert chat_requests(api) - requests == 2
+    page.fill("#chat-input textarea", "")
 
 
 def test_monitor_plots_a_real_run_and_follows_it(page, run_dir, runs_root):
@@ -210,8 +220,8 @@ def test_monitor_plots_a_real_run_and_follows_it(page, run_dir, runs_root):
 
 def test_compare_base_and_souled(page):
     page.get_by_role("tab", name="Compare").click()
-    pick(page, "model A (e.g. base)", "base")
-    pick(page, "model B (e.g. souled)", "souled")
+    pick(page, "model A", "base · untrained base")
+    pick(page, "model B", "souled · trained")
     page.fill("#compare-prompt textarea", "日本の四季について教えてください。")
     page.click("#compare-run")
     page.wait_for_function("() => ['#compare-a', '#compare-b'].every(s => document.querySelector(s + ' textarea')"
@@ -221,16 +231,64 @@ def test_compare_base_and_souled(page):
     assert "✖" not in a and "✖" not in b
 
 
-def test_clear_error_when_the_api_is_down(page, api):
+def wait_metric(api, name: str, value: float, timeout: float = 15, **labels) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(api, name, **labels) < value:
+        assert time.monotonic() < deadline, f"{name}{labels} stayed below {value}"
+        time.sleep(0.2)
+
+
+def test_max_tokens_within_the_context_and_stop_and_clear_cancel(page, api):
+    """The max-tokens slider ends at half the chosen model's context (from /v1/models), and the server takes that
+    much; stop ends the reply on the server (a cancelled generation in its /metrics) and clear does too, and a
+    cleared reply does not come back."""
+    page.get_by_role("tab", name="Chat").click()
+    context = next(m["context_length"] for m in httpx.get(api.api + "/models").json()["data"] if m["id"] == "souled")
+    assert page.get_by_label("range slider for max tokens", exact=True).get_attribute("max") == str(context // 2)
+    set_number(page, "max tokens", context // 2)
+    set_number(page, "temperature", 1.5)  # long replies: the end-of-text token is rarely drawn
+    cancelled = metric(api, "aegis_generations_total", reason="cancelled")
+    page.fill("#chat-input textarea", "日本の四季について、できるだけ長く説明してください。")
+    page.keyboard.press("Enter")
+    reply_started(page)
+    page.click("#chat-stop")
+    page.wait_for_selector("#chatbot .turn-stopped", timeout=15_000)
+    wait_metric(api, "aegis_generations_total", cancelled + 1, reason="cancelled")
+    stopped = page.locator("#chatbot .message.bot").last.inner_text()
+    assert "✖" not in status(page)
+
+    page.fill("#chat-input textarea", "もう一度、長く説明してください。")
+    page.keyboard.press("Enter")
+    reply_started(page)
+    page.click("#chat-clear")
+    wait_metric(api, "aegis_generations_total", cancelled + 2, reason="cancelled")
+    page.wait_for_timeout(2000)  # a reply that went on would show again by now
+    assert page.locator("#chatbot .message.user, #chatbot .message.bot").count() == 0, stopped
+    set_number(page, "temperature", 0)
+
+
+def test_after_an_api_error_one_message_per_send(page, api):
+    """The API down: the status says so, the message stays once in the chat marked unanswered (the box is empty,
+    so sending again cannot duplicate it); retry sends it again, and once the API is back it is answered, still
+    one message."""
     api.stop()
     page.get_by_role("tab", name="Chat").click()
     page.fill("#chat-input textarea", "まだいますか?")
     page.keyboard.press("Enter")
     page.wait_for_selector("#api-status .api-error", timeout=30_000)
-    assert "cannot reach the API" in page.inner_text("#api-status")
-    assert page.input_value("#chat-input textarea") == "まだいますか?"  # kept, to send again later
+    assert "cannot reach the API" in status(page)
+    assert page.input_value("#chat-input textarea") == ""
+    page.wait_for_selector("#chatbot .turn-failed")
+    page.click("#chat-send")  # an empty box sends nothing
+    page.click("#chat-retry")
+    page.wait_for_selector("#chatbot .turn-failed")
+    assert len([t for t in user_texts(page) if t.startswith("まだいますか?")]) == 1
+    api.start()
+    turns = len(page.locator("#chatbot .message.bot").all())
+    page.click("#chat-retry")
+    wait_done(page, turns + 1)
+    assert [t for t in user_texts(page) if t.startswith("まだいますか")] == ["まだいますか?"]
 
 
-def test_no_request_leaves_loopback(page):
-    outside = [u for u in page.requests if not u.startswith(("http://127.0.0.1", "data:", "blob:"))]
-    assert not outside, outside
+def test_no_request_leaves_the_page_origin(page, ui):
+    assert outside(page, ui) == []

@@ -1,0 +1,31 @@
+"""The chat page's pieces that need no browser: stop sequences as typed, the untrained base listed last, the
+max-tokens bound, and the page policy's hashes of Gradio's inline scripts."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+from serve.ui import Model, max_tokens_limit, parse_stops
+from serve.ui_theme import HEAD, content_security_policy
+
+
+def test_stop_sequences_as_typed():
+    assert parse_stops("\\x") == ["\\x"]  # an unknown escape stays as typed (it raised before)
+    assert parse_stops("。\n終わり") == ["。", "終わり"]  # Japanese is kept (it was garbled through latin-1)
+    assert parse_stops("です。\\n\nA\\tB\n\\\\n") == ["です。\n", "A\tB", "\\n"]
+    assert parse_stops("a\nb\nc\nd\ne") == ["a", "b", "c", "d"]
+
+
+def test_base_listed_last_and_slider_bound():
+    models = sorted([Model("base", 4096, True), Model("souled", 4096, False)], key=lambda m: m.base)
+    assert [m.id for m in models] == ["souled", "base"]
+    assert max_tokens_limit(1024) == 512 and max_tokens_limit(None) == 1024
+
+
+def test_policy_hashes_the_inline_scripts_only():
+    page = '<html><head><script>window.x = 1;</script><script type="module" src="a.js"></script></head></html>'
+    digest = base64.b64encode(hashlib.sha256(b"window.x = 1;").digest()).decode()
+    policy = content_security_policy(page)
+    assert f"script-src 'self' 'sha256-{digest}';" in policy
+    assert "unsafe-eval" not in policy and b"page.js" in HEAD
