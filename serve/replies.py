@@ -1,6 +1,7 @@
 """The one request path both completion endpoints share (prepare -> submit -> stream or collect), and the shapes of
 their replies: a Reply turns a job's text pieces and scored tokens into OpenAI's chunks while streaming, or into one
-body; ChatReply also reads tool calls out of the text (tools.CallReader), TextReply writes legacy logprobs."""
+body; ChatReply also reads tool calls out of the text (tools.CallReader), TextReply writes legacy logprobs. A request
+that the server's shutdown cuts off ends in the same shapes (cut_off)."""
 
 from __future__ import annotations
 
