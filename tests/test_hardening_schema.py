@@ -19,7 +19,7 @@ import time
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from aegis import llamacpp
@@ -189,6 +189,8 @@ def test_a_small_request_keeps_its_latency_while_big_schemas_are_built(server, h
             times = [_timed(http) for _ in range(6)]
             stop.set()
             job.result()
+        print(f"normal {normal:.3f} s; while {list(body)[0]} is {'built' if status == 200 else 'refused'}: "
+              + " ".join(f"{t:.3f}" for t in times))
         assert max(times) <= normal + 0.5, (normal, times, list(body))
 
 
@@ -259,6 +261,7 @@ SCHEMAS = st.one_of(
 
 def _answered(r: httpx.Response, param_prefix: str) -> None:
     assert r.status_code < 500, r.text[:500]
+    event(f"{param_prefix}: {r.status_code} {r.json()['error']['code'] if r.status_code >= 400 else ''}")
     if r.status_code >= 400:
         err = r.json()["error"]
         assert err["param"], err
@@ -345,6 +348,36 @@ class Matcher:
         finally:
             self.lib.llama_sampler_free(s)
 
+    def step_cost(self, grammar: str, steps: int, avoid: str = "") -> float:
+        """The slowest of `steps` tokens under the grammar, each checked against the whole vocabulary as the decode
+        thread's sampler chain does, along a random path that keeps away from `avoid` (to stay inside a value)."""
+        lib = self.lib
+        n = lib.llama_vocab_n_tokens(self.vocab)
+        data = (lib.llama_token_data * n)()
+        s, rng, worst = self.sampler(grammar), random.Random(0), 0.0
+        try:
+            for _ in range(steps):
+                for i in range(n):
+                    data[i].id, data[i].logit = i, 0.0
+                arr = lib.llama_token_data_array(data, n, -1, False)
+                t = time.perf_counter()
+                lib.llama_sampler_apply(s, ctypes.byref(arr))
+                worst = max(worst, time.perf_counter() - t)
+                allowed = [i for i in range(n) if data[i].logit != float("-inf") and not lib.llama_vocab_is_eog(
+                    self.vocab, i) and not lib.llama_vocab_is_control(self.vocab, i)]
+                inside = [i for i in allowed if not any(ch in self.piece(i) for ch in avoid)]
+                if not allowed:
+                    break
+                lib.llama_sampler_accept(s, rng.choice(inside or allowed))
+        finally:
+            lib.llama_sampler_free(s)
+        return worst
+
+    def piece(self, token: int) -> str:
+        buf = ctypes.create_string_buffer(64)
+        n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:max(n, 0)].decode("utf-8", "replace")
+
     def close(self):
         self.lib.llama_model_free(self.model)
 
@@ -355,6 +388,34 @@ def matcher(request):
     m = Matcher(gguf)
     yield m
     m.close()
+
+
+def test_the_decode_threads_share_of_a_big_grammar_is_bounded(matcher):
+    """The batched engine makes each request's grammar sampler on the decode thread (LlamaBatch._chain) and runs it
+    there every token: for the largest admitted schemas that costs well under the half second a client may wait."""
+    schema = big_format()["json_schema"]["schema"]
+    grammar = structured.schema_grammar(schema)
+    t = time.perf_counter()
+    matcher.lib.llama_sampler_free(matcher.sampler(grammar))
+    start = time.perf_counter() - t
+    group, product = structured.MAX_GROUP_REPEAT, structured.MAX_REPEAT_PRODUCT
+    worst = max(matcher.step_cost(structured.schema_grammar(pattern(p)), steps=40, avoid='"')
+                for p in (f"^(a{{0,{product // group}}}){{0,{group}}}$", f"^(a?b?){{0,{group}}}$",
+                          f"^a{{0,{structured.MAX_REPEAT}}}$"))
+    values = [f"item-number-{i:05d}" for i in range(structured.MAX_ENUM_VALUES)]
+    enum = matcher.step_cost(structured.schema_grammar({"enum": values}), steps=20)
+    print(f"big grammar ({len(grammar):,} bytes): sampler made in {start:.3f} s; worst token under an admitted "
+          f"pattern {worst:.3f} s, under a 1 000-value enum {enum:.3f} s")
+    assert start < 0.25 and worst < 0.25 and enum < 0.25
+
+
+def test_the_grammar_itself_is_bounded(monkeypatch):
+    """The last line of defence: whatever the schema limits let through, a grammar past MAX_GRAMMAR_BYTES or
+    MAX_GRAMMAR_RULES is refused before llama.cpp parses it."""
+    schema = props(50, required=True)
+    monkeypatch.setattr(structured, "MAX_GRAMMAR_RULES", 20)
+    with pytest.raises(structured.SchemaLimit, match="rules"):
+        structured.schema_grammar(schema)
 
 
 def fmt_grammar(fmt: str) -> str:
