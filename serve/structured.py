@@ -48,8 +48,8 @@ DEF_PREFIX = "aegis-def-"
 #   The converter writes x{0,n} (and maxLength n, maxItems n) as n nested groups, and llama.cpp refuses more than
 #   1 000 of them anyway, but only after recursing through all of them: so no count above MAX_REPEAT gets there.
 # - the grammar runs on the decode thread every client shares: each token costs (parse states alive) x vocabulary.
-#   A repeated group whose body varies in length keeps a state per way to split the text: ^(a?){0,100}$ took
-#   0.2-0.6 s per token, ^(a{0,2}){0,50}$ 0.08 s, ^(a{0,10}){0,10}$ 5 ms; hence MAX_GROUP_REPEAT and
+#   A repeated group whose body varies in length keeps a state per way to split the text: ^(a?){0,100}$ and
+#   ^(|a){0,100}$ took 0.2-0.6 s per token, ^(a{0,2}){0,50}$ 0.08 s, ^(a{0,10}){0,10}$ 5 ms; hence MAX_GROUP_REPEAT and
 #   MAX_REPEAT_PRODUCT (^(a{0,15}){0,15}$: 18 ms mean, 38 ms worst). An enum is one alternative per value, alive
 #   while they share a prefix: 1 000 values 35 ms per token (59 worst), 20 000 took seconds per token. Optional
 #   properties of one object are alternatives too (500: 19 ms per token) and the converter builds them in
@@ -62,12 +62,12 @@ MAX_SCHEMA_BYTES = 512 * 1024  # the request's schemas as compact JSON
 MAX_DEPTH = 32  # schemas inside schemas (properties, items, anyOf, ... and through $ref), groups inside a pattern
 MAX_PROPERTIES = 5_000  # object properties, all objects of the request together
 MAX_OPTIONAL_PROPERTIES = 100  # properties one object does not require
-MAX_ALTERNATIVES = 128  # branches of one anyOf (or list of types); tools offered in one request
+MAX_ALTERNATIVES = 128  # branches of one anyOf; tools offered in one request
 MAX_ENUM_VALUES = 1_000  # values of one enum
 MAX_ENUM_BYTES = 128 * 1024  # enum and const values of the request, as JSON text
 MAX_REPEAT = 1_000  # one count: {m,n} in a pattern, minLength/maxLength, minItems/maxItems
 MAX_REPEAT_PRODUCT = 256  # counts multiplied through the groups around them in a pattern
-MAX_GROUP_REPEAT = 16  # times a pattern group that holds a repetition may repeat
+MAX_GROUP_REPEAT = 16  # times a pattern group that varies in length (a repetition or | inside) may repeat
 MAX_GRAMMAR_BYTES = 4 * 1024 * 1024  # the grammar text llama.cpp parses (a backstop: the limits above keep it lower)
 MAX_GRAMMAR_RULES = 20_000
 
@@ -290,7 +290,8 @@ def check_pattern(pattern, where: str) -> str:
     if not isinstance(pattern, str) or len(pattern) < 2 or pattern[0] != "^" or pattern[-1] != "$":
         raise SchemaError(f"{where}: a pattern must be anchored, ^...$")
     body, i = pattern[1:-1], 0
-    # per open group: (the largest count product inside it so far, whether it holds a repetition)
+    # per open group: [the largest count product inside it so far, whether its length varies (it holds a
+    # repetition or alternatives: repeated, each way to split the text is a parse state of its own)]
     groups: list[list] = [[1, False]]
     while i < len(body):
         c, atom = body[i], True
@@ -321,6 +322,9 @@ def check_pattern(pattern, where: str) -> str:
             if c == "{" and not _QUANTIFIER.match(body, i):
                 raise SchemaError(f"{where}: the repetition at {i + 1} must be {{m}}, {{m,}} or {{m,n}}")
             raise SchemaError(f"{where}: the repetition at {i + 1} repeats nothing")
+        elif c == "|":
+            groups[-1][1], atom = True, False
+            i += 1
         elif c in '^$"' or ord(c) < 0x20 or c == "\x7f":
             raise SchemaError(f"{where}: {c!r} at {i + 1} is not supported inside a pattern")
         else:
@@ -337,7 +341,7 @@ def _quantified(body: str, i: int, inner: int, repeats: bool, parent: list, wher
     checked against the limits and recorded in the parent group; the index after it."""
     m = _QUANTIFIER.match(body, i) if i < len(body) else None
     if not m:
-        parent[0] = max(parent[0], inner)
+        parent[0], parent[1] = max(parent[0], inner), parent[1] or repeats
         return i
     if m.group(1) is not None:
         low = int(m.group(1))
@@ -352,7 +356,7 @@ def _quantified(body: str, i: int, inner: int, repeats: bool, parent: list, wher
     if count > MAX_REPEAT:
         raise _limit(where, f"the repetition at {i + 1} counts {count:,}", MAX_REPEAT, "")
     if repeats and count > MAX_GROUP_REPEAT:
-        raise _limit(where, f"the group before {i + 1} holds a repetition and repeats {count:,} times",
+        raise _limit(where, f"the group before {i + 1} varies in length and repeats {count:,} times",
                      MAX_GROUP_REPEAT, "times")
     product = count * inner
     if product > MAX_REPEAT_PRODUCT and inner > 1:

@@ -80,6 +80,7 @@ KNOWN_BAD = {
     "repetition_15000": (pattern("^a{0,15000}$"), "/properties/s/pattern", "1,000"),
     "nested_repetition": (pattern("^(a{0,100}){0,100}$"), "/properties/s/pattern", "16"),
     "nullable_group_repeated": (pattern("^(a?){0,100}$"), "/properties/s/pattern", "16"),
+    "empty_alternative_repeated": (pattern("^(|a){0,100}$"), "/properties/s/pattern", "16"),
     "repetition_product": (pattern("^([a-z]{0,20}[.]){1,16}$"), "/properties/s/pattern", "256"),
     "group_depth": (pattern("^" + "(" * 40 + "a" + ")" * 40 + "$"), "/properties/s/pattern", "32"),
     "group_depth_huge": (pattern("^" + "(" * 20000 + "a" + ")" * 20000 + "$"), "/properties/s/pattern", "32"),
