@@ -39,7 +39,8 @@ export: train
 $(BASE): | setup
 	$(PY) -m export gguf --model "$$($(PY) -m aegis.tiny)" --out $@ --type f16
 
-# the trained model first: the chat page starts on the first model the server lists
+# the trained model first, then the untrained base as `base`: the chat page chats with the trained model and
+# offers `base` in Compare
 serve: export $(BASE)
 	$(PY) -m serve --model $(TRAINED) --model base=$(BASE) & server=$$!; \
 	trap 'kill $$server 2>/dev/null' EXIT; \
