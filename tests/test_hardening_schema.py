@@ -13,7 +13,10 @@ import ctypes
 import datetime
 import json
 import random
+import resource
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -159,6 +162,42 @@ def test_schemas_at_the_limits_are_admitted(http):
     # the tools' grammar is built and admitted; their descriptions then overflow the tiny model's context
     r = chat(http, tools=big_tools(), tool_choice="required")
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
+
+
+# llama.cpp's grammar parser in a child process: n nested groups, as the converter writes a{0,n}, parsed on a thread
+# with the given stack
+PARSE_CHILD = """
+import sys, threading
+from aegis import llamacpp
+lib = llamacpp.runtime()
+params = lib.llama_model_default_params()
+params.vocab_only = True
+vocab = lib.llama_model_get_vocab(lib.llama_model_load_from_file(sys.argv[1].encode(), params))
+n, stack = int(sys.argv[2]), int(sys.argv[3])
+grammar = "root ::= " + '("a" ' * n + ")?" * n
+threading.stack_size(stack)
+t = threading.Thread(target=lambda: lib.llama_sampler_init_grammar(vocab, grammar.encode(), b"root"))
+t.start()
+t.join()
+print("survived")
+"""
+
+
+def test_the_repetition_limit_leaves_llama_cpp_a_margin(request):
+    """llama.cpp parses nested groups recursively (~430 bytes of stack each) and counts them only on the way back,
+    so enough of them overflow the stack (SIGSEGV, the whole server). Twice MAX_REPEAT nested groups parse on a 1 MB
+    thread stack, an eighth of what a thread gets by default; 40 times MAX_REPEAT do not (if that one stops
+    crashing, llama.cpp changed: measure again and revisit the comment over the limits)."""
+    gguf, _ = serving.served_files(request)
+
+    def parse(n: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", PARSE_CHILD, str(gguf), str(n), str(1 << 20)], cwd=serving.REPO,
+                              capture_output=True, text=True, timeout=120,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
+    fine = parse(2 * structured.MAX_REPEAT)
+    assert fine.returncode == 0 and "survived" in fine.stdout, fine.stderr[-2000:]
+    crash = parse(40 * structured.MAX_REPEAT)
+    assert crash.returncode < 0, (crash.returncode, crash.stdout[-500:])
 
 
 # ---- latency: building or refusing a big schema holds no one else up ------------------------------------------
