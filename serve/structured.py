@@ -9,7 +9,7 @@ where it is, never silently loosened. Enforced:
 - objects: properties, required (each a listed property), additionalProperties (true, false or a schema); an
   object with properties admits no other keys unless additionalProperties says so
 - arrays: items with minItems/maxItems, or prefixItems (exactly those items)
-- strings: one of minLength/maxLength, pattern, or format (date, time, date-time, uuid: their shapes)
+- strings: one of minLength/maxLength, pattern, or format (uuid by its shape; date, time, date-time below)
 - anyOf; $ref to a place in the same schema (recursion included)
 - patterns: anchored ^...$, literals, classes such as [a-z0-9_] (not negated), groups, |, ?, *, +, {m,n}, . (any
   character but a quote, a backslash or a control character); the only escapes are of ( ) [ ] { } * + ? | (a dot
@@ -57,7 +57,8 @@ DEF_PREFIX = "aegis-def-"
 # - what real applications send fits well within: OpenAI's structured outputs take at most 5 000 properties,
 #   10 levels of nesting, 1 000 enum values and 120 000 characters of names and values; agents send up to 128 tools.
 #   128 tools of 30 optional parameters each (418 KB) build in 0.5 s into a 1.2 MB grammar of 8 196 rules that
-#   llama.cpp takes in 0.06 s, then 5 ms per token.
+#   llama.cpp takes in 0.06 s (the batched engine makes each request's sampler on the decode thread: that is its
+#   share), then 5 ms per token.
 MAX_SCHEMA_BYTES = 512 * 1024  # the request's schemas as compact JSON
 MAX_DEPTH = 32  # schemas inside schemas (properties, items, anyOf, ... and through $ref), groups inside a pattern
 MAX_PROPERTIES = 5_000  # object properties, all objects of the request together
