@@ -119,6 +119,11 @@ def test_every_relative_link_and_anchor_resolves():
         assert not anchor or anchor in _anchors(ROOT / target), link
 
 
+def test_the_readme_links_every_page_of_the_docs():
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", README))
+    assert linked == {p.name for p in (ROOT / "docs").glob("*.md")} - {"index.md"}
+
+
 @pytest.mark.parametrize("doc", sorted(doc_texts()))
 def test_gguf_paths_belong_to_runs_the_doc_makes(doc):
     from export.pipeline import model_name
