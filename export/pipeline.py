@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from aegis import llamacpp
-from aegis.digest import write_sidecar
+from aegis.digest import DigestError, verify, write_sidecar
 
 from . import modelfile as modelfile_mod
 from . import hparams, names, parity, quantize, to_gguf
@@ -112,9 +112,15 @@ def _up_to_date(gguf_path: Path, source: str | None) -> bool:
         return False
     # passed, for this merge, this very file, and its replies were recorded in the context the server now opens it
     # with (records older than the served context have none)
-    return bool(entry and entry.get("passed") and entry.get("source") == source
-                and entry.get("bytes") == gguf_path.stat().st_size
-                and entry.get("served_context") == llamacpp.context(gguf_path).default)
+    if not (entry and entry.get("passed") and entry.get("source") == source
+            and entry.get("bytes") == gguf_path.stat().st_size
+            and entry.get("served_context") == llamacpp.context(gguf_path).default):
+        return False
+    try:  # and it is still the file that passed: serve refuses a GGUF without a matching record
+        verify(gguf_path)
+    except (DigestError, OSError):
+        return False
+    return True
 
 
 def model_name(run_dir: Path) -> str:

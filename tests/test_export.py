@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from aegis import digest
+
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = ["f16", "q8_0", "q4_k_m"]
 JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
@@ -247,6 +249,18 @@ def test_rerun_is_idempotent(exported):
     assert after == before and (exported["merged"] / "model.safetensors").stat().st_mtime_ns == merged_mtime
     assert not list(exported["out"].glob(".tmp-*"))
     assert json.loads((exported["out"] / "parity.json").read_text()).keys() == exported["parity"].keys()
+
+
+def test_rerun_remakes_a_gguf_whose_record_is_gone_or_wrong(exported):
+    """A GGUF is reused only while it is the file that passed: serve refuses one without a matching .sha256."""
+    path = next(iter(exported["gguf"].values()))
+    before = path.stat().st_mtime_ns
+    digest.sidecar(path).unlink()
+    proc = export_cli("all", "--run", str(exported["run"]), "--out", str(exported["out"]), "--type", ",".join(TYPES),
+                      "--name", "tiny-soul", "--no-progress")
+    assert f"{path} already passed" not in proc.stdout
+    assert path.stat().st_mtime_ns != before
+    digest.verify(path)
 
 
 def test_gguf_command_writes_parity_json_beside_the_file(exported, tmp_path):
