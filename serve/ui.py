@@ -108,10 +108,11 @@ def max_tokens_limit(context: int | None) -> int:
     return max(16, (context or 2048) // 2)
 
 
-def status_html(text: str, ok: bool) -> str:
+def status_html(text: str, ok: bool | None) -> str:
+    """The status line: ok, an error, or (None) waiting for the API's first answer."""
+    kind, mark = {True: ("api-ok", "●"), False: ("api-error", "✖"), None: ("api-wait", "○")}[ok]
     # a <div> is an HTML block to the Markdown component: its text is not read as markdown, so escaping is enough
-    return (f'<div class="{"api-ok" if ok else "api-error"}" role="status">{"●" if ok else "✖"} '
-            f'{html.escape(text)}</div>')
+    return f'<div class="{kind}" role="status">{mark} {html.escape(text)}</div>'
 
 
 # ---- the conversation ---------------------------------------------------------------------------------------------
@@ -315,7 +316,7 @@ def build(api: Api, runs: Path | None):
         with gr.Row(elem_id="top-row"):
             model = gr.Dropdown(label="model", choices=[], scale=3, min_width=200, elem_id="model-picker")
             reload_btn = gr.Button("⟳ models", scale=1, min_width=100, variant="secondary")
-            api_status = gr.Markdown(status_html(f"connecting to {api.base_url}…", True), elem_id="api-status")
+            api_status = gr.Markdown(status_html(f"connecting to {api.base_url}…", None), elem_id="api-status")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 chatbot = gr.Chatbot(label="chat", show_label=False, height=430, elem_id="chatbot",
@@ -328,7 +329,7 @@ def build(api: Api, runs: Path | None):
                                          elem_id="chat-stop")
                     clear = gr.Button("clear", variant="secondary", scale=1, min_width=70, elem_id="chat-clear")
                     retry_btn = gr.Button("retry", variant="secondary", scale=1, min_width=70, elem_id="chat-retry")
-                with gr.Accordion("settings", open=False):
+                with gr.Accordion("settings", open=False, elem_id="chat-settings"):
                     system = gr.Textbox(label="system prompt", value=DEFAULT_SYSTEM, lines=2)
                     with gr.Row():
                         temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature")

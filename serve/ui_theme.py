@@ -55,6 +55,7 @@ CSS = """
 .run-state { color: #39ff88; margin-right: .6em; }
 .api-error { color: #ff6b85; font-weight: bold; }
 .api-ok { color: #39ff88; }
+.api-wait { color: #9ea3c8; }
 #api-status { overflow-wrap: anywhere; min-width: 0; }
 button.primary { box-shadow: 0 0 10px #ff2bd6aa; }
 /* messages are plain text: keep their line breaks and runs of spaces */

@@ -84,6 +84,13 @@ def wait_done(page, turns: int, timeout: float = 90_000) -> None:
                            " && !document.querySelector('#chatbot .turn-queued')", timeout=timeout)
 
 
+def open_settings(page) -> None:
+    box = page.locator("#chat-settings").get_by_label("number input for temperature", exact=True)
+    if not box.is_visible():
+        page.get_by_text("settings", exact=True).click()
+    box.wait_for(state="visible")
+
+
 def chat_requests(api) -> float:
     return metric(api, "aegis_requests_total", endpoint="/v1/chat/completions")
 
@@ -97,12 +104,14 @@ def test_trained_model_is_picked_and_labelled(page):
     picker.click()
     offered = page.locator('li[role="option"]:visible').all_inner_texts()
     page.keyboard.press("Escape")
-    assert [o.strip() for o in offered] == ["souled · trained"]
+    assert [o.replace("✓", "").strip() for o in offered] == ["souled · trained"]
+    page.get_by_role("tab", name="Compare").click()
     assert page.get_by_label("model A", exact=True).input_value() == "base · untrained base"
+    page.get_by_role("tab", name="Chat").click()
 
 
 def test_chat_streams_a_reply(page, api, tmp_path):
-    page.get_by_text("settings").click()
+    open_settings(page)
     set_number(page, "temperature", 0)
     set_number(page, "max tokens", 48)
     # record every length the reply passes through on the page: a streamed reply grows in steps
@@ -161,25 +170,30 @@ def user_texts(page) -> list[str]:
     return [t.strip() for t in page.locator("#chatbot .message.user").all_inner_texts()]
 
 
-def reply_started(page) -> None:
-    """Wait until the reply being written has some text."""
-    page.wait_for_function("() => { const m = document.querySelectorAll('#chatbot .message.bot');"
-                           " return m.length && m[m.length - 1].innerText.trim().replace('…', '').length > 0; }",
-                           timeout=60_000)
+def replies(page) -> int:
+    return page.locator("#chatbot .message.bot").count()
+
+
+def reply_started(page, before: int) -> None:
+    """Wait until a reply after the first `before` ones has some text."""
+    page.wait_for_function("n => { const m = document.querySelectorAll('#chatbot .message.bot');"
+                           " return m.length > n && m[m.length - 1].innerText.trim().replace('…', '').length > 0; }",
+                           arg=before, timeout=60_000)
 
 
 def test_typing_is_kept_and_a_quick_second_message_is_queued(page, api):
     """While a reply streams the input box is not touched (what is typed there stays), and a message sent 150 ms
     after the first is queued on the page and sent after the first reply: each reaches the server once."""
+    open_settings(page)
     set_number(page, "max tokens", 64)
-    before, requests = len(page.locator("#chatbot .message.bot").all()), chat_requests(api)
+    before, requests = replies(page), chat_requests(api)
     page.fill("#chat-input textarea", "一つ目の質問です。")
     page.keyboard.press("Enter")
     page.wait_for_function("() => document.querySelector('#chat-input textarea').value === ''")
     page.wait_for_timeout(150)
     page.fill("#chat-input textarea", "二つ目の質問です。")
     page.keyboard.press("Enter")
-    reply_started(page)
+    reply_started(page, before)
     page.click("#chat-input textarea")
     page.keyboard.type("次の質問を書いているところ", delay=40)
     wait_done(page, before + 2)
@@ -243,23 +257,27 @@ def test_max_tokens_within_the_context_and_stop_and_clear_cancel(page, api):
     much; stop ends the reply on the server (a cancelled generation in its /metrics) and clear does too, and a
     cleared reply does not come back."""
     page.get_by_role("tab", name="Chat").click()
+    open_settings(page)
     context = next(m["context_length"] for m in httpx.get(api.api + "/models").json()["data"] if m["id"] == "souled")
-    assert page.get_by_label("range slider for max tokens", exact=True).get_attribute("max") == str(context // 2)
+    slider = page.locator("#chat-settings").get_by_label("range slider for max tokens", exact=True)
+    assert slider.get_attribute("max") == str(context // 2)
     set_number(page, "max tokens", context // 2)
     set_number(page, "temperature", 1.5)  # long replies: the end-of-text token is rarely drawn
     cancelled = metric(api, "aegis_generations_total", reason="cancelled")
+    before = replies(page)
     page.fill("#chat-input textarea", "日本の四季について、できるだけ長く説明してください。")
     page.keyboard.press("Enter")
-    reply_started(page)
+    reply_started(page, before)
     page.click("#chat-stop")
     page.wait_for_selector("#chatbot .turn-stopped", timeout=15_000)
     wait_metric(api, "aegis_generations_total", cancelled + 1, reason="cancelled")
     stopped = page.locator("#chatbot .message.bot").last.inner_text()
     assert "✖" not in status(page)
 
+    before = replies(page)
     page.fill("#chat-input textarea", "もう一度、長く説明してください。")
     page.keyboard.press("Enter")
-    reply_started(page)
+    reply_started(page, before)
     page.click("#chat-clear")
     wait_metric(api, "aegis_generations_total", cancelled + 2, reason="cancelled")
     page.wait_for_timeout(2000)  # a reply that went on would show again by now
@@ -284,7 +302,7 @@ def test_after_an_api_error_one_message_per_send(page, api):
     page.wait_for_selector("#chatbot .turn-failed")
     assert len([t for t in user_texts(page) if t.startswith("まだいますか?")]) == 1
     api.start()
-    turns = len(page.locator("#chatbot .message.bot").all())
+    turns = replies(page)
     page.click("#chat-retry")
     wait_done(page, turns + 1)
     assert [t for t in user_texts(page) if t.startswith("まだいますか")] == ["まだいますか?"]

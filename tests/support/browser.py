@@ -100,10 +100,11 @@ def pick(page, label: str, value: str) -> None:
     page.locator(f'li[role="option"][aria-label="{value}"]:visible').first.click()
 
 
-def set_number(page, label: str, value) -> None:
-    """Set a Gradio slider through its number box, and wait until the slider itself shows the value."""
-    box = page.get_by_label(f"number input for {label}", exact=True)
-    slider = page.get_by_label(f"range slider for {label}", exact=True)
+def set_number(page, label: str, value, within: str = "#chat-settings") -> None:
+    """Set a Gradio slider (in the element within) through its number box, and wait until the slider itself shows
+    the value."""
+    box = page.locator(within).get_by_label(f"number input for {label}", exact=True)
+    slider = page.locator(within).get_by_label(f"range slider for {label}", exact=True)
     for attempt in range(3):  # an edit made while the settings panel is still opening can be dropped: type it again
         box.fill(str(value))
         box.press("Enter")
