@@ -62,8 +62,8 @@ button.primary { box-shadow: 0 0 10px #ff2bd6aa; }
 #chatbot .message-markdown-disabled, #chatbot .message-content { white-space: pre-wrap; overflow-wrap: anywhere; }
 .turn-note { display: block; margin-top: .3em; font-size: .85em; color: #9ea3c8; white-space: normal; }
 .turn-failed, .turn-cut { color: #ff6b85; }
-/* the dropdowns' text boxes were one line high exactly, which clipped an underscore's stroke */
-.wrap-inner input, input[role="listbox"] { line-height: 1.6 !important; min-height: 1.6em; }
+/* a dropdown's text box was cut at its line's height, which clipped an underscore's stroke (q8_0 read q8 0) */
+.secondary-wrap input[role="combobox"] { height: auto !important; padding: 4px 0 !important; }
 input[type="checkbox"]:checked, input[type="radio"]:checked { box-shadow: inset 0 0 0 3px #0b0c16 !important; }
 /* drawn again once the Japanese font is in (page.js), in case it was first drawn without it */
 .ja-font #chat-input textarea::placeholder { letter-spacing: 0; }

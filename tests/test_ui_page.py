@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support.browser import (CHROMIUM, CHROMIUM_ARGS, DESKTOP, PHONE, PLACEHOLDER, axe_violations, open_page,
-                             outside, tofu, ui_process)
+from support.browser import (CHROMIUM, CHROMIUM_ARGS, DESKTOP, PHONE, PLACEHOLDER, TOFU, axe_violations,
+                             open_page, outside, tofu, ui_process)
 from support.echo_api import EchoApi
 
 sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
@@ -49,7 +49,7 @@ ELEMENTS = "img, svg, iframe, object, embed, video, audio, source, link, style, 
 
 @pytest.fixture(scope="module")
 def echo():
-    with EchoApi("echo") as api:
+    with EchoApi("echo_q8_0") as api:  # an underscore in the name, as in quickstart-q8_0
         yield api
 
 
@@ -79,16 +79,27 @@ def browser():
         browser.close()
 
 
-def test_japanese_font_before_any_chat(browser, ui):
-    """The placeholder is Japanese: the shipped font is loaded with the page, not when a Japanese message first
-    appears, so the placeholder is never drawn as boxes (this machine may have no Japanese font: fc-list :lang=ja)."""
-    page = open_page(browser, ui)
-    page.wait_for_selector("#chat-input textarea")
+def test_japanese_font_at_first_paint(browser, ui):
+    """The placeholder is Japanese: the shipped font is loaded with the page, before the input is first drawn, not
+    when a Japanese message first appears (this machine may have no Japanese font: fc-list :lang=ja). Checked at
+    the moment the input joins the page, and again once the page has settled."""
+    page = browser.new_page(viewport=DESKTOP)
+    page.add_init_script(f"""const tofuOf = {TOFU};
+        new MutationObserver((_, seen) => {{
+            const input = document.querySelector('#chat-input textarea');
+            if (!input || !input.placeholder) return;
+            seen.disconnect();
+            window.atFirstPaint = {{faces: [...document.fonts].filter(f => f.family.includes('Noto Sans JP'))
+                                                               .map(f => f.status),
+                                    tofu: tofuOf(['#chat-input textarea', input.placeholder])}};
+        }}).observe(document, {{subtree: true, childList: true, attributes: true}});""")
+    page.goto(ui, wait_until="load")
+    page.wait_for_function("() => window.atFirstPaint", timeout=60_000)
+    assert page.evaluate("() => window.atFirstPaint") == {"faces": ["loaded"], "tofu": []}
     assert page.get_attribute("#chat-input textarea", "placeholder") == PLACEHOLDER
     page.evaluate("() => document.fonts.ready")
     assert page.evaluate(f"() => document.fonts.check('16px \"Noto Sans JP\"', {json.dumps(PLACEHOLDER)})")
-    assert tofu(page, "#chat-input textarea", PLACEHOLDER) == []
-    assert tofu(page, "#chat-input textarea", "日本語の秋") == []
+    assert tofu(page, "#chat-input textarea", PLACEHOLDER + "日本語の秋") == []
     page.close()
 
 
@@ -133,10 +144,16 @@ def test_content_security_policy(ui):
 @pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
 def test_accessible_and_fits(browser, ui, viewport):
     """axe-core finds nothing serious or critical on any tab, nothing is wider than the screen, the status line wraps
-    inside it, the hovered secondary button stays readable, and (on a phone) the monitor shows its one-column
-    figure; Gradio itself runs under the page's policy without a violation."""
+    inside it, nothing covers the top message, the hovered secondary button stays readable, a model name's
+    underscore is not clipped, and (on a phone) the monitor shows its one-column figure; Gradio itself runs under
+    the page's policy without a violation."""
     page = open_page(browser, ui, viewport)
     width = viewport["width"]
+    picker = page.locator("#model-picker input")
+    drawn = picker.screenshot()
+    page.evaluate("() => { const i = document.querySelector('#model-picker input');"
+                  " i.value = i.value.replaceAll('_', ' '); }")
+    assert picker.screenshot() != drawn  # the underscores in the model's name are drawn, not clipped
     page.fill("#chat-input textarea", "こんにちは <b>太字</b>")
     page.keyboard.press("Enter")
     page.wait_for_function("() => document.querySelectorAll('#chatbot .message.user, #chatbot .message.bot').length === 2"
