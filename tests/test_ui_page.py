@@ -166,7 +166,8 @@ def test_accessible_and_fits(browser, ui, viewport):
     covering = page.evaluate("""([x, y]) => { const e = document.elementFromPoint(x, y);
         return e.closest('#chatbot .message') ? null : e.outerHTML.slice(0, 200); }""",
                              [first["x"] + 8, first["y"] + 6])
-    assert covering is None  # nothing (such as the log's label) lies over the top message
+    assert covering is None  # nothing lies over the top message
+    assert not page.locator("#chatbot [data-testid='block-label']").is_visible()  # the floating "chat" label did
 
     page.hover("#chat-clear")
     page.wait_for_timeout(400)  # the hover transition

@@ -1,13 +1,15 @@
-"""The chat page's pieces that need no browser: stop sequences as typed, the untrained base listed last, the
-max-tokens bound, and the page policy's hashes of Gradio's inline scripts."""
+"""The chat page's pieces that need no browser: stop sequences as typed, the untrained base listed last (models
+read from a real HTTP server), the max-tokens bound, and the page policy's hashes of Gradio's inline scripts."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 
-from serve.ui import Model, max_tokens_limit, parse_stops
+from serve.ui import Api, Model, max_tokens_limit, parse_stops
 from serve.ui_theme import HEAD, content_security_policy
+from support.echo_api import CONTEXT, EchoApi
 
 
 def test_stop_sequences_as_typed():
@@ -17,10 +19,12 @@ def test_stop_sequences_as_typed():
     assert parse_stops("a\nb\nc\nd\ne") == ["a", "b", "c", "d"]
 
 
-def test_base_listed_last_and_slider_bound():
-    models = sorted([Model("base", 4096, True), Model("souled", 4096, False)], key=lambda m: m.base)
-    assert [m.id for m in models] == ["souled", "base"]
-    assert max_tokens_limit(1024) == 512 and max_tokens_limit(None) == 1024
+def test_base_listed_last_with_its_context():
+    """Whatever order the server lists them in, the trained model comes first and the base (--base) last."""
+    with EchoApi("base", "souled") as server:
+        models = asyncio.run(Api(server.api, None, "base").models())
+    assert models == [Model("souled", CONTEXT, False), Model("base", CONTEXT, True)]
+    assert max_tokens_limit(CONTEXT) == CONTEXT // 2 and max_tokens_limit(None) == 1024
 
 
 def test_policy_hashes_the_inline_scripts_only():
