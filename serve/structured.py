@@ -6,6 +6,9 @@ here first: what the grammar enforces passes (annotations dropped), anything els
 where it is, never silently loosened. Enforced:
 
 - type (one name, or a list of names with nothing else beside it); const; enum
+- integers: minimum, maximum, exclusiveMinimum, exclusiveMaximum exactly (range rules of our own, RANGES below),
+  multipleOf when both bounds are given (the values enumerated, within the enum limits); numbers: the same bounds
+  when they are whole numbers (a decimal is written only where its whole unit interval lies within, never outside)
 - objects: properties, required (each a listed property), additionalProperties (true, false or a schema); an
   object with properties admits no other keys unless additionalProperties says so
 - arrays: items with minItems/maxItems, or prefixItems (exactly those items)
@@ -25,6 +28,7 @@ limit), so no schema can crash llama.cpp or slow the decoding that every client 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from aegis import llamacpp
@@ -33,6 +37,10 @@ ANNOTATIONS = frozenset({"title", "description", "examples", "default", "$schema
                          "readOnly", "writeOnly", "$defs", "definitions"})
 TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 FORMATS = frozenset({"date", "time", "date-time", "uuid"})
+# (keyword, exclusive, upper bound)
+BOUNDS_HOW = (("minimum", False, False), ("exclusiveMinimum", True, False), ("maximum", False, True),
+              ("exclusiveMaximum", True, True))
+BOUNDS = frozenset(w for w, _, _ in BOUNDS_HOW)
 PY_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
 # JSON strings may not hold raw control characters, a quote or a backslash; the converter's own rules let some
 # through, so the grammar gets these in their place.
@@ -173,8 +181,60 @@ class Checker:
                 raise SchemaError(f"{where}/{sorted(keys)[0]}: not supported without a type (the grammar cannot "
                                   f"enforce it)")
             return {}  # any JSON object, the converter's reading of an empty schema
+        if kind in ("integer", "number"):
+            return self._number(schema, keys, kind, where)
         self._only(keys, {"type"}, where, f"for type {kind}")
         return {"type": kind}
+
+    def _number(self, schema, keys, kind, where) -> dict:
+        """Bounds as inclusive integers (minimum/maximum of the cleaned schema); a bounded integer multipleOf as
+        the enum of its values. A number's bounds must be integers: the grammar then holds each decimal to an
+        integer part whose whole unit interval is inside (so 0.5 is never written for exclusiveMinimum 0)."""
+        self._only(keys, {"type", *BOUNDS, "multipleOf"}, where, f"for type {kind}")
+        out, low, high = {"type": kind}, None, None
+        for word, strict, upper in BOUNDS_HOW:
+            if word not in schema:
+                continue
+            value = schema[word]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value \
+                    or value in (float("inf"), float("-inf")):
+                raise SchemaError(f"{where}/{word}: must be a number")
+            if kind == "number" and not float(value).is_integer():
+                raise SchemaError(f"{where}/{word}: a number's bound must be a whole number (the grammar bounds "
+                                  f"the integer part)")
+            if abs(value) >= INT_LIMIT:
+                raise _limit(f"{where}/{word}", f"{value:,}", INT_LIMIT, "")
+            if upper:
+                bound = math.floor(value) - (1 if strict and float(value).is_integer() else 0)
+                high = bound if high is None else min(high, bound)
+            else:
+                bound = math.ceil(value) + (1 if strict and float(value).is_integer() else 0)
+                low = bound if low is None else max(low, bound)
+        if low is not None and high is not None and low > high:
+            raise SchemaError(f"{where}: no {kind} lies between the bounds")
+        if "multipleOf" in schema:
+            step = schema["multipleOf"]
+            if kind != "integer" or low is None or high is None:
+                raise SchemaError(f"{where}/multipleOf: supported only for integers with both bounds")
+            if not isinstance(step, (int, float)) or isinstance(step, bool) or not float(step).is_integer() \
+                    or step <= 0:
+                raise SchemaError(f"{where}/multipleOf: must be a positive whole number")
+            step = int(step)
+            first = -(-low // step) * step
+            count = max(0, (high - first) // step + 1)
+            if count > MAX_ENUM_VALUES:
+                raise _limit(f"{where}/multipleOf", f"{count:,} values between the bounds", MAX_ENUM_VALUES,
+                             "per enum")
+            if not count:
+                raise SchemaError(f"{where}/multipleOf: no multiple lies between the bounds")
+            values = list(range(first, high + 1, step))
+            self._values(values, f"{where}/multipleOf")
+            return {"enum": values}
+        if low is not None:
+            out["minimum"] = low
+        if high is not None:
+            out["maximum"] = high
+        return out
 
     def _values(self, values: list, where: str) -> None:
         """enum/const values against MAX_ENUM_VALUES and (with every other of the request) MAX_ENUM_BYTES."""
@@ -368,6 +428,57 @@ def _quantified(body: str, i: int, inner: int, repeats: bool, parent: list, wher
     return m.end()
 
 
+# ---- numeric ranges -----------------------------------------------------------------------------------------
+# The converter writes integers as at most 16 digits and knows no bounds: bounded integers and numbers get rules of
+# our own. INT_LIMIT stands for "unbounded" on either side, so every range is finite.
+INT_LIMIT = 10 ** 16 - 1
+FRACTION = '"." [0-9]{1,15}'
+
+
+def _same_length(low: str, high: str) -> list[str]:
+    """GBNF alternatives for the digit strings of one length from low to high (low <= high)."""
+    if not low:
+        return [""]
+    if low[0] == high[0]:
+        return [f'"{low[0]}" {rest}'.strip() for rest in _same_length(low[1:], high[1:])]
+    n = len(low) - 1
+    anything = f" [0-9]{{{n}}}" if n else ""
+    if low[1:] == "0" * n and high[1:] == "9" * n:
+        return [f"[{low[0]}-{high[0]}]{anything}"]
+    out = [f'"{low[0]}" {rest}'.strip() for rest in _same_length(low[1:], "9" * n)]
+    if int(high[0]) - int(low[0]) > 1:
+        out.append(f"[{int(low[0]) + 1}-{int(high[0]) - 1}]{anything}")
+    out += [f'"{high[0]}" {rest}'.strip() for rest in _same_length("0" * n, high[1:])]
+    return out
+
+
+def _naturals(low: int, high: int) -> list[str]:
+    """Alternatives for the integers low..high (0 <= low <= high) written without leading zeros."""
+    out = []
+    for length in range(len(str(low)), len(str(high)) + 1):
+        a, b = max(low, 10 ** (length - 1) if length > 1 else 0), min(high, 10 ** length - 1)
+        if a <= b:
+            out += _same_length(str(a), str(b))
+    return out
+
+
+def range_rule(low: int | None, high: int | None, fractions: bool) -> str:
+    """GBNF for the integers low..high (None: unbounded on that side); with fractions, also the decimals whose
+    whole interval [I, I+1] (or [-(I+1), -I]) lies within, so no value written falls outside."""
+    low = -INT_LIMIT if low is None else low
+    high = INT_LIMIT if high is None else high
+    alts = []
+    if low < 0:  # negative values -n, n in max(1, -high)..-low
+        alts += [f'"-" ({" | ".join(_naturals(max(1, -high), -low))})']
+        if fractions and -low - 1 >= max(0, -high):
+            alts.append(f'"-" ({" | ".join(_naturals(max(0, -high), -low - 1))}) {FRACTION}')
+    if high >= 0:
+        alts.append(f'({" | ".join(_naturals(max(low, 0), high))})')
+        if fractions and high - 1 >= max(low, 0):
+            alts.append(f'({" | ".join(_naturals(max(low, 0), high - 1))}) {FRACTION}')
+    return " | ".join(alts)
+
+
 class _Converter:
     """llama-cpp-python's converter with the calendar formats written by our own rules (made lazily: the class
     lives in llama_cpp, which loads only through aegis.llamacpp.runtime())."""
@@ -386,6 +497,10 @@ class _Converter:
                         rule = self._calendar(fmt)
                         return self._add_rule(name + "-" if name in ("root", "dot") else name or "root",
                                               f'"\\"" {rule} "\\"" space')
+                    if schema.get("type") in ("integer", "number") and ("minimum" in schema or "maximum" in schema):
+                        rule = range_rule(schema.get("minimum"), schema.get("maximum"), schema["type"] == "number")
+                        return self._add_rule(name + "-" if name in ("root", "dot") else name or "root",
+                                              f"({rule}) space")
                     return super().visit(schema, name)
 
                 def _calendar(self, fmt: str) -> str:
