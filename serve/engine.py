@@ -99,6 +99,8 @@ def _tool_plan(req: ChatCompletionRequest) -> tuple[str, list[dict]]:
             raise bad_request('a function\'s parameters must be a JSON Schema of "type": "object"', where)
         if any(d["name"] == t.function.name for d in defs):
             raise bad_request(f"two tools are named {t.function.name!r}", f"tools[{i}].function.name")
+        if t.function.strict:
+            _check_strict(params, where, f"function '{t.function.name}'")
         defs.append({"name": t.function.name, "description": t.function.description, "parameters": params,
                      "param": where})
     choice = req.tool_choice
@@ -116,8 +118,21 @@ def _tool_plan(req: ChatCompletionRequest) -> tuple[str, list[dict]]:
     return choice or "auto", defs
 
 
+def _check_strict(schema, param: str, what: str) -> None:
+    """strict: true holds the schema to OpenAI's strict rules, refused in OpenAI's words."""
+    try:
+        structured.check_strict(schema)
+    except RecursionError:
+        raise bad_request("the schema is nested too deeply", param) from None
+    except structured.StrictError as e:
+        raise bad_request(f"Invalid schema for {what}: {e}.", param, "invalid_json_schema") from None
+
+
 def _grammar(backend: Backend, req: ChatCompletionRequest, choice: str, defs: list[dict]) -> str | None:
     fmt = req.response_format
+    if isinstance(fmt, JsonSchemaFormat) and fmt.json_schema.strict and fmt.json_schema.schema is not None:
+        _check_strict(fmt.json_schema.schema, "response_format.json_schema.schema",
+                      f"response_format '{fmt.json_schema.name}'")
     constrained = isinstance(fmt, (JsonObjectFormat, JsonSchemaFormat))
     if constrained and choice != "none":
         raise _unsupported("response_format json_object/json_schema together with tools needs tool_choice none",

@@ -6,6 +6,7 @@ that the server's shutdown cuts off ends in the same shapes (cut_off)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -111,9 +112,18 @@ class ChatReply(Reply):
                 deltas.append({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]})
         return deltas
 
+    def _calls_whole(self, finish: Finish) -> bool:
+        """The reply is tool calls that all ended: each one's arguments parse. A reply cut short (max_tokens)
+        is not, and is given back as text with its own finish reason (length), never as calls that do not parse."""
+        if self.reader is None or not self.reader.calls or finish.reason != "stop":
+            return False
+        try:
+            return all(isinstance(json.loads(c.arguments), dict) for c in self.reader.calls)
+        except ValueError:
+            return False
+
     def _finish_reason(self, finish: Finish) -> str:
-        calls = self.reader is not None and self.reader.calls
-        return "tool_calls" if calls and finish.reason == "stop" else finish.reason
+        return "tool_calls" if self._calls_whole(finish) else finish.reason
 
     def opening(self) -> list[dict]:
         return [self.chunk({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})]
@@ -134,7 +144,7 @@ class ChatReply(Reply):
         text = "".join(self.take(items))
         if self.reader is not None:
             self.reader.feed(text)
-        if self.reader is not None and self.reader.mode == "calls":
+        if self.reader is not None and self.reader.mode == "calls" and self._calls_whole(finish):
             calls = [ToolCallOut(c.id, FunctionCallOut(c.name, c.arguments)) for c in self.reader.calls]
             message = AssistantMessage("assistant", None, calls)
         else:

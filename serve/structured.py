@@ -5,15 +5,18 @@ llama-cpp-python's converter writes the grammar. It enforces only part of JSON S
 here first: what the grammar enforces passes (annotations dropped), anything else is refused with the keyword and
 where it is, never silently loosened. Enforced:
 
-- type (one name, or a list of names with nothing else beside it); const; enum
-- integers: minimum, maximum, exclusiveMinimum, exclusiveMaximum exactly (range rules of our own, RANGES below),
+- type (one name, or a list of names; beside a list, each type takes the keywords of its own: a nullable string
+  with maxLength); const; enum
+- integers: minimum, maximum, exclusiveMinimum, exclusiveMaximum exactly (range rules of our own, range_rule below),
   multipleOf when both bounds are given (the values enumerated, within the enum limits); numbers: the same bounds
   when they are whole numbers (a decimal is written only where its whole unit interval lies within, never outside)
 - objects: properties, required (each a listed property), additionalProperties (true, false or a schema); an
   object with properties admits no other keys unless additionalProperties says so
 - arrays: items with minItems/maxItems, or prefixItems (exactly those items)
-- strings: one of minLength/maxLength, pattern, or format (uuid by its shape; date, time, date-time below)
-- anyOf; $ref to a place in the same schema (recursion included)
+- strings: one of minLength/maxLength, pattern, or format (uuid by its shape; date, time, date-time, email, ipv4,
+  ipv6, uri by rules of our own below)
+- anyOf; oneOf where no value can match two alternatives (distinct types, or distinct const/enum values); allOf
+  where the subschemas merge (Checker._merge); $ref to a place in the same schema (recursion included)
 - patterns: anchored ^...$, literals, classes such as [a-z0-9_] (not negated), groups, |, ?, *, +, {m,n}, . (any
   character but a quote, a backslash or a control character); the only escapes are of ( ) [ ] { } * + ? | (a dot
   is spelled [.], a digit [0-9])
@@ -36,11 +39,15 @@ from aegis import llamacpp
 ANNOTATIONS = frozenset({"title", "description", "examples", "default", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly", "$defs", "definitions"})
 TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
-FORMATS = frozenset({"date", "time", "date-time", "uuid"})
+FORMATS = frozenset({"date", "time", "date-time", "uuid", "email", "ipv4", "ipv6", "uri"})
 # (keyword, exclusive, upper bound)
 BOUNDS_HOW = (("minimum", False, False), ("exclusiveMinimum", True, False), ("maximum", False, True),
               ("exclusiveMaximum", True, True))
 BOUNDS = frozenset(w for w, _, _ in BOUNDS_HOW)
+# the keywords of each type, for a list of types beside keywords: each type gets its own
+TYPE_KEYWORDS = {"string": {"pattern", "format", "minLength", "maxLength"}, "integer": BOUNDS | {"multipleOf"},
+                 "number": BOUNDS | {"multipleOf"}, "array": {"items", "prefixItems", "minItems", "maxItems"},
+                 "object": {"properties", "required", "additionalProperties"}, "boolean": set(), "null": set()}
 PY_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
 # JSON strings may not hold raw control characters, a quote or a backslash; the converter's own rules let some
 # through, so the grammar gets these in their place.
@@ -87,6 +94,10 @@ class SchemaError(ValueError):
     param: str | None = None
 
 
+class StrictError(SchemaError):
+    """A schema sent with strict: true that breaks OpenAI's strict rules (check_strict)."""
+
+
 class SchemaLimit(SchemaError):
     """A schema beyond one of the limits above; the message names the keyword (its JSON pointer) and the limit."""
 
@@ -104,6 +115,44 @@ def _is_type(value, name: str) -> bool:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok and (name == "number" or float(value).is_integer())
     return isinstance(value, PY_TYPES[name])
+
+
+def _domain(schema: dict) -> tuple[str, list] | None:
+    """What a cleaned schema admits, where that is plain: ("values", [...]) or ("types", [...]); None otherwise."""
+    if "const" in schema or "enum" in schema:
+        return "values", schema["enum"] if "enum" in schema else [schema["const"]]
+    if "anyOf" in schema:
+        parts = [_domain(s) for s in schema["anyOf"]]
+        if all(p and p[0] == "types" for p in parts):
+            return "types", [t for p in parts for t in p[1]]
+        return None
+    kind = schema.get("type")
+    return ("types", kind if isinstance(kind, list) else [kind]) if kind else None
+
+
+def _value_key(value) -> str:
+    """Equal JSON values (1 and 1.0 included) give equal keys; true and 1 do not."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return json.dumps(value, sort_keys=True)
+
+
+def _overlap(a: tuple[str, list], b: tuple[str, list]) -> bool:
+    if a[0] == b[0] == "values":
+        return bool({_value_key(v) for v in a[1]} & {_value_key(v) for v in b[1]})
+    if a[0] == b[0] == "types":
+        wide = lambda ts: set(ts) | ({"integer"} if "number" in ts else set())  # noqa: E731
+        return bool(wide(a[1]) & wide(b[1]))
+    values, types = (a, b) if a[0] == "values" else (b, a)
+    return any(_is_type(v, t) for v in values[1] for t in types[1])
+
+
+def _disjoint(alts: list[dict]) -> bool:
+    """No value can match two of these cleaned schemas (as far as their types and values show)."""
+    domains = [_domain(s) for s in alts]
+    if any(d is None for d in domains):
+        return False
+    return not any(_overlap(a, b) for i, a in enumerate(domains) for b in domains[i + 1:])
 
 
 class Checker:
@@ -143,21 +192,32 @@ class Checker:
             return {"$ref": "#/$defs/" + self._define(schema["$ref"], root, where, depth)}
         if "anyOf" in schema:
             self._only(keys, {"anyOf"}, where, "beside anyOf")
-            alts = schema["anyOf"]
-            if not isinstance(alts, list) or not alts:
-                raise SchemaError(f"{where}/anyOf: must be a non-empty list of schemas")
-            if len(alts) > MAX_ALTERNATIVES:
-                raise _limit(f"{where}/anyOf", f"{len(alts):,} alternatives", MAX_ALTERNATIVES, "per anyOf")
-            return {"anyOf": [self.clean(s, f"{where}/anyOf/{i}", root, depth + 1) for i, s in enumerate(alts)]}
-        if "oneOf" in keys or "allOf" in keys:
-            word = "oneOf" if "oneOf" in keys else "allOf"
-            raise SchemaError(f"{where}/{word}: not supported (the grammar cannot enforce it; use anyOf)")
+            return {"anyOf": self._alternatives(schema["anyOf"], f"{where}/anyOf", root, depth)}
+        if "oneOf" in schema:
+            self._only(keys, {"oneOf"}, where, "beside oneOf")
+            alts = self._alternatives(schema["oneOf"], f"{where}/oneOf", root, depth)
+            if not _disjoint(alts):
+                raise SchemaError(f"{where}/oneOf: the alternatives may overlap (the grammar enforces oneOf only "
+                                  f"where they are of distinct types or distinct values; use anyOf)")
+            return {"anyOf": alts}
+        if "allOf" in schema:
+            return self.clean(self._merge(schema, where, root, depth), where, root, depth + 1)
         kind = schema.get("type")
         if isinstance(kind, list):
-            self._only(keys, {"type"}, where, "beside a list of types (use anyOf)")
             if not kind or any(t not in TYPES for t in kind) or len(set(kind)) != len(kind):
                 raise SchemaError(f"{where}/type: must list distinct JSON types")
-            return {"type": list(kind)}
+            if not keys - {"type"}:
+                return {"type": list(kind)}
+            if keys & {"const", "enum"}:  # the values of those types
+                word = "const" if "const" in keys else "enum"
+                values = self.clean({k: v for k, v in schema.items() if k != "type"}, where, root, depth + 1)
+                values = [v for v in values.get("enum", [values.get("const")]) if any(_is_type(v, t) for t in kind)]
+                if not values:
+                    raise SchemaError(f"{where}/{word}: no value is of the types {kind}")
+                return {"enum": values}
+            self._only(keys, {"type"}.union(*(TYPE_KEYWORDS[t] for t in kind)), where, f"for types {kind}")
+            return {"anyOf": [self.clean({"type": t, **{k: schema[k] for k in keys if k in TYPE_KEYWORDS[t]}},
+                                         where, root, depth + 1) for t in kind]}
         if kind is not None and kind not in TYPES:
             raise SchemaError(f"{where}/type: {json.dumps(kind)[:40]} is not a JSON type")
         for word in ("const", "enum"):
@@ -236,6 +296,55 @@ class Checker:
             out["maximum"] = high
         return out
 
+    def _alternatives(self, alts, where: str, root, depth: int) -> list:
+        """The cleaned schemas of an anyOf or oneOf."""
+        if not isinstance(alts, list) or not alts:
+            raise SchemaError(f"{where}: must be a non-empty list of schemas")
+        if len(alts) > MAX_ALTERNATIVES:
+            raise _limit(where, f"{len(alts):,} alternatives", MAX_ALTERNATIVES, "per anyOf")
+        return [self.clean(s, f"{where}/{i}", root, depth + 1) for i, s in enumerate(alts)]
+
+    def _merge(self, schema: dict, where: str, root, depth: int) -> dict:
+        """One schema for an allOf and the keywords beside it: properties united (a property in several gets an
+        allOf of its own), required united, any other keyword in one place only or the same everywhere; an
+        additionalProperties other than true only where its schema lists every property of the merge."""
+        if depth > MAX_DEPTH:
+            raise _limit(where, f"schemas nested {depth} deep", MAX_DEPTH, "levels")
+        subs = schema["allOf"]
+        if not isinstance(subs, list) or not subs:
+            raise SchemaError(f"{where}/allOf: must be a non-empty list of schemas")
+        merged = {k: v for k, v in schema.items() if k != "allOf"}
+        closed = [(where, merged)] if merged.get("additionalProperties", True) is not True else []
+        for i, sub in enumerate(subs):
+            at = f"{where}/allOf/{i}"
+            if sub is True:
+                continue
+            if isinstance(sub, dict) and "$ref" in sub and not set(sub) - ANNOTATIONS - {"$ref"}:
+                sub = self._target(sub["$ref"], root, f"{at}/$ref")
+            if isinstance(sub, dict) and "allOf" in sub:
+                sub = self._merge(sub, at, root, depth + 1)
+            if not isinstance(sub, dict):
+                raise SchemaError(f"{at}: a schema must be an object (or true), not {json.dumps(sub)[:40]}")
+            if sub.get("additionalProperties", True) is not True:
+                closed.append((at, sub))
+            for key, value in sub.items():
+                if key in ANNOTATIONS or key not in merged:
+                    merged.setdefault(key, value)
+                elif key == "properties" and isinstance(value, dict) and isinstance(merged[key], dict):
+                    props = merged[key] = dict(merged[key])
+                    for name, prop in value.items():
+                        props[name] = prop if props.get(name, prop) == prop else {"allOf": [props[name], prop]}
+                elif key == "required" and isinstance(value, list) and isinstance(merged[key], list):
+                    merged[key] = merged[key] + [r for r in value if r not in merged[key]]
+                elif merged[key] != value:
+                    raise SchemaError(f"{where}/allOf: {key} differs between its subschemas (the grammar enforces "
+                                      f"allOf only where they merge)")
+        for at, sub in closed:
+            if set(merged.get("properties", {})) - set(sub.get("properties", {})):
+                raise SchemaError(f"{where}/allOf: additionalProperties at {at or '/'} would refuse properties that "
+                                  f"another subschema adds (the grammar enforces allOf only where they merge)")
+        return merged
+
     def _values(self, values: list, where: str) -> None:
         """enum/const values against MAX_ENUM_VALUES and (with every other of the request) MAX_ENUM_BYTES."""
         if len(values) > MAX_ENUM_VALUES:
@@ -295,7 +404,9 @@ class Checker:
     def _string(self, schema, keys, where) -> dict:
         self._only(keys, {"type", "pattern", "format", "minLength", "maxLength"}, where, "for strings")
         if ("pattern" in keys) + ("format" in keys) + bool(keys & {"minLength", "maxLength"}) > 1:
-            raise SchemaError(f"{where}: pattern, format and minLength/maxLength cannot be combined")
+            word = sorted(keys & {"minLength", "maxLength", "format"})[-1]
+            raise SchemaError(f"{where}/{word}: pattern, format and minLength/maxLength cannot be combined (write "
+                              f"the length into the pattern, e.g. ^[a-z]{{1,8}}$)")
         out = {"type": "string"}
         if "pattern" in schema:
             out["pattern"] = check_pattern(schema["pattern"], f"{where}/pattern")
@@ -327,17 +438,25 @@ class Checker:
         if extra:
             raise SchemaError(f"{where}/{extra[0]}: not supported {context} (the grammar cannot enforce it)")
 
+    @staticmethod
+    def _target(ref, root, where: str):
+        """The schema a $ref (#/...) points at inside root."""
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise SchemaError(f"{where}: only references inside the schema (#/...) are supported")
+        target = root
+        for part in ref[2:].split("/") if ref != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise SchemaError(f"{where}: {ref} points nowhere")
+            target = target[part]
+        return target
+
     def _define(self, ref, root, where: str, depth: int) -> str:
         if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
             raise SchemaError(f"{where}/$ref: only references inside the schema (#/...) are supported")
         key = (id(root), ref)
         if key not in self._named:
-            target = root
-            for part in ref[2:].split("/") if ref != "#" else []:
-                part = part.replace("~1", "/").replace("~0", "~")
-                if not isinstance(target, dict) or part not in target:
-                    raise SchemaError(f"{where}/$ref: {ref} points nowhere")
-                target = target[part]
+            target = self._target(ref, root, f"{where}/$ref")
             name = self._named[key] = f"{DEF_PREFIX}{len(self._named)}"
             # named first: recursion finds the name. A chain of references nests as deep as it is long
             self.defs[name] = self.clean(target, ref[1:], root, depth + 1)
@@ -493,8 +612,8 @@ class _Converter:
             class Converter(SchemaConverter):
                 def visit(self, schema, name):
                     fmt = schema.get("format")
-                    if schema.get("type") == "string" and fmt in ("date", "time", "date-time"):
-                        rule = self._calendar(fmt)
+                    if schema.get("type") == "string" and fmt in OWN_FORMATS:
+                        rule = self._format(fmt)
                         return self._add_rule(name + "-" if name in ("root", "dot") else name or "root",
                                               f'"\\"" {rule} "\\"" space')
                     if schema.get("type") in ("integer", "number") and ("minimum" in schema or "maximum" in schema):
@@ -503,9 +622,9 @@ class _Converter:
                                               f"({rule}) space")
                     return super().visit(schema, name)
 
-                def _calendar(self, fmt: str) -> str:
+                def _format(self, fmt: str) -> str:
                     names = {}
-                    for key, text in CALENDAR_RULES:
+                    for key, text in CALENDAR_RULES + NET_RULES:
                         names[key] = self._add_rule(f"aegis-{key}", text.format(**names))
                         if key == fmt:
                             return names[key]
@@ -534,6 +653,24 @@ CALENDAR_RULES = [
 ]
 
 
+# Internet formats, each a strict subset of its RFC that jsonschema's format checker accepts (Python's ipaddress for
+# the addresses): dotted quads without leading zeros; IPv6 as eight groups (no :: shorthand); email as
+# dot-separated atoms @ a domain of labels and a letters-only top level; uri as scheme://host[:port] then a path and
+# query of unreserved, sub-delims and percent-encoded characters. Lengths bounded so no value runs on forever.
+NET_RULES = [
+    ("octet", '"25" [0-5] | "2" [0-4] [0-9] | "1" [0-9] [0-9] | [1-9] [0-9] | [0-9]'),
+    ("ipv4", '{octet} "." {octet} "." {octet} "." {octet}'),
+    ("ipv6", '[0-9a-f]{{1,4}} (":" [0-9a-f]{{1,4}}){{7}}'),
+    ("label", '[a-z0-9] ([a-z0-9-]{{0,20}} [a-z0-9])?'),
+    ("domain", '{label} ("." {label}){{0,3}} "." [a-z]{{2,10}}'),
+    ("email", '[a-zA-Z0-9_%+-]{{1,24}} ("." [a-zA-Z0-9_%+-]{{1,24}}){{0,2}} "@" {domain}'),
+    ("uri-char", '[a-zA-Z0-9._~!$&\'()*+,;=:@-] | "%" [0-9A-F] [0-9A-F]'),
+    ("uri", '[a-z] [a-z0-9+.-]{{0,15}} "://" {domain} (":" [1-9] [0-9]{{0,3}})? ("/" {uri-char}{{0,24}}){{0,6}} '
+            '("?" ({uri-char} | "/" | "?"){{0,32}})?'),
+]
+OWN_FORMATS = frozenset({"date", "time", "date-time", "ipv4", "ipv6", "email", "uri"})
+
+
 def grammar(schema: dict, defs: dict[str, dict], extra_rules: str = "") -> str:
     """GBNF for a checked schema (Checker.clean) with its definitions; the schema's rule is `root` unless
     extra_rules defines root itself (then the schema's rule is `json-reply`)."""
@@ -550,6 +687,38 @@ def grammar(schema: dict, defs: dict[str, dict], extra_rules: str = "") -> str:
         raise _limit("", f"its grammar would take {len(text):,} bytes in {rules:,} rules", MAX_GRAMMAR_BYTES,
                      f"bytes (and {MAX_GRAMMAR_RULES:,} rules)")
     return text
+
+
+# where schemas sit inside a schema, for check_strict's walk: keyword -> holds one schema, a list, or a name map
+SUBSCHEMAS = {"items": "one", "additionalProperties": "one", "not": "one", "prefixItems": "list", "anyOf": "list",
+              "oneOf": "list", "allOf": "list", "properties": "map", "$defs": "map", "definitions": "map"}
+
+
+def check_strict(schema, where: str = "") -> None:
+    """OpenAI's strict mode: every object lists all its properties in required and sets additionalProperties
+    false. StrictError names the first object (its JSON pointer) that does not, the way OpenAI words it."""
+    if not isinstance(schema, dict):
+        return
+    if schema.get("type") == "object" or "properties" in schema:
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        if schema.get("additionalProperties") is not False:
+            raise StrictError(f"In context={where or '/'}, 'additionalProperties' is required to be supplied and to "
+                              f"be false")
+        required = schema.get("required") if isinstance(schema.get("required"), list) else []
+        missing = [k for k in props if k not in required]
+        if missing:
+            raise StrictError(f"In context={where or '/'}, 'required' is required to be supplied and to be an array "
+                              f"including every key in properties. Missing '{missing[0]}'")
+    for key, shape in SUBSCHEMAS.items():
+        value = schema.get(key)
+        if shape == "one":
+            check_strict(value, f"{where}/{key}")
+        elif shape == "list" and isinstance(value, list):
+            for i, sub in enumerate(value):
+                check_strict(sub, f"{where}/{key}/{i}")
+        elif shape == "map" and isinstance(value, dict):
+            for name, sub in value.items():
+                check_strict(sub, f"{where}/{key}/{_pointer(name)}")
 
 
 def schema_grammar(schema: dict) -> str:

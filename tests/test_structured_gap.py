@@ -29,6 +29,19 @@ SCHEMAS = {
     "number_range": obj(x={"type": "number", "minimum": -2, "maximum": 3},
                         y={"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 2}),
     "multiple_of": obj(n={"type": "integer", "minimum": 0, "maximum": 1000, "multipleOf": 25}),
+    "nullable": obj(s={"type": ["string", "null"], "maxLength": 4}, n={"type": ["integer", "null"], "minimum": 5,
+                                                                         "maximum": 7}),
+    "any_of": {"anyOf": [{"type": "integer", "maximum": -3}, {"type": "string", "pattern": "^x[a-z]{2}$"}]},
+    "one_of_types": obj(v={"oneOf": [{"type": "boolean"}, {"type": "string", "maxLength": 3}, {"type": "null"}]}),
+    "one_of_values": obj(v={"oneOf": [{"const": "on"}, {"enum": ["off", 0]}, {"type": "boolean"}]}),
+    "all_of": {"allOf": [{"$ref": "#/$defs/base"}, {"properties": {"extra": {"type": "integer", "minimum": 0}},
+                                                     "required": ["extra"]}],
+               "$defs": {"base": {"type": "object", "properties": {"id": {"type": "integer", "maximum": 9}},
+                                  "required": ["id"]}}},
+    "all_of_one_ref": obj(p={"allOf": [{"$ref": "#/$defs/p"}], "description": "as pydantic writes a field"}) | {
+        "$defs": {"p": obj(x={"enum": [1, 2]})}},
+    "formats_mail": obj(mail={"type": "string", "format": "email"}, v4={"type": "string", "format": "ipv4"}),
+    "formats_link": obj(v6={"type": "string", "format": "ipv6"}, link={"type": "string", "format": "uri"}),
 }
 
 
@@ -44,7 +57,7 @@ def test_generated_replies_validate(client, name):
     schema = SCHEMAS[name]
     for seed in (1, 2, 3):
         r = client.chat.completions.create(model="tiny", messages=USER, response_format=schema_format(schema),
-                                           temperature=1.0, seed=seed, max_tokens=300)
+                                           temperature=1.0, seed=seed, max_tokens=500)
         assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
         jsonschema.validate(json.loads(r.choices[0].message.content), schema, format_checker=CHECK)
 
@@ -56,8 +69,52 @@ def test_generated_replies_validate(client, name):
     ({"type": "integer", "minimum": 0, "maximum": 100_000, "multipleOf": 3}, "/multipleOf"),
     ({"type": "integer", "minimum": 5, "maximum": 4}, "between the bounds"),
     ({"type": "integer", "minimum": 10 ** 20}, "/minimum"),
+    ({"oneOf": [{"type": "integer"}, {"type": "number", "minimum": 2}]}, "/oneOf"),
+    ({"oneOf": [{"enum": ["a", 1]}, {"const": 1.0}]}, "/oneOf"),
+    ({"oneOf": [{"type": "string"}, {"enum": ["a", 1]}]}, "/oneOf"),
+    ({"oneOf": [{"type": "object", "properties": {"k": {"const": 1}}}, {"type": "object"}]}, "/oneOf"),
+    ({"allOf": [{"type": "string", "maxLength": 3}, {"type": "string", "maxLength": 4}]}, "/allOf"),
+    ({"allOf": [obj(a={"type": "integer"}), obj(b={"type": "integer"})]}, "/allOf"),
+    ({"type": ["string", "null"], "maxLength": 3, "minimum": 1}, "/minimum"),
+    ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}, "/maxLength"),
+    ({"type": "string", "format": "hostname"}, "/format"),
 ])
 def test_what_cannot_be_exact_is_refused_by_name(client, schema, where):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=USER, response_format=schema_format(schema))
     assert where in e.value.body["message"], e.value.body
+
+
+STRICT_OK = obj(a={"type": "integer"}, b={"type": "array", "items": obj(c={"type": ["string", "null"]})})
+
+
+@pytest.mark.parametrize("schema, where, word", [
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}, "context=/,",
+     "'additionalProperties'"),
+    ({**STRICT_OK, "required": ["a"]}, "context=/,", "Missing 'b'"),
+    (obj(b={"type": "array", "items": {"type": "object", "properties": {"c": {"type": "string"}}}}),
+     "context=/properties/b/items,", "'additionalProperties'"),
+    (obj(d={"$ref": "#/$defs/d"}) | {"$defs": {"d": {"type": "object", "properties": {"e": {"type": "integer"}},
+                                                     "additionalProperties": False}}},
+     "context=/$defs/d,", "Missing 'e'"),
+])
+def test_strict_schemas_follow_openais_rules(client, schema, where, word):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=USER, response_format=schema_format(schema, True))
+    assert where in e.value.body["message"] and word in e.value.body["message"], e.value.body
+    assert e.value.body["message"].startswith("Invalid schema for response_format 'form'")
+    assert e.value.body["param"] == "response_format.json_schema.schema"
+    tool = {"type": "function", "function": {"name": "act", "parameters": schema, "strict": True}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=USER, tools=[tool])
+    assert where in e.value.body["message"] and "function 'act'" in e.value.body["message"], e.value.body
+    # the same schema without strict is enforced as it stands
+    client.chat.completions.create(model="tiny", messages=USER, response_format=schema_format(schema, False),
+                                   max_tokens=1)
+
+
+def test_a_strict_schema_that_follows_the_rules_is_served(client):
+    r = client.chat.completions.create(model="tiny", messages=USER, response_format=schema_format(STRICT_OK, True),
+                                       temperature=1.0, seed=1, max_tokens=300)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), STRICT_OK)
