@@ -15,7 +15,8 @@ where it is, never silently loosened. Enforced:
 - arrays: items with minItems/maxItems, or prefixItems (exactly those items)
 - strings: one of minLength/maxLength, pattern, or format (uuid by its shape; date, time, date-time, email, ipv4,
   ipv6, uri by rules of our own below)
-- anyOf; oneOf where no value can match two alternatives (distinct types, or distinct const/enum values); allOf
+- anyOf; oneOf where no value can match two alternatives (distinct types, distinct const/enum values, or objects
+  told apart by a required property's const/enum values); allOf
   where the subschemas merge (Checker._merge); $ref to a place in the same schema (recursion included)
 - patterns: anchored ^...$, literals, classes such as [a-z0-9_] (not negated), groups, |, ?, *, +, {m,n}, . (any
   character but a quote, a backslash or a control character); the only escapes are of ( ) [ ] { } * + ? | (a dot
@@ -117,8 +118,10 @@ def _is_type(value, name: str) -> bool:
     return isinstance(value, PY_TYPES[name])
 
 
-def _domain(schema: dict) -> tuple[str, list] | None:
-    """What a cleaned schema admits, where that is plain: ("values", [...]) or ("types", [...]); None otherwise."""
+def _domain(schema: dict) -> tuple[str, object] | None:
+    """What a cleaned schema admits, where that is plain: ("values", [...]), ("types", [...]) or, for an object
+    with required properties of const/enum values (a tag such as "kind": "circle"), ("object", {name: keys});
+    None otherwise."""
     if "const" in schema or "enum" in schema:
         return "values", schema["enum"] if "enum" in schema else [schema["const"]]
     if "anyOf" in schema:
@@ -127,6 +130,12 @@ def _domain(schema: dict) -> tuple[str, list] | None:
             return "types", [t for p in parts for t in p[1]]
         return None
     kind = schema.get("type")
+    if kind == "object":
+        props = schema.get("properties", {})
+        tags = {name: {_value_key(v) for v in _domain(props[name])[1]} for name in schema.get("required", [])
+                if "const" in props[name] or "enum" in props[name]}
+        if tags:
+            return "object", tags
     return ("types", kind if isinstance(kind, list) else [kind]) if kind else None
 
 
@@ -137,7 +146,11 @@ def _value_key(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _overlap(a: tuple[str, list], b: tuple[str, list]) -> bool:
+def _overlap(a: tuple, b: tuple) -> bool:
+    if a[0] == b[0] == "object":  # apart where a tag both require takes no common value
+        return all(a[1][name] & b[1][name] for name in a[1].keys() & b[1].keys())
+    if "object" in (a[0], b[0]):
+        return _overlap(("types", ["object"]), b if a[0] == "object" else a)
     if a[0] == b[0] == "values":
         return bool({_value_key(v) for v in a[1]} & {_value_key(v) for v in b[1]})
     if a[0] == b[0] == "types":

@@ -76,11 +76,11 @@ def test_parallel_calls_when_allowed(client):
 
 
 def test_a_call_cut_by_max_tokens_is_text_with_finish_reason_length(client):
-    args = dict(tool_choice={"type": "function", "function": {"name": "get_weather"}}, seed=11, max_tokens=40)
+    args = dict(tool_choice={"type": "function", "function": {"name": "get_weather"}}, seed=11, max_tokens=60)
     r = call(client, **args)
     assert r.choices[0].finish_reason == "length"
     assert r.choices[0].message.tool_calls is None
-    assert r.choices[0].message.content.startswith('{') and "get_weather" in r.choices[0].message.content
+    assert r.choices[0].message.content.startswith("{") and "arguments" in r.choices[0].message.content
     chunks = list(call(client, stream=True, **args))
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
 
