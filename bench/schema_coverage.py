@@ -376,6 +376,12 @@ def tally(results: dict) -> dict:
     return out
 
 
+def refusals(results: dict) -> dict[str, Counter]:
+    """{engine: Counter(the keyword each refusal names, "?" where it names none)}."""
+    return {engine: Counter(c.get("refused_keyword") or "?" for c in per_case.values() if c["category"] == "refused")
+            for engine, per_case in results.items()}
+
+
 def markdown(results: dict) -> str:
     counts = tally(results)
     engines = [e for e in ENGINES if e in counts]
@@ -422,6 +428,10 @@ def main(argv=None) -> int:
     cases = cases[: a.limit] if a.limit else cases
     seeds = list(range(1, a.seeds + 1))
     log(f"{len(cases)} schemas ({len(skipped)} skipped: remote references), seeds {seeds}, model {a.model}")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    # the server runs from the working tree: serve/ files changed since that commit are named
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "serve"], cwd=REPO, capture_output=True,
+                           text=True).stdout.split("\n")
     by_id = {c["id"]: c for c in cases}
     results, timings = {}, {}
     engines = a.engines.split(",")
@@ -436,17 +446,13 @@ def main(argv=None) -> int:
         results[engine] = {cid: {"draft": by_id[cid]["draft"], "keyword": by_id[cid]["keyword"],
                                  **classify(by_id[cid]["draft"], by_id[cid]["schema"], outs),
                                  "outcomes": [{k: (v[:200] if isinstance(v, str) else v) for k, v in o.items()}
-                                              for o in outs]}
+                                              for o in outs if o.get("status") == 200]}
                            for cid, outs in raw.items()}
         log(f"{engine}: done in {timings[engine]} s")
 
     t0 = time.monotonic()
     with cf.ThreadPoolExecutor(len(engines)) as pool:  # the engines run side by side, each its own process
         list(pool.map(one, engines))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    # the server runs from the working tree: serve/ files changed since that commit are named
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "serve"], cwd=REPO, capture_output=True,
-                           text=True).stdout.split("\n")
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
               "serve_uncommitted": [line[3:] for line in dirty if line.strip()],
               "cpu": _cpu(), "command": " ".join(["python", "bench/schema_coverage.py", *(argv or sys.argv[1:])]),
@@ -460,6 +466,8 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(a.out)
     print(markdown(results))
+    for engine, words in refusals(results).items():
+        print(f"{engine} refusals by keyword: " + ", ".join(f"{w} {n}" for w, n in words.most_common()))
     return 0
 
 
