@@ -99,7 +99,7 @@ def _tool_plan(req: ChatCompletionRequest) -> tuple[str, list[dict]]:
             raise bad_request('a function\'s parameters must be a JSON Schema of "type": "object"', where)
         if any(d["name"] == t.function.name for d in defs):
             raise bad_request(f"two tools are named {t.function.name!r}", f"tools[{i}].function.name")
-        if t.function.strict:
+        if t.function.strict and t.function.parameters is not None:
             _check_strict(params, where, f"function '{t.function.name}'")
         defs.append({"name": t.function.name, "description": t.function.description, "parameters": params,
                      "param": where})

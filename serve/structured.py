@@ -465,11 +465,9 @@ class Checker:
         return target
 
     def _define(self, ref, root, where: str, depth: int) -> str:
-        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
-            raise SchemaError(f"{where}/$ref: only references inside the schema (#/...) are supported")
+        target = self._target(ref, root, f"{where}/$ref")
         key = (id(root), ref)
         if key not in self._named:
-            target = self._target(ref, root, f"{where}/$ref")
             name = self._named[key] = f"{DEF_PREFIX}{len(self._named)}"
             # named first: recursion finds the name. A chain of references nests as deep as it is long
             self.defs[name] = self.clean(target, ref[1:], root, depth + 1)

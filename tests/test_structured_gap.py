@@ -29,8 +29,9 @@ SCHEMAS = {
     "number_range": obj(x={"type": "number", "minimum": -2, "maximum": 3},
                         y={"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 2}),
     "multiple_of": obj(n={"type": "integer", "minimum": 0, "maximum": 1000, "multipleOf": 25}),
-    "nullable": obj(s={"type": ["string", "null"], "maxLength": 4}, n={"type": ["integer", "null"], "minimum": 5,
-                                                                         "maximum": 7}),
+    "nullable": obj(s={"type": ["string", "null"], "maxLength": 4},
+                    n={"type": ["integer", "null"], "minimum": 5, "maximum": 7},
+                    e={"type": ["string", "null"], "enum": ["a", None, 3]}),
     "any_of": {"anyOf": [{"type": "integer", "maximum": -3}, {"type": "string", "pattern": "^x[a-z]{2}$"}]},
     "one_of_types": obj(v={"oneOf": [{"type": "boolean"}, {"type": "string", "maxLength": 3}, {"type": "null"}]}),
     "one_of_values": obj(v={"oneOf": [{"const": "on"}, {"enum": ["off", 0]}, {"type": "boolean"}]}),
@@ -82,6 +83,7 @@ def test_generated_replies_validate(client, name):
     ({"allOf": [{"type": "string", "maxLength": 3}, {"type": "string", "maxLength": 4}]}, "/allOf"),
     ({"allOf": [obj(a={"type": "integer"}), obj(b={"type": "integer"})]}, "/allOf"),
     ({"type": ["string", "null"], "maxLength": 3, "minimum": 1}, "/minimum"),
+    ({"type": ["string", "null"], "enum": [1, 2]}, "/enum"),
     ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}, "/maxLength"),
     ({"type": "string", "format": "hostname"}, "/format"),
 ])
@@ -120,6 +122,8 @@ def test_strict_schemas_follow_openais_rules(client, schema, where, word):
 
 
 def test_a_strict_schema_that_follows_the_rules_is_served(client):
+    ping = {"type": "function", "function": {"name": "ping", "strict": True}}  # no parameters: nothing to break
+    assert client.chat.completions.create(model="tiny", messages=USER, tools=[ping], max_tokens=1).choices
     r = client.chat.completions.create(model="tiny", messages=USER, response_format=schema_format(STRICT_OK, True),
                                        temperature=1.0, seed=1, max_tokens=300)
     assert r.choices[0].finish_reason == "stop"
