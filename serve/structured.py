@@ -180,16 +180,22 @@ class Checker:
 
     def admit(self, schema) -> dict:
         """A whole schema of the request: its size counted against MAX_SCHEMA_BYTES, then clean."""
+        self._count(schema, "")
+        return self.clean(schema)
+
+    def _count(self, schema, where: str) -> None:
+        """schema's size against MAX_SCHEMA_BYTES, with every other schema of the request (and every $ref that an
+        allOf copies in: merging copies, so the copies count)."""
         try:
             size = len(json.dumps(schema, ensure_ascii=False, separators=(",", ":")).encode())
         except RecursionError:
-            raise _limit("", "the schema is nested too deeply", MAX_DEPTH, "levels") from None
+            raise _limit(where, "the schema is nested too deeply", MAX_DEPTH, "levels") from None
         except (TypeError, ValueError) as e:
-            raise SchemaError(f"/: not a JSON schema ({e})") from None
+            raise SchemaError(f"{where or '/'}: not a JSON schema ({e})") from None
         self.schema_bytes += size
         if self.schema_bytes > MAX_SCHEMA_BYTES:
-            raise _limit("", f"the request's schemas take {self.schema_bytes:,} bytes", MAX_SCHEMA_BYTES, "bytes")
-        return self.clean(schema)
+            raise _limit(where, f"the request's schemas take {self.schema_bytes:,} bytes", MAX_SCHEMA_BYTES,
+                         "bytes")
 
     def clean(self, schema, where: str = "", root=None, depth: int = 0):
         root = schema if root is None else root
@@ -334,6 +340,7 @@ class Checker:
                 continue
             if isinstance(sub, dict) and "$ref" in sub and not set(sub) - ANNOTATIONS - {"$ref"}:
                 sub = self._target(sub["$ref"], root, f"{at}/$ref")
+                self._count(sub, f"{at}/$ref")
             if isinstance(sub, dict) and "allOf" in sub:
                 sub = self._merge(sub, at, root, depth + 1)
             if not isinstance(sub, dict):

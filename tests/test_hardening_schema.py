@@ -100,6 +100,13 @@ KNOWN_BAD = {
                          "/properties", "5,000"),
     "any_of": ({"anyOf": [{"const": i} for i in range(129)]}, "/anyOf", "128"),
     "schema_bytes": ({"type": "object", "description": "x" * 600_000}, "/", "524,288"),
+    # allOf copies what its $ref points at into the merge: the copies count against the request's bytes
+    "all_of_copies": ({"type": "object", "$defs": {"big": {"type": "object", "description": "x" * 100_000}},
+                       "properties": {f"c{i}": {"allOf": [{"$ref": "#/$defs/big"}]} for i in range(6)}},
+                      "/properties/c4/allOf/0/$ref", "524,288"),
+    "multiple_of_values": ({"type": "integer", "minimum": 0, "maximum": 10_000, "multipleOf": 7}, "/multipleOf",
+                           "1,000"),
+    "integer_bound": ({"type": "integer", "maximum": 10 ** 17}, "/maximum", "9,999,999,999,999,999"),
 }
 
 
