@@ -9,7 +9,7 @@ where it is, never silently loosened. Enforced:
   with maxLength); const; enum
 - integers: minimum, maximum, exclusiveMinimum, exclusiveMaximum exactly (range rules of our own, range_rule below),
   multipleOf when both bounds are given (the values enumerated, within the enum limits); numbers: the same bounds
-  when they are whole numbers (a decimal is written only where its whole unit interval lies within, never outside)
+  when they are whole numbers (multipleOf only for bounded integers)
 - objects: properties, required (each a listed property), additionalProperties (true, false or a schema); an
   object with properties admits no other keys unless additionalProperties says so
 - arrays: items with minItems/maxItems, or prefixItems (exactly those items)
@@ -266,9 +266,9 @@ class Checker:
         return {"type": kind}
 
     def _number(self, schema, keys, kind, where) -> dict:
-        """Bounds as inclusive integers (minimum/maximum of the cleaned schema); a bounded integer multipleOf as
-        the enum of its values. A number's bounds must be integers: the grammar then holds each decimal to an
-        integer part whose whole unit interval is inside (so 0.5 is never written for exclusiveMinimum 0)."""
+        """An integer's bounds as inclusive integers (minimum/maximum of the cleaned schema); a bounded integer
+        multipleOf as the enum of its values. A number's bounds must be whole numbers (range_rule can then be exact
+        about the decimals): the tighter lower and upper one are kept, open or not."""
         self._only(keys, {"type", *BOUNDS, "multipleOf"}, where, f"for type {kind}")
         out, low, high = {"type": kind}, None, None
         for word, strict, upper in BOUNDS_HOW:
@@ -283,12 +283,27 @@ class Checker:
                                   f"the integer part)")
             if abs(value) >= INT_LIMIT:
                 raise _limit(f"{where}/{word}", f"{value:,}", INT_LIMIT, "")
-            if upper:
+            if kind == "number":  # (bound, open): the tighter one; at a tie the open one
+                bound = (int(value), strict)
+                if upper:
+                    high = bound if high is None else min(high, bound, key=lambda b: (b[0], not b[1]))
+                else:
+                    low = bound if low is None else max(low, bound, key=lambda b: (b[0], b[1]))
+            elif upper:
                 bound = math.floor(value) - (1 if strict and float(value).is_integer() else 0)
                 high = bound if high is None else min(high, bound)
             else:
                 bound = math.ceil(value) + (1 if strict and float(value).is_integer() else 0)
                 low = bound if low is None else max(low, bound)
+        if kind == "number":
+            if "multipleOf" in schema:
+                raise SchemaError(f"{where}/multipleOf: supported only for integers with both bounds")
+            if low and high and (low[0] > high[0] or low[0] == high[0] and (low[1] or high[1])):
+                raise SchemaError(f"{where}: no {kind} lies between the bounds")
+            for bound, words in ((low, ("minimum", "exclusiveMinimum")), (high, ("maximum", "exclusiveMaximum"))):
+                if bound:
+                    out[words[bound[1]]] = bound[0]
+            return out
         if low is not None and high is not None and low > high:
             raise SchemaError(f"{where}: no {kind} lies between the bounds")
         if "multipleOf" in schema:
@@ -570,6 +585,7 @@ def _quantified(body: str, i: int, inner: int, repeats: bool, parent: list, wher
 # our own. INT_LIMIT stands for "unbounded" on either side, so every range is finite.
 INT_LIMIT = 10 ** 16 - 1
 FRACTION = '"." [0-9]{1,15}'
+NONZERO_FRACTION = '"." [0-9]{0,14} [1-9]'
 
 
 def _same_length(low: str, high: str) -> list[str]:
@@ -599,20 +615,29 @@ def _naturals(low: int, high: int) -> list[str]:
     return out
 
 
-def range_rule(low: int | None, high: int | None, fractions: bool) -> str:
-    """GBNF for the integers low..high (None: unbounded on that side); with fractions, also the decimals whose
-    whole interval [I, I+1] (or [-(I+1), -I]) lies within, so no value written falls outside."""
+def range_rule(low: int | None, high: int | None, low_open: bool = False, high_open: bool = False,
+               fractions: bool = False) -> str:
+    """GBNF for the integers from low to high (None: unbounded on that side; *_open: the bound itself excluded);
+    with fractions, also the decimals I.F (or -I.F) between them: any F where the whole unit interval of I lies
+    within, a nonzero F where only its open part does (I = an open bound), so no value written falls outside."""
     low = -INT_LIMIT if low is None else low
     high = INT_LIMIT if high is None else high
+    first, last = low + low_open, high - high_open  # the integers
     alts = []
-    if low < 0:  # negative values -n, n in max(1, -high)..-low
-        alts += [f'"-" ({" | ".join(_naturals(max(1, -high), -low))})']
-        if fractions and -low - 1 >= max(0, -high):
-            alts.append(f'"-" ({" | ".join(_naturals(max(0, -high), -low - 1))}) {FRACTION}')
-    if high >= 0:
-        alts.append(f'({" | ".join(_naturals(max(low, 0), high))})')
-        if fractions and high - 1 >= max(low, 0):
-            alts.append(f'({" | ".join(_naturals(max(low, 0), high - 1))}) {FRACTION}')
+
+    def add(sign: str, a: int, b: int, tail: str = "") -> None:
+        if a <= b:
+            alts.append(f'{sign}({" | ".join(_naturals(a, b))}){tail}')
+
+    add('"-" ', max(1, -last), -first)
+    add("", max(0, first), last)
+    if fractions:
+        add('"-" ', max(0, -high + high_open), -low - 1, f" {FRACTION}")
+        add("", max(0, low + low_open), high - 1, f" {FRACTION}")
+        if high_open and high <= 0 and low <= high - 1:
+            add('"-" ', -high, -high, f" {NONZERO_FRACTION}")
+        if low_open and low >= 0 and low <= high - 1:
+            add("", low, low, f" {NONZERO_FRACTION}")
     return " | ".join(alts)
 
 
@@ -634,8 +659,11 @@ class _Converter:
                         rule = self._format(fmt)
                         return self._add_rule(name + "-" if name in ("root", "dot") else name or "root",
                                               f'"\\"" {rule} "\\"" space')
-                    if schema.get("type") in ("integer", "number") and ("minimum" in schema or "maximum" in schema):
-                        rule = range_rule(schema.get("minimum"), schema.get("maximum"), schema["type"] == "number")
+                    if schema.get("type") in ("integer", "number") and set(schema) & BOUNDS:
+                        rule = range_rule(schema.get("minimum", schema.get("exclusiveMinimum")),
+                                          schema.get("maximum", schema.get("exclusiveMaximum")),
+                                          "exclusiveMinimum" in schema, "exclusiveMaximum" in schema,
+                                          schema["type"] == "number")
                         return self._add_rule(name + "-" if name in ("root", "dot") else name or "root",
                                               f"({rule}) space")
                     return super().visit(schema, name)

@@ -524,3 +524,64 @@ def test_sampled_dates_through_the_server_are_real_dates(http, temperature):
         datetime.date.fromisoformat(reply["day"])
         datetime.datetime.fromisoformat(reply["at"])
         datetime.time.fromisoformat(reply["t"])
+
+
+# ---- numeric bounds and internet formats -------------------------------------------------------------------------
+
+BOUND_CASES = [{"minimum": 1, "maximum": 9}, {"exclusiveMinimum": -3, "exclusiveMaximum": 12},
+               {"minimum": -20, "exclusiveMaximum": -7}, {"exclusiveMinimum": 0}, {"maximum": -1},
+               {"exclusiveMinimum": -1, "exclusiveMaximum": 0}, {"minimum": 0, "maximum": 0},
+               {"minimum": 99, "maximum": 1001}]
+
+
+def _within(value, bounds: dict) -> bool:
+    return (value >= bounds.get("minimum", value) and value <= bounds.get("maximum", value)
+            and ("exclusiveMinimum" not in bounds or value > bounds["exclusiveMinimum"])
+            and ("exclusiveMaximum" not in bounds or value < bounds["exclusiveMaximum"]))
+
+
+@pytest.mark.parametrize("bounds", BOUND_CASES)
+def test_integer_bounds_are_exact(matcher, bounds):
+    if not any(_within(i, bounds) for i in range(-30, 2000)):  # nothing to write: refused by name
+        with pytest.raises(structured.SchemaError, match="between the bounds"):
+            structured.schema_grammar({"type": "integer", **bounds})
+        return
+    g = structured.schema_grammar({"type": "integer", **bounds})
+    wrong = [i for i in [*range(-30, 31), 98, 99, 100, 999, 1000, 1001, 1002, 12345]
+             if matcher.admits(g, str(i)) != _within(i, bounds)]
+    assert not wrong, wrong
+    assert not matcher.admits(g, "01") and not matcher.admits(g, "-0") and not matcher.admits(g, "1.0")
+
+
+@pytest.mark.parametrize("bounds", BOUND_CASES)
+def test_number_bounds_never_admit_a_value_outside(matcher, bounds):
+    """Every decimal the grammar admits is inside; every x.5 inside is admitted (the grammar is exact up to the
+    decimals it writes); the edges: -0.0, 0.0, 1.0, 0.01 and the like."""
+    g = structured.schema_grammar({"type": "number", **bounds})
+    texts = [f"{sign}{i}.{f}" for sign in ("", "-") for i in range(0, 14) for f in ("0", "5", "00", "01", "99")]
+    texts += [str(i) for i in range(-14, 15)]
+    for text in texts:
+        value = float(text)
+        if matcher.admits(g, text):
+            assert _within(value, bounds), text
+        elif text.endswith(".5") or "." not in text:
+            assert not _within(value, bounds), text
+
+
+def test_internet_formats_are_what_python_and_jsonschema_accept(matcher):
+    import ipaddress
+
+    import jsonschema
+    check = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    for text, ok in [("192.168.0.1", True), ("255.255.255.255", True), ("256.1.1.1", False), ("01.2.3.4", False),
+                     ("1.2.3", False)]:
+        assert matcher.admits(fmt_grammar("ipv4"), f'"{text}"') == ok, text
+    alphabets = {"ipv4": "0123456789.", "ipv6": "0123456789abcdef:", "email": "abz09.-_@+%",
+                 "uri": "az09:/.?%AF-_~@=&"}
+    for fmt, alphabet in alphabets.items():
+        g, rng = fmt_grammar(fmt), random.Random(fmt)
+        for _ in range(100):
+            value = json.loads(matcher.walk(g, rng, alphabet + '"'))
+            check.check(value, fmt)  # raises FormatError
+            if fmt.startswith("ip"):
+                ipaddress.ip_address(value)
