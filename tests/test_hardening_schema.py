@@ -277,6 +277,11 @@ LEAVES = st.one_of(
     st.just({"const": {"a": [1, None]}}),
     st.sampled_from([{"$ref": "#"}, {"$ref": "#/properties/x"}, {"$ref": "#/$defs/nope"}, {"$ref": "http://x/y"}]),
     st.sampled_from([True, False, 0, "string", [], {"type": "integer", "minimum": 1}, {"not": {}}]),
+    st.builds(lambda t, k, v: {"type": t, k: v}, st.sampled_from(["integer", "number", ["integer", "null"]]),
+              st.sampled_from(sorted(structured.BOUNDS) + ["multipleOf"]),
+              st.sampled_from([0, 1, -1, 0.5, 10 ** 20, "1", True])),
+    st.sampled_from(["email", "ipv4", "ipv6", "uri"]).map(lambda f: {"type": ["string", "null"], "format": f}),
+    st.just({"allOf": [{"$ref": "#"}]}),
 )
 
 
@@ -291,6 +296,8 @@ def _children(inner):
         st.lists(inner, min_size=0, max_size=3).map(lambda alts: {"anyOf": alts}),
         st.lists(inner, min_size=1, max_size=2).map(lambda items: {"type": "array", "prefixItems": items}),
         st.builds(lambda s: {"type": "object", "additionalProperties": s}, inner),
+        st.lists(inner, min_size=0, max_size=3).map(lambda alts: {"oneOf": alts}),
+        st.lists(inner, min_size=0, max_size=3).map(lambda alts: {"allOf": alts}),
     )
 
 
