@@ -121,7 +121,7 @@ def status_html(text: str, ok: bool | None) -> str:
 class Turn:
     role: str  # user | assistant
     text: str
-    state: str = "sent"  # user: queued | sent | failed; assistant: sent | stopped | cut
+    state: str = "sent"  # user: queued | sent | failed; assistant: writing | sent | stopped | cut
 
 
 NOTES = {"queued": "⏳ queued: sent when the reply above ends", "stopped": "⏹ stopped",
@@ -163,7 +163,8 @@ class Conversation:
         shown = []
         for t in self.turns:
             note = NOTES.get(t.state)
-            body = html.escape(t.text) if t.text else ("…" if t.role == "assistant" else "")
+            empty = "…" if t.state == "writing" else "(no text)"
+            body = html.escape(t.text) if t.text else (empty if t.role == "assistant" else "")
             if note:
                 body += f'<span class="turn-note turn-{t.state}">{html.escape(note)}</span>'
             shown.append({"role": t.role, "content": body})
@@ -208,19 +209,25 @@ def build(api: Api, runs: Path | None):
         if not (message or "").strip():
             return gr.skip(), gr.skip()
         convo.turns.append(Turn("user", message, "queued"))
-        return "", convo.render()
+        # while a reply streams, only its run writes the log (Gradio streams it as changes to what that run sent
+        # last, so a second writer would garble it); the queued bubble shows with its next update
+        return "", gr.skip() if convo.busy else convo.render()
 
     async def drain(convo: Conversation, model, system, temperature, top_p, max_tokens, stop):
-        """Answer the queued messages in order; one loop per session (a second call finds it busy and leaves)."""
-        if convo.busy or not convo.queued():
+        """Answer the queued messages in order, one loop per session: every send starts one; a later one waits
+        until the running loop ends, then answers what it left. A loop takes no new message once it has said it is
+        done (that message's own run answers it), so its last word is always its last update."""
+        while convo.busy:
+            await asyncio.sleep(0.05)
+        if not convo.queued():
             yield gr.skip(), gr.skip(), gr.skip()
             return
         convo.busy = True
         try:
-            while convo.queued():
+            while True:
                 turn = convo.queued()[0]
                 turn.state = "sent"
-                reply = Turn("assistant", "")
+                reply = Turn("assistant", "", "writing")
                 convo.turns.insert(convo.turns.index(turn) + 1, reply)
                 messages = ([{"role": "system", "content": system}] if (system or "").strip() else [])
                 messages += convo.context(turn)
@@ -235,17 +242,18 @@ def build(api: Api, runs: Path | None):
                     while kind == "piece" and not pieces.empty():  # what came meanwhile goes out in one update
                         reply.text += value
                         kind, value = pieces.get_nowait()
-                    if kind != "piece":
+                    if kind != "piece" or convo.era != era:
                         break
                     reply.text += value
                     yield convo.render(), gr.skip(), gr.skip()
                 convo.reader = None
+                reply.state = "sent"
                 if kind == "stopped":
                     reply.state = "stopped"
                 elif kind == "error":
                     error = value
                 if convo.era != era:  # cleared meanwhile: nothing of this reply is kept
-                    continue
+                    break
                 if error:
                     if reply.text:
                         reply.state = "cut"
@@ -258,7 +266,10 @@ def build(api: Api, runs: Path | None):
                 else:
                     turns = sum(1 for t in convo.turns if t.role == "assistant")
                     status = status_html(f"{model}: done · {turns} turn(s)", True)
-                yield convo.render(), status, gr.update(interactive=bool(convo.queued()))
+                if not convo.queued():  # the last word while still busy: a later run waits for it
+                    yield convo.render(), status, gr.update(interactive=False)
+                    break
+                yield convo.render(), status, gr.update()
         finally:
             convo.busy = False
             convo.cancel()
@@ -278,7 +289,7 @@ def build(api: Api, runs: Path | None):
             convo.turns.remove(t)
             t.state = "queued"
             convo.turns.append(t)
-        return convo.render()
+        return gr.skip() if convo.busy else convo.render()
 
     async def compare_side(prompt, model, system, temperature, max_tokens):
         if not (prompt or "").strip():
@@ -348,9 +359,10 @@ def build(api: Api, runs: Path | None):
                 badge = gr.Markdown(elem_id="soul-badge")
                 about = ("the run's loss, α with the φ line, the gate with σ(φ), the orthogonality error and tokens/s "
                          "by step (the badge above has the latest values)")
-                plot = gr.Image(label="soul metrics", type="pil", interactive=False, elem_id="soul-plot",
-                                buttons=[], alt_text=about)
-                plot_tall = gr.Image(label="soul metrics (narrow screens)", type="pil", interactive=False,
+                # no floating label: it covered the first panel's title (the figures carry their own titles)
+                plot = gr.Image(label="soul metrics", show_label=False, type="pil", interactive=False,
+                                elem_id="soul-plot", buttons=[], alt_text=about)
+                plot_tall = gr.Image(label="soul metrics", show_label=False, type="pil", interactive=False,
                                      elem_id="soul-plot-tall", buttons=[], alt_text=about)
                 timer = gr.Timer(2.0)
                 drawn = gr.State(None)  # the fingerprint of the run whose figures this page shows
@@ -376,14 +388,22 @@ def build(api: Api, runs: Path | None):
             picker.change(bound_tokens, [cmp_max, model_a, model_b], cmp_max, queue=False)
 
         settings = [convo, model, system, temperature, top_p, max_tokens, stop]
-        answer = dict(fn=drain, inputs=settings, outputs=[chatbot, api_status, stop_btn], show_progress="hidden")
+        # after a run, the whole log once more (a plain value, not a stream's change): a send in the moment a reply
+        # ended could leave the streamed log behind the conversation
+        settle = dict(fn=lambda c: gr.skip() if c.busy else c.render(), inputs=convo, outputs=chatbot, queue=False,
+                      show_progress="hidden")
+        # one run per send ("multiple": the default drops a run while one is pending), no limit across sessions
+        # (the API's own queue bounds the work)
+        answer = dict(fn=drain, inputs=settings, outputs=[chatbot, api_status, stop_btn], show_progress="hidden",
+                      trigger_mode="multiple", concurrency_limit=None)
         for trigger in (msg.submit, send_btn.click):
             # every press counts (the default drops a press while the last one is in flight, and the text with it)
             trigger(send, [msg, convo], [msg, chatbot], queue=False, show_progress="hidden",
-                    trigger_mode="multiple").then(**answer)
+                    trigger_mode="multiple").then(**answer).then(**settle)
         stop_btn.click(stop_reply, convo, None, queue=False)
-        clear.click(clear_chat, convo, [chatbot, api_status, stop_btn], queue=False)
-        retry_btn.click(retry, convo, chatbot, queue=False).then(**answer)
+        for cleared in (clear.click, chatbot.clear):  # the log's own trash button clears the conversation too
+            cleared(clear_chat, convo, [chatbot, api_status, stop_btn], queue=False)
+        retry_btn.click(retry, convo, chatbot, queue=False).then(**answer).then(**settle)
         cmp_btn.click(compare_side, [cmp_prompt, model_a, system, cmp_temp, cmp_max], out_a)
         cmp_btn.click(compare_side, [cmp_prompt, model_b, system, cmp_temp, cmp_max], out_b)
         runs_btn.click(refresh_runs, [run_dd], run_dd)

@@ -262,27 +262,49 @@ def test_max_tokens_within_the_context_and_stop_and_clear_cancel(page, api):
     slider = page.locator("#chat-settings").get_by_label("range slider for max tokens", exact=True)
     assert slider.get_attribute("max") == str(context // 2)
     set_number(page, "max tokens", context // 2)
-    set_number(page, "temperature", 1.5)  # long replies: the end-of-text token is rarely drawn
-    cancelled = metric(api, "aegis_generations_total", reason="cancelled")
-    before = replies(page)
-    page.fill("#chat-input textarea", "日本の四季について、できるだけ長く説明してください。")
-    page.keyboard.press("Enter")
-    reply_started(page, before)
-    page.click("#chat-stop")
-    page.wait_for_selector("#chatbot .turn-stopped", timeout=15_000)
-    wait_metric(api, "aegis_generations_total", cancelled + 1, reason="cancelled")
-    stopped = page.locator("#chatbot .message.bot").last.inner_text()
-    assert "✖" not in status(page)
+    set_number(page, "temperature", 1.2)  # longer replies than greedy's
+    try:
+        assert cancels(page, api, "#chat-stop", "日本の四季について、できるだけ長く説明してください。")
+        page.wait_for_selector("#chatbot .turn-stopped", timeout=15_000)
+        stopped = page.locator("#chatbot .message.bot").last.inner_text()
+        page.wait_for_timeout(1000)
+        assert page.locator("#chatbot .message.bot").last.inner_text() == stopped  # it grows no more
+        assert "✖" not in status(page)
 
-    before = replies(page)
-    page.fill("#chat-input textarea", "もう一度、長く説明してください。")
-    page.keyboard.press("Enter")
-    reply_started(page, before)
-    page.click("#chat-clear")
-    wait_metric(api, "aegis_generations_total", cancelled + 2, reason="cancelled")
-    page.wait_for_timeout(2000)  # a reply that went on would show again by now
-    assert page.locator("#chatbot .message.user, #chatbot .message.bot").count() == 0, stopped
-    set_number(page, "temperature", 0)
+        assert cancels(page, api, "#chat-clear", "もう一度、長く説明してください。")
+        page.wait_for_timeout(2000)  # a reply that went on would show again by now
+        assert page.locator("#chatbot .message.user, #chatbot .message.bot").count() == 0
+    finally:  # nothing left generating for the next test
+        if page.locator("#chat-stop").is_enabled():
+            page.click("#chat-stop")
+        page.wait_for_function("() => !document.querySelector('#api-status').innerText.includes('generating')")
+        set_number(page, "temperature", 0)
+        set_number(page, "max tokens", 64)
+
+
+def cancels(page, api, button: str, prompt: str, attempts: int = 4) -> bool:
+    """Send prompt, press button once the reply has begun, and see the server count a cancelled generation. The
+    small model may still end a reply before the press lands (its end-of-text token drawn early): then again."""
+    for _ in range(attempts):
+        cancelled, before = metric(api, "aegis_generations_total", reason="cancelled"), replies(page)
+        page.fill("#chat-input textarea", prompt)
+        page.keyboard.press("Enter")
+        page.wait_for_function("n => document.querySelectorAll('#chatbot .message.bot').length > n", arg=before)
+        from playwright.sync_api import TimeoutError as NotClickable
+
+        try:
+            if not page.locator(button).is_enabled():  # stop is disabled again once the reply has ended
+                raise AssertionError("the reply ended first")
+            page.click(button)
+            wait_metric(api, "aegis_generations_total", cancelled + 1, timeout=10, reason="cancelled")
+            return True
+        except (AssertionError, NotClickable):
+            page.wait_for_function("() => !document.querySelector('#api-status').innerText.includes('generating')",
+                                   timeout=120_000)
+            # a send in the moment a reply ends can be answered without the log showing it until the next update
+            # (known, not yet fixed): let the run end first
+            page.wait_for_timeout(1500)
+    return False
 
 
 def test_after_an_api_error_one_message_per_send(page, api):
