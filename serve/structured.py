@@ -641,6 +641,10 @@ def range_rule(low: int | None, high: int | None, low_open: bool = False, high_o
     return " | ".join(alts)
 
 
+LITERAL_ESCAPE = re.compile(r'[\\\r\n"]')
+LITERAL_ESCAPES = {"\\": "\\\\", "\r": "\\r", "\n": "\\n", '"': '\\"'}
+
+
 class _Converter:
     """llama-cpp-python's converter with the calendar formats written by our own rules (made lazily: the class
     lives in llama_cpp, which loads only through aegis.llamacpp.runtime())."""
@@ -667,6 +671,11 @@ class _Converter:
                         return self._add_rule(name + "-" if name in ("root", "dot") else name or "root",
                                               f"({rule}) space")
                     return super().visit(schema, name)
+
+                def _format_literal(self, literal: str) -> str:
+                    # GBNF reads a backslash in a literal as an escape: the converter's own leaves it bare, so
+                    # json.dumps("a\nb") (backslash, n) became a raw newline inside a JSON string
+                    return '"' + LITERAL_ESCAPE.sub(lambda m: LITERAL_ESCAPES[m.group(0)], literal) + '"'
 
                 def _format(self, fmt: str) -> str:
                     names = {}

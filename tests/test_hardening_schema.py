@@ -592,3 +592,16 @@ def test_internet_formats_are_what_python_and_jsonschema_accept(matcher):
             check.check(value, fmt)  # raises FormatError
             if fmt.startswith("ip"):
                 ipaddress.ip_address(value)
+
+
+def test_enum_and_const_strings_with_escapes_stay_json(matcher):
+    """A value holding a newline, a backslash or a quote is admitted only as its JSON text (json.dumps), never with
+    the raw character inside the string (which no JSON parser reads)."""
+    values = ["foo\nbar", "a\\b", 'q"x', "tab\there"]
+    for schema in ({"enum": values}, *({"const": v} for v in values)):
+        g = structured.schema_grammar(schema)
+        for v in values if "enum" in schema else [schema["const"]]:
+            assert matcher.admits(g, json.dumps(v)), (schema, v)
+            raw = '"' + v + '"'
+            if all(ch in matcher.tokens for ch in raw):
+                assert not matcher.admits(g, raw), (schema, v)
