@@ -76,12 +76,25 @@ class Api:
                      stop: list[str]) -> AsyncIterator[str]:
         if not model:
             raise UIError("no model selected (is the API up? press ⟳ to reload the list)")
-        try:
-            chunks = await self.client.chat.completions.create(
-                model=model, messages=messages, temperature=temperature, top_p=top_p, max_tokens=int(max_tokens),
-                stop=stop or None, stream=True)
-        except Exception as e:  # noqa: BLE001
-            raise UIError(explain(e, self.base_url)) from e
+        limit: int | None = int(max_tokens)
+        while True:
+            try:
+                chunks = await self.client.chat.completions.create(
+                    model=model, messages=messages, temperature=temperature, top_p=top_p, max_tokens=limit,
+                    stop=stop or None, stream=True)
+                break
+            except Exception as e:  # noqa: BLE001
+                if getattr(e, "code", None) != "context_length_exceeded":
+                    raise UIError(explain(e, self.base_url)) from e
+                # as chat apps do: the oldest turns leave the window first; a lone message too long for the
+                # chosen max tokens gets the rest of the context instead (the server's default)
+                shorter = fit(messages)
+                if shorter is not None:
+                    messages = shorter
+                elif limit is not None:
+                    limit = None
+                else:
+                    raise UIError(explain(e, self.base_url)) from e
         try:
             async for chunk in chunks:
                 if chunk.choices and chunk.choices[0].delta.content:
@@ -90,6 +103,19 @@ class Api:
             raise UIError(explain(e, self.base_url)) from e
         finally:  # also when the reader is cancelled (stop, clear): closing the stream ends the generation
             await chunks.close()
+
+
+def fit(messages: list[dict]) -> list[dict] | None:
+    """The messages without their oldest exchange (the system message and the last message stay), or None when
+    nothing is left to drop."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    rest = messages[len(system):]
+    if len(rest) <= 1:
+        return None
+    rest = rest[1:]
+    while len(rest) > 1 and rest[0]["role"] != "user":  # a window starts with the person's message
+        rest = rest[1:]
+    return system + rest
 
 
 def parse_stops(text: str) -> list[str]:

@@ -152,6 +152,32 @@ def test_chat_streams_a_reply(page, api, tmp_path):
     assert shot.stat().st_size > 10_000
 
 
+def test_a_chat_longer_than_the_context_is_still_answered(api):
+    """The served context is the model's trained one (512 tokens here): once the chat outgrows it, the page sends
+    its latest turns (the oldest leave first) and, for a message that fits only without the chosen max tokens, the
+    rest of the context; the server refuses both as sent (context_length_exceeded)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve.ui import Api
+    context = next(m["context_length"] for m in httpx.get(api.api + "/models").json()["data"] if m["id"] == "souled")
+    long = "日本の四季について説明してください。" * 30
+    chat = [{"role": "system", "content": "丁寧に答えてください。"}]
+    for i in range(6):
+        chat += [{"role": "user", "content": f"{i}: {long}"}, {"role": "assistant", "content": long}]
+    chat.append({"role": "user", "content": "最後の質問です。"})
+
+    async def ask(messages, max_tokens):
+        return "".join([p async for p in Api(api.api, None).stream("souled", messages, 0.0, 1.0, max_tokens, [])])
+
+    for messages, max_tokens in ((chat, 16), ([{"role": "user", "content": long}], context - 100)):
+        sent = httpx.post(api.api + "/chat/completions", timeout=60,
+                          json={"model": "souled", "messages": messages, "max_tokens": max_tokens})
+        assert sent.status_code == 400 and sent.json()["error"]["code"] == "context_length_exceeded"
+        with ThreadPoolExecutor(1) as pool:  # the browser tests' sync playwright keeps a loop in this thread
+            assert pool.submit(asyncio.run, ask(messages, max_tokens)).result(120)
+
+
 def test_japanese_renders_in_the_shipped_font(page, ui):
     """The page ships Noto Sans JP and the browser uses it for the Japanese on the page, so kana and kanji do not
     depend on the machine's fonts (this test's machine may have none: `fc-list :lang=ja`)."""
@@ -302,8 +328,10 @@ def cancels(page, api, button: str, prompt: str, attempts: int = 10) -> bool:
             page.wait_for_function("() => !document.querySelector('#api-status').innerText.includes('generating')",
                                    timeout=120_000)
             # a send in the moment a reply ends can be answered without the log showing it until the next update
-            # (known, not yet fixed): let the run end first
+            # (known, not yet fixed): let the run end, then start the next try from an empty chat
             page.wait_for_timeout(1500)
+            page.click("#chat-clear")
+            page.wait_for_function("() => !document.querySelector('#chatbot .message')")
     return False
 
 

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import hashlib
 
-from serve.ui import Api, Model, max_tokens_limit, parse_stops
+from serve.ui import Api, Model, fit, max_tokens_limit, parse_stops
 from serve.ui_theme import HEAD, content_security_policy
 from support.echo_api import CONTEXT, EchoApi
 
@@ -17,6 +17,13 @@ def test_stop_sequences_as_typed():
     assert parse_stops("。\n終わり") == ["。", "終わり"]  # Japanese is kept (it was garbled through latin-1)
     assert parse_stops("です。\\n\nA\\tB\n\\\\n") == ["です。\n", "A\tB", "\\n"]
     assert parse_stops("a\nb\nc\nd\ne") == ["a", "b", "c", "d"]
+
+
+def test_the_oldest_exchange_leaves_the_window_first():
+    sys_, u1, a1, u2, a2, u3 = ({"role": r, "content": str(i)} for i, r in
+                                enumerate(["system", "user", "assistant", "user", "assistant", "user"]))
+    assert fit([sys_, u1, a1, u2, a2, u3]) == [sys_, u2, a2, u3]
+    assert fit([u1, a1, u3]) == [u3] and fit([sys_, u3]) is None and fit([u3]) is None
 
 
 def test_base_listed_last_with_its_context():
