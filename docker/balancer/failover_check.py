@@ -55,7 +55,7 @@ def main() -> int:
     ap.add_argument("--service", default="replica")
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=1000, help="tokens per request in the kill test")
+    ap.add_argument("--max-tokens", type=int, default=1000, help="tokens per request in the kill test, at most the served context less 96")
     ap.add_argument("--timeout", type=float, default=60, help="seconds a request may take before it counts as hung")
     args = ap.parse_args()
     check(args.replicas >= 2, "--replicas: at least 2 (one is killed)")
@@ -90,9 +90,14 @@ def main() -> int:
         raise Failed("the API answered with a wrong key")
     except openai.AuthenticationError as e:
         check(isinstance(e.body, dict) and "message" in e.body, f"401 not in the API's error shape: {e.body}")
-    models = [m.id for m in client.models.list().data]
-    check(bool(models), "no models listed")
-    model = models[0]
+    cards = client.models.list().data
+    check(bool(cards), "no models listed")
+    model = cards[0].id
+    # a request longer than the served context is a 400 by design: the kill test's requests stay inside it, with
+    # room for the chat template and the prompt (a few dozen tokens)
+    context = int((cards[0].model_extra or {}).get("context_length") or 0)
+    check(context > 128, f"/v1/models gave no usable context_length for {model!r}: {context}")
+    args.max_tokens = min(args.max_tokens, context - 96)
     texts = set()
     for _ in range(2 * args.replicas):
         raw = client.chat.completions.with_raw_response.create(
