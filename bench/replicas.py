@@ -35,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     key = os.environ.get("AEGIS_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     results: dict[int, list[dict]] = {n: [] for n in counts}
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     try:
         for rnd in range(args.rounds):
             for n in counts:
@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
               "max_tokens": args.max_tokens, "requests_per_client": args.requests, "rounds": args.rounds,
               "threads_per_replica": args.threads, "parallel_per_replica": args.parallel or "serve's default",
               "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform()},
-              "command": " ".join([f"python bench/{Path(__file__).name}", *(argv if argv is not None else sys.argv[1:])]),
+              "command": " ".join([f"python bench/{Path(__file__).name}",
+                                   *(argv if argv is not None else sys.argv[1:])]),
               "rows": rows, "table": table}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

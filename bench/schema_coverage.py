@@ -453,12 +453,13 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     with cf.ThreadPoolExecutor(len(engines)) as pool:  # the engines run side by side, each its own process
         list(pool.map(one, engines))
-    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+    report = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "commit": commit,
               "serve_uncommitted": [line[3:] for line in dirty if line.strip()],
               "cpu": _cpu(), "command": " ".join(["python", "bench/schema_coverage.py", *(argv or sys.argv[1:])]),
               "model": str(a.model), "suite": f"jsonschema {SUITE_VERSION} sdist json/tests", "seeds": seeds,
               "max_tokens": a.max_tokens, "schemas": len(cases),
-              "not_run": {e: len(cases) - len(r) for e, r in results.items()}, "skipped_remote": [c["id"] for c in skipped],
+              "not_run": {e: len(cases) - len(r) for e, r in results.items()},
+              "skipped_remote": [c["id"] for c in skipped],
               "seconds": {**timings, "total": round(time.monotonic() - t0, 1)},
               "counts": {e: {k: dict(v) for k, v in c.items()} for e, c in tally(results).items()},
               "results": results}

@@ -192,8 +192,9 @@ def main() -> None:
                          "(a c or n suffix: only with, only without), "
                          "and report its best within --budget-gib (the row it is compared by)")
     ap.add_argument("--budget-gib", type=float, default=12.0)
-    ap.add_argument("--long-lengths", default="8192,16384,32768,65536,81920", help="long = one sequence of each length, ours "
-                    "with the memory plan's choices; plain (checkpointed) at --plain-long-lengths, its longest within "
+    ap.add_argument("--long-lengths", default="8192,16384,32768,65536,81920",
+                    help="long = one sequence of each length, ours with the memory plan's choices; plain "
+                    "(checkpointed) at --plain-long-lengths, its longest within "
                     "--budget-gib reported")
     ap.add_argument("--plain-long-lengths", default="2048,4096,8192,12288,16384")
     ap.add_argument("--long-steps", type=int, default=8)

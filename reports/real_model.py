@@ -93,8 +93,8 @@ def ask(gguf: Path, log=print) -> list[dict]:
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", f"m={gguf}", "--host", "127.0.0.1", "--port",
                              str(port), "--threads", "2",
                              # the base's GGUF comes from a wheel, not from export: no record to verify
-                             *([] if digest.sidecar(gguf).is_file() else ["--no-verify"])], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                             *([] if digest.sidecar(gguf).is_file() else ["--no-verify"])],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):

@@ -22,13 +22,12 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
 
-from . import __doc__ as package_doc
-from . import engine
+from . import __doc__ as package_doc, engine
 from .config import Settings
 from .errors import HANDLERS, APIError, BodyTimeout, ClientGone, shutting_down
+from .job import Finish, Job
 from .metrics import Metrics
 from .openapi import ExactJsonRenderPlugin
-from .job import Finish, Job
 from .registry import Registry, ServedModel
 from .replies import ChatReply, TextReply, cut_off, respond
 from .responses import ChatCompletion, Completion, ErrorResponse, Health, ModelCard, ModelList

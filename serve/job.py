@@ -143,7 +143,7 @@ class Job:
             remaining = self.deadline - time.monotonic()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(remaining, 0.001) + 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.cancel()
                 raise TimeoutError from None
             self._wake.clear()

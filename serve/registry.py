@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from aegis import digest
 
 from .backends import Backend, detect, open_backend
+from .batch import BatchPool
 from .config import ModelSpec, Settings
 from .errors import APIError
-from .batch import BatchPool
 from .pool import WorkerPool
 
 log = logging.getLogger("serve")

@@ -70,7 +70,8 @@ def test_prompt_answers_once_from_the_checkpoint(short_run, loaded):
 def test_history_reset_and_system(loaded):
     model, _, tok, _ = loaded
     chat = chat_mod.Chat(model, tok, temperature=0, max_new_tokens=8)
-    inp = io.StringIO(f"{PROMPT}\nありがとう。\n/system あなたは猫です。\nこんにちは\n/reset\n/bogus\n/exit\nnot read\n")
+    inp = io.StringIO(f"{PROMPT}\nありがとう。\n/system あなたは猫です。\nこんにちは\n"
+                      "/reset\n/bogus\n/exit\nnot read\n")
     out = io.StringIO()
     chat_mod.loop(chat, inp, out)
     text = out.getvalue()

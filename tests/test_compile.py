@@ -4,8 +4,6 @@ each layer compiled its own graph and past torch's recompile limit (8) the remai
 
 from __future__ import annotations
 
-import torch
-
 from aegis import loading as model_mod
 from aegis.config import build
 from support.training import loss_and_grads

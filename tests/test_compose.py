@@ -13,9 +13,27 @@ import re
 from pathlib import Path
 
 import pytest
-from support.containers import (CACHE, DATA, DOCKERFILE, FILES, IMAGE_DIR, ROOT, SERVICES, assert_flags, built_from,
-                                env_vars_read, image_entrypoint, image_env, in_image, load, module_file,
-                                package_reads, script_commands, stages)
+
+from support.containers import (
+    CACHE,
+    DATA,
+    DOCKERFILE,
+    FILES,
+    IMAGE_DIR,
+    ROOT,
+    SERVICES,
+    assert_flags,
+    built_from,
+    env_vars_read,
+    image_entrypoint,
+    image_env,
+    in_image,
+    load,
+    module_file,
+    package_reads,
+    script_commands,
+    stages,
+)
 
 pytest.importorskip("yaml")
 
@@ -100,7 +118,7 @@ def test_one_shared_data_volume(compose):
         mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
         assert DATA in mounts, f"{kind}/{name} does not mount the data volume at {DATA}"
         data_volumes.add(mounts[DATA])
-        for target, source in mounts.items():
+        for source in mounts.values():
             if not source.startswith("/"):
                 assert source in named, f"{kind}/{name}: volume {source} is not declared"
             else:
@@ -260,8 +278,9 @@ def test_environment_variables_are_read(compose):
 
 def test_constraints_lie_inside_pyproject_ranges():
     packaging = pytest.importorskip("packaging.requirements")
-    from packaging.utils import canonicalize_name
     import tomllib
+
+    from packaging.utils import canonicalize_name
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     ranges: dict[str, list] = {}

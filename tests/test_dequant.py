@@ -12,7 +12,6 @@ from torch.nn import functional as F
 from aegis import checkpoint, loading, metrics
 from aegis.config import build
 from aegis.dequant import DequantizedLinear, dequantize_base, dequantized
-
 from conftest import SHORT, train_cli
 
 QUIET = lambda *_: None  # noqa: E731

@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from aegis import checkpoint, metrics
-
 from conftest import QUICKSTART, ROOT, train_cli
 
 SETS = ["schedule.total_steps=6", "schedule.warmup_steps=1", "schedule.anneal_steps=3", "train.save_steps=3",

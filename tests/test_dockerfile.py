@@ -10,7 +10,6 @@ import subprocess
 
 from support.containers import DOCKERFILE, ROOT, global_args, lineage, stage_names, stages, tool
 
-
 # ---- tests: what goes into the images ---------------------------------------------------------------------------
 
 def test_images_keep_torch_out_of_serve():

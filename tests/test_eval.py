@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import eval as ev, monitor
 from aegis.tiny import corpus_path
+from train import eval as ev, monitor
 
 EVAL_DATA = ["embedded:prose_eval.txt"]
 

@@ -203,16 +203,17 @@ def test_gguf_reads_back_with_gguf_reader(exported, tiny_path):
             assert t.tensor_type == gguf.GGMLQuantizationType.F32, n
     layers = range(cfg["num_hidden_layers"])
     expected = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_factors_long.weight",
-                "rope_factors_short.weight"} | {f"blk.{b}.{n}.weight" for b in layers for n in
-                                               ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down")}
+                "rope_factors_short.weight"} | {
+                    f"blk.{b}.{n}.weight" for b in layers
+                    for n in ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down")}
     assert set(tensors) == expected
 
 
 def test_modelfile_template_renders_like_the_chat_template(exported):
-    from support.modelfile_text import parse
     from transformers import AutoTokenizer
 
     from export import chat_formats
+    from support.modelfile_text import parse
 
     assert "template    chat template: Phi-3; the Modelfile template renders" in exported["stdout"]
     proof = json.loads((exported["out"] / "export.json").read_text())["template"]

@@ -47,8 +47,8 @@ def test_missing_soul_is_named_and_earlier_output_kept(ckpt_copy, previous_outpu
 
 def test_wrong_hidden_size_is_named(ckpt_copy, previous_output):
     import torch
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     path = ckpt_copy / "soul.safetensors"
     with safe_open(str(path), "pt") as f:

@@ -47,8 +47,8 @@ def test_qwen2_with_byte_level_bpe(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from export.pipeline import export_gguf
     from aegis.tiny import corpus_path
+    from export.pipeline import export_gguf
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

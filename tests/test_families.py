@@ -13,11 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from conftest import SHORT, train_cli
+from export import names
 from support import families
 from support.modelfile_text import parse
-
-from export import names
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = list(names.TYPES)

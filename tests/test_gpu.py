@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from aegis import checkpoint, metrics
-
 from conftest import SHORT, train_cli
 
 pytestmark = pytest.mark.gpu

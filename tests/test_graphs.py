@@ -8,10 +8,9 @@ import torch
 
 from aegis import loading as model_mod, metrics
 from aegis.config import ConfigError, build
+from conftest import SHORT, train_cli
 from train import data, graphs
 from train.loss import count_targets, masked_loss_sum
-
-from conftest import SHORT, train_cli
 
 
 def _souled(tiny_path, device):
@@ -19,7 +18,7 @@ def _souled(tiny_path, device):
     model, soul = model_mod.build(cfg, tiny_path, device, seed=0)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # move off the zero start so every trainable tensor has a gradient
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
         soul.alpha.fill_(0.7)

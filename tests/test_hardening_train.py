@@ -18,7 +18,6 @@ import pytest
 
 from aegis import checkpoint, metrics
 from aegis.runs import SUMMARY
-
 from conftest import QUICKSTART, ROOT, SHORT
 from test_integrity import MISSING_BASE, TINY, cli, flip, one_line_error, train
 

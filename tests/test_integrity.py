@@ -14,7 +14,6 @@ import pytest
 
 from aegis import checkpoint, metrics
 from aegis.config import ConfigError, build
-
 from conftest import QUICKSTART, ROOT, SHORT, train_cli
 
 TINY = ["schedule.total_steps=4", "schedule.warmup_steps=1", "schedule.anneal_steps=2", "train.save_steps=1",
@@ -117,8 +116,8 @@ def test_export_falls_back_and_refuses_a_named_checkpoint_that_fails(short_run, 
 
 
 def test_every_reader_refuses_a_checkpoint_that_fails(short_run, tmp_path):
-    from serve.backends.hf import HFBackend
     from aegis.loading import load_checkpoint
+    from serve.backends.hf import HFBackend
 
     bad = tmp_path / "final"
     shutil.copytree(short_run / "final", bad)

@@ -9,8 +9,7 @@ import copy
 import pytest
 import torch
 
-from aegis import loading as model_mod
-from aegis import soul as soul_mod
+from aegis import loading as model_mod, soul as soul_mod
 from aegis.config import build
 from train.data import IGNORE
 from train.loss import chunked_loss_sum, masked_loss_sum, micro_loss

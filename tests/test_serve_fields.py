@@ -77,7 +77,8 @@ def test_same_seed_same_text_fresh_or_cached_streamed_or_not(client):
     streamed or not. (Requests decoded side by side in one batch may differ late: llama.cpp can sum a batch of
     several rows in another order than one row, as with llama-server and vLLM.)"""
     args = dict(model="tiny", messages=USER, max_tokens=24, temperature=1.0, seed=4321)
-    chat(client, messages=[{"role": "user", "content": "別の話をしましょう。"}], max_tokens=4)  # the slot holds another prompt
+    # the slot holds another prompt
+    chat(client, messages=[{"role": "user", "content": "別の話をしましょう。"}], max_tokens=4)
     fresh = chat(client, **args)
     cached = chat(client, **args)
     assert fresh.usage.prompt_tokens_details.cached_tokens < cached.usage.prompt_tokens_details.cached_tokens

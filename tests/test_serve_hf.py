@@ -24,7 +24,8 @@ def server(request, tmp_path_factory):
     # embedded model's original context: above it llama.cpp would use LongRoPE's long factors even for short prompts
     with Server("--model", f"ckpt={run / 'final'}", "--model", f"merged={run / 'export' / 'merged'}",
                 "--model", f"gguf={serving.find_gguf(run)}", "--quantization", "none", "--threads", "1",
-                "--ctx-size", "512", log_path=log, ready_path="/health") as s:  # up, not yet ready: transformers loads for seconds
+                # up, not yet ready: transformers loads for seconds
+                "--ctx-size", "512", log_path=log, ready_path="/health") as s:
         yield s
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from aegis import chat_template
 from serve import prompt
-from support import serving
 from serve.job import StopMatcher
+from support import serving
 
 CONVERSATIONS = [
     [{"role": "user", "content": "こんにちは"}],

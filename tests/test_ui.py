@@ -18,8 +18,7 @@ import pytest
 
 from aegis.tiny import corpus_path
 from support import serving as testing
-from support.browser import (CHROMIUM, CHROMIUM_ARGS, DESKTOP, open_page, outside, pick, set_number,
-                             ui_process)
+from support.browser import CHROMIUM, CHROMIUM_ARGS, DESKTOP, open_page, outside, pick, set_number, ui_process
 from support.serving import REPO, Server, base_gguf, find_gguf, metric
 
 sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright

@@ -11,8 +11,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support.browser import (CHROMIUM, CHROMIUM_ARGS, DESKTOP, PHONE, PLACEHOLDER, TOFU, axe_violations,
-                             open_page, outside, tofu, ui_process)
+from support.browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    DESKTOP,
+    PHONE,
+    PLACEHOLDER,
+    TOFU,
+    axe_violations,
+    open_page,
+    outside,
+    tofu,
+    ui_process,
+)
 from support.echo_api import EchoApi
 
 sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
@@ -112,7 +123,8 @@ def test_messages_and_replies_are_text(browser, ui, echo):
         page.fill("#chat-input textarea", payload)
         page.keyboard.press("Enter")
         page.wait_for_function("() => document.querySelector('#chat-input textarea').value === ''")
-    page.wait_for_function("n => document.querySelectorAll('#chatbot .message.user, #chatbot .message.bot').length === n"
+    page.wait_for_function("n => document.querySelectorAll("
+                           "'#chatbot .message.user, #chatbot .message.bot').length === n"
                            " && !document.querySelector('#chatbot .turn-queued')"
                            " && document.querySelector('#api-status').innerText.includes('done')",
                            arg=2 * len(PAYLOADS), timeout=60_000)
@@ -156,7 +168,8 @@ def test_accessible_and_fits(browser, ui, viewport):
     assert picker.screenshot() != drawn  # the underscores in the model's name are drawn, not clipped
     page.fill("#chat-input textarea", "こんにちは <b>太字</b>")
     page.keyboard.press("Enter")
-    page.wait_for_function("() => document.querySelectorAll('#chatbot .message.user, #chatbot .message.bot').length === 2"
+    page.wait_for_function("() => document.querySelectorAll("
+                           "'#chatbot .message.user, #chatbot .message.bot').length === 2"
                            " && document.querySelector('#api-status').innerText.includes('done')")
     problems = {"chat": axe_violations(page)}
     rect = page.evaluate("() => { const r = document.querySelector('#api-status').getBoundingClientRect();"

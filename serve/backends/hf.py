@@ -76,7 +76,7 @@ def sample(logits, sampling: Sampling, counts: dict[int, int], generator):
 
 
 class HFSession(Session):
-    def __init__(self, backend: "HFBackend"):
+    def __init__(self, backend: HFBackend):
         self.backend = backend
         self._logits = None
 

@@ -53,7 +53,8 @@ def open_page(browser, url: str, viewport: dict = DESKTOP):
     page.requests = []
     page.on("request", lambda r: page.requests.append(r.url))
     page.add_init_script("window.cspViolations = []; document.addEventListener('securitypolicyviolation',"
-                         " e => window.cspViolations.push([e.violatedDirective, e.blockedURI, e.sourceFile, e.lineNumber].join(' ')));")
+                         " e => window.cspViolations.push("
+                         "[e.violatedDirective, e.blockedURI, e.sourceFile, e.lineNumber].join(' ')));")
     page.goto(url, wait_until="load")  # not networkidle: the page keeps a heartbeat stream open (its session state)
     page.wait_for_selector("#api-status .api-ok", timeout=60_000)
     return page

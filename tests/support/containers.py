@@ -31,7 +31,7 @@ def tool(name: str) -> str:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _config(kind: str, env: tuple[tuple[str, str], ...]) -> str:
     proc = subprocess.run([tool("docker-compose"), "-f", str(FILES[kind]), "config"], capture_output=True,
                           text=True, cwd=ROOT, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **dict(env)})

@@ -158,7 +158,7 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path and self.log_path.exists() else ""
 
-    def start(self, ready_path: str | None = None) -> "Server":
+    def start(self, ready_path: str | None = None) -> Server:
         """Start and wait until ready_path (default: the one given at construction) answers 200."""
         ready_path = ready_path or self.ready_path
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
@@ -191,7 +191,7 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(5)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:
