@@ -19,7 +19,7 @@
 #   LLAMA_BUILD_IMAGE   the image llama-cpp-python is compiled on (default: the base stage); for a CUDA build NVIDIA's
 #                       devel image of the runtime image's CUDA release and Ubuntu, so that the compiled llama.cpp
 #                       finds the same glibc and CUDA libraries where it is installed
-#   LLAMA_CPP_PYTHON    the llama-cpp-python release to compile (the one docker/constraints.txt pins)
+#   LLAMA_CPP_PYTHON    the llama-cpp-python release to compile (the one requirements.lock pins)
 #   LLAMA_CMAKE_ARGS    how llama.cpp is compiled for llama-cpp-python (default: portable x86-64 with AVX2/FMA, not
 #                       -march=native of the build machine; with -DGGML_CUDA=on and the GPU generations, for CUDA)
 #   SERVE_TRANSFORMERS  1: also install torch + transformers into serve, for its transformers backend (default 0)
@@ -85,14 +85,15 @@ RUN CMAKE_ARGS="$LLAMA_CMAKE_ARGS" LIBRARY_PATH=/usr/local/cuda/lib64/stubs \
         /opt/build/bin/pip wheel --no-cache-dir --no-deps --find-links /tmp/wheels \
         --wheel-dir /llama "llama-cpp-python==$LLAMA_CPP_PYTHON"
 
-# what the dependency installs read: pyproject.toml's requirements, the pins, local wheels
+# what the dependency installs read: pyproject.toml's requirements, the pins (requirements.lock, the releases CI
+# tests), local wheels
 FROM base AS deps
-COPY pyproject.toml docker/requirements.py docker/constraints.txt /app/deps/
+COPY pyproject.toml requirements.lock docker/requirements.py /app/deps/
 COPY docker/wheels/ /tmp/wheels/
 
 # the project's own wheel (its source only; third-party packages are installed per role, below)
 FROM base AS package
-COPY pyproject.toml /src/
+COPY pyproject.toml LICENSE /src/
 COPY aegis/ /src/aegis/
 COPY train/ /src/train/
 COPY export/ /src/export/
@@ -106,13 +107,13 @@ COPY configs/ /app/configs/
 COPY docker/train-entrypoint.sh docker/export-entrypoint.sh docker/serve-entrypoint.sh docker/healthcheck.py \
     /app/docker/
 
-# third-party packages per role, in the venv (these layers stay cached while pyproject.toml and the pins are unchanged)
+# third-party packages per role, in the venv (these layers stay cached while pyproject.toml and the lock are unchanged)
 FROM deps AS train-venv
 ARG TORCH_INDEX_URL=""
 RUN --mount=type=cache,target=/root/.cache/pip \
     python /app/deps/requirements.py /app/deps/pyproject.toml train >/tmp/train.txt \
     && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} --find-links /tmp/wheels \
-        -c /app/deps/constraints.txt -r /tmp/train.txt
+        -c /app/deps/requirements.lock -r /tmp/train.txt
 
 FROM deps AS serve-venv
 ARG SERVE_TRANSFORMERS=0
@@ -122,7 +123,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     set -- serve && if [ "$SERVE_TRANSFORMERS" = 1 ]; then set -- serve train; fi \
     && python /app/deps/requirements.py /app/deps/pyproject.toml "$@" >/tmp/serve.txt \
     && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} --only-binary llama-cpp-python \
-        --find-links /tmp/llama --find-links /tmp/wheels -c /app/deps/constraints.txt -r /tmp/serve.txt
+        --find-links /tmp/llama --find-links /tmp/wheels -c /app/deps/requirements.lock -r /tmp/serve.txt
 
 FROM base AS train-runtime
 COPY --from=train-venv /opt/aegis/ /opt/aegis/
@@ -137,10 +138,10 @@ ENTRYPOINT ["bash", "/app/docker/train-entrypoint.sh"]
 # export: the train image's packages (shared layers) + gguf + llama-cpp-python
 FROM train-runtime AS export
 COPY --from=llama-build /llama/ /tmp/llama/
-COPY pyproject.toml docker/requirements.py docker/constraints.txt /tmp/deps/
+COPY pyproject.toml requirements.lock docker/requirements.py /tmp/deps/
 RUN python /tmp/deps/requirements.py /tmp/deps/pyproject.toml export >/tmp/export.txt \
     && pip install --no-cache-dir --only-binary llama-cpp-python --find-links /tmp/llama \
-        -c /tmp/deps/constraints.txt -r /tmp/export.txt \
+        -c /tmp/deps/requirements.lock -r /tmp/export.txt \
     && rm -rf /tmp/llama /tmp/deps /tmp/export.txt
 COPY --from=app /app/ /app/
 RUN pip install --no-cache-dir --no-deps /app/pkg/*.whl && rm -rf /app/pkg

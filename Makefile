@@ -2,6 +2,7 @@
 #   make demo   set up a fresh machine and run AEGIS on the embedded tiny Phi-3: train the quickstart, export it to
 #               GGUF, then serve the OpenAI-compatible API (127.0.0.1:8000) and the chat page (127.0.0.1:7860)
 #   make test   the same set-up, then the test suite (CI's .ci/run calls this)
+#   make lint   ruff's checks (CI runs them before the tests; docs/development.md)
 # Run again, each step picks up where it stopped: the venv is kept, train resumes (a finished run returns at once),
 # export reuses what is up to date. docs/setup.md lists the commands one by one.
 
@@ -13,20 +14,24 @@ RUN := runs/quickstart
 TRAINED := $(RUN)/export/quickstart-q8_0.gguf
 BASE := $(RUN)/export-base/base-f16.gguf
 
-.PHONY: demo test setup train export serve
+.PHONY: demo test lint setup train export serve
 
 demo: serve
 
 test: setup
 	$(PY) -m pytest -q
 
+lint: setup
+	$(VENV)/bin/ruff check .
+
 setup: $(VENV)/.installed
 
-# torch first, pinned, so pip takes its CPU build; llama-cpp-python compiles llama.cpp on its first install
-$(VENV)/.installed: pyproject.toml
+# Every release comes from requirements.lock (docs/development.md), as in CI and the images. torch first, so pip
+# takes its CPU build where one is at hand; llama-cpp-python compiles llama.cpp on its first install.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install torch==2.13.0
-	$(VENV)/bin/pip install -e '.[all]'
+	$(VENV)/bin/pip install -c requirements.lock torch
+	$(VENV)/bin/pip install -c requirements.lock -e '.[all]'
 	touch $@
 
 train: setup

@@ -3,7 +3,8 @@
     python requirements.py pyproject.toml train [export ...]
 
 The extras' references to the project itself (aegis-soul[train]) are followed, so the images install the same set
-`pip install .[EXTRA]` would, in a layer that does not change when the source does.
+`pip install .[EXTRA]` would, in a layer that does not change when the source does. The Dockerfile installs them with
+`-c requirements.lock`, at the releases CI tests.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Static checks of the container files: compose.yaml and compose.cpu.yaml against the Dockerfile, the entrypoint
 scripts and the code they run. Every module, command-line flag, path, port, route and environment variable that the
 compose files name must exist where they say it does. The compose files are read as Compose resolves them
-(`docker-compose config`), so the checks need docker-compose (.ci/run installs it before the tests). The pins of
-docker/constraints.txt are checked against pyproject.toml's ranges here too. The Dockerfile on its own (stages,
+(`docker-compose config`), so the checks need docker-compose (.ci/run installs it before the tests). The pins the
+images install with are tests/test_lock.py's. The Dockerfile on its own (stages,
 build context, hadolint, shellcheck) is tests/test_dockerfile.py's; the real builds and the CPU chain run in
 .ci/containers.sh itself."""
 
@@ -272,34 +272,3 @@ def test_environment_variables_are_read(compose):
     docs = (ROOT / "docs" / "containers.md").read_text()
     for var in set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", FILES[kind].read_text())):
         assert var in docs, f"{kind}: ${{{var}}} is not described in docs/containers.md"
-
-
-# ---- tests: the pins -----------------------------------------------------------------------------------------
-
-def test_constraints_lie_inside_pyproject_ranges():
-    packaging = pytest.importorskip("packaging.requirements")
-    import tomllib
-
-    from packaging.utils import canonicalize_name
-
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    ranges: dict[str, list] = {}
-    extras = project["optional-dependencies"]
-    for r in project["dependencies"] + [r for e in ("train", "export", "serve") for r in extras[e]]:
-        req = packaging.Requirement(r)
-        ranges.setdefault(canonicalize_name(req.name), []).append(req.specifier)
-    pins = {}
-    for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            req = packaging.Requirement(line)
-            pins[canonicalize_name(req.name)] = next(iter(req.specifier)).version
-    for name, specs in ranges.items():
-        if name == "aegis-soul":
-            continue
-        assert name in pins, f"docker/constraints.txt pins no release of {name}"
-        for spec in specs:
-            assert spec.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {spec}"
-    # the compiled llama-cpp-python is the pinned one
-    m = re.search(r"^ARG LLAMA_CPP_PYTHON=(\S+)$", DOCKERFILE.read_text(), re.M)
-    assert m and m.group(1) == pins["llama-cpp-python"]

@@ -35,9 +35,9 @@ def _index(lines: list[str], pattern: str) -> int:
 
 def _set_up_in_order(lines: list[str]) -> int:
     venv = _index(lines, r"^python3 -m venv \.venv$")
-    torch = _index(lines, r"^\.venv/bin/pip install torch==2\.13\.0$")
-    project = _index(lines, r"^\.venv/bin/pip install -e '\.\[all\]'$")
-    assert venv < torch < project  # torch first, pinned, so pip takes the CPU build
+    torch = _index(lines, r"^\.venv/bin/pip install -c requirements\.lock torch$")
+    project = _index(lines, r"^\.venv/bin/pip install -c requirements\.lock -e '\.\[all\]'$")
+    assert venv < torch < project  # torch first, pinned by the lock, so pip takes the CPU build
     return project
 
 
