@@ -1,17 +1,19 @@
 """Run configuration: typed sections read from TOML, `--set section.key=value` overrides, and validation that
-reports every problem at once (unknown keys, wrong types, bad values), naming the file and key."""
+reports every problem at once (unknown keys, wrong types, bad values), each naming the file and line, or the
+override, and the key. A problem's text starts with the key it is about (`train.lr: ...`, `[extra]: ...`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import Any, Callable, get_origin, get_type_hints
 
-from .errors import AegisError
+from .cli import UsageError
 from .schedule import SHAPES, Schedule
 
 EMBEDDED = "embedded"  # model.base for the tiny Phi-3 that ships with the package
@@ -95,16 +97,29 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-class ConfigError(AegisError):
-    """Every problem of a configuration; one problem is one line, `source: problem`."""
+class ConfigError(UsageError):
+    """Every problem of a configuration, one line each: `SOURCE: problem`, or what `where` puts in front of a
+    problem about a key (`FILE:LINE: ` of the line that sets it, `--set ` for an override), given the key: the
+    problem's text up to its first colon, a section's brackets dropped."""
 
-    def __init__(self, source: str, problems: list[str]):
-        self.problems = problems
-        if len(problems) == 1:
-            super().__init__(f"{source}: {problems[0]}")
-        else:
-            super().__init__(f"{source}: {len(problems)} problem(s) in the configuration:\n" +
-                             "\n".join(f"  - {p}" for p in problems))
+    def __init__(self, source: str, problems: list[str], where: Callable[[str], str | None] = lambda key: None):
+        prefixes = [where(p.split(":", 1)[0].strip("[]")) for p in problems]
+        super().__init__([(f"{source}: " if w is None else w) + p for w, p in zip(prefixes, problems)])
+
+
+_LINE = re.compile(r"^\s*(?:\[\s*([\w.-]+)\s*\]|([\w-]+)\s*=)")  # [section] or key =
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """The line of each `[section]` and `section.key` of a TOML text (the keys written one per line, as the
+    configs are); a key written another way has no line and is named by its file alone."""
+    lines: dict[str, int] = {}
+    section = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        if m := _LINE.match(line):
+            section = m.group(1) or section
+            lines.setdefault(f"{section}.{m.group(2)}" if m.group(2) else section, number)
+    return lines
 
 
 def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
@@ -159,10 +174,13 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def build(raw: dict[str, Any], overrides: list[str] = (), source: str = "<config>") -> Config:
-    """Turn nested dict + overrides into a Config, or raise ConfigError listing every problem."""
+def build(raw: dict[str, Any], overrides: list[str] = (), source: str = "<config>",
+          lines: dict[str, int] | None = None) -> Config:
+    """Turn nested dict + overrides into a Config, or raise ConfigError listing every problem. `lines` (from
+    `key_lines`) gives the line of each key of the source, so a problem names it."""
     problems: list[str] = []
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    overridden = set()
     for text in overrides:
         try:
             key, value = _parse_override(text)
@@ -170,6 +188,7 @@ def build(raw: dict[str, Any], overrides: list[str] = (), source: str = "<config
             problems.append(str(e))
             continue
         section, _, name = key.partition(".")
+        overridden.update([key] if section in raw else [key, section])
         merged.setdefault(section, {})
         if isinstance(merged[section], dict):
             merged[section][name] = value
@@ -194,32 +213,37 @@ def build(raw: dict[str, Any], overrides: list[str] = (), source: str = "<config
                 setattr(target, name, coerced)
     problems += validate(cfg)
     if problems:
-        raise ConfigError(source, problems)
+        def where(key: str) -> str | None:
+            if key.startswith("--set "):  # a problem of the override itself names it
+                return ""
+            if key in overridden:
+                return "--set "
+            return f"{source}:{lines[key]}: " if lines and key in lines else None
+        raise ConfigError(source, problems, where)
     return cfg
 
 
+# the keys whose value is one of a list, and the numbers that must be above zero (or at least zero)
+CHOICES = {"model.quantization": QUANTIZATIONS, "model.dtype": DTYPES, "soul.mix": MIXES, "soul.init": INITS,
+           "soul.alpha_mode": ALPHA_MODES, "schedule.shape": SHAPES, "train.lr_schedule": LR_SCHEDULES}
+POSITIVE = ("lora.r", "lora.alpha", "schedule.total_steps", "schedule.anneal_steps", "train.lr", "train.batch_size",
+            "train.grad_accum", "train.save_steps", "train.memory_budget_gib")
+NOT_NEGATIVE = ("schedule.warmup_steps", "train.weight_decay", "train.max_grad_norm", "train.lr_warmup_steps",
+                "train.keep_last")
+
+
 def validate(cfg: Config) -> list[str]:
-    p: list[str] = []
+    """Every problem of the values of a Config, each starting with its key."""
+    def value(key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
 
-    def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-        if value not in allowed:
-            p.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-
-    def positive(key: str, value: float, zero_ok: bool = False) -> None:
-        if value < 0 or (value == 0 and not zero_ok):
-            p.append(f"{key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}")
-
-    choice("model.quantization", cfg.model.quantization, QUANTIZATIONS)
-    choice("model.dtype", cfg.model.dtype, DTYPES)
-    choice("soul.mix", cfg.soul.mix, MIXES)
-    choice("soul.init", cfg.soul.init, INITS)
-    choice("soul.alpha_mode", cfg.soul.alpha_mode, ALPHA_MODES)
-    choice("schedule.shape", cfg.schedule.shape, SHAPES)
-    choice("train.lr_schedule", cfg.train.lr_schedule, LR_SCHEDULES)
+    p = [f"{k}: {value(k)!r} is not one of {', '.join(allowed)}" for k, allowed in CHOICES.items()
+         if value(k) not in allowed]
+    p += [f"{k}: must be > 0, got {value(k)}" for k in POSITIVE if value(k) <= 0]
+    p += [f"{k}: must be >= 0, got {value(k)}" for k in NOT_NEGATIVE if value(k) < 0]
     if not cfg.model.base:
         p.append("model.base: must name a hub id, a local directory or 'embedded'")
-    positive("lora.r", cfg.lora.r)
-    positive("lora.alpha", cfg.lora.alpha)
     if not 0 <= cfg.lora.dropout < 1:
         p.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     t = cfg.lora.target_modules
@@ -228,26 +252,13 @@ def validate(cfg: Config) -> list[str]:
     if isinstance(t, list) and not t:
         p.append("lora.target_modules: the list is empty")
     s = cfg.schedule
-    positive("schedule.total_steps", s.total_steps)
-    positive("schedule.warmup_steps", s.warmup_steps, zero_ok=True)
-    positive("schedule.anneal_steps", s.anneal_steps)
     if s.warmup_steps + s.anneal_steps > s.total_steps:
         p.append(f"schedule: warmup_steps + anneal_steps ({s.warmup_steps + s.anneal_steps}) exceeds "
                  f"total_steps ({s.total_steps})")
-    tr = cfg.train
-    positive("train.lr", tr.lr)
-    positive("train.weight_decay", tr.weight_decay, zero_ok=True)
-    positive("train.max_grad_norm", tr.max_grad_norm, zero_ok=True)
-    positive("train.lr_warmup_steps", tr.lr_warmup_steps, zero_ok=True)
-    positive("train.batch_size", tr.batch_size)
-    positive("train.grad_accum", tr.grad_accum)
-    positive("train.save_steps", tr.save_steps)
-    positive("train.keep_last", tr.keep_last, zero_ok=True)
-    positive("train.memory_budget_gib", tr.memory_budget_gib)
-    if not 0 <= tr.seed <= SEED_MAX:  # numpy's generator, seeded with it, takes no other
-        p.append(f"train.seed: must be in [0, {SEED_MAX}], got {tr.seed}")
-    if tr.max_length < 16:
-        p.append(f"train.max_length: must be at least 16, got {tr.max_length}")
+    if not 0 <= cfg.train.seed <= SEED_MAX:  # numpy's generator, seeded with it, takes no other
+        p.append(f"train.seed: must be in [0, {SEED_MAX}], got {cfg.train.seed}")
+    if cfg.train.max_length < 16:
+        p.append(f"train.max_length: must be at least 16, got {cfg.train.max_length}")
     if not cfg.data.train:
         p.append("data.train: at least one source is needed")
     return p
@@ -262,14 +273,15 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     except OSError as e:  # a directory, no permission
         raise ConfigError(str(path), [f"cannot be read ({e.strerror or e})"]) from None
     try:
-        raw = tomllib.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
+        raw = tomllib.loads(text)
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}", [f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
                                             f"a config is a TOML file"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), [f"not valid TOML: {e}"]) from None
-    return build(raw, overrides, source=str(path))
+    return build(raw, overrides, source=str(path), lines=key_lines(text))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -1,178 +1,217 @@
-"""python -m export {merge,gguf,parity,modelfile,ollama,all} ...  (see README.md, "Export")"""
+"""python -m export {merge,gguf,parity,modelfile,ollama,all} ...  (see README.md, "Export")
+
+Each command is a settings class of aegis/cli.py's pattern: its fields are its options, its docstring its help,
+`problems()` what needs more than one option or the file system, `run()` the work."""
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from aegis.errors import AegisError
+from aegis import cli
+from aegis.cli import setting
 
 from . import merge, modelfile, names, ollama, parity, pipeline
 from .files import unwritable, write_json
 
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m export",
-                                 description="Merge an AEGIS checkpoint, write GGUF, check parity, make an Ollama model.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    types = ", ".join(names.TYPES)
-
-    p = sub.add_parser("merge", help="checkpoint -> stock HF model (LoRA merged, soul folded into lm_head)")
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory (final/ or checkpoints/step_N/)")
-    p.add_argument("--out", required=True, type=Path, help="output directory (replaced only if the check passes)")
-    p.add_argument("--base", help="base model (hub id or directory); default: the one in the checkpoint")
-    p.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--no-quant-gap", action="store_true", help="skip measuring the 4-bit training base's gap")
-
-    p = sub.add_parser("gguf", help="merged HF model -> GGUF (then parity)")
-    p.add_argument("--model", required=True, type=Path, help="merged model directory")
-    p.add_argument("--out", required=True, type=Path, help="FILE.gguf")
-    p.add_argument("--type", default="f16", help=f"one of: {types} (default f16)")
-    p.add_argument("--name", help="general.name (default: the model directory's name)")
-    p.add_argument("--skip-parity", action="store_true", help="write without the llama.cpp parity check")
-    p.add_argument("--threads", type=int, help="llama.cpp threads for the parity check")
-    p.add_argument("--no-progress", action="store_true")
-
-    p = sub.add_parser("parity", help="compare a GGUF with the merged HF model (writes parity.json)")
-    p.add_argument("--model", required=True, type=Path)
-    p.add_argument("--gguf", required=True, type=Path)
-    p.add_argument("--type", help="thresholds to apply (default: from the file name, else f16)")
-    p.add_argument("--threads", type=int)
-
-    model_help = "merged model directory whose chat template the Modelfile follows (default: merged/ beside the GGUF)"
-    p = sub.add_parser("modelfile", help="write an Ollama Modelfile for a GGUF (template proved against the model's)")
-    p.add_argument("--gguf", required=True, type=Path)
-    p.add_argument("--name", required=True)
-    p.add_argument("--out", required=True, type=Path, help="e.g. modelfiles/NAME.modelfile")
-    p.add_argument("--system", help="SYSTEM prompt")
-    p.add_argument("--num-ctx", type=int, help="default: the GGUF's original context length")
-    p.add_argument("--model", type=Path, help=model_help)
-
-    p = sub.add_parser("ollama", help="create an Ollama model from a GGUF (through the ollama client)")
-    p.add_argument("--gguf", required=True, type=Path)
-    p.add_argument("--name", required=True)
-    p.add_argument("--model", type=Path, help=model_help)
-    p.add_argument("--system", help="SYSTEM prompt")
-    p.add_argument("--num-ctx", type=int, help="default: the GGUF's original context length")
-    p.add_argument("--host", help="Ollama server URL (default: $OLLAMA_HOST, else http://127.0.0.1:11434)")
-
-    p = sub.add_parser("all", help="merge -> GGUF (each --type) -> parity -> Modelfile")
-    p.add_argument("--run", required=True, type=Path, help="run directory (uses final/, else the newest checkpoint)")
-    p.add_argument("--checkpoint", type=Path, help="a specific checkpoint instead")
-    p.add_argument("--type", dest="types", action="append", metavar="TYPE",
-                   help=f"repeatable or comma-separated; default f16 and q8_0 (known: {types})")
-    p.add_argument("--out", type=Path, help="default: RUN/export")
-    p.add_argument("--base", help="override the checkpoint's base model")
-    p.add_argument("--dtype", default="float32", help="merge precision: float32 (default), float16, bfloat16")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--name", help="model name (default: from the run directory)")
-    p.add_argument("--system", help="SYSTEM prompt for the Modelfile")
-    p.add_argument("--force", action="store_true", help="redo steps whose outputs are up to date")
-    p.add_argument("--no-progress", action="store_true")
-    return ap
+PROG = "python -m export"
+TYPES = ", ".join(names.TYPES)
+MODEL_HELP = "merged model directory whose chat template the Modelfile follows (default: merged/ beside the GGUF)"
 
 
-def _problems(args) -> list[str]:
-    """Every problem with the arguments at once, each naming the option and the file."""
-    out = []
-    cmd = args.command
-    if cmd in ("merge", "all") and args.dtype not in merge.DTYPES:
-        out.append(f"--dtype {args.dtype!r}: not one of {', '.join(merge.DTYPES)}")
-    if cmd == "merge":
-        if not args.checkpoint.is_dir():
-            out.append(f"--checkpoint {args.checkpoint}: no such directory")
-        if args.out.exists() and not args.out.is_dir():
-            out.append(f"--out {args.out}: exists and is not a directory")
-    if cmd in ("gguf", "parity"):
-        if not (args.model / "config.json").is_file():
-            out.append(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
-    if cmd == "gguf":
-        if args.out.suffix != ".gguf":
-            out.append(f"--out {args.out}: should end in .gguf")
-        if (p := pipeline.check_type(args.type)):
-            out.append(p)
-    if cmd == "parity":
-        if not args.gguf.is_file():
-            out.append(f"--gguf {args.gguf}: no such file")
-        if args.type and (p := pipeline.check_type(args.type)):
-            out.append(p)
-    if cmd in ("modelfile", "ollama"):
-        if not args.gguf.is_file():
-            out.append(f"--gguf {args.gguf}: no such file")
-        if args.num_ctx is not None and args.num_ctx <= 0:
-            out.append(f"--num-ctx {args.num_ctx}: must be positive")
-        if args.model is not None and not (args.model / "config.json").is_file():
-            out.append(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
-    if cmd == "all":
-        specs = args.types or pipeline.DEFAULT_TYPES
-        args.types = [t.strip() for spec in specs for t in spec.split(",") if t.strip()]
-        out += [p for t in args.types if (p := pipeline.check_type(t))]
-        if len(set(args.types)) != len(args.types):
-            out.append(f"--type: repeated ({', '.join(args.types)})")
-        if not args.run.is_dir():
-            out.append(f"--run {args.run}: no such directory")
-        if args.checkpoint is not None and not args.checkpoint.is_dir():
-            out.append(f"--checkpoint {args.checkpoint}: no such directory")
-        if args.out is not None and args.out.exists() and not args.out.is_dir():
-            out.append(f"--out {args.out}: exists and is not a directory")
-    dest = getattr(args, "out", None) or (args.run / "export" if cmd == "all" and args.run.is_dir() else None)
-    if dest is not None and (why := unwritable(dest)):
-        out.append(f"--out {dest}: cannot write there: {why}")
-    return out
+def _directory(text: str) -> Path:
+    if not Path(text).is_dir():
+        raise ValueError("no such directory")
+    return Path(text)
+
+
+def _file(text: str) -> Path:
+    if not Path(text).is_file():
+        raise ValueError("no such file")
+    return Path(text)
+
+
+def _hf_model(text: str) -> Path:
+    if not (Path(text) / "config.json").is_file():
+        raise ValueError("not a Hugging Face model directory (no config.json)")
+    return Path(text)
+
+
+def _out_dir(text: str) -> Path:
+    if Path(text).exists() and not Path(text).is_dir():
+        raise ValueError("exists and is not a directory")
+    return Path(text)
+
+
+def _gguf_out(text: str) -> Path:
+    if Path(text).suffix != ".gguf":
+        raise ValueError("should end in .gguf")
+    return Path(text)
+
+
+def _writable(dest: Path | None) -> list[str]:
+    why = unwritable(dest) if dest is not None else None
+    return [f"--out {dest}: cannot write there: {why}"] if why else []
+
+
+def _threads():
+    return setting(None, "llama.cpp threads for the parity check", parse=cli.bounded(int, 1))
+
+
+def _num_ctx():
+    return setting(None, "the context length Ollama runs it with (default: the GGUF's original one)",
+                   parse=cli.bounded(int, 0, strict=True))
+
+
+@dataclass
+class Merge:
+    """Merge a checkpoint into a stock HF model: LoRA merged, the soul folded into lm_head."""
+
+    checkpoint: Path = setting(help="checkpoint directory (final/ or checkpoints/step_N/)", parse=_directory,
+                               metavar="DIR", required=True)
+    out: Path = setting(help="output directory (replaced only if the check passes)", parse=_out_dir, metavar="DIR",
+                        required=True)
+    base: str | None = setting(None, "base model (hub id or directory); default: the one in the checkpoint")
+    dtype: str = setting("float32", "merge precision", choices=merge.DTYPES)
+    device: str = setting("auto", "auto (CUDA if present), cpu, cuda, cuda:N")
+    no_quant_gap: bool = setting(False, "skip measuring the 4-bit training base's gap")
+
+    def problems(self) -> list[str]:
+        return _writable(self.out)
+
+    def run(self) -> int:
+        merge.merge(self.checkpoint, self.out, base=self.base, dtype=self.dtype, device=self.device,
+                    quant_gap=not self.no_quant_gap)
+        return 0
+
+
+@dataclass
+class Gguf:
+    """Write a merged HF model as GGUF, then check its parity with the model."""
+
+    model: Path = setting(help="merged model directory", parse=_hf_model, metavar="DIR", required=True)
+    out: Path = setting(help="the GGUF file to write", parse=_gguf_out, metavar="FILE.gguf", required=True)
+    out_type: str = setting("f16", f"GGUF type, one of: {TYPES}", flag="--type", choices=names.TYPES,
+                            metavar="TYPE")
+    name: str | None = setting(None, "general.name (default: the model directory's name)")
+    skip_parity: bool = setting(False, "write without the llama.cpp parity check")
+    threads: int | None = _threads()
+    no_progress: bool = setting(False, "no progress bar")
+
+    def problems(self) -> list[str]:
+        return _writable(self.out)
+
+    def run(self) -> int:
+        pipeline.export_gguf(self.model, self.out, self.out_type, name=self.name, progress=not self.no_progress,
+                             check_parity=not self.skip_parity, threads=self.threads)
+        return 0
 
 
 def _guess_type(path: Path) -> str:
     stem = path.name.lower().removesuffix(".gguf")
-    for t in sorted(names.TYPES, key=len, reverse=True):
-        if stem.endswith(t):
-            return t
-    return "f16"
+    return next((t for t in sorted(names.TYPES, key=len, reverse=True) if stem.endswith(t)), "f16")
 
 
-def run(args) -> int:
-    cmd = args.command
-    if cmd == "merge":
-        merge.merge(args.checkpoint, args.out, base=args.base, dtype=args.dtype, device=args.device,
-                    quant_gap=not args.no_quant_gap)
-    elif cmd == "gguf":
-        pipeline.export_gguf(args.model, args.out, args.type, name=args.name, progress=not args.no_progress,
-                             check_parity=not args.skip_parity, threads=args.threads)
-    elif cmd == "parity":
-        report = parity.check(args.model, args.gguf, args.type or _guess_type(args.gguf), threads=args.threads)
+@dataclass
+class Parity:
+    """Compare a GGUF with the merged HF model it was written from (writes parity.json beside the GGUF); exits 1
+    when the GGUF is outside its type's bounds."""
+
+    model: Path = setting(help="merged model directory", parse=_hf_model, metavar="DIR", required=True)
+    gguf: Path = setting(help="the GGUF file", parse=_file, metavar="FILE", required=True)
+    out_type: str | None = setting(None, "thresholds to apply (default: from the file name, else f16)", flag="--type",
+                                   choices=names.TYPES, metavar="TYPE")
+    threads: int | None = _threads()
+
+    def run(self) -> int:
+        report = parity.check(self.model, self.gguf, self.out_type or _guess_type(self.gguf), threads=self.threads)
         print(parity.table(report))
-        path = parity.record(args.gguf.parent, report)
-        print(f"written to {path}")
+        print(f"written to {parity.record(self.gguf.parent, report)}")
         return 0 if report["passed"] else 1
-    elif cmd == "modelfile":
-        modelfile.write(args.gguf, args.out, model_dir=args.model, name=args.name, system=args.system,
-                        num_ctx=args.num_ctx)
-    elif cmd == "ollama":
-        ollama.check_name(args.name)
-        mf = modelfile.build(args.gguf, modelfile.model_dir_for(args.gguf, args.model), system=args.system,
-                             num_ctx=args.num_ctx, name=args.name)
-        ollama.create(mf, args.name, host=args.host)
-    elif cmd == "all":
-        summary = pipeline.export_all(args.run, args.types, out=args.out, base=args.base, dtype=args.dtype,
-                                      name=args.name, system=args.system, checkpoint=args.checkpoint,
-                                      force=args.force, progress=not args.no_progress, device=args.device)
+
+
+@dataclass
+class Modelfile:
+    """Write an Ollama Modelfile for a GGUF, its chat template proved against the model's own."""
+
+    gguf: Path = setting(help="the GGUF file", parse=_file, metavar="FILE", required=True)
+    name: str = setting(help="the model's name", required=True)
+    out: Path = setting(help="e.g. modelfiles/NAME.modelfile", metavar="FILE", required=True)
+    system: str | None = setting(None, "SYSTEM prompt")
+    num_ctx: int | None = _num_ctx()
+    model: Path | None = setting(None, MODEL_HELP, parse=_hf_model, metavar="DIR")
+
+    def problems(self) -> list[str]:
+        return _writable(self.out)
+
+    def run(self) -> int:
+        modelfile.write(self.gguf, self.out, model_dir=self.model, name=self.name, system=self.system,
+                        num_ctx=self.num_ctx)
+        return 0
+
+
+@dataclass
+class Ollama:
+    """Create an Ollama model from a GGUF, through the ollama client."""
+
+    gguf: Path = setting(help="the GGUF file", parse=_file, metavar="FILE", required=True)
+    name: str = setting(help="the model's name in Ollama", required=True)
+    model: Path | None = setting(None, MODEL_HELP, parse=_hf_model, metavar="DIR")
+    system: str | None = setting(None, "SYSTEM prompt")
+    num_ctx: int | None = _num_ctx()
+    host: str | None = setting(None, "Ollama server URL (default: $OLLAMA_HOST, else http://127.0.0.1:11434)",
+                               metavar="URL")
+
+    def run(self) -> int:
+        ollama.check_name(self.name)
+        mf = modelfile.build(self.gguf, modelfile.model_dir_for(self.gguf, self.model), system=self.system,
+                             num_ctx=self.num_ctx, name=self.name)
+        ollama.create(mf, self.name, host=self.host)
+        return 0
+
+
+@dataclass
+class All:
+    """Export a run: merge, then a GGUF of each type, each checked for parity, then a Modelfile. Steps whose
+    outputs are up to date are skipped."""
+
+    run_dir: Path = setting(help="run directory (uses final/, else the newest checkpoint)", flag="--run",
+                            parse=_directory, metavar="DIR", env="AEGIS_RUN", required=True)
+    checkpoint: Path | None = setting(None, "a specific checkpoint instead", parse=_directory, metavar="DIR")
+    types: list[str] = setting(pipeline.DEFAULT_TYPES, f"GGUF types, of: {TYPES}", flag="--type",
+                               choices=names.TYPES, metavar="TYPE", repeat=True, commas=True)
+    out: Path | None = setting(None, "default: RUN/export", parse=_out_dir, metavar="DIR")
+    base: str | None = setting(None, "override the checkpoint's base model")
+    dtype: str = setting("float32", "merge precision", choices=merge.DTYPES)
+    device: str = setting("auto", "auto (CUDA if present), cpu, cuda, cuda:N")
+    name: str | None = setting(None, "model name (default: from the run directory)")
+    system: str | None = setting(None, "SYSTEM prompt for the Modelfile")
+    force: bool = setting(False, "redo steps whose outputs are up to date")
+    no_progress: bool = setting(False, "no progress bar")
+
+    def problems(self) -> list[str]:
+        repeated = [f"--type: repeated ({', '.join(self.types)})"] if len(set(self.types)) != len(self.types) else []
+        return repeated + _writable(self.out or (self.run_dir / "export" if self.run_dir else None))
+
+    def run(self) -> int:
+        summary = pipeline.export_all(self.run_dir, self.types, out=self.out, base=self.base, dtype=self.dtype,
+                                      name=self.name, system=self.system, checkpoint=self.checkpoint,
+                                      force=self.force, progress=not self.no_progress, device=self.device)
         write_json(Path(summary["merged"]).parent / "export.json", summary)
-    return 0
+        return 0
+
+
+COMMANDS = {"merge": Merge, "gguf": Gguf, "parity": Parity, "modelfile": Modelfile, "ollama": Ollama, "all": All}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    problems = _problems(args)
-    if problems:
-        for p in problems:
-            print(f"error: {p}", file=sys.stderr)
-        return 2
-    try:
-        return run(args)
-    except AegisError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    def body() -> int:
+        _, command = cli.parse_command(COMMANDS, sys.argv[1:] if argv is None else argv, prog=PROG,
+                                       description="Merge an AEGIS checkpoint, write GGUF, check parity, make an "
+                                                   "Ollama model.")
+        return command.run()
+    return cli.main(body)
 
 
 if __name__ == "__main__":

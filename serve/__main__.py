@@ -1,10 +1,6 @@
 """python -m serve --model [NAME=]PATH [--model ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--parallel N]
 
-Serves an OpenAI-compatible API. PATH is a GGUF file (llama.cpp), a merged model directory or a training checkpoint
-(transformers); a GGUF must match the NAME.gguf.sha256 export wrote beside it (--no-verify for a file from
-elsewhere). The server answers /health at once and the API once the models are loaded (503 before). SIGTERM or
-Ctrl-C drains it: /ready and new requests answer 503 while the requests in flight get --shutdown-grace seconds to
-finish. Every option is a field of serve.config.Settings.
+Serves an OpenAI-compatible API; `python -m serve --help` says how. Every option is a field of serve.config.Settings.
 """
 
 from __future__ import annotations
@@ -12,24 +8,19 @@ from __future__ import annotations
 import logging
 import sys
 
-from aegis.digest import DigestError
+from aegis import cli
+from aegis.errors import AegisError
 
 from .app import create_app
-from .config import parser, settings_from
+from .config import Settings, read
 from .registry import verify_files
 from .server import make
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = parser(__doc__.splitlines()[0])
-    settings = settings_from(ap.parse_args(argv), ap)
+def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.no_verify:
-        try:
-            verify_files(settings.models)
-        except DigestError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        verify_files(settings.models)  # a DigestError names the file and --no-verify
 
     failed: list[BaseException] = []
     server = None
@@ -47,9 +38,11 @@ def main(argv: list[str] | None = None) -> int:
                                     "required" if settings.api_key else "not required")
     server.run()
     if failed:
-        print(f"error: could not load the model: {failed[0]}", file=sys.stderr)
-        return 1
-    return 0
+        raise AegisError(f"could not load the model: {failed[0]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(lambda: serve(read(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

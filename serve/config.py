@@ -1,17 +1,21 @@
-"""The server's settings, declared once: each field's default, help text and check make the command line
-(`python -m serve --help`), and the app, the registry and the tests read the same fields."""
+"""The server's settings, declared once in aegis/cli.py's pattern: each field's default, help text, check and
+variable make the command line (`python -m serve --help`), and the app, the registry and the tests read the same
+fields."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import re
-import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from aegis import cli
+from aegis.cli import setting
+
 from .backends import KINDS, detect
+
+PROG = "python -m serve"
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -45,47 +49,37 @@ def parse_model_arg(text: str) -> ModelSpec:
     return ModelSpec(name or default_name(path), path)
 
 
-def _checked(kind, ok, rule: str):
-    """An argparse type: text -> kind, refused unless ok(value)."""
-    def check(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
-                from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} must be {rule}")
-        return value
-    check.__name__ = kind.__name__  # argparse names the type in its messages
-    return check
+POSITIVE_INT = cli.bounded(int, 0, strict=True)
+NON_NEGATIVE = cli.bounded(int, 0)
+POSITIVE = cli.bounded(float, 0, strict=True)
+SECONDS = cli.bounded(float, 0)
 
 
-POSITIVE_INT = _checked(int, lambda v: v > 0, "> 0")
-NON_NEGATIVE = _checked(int, lambda v: v >= 0, ">= 0")
-POSITIVE = _checked(float, lambda v: v > 0, "> 0")
-SECONDS = _checked(float, lambda v: v >= 0, ">= 0")
-
-
-def setting(default, help: str, *, parse=None, choices=None, metavar=None, env=None, repeat=False):
-    """A field of Settings with what its command-line option needs (parse: argparse type; env: the environment
-    variable read when the option is not given)."""
-    meta = {"help": help, "parse": parse, "choices": choices, "metavar": metavar, "env": env, "repeat": repeat}
-    if repeat:
-        return field(default_factory=list, metadata=meta)
-    return field(default=default, metadata=meta)
+def _port(text: str) -> int:
+    port = cli.CONVERT[int](text)
+    if not 0 < port < 65536:
+        raise ValueError("not a TCP port")
+    return port
 
 
 @dataclass
 class Settings:
+    """Serve an OpenAI-compatible API over llama.cpp (GGUF files) or transformers (merged model directories,
+    training checkpoints). A GGUF must match the NAME.gguf.sha256 that export wrote beside it (--no-verify for a
+    file made elsewhere). /health answers at once, the API once the models are loaded (503 before). SIGTERM or
+    Ctrl-C drains the server: /ready and new requests answer 503 while the requests in flight get --shutdown-grace
+    seconds to finish."""
+
     models: list[ModelSpec] = setting(None, "a GGUF file, a merged model directory or a training checkpoint; "
                                             "repeat to serve several (the first is the default); NAME is the id "
                                             "clients use (default: from the path)",
-                                      parse=parse_model_arg, metavar="[NAME=]PATH", repeat=True)
+                                      flag="--model", parse=parse_model_arg, metavar="[NAME=]PATH", repeat=True,
+                                      env="AEGIS_MODEL", required=True)
     backend: str = setting("auto", "auto: llama.cpp for GGUF files, transformers for directories", choices=KINDS)
     host: str = setting("127.0.0.1", "address to listen on (default: loopback only)")
-    port: int = setting(8000, "TCP port", parse=POSITIVE_INT)
-    api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on /v1 (default: $AEGIS_API_KEY, else "
-                                        "no key)", metavar="KEY", env="AEGIS_API_KEY")
+    port: int = setting(8000, "TCP port", parse=_port, metavar="N", env="AEGIS_PORT")
+    api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on /v1 (default: no key)", metavar="KEY",
+                                  env="AEGIS_API_KEY")
     parallel: int = setting(0, "requests each model serves at once (0: 4 for llama.cpp, decoded together in one batch "
                                "with a KV cache per request; 1 for transformers, which runs a worker thread each)",
                             parse=NON_NEGATIVE)
@@ -130,47 +124,25 @@ class Settings:
                                          "idle clients never use up the process's files", parse=POSITIVE_INT)
 
 
-def parser(description: str = "") -> argparse.ArgumentParser:
-    """The command line, generated from Settings."""
-    ap = argparse.ArgumentParser(prog="python -m serve", description=description)
-    hints = typing.get_type_hints(Settings)
-    for f in dataclasses.fields(Settings):
-        m = f.metadata
-        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
-        flag = "--model" if f.name == "models" else "--" + f.name.replace("_", "-")
-        text = m["help"] if m["repeat"] or "default" in m["help"] else f"{m['help']} (default: {f.default})"
-        kwargs = {"help": text, "dest": f.name, "metavar": m["metavar"] or ("N" if kind in (int, float) else None)}
-        if m["choices"]:
-            kwargs["choices"] = m["choices"]
-        if m["repeat"]:
-            ap.add_argument(flag, action="append", required=True, type=m["parse"], **kwargs)
-        elif kind is bool:
-            ap.add_argument(flag, action="store_true", help=m["help"], dest=f.name)
-        else:
-            ap.add_argument(flag, type=m["parse"] or (kind if kind in (int, float) else str), default=f.default,
-                            **kwargs)
-    return ap
+    def problems(self) -> list[str]:
+        """Each model exists and is of a kind a backend serves; no two share a name."""
+        out = []
+        for spec in self.models:
+            if not spec.path.exists():
+                out.append(f"--model {spec.path}: no such file or directory")
+            elif self.backend == "auto":
+                try:
+                    detect(spec.path)  # a wrong kind of file fails here, not after the server has started
+                except (ValueError, OSError) as e:
+                    out.append(f"--model {spec.path}: {e}")
+        names = [s.name for s in self.models]
+        if len(set(names)) != len(names):
+            out.append(f"--model: two models share a name ({', '.join(names)}); name them with NAME=PATH")
+        return out
 
 
-def settings_from(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Settings:
-    """Settings from parsed arguments, with what needs more than one option checked (argparse exits on errors)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
-    for f in dataclasses.fields(Settings):
-        if f.metadata["env"] and values[f.name] is None:
-            values[f.name] = os.environ.get(f.metadata["env"]) or None
-    specs = []
-    for spec in values["models"]:
-        if not spec.path.exists():
-            ap.error(f"--model {spec.path}: no such file or directory")
-        if values["backend"] == "auto":
-            try:
-                detect(spec.path)  # a wrong kind of file fails here, not after the server has started
-            except (ValueError, OSError) as e:
-                ap.error(f"--model {spec.path}: {e}")
-        specs.append(dataclasses.replace(spec, backend=values["backend"]))
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        ap.error(f"--model: two models share a name ({', '.join(names)}); name them with NAME=PATH")
-    if not 0 < values["port"] < 65536:
-        ap.error(f"--port {values['port']}: not a TCP port")
-    return Settings(**{**values, "models": specs})
+def read(argv: Sequence[str], environ: Mapping[str, str] | None = None, check: bool = True) -> Settings:
+    """Settings from a command line and the environment (aegis.cli.parse), each model given --backend."""
+    settings = cli.parse(Settings, argv, prog=PROG, environ=environ, check=check)
+    return dataclasses.replace(settings, models=[dataclasses.replace(m, backend=settings.backend)
+                                                 for m in settings.models])

@@ -71,7 +71,22 @@ def test_one_problem_is_one_line_naming_file_and_key(tmp_path):
     bad.write_text("[train]\nseed = -1\n")
     with pytest.raises(ConfigError) as err:
         load(bad)
-    assert str(err.value) == f"{bad}: train.seed: must be in [0, 4294967295], got -1"
+    assert str(err.value) == f"{bad}:2: train.seed: must be in [0, 4294967295], got -1"
+
+
+def test_each_problem_names_the_line_of_its_key_or_its_override(tmp_path):
+    bad = tmp_path / "lines.toml"
+    bad.write_text('# a recipe\n[model]\nbase = "embedded"\nquantization = "int3"\n\n[lora]\nr = 0\n'
+                   '[schedule]\ntotal_steps = 10\nwarmup_steps = 8\nanneal_steps = 8\n[extra]\nx = 1\n')
+    with pytest.raises(ConfigError) as err:
+        load(bad, ["train.lr=-1", "nonsense"])
+    assert sorted(str(err.value).splitlines()) == sorted([
+        f"{bad}:4: model.quantization: 'int3' is not one of nf4, none",
+        f"{bad}:7: lora.r: must be > 0, got 0",
+        f"{bad}:8: schedule: warmup_steps + anneal_steps (16) exceeds total_steps (10)",
+        f"{bad}:12: [extra]: unknown section (known: model, lora, soul, schedule, train, data)",
+        "--set train.lr: must be > 0, got -1.0",
+        "--set 'nonsense': expected section.key=value"])
 
 
 def test_seeds_numpy_cannot_take_are_refused():

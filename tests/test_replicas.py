@@ -63,9 +63,9 @@ def test_replica_is_serve_without_a_host_port(config):
 
 def test_replica_command_is_what_serve_accepts():
     # the entrypoint hands `command:` to python -m serve; 0 means serve's own default for both
-    from serve.config import parser
+    from serve.config import read
     command = merged("compose.cpu.yaml")["services"]["replica"]["command"]
-    args = parser("").parse_args(["--model", "x.gguf", *command])
+    args = read(["--model", "x.gguf", *command], check=False)
     assert (args.threads, args.parallel) == (0, 0)
 
 
@@ -138,8 +138,8 @@ def test_retries_only_where_nothing_reached_the_client():
     assert "option http-no-delay" in defaults and "option http-buffer-request" in defaults
     assert not any(d.startswith(("compression", "filter", "option http-buffer-response")) for d in defaults)
     # the idle timeouts outlast serve's own request timeout, so serve's 504 comes first
-    from serve.config import parser
-    serve_timeout = parser("").parse_args(["--model", "x.gguf"]).timeout
+    from serve.config import Settings
+    serve_timeout = Settings().timeout
     for side in ("client", "server"):
         value = next(d for d in defaults if d.startswith(f"timeout {side} ")).split()[-1]
         assert value.endswith("s") and float(value[:-1]) > serve_timeout, (side, value)
