@@ -7,8 +7,8 @@ A checkpoint directory (`checkpoints/step_N/` or `final/`) holds:
     optimizer.safetensors, trainer_state.json         what resume needs: optimizer, LR scheduler, RNG, data position
     rng.safetensors
     manifest.json                                     size and sha256 of every other file, written last
-It is written under a temporary name and renamed when complete, so a run killed at any moment never leaves a
-directory that resume or export would take for complete. Every reader verifies the manifest first (`verify`), so a
+It is written whole (aegis/atomic.py: a temporary name, renamed when complete), so a run killed at any moment never
+leaves a directory that resume or export would take for complete. Every reader verifies the manifest first (`verify`), so a
 file changed on disk afterwards (flipped bytes, a truncated copy) is caught before anything trusts it. A checkpoint
 without a manifest (written before AEGIS recorded digests) cannot be verified and is refused.
 """
@@ -16,16 +16,15 @@ without a manifest (written before AEGIS recorded digests) cannot be verified an
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safetensors import safe_open
 
-from .errors import CheckpointError, no_space, out_of_room
+from .atomic import TMP_PREFIX, atomic_dir, discard, remove, size_of
+from .errors import CheckpointError
 from .manifest import FORMAT_VERSION, MANIFEST, verify, write_manifest  # noqa: F401 - checkpoint I/O's names
 
 # torch (and safetensors' torch side) is imported by the functions that move tensors, not here: export's commands
@@ -43,9 +42,6 @@ REQUIRED = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SOUL)
 RESUMABLE = REQUIRED + (OPTIMIZER, RNG, STATE)
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
-TMP_PREFIX = ".tmp-"
-
-
 
 
 # ---- the soul ---------------------------------------------------------------------------------------------------
@@ -147,56 +143,22 @@ def _restore_rng(path: Path, py: dict) -> None:
 
 # ---- whole checkpoints ------------------------------------------------------------------------------------------
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def commit(tmp: Path, dest: Path) -> None:
-    """Atomically put the finished directory `tmp` at `dest` (replacing an older one of the same name)."""
-    _fsync_dir(tmp)
-    if dest.exists():
-        old = dest.with_name(f"{TMP_PREFIX}old-{dest.name}-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
-
-
 def save(dest: Path, *, model, soul, tokenizer, optimizer=None, scheduler=None, soul_meta: dict,
          trainer_state: dict | None = None, before_commit=None) -> Path:
-    """Write a complete checkpoint at `dest` atomically. `before_commit(tmp)` is a test hook. A write that fails
-    leaves nothing behind (the temporary directory goes, an older `dest` stays); one that ran out of room is a
-    NoSpaceError naming `dest` and about what it needs (the size of the run's newest checkpoint)."""
+    """Write a complete checkpoint at `dest` atomically (aegis/atomic.py). `before_commit(tmp)` is a test hook. A
+    write that fails leaves nothing behind (an older `dest` stays); one that ran out of room is a NoSpaceError
+    naming `dest` and about what it needs (the size of the run's newest checkpoint)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir()
+
+    def needed(written: int) -> int:
+        run = dest.parent if dest.name == FINAL else dest.parent.parent
+        like = latest(run, resumable=optimizer is not None)  # the same tensors, so about the same size
+        return max(size_of(like), written) if like is not None else None
+
+    with atomic_dir(dest, needed, then="continue with --resume") as tmp:
         _write(tmp, model, soul, tokenizer, optimizer, scheduler, soul_meta, trainer_state)
-    except Exception as e:  # not on an interrupt: that stands for a kill, whose leftovers prune() clears
-        written = _bytes_in(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if out_of_room(e):
-            run = dest.parent if dest.name == FINAL else dest.parent.parent
-            like = latest(run, resumable=optimizer is not None)  # the same tensors, so about the same size
-            needed = max(_bytes_in(like), written) if like is not None else None
-            raise no_space(dest, e, needed, written, then="continue with --resume") from None
-        raise
-    if before_commit is not None:
-        before_commit(tmp)
-    commit(tmp, dest)
+        if before_commit is not None:
+            before_commit(tmp)
     return dest
 
 
@@ -215,10 +177,6 @@ def _write(tmp: Path, model, soul, tokenizer, optimizer, scheduler, soul_meta: d
         state["format_version"] = FORMAT_VERSION
         (tmp / STATE).write_text(json.dumps(state, indent=1))
     write_manifest(tmp)
-
-
-def _bytes_in(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) if Path(folder).is_dir() else 0
 
 
 def is_complete(path: Path, resumable: bool = False) -> bool:
@@ -306,14 +264,10 @@ def prune(run_dir: Path, keep_last: int) -> None:
     root = Path(run_dir) / CHECKPOINTS
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            # renamed first (atomic), so a kill halfway through the delete leaves a temporary directory that every
-            # reader skips, never a step_N with files missing
-            doomed = old.with_name(f"{TMP_PREFIX}pruned-{old.name}-{os.getpid()}")
-            os.replace(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            discard(old)  # a kill halfway through leaves a temporary name, never a step_N with files missing
     if root.is_dir():
         for tmp in root.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove(tmp)
 
 
 def adapter_weights(ckpt: Path) -> dict[str, torch.Tensor]:

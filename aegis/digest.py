@@ -3,10 +3,9 @@ check it too) and the one way to verify it. Export writes one beside each GGUF; 
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
+from .atomic import sha256_file, write_text
 from .errors import AegisError
 
 SUFFIX = ".sha256"
@@ -16,29 +15,16 @@ class DigestError(AegisError):
     """A file does not match its recorded digest, or the record is unreadable; the message names the file."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sidecar(path: Path) -> Path:
     path = Path(path)
     return path.with_name(path.name + SUFFIX)
 
 
 def write_sidecar(path: Path, digest: str | None = None) -> Path:
-    """Writes `path.sha256` (temp + rename) for `path`; `digest` when already known, else computed."""
+    """Writes `path.sha256` whole for `path`; `digest` when already known, else computed."""
     path = Path(path)
     dest = sidecar(path)
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
-    try:
-        tmp.write_text(f"{digest or sha256_file(path)}  {path.name}\n", encoding="ascii")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(dest, f"{digest or sha256_file(path)}  {path.name}\n")
     return dest
 
 

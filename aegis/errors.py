@@ -8,7 +8,6 @@
         DataError         train/data.py         a data source or one of its records
         ExportError       export/files.py       export's inputs, or an export check that failed
         RunError          train/rundir.py       a run directory that cannot be used: already holds a run, is in use
-        RunFailed         train/compare.py      a recipe's training run that exited with an error
 
 The CLIs catch AegisError alone and print its message on one line; anything else is a bug and keeps its traceback."""
 

@@ -3,22 +3,14 @@ before anything trusts the directory (aegis/checkpoint.py says what a checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from .atomic import sha256_file
 from .errors import CheckpointError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(ckpt: Path) -> list[str]:
@@ -28,7 +20,7 @@ def _files(ckpt: Path) -> list[str]:
 def write_manifest(ckpt: Path) -> None:
     """Record the size and sha256 of every file in `ckpt` (called last, before the directory is committed)."""
     ckpt = Path(ckpt)
-    files = {name: {"bytes": (ckpt / name).stat().st_size, "sha256": _sha256(ckpt / name)} for name in _files(ckpt)}
+    files = {name: {"bytes": (ckpt / name).stat().st_size, "sha256": sha256_file(ckpt / name)} for name in _files(ckpt)}
     (ckpt / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
 
 
@@ -52,7 +44,7 @@ def verify(ckpt: Path) -> None:
             problems.append(f"{f}: missing")
         elif f.stat().st_size != size:
             problems.append(f"{f}: {f.stat().st_size} bytes, {size} recorded (truncated or overwritten)")
-        elif (found := _sha256(f)) != digest:
+        elif (found := sha256_file(f)) != digest:
             problems.append(f"{f}: sha256 {found[:16]}…, {digest[:16]}… recorded (the file changed on disk)")
     if problems:
         raise CheckpointError("; ".join(problems))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from .atomic import write_text
 
 METRICS = "metrics.jsonl"
 
@@ -53,13 +54,7 @@ class JsonlSink:
     def truncate_after(self, step: int) -> None:
         """On resume: drop records written after the checkpoint we resume from (atomically)."""
         keep = [r for r in read(self.path) if r["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        try:
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a full disk leaves no partial copy beside the file
-            raise
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
 
     def __call__(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

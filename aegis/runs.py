@@ -8,16 +8,14 @@
     RUN/export/                  what `python -m export` makes of it
 
 The run's config is read here and nowhere else, through the same loader and validation as a config file. What
-training writes beside its checkpoints is written whole (temporary name, then rename)."""
+training writes beside its checkpoints is written whole (aegis/atomic.py)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from .checkpoint import TMP_PREFIX
+from .atomic import write_text
 from .config import Config, load, to_toml
-from .errors import no_space, out_of_room
 
 CONFIG = "config.toml"
 SUMMARY = "summary.json"
@@ -30,22 +28,6 @@ def read_config(run_dir: Path) -> Config | None:
     if not path.is_file():
         return None
     return load(path)
-
-
-def write_text(path: Path, text: str) -> None:
-    """A run file under a temporary name, then renamed: a reader never sees half of it, and a write that runs out
-    of room leaves the older file as it was (NoSpaceError)."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-    data = text.encode("utf-8")
-    try:
-        tmp.write_bytes(data)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if out_of_room(e):
-            raise no_space(path, e, len(data)) from None
-        raise
-    os.replace(tmp, path)
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:

@@ -1,8 +1,10 @@
-"""The recipe comparison runs both recipes for real (a few steps) and writes one report with both rows."""
+"""The recipe comparison (reports/recipe_comparison.py) runs both recipes for real (a few steps) and writes one report
+with both rows."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import subprocess
@@ -11,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from train import compare
-
-REPO = compare.REPO
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "reports" / "recipe_comparison.py"
+_spec = importlib.util.spec_from_file_location("recipe_comparison", SCRIPT)
+compare = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare)
 
 
 def first_paragraphs(name: str, n: int, dest: Path) -> Path:
@@ -35,7 +39,7 @@ def report(tmp_path_factory):
     held = first_paragraphs("prose_eval.txt", 8, root / "held.txt")
     seen = first_paragraphs("prose_train_c.txt", 8, root / "seen.txt")
     before = committed_report()
-    proc = subprocess.run([sys.executable, "-m", "train.compare", "--steps", "6", "--data", str(held),
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--steps", "6", "--data", str(held),
                            "--train-data", str(seen), "--set", "train.max_length=128"],
                           cwd=root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -77,7 +81,7 @@ def test_report_has_both_rows(report):
     assert data["goal"]["met"] == (data["recipes"]["aegis"]["ratio_to_base"] <= 1.05)
     assert (out / "recipe_comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Goal" in proc.stdout
-    assert data["command"] == "python -m train.compare --steps 6" and data["work_dir"] == str(out)
+    assert data["command"] == "python reports/recipe_comparison.py --steps 6" and data["work_dir"] == str(out)
 
 
 def test_defaults_score_the_corpus_held_out_prose():
@@ -94,13 +98,13 @@ def test_schedule_shrinks_in_proportion():
 
 def test_the_committed_report_is_rewritten_only_when_asked():
     """--update-report is the one way to reports/; --out is a separate place and defaults to runs/compare."""
-    out = subprocess.run([sys.executable, "-m", "train.compare", "--help"], cwd=REPO, capture_output=True,
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=120).stdout
     assert "--update-report" in out and "runs/compare" in out
     assert compare.COMMITTED == REPO / "reports" and compare.DEFAULT_OUT == Path("runs/compare")
 
 
 def test_recipe_keys_are_not_overridable(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "train.compare", "--set", "soul.mix=residual", "--out",
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--set", "soul.mix=residual", "--out",
                            str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "soul.mix" in proc.stderr

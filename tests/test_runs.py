@@ -4,7 +4,7 @@ import resource
 
 import pytest
 
-from aegis import runs
+from aegis import atomic, runs
 from aegis.config import ConfigError, build
 from aegis.errors import NoSpaceError
 
@@ -31,12 +31,12 @@ def test_a_run_file_that_finds_no_room_leaves_the_older_one(tmp_path):
     """A real file-size limit (RLIMIT_FSIZE, EFBIG) on this process for one write: the error names the file and what
     it needs, the older file is whole and no temporary file is left."""
     path = tmp_path / runs.SUMMARY
-    runs.write_text(path, "older")
+    atomic.write_text(path, "older")
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
     try:
         with pytest.raises(NoSpaceError) as err:
-            runs.write_text(path, "x" * 10_000)
+            atomic.write_text(path, "x" * 10_000)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert str(err.value).startswith(f"{path}: file too large for the file-size limit (ulimit -f) of 4,096 bytes; "

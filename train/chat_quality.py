@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from aegis import checkpoint
+from aegis import atomic, checkpoint
 from aegis.tiny import ensure
 
 from . import data
@@ -218,10 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = json.dumps(result, indent=1, ensure_ascii=False)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(args.out)
+        atomic.write_text(args.out, text + "\n")
     print(text if args.json else report(result, args.show))
     return 0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from aegis import checkpoint, runs
+from aegis import atomic, checkpoint, runs
 from aegis.errors import AegisError
 from aegis.loading import load_checkpoint
 
@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = json.dumps(result, indent=1, ensure_ascii=False)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+        atomic.write_text(args.out, text + "\n")
     print(text if args.json else table(result))
     return 0
 

@@ -7,11 +7,9 @@ that step is saved."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,20 +25,12 @@ from aegis.metrics import METRICS, JsonlSink, MetricLogger, ProgressSink, read a
 
 from . import data, graphs, profile, rundir
 from .loss import count_targets, micro_loss
+from .progress import Progress, metrics_record, soul_metadata, write_summary
 from .rundir import RunError
 
 
 class NonFiniteError(RunError):
     """A loss, gradient norm or weight that is NaN or infinite; the message names the step."""
-
-
-@dataclass
-class Progress:
-    """Where the run stands: the updates done (what a checkpoint resumes from) and this session's totals."""
-    step: int = 0
-    tokens: int = 0  # trained on in this session
-    started: float = field(default_factory=time.time)  # this session's start
-    last: dict = field(default_factory=dict)  # the newest metrics record
 
 
 def run(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False, log=print,
@@ -160,12 +150,7 @@ class Recipe:
         sink = JsonlSink(self.run_dir / METRICS)
         if self.main:
             runs.write_config(self.run_dir, self.cfg)
-            try:
-                sink.truncate_after(self.progress.step)
-            except OSError as e:
-                if out_of_room(e):
-                    raise no_space(self.run_dir / METRICS, e) from None
-                raise
+            sink.truncate_after(self.progress.step)
             # what summary.json reports if this session takes no step (a finished run whose final/ failed its
             # digests is resumed from its last step checkpoint and only writes final/ again)
             self.progress.last = next((r for r in reversed(read_metrics(self.run_dir))
@@ -210,7 +195,8 @@ class Recipe:
         self.optimizer.step()
         self.lr_sched.step()
         self.optimizer.zero_grad(set_to_none=True)  # a captured step re-attaches its fixed gradients in begin()
-        rec = self._metrics(loss, grad_norm, int(tokens), time.time() - t0)
+        rec = metrics_record(self.progress, self.soul, cfg, self.lr_sched.get_last_lr()[0], loss, grad_norm,
+                             int(tokens), time.time() - t0)
         broken = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
         if broken:  # the soul's health is measured on the updated weights: NaN there means the update broke them
             self._stop(f"the update left {', '.join(broken)} non-finite")
@@ -244,17 +230,6 @@ class Recipe:
             return float(self.acc.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
         return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params
                                                            if p.grad is not None])))
-
-    def _metrics(self, loss: float, grad_norm: float, tokens: int, seconds: float) -> dict:
-        p, health = self.progress, self.soul.health()
-        rec = {"step": p.step, "loss": loss, "lr": self.lr_sched.get_last_lr()[0], "alpha": health["alpha"],
-               "gate": health["gate"], "phase": schedule.phase(health["alpha"], self.cfg.schedule),
-               "ortho_error": health["ortho_error"], "det_min": health["det_min"], "det_max": health["det_max"],
-               "rotation_norm": health["rotation_norm"], "grad_norm": grad_norm, "tokens": tokens,
-               "tokens_per_s": tokens / seconds, "elapsed_s": time.time() - p.started}
-        if torch.cuda.is_available():
-            rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        return rec
 
     def _stop(self, what: str) -> None:
         newest = checkpoint.latest(self.run_dir)
@@ -301,21 +276,6 @@ class Recipe:
             self.profiler.stop()
         if not self.main:
             return
-        p, last = self.progress, self.progress.last
-        if not last:  # no step this session and none in metrics.jsonl: the soul itself still says where it stands
-            health = self.soul.health()
-            last = {k: health[k] for k in ("alpha", "gate", "ortho_error")}
-            last["phase"] = schedule.phase(health["alpha"], self.cfg.schedule)
-        summary = {"steps": p.step, "final_loss": last.get("loss"), "alpha": last.get("alpha"),
-                   "gate": last.get("gate"), "phase": last.get("phase"), "ortho_error": last.get("ortho_error"),
-                   "tokens_this_session": p.tokens, "seconds_this_session": round(time.time() - p.started, 1),
-                   "final": str(self.run_dir / checkpoint.FINAL)}
-        runs.write_text(self.run_dir / runs.SUMMARY, json.dumps(summary, indent=1))
+        summary = write_summary(self.run_dir, self.progress, self.soul, self.cfg)
         self.log("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in summary.items()))
-
-
-def soul_metadata(cfg: Config, step: int) -> dict:
-    return {"step": step, "schedule": asdict(cfg.schedule), "alpha_mode": cfg.soul.alpha_mode,
-            "init": cfg.soul.init, "base": cfg.model.base, "revision": cfg.model.revision,
-            "quantization": cfg.model.quantization, "dtype": cfg.model.dtype}

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from aegis import atomic
+
 
 def start(run_dir: Path):
     """AEGIS_PROFILE=N: profile N updates after 3 warm-up updates; the op table goes to RUN_DIR/profile.txt."""
@@ -18,7 +20,7 @@ def start(run_dir: Path):
     def write(prof) -> None:
         avg = prof.key_averages()
         keys = ["self_cpu_time_total"] + (["self_device_time_total"] if torch.cuda.is_available() else [])
-        (run_dir / "profile.txt").write_text("\n\n".join(avg.table(sort_by=k, row_limit=30) for k in keys))
+        atomic.write_text(run_dir / "profile.txt", "\n\n".join(avg.table(sort_by=k, row_limit=30) for k in keys))
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = profile(activities=activities, schedule=prof_schedule(wait=0, warmup=3, active=n, repeat=1),

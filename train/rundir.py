@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from aegis import checkpoint
+from aegis.atomic import temp_sibling
 from aegis.config import Config, to_dict
 from aegis.errors import AegisError
 from aegis.metrics import METRICS
@@ -58,7 +59,7 @@ def prepare(run_dir: Path, resume: bool, overwrite: bool, main: bool = True, log
 
 
 def _writable(run_dir: Path) -> None:
-    probe = run_dir / f"{checkpoint.TMP_PREFIX}probe-{os.getpid()}"
+    probe = temp_sibling(run_dir / "probe")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")

@@ -1,4 +1,6 @@
-"""Recipe comparison on the embedded model: python -m train.compare [--steps N] [--out DIR] [--update-report]
+"""Recipe comparison on the embedded model, the report beside this script (an experiment, not part of the product):
+
+    python reports/recipe_comparison.py [--steps N] [--out DIR] [--update-report]
 
 Runs the seed schedule twice through the real training entry point (`python -m train`), once with the AEGIS
 recipe (soul.init = identity, soul.mix = interpolate) and once with the seed code's (soul.init = random,
@@ -16,7 +18,6 @@ ends at sigmoid(φ) = 0.8345. The seed recipe is reported beside it, whatever it
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -24,14 +25,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from aegis import checkpoint, metrics, runs, schedule
+from aegis import atomic, checkpoint, metrics, schedule
 from aegis.config import load
 from aegis.errors import AegisError
-
-from .data import resolve
-from .eval import Evaluator
+from train.data import resolve
+from train.eval import Evaluator
 
 REPO = Path(__file__).resolve().parent.parent
+COMMAND = "python reports/recipe_comparison.py"
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.toml"
 DEFAULT_DATA = ["embedded:prose_eval.txt"]
 # Text the runs trained on, scored beside the held-out text: a recipe that fits its training text while it
@@ -175,19 +176,16 @@ def markdown(rep: dict) -> str:
 
 
 def write_report(directory: Path, report: dict, histories: dict[str, list[dict]], target_alpha: float) -> None:
-    """The report's three files, each written under a temporary name and renamed."""
-    directory.mkdir(parents=True, exist_ok=True)
-    runs.write_text(directory / f"{REPORT}.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    runs.write_text(directory / f"{REPORT}.md", markdown(report))
-    png = directory / f"{REPORT}.png"
-    tmp = png.with_name(f"{runs.TMP_PREFIX}{png.name}")
-    plot(histories, tmp, target_alpha)
-    tmp.replace(png)
+    """The report's three files, each written whole (aegis/atomic.py)."""
+    atomic.write_json(directory / f"{REPORT}.json", report)
+    atomic.write_text(directory / f"{REPORT}.md", markdown(report))
+    with atomic.atomic_file(directory / f"{REPORT}.png") as tmp:
+        plot(histories, tmp, target_alpha)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.compare", description="Train the AEGIS and the seed recipe "
-                                 "on the embedded model and write a held-out perplexity report.")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=COMMAND, description="Train the AEGIS and the seed recipe on the embedded model "
+                                 "and write a held-out perplexity report.")
     ap.add_argument("--steps", type=int, default=None, help="total steps of each run (default: the config's, 500)")
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base config (default: "
                     "configs/quickstart.toml, the embedded model)")
@@ -209,74 +207,84 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in args.overrides if o.split("=", 1)[0].strip() in ("soul.init", "soul.mix")]
     if bad:
         ap.error(f"--set {bad[0]}: the recipes differ exactly in soul.init and soul.mix; they are not overridable")
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    held_out = args.data or DEFAULT_DATA
-    train_text = args.train_data or DEFAULT_TRAIN_DATA
+    args.data = args.data or DEFAULT_DATA
+    args.train_data = args.train_data or DEFAULT_TRAIN_DATA
+    return args
 
-    try:
-        cfg = load(args.config, args.overrides)
-        common = args.overrides + schedule_overrides(cfg, args.steps)
-        cfg = load(args.config, common)  # validates the shortened schedule too
-        for source in held_out + train_text:  # fail before training, not after
-            resolve(source)
-    except AegisError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def prepare(args: argparse.Namespace) -> tuple:
+    """The config both runs share and their --set values; every data source resolved before any training."""
+    cfg = load(args.config, args.overrides)
+    common = args.overrides + schedule_overrides(cfg, args.steps)
+    cfg = load(args.config, common)  # validates the shortened schedule too
+    for source in args.data + args.train_data:
+        resolve(source)
     steps = cfg.schedule.total_steps
-    common += [f"train.save_steps={steps}", "train.keep_last=1"]  # only the end of each run is evaluated
+    return cfg, common + [f"train.save_steps={steps}", "train.keep_last=1"]  # only each run's end is evaluated
 
-    t_start = time.time()
-    command = ("python -m train.compare" + (f" --steps {args.steps}" if args.steps else "")
-               + (" --update-report" if args.update_report else ""))
-    report = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
-              "config": shown(args.config), "overrides": args.overrides, "steps": steps,
-              "base_model": cfg.model.base, "quantization": cfg.model.quantization, "data": held_out,
-              "train_data": train_text, "work_dir": shown(args.out),
-              "schedule": {k: getattr(cfg.schedule, k) for k in cfg.schedule.__dataclass_fields__},
-              "recipes": {}}
-    histories, bases, train_bases = {}, [], []
-    try:
-        for name, recipe in RECIPES.items():
-            run_dir = args.out / name
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # a fresh run every time: the report must come from this code
-            seconds = train_once(args.config, run_dir, common + [f"soul.init={recipe['init']}",
-                                                                 f"soul.mix={recipe['mix']}"], log)
-            final = run_dir / checkpoint.FINAL
-            log(f"{recipe['title']}: trained in {seconds:.0f}s; evaluating {final}")
-            evaluator = Evaluator(final)
-            ev = evaluator.run(held_out, log=log)
-            tr = evaluator.run(train_text, log=log)
-            del evaluator
-            recs = metrics.read(run_dir)
-            histories[name] = recs
-            last20 = [metrics.number(r["loss"]) for r in recs[-20:]]
-            res = ev["results"]
-            bases.append(res["base"])
-            train_bases.append(tr["results"]["base"])
-            report["recipes"][name] = {
-                "init": recipe["init"], "mix": recipe["mix"], "alpha": ev["alpha"], "gate": ev["gate"],
-                "loss": res["checkpoint"]["loss"], "perplexity": res["checkpoint"]["perplexity"],
-                "ratio_to_base": res["checkpoint"]["ratio_to_base"], "gate_shut": res["gate_shut"],
-                "base": res["base"], "train_text": tr["results"],
-                "train_loss_last20": sum(last20) / len(last20),
-                "ortho_error": recs[-1]["ortho_error"], "rotation_norm": recs[-1]["rotation_norm"],
-                "train_seconds": round(seconds, 1), "run_dir": shown(run_dir)}
-    except AegisError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    # Both runs sit on the same base in the same quantization, so their base rows must agree.
-    for rows in (bases, train_bases):
+
+def run_recipe(name: str, args: argparse.Namespace, common: list[str], log) -> tuple[dict, list[dict]]:
+    """One recipe: a fresh training run, then its final checkpoint scored; (its report row, its metrics)."""
+    recipe = RECIPES[name]
+    run_dir = args.out / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a fresh run every time: the report must come from this code
+    seconds = train_once(args.config, run_dir, common + [f"soul.init={recipe['init']}", f"soul.mix={recipe['mix']}"],
+                         log)
+    final = run_dir / checkpoint.FINAL
+    log(f"{recipe['title']}: trained in {seconds:.0f}s; evaluating {final}")
+    evaluator = Evaluator(final)
+    ev = evaluator.run(args.data, log=log)
+    tr = evaluator.run(args.train_data, log=log)
+    recs = metrics.read(run_dir)
+    last20 = [metrics.number(r["loss"]) for r in recs[-20:]]
+    res = ev["results"]
+    row = {"init": recipe["init"], "mix": recipe["mix"], "alpha": ev["alpha"], "gate": ev["gate"],
+           "loss": res["checkpoint"]["loss"], "perplexity": res["checkpoint"]["perplexity"],
+           "ratio_to_base": res["checkpoint"]["ratio_to_base"], "gate_shut": res["gate_shut"],
+           "base": res["base"], "train_text": tr["results"], "train_loss_last20": sum(last20) / len(last20),
+           "ortho_error": recs[-1]["ortho_error"], "rotation_norm": recs[-1]["rotation_norm"],
+           "train_seconds": round(seconds, 1), "run_dir": shown(run_dir)}
+    return row, recs
+
+
+def conclude(report: dict) -> None:
+    """The base rows both runs share (they must agree: the same base in the same quantization), and the goal."""
+    for key, pick in (("base", lambda r: r["base"]), ("train_base", lambda r: r["train_text"]["base"])):
+        rows = [pick(r) for r in report["recipes"].values()]
         if abs(rows[0]["loss"] - rows[1]["loss"]) > 1e-4:
-            print(f"error: the two runs disagree on the base's loss ({rows[0]['loss']} vs {rows[1]['loss']})",
-                  file=sys.stderr)
-            return 1
-    report["base"], report["train_base"] = bases[0], train_bases[0]
-    report["minutes"] = (time.time() - t_start) / 60
+            raise RunFailed(f"the two runs disagree on the base's loss ({rows[0]['loss']} vs {rows[1]['loss']})")
+        report[key] = rows[0]
     a = report["recipes"]["aegis"]
     report["goal"] = {"ratio_limit": RETENTION_LIMIT, "gate_goal": GATE_GOAL, "ratio": a["ratio_to_base"],
                       "gate": a["gate"], "met": a["ratio_to_base"] <= RETENTION_LIMIT and a["gate"] >= GATE_GOAL}
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        cfg, common = prepare(args)
+    except AegisError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t_start = time.time()
+    command = COMMAND + (f" --steps {args.steps}" if args.steps else "") + (
+        " --update-report" if args.update_report else "")
+    report = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
+              "config": shown(args.config), "overrides": args.overrides, "steps": cfg.schedule.total_steps,
+              "base_model": cfg.model.base, "quantization": cfg.model.quantization, "data": args.data,
+              "train_data": args.train_data, "work_dir": shown(args.out),
+              "schedule": {k: getattr(cfg.schedule, k) for k in cfg.schedule.__dataclass_fields__}, "recipes": {}}
+    histories = {}
+    try:
+        for name in RECIPES:
+            report["recipes"][name], histories[name] = run_recipe(name, args, common, log)
+        conclude(report)
+    except AegisError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    report["minutes"] = (time.time() - t_start) / 60
     for directory in [args.out] + ([COMMITTED] if args.update_report else []):
         write_report(directory, report, histories, cfg.schedule.target_alpha)
         log(f"report written to {directory / REPORT}.md, .json, .png")
