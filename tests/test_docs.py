@@ -29,7 +29,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PACKAGES = ("aegis", "train", "export", "serve")
-SCRIPT_DIRS = ("bench", "reports")
+SCRIPT_DIRS = ("bench", "reports", "tools")
 CODE_SUFFIXES = {".py", ".toml", ".yaml", ".yml", ".sh", ".conf", ".jinja", ".cfg"}
 # `soul.safetensors`, `export.json`: file names, not dotted names
 FILE_SUFFIXES = ("py", "json", "jsonl", "safetensors", "toml", "yaml", "md", "gguf", "txt", "png", "sh", "modelfile")
