@@ -11,7 +11,7 @@
 #      model) -> export -> serve -> chat, asks the API for a chat completion answered by the model on the shared
 #      volume and the chat UI for its page;
 #   5. scale-out (compose.replicas.yaml on the same volume and images): 2 replicas behind the balancer, load through
-#      its one port, one replica killed mid-load and restarted by its policy (docker/balancer/failover_check.py,
+#      its one port, one replica killed mid-load and restarted by its policy (tools/failover_check.py,
 #      with the openai SDK); then `down -v`.
 # Exits non-zero on any failure, after printing the containers' logs; prints the time of each phase.
 #
@@ -244,7 +244,7 @@ AEGIS_BALANCER_PORT=$(free_port)
 export AEGIS_API_KEY AEGIS_BALANCER_PORT AEGIS_REPLICA_THREADS=1
 # --no-deps: train and export ran above; --no-build: the images were built above
 "${COMPOSE[@]}" up -d --no-deps --no-build --scale replica=2 replica balancer
-"$TOOLS/bin/python" docker/balancer/failover_check.py --api "http://127.0.0.1:$AEGIS_API_PORT" \
+"$TOOLS/bin/python" tools/failover_check.py --api "http://127.0.0.1:$AEGIS_API_PORT" \
     --stats "http://127.0.0.1:$AEGIS_BALANCER_PORT" --project "$COMPOSE_PROJECT_NAME" --key "$AEGIS_API_KEY"
 # the balancer's view of the same events: replicas in and out of rotation
 "${COMPOSE[@]}" logs --no-color balancer | grep -E "\| Server replicas/replica[0-9]+ is (UP|DOWN)" | tail -n 8 || true

@@ -188,7 +188,8 @@ def whole_once(client: openai.OpenAI, model: str, max_tokens: int, prompt: str) 
     return o
 
 
-LOG_LINE = re.compile(r'\[(?P<accepted>\d+/\w+/\d+:\d+:\d+:\d+\.\d+)\] api replicas/(?P<server>\S+) \S+ (?P<status>-?\d+) \d+ \S+ \S+ (?P<term>\S{4}) '
+LOG_LINE = re.compile(r'\[(?P<accepted>\d+/\w+/\d+:\d+:\d+:\d+\.\d+)\] api replicas/(?P<server>\S+) \S+ '
+                      r'(?P<status>-?\d+) \d+ \S+ \S+ (?P<term>\S{4}) '
                       r'\d+/\d+/\d+/\d+/(?P<retries>\+?\d+) \S+ "\w+ /v1/chat/completions\?ci=(?P<rid>[\w-]+) ')
 
 

@@ -1,7 +1,7 @@
 """The replica proof that .ci/containers.sh runs: N serve replicas behind the balancer of compose.replicas.yaml, driven
 through the balancer's one port with the official openai SDK, and looked at from inside each replica.
 
-    python failover_check.py --api http://127.0.0.1:PORT --stats http://127.0.0.1:PORT --project NAME --key KEY
+    python tools/failover_check.py --api http://127.0.0.1:PORT --stats http://127.0.0.1:PORT --project NAME --key KEY
 
 What it asserts, in order:
   1. the balancer sees every replica up (its /stats), and each replica's own /ready says 200;
@@ -38,10 +38,23 @@ import urllib.error
 
 import openai
 
-# run as a script (python docker/balancer/failover_check.py), this folder is first on sys.path
-from replica_probe import (HTTP, PROMPTS, Engine, Failed, Outcome, backend_retries, balancer_log, balancer_servers,
-                           check, log, run_concurrently, stream_once, wait_up, whole_once)
-
+# run as a script (python tools/failover_check.py), this folder is first on sys.path
+from replica_probe import (
+    HTTP,
+    PROMPTS,
+    Engine,
+    Failed,
+    Outcome,
+    backend_retries,
+    balancer_log,
+    balancer_servers,
+    check,
+    log,
+    run_concurrently,
+    stream_once,
+    wait_up,
+    whole_once,
+)
 
 # ---- the proof -----------------------------------------------------------------------------------------------------
 
@@ -55,7 +68,8 @@ def main() -> int:
     ap.add_argument("--service", default="replica")
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=1000, help="tokens per request in the kill test, at most the served context less 96")
+    ap.add_argument("--max-tokens", type=int, default=1000,
+                    help="tokens per request in the kill test, at most the served context less 96")
     ap.add_argument("--timeout", type=float, default=60, help="seconds a request may take before it counts as hung")
     args = ap.parse_args()
     check(args.replicas >= 2, "--replicas: at least 2 (one is killed)")
@@ -222,7 +236,8 @@ def main() -> int:
         check(o.end - t_kill < 10, f"a stream failed {o.end - t_kill:.1f} s after the kill, not at once: {o.error}")
         check("timeout" not in o.error.lower() and "timed out" not in o.error.lower(), f"a stream hung: {o.error}")
     check(len(failures) >= 1, "no stream was cut by the kill: the test did not test it "
-                              f"(running on {victim_srv} at the kill: {running}; then {[o for o in done if o in running]})")
+                              f"(running on {victim_srv} at the kill: {running}; "
+                              f"then {[o for o in done if o in running]})")
     # the balancer's side of the same requests
     lines = balancer_log(engine)
     for o in failures:
@@ -232,7 +247,8 @@ def main() -> int:
               f"{o.rid} failed on the client, but the balancer logged {line}")
     for o in done:
         if not o.error and o.rid in lines:
-            check(lines[o.rid]["status"] == "200", f"{o.rid} succeeded on the client, the balancer logged {lines[o.rid]}")
+            check(lines[o.rid]["status"] == "200",
+                  f"{o.rid} succeeded on the client, the balancer logged {lines[o.rid]}")
     whole_at_kill = [o for o in before_kill if o.kind == "whole" and o.end > t_kill]
     # non-streamed requests that were running on the killed replica and were sent again to another (+N retries):
     # accepted well before the kill, they had reached a live replica, and only the kill could make them fail there
@@ -244,10 +260,12 @@ def main() -> int:
         f"{max(o.end - t_kill for o in failures):.2f} s ({', '.join(kinds)}: "
         f"{failures[0].error.split(': ', 1)[-1][:160]!r}; the balancer logged each as SD, its replica's connection "
         f"broken mid-reply); {len(whole_at_kill)} non-streamed request(s) in flight at the kill, all answered, "
-        f"{len(replayed)} of them sent again to another replica by the balancer; the balancer retried {retries1[0] - retries0[0]} connection(s) and redispatched "
+        f"{len(replayed)} of them sent again to another replica by the balancer; "
+        f"the balancer retried {retries1[0] - retries0[0]} connection(s) and redispatched "
         f"{retries1[1] - retries0[1]} request(s) meanwhile")
     log(json.dumps({"replicas": args.replicas, "spread": shares, "killed_streams": len(failures),
-                    "requests_after_kill": len(after), "replayed_whole": len(replayed), "down_s": t_down and round(t_down - t_kill, 1),
+                    "requests_after_kill": len(after), "replayed_whole": len(replayed),
+                    "down_s": t_down and round(t_down - t_kill, 1),
                     "restart_s": round(t_restart - t_kill, 1), "rejoin_s": round(t_rejoin - t_kill, 1)}))
     return 0
 
