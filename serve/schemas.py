@@ -122,7 +122,8 @@ class NamedToolChoice(Strict):
 class JsonSchemaSpec(Strict):
     name: FunctionName
     description: str | None = None
-    schema: JsonObject | None = None
+    # a boolean schema is a JSON Schema too: true admits any value, false none (refused as unsatisfiable)
+    schema: JsonObject | bool | None = None
     strict: bool | None = None
 
 

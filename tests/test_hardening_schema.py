@@ -467,7 +467,7 @@ def test_the_grammar_itself_is_bounded(monkeypatch):
     """The last line of defence: whatever the schema limits let through, a grammar past MAX_GRAMMAR_BYTES or
     MAX_GRAMMAR_RULES is refused before llama.cpp parses it."""
     schema = props(50, required=True)
-    monkeypatch.setattr(structured, "MAX_GRAMMAR_RULES", 20)
+    monkeypatch.setattr(structured.gbnf, "MAX_GRAMMAR_RULES", 20)  # where grammar() reads it
     with pytest.raises(structured.SchemaLimit, match="rules"):
         structured.schema_grammar(schema)
 
