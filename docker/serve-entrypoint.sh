@@ -8,7 +8,7 @@
 #   AEGIS_RUNS        where runs are (default /data/runs, the shared volume)
 #   AEGIS_WAIT        seconds to wait for an export to appear (default 0: wait as long as it takes)
 #   AEGIS_PORT        the API's port (default 8000)
-#   AEGIS_API_KEY     read by the server: require this bearer key on /v1
+#   AEGIS_API_KEY     require this bearer key on /v1 (python -m serve reads it, as --api-key)
 #   PYTHON            the interpreter (default: python on PATH)
 set -euo pipefail
 

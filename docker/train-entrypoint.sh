@@ -5,7 +5,8 @@
 # arguments given (compose's `command:`, e.g. --set schedule.total_steps=20). --resume makes it safe to start again:
 # a finished run exits at once, an interrupted one continues from its newest checkpoint.
 #
-#   AEGIS_CONFIG     TOML recipe (default: configs/borea_rtx3060.toml next to this script's folder, the seed recipe)
+#   AEGIS_CONFIG     TOML recipe (default: configs/borea_rtx3060.toml next to this script's folder, the seed recipe;
+#                    python -m train reads the same variable for --config, docs/configuration.md)
 #   AEGIS_RUNS       where runs go (default /data/runs, the shared volume)
 #   AEGIS_RUN_NAME   the run's folder name (default: the config's file name without .toml)
 #   AEGIS_TRAIN_ARGS extra arguments, split on spaces (in front of the command line's own)
