@@ -186,7 +186,7 @@ def _value(o: Option, text: str, origin: str) -> tuple[Any, str | None]:
 def _resolve(o: Option, texts: list[str] | None, environ: Mapping[str, str]) -> tuple[Any, list[str]]:
     """An option's value from its texts, else its variable, else its default; with its problems."""
     origin = ""
-    if texts is None and o.env and environ.get(o.env):
+    if texts is None and o.env and o.kind is not bool and environ.get(o.env):  # a switch reads no variable
         texts, origin = [environ[o.env]], o.env
     if texts is None:
         missing = [f"{o.flag}: required" + (f" (or set {o.env})" if o.env else "")] if o.required else []

@@ -9,9 +9,10 @@ import json
 import math
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, get_origin, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 from .cli import UsageError
 from .schedule import SHAPES, Schedule

@@ -20,7 +20,8 @@ class Args:
     """Train LoRA + the soul on the α schedule. The recipe is a TOML file (configs/*.toml, the keys in
     docs/configuration.md); --set changes one of its values, as TOML (--set train.lr=1e-4)."""
 
-    config: Path = setting(help="the TOML recipe, e.g. configs/quickstart.toml", metavar="FILE", env="AEGIS_CONFIG", required=True)
+    config: Path = setting(help="the TOML recipe, e.g. configs/quickstart.toml", metavar="FILE", env="AEGIS_CONFIG",
+                           required=True)
     run_dir: Path = setting(help="where config, metrics and checkpoints go", metavar="DIR", env="AEGIS_RUN_DIR",
                             required=True)
     overrides: list[str] = setting(help="override one config value", flag="--set", metavar="SECTION.KEY=VALUE",
@@ -39,7 +40,7 @@ class Args:
         out = ["--resume, --overwrite: give one or the other"] if self.resume and self.overwrite else []
         if self.config is not None:
             try:
-                self.recipe
+                _ = self.recipe  # loaded here, once, so that its problems join the command line's
             except ConfigError as e:
                 out += e.problems
         return out
