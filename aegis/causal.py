@@ -2,11 +2,11 @@
 
 Training feeds whole windows, padded on the right only, and passes no attention mask (train/loss.py,
 train/graphs.py): causal attention is all it needs, and SDPA's `is_causal` runs it in its flash kernels.
-transformers still prepares a mask on every forward. It looks for packed sequences in the position ids, which
-reads a value on the host (a synchronisation per forward); and while a CUDA graph is being captured it takes the
-capture for tracing, skips that check and builds the full T x T mask instead, so the captured step ran a masked
-attention, and a compiled attention block, compiled without a mask, was compiled again inside the capture. SDPA
-registered under a name of its own, with no mask function, makes the model skip mask creation altogether
+transformers would still prepare a mask on every forward: it looks for packed sequences in the position ids, which
+reads a value on the host (a synchronisation per forward), and while a CUDA graph is being captured it takes the
+capture for tracing, skips that check and builds the full T x T mask instead, so that a captured step would run a
+masked attention and a compiled attention block, compiled without a mask, would compile again inside the capture.
+SDPA registered under a name of its own, with no mask function, makes the model skip mask creation altogether
 (transformers' masking_utils returns no mask for an implementation it has no mask function for). Only training
 builds use it (aegis/loading.py build); everything that reads a checkpoint loads the base again with
 transformers' own attention.

@@ -8,9 +8,9 @@ A checkpoint directory (`checkpoints/step_N/` or `final/`) holds:
     rng.safetensors
     manifest.json                                     size and sha256 of every other file, written last
 It is written whole (aegis/atomic.py: a temporary name, renamed when complete), so a run killed at any moment never
-leaves a directory that resume or export would take for complete. Every reader verifies the manifest first (`verify`), so a
-file changed on disk afterwards (flipped bytes, a truncated copy) is caught before anything trusts it. A checkpoint
-without a manifest (written before AEGIS recorded digests) cannot be verified and is refused.
+leaves a directory that resume or export would take for complete. Every reader verifies the manifest first
+(`verify`), so a file changed on disk afterwards (flipped bytes, a truncated copy) is caught before anything trusts
+it. A checkpoint without a manifest cannot be verified and is refused.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The 4-bit base dequantized once: each frozen bitsandbytes Linear4bit becomes a plain linear layer holding the
 weight bitsandbytes would otherwise dequantize on every forward and backward pass.
 
-At batch 1 x 512 most of a step's GPU time is that dequantization (~9 ms per pass at Phi-3.5-mini's size). Doing
-it once costs memory, 16 bits per weight instead of 4.25 (aegis/memory.py decides when that fits), and changes no
+At small batches most of a step's GPU time is that dequantization (the profile in BENCHMARKS.md). Doing it once
+costs memory, 16 bits per weight instead of 4.25 (aegis/memory.py decides when that fits), and changes no
 number that matters: the weight is `dequantize_4bit`'s output, the very tensor bitsandbytes' own backward multiplies
 by; its forward dequantizes the same way before the matmul, or (few rows, some GPUs) multiplies the same weights in
 a fused 4-bit kernel that sums in another order. The logits and gradients match the 4-bit path up to the rounding of

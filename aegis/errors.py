@@ -2,7 +2,7 @@
 
     AegisError
         ConfigError       aegis/config.py       a config file, a --set override, a setting this machine cannot honour
-        CheckpointError   here                  a checkpoint that is missing, incomplete, damaged or does not fit its base
+        CheckpointError   here                  a checkpoint missing, incomplete, damaged or not fitting its base
         ModelError        here                  a base model that cannot be found or does not fit what is asked of it
         NoSpaceError      here                  a write that ran out of room: a full disk or quota, a file-size limit
         DataError         train/data.py         a data source or one of its records

@@ -1,9 +1,9 @@
 """One module instance given another forward: the module, its weights and its names stay as they are.
 
 aegis/lora.py, aegis/norms.py and aegis/tiled.py change how a training build computes this way. The instance's class
-becomes a subclass of its own (one per class and forward, with the same name) whose forward is the new one: not a
-forward object stored on each instance, which torch.compile guards by identity, so that every layer of a model
-compiled its block anew and, past the recompile limit of 8, the remaining layers ran uncompiled. `given` tells
+becomes a subclass of its own (one per class and forward, with the same name) whose forward is the new one. A
+forward object stored on each instance would not do: torch.compile guards it by identity, so every layer would
+compile its block anew, and past torch's recompile limit the remaining layers would run uncompiled. `given` tells
 whether an instance already has the forward, so giving it twice changes nothing; `take_back` undoes it.
 """
 

@@ -1,23 +1,19 @@
 """llama.cpp, loaded one way for every stage: the C++ runtime first, weights with the CPU's fast paths where they are
 safe, and a crash in a child process rather than in ours.
 
-Why the C++ runtime first: some builds of llama-cpp-python (seen on an AMX Xeon whose compiler links pieces of the
-C++ library into libggml.so) export copies of libstdc++ internals from libggml.so. libllama.so then binds
-`std::ostream` calls to those copies, whose locale was never initialised, and the process dies with SIGSEGV while
-llama.cpp prints the model's description - at the first load of any GGUF, in export's parity step and in the server.
-Putting the real libstdc++ in the global symbol scope before llama.cpp loads makes those calls bind to it.
+The C++ runtime first: a llama-cpp-python build can export copies of libstdc++ internals from libggml.so, whose
+locale is never initialised; libllama.so binding `std::ostream` calls to them dies with SIGSEGV when llama.cpp
+prints a model's description. With the real libstdc++ in the global symbol scope before llama.cpp loads, the calls
+bind to it: `runtime()` is the only door to llama_cpp.
 
-Why a probe: a native crash cannot be caught in-process. Before export trusts a GGUF and before the server takes
-requests, a child process loads the file and decodes a few tokens with the settings the product uses; a crash
-there becomes an error that names the file, its type, the signal and the CPU features of the llama.cpp build.
-The probe first keeps llama.cpp's extra CPU buffer types (AMX / repacked weights: on a 16-core AMX Xeon they make
-a Phi-3.5-mini-shaped q8_0 decode 1.34x and read prompts 2.4x faster, BENCHMARKS.md); only if that child crashes
-and the same file decodes without them does the product load it without them, and it says so.
+A probe: a native crash cannot be caught in-process, so before export trusts a GGUF and before the server takes
+requests, a child process loads the file and decodes a few tokens as the product does; a crash there is an error
+naming the file, its type, the signal and the build's CPU features. The child first keeps llama.cpp's extra CPU
+buffer types (AMX / repacked weights, BENCHMARKS.md); only if it crashes and the file decodes without them does the
+product load the file without them, and it says so.
 
-Why one context rule and one greedy decoder here: the server and export's parity must open a GGUF in the same
-context (a LongRoPE model's rope factors depend on it, see Context) and decode the same way, or export would check
-replies the server does not give. `Context.default` is the server's default context; `greedy()` decodes as the
-server does, with its context parameters (`context_params()`), and export records what it gives.
+The server's context: `load_model()` and `context_params()` are how the server loads a model and makes its
+context, and aegis/decoding.py decodes with them as the server does, so export records the replies it gives.
 
     python -m aegis.llamacpp probe FILE.gguf [--no-extra-bufts]     the child's side (prints one JSON line)
 """
@@ -39,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AegisError
+from .gguf_context import CONTEXT_CAP, Context, context, trained_context  # noqa: F401 - the server reads them here
 
 PROBE_TOKENS = 24  # a prompt batch (the batched matmul path) ...
 PROBE_DECODE = 4  # ... then single-token decodes (the other path)
@@ -144,73 +141,6 @@ def _gguf_type(path: Path) -> str:
         return "unknown type"
 
 
-# A long-context model's whole context would reserve a large KV cache per request: unless asked, at most this many.
-CONTEXT_CAP = 4096
-# llama.cpp rounds each sequence's context up to a multiple of this before it picks LongRoPE's factors.
-CONTEXT_PAD = 256
-
-
-@dataclass(frozen=True)
-class Context:
-    """A GGUF's context lengths, and the one rule for the context the product opens it with: the server by default,
-    and export's parity for the replies it records, so that what is served is what export checked.
-
-    LongRoPE (Phi-3's long and short rope factors): llama.cpp picks the factors once per context, the long ones
-    whenever a sequence's context exceeds the original one; transformers picks them per sequence, by its length.
-    Opened with more than the original context, llama.cpp applies the long factors to every prompt, short ones too,
-    and replies differ from transformers' and from what export checked. So a LongRoPE model's default is its
-    original context (Phi-3.5-mini: 4096 of 131072; the embedded tiny model: 512 of 2048)."""
-    length: int | None  # {arch}.context_length: the longest context the model was made for
-    original: int | None  # LongRoPE models only: the original context, above which the long factors apply
-
-    @property
-    def default(self) -> int:
-        if self.original:
-            fit = self.original - self.original % CONTEXT_PAD  # so llama.cpp's rounding stays within it
-            return min(fit or self.original, CONTEXT_CAP)
-        return min(self.length or CONTEXT_CAP, CONTEXT_CAP)
-
-    def long_factors(self, n_ctx: int) -> bool:
-        """Whether llama.cpp, given n_ctx positions per sequence, applies the long factors to every prompt."""
-        padded = -(-n_ctx // CONTEXT_PAD) * CONTEXT_PAD
-        return bool(self.original) and padded > self.original
-
-    def warning(self, n_ctx: int) -> str | None:
-        """What a context of n_ctx changes from the default, in words; None when nothing."""
-        if self.long_factors(n_ctx):
-            return (f"a context of {n_ctx} is above this LongRoPE model's original {self.original}, so llama.cpp "
-                    f"applies the long rope factors to every prompt, short ones too (transformers uses them only "
-                    f"for sequences past {self.original} tokens): replies may differ from what export checked in "
-                    f"a context of {self.default}")
-        if self.length and n_ctx > self.length:
-            return (f"a context of {n_ctx} is above the {self.length} positions this model was made for: past "
-                    f"those, replies are untested")
-        return None
-
-
-def context(path: Path | str) -> Context:
-    """The context lengths in a GGUF's metadata (read without loading llama.cpp)."""
-    import gguf  # imported here: only the commands that open a GGUF need it
-
-    reader = gguf.GGUFReader(str(path))
-    arch = bytes(reader.fields[gguf.Keys.General.ARCHITECTURE].parts[-1]).decode()
-
-    def value(key: str) -> int | None:
-        f = reader.fields.get(key.format(arch=arch))
-        return int(f.parts[-1][0]) if f is not None else None
-
-    longrope = any(t.name.startswith("rope_factors_long") for t in reader.tensors)
-    return Context(value(gguf.Keys.LLM.CONTEXT_LENGTH),
-                   value(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN) if longrope else None)
-
-
-def trained_context(path: Path | str) -> int | None:
-    """The longest context in which llama.cpp runs the model as transformers does at every length: a LongRoPE
-    model's original context, else its context length (an Ollama Modelfile's num_ctx)."""
-    c = context(path)
-    return c.original or c.length
-
-
 def load_model(path: Path | str, extra_bufts: bool, gpu_layers: int = -1):
     """A llama_model pointer (llama.cpp's low-level API), as the server loads it; free it with llama_model_free."""
     lib = runtime()
@@ -225,8 +155,8 @@ def load_model(path: Path | str, extra_bufts: bool, gpu_layers: int = -1):
 
 def context_params(n_ctx: int, slots: int, n_batch: int, threads: int):
     """The context the server decodes in: n_ctx positions for each of `slots` sequences, each in cells of its own,
-    and llama.cpp's defaults for the rest (its choice of flash attention, an F16 KV cache). greedy() uses the same,
-    so export records the replies the server gives."""
+    and llama.cpp's defaults for the rest (its choice of flash attention, an F16 KV cache). aegis/decoding.py's
+    greedy() uses the same, so export records the replies the server gives."""
     lib = runtime()
     cp = lib.llama_context_default_params()
     cp.n_ctx = n_ctx * slots
@@ -247,62 +177,6 @@ def piece(vocab, token: int) -> bytes:
         buf = ctypes.create_string_buffer(n)
         n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
     return buf.raw[:max(n, 0)]
-
-
-@dataclass(frozen=True)
-class Reply:
-    ids: list[int]  # every token decoded, end-of-generation ones and what follows them included
-    text: str  # the text of the tokens before the first end-of-generation token
-
-
-def greedy(path: Path | str, prompts: list[list[int]], n_tokens: int, n_ctx: int, extra_bufts: bool = True,
-           threads: int = 1, n_batch: int = 512, gpu_layers: int = -1) -> list[Reply]:
-    """Each prompt's first n_tokens greedy tokens, decoded step by step as the server decodes one request
-    (serve/batch.py): the prompt but its last token in chunks of n_batch, then the last token alone, then each
-    chosen token alone."""
-    import numpy as np  # imported here: the core's import stays light
-
-    lib = runtime()
-    model = load_model(path, extra_bufts, gpu_layers)
-    ctx = lib.llama_init_from_model(model, context_params(n_ctx, 1, n_batch, threads))
-    if not ctx:
-        lib.llama_model_free(model)
-        raise RuntimeError(f"{path}: llama.cpp could not make a context of {n_ctx} tokens")
-    batch = lib.llama_batch_init(n_batch, 0, 1)
-    vocab = lib.llama_model_get_vocab(model)
-    n_vocab = lib.llama_vocab_n_tokens(vocab)
-
-    def step(tokens: list[int], pos: int, want: bool) -> None:
-        for j, token in enumerate(tokens):
-            batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, pos + j, 1
-            batch.seq_id[j][0] = 0
-            batch.logits[j] = want and j == len(tokens) - 1
-        batch.n_tokens = len(tokens)
-        if lib.llama_decode(ctx, batch) != 0:
-            raise RuntimeError(f"{path}: llama_decode failed")
-
-    out = []
-    try:
-        for prompt in prompts:
-            if len(prompt) + n_tokens > n_ctx:
-                raise ValueError(f"a prompt of {len(prompt)} tokens and {n_tokens} more exceed {n_ctx}")
-            lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
-            for i in range(0, len(prompt) - 1, n_batch):
-                step(prompt[i:min(i + n_batch, len(prompt) - 1)], i, False)
-            token, pos, got = prompt[-1], len(prompt) - 1, []
-            while len(got) < n_tokens:
-                step([token], pos, True)
-                logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, 0), shape=(n_vocab,))
-                token, pos = int(logits.argmax()), pos + 1  # the first of equal logits, as llama.cpp's greedy
-                got.append(token)
-            end = next((i for i, t in enumerate(got) if lib.llama_vocab_is_eog(vocab, t)), len(got))
-            text = b"".join(piece(vocab, t) for t in got[:end]).decode("utf-8", "replace")
-            out.append(Reply(got, text))
-    finally:
-        lib.llama_batch_free(batch)
-        lib.llama_free(ctx)
-        lib.llama_model_free(model)
-    return out
 
 
 def _child(path: Path, extra_bufts: bool, threads: int | None) -> tuple[int, str, str]:

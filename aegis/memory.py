@@ -10,34 +10,29 @@
                  with the MLP tiled (aegis/tiled.py) a layer keeps 8 x intermediate bytes per token less (the MLP's
                  own intermediates), plus those of one slice of 4096 positions; with the attention tiled, 5 bytes
                  per value of q, k and v less, plus those of one group of heads
-The byte counts were measured at Phi-3.5-mini's shapes (LoRA on the attention projections, SDPA attention). 43 is
-the least that keeps the estimate above the peaks without checkpointing: 4.72 GiB at 1 x 512 (estimate 4.76) and,
-on an H200, 10.31 GiB at 4 x 512 with the step captured (estimate 11.9). 51,
-for the layer under recomputation, was measured at 8 x 512 with checkpointing (4.83 GiB, H100); the estimate lies
-above every checkpointed peak since (8.03 for 6.89 at 16 x 512; 10.1 for 8.54 at 65 536 tokens, tiled), so it errs
-on the safe side.
+The byte counts are calibrated at Phi-3.5-mini's shapes (LoRA on the attention projections, SDPA attention): 43 is
+the least that keeps the estimate above every measured peak without checkpointing, and 51, for the layer under
+recomputation, above every checkpointed one, so the estimate errs on the safe side (the peaks beside their
+estimates: BENCHMARKS.md).
 Recomputing costs about a third more compute; splitting a batch into micro-batches costs only smaller matrix
 products while each keeps about a thousand positions. So with "auto" the plan first looks for the largest
-micro-batch that fits without checkpointing, and takes it if it holds at least MIN_MICRO_TOKENS positions (at
-16 x 512 on an H200, 4 captured micro-batches of 4 x 512 without recompute ran at 26 659 tokens/s, the whole batch
-checkpointed at 18 159-20 305, BENCHMARKS.md); otherwise it turns checkpointing on. Then, for long sequences, it
+micro-batch that fits without checkpointing, and takes it if it holds at least MIN_MICRO_TOKENS positions (faster
+than checkpointing the whole batch: BENCHMARKS.md); otherwise it turns checkpointing on. Then, for long sequences, it
 moves the kept activations to host memory (copies overlap the compute but cost PCIe bandwidth) only when the step
 still would not fit, and splits the batch into the largest micro-batch that fits: the loss is normalised over the
 whole update, so the gradient is the same, only computed in pieces. When one sequence alone still does not fit
 (tens of thousands of positions), the MLPs run a slice of positions at a time (train.tiled_mlp), for one more
 forward pass of the MLP, and where even that does not fit, the attentions a few heads at a time
-(train.tiled_attention), for one more forward pass of the attention. The tiled figures are derived from the shapes:
-the MLP's bytes have been measured against (65 536 tokens), the attention's 5 bytes per q, k and v value (the
-fused projection, the rotated q and k, the output and its copy for o_proj, in 16 bits) against 131 072 tokens (9.83
-GiB, estimate 10.8: on the safe side).
+(train.tiled_attention), for one more forward pass of the attention. The tiled figures are derived from the shapes
+(the attention's 5 bytes per q, k and v value: the fused projection, the rotated q and k, the output and its copy
+for o_proj, in 16 bits) and lie above the peaks of the longest sequences measured (BENCHMARKS.md).
 
 A quantized base can also be dequantized once and kept at 16 bits (aegis/dequant.py): bitsandbytes otherwise
-dequantizes every NF4 weight on every forward and backward pass, most of a step's GPU time at batch 1 x 512
-(~9 ms per pass at Phi-3.5-mini's size). The rule: plan the step with the 4-bit base as above, then keep its
-checkpointing, offload and micro-batch and dequantize only if the step still fits with the linear weights at 16
-bits. It never buys its memory with more checkpointing (about a third more compute), offload or splitting: at
-16 x 512 the dequantized base at micro-batch 2 gained 3 % over the 4-bit one at 4 (20 564 against 20 039 tokens/s,
-H200), too little for a second rule, so a plan that would need them stays at 4 bits.
+dequantizes every NF4 weight on every forward and backward pass, most of a step's GPU time at small batches. The
+rule: plan the step with the 4-bit base as above, then keep its checkpointing, offload and micro-batch and
+dequantize only if the step still fits with the linear weights at 16 bits. It never buys its memory with more
+checkpointing (about a third more compute), offload or splitting: what that gains is too little for a second rule
+(BENCHMARKS.md), so a plan that would need them stays at 4 bits.
 Forced on, the step is planned around the 16-bit weights, and one that cannot fit even so is an error naming the
 key.
 
@@ -204,3 +199,38 @@ def plan(config, batch: int, length: int, quantized: bool, budget_gib: float, re
     why = (f"~{dense:.1f} GiB with the base dequantized, ~{p.estimate_gib:.1f} GiB at 4 bits: "
            + ("fits the budget with the same checkpointing and micro-batch" if on else "over the budget"))
     return replace(p, estimate_gib=dense if on else p.estimate_gib, dequantized_base=on, why_base=why)
+
+
+def plan_for(cfg, base_config, device, log=None) -> Plan:
+    """`plan` for a run's config (aegis/config.py) and the base's config on `device`, within
+    train.memory_budget_gib or what the GPU has free (on the CPU: the machine's memory) if that is less (said
+    through `log`). A step that cannot fit even so is a ConfigError with the estimate and the budget."""
+    import os
+
+    import torch
+
+    if device.type == "cuda" and torch.cuda.is_available():
+        budget, note = device_budget(cfg.train.memory_budget_gib, torch.cuda.mem_get_info(device)[0] / 2**30)
+    else:  # the step runs in the machine's memory: its size, not what happens to be free now (plans stay the same)
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        budget, note = device_budget(cfg.train.memory_budget_gib, total, "this machine has {:.1f} GiB of memory")
+    if note and log is not None:
+        log(note)
+    p = plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4", budget,
+             cfg.model.gradient_checkpointing, cfg.train.offload_activations, cfg.train.dequantized_base,
+             gpu=device.type == "cuda", tiled=cfg.train.tiled_mlp, tiled_attention=cfg.train.tiled_attention)
+    refuse_over_budget(p, cfg.train.max_length, cfg.train.batch_size)
+    return p
+
+
+def summary(p: Plan, batch: int, quantized: bool) -> str:
+    """The plan in one line, as training logs it."""
+    split = batch // p.micro_batch
+    return (f"memory plan: ~{p.estimate_gib:.1f} GiB of {p.budget_gib:g} GiB with gradient checkpointing "
+            f"{'on' if p.gradient_checkpointing else 'off'}"
+            + (", its kept activations in host memory" if p.offload else "")
+            + (f", each MLP {TILE} positions at a time" if p.tiled_mlp else "")
+            + (f", each attention {HEAD_GROUP} key/value heads at a time" if p.tiled_attention else "")
+            + (f"; each batch of {batch} runs as {split} micro-batches of {p.micro_batch}" if split > 1 else "")
+            + (f"; base {'dequantized once' if p.dequantized_base else 'kept at 4 bits'} ({p.why_base})"
+               if quantized else ""))

@@ -1,75 +1,21 @@
-"""What every export step shares: the error type, finding a run's checkpoint, and writing files so that a crash or a
-failed check never replaces something good with something half-written (write under a temporary name, rename)."""
+"""What every export step shares: the error type, finding a run's checkpoint, and the checks before anything is
+written. Every file and directory export makes is written whole through aegis/atomic.py (its names are
+re-exported here for export's modules), so a crash or a failed check never replaces something good with something
+half-written."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from aegis import checkpoint, runs
-from aegis.digest import sha256_file
-from aegis.errors import AegisError, no_space, out_of_room
-
-TMP_PREFIX = ".tmp-"
+from aegis.atomic import TMP_PREFIX, atomic_file, sha256_file, write_json, write_text  # noqa: F401 - export's writers
+from aegis.errors import AegisError
 
 
 class ExportError(AegisError):
     """A problem with the user's input or a failed check; the message names the file or key."""
-
-
-def tmp_sibling(dest: Path) -> Path:
-    return dest.with_name(f"{TMP_PREFIX}{dest.name}-{os.getpid()}")
-
-
-@contextlib.contextmanager
-def atomic_dir(dest: Path, needed: int | None = None, shown: str | None = None):
-    """Yields a fresh temporary directory beside `dest`; on success it replaces `dest` in one rename. On failure it
-    is removed; a failure for want of room is then a NoSpaceError naming `dest` (or `shown`) with `needed` bytes."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(dest)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir()
-        yield tmp
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _raise_no_space(e, dest, needed, shown)
-        raise
-    if dest.exists():
-        old = dest.with_name(f"{TMP_PREFIX}old-{dest.name}-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
-
-
-@contextlib.contextmanager
-def atomic_file(dest: Path, needed: int | None = None, shown: str | None = None):
-    """Yields a temporary path beside `dest`; on success it is renamed onto `dest`, on failure removed (and a
-    failure for want of room is a NoSpaceError, as in `atomic_dir`)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(dest)
-    try:
-        yield tmp
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        _raise_no_space(e, dest, needed, shown)
-        raise
-    os.replace(tmp, dest)
-
-
-def _raise_no_space(e: BaseException, dest: Path, needed: int | None, shown: str | None) -> None:
-    if isinstance(e, Exception) and not isinstance(e, AegisError) and out_of_room(e):
-        raise no_space(dest, e, needed, shown=shown) from None
 
 
 def unwritable(dest: Path) -> str | None:
@@ -86,16 +32,6 @@ def unwritable(dest: Path) -> str | None:
     except OSError as e:
         return f"{folder} cannot be written ({e.strerror or e})"
     return None
-
-
-def write_text(dest: Path, text: str) -> None:
-    data = text.encode("utf-8")
-    with atomic_file(dest, len(data)) as tmp:
-        tmp.write_bytes(data)
-
-
-def write_json(dest: Path, data) -> None:
-    write_text(dest, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 def fingerprint(paths: list[Path]) -> str:

@@ -53,9 +53,7 @@ def _split(src: str) -> list[tuple[str, str]]:
 
 def _tokens(body: str) -> list[tuple[str, str]]:
     out, pos = [], 0
-    while pos < len(body):
-        if body[pos:].strip() == "":
-            break
+    while pos < len(body) and body[pos:].strip():
         m = _TOKEN.match(body, pos)
         if not m or m.end() == pos:
             raise TemplateError(f"cannot read {body[pos:]!r} in {{{{ {body} }}}}")
@@ -67,70 +65,74 @@ def _tokens(body: str) -> list[tuple[str, str]]:
 
 # ---- parsing into a tree -------------------------------------------------------------------------------------------
 
-def _parse(parts: list[tuple[str, str]]):
-    pos = 0
+class _Parser:
+    """The text and actions of `_split` as a tree: ("text", s), ("out", tokens), ("if", [(cond or None, nodes)]),
+    ("range", names, tokens, nodes, else-nodes)."""
 
-    def block(stops: tuple[str, ...]):
-        nonlocal pos
+    def __init__(self, parts: list[tuple[str, str]]):
+        self.parts, self.pos = parts, 0
+
+    def block(self, stops: tuple[str, ...]):
+        """Nodes up to one of the actions `stops` (its text is returned with them), or to the end when none."""
         nodes = []
-        while pos < len(parts):
-            kind, val = parts[pos]
+        while self.pos < len(self.parts):
+            kind, val = self.parts[self.pos]
             if kind == "text":
                 nodes.append(("text", val))
-                pos += 1
+                self.pos += 1
                 continue
             word = val.split(None, 1)[0] if val else ""
             if word in stops:
                 return nodes, val
-            pos += 1
-            if word == "if":
-                nodes.append(if_chain(val[2:].strip()))
-            elif word == "range":
-                nodes.append(range_node(val[5:].strip()))
-            elif word in ("end", "else"):
-                raise TemplateError(f"unexpected {{{{ {val} }}}}")
-            elif word in ("with", "define", "template", "block", "break", "continue"):
-                raise TemplateError(f"{{{{ {val} }}}}: '{word}' is outside the supported subset")
-            else:
-                nodes.append(("out", _tokens(val)))
+            self.pos += 1
+            nodes.append(self.action(word, val))
         if stops:
             raise TemplateError(f"missing {{{{ end }}}} (expected one of {stops})")
         return nodes, None
 
-    def if_chain(cond: str):
-        nonlocal pos
-        branches = []
-        body, stop = block(("else", "end"))
-        branches.append((_tokens(cond), body))
+    def action(self, word: str, val: str):
+        if word == "if":
+            return self.if_chain(val[2:].strip())
+        if word == "range":
+            return self.range_node(val[5:].strip())
+        if word in ("end", "else"):
+            raise TemplateError(f"unexpected {{{{ {val} }}}}")
+        if word in ("with", "define", "template", "block", "break", "continue"):
+            raise TemplateError(f"{{{{ {val} }}}}: '{word}' is outside the supported subset")
+        return ("out", _tokens(val))
+
+    def if_chain(self, cond: str):
+        body, stop = self.block(("else", "end"))
+        branches = [(_tokens(cond), body)]
         while stop is not None and stop != "end":
-            pos += 1
+            self.pos += 1
             rest = stop[4:].strip()
             if rest.startswith("if "):
-                body, stop = block(("else", "end"))
+                body, stop = self.block(("else", "end"))
                 branches.append((_tokens(rest[3:].strip()), body))
             else:
-                body, stop = block(("end",))
+                body, stop = self.block(("end",))
                 branches.append((None, body))
-        pos += 1
+        self.pos += 1
         return ("if", branches)
 
-    def range_node(spec: str):
-        nonlocal pos
+    def range_node(self, spec: str):
         names = []
         m = re.match(r"^(\$\w+)\s*(?:,\s*(\$\w+)\s*)?:=\s*(.*)$", spec)
         if m:
             names = [n for n in (m.group(1), m.group(2)) if n]
             spec = m.group(3)
-        body, stop = block(("else", "end"))
+        body, stop = self.block(("else", "end"))
         other = []
         if stop == "else":
-            pos += 1
-            other, stop = block(("end",))
-        pos += 1
+            self.pos += 1
+            other, stop = self.block(("end",))
+        self.pos += 1
         return ("range", names, _tokens(spec), body, other)
 
-    nodes, _ = block(())
-    return nodes
+
+def _parse(parts: list[tuple[str, str]]):
+    return _Parser(parts).block(())[0]
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------------
@@ -179,6 +181,16 @@ def _go_json(value) -> str:
     return text
 
 
+def _and_or(name: str, args: list):
+    """Go's and / or: the first argument that decides (falsy for and, truthy for or), else the last."""
+    out = name == "and"
+    for a in args:
+        out = a
+        if _truth(a) != (name == "and"):
+            break
+    return out
+
+
 def _index(a, idx):
     for i in idx:
         a = a[i]
@@ -225,8 +237,7 @@ class _Eval:
             return None
         if "|" in [t[1] for t in toks if t[0] == "punct"]:
             raise TemplateError("pipes '|' are outside the supported subset")
-        args = self._args(toks, dot)
-        return args
+        return self._args(toks, dot)
 
     def _args(self, toks, dot):
         items, i = [], 0
@@ -249,21 +260,7 @@ class _Eval:
             raise TemplateError("empty action")
         if items[0][0] == "fn":
             name, args = items[0][1], [v for _, v in items[1:]]
-            if name == "and":
-                out = True
-                for a in args:
-                    out = a
-                    if not _truth(a):
-                        break
-                return out
-            if name == "or":
-                out = False
-                for a in args:
-                    out = a
-                    if _truth(a):
-                        break
-                return out
-            return _FUNCS[name](*args)
+            return _and_or(name, args) if name in ("and", "or") else _FUNCS[name](*args)
         if len(items) != 1:
             raise TemplateError(f"cannot call a non-function with arguments: {toks}")
         return items[0][1]
@@ -289,12 +286,7 @@ class _Eval:
                 if not items:
                     self.run(other, dot, out)
                 for k, v in items:
-                    scope = {}
-                    if len(names) == 1:
-                        scope[names[0]] = v
-                    elif len(names) == 2:
-                        scope[names[0]], scope[names[1]] = k, v
-                    self.vars.append(scope)
+                    self.vars.append(dict(zip(names, (v,) if len(names) == 1 else (k, v))))
                     self.run(body, v, out)
                     self.vars.pop()
 

@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from aegis import checkpoint, loading
+from aegis.atomic import atomic_dir
 
 from . import prompts
-from .files import ExportError, atomic_dir, fingerprint
+from .files import ExportError, fingerprint
 
 # torch and transformers are imported inside the functions that use them: `python -m export` checks its arguments,
 # and runs its steps that need no torch, without loading it.

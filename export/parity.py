@@ -6,11 +6,11 @@ this measures the weights and the graph, not the tokenizer.
 
 LongRoPE: transformers switches to the long factors when a sequence is longer than the original context; llama.cpp
 switches by the context size it was created with. Short prompts therefore run in the context the server opens the
-file with by default (aegis.llamacpp.Context: a LongRoPE model's original context), and the long prompt in a larger
+file with by default (aegis.gguf_context.Context: a LongRoPE model's original context), and the long prompt in a larger
 one, so both sides use the same factors.
 
 Replies: each prompt's first GEN_TOKENS greedy tokens, decoded as the server decodes a request in its default
-context (aegis.llamacpp.greedy), are recorded in parity.json; `python -m serve` with default settings answers those
+context (aegis.decoding.greedy), are recorded in parity.json; `python -m serve` with default settings answers those
 prompts at temperature 0 with exactly those tokens (tests/test_served_parity.py).
 
 Template: the chat rendered from the GGUF's own template and tokenized by llama.cpp must give exactly the ids the
@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from aegis import chat_template, llamacpp
+from aegis import chat_template, decoding, gguf_context, llamacpp
+from aegis.atomic import write_json
 
 from . import prompts
-from .files import ExportError, write_json
+from .files import ExportError
 
 PARITY_FILE = "parity.json"
 # Per type: minimum top-1 agreement (near-ties counted, see metrics), maximum mean KL(HF‖GGUF) in nats, maximum
@@ -124,7 +125,7 @@ def replies(gguf_path: Path, items: list[tuple[str, list[int]]], n_ctx: int, thr
             extra_bufts: bool) -> dict:
     """{label: {"prompt", "ids", "text"}}: each prompt's first GEN_TOKENS greedy tokens as the server decodes them
     in its default context (ids), and their text up to the first end-of-generation token."""
-    got = llamacpp.greedy(gguf_path, [ids for _, ids in items], GEN_TOKENS, n_ctx, extra_bufts, threads)
+    got = decoding.greedy(gguf_path, [ids for _, ids in items], GEN_TOKENS, n_ctx, extra_bufts, threads)
     return {label: {"prompt": list(ids), "ids": r.ids, "text": r.text} for (label, ids), r in zip(items, got)}
 
 
@@ -139,28 +140,51 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
     model_dir, gguf_path = Path(model_dir), Path(gguf_path)
     # A crash inside llama.cpp would take this process with it: a child loads and decodes the file first.
     loader = llamacpp.probe(gguf_path, threads=threads, log=log, name=name)
-    rule = llamacpp.context(gguf_path)
+    rule = gguf_context.context(gguf_path)
     tok = AutoTokenizer.from_pretrained(model_dir)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map={"": dev})
     model.eval()
+    groups, sampled, longrope = _prompt_groups(tok, rule)
+    per, overall, template = _measure(model, tok, gguf_path, groups, threads, loader.extra_bufts)
+    del model
+    said = replies(gguf_path, sampled, rule.default, threads, loader.extra_bufts)
+    limits = THRESHOLDS.get(out_type, THRESHOLDS["q2_k"])
+    failures = _failures(overall, limits, template)
+    return {"gguf": gguf_path.name, "type": out_type, "passed": not failures, "failures": failures,
+            "thresholds": limits, "overall": overall, "prompts": per, "template": template,
+            "sample": {k: said[k]["text"] for k in ("prose", "chat") if k in said}, "replies": said,
+            "served_context": rule.default, "context_length": rule.length, "original_context": rule.original,
+            "longrope": longrope, "extra_bufts": loader.extra_bufts, "loader_note": loader.note,
+            "seconds": round(time.time() - start, 1)}
+
+
+def _prompt_groups(tok, rule) -> tuple[list, list, bool]:
+    """([(n_ctx, [(label, ids)])], the prompts whose replies are recorded, whether the long factors are checked).
+    The short prompts run in the context the server uses by default; for LongRoPE one prompt past the original
+    context runs in a context large enough that llama.cpp takes the long factors as transformers does for it."""
     items = [(f"short{i}", prompts.encode(tok, t)) for i, t in enumerate(prompts.SHORT)]
     if tok.chat_template:
         items.append(("chat", prompts.encode(tok, prompts.chat_text(tok), templated=True)))
-    # the short prompts in the context the server uses by default; for LongRoPE one prompt past the original context,
-    # in a context large enough that llama.cpp takes the long factors as transformers does for that prompt
-    served_ctx = rule.default
     longrope = bool(rule.original and rule.length and rule.length > rule.original)
-    groups = [(served_ctx, items)]
+    groups = [(rule.default, items)]
     if longrope:
         ids = prompts.long_ids(tok, rule.original)
         groups.append((min(rule.length, 64 * math.ceil((len(ids) + 1) / 64)), [("long", ids)]))
     sampled = [("prose", prompts.encode(tok, prompts.SHORT[1][:8])), *items]
+    return groups, sampled, longrope
 
+
+def _measure(model, tok, gguf_path: Path, groups: list, threads: int, extra_bufts: bool):
+    """(metrics per prompt, metrics over all of them, the chat template's token parity or None): each prompt's
+    logits from transformers and from llama.cpp in its group's context."""
+    import torch
+
+    dev = next(model.parameters()).device
     per, hf_all, gg_all, template = {}, [], [], None
     for n_ctx, group in groups:
-        llm = _llama(gguf_path, n_ctx, threads, loader.extra_bufts)
+        llm = _llama(gguf_path, n_ctx, threads, extra_bufts)
         try:
             for label, ids in group:
                 with torch.no_grad():
@@ -169,8 +193,7 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
                 if gg.shape != hf.shape:
                     raise ExportError(f"{gguf_path}: llama.cpp gives logits of shape {gg.shape}, transformers "
                                       f"{hf.shape} (vocabulary size differs)")
-                per[label] = metrics(hf, gg)
-                per[label]["n_ctx"] = n_ctx
+                per[label] = {**metrics(hf, gg), "n_ctx": n_ctx}
                 hf_all.append(hf)
                 gg_all.append(gg)
             if template is None and tok.chat_template:
@@ -178,10 +201,11 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
         finally:
             llm.close() if hasattr(llm, "close") else None
             del llm
-    del model
-    said = replies(gguf_path, sampled, served_ctx, threads, loader.extra_bufts)
-    overall = metrics(np.concatenate(hf_all), np.concatenate(gg_all))
-    limits = THRESHOLDS.get(out_type, THRESHOLDS["q2_k"])
+    return per, metrics(np.concatenate(hf_all), np.concatenate(gg_all)), template
+
+
+def _failures(overall: dict, limits: dict, template: dict | None) -> list[str]:
+    """What breaks the type's bounds, each in words; empty when parity passes."""
     failures = []
     if overall["top1_tie"] < limits["top1"]:
         failures.append(f"top-1 agreement {overall['top1_tie']:.2%} (ties within {TIE} counted) < "
@@ -192,12 +216,7 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
         failures.append(f"max |Δlogit| {overall['max_abs']:.3g} > {limits['max_abs']:g}")
     if template is not None and not template["ok"]:
         failures.append("chat template tokens differ between llama.cpp and the HF tokenizer")
-    return {"gguf": gguf_path.name, "type": out_type, "passed": not failures, "failures": failures,
-            "thresholds": limits, "overall": overall, "prompts": per, "template": template,
-            "sample": {k: said[k]["text"] for k in ("prose", "chat") if k in said}, "replies": said,
-            "served_context": served_ctx, "context_length": rule.length, "original_context": rule.original,
-            "longrope": longrope, "extra_bufts": loader.extra_bufts, "loader_note": loader.note,
-            "seconds": round(time.time() - start, 1)}
+    return failures
 
 
 def table(report: dict) -> str:
@@ -209,7 +228,8 @@ def table(report: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += verdict(report)
-    lines.append(f"{report['gguf']} ({report['type']}): {'PASS' if report['passed'] else 'FAIL: ' + '; '.join(report['failures'])}")
+    verdict_line = "PASS" if report["passed"] else "FAIL: " + "; ".join(report["failures"])
+    lines.append(f"{report['gguf']} ({report['type']}): {verdict_line}")
     return "\n".join(lines)
 
 
@@ -240,7 +260,7 @@ def verdict(report: dict) -> list[str]:
         why = (f"this LongRoPE model's original context of {orig}, in which llama.cpp applies the short rope factors "
                f"as transformers does for prompts of up to {orig} tokens (the long prompt ran in a larger context to "
                f"check the long factors)" if orig else
-               f"the model's context length of {length}, at most {llamacpp.CONTEXT_CAP}")
+               f"the model's context length of {length}, at most {gguf_context.CONTEXT_CAP}")
         out.append(f"context: the short prompts ran in {served} positions, what `python -m serve` opens this file "
                    f"with by default: {why}; its context length is {length}")
         n = len(report.get("replies") or {})

@@ -6,15 +6,14 @@ merged model or a GGUF that already came from the same input (recorded fingerpri
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
-from aegis import llamacpp
+from aegis import gguf_context
+from aegis.atomic import publish, remove, temp_sibling
 from aegis.digest import DigestError, verify, write_sidecar
 
-from . import modelfile as modelfile_mod
-from . import hparams, names, parity, quantize, to_gguf
+from . import hparams, modelfile as modelfile_mod, names, parity, quantize, to_gguf
 from .files import ExportError, find_checkpoint
 from .merge import merge, read_report, source_fingerprint, validate_checkpoint
 
@@ -48,7 +47,7 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
         raise ExportError(problem)
     model_dir, out = Path(model_dir), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    candidate = out.with_name(f".tmp-{out.stem}-{os.getpid()}.unchecked.gguf")
+    candidate = temp_sibling(out, ".unchecked")
     kind = "python" if out_type in names.PYTHON_TYPES else "llama"
     try:
         if kind == "python":
@@ -57,14 +56,14 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
             summary = {"fallbacks": result.fallbacks, "notes": result.notes}
         else:
             base_type = INTERMEDIATE.get(_merged_dtype(model_dir), "f32")
-            intermediate = out.with_name(f".tmp-{out.stem}-{os.getpid()}.{base_type}.gguf")
+            intermediate = temp_sibling(out, f".{base_type}")
             try:
                 result = to_gguf.write_gguf(model_dir, intermediate, base_type, name=name, progress=progress,
                                             log=log, label=f"{base_type} intermediate for {out.name}")
                 log(f"quantizing to {out_type} with llama.cpp")
                 fallbacks = quantize.llama_quantize(intermediate, candidate, out_type)
             finally:
-                intermediate.unlink(missing_ok=True)
+                remove(intermediate)
             for f in fallbacks:
                 log(f"  llama.cpp: {f}")
             summary = {"fallbacks": fallbacks, "notes": result.notes, "intermediate": base_type}
@@ -73,8 +72,7 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
                        source=_merged_fingerprint(model_dir))
         log(f"tensor types: {', '.join(f'{v} {k}' for k, v in sorted(summary['tensor_types'].items()))}")
         if not check_parity:
-            os.replace(candidate, out)
-            write_sidecar(out)  # out.sha256: what serve checks the file against before loading it
+            write_sidecar(out, publish(candidate, out, digest=True))  # what serve checks the file against
             log(f"written without a parity check: {out}")
             summary["parity"] = None
             return {"path": str(out), **summary}
@@ -85,20 +83,19 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
         for kind, text in (report["sample"] or {}).items():
             log(f"sample (greedy, {kind} prompt): {text!r}")
         if report["passed"]:
-            os.replace(candidate, out)
-            write_sidecar(out)
+            write_sidecar(out, publish(candidate, out, digest=True))
             out.with_name(out.name + ".rejected").unlink(missing_ok=True)  # an older failure is now stale
             parity.record(out.parent, report)
             log(f"parity passed: {out}")
             return {"path": str(out), **summary, "parity": report}
         rejected = out.with_name(out.name + ".rejected")
-        os.replace(candidate, rejected)
+        publish(candidate, rejected)
         report["rejected_file"] = rejected.name
         parity.record(out.parent, report)
         raise ExportError(f"{out.name}: parity failed ({'; '.join(report['failures'])}); kept as {rejected}, "
                           f"{out} was not replaced; details in {out.parent / parity.PARITY_FILE}")
     finally:
-        candidate.unlink(missing_ok=True)
+        remove(candidate)
 
 
 def _up_to_date(gguf_path: Path, source: str | None) -> bool:
@@ -114,7 +111,7 @@ def _up_to_date(gguf_path: Path, source: str | None) -> bool:
     # with (records older than the served context have none)
     if not (entry and entry.get("passed") and entry.get("source") == source
             and entry.get("bytes") == gguf_path.stat().st_size
-            and entry.get("served_context") == llamacpp.context(gguf_path).default):
+            and entry.get("served_context") == gguf_context.context(gguf_path).default):
         return False
     try:  # and it is still the file that passed: serve refuses a GGUF without a matching record
         verify(gguf_path)

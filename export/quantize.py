@@ -15,10 +15,11 @@ import shutil
 from pathlib import Path
 
 from aegis import llamacpp
+from aegis.atomic import atomic_file
 from aegis.errors import no_space, out_of_room
 
 from . import names
-from .files import ExportError, atomic_file
+from .files import ExportError
 
 FULL_BELOW = 1 << 20  # free bytes under which a failed write is taken for a full file system
 

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from aegis import atomic, checkpoint, metrics, schedule
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     command = COMMAND + (f" --steps {args.steps}" if args.steps else "") + (
         " --update-report" if args.update_report else "")
-    report = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
+    report = {"generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
               "config": shown(args.config), "overrides": args.overrides, "steps": cfg.schedule.total_steps,
               "base_model": cfg.model.base, "quantization": cfg.model.quantization, "data": args.data,
               "train_data": args.train_data, "work_dir": shown(args.out),

@@ -4,7 +4,7 @@ each layer compiled its own graph and past torch's recompile limit (8) the remai
 
 from __future__ import annotations
 
-from aegis import loading as model_mod
+from aegis import loading as model_mod, memory
 from aegis.config import build
 from support.training import loss_and_grads
 
@@ -16,7 +16,7 @@ def test_each_kind_of_block_compiles_once_for_all_layers(tiny_path):
     model, _ = model_mod.build(cfg, tiny_path, torch.device("cpu"), seed=0)
     model.train()
     layers = model.get_base_model().config.num_hidden_layers
-    plan = model_mod.memory_plan(cfg, model.get_base_model().config, torch.device("cpu"))
+    plan = memory.plan_for(cfg, model.get_base_model().config, torch.device("cpu"))
     torch._dynamo.reset()
     compiles = []
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aegis import llamacpp
+from aegis import gguf_context, llamacpp
 from export import names
 from export.pipeline import export_gguf
 
@@ -169,10 +169,10 @@ def _metadata_gguf(path: Path, length: int, original: int | None) -> Path:
     (131072, 3000, 2816),  # an original off llama.cpp's 256-position rounding: rounded down to stay within it
 ])
 def test_the_default_context_keeps_longrope_on_its_short_factors(tmp_path, length, original, default):
-    rule = llamacpp.context(_metadata_gguf(tmp_path / "m.gguf", length, original))
+    rule = gguf_context.context(_metadata_gguf(tmp_path / "m.gguf", length, original))
     assert (rule.length, rule.original, rule.default) == (length, original, default)
     assert not rule.long_factors(rule.default) and rule.warning(rule.default) is None
     if original:
         assert rule.long_factors(original + 1) and "long rope factors to every prompt" in rule.warning(original + 1)
-        assert llamacpp.trained_context(tmp_path / "m.gguf") == original
+        assert gguf_context.trained_context(tmp_path / "m.gguf") == original
     assert (rule.warning(length + 1) or "") != ""

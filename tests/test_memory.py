@@ -3,8 +3,7 @@ import torch
 from transformers import Phi3Config
 
 from aegis.config import ConfigError, build
-from aegis.loading import memory_plan
-from aegis.memory import MIN_MICRO_TOKENS, estimate_gib, plan
+from aegis.memory import MIN_MICRO_TOKENS, estimate_gib, plan, plan_for
 
 PHI35 = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                    num_attention_heads=32, num_key_value_heads=32)
@@ -118,10 +117,10 @@ def test_the_setting_is_validated_and_reaches_the_plan():
         build({}, ["train.dequantized_base=sometimes"])
     assert build({}).train.dequantized_base == "auto"
     cfg = build({}, ["train.dequantized_base=true"])
-    assert memory_plan(cfg, PHI35, torch.device("cpu")).dequantized_base
+    assert plan_for(cfg, PHI35, torch.device("cpu")).dequantized_base
     auto = build({})
-    assert not memory_plan(auto, PHI35, torch.device("cpu")).dequantized_base  # "auto" keeps the CPU at 4 bits
-    assert memory_plan(auto, PHI35, torch.device("cuda")).dequantized_base  # the seed recipe on a GPU
+    assert not plan_for(auto, PHI35, torch.device("cpu")).dequantized_base  # "auto" keeps the CPU at 4 bits
+    assert plan_for(auto, PHI35, torch.device("cuda")).dequantized_base  # the seed recipe on a GPU
 
 
 def test_the_plan_stays_within_what_the_gpu_has_free():
@@ -143,5 +142,5 @@ def test_the_plan_stays_within_what_the_gpu_has_free():
 @pytest.mark.gpu
 def test_the_gpu_plan_uses_the_free_memory():
     cfg = build({}, ["train.memory_budget_gib=10000"])  # more than any card has
-    p = memory_plan(cfg, PHI35, torch.device("cuda"))
+    p = plan_for(cfg, PHI35, torch.device("cuda"))
     assert p.budget_gib < torch.cuda.mem_get_info()[0] / 2**30

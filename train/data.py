@@ -21,6 +21,8 @@ import torch
 from aegis.errors import AegisError
 from aegis.tiny import corpus_path
 
+from .turns import assistant_spans
+
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".txt", ".jsonl", ".json")
@@ -173,63 +175,17 @@ def records(path: Path, skip_bad: bool = False, skipped: list[str] | None = None
     yield from good
 
 
-def _assistant_spans(tokenizer, messages: list[dict]) -> list[tuple[str, list[tuple[int, int]]]]:
-    """The rendered chat and the character spans of each assistant turn (its content and end-of-turn marker).
-    Most templates render a conversation as a prefix of its continuation, so one text holds every turn. Some do not
-    (Mistral v0.3's puts the system prompt into the last user turn, wherever that is): then each assistant turn is
-    its own text, the conversation up to that turn, with that turn alone trained on."""
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False,  # noqa: E731
-                                                             add_generation_prompt=gen)
-    full = render(messages, False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix = render(messages[:i], True) if i else render([], True)
-        upto = render(messages[: i + 1], False)
-        if not full.startswith(prefix):
-            return _turn_by_turn(render, messages)
-        end = len(full)
-        if i < len(messages) - 1:
-            # `upto` may close the conversation (Phi-3 appends EOS); that closing text is not part of the turn
-            closing = tokenizer.eos_token if tokenizer.eos_token and upto.endswith(tokenizer.eos_token) else ""
-            end = min(len(_common_prefix(upto, full)), len(upto) - len(closing))
-        spans.append((len(prefix), end))
-    return [(full, spans)]
-
-
-def _turn_by_turn(render, messages: list[dict]) -> list[tuple[str, list[tuple[int, int]]]]:
-    """One text per assistant turn: the prompt the model is given when asked for that turn, then the turn as the
-    template writes it (found after the same conversation rendered without its system prompt, where the template
-    drops the system prompt from a conversation that does not end on a user turn)."""
-    out = []
-    system = 1 if messages and messages[0]["role"] == "system" else 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prompt, upto = render(messages[:i], True), render(messages[: i + 1], False)
-        base = next((b for b in (prompt, render(messages[system:i], True)) if upto.startswith(b)), None)
-        if base is None:
-            raise DataError("the chat template renders an assistant turn that does not continue the prompt before "
-                            "it, so its tokens cannot be told apart")
-        out.append((prompt + upto[len(base):], [(len(prompt), len(prompt) + len(upto) - len(base))]))
-    return out
-
-
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return a[:n]
-
-
 def tokenize(tokenizer, kind: str, payload) -> list[Example]:
     """A text record is one example; a chat is one, or one per assistant turn where the template needs it."""
     if kind == "text":
         ids = tokenizer(payload, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return [Example(ids, list(ids))]
+    texts = assistant_spans(tokenizer, payload)
+    if texts is None:
+        raise DataError("the chat template renders an assistant turn that does not continue the prompt before it, "
+                        "so its tokens cannot be told apart")
     out = []
-    for text, spans in _assistant_spans(tokenizer, payload):
+    for text, spans in texts:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         labels = [tid if any(s < e_ and e > s_ for s_, e_ in spans) else IGNORE
                   for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]

@@ -1,7 +1,7 @@
 """One micro-batch's forward + backward captured once as a CUDA graph, then replayed for every micro-batch.
 
-At batch 1 x 512 an update of the 3.8 B model is bound by kernel launches, not by the GPU (~4 750 launches per
-update, BENCHMARKS.md). A replay issues all of them with one call. What capture needs, and how it is met here:
+At small batches an update is bound by kernel launches, not by the GPU (thousands of launches per update: the
+profile in BENCHMARKS.md). A replay issues all of them with one call. What capture needs, and how it is met here:
 - fixed shapes and addresses: micro-batches are copied into fixed input buffers (train.max_length wide), and the
   gradients exist before capture, so every replay adds into the same tensors (gradient accumulation keeps working);
 - no host synchronisation inside the graph: the loss scale (1 / labelled tokens of the update) is a device tensor,
@@ -9,9 +9,8 @@ update, BENCHMARKS.md). A replay issues all of them with one call. What capture 
   outside the graph and fed in as a leaf tensor; its gradient is carried back through the exponential afterwards.
 One process only: DDP's all-reduce hooks are not captured. With model.compile the decoder layers' blocks are compiled
 during the eager warm-up runs and their fused kernels are what the graph captures (fewer kernels and less memory
-traffic: 26.7k instead of 21.1k tokens/s at 16 x 512, BENCHMARKS.md). That holds because nothing recompiles inside
-the capture: the attention builds no mask there (aegis/causal.py) and every layer shares its block's compiled code
-(aegis/forwards.py).
+traffic; the throughput is in BENCHMARKS.md). That holds because nothing recompiles inside the capture: the
+attention builds no mask there (aegis/causal.py) and every layer shares its block's compiled code (aegis/forwards.py).
 With `capture=False` the same buffers run eagerly, which is how the CPU tests check this path against the plain one.
 """
 

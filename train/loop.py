@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from peft import set_peft_model_state_dict
 from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
-from aegis import checkpoint, loading as model_mod, runs, schedule, soul as soul_mod
+from aegis import checkpoint, loading as model_mod, memory, runs, schedule, soul as soul_mod
 from aegis.config import EMBEDDED, Config, to_dict
 from aegis.errors import no_space, out_of_room
 from aegis.metrics import METRICS, JsonlSink, MetricLogger, ProgressSink, read as read_metrics
@@ -86,7 +86,7 @@ class Recipe:
         optimizer and LR schedule: a step that cannot fit, or bad data, is refused before any weights load."""
         base_path = model_mod.resolve_base(self.cfg.model.base, self.cfg.model.revision)
         self.base_config = AutoConfig.from_pretrained(base_path)
-        self.mem = model_mod.memory_plan(self.cfg, self.base_config, self.acc.device, self.log)
+        self.mem = memory.plan_for(self.cfg, self.base_config, self.acc.device, self.log)
         self._set_up_data(base_path)
         self._set_up_model(base_path)
         self._set_up_optimizer()

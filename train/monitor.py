@@ -177,82 +177,84 @@ def _phase_line(current: str) -> Text:
 
 
 def render(st: State):
+    """One frame: the run's progress, the soul's schedule and health, the loss, and any warning."""
     title = f"AEGIS run {st.run_dir}"
     if not st.exists:
         return Panel(Text(f"waiting for the run to start: {st.run_dir} does not exist yet", style="yellow"),
                      title=title, box=box.ROUNDED)
-    last = st.last
-    if last is None:
+    if st.last is None:
         msg = "waiting for the first step (no metrics yet)"
         if st.sched is None:
             msg = "waiting for the run to start (no config.toml yet)"
         return Panel(Text(msg, style="yellow"), title=title, box=box.ROUNDED)
-
-    sched = st.sched
-    total = sched.total_steps if sched else None
-    step = last["step"]
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
+    for rows in (_progress_rows, _soul_rows, _loss_rows, _health_rows):
+        for label, value in rows(st):
+            table.add_row(label, value)
+    parts = [table] + [Text(f"WARNING: {w}", style="bold red") for w in st.warnings]
+    return Panel(Group(*parts), title=title, box=box.ROUNDED,
+                 border_style="red" if st.warnings else ("green" if st.finished else "blue"))
 
-    # progress: step / total, ETA
-    if total:
-        frac = min(1.0, step / total)
-        prog = f"{step} / {total} ({frac:.0%})"
-    else:
-        prog = f"{step} / ? (no config.toml)"
+
+def _progress_rows(st: State) -> list[tuple[str, object]]:
+    """step / total with the ETA (or finished, or how long no step came)."""
+    total = st.sched.total_steps if st.sched else None
+    step = st.last["step"]
+    prog = f"{step} / {total} ({min(1.0, step / total):.0%})" if total else f"{step} / ? (no config.toml)"
     rate = throughput(st.records)
-    sps = rate[0] if rate else None
     if st.finished:
         prog += "  finished"
-    elif total and sps is not None:
-        prog += f"  ETA {duration(max(0, total - step) * sps)}"
+    elif total and rate:
+        prog += f"  ETA {duration(max(0, total - step) * rate[0])}"
     if st.metrics_age_s is not None and not st.finished and st.metrics_age_s > 120:
         prog += f"  (no new step for {duration(st.metrics_age_s)})"
-    table.add_row("step", prog)
+    return [("step", prog)]
 
-    # phase, α and gate with their targets
-    table.add_row("phase", Text.assemble(_phase_line(last.get("phase", "")), f"   ({last.get('phase')})"))
+
+def _soul_rows(st: State) -> list[tuple[str, object]]:
+    """The phase, α and gate, beside what the schedule sets and aims at."""
+    last, sched = st.last, st.sched
     alpha_line = f"{_fmt(last.get('alpha'), '+.4f')}"
     gate_line = f"{_fmt(last.get('gate'), '.4f')}"
     if sched:
-        alpha_line += (f"   scheduled {schedule.alpha_for_step(step, sched):+.4f}"
+        alpha_line += (f"   scheduled {schedule.alpha_for_step(last['step'], sched):+.4f}"
                        f"   target {sched.target_alpha:+.4f}")
         gate_line += f"   target {schedule.gate(sched.target_alpha):.4f}"
-    table.add_row("α", alpha_line)
-    table.add_row("gate", gate_line)
+    phase = Text.assemble(_phase_line(last.get("phase", "")), f"   ({last.get('phase')})")
+    return [("phase", phase), ("α", alpha_line), ("gate", gate_line)]
 
-    # loss and its trend over the whole run
+
+def _loss_rows(st: State) -> list[tuple[str, object]]:
+    """The newest loss, the recent mean and the minimum, and the trend over the whole run."""
     losses = [number(r.get("loss")) for r in st.records]
     finite = [v for v in losses if math.isfinite(v)]
-    loss_text = Text(_fmt(last.get("loss"), ".4f"), style="bold" if math.isfinite(losses[-1]) else "bold red")
+    loss_text = Text(_fmt(st.last.get("loss"), ".4f"), style="bold" if math.isfinite(losses[-1]) else "bold red")
     if finite:
         recent = finite[-SPIKE_WINDOW:]
         loss_text.append(f"   mean of last {len(recent)} {sum(recent) / len(recent):.4f}   min {min(finite):.4f}")
-    table.add_row("loss", loss_text)
-    table.add_row("trend", Text(sparkline(losses), style="cyan"))
+    return [("loss", loss_text), ("trend", Text(sparkline(losses), style="cyan"))]
 
-    # the soul's structure
-    table.add_row("ortho error", f"{_fmt(last.get('ortho_error'), '.2e')}   (limit {ORTHO_LIMIT:.0e})")
-    table.add_row("det range", f"{_fmt(last.get('det_min'), '.6f')} … {_fmt(last.get('det_max'), '.6f')}")
-    table.add_row("rotation norm", f"{_fmt(last.get('rotation_norm'), '.4f')}   (‖R − I‖, 0 = identity)")
+
+def _health_rows(st: State) -> list[tuple[str, object]]:
+    """The soul's structure, the throughput, the GPU's memory and the newest complete checkpoint."""
+    last = st.last
+    rows: list[tuple[str, object]] = [
+        ("ortho error", f"{_fmt(last.get('ortho_error'), '.2e')}   (limit {ORTHO_LIMIT:.0e})"),
+        ("det range", f"{_fmt(last.get('det_min'), '.6f')} … {_fmt(last.get('det_max'), '.6f')}"),
+        ("rotation norm", f"{_fmt(last.get('rotation_norm'), '.4f')}   (‖R − I‖, 0 = identity)")]
+    rate = throughput(st.records)
     if rate:
-        table.add_row("throughput", f"{rate[1]:,.0f} tokens/s   {rate[0]:.2f} s/step   (recent steps)")
+        rows.append(("throughput", f"{rate[1]:,.0f} tokens/s   {rate[0]:.2f} s/step   (recent steps)"))
     if "gpu_mem_gib" in last:
-        table.add_row("GPU memory", f"{_fmt(last.get('gpu_mem_gib'), '.2f')} GiB (peak)")
-    if st.checkpoint is not None:
-        ck = f"{st.checkpoint.relative_to(st.run_dir)}"
-        if st.checkpoint_step is not None:
-            ck += f" (step {st.checkpoint_step})"
-        table.add_row("checkpoint", ck)
-    else:
-        table.add_row("checkpoint", Text("none complete yet", style="dim"))
-
-    parts = [table]
-    for w in st.warnings:
-        parts.append(Text(f"WARNING: {w}", style="bold red"))
-    return Panel(Group(*parts), title=title, box=box.ROUNDED,
-                 border_style="red" if st.warnings else ("green" if st.finished else "blue"))
+        rows.append(("GPU memory", f"{_fmt(last.get('gpu_mem_gib'), '.2f')} GiB (peak)"))
+    if st.checkpoint is None:
+        return rows + [("checkpoint", Text("none complete yet", style="dim"))]
+    ck = f"{st.checkpoint.relative_to(st.run_dir)}"
+    if st.checkpoint_step is not None:
+        ck += f" (step {st.checkpoint_step})"
+    return rows + [("checkpoint", ck)]
 
 
 def main(argv: list[str] | None = None) -> int:
