@@ -6,10 +6,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import checkpoint
+from . import checkpoint, memory
 from .config import EMBEDDED, Config
 from .errors import ModelError
-from .memory import HEAD_GROUP, TILE, plan as make_plan
 from .tiny import ensure as ensure_tiny
 
 # torch, transformers, peft and the soul (a torch module) are imported by the functions that build models: serve's
@@ -169,56 +168,20 @@ def add_lora(model: nn.Module, cfg: Config, checkpointing: bool = False):
     return get_peft_model(model, lora)
 
 
-def memory_plan(cfg: Config, base_config, device: torch.device | None = None, log=None):
-    """The step's memory estimate, gradient checkpointing, micro-batch and dequantized base for the base's config
-    (aegis/memory.py), for `device` (by default this machine's), within train.memory_budget_gib or what the GPU has
-    free (on the CPU: the machine's memory) if that is less (said through `log`). A step that cannot fit even so is
-    a ConfigError with the estimate and the budget."""
-    import os
-
-    import torch
-
-    from .memory import device_budget, refuse_over_budget
-
-    device = device or device_for()
-    if device.type == "cuda" and torch.cuda.is_available():
-        budget, note = device_budget(cfg.train.memory_budget_gib, torch.cuda.mem_get_info(device)[0] / 2**30)
-    else:  # the step runs in the machine's memory: its size, not what happens to be free now (plans stay the same)
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        budget, note = device_budget(cfg.train.memory_budget_gib, total, "this machine has {:.1f} GiB of memory")
-    if note and log is not None:
-        log(note)
-    p = make_plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4",
-                  budget, cfg.model.gradient_checkpointing, cfg.train.offload_activations,
-                  cfg.train.dequantized_base, gpu=device.type == "cuda", tiled=cfg.train.tiled_mlp,
-                  tiled_attention=cfg.train.tiled_attention)
-    refuse_over_budget(p, cfg.train.max_length, cfg.train.batch_size)
-    return p
-
-
 def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=print, plan=None):
     """Base (quantized as configured) + LoRA + soul, ready to train. Returns (peft_model, soul).
     `plan` is the memory plan when the caller has made it already. The decoder layers' blocks are compiled when
     model.compile is set (a captured step then replays the compiled kernels)."""
     import torch
-    from torch import nn
     from transformers import AutoConfig
 
     from . import soul as soul_mod
 
-    p = plan or memory_plan(cfg, AutoConfig.from_pretrained(base_path), device, log)
-    split = cfg.train.batch_size // p.micro_batch
+    p = plan or memory.plan_for(cfg, AutoConfig.from_pretrained(base_path), device, log)
     # the budget is GPU memory; a split and a dequantized base apply wherever it runs
-    if device.type == "cuda" or split > 1 or p.dequantized_base or p.tiled_mlp or p.tiled_attention:
-        log(f"memory plan: ~{p.estimate_gib:.1f} GiB of {p.budget_gib:g} GiB with gradient checkpointing "
-            f"{'on' if p.gradient_checkpointing else 'off'}"
-            + (", its kept activations in host memory" if p.offload else "")
-            + (f", each MLP {TILE} positions at a time" if p.tiled_mlp else "")
-            + (f", each attention {HEAD_GROUP} key/value heads at a time" if p.tiled_attention else "")
-            + (f"; each batch of {cfg.train.batch_size} runs as {split} micro-batches of {p.micro_batch}"
-               if split > 1 else "")
-            + (f"; base {'dequantized once' if p.dequantized_base else 'kept at 4 bits'} ({p.why_base})"
-               if cfg.model.quantization == "nf4" else ""))
+    if (device.type == "cuda" or p.micro_batch < cfg.train.batch_size or p.dequantized_base or p.tiled_mlp
+            or p.tiled_attention):
+        log(memory.summary(p, cfg.train.batch_size, cfg.model.quantization == "nf4"))
     dtype = compute_dtype(cfg.model.dtype, device)
     model = load_base(base_path, cfg.model.quantization, dtype, device)
     from .causal import use_causal_sdpa
@@ -254,8 +217,8 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
 def compile_blocks(model: nn.Module, p, **options) -> int:
     """torch.compile the blocks inside each decoder layer (`options` go to torch.compile); returns how many.
     The blocks, not the layer: transformers checkpoints a layer's forward, and a checkpoint traced into a compiled
-    layer kept far more alive (20.9 GiB instead of ~7.4 at 16 x 512, BENCHMARKS.md). A tiled MLP or attention runs
-    its pieces under checkpoints of their own, which compiled code would trace, so those stay as they are."""
+    layer keeps far more alive (BENCHMARKS.md). A tiled MLP or attention runs its pieces under checkpoints of their
+    own, which compiled code would trace, so those stay as they are."""
     from torch import nn
 
     names = (("input_layernorm", "post_attention_layernorm") + (() if p.tiled_attention else ("self_attn",))
