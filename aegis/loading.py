@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import checkpoint, memory
+from . import checkpoint, families, memory
 from .config import EMBEDDED, Config
 from .errors import ModelError
 from .tiny import ensure as ensure_tiny
@@ -17,14 +17,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-# The families that go end to end (train -> merge -> GGUF -> serve; export/names.py writes each), with the LoRA
-# targets of `lora.target_modules = "auto"`: the attention projections under each architecture's own names.
-AUTO_TARGETS = {
-    "phi3": ["qkv_proj", "o_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
+# The families that go end to end (train -> merge -> GGUF -> serve), with the LoRA targets of
+# `lora.target_modules = "auto"` under each architecture's own names: aegis/families/ declares them.
+AUTO_TARGETS = {f.name: list(f.lora_targets) for f in families.FAMILIES.values()}
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from aegis import tool_format
+from aegis import families, tool_format
 
 from . import gotemplate
 from .files import ExportError
@@ -72,40 +72,34 @@ class Proof:
 # ---- the formats ----------------------------------------------------------------------------------------------------
 
 def _turns(open_: str, close: str, gen: str, bos: str, skip_empty_system: bool, default_system: str | None,
-           tools: bool = False) -> str:
+           tools: tool_format.ToolFormat | None = None) -> str:
     """Formats that wrap each message as open(role) + content + close, e.g. <|im_start|>user\\n...<|im_end|>\\n.
     No cosmetic newlines and no trim markers: every character of the template is one the chat renders. With
-    `tools`, Ollama's tools, calls and tool results are written in AEGIS's tool format, as the server writes them."""
-    described = open_.format(role="system") + _TOOLS + close
+    `tools`, Ollama's tools, calls and tool results are written in that tool format, as the server writes them."""
+    described = open_.format(role="system") + (tools.go_tools if tools else "") + close
     system = (open_.format(role="system") + "{{ .Content }}"
-              + ("{{ if and $.Tools (eq $i 0) }}{{ if .Content }}\n\n{{ end }}" + _TOOLS + "{{ end }}" if tools else "")
+              + ("{{ if and $.Tools (eq $i 0) }}{{ if .Content }}\n\n{{ end }}" + tools.go_tools + "{{ end }}"
+                 if tools else "")
               + close)
     if skip_empty_system:
         system = ("{{ if or .Content (and $.Tools (eq $i 0)) }}" if tools else "{{ if .Content }}") + system \
             + "{{ end }}"
-    default = ""
-    if default_system is not None:
-        default = ('{{ if and (eq $i 0) (ne .Role "system") }}' + open_.format(role="system") + default_system
-                   + close + "{{ end }}")
-    if tools:
-        default += '{{ if and $.Tools (eq $i 0) (ne .Role "system") }}' + described + "{{ end }}"
+    # a chat that does not open with a system message: the tools' description is its system turn (the server
+    # inserts one), else the template's default system prompt, if it has one
+    first = '{{ if and (eq $i 0) (ne .Role "system") }}'
+    default = first + open_.format(role="system") + default_system + close + "{{ end }}" if default_system else ""
+    if tools and default:
+        default = first + "{{ if $.Tools }}" + described + "{{ else }}" + default[len(first):] + "{{ end }}"
+    elif tools:
+        default = '{{ if and $.Tools (eq $i 0) (ne .Role "system") }}' + described + "{{ end }}"
     other = open_.format(role="{{ .Role }}") + "{{ .Content }}" + close
     if tools:
-        other = ('{{ if eq .Role "tool" }}' + open_.format(role="user")
-                 + '{"tool_result":{"name":{{ json .ToolName }},"content":{{ json .Content }}}}' + close
+        other = ('{{ if eq .Role "tool" }}' + open_.format(role="user") + tools.go_result + close
                  + "{{ else if .ToolCalls }}" + open_.format(role="assistant")
-                 + "{{ if .Content }}{{ .Content }}\n{{ end }}"
-                 + '{"tool_calls":[{{ range $j, $c := .ToolCalls }}{{ if $j }},{{ end }}'
-                 '{"name":{{ json .Function.Name }},"arguments":{{ json .Function.Arguments }}}{{ end }}]}' + close
+                 + "{{ if .Content }}{{ .Content }}\n{{ end }}" + tools.go_calls + close
                  + "{{ else }}" + other + "{{ end }}")
     return (bos + "{{ range $i, $m := .Messages }}" + default + '{{ if eq .Role "system" }}' + system
             + "{{ else }}" + other + "{{ end }}{{ end }}" + gen)
-
-
-# AEGIS's tool format (aegis/tool_format.py) from Ollama's tools: the intro, a JSON line per tool, the instructions
-_TOOLS = (tool_format.TOOLS_INTRO + '{{ range $.Tools }}\n{"name":{{ json .Function.Name }}'
-          '{{ if .Function.Description }},"description":{{ json .Function.Description }}{{ end }}'
-          ',"parameters":{{ json .Function.Parameters }}}{{ end }}\n' + tool_format.CALL_HOWTO)
 
 
 def _gemma(bos: str) -> str:
@@ -157,11 +151,14 @@ def candidates(tok, render) -> list[_Candidate]:
     bos_text, eos_text = tok.bos_token or "", tok.eos_token or ""
     boses = ["", bos_text] if bos_text else [""]
     out: list[_Candidate] = []
+    # the tool format the server uses for this chat template (its family's), written into every template that has
+    # a place for it
+    tools = families.by_chat_template(tok.chat_template if isinstance(tok.chat_template, str) else None).tool_format
     if has("<|user|>", "<|assistant|>", "<|end|>"):
         for bos in boses:
             for skip in (True, False):
                 out.append(_Candidate("Phi-3", _turns("<|{role}|>\n", "<|end|>\n", "<|assistant|>\n", bos, skip, None,
-                                                      tools=True),
+                                                      tools),
                                       ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>")))
     if has("<|im_start|>", "<|im_end|>"):
         default = _default_system(render, "<|im_start|>", "<|im_end|>")
@@ -170,13 +167,13 @@ def candidates(tok, render) -> list[_Candidate]:
                 for skip in (False, True):
                     out.append(_Candidate("ChatML" + (" (default system prompt)" if d is not None else ""),
                                           _turns("<|im_start|>{role}\n", "<|im_end|>\n", "<|im_start|>assistant\n",
-                                                 bos, skip, d), ("<|im_end|>", "<|im_start|>")))
+                                                 bos, skip, d, tools), ("<|im_end|>", "<|im_start|>")))
     if has("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
         for bos in boses:
             for skip in (False, True):
                 out.append(_Candidate("Llama 3", _turns("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>",
                                                         "<|start_header_id|>assistant<|end_header_id|>\n\n", bos,
-                                                        skip, None),
+                                                        skip, None, tools),
                                       ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>")))
     if has("<start_of_turn>", "<end_of_turn>"):
         for bos in boses:

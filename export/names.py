@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import gguf
 
-# HF model_type -> how it is written.
-#   arch:        llama.cpp architecture
-#   permute_qk:  llama.cpp's llama graph uses interleaved rotary pairs where HF rotates halves, so q/k rows are
-#                reordered for it; phi3 and qwen2 use the half-rotation (NEOX) form and are written as they are
-#   longrope:    LongRoPE factors written as tensors
-FAMILIES = {
-    "phi3": {"arch": gguf.MODEL_ARCH.PHI3, "permute_qk": False, "longrope": True},
-    "llama": {"arch": gguf.MODEL_ARCH.LLAMA, "permute_qk": True, "longrope": False},
-    "mistral": {"arch": gguf.MODEL_ARCH.LLAMA, "permute_qk": True, "longrope": False},
-    "qwen2": {"arch": gguf.MODEL_ARCH.QWEN2, "permute_qk": False, "longrope": False},
-}
+from aegis import families
+
+# HF model_type -> how it is written (aegis/families/ declares each): arch, llama.cpp's architecture; permute_qk,
+# q/k rows reordered for llama.cpp's interleaved rotary pairs; longrope, LongRoPE factors written as tensors
+_ARCHS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+FAMILIES = {f.name: {"arch": _ARCHS[f.gguf_arch], "permute_qk": f.permute_qk, "longrope": f.longrope}
+            for f in families.FAMILIES.values()}
 ROPE_FACTORS_LONG = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"
 ROPE_FACTORS_SHORT = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight"
 

@@ -174,8 +174,9 @@ def write_metadata(writer, hp: HParams, vocab: vocab_mod.Vocab, name: str, file_
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_rope_dimension_count(hp.rope_dims)
     writer.add_rope_freq_base(hp.rope_theta)
-    if hp.model_type == "phi3":
-        # Phi-3 metadata llama.cpp reads: original context (picks short/long factors), sliding window (0 = none).
+    if names.FAMILIES[hp.model_type]["longrope"]:
+        # a LongRoPE family's metadata llama.cpp reads: original context (picks short/long factors), sliding window
+        # (0 = none)
         orig = hp.n_ctx_orig or hp.n_ctx
         writer.add_rope_scaling_orig_ctx_len(orig)
         writer.add_sliding_window(hp.sliding_window or 0)
@@ -184,7 +185,7 @@ def write_metadata(writer, hp: HParams, vocab: vocab_mod.Vocab, name: str, file_
             writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1
                                                  else 1.0)
         elif hp.rope_type != "default":
-            raise ExportError(f"config.json: rope type {hp.rope_type!r} is not supported for phi3")
+            raise ExportError(f"config.json: rope type {hp.rope_type!r} is not supported for {hp.model_type}")
     elif hp.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(hp.rope["factor"]))

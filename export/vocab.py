@@ -14,17 +14,17 @@ from pathlib import Path
 
 import gguf
 
-from aegis import llamacpp
+from aegis import families, llamacpp
 
 from .files import ExportError
 
 T = gguf.TokenType
 
-# End-of-turn tokens of the chat formats AEGIS knows (Phi-3, ChatML/Qwen, Llama 3).
-EOT_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>")
+# The end-of-turn token of each family's chat format (aegis/families/): the first the tokenizer has is the GGUF's eot.
+EOT_TOKENS = tuple(dict.fromkeys(f.end_of_turn[0] for f in families.FAMILIES.values() if f.end_of_turn))
 # Pre-tokenizers (how byte-level BPE splits text before merging) llama.cpp knows, the family's usual one first; the
 # one written is the first under which llama.cpp tokenizes PRE_PROBES exactly as the HF tokenizer does.
-BPE_PRE = {"qwen2": "qwen2", "llama": "llama-bpe", "mistral": "llama-bpe"}
+BPE_PRE = {f.name: f.bpe_pre for f in families.FAMILIES.values() if f.bpe_pre}
 PRE_CANDIDATES = ("llama-bpe", "qwen2", "smollm", "gpt-2", "default", "gpt-4o", "llama4", "stablelm2", "starcoder",
                   "olmo", "deepseek-llm", "refact", "command-r", "dbrx", "smaug-bpe", "bloom", "superbpe")
 PRE_PROBES = ["吾輩は猫である。名前はまだ無い。", "複数行の\n\n質問です。\n- one\n- two", "Numbers: 12345, 3.14159, 2026年12月1日",

@@ -9,7 +9,6 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from aegis import tool_format
 from aegis.chat_template import TemplateError
 
 from . import prompt, structured, tools
@@ -151,7 +150,7 @@ def _grammar(backend: Backend, req: ChatCompletionRequest, choice: str, defs: li
         elif constrained:
             grammar = structured.schema_grammar({"type": "object"})
         else:
-            grammar = tools.grammar(defs, choice, req.parallel_tool_calls is not False)
+            grammar = tools.grammar(defs, choice, req.parallel_tool_calls is not False, backend.tool_format)
     except structured.SchemaLimit as e:
         where = e.param or param
         raise bad_request(f"the schema is beyond a limit at {where}#{e}", where, "schema_too_large") from None
@@ -179,7 +178,7 @@ def prepare_chat(registry: Registry, req: ChatCompletionRequest) -> Prepared:
     # what the system turn gets besides the conversation's own: the tools on offer, or what the JSON reply is for
     # (the two never come together: a JSON response_format needs tool_choice none)
     fmt = req.response_format
-    note = tool_format.system_text(defs) if choice != "none" else \
+    note = backend.tool_format.system_text(defs) if choice != "none" else \
         fmt.json_schema.description if isinstance(fmt, JsonSchemaFormat) else None
     messages = prompt.conversation(req.messages, backend.chat_template, note)
     try:

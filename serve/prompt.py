@@ -15,7 +15,7 @@ import re
 import secrets
 from functools import lru_cache
 
-from aegis import chat_template, tool_format
+from aegis import chat_template, families
 
 from .backends import Backend
 from .backends.base import Control
@@ -90,8 +90,9 @@ def _text(m) -> str:
 
 def conversation(messages: list, template: str, note: str | None = None) -> list[dict]:
     """A request's messages as the template's dicts (role, content[, name]): `developer` read as `system`, calls
-    and tool results written in the tool format (aegis/tool_format.py), `note` (the tools on offer, or what a JSON reply is
-    for) added to the system turn."""
+    and tool results written in the tool format of the template's family (aegis/families/), `note` (the tools on
+    offer, or what a JSON reply is for) added to the system turn."""
+    fmt = families.by_chat_template(template).tool_format
     out: list[dict] = []
     called: dict[str, str] = {}  # tool_call_id -> function name
     for i, m in enumerate(messages):
@@ -103,7 +104,7 @@ def conversation(messages: list, template: str, note: str | None = None) -> list
             if m.tool_call_id not in called:
                 raise bad_request("a tool message must answer a tool call of an earlier assistant message (by "
                                   "its id)", f"{at}.tool_call_id")
-            item = {"role": "user", "content": tool_format.result_text(called[m.tool_call_id], _text(m))}
+            item = {"role": "user", "content": fmt.result_text(called[m.tool_call_id], _text(m))}
         elif calls:
             written = []
             for j, call in enumerate(calls):
@@ -116,7 +117,7 @@ def conversation(messages: list, template: str, note: str | None = None) -> list
                                       f"{at}.tool_calls[{j}].function.arguments")
                 called[call.id] = call.function.name
                 written.append((call.function.name, args))
-            item = {"role": "assistant", "content": "\n".join(filter(None, [_text(m), tool_format.calls_text(written)]))}
+            item = {"role": "assistant", "content": "\n".join(filter(None, [_text(m), fmt.calls_text(written)]))}
         else:
             item = {"role": "system" if m.role == "developer" else m.role, "content": _text(m)}
         if getattr(m, "name", None) is not None:

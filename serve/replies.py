@@ -21,7 +21,6 @@ from .job import Finish, Job, Scored
 from .responses import (AssistantMessage, ChatChoice, ChatCompletion, ChoiceLogprobs, Completion, CompletionChoice,
                         CompletionLogprobs, FunctionCallOut, PromptTokensDetails, TokenLogprob, ToolCallOut,
                         TopLogprob, Usage)
-from .tools import CallReader
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
@@ -84,7 +83,7 @@ class ChatReply(Reply):
 
     def __init__(self, p: engine.Prepared):
         super().__init__(p)
-        self.reader = CallReader() if p.tools else None
+        self.reader = p.model.backend.tool_format.reader() if p.tools else None
 
     def _logprobs(self) -> dict | None:
         if self.p.logprobs is None:

@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import families
-from support.modelfile_text import parse
 
+from aegis import families as registry
 from export import chat_formats, gotemplate, modelfile
 from export.files import ExportError
+from support import families
+from support.modelfile_text import parse
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = [f for f, spec in families.CHAT_FORMATS.items() if spec[-1] is not None]
@@ -149,23 +150,37 @@ def test_go_template_rules():
             render(bad, {"X": 1})
 
 
-def test_phi3_template_writes_tools_as_the_server_does(tiny_path):
-    """Phi-3 has no tool format of its own; the Modelfile's template writes Ollama's tools, calls and tool results in
-    AEGIS's (aegis/tool_format.py), so a model that learned tool calls from the server's prompts sees the same text
-    under Ollama. Tools given with their keys in the order Go writes them (struct fields; map keys sorted)."""
+def _format_of(family) -> str:
+    """The CHAT_FORMATS key of a registered family's own chat format."""
+    return next(k for k, spec in families.CHAT_FORMATS.items() if spec[5] == family.chat_template)
+
+
+@pytest.mark.parametrize("name", list(registry.FAMILIES))
+def test_template_writes_tools_as_the_server_does(tokenizers, name):
+    """The Modelfile's template writes Ollama's tools, calls and tool results in the family's tool format
+    (aegis/tool_format.py: AEGIS's JSON one for Phi-3, Hermes <tool_call> for Qwen2), so a model that learned tool
+    calls from the server's prompts sees the same text under Ollama. Tools given with their keys in the order Go writes
+    them (struct fields; map keys sorted). A format with no place for tools ([INST]) writes none."""
     import msgspec
 
-    from aegis import chat_template, tool_format
+    from aegis import chat_template
     from serve import prompt
     from serve.schemas import ChatCompletionRequest
 
-    tok = _tok(tiny_path)
-    template = chat_formats.derive(tok, "tiny").template
+    family = registry.FAMILIES[name]
+    fmt = family.tool_format
+    tok = _tok(tokenizers[_format_of(family)])
+    template = chat_formats.derive(tok, name).template
+    if "$.Tools" not in template:
+        assert family.ollama_format == "Mistral [INST]"
+        return
     weather = {"type": "object", "required": ["city"],
                "properties": {"city": {"type": "string", "description": "都市の名前"}}}
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "天気予報", "parameters": weather}},
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "天気予報",
+                                               "parameters": weather}},
              {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "required": [],
                                                                               "properties": {}}}}]
+    call = {"name": "get_weather", "arguments": {"city": "東京"}}
     for system in ("丁寧に答えてください。", None):
         head = [{"role": "system", "content": system}] if system else []
         request = msgspec.json.decode(msgspec.json.encode({"model": "m", "tools": tools, "messages": head + [
@@ -173,16 +188,18 @@ def test_phi3_template_writes_tools_as_the_server_does(tiny_path):
             {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
                 "name": "get_weather", "arguments": '{"city": "東京"}'}}]},
             {"role": "tool", "tool_call_id": "c1", "content": "晴れ"}]}), type=ChatCompletionRequest)
-        note = tool_format.system_text([{"name": t["function"]["name"], "description": t["function"].get("description"),
-                                         "parameters": t["function"]["parameters"]} for t in tools])
+        note = fmt.system_text([{"name": t["function"]["name"], "description": t["function"].get("description"),
+                                 "parameters": t["function"]["parameters"]} for t in tools])
         served = chat_template.render(tok.chat_template, prompt.conversation(request.messages, tok.chat_template, note),
-                                      dict(bos_token=tok.bos_token, eos_token=tok.eos_token))
+                                      dict(bos_token=tok.bos_token or "", eos_token=tok.eos_token or ""))
         ollama = chat_formats.render_go(template, head + [
             {"role": "user", "content": "東京の天気は?"},
-            {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "東京"}}]},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
             {"role": "tool", "content": "晴れ", "tool_name": "get_weather"}], tools=tools)
+        if tok.bos_token and served.startswith(tok.bos_token) and not ollama.startswith(tok.bos_token):
+            ollama = tok.bos_token + ollama  # llama.cpp adds the BOS the chat template writes
         assert ollama == served
-        assert '{"tool_calls":[{"name":"get_weather","arguments":{"city":"東京"}}]}' in ollama
-        assert '<|user|>\n{"tool_result":{"name":"get_weather","content":"晴れ"}}<|end|>' in ollama
+        assert fmt.calls_text([("get_weather", {"city": "東京"})]) in ollama
+        assert fmt.result_text("get_weather", "晴れ") in ollama
     # without tools the template renders exactly what it rendered before (the token-for-token proof above)
-    assert tool_format.TOOLS_INTRO not in chat_formats.render_go(template, [{"role": "user", "content": "x"}])
+    assert fmt.system_text([])[:40] not in chat_formats.render_go(template, [{"role": "user", "content": "x"}])

@@ -1,8 +1,9 @@
-"""Every family the config accepts (lora.target_modules = "auto": Phi-3, Llama, Mistral, Qwen2) end to end on a small
-model of that family built here (tests/support/families.py): `python -m train` → `python -m export all` with every
-GGUF type (merge, GGUF, parity, and the Modelfile whose template is proved against the family's chat template) →
-`python -m serve` answering through the API exactly as the merged model does. Tied embeddings (Llama, Qwen2) and
-q/k/v biases (Qwen2) included. An architecture AEGIS does not support is refused by `train` before any weights."""
+"""Every registered model family (aegis/families/: Phi-3, Llama, Mistral, Qwen2) end to end on a small model of that
+family built here (tests/support/families.py): `python -m train` → `python -m export all` with every GGUF type (merge,
+GGUF, parity, and the Modelfile whose template is proved against the family's chat template) → `python -m serve`
+answering through the API exactly as the merged model does, and calling tools in the family's tool format. Tied
+embeddings (Llama, Qwen2) and q/k/v biases (Qwen2) included. An architecture AEGIS does not support is refused by
+`train` before any weights. Without a model: each family's chat and tool format render and read back."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import sys
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 
+from aegis import chat_template, families as registry
 from conftest import SHORT, train_cli
 from export import names
 from support import families
@@ -24,7 +27,7 @@ TYPES = list(names.TYPES)
 CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "日本の首都はどこですか？"}]
 
 
-@pytest.fixture(scope="module", params=list(families.FAMILIES))
+@pytest.fixture(scope="module", params=list(registry.FAMILIES))
 def exported(request, tiny_path, tmp_path_factory) -> dict:
     family = request.param
     root = tmp_path_factory.mktemp(family)
@@ -122,7 +125,128 @@ def test_unsupported_architecture_is_refused_before_loading(tmp_path):
     assert proc.returncode == 2 and "LlamaForSequenceClassification" in proc.stderr
 
 
-def test_train_and_export_agree_on_the_families():
+def test_train_export_and_serve_read_the_registry():
+    """Every stage's view of the families is the registry's: a family file is all a family needs (and its test
+    data, here)."""
     from aegis.loading import AUTO_TARGETS
+    from export import vocab
+    from serve.backends import base
 
-    assert set(AUTO_TARGETS) == set(names.FAMILIES) == set(families.FAMILIES)
+    assert set(AUTO_TARGETS) == set(names.FAMILIES) == set(families.FAMILIES) == set(registry.FAMILIES)
+    for name, family in registry.FAMILIES.items():
+        assert tuple(AUTO_TARGETS[name]) == family.lora_targets
+        assert names.arch_name(name) == family.gguf_arch and registry.get(name) is family
+        assert family in registry.by_arch(family.gguf_arch)
+        assert set(family.end_of_turn) <= set(base.END_OF_TURN)
+        assert not family.end_of_turn or family.end_of_turn[0] in vocab.EOT_TOKENS
+        assert family.bpe_pre is None or vocab.BPE_PRE[name] == family.bpe_pre
+    assert registry.FAMILIES["qwen2"].lora_targets[-3:] == ("gate_proj", "up_proj", "down_proj")
+
+
+# ---- without a model: each family's chat and tool format --------------------------------------------------------
+
+# bounded values, so that a small random model's calls end within max_tokens
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["東京", "大阪"]},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+           "required": ["city", "days"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "都市の天気予報",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}]
+CALLS = [("get_weather", {"city": "東京 \"}{<tool_call>", "days": 2}), ("ping", {})]
+
+
+def _described() -> list[dict]:
+    return [{"name": t["function"]["name"], "description": t["function"].get("description"),
+             "parameters": t["function"]["parameters"]} for t in TOOLS]
+
+
+@pytest.mark.parametrize("name", list(registry.FAMILIES))
+def test_chat_template_is_its_familys_and_renders(name):
+    family = registry.FAMILIES[name]
+    assert registry.by_chat_template(family.chat_template) is family  # how a served model finds its tool format
+    text = chat_template.render(family.chat_template, CHAT + [{"role": "assistant", "content": "東京です。"}],
+                                {"bos_token": "<s>", "eos_token": "</s>"}, add_generation_prompt=False)
+    assert all(m in text for m in family.chat_markers) and "東京です。" in text
+    assert not family.end_of_turn or family.end_of_turn[0] in text  # the format's own end of a turn
+
+
+@pytest.mark.parametrize("name", list(registry.FAMILIES))
+def test_tool_turns_render_and_read_back(name):
+    """A conversation with calls and a tool result renders through the family's chat template in its tool format;
+    the reply reader gives back the same calls from the text, whole, a character at a time and in odd pieces."""
+    import msgspec
+
+    from serve import prompt
+    from serve.schemas import ChatCompletionRequest
+
+    family = registry.FAMILIES[name]
+    fmt = family.tool_format
+    written = [{"id": f"c{i}", "type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
+               for i, (n, a) in enumerate(CALLS)]
+    req = msgspec.json.decode(msgspec.json.encode({"model": "m", "tools": TOOLS, "messages": [
+        CHAT[1], {"role": "assistant", "content": None, "tool_calls": written},
+        {"role": "tool", "tool_call_id": "c0", "content": "晴れ"}]}), type=ChatCompletionRequest)
+    note = fmt.system_text(_described())
+    messages = prompt.conversation(req.messages, family.chat_template, note)
+    text = chat_template.render(family.chat_template, messages, {"bos_token": "<s>", "eos_token": "</s>"})
+    for part in (note, fmt.calls_text(CALLS), fmt.result_text("get_weather", "晴れ")):
+        assert part in text
+    reply = fmt.calls_text(CALLS)
+    assert reply.startswith(fmt.opening)
+    for size in (len(reply), 1, 7):
+        reader, events = fmt.reader(), []
+        for i in range(0, len(reply), size):
+            events += reader.feed(reply[i:i + size])
+        assert reader.mode == "calls"
+        assert [(c.name, json.loads(c.arguments)) for c in reader.calls] == CALLS
+        assert [e[2].name for e in events if e[0] == "call"] == [n for n, _ in CALLS]
+        for i, call in enumerate(reader.calls):
+            assert "".join(e[2] for e in events if e[0] == "arguments" and e[1] == i) == call.arguments
+    prose = fmt.reader()
+    assert prose.feed("晴れ" + fmt.opening) == [("content", "晴れ" + fmt.opening)] and prose.mode == "content"
+
+
+# ---- served: tool calls in the family's format ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(exported, tmp_path_factory):
+    from support.serving import Server, openai_client
+
+    gguf = exported["out"] / f"{exported['family']}-f32.gguf"
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with Server("--model", f"fam={gguf}", "--parallel", "1", "--threads", "1", log_path=log) as s:
+        yield openai_client(s)
+
+
+def _ask(client, **kwargs):
+    args = dict(model="fam", messages=CHAT, tools=TOOLS, temperature=1.0, max_tokens=300, seed=3,
+                tool_choice="required", parallel_tool_calls=False) | kwargs
+    return client.chat.completions.create(**args)
+
+
+def test_served_model_calls_tools_in_its_familys_format(served):
+    """Decoding is held to the family's tool format: every call parses and validates, whole and streamed alike."""
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for seed in range(3):
+        whole = _ask(served, seed=seed).choices[0]
+        assert whole.finish_reason == "tool_calls" and whole.message.content is None, whole.message.content
+        (call,) = whole.message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    whole = _ask(served, tool_choice=named).choices[0].message.tool_calls[0]
+    chunks = list(_ask(served, tool_choice=named, stream=True))
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].function.name == whole.function.name == "get_weather"
+    assert "".join(d.function.arguments for d in deltas) == whole.function.arguments
+
+
+def test_a_served_call_cut_short_is_text_with_finish_reason_length(served, exported):
+    """max_tokens ends the reply inside the call: never tool_calls that do not parse; the partial text is content
+    (non-streamed) and finish_reason is length either way."""
+    cut = dict(tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=8)
+    r = _ask(served, **cut).choices[0]
+    assert r.finish_reason == "length" and r.message.tool_calls is None
+    opening = registry.FAMILIES[exported["family"]].tool_format.opening
+    assert opening.startswith(r.message.content) or r.message.content.startswith(opening)
+    chunks = list(_ask(served, stream=True, **cut))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]

@@ -137,9 +137,9 @@ def test_agent_loop_call_result_answer(client, server):
     assert final.choices[0].message.content and final.choices[0].finish_reason in ("stop", "length")
     # the call and its result were rendered for the next turn, in the documented format
     history = [{"role": "system", "content": USER[0]["content"]}, USER[1],
-               {"role": "assistant", "content": tool_format.calls_text(
+               {"role": "assistant", "content": tool_format.JSON.calls_text(
                    [("get_weather", json.loads(first.choices[0].message.tool_calls[0].function.arguments))])},
-               {"role": "user", "content": tool_format.result_text("get_weather", messages[-1]["content"])}]
+               {"role": "user", "content": tool_format.JSON.result_text("get_weather", messages[-1]["content"])}]
     rendered = client.completions.create(model="tiny", prompt=render_phi3(history), max_tokens=1,
                                          extra_body={"parse_special": True})
     assert final.usage.prompt_tokens == rendered.usage.prompt_tokens

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from aegis import checkpoint, runs
+from aegis import checkpoint, families, runs
 from aegis.errors import AegisError
 from aegis.loading import load_checkpoint
 
-END_OF_TURN = ("<|end|>", "<|endoftext|>", "<|eot_id|>", "<|im_end|>")  # those the tokenizer knows are used
+END_OF_TURN = families.end_of_turn()  # every family's (aegis/families/): those the tokenizer knows are used
 HELP = "commands: /reset  /system TEXT  /help  /exit   (Ctrl-D also exits)"
 
 

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Phi-3's end-of-turn tokens. <|assistant|> and <|user|> are stops too: a small model that forgets <|end|> goes
-# on to write the next turn itself, and that text must not reach the client.
-END_OF_TURN = ("<|end|>", "<|endoftext|>", "<|assistant|>", "<|user|>", "<|system|>", "<|im_end|>", "<|eot_id|>")
+from aegis import families, tool_format
+
+# Every family's end-of-turn tokens (aegis/families/; Phi-3's turn markers among them: a small model that forgets
+# <|end|> goes on to write the next turn itself, and that text must not reach the client).
+END_OF_TURN = families.end_of_turn()
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,11 @@ class Backend(abc.ABC):
     def new_batch(self, slots: int):
         """Decoding state for many requests at once, driven by serve.batch.BatchPool (backends with `batched`)."""
         raise NotImplementedError(f"the {self.kind} backend runs one request per worker (new_session)")
+
+    @property
+    def tool_format(self) -> tool_format.ToolFormat:
+        """The tool-call format of the model's chat format (its family's, found by its chat template)."""
+        return families.by_chat_template(self.chat_template).tool_format
 
     def close(self) -> None:
         pass

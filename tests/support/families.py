@@ -3,8 +3,9 @@ Phi-3: a tokenizer (byte-level BPE trained on the embedded corpus, or the embedd
 family's special tokens and a chat template written after the family's own conventions, and seeded random weights of
 the family's architecture, including tied embeddings and q/k/v biases where the family has them.
 
-CHAT_FORMATS are the chat templates alone (for the Modelfile template proofs); FAMILIES pair an architecture with
-one of them (for the end-to-end runs)."""
+CHAT_FORMATS are the chat templates alone (for the Modelfile template proofs); a family's own comes from its file in
+aegis/families/, with the tokenizer test data here. FAMILIES pair every registered family with its chat format and
+config (for the end-to-end runs): a family is tested once it has an entry in both."""
 
 from __future__ import annotations
 
@@ -12,26 +13,12 @@ import json
 import shutil
 from pathlib import Path
 
+from aegis import families as registry
+
 # ---- chat templates, written after each family's conventions -------------------------------------------------------
-PHI3 = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-CHATML_DEFAULT_SYSTEM = (  # Qwen 2.5 and SmolLM 2 insert a system prompt when the conversation has none
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-LLAMA3 = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 LLAMA2 = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
     "{% set turns = messages[1:] %}{% else %}{% set system = none %}{% set turns = messages %}{% endif %}"
@@ -44,14 +31,6 @@ LLAMA2 = (
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
     "{% endfor %}")
-MISTRAL = (  # v0.3's: the system prompt opens the last user turn
-    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
-    "{% set turns = messages[1:] %}{% else %}{% set turns = messages %}{% endif %}"
-    "{{ bos_token }}{% for message in turns %}{% if message['role'] == 'user' %}"
-    "{% if loop.last and system_message is defined %}"
-    "{{ '[INST] ' + system_message + '\n\n' + message['content'] + '[/INST]' }}"
-    "{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
 MISTRAL_NO_SYSTEM = (  # v0.1's: user/assistant turns only
     "{{ bos_token }}{% for message in messages %}"
     "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -76,16 +55,24 @@ ALPACA = (  # a format AEGIS does not write: the proof must refuse it
     "{% else %}{{ '### Response:\n' + message['content'] }}{% endif %}{{ '\n\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}")
 
+
+
+def _family(name: str, kind: str, specials: list[str], bos: str | None, eos: str | None, add_bos: bool) -> tuple:
+    """A family's own chat format: its template and Ollama format from aegis/families/, a tokenizer of these specs."""
+    family = registry.FAMILIES[name]
+    return kind, specials, bos, eos, add_bos, family.chat_template, family.ollama_format
+
+
 # name -> (tokenizer kind, special tokens, bos, eos, adds BOS, chat template, format the proof must find)
 CHAT_FORMATS = {
-    "phi3": ("tiny", [], None, None, False, PHI3, "Phi-3"),
+    "phi3": _family("phi3", "tiny", [], None, None, False),
     "chatml": ("bpe", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", False, CHATML, "ChatML"),
-    "chatml-default-system": ("bpe", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", False,
-                              CHATML_DEFAULT_SYSTEM, "ChatML (default system prompt)"),
-    "llama3": ("bpe", ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                       "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", True, LLAMA3, "Llama 3"),
+    "chatml-default-system": _family("qwen2", "bpe", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None,
+                                     "<|im_end|>", False),
+    "llama3": _family("llama", "bpe", ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                       "<|end_header_id|>", "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", True),
     "llama2": ("spm", [], "<s>", "</s>", True, LLAMA2, "Llama 2 [INST]"),
-    "mistral": ("spm", [], "<s>", "</s>", True, MISTRAL, "Mistral [INST]"),
+    "mistral": _family("mistral", "spm", [], "<s>", "</s>", True),
     "mistral-no-system": ("spm", [], "<s>", "</s>", True, MISTRAL_NO_SYSTEM, "Mistral [INST]"),
     "gemma": ("bpe", ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", True, GEMMA,
               "Gemma"),

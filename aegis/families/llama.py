@@ -1,0 +1,14 @@
+"""Llama (Llama 3 and the models built on its architecture, e.g. SmolLM): separate q/k/v projections whose rows
+llama.cpp's llama graph wants interleaved, the Llama 3 header chat format; calls in AEGIS's JSON tool format."""
+
+from aegis.families import Family, register
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+FAMILY = register(Family(
+    name="llama", gguf_arch="llama", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    chat_template=CHAT_TEMPLATE, chat_markers=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    end_of_turn=("<|eot_id|>",), ollama_format="Llama 3", tools="json", permute_qk=True, bpe_pre="llama-bpe"))
