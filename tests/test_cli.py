@@ -65,7 +65,7 @@ def test_a_variable_sets_a_value_and_the_option_wins(tmp_path):
     a.write_text("[train]\nlr = -1\n")
     b.write_text("[lora]\nr = 0\n")
     env_only, both, train_both, export_env, export_both = runs(
-        (("serve", "--model", str(tmp_path / "m.gguf")), {"AEGIS_PORT": "99999", "AEGIS_API_KEY": "k"}),
+        (("serve", "--model", str(tmp_path / "m.gguf")), {"AEGIS_PORT": "99999"}),
         (("serve", "--port", "8123", "--model", str(tmp_path / "m.gguf")), {"AEGIS_PORT": "99999"}),
         (("train", "--config", str(b), "--run-dir", str(tmp_path / "run")), {"AEGIS_CONFIG": str(a)}),
         (("export", "all"), {"AEGIS_RUN": str(tmp_path / "nowhere")}),
