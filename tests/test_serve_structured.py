@@ -122,7 +122,7 @@ def test_streamed_reply_is_the_same_constrained_text(client):
 
 
 @pytest.mark.parametrize("schema, where", [
-    ({"type": "number", "minimum": 0.5}, "/minimum"),
+    ({"type": "number", "minimum": 0.2, "maximum": 0.8}, "between the bounds"),
     ({"type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}, "/properties/n/multipleOf"),
     ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "/oneOf"),
     ({"allOf": [POINT, {"type": "string"}]}, "/allOf"),
@@ -139,7 +139,6 @@ def test_streamed_reply_is_the_same_constrained_text(client):
     ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}, "pattern, format and minLength/maxLength"),
     ({"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}}, "/properties/a/$ref"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "cannot be resolved"),
-    ({"contains": {"type": "integer"}}, "/contains"),
     ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 1}}, "/contains"),
 ])
 def test_schemas_the_grammar_cannot_enforce_are_refused(client, schema, where):

@@ -55,6 +55,7 @@ SCHEMAS = {
 NARROWED = {
     "untyped_keywords": obj(n={"minimum": 2, "maximum": 40}, mail={"format": "email"}, few={"maxItems": 2},
                             word={"pattern": "^[a-z]{2,5}$"}, even={"multipleOf": 2, "minimum": 0, "maximum": 9}),
+    # every type but arrays, whose contains the grammar cannot enforce
     "untyped_mixed": obj(v={"minLength": 2, "maxLength": 4, "minimum": 7, "contains": {"const": 1}}),
     "if_then_else": obj(a={"if": {"exclusiveMaximum": 0}, "then": {"minimum": -10}, "else": {"multipleOf": 2}},
                         b={"if": False, "then": {"type": "string"}, "else": {"type": "boolean"}}),
@@ -68,6 +69,8 @@ NARROWED = {
                              "required": ["a", "b"], "additionalProperties": False,
                              "$defs": {"i": {"$anchor": "item", "type": "integer", "maximum": 3},
                                        "p": {"$id": "part.json", "enum": ["x", "y"]}}},
+    "fractional_bounds": obj(p={"type": "number", "minimum": 0.5, "maximum": 3.75},
+                             q={"type": "number", "exclusiveMinimum": -2.5, "exclusiveMaximum": 1.5}),
     "required_not_listed": obj(p={"type": "object", "properties": {"a": {"type": "null"}},
                                   "required": ["a", "id"]}),
     "enum_beside_keywords": obj(v={"enum": [1, 5, "abc", "toolong", None], "maximum": 4, "maxLength": 3}),
@@ -96,7 +99,7 @@ def test_generated_replies_validate(client, name):
 
 
 @pytest.mark.parametrize("schema, where", [
-    ({"type": "number", "minimum": 0.5}, "/minimum"),
+    ({"type": "number", "minimum": 0.5, "exclusiveMaximum": 0.9}, "between the bounds"),
     ({"type": "number", "maximum": 10, "multipleOf": 2}, "/multipleOf"),
     ({"type": "integer", "minimum": 0, "multipleOf": 2}, "/multipleOf"),
     ({"type": "integer", "minimum": 0, "maximum": 100_000, "multipleOf": 3}, "/multipleOf"),
@@ -117,7 +120,7 @@ def test_generated_replies_validate(client, name):
     ({"type": "string", "format": "hostname"}, "/format"),
     (False, "no value is valid"),
     ({"anyOf": [False, False]}, "no value is valid"),
-    ({"contains": {"type": "integer"}, "uniqueItems": True}, "/contains"),
+    ({"type": "array", "contains": {"type": "integer"}, "uniqueItems": True}, "/contains"),
     ({"not": {"type": "integer", "minimum": 3}}, "/not"),
     ({"$ref": "https://example.com/other.json"}, "cannot be resolved"),
     ({"type": "object", "properties": {"a": False}, "additionalProperties": True}, "/properties/a"),

@@ -50,9 +50,12 @@ class Checker:
         self._held: list = []  # the targets named, so their ids stay theirs
         self.schema_bytes = self.properties = self.enum_bytes = 0
 
-    def admit(self, schema) -> dict:
-        """A whole schema of the request: its size counted against MAX_SCHEMA_BYTES, then clean."""
+    def admit(self, schema, root_type: str | None = None) -> dict:
+        """A whole schema of the request: its size counted against MAX_SCHEMA_BYTES, then clean. root_type: the type
+        the whole must have where the schema names none (a tool's arguments are an object)."""
         self.count(schema, "")
+        if root_type and isinstance(schema, dict) and "type" not in schema:
+            schema = {**schema, "type": root_type}
         return self.clean(schema, "", _scope(schema))
 
     def count(self, schema, where: str) -> None:

@@ -27,9 +27,6 @@ def _bound_value(schema: dict, word: str, kind: str, where: str):
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value \
             or value in (float("inf"), float("-inf")):
         raise SchemaError(f"{where}/{word}: must be a number")
-    if kind == "number" and not float(value).is_integer():
-        raise SchemaError(f"{where}/{word}: a number's bound must be a whole number (the grammar bounds the integer "
-                          f"part)")
     if abs(value) >= INT_LIMIT:
         raise limit(f"{where}/{word}", f"{value:,}", INT_LIMIT, "")
     return value
@@ -37,14 +34,16 @@ def _bound_value(schema: dict, word: str, kind: str, where: str):
 
 def _bounds_of(schema: dict, kind: str, where: str):
     """(low, high): for an integer inclusive integers; for a number (whole bound, open) pairs, the tighter one on
-    each side (at a tie the open one). None where unbounded."""
+    each side (at a tie the open one), a bound that is no whole number moved inward to one. None where unbounded."""
     low = high = None
     for word, strict, upper in BOUNDS_HOW:
         if word not in schema:
             continue
         value = _bound_value(schema, word, kind, where)
         if kind == "number":
-            bound = (int(value), strict)
+            # the grammar bounds a number's integer part: a bound between two whole numbers narrows to the inner one
+            inner = math.floor(value) if upper else math.ceil(value)
+            bound = (int(value), strict) if float(value).is_integer() else (inner, False)
             if upper:
                 high = bound if high is None else min(high, bound, key=lambda b: (b[0], not b[1]))
             else:
@@ -69,7 +68,8 @@ def number(checker, schema: dict, keys: set, kind: str, where: str) -> dict:
         if "multipleOf" in schema:
             raise SchemaError(f"{where}/multipleOf: supported only for integers with both bounds")
         if low and high and (low[0] > high[0] or low[0] == high[0] and (low[1] or high[1])):
-            raise SchemaError(f"{where}: no {kind} lies between the bounds")
+            raise SchemaError(f"{where}: no number the grammar can write lies between the bounds (it bounds the "
+                              f"integer part: a range within one unit interval cannot be enforced)")
         for bound, words in ((low, ("minimum", "exclusiveMinimum")), (high, ("maximum", "exclusiveMaximum"))):
             if bound:
                 out[words[bound[1]]] = bound[0]
