@@ -186,3 +186,61 @@ def snapshot(run: Path | None):
     target = target_alpha(run)
     return (badge_html(status(run, records), run), render_png(figure(records, target)),
             render_png(figure(records, target, narrow=True)))
+
+
+class Monitor:
+    """The Soul monitor tab: a run picker over the runs under --runs, the badge and figures of the picked run,
+    refreshed every 2 s while live is on (the figures only when the run's metrics changed)."""
+
+    def __init__(self, runs: Path | None):
+        self.runs = runs
+
+    def choices(self) -> list[str]:
+        return [str(p) for p in list_runs(self.runs)] if self.runs else []
+
+    def refresh_runs(self, current):
+        import gradio as gr
+
+        choices = self.choices()
+        return gr.update(choices=choices, value=current if current in choices else (choices[0] if choices else None))
+
+    def show(self, run, seen):
+        """Badge and figures of a run; the figures only when its metrics changed since this page last got them."""
+        import gradio as gr
+
+        run = Path(run) if run else None
+        key = fingerprint(run)
+        if key is not None and key == seen:
+            return badge(run), gr.skip(), gr.skip(), seen
+        return *snapshot(run), key
+
+    def tab(self, page) -> None:
+        import gradio as gr
+
+        if self.runs is None:
+            gr.Markdown("start the UI with `--runs DIR` to watch the training runs under DIR")
+        with gr.Row():
+            page.run_dd = gr.Dropdown(label="run", choices=self.choices(), scale=4, min_width=200,
+                                      elem_id="run-picker")
+            page.runs_btn = gr.Button("⟳ runs", scale=1, min_width=100, variant="secondary")
+            page.live = gr.Checkbox(value=True, label="live (refresh every 2 s)", scale=1, min_width=150)
+        page.badge = gr.Markdown(elem_id="soul-badge")
+        about = ("the run's loss, α with the φ line, the gate with σ(φ), the orthogonality error and tokens/s by step "
+                 "(the badge above has the latest values)")
+        # no floating label: it would cover the first panel's title (the figures carry their own titles)
+        page.plot = gr.Image(label="soul metrics", show_label=False, type="pil", interactive=False,
+                             elem_id="soul-plot", buttons=[], alt_text=about)
+        page.plot_tall = gr.Image(label="soul metrics", show_label=False, type="pil", interactive=False,
+                                  elem_id="soul-plot-tall", buttons=[], alt_text=about)
+        page.timer = gr.Timer(2.0)
+        page.drawn = gr.State(None)  # the fingerprint of the run whose figures this page shows
+
+    def wire(self, page, demo) -> None:
+        import gradio as gr
+
+        page.runs_btn.click(self.refresh_runs, [page.run_dd], page.run_dd)
+        shown = [page.badge, page.plot, page.plot_tall, page.drawn]
+        page.run_dd.change(self.show, [page.run_dd, page.drawn], shown)
+        demo.load(self.show, [page.run_dd, page.drawn], shown)
+        page.timer.tick(self.show, [page.run_dd, page.drawn], shown, show_progress="hidden")
+        page.live.change(lambda on: gr.Timer(active=on), page.live, page.timer)

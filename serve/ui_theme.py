@@ -17,7 +17,7 @@ NEON = {"bg": "#07070d", "panel": "#0e0f1a", "grid": "#2a2d45", "text": "#d7dcff
 
 # Noto Sans JP, regular, the "japanese" subset (kana, JIS X 0208 kanji levels 1 and 2, ASCII, full-width forms:
 # 6,886 characters in 1 MB) from npm's @fontsource/noto-sans-jp 5.3.0 (files/noto-sans-jp-japanese-400-normal.woff2),
-# under the SIL Open Font License (fonts/LICENSE). A machine without a Japanese font showed kana and kanji as boxes.
+# under the SIL Open Font License (fonts/LICENSE). With it, kana and kanji render on a machine with no Japanese font.
 STATIC = Path(__file__).resolve().parent / "static"
 FONTS = STATIC / "fonts"
 JAPANESE = "Noto Sans JP"
@@ -38,7 +38,7 @@ def static_url(path: Path) -> str:
 
 # In the page's head before Gradio's own scripts run: the font is fetched at once and declared (page.css holds its
 # @font-face); page.js asks for it right away, since a font is otherwise loaded only when text on the page needs
-# it, and the input's Japanese placeholder alone did not make Chromium load it.
+# it, and Chromium does not count an input's placeholder as such text.
 HEAD = (f'<link rel="preload" href="{static_url(JAPANESE_FILE)}" as="font" type="font/woff2" crossorigin>'
         f'<link rel="stylesheet" href="{static_url(STATIC / "page.css")}">'
         f'<script src="{static_url(STATIC / "page.js")}"></script>').encode()
@@ -62,10 +62,10 @@ button.primary { box-shadow: 0 0 10px #ff2bd6aa; }
 #chatbot .message-markdown-disabled, #chatbot .message-content { white-space: pre-wrap; overflow-wrap: anywhere; }
 .turn-note { display: block; margin-top: .3em; font-size: .85em; color: #9ea3c8; white-space: normal; }
 .turn-failed, .turn-cut { color: #ff6b85; }
-/* a dropdown's text box was cut at its line's height, which clipped an underscore's stroke (q8_0 read q8 0) */
+/* a dropdown's text box as tall as its text: cut at its line's height, it clips an underscore (q8_0 reads q8 0) */
 .secondary-wrap input[role="combobox"] { height: auto !important; padding: 4px 0 !important; }
 input[type="checkbox"]:checked, input[type="radio"]:checked { box-shadow: inset 0 0 0 3px #0b0c16 !important; }
-/* drawn again once the Japanese font is in (page.js), in case it was first drawn without it */
+/* drawn again once the Japanese font is in (page.js), in case its first drawing came before the font */
 .ja-font #chat-input textarea::placeholder { letter-spacing: 0; }
 /* the monitor: the wide figure on wide screens, the one-column figure on a phone */
 #soul-plot-tall { display: none; }
@@ -89,7 +89,7 @@ def theme():
         button_primary_background_fill=NEON["magenta"], button_primary_background_fill_hover="#ff5ce0",
         button_primary_text_color="#07070d", button_secondary_background_fill="#151730",
         button_secondary_text_color=NEON["cyan"], button_secondary_border_color=NEON["cyan"],
-        # hovered, the secondary buttons keep their cyan text on a dark face (the default face was light: 1.3:1)
+        # hovered, the secondary buttons keep their cyan text on a dark face (Gradio's light default gives 1.3:1)
         button_secondary_background_fill_hover="#1d2046", button_secondary_text_color_hover="#7df7ff",
         button_secondary_border_color_hover="#7df7ff",
         color_accent=NEON["magenta"], color_accent_soft="#2a0f2a", link_text_color=NEON["cyan"],

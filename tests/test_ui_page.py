@@ -1,11 +1,14 @@
 """The chat page itself in a real headless Chromium, against an API whose model repeats the message (so a reply's
-text is known): markup in messages and replies shows as text and never reaches the network, the page's
-Content-Security-Policy, the Japanese font at first paint, axe-core at a desktop and a phone viewport, and a phone
-layout that fits."""
+text is known, and its stream is as slow as a test asks): markup in messages and replies shows as text and never
+reaches the network, stop and clear close the reply's stream mid-way and the chat goes on, a message sent again is
+answered in its place, the page's Content-Security-Policy, the Japanese font at first paint, axe-core at a desktop
+and a phone viewport, and a phone layout that fits."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -140,6 +143,111 @@ def test_messages_and_replies_are_text(browser, ui, echo):
     assert outside(page, ui) == []
     assert page.evaluate("() => window.cspViolations") == []
     page.close()
+
+
+MESSAGES = "#chatbot .message.user, #chatbot .message.bot"
+
+
+def chat_log(page) -> list[str]:
+    """The chat as drawn: "user: TEXT" / "bot: TEXT" in order, spaces folded."""
+    return page.evaluate(f"""() => [...document.querySelectorAll({json.dumps(MESSAGES)})].map(m =>
+        (m.classList.contains('user') ? 'user: ' : 'bot: ') + m.innerText.split(/\\s+/).join(' ').trim())""")
+
+
+def send(page, text: str) -> None:
+    page.fill("#chat-input textarea", text)
+    page.press("#chat-input textarea", "Enter")
+
+
+def wait_status(page, words: str, timeout: float = 30_000) -> None:
+    page.wait_for_function("w => document.querySelector('#api-status').innerText.includes(w)", arg=words,
+                           timeout=timeout)
+
+
+def wait_closed(echo, count: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while echo.closed_early < count:
+        assert time.monotonic() < deadline, f"the page closed {echo.closed_early} streams early, not {count}"
+        time.sleep(0.05)
+
+
+def wait_bot_text(page, text: str) -> None:
+    """Until the last reply on the page holds text."""
+    page.wait_for_function("t => { const m = document.querySelectorAll('#chatbot .message.bot');"
+                           " return m.length && m[m.length - 1].innerText.includes(t); }", arg=text)
+
+
+def test_stop_and_clear_close_the_stream_and_the_chat_goes_on(browser, ui, echo):
+    """A reply written in 8 pieces 0.4 s apart: stop pressed after its first piece closes its stream (the API sees
+    the client leave before the end), the part written stays, marked stopped, and grows no more; the next message is
+    answered and drawn. Clear mid-reply closes the stream too, the log stays empty, and the next message starts a
+    new chat."""
+    page = open_page(browser, ui)
+    long = "春は桜、夏は花火、秋は紅葉、冬は雪。" * 2
+    try:
+        echo.slow(0.4, pieces=8)
+        closed = echo.closed_early
+        send(page, long)
+        wait_bot_text(page, long[:4])
+        page.click("#chat-stop")
+        page.wait_for_selector("#chatbot .turn-stopped", timeout=10_000)
+        wait_closed(echo, closed + 1)
+        stopped = chat_log(page)[-1]
+        assert stopped.startswith("bot: " + long[:4]) and long not in stopped and "⏹ stopped" in stopped, stopped
+        wait_status(page, "echo_q8_0: stopped")
+        page.wait_for_timeout(1000)  # three more pieces would have come by now
+        assert chat_log(page)[-1] == stopped
+        echo.slow(0.02)
+        send(page, "止めた後の質問")
+        wait_status(page, "done · 2 turn")
+        assert chat_log(page)[-2:] == ["user: 止めた後の質問", "bot: 止めた後の質問"]
+
+        echo.slow(0.4, pieces=8)
+        send(page, long)
+        wait_bot_text(page, long[:4])
+        page.click("#chat-clear")
+        wait_closed(echo, closed + 2)
+        page.wait_for_timeout(1500)  # a reply that went on would show again by now
+        assert chat_log(page) == [] and "cleared" in page.inner_text("#api-status")
+        echo.slow(0.02)
+        send(page, "新しい話")
+        wait_status(page, "done · 1 turn")
+        assert chat_log(page) == ["user: 新しい話", "bot: 新しい話"]
+        assert echo.closed_early == closed + 2  # the replies that ended were not cut
+    finally:
+        echo.slow(0.02)
+        page.close()
+
+
+def test_a_message_sent_again_is_answered_in_its_place(browser, ui, echo):
+    """The same text sent twice is two messages: stop pressed after a reply's last piece (its stream held open
+    before the end), then the same message again; each reply is drawn under its own message, and the context sent
+    with the second holds the first exchange."""
+    page = open_page(browser, ui)
+    text = "もう一度聞きます"
+    hold = threading.Event()
+    try:
+        echo.slow(0.05, hold)
+        closed = echo.closed_early
+        send(page, text)
+        assert echo.holding.wait(15)
+        wait_bot_text(page, text)
+        page.click("#chat-stop")  # every piece is on the page; the stream has not ended yet
+        wait_closed(echo, closed + 1)
+        wait_status(page, "stopped")
+        echo.slow(0.02)
+        send(page, text)
+        wait_status(page, "done · 2 turn")
+        send(page, text)
+        wait_status(page, "done · 3 turn")
+        assert chat_log(page) == [f"user: {text}", f"bot: {text} ⏹ stopped", f"user: {text}", f"bot: {text}",
+                                  f"user: {text}", f"bot: {text}"]
+        sent = echo.requests[-1]["messages"]
+        assert [m["role"] for m in sent if m["role"] != "system"] == ["user", "assistant"] * 2 + ["user"]
+    finally:
+        hold.set()
+        echo.slow(0.02)
+        page.close()
 
 
 def test_content_security_policy(ui):

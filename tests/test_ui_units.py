@@ -7,14 +7,15 @@ import asyncio
 import base64
 import hashlib
 
-from serve.ui import Api, Model, fit, max_tokens_limit, parse_stops
+from serve.ui import max_tokens_limit
+from serve.ui_api import Api, Model, fit, parse_stops
 from serve.ui_theme import HEAD, content_security_policy
 from support.echo_api import CONTEXT, EchoApi
 
 
 def test_stop_sequences_as_typed():
-    assert parse_stops("\\x") == ["\\x"]  # an unknown escape stays as typed (it raised before)
-    assert parse_stops("。\n終わり") == ["。", "終わり"]  # Japanese is kept (it was garbled through latin-1)
+    assert parse_stops("\\x") == ["\\x"]  # an unknown escape stays as typed
+    assert parse_stops("。\n終わり") == ["。", "終わり"]  # Japanese is kept as typed
     assert parse_stops("です。\\n\nA\\tB\n\\\\n") == ["です。\n", "A\tB", "\\n"]
     assert parse_stops("a\nb\nc\nd\ne") == ["a", "b", "c", "d"]
 
