@@ -17,8 +17,14 @@ from .config import Settings
 from .errors import APIError, bad_request
 from .job import Job, PoolClosed, QueueFull
 from .registry import Registry, ServedModel
-from .schemas import (ChatCompletionRequest, CompletionRequest, JsonObjectFormat, JsonSchemaFormat,
-                      NamedToolChoice, SamplingRequest)
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    NamedToolChoice,
+    SamplingRequest,
+)
 
 log = logging.getLogger("serve")
 

@@ -18,9 +18,21 @@ from litestar.response import Stream
 from . import engine
 from .errors import APIError, shutting_down
 from .job import Finish, Job, Scored
-from .responses import (AssistantMessage, ChatChoice, ChatCompletion, ChoiceLogprobs, Completion, CompletionChoice,
-                        CompletionLogprobs, FunctionCallOut, PromptTokensDetails, TokenLogprob, ToolCallOut,
-                        TopLogprob, Usage)
+from .responses import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    FunctionCallOut,
+    PromptTokensDetails,
+    TokenLogprob,
+    ToolCallOut,
+    TopLogprob,
+    Usage,
+)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"

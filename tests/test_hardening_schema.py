@@ -22,8 +22,7 @@ import time
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from aegis import llamacpp
 from serve import structured
@@ -226,7 +225,7 @@ def test_a_small_request_keeps_its_latency_while_big_schemas_are_built(server, h
     for body, status in ((big, 200), (bad, 400)):
         stop = threading.Event()
 
-        def hammer(body=body, status=status):
+        def hammer(body=body, status=status, stop=stop):
             with httpx.Client(base_url=server.api, timeout=120) as c:
                 while not stop.is_set():
                     assert chat(c, **body).status_code == status

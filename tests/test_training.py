@@ -11,7 +11,6 @@ import pytest
 
 from aegis import checkpoint, metrics
 from aegis.schedule import Schedule, alpha_for_step, gate
-
 from conftest import QUICKSTART, ROOT, SHORT, train_cli
 
 FIELDS = {"step", "loss", "lr", "alpha", "gate", "phase", "ortho_error", "det_min", "rotation_norm", "grad_norm",
@@ -158,7 +157,8 @@ def test_a_split_batch_trains_the_same_as_the_whole_batch(tiny_path, tmp_path):
 
 
 def test_learned_alpha_follows_the_schedule_then_trains(tiny_path, tmp_path):
-    """soul.alpha_mode = learned: the schedule owns α through the anneal (its gradient is dropped), then AdamW moves it."""
+    """soul.alpha_mode = learned: the schedule owns α through the anneal (its gradient is dropped), then AdamW moves
+    it."""
     train_cli(tmp_path / "run", *SHORT, "soul.alpha_mode=learned")
     recs = metrics.read(tmp_path / "run")
     sched = Schedule(total_steps=12, warmup_steps=3, anneal_steps=6)
