@@ -224,14 +224,21 @@ def _ask(client, **kwargs):
     return client.chat.completions.create(**args)
 
 
-def test_served_model_calls_tools_in_its_familys_format(served):
-    """Decoding is held to the family's tool format: every call parses and validates, whole and streamed alike."""
+def test_served_model_calls_tools_in_its_familys_format(served, exported):
+    """Decoding is held to the family's tool format: the model writes its calls in that format (its tokens, read
+    back through logprobs), and every call parses and validates, whole and streamed alike."""
+    fmt = registry.FAMILIES[exported["family"]].tool_format
     params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
     for seed in range(3):
-        whole = _ask(served, seed=seed).choices[0]
+        whole = _ask(served, seed=seed, logprobs=True).choices[0]
         assert whole.finish_reason == "tool_calls" and whole.message.content is None, whole.message.content
         (call,) = whole.message.tool_calls
         jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
+        written = b"".join(bytes(t.bytes) for t in whole.logprobs.content).decode()
+        reader = fmt.reader()
+        reader.feed(written)
+        assert written.startswith(fmt.opening) and reader.mode == "calls", written
+        assert [(c.name, c.arguments) for c in reader.calls] == [(call.function.name, call.function.arguments)]
     named = {"type": "function", "function": {"name": "get_weather"}}
     whole = _ask(served, tool_choice=named).choices[0].message.tool_calls[0]
     chunks = list(_ask(served, tool_choice=named, stream=True))
@@ -240,13 +247,17 @@ def test_served_model_calls_tools_in_its_familys_format(served):
     assert "".join(d.function.arguments for d in deltas) == whole.function.arguments
 
 
-def test_a_served_call_cut_short_is_text_with_finish_reason_length(served, exported):
-    """max_tokens ends the reply inside the call: never tool_calls that do not parse; the partial text is content
-    (non-streamed) and finish_reason is length either way."""
-    cut = dict(tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=8)
-    r = _ask(served, **cut).choices[0]
-    assert r.finish_reason == "length" and r.message.tool_calls is None
-    opening = registry.FAMILIES[exported["family"]].tool_format.opening
-    assert opening.startswith(r.message.content) or r.message.content.startswith(opening)
-    chunks = list(_ask(served, stream=True, **cut))
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+def test_a_served_call_cut_short_is_text_with_finish_reason_length(served):
+    """max_tokens ends the reply inside the call (halfway, or one token before its end, when its arguments already
+    parse): never tool_calls; the partial text is content (non-streamed) and finish_reason is length either way."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    whole = _ask(served, tool_choice=named, logprobs=True).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    written = b"".join(bytes(t.bytes) for t in whole.logprobs.content).decode()
+    n = len(whole.logprobs.content)
+    for cut in (n // 2, n - 1):
+        r = _ask(served, tool_choice=named, max_tokens=cut).choices[0]  # the same seed: a prefix of `written`
+        assert r.finish_reason == "length" and r.message.tool_calls is None, (cut, r.message)
+        assert r.message.content and written.startswith(r.message.content), (written, r.message.content)
+        chunks = list(_ask(served, tool_choice=named, max_tokens=cut, stream=True))
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]

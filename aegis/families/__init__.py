@@ -1,7 +1,8 @@
 """Model families: everything AEGIS knows about one family of models in one file of this package, read by train
 (LoRA targets, which bases it accepts), export (GGUF architecture and tensor layout, vocabulary, end-of-turn token,
-the Ollama chat format) and serve (end-of-turn tokens, the tool-call format). Adding a family is adding a module
-here that calls `register` (and its test data in tests/support/families.py); nothing else names a family.
+the tool format the Modelfile writes) and serve (end-of-turn tokens, the tool-call format), each from this
+registry. Adding a family is adding a module here that calls `register`, and its test data in
+tests/support/families.py.
 
 A family is found by its Hugging Face `model_type` (a base's config.json), by its GGUF architecture, or by the chat
 template a model ships (the tool format follows the chat format, whatever the architecture: `by_chat_template`)."""
@@ -23,7 +24,7 @@ class Family:
     chat_template: str  # the Jinja chat template of the family's chat format (what its instruct models ship)
     chat_markers: tuple[str, ...]  # tokens every chat template of this format holds (how a served model is matched)
     end_of_turn: tuple[str, ...]  # tokens that end a reply, the format's own end-of-turn token first
-    ollama_format: str  # the Modelfile template it is proved to (export/chat_formats.py's candidate name)
+    ollama_format: str  # the Modelfile format its chat template proves to (a candidate of export/chat_formats.py)
     tools: str = "json"  # its tool-call format, a name in aegis.tool_format.FORMATS
     permute_qk: bool = False  # q/k rows reordered for llama.cpp's interleaved rotary layout (HF rotates halves)
     longrope: bool = False  # LongRoPE factors written as tensors and the original context as metadata
