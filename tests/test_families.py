@@ -143,6 +143,28 @@ def test_train_export_and_serve_read_the_registry():
     assert registry.FAMILIES["qwen2"].lora_targets[-3:] == ("gate_proj", "up_proj", "down_proj")
 
 
+def test_a_new_family_file_reaches_every_stage(tmp_path):
+    """What a family file does is all a family needs: registered before the stages load (as a module of
+    aegis/families/ is), a new family is accepted by train, written by export and stopped and parsed by serve."""
+    code = f"""
+import json, pathlib
+from aegis.families import Family, register, qwen2
+register(Family(name="qwen3", gguf_arch="qwen3", lora_targets=("q_proj", "v_proj"),
+                chat_template=qwen2.CHAT_TEMPLATE, chat_markers=("<|im_start|>", "<|im_end|>"),
+                end_of_turn=("<|im_end|>", "<|qwen3_end|>"), ollama_format="ChatML", tools="hermes", bpe_pre="qwen2"))
+from aegis.loading import AUTO_TARGETS, check_architecture
+from export import names, vocab
+from serve.backends import base
+config = pathlib.Path({str(tmp_path / "config.json")!r})
+config.write_text(json.dumps({{"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}}))
+check_architecture(config)
+print(AUTO_TARGETS["qwen3"], names.arch_name("qwen3"), vocab.BPE_PRE["qwen3"], "<|qwen3_end|>" in base.END_OF_TURN)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["['q_proj',", "'v_proj']", "qwen3", "qwen2", "True"]
+
+
 # ---- without a model: each family's chat and tool format --------------------------------------------------------
 
 # bounded values, so that a small random model's calls end within max_tokens
