@@ -209,6 +209,37 @@ def balancer_log(engine: Engine) -> dict[str, dict]:
     return out
 
 
+class Load:
+    """`clients` threads sending requests until `stop()`: two send whole (non-streamed) ones, the others stream.
+    Every Outcome lands in `done`; the streams running now are in `live`."""
+
+    def __init__(self, client: openai.OpenAI, model: str, max_tokens: int, clients: int):
+        self.client, self.model, self.max_tokens = client, model, max_tokens
+        self.done: list[Outcome] = []
+        self.live: list = []
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self.threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def _loop(self, i: int) -> None:
+        k = 0
+        while not self._stop.is_set():
+            prompt = PROMPTS[(i + k) % 4]
+            o = (whole_once(self.client, self.model, self.max_tokens, prompt) if i < 2 else
+                 stream_once(self.client, self.model, self.max_tokens, prompt, self.live))
+            with self._lock:
+                self.done.append(o)
+            k += 1
+
+    def stop(self, timeout: float) -> bool:
+        """Stops the clients; False when one still waits after `timeout` seconds (a request hung)."""
+        self._stop.set()
+        for t in self.threads:
+            t.join(timeout)
+        return not any(t.is_alive() for t in self.threads)
+
+
 def run_concurrently(n: int, fn) -> list:
     results: list = [None] * n
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, fn(i))) for i in range(n)]
