@@ -40,7 +40,7 @@ def test_a_template_that_moves_the_system_prompt_trains_turn_by_turn(tok):
     """Mistral v0.3's template puts the system prompt into the last user turn, so a conversation is not a prefix of
     its continuation: each assistant turn becomes its own example (the conversation up to it), that turn alone
     trained on, with the system prompt where the template puts it when the model is asked for that turn."""
-    from support.families import MISTRAL
+    from aegis.families.mistral import CHAT_TEMPLATE as MISTRAL
 
     mistral = copy.deepcopy(tok)
     mistral.chat_template = MISTRAL
