@@ -112,7 +112,12 @@ class Chat:
     async def drain(self, convo: Conversation, model, system, temperature, top_p, max_tokens, stop):
         """Answer the queued messages in order, one loop per session: every send starts one; a later one waits
         until the running loop ends, then answers what it left. A loop takes no new message once it has said it is
-        done (that message's own run answers it), so its last word is always its last update."""
+        done (that message's own run answers it), so its last word is always its last update.
+
+        Gradio streams a run's updates as changes to what it sent last, and the page applies a change to that same
+        object in place, so an update the page has not drawn yet can lose a property (a bare update after
+        `interactive=True` deletes it). While a run writes, each update therefore sends the status and the stop
+        button whole, the same as before unless they change."""
         while convo.busy:
             await asyncio.sleep(0.05)
         if not convo.queued():
@@ -126,18 +131,20 @@ class Chat:
                 request = (model, messages + convo.context(turn), temperature, top_p, max_tokens, parse_stops(stop))
                 reply, era = convo.start(turn), convo.era
                 waiting = len(convo.queued())
-                busy = f"{model}: generating…" + (f" ({waiting} queued)" if waiting else "")
-                yield convo.render(), status_html(busy, True), gr.update(interactive=True)
-                async for kind, value in self._reply(convo, reply, era, request):
-                    if kind == "piece":
-                        yield convo.render(), gr.skip(), gr.skip()
+                busy = status_html(f"{model}: generating…" + (f" ({waiting} queued)" if waiting else ""), True)
+                yield convo.render(), busy, gr.update(interactive=True)
+                last = ("stopped", None)
+                async for last in self._reply(convo, reply, era, request):
+                    if last[0] == "piece":
+                        yield convo.render(), busy, gr.update(interactive=True)
                 if convo.era != era:  # cleared meanwhile: nothing of this reply is kept
                     break
+                kind, value = last
                 status = self._status(convo, model, kind, value, convo.finish(turn, reply, kind, value))
                 if not convo.queued():  # the last word while still busy: a later run waits for it
                     yield convo.render(), status, gr.update(interactive=False)
                     break
-                yield convo.render(), status, gr.update()
+                yield convo.render(), status, gr.update(interactive=True)
         finally:
             convo.busy = False
             convo.cancel()

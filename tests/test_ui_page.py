@@ -178,14 +178,15 @@ def wait_bot_text(page, text: str) -> None:
 
 
 def test_stop_and_clear_close_the_stream_and_the_chat_goes_on(browser, ui, echo):
-    """A reply written in 8 pieces 0.4 s apart: stop pressed after its first piece closes its stream (the API sees
-    the client leave before the end), the part written stays, marked stopped, and grows no more; the next message is
-    answered and drawn. Clear mid-reply closes the stream too, the log stays empty, and the next message starts a
-    new chat."""
+    """A reply written in 8 pieces 1 s apart, whose stream does not end until the test lets it (so the press lands
+    however slow the machine): stop pressed after its first piece closes its stream (the API sees the client leave
+    before the end), the part written stays, marked stopped, and grows no more; the next message is answered and
+    drawn. Clear mid-reply closes the stream too, the log stays empty, and the next message starts a new chat."""
     page = open_page(browser, ui)
     long = "春は桜、夏は花火、秋は紅葉、冬は雪。" * 2
+    hold = threading.Event()
     try:
-        echo.slow(0.4, pieces=8)
+        echo.slow(1.0, hold, pieces=8)
         closed = echo.closed_early
         send(page, long)
         wait_bot_text(page, long[:4])
@@ -195,14 +196,14 @@ def test_stop_and_clear_close_the_stream_and_the_chat_goes_on(browser, ui, echo)
         stopped = chat_log(page)[-1]
         assert stopped.startswith("bot: " + long[:4]) and long not in stopped and "⏹ stopped" in stopped, stopped
         wait_status(page, "echo_q8_0: stopped")
-        page.wait_for_timeout(1000)  # three more pieces would have come by now
+        page.wait_for_timeout(2500)  # two more pieces would have come by now
         assert chat_log(page)[-1] == stopped
         echo.slow(0.02)
         send(page, "止めた後の質問")
         wait_status(page, "done · 2 turn")
         assert chat_log(page)[-2:] == ["user: 止めた後の質問", "bot: 止めた後の質問"]
 
-        echo.slow(0.4, pieces=8)
+        echo.slow(1.0, hold, pieces=8)
         send(page, long)
         wait_bot_text(page, long[:4])
         page.click("#chat-clear")
@@ -215,6 +216,7 @@ def test_stop_and_clear_close_the_stream_and_the_chat_goes_on(browser, ui, echo)
         assert chat_log(page) == ["user: 新しい話", "bot: 新しい話"]
         assert echo.closed_early == closed + 2  # the replies that ended were not cut
     finally:
+        hold.set()
         echo.slow(0.02)
         page.close()
 

@@ -119,7 +119,7 @@ class EchoApi:
     def holding(self) -> threading.Event:
         return self.httpd.holding
 
-    def __enter__(self) -> "EchoApi":
+    def __enter__(self) -> EchoApi:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         return self
 
