@@ -145,11 +145,10 @@ class BatchPool:
         rows = self._batch.decode(feeds)
         self.steps += 1
         self.sequences += len(feeds)
-        for slot, row in rows.items():  # only the single-token feeds asked for logits
+        for slot, token in self._batch.sample(rows).items():  # only the single-token feeds asked for logits
             r = running[slot]
-            token = self._batch.sample(slot, row)
             r.next_token = token
-            if r.decoding.push(token, lambda row=row: self._batch.logits(row)):
+            if r.decoding.push(token, lambda row=rows[slot]: self._batch.logits(row)):
                 r.next_token = None
                 self._finish(slot, running)
 

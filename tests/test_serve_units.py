@@ -162,7 +162,7 @@ def test_under_a_grammar_only_text_tokens_are_generated(gguf_backend):
             out, feed = [], ids[-1]
             while not out or (out[-1] not in gguf_backend.stop_ids and len(out) < 12):
                 rows = batch.decode([(slot, [feed], True)])
-                feed = batch.sample(slot, rows[slot])
+                feed = batch.sample(rows)[slot]
                 out.append(feed)
             batch.release(slot)
             # only text, then perhaps the end of generation (<|end|>); never a turn marker

@@ -9,7 +9,10 @@ llama_decode, which is what makes concurrent requests cheaper than running them 
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +22,7 @@ from aegis import llamacpp
 from .base import Sampling
 
 log = logging.getLogger(__name__)
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data's layout
 
 
 @dataclass
@@ -26,6 +30,7 @@ class Slot:
     seq: int  # llama.cpp sequence id
     cached: list[int] = field(default_factory=list)  # the tokens whose KV this slot's cells hold, in order
     sampler: object = None  # the running request's sampler chain (None while free)
+    grammar: object = None  # its grammar, with the control tokens banned, apart from the chain (None: unconstrained)
 
 
 def placement(lib, model, gpu_layers: int) -> str:
@@ -59,8 +64,7 @@ class LlamaBatch:
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
-        # under a grammar only text tokens and end-of-generation: llama.cpp's grammar reads a control token as its
-        # text ("<|user|>" fits inside a JSON string)
+        self._pool = ThreadPoolExecutor(min(slots, os.cpu_count() or 1), thread_name_prefix="aegis-grammar")
         banned = backend.controls_not_eog
         self._ban = (lib.llama_logit_bias * len(banned))(*[lib.llama_logit_bias(int(t), -np.inf) for t in banned])
 
@@ -90,13 +94,15 @@ class LlamaBatch:
         slot = self.slots[index]
         self.release(index)
         slot.sampler = self._chain(sampling)
+        slot.grammar = self._grammar(sampling.grammar) if sampling.grammar else None
 
     def release(self, index: int) -> None:
         """The request on this slot is done; its cells stay for a later request that shares their prefix."""
         slot = self.slots[index]
-        if slot.sampler is not None:
-            self.lib.llama_sampler_free(slot.sampler)
-            slot.sampler = None
+        for name in ("sampler", "grammar"):
+            if getattr(slot, name) is not None:
+                self.lib.llama_sampler_free(getattr(slot, name))
+                setattr(slot, name, None)
 
     def _chain(self, s: Sampling):
         lib = self.lib
@@ -107,10 +113,6 @@ class LlamaBatch:
         def add(sampler):
             lib.llama_sampler_chain_add(chain, sampler)
 
-        if s.grammar:
-            if len(self._ban):
-                add(lib.llama_sampler_init_logit_bias(self.n_vocab, len(self._ban), self._ban))
-            add(lib.llama_sampler_init_grammar(self.vocab, s.grammar.encode("utf-8"), b"root"))
         if s.presence_penalty or s.frequency_penalty:
             # OpenAI's penalties count the tokens generated so far: the chain sees only those
             add(lib.llama_sampler_init_penalties(self.n_vocab, self.backend.context_length, 1.0,
@@ -152,15 +154,68 @@ class LlamaBatch:
             self.slots[index].cached.extend(tokens)
         return rows
 
-    def sample(self, index: int, row: int) -> int:
-        """The slot's next token from the logits at that batch row (its sampler chain also records it)."""
-        return self.lib.llama_sampler_sample(self.slots[index].sampler, self.ctx, row)
+    def _grammar(self, text: str):
+        """A chain of the control-token ban and the grammar: under a grammar only text tokens and end-of-generation
+        (llama.cpp's grammar reads a control token as its text: "<|user|>" fits inside a JSON string)."""
+        lib = self.lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if len(self._ban):
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(self._ban),
+                                                                               self._ban))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_grammar(self.vocab, text.encode("utf-8"), b"root"))
+        return chain
+
+    def sample(self, rows: dict[int, int]) -> dict[int, int]:
+        """Each slot's next token from the logits at its batch row (its samplers also record it). Slots under a
+        grammar are sampled on threads at once: a grammar spends its time inside llama.cpp, where ctypes lets go of
+        the GIL, so several constrained requests cost the decode thread about as much as one."""
+        lib, out = self.lib, {}
+        constrained = {i: np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+                       for i, row in rows.items() if self.slots[i].grammar is not None}  # read here: not thread-safe
+        running = {i: self._pool.submit(self._constrained, self.slots[i], logits) for i, logits in constrained.items()}
+        for i, row in rows.items():
+            if i not in constrained:
+                out[i] = lib.llama_sampler_sample(self.slots[i].sampler, self.ctx, row)
+        return out | {i: f.result() for i, f in running.items()}
+
+    def _constrained(self, slot: Slot, logits: np.ndarray) -> int:
+        """The chain picks first and the grammar checks that one token; only when it refuses does the grammar mask
+        the whole vocabulary and the chain pick again. Checking a token costs microseconds, masking the vocabulary
+        milliseconds. Greedy picks what it would have picked under the mask; sampling draws the allowed tokens in
+        proportion to their probability either way, as llama.cpp's own common sampler does."""
+        token = self._pick(logits, [slot.sampler])
+        if not self._allows(slot.grammar, token):
+            token = self._pick(logits, [slot.grammar, slot.sampler])
+        self.lib.llama_sampler_accept(slot.grammar, token)
+        self.lib.llama_sampler_accept(slot.sampler, token)
+        return token
+
+    def _candidates(self, cur: np.ndarray):
+        lib = self.lib
+        data = cur.ctypes.data_as(ctypes.POINTER(lib.llama_token_data))
+        return lib.llama_token_data_array(data=data, size=len(cur), selected=-1, sorted=False)
+
+    def _pick(self, logits: np.ndarray, samplers: list) -> int:
+        """The token the samplers choose among the whole vocabulary (nothing recorded)."""
+        cur = np.empty(self.n_vocab, TOKEN_DATA)
+        cur["id"], cur["logit"], cur["p"] = np.arange(self.n_vocab), logits, 0.0
+        array = self._candidates(cur)
+        for sampler in samplers:
+            self.lib.llama_sampler_apply(sampler, ctypes.byref(array))
+        return int(array.data[array.selected].id)  # a sampler may sort the candidates in place
+
+    def _allows(self, grammar, token: int) -> bool:
+        cur = np.array([(token, 0.0, 0.0)], TOKEN_DATA)
+        array = self._candidates(cur)
+        self.lib.llama_sampler_apply(grammar, ctypes.byref(array))
+        return bool(np.isfinite(cur["logit"][0]))
 
     def logits(self, row: int) -> np.ndarray:
         ptr = self.lib.llama_get_logits_ith(self.ctx, row)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def close(self) -> None:
+        self._pool.shutdown()
         for i in range(len(self.slots)):
             self.release(i)
         if self.ctx:
