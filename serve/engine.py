@@ -98,8 +98,8 @@ def _tool_plan(req: ChatCompletionRequest) -> tuple[str, list[dict]]:
     for i, t in enumerate(req.tools or []):
         params = t.function.parameters
         where = f"tools[{i}].function.parameters"
-        if params is None:
-            params = {"type": "object", "properties": {}}
+        if params is None:  # OpenAI: a function without parameters takes no arguments
+            params = {"type": "object", "properties": {}, "additionalProperties": False}
         elif params.get("type") != "object":
             raise bad_request('a function\'s parameters must be a JSON Schema of "type": "object"', where)
         if any(d["name"] == t.function.name for d in defs):

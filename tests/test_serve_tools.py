@@ -27,7 +27,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                            "parameters": WEATHER}},
          {"type": "function", "function": {"name": "get_time", "description": "現在時刻", "parameters": CLOCK}},
          {"type": "function", "function": {"name": "ping", "description": "no arguments"}}]
-PARAMS = {"get_weather": WEATHER, "get_time": CLOCK, "ping": {"type": "object", "properties": {}}}
+PARAMS = {"get_weather": WEATHER, "get_time": CLOCK,
+          "ping": {"type": "object", "properties": {}, "additionalProperties": False}}
 
 
 
@@ -155,7 +156,8 @@ def render_phi3(messages) -> str:
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]),
      "tools[0].function.parameters"),
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"n": {"type": "number", "maximum": 3.5}}}}}]), "tools[0].function.parameters"),
+        "type": "object", "properties": {"n": {"type": "array", "uniqueItems": True}}}}}]),
+     "tools[0].function.parameters"),
     (dict(tools=[TOOLS[0], TOOLS[0]]), "tools[1].function.name"),
     (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "tools[0].function.name"),
     (dict(tools=None, tool_choice="required"), "tool_choice"),
