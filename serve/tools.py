@@ -27,7 +27,7 @@ def grammar(tools: list[dict], choice: str, parallel: bool, fmt: tool_format.Too
     for t in tools:
         if choice in ("auto", "required") or choice == t["name"]:
             try:
-                params = checker.admit(t["parameters"])
+                params = checker.admit(t["parameters"], root_type="object")
             except structured.SchemaError as e:
                 e.param = t["param"]
                 raise

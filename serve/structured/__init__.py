@@ -32,9 +32,23 @@ from __future__ import annotations
 from .checker import Checker
 from .gbnf import grammar, range_rule
 from .keywords import BOUNDS, FORMATS
-from .limits import (MAX_ALTERNATIVES, MAX_DEPTH, MAX_ENUM_BYTES, MAX_ENUM_VALUES, MAX_GRAMMAR_BYTES,
-                     MAX_GRAMMAR_RULES, MAX_GROUP_REPEAT, MAX_OPTIONAL_PROPERTIES, MAX_PROPERTIES, MAX_REPEAT,
-                     MAX_REPEAT_PRODUCT, MAX_SCHEMA_BYTES, SchemaError, SchemaLimit, StrictError)
+from .limits import (
+    MAX_ALTERNATIVES,
+    MAX_DEPTH,
+    MAX_ENUM_BYTES,
+    MAX_ENUM_VALUES,
+    MAX_GRAMMAR_BYTES,
+    MAX_GRAMMAR_RULES,
+    MAX_GROUP_REPEAT,
+    MAX_OPTIONAL_PROPERTIES,
+    MAX_PROPERTIES,
+    MAX_REPEAT,
+    MAX_REPEAT_PRODUCT,
+    MAX_SCHEMA_BYTES,
+    SchemaError,
+    SchemaLimit,
+    StrictError,
+)
 from .pattern import check_pattern
 from .strict import check_strict
 

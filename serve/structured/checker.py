@@ -17,9 +17,18 @@ from referencing.exceptions import Unresolvable
 
 from . import kinds
 from .keywords import ANNOTATIONS, DEF_PREFIX, TYPE_KEYWORDS, TYPES, UNENFORCED, disjoint
+from .limits import (
+    MAX_ALTERNATIVES,
+    MAX_DEPTH,
+    MAX_ENUM_BYTES,
+    MAX_ENUM_VALUES,
+    MAX_PROPERTIES,
+    MAX_SCHEMA_BYTES,
+    SchemaError,
+    SchemaLimit,
+    limit,
+)
 from .merge import merge
-from .limits import (MAX_ALTERNATIVES, MAX_DEPTH, MAX_ENUM_BYTES, MAX_ENUM_VALUES, MAX_PROPERTIES, MAX_SCHEMA_BYTES,
-                     SchemaError, SchemaLimit, limit)
 
 ROOT_URI = "urn:aegis:schema"  # the base of a schema without an $id of its own
 CONDITIONAL = ("if", "then", "else")

@@ -8,10 +8,8 @@ import math
 
 from .gbnf import INT_LIMIT
 from .keywords import BOUNDS, BOUNDS_HOW, FORMATS
-from .limits import (MAX_ENUM_VALUES, MAX_OPTIONAL_PROPERTIES, MAX_PROPERTIES, MAX_REPEAT, SchemaError, limit,
-                     pointer)
+from .limits import MAX_ENUM_VALUES, MAX_OPTIONAL_PROPERTIES, MAX_REPEAT, SchemaError, limit, pointer
 from .pattern import check_pattern
-
 
 ANY_VALUE = {"type": ["string", "number", "boolean", "null", "object", "array"]}
 
