@@ -153,12 +153,22 @@ def load_model(path: Path | str, extra_bufts: bool, gpu_layers: int = -1):
     return model
 
 
-def context_params(n_ctx: int, slots: int, n_batch: int, threads: int):
+CACHE_TYPES = ("f16", "q8_0")  # the KV cache types the server offers (--cache-type)
+
+
+def context_params(n_ctx: int, slots: int, n_batch: int, threads: int, cache_type: str = "f16"):
     """The context the server decodes in: n_ctx positions for each of `slots` sequences, each in cells of its own,
     and llama.cpp's defaults for the rest (its choice of flash attention, an F16 KV cache). aegis/decoding.py's
-    greedy() uses the same, so export records the replies the server gives."""
+    greedy() uses the same, so export records the replies the server gives. cache_type q8_0 stores K and V in
+    8 bits (about half the memory); llama.cpp reads a quantized V cache only inside flash attention, so that is
+    switched on rather than left to llama.cpp's choice."""
     lib = runtime()
     cp = lib.llama_context_default_params()
+    if cache_type not in CACHE_TYPES:
+        raise ValueError(f"cache type {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
+    if cache_type == "q8_0":
+        cp.type_k = cp.type_v = lib.GGML_TYPE_Q8_0
+        cp.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
     cp.n_ctx = n_ctx * slots
     cp.n_batch = cp.n_ubatch = n_batch
     cp.n_seq_max = slots

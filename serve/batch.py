@@ -37,11 +37,12 @@ class BatchPool:
     """Same face as pool.WorkerPool (start, submit, close, waiting, busy, workers) over one batched context."""
 
     def __init__(self, backend: Backend, slots: int = 4, max_queue: int = 64, on_finish=None,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, cache_type: str = "f16"):
         if slots < 1 or max_queue < 0:
             raise ValueError("slots must be >= 1 and the queue size >= 0")
         self.backend, self.workers, self.max_queue = backend, slots, max_queue
         self.on_finish, self.prefix_cache = on_finish, prefix_cache
+        self.cache_type = cache_type  # the KV cache's type (aegis.llamacpp.CACHE_TYPES)
         self.waiting = 0  # requests in the queue, not yet in a slot
         self.busy = 0  # slots running a request
         self.steps = self.sequences = 0  # decode calls and the sequences they carried (metrics)
@@ -53,7 +54,7 @@ class BatchPool:
 
     def start(self) -> None:
         """Make the batched context (on this thread: a failure is the caller's) and start the scheduler."""
-        self._batch = self.backend.new_batch(self.workers)
+        self._batch = self.backend.new_batch(self.workers, cache_type=self.cache_type)
         self._thread = threading.Thread(target=self._run, name="model-batch", daemon=True)
         self._thread.start()
 

@@ -87,6 +87,9 @@ class Settings:
                                    "then chunks of the prompts being read)", parse=POSITIVE_INT)
     prefix_cache: str = setting("on", "llama.cpp: a request whose prompt starts as a finished one's did (a chat's next "
                                       "turn) reuses that KV cache", choices=("on", "off"))
+    cache_type: str = setting("f16", "llama.cpp: the KV cache's type; q8_0 takes about half the memory of f16 (more "
+                                     "slots or context in the same memory) for replies that may differ slightly",
+                              choices=("f16", "q8_0"))
     queue_size: int = setting(64, "requests that may wait for a worker before the server answers 429",
                               parse=NON_NEGATIVE)
     timeout: float = setting(300.0, "seconds per request, queue included", parse=POSITIVE)

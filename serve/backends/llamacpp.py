@@ -117,8 +117,8 @@ class LlamaCppBackend(Backend):
     def detokenizer(self) -> Detokenizer:
         return LlamaDetokenizer(self.token_bytes)
 
-    def new_batch(self, slots: int) -> LlamaBatch:
-        return LlamaBatch(self, slots)
+    def new_batch(self, slots: int, cache_type: str = "f16") -> LlamaBatch:
+        return LlamaBatch(self, slots, cache_type)
 
     def close(self) -> None:
         self._vocab_llm.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from .base import Sampling
 
 log = logging.getLogger(__name__)
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data's layout
+KV_SIZE = re.compile(r"K \((\w+)\):\s*([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB")  # llama.cpp's KV cache line
 
 
 @dataclass
@@ -45,7 +47,7 @@ def placement(lib, model, gpu_layers: int) -> str:
 class LlamaBatch:
     """One context with `slots` sequences. Not thread-safe: the scheduler thread alone calls it."""
 
-    def __init__(self, backend, slots: int):
+    def __init__(self, backend, slots: int, cache_type: str = "f16"):
         lib = self.lib = llamacpp.runtime()
         self.backend = backend
         self.slots = [Slot(i) for i in range(slots)]
@@ -54,13 +56,17 @@ class LlamaBatch:
         self.placement = placement(lib, self.model, backend.gpu_layers)
         log.info("%s: %s", backend.path.name, self.placement)
         # the same context as export's recorded greedy replies (aegis.llamacpp.greedy), per slot
-        cp = llamacpp.context_params(backend.context_length, slots, self.n_batch, backend.n_threads)
-        self.ctx = lib.llama_init_from_model(self.model, cp)
+        cp = llamacpp.context_params(backend.context_length, slots, self.n_batch, backend.n_threads, cache_type)
+        self.ctx, said = _logged(lib, lambda: lib.llama_init_from_model(self.model, cp))
         if not self.ctx:
             lib.llama_model_free(self.model)
             raise RuntimeError(f"{backend.path}: llama.cpp could not make a context of {cp.n_ctx} tokens for "
                                f"{slots} slots (memory?)")
         self.mem = lib.llama_get_memory(self.ctx)
+        # llama.cpp's own account of the memory its KV cache took (K and V of each cache it made)
+        self.kv_mib = sum(float(m[1]) + float(m[3]) for m in KV_SIZE.findall(said)) or None
+        log.info("%s: KV cache %s%s for %d slots of %d positions", backend.path.name, cache_type,
+                 f", {self.kv_mib:.2f} MiB" if self.kv_mib else "", slots, backend.context_length)
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
@@ -223,6 +229,22 @@ class LlamaBatch:
             self.lib.llama_free(self.ctx)
             self.lib.llama_model_free(self.model)
             self.ctx = None
+
+
+def _logged(lib, make):
+    """make()'s result and what llama.cpp logged meanwhile (the server drops its log otherwise)."""
+    said, previous, data = [], lib.llama_log_callback(), ctypes.c_void_p()
+    lib.llama_log_get(ctypes.byref(previous), ctypes.byref(data))
+
+    @lib.llama_log_callback
+    def keep(level, text, user_data):  # noqa: ARG001
+        said.append(text.decode("utf-8", "replace"))
+
+    lib.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        return make(), "".join(said)
+    finally:
+        lib.llama_log_set(previous, data)
 
 
 def _common(a: list[int], b: list[int]) -> int:
