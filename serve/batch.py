@@ -7,6 +7,9 @@ One scheduler thread owns the model's batch (a llama.cpp context with one sequen
   3. decodes, in one batch, the next token of every generating request plus chunks of the prompts still being read
      (at most n_batch tokens in all, so a long prompt joins over several steps instead of stalling the streams),
   4. samples each request's token with its own settings and hands it to that request's Decoding (stops, limits).
+With --speculate N a greedy request also decodes, after its next token, up to N tokens guessed from its own prompt
+and reply (serve/speculate.py); each drafted position gets its logits in the same step, the tokens greedy sampling
+agrees with are kept, one after another until the first it does not, and the rest leave the slot's cells.
 The bounded queue and its 429 are the worker pool's: a request that finds neither a free slot nor a place in the
 queue is refused at once.
 """
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 from .backends.base import Backend
 from .job import Decoding, Finish, Job, admit
+from .speculate import Drafter
 
 log = logging.getLogger("serve.batch")
 
@@ -31,21 +35,25 @@ class Running:
     pending: list[int]  # prompt tokens still to read, all but the last
     next_token: int | None = None  # the prompt's last token, then each sampled one: decoded next step, for logits
     cached: int = 0  # prompt tokens found in the slot's cells
+    drafter: Drafter | None = None  # a greedy request's prompt lookup (--speculate), None: it does not speculate
+    draft: list[int] | None = None  # the tokens drafted for this step
 
 
 class BatchPool:
     """Same face as pool.WorkerPool (start, submit, close, waiting, busy, workers) over one batched context."""
 
     def __init__(self, backend: Backend, slots: int = 4, max_queue: int = 64, on_finish=None,
-                 prefix_cache: bool = True, cache_type: str = "f16"):
+                 prefix_cache: bool = True, cache_type: str = "f16", speculate: int = 0):
         if slots < 1 or max_queue < 0:
             raise ValueError("slots must be >= 1 and the queue size >= 0")
         self.backend, self.workers, self.max_queue = backend, slots, max_queue
         self.on_finish, self.prefix_cache = on_finish, prefix_cache
         self.cache_type = cache_type  # the KV cache's type (aegis.llamacpp.CACHE_TYPES)
+        self.speculate = speculate  # tokens drafted per step for a greedy request (0: none)
         self.waiting = 0  # requests in the queue, not yet in a slot
         self.busy = 0  # slots running a request
         self.steps = self.sequences = 0  # decode calls and the sequences they carried (metrics)
+        self.drafted = self.accepted = 0  # tokens drafted by prompt lookup and those greedy decoding kept (metrics)
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -115,8 +123,10 @@ class BatchPool:
             free.remove(slot)
             self.busy += 1
             pending = job.prompt[keep:-1]
+            greedy = job.sampling.temperature <= 0 and not job.sampling.grammar  # sampled replies never speculate
             running[slot] = Running(job, Decoding(self.backend, job), pending,
-                                    next_token=None if pending else job.prompt[-1], cached=keep)
+                                    next_token=None if pending else job.prompt[-1], cached=keep,
+                                    drafter=Drafter(job.prompt) if greedy and self.speculate else None)
             out.append((slot, job))
         return out
 
@@ -128,10 +138,12 @@ class BatchPool:
 
     def _step(self, running: dict[int, Running]) -> None:
         feeds, budget = [], self._batch.n_batch
-        for slot, r in running.items():  # every generating request moves one token each step
-            if r.next_token is not None:
-                feeds.append((slot, [r.next_token], True))
-                budget -= 1
+        generating = [(slot, r) for slot, r in running.items() if r.next_token is not None]
+        budget -= len(generating)
+        for slot, r in generating:  # every generating request moves one token each step, perhaps with a draft
+            r.draft = self._draft(r, budget)
+            budget -= len(r.draft)
+            feeds.append((slot, [r.next_token, *r.draft], 1 + len(r.draft)))
         # then prompts, in arrival order, in chunks that fit the batch. A prompt's last token waits for the next
         # step, where it is decoded as generating tokens are: the first logits then come out of the same kind of
         # step whether the rest of the prompt was read now or found in the cache (llama.cpp sums a batch of one
@@ -146,12 +158,46 @@ class BatchPool:
         rows = self._batch.decode(feeds)
         self.steps += 1
         self.sequences += len(feeds)
-        for slot, token in self._batch.sample(rows).items():  # only the single-token feeds asked for logits
+        for slot, tokens in self._accept(rows, running).items():  # only the generating feeds asked for logits
             r = running[slot]
-            r.next_token = token
-            if r.decoding.push(token, lambda row=rows[slot]: self._batch.logits(row)):
-                r.next_token = None
-                self._finish(slot, running)
+            for i, token in enumerate(tokens):
+                r.next_token = token
+                if r.drafter is not None:
+                    r.drafter.extend([token])
+                if r.decoding.push(token, lambda row=rows[slot] + i: self._batch.logits(row)):
+                    r.next_token = None
+                    self._finish(slot, running)
+                    break
+
+    def _draft(self, r: Running, budget: int) -> list[int]:
+        """Tokens guessed to follow r.next_token: no more than the batch, the slot's context and the request's
+        max_tokens leave room for."""
+        if r.drafter is None or budget <= 0:
+            return []
+        room = min(self.speculate, budget, self.backend.context_length - len(r.drafter.tokens),
+                   r.job.max_tokens - r.decoding.n - 1)
+        return r.drafter.draft(room)
+
+    def _accept(self, rows: dict[int, int], running: dict[int, Running]) -> dict[int, list[int]]:
+        """Each slot's tokens of this step: the one sampled after its next token, then, while the last one is the
+        token drafted there, the one sampled at the drafted position (all slots at a position in one sample call,
+        in order, so each sampler records exactly the tokens plain decoding would have). Drafted tokens past the
+        first miss leave the slot's cells."""
+        out = {slot: [token] for slot, token in self._batch.sample(rows).items()}
+        k = 0
+        while live := {slot: rows[slot] + 1 + k for slot, tokens in out.items()
+                       if len(tokens) == k + 1 and k < len(running[slot].draft or ()) and
+                       tokens[-1] == running[slot].draft[k]}:
+            for slot, token in self._batch.sample(live).items():
+                out[slot].append(token)
+            k += 1
+        for slot, tokens in out.items():
+            drafted = len(running[slot].draft or ())
+            if drafted:
+                self.drafted += drafted
+                self.accepted += len(tokens) - 1
+                self._batch.drop(slot, drafted - (len(tokens) - 1))
+        return out
 
     def _finish(self, slot: int, running: dict[int, Running], error: str = "") -> None:
         r = running.pop(slot)

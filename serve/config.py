@@ -90,6 +90,10 @@ class Settings:
     cache_type: str = setting("f16", "llama.cpp: the KV cache's type; q8_0 takes about half the memory of f16 (more "
                                      "slots or context in the same memory) for replies that may differ slightly",
                               choices=("f16", "q8_0"))
+    speculate: int = setting(0, "llama.cpp: tokens drafted per step for a greedy request (temperature 0, no grammar) "
+                                "from its own prompt and reply (prompt lookup: what followed the last repeat of its "
+                                "latest tokens), checked in the same decode; the reply is the same, sooner where it "
+                                "repeats its input (0: off)", parse=NON_NEGATIVE, metavar="N")
     queue_size: int = setting(64, "requests that may wait for a worker before the server answers 429",
                               parse=NON_NEGATIVE)
     timeout: float = setting(300.0, "seconds per request, queue included", parse=POSITIVE)

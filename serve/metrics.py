@@ -1,7 +1,7 @@
 """Prometheus metrics: requests by endpoint and status, tokens in and out (cached prompt tokens too), queue depth, busy
-slots, the batched engine's decode steps and the sequences they carried, latency and time to first token, open
-connections and those the server closed itself. Each app has its own registry, so several servers in one process
-(tests) never share counts.
+slots, the batched engine's decode steps and the sequences they carried, the tokens prompt lookup drafted and those
+decoding kept, latency and time to first token, open connections and those the server closed itself. Each app has
+its own registry, so several servers in one process (tests) never share counts.
 
 Requests are counted by an ASGI middleware that sees the status line of every response (401 and 413 included)
 and times the whole exchange (a stream ends when its last chunk is sent). Paths outside the API are counted as
@@ -29,11 +29,16 @@ class BatchCounts:
         steps = CounterMetricFamily("aegis_decode_steps", "llama_decode calls of the batched engine", labels=["model"])
         seqs = CounterMetricFamily("aegis_decode_sequences", "sequences those calls carried (a prompt chunk or one "
                                    "generated token each)", labels=["model"])
+        drafted = CounterMetricFamily("aegis_draft_tokens", "tokens drafted by prompt lookup (--speculate)",
+                                      labels=["model"])
+        accepted = CounterMetricFamily("aegis_draft_accepted_tokens", "drafted tokens greedy decoding agreed with, "
+                                       "each a step saved (accepted / drafted: the acceptance rate)", labels=["model"])
         for name, pool in self.pools.items():
             steps.add_metric([name], pool.steps)
             seqs.add_metric([name], pool.sequences)
-        yield steps
-        yield seqs
+            drafted.add_metric([name], pool.drafted)
+            accepted.add_metric([name], pool.accepted)
+        yield from (steps, seqs, drafted, accepted)
 
 
 class Metrics:

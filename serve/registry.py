@@ -75,7 +75,8 @@ class Registry:
                 hook = self._finished_hook(spec.name)
                 if backend.batched:
                     pool = BatchPool(backend, slots=s.parallel or DEFAULT_SLOTS, max_queue=s.queue_size,
-                                     on_finish=hook, prefix_cache=s.prefix_cache == "on", cache_type=s.cache_type)
+                                     on_finish=hook, prefix_cache=s.prefix_cache == "on", cache_type=s.cache_type,
+                                     speculate=s.speculate)
                 else:
                     pool = WorkerPool(backend, workers=s.parallel or 1, max_queue=s.queue_size, on_finish=hook)
                 pool.start()

@@ -85,10 +85,18 @@ class LlamaBatch:
                 n = _common(self.slots[i].cached, prompt[:-1])
                 if n > keep:
                     best, keep = i, n
-        slot = self.slots[best]
+        self._keep(self.slots[best], keep)
+        return best, keep
+
+    def drop(self, index: int, n: int) -> None:
+        """Take the last n tokens out of the slot's cells (drafted tokens greedy decoding did not agree with)."""
+        if n > 0:
+            slot = self.slots[index]
+            self._keep(slot, len(slot.cached) - n)
+
+    def _keep(self, slot: Slot, keep: int) -> None:
         self.lib.llama_memory_seq_rm(self.mem, slot.seq, keep, -1)
         del slot.cached[keep:]
-        return best, keep
 
     def forget(self) -> None:
         """Clear every slot's cells (after a failed decode nothing they hold can be trusted)."""
@@ -135,9 +143,9 @@ class LlamaBatch:
         return chain
 
     # ---- one step -------------------------------------------------------------------------------------------
-    def decode(self, feeds: list[tuple[int, list[int], bool]]) -> dict[int, int]:
-        """One llama_decode of (slot, tokens, logits wanted for the last one) for several slots, at most n_batch
-        tokens in all; {slot: row of its logits}."""
+    def decode(self, feeds: list[tuple[int, list[int], bool | int]]) -> dict[int, int]:
+        """One llama_decode of (slot, tokens, logits wanted: for the last token, or for the last n) for several
+        slots, at most n_batch tokens in all; {slot: the row of its first logits} (the others follow it)."""
         b, rows, n = self.batch, {}, 0
         for index, tokens, want in feeds:
             slot = self.slots[index]
@@ -146,10 +154,10 @@ class LlamaBatch:
                 b.pos[n] = len(slot.cached) + j
                 b.n_seq_id[n] = 1
                 b.seq_id[n][0] = slot.seq
-                b.logits[n] = want and j == len(tokens) - 1
+                b.logits[n] = j >= len(tokens) - want
                 n += 1
             if want and tokens:
-                rows[index] = n - 1
+                rows[index] = n - min(int(want), len(tokens))
         if n == 0:
             return rows
         b.n_tokens = n

@@ -1,0 +1,110 @@
+"""--speculate N (prompt lookup): greedy replies are token for token those of plain decoding, alone and side by side;
+a reply that repeats its prompt has its drafts accepted in fewer decode steps, and /metrics counts drafted and
+accepted tokens; sampled and grammar-constrained requests never draft."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import openai
+import pytest
+
+from aegis.tiny import corpus_path
+from support import serving
+from support.serving import metric
+
+CHATS = ["日本の四季について説明してください。", "こんにちは。今日はどんなことを手伝ってくれますか。",
+         "梅雨の時期に洗濯物を上手に乾かすには？"]
+
+# a chat's next turn: its prompt ends as the turn before did ("<|end|>", the assistant's marker), so prompt lookup
+# drafts from the first step on
+TURNS = [{"role": "user", "content": CHATS[0]},
+         {"role": "assistant", "content": "春は桜、夏は海、秋は紅葉、冬は雪です。"},
+         {"role": "user", "content": CHATS[1]}]
+
+
+def _prose(cut: int = 100) -> str:
+    """A passage of the model's training prose, then its start again: the model goes on to write the passage once
+    more (for a while), which prompt lookup finds in the prompt."""
+    text = corpus_path("prose_train_a.txt").read_text(encoding="utf-8")[:300]
+    return text + text[:cut]
+
+
+@pytest.fixture(scope="module")
+def servers(request, tmp_path_factory):
+    with contextlib.ExitStack() as stack:
+        # the model's original context (beyond it the long rope factors apply and it copies its prompt less well)
+        yield {n: stack.enter_context(serving.tiny_server(request, tmp_path_factory, "--speculate", str(n),
+                                                          "--ctx-size", "512", name=f"tiny-spec{n}"))
+               for n in (0, 4)}
+
+
+def _requests(name: str) -> list[tuple[str, dict]]:
+    """Chats with logprobs and prose to go on with, each long enough that drafts are kept and refused mid-reply."""
+    greedy = dict(model=name, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    chats = [("chat", greedy | dict(messages=[{"role": "user", "content": c}], logprobs=True))
+             for c in [*CHATS, _prose(0)]] + [("chat", greedy | dict(messages=TURNS, logprobs=True))]
+    return [*chats, *(("completion", greedy | dict(prompt=_prose(cut))) for cut in (60, 100, 150))]
+
+
+async def _send(server, requests: list[tuple[str, dict]]) -> list[tuple[str, list]]:
+    """(text, [(token, logprob)] of a chat) of each request, all sent at once."""
+    async with openai.AsyncOpenAI(base_url=server.api, api_key="none", max_retries=0, timeout=120) as c:
+        calls = [c.chat.completions.create(**args) if kind == "chat" else c.completions.create(**args)
+                 for kind, args in requests]
+        replies = await asyncio.gather(*calls)
+    out = []
+    for reply in replies:
+        choice = reply.choices[0]
+        if hasattr(choice, "message"):
+            out.append((choice.message.content, [(t.token, t.logprob) for t in choice.logprobs.content]))
+        else:
+            out.append((choice.text, []))
+    return out
+
+
+def _name(server) -> str:
+    return server.args[server.args.index("--model") + 1].split("=")[0]
+
+
+def test_greedy_replies_are_those_of_plain_decoding(servers):
+    plain, fast = servers[0], servers[4]
+    drafted, accepted = metric(fast, "aegis_draft_tokens_total"), metric(fast, "aegis_draft_accepted_tokens_total")
+    expected = [asyncio.run(_send(plain, [r]))[0] for r in _requests(_name(plain))]  # one at a time
+    for together in (False, True):
+        requests = _requests(_name(fast))
+        got = asyncio.run(_send(fast, requests)) if together else [asyncio.run(_send(fast, [r]))[0] for r in requests]
+        for (text, probs), (want_text, want_probs) in zip(got, expected):
+            assert text == want_text
+            # each token's logprob comes from the logits row of the position it was sampled at: llama.cpp sums a
+            # batch of several rows in another order than one, so the figures agree to about 1e-3 (a row off by one
+            # position would give the token's logprob at another position, far away)
+            assert [t for t, _ in probs] == [t for t, _ in want_probs]
+            assert all(abs(a - b) < 1e-2 for (_, a), (_, b) in zip(probs, want_probs)), (probs, want_probs)
+    # both paths were taken: drafts kept, and drafts refused (then taken out of the slot's cells)
+    drafted = metric(fast, "aegis_draft_tokens_total") - drafted
+    accepted = metric(fast, "aegis_draft_accepted_tokens_total") - accepted
+    assert 0 < accepted < drafted, (accepted, drafted)
+
+
+def test_a_reply_that_repeats_its_prompt_takes_fewer_steps(servers):
+    fast = servers[4]
+    before = {m: metric(fast, m) for m in ("aegis_draft_tokens_total", "aegis_draft_accepted_tokens_total",
+                                          "aegis_decode_steps_total")}
+    reply = serving.openai_client(fast).completions.create(model=_name(fast), prompt=_prose(), max_tokens=40,
+                                                           temperature=0)
+    drafted, accepted, steps = (metric(fast, m) - v for m, v in before.items())
+    assert 10 <= accepted <= drafted, (drafted, accepted)
+    # plain decoding takes a step per token (and one more for the prompt): here many steps give several tokens
+    assert steps < reply.usage.completion_tokens, (steps, reply.usage.completion_tokens)
+
+
+def test_sampled_and_constrained_requests_do_not_draft(servers):
+    fast = servers[4]
+    client = serving.openai_client(fast)
+    drafted = metric(fast, "aegis_draft_tokens_total")
+    client.chat.completions.create(model=_name(fast), messages=TURNS, max_tokens=24, temperature=0.8, seed=1)
+    client.chat.completions.create(model=_name(fast), messages=TURNS, max_tokens=24, temperature=0,
+                                   response_format={"type": "json_object"})
+    assert metric(fast, "aegis_draft_tokens_total") == drafted
