@@ -173,7 +173,8 @@ WEATHER = {"type": "object", "properties": {"city": {"enum": ["東京", "大阪"
            "required": ["city", "days"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "都市の天気予報",
                                            "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}]
+         {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {},
+                                                                          "additionalProperties": False}}}]
 CALLS = [("get_weather", {"city": "東京 \"}{<tool_call>", "days": 2}), ("ping", {})]
 
 
@@ -241,7 +242,7 @@ def served(exported, tmp_path_factory):
 
 
 def _ask(client, **kwargs):
-    args = dict(model="fam", messages=CHAT, tools=TOOLS, temperature=1.0, max_tokens=300, seed=3,
+    args = dict(model="fam", messages=CHAT, tools=TOOLS, temperature=1.0, max_tokens=240, seed=3,
                 tool_choice="required", parallel_tool_calls=False) | kwargs
     return client.chat.completions.create(**args)
 
