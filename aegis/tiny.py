@@ -26,6 +26,7 @@ from pathlib import Path
 from . import sp_tokenizer
 from .atomic import atomic_dir
 from .errors import ModelError
+from .families.phi3 import CHAT_TEMPLATE  # the tiny model is a Phi-3: its family's chat format
 
 SP_VOCAB = 4000
 ARCH = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
@@ -34,14 +35,6 @@ ARCH = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_att
 # Phi-3's added tokens in Phi-3's order; they follow the SentencePiece vocabulary as in the real model (32000...).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
                   "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
 CORPUS_PROSE = ["prose_train_a.txt", "prose_train_b.txt", "prose_train_c.txt"]
 CORPUS_CHAT = ["chat_train.jsonl"]
 CORPUS_TRAIN = CORPUS_PROSE + CORPUS_CHAT
