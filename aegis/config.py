@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 from .cli import UsageError
+from .packing import MODES as PACKING
 from .schedule import SHAPES, Schedule
 
 EMBEDDED = "embedded"  # model.base for the tiny Phi-3 that ships with the package
@@ -86,6 +87,9 @@ class DataConfig:
     train: list[str] = field(default_factory=lambda: ["embedded:prose_train.txt"])
     eval: list[str] = field(default_factory=list)
     skip_bad_lines: bool = False
+    # "documents": a packed window's examples attend only within themselves, positions restart at each (chat data);
+    # "concat": one text per window (pre-training-style text); "auto": documents if the data holds a chat record
+    packing: str = "auto"
 
 
 @dataclass
@@ -226,7 +230,8 @@ def build(raw: dict[str, Any], overrides: list[str] = (), source: str = "<config
 
 # the keys whose value is one of a list, and the numbers that must be above zero (or at least zero)
 CHOICES = {"model.quantization": QUANTIZATIONS, "model.dtype": DTYPES, "soul.mix": MIXES, "soul.init": INITS,
-           "soul.alpha_mode": ALPHA_MODES, "schedule.shape": SHAPES, "train.lr_schedule": LR_SCHEDULES}
+           "soul.alpha_mode": ALPHA_MODES, "schedule.shape": SHAPES, "train.lr_schedule": LR_SCHEDULES,
+           "data.packing": PACKING}
 POSITIVE = ("lora.r", "lora.alpha", "schedule.total_steps", "schedule.anneal_steps", "train.lr", "train.batch_size",
             "train.grad_accum", "train.save_steps", "train.memory_budget_gib")
 NOT_NEGATIVE = ("schedule.warmup_steps", "train.weight_decay", "train.max_grad_norm", "train.lr_warmup_steps",
