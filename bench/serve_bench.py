@@ -4,7 +4,8 @@ llama.cpp source that llama-cpp-python vendors) and `python -m llama_cpp.server`
 
     python bench/serve_bench.py [--gguf FILE] [--clients 1,4,16,64] [--max-tokens 256] [--requests 2]
                                 [--llama-server PATH] [--baseline-levels 1,4,16,64] [--ctx 1024] [--threads N]
-                                [--gpu-layers -1] [--out bench/serve_results.json]
+                                [--gpu-layers -1] [--batched-bench PATH] [--prompt-tokens 32]
+                                [--out bench/serve_results.json]
 
 Each server is started for each level with as many slots as clients (ours --parallel N, llama-server -np N with a
 context of N x --ctx, so every slot has --ctx tokens as ours does), all layers on the GPU when there is one. Every
@@ -15,6 +16,10 @@ replies may end early, which min_tokens shows). Tokens are counted from usage, e
 ended by length, else its chunks. Reported per level and server:
 aggregate tokens/s, the median request's tokens/s, time to first token p50/p90, and peak memory (GPU memory in use
 above what it was before the server started; without a GPU, the server process's peak RSS).
+
+With --batched-bench, llama.cpp's own `llama-batched-bench` runs the same GGUF at the same levels (--prompt-tokens
+prompt tokens and --max-tokens generated per sequence, no HTTP, no sampling work beyond its own): the library's limit,
+as an aggregate (prompt and generation) and as generation alone.
 
 Then prefix reuse: --chats five-turn chats (scripted replies, so both runs see the same prompts) on ours with
 --prefix-cache on and off; time to first token of each turn (a one-token request), median over the chats.
@@ -251,6 +256,26 @@ def markdown(rows: list[dict], memory: str) -> str:
     return "\n".join(lines)
 
 
+def batched_bench(program: Path, gguf: Path, levels: list[int], args) -> list[dict]:
+    """llama-batched-bench at every level: one JSON line per level (pp, tg, pl, speed_tg, speed, ...)."""
+    ctx = max(levels) * (args.prompt_tokens + args.max_tokens) + 256
+    cmd = [str(program), "-m", str(gguf), "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(args.prompt_tokens),
+           "-ntg", str(args.max_tokens), "-npl", ",".join(map(str, levels)),
+           "-ngl", str(999 if args.gpu_layers < 0 else args.gpu_layers), "--output-format", "jsonl",
+           *(["-t", str(args.threads)] if args.threads else [])]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    args.logs.mkdir(parents=True, exist_ok=True)
+    (args.logs / "llama-batched-bench.log").write_text(done.stdout + done.stderr)
+    rows = [json.loads(line) for line in done.stdout.splitlines() + done.stderr.splitlines()
+            if line.startswith("{") and '"speed_tg"' in line]
+    if done.returncode != 0 or not rows:
+        raise RuntimeError(f"llama-batched-bench exited with {done.returncode}: {done.stderr[-2000:]}")
+    for r in rows:
+        print(f"{r['pl']:3d} sequences llama-batched-bench {r['speed']:9.1f} tokens/s (generation alone "
+              f"{r['speed_tg']:.1f})", flush=True)
+    return rows
+
+
 def run_level(name: str, gguf: Path, clients: int, args) -> dict:
     server, ready = server_for(name, gguf, clients, args)
     watch = MemoryWatch()
@@ -279,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: each server's default)")
     ap.add_argument("--gpu-layers", type=int, default=-1, help="-1: all")
     ap.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server executable (row left out without)")
+    ap.add_argument("--batched-bench", type=Path, help="llama.cpp's llama-batched-bench executable (row left out "
+                    "without)")
+    ap.add_argument("--prompt-tokens", type=int, default=32, help="llama-batched-bench's prompt per sequence (the "
+                    "chat prompts the servers read are about this long)")
     ap.add_argument("--chats", type=int, default=5, help="five-turn chats for the prefix-reuse measure (0: none)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "serve_results.json")
     ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "serve-bench-logs",
@@ -311,6 +340,13 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:  # one server failing still leaves the others' rows; the reason is kept
                 print(f"{clients:3d} clients  {name}: FAILED {e}", flush=True)
                 failed.append({"clients": clients, "server": name, "error": str(e)[-2000:]})
+    library = []
+    if args.batched_bench:
+        try:
+            library = batched_bench(args.batched_bench, gguf, levels, args)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            print(f"llama-batched-bench: FAILED {e}", flush=True)
+            failed.append({"server": "llama-batched-bench", "error": str(e)[-2000:]})
     turns = prefix_reuse(gguf, args, failed) if args.chats else {}
 
     memory = "GPU memory" if MemoryWatch().gpu else "RSS"
@@ -322,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ratios[clients] = {other: by[OURS]["tokens_per_s"] / by[other]["tokens_per_s"]
                            for other in (LLAMA_SERVER, LCP_SERVER) if other in by}
+        for r in library:
+            if r["pl"] == clients:
+                ratios[clients]["llama-batched-bench"] = by[OURS]["tokens_per_s"] / r["speed"]
+                ratios[clients]["llama-batched-bench generation"] = by[OURS]["tokens_per_s"] / r["speed_tg"]
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                          text=True).stdout.strip() if MemoryWatch().gpu else ""
     result = {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "max_tokens": args.max_tokens,
@@ -330,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                           "python": platform.python_version()},
               "date": time.strftime("%Y-%m-%d"),
               "command": " ".join(["bench/serve_bench.py", *(argv if argv is not None else sys.argv[1:])]),
-              "rows": rows, "failed": failed, "ratios_ours_over": ratios, "prefix_cache_ttft_ms": turns, "table": table}
+              "rows": rows, "batched_bench": library, "failed": failed, "ratios_ours_over": ratios,
+              "prefix_cache_ttft_ms": turns, "table": table}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
     print(table)
