@@ -10,5 +10,6 @@ import warnings
 # missing (its own CPU kernels are used). peft reads the model's `is_gradient_checkpointing`, which transformers 5
 # deprecates.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: "from kernels-community" not in record.getMessage())
+    lambda record: "from kernels-community" not in record.getMessage()
+)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

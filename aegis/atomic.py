@@ -130,16 +130,18 @@ def _atomic(dest: Path, directory: bool, needed: Needed, shown: str | None, then
     _rename(tmp, dest)
 
 
-def atomic_file(dest: Path, needed: Needed = None, shown: str | None = None,
-                then: str = "run again") -> contextlib.AbstractContextManager[Path]:
+def atomic_file(
+    dest: Path, needed: Needed = None, shown: str | None = None, then: str = "run again"
+) -> contextlib.AbstractContextManager[Path]:
     """Yields a temporary path beside `dest` for the caller to write; on success it becomes `dest` (`publish`), on
     failure it is removed. A failure for want of room is a NoSpaceError naming `dest` (or `shown`, what a temporary
     file stands for) with `needed` bytes and ending `then` (what the user does after freeing room)."""
     return _atomic(dest, False, needed, shown, then)
 
 
-def atomic_dir(dest: Path, needed: Needed = None, shown: str | None = None,
-               then: str = "run again") -> contextlib.AbstractContextManager[Path]:
+def atomic_dir(
+    dest: Path, needed: Needed = None, shown: str | None = None, then: str = "run again"
+) -> contextlib.AbstractContextManager[Path]:
     """`atomic_file` for a directory: yields a fresh empty directory beside `dest`, which replaces `dest` whole."""
     return _atomic(dest, True, needed, shown, then)
 

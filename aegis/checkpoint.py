@@ -46,14 +46,25 @@ FINAL = "final"
 
 # ---- the soul ---------------------------------------------------------------------------------------------------
 
+
 def save_soul(path: Path, soul, meta: dict) -> None:
     from safetensors.torch import save_file
 
     metadata = {k: json.dumps(v) for k, v in meta.items()}
-    metadata.update(format_version=str(FORMAT_VERSION), hidden_size=str(soul.hidden_size), mix=json.dumps(soul.mix),
-                    gate=json.dumps(float(soul.gate())))
-    save_file({"generators": soul.generators.detach().float().cpu().contiguous(),
-               "alpha": soul.alpha.detach().float().cpu().reshape(1)}, str(path), metadata=metadata)
+    metadata.update(
+        format_version=str(FORMAT_VERSION),
+        hidden_size=str(soul.hidden_size),
+        mix=json.dumps(soul.mix),
+        gate=json.dumps(float(soul.gate())),
+    )
+    save_file(
+        {
+            "generators": soul.generators.detach().float().cpu().contiguous(),
+            "alpha": soul.alpha.detach().float().cpu().reshape(1),
+        },
+        str(path),
+        metadata=metadata,
+    )
 
 
 def read_soul(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -66,14 +77,17 @@ def read_soul(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     meta = {k: json.loads(v) for k, v in raw.items()}
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: soul format version {meta.get('format_version')!r}; this AEGIS reads "
-                              f"version {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path}: soul format version {meta.get('format_version')!r}; this AEGIS reads version {FORMAT_VERSION}"
+        )
     hidden = meta.get("hidden_size")
     if "generators" not in tensors or "alpha" not in tensors or not isinstance(hidden, int):
         raise CheckpointError(f"{path}: missing generators, alpha or hidden_size")
     if tuple(tensors["generators"].shape) != (hidden // 8, 28):
-        raise CheckpointError(f"{path}: generators have shape {tuple(tensors['generators'].shape)}, expected "
-                              f"({hidden // 8}, 28) for hidden size {hidden}")
+        raise CheckpointError(
+            f"{path}: generators have shape {tuple(tensors['generators'].shape)}, expected "
+            f"({hidden // 8}, 28) for hidden size {hidden}"
+        )
     return tensors, meta
 
 
@@ -82,8 +96,10 @@ def load_soul_into(soul, ckpt: Path) -> dict:
 
     tensors, meta = read_soul(ckpt)
     if meta["hidden_size"] != soul.hidden_size:
-        raise CheckpointError(f"{Path(ckpt) / SOUL}: soul hidden size {meta['hidden_size']} does not match the "
-                              f"base model's {soul.hidden_size}")
+        raise CheckpointError(
+            f"{Path(ckpt) / SOUL}: soul hidden size {meta['hidden_size']} does not match the "
+            f"base model's {soul.hidden_size}"
+        )
     with torch.no_grad():
         soul.generators.copy_(tensors["generators"].to(soul.generators))
         soul.alpha.copy_(tensors["alpha"].reshape(()).to(soul.alpha))
@@ -92,6 +108,7 @@ def load_soul_into(soul, ckpt: Path) -> dict:
 
 
 # ---- optimizer and RNG ------------------------------------------------------------------------------------------
+
 
 def _save_optimizer(path: Path, optimizer) -> dict:
     import torch
@@ -143,8 +160,19 @@ def _restore_rng(path: Path, py: dict) -> None:
 
 # ---- whole checkpoints ------------------------------------------------------------------------------------------
 
-def save(dest: Path, *, model, soul, tokenizer, optimizer=None, scheduler=None, soul_meta: dict,
-         trainer_state: dict | None = None, before_commit=None) -> Path:
+
+def save(
+    dest: Path,
+    *,
+    model,
+    soul,
+    tokenizer,
+    optimizer=None,
+    scheduler=None,
+    soul_meta: dict,
+    trainer_state: dict | None = None,
+    before_commit=None,
+) -> Path:
     """Write a complete checkpoint at `dest` atomically (aegis/atomic.py). `before_commit(tmp)` is a test hook. A
     write that fails leaves nothing behind (an older `dest` stays); one that ran out of room is a NoSpaceError
     naming `dest` and about what it needs (the size of the run's newest checkpoint)."""
@@ -181,8 +209,11 @@ def _write(tmp: Path, model, soul, tokenizer, optimizer, scheduler, soul_meta: d
 
 def is_complete(path: Path, resumable: bool = False) -> bool:
     path = Path(path)
-    return (path.is_dir() and not path.name.startswith(TMP_PREFIX) and
-            all((path / f).is_file() for f in (RESUMABLE if resumable else REQUIRED)))
+    return (
+        path.is_dir()
+        and not path.name.startswith(TMP_PREFIX)
+        and all((path / f).is_file() for f in (RESUMABLE if resumable else REQUIRED))
+    )
 
 
 def step_of(path: Path) -> int:

@@ -16,8 +16,16 @@ class Reply:
     text: str  # the text of the tokens before the first end-of-generation token
 
 
-def greedy(path: Path | str, prompts: list[list[int]], n_tokens: int, n_ctx: int, extra_bufts: bool = True,
-           threads: int = 1, n_batch: int = 512, gpu_layers: int = -1) -> list[Reply]:
+def greedy(
+    path: Path | str,
+    prompts: list[list[int]],
+    n_tokens: int,
+    n_ctx: int,
+    extra_bufts: bool = True,
+    threads: int = 1,
+    n_batch: int = 512,
+    gpu_layers: int = -1,
+) -> list[Reply]:
     """Each prompt's first n_tokens greedy tokens, decoded step by step as the server decodes one request
     (serve/batch.py): the prompt but its last token in chunks of n_batch, then the last token alone, then each
     chosen token alone."""
@@ -49,7 +57,7 @@ def greedy(path: Path | str, prompts: list[list[int]], n_tokens: int, n_ctx: int
                 raise ValueError(f"a prompt of {len(prompt)} tokens and {n_tokens} more exceed {n_ctx}")
             lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
             for i in range(0, len(prompt) - 1, n_batch):
-                step(prompt[i:min(i + n_batch, len(prompt) - 1)], i, False)
+                step(prompt[i : min(i + n_batch, len(prompt) - 1)], i, False)
             token, pos, got = prompt[-1], len(prompt) - 1, []
             while len(got) < n_tokens:
                 step([token], pos, True)

@@ -40,8 +40,10 @@ def dense_weight(layer) -> torch.Tensor:
     if getattr(state, "packing_format_for_cpu", False):
         # bitsandbytes repacks a CPU layer for inference after a no-grad eval forward, with bf16 scales; its
         # inverse re-quantizes the scales, so the exact weight is gone. Conversion happens before any forward.
-        raise RuntimeError("a 4-bit layer was repacked for CPU inference before it was dequantized; dequantize the "
-                           "base right after loading it")
+        raise RuntimeError(
+            "a 4-bit layer was repacked for CPU inference before it was dequantized; dequantize the "
+            "base right after loading it"
+        )
     return bnbf.dequantize_4bit(layer.weight.data, state)
 
 

@@ -45,10 +45,14 @@ def verify(path: Path) -> str:
     path = Path(path)
     want = recorded(path)
     if want is None:
-        raise DigestError(f"{path}: no {sidecar(path).name} beside it to verify against (export writes one; "
-                          f"pass --no-verify for a file from elsewhere)")
+        raise DigestError(
+            f"{path}: no {sidecar(path).name} beside it to verify against (export writes one; "
+            f"pass --no-verify for a file from elsewhere)"
+        )
     got = sha256_file(path)
     if got != want:
-        raise DigestError(f"{path}: SHA-256 {got[:16]}... does not match {sidecar(path).name} ({want[:16]}...): "
-                          f"the file is damaged or was changed after export")
+        raise DigestError(
+            f"{path}: SHA-256 {got[:16]}... does not match {sidecar(path).name} ({want[:16]}...): "
+            f"the file is damaged or was changed after export"
+        )
     return got

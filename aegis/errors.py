@@ -37,8 +37,11 @@ class NoSpaceError(AegisError):
 
 # ENOSPC and EDQUOT: the file system or the user's quota is full; EFBIG: a file-size limit (ulimit -f), which
 # Python meets as an error because it ignores SIGXFSZ
-NO_ROOM = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-           errno.EFBIG: "file too large for the file-size limit (ulimit -f)"}
+NO_ROOM = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file-size limit (ulimit -f)",
+}
 # how writers that do not keep the errno say it: safetensors' Rust writer quotes the OS's text, numpy's tofile
 # reports a short write
 _NO_ROOM_TEXT = re.compile(r"No space left on device|Disk quota exceeded|File too large|\d+ requested and \d+ written")
@@ -51,8 +54,14 @@ def out_of_room(e: BaseException) -> bool:
     return bool(_NO_ROOM_TEXT.search(str(e)))
 
 
-def no_space(path: Path, e: BaseException, needed: int | None = None, written: int | None = None,
-             then: str = "run again", shown: str | None = None) -> NoSpaceError:
+def no_space(
+    path: Path,
+    e: BaseException,
+    needed: int | None = None,
+    written: int | None = None,
+    then: str = "run again",
+    shown: str | None = None,
+) -> NoSpaceError:
     """The one-line error for a write at `path` that ran out of room: what the file system has free and about how
     many bytes the whole write needs (`needed`, where the writer knows it) or at least (`written` when it failed).
     Made after the partial write is removed, so the free space is what a retry would find. `shown` names the file
@@ -73,12 +82,20 @@ def no_space(path: Path, e: BaseException, needed: int | None = None, written: i
     import resource  # POSIX only, like the limit
 
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    code = e.errno if isinstance(e, OSError) and e.errno in NO_ROOM else next(
-        (c for c, word in ((errno.EFBIG, "File too large"), (errno.EDQUOT, "quota"), (errno.ENOSPC, "No space"))
-         if word.lower() in text.lower()), None)
+    code = (
+        e.errno
+        if isinstance(e, OSError) and e.errno in NO_ROOM
+        else next(
+            (
+                c
+                for c, word in ((errno.EFBIG, "File too large"), (errno.EDQUOT, "quota"), (errno.ENOSPC, "No space"))
+                if word.lower() in text.lower()
+            ),
+            None,
+        )
+    )
     if code is None:  # a short write that does not say why: the file-size limit if one is set and the disk has room
-        code = (errno.EFBIG if limit != resource.RLIM_INFINITY and free > max(needed or 0, 1 << 20)
-                else errno.ENOSPC)
+        code = errno.EFBIG if limit != resource.RLIM_INFINITY and free > max(needed or 0, 1 << 20) else errno.ENOSPC
     if code == errno.EFBIG:
         what = NO_ROOM[code] + (f" of {limit:,} bytes" if limit != resource.RLIM_INFINITY else "")
         need = f"; it needs {size}" if size else ""

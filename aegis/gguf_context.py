@@ -23,6 +23,7 @@ class Context:
     Opened with more than the original context, llama.cpp applies the long factors to every prompt, short ones too,
     and replies differ from transformers' and from what export checked. So a LongRoPE model's default is its
     original context (Phi-3.5-mini: 4096 of 131072; the embedded tiny model: 512 of 2048)."""
+
     length: int | None  # {arch}.context_length: the longest context the model was made for
     original: int | None  # LongRoPE models only: the original context, above which the long factors apply
 
@@ -41,13 +42,17 @@ class Context:
     def warning(self, n_ctx: int) -> str | None:
         """What a context of n_ctx changes from the default, in words; None when nothing."""
         if self.long_factors(n_ctx):
-            return (f"a context of {n_ctx} is above this LongRoPE model's original {self.original}, so llama.cpp "
-                    f"applies the long rope factors to every prompt, short ones too (transformers uses them only "
-                    f"for sequences past {self.original} tokens): replies may differ from what export checked in "
-                    f"a context of {self.default}")
+            return (
+                f"a context of {n_ctx} is above this LongRoPE model's original {self.original}, so llama.cpp "
+                f"applies the long rope factors to every prompt, short ones too (transformers uses them only "
+                f"for sequences past {self.original} tokens): replies may differ from what export checked in "
+                f"a context of {self.default}"
+            )
         if self.length and n_ctx > self.length:
-            return (f"a context of {n_ctx} is above the {self.length} positions this model was made for: past "
-                    f"those, replies are untested")
+            return (
+                f"a context of {n_ctx} is above the {self.length} positions this model was made for: past "
+                f"those, replies are untested"
+            )
         return None
 
 
@@ -63,8 +68,9 @@ def context(path: Path | str) -> Context:
         return int(f.parts[-1][0]) if f is not None else None
 
     longrope = any(t.name.startswith("rope_factors_long") for t in reader.tensors)
-    return Context(value(gguf.Keys.LLM.CONTEXT_LENGTH),
-                   value(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN) if longrope else None)
+    return Context(
+        value(gguf.Keys.LLM.CONTEXT_LENGTH), value(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN) if longrope else None
+    )
 
 
 def trained_context(path: Path | str) -> int | None:

@@ -24,7 +24,6 @@ HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-
 def check_architecture(config_path: Path) -> None:
     """Refuse a base whose architecture AEGIS does not support, from its config.json, before any weights load."""
     import json
@@ -35,8 +34,10 @@ def check_architecture(config_path: Path) -> None:
         raise ModelError(f"{config_path}: cannot read the base's config ({e})") from None
     kind, archs = cfg.get("model_type"), cfg.get("architectures") or []
     if kind not in AUTO_TARGETS or any(not a.endswith("ForCausalLM") for a in archs):
-        raise ModelError(f"{config_path}: model_type {kind!r} (architectures {', '.join(archs) or 'none'}) is not "
-                         f"supported; AEGIS trains and exports causal LMs of: {', '.join(AUTO_TARGETS)}")
+        raise ModelError(
+            f"{config_path}: model_type {kind!r} (architectures {', '.join(archs) or 'none'}) is not "
+            f"supported; AEGIS trains and exports causal LMs of: {', '.join(AUTO_TARGETS)}"
+        )
 
 
 def check_model_dir(path: Path) -> None:
@@ -50,8 +51,7 @@ def check_model_dir(path: Path) -> None:
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         missing.append(f"tokenizer ({', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]})")
     if missing:
-        raise ModelError(f"model.base: {path} is not a Hugging Face model directory: it has no "
-                         f"{', no '.join(missing)}")
+        raise ModelError(f"model.base: {path} is not a Hugging Face model directory: it has no {', no '.join(missing)}")
 
 
 def resolve_base(base: str, revision: str = "") -> Path:
@@ -72,6 +72,7 @@ def resolve_base(base: str, revision: str = "") -> Path:
         raise ModelError(f"model.base: {base!r} is neither a directory with a model nor a hub id (owner/name)")
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
     try:
         # the architecture is checked from config.json before any weights are fetched
         check_architecture(Path(hf_hub_download(repo_id=base, filename="config.json", revision=revision or None)))
@@ -103,8 +104,12 @@ def load_base(path: Path, quantization: str, dtype: torch.dtype, device: torch.d
     kwargs = {"dtype": dtype, "device_map": {"": device}}
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     return model
@@ -128,15 +133,19 @@ def target_modules(model: nn.Module, spec: str | list[str]) -> list[str]:
     if spec == "auto":
         kind = model.config.model_type
         if kind not in AUTO_TARGETS:
-            raise ModelError(f"lora.target_modules: no 'auto' targets known for model type {kind!r}; "
-                             f"name them (linear layers here: {', '.join(sorted(present))})")
+            raise ModelError(
+                f"lora.target_modules: no 'auto' targets known for model type {kind!r}; "
+                f"name them (linear layers here: {', '.join(sorted(present))})"
+            )
         spec = AUTO_TARGETS[kind]
     elif spec == "all-linear":
         return sorted(present)
     missing = [n for n in spec if n not in present]
     if missing:
-        raise ModelError(f"lora.target_modules: {', '.join(missing)} match no linear layer of this model "
-                         f"(it has: {', '.join(sorted(present))})")
+        raise ModelError(
+            f"lora.target_modules: {', '.join(missing)} match no linear layer of this model "
+            f"(it has: {', '.join(sorted(present))})"
+        )
     return list(spec)
 
 
@@ -158,8 +167,14 @@ def add_lora(model: nn.Module, cfg: Config, checkpointing: bool = False):
         p.requires_grad_(False)
     if checkpointing:
         enable_checkpointing(model)
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)
 
 
@@ -174,8 +189,13 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
 
     p = plan or memory.plan_for(cfg, AutoConfig.from_pretrained(base_path), device, log)
     # the budget is GPU memory; a split and a dequantized base apply wherever it runs
-    if (device.type == "cuda" or p.micro_batch < cfg.train.batch_size or p.dequantized_base or p.tiled_mlp
-            or p.tiled_attention):
+    if (
+        device.type == "cuda"
+        or p.micro_batch < cfg.train.batch_size
+        or p.dequantized_base
+        or p.tiled_mlp
+        or p.tiled_attention
+    ):
         log(memory.summary(p, cfg.train.batch_size, cfg.model.quantization == "nf4"))
     dtype = compute_dtype(cfg.model.dtype, device)
     model = load_base(base_path, cfg.model.quantization, dtype, device)
@@ -203,8 +223,7 @@ def build(cfg: Config, base_path: Path, device: torch.device, seed: int, log=pri
         log(f"model.compile: {compile_blocks(model, p)} blocks of the decoder layers compiled")
     hidden = model.get_base_model().get_output_embeddings().in_features
     gen = torch.Generator().manual_seed(seed)
-    soul = soul_mod.Soul(hidden, mix=cfg.soul.mix, init=cfg.soul.init, alpha=cfg.schedule.start_alpha,
-                         generator=gen)
+    soul = soul_mod.Soul(hidden, mix=cfg.soul.mix, init=cfg.soul.init, alpha=cfg.schedule.start_alpha, generator=gen)
     soul_mod.attach(model, soul)
     return model, soul
 
@@ -216,10 +235,17 @@ def compile_blocks(model: nn.Module, p, **options) -> int:
     own, which compiled code would trace, so those stay as they are."""
     from torch import nn
 
-    names = (("input_layernorm", "post_attention_layernorm") + (() if p.tiled_attention else ("self_attn",))
-             + (() if p.tiled_mlp else ("mlp",)))
-    blocks = [getattr(layer, name) for layer in model.get_base_model().model.layers for name in names
-              if isinstance(getattr(layer, name, None), nn.Module)]
+    names = (
+        ("input_layernorm", "post_attention_layernorm")
+        + (() if p.tiled_attention else ("self_attn",))
+        + (() if p.tiled_mlp else ("mlp",))
+    )
+    blocks = [
+        getattr(layer, name)
+        for layer in model.get_base_model().model.layers
+        for name in names
+        if isinstance(getattr(layer, name, None), nn.Module)
+    ]
     for block in blocks:
         block.compile(**options)
     return len(blocks)
@@ -230,8 +256,13 @@ def lora_module_names(model: nn.Module) -> list[str]:
     return sorted({re.sub(r"\.lora_[AB].*$", "", n) for n, _ in model.named_parameters() if ".lora_" in n})
 
 
-def load_checkpoint(ckpt: Path, base: str | None = None, quantization: str | None = None, dtype: str = "auto",
-                    device: torch.device | None = None):
+def load_checkpoint(
+    ckpt: Path,
+    base: str | None = None,
+    quantization: str | None = None,
+    dtype: str = "auto",
+    device: torch.device | None = None,
+):
     """Base + PEFT adapter + soul from a checkpoint directory, for inference (chat, eval, export, serve).
 
     The base is the one named in the soul's metadata unless `base` overrides it; quantization defaults to what
@@ -253,10 +284,11 @@ def load_checkpoint(ckpt: Path, base: str | None = None, quantization: str | Non
     base_path = resolve_base(base or meta["base"], meta.get("revision", ""))
     hidden = AutoConfig.from_pretrained(base_path).hidden_size
     if hidden != meta["hidden_size"]:
-        raise checkpoint.CheckpointError(f"{ckpt / checkpoint.SOUL}: the soul was trained for hidden size "
-                                         f"{meta['hidden_size']}, but the base {base_path} has {hidden}")
-    model = load_base(base_path, quantization or meta.get("quantization", "none"), compute_dtype(dtype, device),
-                      device)
+        raise checkpoint.CheckpointError(
+            f"{ckpt / checkpoint.SOUL}: the soul was trained for hidden size "
+            f"{meta['hidden_size']}, but the base {base_path} has {hidden}"
+        )
+    model = load_base(base_path, quantization or meta.get("quantization", "none"), compute_dtype(dtype, device), device)
     model = PeftModel.from_pretrained(model, ckpt, is_trainable=False)
     soul = soul_mod.Soul(hidden, mix=meta["mix"])
     checkpoint.load_soul_into(soul, ckpt)

@@ -24,9 +24,13 @@ ADAPTER = "default"
 
 def plain(layer) -> bool:
     """One adapter, a plain linear A, no bias on B, no DoRA or other variant: what the forwards here reproduce."""
-    return (list(layer.lora_A.keys()) == [ADAPTER] and isinstance(layer.lora_A[ADAPTER], nn.Linear)
-            and layer.lora_B[ADAPTER].bias is None and not layer.use_dora.get(ADAPTER, False)
-            and ADAPTER not in getattr(layer, "lora_variant", {}))
+    return (
+        list(layer.lora_A.keys()) == [ADAPTER]
+        and isinstance(layer.lora_A[ADAPTER], nn.Linear)
+        and layer.lora_B[ADAPTER].bias is None
+        and not layer.use_dora.get(ADAPTER, False)
+        and ADAPTER not in getattr(layer, "lora_variant", {})
+    )
 
 
 def in_use(layer) -> bool:

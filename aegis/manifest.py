@@ -30,8 +30,10 @@ def verify(ckpt: Path) -> None:
     ckpt = Path(ckpt)
     path = ckpt / MANIFEST
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing, so the checkpoint cannot be verified (written before AEGIS "
-                              f"recorded digests, or not a checkpoint); it is not used")
+        raise CheckpointError(
+            f"{path}: missing, so the checkpoint cannot be verified (written before AEGIS "
+            f"recorded digests, or not a checkpoint); it is not used"
+        )
     try:
         files = json.loads(path.read_text())["files"]
         recorded = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in files.items()}

@@ -76,8 +76,16 @@ class Plan:
     tiled_attention: bool = False  # the attentions run HEAD_GROUP key/value heads at a time (aegis/tiled.py)
 
 
-def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing: bool,
-                 offload: bool = False, tiled: bool = False, tiled_attention: bool = False) -> float:
+def estimate_gib(
+    config,
+    batch: int,
+    length: int,
+    quantized: bool,
+    checkpointing: bool,
+    offload: bool = False,
+    tiled: bool = False,
+    tiled_attention: bool = False,
+) -> float:
     h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     inter = config.intermediate_size
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
@@ -103,16 +111,18 @@ def estimate_gib(config, batch: int, length: int, quantized: bool, checkpointing
     return MARGIN * (weights + logits + act) / 2**30
 
 
-def device_budget(configured: float, free_gib: float | None, where: str = "the GPU has {:.1f} GiB free"
-                  ) -> tuple[float, str]:
+def device_budget(
+    configured: float, free_gib: float | None, where: str = "the GPU has {:.1f} GiB free"
+) -> tuple[float, str]:
     """The budget a plan can use: train.memory_budget_gib, or less where the device has less than that (a 12 GB
     card also holds the CUDA context and maybe a desktop; a CPU has the machine's memory). Returns (budget, a note
     for the log when lowered)."""
     if free_gib is None or free_gib - DEVICE_RESERVE_GIB >= configured:
         return configured, ""
     budget = max(free_gib - DEVICE_RESERVE_GIB, 0.0)
-    return budget, (f"{where.format(free_gib)}, so the plan is for {budget:.1f} GiB, not "
-                    f"train.memory_budget_gib {configured:g}")
+    return budget, (
+        f"{where.format(free_gib)}, so the plan is for {budget:.1f} GiB, not train.memory_budget_gib {configured:g}"
+    )
 
 
 def refuse_over_budget(p: Plan, length: int, batch: int) -> None:
@@ -120,31 +130,62 @@ def refuse_over_budget(p: Plan, length: int, batch: int) -> None:
     estimate and the budget, before any weights load (the allocation would fail only after minutes of loading)."""
     if p.estimate_gib <= p.budget_gib:
         return
-    layout = ", ".join([f"micro-batch {p.micro_batch} of train.batch_size {batch}",
-                        f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}"]
-                       + [name for name, on in (("activations offloaded", p.offload), ("MLP tiled", p.tiled_mlp),
-                                                ("attention tiled", p.tiled_attention)) if on])
-    raise ConfigError(f"train.max_length {length}", [
-        f"the training step is estimated at {p.estimate_gib:,.1f} GiB ({layout}), over the memory budget of "
-        f"{p.budget_gib:,.1f} GiB (train.memory_budget_gib, or what the device has); lower train.max_length, "
-        f"leave the memory settings at \"auto\", or raise the budget"])
+    layout = ", ".join(
+        [
+            f"micro-batch {p.micro_batch} of train.batch_size {batch}",
+            f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}",
+        ]
+        + [
+            name
+            for name, on in (
+                ("activations offloaded", p.offload),
+                ("MLP tiled", p.tiled_mlp),
+                ("attention tiled", p.tiled_attention),
+            )
+            if on
+        ]
+    )
+    raise ConfigError(
+        f"train.max_length {length}",
+        [
+            f"the training step is estimated at {p.estimate_gib:,.1f} GiB ({layout}), over the memory budget of "
+            f"{p.budget_gib:,.1f} GiB (train.memory_budget_gib, or what the device has); lower train.max_length, "
+            f'leave the memory settings at "auto", or raise the budget'
+        ],
+    )
 
 
 def _largest_micro(config, batch: int, length: int, quantized: bool, budget_gib: float, *layout) -> int | None:
     """The largest divisor of the batch whose step fits the budget with this (checkpointing, offload, tiled MLP,
     tiled attention), or None when not even 1 does."""
-    return next((m for m in range(batch, 0, -1)
-                 if batch % m == 0 and estimate_gib(config, m, length, quantized, *layout) <= budget_gib), None)
+    return next(
+        (
+            m
+            for m in range(batch, 0, -1)
+            if batch % m == 0 and estimate_gib(config, m, length, quantized, *layout) <= budget_gib
+        ),
+        None,
+    )
 
 
 def _at(config, p: Plan, length: int, quantized: bool) -> float:
     """The estimate of plan `p` with the linear weights at 4.25 bits (quantized) or 16."""
-    return estimate_gib(config, p.micro_batch, length, quantized, p.gradient_checkpointing, p.offload, p.tiled_mlp,
-                        p.tiled_attention)
+    return estimate_gib(
+        config, p.micro_batch, length, quantized, p.gradient_checkpointing, p.offload, p.tiled_mlp, p.tiled_attention
+    )
 
 
-def _fit(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str,
-         offload: bool | str, tiled: bool | str, tiled_attention: bool | str) -> Plan:
+def _fit(
+    config,
+    batch: int,
+    length: int,
+    quantized: bool,
+    budget_gib: float,
+    requested: bool | str,
+    offload: bool | str,
+    tiled: bool | str,
+    tiled_attention: bool | str,
+) -> Plan:
     """The plan, its base not dequantized, with linear weights at 4.25 bits (quantized) or 16."""
     if requested == "auto":  # no recompute while a micro-batch without it keeps MIN_MICRO_TOKENS positions
         free = _largest_micro(config, batch, length, quantized, budget_gib, False)
@@ -156,17 +197,30 @@ def _fit(config, batch: int, length: int, quantized: bool, budget_gib: float, re
     else:
         off = ckpt and bool(offload)
     # each tiling only when one sequence alone does not fit otherwise
-    tile = (estimate_gib(config, 1, length, quantized, ckpt, off) > budget_gib if tiled == "auto" else bool(tiled))
-    heads = (estimate_gib(config, 1, length, quantized, ckpt, off, tile) > budget_gib if tiled_attention == "auto"
-             else bool(tiled_attention))
+    tile = estimate_gib(config, 1, length, quantized, ckpt, off) > budget_gib if tiled == "auto" else bool(tiled)
+    heads = (
+        estimate_gib(config, 1, length, quantized, ckpt, off, tile) > budget_gib
+        if tiled_attention == "auto"
+        else bool(tiled_attention)
+    )
     micro = _largest_micro(config, batch, length, quantized, budget_gib, ckpt, off, tile, heads) or 1
     p = Plan(ckpt, 0.0, budget_gib, micro, off, tiled_mlp=tile, tiled_attention=heads)
     return replace(p, estimate_gib=_at(config, p, length, quantized))
 
 
-def plan(config, batch: int, length: int, quantized: bool, budget_gib: float, requested: bool | str,
-         offload: bool | str = False, dequantize: bool | str = False, gpu: bool = True,
-         tiled: bool | str = False, tiled_attention: bool | str = False) -> Plan:
+def plan(
+    config,
+    batch: int,
+    length: int,
+    quantized: bool,
+    budget_gib: float,
+    requested: bool | str,
+    offload: bool | str = False,
+    dequantize: bool | str = False,
+    gpu: bool = True,
+    tiled: bool | str = False,
+    tiled_attention: bool | str = False,
+) -> Plan:
     """Gradient checkpointing as requested, or with "auto" only if the step would not fit the budget without it,
     not even split into micro-batches of MIN_MICRO_TOKENS positions or more; activation offload likewise (with
     checkpointing only: it moves what checkpointing keeps); the tiled MLP likewise, when even one sequence would not
@@ -178,26 +232,38 @@ def plan(config, batch: int, length: int, quantized: bool, budget_gib: float, re
     key = "train.dequantized_base = true"
     if dequantize is True:
         if not quantized:
-            raise ConfigError(key, ["model.quantization is \"none\": the base is already at 16 bits, there is "
-                                    "nothing to dequantize"])
+            raise ConfigError(
+                key, ['model.quantization is "none": the base is already at 16 bits, there is nothing to dequantize']
+            )
         p = _fit(config, batch, length, False, budget_gib, requested, offload, tiled, tiled_attention)
         if p.estimate_gib > budget_gib:
-            raise ConfigError(key, [f"with the base's linear weights at 16 bits the step is estimated at "
-                                    f"{p.estimate_gib:.1f} GiB at micro-batch {p.micro_batch}, gradient checkpointing "
-                                    f"{'on' if p.gradient_checkpointing else 'off'}: over train.memory_budget_gib "
-                                    f"{budget_gib:g}; set it to \"auto\" or false, lower train.max_length or raise "
-                                    f"the budget"])
+            raise ConfigError(
+                key,
+                [
+                    f"with the base's linear weights at 16 bits the step is estimated at "
+                    f"{p.estimate_gib:.1f} GiB at micro-batch {p.micro_batch}, gradient checkpointing "
+                    f"{'on' if p.gradient_checkpointing else 'off'}: over train.memory_budget_gib "
+                    f'{budget_gib:g}; set it to "auto" or false, lower train.max_length or raise '
+                    f"the budget"
+                ],
+            )
         why = f"{key}: ~{p.estimate_gib:.1f} GiB, ~{_at(config, p, length, True):.1f} GiB at 4 bits"
         return replace(p, dequantized_base=True, why_base=why)
     p = _fit(config, batch, length, quantized, budget_gib, requested, offload, tiled, tiled_attention)
     if not quantized or dequantize is False or not gpu:
-        why = ("the base is not quantized" if not quantized else "train.dequantized_base = false"
-               if dequantize is False else "\"auto\" without a CUDA device")
+        why = (
+            "the base is not quantized"
+            if not quantized
+            else "train.dequantized_base = false"
+            if dequantize is False
+            else '"auto" without a CUDA device'
+        )
         return replace(p, why_base=why)
     dense = _at(config, p, length, False)  # the same plan, 16-bit linear weights
     on = dense <= budget_gib
-    why = (f"~{dense:.1f} GiB with the base dequantized, ~{p.estimate_gib:.1f} GiB at 4 bits: "
-           + ("fits the budget with the same checkpointing and micro-batch" if on else "over the budget"))
+    why = f"~{dense:.1f} GiB with the base dequantized, ~{p.estimate_gib:.1f} GiB at 4 bits: " + (
+        "fits the budget with the same checkpointing and micro-batch" if on else "over the budget"
+    )
     return replace(p, estimate_gib=dense if on else p.estimate_gib, dequantized_base=on, why_base=why)
 
 
@@ -216,9 +282,19 @@ def plan_for(cfg, base_config, device, log=None) -> Plan:
         budget, note = device_budget(cfg.train.memory_budget_gib, total, "this machine has {:.1f} GiB of memory")
     if note and log is not None:
         log(note)
-    p = plan(base_config, cfg.train.batch_size, cfg.train.max_length, cfg.model.quantization == "nf4", budget,
-             cfg.model.gradient_checkpointing, cfg.train.offload_activations, cfg.train.dequantized_base,
-             gpu=device.type == "cuda", tiled=cfg.train.tiled_mlp, tiled_attention=cfg.train.tiled_attention)
+    p = plan(
+        base_config,
+        cfg.train.batch_size,
+        cfg.train.max_length,
+        cfg.model.quantization == "nf4",
+        budget,
+        cfg.model.gradient_checkpointing,
+        cfg.train.offload_activations,
+        cfg.train.dequantized_base,
+        gpu=device.type == "cuda",
+        tiled=cfg.train.tiled_mlp,
+        tiled_attention=cfg.train.tiled_attention,
+    )
     refuse_over_budget(p, cfg.train.max_length, cfg.train.batch_size)
     return p
 
@@ -226,11 +302,16 @@ def plan_for(cfg, base_config, device, log=None) -> Plan:
 def summary(p: Plan, batch: int, quantized: bool) -> str:
     """The plan in one line, as training logs it."""
     split = batch // p.micro_batch
-    return (f"memory plan: ~{p.estimate_gib:.1f} GiB of {p.budget_gib:g} GiB with gradient checkpointing "
-            f"{'on' if p.gradient_checkpointing else 'off'}"
-            + (", its kept activations in host memory" if p.offload else "")
-            + (f", each MLP {TILE} positions at a time" if p.tiled_mlp else "")
-            + (f", each attention {HEAD_GROUP} key/value heads at a time" if p.tiled_attention else "")
-            + (f"; each batch of {batch} runs as {split} micro-batches of {p.micro_batch}" if split > 1 else "")
-            + (f"; base {'dequantized once' if p.dequantized_base else 'kept at 4 bits'} ({p.why_base})"
-               if quantized else ""))
+    return (
+        f"memory plan: ~{p.estimate_gib:.1f} GiB of {p.budget_gib:g} GiB with gradient checkpointing "
+        f"{'on' if p.gradient_checkpointing else 'off'}"
+        + (", its kept activations in host memory" if p.offload else "")
+        + (f", each MLP {TILE} positions at a time" if p.tiled_mlp else "")
+        + (f", each attention {HEAD_GROUP} key/value heads at a time" if p.tiled_attention else "")
+        + (f"; each batch of {batch} runs as {split} micro-batches of {p.micro_batch}" if split > 1 else "")
+        + (
+            f"; base {'dequantized once' if p.dequantized_base else 'kept at 4 bits'} ({p.why_base})"
+            if quantized
+            else ""
+        )
+    )

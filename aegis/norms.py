@@ -44,8 +44,12 @@ def fuse_rms_norms(model: nn.Module) -> int:
     checked: dict[type, bool] = {}
     n = 0
     for module in model.modules():
-        if not (type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), nn.Parameter)
-                and module.weight.dim() == 1 and isinstance(getattr(module, "variance_epsilon", None), float)):
+        if not (
+            type(module).__name__.endswith("RMSNorm")
+            and isinstance(getattr(module, "weight", None), nn.Parameter)
+            and module.weight.dim() == 1
+            and isinstance(getattr(module, "variance_epsilon", None), float)
+        ):
             continue
         if given(module, _fused):
             continue

@@ -24,8 +24,14 @@ FREE = BLOCK * (BLOCK - 1) // 2  # 28
 
 
 class Soul(nn.Module):
-    def __init__(self, hidden_size: int, mix: str = "interpolate", init: str = "identity", alpha: float = -5.0,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        mix: str = "interpolate",
+        init: str = "identity",
+        alpha: float = -5.0,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         if hidden_size % BLOCK:
             raise ValueError(f"soul: hidden size {hidden_size} is not divisible by {BLOCK}")
@@ -87,8 +93,11 @@ class Soul(nn.Module):
         ortho = torch.linalg.matrix_norm(r.transpose(1, 2) @ r - eye)
         det = torch.linalg.det(r)
         return {
-            "alpha": float(self.alpha), "gate": float(self.gate()),
-            "ortho_error": float(ortho.max()), "det_min": float(det.min()), "det_max": float(det.max()),
+            "alpha": float(self.alpha),
+            "gate": float(self.gate()),
+            "ortho_error": float(ortho.max()),
+            "det_min": float(det.min()),
+            "det_max": float(det.max()),
             "rotation_norm": float(torch.linalg.matrix_norm(r - eye).mean()),
         }
 
@@ -119,8 +128,7 @@ def attach(model: nn.Module, soul: Soul) -> SoulHead:
     if isinstance(head, SoulHead):
         raise ValueError("soul: this model already has a soul attached")
     if head.in_features != soul.hidden_size:
-        raise ValueError(f"soul: hidden size {soul.hidden_size} does not match the model's head "
-                         f"({head.in_features})")
+        raise ValueError(f"soul: hidden size {soul.hidden_size} does not match the model's head ({head.in_features})")
     wrapped = SoulHead(head, soul.to(head.weight.device))
     base.set_output_embeddings(wrapped)
     return wrapped

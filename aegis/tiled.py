@@ -38,7 +38,7 @@ def _tiled_forward(mlp, forward, hidden: torch.Tensor) -> torch.Tensor:
     flat = hidden.reshape(-1, hidden.size(-1))
     if flat.size(0) <= chunk or not torch.is_grad_enabled():  # short inputs, and inference, run as they were
         return forward(hidden)
-    out = [checkpoint(forward, flat[i:i + chunk], use_reentrant=False) for i in range(0, flat.size(0), chunk)]
+    out = [checkpoint(forward, flat[i : i + chunk], use_reentrant=False) for i in range(0, flat.size(0), chunk)]
     return torch.cat(out).view(*hidden.shape[:-1], -1)
 
 
@@ -49,8 +49,11 @@ def tile_mlps(model: nn.Module, chunk: int = TILE) -> int:
     n = 0
     for module in model.modules():
         mlp = getattr(module, "mlp", None)
-        if (type(module).__name__.endswith("DecoderLayer") and isinstance(mlp, nn.Module)
-                and give(mlp, _tiled_forward, tile_positions=chunk)):
+        if (
+            type(module).__name__.endswith("DecoderLayer")
+            and isinstance(mlp, nn.Module)
+            and give(mlp, _tiled_forward, tile_positions=chunk)
+        ):
             n += 1
     return n
 
@@ -74,13 +77,18 @@ def _split(proj: nn.Module, dtype: torch.dtype):
         return _weight(proj, dtype), None, None, None
     if not (plain(proj) and in_use(proj)):
         return None
-    return (_weight(proj.base_layer, dtype), proj.lora_A[ADAPTER].weight.to(dtype),
-            (proj.lora_B[ADAPTER].weight * proj.scaling[ADAPTER]).to(dtype), proj.lora_dropout[ADAPTER])
+    return (
+        _weight(proj.base_layer, dtype),
+        proj.lora_A[ADAPTER].weight.to(dtype),
+        (proj.lora_B[ADAPTER].weight * proj.scaling[ADAPTER]).to(dtype),
+        proj.lora_dropout[ADAPTER],
+    )
 
 
 def _group(attn, rope, rows, x, low, w_qkv, b_qkv, cos, sin, w_o, a_o, drop_o):
     """One group of heads: its q, k, v rows projected, attended, and its columns of o_proj applied. Returns its share
     of o_proj's output and, where o_proj has LoRA, of the adapter's low-rank product."""
+
     def project(r: slice) -> torch.Tensor:
         y = F.linear(x, w_qkv[r])
         if low is not None:
@@ -89,8 +97,9 @@ def _group(attn, rope, rows, x, low, w_qkv, b_qkv, cos, sin, w_o, a_o, drop_o):
 
     q, k, v = (project(r) for r in rows[:3])
     q, k = rope(q, k, cos, sin)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
-                                         enable_gqa=attn.num_key_value_groups > 1)
+    out = F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=attn.num_key_value_groups > 1
+    )
     out = out.transpose(1, 2).reshape(*x.shape[:-1], -1)
     cols = rows[3]
     mine = F.linear(out, w_o[:, cols])
@@ -105,16 +114,28 @@ def _groups(attn, per_group: int) -> list[tuple[slice, slice, slice, slice]]:
     for j in range(0, kv, per_group):
         n = min(per_group, kv - j)
         q = slice(j * rep * d, (j + n) * rep * d)
-        out.append((q, slice(q_end + j * d, q_end + (j + n) * d),
-                    slice(q_end + kv * d + j * d, q_end + kv * d + (j + n) * d), q))
+        out.append(
+            (
+                q,
+                slice(q_end + j * d, q_end + (j + n) * d),
+                slice(q_end + kv * d + j * d, q_end + kv * d + (j + n) * d),
+                q,
+            )
+        )
     return out
 
 
 def _tiled_attention(attn, forward, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     dropout = attn.training and getattr(attn, "attention_dropout", 0.0)
-    tiled = (hidden_states.size(-2) > attn.tile_longer_than and torch.is_grad_enabled() and not args
-             and attention_mask is None and cache is None and not dropout)
+    tiled = (
+        hidden_states.size(-2) > attn.tile_longer_than
+        and torch.is_grad_enabled()
+        and not args
+        and attention_mask is None
+        and cache is None
+        and not dropout
+    )
     # the weights (a 4-bit base dequantized) only where the groups will use them
     parts = (_split(attn.qkv_proj, hidden_states.dtype), _split(attn.o_proj, hidden_states.dtype)) if tiled else None
     if not tiled or None in parts:
@@ -126,8 +147,9 @@ def _tiled_attention(attn, forward, hidden_states, position_embeddings=None, att
     cos, sin = position_embeddings
     total = low_o = None
     for rows in _groups(attn, attn.tile_heads):
-        got = checkpoint(_group, attn, rope, rows, x, low, w_qkv, b_qkv, cos, sin, w_o, a_o, drop_o,
-                         use_reentrant=False)
+        got = checkpoint(
+            _group, attn, rope, rows, x, low, w_qkv, b_qkv, cos, sin, w_o, a_o, drop_o, use_reentrant=False
+        )
         total = got[0] if total is None else total + got[0]
         if a_o is not None:
             low_o = got[1] if low_o is None else low_o + got[1]
@@ -142,9 +164,13 @@ def tile_attentions(model: nn.Module, per_group: int = HEAD_GROUP, longer_than: 
     cache, inference, attention dropout, a bias) runs the module's own forward, once. Returns how many it wrapped."""
     n = 0
     for module in model.modules():
-        if (all(hasattr(module, a) for a in ("qkv_proj", "o_proj", "head_dim", "num_key_value_heads",
-                                             "num_key_value_groups", "scaling"))
-                and hasattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb")
-                and give(module, _tiled_attention, tile_heads=per_group, tile_longer_than=longer_than)):
+        if (
+            all(
+                hasattr(module, a)
+                for a in ("qkv_proj", "o_proj", "head_dim", "num_key_value_heads", "num_key_value_groups", "scaling")
+            )
+            and hasattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb")
+            and give(module, _tiled_attention, tile_heads=per_group, tile_longer_than=longer_than)
+        ):
             n += 1
     return n
