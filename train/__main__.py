@@ -20,15 +20,19 @@ class Args:
     """Train LoRA + the soul on the α schedule. The recipe is a TOML file (configs/*.toml, the keys in
     docs/configuration.md); --set changes one of its values, as TOML (--set train.lr=1e-4)."""
 
-    config: Path = setting(help="the TOML recipe, e.g. configs/quickstart.toml", metavar="FILE", env="AEGIS_CONFIG",
-                           required=True)
-    run_dir: Path = setting(help="where config, metrics and checkpoints go", metavar="DIR", env="AEGIS_RUN_DIR",
-                            required=True)
-    overrides: list[str] = setting(help="override one config value", flag="--set", metavar="SECTION.KEY=VALUE",
-                                   repeat=True)
+    config: Path = setting(
+        help="the TOML recipe, e.g. configs/quickstart.toml", metavar="FILE", env="AEGIS_CONFIG", required=True
+    )
+    run_dir: Path = setting(
+        help="where config, metrics and checkpoints go", metavar="DIR", env="AEGIS_RUN_DIR", required=True
+    )
+    overrides: list[str] = setting(
+        help="override one config value", flag="--set", metavar="SECTION.KEY=VALUE", repeat=True
+    )
     resume: bool = setting(False, "continue the run in --run-dir from its newest checkpoint that verifies")
-    overwrite: bool = setting(False, "delete the run already in --run-dir (checkpoints, metrics, export) and start "
-                                     "clean")
+    overwrite: bool = setting(
+        False, "delete the run already in --run-dir (checkpoints, metrics, export) and start clean"
+    )
     no_progress: bool = setting(False, "no progress bar")
 
     @cached_property
@@ -60,6 +64,7 @@ def train(args: Args) -> None:
         raise cli.UsageError(str(e).splitlines()) from None
     finally:
         import torch.distributed as dist
+
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # left to interpreter exit, the group's threads can abort the process
 

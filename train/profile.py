@@ -23,7 +23,8 @@ def start(run_dir: Path):
         atomic.write_text(run_dir / "profile.txt", "\n\n".join(avg.table(sort_by=k, row_limit=30) for k in keys))
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    prof = profile(activities=activities, schedule=prof_schedule(wait=0, warmup=3, active=n, repeat=1),
-                   on_trace_ready=write)
+    prof = profile(
+        activities=activities, schedule=prof_schedule(wait=0, warmup=3, active=n, repeat=1), on_trace_ready=write
+    )
     prof.start()
     return prof

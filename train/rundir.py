@@ -42,8 +42,10 @@ def prepare(run_dir: Path, resume: bool, overwrite: bool, main: bool = True, log
         raise RunError(f"{run_dir}: exists and is not a directory (--run-dir names the directory for the run)")
     found = started(run_dir) if run_dir.is_dir() else []
     if found and not (resume or overwrite):
-        raise RunError(f"{run_dir}: already holds a run ({', '.join(found)}); continue it with --resume, or start "
-                       f"clean with --overwrite (which deletes it)")
+        raise RunError(
+            f"{run_dir}: already holds a run ({', '.join(found)}); continue it with --resume, or start "
+            f"clean with --overwrite (which deletes it)"
+        )
     if not main:
         return
     _writable(run_dir)
@@ -82,8 +84,10 @@ def lock(run_dir: Path) -> None:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
-        raise RunError(f"{run_dir}: in use by another trainer (PID {holder}, holding {path}); wait for it to "
-                       f"finish or stop it, then run again") from None
+        raise RunError(
+            f"{run_dir}: in use by another trainer (PID {holder}, holding {path}); wait for it to "
+            f"finish or stop it, then run again"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[path.parent.resolve()] = fd  # kept open, and so locked, until `unlock` or the process's end
@@ -110,8 +114,10 @@ def resume_point(run_dir: Path, cfg: Config, world: int, log=print) -> tuple[Pat
         raise RunError(str(e)) from None
     changed = shape_changes(state.get("config", {}), cfg)
     if changed:
-        raise RunError(f"{start}: cannot resume: keys that set the shapes of its tensors differ from the "
-                       f"checkpoint's: {', '.join(changed)}; set them back, or start clean with --overwrite")
+        raise RunError(
+            f"{start}: cannot resume: keys that set the shapes of its tensors differ from the "
+            f"checkpoint's: {', '.join(changed)}; set them back, or start clean with --overwrite"
+        )
     accum_for(cfg, state, world)  # a global batch that cannot be kept is an error now, not after loading
     return start, state
 
@@ -134,6 +140,8 @@ def accum_for(cfg: Config, state: dict, world: int) -> int:
         return cfg.train.grad_accum
     accum, rem = divmod(glob, world * cfg.train.batch_size)
     if rem or accum < 1:
-        raise RunError(f"resume: the checkpoint's global batch of {glob} sequences cannot be kept with {world} "
-                       f"process(es) x train.batch_size {cfg.train.batch_size}; choose a batch size that divides it")
+        raise RunError(
+            f"resume: the checkpoint's global batch of {glob} sequences cannot be kept with {world} "
+            f"process(es) x train.batch_size {cfg.train.batch_size}; choose a batch size that divides it"
+        )
     return accum

@@ -10,8 +10,10 @@ def assistant_spans(tokenizer, messages: list[dict]) -> list[tuple[str, list[tup
     (Mistral v0.3's puts the system prompt into the last user turn, wherever that is): then each assistant turn is
     its own text, the conversation up to that turn, with that turn alone trained on. None when a turn cannot be
     told apart from the prompt before it."""
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False,  # noqa: E731
-                                                             add_generation_prompt=gen)
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
     full = render(messages, False)
     spans = []
     for i, m in enumerate(messages):
@@ -43,7 +45,7 @@ def _turn_by_turn(render, messages: list[dict]) -> list[tuple[str, list[tuple[in
         base = next((b for b in (prompt, render(messages[system:i], True)) if upto.startswith(b)), None)
         if base is None:
             return None
-        out.append((prompt + upto[len(base):], [(len(prompt), len(prompt) + len(upto) - len(base))]))
+        out.append((prompt + upto[len(base) :], [(len(prompt), len(prompt) + len(upto) - len(base))]))
     return out
 
 
