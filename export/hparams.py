@@ -34,8 +34,9 @@ class HParams:
 def read_config(model_dir: Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise ExportError(f"{path}: missing; --model must be a Hugging Face model directory (e.g. from "
-                          f"`python -m export merge`)")
+        raise ExportError(
+            f"{path}: missing; --model must be a Hugging Face model directory (e.g. from `python -m export merge`)"
+        )
     return json.loads(path.read_text())
 
 
@@ -43,10 +44,21 @@ def hparams(cfg: dict, where: str = "config.json") -> HParams:
     cfg = {**cfg, **cfg.get("text_config", {})}
     model_type = cfg.get("model_type")
     if model_type not in names.FAMILIES:
-        raise ExportError(f"{where}: model_type {model_type!r} is not supported (supported: "
-                          f"{', '.join(names.FAMILIES)})")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads", "max_position_embeddings") if k not in cfg]
+        raise ExportError(
+            f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(names.FAMILIES)})"
+        )
+    missing = [
+        k
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        )
+        if k not in cfg
+    ]
     if missing:
         raise ExportError(f"{where}: missing {', '.join(missing)}")
     # transformers 5 writes rope settings under rope_parameters; older configs (and the hub's Phi-3 ones) use
@@ -56,11 +68,20 @@ def hparams(cfg: dict, where: str = "config.json") -> HParams:
     n_head = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
     return HParams(
-        model_type=model_type, n_vocab=cfg["vocab_size"], n_ctx=cfg["max_position_embeddings"],
-        n_embd=cfg["hidden_size"], n_ff=cfg["intermediate_size"], n_layer=cfg["num_hidden_layers"], n_head=n_head,
-        n_head_kv=cfg.get("num_key_value_heads") or n_head, head_dim=head_dim,
+        model_type=model_type,
+        n_vocab=cfg["vocab_size"],
+        n_ctx=cfg["max_position_embeddings"],
+        n_embd=cfg["hidden_size"],
+        n_ff=cfg["intermediate_size"],
+        n_layer=cfg["num_hidden_layers"],
+        n_head=n_head,
+        n_head_kv=cfg.get("num_key_value_heads") or n_head,
+        head_dim=head_dim,
         rope_dims=int(cfg.get("partial_rotary_factor", 1.0) * head_dim),
-        rms_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta")
-                                                                 or 10000.0),
+        rms_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
         n_ctx_orig=cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings"),
-        rope=rope, rope_type=rope_type, sliding_window=cfg.get("sliding_window"))
+        rope=rope,
+        rope_type=rope_type,
+        sliding_window=cfg.get("sliding_window"),
+    )

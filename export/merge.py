@@ -82,8 +82,12 @@ def validate_checkpoint(ckpt: Path, base: str | None = None) -> tuple[dict, Path
         raise ExportError(f"{ckpt}: no such checkpoint directory")
     for name in checkpoint.REQUIRED:
         if not (ckpt / name).is_file():
-            hint = (f" (it looks like a run directory: use {ckpt / checkpoint.FINAL} or `python -m export all "
-                    f"--run {ckpt}`)" if (ckpt / checkpoint.FINAL).is_dir() else "")
+            hint = (
+                f" (it looks like a run directory: use {ckpt / checkpoint.FINAL} or `python -m export all "
+                f"--run {ckpt}`)"
+                if (ckpt / checkpoint.FINAL).is_dir()
+                else ""
+            )
             raise ExportError(f"{ckpt / name}: missing; {ckpt} is not a complete AEGIS checkpoint{hint}")
     checkpoint.verify(ckpt)
     _, meta = checkpoint.read_soul(ckpt)
@@ -97,8 +101,10 @@ def validate_checkpoint(ckpt: Path, base: str | None = None) -> tuple[dict, Path
     cfg = json.loads(cfg_file.read_text())
     hidden = cfg.get("hidden_size", cfg.get("text_config", {}).get("hidden_size"))
     if hidden != meta["hidden_size"]:
-        raise ExportError(f"{ckpt / checkpoint.SOUL}: hidden_size {meta['hidden_size']} does not match the base "
-                          f"{base_path} (config.json hidden_size {hidden})")
+        raise ExportError(
+            f"{ckpt / checkpoint.SOUL}: hidden_size {meta['hidden_size']} does not match the base "
+            f"{base_path} (config.json hidden_size {hidden})"
+        )
     return meta, base_path
 
 
@@ -124,8 +130,7 @@ def compare(ref: dict, got: dict) -> LogitDiff:
         n += a.shape[0]
         peak = max(peak, float(a.abs().max()))
     worst = max(per.values())
-    return LogitDiff(max_abs=worst, relative=worst / max(peak, 1e-12), top1_agreement=top / max(n, 1),
-                     per_prompt=per)
+    return LogitDiff(max_abs=worst, relative=worst / max(peak, 1e-12), top1_agreement=top / max(n, 1), per_prompt=per)
 
 
 def fold_head(model, soul, dtype) -> bool:
@@ -142,8 +147,9 @@ def fold_head(model, soul, dtype) -> bool:
     cfg = model.config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     tied = tied or bool(getattr(text_cfg, "tie_word_embeddings", False))
-    new = nn.Linear(inner.in_features, inner.out_features, bias=inner.bias is not None, dtype=dtype,
-                    device=inner.weight.device)
+    new = nn.Linear(
+        inner.in_features, inner.out_features, bias=inner.bias is not None, dtype=dtype, device=inner.weight.device
+    )
     with torch.no_grad():
         # A fresh Parameter: the embeddings keep the unrotated W even when the head shared them.
         new.weight = nn.Parameter(soul.fold(inner.weight).to(dtype), requires_grad=False)
@@ -166,8 +172,15 @@ def _copy_extras(out: Path, ckpt: Path, base_path: Path) -> None:
                 break
 
 
-def merge(ckpt: Path, out: Path, base: str | None = None, dtype: str = "float32", device: str = "auto",
-          quant_gap: bool = True, log=print) -> MergeReport:
+def merge(
+    ckpt: Path,
+    out: Path,
+    base: str | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    quant_gap: bool = True,
+    log=print,
+) -> MergeReport:
     """Merge `ckpt` into a stock HF directory at `out` (replaced only when the logit check passes)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -202,20 +215,34 @@ def merge(ckpt: Path, out: Path, base: str | None = None, dtype: str = "float32"
         reloaded.eval()
         diff = compare(reference, logits_for(reloaded, items))
         bound = RELATIVE_BOUND[dtype]
-        log(f"merge check: max |Δlogit| {diff.max_abs:.3g} (relative {diff.relative:.3g}, bound {bound:g}), "
-            f"top-1 agreement {diff.top1_agreement:.1%}")
+        log(
+            f"merge check: max |Δlogit| {diff.max_abs:.3g} (relative {diff.relative:.3g}, bound {bound:g}), "
+            f"top-1 agreement {diff.top1_agreement:.1%}"
+        )
         if not diff.relative <= bound:
-            raise ExportError(f"merge check failed: merged logits differ from the checkpoint model's by "
-                              f"{diff.relative:.3g} (relative) > {bound:g}; {out} was left as it was")
+            raise ExportError(
+                f"merge check failed: merged logits differ from the checkpoint model's by "
+                f"{diff.relative:.3g} (relative) > {bound:g}; {out} was left as it was"
+            )
         gap = None
         quantization = meta.get("quantization", "none")
         if quantization != "none" and quant_gap:
             gap = _quantization_gap(ckpt, base_name, quantization, dtype, dev, items, reloaded, log)
         report = MergeReport(
-            checkpoint=str(ckpt), step=meta.get("step"), base=base_name, base_path=str(base_path), dtype=dtype,
-            source_fingerprint=source_fingerprint(ckpt, base_name, dtype), soul_gate=gate, untied_head=untied,
-            check=diff, bound=bound, quantization=quantization, quantization_gap=gap,
-            seconds=round(time.time() - start, 1))
+            checkpoint=str(ckpt),
+            step=meta.get("step"),
+            base=base_name,
+            base_path=str(base_path),
+            dtype=dtype,
+            source_fingerprint=source_fingerprint(ckpt, base_name, dtype),
+            soul_gate=gate,
+            untied_head=untied,
+            check=diff,
+            bound=bound,
+            quantization=quantization,
+            quantization_gap=gap,
+            seconds=round(time.time() - start, 1),
+        )
         (tmp / REPORT).write_text(json.dumps(report.to_json(), indent=1))
         del reloaded
     log(f"merged model written to {out}")
@@ -232,8 +259,10 @@ def _quantization_gap(ckpt, base_name, quantization, dtype, dev, items, merged, 
         return None
     gap = compare(logits_for(trained, items), logits_for(merged, items))
     del trained
-    log(f"quantization gap ({quantization} base as trained vs full-precision merge): max |Δlogit| "
-        f"{gap.max_abs:.3g} (relative {gap.relative:.3g}), top-1 agreement {gap.top1_agreement:.1%}")
+    log(
+        f"quantization gap ({quantization} base as trained vs full-precision merge): max |Δlogit| "
+        f"{gap.max_abs:.3g} (relative {gap.relative:.3g}), top-1 agreement {gap.top1_agreement:.1%}"
+    )
     return gap
 
 

@@ -13,8 +13,10 @@ from aegis import families
 # HF model_type -> how it is written (aegis/families/ declares each): arch, llama.cpp's architecture; permute_qk,
 # q/k rows reordered for llama.cpp's interleaved rotary pairs; longrope, LongRoPE factors written as tensors
 _ARCHS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
-FAMILIES = {f.name: {"arch": _ARCHS[f.gguf_arch], "permute_qk": f.permute_qk, "longrope": f.longrope}
-            for f in families.FAMILIES.values()}
+FAMILIES = {
+    f.name: {"arch": _ARCHS[f.gguf_arch], "permute_qk": f.permute_qk, "longrope": f.longrope}
+    for f in families.FAMILIES.values()
+}
 ROPE_FACTORS_LONG = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"
 ROPE_FACTORS_SHORT = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight"
 
@@ -32,7 +34,24 @@ def tensor_namer(model_type: str, n_blocks: int):
 # ---- output types ---------------------------------------------------------------------------------------------------
 # --type -> llama.cpp's file type. The float types and the legacy block quants are written by gguf-py (PYTHON_TYPES:
 # the tensor type they are written in); K-quants are made by llama.cpp's quantizer from a float GGUF (quantize.py).
-_OFFERED = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l",
-            "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+_OFFERED = (
+    "f32",
+    "f16",
+    "bf16",
+    "q8_0",
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q2_k",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
+)
 TYPES = {t: gguf.LlamaFileType["ALL_F32" if t == "f32" else f"MOSTLY_{t.upper()}"] for t in _OFFERED}
 PYTHON_TYPES = {t: gguf.GGMLQuantizationType[t.upper()] for t in _OFFERED[:8]}

@@ -73,16 +73,32 @@ def metrics(hf: np.ndarray, gg: np.ndarray) -> dict:
     kl = _kl_rows(hf, gg)
     pick = gg.argmax(-1)
     gap = hf.max(-1) - np.take_along_axis(hf, pick[:, None], -1)[:, 0]
-    return {"tokens": int(hf.shape[0]), "top1": float((hf.argmax(-1) == pick).mean()),
-            "top1_tie": float((gap <= TIE).mean()), "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-            "max_abs": float(np.abs(hf - gg).max())}
+    return {
+        "tokens": int(hf.shape[0]),
+        "top1": float((hf.argmax(-1) == pick).mean()),
+        "top1_tie": float((gap <= TIE).mean()),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "max_abs": float(np.abs(hf - gg).max()),
+    }
 
 
 def _llama(path: Path, n_ctx: int, threads: int | None, extra_bufts: bool):
     f32 = llamacpp.runtime().GGML_TYPE_F32
-    return llamacpp.open_model(path, extra_bufts=extra_bufts, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
-                               n_ubatch=min(n_ctx, 512), logits_all=True, verbose=False, n_threads=threads,
-                               n_threads_batch=threads, type_k=f32, type_v=f32, seed=0)
+    return llamacpp.open_model(
+        path,
+        extra_bufts=extra_bufts,
+        n_ctx=n_ctx,
+        n_batch=min(n_ctx, 512),
+        n_ubatch=min(n_ctx, 512),
+        logits_all=True,
+        verbose=False,
+        n_threads=threads,
+        n_threads_batch=threads,
+        type_k=f32,
+        type_v=f32,
+        seed=0,
+    )
 
 
 def _gguf_logits(llm, ids: list[int]) -> np.ndarray:
@@ -102,8 +118,11 @@ def _render_gguf_template(llm, messages) -> str:
         tid = meta.get(key)
         return llm.detokenize([int(tid)], special=True).decode("utf-8") if tid is not None else ""
 
-    return chat_template.render(template, messages, {"bos_token": token("tokenizer.ggml.bos_token_id"),
-                                                     "eos_token": token("tokenizer.ggml.eos_token_id")})
+    return chat_template.render(
+        template,
+        messages,
+        {"bos_token": token("tokenizer.ggml.bos_token_id"), "eos_token": token("tokenizer.ggml.eos_token_id")},
+    )
 
 
 def template_parity(llm, tokenizer) -> dict:
@@ -115,22 +134,30 @@ def template_parity(llm, tokenizer) -> dict:
     ok = hf_text == gg_text and list(hf_ids) == list(gg_ids)
     out = {"ok": ok, "text_equal": hf_text == gg_text, "hf_tokens": len(hf_ids), "gguf_tokens": len(gg_ids)}
     if not ok:
-        out["first_difference"] = {"index": first, "hf": tokenizer.convert_ids_to_tokens(hf_ids[first:first + 5]),
-                                   "gguf": [llm.detokenize([t], special=True).decode("utf-8", "replace")
-                                            for t in gg_ids[first:first + 5]]}
+        out["first_difference"] = {
+            "index": first,
+            "hf": tokenizer.convert_ids_to_tokens(hf_ids[first : first + 5]),
+            "gguf": [llm.detokenize([t], special=True).decode("utf-8", "replace") for t in gg_ids[first : first + 5]],
+        }
     return out
 
 
-def replies(gguf_path: Path, items: list[tuple[str, list[int]]], n_ctx: int, threads: int,
-            extra_bufts: bool) -> dict:
+def replies(gguf_path: Path, items: list[tuple[str, list[int]]], n_ctx: int, threads: int, extra_bufts: bool) -> dict:
     """{label: {"prompt", "ids", "text"}}: each prompt's first GEN_TOKENS greedy tokens as the server decodes them
     in its default context (ids), and their text up to the first end-of-generation token."""
     got = decoding.greedy(gguf_path, [ids for _, ids in items], GEN_TOKENS, n_ctx, extra_bufts, threads)
     return {label: {"prompt": list(ids), "ids": r.ids, "text": r.text} for (label, ids), r in zip(items, got)}
 
 
-def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None = None, device: str = "auto",
-          log=print, name: str | None = None) -> dict:
+def check(
+    model_dir: Path,
+    gguf_path: Path,
+    out_type: str,
+    threads: int | None = None,
+    device: str = "auto",
+    log=print,
+    name: str | None = None,
+) -> dict:
     """Measure parity; returns the report (with "passed"). Raises ExportError only for unusable input."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -142,8 +169,9 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
     loader = llamacpp.probe(gguf_path, threads=threads, log=log, name=name)
     rule = gguf_context.context(gguf_path)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map={"": dev})
     model.eval()
     groups, sampled, longrope = _prompt_groups(tok, rule)
@@ -152,12 +180,25 @@ def check(model_dir: Path, gguf_path: Path, out_type: str, threads: int | None =
     said = replies(gguf_path, sampled, rule.default, threads, loader.extra_bufts)
     limits = THRESHOLDS.get(out_type, THRESHOLDS["q2_k"])
     failures = _failures(overall, limits, template)
-    return {"gguf": gguf_path.name, "type": out_type, "passed": not failures, "failures": failures,
-            "thresholds": limits, "overall": overall, "prompts": per, "template": template,
-            "sample": {k: said[k]["text"] for k in ("prose", "chat") if k in said}, "replies": said,
-            "served_context": rule.default, "context_length": rule.length, "original_context": rule.original,
-            "longrope": longrope, "extra_bufts": loader.extra_bufts, "loader_note": loader.note,
-            "seconds": round(time.time() - start, 1)}
+    return {
+        "gguf": gguf_path.name,
+        "type": out_type,
+        "passed": not failures,
+        "failures": failures,
+        "thresholds": limits,
+        "overall": overall,
+        "prompts": per,
+        "template": template,
+        "sample": {k: said[k]["text"] for k in ("prose", "chat") if k in said},
+        "replies": said,
+        "served_context": rule.default,
+        "context_length": rule.length,
+        "original_context": rule.original,
+        "longrope": longrope,
+        "extra_bufts": loader.extra_bufts,
+        "loader_note": loader.note,
+        "seconds": round(time.time() - start, 1),
+    }
 
 
 def _prompt_groups(tok, rule) -> tuple[list, list, bool]:
@@ -191,8 +232,10 @@ def _measure(model, tok, gguf_path: Path, groups: list, threads: int, extra_buft
                     hf = model(input_ids=torch.tensor([ids], device=dev)).logits[0].float().cpu().numpy()
                 gg = _gguf_logits(llm, ids)
                 if gg.shape != hf.shape:
-                    raise ExportError(f"{gguf_path}: llama.cpp gives logits of shape {gg.shape}, transformers "
-                                      f"{hf.shape} (vocabulary size differs)")
+                    raise ExportError(
+                        f"{gguf_path}: llama.cpp gives logits of shape {gg.shape}, transformers "
+                        f"{hf.shape} (vocabulary size differs)"
+                    )
                 per[label] = {**metrics(hf, gg), "n_ctx": n_ctx}
                 hf_all.append(hf)
                 gg_all.append(gg)
@@ -208,8 +251,7 @@ def _failures(overall: dict, limits: dict, template: dict | None) -> list[str]:
     """What breaks the type's bounds, each in words; empty when parity passes."""
     failures = []
     if overall["top1_tie"] < limits["top1"]:
-        failures.append(f"top-1 agreement {overall['top1_tie']:.2%} (ties within {TIE} counted) < "
-                        f"{limits['top1']:.0%}")
+        failures.append(f"top-1 agreement {overall['top1_tie']:.2%} (ties within {TIE} counted) < {limits['top1']:.0%}")
     if overall["kl_mean"] > limits["kl"]:
         failures.append(f"mean KL {overall['kl_mean']:.3g} > {limits['kl']:g}")
     if limits["max_abs"] is not None and overall["max_abs"] > limits["max_abs"]:
@@ -222,8 +264,17 @@ def _failures(overall: dict, limits: dict, template: dict | None) -> list[str]:
 def table(report: dict) -> str:
     rows = [("prompt", "tokens", "n_ctx", "top-1", "top-1 (ties)", "mean KL", "max |Δlogit|")]
     for label, m in [*report["prompts"].items(), ("all", report["overall"])]:
-        rows.append((label, str(m["tokens"]), str(m.get("n_ctx", "")), f"{m['top1']:.2%}", f"{m['top1_tie']:.2%}",
-                     f"{m['kl_mean']:.2e}", f"{m['max_abs']:.3g}"))
+        rows.append(
+            (
+                label,
+                str(m["tokens"]),
+                str(m.get("n_ctx", "")),
+                f"{m['top1']:.2%}",
+                f"{m['top1_tie']:.2%}",
+                f"{m['kl_mean']:.2e}",
+                f"{m['max_abs']:.3g}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -236,36 +287,65 @@ def table(report: dict) -> str:
 def verdict(report: dict) -> list[str]:
     """Each figure in words: whether it is fine, and why."""
     o, lim, kind = report["overall"], report["thresholds"], report["type"]
-    out = [f"top-1 agreement: the GGUF picks transformers' own next token at {o['top1']:.1%} of {o['tokens']} "
-           f"positions, and {o['top1_tie']:.1%} counting near-ties (transformers' best two within {TIE} logit: the "
-           f"model itself cannot tell them apart, so any rounding flips some); "
-           + (f"fine, the limit for {kind} is {lim['top1']:.0%} counting near-ties" if o["top1_tie"] >= lim["top1"]
-              else f"TOO LOW: {kind} needs {lim['top1']:.0%} counting near-ties"),
-           f"mean KL(HF‖GGUF): {o['kl_mean']:.2e} nats per position; "
-           + (f"fine, the limit for {kind} is {lim['kl']:g}" if o["kl_mean"] <= lim["kl"]
-              else f"TOO HIGH: {kind} allows {lim['kl']:g}")]
+    out = [
+        f"top-1 agreement: the GGUF picks transformers' own next token at {o['top1']:.1%} of {o['tokens']} "
+        f"positions, and {o['top1_tie']:.1%} counting near-ties (transformers' best two within {TIE} logit: the "
+        f"model itself cannot tell them apart, so any rounding flips some); "
+        + (
+            f"fine, the limit for {kind} is {lim['top1']:.0%} counting near-ties"
+            if o["top1_tie"] >= lim["top1"]
+            else f"TOO LOW: {kind} needs {lim['top1']:.0%} counting near-ties"
+        ),
+        f"mean KL(HF‖GGUF): {o['kl_mean']:.2e} nats per position; "
+        + (
+            f"fine, the limit for {kind} is {lim['kl']:g}"
+            if o["kl_mean"] <= lim["kl"]
+            else f"TOO HIGH: {kind} allows {lim['kl']:g}"
+        ),
+    ]
     if lim["max_abs"] is None:
-        out.append(f"max |Δlogit|: {o['max_abs']:.3g}; not bounded for {kind} (its rounding moves single logits; the "
-                   f"two figures above bound what the model says)")
+        out.append(
+            f"max |Δlogit|: {o['max_abs']:.3g}; not bounded for {kind} (its rounding moves single logits; the "
+            f"two figures above bound what the model says)"
+        )
     else:
-        out.append(f"max |Δlogit|: {o['max_abs']:.3g}; " + (f"fine, the limit for {kind} is {lim['max_abs']:g}"
-                                                          if o["max_abs"] <= lim["max_abs"]
-                                                          else f"TOO HIGH: {kind} allows {lim['max_abs']:g}"))
+        out.append(
+            f"max |Δlogit|: {o['max_abs']:.3g}; "
+            + (
+                f"fine, the limit for {kind} is {lim['max_abs']:g}"
+                if o["max_abs"] <= lim["max_abs"]
+                else f"TOO HIGH: {kind} allows {lim['max_abs']:g}"
+            )
+        )
     t = report.get("template")
-    out.append("chat template: " + ("none in the model" if t is None else
-                                    f"fine, the GGUF's renders the same {t['hf_tokens']} tokens as transformers'"
-                                    if t["ok"] else "DIFFERENT from transformers' (see first_difference)"))
+    out.append(
+        "chat template: "
+        + (
+            "none in the model"
+            if t is None
+            else f"fine, the GGUF's renders the same {t['hf_tokens']} tokens as transformers'"
+            if t["ok"]
+            else "DIFFERENT from transformers' (see first_difference)"
+        )
+    )
     served, orig, length = report.get("served_context"), report.get("original_context"), report.get("context_length")
     if served is not None:  # reports written before the served context was recorded have none of these
-        why = (f"this LongRoPE model's original context of {orig}, in which llama.cpp applies the short rope factors "
-               f"as transformers does for prompts of up to {orig} tokens (the long prompt ran in a larger context to "
-               f"check the long factors)" if orig else
-               f"the model's context length of {length}, at most {gguf_context.CONTEXT_CAP}")
-        out.append(f"context: the short prompts ran in {served} positions, what `python -m serve` opens this file "
-                   f"with by default: {why}; its context length is {length}")
+        why = (
+            f"this LongRoPE model's original context of {orig}, in which llama.cpp applies the short rope factors "
+            f"as transformers does for prompts of up to {orig} tokens (the long prompt ran in a larger context to "
+            f"check the long factors)"
+            if orig
+            else f"the model's context length of {length}, at most {gguf_context.CONTEXT_CAP}"
+        )
+        out.append(
+            f"context: the short prompts ran in {served} positions, what `python -m serve` opens this file "
+            f"with by default: {why}; its context length is {length}"
+        )
         n = len(report.get("replies") or {})
-        out.append(f"replies: {n} prompts' first {GEN_TOKENS} greedy tokens, decoded as the server decodes them in "
-                   f"{served} positions, recorded in {PARITY_FILE}; the server gives the same at temperature 0")
+        out.append(
+            f"replies: {n} prompts' first {GEN_TOKENS} greedy tokens, decoded as the server decodes them in "
+            f"{served} positions, recorded in {PARITY_FILE}; the server gives the same at temperature 0"
+        )
     return out
 
 

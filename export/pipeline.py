@@ -38,8 +38,16 @@ def _merged_fingerprint(model_dir: Path) -> str | None:
     return rep.get("source_fingerprint") if rep else None
 
 
-def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = None, progress: bool = True,
-                check_parity: bool = True, threads: int | None = None, log=print) -> dict:
+def export_gguf(
+    model_dir: Path,
+    out: Path,
+    out_type: str,
+    name: str | None = None,
+    progress: bool = True,
+    check_parity: bool = True,
+    threads: int | None = None,
+    log=print,
+) -> dict:
     """Write one GGUF of `out_type` from the merged model at `model_dir`; returns its summary (parity included).
     Raises ExportError when parity fails (after recording it in parity.json)."""
     problem = check_type(out_type)
@@ -51,15 +59,23 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
     kind = "python" if out_type in names.PYTHON_TYPES else "llama"
     try:
         if kind == "python":
-            result = to_gguf.write_gguf(model_dir, candidate, out_type, name=name, progress=progress, log=log,
-                                        label=f"{out.name} (unchecked)")
+            result = to_gguf.write_gguf(
+                model_dir, candidate, out_type, name=name, progress=progress, log=log, label=f"{out.name} (unchecked)"
+            )
             summary = {"fallbacks": result.fallbacks, "notes": result.notes}
         else:
             base_type = INTERMEDIATE.get(_merged_dtype(model_dir), "f32")
             intermediate = temp_sibling(out, f".{base_type}")
             try:
-                result = to_gguf.write_gguf(model_dir, intermediate, base_type, name=name, progress=progress,
-                                            log=log, label=f"{base_type} intermediate for {out.name}")
+                result = to_gguf.write_gguf(
+                    model_dir,
+                    intermediate,
+                    base_type,
+                    name=name,
+                    progress=progress,
+                    log=log,
+                    label=f"{base_type} intermediate for {out.name}",
+                )
                 log(f"quantizing to {out_type} with llama.cpp")
                 fallbacks = quantize.llama_quantize(intermediate, candidate, out_type)
             finally:
@@ -67,9 +83,13 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
             for f in fallbacks:
                 log(f"  llama.cpp: {f}")
             summary = {"fallbacks": fallbacks, "notes": result.notes, "intermediate": base_type}
-        summary.update(type=out_type, made_by="gguf-py" if kind == "python" else "llama.cpp quantizer",
-                       tensor_types=to_gguf.tensor_types(candidate), bytes=candidate.stat().st_size,
-                       source=_merged_fingerprint(model_dir))
+        summary.update(
+            type=out_type,
+            made_by="gguf-py" if kind == "python" else "llama.cpp quantizer",
+            tensor_types=to_gguf.tensor_types(candidate),
+            bytes=candidate.stat().st_size,
+            source=_merged_fingerprint(model_dir),
+        )
         log(f"tensor types: {', '.join(f'{v} {k}' for k, v in sorted(summary['tensor_types'].items()))}")
         if not check_parity:
             write_sidecar(out, publish(candidate, out, digest=True))  # what serve checks the file against
@@ -92,8 +112,10 @@ def export_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = No
         publish(candidate, rejected)
         report["rejected_file"] = rejected.name
         parity.record(out.parent, report)
-        raise ExportError(f"{out.name}: parity failed ({'; '.join(report['failures'])}); kept as {rejected}, "
-                          f"{out} was not replaced; details in {out.parent / parity.PARITY_FILE}")
+        raise ExportError(
+            f"{out.name}: parity failed ({'; '.join(report['failures'])}); kept as {rejected}, "
+            f"{out} was not replaced; details in {out.parent / parity.PARITY_FILE}"
+        )
     finally:
         remove(candidate)
 
@@ -109,9 +131,13 @@ def _up_to_date(gguf_path: Path, source: str | None) -> bool:
         return False
     # passed, for this merge, this very file, and its replies were recorded in the context the server now opens it
     # with (records older than the served context have none)
-    if not (entry and entry.get("passed") and entry.get("source") == source
-            and entry.get("bytes") == gguf_path.stat().st_size
-            and entry.get("served_context") == gguf_context.context(gguf_path).default):
+    if not (
+        entry
+        and entry.get("passed")
+        and entry.get("source") == source
+        and entry.get("bytes") == gguf_path.stat().st_size
+        and entry.get("served_context") == gguf_context.context(gguf_path).default
+    ):
         return False
     try:  # and it is still the file that passed: serve refuses a GGUF without a matching record
         verify(gguf_path)
@@ -126,10 +152,20 @@ def model_name(run_dir: Path) -> str:
     return name or "aegis"
 
 
-def export_all(run: Path, types: list[str], out: Path | None = None, base: str | None = None,
-               dtype: str = "float32", name: str | None = None, system: str | None = None,
-               checkpoint: Path | None = None, force: bool = False, progress: bool = True,
-               device: str = "auto", log=print) -> dict:
+def export_all(
+    run: Path,
+    types: list[str],
+    out: Path | None = None,
+    base: str | None = None,
+    dtype: str = "float32",
+    name: str | None = None,
+    system: str | None = None,
+    checkpoint: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    device: str = "auto",
+    log=print,
+) -> dict:
     run = Path(run)
     ckpt = Path(checkpoint) if checkpoint else find_checkpoint(run, log=log)
     out = Path(out) if out else run / "export"
@@ -154,9 +190,15 @@ def export_all(run: Path, types: list[str], out: Path | None = None, base: str |
     mf = out / f"{name}.modelfile"
     # The Modelfile's template is derived from the merged model's chat template and proved token for token.
     proof = modelfile_mod.write(Path(chosen), mf, model_dir=merged_dir, name=name, system=system, log=log).proof
-    summary = {"checkpoint": str(ckpt), "merged": str(merged_dir), "gguf": ggufs, "modelfile": str(mf),
-               "parity": str(out / parity.PARITY_FILE), "merge_check": merge_report.get("check"),
-               "template": proof.to_json()}
+    summary = {
+        "checkpoint": str(ckpt),
+        "merged": str(merged_dir),
+        "gguf": ggufs,
+        "modelfile": str(mf),
+        "parity": str(out / parity.PARITY_FILE),
+        "merge_check": merge_report.get("check"),
+        "template": proof.to_json(),
+    }
     log("")
     log(f"checkpoint  {ckpt}")
     log(f"merged      {merged_dir}")
@@ -164,6 +206,8 @@ def export_all(run: Path, types: list[str], out: Path | None = None, base: str |
         log(f"gguf {t:<6} {p}")
     log(f"parity      {out / parity.PARITY_FILE}")
     log(f"template    {proof.summary()}")
-    log(f"modelfile   {mf}  (FROM {Path(chosen).name}; `ollama create {name} -f {mf}`, or without the CLI "
-        f"`python -m export ollama --gguf {chosen} --name {name}`)")
+    log(
+        f"modelfile   {mf}  (FROM {Path(chosen).name}; `ollama create {name} -f {mf}`, or without the CLI "
+        f"`python -m export ollama --gguf {chosen} --name {name}`)"
+    )
     return summary

@@ -25,11 +25,34 @@ EOT_TOKENS = tuple(dict.fromkeys(f.end_of_turn[0] for f in families.FAMILIES.val
 # Pre-tokenizers (how byte-level BPE splits text before merging) llama.cpp knows, the family's usual one first; the
 # one written is the first under which llama.cpp tokenizes PRE_PROBES exactly as the HF tokenizer does.
 BPE_PRE = {f.name: f.bpe_pre for f in families.FAMILIES.values() if f.bpe_pre}
-PRE_CANDIDATES = ("llama-bpe", "qwen2", "smollm", "gpt-2", "default", "gpt-4o", "llama4", "stablelm2", "starcoder",
-                  "olmo", "deepseek-llm", "refact", "command-r", "dbrx", "smaug-bpe", "bloom", "superbpe")
-PRE_PROBES = ["吾輩は猫である。名前はまだ無い。", "複数行の\n\n質問です。\n- one\n- two", "Numbers: 12345, 3.14159, 2026年12月1日",
-              "  two leading spaces\n\n\n\tand a tab,  double  spaces ", "I'm sure you'll SEE it's 'quoted' -- ok?!",
-              "def f(x):\n    return x**2  # code", "日本語と English が混ざった文章: 今日は good weather ですね。"]
+PRE_CANDIDATES = (
+    "llama-bpe",
+    "qwen2",
+    "smollm",
+    "gpt-2",
+    "default",
+    "gpt-4o",
+    "llama4",
+    "stablelm2",
+    "starcoder",
+    "olmo",
+    "deepseek-llm",
+    "refact",
+    "command-r",
+    "dbrx",
+    "smaug-bpe",
+    "bloom",
+    "superbpe",
+)
+PRE_PROBES = [
+    "吾輩は猫である。名前はまだ無い。",
+    "複数行の\n\n質問です。\n- one\n- two",
+    "Numbers: 12345, 3.14159, 2026年12月1日",
+    "  two leading spaces\n\n\n\tand a tab,  double  spaces ",
+    "I'm sure you'll SEE it's 'quoted' -- ok?!",
+    "def f(x):\n    return x**2  # code",
+    "日本語と English が混ざった文章: 今日は good weather ですね。",
+]
 
 
 @dataclass
@@ -50,8 +73,10 @@ def _added_tokens(model_dir: Path) -> list[dict]:
     """[{id, content, special}] from tokenizer.json, else tokenizer_config.json."""
     tj = model_dir / "tokenizer.json"
     if tj.is_file():
-        return [{"id": int(t["id"]), "content": t["content"], "special": bool(t.get("special"))}
-                for t in json.loads(tj.read_text(encoding="utf-8")).get("added_tokens", [])]
+        return [
+            {"id": int(t["id"]), "content": t["content"], "special": bool(t.get("special"))}
+            for t in json.loads(tj.read_text(encoding="utf-8")).get("added_tokens", [])
+        ]
     tc = model_dir / "tokenizer_config.json"
     if tc.is_file():
         dec = json.loads(tc.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
@@ -72,14 +97,24 @@ def _spm(model_dir: Path, n_vocab: int) -> Vocab:
     types = [T.UNUSED] * n_vocab
     for i in range(n_sp):
         tokens[i], scores[i] = sp.id_to_piece(i), sp.get_score(i)
-        types[i] = (T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i)
-                    else T.UNUSED if sp.is_unused(i) else T.BYTE if sp.is_byte(i)
-                    else T.NORMAL)
+        types[i] = (
+            T.UNKNOWN
+            if sp.is_unknown(i)
+            else T.CONTROL
+            if sp.is_control(i)
+            else T.UNUSED
+            if sp.is_unused(i)
+            else T.BYTE
+            if sp.is_byte(i)
+            else T.NORMAL
+        )
     for t in _added_tokens(model_dir):
         i = t["id"]
         if i >= n_vocab:
-            raise ExportError(f"{model_dir / 'tokenizer.json'}: added token {t['content']!r} has id {i}, outside "
-                              f"vocab_size {n_vocab} (config.json)")
+            raise ExportError(
+                f"{model_dir / 'tokenizer.json'}: added token {t['content']!r} has id {i}, outside "
+                f"vocab_size {n_vocab} (config.json)"
+            )
         if i < n_sp and tokens[i] == t["content"]:
             continue  # <unk>, <s>, </s>: SentencePiece already typed them
         tokens[i], scores[i] = t["content"], -1000.0
@@ -92,8 +127,10 @@ def _bpe(model_dir: Path, n_vocab: int, model_type: str) -> Vocab:
     data = json.loads(tj.read_text(encoding="utf-8"))
     model = data.get("model", {})
     if model.get("type") != "BPE":
-        raise ExportError(f"{tj}: tokenizer model {model.get('type')!r} is not supported (SentencePiece with "
-                          f"tokenizer.model, or byte-level BPE)")
+        raise ExportError(
+            f"{tj}: tokenizer model {model.get('type')!r} is not supported (SentencePiece with "
+            f"tokenizer.model, or byte-level BPE)"
+        )
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [T.UNUSED] * n_vocab
     for piece, i in model["vocab"].items():
@@ -101,8 +138,9 @@ def _bpe(model_dir: Path, n_vocab: int, model_type: str) -> Vocab:
     for t in _added_tokens(model_dir):
         tokens[t["id"]] = t["content"]
         types[t["id"]] = T.CONTROL if t["special"] else T.USER_DEFINED
-    return Vocab(model="gpt2", tokens=tokens, scores=[0.0] * n_vocab, types=types,
-                 pre=BPE_PRE.get(model_type, "default"))
+    return Vocab(
+        model="gpt2", tokens=tokens, scores=[0.0] * n_vocab, types=types, pre=BPE_PRE.get(model_type, "default")
+    )
 
 
 def _probe(tok, vocab: Vocab) -> None:
@@ -111,9 +149,13 @@ def _probe(tok, vocab: Vocab) -> None:
     bos, eos = tok.bos_token_id, tok.eos_token_id
     vocab.special.add_special_token = {
         "bos": bos is not None and len(ids) > 0 and ids[0] == bos,
-        "eos": eos is not None and len(ids) > 1 and ids[-1] == eos}
-    specials = [t for t in tok.all_special_tokens if t not in (tok.bos_token, tok.eos_token, tok.unk_token,
-                                                                 tok.pad_token, "<|endoftext|>")]
+        "eos": eos is not None and len(ids) > 1 and ids[-1] == eos,
+    }
+    specials = [
+        t
+        for t in tok.all_special_tokens
+        if t not in (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token, "<|endoftext|>")
+    ]
     probe = next((t for t in EOT_TOKENS if t in specials), specials[0] if specials else None)
     space_probe = probe or tok.bos_token  # a chat template's text follows a turn marker, or BOS
     if vocab.model == "llama":
@@ -127,7 +169,8 @@ def _probe(tok, vocab: Vocab) -> None:
                     f"({'yes' if first[0].startswith('▁') else 'no'}) but "
                     f"{'also' if vocab.add_space_prefix else 'not'} after special tokens; llama.cpp does one "
                     f"or the other, so add_space_prefix={vocab.add_space_prefix} follows chat-templated text, and "
-                    f"untemplated text must be tokenized by HF for exact parity")
+                    f"untemplated text must be tokenized by HF for exact parity"
+                )
         else:
             first = tok.convert_ids_to_tokens(tok("a", add_special_tokens=False)["input_ids"])
             vocab.add_space_prefix = bool(first) and first[0].startswith("▁")
@@ -156,8 +199,10 @@ def choose_pre(vocab: Vocab, tok, write_probe, workdir: Path) -> None:
         tried.append(pre)
         if got == want:
             return
-    raise ExportError(f"the tokenizer splits text in a way none of llama.cpp's pre-tokenizers does (tried "
-                      f"{', '.join(tried)}): llama.cpp would tokenize differently from the HF tokenizer")
+    raise ExportError(
+        f"the tokenizer splits text in a way none of llama.cpp's pre-tokenizers does (tried "
+        f"{', '.join(tried)}): llama.cpp would tokenize differently from the HF tokenizer"
+    )
 
 
 def build(model_dir: Path, config: dict) -> Vocab:
@@ -178,10 +223,15 @@ def build(model_dir: Path, config: dict) -> Vocab:
         if vocab.model == "llama" and want != got:
             raise ExportError(f"{model_dir}: token {got!r} in the GGUF vocabulary is {want!r} in the HF tokenizer")
     # gguf-py reads merges and special tokens from the files; the ids the HF tokenizer actually uses win.
-    vocab.special = gguf.SpecialVocab(model_dir, load_merges=vocab.model == "gpt2",
-                                      special_token_types=("bos", "eos", "unk", "pad"), n_vocab=n_vocab)
-    for name, tid in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id),
-                      ("pad", tok.pad_token_id)):
+    vocab.special = gguf.SpecialVocab(
+        model_dir, load_merges=vocab.model == "gpt2", special_token_types=("bos", "eos", "unk", "pad"), n_vocab=n_vocab
+    )
+    for name, tid in (
+        ("bos", tok.bos_token_id),
+        ("eos", tok.eos_token_id),
+        ("unk", tok.unk_token_id),
+        ("pad", tok.pad_token_id),
+    ):
         if tid is not None:
             vocab.special.special_token_ids[name] = int(tid)
     for t in EOT_TOKENS:
