@@ -33,9 +33,13 @@ def serve(settings: Settings) -> None:
 
     app = create_app(settings, on_load_error=on_load_error)
     server = make(app, settings)
-    logging.getLogger("serve").info("serving %s on http://%s:%d/v1 (key %s)",
-                                    ", ".join(s.name for s in settings.models), settings.host, settings.port,
-                                    "required" if settings.api_key else "not required")
+    logging.getLogger("serve").info(
+        "serving %s on http://%s:%d/v1 (key %s)",
+        ", ".join(s.name for s in settings.models),
+        settings.host,
+        settings.port,
+        "required" if settings.api_key else "not required",
+    )
     server.run()
     if failed:
         raise AegisError(f"could not load the model: {failed[0]}")

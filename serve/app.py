@@ -34,16 +34,26 @@ from .responses import ChatCompletion, Completion, ErrorResponse, Health, ModelC
 from .schemas import ChatCompletionRequest, CompletionRequest, decode
 
 VERSION = "0.1.0"
-ERRORS = {code: ResponseSpec(ErrorResponse, description=text) for code, text in (
-    (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
-    (408, "request body too slow"), (413, "request body too large"), (429, "queue full"),
-    (503, "model not ready, or the server is shutting down"), (504, "request timed out"))}
+ERRORS = {
+    code: ResponseSpec(ErrorResponse, description=text)
+    for code, text in (
+        (400, "invalid request"),
+        (401, "missing or wrong API key"),
+        (404, "unknown model"),
+        (408, "request body too slow"),
+        (413, "request body too large"),
+        (429, "queue full"),
+        (503, "model not ready, or the server is shutting down"),
+        (504, "request timed out"),
+    )
+}
 
 
 @dataclass
 class Service:
     """What the routes share: the settings, the served models and the metrics; draining once the server was told to
     stop (serve/server.py sets it): /ready and new requests answer 503 while the requests in flight finish."""
+
     settings: Settings
     registry: Registry
     metrics: Metrics
@@ -96,12 +106,14 @@ def body_guard(timeout: float):
                 return message
 
             await app(scope, watched, send)
+
         return guarded
 
     return middleware
 
 
 # ---- generation -------------------------------------------------------------------------------------------------
+
 
 async def _generate(request: Request, service: Service, kind, prepare, reply) -> Response:
     """Both completion endpoints: decode strictly, prepare, then the one request path."""
@@ -111,23 +123,38 @@ async def _generate(request: Request, service: Service, kind, prepare, reply) ->
     return await respond(request, p, reply(p), service.settings.timeout)
 
 
-@post("/v1/chat/completions", guards=[accepting_guard, api_key_guard], status_code=200, tags=["openai"],
-      responses={200: ResponseSpec(ChatCompletion, description="a completion, or server-sent events when stream is "
-                                                               "true"), **ERRORS})
+@post(
+    "/v1/chat/completions",
+    guards=[accepting_guard, api_key_guard],
+    status_code=200,
+    tags=["openai"],
+    responses={
+        200: ResponseSpec(ChatCompletion, description="a completion, or server-sent events when stream is true"),
+        **ERRORS,
+    },
+)
 async def chat_completions(request: Request, service: Service) -> Response:
     """Chat completion with the model's own chat template (body: ChatCompletionRequest)."""
     return await _generate(request, service, ChatCompletionRequest, engine.prepare_chat, ChatReply)
 
 
-@post("/v1/completions", guards=[accepting_guard, api_key_guard], status_code=200, tags=["openai"],
-      responses={200: ResponseSpec(Completion, description="a completion, or server-sent events when stream is "
-                                                           "true"), **ERRORS})
+@post(
+    "/v1/completions",
+    guards=[accepting_guard, api_key_guard],
+    status_code=200,
+    tags=["openai"],
+    responses={
+        200: ResponseSpec(Completion, description="a completion, or server-sent events when stream is true"),
+        **ERRORS,
+    },
+)
 async def completions(request: Request, service: Service) -> Response:
     """Plain text completion of a prompt, no chat template (body: CompletionRequest)."""
     return await _generate(request, service, CompletionRequest, engine.prepare_completion, TextReply)
 
 
 # ---- models and operations --------------------------------------------------------------------------------------
+
 
 def _card(m: ServedModel) -> ModelCard:
     return ModelCard(m.name, m.created, "aegis", m.backend.context_length, m.backend.kind)
@@ -173,8 +200,10 @@ ROUTES = [chat_completions, completions, list_models, get_model, health, ready, 
 
 # ---- the app ----------------------------------------------------------------------------------------------------
 
-def create_app(settings: Settings, registry: Registry | None = None,
-               on_load_error: Callable[[BaseException], None] | None = None) -> Litestar:
+
+def create_app(
+    settings: Settings, registry: Registry | None = None, on_load_error: Callable[[BaseException], None] | None = None
+) -> Litestar:
     registry = registry or Registry(settings)
     metrics = Metrics()
 
@@ -201,15 +230,29 @@ def create_app(settings: Settings, registry: Registry | None = None,
     if settings.api_key:
         components = Components(security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")})
         security = {"security": [{"bearer": []}]}
-    openapi = OpenAPIConfig(title="AEGIS API", version=VERSION, description=package_doc, components=components,
-                            render_plugins=[ExactJsonRenderPlugin()], path="/schema", **security)
+    openapi = OpenAPIConfig(
+        title="AEGIS API",
+        version=VERSION,
+        description=package_doc,
+        components=components,
+        render_plugins=[ExactJsonRenderPlugin()],
+        path="/schema",
+        **security,
+    )
     svc = Service(settings, registry, metrics)
     # outermost first: the metrics see every status, the cut-off ending included
-    middleware = [metrics.middleware, lambda app: cut_off(app, lambda: svc.draining),
-                  body_guard(settings.body_timeout)]
-    app = Litestar(route_handlers=ROUTES, dependencies={"service": Provide(service, sync_to_thread=False)},
-                   exception_handlers=HANDLERS, request_max_body_size=settings.max_body, openapi_config=openapi,
-                   middleware=middleware, on_startup=[on_startup], on_shutdown=[registry.close],
-                   debug=False, logging_config=None)
+    middleware = [metrics.middleware, lambda app: cut_off(app, lambda: svc.draining), body_guard(settings.body_timeout)]
+    app = Litestar(
+        route_handlers=ROUTES,
+        dependencies={"service": Provide(service, sync_to_thread=False)},
+        exception_handlers=HANDLERS,
+        request_max_body_size=settings.max_body,
+        openapi_config=openapi,
+        middleware=middleware,
+        on_startup=[on_startup],
+        on_shutdown=[registry.close],
+        debug=False,
+        logging_config=None,
+    )
     app.state.service = svc
     return app

@@ -12,29 +12,60 @@ from litestar.exceptions import HTTPException, ValidationException
 
 log = logging.getLogger("serve")
 
-TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-         404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
-         413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
-         499: "invalid_request_error", 500: "server_error", 503: "server_error", 504: "timeout_error"}
-CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
-         413: "request_too_large", 429: "queue_full", 499: "client_closed_request", 503: "model_not_ready",
-         504: "timeout"}
+TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "invalid_request_error",
+    500: "server_error",
+    503: "server_error",
+    504: "timeout_error",
+}
+CODES = {
+    401: "invalid_api_key",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+    429: "queue_full",
+    499: "client_closed_request",
+    503: "model_not_ready",
+    504: "timeout",
+}
 # nginx's number for "the client closed the connection before the answer": counted as a client error, never a 5xx
 CLIENT_GONE = 499
 SHUTTING_DOWN = "the server is shutting down; retry on another replica or later"
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.code = code or CODES.get(status, "invalid_request" if status == 400 else None)
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -105,8 +136,9 @@ def on_http_exception(request: Request, exc: HTTPException) -> Response:
 
 def on_client_gone(request: Request, _: ClientGone) -> Response:
     # the client's doing, not the server's: logged as a client event and counted under 499 (nobody reads the reply)
-    log.info("client %s went away before sending all of its %s %s body", _client(request), request.method,
-             request.url.path)
+    log.info(
+        "client %s went away before sending all of its %s %s body", _client(request), request.method, request.url.path
+    )
     return _response(APIError(CLIENT_GONE, "the client closed the connection before its request body arrived"))
 
 
@@ -125,5 +157,10 @@ def on_unexpected(request: Request, exc: Exception) -> Response:
     return _response(APIError(500, "internal server error", code="internal_error"))
 
 
-HANDLERS = {APIError: on_api_error, HTTPException: on_http_exception, ClientGone: on_client_gone,
-            BodyTimeout: on_body_timeout, Exception: on_unexpected}
+HANDLERS = {
+    APIError: on_api_error,
+    HTTPException: on_http_exception,
+    ClientGone: on_client_gone,
+    BodyTimeout: on_body_timeout,
+    Exception: on_unexpected,
+}

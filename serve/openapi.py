@@ -16,8 +16,9 @@ REQUEST_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completion
 
 
 def exact_components() -> dict[str, Any]:
-    _, components = msgspec.json.schema_components(tuple(REQUEST_BODIES.values()),
-                                                   ref_template="#/components/schemas/{name}")
+    _, components = msgspec.json.schema_components(
+        tuple(REQUEST_BODIES.values()), ref_template="#/components/schemas/{name}"
+    )
     return components
 
 
@@ -27,8 +28,10 @@ def patch(document: dict[str, Any]) -> dict[str, Any]:
     for path, kind in REQUEST_BODIES.items():
         operation = document.get("paths", {}).get(path, {}).get("post")
         if operation is not None:
-            operation["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{kind.__name__}"}}}}
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{kind.__name__}"}}},
+            }
     return document
 
 

@@ -69,14 +69,28 @@ class Registry:
         try:
             for spec in s.models:
                 started = time.monotonic()
-                backend = open_backend(spec.path, spec.backend, n_ctx=s.ctx_size, threads=s.threads,
-                                       batch_size=s.batch_size, gpu_layers=s.n_gpu_layers, device=s.device,
-                                       dtype=s.dtype, quantization=s.quantization)
+                backend = open_backend(
+                    spec.path,
+                    spec.backend,
+                    n_ctx=s.ctx_size,
+                    threads=s.threads,
+                    batch_size=s.batch_size,
+                    gpu_layers=s.n_gpu_layers,
+                    device=s.device,
+                    dtype=s.dtype,
+                    quantization=s.quantization,
+                )
                 hook = self._finished_hook(spec.name)
                 if backend.batched:
-                    pool = BatchPool(backend, slots=s.parallel or DEFAULT_SLOTS, max_queue=s.queue_size,
-                                     on_finish=hook, prefix_cache=s.prefix_cache == "on", cache_type=s.cache_type,
-                                     speculate=s.speculate)
+                    pool = BatchPool(
+                        backend,
+                        slots=s.parallel or DEFAULT_SLOTS,
+                        max_queue=s.queue_size,
+                        on_finish=hook,
+                        prefix_cache=s.prefix_cache == "on",
+                        cache_type=s.cache_type,
+                        speculate=s.speculate,
+                    )
                 else:
                     pool = WorkerPool(backend, workers=s.parallel or 1, max_queue=s.queue_size, on_finish=hook)
                 pool.start()
@@ -85,9 +99,15 @@ class Registry:
                         pool.close()
                         return
                     self.models[spec.name] = ServedModel(spec, backend, pool, int(time.time()))
-                log.info("model %s ready (%s, context %d, %d %s) in %.1fs", spec.name, backend.kind,
-                         backend.context_length, pool.workers, "slots in one batch" if backend.batched else "worker(s)",
-                         time.monotonic() - started)
+                log.info(
+                    "model %s ready (%s, context %d, %d %s) in %.1fs",
+                    spec.name,
+                    backend.kind,
+                    backend.context_length,
+                    pool.workers,
+                    "slots in one batch" if backend.batched else "worker(s)",
+                    time.monotonic() - started,
+                )
             self.ready = True
         except Exception as e:  # noqa: BLE001 - reported through /health and the log; the CLI exits
             self.error = f"{type(e).__name__}: {e}"
@@ -98,6 +118,7 @@ class Registry:
         def hook(job, finish):
             if self.on_finish is not None:
                 self.on_finish(name, job, finish)
+
         return hook
 
     def get(self, name: str | None) -> ServedModel:
@@ -107,8 +128,12 @@ class Registry:
         key = name if name is not None else self.names[0]
         model = self.models.get(key)
         if model is None:
-            raise APIError(404, f"the model {key!r} does not exist; this server has: {', '.join(self.names)}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {key!r} does not exist; this server has: {', '.join(self.names)}",
+                param="model",
+                code="model_not_found",
+            )
         return model
 
     def close(self) -> None:

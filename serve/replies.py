@@ -40,8 +40,12 @@ TIMEOUT = "the request did not finish within the server's timeout"
 
 
 def _usage(finish: Finish) -> Usage:
-    return Usage(finish.prompt_tokens, finish.completion_tokens, finish.prompt_tokens + finish.completion_tokens,
-                 PromptTokensDetails(finish.cached_tokens))
+    return Usage(
+        finish.prompt_tokens,
+        finish.completion_tokens,
+        finish.prompt_tokens + finish.completion_tokens,
+        PromptTokensDetails(finish.cached_tokens),
+    )
 
 
 def _sse(payload) -> bytes:
@@ -57,6 +61,7 @@ def _raise_for(finish: Finish) -> None:
 
 class Reply:
     """One reply's identity and shape; subclasses say how a choice looks."""
+
     prefix = "cmpl"
     chunk_object = "text_completion"
 
@@ -69,8 +74,13 @@ class Reply:
         return self.backend.token_bytes(token).decode("utf-8", errors="replace")
 
     def chunk(self, choice: dict) -> dict:
-        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
-                "choices": [{"index": 0, **choice}]}
+        return {
+            "id": self.id,
+            "object": self.chunk_object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, **choice}],
+        }
 
     def take(self, items: list) -> list[str]:
         """The text pieces of items; scored tokens wait in self._scored for the next choice to carry them."""
@@ -100,11 +110,14 @@ class ChatReply(Reply):
     def _logprobs(self) -> dict | None:
         if self.p.logprobs is None:
             return None
+
         def entry(token: int, logprob: float) -> tuple[str, float, list[int]]:
             return self._token(token), logprob, list(self.backend.token_bytes(token))
 
-        entries = [TokenLogprob(*entry(s.token, s.logprob), [TopLogprob(*entry(t, lp)) for t, lp in s.top])
-                   for s in self._scored]
+        entries = [
+            TokenLogprob(*entry(s.token, s.logprob), [TopLogprob(*entry(t, lp)) for t, lp in s.top])
+            for s in self._scored
+        ]
         self._scored = []
         return ChoiceLogprobs(entries)
 
@@ -117,8 +130,18 @@ class ChatReply(Reply):
                 deltas.append({"content": event[1]})
             elif event[0] == "call":
                 _, i, call = event
-                deltas.append({"tool_calls": [{"index": i, "id": call.id, "type": "function",
-                                               "function": {"name": call.name, "arguments": ""}}]})
+                deltas.append(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": i,
+                                "id": call.id,
+                                "type": "function",
+                                "function": {"name": call.name, "arguments": ""},
+                            }
+                        ]
+                    }
+                )
             else:
                 deltas.append({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]})
         return deltas
@@ -143,13 +166,23 @@ class ChatReply(Reply):
         out = []
         for text in self.take(items):
             for delta in self._deltas(text):
-                out.append(self.chunk({"delta": delta, "logprobs": msgspec.to_builtins(self._logprobs()),
-                                       "finish_reason": None}))
+                out.append(
+                    self.chunk(
+                        {"delta": delta, "logprobs": msgspec.to_builtins(self._logprobs()), "finish_reason": None}
+                    )
+                )
         return out
 
     def closing(self, finish: Finish) -> list[dict]:
-        return [self.chunk({"delta": {}, "logprobs": msgspec.to_builtins(self._logprobs()),
-                            "finish_reason": self._finish_reason(finish)})]
+        return [
+            self.chunk(
+                {
+                    "delta": {},
+                    "logprobs": msgspec.to_builtins(self._logprobs()),
+                    "finish_reason": self._finish_reason(finish),
+                }
+            )
+        ]
 
     def body(self, items: list, finish: Finish) -> ChatCompletion:
         text = "".join(self.take(items))
@@ -184,12 +217,15 @@ class TextReply(Reply):
         return out
 
     def chunks(self, items: list) -> list[dict]:
-        return [self.chunk({"text": text, "logprobs": msgspec.to_builtins(self._logprobs()), "finish_reason": None})
-                for text in self.take(items)]
+        return [
+            self.chunk({"text": text, "logprobs": msgspec.to_builtins(self._logprobs()), "finish_reason": None})
+            for text in self.take(items)
+        ]
 
     def closing(self, finish: Finish) -> list[dict]:
-        return [self.chunk({"text": "", "logprobs": msgspec.to_builtins(self._logprobs()),
-                            "finish_reason": finish.reason})]
+        return [
+            self.chunk({"text": "", "logprobs": msgspec.to_builtins(self._logprobs()), "finish_reason": finish.reason})
+        ]
 
     def body(self, items: list, finish: Finish) -> Completion:
         text = "".join(self.take(items))
@@ -198,6 +234,7 @@ class TextReply(Reply):
 
 
 # ---- the request path -------------------------------------------------------------------------------------------
+
 
 async def _watch_disconnect(request: Request, job: Job) -> None:
     # the body has been read, so the next ASGI message is the disconnect: a client that gives up on a non-streamed
@@ -286,12 +323,20 @@ def cut_off(app, stopping: Callable[[], bool]):
             err = shutting_down()
             if not state["started"]:
                 body = msgspec.json.encode(err.body())
-                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                           *((k.lower().encode(), v.encode()) for k, v in err.headers.items())]
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *((k.lower().encode(), v.encode()) for k, v in err.headers.items()),
+                ]
                 await send({"type": "http.response.start", "status": err.status, "headers": headers})
                 await send({"type": "http.response.body", "body": body, "more_body": False})
             else:
-                await send({"type": "http.response.body", "body": _sse(err.body()) + DONE if state["stream"] else b"",
-                            "more_body": False})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": _sse(err.body()) + DONE if state["stream"] else b"",
+                        "more_body": False,
+                    }
+                )
 
     return guarded

@@ -21,16 +21,22 @@ TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
 TopK = Annotated[int, Meta(ge=0, le=1_000_000, description="extension: keep only the k most likely tokens (0: off)")]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 MaxTokens = Annotated[int, Meta(ge=1, le=10_000_000)]
-Seed = Annotated[int, Meta(ge=-(2 ** 63), le=2 ** 63 - 1,
-                           description="the same seed and request give the same reply")]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1, description="the same seed and request give the same reply")]
 N = Annotated[int, Meta(ge=1, le=128, description="completions per request: only 1 is supported (400 otherwise)")]
 StopList = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=4)]
 ModelId = Annotated[str, Meta(max_length=256)]
-IgnoreEos = Annotated[bool, Meta(description="extension: generate through end-of-turn tokens (fixed-length "
-                                             "benchmarks); stop strings and max_tokens still apply")]
+IgnoreEos = Annotated[
+    bool,
+    Meta(
+        description="extension: generate through end-of-turn tokens (fixed-length "
+        "benchmarks); stop strings and max_tokens still apply"
+    ),
+]
 PromptText = Annotated[str, Meta(min_length=1)]
-PromptList = Annotated[list[str | int], Meta(min_length=1, max_length=1_000_000,
-                                             description="one string, or token ids of the model's vocabulary")]
+PromptList = Annotated[
+    list[str | int],
+    Meta(min_length=1, max_length=1_000_000, description="one string, or token ids of the model's vocabulary"),
+]
 FunctionName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 JsonObject = Annotated[dict[str, Any], Meta(description="a JSON Schema")]
 
@@ -145,6 +151,7 @@ class StreamOptions(Strict):
 
 class SamplingRequest(Strict):
     """The fields both completion requests take (OpenAI's names)."""
+
     model: ModelId | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
@@ -159,8 +166,9 @@ class SamplingRequest(Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: IgnoreEos = False
-    user: Annotated[str, Meta(max_length=256, description="the end user's id: logged, no effect on the reply")] \
-        | None = None
+    user: (
+        Annotated[str, Meta(max_length=256, description="the end user's id: logged, no effect on the reply")] | None
+    ) = None
 
 
 class ChatCompletionRequest(SamplingRequest, kw_only=True):
@@ -182,8 +190,13 @@ class CompletionRequest(SamplingRequest, kw_only=True):
     echo: Annotated[bool, Meta(description="not supported: only false")] | None = None
     suffix: Annotated[str, Meta(description="not supported: only empty")] | None = None
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
-    parse_special: Annotated[bool, Meta(description="extension: read control-token text in the prompt (such as "
-                                                    "<|user|>) as control tokens; by default it is text")] = False
+    parse_special: Annotated[
+        bool,
+        Meta(
+            description="extension: read control-token text in the prompt (such as "
+            "<|user|>) as control tokens; by default it is text"
+        ),
+    ] = False
 
 
 def _param(message: str) -> str | None:

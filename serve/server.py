@@ -42,8 +42,10 @@ FILES_BESIDES_CONNECTIONS = 256  # the model, logs, pipes, the listening socket 
 def _raw(err: APIError) -> bytes:
     """A whole response written straight to the socket, which is then closed: h11 has no request to answer."""
     body = json.dumps(err.body()).encode()
-    head = (f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -63,10 +65,16 @@ class Protocol(H11Protocol):
         self.metrics.open_connections.inc()
         bound = self.settings.max_connections
         if len(self.connections) > bound:
-            _over_limit.log(logging.WARNING, "%d connections are open (--max-connections): new ones are answered "
-                            "503 and closed (aegis_connections_dropped_total counts them)", bound)
-            self._drop("over_limit", APIError(503, f"the server has {bound} connections open; retry later",
-                                              code="too_many_connections"))
+            _over_limit.log(
+                logging.WARNING,
+                "%d connections are open (--max-connections): new ones are answered "
+                "503 and closed (aegis_connections_dropped_total counts them)",
+                bound,
+            )
+            self._drop(
+                "over_limit",
+                APIError(503, f"the server has {bound} connections open; retry later", code="too_many_connections"),
+            )
             return
         self._watch()
 
@@ -114,13 +122,26 @@ class Protocol(H11Protocol):
         if phase == "headers":
             partial = bool(self.conn.trailing_data[0])
             # a connection opened ahead of need and never used is routine; half a request is worth a line
-            _late.log(logging.INFO if partial else logging.DEBUG, "closed a connection from %s: no complete request "
-                      "headers within %g s (--header-timeout)", peer, self.settings.header_timeout)
-            self._drop("header_timeout", APIError(408, f"the request headers did not arrive within "
-                                                       f"{self.settings.header_timeout:g} s") if partial else None)
+            _late.log(
+                logging.INFO if partial else logging.DEBUG,
+                "closed a connection from %s: no complete request headers within %g s (--header-timeout)",
+                peer,
+                self.settings.header_timeout,
+            )
+            self._drop(
+                "header_timeout",
+                APIError(408, f"the request headers did not arrive within {self.settings.header_timeout:g} s")
+                if partial
+                else None,
+            )
         else:
-            _late.log(logging.INFO, "closed a connection from %s: a request body the server did not read was still "
-                      "arriving after %g s (--body-timeout)", peer, self.settings.body_timeout)
+            _late.log(
+                logging.INFO,
+                "closed a connection from %s: a request body the server did not read was still "
+                "arriving after %g s (--body-timeout)",
+                peer,
+                self.settings.body_timeout,
+            )
             self._drop("body_timeout", None)
 
     def _drop(self, reason: str, err: APIError | None) -> None:
@@ -177,20 +198,22 @@ class Server(uvicorn.Server):
         running = [t for t in self.server_state.tasks if not t.done()]
         if not self.announced:
             self.announced = True
-            log.info("stopping: /ready and new requests answer 503; %d request(s) in flight get up to %g s to finish "
-                     "(--shutdown-grace; a second signal stops at once)", len(running), grace)
+            log.info(
+                "stopping: /ready and new requests answer 503; %d request(s) in flight get up to %g s to finish "
+                "(--shutdown-grace; a second signal stops at once)",
+                len(running),
+                grace,
+            )
         if not running and elapsed >= settings.shutdown_delay:
             log.info("no request in flight: stopping")
             self.should_exit = True
         elif running and self.cut_at is None and elapsed >= grace:
-            log.warning("the grace period (%g s) is over: ending the %d request(s) still running", grace,
-                        len(running))
+            log.warning("the grace period (%g s) is over: ending the %d request(s) still running", grace, len(running))
             self.cut_at = now
             for task in running:
                 task.cancel()
         elif running and self.cut_at is not None and now - self.cut_at >= CUT_WAIT:
-            log.warning("%d request(s) did not end %g s after being cancelled; stopping anyway", len(running),
-                        CUT_WAIT)
+            log.warning("%d request(s) did not end %g s after being cancelled; stopping anyway", len(running), CUT_WAIT)
             self.should_exit = True
 
 
@@ -202,14 +225,26 @@ def _files_for(connections: int) -> None:
         target = need if hard == resource.RLIM_INFINITY else min(need, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         if target < need:
-            log.warning("--max-connections %d needs about %d open files; this process may open %d: lower "
-                        "--max-connections or raise the limit (ulimit -n)", connections, need, target)
+            log.warning(
+                "--max-connections %d needs about %d open files; this process may open %d: lower "
+                "--max-connections or raise the limit (ulimit -n)",
+                connections,
+                need,
+                target,
+            )
 
 
 def make(app, settings: Settings) -> Server:
     """The server for `app` (create_app's) with the settings' limits."""
     _files_for(settings.max_connections)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, ws="none", timeout_graceful_shutdown=BACKSTOP,
-                            http=functools.partial(Protocol, settings=settings, metrics=app.state.service.metrics))
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        ws="none",
+        timeout_graceful_shutdown=BACKSTOP,
+        http=functools.partial(Protocol, settings=settings, metrics=app.state.service.metrics),
+    )
     return Server(config, app.state.service)

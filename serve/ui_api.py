@@ -47,8 +47,7 @@ class Api:
 
         self.base_url = base_url
         self.base_name = base_name
-        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0,
-                                         timeout=timeout)
+        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=timeout)
 
     async def models(self) -> list[Model]:
         """Trained models first (in the server's order), the base last."""
@@ -59,16 +58,23 @@ class Api:
         models = [Model(m.id, getattr(m, "context_length", None), m.id == self.base_name) for m in found]
         return sorted(models, key=lambda m: m.base)
 
-    async def stream(self, model: str, messages: list[dict], temperature: float, top_p: float, max_tokens: int,
-                     stop: list[str]) -> AsyncIterator[str]:
+    async def stream(
+        self, model: str, messages: list[dict], temperature: float, top_p: float, max_tokens: int, stop: list[str]
+    ) -> AsyncIterator[str]:
         if not model:
             raise UIError("no model selected (is the API up? press ⟳ to reload the list)")
         limit: int | None = int(max_tokens)
         while True:
             try:
                 chunks = await self.client.chat.completions.create(
-                    model=model, messages=messages, temperature=temperature, top_p=top_p, max_tokens=limit,
-                    stop=stop or None, stream=True)
+                    model=model,
+                    messages=messages,
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_tokens=limit,
+                    stop=stop or None,
+                    stream=True,
+                )
                 break
             except Exception as e:  # noqa: BLE001
                 if getattr(e, "code", None) != "context_length_exceeded":
@@ -96,7 +102,7 @@ def fit(messages: list[dict]) -> list[dict] | None:
     """The messages without their oldest exchange (the system message and the last message stay), or None when
     nothing is left to drop."""
     system = [m for m in messages[:1] if m["role"] == "system"]
-    rest = messages[len(system):]
+    rest = messages[len(system) :]
     if len(rest) <= 1:
         return None
     rest = rest[1:]

@@ -14,9 +14,12 @@ import gradio as gr
 
 from .ui_api import Api, UIError, parse_stops
 
-NOTES = {"queued": "⏳ queued: sent when the reply above ends", "stopped": "⏹ stopped",
-         "failed": "✖ not answered (see the status line): press retry to send it again",
-         "cut": "✖ cut short by an error (see the status line)"}
+NOTES = {
+    "queued": "⏳ queued: sent when the reply above ends",
+    "stopped": "⏹ stopped",
+    "failed": "✖ not answered (see the status line): press retry to send it again",
+    "cut": "✖ cut short by an error (see the status line)",
+}
 
 
 def status_html(text: str, ok: bool | None) -> str:
@@ -51,7 +54,7 @@ class Conversation:
     def context(self, upto: Turn) -> list[dict]:
         """The chat so far as API messages: answered turns only (a failed message is not part of it)."""
         out = []
-        for t in self.turns[:self.turns.index(upto)]:
+        for t in self.turns[: self.turns.index(upto)]:
             if (t.role == "user" and t.state == "sent") or (t.role == "assistant" and t.text):
                 out.append({"role": t.role, "content": t.text})
         return out + [{"role": "user", "content": upto.text}]
@@ -127,7 +130,7 @@ class Chat:
         try:
             while True:
                 turn = convo.queued()[0]
-                messages = ([{"role": "system", "content": system}] if (system or "").strip() else [])
+                messages = [{"role": "system", "content": system}] if (system or "").strip() else []
                 request = (model, messages + convo.context(turn), temperature, top_p, max_tokens, parse_stops(stop))
                 reply, era = convo.start(turn), convo.era
                 waiting = len(convo.queued())
@@ -149,8 +152,9 @@ class Chat:
             convo.busy = False
             convo.cancel()
 
-    async def _reply(self, convo: Conversation, reply: Turn, era: int,
-                     request: tuple) -> AsyncIterator[tuple[str, str | None]]:
+    async def _reply(
+        self, convo: Conversation, reply: Turn, era: int, request: tuple
+    ) -> AsyncIterator[tuple[str, str | None]]:
         """Read one reply into reply.text: ("piece", None) after each batch of pieces (what came meanwhile goes out
         in one update), then ("end" | "stopped" | "error", detail) once it ends. A clear (a new era) ends it at
         once, with nothing more."""

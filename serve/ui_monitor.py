@@ -36,8 +36,11 @@ def list_runs(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = {p.parent for pattern in (train_metrics.METRICS, f"*/{train_metrics.METRICS}",
-                                      f"*/*/{train_metrics.METRICS}") for p in root.glob(pattern)}
+    found = {
+        p.parent
+        for pattern in (train_metrics.METRICS, f"*/{train_metrics.METRICS}", f"*/*/{train_metrics.METRICS}")
+        for p in root.glob(pattern)
+    }
     return sorted(found, key=lambda p: (p / train_metrics.METRICS).stat().st_mtime, reverse=True)
 
 
@@ -60,10 +63,18 @@ def status(run: Path, records: list[dict]) -> dict:
     age = time.time() - path.stat().st_mtime if path.exists() else math.inf
     last = records[-1] if records else {}
     finished = (Path(run) / runs.SUMMARY).exists()
-    return {"step": last.get("step"), "phase": last.get("phase", "—"), "loss": number(last.get("loss")),
-            "alpha": number(last.get("alpha")), "gate": number(last.get("gate")),
-            "ortho_error": number(last.get("ortho_error")), "tokens_per_s": number(last.get("tokens_per_s")),
-            "live": age < LIVE_WINDOW_S and not finished, "finished": finished, "age_s": age}
+    return {
+        "step": last.get("step"),
+        "phase": last.get("phase", "—"),
+        "loss": number(last.get("loss")),
+        "alpha": number(last.get("alpha")),
+        "gate": number(last.get("gate")),
+        "ortho_error": number(last.get("ortho_error")),
+        "tokens_per_s": number(last.get("tokens_per_s")),
+        "live": age < LIVE_WINDOW_S and not finished,
+        "finished": finished,
+        "age_s": age,
+    }
 
 
 def badge_html(info: dict, run: Path | None) -> str:
@@ -76,11 +87,13 @@ def badge_html(info: dict, run: Path | None) -> str:
         return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
     # classes, not inline styles, colour the badge (ui_theme's CSS): the page's markdown keeps no style attributes
-    return (f'<div class="soul-status"><span class="phase-badge phase-{html.escape(phase)}" '
-            f'data-phase="{html.escape(phase)}">{html.escape(phase.upper())}</span>'
-            f'<span class="run-state">{state}</span> <b>{name}</b> · step {info.get("step") or "—"} · '
-            f'loss {fmt("loss", ".3f")} · α {fmt("alpha", "+.4f")} · gate {fmt("gate", ".4f")} · '
-            f'ortho {fmt("ortho_error", ".1e")} · {fmt("tokens_per_s", ".0f")} tok/s</div>')
+    return (
+        f'<div class="soul-status"><span class="phase-badge phase-{html.escape(phase)}" '
+        f'data-phase="{html.escape(phase)}">{html.escape(phase.upper())}</span>'
+        f'<span class="run-state">{state}</span> <b>{name}</b> · step {info.get("step") or "—"} · '
+        f"loss {fmt('loss', '.3f')} · α {fmt('alpha', '+.4f')} · gate {fmt('gate', '.4f')} · "
+        f"ortho {fmt('ortho_error', '.1e')} · {fmt('tokens_per_s', '.0f')} tok/s</div>"
+    )
 
 
 def _style(ax, title: str, size: float = 8) -> None:
@@ -109,19 +122,27 @@ def figure(records: list[dict], target: float = PHI, narrow: bool = False):
     steps_a, alpha = series(records, "alpha")
     _style(panels[1], "α (gate logit)")
     panels[1].plot(steps_a, alpha, color=NEON["magenta"], linewidth=1.6, label="α")
-    panels[1].axhline(target, color=NEON["gold"], linestyle="--", linewidth=1.0,
-                      label=f"φ = {target:.4f}" if abs(target - PHI) < 1e-6 else f"target = {target:.4f}")
-    panels[1].legend(loc="lower right", fontsize=8, facecolor=NEON["panel"], labelcolor=NEON["text"],
-                     edgecolor=NEON["grid"])
+    panels[1].axhline(
+        target,
+        color=NEON["gold"],
+        linestyle="--",
+        linewidth=1.0,
+        label=f"φ = {target:.4f}" if abs(target - PHI) < 1e-6 else f"target = {target:.4f}",
+    )
+    panels[1].legend(
+        loc="lower right", fontsize=8, facecolor=NEON["panel"], labelcolor=NEON["text"], edgecolor=NEON["grid"]
+    )
 
     steps_g, gate = series(records, "gate")
     _style(panels[2], "gate = σ(α)")
     panels[2].plot(steps_g, gate, color=NEON["green"], linewidth=1.6, label="gate")
-    panels[2].axhline(gate_of(target), color=NEON["gold"], linestyle="--", linewidth=1.0,
-                      label=f"σ(φ) = {gate_of(target):.4f}")
+    panels[2].axhline(
+        gate_of(target), color=NEON["gold"], linestyle="--", linewidth=1.0, label=f"σ(φ) = {gate_of(target):.4f}"
+    )
     panels[2].set_ylim(-0.02, 1.02)
-    panels[2].legend(loc="lower right", fontsize=8, facecolor=NEON["panel"], labelcolor=NEON["text"],
-                     edgecolor=NEON["grid"])
+    panels[2].legend(
+        loc="lower right", fontsize=8, facecolor=NEON["panel"], labelcolor=NEON["text"], edgecolor=NEON["grid"]
+    )
 
     steps_o, ortho = series(records, "ortho_error")
     _style(panels[3], r"orthogonality error $\|R^\top R - I\|$")
@@ -136,12 +157,22 @@ def figure(records: list[dict], target: float = PHI, narrow: bool = False):
     panel = panels[5]
     panel.axis("off")
     phases = [(r["step"], r.get("phase")) for r in records if r.get("phase")]
-    lines = ["phase changes:"] + [f"  step {s:>6}: {p}" for i, (s, p) in enumerate(phases)
-                                  if i == 0 or phases[i - 1][1] != p][:8]
+    lines = ["phase changes:"] + [
+        f"  step {s:>6}: {p}" for i, (s, p) in enumerate(phases) if i == 0 or phases[i - 1][1] != p
+    ][:8]
     if not records:
         lines = ["no metrics yet:", "waiting for metrics.jsonl"]
-    panel.text(0.02, 0.95, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9,
-               color=NEON["text"], transform=panel.transAxes)
+    panel.text(
+        0.02,
+        0.95,
+        "\n".join(lines),
+        va="top",
+        ha="left",
+        family="monospace",
+        fontsize=9,
+        color=NEON["text"],
+        transform=panel.transAxes,
+    )
     for ax in panels[:5]:
         ax.set_xlabel("step", color=NEON["dim"], fontsize=8)
     fig.tight_layout()
@@ -184,8 +215,11 @@ def snapshot(run: Path | None):
         return badge_html({}, None), render_png(figure([])), render_png(figure([], narrow=True))
     records = train_metrics.read(Path(run))
     target = target_alpha(run)
-    return (badge_html(status(run, records), run), render_png(figure(records, target)),
-            render_png(figure(records, target, narrow=True)))
+    return (
+        badge_html(status(run, records), run),
+        render_png(figure(records, target)),
+        render_png(figure(records, target, narrow=True)),
+    )
 
 
 class Monitor:
@@ -220,18 +254,33 @@ class Monitor:
         if self.runs is None:
             gr.Markdown("start the UI with `--runs DIR` to watch the training runs under DIR")
         with gr.Row():
-            page.run_dd = gr.Dropdown(label="run", choices=self.choices(), scale=4, min_width=200,
-                                      elem_id="run-picker")
+            page.run_dd = gr.Dropdown(label="run", choices=self.choices(), scale=4, min_width=200, elem_id="run-picker")
             page.runs_btn = gr.Button("⟳ runs", scale=1, min_width=100, variant="secondary")
             page.live = gr.Checkbox(value=True, label="live (refresh every 2 s)", scale=1, min_width=150)
         page.badge = gr.Markdown(elem_id="soul-badge")
-        about = ("the run's loss, α with the φ line, the gate with σ(φ), the orthogonality error and tokens/s by step "
-                 "(the badge above has the latest values)")
+        about = (
+            "the run's loss, α with the φ line, the gate with σ(φ), the orthogonality error and tokens/s by step "
+            "(the badge above has the latest values)"
+        )
         # no floating label: it would cover the first panel's title (the figures carry their own titles)
-        page.plot = gr.Image(label="soul metrics", show_label=False, type="pil", interactive=False,
-                             elem_id="soul-plot", buttons=[], alt_text=about)
-        page.plot_tall = gr.Image(label="soul metrics", show_label=False, type="pil", interactive=False,
-                                  elem_id="soul-plot-tall", buttons=[], alt_text=about)
+        page.plot = gr.Image(
+            label="soul metrics",
+            show_label=False,
+            type="pil",
+            interactive=False,
+            elem_id="soul-plot",
+            buttons=[],
+            alt_text=about,
+        )
+        page.plot_tall = gr.Image(
+            label="soul metrics",
+            show_label=False,
+            type="pil",
+            interactive=False,
+            elem_id="soul-plot-tall",
+            buttons=[],
+            alt_text=about,
+        )
         page.timer = gr.Timer(2.0)
         page.drawn = gr.State(None)  # the fingerprint of the run whose figures this page shows
 

@@ -11,9 +11,20 @@ import re
 from pathlib import Path
 from urllib.parse import quote
 
-NEON = {"bg": "#07070d", "panel": "#0e0f1a", "grid": "#2a2d45", "text": "#d7dcff", "dim": "#7b80a8",
-        "cyan": "#00f0ff", "magenta": "#ff2bd6", "green": "#39ff88", "amber": "#ffb000", "gold": "#ffd84d",
-        "blue": "#5a8cff", "red": "#ff4d6d"}
+NEON = {
+    "bg": "#07070d",
+    "panel": "#0e0f1a",
+    "grid": "#2a2d45",
+    "text": "#d7dcff",
+    "dim": "#7b80a8",
+    "cyan": "#00f0ff",
+    "magenta": "#ff2bd6",
+    "green": "#39ff88",
+    "amber": "#ffb000",
+    "gold": "#ffd84d",
+    "blue": "#5a8cff",
+    "red": "#ff4d6d",
+}
 
 # Noto Sans JP, regular, the "japanese" subset (kana, JIS X 0208 kanji levels 1 and 2, ASCII, full-width forms:
 # 6,886 characters in 1 MB) from npm's @fontsource/noto-sans-jp 5.3.0 (files/noto-sans-jp-japanese-400-normal.woff2),
@@ -25,9 +36,20 @@ JAPANESE_FILE = FONTS / "noto-sans-jp-japanese-400-normal.woff2"
 
 # Latin monospace first (they have no kana or kanji), then the shipped Japanese font, so Japanese looks the same on
 # every machine; then system Japanese fonts for the rare kanji the subset lacks
-MONO = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "DejaVu Sans Mono", "Liberation Mono", JAPANESE,
-        "Noto Sans Mono CJK JP", "Osaka-Mono", "MS Gothic", "IPAGothic", "monospace"]
-
+MONO = [
+    "ui-monospace",
+    "SFMono-Regular",
+    "Menlo",
+    "Consolas",
+    "DejaVu Sans Mono",
+    "Liberation Mono",
+    JAPANESE,
+    "Noto Sans Mono CJK JP",
+    "Osaka-Mono",
+    "MS Gothic",
+    "IPAGothic",
+    "monospace",
+]
 
 
 def static_url(path: Path) -> str:
@@ -39,9 +61,11 @@ def static_url(path: Path) -> str:
 # In the page's head before Gradio's own scripts run: the font is fetched at once and declared (page.css holds its
 # @font-face); page.js asks for it right away, since a font is otherwise loaded only when text on the page needs
 # it, and Chromium does not count an input's placeholder as such text.
-HEAD = (f'<link rel="preload" href="{static_url(JAPANESE_FILE)}" as="font" type="font/woff2" crossorigin>'
-        f'<link rel="stylesheet" href="{static_url(STATIC / "page.css")}">'
-        f'<script src="{static_url(STATIC / "page.js")}"></script>').encode()
+HEAD = (
+    f'<link rel="preload" href="{static_url(JAPANESE_FILE)}" as="font" type="font/woff2" crossorigin>'
+    f'<link rel="stylesheet" href="{static_url(STATIC / "page.css")}">'
+    f'<script src="{static_url(STATIC / "page.js")}"></script>'
+).encode()
 
 CSS = """
 .gradio-container { background: radial-gradient(ellipse at top, #12132a 0%, #07070d 60%) !important; }
@@ -78,29 +102,56 @@ input[type="checkbox"]:checked, input[type="radio"]:checked { box-shadow: inset 
 def theme():
     import gradio as gr
 
-    t = gr.themes.Base(primary_hue=gr.themes.colors.fuchsia, secondary_hue=gr.themes.colors.cyan,
-                       neutral_hue=gr.themes.colors.slate, font=MONO, font_mono=MONO, radius_size="sm")
+    t = gr.themes.Base(
+        primary_hue=gr.themes.colors.fuchsia,
+        secondary_hue=gr.themes.colors.cyan,
+        neutral_hue=gr.themes.colors.slate,
+        font=MONO,
+        font_mono=MONO,
+        radius_size="sm",
+    )
     dark = dict(
-        body_background_fill=NEON["bg"], body_text_color=NEON["text"], body_text_color_subdued=NEON["dim"],
-        background_fill_primary=NEON["panel"], background_fill_secondary="#0b0c16",
-        block_background_fill=NEON["panel"], block_border_color=NEON["grid"], block_label_text_color=NEON["cyan"],
-        block_title_text_color=NEON["cyan"], border_color_primary=NEON["grid"], border_color_accent=NEON["magenta"],
-        input_background_fill="#0b0c16", input_border_color=NEON["grid"], input_border_color_focus=NEON["cyan"],
-        button_primary_background_fill=NEON["magenta"], button_primary_background_fill_hover="#ff5ce0",
-        button_primary_text_color="#07070d", button_secondary_background_fill="#151730",
-        button_secondary_text_color=NEON["cyan"], button_secondary_border_color=NEON["cyan"],
+        body_background_fill=NEON["bg"],
+        body_text_color=NEON["text"],
+        body_text_color_subdued=NEON["dim"],
+        background_fill_primary=NEON["panel"],
+        background_fill_secondary="#0b0c16",
+        block_background_fill=NEON["panel"],
+        block_border_color=NEON["grid"],
+        block_label_text_color=NEON["cyan"],
+        block_title_text_color=NEON["cyan"],
+        border_color_primary=NEON["grid"],
+        border_color_accent=NEON["magenta"],
+        input_background_fill="#0b0c16",
+        input_border_color=NEON["grid"],
+        input_border_color_focus=NEON["cyan"],
+        button_primary_background_fill=NEON["magenta"],
+        button_primary_background_fill_hover="#ff5ce0",
+        button_primary_text_color="#07070d",
+        button_secondary_background_fill="#151730",
+        button_secondary_text_color=NEON["cyan"],
+        button_secondary_border_color=NEON["cyan"],
         # hovered, the secondary buttons keep their cyan text on a dark face (Gradio's light default gives 1.3:1)
-        button_secondary_background_fill_hover="#1d2046", button_secondary_text_color_hover="#7df7ff",
+        button_secondary_background_fill_hover="#1d2046",
+        button_secondary_text_color_hover="#7df7ff",
         button_secondary_border_color_hover="#7df7ff",
-        color_accent=NEON["magenta"], color_accent_soft="#2a0f2a", link_text_color=NEON["cyan"],
-        slider_color=NEON["cyan"], checkbox_background_color="#0b0c16", table_even_background_fill=NEON["panel"],
+        color_accent=NEON["magenta"],
+        color_accent_soft="#2a0f2a",
+        link_text_color=NEON["cyan"],
+        slider_color=NEON["cyan"],
+        checkbox_background_color="#0b0c16",
+        table_even_background_fill=NEON["panel"],
         table_odd_background_fill="#0b0c16",
     )
     # the same colours whatever the visitor's light/dark preference: this UI has one look
     # Gradio draws the tick and the radio dot as data: images, which the page's policy does not allow: a checked box
     # is shown by its fill and an inner ring instead (CSS above)
-    return t.set(**dark, **{f"{k}_dark": v for k, v in dark.items() if k != "color_accent"},
-                 checkbox_check="none", radio_circle="none")
+    return t.set(
+        **dark,
+        **{f"{k}_dark": v for k, v in dark.items() if k != "color_accent"},
+        checkbox_check="none",
+        radio_circle="none",
+    )
 
 
 def _inline_script_hashes(page: str) -> list[str]:
@@ -114,11 +165,23 @@ def content_security_policy(page: str) -> str:
     eval: the page uses no component that needs it). Styles also inline, because Gradio's components set style
     attributes and it injects the theme's and the page's CSS as <style> elements; no image, font or connection
     anywhere else, so text in a message can never make the browser contact another host."""
-    return "; ".join([
-        "default-src 'self'", f"script-src 'self' {' '.join(_inline_script_hashes(page))}",
-        "style-src 'self' 'unsafe-inline'", "img-src 'self'", "font-src 'self'", "connect-src 'self'",
-        "media-src 'self'", "object-src 'none'", "frame-src 'none'", "worker-src 'self'", "base-uri 'self'",
-        "form-action 'self'", "frame-ancestors 'self'"])
+    return "; ".join(
+        [
+            "default-src 'self'",
+            f"script-src 'self' {' '.join(_inline_script_hashes(page))}",
+            "style-src 'self' 'unsafe-inline'",
+            "img-src 'self'",
+            "font-src 'self'",
+            "connect-src 'self'",
+            "media-src 'self'",
+            "object-src 'none'",
+            "frame-src 'none'",
+            "worker-src 'self'",
+            "base-uri 'self'",
+            "form-action 'self'",
+            "frame-ancestors 'self'",
+        ]
+    )
 
 
 class PagePolicy:
@@ -146,8 +209,11 @@ class PagePolicy:
                     return
                 page = b"".join(parts).replace(b"</head>", HEAD + b"</head>", 1)
                 policy = content_security_policy(page.decode("utf-8", "replace")).encode()
-                headers = [(k, v) for k, v in held["start"].get("headers", [])
-                           if k.lower() not in (b"content-length", b"content-security-policy")]
+                headers = [
+                    (k, v)
+                    for k, v in held["start"].get("headers", [])
+                    if k.lower() not in (b"content-length", b"content-security-policy")
+                ]
                 headers += [(b"content-length", str(len(page)).encode()), (b"content-security-policy", policy)]
                 await send({**held["start"], "headers": headers})
                 await send({"type": "http.response.body", "body": page})

@@ -52,10 +52,31 @@ from .limits import (
 from .pattern import check_pattern
 from .strict import check_strict
 
-__all__ = ["BOUNDS", "FORMATS", "MAX_ALTERNATIVES", "MAX_DEPTH", "MAX_ENUM_BYTES", "MAX_ENUM_VALUES",
-           "MAX_GRAMMAR_BYTES", "MAX_GRAMMAR_RULES", "MAX_GROUP_REPEAT", "MAX_OPTIONAL_PROPERTIES", "MAX_PROPERTIES",
-           "MAX_REPEAT", "MAX_REPEAT_PRODUCT", "MAX_SCHEMA_BYTES", "Checker", "SchemaError", "SchemaLimit",
-           "StrictError", "check_pattern", "check_strict", "grammar", "range_rule", "schema_grammar"]
+__all__ = [
+    "BOUNDS",
+    "FORMATS",
+    "MAX_ALTERNATIVES",
+    "MAX_DEPTH",
+    "MAX_ENUM_BYTES",
+    "MAX_ENUM_VALUES",
+    "MAX_GRAMMAR_BYTES",
+    "MAX_GRAMMAR_RULES",
+    "MAX_GROUP_REPEAT",
+    "MAX_OPTIONAL_PROPERTIES",
+    "MAX_PROPERTIES",
+    "MAX_REPEAT",
+    "MAX_REPEAT_PRODUCT",
+    "MAX_SCHEMA_BYTES",
+    "Checker",
+    "SchemaError",
+    "SchemaLimit",
+    "StrictError",
+    "check_pattern",
+    "check_strict",
+    "grammar",
+    "range_rule",
+    "schema_grammar",
+]
 
 
 def schema_grammar(schema) -> str:

@@ -83,8 +83,9 @@ class Checker:
     def count_properties(self, n: int, where: str) -> None:
         self.properties += n
         if self.properties > MAX_PROPERTIES:
-            raise limit(where, f"the request's schemas have {self.properties:,} properties", MAX_PROPERTIES,
-                        "properties")
+            raise limit(
+                where, f"the request's schemas have {self.properties:,} properties", MAX_PROPERTIES, "properties"
+            )
 
     def values(self, values: list, where: str) -> None:
         """enum/const values against MAX_ENUM_VALUES and (with every other of the request) MAX_ENUM_BYTES."""
@@ -95,8 +96,9 @@ class Checker:
         except RecursionError:
             raise limit(where, "a value nested too deeply", MAX_DEPTH, "levels") from None
         if self.enum_bytes > MAX_ENUM_BYTES:
-            raise limit(where, f"the request's enum and const values take {self.enum_bytes:,} bytes",
-                        MAX_ENUM_BYTES, "bytes")
+            raise limit(
+                where, f"the request's enum and const values take {self.enum_bytes:,} bytes", MAX_ENUM_BYTES, "bytes"
+            )
 
     def clean(self, schema, where: str = "", scope=None, depth: int = 0):
         if depth > MAX_DEPTH:
@@ -136,8 +138,14 @@ class Checker:
             if not keys - {"type"}:
                 return {"type": list(kind)}
             kinds.only(keys, {"type"}.union(*(TYPE_KEYWORDS[t] for t in kind)), where, f"for types {kind}")
-            return {"anyOf": [self.clean({"type": t, **{k: schema[k] for k in keys if k in TYPE_KEYWORDS[t]}},
-                                         where, scope, depth + 1) for t in kind]}
+            return {
+                "anyOf": [
+                    self.clean(
+                        {"type": t, **{k: schema[k] for k in keys if k in TYPE_KEYWORDS[t]}}, where, scope, depth + 1
+                    )
+                    for t in kind
+                ]
+            }
         if kind not in TYPES:
             raise SchemaError(f"{where}/type: {json.dumps(kind)[:40]} is not a JSON type")
         if kind == "object":
@@ -188,10 +196,13 @@ class Checker:
             plain = plain and not words
             if words & UNENFORCED.get(kind, set()):
                 continue
-            for name in ((kind, "integer") if kind == "number" else (kind,)):
+            for name in (kind, "integer") if kind == "number" else (kind,):
                 try:
-                    parts.append(self._typed({"type": name, **{k: schema[k] for k in words}}, words | {"type"},
-                                             name, where, scope, depth))
+                    parts.append(
+                        self._typed(
+                            {"type": name, **{k: schema[k] for k in words}}, words | {"type"}, name, where, scope, depth
+                        )
+                    )
                     break
                 except SchemaLimit:
                     raise
@@ -250,8 +261,10 @@ class Checker:
         if not cleaned:
             raise SchemaError(f"{where}/{word}: every alternative is false, so no value is valid")
         if word == "oneOf" and not disjoint(cleaned):
-            raise SchemaError(f"{where}/oneOf: the alternatives may overlap (the grammar enforces oneOf only where "
-                              f"they are of distinct types or distinct values; use anyOf)")
+            raise SchemaError(
+                f"{where}/oneOf: the alternatives may overlap (the grammar enforces oneOf only where "
+                f"they are of distinct types or distinct values; use anyOf)"
+            )
         return cleaned[0] if len(cleaned) == 1 else {"anyOf": cleaned}
 
     def lookup(self, ref, scope, where: str):
@@ -262,8 +275,10 @@ class Checker:
                 raise Unresolvable(ref)
             return scope.lookup(ref)
         except (Unresolvable, AttributeError, TypeError, ValueError):  # also a pointer through what is no schema
-            raise SchemaError(f"{where}: {ref[:80]} cannot be resolved inside the schema (references reach its "
-                              f"own $defs, JSON pointers, $id and $anchor, nothing outside)") from None
+            raise SchemaError(
+                f"{where}: {ref[:80]} cannot be resolved inside the schema (references reach its "
+                f"own $defs, JSON pointers, $id and $anchor, nothing outside)"
+            ) from None
 
     def _define(self, ref, scope, where: str, depth: int) -> str:
         resolved = self.lookup(ref, scope, f"{where}/$ref")

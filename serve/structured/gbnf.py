@@ -18,7 +18,7 @@ DOT_RULE = r'dot ::= [^"\\\x7F\x00-\x1F]'
 # ---- numeric ranges -----------------------------------------------------------------------------------------
 # The converter writes integers as at most 16 digits and knows no bounds: bounded integers and numbers get rules of
 # our own. INT_LIMIT stands for "unbounded" on either side, so every range is finite.
-INT_LIMIT = 10 ** 16 - 1
+INT_LIMIT = 10**16 - 1
 FRACTION = '"." [0-9]{1,15}'
 NONZERO_FRACTION = '"." [0-9]{0,14} [1-9]'
 
@@ -44,14 +44,15 @@ def _naturals(low: int, high: int) -> list[str]:
     """Alternatives for the integers low..high (0 <= low <= high) written without leading zeros."""
     out = []
     for length in range(len(str(low)), len(str(high)) + 1):
-        a, b = max(low, 10 ** (length - 1) if length > 1 else 0), min(high, 10 ** length - 1)
+        a, b = max(low, 10 ** (length - 1) if length > 1 else 0), min(high, 10**length - 1)
         if a <= b:
             out += _same_length(str(a), str(b))
     return out
 
 
-def range_rule(low: int | None, high: int | None, low_open: bool = False, high_open: bool = False,
-               fractions: bool = False) -> str:
+def range_rule(
+    low: int | None, high: int | None, low_open: bool = False, high_open: bool = False, fractions: bool = False
+) -> str:
     """GBNF for the integers from low to high (None: unbounded on that side; *_open: the bound itself excluded);
     with fractions, also the decimals I.F (or -I.F) between them: any F where the whole unit interval of I lies
     within, a nonzero F where only its open part does (I = an open bound), so no value written falls outside."""
@@ -62,7 +63,7 @@ def range_rule(low: int | None, high: int | None, low_open: bool = False, high_o
 
     def add(sign: str, a: int, b: int, tail: str = "") -> None:
         if a <= b:
-            alts.append(f'{sign}({" | ".join(_naturals(a, b))}){tail}')
+            alts.append(f"{sign}({' | '.join(_naturals(a, b))}){tail}")
 
     add('"-" ', max(1, -last), -first)
     add("", max(0, first), last)
@@ -83,6 +84,7 @@ LITERAL_ESCAPES = {"\\": "\\\\", "\r": "\\r", "\n": "\\n", '"': '\\"'}
 class _Converter:
     """llama-cpp-python's converter with the calendar formats written by our own rules (made lazily: the class
     lives in llama_cpp, which loads only through aegis.llamacpp.runtime())."""
+
     cls = None
 
     @classmethod
@@ -96,15 +98,20 @@ class _Converter:
                     fmt = schema.get("format")
                     if schema.get("type") == "string" and fmt in OWN_FORMATS:
                         rule = self._format(fmt)
-                        return self._add_rule(name + "-" if name in ("root", "dot") else name or "root",
-                                              f'"\\"" {rule} "\\"" space')
+                        return self._add_rule(
+                            name + "-" if name in ("root", "dot") else name or "root", f'"\\"" {rule} "\\"" space'
+                        )
                     if schema.get("type") in ("integer", "number") and set(schema) & BOUNDS:
-                        rule = range_rule(schema.get("minimum", schema.get("exclusiveMinimum")),
-                                          schema.get("maximum", schema.get("exclusiveMaximum")),
-                                          "exclusiveMinimum" in schema, "exclusiveMaximum" in schema,
-                                          schema["type"] == "number")
-                        return self._add_rule(name + "-" if name in ("root", "dot") else name or "root",
-                                              f"({rule}) space")
+                        rule = range_rule(
+                            schema.get("minimum", schema.get("exclusiveMinimum")),
+                            schema.get("maximum", schema.get("exclusiveMaximum")),
+                            "exclusiveMinimum" in schema,
+                            "exclusiveMaximum" in schema,
+                            schema["type"] == "number",
+                        )
+                        return self._add_rule(
+                            name + "-" if name in ("root", "dot") else name or "root", f"({rule}) space"
+                        )
                     return super().visit(schema, name)
 
                 def _format_literal(self, literal: str) -> str:
@@ -133,12 +140,18 @@ CALENDAR_RULES = [
     ("leap-pair", '"0" [48] | [2468] [048] | [13579] [26]'),
     ("leap-year", '[0-9] [0-9] {leap-pair} | {leap-pair} "00"'),
     ("day-28", '"0" [1-9] | "1" [0-9] | "2" [0-8]'),
-    ("month-day", '("01" | "03" | "05" | "07" | "08" | "10" | "12") "-" ({day-28} | "29" | "30" | "31") | '
-                  '("04" | "06" | "09" | "11") "-" ({day-28} | "29" | "30") | "02-" {day-28}'),
+    (
+        "month-day",
+        '("01" | "03" | "05" | "07" | "08" | "10" | "12") "-" ({day-28} | "29" | "30" | "31") | '
+        '("04" | "06" | "09" | "11") "-" ({day-28} | "29" | "30") | "02-" {day-28}',
+    ),
     ("date", '{year} "-" {month-day} | {leap-year} "-02-29"'),
     ("hour", '[01] [0-9] | "2" [0-3]'),
-    ("time", '{hour} ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9] ([0-9] ([0-9] ([0-9] ([0-9] [0-9]?)?)?)?)?)? '
-             '("Z" | ("+" | "-") {hour} ":" [0-5] [0-9])'),
+    (
+        "time",
+        '{hour} ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9] ([0-9] ([0-9] ([0-9] ([0-9] [0-9]?)?)?)?)?)? '
+        '("Z" | ("+" | "-") {hour} ":" [0-5] [0-9])',
+    ),
     ("date-time", '{date} "T" {time}'),
 ]
 
@@ -151,12 +164,15 @@ NET_RULES = [
     ("octet", '"25" [0-5] | "2" [0-4] [0-9] | "1" [0-9] [0-9] | [1-9] [0-9] | [0-9]'),
     ("ipv4", '{octet} "." {octet} "." {octet} "." {octet}'),
     ("ipv6", '[0-9a-f]{{1,4}} (":" [0-9a-f]{{1,4}}){{7}}'),
-    ("label", '[a-z0-9] ([a-z0-9-]{{0,20}} [a-z0-9])?'),
+    ("label", "[a-z0-9] ([a-z0-9-]{{0,20}} [a-z0-9])?"),
     ("domain", '{label} ("." {label}){{0,3}} "." [a-z]{{2,10}}'),
     ("email", '[a-zA-Z0-9_%+-]{{1,24}} ("." [a-zA-Z0-9_%+-]{{1,24}}){{0,2}} "@" {domain}'),
     ("uri-char", '[a-zA-Z0-9._~!$&\'()*+,;=:@-] | "%" [0-9A-F] [0-9A-F]'),
-    ("uri", '[a-z] [a-z0-9+.-]{{0,15}} "://" {domain} (":" [1-9] [0-9]{{0,3}})? ("/" {uri-char}{{0,24}}){{0,6}} '
-            '("?" ({uri-char} | "/" | "?"){{0,32}})?'),
+    (
+        "uri",
+        '[a-z] [a-z0-9+.-]{{0,15}} "://" {domain} (":" [1-9] [0-9]{{0,3}})? ("/" {uri-char}{{0,24}}){{0,6}} '
+        '("?" ({uri-char} | "/" | "?"){{0,32}})?',
+    ),
 ]
 OWN_FORMATS = frozenset({"date", "time", "date-time", "ipv4", "ipv6", "email", "uri"})
 
@@ -176,6 +192,10 @@ def grammar(schema: dict, defs: dict[str, dict], extra_rules: str = "") -> str:
     text += "\n" + extra_rules if extra_rules else ""
     rules = text.count("\n") + 1
     if len(text) > MAX_GRAMMAR_BYTES or rules > MAX_GRAMMAR_RULES:
-        raise limit("", f"its grammar would take {len(text):,} bytes in {rules:,} rules", MAX_GRAMMAR_BYTES,
-                     f"bytes (and {MAX_GRAMMAR_RULES:,} rules)")
+        raise limit(
+            "",
+            f"its grammar would take {len(text):,} bytes in {rules:,} rules",
+            MAX_GRAMMAR_BYTES,
+            f"bytes (and {MAX_GRAMMAR_RULES:,} rules)",
+        )
     return text

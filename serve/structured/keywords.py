@@ -6,26 +6,63 @@ from __future__ import annotations
 import json
 
 # words that assert nothing about a value (content* are annotations since draft 7: validators do not check them)
-ANNOTATIONS = frozenset({"title", "description", "examples", "default", "$schema", "$id", "$comment", "deprecated",
-                         "readOnly", "writeOnly", "$defs", "definitions", "$anchor", "$vocabulary",
-                         "contentEncoding", "contentMediaType", "contentSchema"})
+ANNOTATIONS = frozenset(
+    {
+        "title",
+        "description",
+        "examples",
+        "default",
+        "$schema",
+        "$id",
+        "$comment",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "$defs",
+        "definitions",
+        "$anchor",
+        "$vocabulary",
+        "contentEncoding",
+        "contentMediaType",
+        "contentSchema",
+    }
+)
 TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 FORMATS = frozenset({"date", "time", "date-time", "uuid", "email", "ipv4", "ipv6", "uri"})
 # (keyword, exclusive, upper bound)
-BOUNDS_HOW = (("minimum", False, False), ("exclusiveMinimum", True, False), ("maximum", False, True),
-              ("exclusiveMaximum", True, True))
+BOUNDS_HOW = (
+    ("minimum", False, False),
+    ("exclusiveMinimum", True, False),
+    ("maximum", False, True),
+    ("exclusiveMaximum", True, True),
+)
 BOUNDS = frozenset(w for w, _, _ in BOUNDS_HOW)
 # the keywords of each type, for a list of types beside keywords: each type gets its own. additionalItems (draft 7)
 # applies only past an items list, and the grammar writes exactly that list: it never comes into play.
-TYPE_KEYWORDS = {"string": {"pattern", "format", "minLength", "maxLength"}, "integer": BOUNDS | {"multipleOf"},
-                 "number": BOUNDS | {"multipleOf"},
-                 "array": {"items", "prefixItems", "minItems", "maxItems", "additionalItems"},
-                 "object": {"properties", "required", "additionalProperties"}, "boolean": set(), "null": set()}
+TYPE_KEYWORDS = {
+    "string": {"pattern", "format", "minLength", "maxLength"},
+    "integer": BOUNDS | {"multipleOf"},
+    "number": BOUNDS | {"multipleOf"},
+    "array": {"items", "prefixItems", "minItems", "maxItems", "additionalItems"},
+    "object": {"properties", "required", "additionalProperties"},
+    "boolean": set(),
+    "null": set(),
+}
 # keywords of one type that the grammar cannot enforce: a schema without a type that uses one is served as the other
 # types its keywords name (values of this type are left out, which narrows the output but never breaks it)
-UNENFORCED = {"array": {"contains", "minContains", "maxContains", "uniqueItems", "unevaluatedItems"},
-              "object": {"propertyNames", "patternProperties", "dependentRequired", "dependentSchemas",
-                         "dependencies", "minProperties", "maxProperties", "unevaluatedProperties"}}
+UNENFORCED = {
+    "array": {"contains", "minContains", "maxContains", "uniqueItems", "unevaluatedItems"},
+    "object": {
+        "propertyNames",
+        "patternProperties",
+        "dependentRequired",
+        "dependentSchemas",
+        "dependencies",
+        "minProperties",
+        "maxProperties",
+        "unevaluatedProperties",
+    },
+}
 PY_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
 DEF_PREFIX = "aegis-def-"
 
@@ -51,8 +88,11 @@ def domain(schema: dict) -> tuple[str, object] | None:
     kind = schema.get("type")
     if kind == "object":
         props = schema.get("properties", {})
-        tags = {name: {value_key(v) for v in domain(props[name])[1]} for name in schema.get("required", [])
-                if "const" in props[name] or "enum" in props[name]}
+        tags = {
+            name: {value_key(v) for v in domain(props[name])[1]}
+            for name in schema.get("required", [])
+            if "const" in props[name] or "enum" in props[name]
+        }
         if tags:
             return "object", tags
     return ("types", kind if isinstance(kind, list) else [kind]) if kind else None
@@ -84,4 +124,4 @@ def disjoint(alts: list[dict]) -> bool:
     domains = [domain(s) for s in alts]
     if any(d is None for d in domains):
         return False
-    return not any(overlap(a, b) for i, a in enumerate(domains) for b in domains[i + 1:])
+    return not any(overlap(a, b) for i, a in enumerate(domains) for b in domains[i + 1 :])

@@ -22,8 +22,12 @@ def only(keys: set, allowed: set, where: str, context: str) -> None:
 
 def _bound_value(schema: dict, word: str, kind: str, where: str):
     value = schema[word]
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value \
-            or value in (float("inf"), float("-inf")):
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or value != value
+        or value in (float("inf"), float("-inf"))
+    ):
         raise SchemaError(f"{where}/{word}: must be a number")
     if abs(value) >= INT_LIMIT:
         raise limit(f"{where}/{word}", f"{value:,}", INT_LIMIT, "")
@@ -66,8 +70,10 @@ def number(checker, schema: dict, keys: set, kind: str, where: str) -> dict:
         if "multipleOf" in schema:
             raise SchemaError(f"{where}/multipleOf: supported only for integers with both bounds")
         if low and high and (low[0] > high[0] or low[0] == high[0] and (low[1] or high[1])):
-            raise SchemaError(f"{where}: no number the grammar can write lies between the bounds (it bounds the "
-                              f"integer part: a range within one unit interval cannot be enforced)")
+            raise SchemaError(
+                f"{where}: no number the grammar can write lies between the bounds (it bounds the "
+                f"integer part: a range within one unit interval cannot be enforced)"
+            )
         for bound, words in ((low, ("minimum", "exclusiveMinimum")), (high, ("maximum", "exclusiveMaximum"))):
             if bound:
                 out[words[bound[1]]] = bound[0]
@@ -114,8 +120,10 @@ def obj(checker, schema: dict, keys: set, where: str, scope, depth: int) -> dict
         raise SchemaError(f"{where}/required: must be a list of names")
     banned = [k for k, v in props.items() if v is False]
     if banned and extra not in ("absent", False):
-        raise SchemaError(f"{where}/properties/{pointer(banned[0])}: false beside additionalProperties (the grammar "
-                          f"cannot keep one name out of the additional properties)")
+        raise SchemaError(
+            f"{where}/properties/{pointer(banned[0])}: false beside additionalProperties (the grammar "
+            f"cannot keep one name out of the additional properties)"
+        )
     for name in required:
         if name in banned or (name not in props and extra is False):
             raise SchemaError(f"{where}/required: {json.dumps(name)} may not appear, so no object is valid")
@@ -124,10 +132,18 @@ def obj(checker, schema: dict, keys: set, where: str, scope, depth: int) -> dict
     checker.count_properties(len(props), f"{where}/properties")
     optional = len(props) - len(set(required))
     if optional > MAX_OPTIONAL_PROPERTIES:
-        raise limit(f"{where}/properties", f"{optional:,} properties are not required", MAX_OPTIONAL_PROPERTIES,
-                    "optional properties per object")
-    out = {"type": "object", "properties": {k: checker.clean(v, f"{where}/properties/{pointer(k)}", scope, depth + 1)
-                                            for k, v in props.items()}}
+        raise limit(
+            f"{where}/properties",
+            f"{optional:,} properties are not required",
+            MAX_OPTIONAL_PROPERTIES,
+            "optional properties per object",
+        )
+    out = {
+        "type": "object",
+        "properties": {
+            k: checker.clean(v, f"{where}/properties/{pointer(k)}", scope, depth + 1) for k, v in props.items()
+        },
+    }
     if required:
         out["required"] = list(dict.fromkeys(required))
     if isinstance(extra, bool):
@@ -151,12 +167,16 @@ def array(checker, schema: dict, keys: set, where: str, scope, depth: int) -> di
             raise SchemaError(f"{where}/{word}: must be a list of schemas")
         if len(tuple_) > MAX_REPEAT:
             raise limit(f"{where}/{word}", f"{len(tuple_):,} items", MAX_REPEAT, "items")
-        tuple_ = tuple_[:counts.get("maxItems", len(tuple_))]
+        tuple_ = tuple_[: counts.get("maxItems", len(tuple_))]
         if counts.get("minItems", 0) > len(tuple_) or any(s is False for s in tuple_):
-            raise SchemaError(f"{where}/{word}: the grammar writes exactly these items, and they cannot satisfy "
-                              f"minItems or a false item")
-        return {"type": "array", "prefixItems": [checker.clean(s, f"{where}/{word}/{i}", scope, depth + 1)
-                                                 for i, s in enumerate(tuple_)]}
+            raise SchemaError(
+                f"{where}/{word}: the grammar writes exactly these items, and they cannot satisfy "
+                f"minItems or a false item"
+            )
+        return {
+            "type": "array",
+            "prefixItems": [checker.clean(s, f"{where}/{word}/{i}", scope, depth + 1) for i, s in enumerate(tuple_)],
+        }
     if schema.get("items") is False:
         if counts.get("minItems", 0):
             raise SchemaError(f"{where}/items: false beside minItems, so no array is valid")
@@ -170,15 +190,19 @@ def string(schema: dict, keys: set, where: str) -> dict:
     only(keys, {"type", "pattern", "format", "minLength", "maxLength"}, where, "for strings")
     if ("pattern" in keys) + ("format" in keys) + bool(keys & {"minLength", "maxLength"}) > 1:
         word = sorted(keys & {"minLength", "maxLength", "format"})[-1]
-        raise SchemaError(f"{where}/{word}: pattern, format and minLength/maxLength cannot be combined (write the "
-                          f"length into the pattern, e.g. ^[a-z]{{1,8}}$)")
+        raise SchemaError(
+            f"{where}/{word}: pattern, format and minLength/maxLength cannot be combined (write the "
+            f"length into the pattern, e.g. ^[a-z]{{1,8}}$)"
+        )
     out = {"type": "string"}
     if "pattern" in schema:
         out["pattern"] = check_pattern(schema["pattern"], f"{where}/pattern")
     if "format" in schema:
         if schema["format"] not in FORMATS:
-            raise SchemaError(f"{where}/format: {json.dumps(schema['format'])[:40]} is not supported (only "
-                              f"{', '.join(sorted(FORMATS))})")
+            raise SchemaError(
+                f"{where}/format: {json.dumps(schema['format'])[:40]} is not supported (only "
+                f"{', '.join(sorted(FORMATS))})"
+            )
         out["format"] = schema["format"]
     return bounds(schema, out, "minLength", "maxLength", where)
 

@@ -37,6 +37,7 @@ MAX_GRAMMAR_RULES = 20_000
 class SchemaError(ValueError):
     """A schema the grammar cannot enforce; the message says what and where (a JSON pointer inside the schema;
     `param`, where set, is the schema's place in the request)."""
+
     param: str | None = None
 
 

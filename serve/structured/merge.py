@@ -16,8 +16,9 @@ def _inline(checker, sub, at: str, scope):
     resolved = checker.lookup(sub["$ref"], scope, f"{at}/$ref")
     target = resolved.contents
     if resolved.resolver.lookup("").contents is not scope.lookup("").contents and '"$ref"' in json.dumps(target):
-        raise SchemaError(f"{at}/$ref: a target under another $id with references of its own cannot be merged "
-                          f"into the allOf")
+        raise SchemaError(
+            f"{at}/$ref: a target under another $id with references of its own cannot be merged into the allOf"
+        )
     checker.count(target, f"{at}/$ref")
     return target
 
@@ -33,8 +34,10 @@ def _join(merged: dict, sub: dict, where: str) -> None:
         elif key == "required" and isinstance(value, list) and isinstance(merged[key], list):
             merged[key] = merged[key] + [r for r in value if r not in merged[key]]
         elif merged[key] != value:
-            raise SchemaError(f"{where}/allOf: {key} differs between its subschemas (the grammar enforces allOf only "
-                              f"where they merge)")
+            raise SchemaError(
+                f"{where}/allOf: {key} differs between its subschemas (the grammar enforces allOf only "
+                f"where they merge)"
+            )
 
 
 def merge(checker, schema: dict, where: str, scope, depth: int) -> dict:
@@ -64,6 +67,8 @@ def merge(checker, schema: dict, where: str, scope, depth: int) -> dict:
         _join(merged, {k: v for k, v in sub.items() if k not in ("$id", "$anchor")}, where)
     for at, sub in closed:
         if set(merged.get("properties", {})) - set(sub.get("properties", {})):
-            raise SchemaError(f"{where}/allOf: additionalProperties at {at or '/'} would refuse properties that "
-                              f"another subschema adds (the grammar enforces allOf only where they merge)")
+            raise SchemaError(
+                f"{where}/allOf: additionalProperties at {at or '/'} would refuse properties that "
+                f"another subschema adds (the grammar enforces allOf only where they merge)"
+            )
     return merged

@@ -25,12 +25,12 @@ def check_pattern(pattern, where: str) -> str:
             i += 2
         elif c == "[":
             end = body.find("]", i + 1)
-            inner = body[i + 1:end]
+            inner = body[i + 1 : end]
             if end < 0 or not inner or inner[0] == "^" or any(ch in '"\\' or ord(ch) < 0x20 for ch in inner):
                 raise SchemaError(f"{where}: the class at {i + 1} is not supported (no negation, escapes or quotes)")
             i = end + 1
         elif c == "(":
-            if body[i + 1:i + 2] == "?":
+            if body[i + 1 : i + 2] == "?":
                 raise SchemaError(f"{where}: (?...) groups are not supported")
             groups.append([1, False])
             if len(groups) > MAX_DEPTH:
@@ -80,8 +80,9 @@ def _quantified(body: str, i: int, inner: int, repeats: bool, parent: list, wher
     if count > MAX_REPEAT:
         raise limit(where, f"the repetition at {i + 1} counts {count:,}", MAX_REPEAT, "")
     if repeats and count > MAX_GROUP_REPEAT:
-        raise limit(where, f"the group before {i + 1} varies in length and repeats {count:,} times",
-                     MAX_GROUP_REPEAT, "times")
+        raise limit(
+            where, f"the group before {i + 1} varies in length and repeats {count:,} times", MAX_GROUP_REPEAT, "times"
+        )
     product = count * inner
     if product > MAX_REPEAT_PRODUCT and inner > 1:
         raise limit(where, f"the repetitions nested at {i + 1} multiply to {product:,}", MAX_REPEAT_PRODUCT, "")

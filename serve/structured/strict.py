@@ -5,8 +5,18 @@ from __future__ import annotations
 from .limits import StrictError, pointer
 
 # where schemas sit inside a schema, for check_strict's walk: keyword -> holds one schema, a list, or a name map
-SUBSCHEMAS = {"items": "one", "additionalProperties": "one", "not": "one", "prefixItems": "list", "anyOf": "list",
-              "oneOf": "list", "allOf": "list", "properties": "map", "$defs": "map", "definitions": "map"}
+SUBSCHEMAS = {
+    "items": "one",
+    "additionalProperties": "one",
+    "not": "one",
+    "prefixItems": "list",
+    "anyOf": "list",
+    "oneOf": "list",
+    "allOf": "list",
+    "properties": "map",
+    "$defs": "map",
+    "definitions": "map",
+}
 
 
 def check_strict(schema, where: str = "") -> None:
@@ -17,13 +27,16 @@ def check_strict(schema, where: str = "") -> None:
     if schema.get("type") == "object" or "properties" in schema:
         props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
         if schema.get("additionalProperties") is not False:
-            raise StrictError(f"In context={where or '/'}, 'additionalProperties' is required to be supplied and to "
-                              f"be false")
+            raise StrictError(
+                f"In context={where or '/'}, 'additionalProperties' is required to be supplied and to be false"
+            )
         required = schema.get("required") if isinstance(schema.get("required"), list) else []
         missing = [k for k in props if k not in required]
         if missing:
-            raise StrictError(f"In context={where or '/'}, 'required' is required to be supplied and to be an array "
-                              f"including every key in properties. Missing '{missing[0]}'")
+            raise StrictError(
+                f"In context={where or '/'}, 'required' is required to be supplied and to be an array "
+                f"including every key in properties. Missing '{missing[0]}'"
+            )
     for key, shape in SUBSCHEMAS.items():
         value = schema.get(key)
         if shape == "one":
