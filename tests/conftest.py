@@ -10,12 +10,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.toml"
-SHORT = ["schedule.total_steps=12", "schedule.warmup_steps=3", "schedule.anneal_steps=6", "train.save_steps=6",
-         "train.max_length=128"]
+SHORT = [
+    "schedule.total_steps=12",
+    "schedule.warmup_steps=3",
+    "schedule.anneal_steps=6",
+    "train.save_steps=6",
+    "train.max_length=128",
+]
 
 
-def train_cli(run_dir: Path, *overrides: str, resume: bool = False, check: bool = True,
-              config: Path = QUICKSTART) -> subprocess.CompletedProcess:
+def train_cli(
+    run_dir: Path, *overrides: str, resume: bool = False, check: bool = True, config: Path = QUICKSTART
+) -> subprocess.CompletedProcess:
     """Run `python -m train` for real, as a user would."""
     cmd = [sys.executable, "-m", "train", "--config", str(config), "--run-dir", str(run_dir), "--no-progress"]
     for o in overrides:
@@ -31,6 +37,7 @@ def train_cli(run_dir: Path, *overrides: str, resume: bool = False, check: bool 
 @pytest.fixture(scope="session")
 def tiny_path() -> Path:
     from aegis.tiny import ensure
+
     return ensure()
 
 
@@ -45,6 +52,7 @@ def short_run(tiny_path, tmp_path_factory) -> Path:
 def pytest_collection_modifyitems(config, items):
     """GPU tests run on a CUDA machine only; everywhere else they are skipped, not failed."""
     import torch
+
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

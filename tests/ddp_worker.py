@@ -30,9 +30,14 @@ mine = torch.cat([souls[0].generators.detach().flatten(), souls[0].alpha.detach(
 gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, mine)
 if dist.get_rank() == 0:
-    (Path(run_dir) / "rank_check.json").write_text(json.dumps({
-        "world": dist.get_world_size(),
-        "max_diff": max(float((g - gathered[0]).abs().max()) for g in gathered),
-        "moved": float(gathered[0][:-1].abs().max())}))
+    (Path(run_dir) / "rank_check.json").write_text(
+        json.dumps(
+            {
+                "world": dist.get_world_size(),
+                "max_diff": max(float((g - gathered[0]).abs().max()) for g in gathered),
+                "moved": float(gathered[0][:-1].abs().max()),
+            }
+        )
+    )
 dist.barrier()
 dist.destroy_process_group()  # a clean teardown: an undestroyed gloo group can abort the process at exit

@@ -65,8 +65,9 @@ def test_a_directory_past_the_file_size_limit_names_what_it_needs(tmp_path):
             (tmp / "b.bin").write_bytes(b"b" * 10_000)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert str(err.value).startswith(f"{dest}: file too large for the file-size limit (ulimit -f) of 4,096 bytes; "
-                                      f"it needs about 30,000 bytes")
+    assert str(err.value).startswith(
+        f"{dest}: file too large for the file-size limit (ulimit -f) of 4,096 bytes; it needs about 30,000 bytes"
+    )
     assert str(err.value).endswith("continue with --resume")
     assert seen and seen[0] >= 4000  # what had been written before the write that failed
     assert names(tmp_path) == ["final"] and names(dest) == ["old.bin"]

@@ -25,13 +25,15 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def loaded(short_run):
     from aegis.loading import load_checkpoint
+
     return load_checkpoint(short_run / "final")
 
 
 def greedy_reference(model, tokenizer, messages: list[dict], max_new: int) -> str:
     """Greedy decoding by hand (full forward each token, argmax), independent of generate() and the streamer."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        return_tensors="pt")["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]
     stop = set(chat_mod.stop_ids(model, tokenizer))
     out = []
     with torch.no_grad():
@@ -45,8 +47,9 @@ def greedy_reference(model, tokenizer, messages: list[dict], max_new: int) -> st
 
 
 def run_chat(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train.chat", *args], cwd=REPO, capture_output=True, text=True,
-                          input=stdin, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "train.chat", *args], cwd=REPO, capture_output=True, text=True, input=stdin, timeout=300
+    )
 
 
 def test_stop_ids_include_end_of_turn(loaded):
@@ -57,8 +60,18 @@ def test_stop_ids_include_end_of_turn(loaded):
 
 
 def test_prompt_answers_once_from_the_checkpoint(short_run, loaded):
-    proc = run_chat("--checkpoint", str(short_run / "final"), "--prompt", PROMPT, "--temperature", "0",
-                    "--max-new-tokens", "24", "--seed", "0")
+    proc = run_chat(
+        "--checkpoint",
+        str(short_run / "final"),
+        "--prompt",
+        PROMPT,
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+        "--seed",
+        "0",
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"step {loaded[3]['step']}" in proc.stderr and "gate 0.8345" in proc.stderr
     answer = proc.stdout.strip()
@@ -70,8 +83,9 @@ def test_prompt_answers_once_from_the_checkpoint(short_run, loaded):
 def test_history_reset_and_system(loaded):
     model, _, tok, _ = loaded
     chat = chat_mod.Chat(model, tok, temperature=0, max_new_tokens=8)
-    inp = io.StringIO(f"{PROMPT}\nありがとう。\n/system あなたは猫です。\nこんにちは\n"
-                      "/reset\n/bogus\n/exit\nnot read\n")
+    inp = io.StringIO(
+        f"{PROMPT}\nありがとう。\n/system あなたは猫です。\nこんにちは\n/reset\n/bogus\n/exit\nnot read\n"
+    )
     out = io.StringIO()
     chat_mod.loop(chat, inp, out)
     text = out.getvalue()
@@ -90,6 +104,7 @@ def test_history_reset_and_system(loaded):
 
 def test_sampling_with_a_seed_is_reproducible(loaded):
     from transformers import set_seed
+
     model, _, tok, _ = loaded
     replies = []
     for _ in range(2):
@@ -125,6 +140,7 @@ def test_mismatched_soul_is_a_clear_error(short_run, tmp_path):
 def test_soul_of_another_format_version_is_refused(short_run, tmp_path):
     from aegis.checkpoint import CheckpointError
     from aegis.loading import load_checkpoint
+
     bad = tmp_path / "bad"
     shutil.copytree(short_run / "final", bad)
     _rewrite_soul(bad, format_version=99)
@@ -143,8 +159,7 @@ def test_a_run_directory_stands_for_its_final_checkpoint(short_run, tmp_path):
     shutil.copytree(short_run / "checkpoints", steps / "checkpoints")
     newest = max((steps / "checkpoints").iterdir(), key=lambda p: int(p.name.split("_")[1]))
     assert chat_mod.checkpoint_dir(steps) == newest
-    proc = run_chat("--checkpoint", str(short_run), "--prompt", PROMPT, "--temperature", "0",
-                    "--max-new-tokens", "4")
+    proc = run_chat("--checkpoint", str(short_run), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "4")
     assert proc.returncode == 0 and f"loaded {short_run / 'final'} (step" in proc.stderr, proc.stderr
     empty = tmp_path / "empty"  # a run directory with no checkpoint yet, and a directory that is neither
     empty.mkdir()

@@ -23,13 +23,15 @@ _spec.loader.exec_module(compare)
 def first_paragraphs(name: str, n: int, dest: Path) -> Path:
     """A small slice of a corpus file, so the test scores a few paragraphs instead of the whole file."""
     from aegis.tiny import corpus_path, paragraphs
+
     dest.write_text("\n\n".join(paragraphs(corpus_path(name))[:n]) + "\n", encoding="utf-8")
     return dest
 
 
 def committed_report() -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(compare.COMMITTED.glob("*"))
-            if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(compare.COMMITTED.glob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +41,24 @@ def report(tmp_path_factory):
     held = first_paragraphs("prose_eval.txt", 8, root / "held.txt")
     seen = first_paragraphs("prose_train_c.txt", 8, root / "seen.txt")
     before = committed_report()
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--steps", "6", "--data", str(held),
-                           "--train-data", str(seen), "--set", "train.max_length=128"],
-                          cwd=root, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--steps",
+            "6",
+            "--data",
+            str(held),
+            "--train-data",
+            str(seen),
+            "--set",
+            "train.max_length=128",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, proc, before
 
@@ -91,20 +108,30 @@ def test_defaults_score_the_corpus_held_out_prose():
 
 def test_schedule_shrinks_in_proportion():
     from aegis.config import Config
-    assert compare.schedule_overrides(Config(), 20) == ["schedule.total_steps=20", "schedule.warmup_steps=2",
-                                                        "schedule.anneal_steps=16"]
+
+    assert compare.schedule_overrides(Config(), 20) == [
+        "schedule.total_steps=20",
+        "schedule.warmup_steps=2",
+        "schedule.anneal_steps=16",
+    ]
     assert compare.schedule_overrides(Config(), None) == []
 
 
 def test_the_committed_report_is_rewritten_only_when_asked():
     """--update-report is the one way to reports/; --out is a separate place and defaults to runs/compare."""
-    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    ).stdout
     assert "--update-report" in out and "runs/compare" in out
     assert compare.COMMITTED == REPO / "reports" and compare.DEFAULT_OUT == Path("runs/compare")
 
 
 def test_recipe_keys_are_not_overridable(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--set", "soul.mix=residual", "--out",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--set", "soul.mix=residual", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "soul.mix" in proc.stderr

@@ -45,6 +45,7 @@ def compose(request) -> tuple[str, dict]:
 
 # ---- tests: structure ------------------------------------------------------------------------------------------
 
+
 def test_services_and_build_targets(compose):
     kind, c = compose
     assert set(c["services"]) == SERVICES
@@ -90,14 +91,16 @@ def test_base_image_pinned_and_overridable(compose):
     assert re.fullmatch(r"docker\.io/library/debian:bookworm-\d{8}-slim(@sha256:[0-9a-f]{64})?", default), default
     for name, svc in c["services"].items():
         if (kind, name) == ("default", "serve"):  # the GPU API: NVIDIA's CUDA runtime image, pinned by release
-            assert re.fullmatch(r"docker\.io/nvidia/cuda:\d+\.\d+\.\d+-runtime-ubuntu\d+\.\d+",
-                                svc["build"]["args"]["BASE_IMAGE"])
+            assert re.fullmatch(
+                r"docker\.io/nvidia/cuda:\d+\.\d+\.\d+-runtime-ubuntu\d+\.\d+", svc["build"]["args"]["BASE_IMAGE"]
+            )
             continue
         assert svc["build"]["args"]["BASE_IMAGE"] == default
     overridden = load(kind, {"AEGIS_BASE_IMAGE": "localhost/x"})["services"]
     assert overridden["train"]["build"]["args"]["BASE_IMAGE"] == "localhost/x"
     assert overridden["serve"]["build"]["args"]["BASE_IMAGE"] == c["services"]["serve"]["build"]["args"][
-        "BASE_IMAGE"].replace(default, "localhost/x")
+        "BASE_IMAGE"
+    ].replace(default, "localhost/x")
     assert "FROM ${BASE_IMAGE} AS base" in DOCKERFILE.read_text()
 
 
@@ -125,8 +128,10 @@ def test_one_shared_data_volume(compose):
                 assert Path(source).exists(), f"{kind}/{name}: bind source {source} does not exist"
     assert len(data_volumes) == 1 and data_volumes <= named
     # train and export share the Hugging Face / tiny-model cache (export merges onto the same base)
-    caches = {next(v.split(":")[0] for v in c["services"][n]["volumes"] if v.split(":")[1] == CACHE)
-              for n in ("train", "export")}
+    caches = {
+        next(v.split(":")[0] for v in c["services"][n]["volumes"] if v.split(":")[1] == CACHE)
+        for n in ("train", "export")
+    }
     assert len(caches) == 1 and caches <= named
     # the mount points are where the images keep runs and caches
     for target in ("train", "export", "serve"):
@@ -160,7 +165,7 @@ def test_cpu_file_mirrors_compose_yaml():
         g, c = copy.deepcopy(gpu["services"][name]), copy.deepcopy(cpu["services"][name])
         g.pop("deploy", None)
         g.pop("shm_size", None)
-        g["volumes"] = [rename.get(v.split(":")[0], v.split(":")[0]) + v[len(v.split(":")[0]):] for v in g["volumes"]]
+        g["volumes"] = [rename.get(v.split(":")[0], v.split(":")[0]) + v[len(v.split(":")[0]) :] for v in g["volumes"]]
         for d in (g, c):
             d.pop("image")
             d["build"] = {k: v for k, v in d["build"].items() if k != "args"}
@@ -174,6 +179,7 @@ def test_cpu_file_mirrors_compose_yaml():
 
 
 # ---- tests: what the services run exists ------------------------------------------------------------------------
+
 
 def test_train_runs_the_seed_recipe_by_default():
     train = load("default")["services"]["train"]
@@ -228,7 +234,8 @@ def test_ports_match_across_files(compose):
     chat_port = chat["command"][chat["command"].index("--port") + 1]
     assert chat_port == "7860" and chat["ports"] == [f"127.0.0.1:7860:{chat_port}/tcp"]
     assert load(kind, {"AEGIS_API_PORT": "18000", "AEGIS_BIND": "0.0.0.0"})["services"]["serve"]["ports"] == [
-        "0.0.0.0:18000:8000/tcp"]
+        "0.0.0.0:18000:8000/tcp"
+    ]
     expose = re.search(r"^EXPOSE (.+)$", DOCKERFILE.read_text(), re.M).group(1).split()
     assert {api_port, chat_port} <= set(expose)
     # health checks: the API's readiness route and the UI's page, on the ports the processes listen on
@@ -239,8 +246,10 @@ def test_ports_match_across_files(compose):
         assert test[3] == f"http://127.0.0.1:{port}{route}"
         in_image("serve", test[2])
     assert '@get("/ready"' in app and '@get("/health"' in app
-    assert re.search(r"HEALTHCHECK .*CMD \[\"python\", \"/app/docker/healthcheck.py\"\]", re.sub(r"\\\n", " ",
-                     DOCKERFILE.read_text()))
+    assert re.search(
+        r"HEALTHCHECK .*CMD \[\"python\", \"/app/docker/healthcheck.py\"\]",
+        re.sub(r"\\\n", " ", DOCKERFILE.read_text()),
+    )
     assert image_env("serve")["AEGIS_PORT"] == api_port
     # serve's entrypoint listens on all addresses on AEGIS_PORT
     script = (ROOT / "docker" / "serve-entrypoint.sh").read_text()

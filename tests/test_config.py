@@ -26,13 +26,26 @@ def test_quickstart_has_the_same_recipe_on_the_embedded_model():
     assert quick.model.base == "embedded"
     for section in ("lora", "soul", "schedule"):
         assert getattr(quick, section) == getattr(seed, section)
-    assert (quick.train.lr, quick.train.batch_size, quick.train.max_length, quick.train.save_steps) == \
-        (seed.train.lr, seed.train.batch_size, seed.train.max_length, seed.train.save_steps)
+    assert (quick.train.lr, quick.train.batch_size, quick.train.max_length, quick.train.save_steps) == (
+        seed.train.lr,
+        seed.train.batch_size,
+        seed.train.max_length,
+        seed.train.save_steps,
+    )
 
 
 def test_overrides_parse_toml_values_and_bare_words():
-    cfg = build({}, ["train.lr=1e-3", "model.quantization=none", "lora.target_modules=[\"qkv_proj\"]",
-                     "schedule.shape=cosine", "model.gradient_checkpointing=true", "data.train=a.txt,b.jsonl"])
+    cfg = build(
+        {},
+        [
+            "train.lr=1e-3",
+            "model.quantization=none",
+            'lora.target_modules=["qkv_proj"]',
+            "schedule.shape=cosine",
+            "model.gradient_checkpointing=true",
+            "data.train=a.txt,b.jsonl",
+        ],
+    )
     assert cfg.train.lr == 1e-3 and cfg.model.quantization == "none" and cfg.lora.target_modules == ["qkv_proj"]
     assert cfg.schedule.shape == "cosine" and cfg.model.gradient_checkpointing is True
     assert cfg.data.train == ["a.txt", "b.jsonl"]
@@ -40,15 +53,24 @@ def test_overrides_parse_toml_values_and_bare_words():
 
 def test_every_problem_is_reported_at_once(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text('[model]\nquantization = "int3"\ncolour = "red"\n[lora]\nr = "sixteen"\n'
-                   '[schedule]\ntotal_steps = 10\nwarmup_steps = 8\nanneal_steps = 8\n[extra]\nx = 1\n')
+    bad.write_text(
+        '[model]\nquantization = "int3"\ncolour = "red"\n[lora]\nr = "sixteen"\n'
+        "[schedule]\ntotal_steps = 10\nwarmup_steps = 8\nanneal_steps = 8\n[extra]\nx = 1\n"
+    )
     with pytest.raises(ConfigError) as err:
         load(bad, ["train.lr=-1", "soul.mix=blend", "nonsense"])
     msg = str(err.value)
     assert str(bad) in msg
-    for fragment in ("model.quantization: 'int3'", "model.colour: unknown key", "lora.r: expected an integer",
-                     "[extra]: unknown section", "train.lr: must be > 0", "soul.mix: 'blend'",
-                     "warmup_steps + anneal_steps (16) exceeds total_steps (10)", "expected section.key=value"):
+    for fragment in (
+        "model.quantization: 'int3'",
+        "model.colour: unknown key",
+        "lora.r: expected an integer",
+        "[extra]: unknown section",
+        "train.lr: must be > 0",
+        "soul.mix: 'blend'",
+        "warmup_steps + anneal_steps (16) exceeds total_steps (10)",
+        "expected section.key=value",
+    ):
         assert fragment in msg, fragment
     assert len(err.value.problems) == 8
 
@@ -76,17 +98,22 @@ def test_one_problem_is_one_line_naming_file_and_key(tmp_path):
 
 def test_each_problem_names_the_line_of_its_key_or_its_override(tmp_path):
     bad = tmp_path / "lines.toml"
-    bad.write_text('# a recipe\n[model]\nbase = "embedded"\nquantization = "int3"\n\n[lora]\nr = 0\n'
-                   '[schedule]\ntotal_steps = 10\nwarmup_steps = 8\nanneal_steps = 8\n[extra]\nx = 1\n')
+    bad.write_text(
+        '# a recipe\n[model]\nbase = "embedded"\nquantization = "int3"\n\n[lora]\nr = 0\n'
+        "[schedule]\ntotal_steps = 10\nwarmup_steps = 8\nanneal_steps = 8\n[extra]\nx = 1\n"
+    )
     with pytest.raises(ConfigError) as err:
         load(bad, ["train.lr=-1", "nonsense"])
-    assert sorted(str(err.value).splitlines()) == sorted([
-        f"{bad}:4: model.quantization: 'int3' is not one of nf4, none",
-        f"{bad}:7: lora.r: must be > 0, got 0",
-        f"{bad}:8: schedule: warmup_steps + anneal_steps (16) exceeds total_steps (10)",
-        f"{bad}:12: [extra]: unknown section (known: model, lora, soul, schedule, train, data)",
-        "--set train.lr: must be > 0, got -1.0",
-        "--set 'nonsense': expected section.key=value"])
+    assert sorted(str(err.value).splitlines()) == sorted(
+        [
+            f"{bad}:4: model.quantization: 'int3' is not one of nf4, none",
+            f"{bad}:7: lora.r: must be > 0, got 0",
+            f"{bad}:8: schedule: warmup_steps + anneal_steps (16) exceeds total_steps (10)",
+            f"{bad}:12: [extra]: unknown section (known: model, lora, soul, schedule, train, data)",
+            "--set train.lr: must be > 0, got -1.0",
+            "--set 'nonsense': expected section.key=value",
+        ]
+    )
 
 
 def test_seeds_numpy_cannot_take_are_refused():

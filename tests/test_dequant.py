@@ -26,8 +26,16 @@ def souled(device: torch.device, dtype: str, dequantize: bool, convert=None):
     """Base + LoRA + soul as training builds it, with every trainable tensor set to the same random values (LoRA's
     B starts at zero, which would leave A without a gradient) and α at 0 (the soul's gate half open). `convert`
     dequantizes a 4-bit build with that conversion instead of the product's."""
-    cfg = build({}, ["model.base=embedded", "model.quantization=nf4", f"model.dtype={dtype}", "lora.dropout=0.0",
-                     f"train.dequantized_base={'true' if dequantize and convert is None else 'false'}"])
+    cfg = build(
+        {},
+        [
+            "model.base=embedded",
+            "model.quantization=nf4",
+            f"model.dtype={dtype}",
+            "lora.dropout=0.0",
+            f"train.dequantized_base={'true' if dequantize and convert is None else 'false'}",
+        ],
+    )
     model, soul = loading.build(cfg, loading.resolve_base("embedded"), device, seed=0, log=QUIET)
     if convert is not None:
         dequantize_base(model, convert)
@@ -94,6 +102,7 @@ def _one_block_lost():
             dense.weight.data.view(-1)[:64] = 0
             first.append(layer)
         return dense
+
     return convert
 
 
@@ -133,6 +142,7 @@ def test_a_dequantized_run_trains_as_the_4bit_run_saves_resumes_and_exports(shor
     assert isinstance(model.get_base_model().model.layers[0].self_attn.qkv_proj.base_layer, bnb.nn.Linear4bit)
     del model
     from export.merge import merge
+
     report = merge(run / "final", tmp_path / "merged", log=QUIET)  # unquantized base from disk + LoRA merged
     assert report.check.relative <= report.bound and report.quantization_gap is not None
 

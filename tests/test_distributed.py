@@ -10,8 +10,14 @@ import pytest
 from aegis import checkpoint, metrics
 from conftest import QUICKSTART, ROOT, train_cli
 
-SETS = ["schedule.total_steps=6", "schedule.warmup_steps=1", "schedule.anneal_steps=3", "train.save_steps=3",
-        "train.max_length=128", "lora.dropout=0"]  # no dropout: the masks would differ by process count
+SETS = [
+    "schedule.total_steps=6",
+    "schedule.warmup_steps=1",
+    "schedule.anneal_steps=3",
+    "train.save_steps=3",
+    "train.max_length=128",
+    "lora.dropout=0",
+]  # no dropout: the masks would differ by process count
 
 
 def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:

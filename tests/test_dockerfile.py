@@ -12,26 +12,34 @@ from support.containers import DOCKERFILE, ROOT, global_args, lineage, stage_nam
 
 # ---- tests: what goes into the images ---------------------------------------------------------------------------
 
+
 def test_images_keep_torch_out_of_serve():
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     serve_venv = "\n".join(stages()["serve-venv"])
-    assert "requirements.py /app/deps/pyproject.toml \"$@\"" in serve_venv and "set -- serve &&" in serve_venv
+    assert 'requirements.py /app/deps/pyproject.toml "$@"' in serve_venv and "set -- serve &&" in serve_venv
     assert "set -- serve train" in serve_venv and 'SERVE_TRANSFORMERS" = 1' in serve_venv
     import sys
+
     sys.path.insert(0, str(ROOT / "docker"))
     try:
         from requirements import requirements
     finally:
         sys.path.pop(0)
-    names = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements(str(ROOT / "pyproject.toml"),
-                                                                                          ["serve"])}
+    names = {
+        re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower()
+        for r in requirements(str(ROOT / "pyproject.toml"), ["serve"])
+    }
     assert "torch" not in names and "transformers" not in names
     assert {"litestar", "gradio", "llama-cpp-python"} <= names
-    train = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower()
-             for r in requirements(str(ROOT / "pyproject.toml"), ["train"])}
+    train = {
+        re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower()
+        for r in requirements(str(ROOT / "pyproject.toml"), ["train"])
+    }
     assert {"torch", "bitsandbytes"} <= train
-    export = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower()
-              for r in requirements(str(ROOT / "pyproject.toml"), ["export"])}
+    export = {
+        re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower()
+        for r in requirements(str(ROOT / "pyproject.toml"), ["export"])
+    }
     assert {"gguf", "llama-cpp-python"} <= export
     # the non-root user in each role image
     for target in ("train", "export", "serve"):
@@ -41,8 +49,9 @@ def test_images_keep_torch_out_of_serve():
 
 
 def test_dockerignore_lets_in_what_the_dockerfile_copies():
-    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
+    lines = [
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     assert lines[0] == "*"
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
     for line in re.sub(r"\\\n", " ", DOCKERFILE.read_text()).splitlines():
@@ -61,6 +70,7 @@ def test_dockerignore_lets_in_what_the_dockerfile_copies():
 
 
 # ---- tests: the linters, where installed ------------------------------------------------------------------------
+
 
 def test_hadolint_clean():
     proc = subprocess.run([tool("hadolint"), "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
@@ -118,5 +128,5 @@ def test_no_stage_repeats_another():
     for n in names:
         body = [line for line in all_stages[n][1:] if not line.upper().startswith("ARG ")]
         for k in range(len(body) - 3):
-            run = tuple(body[k:k + 4])
+            run = tuple(body[k : k + 4])
             assert runs.setdefault(run, n) == n, f"stages {runs[run]} and {n} both run {run}"

@@ -36,16 +36,24 @@ def direct_base_loss(ckpt: Path, max_length: int) -> tuple[float, int]:
     assert meta["quantization"] == "nf4"
     base = resolve_base(meta["base"])
     tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        base,
+        dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_storage=torch.uint8,
+        ),
+    ).eval()
     text = corpus_path("prose_eval.txt").read_text(encoding="utf-8")
     total, count = 0.0, 0
     with torch.no_grad():
         for para in (p.strip() for p in text.split("\n\n") if p.strip()):
             ids = tok(para, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             for i in range(0, len(ids), max_length):
-                w = torch.tensor(ids[i:i + max_length])
+                w = torch.tensor(ids[i : i + max_length])
                 if len(w) < 2:
                     continue
                 logp = torch.log_softmax(model(input_ids=w[None]).logits[0].double(), dim=-1)
@@ -77,6 +85,7 @@ def test_rows_separate_lora_and_soul(short_run, result):
 
 def test_gate_shut_restores_alpha(short_run):
     from aegis.loading import load_checkpoint
+
     _, soul, _, _ = load_checkpoint(short_run / "final")
     before = float(soul.alpha)
     with ev.gate_shut(soul):
@@ -86,8 +95,23 @@ def test_gate_shut_restores_alpha(short_run):
 
 def test_cli_json_defaults_to_the_runs_eval_data(short_run, result, tmp_path):
     out = tmp_path / "eval.json"
-    proc = subprocess.run([sys.executable, "-m", "train.eval", "--checkpoint", str(short_run / "final"), "--base",
-                           "--json", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.eval",
+            "--checkpoint",
+            str(short_run / "final"),
+            "--base",
+            "--json",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert printed == json.loads(out.read_text())
@@ -97,9 +121,25 @@ def test_cli_json_defaults_to_the_runs_eval_data(short_run, result, tmp_path):
 
 
 def test_cli_errors(short_run, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "train.eval", "--checkpoint", str(tmp_path / "nope")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.eval", "--checkpoint", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "no such checkpoint directory" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "train.eval", "--checkpoint", str(short_run / "final"),
-                           "--data", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.eval",
+            "--checkpoint",
+            str(short_run / "final"),
+            "--data",
+            str(tmp_path / "missing.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "missing.txt: no such file" in proc.stderr

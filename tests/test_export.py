@@ -29,11 +29,30 @@ def export_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def exported(short_run, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("export") / "out"
-    proc = export_cli("all", "--run", str(short_run), "--out", str(out), "--type", ",".join(TYPES),
-                      "--name", "tiny-soul", "--system", "あなたは親切なアシスタントです。", "--no-progress")
-    return {"run": short_run, "out": out, "stdout": proc.stdout, "stderr": proc.stderr, "merged": out / "merged",
-            "gguf": {t: out / f"tiny-soul-{t}.gguf" for t in TYPES}, "modelfile": out / "tiny-soul.modelfile",
-            "parity": json.loads((out / "parity.json").read_text())}
+    proc = export_cli(
+        "all",
+        "--run",
+        str(short_run),
+        "--out",
+        str(out),
+        "--type",
+        ",".join(TYPES),
+        "--name",
+        "tiny-soul",
+        "--system",
+        "あなたは親切なアシスタントです。",
+        "--no-progress",
+    )
+    return {
+        "run": short_run,
+        "out": out,
+        "stdout": proc.stdout,
+        "stderr": proc.stderr,
+        "merged": out / "merged",
+        "gguf": {t: out / f"tiny-soul-{t}.gguf" for t in TYPES},
+        "modelfile": out / "tiny-soul.modelfile",
+        "parity": json.loads((out / "parity.json").read_text()),
+    }
 
 
 def test_all_prints_where_everything_is(exported):
@@ -44,8 +63,11 @@ def test_all_prints_where_everything_is(exported):
     assert str(exported["modelfile"]) in out and str(exported["merged"]) in out
     assert not list(exported["out"].glob(".tmp-*")), "temporary files left behind"
     # parity's figures in words, each with whether it is fine and why
-    assert re.search(r"top-1 agreement: .* at [\d.]+% of \d+ positions, .*; fine, the limit for q8_0 is 97% counting "
-                     r"near-ties", out), out
+    assert re.search(
+        r"top-1 agreement: .* at [\d.]+% of \d+ positions, .*; fine, the limit for q8_0 is 97% counting "
+        r"near-ties",
+        out,
+    ), out
     assert "mean KL(HF‖GGUF): " in out and "fine, the limit for f16 is 0.001" in out
     assert "short prompts ran in 512 positions, what `python -m serve` opens this file with by default" in out
     # a vocab-only load (the Modelfile's tokenizer) reads no hyperparameters; llama.cpp's warning about them is dropped
@@ -66,7 +88,8 @@ def test_merged_model_loads_in_plain_transformers_and_matches_checkpoint(exporte
         f"m = AutoModelForCausalLM.from_pretrained({str(merged)!r}, dtype=torch.float32)\n"
         f"out = [m(input_ids=torch.tensor([i])).logits[0].tolist() for i in {ids!r}]\n"
         "assert not [n for n in sys.modules if n.split('.')[0] in ('aegis', 'train', 'export', 'serve')]\n"
-        "print(json.dumps(out))\n")
+        "print(json.dumps(out))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged_logits = [torch.tensor(x) for x in json.loads(proc.stdout.strip().splitlines()[-1])]
@@ -89,6 +112,7 @@ def test_merged_model_loads_in_plain_transformers_and_matches_checkpoint(exporte
     from safetensors.torch import load_file
 
     from aegis.loading import resolve_base
+
     base_head = load_file(str(resolve_base("embedded") / "model.safetensors"))["lm_head.weight"]
     head = load_file(str(merged / "model.safetensors"))["lm_head.weight"]
     assert not torch.equal(head, base_head)
@@ -106,8 +130,14 @@ def test_gguf_f16_q8_0_pass_parity_and_speak_japanese(exported):
         assert entry["longrope"] and entry["prompts"]["long"]["n_ctx"] > 512 >= entry["prompts"]["short0"]["n_ctx"]
         assert entry["overall"]["top1_tie"] >= 0.99
         # the greedy replies the server must give (tests/test_served_parity.py), decoded in its default context
-        assert entry["served_context"] == 512 and set(entry["replies"]) == {"prose", "short0", "short1", "short2",
-                                                                            "short3", "chat"}
+        assert entry["served_context"] == 512 and set(entry["replies"]) == {
+            "prose",
+            "short0",
+            "short1",
+            "short2",
+            "short3",
+            "chat",
+        }
         assert all(len(r["ids"]) == 32 and r["prompt"] for r in entry["replies"].values())
         assert entry["sample"]["prose"] == entry["replies"]["prose"]["text"]
     assert exported["parity"][exported["gguf"]["f16"].name]["overall"]["kl_mean"] < 1e-3
@@ -166,8 +196,9 @@ def test_gguf_reads_back_with_gguf_reader(exported, tiny_path):
     assert _field(reader, k(K.Rope.FREQ_BASE)) == pytest.approx(10000.0)
     assert _field(reader, k(K.Attention.LAYERNORM_RMS_EPS)) == pytest.approx(1e-5)
     assert _field(reader, k(K.Attention.SLIDING_WINDOW)) == 0
-    assert _field(reader, k(K.Rope.SCALING_ATTN_FACTOR)) == pytest.approx(math.sqrt(1 + math.log(4) / math.log(512)),
-                                                                           1e-6)
+    assert _field(reader, k(K.Rope.SCALING_ATTN_FACTOR)) == pytest.approx(
+        math.sqrt(1 + math.log(4) / math.log(512)), 1e-6
+    )
 
     tok = AutoTokenizer.from_pretrained(exported["merged"])
     assert _field(reader, K.Tokenizer.MODEL) == "llama"
@@ -202,10 +233,17 @@ def test_gguf_reads_back_with_gguf_reader(exported, tiny_path):
         if "norm" in n or len(t.shape) == 1:
             assert t.tensor_type == gguf.GGMLQuantizationType.F32, n
     layers = range(cfg["num_hidden_layers"])
-    expected = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_factors_long.weight",
-                "rope_factors_short.weight"} | {
-                    f"blk.{b}.{n}.weight" for b in layers
-                    for n in ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down")}
+    expected = {
+        "token_embd.weight",
+        "output_norm.weight",
+        "output.weight",
+        "rope_factors_long.weight",
+        "rope_factors_short.weight",
+    } | {
+        f"blk.{b}.{n}.weight"
+        for b in layers
+        for n in ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down")
+    }
     assert set(tensors) == expected
 
 
@@ -231,8 +269,11 @@ def test_modelfile_template_renders_like_the_chat_template(exported):
     chats = [
         [{"role": "user", "content": "こんにちは"}],
         [{"role": "system", "content": "丁寧に答えてください。"}, {"role": "user", "content": "富士山の高さは？"}],
-        [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "こんにちは！"},
-         {"role": "user", "content": "日本語で話して"}],
+        [
+            {"role": "user", "content": "Hello!"},
+            {"role": "assistant", "content": "こんにちは！"},
+            {"role": "user", "content": "日本語で話して"},
+        ],
         [{"role": "system", "content": ""}, {"role": "user", "content": " 空白で始まる\n改行も "}],
     ]
     for chat in chats:
@@ -243,8 +284,18 @@ def test_modelfile_template_renders_like_the_chat_template(exported):
 def test_rerun_is_idempotent(exported):
     before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in exported["gguf"].values()}
     merged_mtime = (exported["merged"] / "model.safetensors").stat().st_mtime_ns
-    proc = export_cli("all", "--run", str(exported["run"]), "--out", str(exported["out"]), "--type", ",".join(TYPES),
-                      "--name", "tiny-soul", "--no-progress")
+    proc = export_cli(
+        "all",
+        "--run",
+        str(exported["run"]),
+        "--out",
+        str(exported["out"]),
+        "--type",
+        ",".join(TYPES),
+        "--name",
+        "tiny-soul",
+        "--no-progress",
+    )
     assert "reusing" in proc.stdout
     after = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in exported["gguf"].values()}
     assert after == before and (exported["merged"] / "model.safetensors").stat().st_mtime_ns == merged_mtime
@@ -257,8 +308,18 @@ def test_rerun_remakes_a_gguf_whose_record_is_gone_or_wrong(exported):
     path = next(iter(exported["gguf"].values()))
     before = path.stat().st_mtime_ns
     digest.sidecar(path).unlink()
-    proc = export_cli("all", "--run", str(exported["run"]), "--out", str(exported["out"]), "--type", ",".join(TYPES),
-                      "--name", "tiny-soul", "--no-progress")
+    proc = export_cli(
+        "all",
+        "--run",
+        str(exported["run"]),
+        "--out",
+        str(exported["out"]),
+        "--type",
+        ",".join(TYPES),
+        "--name",
+        "tiny-soul",
+        "--no-progress",
+    )
     assert f"{path} already passed" not in proc.stdout
     assert path.stat().st_mtime_ns != before
     digest.verify(path)
@@ -266,8 +327,7 @@ def test_rerun_remakes_a_gguf_whose_record_is_gone_or_wrong(exported):
 
 def test_gguf_command_writes_parity_json_beside_the_file(exported, tmp_path):
     out = tmp_path / "m.gguf"
-    proc = export_cli("gguf", "--model", str(exported["merged"]), "--out", str(out), "--type", "f32",
-                      "--no-progress")
+    proc = export_cli("gguf", "--model", str(exported["merged"]), "--out", str(out), "--type", "f32", "--no-progress")
     assert out.is_file() and "PASS" in proc.stdout and "top-1" in proc.stdout
     entry = json.loads((tmp_path / "parity.json").read_text())["m.gguf"]
     assert entry["passed"] and entry["overall"]["max_abs"] < 5e-3 and entry["overall"]["top1"] == 1.0

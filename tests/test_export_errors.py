@@ -70,8 +70,9 @@ def test_not_a_run_dir(tmp_path):
 
 
 def test_every_argument_problem_reported_at_once(tmp_path):
-    proc = export_cli("all", "--run", str(tmp_path / "nope"), "--type", "q8_0,q9_9", "--type", "f17",
-                      "--dtype", "float8")
+    proc = export_cli(
+        "all", "--run", str(tmp_path / "nope"), "--type", "q8_0,q9_9", "--type", "f17", "--dtype", "float8"
+    )
     assert proc.returncode == 2
     err = proc.stderr
     assert "'q9_9': unknown" in err and "'f17': unknown" in err and "q4_k_m" in err  # lists the known types

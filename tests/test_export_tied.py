@@ -29,10 +29,21 @@ def tied_checkpoint(tiny_path, tmp_path_factory) -> dict:
             shutil.copy(tiny_path / name, base / name)
     tok = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64 * -(-len(tok) // 64), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
-                      rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=64 * -(-len(tok) // 64),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # larger weights than the init, so the logits have some spread to compare
         for p in model.parameters():
@@ -43,13 +54,20 @@ def tied_checkpoint(tiny_path, tmp_path_factory) -> dict:
     tok.save_pretrained(base)
     embed = model.model.embed_tokens.weight.detach().clone()
 
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                "o_proj"], init_lora_weights=False))
+    lora = get_peft_model(
+        model,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False),
+    )
     soul = Soul(64, mix="interpolate", init="random", alpha=1.5, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         soul.generators.mul_(5.0)  # a clearly non-trivial rotation
-    ckpt = checkpoint.save(root / "ckpt", model=lora, soul=soul, tokenizer=tok,
-                           soul_meta={"step": 7, "base": str(base), "quantization": "none", "dtype": "float32"})
+    ckpt = checkpoint.save(
+        root / "ckpt",
+        model=lora,
+        soul=soul,
+        tokenizer=tok,
+        soul_meta={"step": 7, "base": str(base), "quantization": "none", "dtype": "float32"},
+    )
     return {"base": base, "ckpt": ckpt, "embed": embed, "soul": soul, "root": root}
 
 
@@ -110,7 +128,6 @@ def test_parity_catches_a_structural_mistake(tied_checkpoint, monkeypatch):
         pytest.skip("needs the merge test's output")
     monkeypatch.setitem(names.FAMILIES["llama"], "permute_qk", False)
     with pytest.raises(ExportError, match="parity failed"):
-        export_gguf(merged, tied_checkpoint["root"] / "wrong-q8_0.gguf", "q8_0", progress=False,
-                    log=lambda *_: None)
+        export_gguf(merged, tied_checkpoint["root"] / "wrong-q8_0.gguf", "q8_0", progress=False, log=lambda *_: None)
     report = json.loads((tied_checkpoint["root"] / "parity.json").read_text())["wrong-q8_0.gguf"]
     assert report["overall"]["top1_tie"] < 0.75 and report["overall"]["kl_mean"] > 0.01

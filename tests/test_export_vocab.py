@@ -31,8 +31,7 @@ def test_name_follows_the_tokenizers_whitespace_rule(tiny_path, tmp_path, rstrip
     else:
         shutil.copytree(tiny_path, model)
     # A name that says phi-3 either way: it must be kept only when the tokenizer strips.
-    result = write_gguf(model, tmp_path / "m.gguf", "f16", name="Tiny-Phi-3-test", progress=False,
-                        log=lambda *_: None)
+    result = write_gguf(model, tmp_path / "m.gguf", "f16", name="Tiny-Phi-3-test", progress=False, log=lambda *_: None)
     name, parity = _template_parity(tmp_path / "m.gguf", model)
     assert ("phi-3" in name.lower() or "phi3" in name.lower()) == rstrip, name
     assert any("general.name" in n for n in result.notes) != rstrip  # renamed only where it had to be
@@ -53,20 +52,36 @@ def test_qwen2_with_byte_level_bpe(tmp_path):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([corpus_path("prose_train_a.txt").read_text(encoding="utf-8")],
-                            trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>", "<|im_start|>",
-                                                                                 "<|im_end|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        [corpus_path("prose_train_a.txt").read_text(encoding="utf-8")],
+        trainers.BpeTrainer(
+            vocab_size=1000,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-                         "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-                         "{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+        "{% endif %}"
+    )
     model_dir = tmp_path / "qwen"
     tok.save_pretrained(model_dir)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                         tie_word_embeddings=False, eos_token_id=tok.eos_token_id))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:

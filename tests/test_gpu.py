@@ -18,6 +18,7 @@ def test_nf4_training_on_cuda_uses_bf16_and_reports_memory(tiny_path, tmp_path):
     _, meta = checkpoint.read_soul(run / "final")
     assert meta["quantization"] == "nf4"
     from aegis.loading import load_checkpoint
+
     model, soul, _, _ = load_checkpoint(run / "final")
     qkv = model.get_base_model().model.layers[0].self_attn.qkv_proj.base_layer
     assert qkv.weight.device.type == "cuda" and qkv.compute_dtype == torch.bfloat16
@@ -27,6 +28,7 @@ def test_fold_on_cuda_matches(tiny_path):
     from torch import nn
 
     from aegis.soul import Soul, SoulHead
+
     head = nn.Linear(128, 4032, bias=False, device="cuda", dtype=torch.bfloat16)
     soul = Soul(128, init="random", alpha=1.618).cuda()
     h = torch.randn(2, 9, 128, device="cuda")

@@ -54,8 +54,10 @@ def as_tool(schema) -> list[dict]:
 
 
 def chat(http, max_tokens=2, **fields) -> httpx.Response:
-    return http.post("/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": max_tokens,
-                                                "temperature": 0, **fields})
+    return http.post(
+        "/chat/completions",
+        json={"model": "tiny", "messages": USER, "max_tokens": max_tokens, "temperature": 0, **fields},
+    )
 
 
 def nested(depth: int) -> dict:
@@ -67,8 +69,11 @@ def nested(depth: int) -> dict:
 
 def props(n: int, required: bool) -> dict:
     names = [f"p{i}" for i in range(n)]
-    return {"type": "object", "properties": {k: {"type": "integer"} for k in names},
-            **({"required": names} if required else {})}
+    return {
+        "type": "object",
+        "properties": {k: {"type": "integer"} for k in names},
+        **({"required": names} if required else {}),
+    }
 
 
 def pattern(p: str) -> dict:
@@ -87,25 +92,42 @@ KNOWN_BAD = {
     "group_depth": (pattern("^" + "(" * 40 + "a" + ")" * 40 + "$"), "/properties/s/pattern", "32"),
     "group_depth_huge": (pattern("^" + "(" * 20000 + "a" + ")" * 20000 + "$"), "/properties/s/pattern", "32"),
     "enum_20000": ({"enum": [f"value-{i}" for i in range(20000)]}, "/enum", "1,000"),
-    "enum_bytes": ({"type": "object", "properties": {"f": {"const": "y" * 150_000}}}, "/properties/f/const",
-                   "131,072"),
+    "enum_bytes": ({"type": "object", "properties": {"f": {"const": "y" * 150_000}}}, "/properties/f/const", "131,072"),
     "max_length_20000": ({"type": "string", "maxLength": 20000}, "/maxLength", "1,000"),
     "min_items_20000": ({"type": "array", "items": {"type": "integer"}, "minItems": 20000}, "/minItems", "1,000"),
     "deep_nesting": (nested(200), "/properties/a" * 31, "32"),
-    "ref_chain": ({"$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(100)} | {"d100": {"type": "null"}},
-                   "$ref": "#/$defs/d0"}, "/$defs/d", "32"),
+    "ref_chain": (
+        {
+            "$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(100)} | {"d100": {"type": "null"}},
+            "$ref": "#/$defs/d0",
+        },
+        "/$defs/d",
+        "32",
+    ),
     "optional_properties": (props(101, required=False), "/properties", "100"),
-    "properties_total": ({"type": "object", "properties": {f"g{j}": props(100, True) for j in range(51)}},
-                         "/properties", "5,000"),
+    "properties_total": (
+        {"type": "object", "properties": {f"g{j}": props(100, True) for j in range(51)}},
+        "/properties",
+        "5,000",
+    ),
     "any_of": ({"anyOf": [{"const": i} for i in range(129)]}, "/anyOf", "128"),
     "schema_bytes": ({"type": "object", "description": "x" * 600_000}, "/", "524,288"),
     # allOf copies what its $ref points at into the merge: the copies count against the request's bytes
-    "all_of_copies": ({"type": "object", "$defs": {"big": {"type": "object", "description": "x" * 100_000}},
-                       "properties": {f"c{i}": {"allOf": [{"$ref": "#/$defs/big"}]} for i in range(6)}},
-                      "/properties/c4/allOf/0/$ref", "524,288"),
-    "multiple_of_values": ({"type": "integer", "minimum": 0, "maximum": 10_000, "multipleOf": 7}, "/multipleOf",
-                           "1,000"),
-    "integer_bound": ({"type": "integer", "maximum": 10 ** 17}, "/maximum", "9,999,999,999,999,999"),
+    "all_of_copies": (
+        {
+            "type": "object",
+            "$defs": {"big": {"type": "object", "description": "x" * 100_000}},
+            "properties": {f"c{i}": {"allOf": [{"$ref": "#/$defs/big"}]} for i in range(6)},
+        },
+        "/properties/c4/allOf/0/$ref",
+        "524,288",
+    ),
+    "multiple_of_values": (
+        {"type": "integer", "minimum": 0, "maximum": 10_000, "multipleOf": 7},
+        "/multipleOf",
+        "1,000",
+    ),
+    "integer_bound": ({"type": "integer", "maximum": 10**17}, "/maximum", "9,999,999,999,999,999"),
 }
 
 
@@ -133,8 +155,7 @@ def test_known_bad_schemas_are_refused_by_name(server, http, name):
 
 
 def test_too_many_tools_is_refused_by_name(http):
-    tools = [{"type": "function", "function": {"name": f"t{i}", "parameters": {"type": "object"}}}
-             for i in range(129)]
+    tools = [{"type": "function", "function": {"name": f"t{i}", "parameters": {"type": "object"}}} for i in range(129)]
     r = chat(http, tools=tools)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
     assert "128" in r.json()["error"]["message"]  # the request type caps it; tools.grammar again
@@ -142,25 +163,54 @@ def test_too_many_tools_is_refused_by_name(http):
 
 def big_tools(n_tools=128, n_params=30) -> list[dict]:
     """What an agent with many tools sends: each with optional parameters (the limits' own example, admitted)."""
-    return [{"type": "function", "function": {"name": f"tool_{i}", "description": "does a thing", "parameters": {
-        "type": "object", "properties": {f"param_{i}_{j}": {"type": ["string", "integer", "boolean"][j % 3],
-                                                            "description": "x" * 50} for j in range(n_params)}}}}
-            for i in range(n_tools)]
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": f"tool_{i}",
+                "description": "does a thing",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        f"param_{i}_{j}": {"type": ["string", "integer", "boolean"][j % 3], "description": "x" * 50}
+                        for j in range(n_params)
+                    },
+                },
+            },
+        }
+        for i in range(n_tools)
+    ]
 
 
 def big_format() -> dict:
     """The same as one response_format: the grammar tools.grammar builds for big_tools, near MAX_SCHEMA_BYTES."""
-    return as_format({"anyOf": [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
-                                                                  "arguments": t["function"]["parameters"]},
-                                 "required": ["name", "arguments"]} for t in big_tools()]})
+    return as_format(
+        {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": t["function"]["name"]}, "arguments": t["function"]["parameters"]},
+                    "required": ["name", "arguments"],
+                }
+                for t in big_tools()
+            ]
+        }
+    )
 
 
 def test_schemas_at_the_limits_are_admitted(http):
     """The limits admit what real applications send: the largest shapes just inside every limit are served."""
-    ok = [pattern("^a{0,1000}$"), pattern("^([a-z0-9]{1,63}[.]){1,4}[a-z]{2,6}$"), pattern("^(a{0,15}){0,16}$"),
-          {"enum": [f"v{i}" for i in range(1000)]}, nested(31), props(100, required=False),
-          {"type": "object", "properties": {f"g{j}": props(100, True) for j in range(49)}},
-          {"anyOf": [{"const": i} for i in range(128)]}, {"type": "string", "maxLength": 1000}]
+    ok = [
+        pattern("^a{0,1000}$"),
+        pattern("^([a-z0-9]{1,63}[.]){1,4}[a-z]{2,6}$"),
+        pattern("^(a{0,15}){0,16}$"),
+        {"enum": [f"v{i}" for i in range(1000)]},
+        nested(31),
+        props(100, required=False),
+        {"type": "object", "properties": {f"g{j}": props(100, True) for j in range(49)}},
+        {"anyOf": [{"const": i} for i in range(128)]},
+        {"type": "string", "maxLength": 1000},
+    ]
     for schema in ok:
         r = chat(http, response_format=as_format(schema))
         assert r.status_code == 200, (r.text[:300], json.dumps(schema)[:200])
@@ -197,9 +247,15 @@ def test_the_repetition_limit_leaves_llama_cpp_a_margin(request):
     gguf, _ = serving.served_files(request)
 
     def parse(n: int) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", PARSE_CHILD, str(gguf), str(n), str(1 << 20)], cwd=serving.REPO,
-                              capture_output=True, text=True, timeout=120,
-                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
+        return subprocess.run(
+            [sys.executable, "-c", PARSE_CHILD, str(gguf), str(n), str(1 << 20)],
+            cwd=serving.REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)),
+        )
+
     fine = parse(2 * structured.MAX_REPEAT)
     assert fine.returncode == 0 and "survived" in fine.stdout, fine.stderr[-2000:]
     crash = parse(40 * structured.MAX_REPEAT)
@@ -207,6 +263,7 @@ def test_the_repetition_limit_leaves_llama_cpp_a_margin(request):
 
 
 # ---- latency: building or refusing a big schema holds no one else up ------------------------------------------
+
 
 def _timed(http) -> float:
     t = time.perf_counter()
@@ -220,8 +277,11 @@ def test_a_small_request_keeps_its_latency_while_big_schemas_are_built(server, h
         _timed(http)  # warm
     normal = statistics.median(_timed(http) for _ in range(5))
     big = {"response_format": big_format()}
-    bad = {"response_format": as_format({"type": "object", "properties": {
-        f"e{j}": {"enum": [f"value-{i}" for i in range(999)]} for j in range(30)}})}  # refused, after ~0.5 MB
+    bad = {
+        "response_format": as_format(
+            {"type": "object", "properties": {f"e{j}": {"enum": [f"value-{i}" for i in range(999)]} for j in range(30)}}
+        )
+    }  # refused, after ~0.5 MB
     for body, status in ((big, 200), (bad, 400)):
         stop = threading.Event()
 
@@ -229,14 +289,17 @@ def test_a_small_request_keeps_its_latency_while_big_schemas_are_built(server, h
             with httpx.Client(base_url=server.api, timeout=120) as c:
                 while not stop.is_set():
                     assert chat(c, **body).status_code == status
+
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             job = pool.submit(hammer)
             time.sleep(0.3)  # the big one is being built
             times = [_timed(http) for _ in range(6)]
             stop.set()
             job.result()
-        print(f"normal {normal:.3f} s; while {list(body)[0]} is {'built' if status == 200 else 'refused'}: "
-              + " ".join(f"{t:.3f}" for t in times))
+        print(
+            f"normal {normal:.3f} s; while {list(body)[0]} is {'built' if status == 200 else 'refused'}: "
+            + " ".join(f"{t:.3f}" for t in times)
+        )
         assert max(times) <= normal + 0.5, (normal, times, list(body))
 
 
@@ -257,6 +320,7 @@ def patterns(draw) -> str:
             atom = draw(PATTERN_ATOMS)
         quantifier = draw(st.sampled_from(["", "", "?", "*", "+", "{%d}", "{%d,}", "{0,%d}", "{1,%d}", "{%d,2}"]))
         return atom + (quantifier % draw(COUNTS) if "%" in quantifier else quantifier)
+
     text = "".join(unit(0) for _ in range(draw(st.integers(1, 4))))
     return draw(st.sampled_from(["^{}$", "^{}$", "{}", "^{}"])).format(text)
 
@@ -271,14 +335,18 @@ LEAVES = st.one_of(
     st.sampled_from(["date", "time", "date-time", "uuid", "email", 3]).map(lambda f: {"type": "string", "format": f}),
     st.builds(lambda k, n: {"type": "string", k: n}, st.sampled_from(["minLength", "maxLength"]), COUNTS),
     st.lists(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5)), max_size=5).map(
-        lambda v: {"enum": v}),
+        lambda v: {"enum": v}
+    ),
     COUNTS.map(_enum),
     st.just({"const": {"a": [1, None]}}),
     st.sampled_from([{"$ref": "#"}, {"$ref": "#/properties/x"}, {"$ref": "#/$defs/nope"}, {"$ref": "http://x/y"}]),
     st.sampled_from([True, False, 0, "string", [], {"type": "integer", "minimum": 1}, {"not": {}}]),
-    st.builds(lambda t, k, v: {"type": t, k: v}, st.sampled_from(["integer", "number", ["integer", "null"]]),
-              st.sampled_from(sorted(structured.BOUNDS) + ["multipleOf"]),
-              st.sampled_from([0, 1, -1, 0.5, 10 ** 20, "1", True])),
+    st.builds(
+        lambda t, k, v: {"type": t, k: v},
+        st.sampled_from(["integer", "number", ["integer", "null"]]),
+        st.sampled_from(sorted(structured.BOUNDS) + ["multipleOf"]),
+        st.sampled_from([0, 1, -1, 0.5, 10**20, "1", True]),
+    ),
     st.sampled_from(["email", "ipv4", "ipv6", "uri"]).map(lambda f: {"type": ["string", "null"], "format": f}),
     st.just({"allOf": [{"$ref": "#"}]}),
 )
@@ -286,12 +354,18 @@ LEAVES = st.one_of(
 
 def _children(inner):
     return st.one_of(
-        st.builds(lambda d, req: {"type": "object", "properties": d,
-                                  **({"required": sorted(d)[:1] if req else ["missing"]} if req is not None else {})},
-                  st.dictionaries(st.text("abcxyz~/", min_size=1, max_size=3), inner, max_size=4),
-                  st.sampled_from([None, True, False])),
-        st.builds(lambda i, lo, hi: {"type": "array", "items": i, "minItems": lo, "maxItems": hi}, inner, COUNTS,
-                  COUNTS),
+        st.builds(
+            lambda d, req: {
+                "type": "object",
+                "properties": d,
+                **({"required": sorted(d)[:1] if req else ["missing"]} if req is not None else {}),
+            },
+            st.dictionaries(st.text("abcxyz~/", min_size=1, max_size=3), inner, max_size=4),
+            st.sampled_from([None, True, False]),
+        ),
+        st.builds(
+            lambda i, lo, hi: {"type": "array", "items": i, "minItems": lo, "maxItems": hi}, inner, COUNTS, COUNTS
+        ),
         st.lists(inner, min_size=0, max_size=3).map(lambda alts: {"anyOf": alts}),
         st.lists(inner, min_size=1, max_size=2).map(lambda items: {"type": "array", "prefixItems": items}),
         st.builds(lambda s: {"type": "object", "additionalProperties": s}, inner),
@@ -304,9 +378,14 @@ SCHEMAS = st.one_of(
     st.recursive(LEAVES, _children, max_leaves=12),
     st.sampled_from([1, 5, 31, 32, 33, 100, 400]).map(nested),
     st.sampled_from([10, 100, 101, 1000]).map(lambda n: props(n, required=False)),
-    st.just({"$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer"},
-                                                                    "next": {"$ref": "#/$defs/node"}}}},
-             "$ref": "#/$defs/node"}),
+    st.just(
+        {
+            "$defs": {
+                "node": {"type": "object", "properties": {"v": {"type": "integer"}, "next": {"$ref": "#/$defs/node"}}}
+            },
+            "$ref": "#/$defs/node",
+        }
+    ),
     st.just({"type": "object", "properties": {"self": {"$ref": "#"}}}),
     st.sampled_from([k[0] for k in KNOWN_BAD.values() if len(json.dumps(k[0])) < 100_000]),
 )
@@ -322,15 +401,27 @@ def _answered(r: httpx.Response, param_prefix: str) -> None:
             assert err["param"].startswith(param_prefix), err
 
 
-@settings(max_examples=150, deadline=None, database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large, HealthCheck.large_base_example])
+@settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
+)
 @given(schema=SCHEMAS, choice=st.sampled_from(["auto", "required", "act"]))
 def test_generated_schemas_never_take_the_server_down(server, http, schema, choice):
     try:
         _answered(chat(http, response_format=as_format(schema)), "response_format")
-        params = schema if isinstance(schema, dict) and schema.get("type") == "object" else \
-            {"type": "object", "properties": {"x": schema}}
+        params = (
+            schema
+            if isinstance(schema, dict) and schema.get("type") == "object"
+            else {"type": "object", "properties": {"x": schema}}
+        )
         tool_choice = {"type": "function", "function": {"name": "act"}} if choice == "act" else choice
         _answered(chat(http, tools=as_tool(params), tool_choice=tool_choice), "tools")
     except httpx.TransportError as e:
@@ -343,6 +434,7 @@ def test_the_server_survived_the_fuzzing(server, http):
 
 
 # ---- calendar formats ------------------------------------------------------------------------------------------
+
 
 class Matcher:
     """llama.cpp's own grammar matcher over the served vocabulary, fed one character token at a time."""
@@ -416,8 +508,13 @@ class Matcher:
                 t = time.perf_counter()
                 lib.llama_sampler_apply(s, ctypes.byref(arr))
                 worst = max(worst, time.perf_counter() - t)
-                allowed = [i for i in range(n) if data[i].logit != float("-inf") and not lib.llama_vocab_is_eog(
-                    self.vocab, i) and not lib.llama_vocab_is_control(self.vocab, i)]
+                allowed = [
+                    i
+                    for i in range(n)
+                    if data[i].logit != float("-inf")
+                    and not lib.llama_vocab_is_eog(self.vocab, i)
+                    and not lib.llama_vocab_is_control(self.vocab, i)
+                ]
                 inside = [i for i in allowed if not any(ch in self.piece(i) for ch in avoid)]
                 if not allowed:
                     break
@@ -429,7 +526,7 @@ class Matcher:
     def piece(self, token: int) -> str:
         buf = ctypes.create_string_buffer(64)
         n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:max(n, 0)].decode("utf-8", "replace")
+        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
 
     def close(self):
         self.lib.llama_model_free(self.model)
@@ -452,13 +549,20 @@ def test_the_decode_threads_share_of_a_big_grammar_is_bounded(matcher):
     matcher.lib.llama_sampler_free(matcher.sampler(grammar))
     start = time.perf_counter() - t
     group, product = structured.MAX_GROUP_REPEAT, structured.MAX_REPEAT_PRODUCT
-    worst = max(matcher.step_cost(structured.schema_grammar(pattern(p)), steps=40, avoid='"')
-                for p in (f"^(a{{0,{product // group}}}){{0,{group}}}$", f"^(a?b?){{0,{group}}}$",
-                          f"^a{{0,{structured.MAX_REPEAT}}}$"))
+    worst = max(
+        matcher.step_cost(structured.schema_grammar(pattern(p)), steps=40, avoid='"')
+        for p in (
+            f"^(a{{0,{product // group}}}){{0,{group}}}$",
+            f"^(a?b?){{0,{group}}}$",
+            f"^a{{0,{structured.MAX_REPEAT}}}$",
+        )
+    )
     values = [f"item-number-{i:05d}" for i in range(structured.MAX_ENUM_VALUES)]
     enum = matcher.step_cost(structured.schema_grammar({"enum": values}), steps=20)
-    print(f"big grammar ({len(grammar):,} bytes): sampler made in {start:.3f} s; worst token under an admitted "
-          f"pattern {worst:.3f} s, under a 1 000-value enum {enum:.3f} s")
+    print(
+        f"big grammar ({len(grammar):,} bytes): sampler made in {start:.3f} s; worst token under an admitted "
+        f"pattern {worst:.3f} s, under a 1 000-value enum {enum:.3f} s"
+    )
     assert start < 0.25 and worst < 0.25 and enum < 0.25
 
 
@@ -498,17 +602,29 @@ def test_every_month_has_its_own_length(matcher, year):
 
 def test_times_are_real_times(matcher):
     time_g = fmt_grammar("time")
-    for text, ok in [("00:00:00Z", True), ("23:59:59+23:59", True), ("12:30:05.123456-05:00", True),
-                     ("12:30:05.1Z", True), ("24:00:00Z", False), ("23:60:00Z", False), ("23:59:60Z", False),
-                     ("12:30:05.1234567Z", False), ("12:30:05", False), ("12:30:05+24:00", False),
-                     ("12:30:05.Z", False)]:
+    for text, ok in [
+        ("00:00:00Z", True),
+        ("23:59:59+23:59", True),
+        ("12:30:05.123456-05:00", True),
+        ("12:30:05.1Z", True),
+        ("24:00:00Z", False),
+        ("23:60:00Z", False),
+        ("23:59:60Z", False),
+        ("12:30:05.1234567Z", False),
+        ("12:30:05", False),
+        ("12:30:05+24:00", False),
+        ("12:30:05.Z", False),
+    ]:
         assert matcher.admits(time_g, f'"{text}"') == ok, text
 
 
 def test_random_walks_through_the_calendar_grammars_all_parse(matcher):
     alphabet = '0123456789-T:.Z+"'
-    for fmt, parse in (("date", datetime.date.fromisoformat), ("time", datetime.time.fromisoformat),
-                       ("date-time", datetime.datetime.fromisoformat)):
+    for fmt, parse in (
+        ("date", datetime.date.fromisoformat),
+        ("time", datetime.time.fromisoformat),
+        ("date-time", datetime.datetime.fromisoformat),
+    ):
         g, rng = fmt_grammar(fmt), random.Random(fmt)
         for _ in range(150):
             text = matcher.walk(g, rng, alphabet)
@@ -518,10 +634,15 @@ def test_random_walks_through_the_calendar_grammars_all_parse(matcher):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_sampled_dates_through_the_server_are_real_dates(http, temperature):
-    schema = {"type": "object", "properties": {"day": {"type": "string", "format": "date"},
-                                               "at": {"type": "string", "format": "date-time"},
-                                               "t": {"type": "string", "format": "time"}},
-              "required": ["day", "at", "t"]}
+    schema = {
+        "type": "object",
+        "properties": {
+            "day": {"type": "string", "format": "date"},
+            "at": {"type": "string", "format": "date-time"},
+            "t": {"type": "string", "format": "time"},
+        },
+        "required": ["day", "at", "t"],
+    }
     seeds = [107, *range(1, 7)] if temperature else [107]
     for seed in seeds:
         r = chat(http, max_tokens=200, response_format=as_format(schema), temperature=temperature, seed=seed)
@@ -534,16 +655,25 @@ def test_sampled_dates_through_the_server_are_real_dates(http, temperature):
 
 # ---- numeric bounds and internet formats -------------------------------------------------------------------------
 
-BOUND_CASES = [{"minimum": 1, "maximum": 9}, {"exclusiveMinimum": -3, "exclusiveMaximum": 12},
-               {"minimum": -20, "exclusiveMaximum": -7}, {"exclusiveMinimum": 0}, {"maximum": -1},
-               {"exclusiveMinimum": -1, "exclusiveMaximum": 0}, {"minimum": 0, "maximum": 0},
-               {"minimum": 99, "maximum": 1001}]
+BOUND_CASES = [
+    {"minimum": 1, "maximum": 9},
+    {"exclusiveMinimum": -3, "exclusiveMaximum": 12},
+    {"minimum": -20, "exclusiveMaximum": -7},
+    {"exclusiveMinimum": 0},
+    {"maximum": -1},
+    {"exclusiveMinimum": -1, "exclusiveMaximum": 0},
+    {"minimum": 0, "maximum": 0},
+    {"minimum": 99, "maximum": 1001},
+]
 
 
 def _within(value, bounds: dict) -> bool:
-    return (value >= bounds.get("minimum", value) and value <= bounds.get("maximum", value)
-            and ("exclusiveMinimum" not in bounds or value > bounds["exclusiveMinimum"])
-            and ("exclusiveMaximum" not in bounds or value < bounds["exclusiveMaximum"]))
+    return (
+        value >= bounds.get("minimum", value)
+        and value <= bounds.get("maximum", value)
+        and ("exclusiveMinimum" not in bounds or value > bounds["exclusiveMinimum"])
+        and ("exclusiveMaximum" not in bounds or value < bounds["exclusiveMaximum"])
+    )
 
 
 @pytest.mark.parametrize("bounds", BOUND_CASES)
@@ -553,8 +683,11 @@ def test_integer_bounds_are_exact(matcher, bounds):
             structured.schema_grammar({"type": "integer", **bounds})
         return
     g = structured.schema_grammar({"type": "integer", **bounds})
-    wrong = [i for i in [*range(-30, 31), 98, 99, 100, 999, 1000, 1001, 1002, 12345]
-             if matcher.admits(g, str(i)) != _within(i, bounds)]
+    wrong = [
+        i
+        for i in [*range(-30, 31), 98, 99, 100, 999, 1000, 1001, 1002, 12345]
+        if matcher.admits(g, str(i)) != _within(i, bounds)
+    ]
     assert not wrong, wrong
     assert not matcher.admits(g, "01") and not matcher.admits(g, "-0") and not matcher.admits(g, "1.0")
 
@@ -578,12 +711,17 @@ def test_internet_formats_are_what_python_and_jsonschema_accept(matcher):
     import ipaddress
 
     import jsonschema
+
     check = jsonschema.Draft202012Validator.FORMAT_CHECKER
-    for text, ok in [("192.168.0.1", True), ("255.255.255.255", True), ("256.1.1.1", False), ("01.2.3.4", False),
-                     ("1.2.3", False)]:
+    for text, ok in [
+        ("192.168.0.1", True),
+        ("255.255.255.255", True),
+        ("256.1.1.1", False),
+        ("01.2.3.4", False),
+        ("1.2.3", False),
+    ]:
         assert matcher.admits(fmt_grammar("ipv4"), f'"{text}"') == ok, text
-    alphabets = {"ipv4": "0123456789.", "ipv6": "0123456789abcdef:", "email": "abz09.-_@+%",
-                 "uri": "az09:/.?%AF-_~@=&"}
+    alphabets = {"ipv4": "0123456789.", "ipv6": "0123456789abcdef:", "email": "abz09.-_@+%", "uri": "az09:/.?%AF-_~@=&"}
     for fmt, alphabet in alphabets.items():
         g, rng = fmt_grammar(fmt), random.Random(fmt)
         for _ in range(100):

@@ -38,6 +38,7 @@ def size_of(path: Path) -> int:
 
 # ---- a small real file system --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def small_fs(tmp_path):
     """A 64 MiB tmpfs of its own (unmounted afterwards); `leave` fills it."""
@@ -70,6 +71,7 @@ def file_size_limit(limit: int):
 
 # ---- inputs refused before anything loads ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])
 def test_a_seed_numpy_cannot_take_is_a_config_error(tmp_path, seed):
     run = tmp_path / "run"
@@ -91,8 +93,9 @@ def test_a_base_directory_without_a_model_is_named(tiny_path, tmp_path):
     base.mkdir()
     shutil.copy(tiny_path / "tokenizer_config.json", base)  # a tokenizer, but no config.json and no weights
     run = tmp_path / "run"
-    one_line_error(train(run, f"model.base={base}"), f"model.base: {base}", "no config.json",
-                   "no weights (*.safetensors)")
+    one_line_error(
+        train(run, f"model.base={base}"), f"model.base: {base}", "no config.json", "no weights (*.safetensors)"
+    )
     nothing_started(run)
 
 
@@ -121,6 +124,7 @@ def test_a_lone_surrogate_is_a_bad_line_named_by_file_and_line(tiny_path, tmp_pa
 
 # ---- one trainer per run directory ---------------------------------------------------------------------------------
 
+
 def test_a_second_trainer_is_refused_while_the_first_runs_and_kill_9_frees_the_directory(tiny_path, tmp_path):
     """The first trainer (which also skips a lone-surrogate line, with data.skip_bad_lines) holds the run
     directory; a --resume beside it fails at once naming its PID, where it used to read a checkpoint the live run
@@ -129,12 +133,33 @@ def test_a_second_trainer_is_refused_while_the_first_runs_and_kill_9_frees_the_d
     rows.write_text(SURROGATE_ROWS * 20, encoding="utf-8")
     run = tmp_path / "run"
     log = tmp_path / "first.log"
-    sets = ["schedule.total_steps=400", "schedule.warmup_steps=0", "schedule.anneal_steps=2", "train.save_steps=1",
-            "train.keep_last=2", "train.max_length=32", f'data.train=["{rows}"]', "data.skip_bad_lines=true"]
+    sets = [
+        "schedule.total_steps=400",
+        "schedule.warmup_steps=0",
+        "schedule.anneal_steps=2",
+        "train.save_steps=1",
+        "train.keep_last=2",
+        "train.max_length=32",
+        f'data.train=["{rows}"]',
+        "data.skip_bad_lines=true",
+    ]
     with open(log, "w") as out:
-        first = subprocess.Popen([sys.executable, "-m", "train", "--config", str(QUICKSTART), "--run-dir", str(run),
-                                  "--no-progress", *[a for s in sets for a in ("--set", s)]],
-                                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        first = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "train",
+                "--config",
+                str(QUICKSTART),
+                "--run-dir",
+                str(run),
+                "--no-progress",
+                *[a for s in sets for a in ("--set", s)],
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
     try:
         deadline = time.time() + 300
         while len(metrics.read(run)) < 3:
@@ -159,6 +184,7 @@ def test_a_second_trainer_is_refused_while_the_first_runs_and_kill_9_frees_the_d
 
 # ---- a finished run resumed -----------------------------------------------------------------------------------------
 
+
 def test_resuming_a_finished_run_whose_final_fails_keeps_its_summary(short_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(short_run, run, ignore=shutil.ignore_patterns("export*"))
@@ -176,6 +202,7 @@ def test_resuming_a_finished_run_whose_final_fails_keeps_its_summary(short_run, 
 
 
 # ---- a full disk -------------------------------------------------------------------------------------------------
+
 
 def test_a_checkpoint_save_on_a_full_disk_leaves_the_run_as_it_was(short_run, small_fs):
     """final/ cannot be written (half the room it needs): one line with the bytes it needs and is short of, no
@@ -202,8 +229,9 @@ def test_a_checkpoint_save_on_a_full_disk_leaves_the_run_as_it_was(short_run, sm
 @pytest.fixture(scope="module")
 def merged(short_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hardening") / "merged"
-    proc = cli("export", "merge", "--checkpoint", str(short_run / checkpoint.FINAL), "--out", str(out),
-               "--no-quant-gap")
+    proc = cli(
+        "export", "merge", "--checkpoint", str(short_run / checkpoint.FINAL), "--out", str(out), "--no-quant-gap"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -214,8 +242,9 @@ def test_a_merge_on_a_full_disk_keeps_the_earlier_export(short_run, merged, smal
     (out / "keep.txt").write_text("an earlier export")
     weights = size_of(merged / "model.safetensors")
     leave(small_fs, weights // 2)
-    proc = cli("export", "merge", "--checkpoint", str(short_run / checkpoint.FINAL), "--out", str(out),
-               "--no-quant-gap")
+    proc = cli(
+        "export", "merge", "--checkpoint", str(short_run / checkpoint.FINAL), "--out", str(out), "--no-quant-gap"
+    )
     line = one_line_error(proc, str(out), "no space left on device", "bytes short")
     needed = int(line.split("needs about ")[1].split(" bytes")[0].replace(",", ""))
     assert weights * 0.99 < needed <= weights  # the weights' bytes, less the safetensors header
@@ -227,8 +256,9 @@ def test_a_gguf_on_a_full_disk_keeps_the_earlier_file(merged, small_fs):
     out = small_fs / "tiny-f16.gguf"
     out.write_bytes(b"an earlier, good export")
     leave(small_fs, size_of(merged / "model.safetensors") // 4)  # f32 weights: an f16 file needs about half
-    proc = cli("export", "gguf", "--model", str(merged), "--out", str(out), "--type", "f16", "--skip-parity",
-               "--no-progress")
+    proc = cli(
+        "export", "gguf", "--model", str(merged), "--out", str(out), "--type", "f16", "--skip-parity", "--no-progress"
+    )
     one_line_error(proc, f"{out} (unchecked)", "no space left on device", "bytes short")
     assert out.read_bytes() == b"an earlier, good export"
     assert not leftovers(small_fs)
@@ -239,8 +269,18 @@ def test_a_k_quant_on_a_full_disk_is_one_line(merged, small_fs):
     failed, so the full file system is recognised and named; the intermediate goes too."""
     out = small_fs / "tiny-q4_k_m.gguf"
     leave(small_fs, size_of(merged / "model.safetensors") + 2_000_000)
-    proc = cli("export", "gguf", "--model", str(merged), "--out", str(out), "--type", "q4_k_m", "--skip-parity",
-               "--no-progress")
+    proc = cli(
+        "export",
+        "gguf",
+        "--model",
+        str(merged),
+        "--out",
+        str(out),
+        "--type",
+        "q4_k_m",
+        "--skip-parity",
+        "--no-progress",
+    )
     assert "quantizing to q4_k_m with llama.cpp" in proc.stdout  # the intermediate was written
     one_line_error(proc, str(small_fs), "tiny-q4_k_m", "no space left on device", "bytes it had written")
     assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
@@ -251,8 +291,26 @@ def test_a_gguf_past_the_file_size_limit_is_one_line(merged, tmp_path):
     out = tmp_path / "out" / "tiny-f16.gguf"
     out.parent.mkdir()
     limit = size_of(merged / "model.safetensors") // 4
-    proc = subprocess.run([sys.executable, "-m", "export", "gguf", "--model", str(merged), "--out", str(out),
-                           "--type", "f16", "--skip-parity", "--no-progress"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600, preexec_fn=file_size_limit(limit))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "gguf",
+            "--model",
+            str(merged),
+            "--out",
+            str(out),
+            "--type",
+            "f16",
+            "--skip-parity",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        preexec_fn=file_size_limit(limit),
+    )
     one_line_error(proc, f"{out} (unchecked)", f"file-size limit (ulimit -f) of {limit:,} bytes", "needs about")
     assert list(out.parent.iterdir()) == []

@@ -16,14 +16,18 @@ from aegis import checkpoint, metrics
 from aegis.config import ConfigError, build
 from conftest import QUICKSTART, ROOT, SHORT, train_cli
 
-TINY = ["schedule.total_steps=4", "schedule.warmup_steps=1", "schedule.anneal_steps=2", "train.save_steps=1",
-        "train.max_length=64"]
+TINY = [
+    "schedule.total_steps=4",
+    "schedule.warmup_steps=1",
+    "schedule.anneal_steps=2",
+    "train.save_steps=1",
+    "train.max_length=64",
+]
 MISSING_BASE = "model.base=/nonexistent/aegis-base"  # loading it would fail: an error about it means we got that far
 
 
 def cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
 def train(run_dir: Path, *overrides: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -109,8 +113,10 @@ def test_export_falls_back_and_refuses_a_named_checkpoint_that_fails(short_run, 
     assert f"using {run / 'checkpoints' / 'step_12'}, the newest checkpoint that verifies" in proc.stdout
     summary = json.loads((run / "export" / "export.json").read_text())
     assert summary["checkpoint"] == str(run / "checkpoints" / "step_12")
-    for command in (["all", "--run", str(run), "--checkpoint", str(run / "final")],
-                    ["merge", "--checkpoint", str(run / "final"), "--out", str(tmp_path / "merged")]):
+    for command in (
+        ["all", "--run", str(run), "--checkpoint", str(run / "final")],
+        ["merge", "--checkpoint", str(run / "final"), "--out", str(tmp_path / "merged")],
+    ):
         one_line_error(cli("export", *command), str(run / "final" / checkpoint.SOUL), "100 bytes")
     assert not (tmp_path / "merged").exists()
 
@@ -133,10 +139,13 @@ def test_every_reader_refuses_a_checkpoint_that_fails(short_run, tmp_path):
 
 # ---- non-finite is an error ----------------------------------------------------------------------------------------
 
+
 def test_non_finite_settings_are_refused_by_key():
     with pytest.raises(ConfigError) as e:
-        build({"train": {"max_grad_norm": float("nan")}}, ["train.lr=inf", "schedule.target_alpha=nan",
-                                                            "schedule.start_alpha=-inf", "lora.dropout=nan"])
+        build(
+            {"train": {"max_grad_norm": float("nan")}},
+            ["train.lr=inf", "schedule.target_alpha=nan", "schedule.start_alpha=-inf", "lora.dropout=nan"],
+        )
     text = str(e.value)
     for key in ("train.lr", "train.max_grad_norm", "schedule.target_alpha", "schedule.start_alpha", "lora.dropout"):
         assert f"{key}: must be a finite number" in text
@@ -157,6 +166,7 @@ def test_a_non_finite_update_stops_the_run_at_its_step(tiny_path, tmp_path, lr, 
 
 
 # ---- one run per directory ---------------------------------------------------------------------------------------
+
 
 def test_a_directory_that_holds_a_run_is_refused_then_overwritten_on_request(short_run, tmp_path):
     run = tmp_path / "run"
@@ -185,14 +195,20 @@ def test_a_kill_before_the_first_checkpoint_leaves_each_step_once(short_run, tmp
 
 # ---- clear errors, early -----------------------------------------------------------------------------------------
 
+
 def _read_only(path: Path, *command: str) -> subprocess.CompletedProcess:
     """`command` with `path` on a read-only file system (a tmpfs mounted read-only in a private mount namespace)."""
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare for a private read-only mount")
     path.mkdir()
     mount = 'mount -t tmpfs -o ro none "$0" && exec "$@"'
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", mount, str(path), *command], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", mount, str(path), *command],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     if "mount:" in proc.stderr or "unshare:" in proc.stderr:
         pytest.skip(f"no private read-only mount here: {proc.stderr.strip()[:200]}")
     return proc
@@ -204,8 +220,18 @@ def test_bad_run_directories_fail_before_the_model_loads(tiny_path, tmp_path):
     one_line_error(train(a_file, MISSING_BASE), str(a_file), "is not a directory")
     one_line_error(train(a_file / "run", MISSING_BASE), str(a_file / "run"), "cannot be written")
     ro = tmp_path / "ro"
-    proc = _read_only(ro, sys.executable, "-m", "train", "--config", str(QUICKSTART), "--run-dir", str(ro / "run"),
-                      "--set", MISSING_BASE)
+    proc = _read_only(
+        ro,
+        sys.executable,
+        "-m",
+        "train",
+        "--config",
+        str(QUICKSTART),
+        "--run-dir",
+        str(ro / "run"),
+        "--set",
+        MISSING_BASE,
+    )
     one_line_error(proc, str(ro / "run"), "Read-only file system")
 
 
@@ -214,8 +240,12 @@ def test_resume_with_a_changed_shape_names_the_keys(short_run, tmp_path):
     shutil.copytree(short_run, run)
     shutil.rmtree(run / "final")
     proc = train(run, *SHORT, "lora.r=8", "soul.alpha_mode=learned", "lora.dropout=0.1", flags=("--resume",))
-    line = one_line_error(proc, str(run / "checkpoints" / "step_12"), "lora.r (16 there, 8 now)",
-                          "soul.alpha_mode ('scheduled' there, 'learned' now)")
+    line = one_line_error(
+        proc,
+        str(run / "checkpoints" / "step_12"),
+        "lora.r (16 there, 8 now)",
+        "soul.alpha_mode ('scheduled' there, 'learned' now)",
+    )
     assert "dropout" not in line  # a setting that keeps the shapes may change on resume
     assert "Loading weights" not in proc.stderr
 
@@ -243,8 +273,13 @@ def test_data_files_that_hold_nothing_to_learn_or_no_text(tiny_path, tmp_path):
 def test_kill_soak(tiny_path, tmp_path):
     """bench/kill_soak.py, small: random SIGKILLs, every checkpoint verifies after each, the curve is unchanged."""
     work = tmp_path / "soak"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kill_soak.py"), "--kills", "3", "--steps", "10",
-                           "--work", str(work)], capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "kill_soak.py"), "--kills", "3", "--steps", "10", "--work", str(work)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((work / "soak.json").read_text())
     assert report["problems"] == [] and len(report["events"]) == 3

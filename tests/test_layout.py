@@ -19,15 +19,18 @@ CORE, STAGES = "aegis", ("train", "export", "serve")
 def test_packages_come_from_this_repository(name):
     """`train`, `export` and `serve` are common names: another installed package of one of them would shadow ours."""
     where = Path(importlib.import_module(name).__file__).resolve()
-    assert where.is_relative_to(ROOT), (f"`import {name}` finds {where}, outside {ROOT}: an installed package of "
-                                        f"that name shadows AEGIS's (docs/architecture.md, Package names)")
+    assert where.is_relative_to(ROOT), (
+        f"`import {name}` finds {where}, outside {ROOT}: an installed package of "
+        f"that name shadows AEGIS's (docs/architecture.md, Package names)"
+    )
 
 
 def _imports(path: Path) -> list[tuple[str, bool]]:
     """(top-level package, imported at module level?) for every absolute import in a file."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    top = {id(node) for node in tree.body} | {id(n) for node in tree.body if isinstance(node, ast.If)
-                                               for n in ast.walk(node)}
+    top = {id(node) for node in tree.body} | {
+        id(n) for node in tree.body if isinstance(node, ast.If) for n in ast.walk(node)
+    }
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -51,10 +54,23 @@ def test_data_flows_one_way(package):
 
 def test_the_core_and_the_serving_path_start_without_torch():
     """The serve image has no torch; export's commands check their arguments before any model loads."""
-    modules = ["aegis.checkpoint", "aegis.config", "aegis.loading", "aegis.metrics", "aegis.runs", "aegis.tiny",
-               "serve.backends.hf", "serve.ui_monitor", "export.__main__", "train.__main__"]
-    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules) +
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft'}))")
+    modules = [
+        "aegis.checkpoint",
+        "aegis.config",
+        "aegis.loading",
+        "aegis.metrics",
+        "aegis.runs",
+        "aegis.tiny",
+        "serve.backends.hf",
+        "serve.ui_monitor",
+        "export.__main__",
+        "train.__main__",
+    ]
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft'}))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]", proc.stdout

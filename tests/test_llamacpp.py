@@ -65,13 +65,20 @@ def test_llama_cpp_is_loaded_only_through_the_runtime():
             if path == ROOT / "aegis" / "llamacpp.py":
                 continue
             for node in ast.parse(path.read_text()).body:
-                mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                        else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                mods = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
                 if any(m == "llama_cpp" or m.startswith("llama_cpp.") for m in mods):
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == [], f"top-level llama_cpp imports (use aegis.llamacpp.runtime()): {offenders}"
-    code = ("import sys, serve.app, serve.structured, serve.__main__, export.__main__, export.quantize, "
-            "export.vocab; print('llama_cpp' in sys.modules)")
+    code = (
+        "import sys, serve.app, serve.structured, serve.__main__, export.__main__, export.quantize, "
+        "export.vocab; print('llama_cpp' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False", "importing the entry points loaded llama_cpp before runtime()"
@@ -99,9 +106,26 @@ def test_every_offered_type_loads_and_decodes(tiny_path, tmp_path):
 
 def test_a_crash_in_llama_cpp_is_a_clear_error_and_leaves_no_file(tiny_path, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "export", "gguf", "--model", str(tiny_path), "--out",
-                           str(out / "m.gguf"), "--type", "q8_0", "--no-progress"], capture_output=True, text=True,
-                          cwd=ROOT, env=_crash_env(tmp_path, "always"), timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "gguf",
+            "--model",
+            str(tiny_path),
+            "--out",
+            str(out / "m.gguf"),
+            "--type",
+            "q8_0",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_crash_env(tmp_path, "always"),
+        timeout=600,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     err = proc.stderr
     assert "m.gguf" in err and "Q8_0" in err and "SIGSEGV" in err, err[-2000:]
@@ -113,9 +137,26 @@ def test_a_crash_in_llama_cpp_is_a_clear_error_and_leaves_no_file(tiny_path, tmp
 def test_fast_cpu_paths_are_dropped_only_when_they_crash(tiny_path, tmp_path):
     """A build whose extra buffer types crash still exports: the probe falls back, says so, and parity runs."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "export", "gguf", "--model", str(tiny_path), "--out",
-                           str(out / "m.gguf"), "--type", "q8_0", "--no-progress"], capture_output=True, text=True,
-                          cwd=ROOT, env=_crash_env(tmp_path, "extra_bufts"), timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "gguf",
+            "--model",
+            str(tiny_path),
+            "--out",
+            str(out / "m.gguf"),
+            "--type",
+            "q8_0",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_crash_env(tmp_path, "extra_bufts"),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     text = proc.stdout + proc.stderr
     assert "killed by SIGSEGV" in text and "stay off for this file" in text
@@ -127,10 +168,18 @@ def test_loader_settings_reach_llama_cpp(tiny_path, tmp_path, extra):
     """open_model really passes the extra-buffer-type choice to llama.cpp (seen by the crashing hook's record)."""
     path = tmp_path / "m.gguf"
     export_gguf(tiny_path, path, "q8_0", progress=False, check_parity=False, log=lambda *_: None)
-    code = ("from aegis import llamacpp; import sys; "
-            f"m = llamacpp.open_model(sys.argv[1], extra_bufts={extra}, n_ctx=32, verbose=False); m.eval([5, 6])")
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT,
-                          env=_crash_env(tmp_path, "extra_bufts"), timeout=300)
+    code = (
+        "from aegis import llamacpp; import sys; "
+        f"m = llamacpp.open_model(sys.argv[1], extra_bufts={extra}, n_ctx=32, verbose=False); m.eval([5, 6])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_crash_env(tmp_path, "extra_bufts"),
+        timeout=300,
+    )
     assert (proc.returncode == -11) == extra, (proc.returncode, proc.stderr[-1000:])
 
 
@@ -138,8 +187,14 @@ def test_the_server_says_what_failed_when_llama_cpp_crashes(tiny_path, tmp_path)
     """`serve` checks at start-up that the model decodes; a native crash there is a one-line error and exit 1."""
     path = tmp_path / "m.gguf"
     export_gguf(tiny_path, path, "q8_0", progress=False, check_parity=False, log=lambda *_: None)
-    proc = subprocess.run([sys.executable, "-m", "serve", "--model", str(path), "--port", "18677"], capture_output=True,
-                          text=True, cwd=ROOT, env=_crash_env(tmp_path, "always"), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "serve", "--model", str(path), "--port", "18677"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_crash_env(tmp_path, "always"),
+        timeout=300,
+    )
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert "could not load the model" in proc.stderr and "SIGSEGV" in proc.stderr and str(path) in proc.stderr
 
@@ -161,13 +216,16 @@ def _metadata_gguf(path: Path, length: int, original: int | None) -> Path:
     return path
 
 
-@pytest.mark.parametrize("length, original, default", [
-    (2048, 512, 512),  # the embedded tiny model: trained at 512, LongRoPE to 2048
-    (131072, 4096, 4096),  # Phi-3.5-mini (Borea): the original context, not the 4096 cap by chance
-    (131072, None, 4096),  # a long context without LongRoPE: capped
-    (2048, None, 2048),  # a short one: its own
-    (131072, 3000, 2816),  # an original off llama.cpp's 256-position rounding: rounded down to stay within it
-])
+@pytest.mark.parametrize(
+    "length, original, default",
+    [
+        (2048, 512, 512),  # the embedded tiny model: trained at 512, LongRoPE to 2048
+        (131072, 4096, 4096),  # Phi-3.5-mini (Borea): the original context, not the 4096 cap by chance
+        (131072, None, 4096),  # a long context without LongRoPE: capped
+        (2048, None, 2048),  # a short one: its own
+        (131072, 3000, 2816),  # an original off llama.cpp's 256-position rounding: rounded down to stay within it
+    ],
+)
 def test_the_default_context_keeps_longrope_on_its_short_factors(tmp_path, length, original, default):
     rule = gguf_context.context(_metadata_gguf(tmp_path / "m.gguf", length, original))
     assert (rule.length, rule.original, rule.default) == (length, original, default)

@@ -55,6 +55,7 @@ def disagreements(requirements: list[Requirement], pins: dict[str, Version]) -> 
 
 # ---- tests ---------------------------------------------------------------------------------------------------------
 
+
 def test_every_dependency_is_locked_inside_its_bounds():
     assert disagreements(declared(), locked()) == []
     # the check itself: a dependency the lock lacks, and a pin below a lower bound, are both reported
@@ -95,8 +96,9 @@ def test_the_tests_run_on_the_locked_releases():
         name = canonicalize_name(dist.metadata["Name"])
         if name in pins and Version(Version(dist.version).public) != pins[name]:
             off.append(f"{name} {dist.version} (lock: {pins[name]})")
-    assert off == [], "the venv differs from requirements.lock (pip install -c requirements.lock -e '.[all]'): " + \
-        ", ".join(off)
+    assert off == [], (
+        "the venv differs from requirements.lock (pip install -c requirements.lock -e '.[all]'): " + ", ".join(off)
+    )
 
 
 def test_ruff_is_one_release_everywhere():
@@ -107,18 +109,25 @@ def test_ruff_is_one_release_everywhere():
     assert re.search(r"ruff-pre-commit\n\s+rev: v(\S+)", config).group(1) == str(pins["ruff"])
 
 
-@pytest.mark.parametrize(("message", "ok"), [
-    ("x" * 72 + "\n\nA body line may be as long as it needs to be, " + "y" * 80 + "\n", True),
-    ("# a comment git strips, longer than the subject may be " + "z" * 40 + "\nSubject\n", True),
-    ("x" * 73 + "\n", False),
-    ("Subject\ncontinued on a second line\n", False),
-    ("\n# only comments\n", False),
-])
+@pytest.mark.parametrize(
+    ("message", "ok"),
+    [
+        ("x" * 72 + "\n\nA body line may be as long as it needs to be, " + "y" * 80 + "\n", True),
+        ("# a comment git strips, longer than the subject may be " + "z" * 40 + "\nSubject\n", True),
+        ("x" * 73 + "\n", False),
+        ("Subject\ncontinued on a second line\n", False),
+        ("\n# only comments\n", False),
+    ],
+)
 def test_commit_subject_hook(tmp_path, message, ok):
     path = tmp_path / "COMMIT_EDITMSG"
     path.write_text(message, encoding="utf-8")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "commit_subject.py"), str(path)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "commit_subject.py"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (proc.returncode == 0) == ok, proc.stderr
     if not ok:
         assert proc.stderr.startswith(f"{path}: ") and len(proc.stderr.strip().splitlines()) == 1

@@ -18,10 +18,14 @@ TARGETS = 'lora.target_modules=["qkv_proj","o_proj","gate_up_proj","down_proj"]'
 
 
 def _model(tiny_path, device: str, *sets: str):
-    kind = {"cuda": ["model.quantization=nf4", "lora.dropout=0.0"], "cpu": ["model.quantization=none"],
-            "cpu-nf4": ["model.quantization=nf4", "model.dtype=float32", "train.dequantized_base=false"]}[device]
-    model, soul = model_mod.build(build({}, ["model.base=embedded", TARGETS, *kind, *sets]), tiny_path,
-                                  torch.device(device.split("-")[0]), seed=0)
+    kind = {
+        "cuda": ["model.quantization=nf4", "lora.dropout=0.0"],
+        "cpu": ["model.quantization=none"],
+        "cpu-nf4": ["model.quantization=nf4", "model.dtype=float32", "train.dequantized_base=false"],
+    }[device]
+    model, soul = model_mod.build(
+        build({}, ["model.base=embedded", TARGETS, *kind, *sets]), tiny_path, torch.device(device.split("-")[0]), seed=0
+    )
     with torch.no_grad():
         soul.alpha.fill_(1.0)
         soul.generators.normal_(0, 0.1)

@@ -5,8 +5,14 @@ from transformers import Phi3Config
 from aegis.config import ConfigError, build
 from aegis.memory import MIN_MICRO_TOKENS, estimate_gib, plan, plan_for
 
-PHI35 = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-                   num_attention_heads=32, num_key_value_heads=32)
+PHI35 = Phi3Config(
+    vocab_size=32064,
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+)
 
 
 def test_estimate_lies_just_above_the_measured_peaks():
@@ -55,8 +61,9 @@ def test_long_sequences_keep_their_activations_in_host_memory_only_when_needed()
     assert estimate_gib(PHI35, 1, 32768, True, True, offload=False) > 12.0  # without offload it would not fit
     assert not plan(PHI35, 1, 512, True, 12.0, False, True).offload  # nothing to offload without checkpointing
     # the loss projects 4096 positions at a time: the logits term stops growing with the length
-    assert (estimate_gib(PHI35, 1, 65536, True, True, True) - estimate_gib(PHI35, 1, 32768, True, True, True)
-            < 2 * (estimate_gib(PHI35, 1, 32768, True, True, True) - estimate_gib(PHI35, 1, 16384, True, True, True)))
+    assert estimate_gib(PHI35, 1, 65536, True, True, True) - estimate_gib(PHI35, 1, 32768, True, True, True) < 2 * (
+        estimate_gib(PHI35, 1, 32768, True, True, True) - estimate_gib(PHI35, 1, 16384, True, True, True)
+    )
 
 
 SETTINGS = [(1, 512), (2, 512), (4, 512), (8, 512), (16, 512), (64, 512), (1, 2048), (1, 8192), (1, 32768)]
@@ -70,8 +77,11 @@ def test_dequantized_base_only_where_it_fits_the_4bit_plan():
         auto = plan(PHI35, batch, length, True, 12.0, "auto", "auto", "auto")
         dense = estimate_gib(PHI35, four.micro_batch, length, False, four.gradient_checkpointing, four.offload)
         assert auto.dequantized_base == (dense <= 12.0), (batch, length)
-        assert (auto.gradient_checkpointing, auto.offload, auto.micro_batch) == \
-            (four.gradient_checkpointing, four.offload, four.micro_batch), (batch, length)
+        assert (auto.gradient_checkpointing, auto.offload, auto.micro_batch) == (
+            four.gradient_checkpointing,
+            four.offload,
+            four.micro_batch,
+        ), (batch, length)
         assert auto.estimate_gib == (dense if auto.dequantized_base else four.estimate_gib)
         assert f"~{dense:.1f} GiB with the base dequantized, ~{four.estimate_gib:.1f} GiB at 4 bits" in auto.why_base
     # Phi-3.5-mini's linear weights at 16 bits instead of 4.25 bits cost ~5.5 GiB more

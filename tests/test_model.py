@@ -63,6 +63,7 @@ def test_base_from_a_hub_snapshot_shaped_cache(tiny_path, tmp_path, monkeypatch)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     import huggingface_hub.constants as c
+
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     path = model_mod.resolve_base("HODACHI/Borea-Phi-3.5-mini-Instruct-Jp")

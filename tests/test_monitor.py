@@ -20,8 +20,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def frame(run_dir: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "train.monitor", str(run_dir), "--once", "--width", "110"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.monitor", str(run_dir), "--once", "--width", "110"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -102,9 +107,14 @@ def test_live_mode_waits_then_follows_the_run(short_run, tmp_path):
     # A shell starts background jobs with SIGINT ignored, and a child inherits that (Python then installs no
     # KeyboardInterrupt handler): the monitor gets Ctrl-C's default handling back, as in a terminal, so the test
     # also works when pytest itself runs in the background.
-    proc = subprocess.Popen([sys.executable, "-m", "train.monitor", str(run), "--interval", "0.2", "--width", "110"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.monitor", str(run), "--interval", "0.2", "--width", "110"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         time.sleep(4)
         assert proc.poll() is None, proc.communicate()[1]
@@ -127,8 +137,9 @@ def test_one_throughput_in_which_tokens_per_s_and_s_per_step_agree(short_run, tm
     # A step's own tokens_per_s leaves out what happens between steps (a checkpoint, logging), so the frame takes
     # both figures from elapsed_s over the same steps. Here the last step's tokens_per_s (411) disagrees with the
     # step times (0.5 s per 512 tokens): the frame must show 1,024 tokens/s with 0.50 s/step.
-    recs = [{**r, "tokens": 512, "elapsed_s": 0.5 * r["step"], "tokens_per_s": 411.0}
-            for r in metrics.read(short_run)[:10]]
+    recs = [
+        {**r, "tokens": 512, "elapsed_s": 0.5 * r["step"], "tokens_per_s": 411.0} for r in metrics.read(short_run)[:10]
+    ]
     dest = tmp_path / "rate"
     dest.mkdir()
     shutil.copy(short_run / "config.toml", dest / "config.toml")
@@ -152,8 +163,9 @@ def test_cli_rejects_bad_arguments(tmp_path):
     f.write_text("x")
     proc = subprocess.run([sys.executable, "-m", "train.monitor", str(f), "--once"], capture_output=True, text=True)
     assert proc.returncode == 2 and "not a run directory" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "train.monitor", str(tmp_path), "--interval", "0"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.monitor", str(tmp_path), "--interval", "0"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "--interval" in proc.stderr
 
 

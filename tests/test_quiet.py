@@ -14,11 +14,33 @@ NOISE = ("kernels-community", "rope_parameters", "FutureWarning", "DeprecationWa
 
 def test_training_and_chat_print_no_library_notes(tiny_path, tmp_path):
     run = tmp_path / "run"
-    proc = train_cli(run, "schedule.total_steps=2", "schedule.warmup_steps=1", "schedule.anneal_steps=1",
-                     "train.max_length=64", "train.save_steps=2")
-    chat = subprocess.run([sys.executable, "-m", "train.chat", "--checkpoint", str(run), "--prompt", "こんにちは",
-                           "--temperature", "0", "--max-new-tokens", "2"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = train_cli(
+        run,
+        "schedule.total_steps=2",
+        "schedule.warmup_steps=1",
+        "schedule.anneal_steps=1",
+        "train.max_length=64",
+        "train.save_steps=2",
+    )
+    chat = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.chat",
+            "--checkpoint",
+            str(run),
+            "--prompt",
+            "こんにちは",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert chat.returncode == 0, chat.stderr
     for out in (proc.stdout + proc.stderr, chat.stderr):
         assert not [n for n in NOISE if n in out], out

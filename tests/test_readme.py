@@ -58,6 +58,7 @@ def _served(line: str) -> list[str]:
 
 def test_demo_sets_up_trains_exports_and_serves_the_trained_model_first():
     from export.pipeline import model_name
+
     lines = _make("demo")
     project = _set_up_in_order(lines)
     train = _index(lines, r"-m train --config configs/quickstart\.toml --run-dir runs/quickstart( |$)")
@@ -96,8 +97,11 @@ def test_api_examples_name_a_model_the_doc_serves():
         if not served:
             continue
         code = "\n".join(re.findall(r"```\w*\n(.+?)\n```", text, re.S))
-        used = set(re.findall(r'"model":\s*"([^"]+)"', code) + re.findall(r'model="([^"]+)"', code)
-                   + re.findall(r'^MODEL = "([^"]+)"', code, re.M))
+        used = set(
+            re.findall(r'"model":\s*"([^"]+)"', code)
+            + re.findall(r'model="([^"]+)"', code)
+            + re.findall(r'^MODEL = "([^"]+)"', code, re.M)
+        )
         assert used <= served, (doc, used - served)
         checked.append((doc, len(used)))
     assert dict(checked).get("README.md", 0) >= 1 and dict(checked).get("docs/serving.md", 0) >= 1, checked
@@ -105,6 +109,7 @@ def test_api_examples_name_a_model_the_doc_serves():
 
 def _anchors(path: Path) -> set[str]:
     from markdown.extensions.toc import slugify  # the ids mkdocs gives headings
+
     text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
     return {slugify(h.strip(), "-") for h in re.findall(r"^#+ (.+)$", text, re.M)}
 
@@ -127,6 +132,7 @@ def test_the_readme_links_every_page_of_the_docs():
 @pytest.mark.parametrize("doc", sorted(doc_texts()))
 def test_gguf_paths_belong_to_runs_the_doc_makes(doc):
     from export.pipeline import model_name
+
     text = doc_texts()[doc]
     for run, stem in re.findall(r"runs/([\w.-]+)/export/([\w.-]+)\.gguf", text):
         assert f"--run-dir runs/{run}" in text and f"export all --run runs/{run}" in text, (doc, run)

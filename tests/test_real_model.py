@@ -18,8 +18,12 @@ pytestmark = pytest.mark.real
 def test_real_model_end_to_end(request, tmp_path):
     if "real" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("opt-in: pytest -m real")
-    proc = subprocess.run([sys.executable, str(ROOT / "reports" / "real_model.py"), "--out", str(tmp_path)],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "reports" / "real_model.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     rep = json.loads((tmp_path / "real_model.json").read_text())
     assert rep["architecture"] == ["LlamaForCausalLM"] and abs(rep["gate"] - 0.834) < 0.01

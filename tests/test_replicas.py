@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BALANCER = ROOT / "docker" / "balancer"
 CFG = (BALANCER / "haproxy.cfg").read_text()
 # each chain's file, and the variables compose.replicas.yaml's header says go with it
-CHAINS = {"compose.cpu.yaml": {},
-          "compose.yaml": {"AEGIS_REPLICA_IMAGE": "aegis-serve:latest", "AEGIS_DATA_VOLUME": "aegis-data"}}
+CHAINS = {
+    "compose.cpu.yaml": {},
+    "compose.yaml": {"AEGIS_REPLICA_IMAGE": "aegis-serve:latest", "AEGIS_DATA_VOLUME": "aegis-data"},
+}
 
 
 def compose_config(*files: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -30,8 +32,13 @@ def compose_config(*files: str, env: dict[str, str] | None = None) -> subprocess
     if not tool:
         pytest.skip("docker-compose is not installed (.ci/run installs it)")
     args = [tool] + [a for f in files for a in ("-f", f)] + ["config"]
-    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT,
-                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(env or {})})
+    return subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(env or {})},
+    )
 
 
 def merged(chain: str) -> dict:
@@ -64,17 +71,20 @@ def test_replica_is_serve_without_a_host_port(config):
 def test_replica_command_is_what_serve_accepts():
     # the entrypoint hands `command:` to python -m serve; 0 means serve's own default for both
     from serve.config import read
+
     command = merged("compose.cpu.yaml")["services"]["replica"]["command"]
     args = read(["--model", "x.gguf", *command], check=False)
     assert (args.threads, args.parallel) == (0, 0)
 
 
 def test_other_services_are_untouched(config):
-    chain = yaml.safe_load(compose_config("compose.cpu.yaml" if "aegis-cpu-data" in config["volumes"]
-                                          else "compose.yaml").stdout)
+    chain = yaml.safe_load(
+        compose_config("compose.cpu.yaml" if "aegis-cpu-data" in config["volumes"] else "compose.yaml").stdout
+    )
     cpu = yaml.safe_load(compose_config("compose.cpu.yaml").stdout)["services"]["serve"]
     if config["services"]["replica"]["image"] == cpu["image"]:  # the default chain: built exactly as its serve
         assert config["services"]["replica"]["build"] == cpu["build"]
+
     def normal(service: dict) -> dict:  # Compose does not keep the order of merged volume lists
         return {**service, "volumes": sorted(service.get("volumes", []))}
 
@@ -109,6 +119,7 @@ def test_scaled_replica_count_is_chosen_at_up_time():
 
 # ---- HAProxy -------------------------------------------------------------------------------------------------------
 
+
 def directives(section: str) -> list[str]:
     """The lines of one section of haproxy.cfg (e.g. 'backend replicas'), comments dropped."""
     m = re.search(rf"^{re.escape(section)}\n(.*?)(?=^\S|\Z)", CFG, re.M | re.S)
@@ -139,6 +150,7 @@ def test_retries_only_where_nothing_reached_the_client():
     assert not any(d.startswith(("compression", "filter", "option http-buffer-response")) for d in defaults)
     # the idle timeouts outlast serve's own request timeout, so serve's 504 comes first
     from serve.config import Settings
+
     serve_timeout = Settings().timeout
     for side in ("client", "server"):
         value = next(d for d in defaults if d.startswith(f"timeout {side} ")).split()[-1]
@@ -175,11 +187,18 @@ def test_the_configuration_is_valid_haproxy(tmp_path):
 
 # ---- the bench's command line ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, message", [(["--replicas", "one"], "--replicas 'one'"),
-                                           (["--replicas", "0,2"], "must be positive"),
-                                           (["--clients", "0"], "must be positive"),
-                                           (["--chain", "compose.gpu.yaml"], "invalid choice")])
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--replicas", "one"], "--replicas 'one'"),
+        (["--replicas", "0,2"], "must be positive"),
+        (["--clients", "0"], "must be positive"),
+        (["--chain", "compose.gpu.yaml"], "invalid choice"),
+    ],
+)
 def test_bench_refuses_bad_input(args, message):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "replicas.py"), *args], capture_output=True,
-                          text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "replicas.py"), *args], capture_output=True, text=True, cwd=ROOT
+    )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -39,6 +39,7 @@ def test_a_run_file_that_finds_no_room_leaves_the_older_one(tmp_path):
             atomic.write_text(path, "x" * 10_000)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert str(err.value).startswith(f"{path}: file too large for the file-size limit (ulimit -f) of 4,096 bytes; "
-                                      f"it needs about 10,000 bytes")
+    assert str(err.value).startswith(
+        f"{path}: file too large for the file-size limit (ulimit -f) of 4,096 bytes; it needs about 10,000 bytes"
+    )
     assert path.read_text() == "older" and [p.name for p in tmp_path.iterdir()] == [runs.SUMMARY]

@@ -10,11 +10,18 @@ def test_seed_recipe_defaults():
     assert SEED.start_alpha == -5.0 and SEED.target_alpha == pytest.approx(1.6180339887)
 
 
-@pytest.mark.parametrize("step,expected", [
-    (1, -5.0), (50, -5.0), (51, -5.0),                       # a(0), a(49), a(50): chaos until the anneal moves
-    (52, -5.0 + (PHI + 5) / 400),                            # the first step that moves
-    (450, -5.0 + 399 / 400 * (PHI + 5)), (451, PHI), (500, PHI),
-])
+@pytest.mark.parametrize(
+    "step,expected",
+    [
+        (1, -5.0),
+        (50, -5.0),
+        (51, -5.0),  # a(0), a(49), a(50): chaos until the anneal moves
+        (52, -5.0 + (PHI + 5) / 400),  # the first step that moves
+        (450, -5.0 + 399 / 400 * (PHI + 5)),
+        (451, PHI),
+        (500, PHI),
+    ],
+)
 def test_alpha_at_the_seed_steps(step, expected):
     assert alpha_for_step(step, SEED) == pytest.approx(expected, abs=1e-12)
 

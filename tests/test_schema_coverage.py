@@ -41,8 +41,10 @@ def test_the_draft_decides_validity():
 
 
 def test_a_4xx_is_a_refusal_naming_its_keyword():
-    server = {"status": 400, "error": "this schema cannot be enforced: /properties/a/oneOf: not supported "
-                                      "(the grammar cannot enforce it)"}
+    server = {
+        "status": 400,
+        "error": "this schema cannot be enforced: /properties/a/oneOf: not supported (the grammar cannot enforce it)",
+    }
     got = cov.classify("draft2020-12", OBJECT, [server])
     assert got["category"] == "refused" and got["refused_keyword"] == "oneOf"
     compiler = {"status": 400, "error": 'ValueError: Unimplemented keys: ["propertyNames"]'}
@@ -55,22 +57,33 @@ def test_cut_offs_are_neither_valid_nor_hide_an_invalid_reply():
     assert cov.classify("draft2020-12", OBJECT, mixed)["category"] == "invalid"
 
 
-@pytest.mark.parametrize("outcome", [{"status": None, "error": "child died (signal 11)"},
-                                     {"status": 500, "error": "internal"}])
+@pytest.mark.parametrize(
+    "outcome", [{"status": None, "error": "child died (signal 11)"}, {"status": 500, "error": "internal"}]
+)
 def test_a_crash_or_5xx_is_an_error_whatever_else_came(outcome):
     assert cov.classify("draft2020-12", OBJECT, [ok('{"n": 3}'), outcome])["category"] == "error"
 
 
 def test_only_schemas_that_need_another_document_are_skipped():
-    local = {"draft": "draft2020-12", "schema": {"$defs": {"a": {"type": "integer"}}, "$ref": "#/$defs/a"},
-             "instances": [1, "x"]}
-    remote = {"draft": "draft2020-12", "schema": {"$ref": "http://localhost:1234/draft2020-12/integer.json"},
-              "instances": [1]}
+    local = {
+        "draft": "draft2020-12",
+        "schema": {"$defs": {"a": {"type": "integer"}}, "$ref": "#/$defs/a"},
+        "instances": [1, "x"],
+    }
+    remote = {
+        "draft": "draft2020-12",
+        "schema": {"$ref": "http://localhost:1234/draft2020-12/integer.json"},
+        "instances": [1],
+    }
     assert not cov.needs_remote(local) and cov.needs_remote(remote)
 
 
 def test_the_table_counts_each_category_per_keyword():
-    results = {"aegis": {"d/const/0": {"draft": "draft7", "keyword": "const", "category": "valid"},
-                         "d/const/1": {"draft": "draft7", "keyword": "const", "category": "refused"}}}
+    results = {
+        "aegis": {
+            "d/const/0": {"draft": "draft7", "keyword": "const", "category": "valid"},
+            "d/const/1": {"draft": "draft7", "keyword": "const", "category": "refused"},
+        }
+    }
     table = cov.markdown(results)
     assert "| const | 1/1/0/0/0 |" in table and "| (draft7) total | 1/1/0/0/0 |" in table

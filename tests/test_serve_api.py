@@ -15,8 +15,10 @@ from support import serving
 from support.serving import Server, metric
 
 KEY = "test-key-5f2c"
-CHAT = [{"role": "system", "content": "あなたは親切なアシスタントです。"},
-        {"role": "user", "content": "こんにちは。今日の天気はどうですか。"}]
+CHAT = [
+    {"role": "system", "content": "あなたは親切なアシスタントです。"},
+    {"role": "user", "content": "こんにちは。今日の天気はどうですか。"},
+]
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +31,9 @@ def server(served_files, tmp_path_factory):
     gguf, _ = served_files
     log = tmp_path_factory.mktemp("serve") / "server.log"
     # the embedded model's whole context (serve's default is its original 512): room for 2000-token generations
-    with Server("--model", f"tiny={gguf}", "--parallel", "2", "--threads", "1", "--ctx-size", "2048", api_key=KEY,
-                log_path=log) as s:
+    with Server(
+        "--model", f"tiny={gguf}", "--parallel", "2", "--threads", "1", "--ctx-size", "2048", api_key=KEY, log_path=log
+    ) as s:
         yield s
         assert s.alive(), f"the server died during the tests:\n{s.log()}"
 
@@ -43,10 +46,12 @@ def client(server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def tokenizer(served_files):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(served_files[1])
 
 
 # ---- the happy paths ------------------------------------------------------------------------------------------
+
 
 def test_models_lists_the_served_model(client):
     models = client.models.list().data
@@ -56,11 +61,13 @@ def test_models_lists_the_served_model(client):
 
 
 def test_chat_uses_the_models_template_and_counts_tokens(client, tokenizer):
-    r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     # the prompt is the model's own chat template, tokenized by the model: HF's rendering has the same length
-    expected = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
-                                             return_dict=True)["input_ids"]
+    expected = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
     assert r.usage.prompt_tokens == len(expected)
     assert r.usage.completion_tokens == 8
     assert r.usage.total_tokens == len(expected) + 8
@@ -108,12 +115,15 @@ def test_stop_sequences_cut_the_reply(client):
     full = client.chat.completions.create(**args).choices[0].message.content
     assert len(full) > 6
     stop = full[4:6]
-    cut = full[:full.index(stop)]
+    cut = full[: full.index(stop)]
     r = client.chat.completions.create(stop=["@@never@@", stop], **args)
     assert r.choices[0].message.content == cut
     assert r.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].delta.content or "" for c in
-                       client.chat.completions.create(stop=stop, stream=True, **args) if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(stop=stop, stream=True, **args)
+        if c.choices
+    )
     assert streamed == cut
 
 
@@ -125,15 +135,23 @@ def test_seed_makes_sampling_repeatable(client):
 
 # ---- bad input: OpenAI's error shape and status, never a 5xx ------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, param", [
-    (dict(messages=[]), "messages"),
-    (dict(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role"),
-    (dict(messages=CHAT, n=2), "n"),
-    (dict(messages=CHAT, max_tokens=100_000), "max_tokens"),
-    (dict(messages=CHAT, temperature=7), "temperature"),
-    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
-          ), "messages[0].content[0].type"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(messages=[]), "messages"),
+        (dict(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role"),
+        (dict(messages=CHAT, n=2), "n"),
+        (dict(messages=CHAT, max_tokens=100_000), "max_tokens"),
+        (dict(messages=CHAT, temperature=7), "temperature"),
+        (
+            dict(
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            ),
+            "messages[0].content[0].type",
+        ),
+    ],
+)
 def test_invalid_requests_are_400(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", **kwargs)
@@ -164,7 +182,7 @@ def test_raw_bad_bodies(server):
         r = httpx.post(url, content=body, headers=h)
         assert r.status_code == 400, (body, r.text)
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-    r = httpx.post(server.api + "/completions", json={"prompt": [1, 2, 10 ** 9], "max_tokens": 2}, headers=h)
+    r = httpx.post(server.api + "/completions", json={"prompt": [1, 2, 10**9], "max_tokens": 2}, headers=h)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_token"
     r = httpx.post(url, content=b"x" * (2 << 20), headers=h)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
@@ -177,8 +195,13 @@ def test_health_metrics_openapi(server):
     assert health["status"] == "ok" and health["ready"] is True
     assert httpx.get(server.url + "/ready").status_code == 200
     text = httpx.get(server.url + "/metrics").text
-    for name in ("aegis_requests_total", "aegis_queue_depth", "aegis_request_latency_seconds_bucket",
-                 "aegis_time_to_first_token_seconds_bucket", "aegis_completion_tokens_total"):
+    for name in (
+        "aegis_requests_total",
+        "aegis_queue_depth",
+        "aegis_request_latency_seconds_bucket",
+        "aegis_time_to_first_token_seconds_bucket",
+        "aegis_completion_tokens_total",
+    ):
         assert name in text
     assert metric(server, "aegis_completion_tokens_total", model="tiny") > 0
     assert metric(server, "aegis_requests_total", endpoint="/v1/chat/completions", status="400") >= 6
@@ -188,12 +211,19 @@ def test_health_metrics_openapi(server):
 
 # ---- concurrency ------------------------------------------------------------------------------------------------
 
+
 def test_sixteen_concurrent_streams_all_complete(server):
     async def one(client, i):
         stream = await client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": f"{i}番目の質問です。"}], max_tokens=24,
-            temperature=0.8, seed=i, stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True})
+            model="tiny",
+            messages=[{"role": "user", "content": f"{i}番目の質問です。"}],
+            max_tokens=24,
+            temperature=0.8,
+            seed=i,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         text, usage, finish = "", None, None
         async for chunk in stream:
             if chunk.choices:
@@ -221,8 +251,9 @@ def test_dropped_streams_free_their_workers(server, client):
     tokens_before = metric(server, "aegis_completion_tokens_total", model="tiny")
     # occupy both workers with long generations, read a little of each, then hang up
     for _ in range(2):
-        stream = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2000, stream=True,
-                                                extra_body={"ignore_eos": True})
+        stream = client.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=2000, stream=True, extra_body={"ignore_eos": True}
+        )
         for _, _chunk in zip(range(3), stream):
             pass
         stream.close()
@@ -241,8 +272,12 @@ def test_dropped_streams_free_their_workers(server, client):
 def test_abandoned_non_stream_request_is_cancelled(server):
     cancelled_before = metric(server, "aegis_generations_total", model="tiny", reason="cancelled")
     with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 2000 tokens are done
-        httpx.post(server.api + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3,
-                   json={"model": "tiny", "messages": CHAT, "max_tokens": 2000, "ignore_eos": True})
+        httpx.post(
+            server.api + "/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=0.3,
+            json={"model": "tiny", "messages": CHAT, "max_tokens": 2000, "ignore_eos": True},
+        )
     deadline = time.monotonic() + 10
     while metric(server, "aegis_generations_total", model="tiny", reason="cancelled") < cancelled_before + 1:
         assert time.monotonic() < deadline, "the abandoned request kept its worker"
@@ -251,20 +286,37 @@ def test_abandoned_non_stream_request_is_cancelled(server):
 
 # ---- limits: a second server with one worker, no waiting room, a short timeout and a small body limit -----------
 
+
 @pytest.fixture(scope="module")
 def limited(served_files, tmp_path_factory):
     gguf, _ = served_files
     log = tmp_path_factory.mktemp("serve") / "limited.log"
-    with Server("--model", str(gguf), "--parallel", "1", "--threads", "1", "--ctx-size", "2048", "--queue-size", "0",
-                "--timeout", "0.25", "--max-body", "4096", log_path=log) as s:
+    with Server(
+        "--model",
+        str(gguf),
+        "--parallel",
+        "1",
+        "--threads",
+        "1",
+        "--ctx-size",
+        "2048",
+        "--queue-size",
+        "0",
+        "--timeout",
+        "0.25",
+        "--max-body",
+        "4096",
+        log_path=log,
+    ) as s:
         yield s
 
 
 def test_full_queue_is_429_then_timeout_is_504(limited):
     name = Path(httpx.get(limited.url + "/health").json()["models"][0]).name
     c = openai.OpenAI(base_url=limited.api, api_key="unused", max_retries=0, timeout=30)
-    stream = c.chat.completions.create(model=name, messages=CHAT, max_tokens=2000, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = c.chat.completions.create(
+        model=name, messages=CHAT, max_tokens=2000, stream=True, extra_body={"ignore_eos": True}
+    )
     next(iter(stream))  # the only worker is now busy
     with pytest.raises(openai.RateLimitError) as e:
         c.chat.completions.create(model=name, messages=CHAT, max_tokens=2)
@@ -278,8 +330,9 @@ def test_full_queue_is_429_then_timeout_is_504(limited):
         c.chat.completions.create(model=name, messages=CHAT, max_tokens=2000, extra_body={"ignore_eos": True})
     assert e.value.status_code == 504 and e.value.body["type"] == "timeout_error"
     with pytest.raises(openai.APIError, match="timeout"):  # in a stream the error arrives as an event
-        for _chunk in c.chat.completions.create(model=name, messages=CHAT, max_tokens=2000, stream=True,
-                                                extra_body={"ignore_eos": True}):
+        for _chunk in c.chat.completions.create(
+            model=name, messages=CHAT, max_tokens=2000, stream=True, extra_body={"ignore_eos": True}
+        ):
             pass
     r = httpx.post(limited.api + "/chat/completions", json={"messages": [{"role": "user", "content": "あ" * 5000}]})
     assert r.status_code == 413

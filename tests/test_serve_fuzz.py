@@ -30,8 +30,18 @@ def served_files(request):
 def fuzz_server(served_files, tmp_path_factory):
     gguf, _ = served_files
     log = tmp_path_factory.mktemp("serve") / "fuzz.log"
-    with Server("--model", f"{MODEL}={gguf}", "--threads", "1", "--timeout", "20", "--max-tokens-default", "64",
-                api_key=KEY, log_path=log) as s:
+    with Server(
+        "--model",
+        f"{MODEL}={gguf}",
+        "--threads",
+        "1",
+        "--timeout",
+        "20",
+        "--max-tokens-default",
+        "64",
+        api_key=KEY,
+        log_path=log,
+    ) as s:
         yield s
 
 
@@ -45,12 +55,32 @@ def schemathesis_cli() -> list[str]:
 
 
 def test_fuzzing_finds_no_server_errors(fuzz_server, tmp_path):
-    cmd = [*schemathesis_cli(), "run", fuzz_server.url + "/schema/openapi.json",
-           "--header", f"Authorization: Bearer {KEY}", "--checks", "not_a_server_error",
-           "--max-examples", "25", "--seed", "20260101", "--generation-database", "none",
-           "--workers", "1", "--request-timeout", "60", "--no-color"]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.support.fuzz_hooks", "AEGIS_FUZZ_MODEL": MODEL,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(serving.REPO), os.environ.get("PYTHONPATH")]))}
+    cmd = [
+        *schemathesis_cli(),
+        "run",
+        fuzz_server.url + "/schema/openapi.json",
+        "--header",
+        f"Authorization: Bearer {KEY}",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        "25",
+        "--seed",
+        "20260101",
+        "--generation-database",
+        "none",
+        "--workers",
+        "1",
+        "--request-timeout",
+        "60",
+        "--no-color",
+    ]
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "tests.support.fuzz_hooks",
+        "AEGIS_FUZZ_MODEL": MODEL,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(serving.REPO), os.environ.get("PYTHONPATH")])),
+    }
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     report = done.stdout[-4000:] + done.stderr[-2000:]
     (tmp_path / "schemathesis.log").write_text(done.stdout + done.stderr)
@@ -61,8 +91,12 @@ def test_fuzzing_finds_no_server_errors(fuzz_server, tmp_path):
     assert httpx.get(fuzz_server.url + "/ready").status_code == 200
     # the fuzzer got past validation into generation, not only into 4xx paths
     metrics = httpx.get(fuzz_server.url + "/metrics").text
-    print("\n".join(line for line in metrics.splitlines() if line.startswith(("aegis_requests_total",
-                                                                             "aegis_generations_total",
-                                                                             "aegis_completion_tokens_total"))))
+    print(
+        "\n".join(
+            line
+            for line in metrics.splitlines()
+            if line.startswith(("aegis_requests_total", "aegis_generations_total", "aegis_completion_tokens_total"))
+        )
+    )
     assert 'aegis_requests_total{endpoint="/v1/chat/completions",status="200"}' in metrics
     assert 'aegis_requests_total{endpoint="/v1/completions",status="200"}' in metrics

@@ -32,16 +32,17 @@ def test_the_command_serves_the_quickstart_model_under_the_name_the_examples_use
 def server(request, tmp_path_factory):
     gguf, _ = serving.served_files(request)
     # the README's tour serves its run as tour-q8_0; the same weights under both names
-    with serving.tiny_server(request, tmp_path_factory, "--model", f"tour-q8_0={gguf}",
-                             name="quickstart-q8_0") as s:
+    with serving.tiny_server(request, tmp_path_factory, "--model", f"tour-q8_0={gguf}", name="quickstart-q8_0") as s:
         yield s
 
 
 def run(code: str, server) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code.replace("http://127.0.0.1:8000/v1", server.api), "docs", "exec"),  # noqa: S102 - our docs
-             {"__name__": "docs"})
+        exec(
+            compile(code.replace("http://127.0.0.1:8000/v1", server.api), "docs", "exec"),  # noqa: S102 - our docs
+            {"__name__": "docs"},
+        )
     return out.getvalue()
 
 
@@ -55,8 +56,9 @@ def test_the_examples_for_app_developers_run(server):
 
 
 def test_the_other_sdk_examples_run(server):
-    blocks = (PYTHON.findall(SERVING.read_text(encoding="utf-8").replace(section(), ""))
-              + PYTHON.findall((REPO / "README.md").read_text(encoding="utf-8")))
+    blocks = PYTHON.findall(SERVING.read_text(encoding="utf-8").replace(section(), "")) + PYTHON.findall(
+        (REPO / "README.md").read_text(encoding="utf-8")
+    )
     assert len(blocks) >= 2
     for code in blocks:
         run(code, server)  # an unknown model name, a wrong field or a refused request raises here

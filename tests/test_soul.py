@@ -96,6 +96,7 @@ def test_bad_arguments_are_clear_errors():
 
 def test_attach_wraps_the_head_of_a_real_phi3(tiny_path):
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(tiny_path)
     ids = torch.tensor([[5, 6, 7, 8]])
     before = model(ids).logits

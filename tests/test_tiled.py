@@ -17,8 +17,14 @@ from aegis.tiled import _tiled_attention, _tiled_forward, tile_attentions, tile_
 from support.training import assert_grads_close, loss_and_grads
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
-PHI35 = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-                   num_attention_heads=32, num_key_value_heads=32)
+PHI35 = Phi3Config(
+    vocab_size=32064,
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+)
 
 
 def _model(tiny_path, device: str, *sets: str):
@@ -26,8 +32,16 @@ def _model(tiny_path, device: str, *sets: str):
     # whole's, which would hide small errors), and no LoRA dropout (a slice draws other random numbers there than
     # that part of the whole; on the CPU it draws the same ones, so dropout stays on)
     gpu = ["model.quantization=nf4", "model.dtype=float32", "lora.dropout=0.0"] if device == "cuda" else []
-    cfg = build({}, ["model.base=embedded", "model.quantization=none",
-                     'lora.target_modules=["qkv_proj","o_proj","gate_up_proj"]', *gpu, *sets])
+    cfg = build(
+        {},
+        [
+            "model.base=embedded",
+            "model.quantization=none",
+            'lora.target_modules=["qkv_proj","o_proj","gate_up_proj"]',
+            *gpu,
+            *sets,
+        ],
+    )
     model, soul = model_mod.build(cfg, tiny_path, torch.device(device), seed=0)
     with torch.no_grad():  # an open gate and a real rotation
         soul.alpha.fill_(1.0)
@@ -105,7 +119,7 @@ def test_the_plan_tiles_the_mlp_only_where_one_sequence_would_not_fit():
 
 def test_the_setting_is_validated_and_reaches_the_model(tiny_path):
     with pytest.raises(ConfigError, match="train.tiled_mlp"):
-        build({}, ["train.tiled_mlp=\"sometimes\""])
+        build({}, ['train.tiled_mlp="sometimes"'])
     said = []
     model = _model(tiny_path, "cpu", "train.tiled_mlp=true")
     layers = model.get_base_model().model.layers
@@ -209,7 +223,7 @@ def test_the_plan_tiles_the_attention_only_where_the_tiled_mlp_is_not_enough():
 
 def test_the_tiled_attention_setting_is_validated_and_reaches_the_model(tiny_path):
     with pytest.raises(ConfigError, match="train.tiled_attention"):
-        build({}, ["train.tiled_attention=\"sometimes\""])
+        build({}, ['train.tiled_attention="sometimes"'])
     said = []
     cfg = build({}, ["model.base=embedded", "model.quantization=none", "train.tiled_attention=true"])
     model, _ = model_mod.build(cfg, tiny_path, torch.device("cpu"), seed=0, log=said.append)

@@ -21,8 +21,10 @@ def test_stop_sequences_as_typed():
 
 
 def test_the_oldest_exchange_leaves_the_window_first():
-    sys_, u1, a1, u2, a2, u3 = ({"role": r, "content": str(i)} for i, r in
-                                enumerate(["system", "user", "assistant", "user", "assistant", "user"]))
+    sys_, u1, a1, u2, a2, u3 = (
+        {"role": r, "content": str(i)}
+        for i, r in enumerate(["system", "user", "assistant", "user", "assistant", "user"])
+    )
     assert fit([sys_, u1, a1, u2, a2, u3]) == [sys_, u2, a2, u3]
     assert fit([u1, a1, u3]) == [u3] and fit([sys_, u3]) is None and fit([u3]) is None
 
