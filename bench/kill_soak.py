@@ -43,8 +43,9 @@ def newest_step(run_dir: Path) -> int:
 def reference(config: Path, run_dir: Path, sets: list[str]) -> tuple[float, float]:
     """The uninterrupted run; returns (seconds until its first update was recorded, seconds per update)."""
     t0 = time.time()
-    proc = subprocess.Popen(train_cmd(config, run_dir, sets, False), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(config, run_dir, sets, False), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     first = None
     while proc.poll() is None:
         if first is None and last_step(run_dir) >= 1:
@@ -57,8 +58,9 @@ def reference(config: Path, run_dir: Path, sets: list[str]) -> tuple[float, floa
     return first, max((total - first) / max(last_step(run_dir) - 1, 1), 0.01)
 
 
-def kill_once(cmd: list[str], run_dir: Path, startup: float, per_step: float, target: int | None,
-              rng: random.Random) -> str:
+def kill_once(
+    cmd: list[str], run_dir: Path, startup: float, per_step: float, target: int | None, rng: random.Random
+) -> str:
     """Start the run (resuming), SIGKILL it during start-up (target None) or inside update `target` or later."""
     start = newest_step(run_dir)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -114,15 +116,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart.toml")
     ap.add_argument("--work", type=Path, default=Path("/tmp/aegis-soak"), help="replaced on each soak")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="more config overrides (both runs)")
+    ap.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="more config overrides (both runs)"
+    )
     ap.add_argument("--tolerance", type=float, default=1e-5, help="largest loss difference allowed")
     args = ap.parse_args(argv)
     if not 0 < args.kills < args.steps:
         ap.error("--kills must be at least 1 and fewer than --steps")
-    sets = [f"schedule.total_steps={args.steps}", f"schedule.warmup_steps={args.steps // 8}",
-            f"schedule.anneal_steps={args.steps // 2}", "train.save_steps=1", "train.keep_last=3",
-            "train.max_length=64", *args.sets]
+    sets = [
+        f"schedule.total_steps={args.steps}",
+        f"schedule.warmup_steps={args.steps // 8}",
+        f"schedule.anneal_steps={args.steps // 2}",
+        "train.save_steps=1",
+        "train.keep_last=3",
+        "train.max_length=64",
+        *args.sets,
+    ]
     shutil.rmtree(args.work, ignore_errors=True)
     ref_dir, run_dir = args.work / "uninterrupted", args.work / "soaked"
     startup, per_step = reference(args.config, ref_dir, sets)
@@ -136,19 +145,29 @@ def main(argv: list[str] | None = None) -> int:
         events.append(event)
         bad = unverified(run_dir)  # what the kill left must verify before the next resume touches it
         problems += [f"after kill {i}: {p}" for p in bad]
-        print(f"kill {i}/{args.kills}: {event}; {len(checkpoint.candidates(run_dir)) - len(bad)} checkpoint(s) "
-              f"verify, {len(bad)} do not")
+        print(
+            f"kill {i}/{args.kills}: {event}; {len(checkpoint.candidates(run_dir)) - len(bad)} checkpoint(s) "
+            f"verify, {len(bad)} do not"
+        )
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         problems.append(f"the last resume failed ({done.returncode}): {done.stderr[-2000:]}")
     problems += check(ref_dir, run_dir, args.tolerance)
-    report = {"kills": args.kills, "steps": args.steps, "seed": args.seed, "events": events,
-              "checkpoints": [str(p) for p in checkpoint.candidates(run_dir)], "problems": problems}
+    report = {
+        "kills": args.kills,
+        "steps": args.steps,
+        "seed": args.seed,
+        "events": events,
+        "checkpoints": [str(p) for p in checkpoint.candidates(run_dir)],
+        "problems": problems,
+    }
     (args.work / "soak.json").write_text(json.dumps(report, indent=1))
     for p in problems:
         print(f"FAIL: {p}")
-    print(f"{'FAIL' if problems else 'ok'}: {len(events)} kills, {len(report['checkpoints'])} checkpoints verified, "
-          f"{args.steps} steps compared with the uninterrupted run; report in {args.work / 'soak.json'}")
+    print(
+        f"{'FAIL' if problems else 'ok'}: {len(events)} kills, {len(report['checkpoints'])} checkpoints verified, "
+        f"{args.steps} steps compared with the uninterrupted run; report in {args.work / 'soak.json'}"
+    )
     return 1 if problems else 0
 
 

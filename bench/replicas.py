@@ -41,11 +41,17 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPTS = ["こんにちは。自己紹介をしてください。", "日本の四季について説明してください。",
-           "おすすめの本を三冊教えてください。", "明日の予定を立てるのを手伝ってください。"]
+PROMPTS = [
+    "こんにちは。自己紹介をしてください。",
+    "日本の四季について説明してください。",
+    "おすすめの本を三冊教えてください。",
+    "明日の予定を立てるのを手伝ってください。",
+]
 # each chain's file, its CPU serve image and its data volume (compose.replicas.yaml's header)
-CHAINS = {"compose.cpu.yaml": ("aegis-serve:cpu", "aegis-cpu-data"),
-          "compose.yaml": ("aegis-serve:latest", "aegis-data")}
+CHAINS = {
+    "compose.cpu.yaml": ("aegis-serve:cpu", "aegis-cpu-data"),
+    "compose.yaml": ("aegis-serve:latest", "aegis-data"),
+}
 
 
 def free_port() -> int:
@@ -71,11 +77,16 @@ class Stack:
         image, volume = CHAINS[chain]
         self.cmd = [*compose, "-p", project, "-f", str(REPO / chain), "-f", str(REPO / "compose.replicas.yaml")]
         self.api_port, self.stats_port = free_port(), free_port()
-        self.env = {**os.environ, "AEGIS_REPLICA_IMAGE": os.environ.get("AEGIS_REPLICA_IMAGE", image),
-                    "AEGIS_DATA_VOLUME": os.environ.get("AEGIS_DATA_VOLUME", volume),
-                    "AEGIS_REPLICA_THREADS": str(threads), "AEGIS_REPLICA_PARALLEL": str(parallel),
-                    "AEGIS_BIND": "127.0.0.1",
-                    "AEGIS_API_PORT": str(self.api_port), "AEGIS_BALANCER_PORT": str(self.stats_port)}
+        self.env = {
+            **os.environ,
+            "AEGIS_REPLICA_IMAGE": os.environ.get("AEGIS_REPLICA_IMAGE", image),
+            "AEGIS_DATA_VOLUME": os.environ.get("AEGIS_DATA_VOLUME", volume),
+            "AEGIS_REPLICA_THREADS": str(threads),
+            "AEGIS_REPLICA_PARALLEL": str(parallel),
+            "AEGIS_BIND": "127.0.0.1",
+            "AEGIS_API_PORT": str(self.api_port),
+            "AEGIS_BALANCER_PORT": str(self.stats_port),
+        }
         self.api = f"http://127.0.0.1:{self.api_port}"
         self.stats = f"http://127.0.0.1:{self.stats_port}"
 
@@ -88,9 +99,11 @@ class Stack:
         """The balancer's replica slots that are in rotation (name -> status)."""
         with httpx.Client(trust_env=False, timeout=5) as c:
             text = c.get(self.stats + "/stats;csv;norefresh").text.lstrip("# ")
-        return {r["svname"]: r["status"] for r in csv.DictReader(io.StringIO(text))
-                if r["pxname"] == "replicas" and r["svname"] not in ("BACKEND", "FRONTEND")
-                and r["status"].startswith("UP")}
+        return {
+            r["svname"]: r["status"]
+            for r in csv.DictReader(io.StringIO(text))
+            if r["pxname"] == "replicas" and r["svname"] not in ("BACKEND", "FRONTEND") and r["status"].startswith("UP")
+        }
 
     def scale(self, n: int, deadline_s: float = 600) -> float:
         """`up --scale replica=n`, then wait until exactly n replicas are up; returns the seconds that took."""
@@ -112,8 +125,15 @@ class Stack:
 
 
 def body(model: str, prompt: str, max_tokens: int) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
@@ -140,9 +160,12 @@ async def load(api: str, headers: dict, model: str, clients: int, requests: int,
     url = api + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
     async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers, trust_env=False) as client:
+
         async def worker(i: int) -> list[dict]:
-            return [await one_request(client, url, model, PROMPTS[(i + k) % len(PROMPTS)], max_tokens)
-                    for k in range(requests)]
+            return [
+                await one_request(client, url, model, PROMPTS[(i + k) % len(PROMPTS)], max_tokens)
+                for k in range(requests)
+            ]
 
         cpu0, start = time.process_time(), time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients))) for r in rs]
@@ -152,24 +175,34 @@ async def load(api: str, headers: dict, model: str, clients: int, requests: int,
     split: dict[str, int] = {}
     for r in results:
         split[r["replica"]] = split.get(r["replica"], 0) + 1
-    return {"wall_s": wall, "requests": len(results), "completion_tokens": tokens, "tokens_per_s": tokens / wall,
-            "per_request_tokens_per_s": statistics.median(r["tokens"] / r["total"] for r in results),
-            "ttft_p50_ms": 1000 * statistics.median(ttfts),
-            "ttft_p90_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
-            "requests_by_replica": dict(sorted(split.items())), "client_cpu_s": cpu,
-            "short_replies": sum(r["tokens"] != max_tokens for r in results)}
+    return {
+        "wall_s": wall,
+        "requests": len(results),
+        "completion_tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "per_request_tokens_per_s": statistics.median(r["tokens"] / r["total"] for r in results),
+        "ttft_p50_ms": 1000 * statistics.median(ttfts),
+        "ttft_p90_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
+        "requests_by_replica": dict(sorted(split.items())),
+        "client_cpu_s": cpu,
+        "short_replies": sum(r["tokens"] != max_tokens for r in results),
+    }
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| replicas | clients | tokens/s (all clients) | vs 1 replica | tokens/s per request | TTFT p50 (ms) | "
-             "TTFT p90 (ms) | requests per replica |",
-             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| replicas | clients | tokens/s (all clients) | vs 1 replica | tokens/s per request | TTFT p50 (ms) | "
+        "TTFT p90 (ms) | requests per replica |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     one = next((r["tokens_per_s"] for r in rows if r["replicas"] == 1), None)
     for r in rows:
         ratio = f"{r['tokens_per_s'] / one:.2f}×" if one else ""
-        lines.append(f"| {r['replicas']} | {r['clients']} | {r['tokens_per_s']:.1f} | {ratio} | "
-                     f"{r['per_request_tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p90_ms']:.0f} | "
-                     f"{' / '.join(str(v) for v in r['requests_by_replica'].values())} |")
+        lines.append(
+            f"| {r['replicas']} | {r['clients']} | {r['tokens_per_s']:.1f} | {ratio} | "
+            f"{r['per_request_tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p90_ms']:.0f} | "
+            f"{' / '.join(str(v) for v in r['requests_by_replica'].values())} |"
+        )
     return "\n".join(lines)
 
 
@@ -185,19 +218,27 @@ def cpu_model() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--chain", choices=sorted(CHAINS), default="compose.cpu.yaml",
-                    help="the chain's compose file, whose volume and CPU serve image the replicas use")
-    ap.add_argument("--project", default=os.environ.get("COMPOSE_PROJECT_NAME") or REPO.name,
-                    help="compose project that holds the chain's volume (default: $COMPOSE_PROJECT_NAME, else the "
-                         "repository folder's name, as compose picks it)")
+    ap.add_argument(
+        "--chain",
+        choices=sorted(CHAINS),
+        default="compose.cpu.yaml",
+        help="the chain's compose file, whose volume and CPU serve image the replicas use",
+    )
+    ap.add_argument(
+        "--project",
+        default=os.environ.get("COMPOSE_PROJECT_NAME") or REPO.name,
+        help="compose project that holds the chain's volume (default: $COMPOSE_PROJECT_NAME, else the "
+        "repository folder's name, as compose picks it)",
+    )
     ap.add_argument("--compose", help="compose command (default: docker compose, else docker-compose)")
     ap.add_argument("--replicas", default="1,2", help="comma-separated replica counts")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=4, help="requests per client per round")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads per replica")
-    ap.add_argument("--parallel", type=int, default=0,
-                    help="requests each replica decodes at once (0: serve's default)")
+    ap.add_argument(
+        "--parallel", type=int, default=0, help="requests each replica decodes at once (0: serve's default)"
+    )
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per replica count (median reported)")
     ap.add_argument("--keep", action="store_true", help="leave the replicas and the balancer running")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "replicas_results.json")
@@ -232,9 +273,12 @@ def main(argv: list[str] | None = None) -> int:
                 res = asyncio.run(load(stack.api, headers, model, args.clients, args.requests, args.max_tokens))
                 res.update(round=rnd, scale_s=took, load_before=load0, load_after=os.getloadavg()[0], model=model)
                 results[n].append(res)
-                print(f"round {rnd + 1}/{args.rounds}, {n} replica(s): {res['tokens_per_s']:.1f} tokens/s, TTFT p50 "
-                      f"{res['ttft_p50_ms']:.0f} ms, split {res['requests_by_replica']}, load {load0:.1f}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"round {rnd + 1}/{args.rounds}, {n} replica(s): {res['tokens_per_s']:.1f} tokens/s, TTFT p50 "
+                    f"{res['ttft_p50_ms']:.0f} ms, split {res['requests_by_replica']}, load {load0:.1f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         if not args.keep:
             stack.remove()
@@ -243,16 +287,28 @@ def main(argv: list[str] | None = None) -> int:
     for n in counts:
         rs = results[n]
         best = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]
-        rows.append({"replicas": n, "clients": args.clients, **best,
-                     "rounds_tokens_per_s": [round(r["tokens_per_s"], 1) for r in rs]})
+        rows.append(
+            {
+                "replicas": n,
+                "clients": args.clients,
+                **best,
+                "rounds_tokens_per_s": [round(r["tokens_per_s"], 1) for r in rs],
+            }
+        )
     table = markdown(rows)
-    result = {"date": started.isoformat(timespec="seconds"), "chain": args.chain,
-              "max_tokens": args.max_tokens, "requests_per_client": args.requests, "rounds": args.rounds,
-              "threads_per_replica": args.threads, "parallel_per_replica": args.parallel or "serve's default",
-              "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform()},
-              "command": " ".join([f"python bench/{Path(__file__).name}",
-                                   *(argv if argv is not None else sys.argv[1:])]),
-              "rows": rows, "table": table}
+    result = {
+        "date": started.isoformat(timespec="seconds"),
+        "chain": args.chain,
+        "max_tokens": args.max_tokens,
+        "requests_per_client": args.requests,
+        "rounds": args.rounds,
+        "threads_per_replica": args.threads,
+        "parallel_per_replica": args.parallel or "serve's default",
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform()},
+        "command": " ".join([f"python bench/{Path(__file__).name}", *(argv if argv is not None else sys.argv[1:])]),
+        "rows": rows,
+        "table": table,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print(table)

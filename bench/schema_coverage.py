@@ -50,22 +50,75 @@ DRAFTS = ("draft2020-12", "draft7")
 ENGINES = ("aegis", "llamacpp", "llguidance")
 CATEGORIES = ("valid", "refused", "invalid", "cut", "error")
 SUITE_VERSION = "4.26.0"  # the jsonschema sdist whose json/tests/ is the suite
-MESSAGES = [{"role": "system", "content": "Reply with one JSON value only."},
-            {"role": "user", "content": "Give an example value."}]
+MESSAGES = [
+    {"role": "system", "content": "Reply with one JSON value only."},
+    {"role": "user", "content": "Give an example value."},
+]
 CHILD_TIMEOUT_S = 120.0
 # JSON Schema keywords, to name the one a refusal is about when its message has no JSON pointer
-KEYWORDS = sorted({
-    "$ref", "$dynamicRef", "$recursiveRef", "$anchor", "$dynamicAnchor", "additionalItems", "additionalProperties",
-    "allOf", "anyOf", "oneOf", "not", "const", "contains", "maxContains", "minContains", "dependencies",
-    "dependentRequired", "dependentSchemas", "enum", "exclusiveMaximum", "exclusiveMinimum", "maximum", "minimum",
-    "format", "if", "then", "else", "items", "prefixItems", "maxItems", "minItems", "maxLength", "minLength",
-    "maxProperties", "minProperties", "multipleOf", "pattern", "patternProperties", "properties", "propertyNames",
-    "required", "type", "uniqueItems", "unevaluatedItems", "unevaluatedProperties", "contentEncoding",
-    "contentMediaType", "contentSchema", "$defs", "definitions", "$id", "$schema", "$vocabulary"}, key=len,
-    reverse=True)
+KEYWORDS = sorted(
+    {
+        "$ref",
+        "$dynamicRef",
+        "$recursiveRef",
+        "$anchor",
+        "$dynamicAnchor",
+        "additionalItems",
+        "additionalProperties",
+        "allOf",
+        "anyOf",
+        "oneOf",
+        "not",
+        "const",
+        "contains",
+        "maxContains",
+        "minContains",
+        "dependencies",
+        "dependentRequired",
+        "dependentSchemas",
+        "enum",
+        "exclusiveMaximum",
+        "exclusiveMinimum",
+        "maximum",
+        "minimum",
+        "format",
+        "if",
+        "then",
+        "else",
+        "items",
+        "prefixItems",
+        "maxItems",
+        "minItems",
+        "maxLength",
+        "minLength",
+        "maxProperties",
+        "minProperties",
+        "multipleOf",
+        "pattern",
+        "patternProperties",
+        "properties",
+        "propertyNames",
+        "required",
+        "type",
+        "uniqueItems",
+        "unevaluatedItems",
+        "unevaluatedProperties",
+        "contentEncoding",
+        "contentMediaType",
+        "contentSchema",
+        "$defs",
+        "definitions",
+        "$id",
+        "$schema",
+        "$vocabulary",
+    },
+    key=len,
+    reverse=True,
+)
 
 
 # ---- the suite ------------------------------------------------------------------------------------------------
+
 
 def suite_dir(cache: Path) -> Path:
     """json/tests of the jsonschema sdist, downloaded with pip and unpacked under cache once."""
@@ -73,8 +126,22 @@ def suite_dir(cache: Path) -> Path:
     if root.is_dir():
         return root
     cache.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
-                    f"jsonschema=={SUITE_VERSION}", "-d", str(cache)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            f"jsonschema=={SUITE_VERSION}",
+            "-d",
+            str(cache),
+        ],
+        check=True,
+    )
     with tarfile.open(cache / f"jsonschema-{SUITE_VERSION}.tar.gz") as tar:
         members = [m for m in tar.getmembers() if "/json/tests/" in m.name and m.isfile()]
         tar.extractall(cache, members=members, filter="data")
@@ -88,9 +155,14 @@ def load_cases(tests: Path, drafts=DRAFTS) -> tuple[list[dict], list[dict]]:
     for draft in drafts:
         for path in sorted((tests / draft).glob("*.json")):
             for i, group in enumerate(json.loads(path.read_text())):
-                case = {"id": f"{draft}/{path.stem}/{i}", "draft": draft, "keyword": path.stem,
-                        "description": group["description"], "schema": group["schema"],
-                        "instances": [t["data"] for t in group["tests"]]}
+                case = {
+                    "id": f"{draft}/{path.stem}/{i}",
+                    "draft": draft,
+                    "keyword": path.stem,
+                    "description": group["description"],
+                    "schema": group["schema"],
+                    "instances": [t["data"] for t in group["tests"]],
+                }
                 (skipped if needs_remote(case) else cases).append(case)
     return cases, skipped
 
@@ -117,6 +189,7 @@ def needs_remote(case: dict) -> bool:
 
 
 # ---- classification -------------------------------------------------------------------------------------------
+
 
 def refused_keyword(message: str) -> str | None:
     """The keyword a refusal names: the last name of its first JSON pointer (`/properties/a/oneOf: ...`), else the
@@ -170,13 +243,20 @@ def classify(draft: str, schema, outcomes: list[dict]) -> dict:
 
 # ---- engines --------------------------------------------------------------------------------------------------
 
+
 def _aegis_one(client, url: str, model: str, case: dict, seeds: list[int], max_tokens: int) -> list[dict]:
     import httpx
 
     outcomes = []
     for seed in seeds:
-        body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "seed": seed, "temperature": 1.0,
-                "response_format": {"type": "json_schema", "json_schema": {"name": "case", "schema": case["schema"]}}}
+        body = {
+            "model": model,
+            "messages": MESSAGES,
+            "max_tokens": max_tokens,
+            "seed": seed,
+            "temperature": 1.0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "case", "schema": case["schema"]}},
+        }
         try:
             r = client.post(url + "/v1/chat/completions", json=body, timeout=CHILD_TIMEOUT_S)
         except httpx.HTTPError as e:
@@ -191,8 +271,9 @@ def _aegis_one(client, url: str, model: str, case: dict, seeds: list[int], max_t
             outcomes.append({"status": r.status_code, "error": message})
             break
         choice = r.json()["choices"][0]
-        outcomes.append({"status": 200, "text": choice["message"].get("content") or "",
-                         "finish": choice.get("finish_reason")})
+        outcomes.append(
+            {"status": 200, "text": choice["message"].get("content") or "", "finish": choice.get("finish_reason")}
+        )
     return outcomes
 
 
@@ -203,8 +284,20 @@ def run_aegis(gguf: Path, cases: list[dict], seeds: list[int], max_tokens: int, 
     from tests.support.serving import Server
 
     logfile = Path(tempfile.gettempdir()) / "schema_coverage_serve.log"
-    with Server("--model", str(gguf), "--ctx-size", "2048", "--parallel", str(workers), "--queue-size", "256",
-                log_path=logfile) as server, httpx.Client() as client:
+    with (
+        Server(
+            "--model",
+            str(gguf),
+            "--ctx-size",
+            "2048",
+            "--parallel",
+            str(workers),
+            "--queue-size",
+            "256",
+            log_path=logfile,
+        ) as server,
+        httpx.Client() as client,
+    ):
         model = client.get(server.api + "/models").json()["data"][0]["id"]
         results = {}
         with cf.ThreadPoolExecutor(workers) as pool:
@@ -220,15 +313,30 @@ class Child:
     """`schema_coverage.py child ENGINE GGUF`: schemas in on stdin, outcomes out on stdout, a JSON line each."""
 
     def __init__(self, engine: str, gguf: Path, seeds: list[int], max_tokens: int):
-        self.cmd = [sys.executable, __file__, "child", engine, str(gguf), "--seeds", ",".join(map(str, seeds)),
-                    "--max-tokens", str(max_tokens)]
+        self.cmd = [
+            sys.executable,
+            __file__,
+            "child",
+            engine,
+            str(gguf),
+            "--seeds",
+            ",".join(map(str, seeds)),
+            "--max-tokens",
+            str(max_tokens),
+        ]
         self.proc = None
 
     def ask(self, schema) -> list[dict]:
         if self.proc is None or self.proc.poll() is not None:
-            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.DEVNULL, text=True, cwd=REPO,
-                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                cwd=REPO,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
         try:
             self.proc.stdin.write(json.dumps(schema) + "\n")
             self.proc.stdin.flush()
@@ -252,8 +360,9 @@ class Child:
             self.proc.wait(30)
 
 
-def run_child_engine(engine: str, gguf: Path, cases: list[dict], seeds: list[int], max_tokens: int, log,
-                     budget_s: float = 0) -> dict:
+def run_child_engine(
+    engine: str, gguf: Path, cases: list[dict], seeds: list[int], max_tokens: int, log, budget_s: float = 0
+) -> dict:
     """Outcomes per case id; with budget_s, the cases not reached by then are left out (the report says so)."""
     child, results, t0 = Child(engine, gguf, seeds, max_tokens), {}, time.monotonic()
     try:
@@ -305,8 +414,16 @@ def child_main(engine: str, gguf: str, seeds: list[int], max_tokens: int) -> Non
             for seed in seeds:
                 try:
                     if engine == "llamacpp":
-                        out = llm.create_chat_completion(MESSAGES, max_tokens=max_tokens, temperature=1.0, top_k=0,
-                                                         top_p=1.0, min_p=0.0, seed=seed, grammar=grammar)
+                        out = llm.create_chat_completion(
+                            MESSAGES,
+                            max_tokens=max_tokens,
+                            temperature=1.0,
+                            top_k=0,
+                            top_p=1.0,
+                            min_p=0.0,
+                            seed=seed,
+                            grammar=grammar,
+                        )
                         text, finish = out["choices"][0]["message"]["content"] or "", out["choices"][0]["finish_reason"]
                     else:
                         text, finish = _guided(llm, llguidance, tokenizer, compiled, prompt, seed, max_tokens)
@@ -322,8 +439,12 @@ def _prompt_ids(llm) -> list[int]:
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     piece = lambda t: llm.detokenize([t], special=True).decode()  # noqa: E731
-    formatted = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token=piece(llm.token_eos()),
-                                    bos_token=piece(llm.token_bos()), add_generation_prompt=True)(messages=MESSAGES)
+    formatted = Jinja2ChatFormatter(
+        llm.metadata["tokenizer.chat_template"],
+        eos_token=piece(llm.token_eos()),
+        bos_token=piece(llm.token_bos()),
+        add_generation_prompt=True,
+    )(messages=MESSAGES)
     return llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
 
 
@@ -364,6 +485,7 @@ def _guided(llm, llguidance, tokenizer, compiled: str, prompt: list[int], seed: 
 
 # ---- report ---------------------------------------------------------------------------------------------------
 
+
 def tally(results: dict) -> dict:
     """{engine: {keyword: Counter(category)}} plus per-draft totals under the key "(draft) total"."""
     out = {}
@@ -378,8 +500,10 @@ def tally(results: dict) -> dict:
 
 def refusals(results: dict) -> dict[str, Counter]:
     """{engine: Counter(the keyword each refusal names, "?" where it names none)}."""
-    return {engine: Counter(c.get("refused_keyword") or "?" for c in per_case.values() if c["category"] == "refused")
-            for engine, per_case in results.items()}
+    return {
+        engine: Counter(c.get("refused_keyword") or "?" for c in per_case.values() if c["category"] == "refused")
+        for engine, per_case in results.items()
+    }
 
 
 def markdown(results: dict) -> str:
@@ -413,8 +537,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--workers", type=int, default=4, help="requests in flight to the server")
     p.add_argument("--limit", type=int, default=0, help="only the first N schemas (a quick try)")
-    p.add_argument("--budget-s", type=float, default=0, help="seconds each child engine may take; the schemas it "
-                   "has not reached by then are left out and counted as not run (0: no limit)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=0,
+        help="seconds each child engine may take; the schemas it "
+        "has not reached by then are left out and counted as not run (0: no limit)",
+    )
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "aegis-schema-suite")
     p.add_argument("--out", type=Path, default=REPO / "bench" / f"schema_coverage_{dt.date.today()}.json")
     a = p.parse_args(argv)
@@ -430,8 +559,9 @@ def main(argv=None) -> int:
     log(f"{len(cases)} schemas ({len(skipped)} skipped: remote references), seeds {seeds}, model {a.model}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     # the server runs from the working tree: serve/ files changed since that commit are named
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "serve"], cwd=REPO, capture_output=True,
-                           text=True).stdout.split("\n")
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "serve"], cwd=REPO, capture_output=True, text=True
+    ).stdout.split("\n")
     by_id = {c["id"]: c for c in cases}
     results, timings = {}, {}
     engines = a.engines.split(",")
@@ -443,26 +573,41 @@ def main(argv=None) -> int:
         else:
             raw = run_child_engine(engine, a.model, cases, seeds, a.max_tokens, log, a.budget_s)
         timings[engine] = round(time.monotonic() - t0, 1)
-        results[engine] = {cid: {"draft": by_id[cid]["draft"], "keyword": by_id[cid]["keyword"],
-                                 **classify(by_id[cid]["draft"], by_id[cid]["schema"], outs),
-                                 "outcomes": [{k: (v[:200] if isinstance(v, str) else v) for k, v in o.items()}
-                                              for o in outs if o.get("status") == 200]}
-                           for cid, outs in raw.items()}
+        results[engine] = {
+            cid: {
+                "draft": by_id[cid]["draft"],
+                "keyword": by_id[cid]["keyword"],
+                **classify(by_id[cid]["draft"], by_id[cid]["schema"], outs),
+                "outcomes": [
+                    {k: (v[:200] if isinstance(v, str) else v) for k, v in o.items()}
+                    for o in outs
+                    if o.get("status") == 200
+                ],
+            }
+            for cid, outs in raw.items()
+        }
         log(f"{engine}: done in {timings[engine]} s")
 
     t0 = time.monotonic()
     with cf.ThreadPoolExecutor(len(engines)) as pool:  # the engines run side by side, each its own process
         list(pool.map(one, engines))
-    report = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "commit": commit,
-              "serve_uncommitted": [line[3:] for line in dirty if line.strip()],
-              "cpu": _cpu(), "command": " ".join(["python", "bench/schema_coverage.py", *(argv or sys.argv[1:])]),
-              "model": str(a.model), "suite": f"jsonschema {SUITE_VERSION} sdist json/tests", "seeds": seeds,
-              "max_tokens": a.max_tokens, "schemas": len(cases),
-              "not_run": {e: len(cases) - len(r) for e, r in results.items()},
-              "skipped_remote": [c["id"] for c in skipped],
-              "seconds": {**timings, "total": round(time.monotonic() - t0, 1)},
-              "counts": {e: {k: dict(v) for k, v in c.items()} for e, c in tally(results).items()},
-              "results": results}
+    report = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": commit,
+        "serve_uncommitted": [line[3:] for line in dirty if line.strip()],
+        "cpu": _cpu(),
+        "command": " ".join(["python", "bench/schema_coverage.py", *(argv or sys.argv[1:])]),
+        "model": str(a.model),
+        "suite": f"jsonschema {SUITE_VERSION} sdist json/tests",
+        "seeds": seeds,
+        "max_tokens": a.max_tokens,
+        "schemas": len(cases),
+        "not_run": {e: len(cases) - len(r) for e, r in results.items()},
+        "skipped_remote": [c["id"] for c in skipped],
+        "seconds": {**timings, "total": round(time.monotonic() - t0, 1)},
+        "counts": {e: {k: dict(v) for k, v in c.items()} for e, c in tally(results).items()},
+        "results": results,
+    }
     tmp = a.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(a.out)

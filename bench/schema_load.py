@@ -34,28 +34,68 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from serve_bench import MODEL, OURS, one_request, server_for  # noqa: E402
 
-ROW = {"type": "object", "additionalProperties": False, "required": ["id", "kind", "note"],
-       "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 99999},
-                      "kind": {"enum": ["order", "refund", "question"]},
-                      "note": {"type": "string", "maxLength": 40}}}
+ROW = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["id", "kind", "note"],
+    "properties": {
+        "id": {"type": "integer", "minimum": 1, "maximum": 99999},
+        "kind": {"enum": ["order", "refund", "question"]},
+        "note": {"type": "string", "maxLength": 40},
+    },
+}
 SCHEMAS = [  # app-like shapes, each long enough that max_tokens ends the reply
     {"type": "array", "items": ROW, "minItems": 200},
-    {"type": "object", "additionalProperties": False, "required": ["log"],
-     "properties": {"log": {"type": "array", "minItems": 200, "items": {
-         "type": "object", "required": ["at", "ok"], "additionalProperties": False,
-         "properties": {"at": {"type": "string", "format": "date-time"}, "ok": {"type": "boolean"}}}}}},
-    {"type": "array", "minItems": 200, "items": {"oneOf": [
-        {"type": "object", "required": ["shape", "r"], "additionalProperties": False,
-         "properties": {"shape": {"const": "circle"}, "r": {"type": "number", "minimum": 0, "maximum": 100}}},
-        {"type": "object", "required": ["shape", "w", "h"], "additionalProperties": False,
-         "properties": {"shape": {"const": "rect"}, "w": {"type": "integer"}, "h": {"type": "integer"}}}]}},
+    {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["log"],
+        "properties": {
+            "log": {
+                "type": "array",
+                "minItems": 200,
+                "items": {
+                    "type": "object",
+                    "required": ["at", "ok"],
+                    "additionalProperties": False,
+                    "properties": {"at": {"type": "string", "format": "date-time"}, "ok": {"type": "boolean"}},
+                },
+            }
+        },
+    },
+    {
+        "type": "array",
+        "minItems": 200,
+        "items": {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "required": ["shape", "r"],
+                    "additionalProperties": False,
+                    "properties": {"shape": {"const": "circle"}, "r": {"type": "number", "minimum": 0, "maximum": 100}},
+                },
+                {
+                    "type": "object",
+                    "required": ["shape", "w", "h"],
+                    "additionalProperties": False,
+                    "properties": {"shape": {"const": "rect"}, "w": {"type": "integer"}, "h": {"type": "integer"}},
+                },
+            ]
+        },
+    },
 ]
 PROMPT = "受注の記録を JSON で書いてください。"
 
 
 def payload(i: int, constrained: bool, max_tokens: int) -> dict:
-    out = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
-           "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    out = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if constrained:
         schema = SCHEMAS[i % len(SCHEMAS)]
         out["response_format"] = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}}
@@ -68,9 +108,11 @@ async def round_(base: str, clients: int, constrained: int, requests: int, max_t
     url = base + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
     async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
+
         async def worker(i: int) -> list[dict]:
-            return [await one_request(client, url, payload(i + k, i < constrained, max_tokens))
-                    for k in range(requests)]
+            return [
+                await one_request(client, url, payload(i + k, i < constrained, max_tokens)) for k in range(requests)
+            ]
 
         start = time.perf_counter()
         results = await asyncio.gather(*(worker(i) for i in range(clients)))
@@ -78,10 +120,15 @@ async def round_(base: str, clients: int, constrained: int, requests: int, max_t
     flat = [(i < constrained, r) for i, rs in enumerate(results) for r in rs]
     tokens = sum(r["tokens"] for _, r in flat)
     part = lambda c: [r["tokens"] / r["total"] for k, r in flat if k == c]  # noqa: E731
-    return {"constrained_clients": constrained, "wall_s": wall, "completion_tokens": tokens,
-            "tokens_per_s": tokens / wall, "min_tokens": min(r["tokens"] for _, r in flat),
-            "per_request_tokens_per_s_constrained": statistics.median(part(True)) if constrained else None,
-            "per_request_tokens_per_s_free": statistics.median(part(False)) if constrained < clients else None}
+    return {
+        "constrained_clients": constrained,
+        "wall_s": wall,
+        "completion_tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "min_tokens": min(r["tokens"] for _, r in flat),
+        "per_request_tokens_per_s_constrained": statistics.median(part(True)) if constrained else None,
+        "per_request_tokens_per_s_free": statistics.median(part(False)) if constrained < clients else None,
+    }
 
 
 def load(args) -> dict:
@@ -89,14 +136,19 @@ def load(args) -> dict:
     server.start(ready_path=ready)
     try:
         asyncio.run(round_(server.url, 2, 1, 1, 16))  # warm-up: first kernels, a grammar
-        rounds = [asyncio.run(round_(server.url, args.clients, c, args.requests, args.max_tokens))
-                  for c in (0, args.constrained, 0)]
+        rounds = [
+            asyncio.run(round_(server.url, args.clients, c, args.requests, args.max_tokens))
+            for c in (0, args.constrained, 0)
+        ]
     finally:
         server.stop()
     free = statistics.mean(r["tokens_per_s"] for r in rounds if not r["constrained_clients"])
     for r in rounds:
-        print(f"{args.clients} clients, {r['constrained_clients']:2d} constrained: {r['tokens_per_s']:9.1f} tokens/s "
-              f"(fewest tokens in a reply {r['min_tokens']})", flush=True)
+        print(
+            f"{args.clients} clients, {r['constrained_clients']:2d} constrained: {r['tokens_per_s']:9.1f} tokens/s "
+            f"(fewest tokens in a reply {r['min_tokens']})",
+            flush=True,
+        )
     ratio = rounds[1]["tokens_per_s"] / free
     print(f"mixed over unconstrained: {ratio:.3f}", flush=True)
     return {"rounds": rounds, "mixed_over_free": ratio}
@@ -128,13 +180,18 @@ def build(args) -> dict:
         check.append(t1 - t0)
         init.append(t2 - t1)
     out = {"schemas": len(check)}
-    for name, xs in (("check_and_gbnf", check), ("llama_grammar_init", init),
-                     ("total", [a + b for a, b in zip(check, init)])):
+    for name, xs in (
+        ("check_and_gbnf", check),
+        ("llama_grammar_init", init),
+        ("total", [a + b for a, b in zip(check, init)]),
+    ):
         xs = sorted(1000 * x for x in xs)
-        out[name] = {"p50_ms": xs[len(xs) // 2], "p99_ms": xs[min(len(xs) - 1, int(0.99 * len(xs)))],
-                     "max_ms": xs[-1]}
-        print(f"{name:20s} p50 {out[name]['p50_ms']:7.2f} ms  p99 {out[name]['p99_ms']:7.2f} ms  "
-              f"max {out[name]['max_ms']:7.2f} ms", flush=True)
+        out[name] = {"p50_ms": xs[len(xs) // 2], "p99_ms": xs[min(len(xs) - 1, int(0.99 * len(xs)))], "max_ms": xs[-1]}
+        print(
+            f"{name:20s} p50 {out[name]['p50_ms']:7.2f} ms  p99 {out[name]['p99_ms']:7.2f} ms  "
+            f"max {out[name]['max_ms']:7.2f} ms",
+            flush=True,
+        )
     return out
 
 
@@ -155,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "schema-load-logs")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    result = {"mode": args.mode, "gguf": args.gguf.name, **vars(args)} | (load(args) if args.mode == "load"
-                                                                         else build(args))
+    result = {"mode": args.mode, "gguf": args.gguf.name, **vars(args)} | (
+        load(args) if args.mode == "load" else build(args)
+    )
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     return 0

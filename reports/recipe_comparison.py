@@ -80,6 +80,7 @@ def train_once(config: Path, run_dir: Path, overrides: list[str], log) -> float:
 
 def plot(runs: dict[str, list[dict]], path: Path, target_alpha: float) -> None:
     import matplotlib
+
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
@@ -90,8 +91,10 @@ def plot(runs: dict[str, list[dict]], path: Path, target_alpha: float) -> None:
         steps = [r["step"] for r in recs]
         loss = [metrics.number(r["loss"]) for r in recs]
         window = 20
-        smooth = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1])
-                  for i in range(len(loss))]
+        smooth = [
+            sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1])
+            for i in range(len(loss))
+        ]
         label = RECIPES[name]["title"]
         axes[0].plot(steps, loss, color=colors[name], alpha=0.2, linewidth=0.8)
         axes[0].plot(steps, smooth, color=colors[name], label=f"{label} (mean of {window})")
@@ -139,10 +142,12 @@ def markdown(rep: dict) -> str:
         f"| base (no adapter, no soul) | – | – | – | {base['loss']:.4f} | {base['perplexity']:.3f} | 1.000 | – | – |",
     ]
     for name, r in rep["recipes"].items():
-        lines.append(f"| {RECIPES[name]['title']} | {r['init']} | {r['mix']} | {r['gate']:.4f} "
-                     f"| {r['loss']:.4f} | {r['perplexity']:.3f} | {r['ratio_to_base']:.3f} "
-                     f"| {r['gate_shut']['perplexity']:.3f} ({r['gate_shut']['ratio_to_base']:.3f}) "
-                     f"| {r['train_loss_last20']:.4f} |")
+        lines.append(
+            f"| {RECIPES[name]['title']} | {r['init']} | {r['mix']} | {r['gate']:.4f} "
+            f"| {r['loss']:.4f} | {r['perplexity']:.3f} | {r['ratio_to_base']:.3f} "
+            f"| {r['gate_shut']['perplexity']:.3f} ({r['gate_shut']['ratio_to_base']:.3f}) "
+            f"| {r['train_loss_last20']:.4f} |"
+        )
     verdict = "met" if goal["met"] else "NOT met"
     lines += [
         "",
@@ -157,8 +162,10 @@ def markdown(rep: dict) -> str:
     ]
     for name, r in rep["recipes"].items():
         t = r["train_text"]
-        lines.append(f"| {RECIPES[name]['title']} | {t['checkpoint']['ratio_to_base']:.3f} "
-                     f"| {t['gate_shut']['ratio_to_base']:.3f} |")
+        lines.append(
+            f"| {RECIPES[name]['title']} | {t['checkpoint']['ratio_to_base']:.3f} "
+            f"| {t['gate_shut']['ratio_to_base']:.3f} |"
+        )
     lines += [
         "",
         f"![loss, α and gate against step]({REPORT}.png)",
@@ -184,22 +191,47 @@ def write_report(directory: Path, report: dict, histories: dict[str, list[dict]]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=COMMAND, description="Train the AEGIS and the seed recipe on the embedded model "
-                                 "and write a held-out perplexity report.")
+    ap = argparse.ArgumentParser(
+        prog=COMMAND,
+        description="Train the AEGIS and the seed recipe on the embedded model and write a held-out perplexity report.",
+    )
     ap.add_argument("--steps", type=int, default=None, help="total steps of each run (default: the config's, 500)")
-    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base config (default: "
-                    "configs/quickstart.toml, the embedded model)")
-    ap.add_argument("--data", action="append", default=None, metavar="SOURCE",
-                    help=f"held-out data (default: {DEFAULT_DATA[0]})")
-    ap.add_argument("--train-data", action="append", default=None, metavar="SOURCE",
-                    help=f"training text scored for contrast (default: {DEFAULT_TRAIN_DATA[0]})")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                    help=f"where the two training runs (OUT/aegis, OUT/seed; replaced on each call) and the report "
-                    f"go (default: {DEFAULT_OUT})")
-    ap.add_argument("--update-report", action="store_true",
-                    help="also rewrite the committed report, reports/recipe_comparison.* (the figures the docs quote)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="extra config override for both runs (repeatable)")
+    ap.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="base config (default: configs/quickstart.toml, the embedded model)",
+    )
+    ap.add_argument(
+        "--data", action="append", default=None, metavar="SOURCE", help=f"held-out data (default: {DEFAULT_DATA[0]})"
+    )
+    ap.add_argument(
+        "--train-data",
+        action="append",
+        default=None,
+        metavar="SOURCE",
+        help=f"training text scored for contrast (default: {DEFAULT_TRAIN_DATA[0]})",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"where the two training runs (OUT/aegis, OUT/seed; replaced on each call) and the report "
+        f"go (default: {DEFAULT_OUT})",
+    )
+    ap.add_argument(
+        "--update-report",
+        action="store_true",
+        help="also rewrite the committed report, reports/recipe_comparison.* (the figures the docs quote)",
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="extra config override for both runs (repeatable)",
+    )
     args = ap.parse_args(argv)
     args.out = args.out.resolve()  # the runs start in the repository; a relative --out means the caller's directory
     if args.steps is not None and args.steps < 2:
@@ -229,8 +261,9 @@ def run_recipe(name: str, args: argparse.Namespace, common: list[str], log) -> t
     run_dir = args.out / name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run every time: the report must come from this code
-    seconds = train_once(args.config, run_dir, common + [f"soul.init={recipe['init']}", f"soul.mix={recipe['mix']}"],
-                         log)
+    seconds = train_once(
+        args.config, run_dir, common + [f"soul.init={recipe['init']}", f"soul.mix={recipe['mix']}"], log
+    )
     final = run_dir / checkpoint.FINAL
     log(f"{recipe['title']}: trained in {seconds:.0f}s; evaluating {final}")
     evaluator = Evaluator(final)
@@ -239,12 +272,23 @@ def run_recipe(name: str, args: argparse.Namespace, common: list[str], log) -> t
     recs = metrics.read(run_dir)
     last20 = [metrics.number(r["loss"]) for r in recs[-20:]]
     res = ev["results"]
-    row = {"init": recipe["init"], "mix": recipe["mix"], "alpha": ev["alpha"], "gate": ev["gate"],
-           "loss": res["checkpoint"]["loss"], "perplexity": res["checkpoint"]["perplexity"],
-           "ratio_to_base": res["checkpoint"]["ratio_to_base"], "gate_shut": res["gate_shut"],
-           "base": res["base"], "train_text": tr["results"], "train_loss_last20": sum(last20) / len(last20),
-           "ortho_error": recs[-1]["ortho_error"], "rotation_norm": recs[-1]["rotation_norm"],
-           "train_seconds": round(seconds, 1), "run_dir": shown(run_dir)}
+    row = {
+        "init": recipe["init"],
+        "mix": recipe["mix"],
+        "alpha": ev["alpha"],
+        "gate": ev["gate"],
+        "loss": res["checkpoint"]["loss"],
+        "perplexity": res["checkpoint"]["perplexity"],
+        "ratio_to_base": res["checkpoint"]["ratio_to_base"],
+        "gate_shut": res["gate_shut"],
+        "base": res["base"],
+        "train_text": tr["results"],
+        "train_loss_last20": sum(last20) / len(last20),
+        "ortho_error": recs[-1]["ortho_error"],
+        "rotation_norm": recs[-1]["rotation_norm"],
+        "train_seconds": round(seconds, 1),
+        "run_dir": shown(run_dir),
+    }
     return row, recs
 
 
@@ -256,8 +300,13 @@ def conclude(report: dict) -> None:
             raise RunFailed(f"the two runs disagree on the base's loss ({rows[0]['loss']} vs {rows[1]['loss']})")
         report[key] = rows[0]
     a = report["recipes"]["aegis"]
-    report["goal"] = {"ratio_limit": RETENTION_LIMIT, "gate_goal": GATE_GOAL, "ratio": a["ratio_to_base"],
-                      "gate": a["gate"], "met": a["ratio_to_base"] <= RETENTION_LIMIT and a["gate"] >= GATE_GOAL}
+    report["goal"] = {
+        "ratio_limit": RETENTION_LIMIT,
+        "gate_goal": GATE_GOAL,
+        "ratio": a["ratio_to_base"],
+        "gate": a["gate"],
+        "met": a["ratio_to_base"] <= RETENTION_LIMIT and a["gate"] >= GATE_GOAL,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,13 +318,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t_start = time.time()
-    command = COMMAND + (f" --steps {args.steps}" if args.steps else "") + (
-        " --update-report" if args.update_report else "")
-    report = {"generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
-              "config": shown(args.config), "overrides": args.overrides, "steps": cfg.schedule.total_steps,
-              "base_model": cfg.model.base, "quantization": cfg.model.quantization, "data": args.data,
-              "train_data": args.train_data, "work_dir": shown(args.out),
-              "schedule": {k: getattr(cfg.schedule, k) for k in cfg.schedule.__dataclass_fields__}, "recipes": {}}
+    command = (
+        COMMAND + (f" --steps {args.steps}" if args.steps else "") + (" --update-report" if args.update_report else "")
+    )
+    report = {
+        "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "config": shown(args.config),
+        "overrides": args.overrides,
+        "steps": cfg.schedule.total_steps,
+        "base_model": cfg.model.base,
+        "quantization": cfg.model.quantization,
+        "data": args.data,
+        "train_data": args.train_data,
+        "work_dir": shown(args.out),
+        "schedule": {k: getattr(cfg.schedule, k) for k in cfg.schedule.__dataclass_fields__},
+        "recipes": {},
+    }
     histories = {}
     try:
         for name in RECIPES:

@@ -57,6 +57,7 @@ from replica_probe import (
 
 # ---- the proof -----------------------------------------------------------------------------------------------------
 
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--api", required=True, help="the balancer's API base URL (no /v1)")
@@ -67,8 +68,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--service", default="replica")
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=1000,
-                    help="tokens per request in the kill test, at most the served context less 96")
+    ap.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1000,
+        help="tokens per request in the kill test, at most the served context less 96",
+    )
     ap.add_argument("--timeout", type=float, default=60, help="seconds a request may take before it counts as hung")
     args = ap.parse_args()
     check(args.replicas >= 2, "--replicas: at least 2 (one is killed)")
@@ -104,14 +109,17 @@ class Proof:
         for c in names:
             status, _ = engine.fetch(c, "/ready")
             check(status == 200, f"{c}: /ready answered {status}")
-        log(f"balancer: {len(up)} replicas up in {time.time() - t0:.0f} s: "
-            + ", ".join(f"{srv} = {c}" for srv, c in sorted(self.container_of.items())))
+        log(
+            f"balancer: {len(up)} replicas up in {time.time() - t0:.0f} s: "
+            + ", ".join(f"{srv} = {c}" for srv, c in sorted(self.container_of.items()))
+        )
 
     def one_server(self) -> None:
         """2. one server, as far as the client can tell: the key, the model, the same greedy text."""
         args, timeout = self.args, self.args.timeout
-        self.client = client = openai.OpenAI(base_url=args.api + "/v1", api_key=args.key, max_retries=0,
-                                             timeout=timeout)
+        self.client = client = openai.OpenAI(
+            base_url=args.api + "/v1", api_key=args.key, max_retries=0, timeout=timeout
+        )
         try:  # no key at all: the SDK always sends one, so plain HTTP
             HTTP.open(args.api + "/v1/models", timeout=10)
             raise Failed("the API answered /v1/models without a key")
@@ -119,8 +127,9 @@ class Proof:
             body = json.loads(e.read())
             check(e.code == 401 and "message" in body.get("error", {}), f"no key: {e.code} {body}")
         try:
-            openai.OpenAI(base_url=args.api + "/v1", api_key="not-the-key", max_retries=0,
-                          timeout=timeout).models.list()
+            openai.OpenAI(
+                base_url=args.api + "/v1", api_key="not-the-key", max_retries=0, timeout=timeout
+            ).models.list()
             raise Failed("the API answered with a wrong key")
         except openai.AuthenticationError as e:
             check(isinstance(e.body, dict) and "message" in e.body, f"401 not in the API's error shape: {e.body}")
@@ -135,16 +144,18 @@ class Proof:
         texts = set()
         for _ in range(2 * args.replicas):
             raw = client.chat.completions.with_raw_response.create(
-                model=model, messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=24, temperature=0,
-                seed=0)
+                model=model, messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=24, temperature=0, seed=0
+            )
             reply = raw.parse()
             check(reply.model == model, f"reply names model {reply.model!r}, asked {model!r}")
             texts.add((raw.headers.get("x-aegis-replica"), reply.choices[0].message.content))
         answered_by = {r for r, _ in texts}
         check(len(answered_by) >= 2, f"sequential requests all went to {answered_by}")
         check(len({t for _, t in texts}) == 1, f"replicas answered one greedy request differently: {texts}")
-        log(f"key enforced (401 without it and with a wrong one), model {model!r}; one greedy request answered by "
-            f"{sorted(answered_by)} with the same text")
+        log(
+            f"key enforced (401 without it and with a wrong one), model {model!r}; one greedy request answered by "
+            f"{sorted(answered_by)} with the same text"
+        )
 
     def spread(self) -> None:
         """3. load spreads: each replica's own /metrics counts its share, as the balancer's headers do."""
@@ -152,8 +163,10 @@ class Proof:
         before = {c: engine.served(c) for c in names}
         n_req = 2 * args.clients
         live: list = []
-        results = run_concurrently(args.clients, lambda i: [
-            stream_once(self.client, self.model, 32, PROMPTS[(i + k) % 4], live) for k in range(2)])
+        results = run_concurrently(
+            args.clients,
+            lambda i: [stream_once(self.client, self.model, 32, PROMPTS[(i + k) % 4], live) for k in range(2)],
+        )
         outcomes = [o for rs in results for o in rs]
         check(not any(o.error for o in outcomes), f"streams failed: {[o.error for o in outcomes if o.error]}")
         self.shares = shares = {c: engine.served(c) - before[c] for c in names}
@@ -179,8 +192,11 @@ class Proof:
         while True:
             # kill once a stream on the victim has its first tokens out and most still to come: the client may read
             # behind the replica, and a stream the replica has finished sending would survive the kill
-            self.running = [o for o in list(self.load.live)
-                            if o.replica == self.victim_srv and 1 <= o.tokens <= args.max_tokens // 10]
+            self.running = [
+                o
+                for o in list(self.load.live)
+                if o.replica == self.victim_srv and 1 <= o.tokens <= args.max_tokens // 10
+            ]
             if self.running:
                 break
             check(time.time() < deadline, "no stream ever ran on the replica to be killed")
@@ -219,19 +235,25 @@ class Proof:
                     served_after = 0
                 if served_after >= 2:
                     t_rejoin, victim_srv_now = time.time(), slot
-            check(time.time() < deadline,
-                  f"{victim} did not come back: balancer {st}, restarted: {t_restart is not None}")
+            check(
+                time.time() < deadline, f"{victim} did not come back: balancer {st}, restarted: {t_restart is not None}"
+            )
             time.sleep(0.5)
         check(self.load.stop(args.timeout + 10), "a client is still waiting: a request hung")
         restarts = engine.inspect(victim, "{{.RestartCount}}")
         self.retries1 = backend_retries(args.stats)
         t_kill = self.t_kill
         down = f"out of rotation after {t_down - t_kill:.1f} s" if t_down else "never out of rotation (back first)"
-        log(f"{victim}: {down}, restarted after {t_restart - t_kill:.1f} s "
+        log(
+            f"{victim}: {down}, restarted after {t_restart - t_kill:.1f} s "
             f"(restart count {restarts}), back in rotation as {victim_srv_now} after {t_rejoin - t_kill:.1f} s, "
-            f"{served_after} requests served since")
-        self.times = {"down_s": t_down and round(t_down - t_kill, 1), "restart_s": round(t_restart - t_kill, 1),
-                      "rejoin_s": round(t_rejoin - t_kill, 1)}
+            f"{served_after} requests served since"
+        )
+        self.times = {
+            "down_s": t_down and round(t_down - t_kill, 1),
+            "restart_s": round(t_restart - t_kill, 1),
+            "rejoin_s": round(t_rejoin - t_kill, 1),
+        }
 
     def judge(self) -> None:
         """Every request of the kill test, from the client's side and from the balancer's log."""
@@ -239,35 +261,55 @@ class Proof:
         after = [o for o in done if o.start > t_kill]
         before_kill = [o for o in done if o.start <= t_kill]
         failed_after = [o for o in after if o.error]
-        check(not failed_after, f"{len(failed_after)} requests started after the kill failed: "
-                                f"{[o.error for o in failed_after[:5]]}")
+        check(
+            not failed_after,
+            f"{len(failed_after)} requests started after the kill failed: {[o.error for o in failed_after[:5]]}",
+        )
         failures = [o for o in before_kill if o.error]
         for o in failures:
             check(o.kind == "stream", f"a non-streamed request failed: {o.error}")
             check(o.replica == victim_srv, f"a stream on {o.replica}, not the killed {victim_srv}, failed: {o.error}")
             check(o.end - t_kill < 10, f"a stream failed {o.end - t_kill:.1f} s after the kill, not at once: {o.error}")
             check("timeout" not in o.error.lower() and "timed out" not in o.error.lower(), f"a stream hung: {o.error}")
-        check(len(failures) >= 1, "no stream was cut by the kill: the test did not test it "
-                                  f"(running on {victim_srv} at the kill: {self.running}; "
-                                  f"then {[o for o in done if o in self.running]})")
+        check(
+            len(failures) >= 1,
+            "no stream was cut by the kill: the test did not test it "
+            f"(running on {victim_srv} at the kill: {self.running}; "
+            f"then {[o for o in done if o in self.running]})",
+        )
         lines = self.balancer_agrees(failures)
         whole_at_kill = [o for o in before_kill if o.kind == "whole" and o.end > t_kill]
         # non-streamed requests that were running on the killed replica and were sent again to another (+N retries):
         # accepted well before the kill, they had reached a live replica, and only the kill could make them fail
-        replayed = [o for o in whole_at_kill if o.rid in lines and lines[o.rid]["retries"].startswith("+")
-                    and lines[o.rid]["accepted_s"] < t_kill - 0.2]
+        replayed = [
+            o
+            for o in whole_at_kill
+            if o.rid in lines and lines[o.rid]["retries"].startswith("+") and lines[o.rid]["accepted_s"] < t_kill - 0.2
+        ]
         kinds = sorted({o.error.split(":")[0] for o in failures})
         retries0, retries1 = self.retries0, self.retries1
-        log(f"kill test: {len(done)} requests ({len(after)} started after the kill, all answered); "
+        log(
+            f"kill test: {len(done)} requests ({len(after)} started after the kill, all answered); "
             f"{len(failures)} failed, all streams running on {victim_srv} at the kill, each within "
             f"{max(o.end - t_kill for o in failures):.2f} s ({', '.join(kinds)}: "
             f"{failures[0].error.split(': ', 1)[-1][:160]!r}; the balancer logged each as SD, its replica's "
             f"connection broken mid-reply); {len(whole_at_kill)} non-streamed request(s) in flight at the kill, all "
             f"answered, {len(replayed)} of them sent again to another replica by the balancer; "
             f"the balancer retried {retries1[0] - retries0[0]} connection(s) and redispatched "
-            f"{retries1[1] - retries0[1]} request(s) meanwhile")
-        log(json.dumps({"replicas": self.args.replicas, "spread": self.shares, "killed_streams": len(failures),
-                        "requests_after_kill": len(after), "replayed_whole": len(replayed), **self.times}))
+            f"{retries1[1] - retries0[1]} request(s) meanwhile"
+        )
+        log(
+            json.dumps(
+                {
+                    "replicas": self.args.replicas,
+                    "spread": self.shares,
+                    "killed_streams": len(failures),
+                    "requests_after_kill": len(after),
+                    "replayed_whole": len(replayed),
+                    **self.times,
+                }
+            )
+        )
 
     def balancer_agrees(self, failures: list[Outcome]) -> dict[str, dict]:
         """The balancer's log of the same requests: each failed stream cut by its replica (SD), each success a 200."""
@@ -275,12 +317,16 @@ class Proof:
         for o in failures:
             line = lines.get(o.rid)
             check(line is not None, f"no balancer log line for the failed {o.rid}")
-            check(line["term"].startswith("SD") and line["server"] == self.victim_srv,
-                  f"{o.rid} failed on the client, but the balancer logged {line}")
+            check(
+                line["term"].startswith("SD") and line["server"] == self.victim_srv,
+                f"{o.rid} failed on the client, but the balancer logged {line}",
+            )
         for o in self.load.done:
             if not o.error and o.rid in lines:
-                check(lines[o.rid]["status"] == "200",
-                      f"{o.rid} succeeded on the client, the balancer logged {lines[o.rid]}")
+                check(
+                    lines[o.rid]["status"] == "200",
+                    f"{o.rid} succeeded on the client, the balancer logged {lines[o.rid]}",
+                )
         return lines
 
 

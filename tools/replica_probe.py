@@ -18,8 +18,12 @@ from dataclasses import dataclass
 import openai
 
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never through a proxy
-PROMPTS = ["こんにちは。自己紹介をしてください。", "日本の四季について説明してください。",
-           "おすすめの本を三冊教えてください。", "明日の予定を立てるのを手伝ってください。"]
+PROMPTS = [
+    "こんにちは。自己紹介をしてください。",
+    "日本の四季について説明してください。",
+    "おすすめの本を三冊教えてください。",
+    "明日の予定を立てるのを手伝ってください。",
+]
 
 
 class Failed(Exception):
@@ -37,6 +41,7 @@ def log(msg: str) -> None:
 
 # ---- the containers ------------------------------------------------------------------------------------------------
 
+
 class Engine:
     def __init__(self, cmd: str, project: str, service: str):
         self.cmd, self.project, self.service = cmd, project, service
@@ -48,9 +53,15 @@ class Engine:
         return p.stdout
 
     def replicas(self, service: str | None = None) -> list[str]:
-        out = self.run("ps", "--filter", f"label=com.docker.compose.project={self.project}",
-                       "--filter", f"label=com.docker.compose.service={service or self.service}",
-                       "--format", "{{.Names}}")
+        out = self.run(
+            "ps",
+            "--filter",
+            f"label=com.docker.compose.project={self.project}",
+            "--filter",
+            f"label=com.docker.compose.service={service or self.service}",
+            "--format",
+            "{{.Names}}",
+        )
         return sorted(n for n in out.split() if n)
 
     def inspect(self, name: str, fmt: str) -> str:
@@ -64,12 +75,14 @@ class Engine:
 
     def fetch(self, name: str, path: str) -> tuple[int, str]:
         """GET http://127.0.0.1:8000{path} from inside the replica (its own view, not the balancer's)."""
-        code = ("import sys, urllib.request\n"
-                "try:\n"
-                f"    r = urllib.request.urlopen('http://127.0.0.1:8000{path}', timeout=10)\n"
-                "    print(r.status); print(r.read().decode())\n"
-                "except urllib.error.HTTPError as e:\n"
-                "    print(e.code)\n")
+        code = (
+            "import sys, urllib.request\n"
+            "try:\n"
+            f"    r = urllib.request.urlopen('http://127.0.0.1:8000{path}', timeout=10)\n"
+            "    print(r.status); print(r.read().decode())\n"
+            "except urllib.error.HTTPError as e:\n"
+            "    print(e.code)\n"
+        )
         out = self.run("exec", name, "python", "-c", code, timeout=30)
         status, _, body = out.partition("\n")
         return int(status), body
@@ -83,6 +96,7 @@ class Engine:
 
 
 # ---- the balancer --------------------------------------------------------------------------------------------------
+
 
 def balancer_servers(stats: str) -> dict[str, dict]:
     """The backend's server slots that have an address: name -> {status, addr}, from HAProxy's CSV stats."""
@@ -127,11 +141,11 @@ IDS = iter(range(1, 1 << 30))
 
 @dataclass
 class Outcome:
-    kind: str            # "stream" or "whole"
+    kind: str  # "stream" or "whole"
     start: float
-    rid: str = ""        # sent as ?ci=RID, so that the balancer's log line of each request can be found
+    rid: str = ""  # sent as ?ci=RID, so that the balancer's log line of each request can be found
     end: float = 0.0
-    replica: str = ""    # X-Aegis-Replica: the balancer's server that answered
+    replica: str = ""  # X-Aegis-Replica: the balancer's server that answered
     tokens: int = 0
     first_token: float = 0.0
     finished: bool = False
@@ -151,8 +165,14 @@ def stream_once(client: openai.OpenAI, model: str, max_tokens: int, prompt: str,
     live.append(o)
     try:
         with client.chat.completions.with_streaming_response.create(
-                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                temperature=0, stream=True, extra_body={"ignore_eos": True}, extra_query={"ci": o.rid}) as resp:
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+            extra_query={"ci": o.rid},
+        ) as resp:
             o.replica = resp.headers.get("x-aegis-replica", "")
             for chunk in resp.parse():
                 if chunk.choices and chunk.choices[0].delta.content:
@@ -174,8 +194,13 @@ def whole_once(client: openai.OpenAI, model: str, max_tokens: int, prompt: str) 
     o = Outcome("whole", time.time(), f"whole-{next(IDS)}")
     try:
         raw = client.chat.completions.with_raw_response.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-            extra_body={"ignore_eos": True}, extra_query={"ci": o.rid})
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+            extra_query={"ci": o.rid},
+        )
         o.replica = raw.headers.get("x-aegis-replica", "")
         reply = raw.parse()
         o.tokens = reply.usage.completion_tokens
@@ -188,9 +213,11 @@ def whole_once(client: openai.OpenAI, model: str, max_tokens: int, prompt: str) 
     return o
 
 
-LOG_LINE = re.compile(r'\[(?P<accepted>\d+/\w+/\d+:\d+:\d+:\d+\.\d+)\] api replicas/(?P<server>\S+) \S+ '
-                      r'(?P<status>-?\d+) \d+ \S+ \S+ (?P<term>\S{4}) '
-                      r'\d+/\d+/\d+/\d+/(?P<retries>\+?\d+) \S+ "\w+ /v1/chat/completions\?ci=(?P<rid>[\w-]+) ')
+LOG_LINE = re.compile(
+    r"\[(?P<accepted>\d+/\w+/\d+:\d+:\d+:\d+\.\d+)\] api replicas/(?P<server>\S+) \S+ "
+    r"(?P<status>-?\d+) \d+ \S+ \S+ (?P<term>\S{4}) "
+    r'\d+/\d+/\d+/\d+/(?P<retries>\+?\d+) \S+ "\w+ /v1/chat/completions\?ci=(?P<rid>[\w-]+) '
+)
 
 
 def balancer_log(engine: Engine) -> dict[str, dict]:
@@ -226,8 +253,11 @@ class Load:
         k = 0
         while not self._stop.is_set():
             prompt = PROMPTS[(i + k) % 4]
-            o = (whole_once(self.client, self.model, self.max_tokens, prompt) if i < 2 else
-                 stream_once(self.client, self.model, self.max_tokens, prompt, self.live))
+            o = (
+                whole_once(self.client, self.model, self.max_tokens, prompt)
+                if i < 2
+                else stream_once(self.client, self.model, self.max_tokens, prompt, self.live)
+            )
             with self._lock:
                 self.done.append(o)
             k += 1

@@ -33,8 +33,23 @@ CHAT_WEIGHT = 3
 
 def fingerprint() -> str:
     """The corpus and this recipe, as the shipped weights record them."""
-    h = hashlib.sha256(json.dumps([RECIPE_VERSION, tiny.SP_VOCAB, SEQ_LEN, BATCH, STEPS, LR, WARMUP, EVAL_EVERY,
-                                   DROPOUT, CHAT_WEIGHT, tiny.ARCH]).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            [
+                RECIPE_VERSION,
+                tiny.SP_VOCAB,
+                SEQ_LEN,
+                BATCH,
+                STEPS,
+                LR,
+                WARMUP,
+                EVAL_EVERY,
+                DROPOUT,
+                CHAT_WEIGHT,
+                tiny.ARCH,
+            ]
+        ).encode()
+    )
     for name in sorted(tiny.CORPUS_TRAIN + tiny.CORPUS_EVAL):
         h.update(tiny.corpus_path(name).read_bytes())
     return h.hexdigest()[:16]
@@ -74,8 +89,7 @@ def pretrain(model, ids: list[int], held_ids: list[int], log) -> dict:
         model.train()
         return loss
 
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95), fused=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
     model.train()
     start, recent = time.time(), []
@@ -83,7 +97,7 @@ def pretrain(model, ids: list[int], held_ids: list[int], log) -> dict:
         for group in opt.param_groups:
             group["lr"] = learning_rate(step)
         starts = torch.randint(len(stream) - SEQ_LEN, (BATCH,), generator=g).tolist()  # every epoch cuts anew
-        batch = torch.stack([stream[s:s + SEQ_LEN] for s in starts]).to(device)
+        batch = torch.stack([stream[s : s + SEQ_LEN] for s in starts]).to(device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -91,12 +105,19 @@ def pretrain(model, ids: list[int], held_ids: list[int], log) -> dict:
         opt.zero_grad(set_to_none=True)
         recent = (recent + [loss.item()])[-EVAL_EVERY:]
         if step % EVAL_EVERY == 0 or step == STEPS:
-            log(f"  pretrain step {step}/{STEPS} loss {sum(recent) / len(recent):.3f} held-out {held_loss():.3f} "
-                f"({time.time() - start:.0f}s)")
+            log(
+                f"  pretrain step {step}/{STEPS} loss {sum(recent) / len(recent):.3f} held-out {held_loss():.3f} "
+                f"({time.time() - start:.0f}s)"
+            )
     final = held_loss()
     model.to("cpu").eval()
-    return {"train_loss": sum(recent) / len(recent), "heldout_loss": final, "steps": STEPS,
-            "seconds": round(time.time() - start, 1), "device": device.type}
+    return {
+        "train_loss": sum(recent) / len(recent),
+        "heldout_loss": final,
+        "steps": STEPS,
+        "seconds": round(time.time() - start, 1),
+        "device": device.type,
+    }
 
 
 def build(out: Path, log=print) -> Path:
@@ -113,8 +134,10 @@ def build(out: Path, log=print) -> Path:
         model = Phi3ForCausalLM(tiny.model_config(tok, dropout=DROPOUT))
         ids, held_ids = token_streams(tok)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        log(f"pre-training {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters on {len(ids)} "
-            f"tokens for {STEPS} steps of {BATCH} x {SEQ_LEN} ({device.type})")
+        log(
+            f"pre-training {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters on {len(ids)} "
+            f"tokens for {STEPS} steps of {BATCH} x {SEQ_LEN} ({device.type})"
+        )
         stats = pretrain(model.to(device), ids, held_ids, log)
         return tiny.save(model, tok, Path(work), out, {"fingerprint": fingerprint(), "vocab": vocab, **stats}, log)
 
@@ -132,8 +155,11 @@ def ship(model_dir: Path) -> Path:
     stats = {k: v for k, v in info.items() if k not in ("fingerprint", "vocab", "shipped", "ln_vocab")}
     dest = tiny.corpus_path(tiny.SHIPPED)
     with atomic_file(dest) as tmp:
-        save_file(state, str(tmp), metadata={"fingerprint": info["fingerprint"], "vocab": info["vocab"],
-                                             "stats": json.dumps(stats)})
+        save_file(
+            state,
+            str(tmp),
+            metadata={"fingerprint": info["fingerprint"], "vocab": info["vocab"], "stats": json.dumps(stats)},
+        )
     return dest
 
 
