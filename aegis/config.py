@@ -26,6 +26,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 MIXES = ("interpolate", "residual")  # soul.mix (aegis/soul.py has the maths)
 INITS = ("identity", "random")  # soul.init
 SEED_MAX = 2**32 - 1  # train.seed seeds Python's, numpy's and torch's generators
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # train.report_to (train/trackers.py)
 
 
 @dataclass
@@ -80,6 +81,8 @@ class TrainConfig:
     # run each attention a few heads at a time on long sequences ("auto": only when one sequence would not fit the
     # budget even with the MLP tiled; aegis/tiled.py)
     tiled_attention: bool | str = "auto"
+    # experiment trackers that get every metrics record and the config, any of TRACKERS; empty: none
+    report_to: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -265,6 +268,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"train.seed: must be in [0, {SEED_MAX}], got {cfg.train.seed}")
     if cfg.train.max_length < 16:
         p.append(f"train.max_length: must be at least 16, got {cfg.train.max_length}")
+    p += [f"train.report_to: {name!r} is not one of {', '.join(TRACKERS)}" for name in cfg.train.report_to
+          if name not in TRACKERS]
     if not cfg.data.train:
         p.append("data.train: at least one source is needed")
     return p

@@ -1,5 +1,6 @@
-"""One metrics interface: the training loop calls `log(record)`; sinks write it (metrics.jsonl, the progress bar).
-The monitor, the UI and the reports all read metrics.jsonl through `read()`."""
+"""One metrics interface: the training loop calls `log(record)`; sinks write it (metrics.jsonl, the progress bar, the
+experiment trackers of train.report_to in train/trackers.py). The monitor, the UI and the reports all read
+metrics.jsonl through `read()`: a tracker is an extra view, never a source."""
 
 from __future__ import annotations
 
@@ -79,6 +80,9 @@ class ProgressSink:
 
 
 class MetricLogger:
+    """Hands each record to every sink, in order; `close()` closes each sink once (a sink may have an optional
+    `close`), whether the run finished or stopped."""
+
     def __init__(self, sinks):
         self.sinks = list(sinks)
 
@@ -87,5 +91,6 @@ class MetricLogger:
             sink(record)
 
     def close(self) -> None:
-        for sink in self.sinks:
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
             getattr(sink, "close", lambda: None)()

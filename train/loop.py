@@ -23,7 +23,7 @@ from aegis.config import EMBEDDED, Config, to_dict
 from aegis.errors import no_space, out_of_room
 from aegis.metrics import METRICS, JsonlSink, MetricLogger, ProgressSink, read as read_metrics
 
-from . import data, graphs, profile, rundir
+from . import data, graphs, profile, rundir, trackers
 from .loss import count_targets, micro_loss
 from .progress import Progress, metrics_record, soul_metadata, write_summary
 from .rundir import RunError
@@ -53,6 +53,8 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = Fals
                 recipe.save(recipe.run_dir / checkpoint.CHECKPOINTS / f"step_{recipe.progress.step}")
         recipe.finish()
     finally:
+        if hasattr(recipe, "logger"):  # a run stopped early still closes its trackers: each keeps what it was given
+            recipe.logger.close()
         rundir.unlock(recipe.run_dir)
     return recipe.run_dir / checkpoint.FINAL
 
@@ -74,6 +76,7 @@ class Recipe:
     def check(self, resume: bool, overwrite: bool) -> Path | None:
         """The run directory's rules and, on resume, the checkpoint to start from: all before any model loads."""
         rundir.prepare(self.run_dir, resume, overwrite, self.main, self.log)
+        trackers.check(self.cfg.train.report_to)
         if not resume:
             return None
         start, _ = rundir.resume_point(self.run_dir, self.cfg, self.acc.num_processes, self.log)
@@ -148,8 +151,12 @@ class Recipe:
         """config.toml, metrics.jsonl cut back to the step we start from (each step is written once, whenever the
         run was killed), the progress bar, the captured step; then train mode."""
         sink = JsonlSink(self.run_dir / METRICS)
+        views = []
         if self.main:
             runs.write_config(self.run_dir, self.cfg)
+            # the trackers a resume continues already have what metrics.jsonl held past the checkpoint
+            logged = max((r["step"] for r in read_metrics(self.run_dir)), default=0)
+            views = trackers.start(self.cfg, self.run_dir, logged, warn=self.log)
             sink.truncate_after(self.progress.step)
             # what summary.json reports if this session takes no step (a finished run whose final/ failed its
             # digests is resumed from its last step checkpoint and only writes final/ again)
@@ -157,7 +164,7 @@ class Recipe:
                                        if r["step"] == self.progress.step), {})
         bar = ProgressSink(self.cfg.schedule.total_steps, initial=self.progress.step,
                            enabled=show_progress and self.main)
-        self.logger = MetricLogger([sink, bar] if self.main else [])
+        self.logger = MetricLogger([sink, bar, *views] if self.main else [])
         self.captured = (graphs.GraphedStep(self.model, self.soul, self.params, self.mem.micro_batch,
                                             self.cfg.train.max_length, self.acc.device) if self.use_graphs else None)
         self.profiler = profile.start(self.run_dir) if self.main else None
