@@ -1,0 +1,107 @@
+"""The Unsloth bench's CPU-side parts: the llamafied copy computes what the Phi-3 checkpoint computes (short and long
+rope factors), the row checks see checkpointing and dropout as they are, and the table names the ratio."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import llamafy, train_unsloth
+
+
+def tiny_phi3(path):
+    from transformers import Phi3Config, Phi3ForCausalLM
+    n = 4  # head_dim 8 / 2
+    cfg = Phi3Config(vocab_size=32064, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+                     original_max_position_embeddings=16, tie_word_embeddings=False,
+                     rope_scaling={"type": "longrope", "short_factor": [1.0 + i / n for i in range(n)],
+                                   "long_factor": [1.0 + 4 * i / n for i in range(n)]})
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_llamafied_copy_gives_the_same_logits(tmp_path):
+    from transformers import LlamaForCausalLM
+    phi3 = tiny_phi3(tmp_path / "phi3")
+    llamafy.convert(tmp_path / "phi3", tmp_path / "llama")
+    llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    names = {n for n, _ in llama.named_parameters()}
+    assert "model.layers.0.self_attn.k_proj.weight" in names and "model.layers.0.mlp.up_proj.weight" in names
+    assert llama.model.layers[0].self_attn.k_proj.weight.shape[0] == 4 * 8  # grouped kv heads split correctly
+    for length in (10, 40):  # 40 > original_max_position_embeddings: the long factors
+        ids = torch.randint(0, 32064, (2, length))
+        with torch.no_grad():
+            torch.testing.assert_close(llama(ids).logits, phi3(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_llamafy_refuses_a_rope_it_cannot_carry():
+    with pytest.raises(ValueError, match="yarn"):
+        llamafy.llama_config({"num_attention_heads": 8, "hidden_size": 64,
+                              "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+
+
+@pytest.mark.parametrize("ckpt", [True, False])
+def test_checks_see_checkpointing_and_dropout(tmp_path, ckpt):
+    from peft import LoraConfig, get_peft_model
+    model = tiny_phi3(tmp_path / "m")
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05,
+                                             target_modules=["qkv_proj", "o_proj"]))
+    model.train()
+    batch = {"input_ids": torch.randint(0, 32064, (1, 12)), "attention_mask": torch.ones(1, 12, dtype=torch.long)}
+    batch["labels"] = batch["input_ids"].clone()
+    out = train_unsloth.check(model, 0.05, batch)
+    assert out["training"] and out["dropout_ok"] and out["lora_targets"] == ["o_proj", "qkv_proj"]
+    assert out["layer_forwards_per_step"] == (2.0 if ckpt else 1.0)
+    assert out["checkpointing_seen"] is ckpt
+    assert not out["four_bit_ok"] and not out["ok"]  # no 4-bit layers here, and the check says so
+    assert not train_unsloth.check(model, 0.0, batch)["dropout_ok"]
+    model.eval()
+    assert not train_unsloth.check(model, 0.05, batch)["training"]
+
+
+def test_table_names_unsloths_best_row_and_the_ratio(tmp_path):
+    def row(which, setting, tps, peak, batch=1, **kw):
+        return dict(which=which, setting=setting, batch=batch, length=512, tokens_per_s=tps, step_s=0.1,
+                    peak_gib=peak, losses=[10.4, 10.3], loss_last5=10.3, checkpointing="unsloth", **kw)
+    ours = {"card": "H200", "date": "2026-12-07", "rows": [row("ours", "seed", 20000.0, 9.1)]}
+    uns = {"rows": [row("unsloth llama dropout 0", "seed", 8000.0, 5.0, checks_ok=True),
+                    row("unsloth fused dropout 0", "seed", 9000.0, 12.5, checks_ok=True),
+                    row("unsloth llama dropout 0.05", "seed", 6000.0, 5.0, checks_ok=False)],
+           "longest_within_budget": {"unsloth llama dropout 0": 65536}}
+    (tmp_path / "a.json").write_text(json.dumps(ours))
+    (tmp_path / "b.json").write_text(json.dumps(uns))
+    text = train_unsloth.table([ours, uns])
+    assert "**2.50×**" in text  # 9 000 is over 12 GiB, so 8 000 is Unsloth's best within the budget
+    assert "12.50 (over)" in text and "FAILED" in text and "unsloth llama dropout 0 65536" in text
+
+
+@pytest.mark.parametrize("per_token_gib, longest", [(1e-4, 98304), (5e-5, 131072), (4e-4, 24576)])
+def test_long_search_finds_the_longest_length_within_budget(tmp_path, monkeypatch, per_token_gib, longest):
+    """Peak memory linear in length (as measured rows are): the search lands on the longest multiple it tries."""
+    import argparse
+
+    import bench.train_throughput as tt
+    tried = []
+
+    def fake_row(model, batches, warmup, init):
+        n = batches[0]
+        tried.append(n)
+        return {"tokens_per_s": 5000.0, "step_s": 1.0, "peak_gib": 2.0 + per_token_gib * n, "losses": [10.0],
+                "loss_last5": 10.0}
+    monkeypatch.setattr(train_unsloth, "train_row", fake_row)
+    monkeypatch.setattr(tt, "windows", lambda snap, steps, batch, length, repeat=1: [length])
+    monkeypatch.setattr(tt, "corpus_repeat", lambda snap, n, length: 1)
+    args = argparse.Namespace(max_long=131072, budget_gib=12.0, long_steps=1, long_warmup=1, long_start=16384,
+                              deadline=0.0, row_reserve_s=15.0, out=tmp_path / "u.json")
+    results = {"rows": []}
+    train_unsloth.Runner(args, results, tmp_path).long(None, {}, {"which": "u"})
+    assert results["longest_within_budget"]["u"] == longest
+    assert len(tried) <= 5 and all(n % 4096 == 0 for n in tried)
+    assert json.loads((tmp_path / "u.json").read_text())["longest_within_budget"]["u"] == longest
