@@ -1,7 +1,9 @@
 """Causal attention without a mask, for training.
 
 Training feeds whole windows, padded on the right only, and passes no attention mask (train/loss.py,
-train/graphs.py): causal attention is all it needs, and SDPA's `is_causal` runs it in its flash kernels.
+train/graphs.py): causal attention is all it needs, and SDPA's `is_causal` runs it in its flash kernels. The one
+exception is a window that keeps its documents apart (data.packing = "documents"): it brings its own 4-D mask and
+position ids (aegis/packing.py), which transformers hands to this attention as they are, and SDPA runs the mask.
 transformers would still prepare a mask on every forward: it looks for packed sequences in the position ids, which
 reads a value on the host (a synchronisation per forward), and while a CUDA graph is being captured it takes the
 capture for tracing, skips that check and builds the full T x T mask instead, so that a captured step would run a

@@ -48,7 +48,6 @@ def model_inputs(model, batch: dict) -> dict:
     documents = batch.get(KEY)
     if documents is None:
         return {}
-    device = model.get_input_embeddings().weight.device
-    documents = documents.to(device, non_blocking=True)
-    return {"position_ids": positions(documents),
-            "attention_mask": mask(documents, model.get_input_embeddings().weight.dtype)}
+    embeddings = getattr(model, "module", model).get_input_embeddings().weight  # DDP holds the model as .module
+    documents = documents.to(embeddings.device, non_blocking=True)
+    return {"position_ids": positions(documents), "attention_mask": mask(documents, embeddings.dtype)}

@@ -157,3 +157,34 @@ def test_hub_dataset_from_a_snapshot_shaped_cache(tmp_path, tok, monkeypatch):
     files = data.resolve("hf:TFMC/imatrix-dataset-for-japanese-llm")
     assert [f.name for f in files] == ["imatrix.txt"] and os.path.realpath(files[0]).startswith(str(tmp_path))
     assert len(data.load(["hf:TFMC/imatrix-dataset-for-japanese-llm"], tok)) > 10
+
+
+def test_documents_packing_cuts_the_same_windows_and_numbers_their_documents():
+    """data.packing = "documents" keeps concat's windows and targets, adds each token's document, and drops only
+    the target of each document's first token (nothing of its own document comes before it)."""
+    ex = [data.Example([1, 2, 3], [1, 2, 3]), data.Example([4, 5], [data.IGNORE, 5], chat=True),
+          data.Example([6, 7, 8, 9, 10, 11], [6, 7, 8, 9, 10, 11])]
+    concat, docs = data.pack(ex, 4), data.pack(ex, 4, documents=True)
+    assert [w.input_ids for w in docs] == [w.input_ids for w in concat] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11]]
+    assert all(w.documents is None for w in concat)
+    assert [w.documents for w in docs] == [[0, 0, 0, 1], [0, 1, 1, 1], [0, 0, 0]]
+    assert [w.labels for w in docs] == [[1, 2, 3, data.IGNORE], [5, data.IGNORE, 7, 8], [9, 10, 11]]
+    assert [w.labels for w in concat] == [[1, 2, 3, data.IGNORE], [5, 6, 7, 8], [9, 10, 11]]
+    batch = data.collate(docs[1:], pad_id=0, width=5)
+    assert batch["documents"].tolist() == [[0, 1, 1, 1, 2], [0, 0, 0, 1, 1]]  # padding: a document of its own
+    assert "documents" not in data.collate(concat[1:], pad_id=0, width=5)
+
+
+def test_auto_packing_keeps_chat_documents_apart_and_reads_text_on(tmp_path, tok):
+    chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "空は？"},
+                                                          {"role": "assistant", "content": "青い。"}]}])
+    txt = tmp_path / "p.txt"
+    txt.write_text("一段落目です。\n\n二段落目です。\n", encoding="utf-8")
+    text, mixed = data.load([str(txt)], tok), data.load([str(txt), str(chat)], tok)
+    assert data.packing_mode("auto", text) == "concat" and data.packing_mode("auto", mixed) == "documents"
+    assert data.packing_mode("concat", mixed) == "concat" and data.packing_mode("documents", text) == "documents"
+    assert data.packing_mode("auto", mixed, tiled_attention=True) == "concat"  # one long sequence per window
+    with pytest.raises(data.DataError, match=r'^data.packing = "documents" .*train.tiled_attention'):
+        data.packing_mode("documents", mixed, tiled_attention=True)
+    stream = data.Stream(mixed * 8, 16, seed=0, documents=True)
+    assert all(w.documents is not None and len(w.documents) == len(w.input_ids) for w in stream.next_update(2, 2)[0])

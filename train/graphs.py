@@ -2,8 +2,10 @@
 
 At small batches an update is bound by kernel launches, not by the GPU (thousands of launches per update: the
 profile in BENCHMARKS.md). A replay issues all of them with one call. What capture needs, and how it is met here:
-- fixed shapes and addresses: micro-batches are copied into fixed input buffers (train.max_length wide), and the
-  gradients exist before capture, so every replay adds into the same tensors (gradient accumulation keeps working);
+- fixed shapes and addresses: micro-batches are copied into fixed input buffers (train.max_length wide; with
+  data.packing = "documents" the documents of each token too, from which the graph itself builds the positions and
+  the mask, aegis/packing.py), and the gradients exist before capture, so every replay adds into the same tensors
+  (gradient accumulation keeps working);
 - no host synchronisation inside the graph: the loss scale (1 / labelled tokens of the update) is a device tensor,
   α is changed in place, and the soul's rotation, whose matrix exponential reads its norm on the host, is computed
   outside the graph and fed in as a leaf tensor; its gradient is carried back through the exponential afterwards.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aegis import packing
 from aegis.config import ConfigError
 from aegis.soul import BLOCK, Soul
 
@@ -66,12 +69,14 @@ class GraphedStep:
     """begin() once per update, micro(batch, scale) per micro-batch, end() before the optimizer step."""
 
     def __init__(self, model: nn.Module, soul: Soul, params: list[torch.Tensor], batch_size: int, length: int,
-                 device: torch.device, capture: bool = True):
+                 device: torch.device, capture: bool = True, documents: bool = False):
         self.model, self.soul, self.capture = model, soul, capture
         # the generators reach the loss only through the rotation, so their gradient comes from end()
         self.params = params
         self.ids = torch.zeros(batch_size, length, dtype=torch.long, device=device)
         self.labels = torch.full((batch_size, length), data.IGNORE, dtype=torch.long, device=device)
+        # the documents of each token, where a window keeps them apart (data.packing = "documents")
+        self.inputs = {packing.KEY: torch.zeros_like(self.ids)} if documents else {}
         self.scale = torch.zeros((), device=device)
         self.rotation = torch.zeros(soul.blocks, BLOCK, BLOCK, device=device, requires_grad=True)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -98,7 +103,8 @@ class GraphedStep:
             self.rotation.copy_(self.soul.rotation())
 
     def _forward_backward(self) -> torch.Tensor:
-        loss = masked_loss_sum(self.model(input_ids=self.ids).logits, self.labels)
+        loss = masked_loss_sum(self.model(input_ids=self.ids, **packing.model_inputs(self.model, self.inputs)).logits,
+                               self.labels)
         (loss * self.scale).backward()
         return loss.detach()
 
@@ -117,12 +123,15 @@ class GraphedStep:
         torch._foreach_copy_(grads, saved)  # the warm-up runs added to the gradients; capture itself computes nothing
 
     def micro(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        """Forward + backward of one micro-batch (input_ids and labels exactly batch_size x length); the loss sum."""
+        """Forward + backward of one micro-batch (input_ids, labels and, keeping documents apart, their documents,
+        exactly batch_size x length); the loss sum."""
         if batch["input_ids"].shape != self.ids.shape:
             raise ValueError(f"graphed step: micro-batch of shape {tuple(batch['input_ids'].shape)}, captured "
                              f"for {tuple(self.ids.shape)}")
         self.ids.copy_(batch["input_ids"], non_blocking=True)
         self.labels.copy_(batch["labels"], non_blocking=True)
+        for key, buffer in self.inputs.items():
+            buffer.copy_(batch[key], non_blocking=True)
         self.scale.fill_(scale)
         if not self.capture:
             return self._forward_backward()

@@ -100,8 +100,10 @@ class Recipe:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         examples = data.load(cfg.data.train, self.tokenizer, cfg.data.skip_bad_lines, log=self.log)
+        self.packing = data.packing_mode(cfg.data.packing, examples, self.mem.tiled_attention)
+        self.log(f"data.packing: {self.packing}")
         self.stream = data.Stream(examples, cfg.train.max_length, cfg.train.seed, self.acc.process_index,
-                                  self.acc.num_processes)
+                                  self.acc.num_processes, documents=self.packing == "documents")
 
     def _set_up_model(self, base_path: Path) -> None:
         cfg, acc = self.cfg, self.acc
@@ -166,7 +168,8 @@ class Recipe:
                            enabled=show_progress and self.main)
         self.logger = MetricLogger([sink, bar, *views] if self.main else [])
         self.captured = (graphs.GraphedStep(self.model, self.soul, self.params, self.mem.micro_batch,
-                                            self.cfg.train.max_length, self.acc.device) if self.use_graphs else None)
+                                            self.cfg.train.max_length, self.acc.device,
+                                            documents=self.stream.documents) if self.use_graphs else None)
         self.profiler = profile.start(self.run_dir) if self.main else None
         self.progress.started = time.time()
         self.model.train()

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from aegis import packing
+
 from .data import IGNORE
 
 LOSS_CHUNK_TOKENS = 4096  # positions per chunk of the chunked loss: 0.5 GiB of float32 logits at a 32 k vocabulary
@@ -43,14 +45,15 @@ def _chunk_loss(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torc
 def micro_loss(model, head, batch: dict, offload: bool) -> torch.Tensor:
     """A micro-batch's summed loss on the eager path: the model stops at the souled hidden states (the head is
     deferred) and the loss projects them a chunk at a time. No attention mask: padding is only ever on the right,
-    where causal attention cannot see it. With `offload` (the memory plan's, for long sequences) what the forward
+    where causal attention cannot see it (a window that keeps its documents apart brings their mask and positions,
+    aegis/packing.py). With `offload` (the memory plan's, for long sequences) what the forward
     keeps for the backward (with checkpointing: each layer's input) waits in host memory instead of on the GPU."""
     ids = batch["input_ids"]
     keep = (torch.autograd.graph.save_on_cpu(pin_memory=ids.is_cuda) if offload else contextlib.nullcontext())
     head.deferred = True
     try:
         with keep:
-            hidden = model(input_ids=ids).logits
+            hidden = model(input_ids=ids, **packing.model_inputs(model, batch)).logits
             return chunked_loss_sum(hidden, head.head, batch["labels"], LOSS_CHUNK_TOKENS)
     finally:
         head.deferred = False
