@@ -172,6 +172,35 @@ def _copy_extras(out: Path, ckpt: Path, base_path: Path) -> None:
                 break
 
 
+def _save(out: Path, merged, tok, ckpt: Path, base_path: Path) -> None:
+    """The merged weights, the tokenizer and the files beside them, as a stock HF directory."""
+    merged.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    _copy_extras(out, ckpt, base_path)
+
+
+def _reload_and_check(tmp: Path, reference, items, dtype: str, dev, out: Path, log):
+    """Load what was written with plain transformers, as a user would, and compare its logits with the checkpoint
+    model's; an ExportError when they differ by more than the bound of `dtype`. Returns (model, diff, bound)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype), device_map={"": dev})
+    reloaded.eval()
+    diff = compare(reference, logits_for(reloaded, items))
+    bound = RELATIVE_BOUND[dtype]
+    log(
+        f"merge check: max |Δlogit| {diff.max_abs:.3g} (relative {diff.relative:.3g}, bound {bound:g}), "
+        f"top-1 agreement {diff.top1_agreement:.1%}"
+    )
+    if not diff.relative <= bound:
+        raise ExportError(
+            f"merge check failed: merged logits differ from the checkpoint model's by "
+            f"{diff.relative:.3g} (relative) > {bound:g}; {out} was left as it was"
+        )
+    return reloaded, diff, bound
+
+
 def merge(
     ckpt: Path,
     out: Path,
@@ -183,7 +212,6 @@ def merge(
 ) -> MergeReport:
     """Merge `ckpt` into a stock HF directory at `out` (replaced only when the logit check passes)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: not one of {', '.join(DTYPES)}")
@@ -202,30 +230,14 @@ def merge(
     untied = fold_head(merged, soul, tdtype)
     merged.config.use_cache = True
     gate = float(soul.gate())
-    report = None
     # what the weights take on disk (safetensors adds a header of a few KiB): the room a full disk is short of
     needed = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
     with atomic_dir(out, needed) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        _copy_extras(tmp, ckpt, base_path)
+        _save(tmp, merged, tok, ckpt, base_path)
         del model, merged
-        # The check loads what was written, with plain transformers, as a user would.
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=tdtype, device_map={"": dev})
-        reloaded.eval()
-        diff = compare(reference, logits_for(reloaded, items))
-        bound = RELATIVE_BOUND[dtype]
-        log(
-            f"merge check: max |Δlogit| {diff.max_abs:.3g} (relative {diff.relative:.3g}, bound {bound:g}), "
-            f"top-1 agreement {diff.top1_agreement:.1%}"
-        )
-        if not diff.relative <= bound:
-            raise ExportError(
-                f"merge check failed: merged logits differ from the checkpoint model's by "
-                f"{diff.relative:.3g} (relative) > {bound:g}; {out} was left as it was"
-            )
-        gap = None
+        reloaded, diff, bound = _reload_and_check(tmp, reference, items, dtype, dev, out, log)
         quantization = meta.get("quantization", "none")
+        gap = None
         if quantization != "none" and quant_gap:
             gap = _quantization_gap(ckpt, base_name, quantization, dtype, dev, items, reloaded, log)
         report = MergeReport(

@@ -1,8 +1,8 @@
 """Parity of a GGUF with the merged HF model it came from, measured with llama.cpp (llama-cpp-python).
 
-Logits: the same token ids go through transformers (float32) and llama.cpp (logits for every position); reported
-are top-1 agreement, mean KL(HF‖GGUF) and max |Δlogit|, with thresholds by type. Both sides get identical ids, so
-this measures the weights and the graph, not the tokenizer.
+Logits: the same token ids go through transformers (float32) and llama.cpp (logits for every position,
+export/logits.py); top-1 agreement, mean KL(HF‖GGUF) and max |Δlogit| are judged against thresholds by type. Both
+sides get identical ids, so this measures the weights and the graph, not the tokenizer.
 
 LongRoPE: transformers switches to the long factors when a sequence is longer than the original context; llama.cpp
 switches by the context size it was created with. Short prompts therefore run in the context the server opens the
@@ -14,8 +14,7 @@ context (aegis.decoding.greedy), are recorded in parity.json; `python -m serve` 
 prompts at temperature 0 with exactly those tokens (tests/test_served_parity.py).
 
 Template: the chat rendered from the GGUF's own template and tokenized by llama.cpp must give exactly the ids the
-HF tokenizer gives for the chat rendered with its chat template. The llama.cpp KV cache is kept in F32 here so that
-f32 parity measures the file, not the cache's rounding."""
+HF tokenizer gives for the chat rendered with its chat template."""
 
 from __future__ import annotations
 
@@ -25,13 +24,12 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from aegis import chat_template, decoding, gguf_context, llamacpp
 from aegis.atomic import write_json
 
-from . import prompts
+from . import logits, prompts
 from .files import ExportError
+from .logits import TIE
 
 PARITY_FILE = "parity.json"
 # Per type: minimum top-1 agreement (near-ties counted, see metrics), maximum mean KL(HF‖GGUF) in nats, maximum
@@ -52,59 +50,6 @@ THRESHOLDS = {
     "q2_k": {"top1": 0.4, "kl": 1.0, "max_abs": None},
 }
 GEN_TOKENS = 32
-# Two tokens whose HF logits are within TIE of each other (probabilities within ~10 %) count as a tie for top-1.
-TIE = 0.1
-
-
-def _kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    p = p_logits.astype(np.float64)
-    q = q_logits.astype(np.float64)
-    lp = p - p.max(-1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-    lq = q - q.max(-1, keepdims=True)
-    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
-    return (np.exp(lp) * (lp - lq)).sum(-1)
-
-
-def metrics(hf: np.ndarray, gg: np.ndarray) -> dict:
-    """top1: strict argmax agreement. top1_tie: the GGUF's pick is HF's pick or within TIE of HF's best logit,
-    i.e. HF itself could not tell the two apart (a small model has many such near-ties, and any rounding flips
-    them; the thresholds apply to this one)."""
-    kl = _kl_rows(hf, gg)
-    pick = gg.argmax(-1)
-    gap = hf.max(-1) - np.take_along_axis(hf, pick[:, None], -1)[:, 0]
-    return {
-        "tokens": int(hf.shape[0]),
-        "top1": float((hf.argmax(-1) == pick).mean()),
-        "top1_tie": float((gap <= TIE).mean()),
-        "kl_mean": float(kl.mean()),
-        "kl_max": float(kl.max()),
-        "max_abs": float(np.abs(hf - gg).max()),
-    }
-
-
-def _llama(path: Path, n_ctx: int, threads: int | None, extra_bufts: bool):
-    f32 = llamacpp.runtime().GGML_TYPE_F32
-    return llamacpp.open_model(
-        path,
-        extra_bufts=extra_bufts,
-        n_ctx=n_ctx,
-        n_batch=min(n_ctx, 512),
-        n_ubatch=min(n_ctx, 512),
-        logits_all=True,
-        verbose=False,
-        n_threads=threads,
-        n_threads_batch=threads,
-        type_k=f32,
-        type_v=f32,
-        seed=0,
-    )
-
-
-def _gguf_logits(llm, ids: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
 def _render_gguf_template(llm, messages) -> str:
@@ -175,7 +120,8 @@ def check(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map={"": dev})
     model.eval()
     groups, sampled, longrope = _prompt_groups(tok, rule)
-    per, overall, template = _measure(model, tok, gguf_path, groups, threads, loader.extra_bufts)
+    template_check = (lambda llm: template_parity(llm, tok)) if tok.chat_template else None
+    per, overall, template = logits.measure(model, gguf_path, groups, threads, loader.extra_bufts, template_check)
     del model
     said = replies(gguf_path, sampled, rule.default, threads, loader.extra_bufts)
     limits = THRESHOLDS.get(out_type, THRESHOLDS["q2_k"])
@@ -217,36 +163,6 @@ def _prompt_groups(tok, rule) -> tuple[list, list, bool]:
     return groups, sampled, longrope
 
 
-def _measure(model, tok, gguf_path: Path, groups: list, threads: int, extra_bufts: bool):
-    """(metrics per prompt, metrics over all of them, the chat template's token parity or None): each prompt's
-    logits from transformers and from llama.cpp in its group's context."""
-    import torch
-
-    dev = next(model.parameters()).device
-    per, hf_all, gg_all, template = {}, [], [], None
-    for n_ctx, group in groups:
-        llm = _llama(gguf_path, n_ctx, threads, extra_bufts)
-        try:
-            for label, ids in group:
-                with torch.no_grad():
-                    hf = model(input_ids=torch.tensor([ids], device=dev)).logits[0].float().cpu().numpy()
-                gg = _gguf_logits(llm, ids)
-                if gg.shape != hf.shape:
-                    raise ExportError(
-                        f"{gguf_path}: llama.cpp gives logits of shape {gg.shape}, transformers "
-                        f"{hf.shape} (vocabulary size differs)"
-                    )
-                per[label] = {**metrics(hf, gg), "n_ctx": n_ctx}
-                hf_all.append(hf)
-                gg_all.append(gg)
-            if template is None and tok.chat_template:
-                template = template_parity(llm, tok)
-        finally:
-            llm.close() if hasattr(llm, "close") else None
-            del llm
-    return per, metrics(np.concatenate(hf_all), np.concatenate(gg_all)), template
-
-
 def _failures(overall: dict, limits: dict, template: dict | None) -> list[str]:
     """What breaks the type's bounds, each in words; empty when parity passes."""
     failures = []
@@ -286,6 +202,19 @@ def table(report: dict) -> str:
 
 def verdict(report: dict) -> list[str]:
     """Each figure in words: whether it is fine, and why."""
+    t = report.get("template")
+    template = (
+        "none in the model"
+        if t is None
+        else f"fine, the GGUF's renders the same {t['hf_tokens']} tokens as transformers'"
+        if t["ok"]
+        else "DIFFERENT from transformers' (see first_difference)"
+    )
+    return [*_logit_figures(report), f"chat template: {template}", *_context_lines(report)]
+
+
+def _logit_figures(report: dict) -> list[str]:
+    """Top-1 agreement, mean KL and max |Δlogit| in words, each against the type's limit."""
     o, lim, kind = report["overall"], report["thresholds"], report["type"]
     out = [
         f"top-1 agreement: the GGUF picks transformers' own next token at {o['top1']:.1%} of {o['tokens']} "
@@ -317,36 +246,29 @@ def verdict(report: dict) -> list[str]:
                 else f"TOO HIGH: {kind} allows {lim['max_abs']:g}"
             )
         )
-    t = report.get("template")
-    out.append(
-        "chat template: "
-        + (
-            "none in the model"
-            if t is None
-            else f"fine, the GGUF's renders the same {t['hf_tokens']} tokens as transformers'"
-            if t["ok"]
-            else "DIFFERENT from transformers' (see first_difference)"
-        )
-    )
-    served, orig, length = report.get("served_context"), report.get("original_context"), report.get("context_length")
-    if served is not None:  # reports written before the served context was recorded have none of these
-        why = (
-            f"this LongRoPE model's original context of {orig}, in which llama.cpp applies the short rope factors "
-            f"as transformers does for prompts of up to {orig} tokens (the long prompt ran in a larger context to "
-            f"check the long factors)"
-            if orig
-            else f"the model's context length of {length}, at most {gguf_context.CONTEXT_CAP}"
-        )
-        out.append(
-            f"context: the short prompts ran in {served} positions, what `python -m serve` opens this file "
-            f"with by default: {why}; its context length is {length}"
-        )
-        n = len(report.get("replies") or {})
-        out.append(
-            f"replies: {n} prompts' first {GEN_TOKENS} greedy tokens, decoded as the server decodes them in "
-            f"{served} positions, recorded in {PARITY_FILE}; the server gives the same at temperature 0"
-        )
     return out
+
+
+def _context_lines(report: dict) -> list[str]:
+    """The context the short prompts ran in, and the replies recorded there; none for reports written before the
+    served context was recorded."""
+    served, orig, length = report.get("served_context"), report.get("original_context"), report.get("context_length")
+    if served is None:
+        return []
+    why = (
+        f"this LongRoPE model's original context of {orig}, in which llama.cpp applies the short rope factors "
+        f"as transformers does for prompts of up to {orig} tokens (the long prompt ran in a larger context to "
+        f"check the long factors)"
+        if orig
+        else f"the model's context length of {length}, at most {gguf_context.CONTEXT_CAP}"
+    )
+    n = len(report.get("replies") or {})
+    return [
+        f"context: the short prompts ran in {served} positions, what `python -m serve` opens this file "
+        f"with by default: {why}; its context length is {length}",
+        f"replies: {n} prompts' first {GEN_TOKENS} greedy tokens, decoded as the server decodes them in "
+        f"{served} positions, recorded in {PARITY_FILE}; the server gives the same at temperature 0",
+    ]
 
 
 def record(directory: Path, report: dict) -> Path:

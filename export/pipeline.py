@@ -56,68 +56,81 @@ def export_gguf(
     model_dir, out = Path(model_dir), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     candidate = temp_sibling(out, ".unchecked")
-    kind = "python" if out_type in names.PYTHON_TYPES else "llama"
     try:
-        if kind == "python":
-            result = to_gguf.write_gguf(
-                model_dir, candidate, out_type, name=name, progress=progress, log=log, label=f"{out.name} (unchecked)"
-            )
-            summary = {"fallbacks": result.fallbacks, "notes": result.notes}
-        else:
-            base_type = INTERMEDIATE.get(_merged_dtype(model_dir), "f32")
-            intermediate = temp_sibling(out, f".{base_type}")
-            try:
-                result = to_gguf.write_gguf(
-                    model_dir,
-                    intermediate,
-                    base_type,
-                    name=name,
-                    progress=progress,
-                    log=log,
-                    label=f"{base_type} intermediate for {out.name}",
-                )
-                log(f"quantizing to {out_type} with llama.cpp")
-                fallbacks = quantize.llama_quantize(intermediate, candidate, out_type)
-            finally:
-                remove(intermediate)
-            for f in fallbacks:
-                log(f"  llama.cpp: {f}")
-            summary = {"fallbacks": fallbacks, "notes": result.notes, "intermediate": base_type}
-        summary.update(
-            type=out_type,
-            made_by="gguf-py" if kind == "python" else "llama.cpp quantizer",
-            tensor_types=to_gguf.tensor_types(candidate),
-            bytes=candidate.stat().st_size,
-            source=_merged_fingerprint(model_dir),
-        )
-        log(f"tensor types: {', '.join(f'{v} {k}' for k, v in sorted(summary['tensor_types'].items()))}")
+        summary = _write_candidate(model_dir, candidate, out, out_type, name, progress, log)
         if not check_parity:
             write_sidecar(out, publish(candidate, out, digest=True))  # what serve checks the file against
             log(f"written without a parity check: {out}")
             summary["parity"] = None
             return {"path": str(out), **summary}
-        report = parity.check(model_dir, candidate, out_type, threads=threads, log=log, name=str(out))
-        report["gguf"] = out.name
-        report.update({k: summary[k] for k in ("made_by", "tensor_types", "fallbacks", "notes", "bytes", "source")})
-        log(parity.table(report))
-        for kind, text in (report["sample"] or {}).items():
-            log(f"sample (greedy, {kind} prompt): {text!r}")
-        if report["passed"]:
-            write_sidecar(out, publish(candidate, out, digest=True))
-            out.with_name(out.name + ".rejected").unlink(missing_ok=True)  # an older failure is now stale
-            parity.record(out.parent, report)
-            log(f"parity passed: {out}")
-            return {"path": str(out), **summary, "parity": report}
-        rejected = out.with_name(out.name + ".rejected")
-        publish(candidate, rejected)
-        report["rejected_file"] = rejected.name
-        parity.record(out.parent, report)
-        raise ExportError(
-            f"{out.name}: parity failed ({'; '.join(report['failures'])}); kept as {rejected}, "
-            f"{out} was not replaced; details in {out.parent / parity.PARITY_FILE}"
-        )
+        return _publish_if_parity(model_dir, candidate, out, out_type, summary, threads, log)
     finally:
         remove(candidate)
+
+
+def _write_candidate(model_dir: Path, candidate: Path, out: Path, out_type: str, name, progress, log) -> dict:
+    """Write the GGUF at `candidate`: gguf-py writes the float and Python-quantized types itself; for the others
+    llama.cpp's quantizer reads an intermediate GGUF in the merged model's precision. Returns its summary."""
+    python = out_type in names.PYTHON_TYPES
+    if python:
+        result = to_gguf.write_gguf(
+            model_dir, candidate, out_type, name=name, progress=progress, log=log, label=f"{out.name} (unchecked)"
+        )
+        summary = {"fallbacks": result.fallbacks, "notes": result.notes}
+    else:
+        base_type = INTERMEDIATE.get(_merged_dtype(model_dir), "f32")
+        intermediate = temp_sibling(out, f".{base_type}")
+        try:
+            result = to_gguf.write_gguf(
+                model_dir,
+                intermediate,
+                base_type,
+                name=name,
+                progress=progress,
+                log=log,
+                label=f"{base_type} intermediate for {out.name}",
+            )
+            log(f"quantizing to {out_type} with llama.cpp")
+            fallbacks = quantize.llama_quantize(intermediate, candidate, out_type)
+        finally:
+            remove(intermediate)
+        for f in fallbacks:
+            log(f"  llama.cpp: {f}")
+        summary = {"fallbacks": fallbacks, "notes": result.notes, "intermediate": base_type}
+    summary.update(
+        type=out_type,
+        made_by="gguf-py" if python else "llama.cpp quantizer",
+        tensor_types=to_gguf.tensor_types(candidate),
+        bytes=candidate.stat().st_size,
+        source=_merged_fingerprint(model_dir),
+    )
+    log(f"tensor types: {', '.join(f'{v} {k}' for k, v in sorted(summary['tensor_types'].items()))}")
+    return summary
+
+
+def _publish_if_parity(model_dir: Path, candidate: Path, out: Path, out_type: str, summary: dict, threads, log):
+    """Measure `candidate` against the merged model and record it in parity.json: passed, it takes the name `out`;
+    failed, it is kept as `out`.rejected and an ExportError says why."""
+    report = parity.check(model_dir, candidate, out_type, threads=threads, log=log, name=str(out))
+    report["gguf"] = out.name
+    report.update({k: summary[k] for k in ("made_by", "tensor_types", "fallbacks", "notes", "bytes", "source")})
+    log(parity.table(report))
+    for kind, text in (report["sample"] or {}).items():
+        log(f"sample (greedy, {kind} prompt): {text!r}")
+    rejected = out.with_name(out.name + ".rejected")
+    if report["passed"]:
+        write_sidecar(out, publish(candidate, out, digest=True))
+        rejected.unlink(missing_ok=True)  # an older failure is now stale
+        parity.record(out.parent, report)
+        log(f"parity passed: {out}")
+        return {"path": str(out), **summary, "parity": report}
+    publish(candidate, rejected)
+    report["rejected_file"] = rejected.name
+    parity.record(out.parent, report)
+    raise ExportError(
+        f"{out.name}: parity failed ({'; '.join(report['failures'])}); kept as {rejected}, "
+        f"{out} was not replaced; details in {out.parent / parity.PARITY_FILE}"
+    )
 
 
 def _up_to_date(gguf_path: Path, source: str | None) -> bool:
