@@ -119,30 +119,8 @@ def figure(records: list[dict], target: float = PHI, narrow: bool = False):
     _style(panels[0], "loss")
     panels[0].plot(steps, loss, color=NEON["cyan"], linewidth=1.4)
 
-    steps_a, alpha = series(records, "alpha")
-    _style(panels[1], "α (gate logit)")
-    panels[1].plot(steps_a, alpha, color=NEON["magenta"], linewidth=1.6, label="α")
-    panels[1].axhline(
-        target,
-        color=NEON["gold"],
-        linestyle="--",
-        linewidth=1.0,
-        label=f"φ = {target:.4f}" if abs(target - PHI) < 1e-6 else f"target = {target:.4f}",
-    )
-    panels[1].legend(
-        loc="lower right", fontsize=8, facecolor=NEON["panel"], labelcolor=NEON["text"], edgecolor=NEON["grid"]
-    )
-
-    steps_g, gate = series(records, "gate")
-    _style(panels[2], "gate = σ(α)")
-    panels[2].plot(steps_g, gate, color=NEON["green"], linewidth=1.6, label="gate")
-    panels[2].axhline(
-        gate_of(target), color=NEON["gold"], linestyle="--", linewidth=1.0, label=f"σ(φ) = {gate_of(target):.4f}"
-    )
-    panels[2].set_ylim(-0.02, 1.02)
-    panels[2].legend(
-        loc="lower right", fontsize=8, facecolor=NEON["panel"], labelcolor=NEON["text"], edgecolor=NEON["grid"]
-    )
+    _alpha_panel(panels[1], records, target)
+    _gate_panel(panels[2], records, target)
 
     steps_o, ortho = series(records, "ortho_error")
     _style(panels[3], r"orthogonality error $\|R^\top R - I\|$")
@@ -154,29 +132,60 @@ def figure(records: list[dict], target: float = PHI, narrow: bool = False):
     _style(panels[4], "tokens / s")
     panels[4].plot(steps_t, tps, color=NEON["blue"], linewidth=1.2)
 
-    panel = panels[5]
-    panel.axis("off")
+    _phase_panel(panels[5], records)
+    for ax in panels[:5]:
+        ax.set_xlabel("step", color=NEON["dim"], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _legend(ax) -> None:
+    ax.legend(loc="lower right", fontsize=8, facecolor=NEON["panel"], labelcolor=NEON["text"], edgecolor=NEON["grid"])
+
+
+def _alpha_panel(ax, records: list[dict], target: float) -> None:
+    """α against its target (φ unless the run set another)."""
+    steps, alpha = series(records, "alpha")
+    _style(ax, "α (gate logit)")
+    ax.plot(steps, alpha, color=NEON["magenta"], linewidth=1.6, label="α")
+    label = f"φ = {target:.4f}" if abs(target - PHI) < 1e-6 else f"target = {target:.4f}"
+    ax.axhline(target, color=NEON["gold"], linestyle="--", linewidth=1.0, label=label)
+    _legend(ax)
+
+
+def _gate_panel(ax, records: list[dict], target: float) -> None:
+    """The gate σ(α) against σ of the target."""
+    steps, gate = series(records, "gate")
+    _style(ax, "gate = σ(α)")
+    ax.plot(steps, gate, color=NEON["green"], linewidth=1.6, label="gate")
+    ax.axhline(
+        gate_of(target), color=NEON["gold"], linestyle="--", linewidth=1.0, label=f"σ(φ) = {gate_of(target):.4f}"
+    )
+    ax.set_ylim(-0.02, 1.02)
+    _legend(ax)
+
+
+def _phase_panel(ax, records: list[dict]) -> None:
+    """A text panel: the steps where the phase changed (the first eight), or that no metrics came yet."""
+    ax.axis("off")
     phases = [(r["step"], r.get("phase")) for r in records if r.get("phase")]
     lines = ["phase changes:"] + [
         f"  step {s:>6}: {p}" for i, (s, p) in enumerate(phases) if i == 0 or phases[i - 1][1] != p
     ][:8]
     if not records:
         lines = ["no metrics yet:", "waiting for metrics.jsonl"]
-    panel.text(
+    text = "\n".join(lines)
+    ax.text(
         0.02,
         0.95,
-        "\n".join(lines),
+        text,
         va="top",
         ha="left",
         family="monospace",
         fontsize=9,
         color=NEON["text"],
-        transform=panel.transAxes,
+        transform=ax.transAxes,
     )
-    for ax in panels[:5]:
-        ax.set_xlabel("step", color=NEON["dim"], fontsize=8)
-    fig.tight_layout()
-    return fig
 
 
 def render_png(fig) -> Image.Image:
@@ -263,24 +272,9 @@ class Monitor:
             "(the badge above has the latest values)"
         )
         # no floating label: it would cover the first panel's title (the figures carry their own titles)
-        page.plot = gr.Image(
-            label="soul metrics",
-            show_label=False,
-            type="pil",
-            interactive=False,
-            elem_id="soul-plot",
-            buttons=[],
-            alt_text=about,
-        )
-        page.plot_tall = gr.Image(
-            label="soul metrics",
-            show_label=False,
-            type="pil",
-            interactive=False,
-            elem_id="soul-plot-tall",
-            buttons=[],
-            alt_text=about,
-        )
+        image = dict(label="soul metrics", show_label=False, type="pil", interactive=False, buttons=[], alt_text=about)
+        page.plot = gr.Image(elem_id="soul-plot", **image)
+        page.plot_tall = gr.Image(elem_id="soul-plot-tall", **image)
         page.timer = gr.Timer(2.0)
         page.drawn = gr.State(None)  # the fingerprint of the run whose figures this page shows
 
