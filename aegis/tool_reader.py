@@ -21,9 +21,12 @@ class Call:
 class CallReader:
     """Reads a reply as it is generated: a reply that starts (after blank space) with `opening` is calls, whose calls
     come out as they are written (a call once its name is complete, then its arguments' text piece by piece); any
-    other reply is content. `depth`: the nesting level of a call object (1: the reply's top-level objects)."""
-    opening: str = "{"
+    other reply is content. `opening`: one text or several (a reply of calls starts with any of them); `depth`: the
+    nesting level of a call object (1: the reply's top-level objects); `key`: the call object's key for its
+    arguments."""
+    opening: str | tuple[str, ...] = "{"
     depth: int = 3
+    key: str = "arguments"
     mode: str | None = None  # content | calls, once the first characters show which
     content: str = ""
     calls: list[Call] = field(default_factory=list)
@@ -40,10 +43,10 @@ class CallReader:
         """Events for text: ("content", text) | ("call", index, Call) | ("arguments", index, text)."""
         if self.mode is None:
             self._held += text
-            start = self._held.lstrip()
-            if not start or (self.opening.startswith(start) and start != self.opening):
-                return []  # not yet known: what came may still be the opening
-            self.mode = "calls" if start.startswith(self.opening) else "content"
+            start, openings = self._held.lstrip(), self._openings()
+            if not start or (not start.startswith(openings) and any(o.startswith(start) for o in openings)):
+                return []  # not yet known: what came may still be an opening
+            self.mode = "calls" if start.startswith(openings) else "content"
             text, self._held = self._held, ""
         if self.mode == "content":
             self.content += text
@@ -54,6 +57,9 @@ class CallReader:
             self._step(ch, args, events)
         self._flush(args, events)
         return events
+
+    def _openings(self) -> tuple[str, ...]:
+        return (self.opening,) if isinstance(self.opening, str) else self.opening
 
     def _flush(self, args: list[str], events: list[tuple]) -> None:
         if args:
@@ -70,8 +76,8 @@ class CallReader:
             self._in_string, self._string = True, ['"']
         elif ch in "{[":
             self._level += 1
-            # a call object's "arguments" value opens one level below the call
-            self._in_args = self._in_args or (self._level == self.depth + 1 and self._key == "arguments")
+            # a call object's arguments value opens one level below the call
+            self._in_args = self._in_args or (self._level == self.depth + 1 and self._key == self.key)
         if self._in_args:
             args.append(ch)
         if ch in "}]" and self._level:

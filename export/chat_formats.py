@@ -94,7 +94,7 @@ def _turns(open_: str, close: str, gen: str, bos: str, skip_empty_system: bool, 
         default = '{{ if and $.Tools (eq $i 0) (ne .Role "system") }}' + described + "{{ end }}"
     other = open_.format(role="{{ .Role }}") + "{{ .Content }}" + close
     if tools:
-        other = ('{{ if eq .Role "tool" }}' + open_.format(role="user") + tools.go_result + close
+        other = ('{{ if eq .Role "tool" }}' + open_.format(role=tools.result_role) + tools.go_result + close
                  + "{{ else if .ToolCalls }}" + open_.format(role="assistant")
                  + "{{ if .Content }}{{ .Content }}\n{{ end }}" + tools.go_calls + close
                  + "{{ else }}" + other + "{{ end }}")

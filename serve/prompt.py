@@ -104,7 +104,8 @@ def conversation(messages: list, template: str, note: str | None = None) -> list
             if m.tool_call_id not in called:
                 raise bad_request("a tool message must answer a tool call of an earlier assistant message (by "
                                   "its id)", f"{at}.tool_call_id")
-            item = {"role": "user", "content": fmt.result_text(called[m.tool_call_id], _text(m))}
+            item = {"role": fmt.result_role,
+                    "content": fmt.result_text(called[m.tool_call_id], _text(m), m.tool_call_id)}
         elif calls:
             written = []
             for j, call in enumerate(calls):
@@ -117,7 +118,8 @@ def conversation(messages: list, template: str, note: str | None = None) -> list
                                       f"{at}.tool_calls[{j}].function.arguments")
                 called[call.id] = call.function.name
                 written.append((call.function.name, args))
-            item = {"role": "assistant", "content": "\n".join(filter(None, [_text(m), fmt.calls_text(written)]))}
+            text = fmt.calls_text(written, [c.id for c in calls])
+            item = {"role": "assistant", "content": "\n".join(filter(None, [_text(m), text]))}
         else:
             item = {"role": "system" if m.role == "developer" else m.role, "content": _text(m)}
         if getattr(m, "name", None) is not None:

@@ -3,8 +3,9 @@ aegis/families/, names the format its chat template uses) and the reader that tu
 streamed or whole.
 
 Decoding is constrained: `required` and a named function admit only calls (of that function), whose arguments
-follow the function's parameters, in the format's own wrapping; `auto` admits such calls or plain text that cannot
-be mistaken for a call (it does not start with the format's opening character, nor with blank space).
+follow the function's parameters, in the format's own wrapping (and under its own key: Llama's "parameters");
+`auto` admits such calls or plain text that cannot be mistaken for a call (it does not start with the format's
+opening character, nor with blank space). parallel_tool_calls false admits one call.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def grammar(tools: list[dict], choice: str, parallel: bool, fmt: tool_format.Too
             except structured.SchemaError as e:
                 e.param = t["param"]
                 raise
-            alternatives.append({"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": params},
-                                 "required": ["name", "arguments"]})
+            # the name first: the reader starts a call at its name, before the arguments stream
+            alternatives.append({"type": "object", "properties": {"name": {"const": t["name"]}, fmt.args_key: params},
+                                 "required": ["name", fmt.args_key]})
     schema = fmt.reply_schema({"anyOf": alternatives}, parallel)
     return structured.grammar(schema, checker.defs, fmt.reply_rules(choice == "auto", parallel))

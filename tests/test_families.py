@@ -16,7 +16,7 @@ import httpx
 import jsonschema
 import pytest
 
-from aegis import chat_template, families as registry
+from aegis import chat_template, families as registry, tool_format
 from conftest import SHORT, train_cli
 from export import names
 from support import families
@@ -212,14 +212,18 @@ def test_tool_turns_render_and_read_back(name):
     note = fmt.system_text(_described())
     messages = prompt.conversation(req.messages, family.chat_template, note)
     text = chat_template.render(family.chat_template, messages, {"bos_token": "<s>", "eos_token": "</s>"})
-    for part in (note, fmt.calls_text(CALLS), fmt.result_text("get_weather", "晴れ")):
+    ids = [w["id"] for w in written]
+    for part in (note, fmt.calls_text(CALLS, ids), fmt.result_text("get_weather", "晴れ", "c0")):
         assert part in text
+    if name == "mistral":  # Mistral's call ids: 9 letters and digits, the same in the call and in its result
+        short = tool_format.mistral_id("c0")
+        assert f'"id":"{short}"' in text and f'"call_id":"{short}"' in text and len(short) == 9
     reply = fmt.calls_text(CALLS)
     assert reply.startswith(fmt.opening)
-    for size in (len(reply), 1, 7):
-        reader, events = fmt.reader(), []
-        for i in range(0, len(reply), size):
-            events += reader.feed(reply[i:i + size])
+    for size, opening in [(len(reply), ""), (1, ""), (7, ""), *[(5, also) for also in fmt.also]]:
+        reader, events, written_reply = fmt.reader(), [], opening + reply  # Llama's <|python_tag|> before a call
+        for i in range(0, len(written_reply), size):
+            events += reader.feed(written_reply[i:i + size])
         assert reader.mode == "calls"
         assert [(c.name, json.loads(c.arguments)) for c in reader.calls] == CALLS
         assert [e[2].name for e in events if e[0] == "call"] == [n for n, _ in CALLS]

@@ -1,5 +1,7 @@
 """Llama (Llama 3 and the models built on its architecture, e.g. SmolLM): separate q/k/v projections whose rows
-llama.cpp's llama graph wants interleaved, the Llama 3 header chat format; calls in AEGIS's JSON tool format."""
+llama.cpp's llama graph wants interleaved, the Llama 3 header chat format; calls in Llama 3.1's own tool format
+(aegis/tool_format.py `llama3`: a JSON object {"name", "parameters"}, results in the ipython role, a turn that ends in
+<|eot_id|> or, after a call, <|eom_id|>)."""
 
 from aegis.families import Family, register
 
@@ -11,4 +13,5 @@ CHAT_TEMPLATE = (
 FAMILY = register(Family(
     name="llama", gguf_arch="llama", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
     chat_template=CHAT_TEMPLATE, chat_markers=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    end_of_turn=("<|eot_id|>",), ollama_format="Llama 3", tools="json", permute_qk=True, bpe_pre="llama-bpe"))
+    end_of_turn=("<|eot_id|>", "<|eom_id|>"), ollama_format="Llama 3", tools="llama3", permute_qk=True,
+    bpe_pre="llama-bpe"))

@@ -1,5 +1,6 @@
 """Mistral: written as llama.cpp's llama architecture (q/k rows interleaved), the [INST] chat format (v0.3's: the
-system prompt opens the last user turn) that ends a reply with the tokenizer's EOS; calls in AEGIS's JSON format."""
+system prompt opens the last user turn) that ends a reply with the tokenizer's EOS; calls in Mistral's own tool format
+(aegis/tool_format.py `mistral`: [AVAILABLE_TOOLS], [TOOL_CALLS], [TOOL_RESULTS])."""
 
 from aegis.families import Family, register
 
@@ -15,4 +16,4 @@ CHAT_TEMPLATE = (
 FAMILY = register(Family(
     name="mistral", gguf_arch="llama", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
     chat_template=CHAT_TEMPLATE, chat_markers=("[INST]", "[/INST]"), end_of_turn=(),
-    ollama_format="Mistral [INST]", tools="json", permute_qk=True, bpe_pre="llama-bpe"))
+    ollama_format="Mistral [INST]", tools="mistral", permute_qk=True, bpe_pre="llama-bpe"))
