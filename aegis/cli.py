@@ -5,7 +5,8 @@ The rules of every command made here:
 - A field made by `setting()` is the option `--field-name` (`flag=` names another). Its annotation is its type:
   `str`, `int`, `float`, `Path`, `X | None` (None unless given) or `bool` (a switch that takes no value);
   `repeat=True` keeps every value given, in order (`commas=True` also splits each at commas); `required=True` makes
-  the option necessary. `parse` turns one value's text into the value, raising ValueError with the reason.
+  the option necessary; `positional=True` makes it a bare word instead (`RUN_DIR`, its metavar), taken in the
+  order of such fields. `parse` turns one value's text into the value, raising ValueError with the reason.
 - A field with `env="AEGIS_X"` reads that variable when its option is not given: the option wins, and an empty
   variable counts as unset. The variable's value is checked as the option's is, and a problem names both.
 - An option given twice keeps its last value, so a wrapper's defaults give way to the arguments appended after them.
@@ -26,17 +27,14 @@ import difflib
 import math
 import os
 import sys
-import textwrap
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cli_help import HELP, commands_help, help_text, metavar
 from .errors import AegisError
-
-WIDTH, COLUMN = 100, 28  # help lines wrap at WIDTH; an option's text starts at COLUMN
-HELP = "-h, --help"
 
 
 class UsageError(AegisError):
@@ -65,14 +63,15 @@ class Option:
     repeat: bool = False
     commas: bool = False
     required: bool = False
+    positional: bool = False
 
 
 def setting(default: Any = None, help: str = "", *, parse: Callable[[str], Any] | None = None,
             choices: Sequence[str] = (), metavar: str = "", env: str = "", flag: str = "", repeat: bool = False,
-            commas: bool = False, required: bool = False) -> Any:
+            commas: bool = False, required: bool = False, positional: bool = False) -> Any:
     """A settings field and what its option needs (the module's rules say how each is used)."""
     meta = {"cli": dict(help=help, parse=parse, choices=tuple(choices), metavar=metavar, env=env, flag=flag,
-                        repeat=repeat, commas=commas, required=required)}
+                        repeat=repeat, commas=commas, required=required, positional=positional)}
     if repeat:
         return field(default_factory=lambda: list(default or ()), metadata=meta)
     return field(default=default, metadata=meta)
@@ -109,6 +108,14 @@ def bounded(kind: type, low: float, *, strict: bool = False) -> Callable[[str], 
     return parse
 
 
+def tcp_port(text: str) -> int:
+    """A parse function for a TCP port, 1 to 65535."""
+    port = _integer(text)
+    if not 0 < port < 65536:
+        raise ValueError("not a TCP port")
+    return port
+
+
 def options(cls: type) -> list[Option]:
     """The options of a settings class, in the order of its fields."""
     hints = typing.get_type_hints(cls)
@@ -122,17 +129,10 @@ def options(cls: type) -> list[Option]:
             kind = typing.get_args(kind)[0]
         kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        flag = meta.pop("flag") or "--" + f.name.replace("_", "-")
+        flag = meta.pop("flag") or (meta["metavar"] or f.name.upper() if meta["positional"]
+                                    else "--" + f.name.replace("_", "-"))
         out.append(Option(f.name, flag, kind, default, **meta))
     return out
-
-
-def _metavar(o: Option) -> str:
-    if o.metavar:
-        return o.metavar
-    if o.kind in (int, float) or getattr(o.parse, "kind", None) in (int, float):
-        return "N"
-    return "|".join(o.choices) if o.choices and len("|".join(o.choices)) <= 16 else o.name.upper()
 
 
 def _unknown(word: str, flag: str, known: Mapping[str, Option]) -> str:
@@ -144,7 +144,8 @@ def _unknown(word: str, flag: str, known: Mapping[str, Option]) -> str:
 
 def _read_argv(opts: list[Option], argv: Sequence[str]) -> tuple[dict[str, list[str]], list[str], bool]:
     """(the texts given to each option, what could not be read, whether help was asked for)."""
-    by_flag = {o.flag: o for o in opts}
+    by_flag = {o.flag: o for o in opts if not o.positional}
+    bare = [o for o in opts if o.positional]
     given: dict[str, list[str]] = {}
     problems: list[str] = []
     words, i = list(argv), 0
@@ -155,7 +156,9 @@ def _read_argv(opts: list[Option], argv: Sequence[str]) -> tuple[dict[str, list[
             return given, problems, True
         flag, eq, text = word.partition("=") if word.startswith("--") else (word, "", "")
         o = by_flag.get(flag)
-        if o is None:
+        if o is None and not word.startswith("-") and bare:
+            given[bare.pop(0).name] = [word]
+        elif o is None:
             problems.append(_unknown(word, flag, by_flag))
             if word.startswith("--") and not eq and i < len(words) and not words[i].startswith("-"):
                 i += 1  # the word after an unknown option is taken as its value, not reported again
@@ -164,7 +167,7 @@ def _read_argv(opts: list[Option], argv: Sequence[str]) -> tuple[dict[str, list[
         elif o.kind is bool:
             given[o.name] = []
         elif not eq and (i == len(words) or words[i].startswith("--")):
-            problems.append(f"{flag}: needs a value ({_metavar(o)})")
+            problems.append(f"{flag}: needs a value ({metavar(o)})")
         else:
             if not eq:
                 text, i = words[i], i + 1
@@ -210,7 +213,7 @@ def parse(cls: type, argv: Sequence[str], *, prog: str, environ: Mapping[str, st
     opts = options(cls)
     given, problems, asked = _read_argv(opts, argv)
     if asked:
-        raise Help(help_text(cls, prog))
+        raise Help(help_text(options(cls), cls.__doc__, prog))
     values = {}
     for o in opts:
         values[o.name], found = _resolve(o, given.get(o.name), environ)
@@ -233,54 +236,6 @@ def parse_command(commands: Mapping[str, type], argv: Sequence[str], *, prog: st
     if argv[0] not in commands:
         raise UsageError([f"{argv[0]!r}: unknown command (known: {', '.join(commands)})"])
     return argv[0], parse(commands[argv[0]], argv[1:], prog=f"{prog} {argv[0]}", environ=environ)
-
-
-def _entry(head: str, text: str) -> list[str]:
-    """One option's lines of help: its flag, and its text wrapped in a column."""
-    body = textwrap.wrap(text, WIDTH - COLUMN, break_on_hyphens=False, break_long_words=False) or [""]
-    first = f"  {head}"
-    if len(first) > COLUMN - 2:
-        return [first] + [" " * COLUMN + b for b in body]
-    return [first.ljust(COLUMN) + body[0]] + [" " * COLUMN + b for b in body[1:]]
-
-
-def _describe(o: Option) -> str:
-    notes = []
-    if o.required:
-        notes.append("required")
-    elif o.kind is not bool and o.default not in (None, "", []) and "default" not in o.help:
-        notes.append(f"default: {', '.join(map(str, o.default)) if o.repeat else o.default}")
-    if o.repeat:
-        notes.append("repeatable" + (", or comma-separated" if o.commas else ""))
-    if o.choices and len(", ".join(o.choices)) < 60:
-        notes.append(f"one of {', '.join(o.choices)}")
-    if o.env:
-        notes.append(f"env {o.env}")
-    return o.help + (f" ({'; '.join(notes)})" if notes else "")
-
-
-def _paragraphs(text: str) -> list[str]:
-    return [line for p in textwrap.dedent(text or "").strip().split("\n\n")
-            for line in [*textwrap.wrap(" ".join(p.split()), WIDTH, break_on_hyphens=False), ""]]
-
-
-def help_text(cls: type, prog: str) -> str:
-    """usage, description, then the options, each with its default, choices and variable."""
-    opts = options(cls)
-    need = "".join(f"{o.flag} {_metavar(o)} " for o in opts if o.required)
-    lines = [f"usage: {prog} {need}[options]", "", *_paragraphs(cls.__doc__), "options:"]
-    for o in opts:
-        lines += _entry(o.flag if o.kind is bool else f"{o.flag} {_metavar(o)}", _describe(o))
-    return "\n".join(lines + _entry(HELP, "show this help and exit")) + "\n"
-
-
-def commands_help(commands: Mapping[str, type], prog: str, description: str) -> str:
-    """usage, description, then the commands (each its class docstring's first line) and the options."""
-    lines = [f"usage: {prog} COMMAND [options]", "", *_paragraphs(description), "commands:"]
-    for name, cls in commands.items():
-        lines += _entry(name, " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()))
-    lines += ["", "options:", *_entry(HELP, f"show this help and exit ({prog} COMMAND --help: the command's)")]
-    return "\n".join(lines) + "\n"
 
 
 def main(body: Callable[[], int | None]) -> int:

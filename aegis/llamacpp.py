@@ -20,7 +20,6 @@ context, and aegis/decoding.py decodes with them as the server does, so export r
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import ctypes.util
@@ -34,9 +33,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import cli
+from .cli import setting
 from .errors import AegisError
-from .gguf_context import CONTEXT_CAP, Context, context, trained_context  # noqa: F401 - the server reads them here
 
+PROG = "python -m aegis.llamacpp"
 PROBE_TOKENS = 24  # a prompt batch (the batched matmul path) ...
 PROBE_DECODE = 4  # ... then single-token decodes (the other path)
 PROBE_TIMEOUT_S = 300
@@ -245,16 +246,22 @@ def _probe_here(path: str, extra_bufts: bool, threads: int | None) -> dict:
     return {"ok": True, "tokens": len(prompt) + PROBE_DECODE, "extra_bufts": extra_bufts}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m aegis.llamacpp")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("probe", help="load FILE.gguf and decode a few tokens (what the product's checks run)")
-    p.add_argument("path")
-    p.add_argument("--no-extra-bufts", action="store_true")
-    p.add_argument("--threads", type=int)
-    args = ap.parse_args(argv)
-    print(json.dumps(_probe_here(args.path, not args.no_extra_bufts, args.threads)))
+@dataclass
+class ProbeArgs:
+    """Load FILE.gguf and decode a few tokens, as the product's checks do; prints one JSON line."""
+
+    path: Path = setting(help="the GGUF file", metavar="FILE", positional=True, required=True)
+    no_extra_bufts: bool = setting(False, "load without llama.cpp's extra CPU buffer types (AMX / repacked weights)")
+    threads: int | None = setting(None, "CPU threads (default: llama.cpp's)", parse=cli.bounded(int, 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> None:
+        _, args = cli.parse_command({"probe": ProbeArgs}, sys.argv[1:] if argv is None else argv, prog=PROG,
+                                    description="The child's side of llama.cpp's crash probe.")
+        print(json.dumps(_probe_here(str(args.path), not args.no_extra_bufts, args.threads)))
+    return cli.main(body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

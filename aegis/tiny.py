@@ -14,17 +14,19 @@ pre-training recipe) is no part of the package: tools/tiny_pretrain.py, from a c
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from . import sp_tokenizer
+from . import cli, sp_tokenizer
 from .atomic import atomic_dir
+from .cli import setting
 from .errors import ModelError
 from .families.phi3 import CHAT_TEMPLATE  # the tiny model is a Phi-3: its family's chat format
 
@@ -183,12 +185,19 @@ def ensure(log=print) -> Path:
         return build(path, log=log)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m aegis.tiny", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="build into this directory (default: the cache)")
-    args = ap.parse_args(argv)
-    print(build(args.out) if args.out else ensure())
+@dataclass
+class Args:
+    """Build the embedded tiny Phi-3 (or find its cached copy) and print the directory of the model."""
+
+    out: Path | None = setting(None, "build into this directory (default: the cache)", metavar="DIR")
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> None:
+        args = cli.parse(Args, sys.argv[1:] if argv is None else argv, prog="python -m aegis.tiny")
+        print(build(args.out) if args.out else ensure())
+    return cli.main(body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

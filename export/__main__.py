@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aegis import cli
+from aegis.atomic import write_json
 from aegis.cli import setting
 
 from . import merge, modelfile, names, ollama, parity, pipeline
-from .files import unwritable, write_json
+from .files import unwritable
 
 PROG = "python -m export"
 TYPES = ", ".join(names.TYPES)

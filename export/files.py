@@ -1,7 +1,6 @@
 """What every export step shares: the error type, finding a run's checkpoint, and the checks before anything is
-written. Every file and directory export makes is written whole through aegis/atomic.py (its names are
-re-exported here for export's modules), so a crash or a failed check never replaces something good with something
-half-written."""
+written. Every file and directory export makes is written whole through aegis/atomic.py, so a crash or a
+failed check never replaces something good with something half-written."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from aegis import checkpoint, runs
-from aegis.atomic import TMP_PREFIX, atomic_file, sha256_file, write_json, write_text  # noqa: F401 - export's writers
+from aegis.atomic import TMP_PREFIX, sha256_file
 from aegis.errors import AegisError
 
 

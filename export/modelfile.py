@@ -12,10 +12,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aegis import llamacpp
+from aegis import gguf_context, llamacpp
+from aegis.atomic import write_text
 
 from . import chat_formats
-from .files import ExportError, write_text
+from .files import ExportError
 
 DEFAULT_NUM_CTX = 4096
 
@@ -88,7 +89,7 @@ def build(gguf_path: Path, model_dir: Path, system: str | None = None, num_ctx: 
     if system and not proof.system:
         raise ExportError(f"--system: {model_dir}'s chat template refuses system messages")
     return Modelfile(gguf=gguf_path, template=proof.template, stops=proof.stops, system=system, name=name,
-                     num_ctx=num_ctx or llamacpp.trained_context(gguf_path) or DEFAULT_NUM_CTX, proof=proof)
+                     num_ctx=num_ctx or gguf_context.trained_context(gguf_path) or DEFAULT_NUM_CTX, proof=proof)
 
 
 def write(gguf_path: Path, out: Path, model_dir: Path | None = None, name: str | None = None,

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from aegis.atomic import atomic_file
+
 from . import names, vocab as vocab_mod
-from .files import ExportError, atomic_file
+from .files import ExportError
 from .hparams import HParams, hparams, read_config
 
 

@@ -55,13 +55,6 @@ POSITIVE = cli.bounded(float, 0, strict=True)
 SECONDS = cli.bounded(float, 0)
 
 
-def _port(text: str) -> int:
-    port = cli.CONVERT[int](text)
-    if not 0 < port < 65536:
-        raise ValueError("not a TCP port")
-    return port
-
-
 @dataclass
 class Settings:
     """Serve an OpenAI-compatible API over llama.cpp (GGUF files) or transformers (merged model directories,
@@ -77,7 +70,7 @@ class Settings:
                                       env="AEGIS_MODEL", required=True)
     backend: str = setting("auto", "auto: llama.cpp for GGUF files, transformers for directories", choices=KINDS)
     host: str = setting("127.0.0.1", "address to listen on (default: loopback only)")
-    port: int = setting(8000, "TCP port", parse=_port, metavar="N", env="AEGIS_PORT")
+    port: int = setting(8000, "TCP port", parse=cli.tcp_port, metavar="N", env="AEGIS_PORT")
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on /v1 (default: no key)", metavar="KEY",
                                   env="AEGIS_API_KEY")
     parallel: int = setting(0, "requests each model serves at once (0: 4 for llama.cpp, decoded together in one batch "

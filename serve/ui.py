@@ -10,15 +10,19 @@ API, serve/ui_monitor.py draws the runs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlparse
 
+from aegis import cli
+from aegis.cli import setting
+
 from .ui_api import Api, Model, UIError
 
+PROG = "python -m serve.ui"
 DEFAULT_SYSTEM = "あなたは親切で正確な日本語アシスタントです。"
 
 
@@ -197,42 +201,51 @@ def _wire_models_and_compare(page: SimpleNamespace, api: Api, demo) -> None:
     page.cmp_btn.click(side, [page.cmp_prompt, page.model_b, page.system, page.cmp_temp, page.cmp_max], page.out_b)
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m serve.ui", description=__doc__.splitlines()[0])
-    ap.add_argument("--api", default="http://127.0.0.1:8000/v1", help="base URL of an OpenAI-compatible API")
-    ap.add_argument("--api-key", default=None, help="key for the API (default: $AEGIS_API_KEY, else none)")
-    ap.add_argument("--runs", type=Path, default=None, help="directory with training runs for the Soul monitor")
-    ap.add_argument("--base", default="base", help="name of the served untrained base model, offered only in "
-                    "Compare (default: base)")
-    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    ap.add_argument("--port", type=int, default=7860)
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = parser()
-    args = ap.parse_args(argv)
-    url = urlparse(args.api)
+def _api_url(text: str) -> str:
+    url = urlparse(text)
     if url.scheme not in ("http", "https") or not url.netloc:
-        ap.error(f"--api {args.api!r}: expected a URL like http://127.0.0.1:8000/v1")
-    if args.runs is not None and not args.runs.is_dir():
-        ap.error(f"--runs {args.runs}: not a directory")
-    if not 0 < args.port < 65536:
-        ap.error(f"--port {args.port}: not a TCP port")
+        raise ValueError("expected a URL like http://127.0.0.1:8000/v1")
+    return text.rstrip("/")
+
+
+def _directory(text: str) -> Path:
+    if not Path(text).is_dir():
+        raise ValueError("not a directory")
+    return Path(text)
+
+
+@dataclass
+class Args:
+    """The chat page: a Gradio front end that speaks only the OpenAI protocol to the API at --api, with a Soul
+    monitor of the training runs under --runs and a Compare tab."""
+
+    api: str = setting("http://127.0.0.1:8000/v1", "base URL of an OpenAI-compatible API", parse=_api_url,
+                       metavar="URL", env="AEGIS_API")
+    api_key: str | None = setting(None, "key for the API", metavar="KEY", env="AEGIS_API_KEY")
+    runs: Path | None = setting(None, "directory with training runs for the Soul monitor", parse=_directory,
+                                metavar="DIR", env="AEGIS_RUNS")
+    base: str = setting("base", "name of the served untrained base model, offered only in Compare", metavar="NAME")
+    host: str = setting("127.0.0.1", "address to listen on (default: loopback only)")
+    port: int = setting(7860, "TCP port", parse=cli.tcp_port)
+
+
+def launch(args: Args) -> None:
     # nothing may phone home: the page must work offline
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .ui_theme import CSS, STATIC, PagePolicy, theme
 
-    key = args.api_key if args.api_key is not None else os.environ.get("AEGIS_API_KEY")
-    demo = build(Api(args.api.rstrip("/"), key, args.base), args.runs)
+    demo = build(Api(args.api, args.api_key, args.base), args.runs)
     demo.queue(default_concurrency_limit=8)
     from starlette.middleware import Middleware
 
     demo.launch(server_name=args.host, server_port=args.port, theme=theme(), css=CSS, ssr_mode=False,
                 footer_links=[], show_error=True, quiet=False, allowed_paths=[str(STATIC)],
                 app_kwargs={"middleware": [Middleware(PagePolicy)]})
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(lambda: launch(cli.parse(Args, sys.argv[1:] if argv is None else argv, prog=PROG)))
 
 
 if __name__ == "__main__":

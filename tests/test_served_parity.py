@@ -13,7 +13,7 @@ import json
 import httpx
 import pytest
 
-from aegis import llamacpp
+from aegis import gguf_context, llamacpp
 from export import prompts
 from support import serving
 
@@ -76,7 +76,7 @@ def server(gguf, tmp_path_factory, *args: str) -> serving.Server:
 
 def test_default_server_replies_are_the_tokens_export_checked(checked, tmp_path_factory):
     gguf, entry, replies, pieces = checked
-    assert entry["served_context"] == llamacpp.context(gguf).default == 512
+    assert entry["served_context"] == gguf_context.context(gguf).default == 512
     with server(gguf, tmp_path_factory) as s:
         assert httpx.get(s.api + "/models").json()["data"][0]["context_length"] == 512
         served = served_replies(s, replies)

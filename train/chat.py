@@ -7,18 +7,20 @@ renders the conversation with the tokenizer's chat template and streams the repl
 
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from aegis import checkpoint, families, runs
+from aegis import checkpoint, cli, families, runs
+from aegis.cli import setting
 from aegis.errors import AegisError
 from aegis.loading import load_checkpoint
 
 END_OF_TURN = families.end_of_turn()  # every family's (aegis/families/): those the tokenizer knows are used
+PROG = "python -m train.chat"
 HELP = "commands: /reset  /system TEXT  /help  /exit   (Ctrl-D also exits)"
 
 
@@ -149,58 +151,64 @@ def checkpoint_dir(value: str) -> Path:
     if (path / runs.CONFIG).is_file() or (path / checkpoint.FINAL).exists() or (path / checkpoint.CHECKPOINTS).is_dir():
         found = checkpoint.latest(path, resumable=False)
         if found is None:
-            raise argparse.ArgumentTypeError(f"{path}: this run has no complete checkpoint yet (neither "
-                                             f"{checkpoint.FINAL}/ nor checkpoints/step_N)")
+            raise ValueError(f"this run has no complete checkpoint yet (neither {checkpoint.FINAL}/ nor "
+                             "checkpoints/step_N)")
         return found
-    raise argparse.ArgumentTypeError(f"{path}: neither a checkpoint nor a run directory; pass RUN_DIR, "
-                                     "RUN_DIR/final or RUN_DIR/checkpoints/step_N")
+    raise ValueError("neither a checkpoint nor a run directory; pass RUN_DIR, RUN_DIR/final or "
+                     "RUN_DIR/checkpoints/step_N")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.chat", description="Chat with a trained checkpoint "
-                                 "(base + LoRA adapter + soul).")
-    ap.add_argument("--checkpoint", required=True, type=checkpoint_dir,
-                    help="RUN_DIR (its final/, else its newest checkpoint), RUN_DIR/final or "
-                    "RUN_DIR/checkpoints/step_N")
-    ap.add_argument("--prompt", default=None, help="answer this once and exit")
-    ap.add_argument("--system", default=None, help="system prompt")
-    ap.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default 0.7)")
-    ap.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible replies)")
-    ap.add_argument("--base", default=None, help="use this base instead of the one the checkpoint names")
-    ap.add_argument("--quantization", choices=("nf4", "none"), default=None,
-                    help="override the quantization the checkpoint was trained with")
-    args = ap.parse_args(argv)
-    if args.temperature < 0:
-        ap.error("--temperature must be >= 0")
-    if not 0 < args.top_p <= 1:
-        ap.error("--top-p must be in (0, 1]")
-    if args.max_new_tokens < 1:
-        ap.error("--max-new-tokens must be at least 1")
-    if args.prompt is not None and not args.prompt.strip():
-        ap.error("--prompt is empty")
+def _top_p(text: str) -> float:
+    value = cli.CONVERT[float](text)
+    if not 0 < value <= 1:
+        raise ValueError("must be in (0, 1]")
+    return value
 
+
+@dataclass
+class Args:
+    """Chat with a trained checkpoint (base + LoRA adapter + soul) in the terminal, or answer one --prompt."""
+
+    checkpoint: Path = setting(help="RUN_DIR (its final/, else its newest checkpoint), RUN_DIR/final or "
+                                    "RUN_DIR/checkpoints/step_N", parse=checkpoint_dir, metavar="DIR",
+                               env="AEGIS_CHECKPOINT", required=True)
+    prompt: str | None = setting(None, "answer this once and exit", metavar="TEXT")
+    system: str | None = setting(None, "system prompt", metavar="TEXT")
+    temperature: float = setting(0.7, "0 for greedy decoding", parse=cli.bounded(float, 0))
+    top_p: float = setting(0.9, "nucleus sampling mass, in (0, 1]", parse=_top_p, metavar="P")
+    max_new_tokens: int = setting(256, "the longest reply, in tokens", parse=cli.bounded(int, 1))
+    seed: int | None = setting(None, "seed for sampling (reproducible replies)")
+    base: str | None = setting(None, "use this base instead of the one the checkpoint names", metavar="NAME")
+    quantization: str | None = setting(None, "override the quantization the checkpoint was trained with",
+                                       choices=("nf4", "none"))
+
+    def problems(self) -> list[str]:
+        return ["--prompt: empty"] if self.prompt is not None and not self.prompt.strip() else []
+
+
+def chat(args: Args) -> None:
     try:
         model, soul, tokenizer, meta = load_checkpoint(args.checkpoint, base=args.base,
                                                        quantization=args.quantization)
-    except AegisError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except AegisError as e:  # the checkpoint or base the user named
+        raise cli.UsageError(str(e).splitlines()) from None
     if args.seed is not None:
         from transformers import set_seed
         set_seed(args.seed)
     print(f"loaded {args.checkpoint} (step {meta.get('step')}, gate {float(soul.gate()):.4f}, "
           f"base {meta.get('base')}, {meta.get('quantization')})", file=sys.stderr)
-    chat = Chat(model, tokenizer, args.temperature, args.top_p, args.max_new_tokens, args.system)
+    talk = Chat(model, tokenizer, args.temperature, args.top_p, args.max_new_tokens, args.system)
     try:
         if args.prompt is not None:
-            chat.reply(args.prompt)
+            talk.reply(args.prompt)
         else:
-            loop(chat)
+            loop(talk)
     except KeyboardInterrupt:
         print(file=sys.stderr)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(lambda: chat(cli.parse(Args, sys.argv[1:] if argv is None else argv, prog=PROG)))
 
 
 if __name__ == "__main__":

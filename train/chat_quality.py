@@ -16,15 +16,16 @@ greedily, at most 96 new tokens. Targets:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from aegis import atomic, checkpoint
+from aegis import atomic, checkpoint, cli
+from aegis.cli import setting
 from aegis.tiny import ensure
 
 from . import data
@@ -199,28 +200,34 @@ def report(result: dict, show: int = 3) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.chat_quality", description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", type=Path, default=None, help="RUN_DIR/final or RUN_DIR/checkpoints/step_N "
-                    "(default: the embedded tiny Phi-3 itself)")
-    ap.add_argument("--data", default=HELD_OUT, help=f"held-out chats (default {HELD_OUT})")
-    ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    ap.add_argument("--show", type=int, default=3, help="print this many prompts and replies")
-    ap.add_argument("--json", action="store_true", help="print the result as JSON")
-    ap.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
-    args = ap.parse_args(argv)
-    if args.max_new_tokens < 1:
-        ap.error("--max-new-tokens must be at least 1")
+@dataclass
+class Args:
+    """Can the model hold a short conversation in Japanese? Greedy replies to every held-out user turn, scored for
+    Japanese, for ending inside the limit and for loops; with --checkpoint, its perplexity against its base too."""
+
+    checkpoint: Path | None = setting(None, "RUN_DIR/final or RUN_DIR/checkpoints/step_N (default: the embedded "
+                                            "tiny Phi-3 itself)", metavar="DIR", env="AEGIS_CHECKPOINT")
+    data: str = setting(HELD_OUT, "held-out chats", metavar="SOURCE")
+    max_new_tokens: int = setting(MAX_NEW_TOKENS, "the longest reply, in tokens", parse=cli.bounded(int, 1))
+    show: int = setting(3, "print this many prompts and replies", parse=cli.bounded(int, 0))
+    json: bool = setting(False, "print the result as JSON")
+    out: Path | None = setting(None, "also write the JSON to this file", metavar="FILE")
+
+
+def score(args: Args) -> None:
     try:
         result = evaluate(args.checkpoint, args.data, args.max_new_tokens, log=lambda m: print(m, file=sys.stderr))
     except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise cli.UsageError(str(e).splitlines()) from None  # the checkpoint or data the user named
     text = json.dumps(result, indent=1, ensure_ascii=False)
     if args.out:
         atomic.write_text(args.out, text + "\n")
     print(text if args.json else report(result, args.show))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(lambda: score(cli.parse(Args, sys.argv[1:] if argv is None else argv,
+                                            prog="python -m train.chat_quality")))
 
 
 if __name__ == "__main__":

@@ -13,22 +13,24 @@ so no example is predicted from another's text); one longer than max_length is c
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from aegis import atomic, checkpoint, runs
+from aegis import atomic, checkpoint, cli, runs
+from aegis.cli import setting
 from aegis.errors import AegisError
 from aegis.loading import load_checkpoint
 
-from . import data
+from . import data, trackers
 from .loss import count_targets, masked_loss_sum
 
+PROG = "python -m train.eval"
 VARIANTS = ("checkpoint", "gate_shut", "base")
 DEFAULT_MAX_LENGTH = 512
 
@@ -151,37 +153,39 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.eval", description="Held-out loss and perplexity of a "
-                                 "checkpoint, of it with the gate shut (g = 0), and of the base alone.")
-    ap.add_argument("--checkpoint", required=True, type=Path, help="RUN_DIR/final or RUN_DIR/checkpoints/step_N")
-    ap.add_argument("--base", action="store_true", help="evaluate the base alone only (no adapter, no soul)")
-    ap.add_argument("--base-model", default=None, help="use this base instead of the one the checkpoint names")
-    ap.add_argument("--data", action="append", default=None, metavar="SOURCE",
-                    help="evaluation data (file, directory, embedded:NAME; repeatable); default: the run's "
-                         "data.eval from its config.toml")
-    ap.add_argument("--max-length", type=int, default=None, help="window length (default: the run's "
-                    "train.max_length)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
-    ap.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
-    args = ap.parse_args(argv)
-    if args.max_length is not None and args.max_length < 2:
-        ap.error("--max-length must be at least 2")
-    if args.batch_size < 1:
-        ap.error("--batch-size must be at least 1")
+@dataclass
+class Args:
+    """Held-out loss and perplexity of a checkpoint, of it with the gate shut (g = 0), and of the base alone."""
+
+    checkpoint: Path = setting(help="RUN_DIR/final or RUN_DIR/checkpoints/step_N", metavar="DIR",
+                               env="AEGIS_CHECKPOINT", required=True)
+    base: bool = setting(False, "evaluate the base alone only (no adapter, no soul)")
+    base_model: str | None = setting(None, "use this base instead of the one the checkpoint names", metavar="NAME")
+    data: list[str] = setting(None, "evaluation data (file, directory, embedded:NAME); default: the run's data.eval "
+                                    "from its config.toml", metavar="SOURCE", repeat=True)
+    max_length: int | None = setting(None, "window length (default: the run's train.max_length)",
+                                     parse=cli.bounded(int, 2))
+    batch_size: int = setting(8, "examples scored at once", parse=cli.bounded(int, 1))
+    json: bool = setting(False, "print the figures as JSON")
+    out: Path | None = setting(None, "also write the JSON to this file", metavar="FILE")
+
+
+def report(args: Args) -> None:
     variants = ("base",) if args.base else VARIANTS
     try:
         result = evaluate(args.checkpoint, args.data, variants, args.max_length, base=args.base_model,
                           batch_size=args.batch_size, log=lambda m: print(m, file=sys.stderr))
-    except AegisError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except AegisError as e:  # the checkpoint, base or data the user named
+        raise cli.UsageError(str(e).splitlines()) from None
+    trackers.log_eval(args.checkpoint, result, warn=lambda m: print(m, file=sys.stderr))
     text = json.dumps(result, indent=1, ensure_ascii=False)
     if args.out:
         atomic.write_text(args.out, text + "\n")
     print(text if args.json else table(result))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(lambda: report(cli.parse(Args, sys.argv[1:] if argv is None else argv, prog=PROG)))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ is going, after it has ended, and before it has started (then it waits for the d
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -22,10 +21,11 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from aegis import checkpoint, metrics, runs, schedule
-from aegis.errors import AegisError
+from aegis import checkpoint, cli, metrics, runs, schedule
+from aegis.cli import setting
 from aegis.metrics import number
 
+PROG = "python -m train.monitor"
 ORTHO_LIMIT = 1e-4  # the rotation is exact by construction; more than this means the float32 maths went wrong
 SPIKE_WINDOW = 20  # a loss is compared with the median of the losses just before it
 SPIKE_MIN = 5  # ... once there are at least this many
@@ -257,35 +257,39 @@ def _health_rows(st: State) -> list[tuple[str, object]]:
     return rows + [("checkpoint", ck)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.monitor",
-                                 description="Watch a training run: step, phase, α/gate, loss trend, soul health.")
-    ap.add_argument("run_dir", type=Path, help="the run directory given to `python -m train --run-dir`")
-    ap.add_argument("--once", action="store_true", help="print one frame and exit")
-    ap.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
-    ap.add_argument("--width", type=int, default=None, help="frame width in columns (default: the terminal's)")
-    args = ap.parse_args(argv)
-    if not args.interval > 0:
-        ap.error("--interval must be > 0")
-    if args.width is not None and args.width < 40:
-        ap.error("--width must be at least 40")
-    if args.run_dir.exists() and not args.run_dir.is_dir():
-        print(f"error: {args.run_dir} is a file, not a run directory", file=sys.stderr)
-        return 2
+@dataclass
+class Args:
+    """Watch a training run: step, phase, α/gate, loss trend, soul health. It reads only what the run writes, so it
+    works before the run starts (it waits for the directory), while it goes and after it ends."""
+
+    run_dir: Path = setting(help="the run directory given to `python -m train --run-dir`", metavar="RUN_DIR",
+                            env="AEGIS_RUN_DIR", positional=True, required=True)
+    once: bool = setting(False, "print one frame and exit")
+    interval: float = setting(1.0, "seconds between refreshes", parse=cli.bounded(float, 0, strict=True))
+    width: int | None = setting(None, "frame width in columns (default: the terminal's)", parse=cli.bounded(int, 40))
+
+    def problems(self) -> list[str]:
+        if self.run_dir is not None and self.run_dir.exists() and not self.run_dir.is_dir():
+            return [f"RUN_DIR {self.run_dir}: a file, not a run directory"]
+        return []
+
+
+def watch(args: Args) -> None:
     console = Console(width=args.width)
     try:
         if args.once:
             console.print(render(collect(args.run_dir)))
-            return 0
+            return
         with Live(render(collect(args.run_dir)), console=console, auto_refresh=False, screen=False) as live:
             while True:
                 time.sleep(args.interval)
                 live.update(render(collect(args.run_dir)), refresh=True)
     except KeyboardInterrupt:
-        return 0
-    except AegisError as e:  # e.g. a config.toml that does not parse
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(lambda: watch(cli.parse(Args, sys.argv[1:] if argv is None else argv, prog=PROG)))
 
 
 if __name__ == "__main__":

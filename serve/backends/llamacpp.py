@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from aegis import llamacpp
+from aegis import gguf_context, llamacpp
 
 from .base import Backend, Control, Detokenizer, end_of_turn_ids
 from .llamacpp_batch import LlamaBatch
@@ -45,9 +45,9 @@ class LlamaCppBackend(Backend):
         model = self._vocab_llm._model
         self._vocab = model.vocab
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        # the one rule (aegis.llamacpp.Context): the model's context, a LongRoPE model's original one, at most 4096;
+        # the one rule (aegis.gguf_context.Context): the model's context, a LongRoPE model's original one, at most 4096;
         # export's parity records its greedy replies in the same context
-        rule = llamacpp.context(self.path)
+        rule = gguf_context.context(self.path)
         self.context_length = n_ctx or rule.default
         self.n_ctx_train = rule.length or self.context_length
         if n_ctx and (why := rule.warning(n_ctx)):
