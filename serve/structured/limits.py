@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 # What one request's schemas (response_format's, or all its tools' parameters together) may ask of the grammar.
-# Why each, as measured on the quickstart model (tests/test_hardening_schema.py keeps the measurements honest):
-# - llama.cpp parses a grammar recursively, ~430 bytes of stack per nested group: 8 MB of stack overflows between
-#   15 000 and 20 000 nested groups (SIGSEGV: the whole server goes), a 1 MB thread stack between 2 000 and 3 000.
-#   The converter writes x{0,n} (and maxLength n, maxItems n) as n nested groups, and llama.cpp refuses more than
-#   1 000 of them anyway, but only after recursing through all of them: so no count above MAX_REPEAT gets there.
+# Why each (the measurements behind them, on the quickstart model: BENCHMARKS.md; tests/test_hardening_schema.py
+# keeps them honest):
+# - llama.cpp parses a grammar recursively, a few hundred bytes of stack per nested group, and a stack overflow ends
+#   the whole server (SIGSEGV). The converter writes x{0,n} (and maxLength n, maxItems n) as n nested groups, and
+#   llama.cpp refuses more than 1 000 of them only after recursing through all of them: so no count above
+#   MAX_REPEAT gets there.
 # - the grammar runs on the decode thread every client shares: each token costs (parse states alive) x vocabulary.
-#   A repeated group whose body varies in length keeps a state per way to split the text: ^(a?){0,100}$ and
-#   ^(|a){0,100}$ took 0.2-0.6 s per token, ^(a{0,2}){0,50}$ 0.08 s, ^(a{0,10}){0,10}$ 5 ms; hence MAX_GROUP_REPEAT and
-#   MAX_REPEAT_PRODUCT (^(a{0,15}){0,15}$: 18 ms mean, 38 ms worst). An enum is one alternative per value, alive
-#   while they share a prefix: 1 000 values 35 ms per token (59 worst), 20 000 took seconds per token. Optional
-#   properties of one object are alternatives too (500: 19 ms per token) and the converter builds them in
-#   quadratic time (500: 1.3 s, 100: 0.03 s).
-# - what real applications send fits well within: OpenAI's structured outputs take at most 5 000 properties,
+#   A repeated group whose body varies in length keeps a state per way to split the text (hence MAX_GROUP_REPEAT and
+#   MAX_REPEAT_PRODUCT); an enum is one alternative per value, alive while they share a prefix (hence the enum
+#   limits); the optional properties of one object are alternatives too, and the converter builds them in quadratic
+#   time (hence MAX_OPTIONAL_PROPERTIES).
+# - the limits sit above what real applications send: OpenAI's structured outputs take at most 5 000 properties,
 #   10 levels of nesting, 1 000 enum values and 120 000 characters of names and values; agents send up to 128 tools.
-#   128 tools of 30 optional parameters each (418 KB) build in 0.5 s into a 1.2 MB grammar of 8 196 rules that
-#   llama.cpp takes in 0.06 s (the batched engine makes each request's sampler on the decode thread: that is its
-#   share), then 5 ms per token.
 MAX_SCHEMA_BYTES = 512 * 1024  # the request's schemas as compact JSON
 MAX_DEPTH = 32  # schemas inside schemas (properties, items, anyOf, ... and through $ref), groups inside a pattern
 MAX_PROPERTIES = 5_000  # object properties, all objects of the request together
