@@ -1,6 +1,6 @@
 """train.report_to: a short real run logs to TensorBoard, W&B (offline), MLflow (sqlite) and trackio (its local store)
 at once, each read back from its own store with its own reader; a resumed run continues the same tracker runs without
-logging a step twice; nothing reaches the network. A bad name, a missing package and a store that breaks mid-run."""
+logging a step twice, and `python -m train.eval` adds its figures to them; nothing reaches the network. A bad name, a missing package and a store that breaks mid-run."""
 
 import json
 import signal
@@ -64,8 +64,8 @@ def wandb_records(path):
 
 
 def wandb_store(run_dir):
-    """run id -> (step -> loss), and the config it was given, from every W&B run file of the run."""
-    ids, losses, config = set(), {}, {}
+    """The run ids, step -> what was logged at it, and the config, from every W&B run file of the run."""
+    ids, rows, config = set(), {}, {}
     for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):  # not latest-run, a link to the last
         for r in wandb_records(path):
             kind = r.WhichOneof("record_type")
@@ -75,9 +75,10 @@ def wandb_store(run_dir):
                 config.update({i.key: json.loads(i.value_json) for i in r.config.update})
             elif kind == "history":
                 row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
-                assert row["_step"] not in losses, f"W&B got step {row['_step']} twice"
-                losses[row["_step"]] = row["loss"]
-    return ids, losses, config
+                known = rows.setdefault(row.pop("_step"), {})
+                assert not (known.keys() & row.keys() - {"_runtime", "_timestamp"}), f"W&B got a step twice: {row}"
+                known.update(row)
+    return ids, rows, config
 
 
 def unique_steps(steps):
@@ -112,6 +113,12 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
     out = train_cli(run, *SETS, resume=True)
     assert "resumed from" in out.stdout + out.stderr and "warning: train.report_to" not in out.stdout + out.stderr
     assert json.loads((run / "trackers.json").read_text()) == first  # the same tracker runs, continued
+    report = tmp_path / "eval.json"
+    ev = subprocess.run([sys.executable, "-m", "train.eval", "--checkpoint", str(run / "final"), "--data",
+                         "embedded:prose_eval.txt", "--out", str(report)], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    evaluated = json.loads(report.read_text())["results"]["checkpoint"]["loss"]
 
     jsonl = {r["step"]: r for r in metrics.read(run)}
     assert sorted(jsonl) == list(range(1, 9))
@@ -131,6 +138,7 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
     scalars = events.Scalars("loss")
     unique_steps([e.step for e in scalars])
     same_losses({e.step: e.value for e in scalars})
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("eval/checkpoint/loss")] == [(8, round(evaluated, 4))]
     hparams = {}
     for sub in (run / "tensorboard").iterdir():
         if sub.is_dir() and list(sub.glob("events.*")):
@@ -141,9 +149,10 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
     assert hparams["train.lr"] == pytest.approx(2e-4) and hparams["model.base"] == "embedded"
 
     # W&B: one run id over both sessions' offline run files
-    ids, losses, config = wandb_store(run)
+    ids, rows, config = wandb_store(run)
     assert ids == {first["wandb"]["id"]}
-    same_losses(losses)
+    same_losses({step: row["loss"] for step, row in rows.items() if "loss" in row})
+    assert rows[8]["eval/checkpoint/loss"] == pytest.approx(evaluated)
     assert config["train.lr"] == pytest.approx(2e-4) and config["train.report_to"] == ",".join(TRACKERS)
 
     # MLflow: one run in the sqlite store, through its client
@@ -154,14 +163,19 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
     history = client.get_metric_history(first["mlflow"]["run_id"], "loss")
     unique_steps([m.step for m in history])
     same_losses({m.step: m.value for m in history})
+    assert [(m.step, round(m.value, 4)) for m in client.get_metric_history(first["mlflow"]["run_id"],
+                                                                          "eval/checkpoint/loss")] == \
+        [(8, round(evaluated, 4))]
     assert LOGGED <= set(found[0].data.metrics) and found[0].data.params["schedule.total_steps"] == "8"
 
     # trackio: one run in its local store
     from trackio.sqlite_storage import SQLiteStorage
     assert SQLiteStorage.get_runs("aegis") == [first["trackio"]["name"]]
     logs = SQLiteStorage.get_logs("aegis", first["trackio"]["name"])
-    unique_steps([row["step"] for row in logs])
-    same_losses({row["step"]: row["loss"] for row in logs})
+    unique_steps([row["step"] for row in logs if "loss" in row])
+    same_losses({row["step"]: row["loss"] for row in logs if "loss" in row})
+    assert [(row["step"], row["eval/checkpoint/loss"]) for row in logs if "eval/checkpoint/loss" in row] == \
+        [(8, pytest.approx(evaluated))]
     assert SQLiteStorage.get_run_config("aegis", first["trackio"]["name"])["train.lr"] == pytest.approx(2e-4)
 
     assert proxy.calls == 0, "a tracker tried the network"

@@ -4,19 +4,22 @@ tracker is an extra view of it, so one that fails mid-run is warned about once a
 
 Where each one writes: TensorBoard to RUN/tensorboard/; W&B under RUN/wandb/, online or offline as `WANDB_MODE` says,
 in the project `WANDB_PROJECT` (default `aegis`); MLflow to `MLFLOW_TRACKING_URI` (default mlflow.db in the working
-directory), experiment `MLFLOW_EXPERIMENT_NAME` (default `aegis`); trackio to its local store (`TRACKIO_DIR`), project
-`aegis`. RUN/trackers.json keeps each tracker's run, so a resumed run (and `python -m train.eval` on one of its
+directory), experiment `MLFLOW_EXPERIMENT_NAME` (default `aegis`); trackio to its local store (`TRACKIO_DIR`; a Space
+only if `TRACKIO_SPACE_ID` names one), project `aegis`. RUN/trackers.json keeps each tracker's run, so a resumed run (and `python -m train.eval` on one of its
 checkpoints) continues it."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 
 from aegis import atomic, runs
+from aegis.metrics import MetricLogger
 from aegis.config import Config, to_dict
 
 from .rundir import RunError
@@ -104,20 +107,36 @@ def start(cfg: Config, run_dir: Path, logged: int = 0, warn=print) -> list[Track
     return sinks
 
 
+def log_eval(ckpt: Path, result: dict, warn=print) -> None:
+    """The figures of `python -m train.eval` (`eval/VARIANT/loss`, `.../perplexity`, ...) into the tracker runs of
+    the run that holds `ckpt`, at the checkpoint's step; nothing for a checkpoint of a run without trackers."""
+    run_dir = runs.run_of(ckpt)
+    if run_dir is None or not (run_dir / STATE).is_file():
+        return
+    record = {"step": result.get("step") or 0}
+    for variant, figures in result["results"].items():
+        record.update({f"eval/{variant}/{key}": value for key, value in figures.items()})
+    with contextlib.redirect_stdout(sys.stderr):  # the trackers' chatter stays off the command's output (--json)
+        logger = MetricLogger(reopen(run_dir, warn))
+        logger.log(record)
+        logger.close()
+
+
 def reopen(run_dir: Path, warn=print) -> list[TrackerSink]:
     """Sinks continuing the runs RUN/trackers.json names, for records a later command adds (evaluation figures);
-    a tracker that cannot be reopened is warned about and left out."""
-    run_dir = Path(run_dir)
-    state = _state(run_dir)
+    a tracker that cannot be reopened is warned about and left out. Each gets the run's config again: trackio
+    keeps a run's config with its newest session."""
     cfg = runs.read_config(run_dir)
     sinks = []
-    for name in (cfg.train.report_to if cfg else []):
-        if name not in state or importlib.util.find_spec(MODULES[name]) is None:
-            warn(f"warning: train.report_to: {name} has no run to continue in {run_dir}")
+    for name, known in _state(Path(run_dir)).items():
+        if importlib.util.find_spec(MODULES[name]) is None:
+            warn(f"warning: train.report_to: {name} is not installed (pip install 'aegis-soul[{EXTRA}]')")
             continue
         try:
-            tracker = _OPEN[name](run_dir, state[name])
+            tracker = _OPEN[name](Path(run_dir), known)
             tracker.start()
+            if cfg is not None:
+                tracker.store_init_configuration(hparams(cfg))
         except Exception as e:
             warn(f"warning: train.report_to: {name} could not be reopened ({_first_line(e)})")
             continue
