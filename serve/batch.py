@@ -17,12 +17,13 @@ queue is refused at once.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass
 
 from .backends.base import Backend
-from .job import Decoding, Finish, Job, admit
+from .job import Decoding, Finish, Job, Waker, admit
 from .speculate import Drafter
 
 log = logging.getLogger("serve.batch")
@@ -59,10 +60,16 @@ class BatchPool:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._batch = None
+        self._outbox: list[Job] = []  # jobs with new items this step: the event loop is woken once for them all
+        self._waker: Waker | None = None
 
     def start(self) -> None:
         """Make the batched context (on this thread: a failure is the caller's) and start the scheduler."""
         self._batch = self.backend.new_batch(self.workers, cache_type=self.cache_type)
+        # After each llama_decode this thread needs the GIL back, and an event loop busy with many streams keeps it
+        # until the switch interval ends (5 ms by default, a third of a decode step on a GPU): ask for it sooner.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
+        self._waker = Waker()
         self._thread = threading.Thread(target=self._run, name="model-batch", daemon=True)
         self._thread.start()
 
@@ -87,6 +94,7 @@ class BatchPool:
         running: dict[int, Running] = {}
         try:
             while True:
+                self._wake()  # what the last step (or a finish on the way to it) emitted
                 with self._cv:
                     while not self._closed and not self._queue and not running:
                         self._cv.wait()
@@ -109,8 +117,15 @@ class BatchPool:
         finally:
             for slot in list(running):
                 self._finish(slot, running, error="the server is shutting down")
+            self._wake()
+            self._waker.close()
             self._fail_queued("the server is shutting down")
             self._batch.close()
+
+    def _wake(self) -> None:
+        if self._outbox:
+            self._waker.put(self._outbox.copy())
+            self._outbox.clear()  # in place: every running job holds this list
 
     def _admit(self, running: dict[int, Running]) -> list[tuple[int, Job]]:
         """Queued jobs into free slots (under the lock)."""
@@ -118,6 +133,7 @@ class BatchPool:
         free = [i for i in range(self.workers) if i not in running]
         while self._queue and free:
             job = self._queue.popleft()
+            job.outbox = self._outbox
             self.waiting -= 1
             slot, keep = self._batch.claim(free, job.prompt, self.prefix_cache)
             free.remove(slot)

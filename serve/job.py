@@ -3,7 +3,10 @@ event loop on), how its tokens become text (`Decoding`: stop tokens, stop string
 how it finished.
 
 Results travel back to the event loop through a deque guarded by a lock, with at most one pending wake-up per job:
-a fast model produces tokens faster than the loop needs to hear about each one separately.
+a fast model produces tokens faster than the loop needs to hear about each one separately. The batched engine goes
+further: a job it runs has an outbox, and the engine wakes the loop once per decode step for every job that has new
+items, rather than once per job, and from a thread of its own (`Waker`): waking a loop hands it the GIL, and the
+engine's thread should not wait for it back before its next llama_decode (which lets go of the GIL anyway).
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class Job:
         self._lock = threading.Lock()
         self._pending = False
         self._wake = asyncio.Event()
+        self.outbox: list[Job] | None = None  # where emit leaves the job for the engine's wake() (None: wake now)
 
     # ---- worker side ----
     def emit(self, item) -> None:
@@ -124,12 +128,12 @@ class Job:
             self.first_text = time.monotonic()
         with self._lock:
             self._items.append(item)
-            wake, self._pending = not self._pending, True
-        if wake:
-            try:
-                self.loop.call_soon_threadsafe(self._wake.set)
-            except RuntimeError:  # the loop is closed (server shutting down): nobody is listening any more
-                self.cancelled.set()
+            due, self._pending = not self._pending, True
+        if due:
+            if self.outbox is not None:
+                self.outbox.append(self)
+            else:
+                wake([self])
 
     # ---- event-loop side ----
     def cancel(self) -> None:
@@ -140,9 +144,9 @@ class Job:
         worker produces them; ends when the job finishes (then `self.finish` is set). Raises TimeoutError if the
         deadline passes first (the worker is told to stop)."""
         while True:
-            remaining = self.deadline - time.monotonic()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(remaining, 0.001) + 0.5)
+                async with asyncio.timeout_at(self.loop.time() + max(self.deadline - time.monotonic(), 0.001) + 0.5):
+                    await self._wake.wait()
             except TimeoutError:
                 self.cancel()
                 raise TimeoutError from None
@@ -158,6 +162,58 @@ class Job:
                 if isinstance(item, Finish):
                     self.finish = item
                     return
+
+
+def wake(jobs: list[Job]) -> None:
+    """Tell the event loops of these jobs that they have new items: one call_soon_threadsafe per loop."""
+    loops: dict = {}
+    for job in jobs:
+        loops.setdefault(job.loop, []).append(job)
+    for loop, group in loops.items():
+        try:
+            loop.call_soon_threadsafe(_set, group)
+        except RuntimeError:  # the loop is closed (server shutting down): nobody is listening any more
+            for job in group:
+                job.cancelled.set()
+
+
+def _set(jobs: list[Job]) -> None:
+    for job in jobs:
+        job._wake.set()
+
+
+class Waker:
+    """A thread that wakes the event loops of the jobs handed to it (`put`), in the order they come."""
+
+    def __init__(self):
+        self._jobs: list[Job] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="model-wake", daemon=True)
+        self._thread.start()
+
+    def put(self, jobs: list[Job]) -> None:
+        with self._cv:
+            self._jobs += jobs
+            self._cv.notify()
+
+    def close(self) -> None:
+        """After every job handed over so far is woken."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._closed:
+                    self._cv.wait()
+                jobs, self._jobs = self._jobs, []
+            if jobs:
+                wake(jobs)
+            elif self._closed:
+                return
 
 
 class Decoding:

@@ -14,7 +14,7 @@ from serve import prompt
 from serve.backends import Sampling
 from serve.backends.llamacpp import LlamaCppBackend
 from serve.batch import BatchPool
-from serve.job import Job
+from serve.job import Finish, Job, Scored
 from support import serving
 from support.serving import metric
 
@@ -117,6 +117,97 @@ def test_a_long_prompt_is_read_in_chunks_while_a_request_runs(request):
     assert moved >= length // 15 - 2, (moved, length)
     moved, _ = _steps_while_reading(gguf, 512)
     assert moved <= 3, moved
+
+
+MIXED = [Sampling(temperature=0), Sampling(temperature=0, presence_penalty=1.5),
+         Sampling(temperature=0.9, top_p=0.9, seed=3), Sampling(temperature=1.3, top_k=40, seed=5),
+         Sampling(temperature=1.0, frequency_penalty=1.0, seed=11)]
+
+
+def _one_by_one(backend, ids: list[int], settings: list[Sampling], n: int) -> list[list[int]]:
+    """n tokens for each request, decoded in the steps the engine takes (every prompt but its last token, then one
+    token per slot per step) with each token picked by llama.cpp's own llama_sampler_sample and the slot's chain."""
+    batch = backend.new_batch(len(settings))
+    try:
+        for i, sampling in enumerate(settings):
+            batch.start(i, sampling)
+        batch.decode([(i, ids[:-1], False) for i in range(len(settings))])
+        out, last = [[] for _ in settings], [ids[-1]] * len(settings)
+        for _ in range(n):
+            batch.decode([(i, [last[i]], True) for i in range(len(settings))])
+            for i in range(len(settings)):  # slot i's token is at batch position i
+                last[i] = batch.lib.llama_sampler_sample(batch.slots[i].sampler, batch.ctx, i)
+                out[i].append(last[i])
+        return out
+    finally:
+        batch.close()
+
+
+def test_batched_sampling_picks_what_llama_cpp_picks_for_each_request(request):
+    """Requests of every kind of sampling decoded together (greedy slots all at once from the logits matrix, the
+    others through their chains on threads) get the tokens llama.cpp's own sampler picks for each of them."""
+    gguf, _ = serving.served_files(request)
+    backend = LlamaCppBackend(gguf, n_threads=1)
+    ids = prompt.chat_ids(backend, USER)
+    pool = BatchPool(backend, slots=len(MIXED))
+    loop, log = asyncio.new_event_loop(), []
+    jobs = [Recorded(i, log, prompt=ids, sampling=s, max_tokens=24, stops=[], timeout=120, loop=loop,
+                     ignore_eos=True, logprobs=0) for i, s in enumerate(MIXED)]
+    for job in jobs:  # queued before the engine starts: its first step takes them all
+        pool.submit(job)
+    pool.start()
+    try:
+        while sum(isinstance(item, Finish) for _, item in log) < len(jobs):
+            time.sleep(0.01)
+    finally:
+        pool.close()
+        loop.close()
+    try:
+        expected = _one_by_one(backend, ids, MIXED, 24)
+        for i, sampling in enumerate(MIXED):
+            together = [item.token for name, item in log if name == i and isinstance(item, Scored)]
+            assert together == expected[i], sampling
+    finally:
+        backend.close()
+
+
+class CountingLoop(asyncio.SelectorEventLoop):
+    """An event loop that counts the wake-ups other threads send it."""
+    wakes = 0
+
+    def call_soon_threadsafe(self, *args, **kwargs):
+        self.wakes += 1
+        return super().call_soon_threadsafe(*args, **kwargs)
+
+
+def test_the_event_loop_is_woken_once_per_step_for_all_requests(request):
+    """Eight streams decoding together: their text reaches the loop in one wake-up per decode step, not one per
+    request per step (each costs the engine's thread a hand-over of the GIL)."""
+    gguf, _ = serving.served_files(request)
+    backend = LlamaCppBackend(gguf, n_threads=1)
+    pool, loop = BatchPool(backend, slots=8), CountingLoop()
+    ids = prompt.chat_ids(backend, USER)
+
+    async def read(job):
+        async for _ in job.events():
+            pass
+
+    async def read_all():
+        await asyncio.gather(*(read(j) for j in jobs))
+
+    jobs = [Job(prompt=ids, sampling=Sampling(temperature=0), max_tokens=32, stops=[], timeout=120, loop=loop,
+                ignore_eos=True) for _ in range(8)]
+    for job in jobs:
+        pool.submit(job)
+    pool.start()
+    try:
+        loop.run_until_complete(read_all())
+    finally:
+        pool.close()
+        loop.close()
+        backend.close()
+    assert all(j.finish.completion_tokens == 32 for j in jobs)
+    assert loop.wakes <= pool.steps + 1, (loop.wakes, pool.steps)
 
 
 def test_the_next_turn_of_a_chat_reuses_the_cache(server, client, request, tmp_path_factory):

@@ -33,6 +33,7 @@ class Slot:
     cached: list[int] = field(default_factory=list)  # the tokens whose KV this slot's cells hold, in order
     sampler: object = None  # the running request's sampler chain (None while free)
     grammar: object = None  # its grammar, with the control tokens banned, apart from the chain (None: unconstrained)
+    argmax: bool = False  # greedy with nothing else in its chain: its token is the row's first largest logit
 
 
 def placement(lib, model, gpu_layers: int) -> str:
@@ -69,8 +70,12 @@ class LlamaBatch:
                  f", {self.kv_mib:.2f} MiB" if self.kv_mib else "", slots, backend.context_length)
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
-        self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
-        self._pool = ThreadPoolExecutor(min(slots, os.cpu_count() or 1), thread_name_prefix="aegis-grammar")
+        self.batch = self._batch_arrays(self.n_batch)
+        self._ids = np.arange(self.n_vocab, dtype=np.int32)
+        self._logits = np.zeros((0, self.n_vocab), np.float32)  # the last decode's logits, one row per output
+        self._best: np.ndarray | None = None  # each of those rows' largest logit, when a greedy slot asks
+        self._threads = min(slots, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="aegis-sample")
         banned = backend.controls_not_eog
         self._ban = (lib.llama_logit_bias * len(banned))(*[lib.llama_logit_bias(int(t), -np.inf) for t in banned])
 
@@ -109,6 +114,8 @@ class LlamaBatch:
         self.release(index)
         slot.sampler = self._chain(sampling)
         slot.grammar = self._grammar(sampling.grammar) if sampling.grammar else None
+        slot.argmax = (sampling.temperature <= 0 and not sampling.grammar and not sampling.presence_penalty
+                       and not sampling.frequency_penalty)
 
     def release(self, index: int) -> None:
         """The request on this slot is done; its cells stay for a later request that shares their prefix."""
@@ -143,29 +150,48 @@ class LlamaBatch:
         return chain
 
     # ---- one step -------------------------------------------------------------------------------------------
+    def _batch_arrays(self, n: int):
+        """A llama_batch over numpy arrays this object owns (one sequence per token), so that a step fills it with a
+        few array writes instead of a ctypes store per field per token."""
+        lib, i32 = self.lib, ctypes.POINTER(ctypes.c_int32)
+        self._tok, self._pos, self._seq = (np.zeros(n, np.int32) for _ in range(3))
+        self._nseq, self._want = np.ones(n, np.int32), np.zeros(n, np.int8)
+        base = self._seq.ctypes.data
+        self._seq_ptrs = (i32 * n)(*[ctypes.cast(base + 4 * i, i32) for i in range(n)])
+        return lib.llama_batch(n_tokens=0, token=self._tok.ctypes.data_as(i32), embd=None,
+                               pos=self._pos.ctypes.data_as(i32), n_seq_id=self._nseq.ctypes.data_as(i32),
+                               seq_id=ctypes.cast(self._seq_ptrs, ctypes.POINTER(i32)),
+                               logits=self._want.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)))
+
     def decode(self, feeds: list[tuple[int, list[int], bool | int]]) -> dict[int, int]:
         """One llama_decode of (slot, tokens, logits wanted: for the last token, or for the last n) for several
         slots, at most n_batch tokens in all; {slot: the row of its first logits} (the others follow it)."""
-        b, rows, n = self.batch, {}, 0
-        for index, tokens, want in feeds:
-            slot = self.slots[index]
-            for j, token in enumerate(tokens):
-                b.token[n] = token
-                b.pos[n] = len(slot.cached) + j
-                b.n_seq_id[n] = 1
-                b.seq_id[n][0] = slot.seq
-                b.logits[n] = j >= len(tokens) - want
-                n += 1
-            if want and tokens:
-                rows[index] = n - min(int(want), len(tokens))
+        toks, pos, seqs, want, rows, outputs = [], [], [], [], {}, 0
+        for index, tokens, wanted in feeds:
+            if not tokens:
+                continue
+            slot, k = self.slots[index], len(tokens)
+            at, w = len(slot.cached), min(int(wanted), k)
+            toks += tokens
+            pos += range(at, at + k)
+            seqs += [slot.seq] * k
+            want += [0] * (k - w) + [1] * w
+            if w:
+                rows[index], outputs = outputs, outputs + w
+        n = len(toks)
         if n == 0:
             return rows
-        b.n_tokens = n
-        rc = self.lib.llama_decode(self.ctx, b)
+        self._tok[:n], self._pos[:n], self._seq[:n], self._want[:n] = toks, pos, seqs, want
+        self.batch.n_tokens = n
+        rc = self.lib.llama_decode(self.ctx, self.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}) on a batch of {n} tokens")
         for index, tokens, _ in feeds:
             self.slots[index].cached.extend(tokens)
+        if outputs:  # rows in batch order (llama.cpp keeps them so), read in place until the next decode
+            ptr = self.lib.llama_get_logits(self.ctx)
+            self._logits = np.ctypeslib.as_array(ptr, shape=(outputs, self.n_vocab))
+        self._best = None
         return rows
 
     def _grammar(self, text: str):
@@ -180,17 +206,35 @@ class LlamaBatch:
         return chain
 
     def sample(self, rows: dict[int, int]) -> dict[int, int]:
-        """Each slot's next token from the logits at its batch row (its samplers also record it). Slots under a
-        grammar are sampled on threads at once: a grammar spends its time inside llama.cpp, where ctypes lets go of
-        the GIL, so several constrained requests cost the decode thread about as much as one."""
-        lib, out = self.lib, {}
-        constrained = {i: np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
-                       for i, row in rows.items() if self.slots[i].grammar is not None}  # read here: not thread-safe
-        running = {i: self._pool.submit(self._constrained, self.slots[i], logits) for i, logits in constrained.items()}
-        for i, row in rows.items():
-            if i not in constrained:
-                out[i] = lib.llama_sampler_sample(self.slots[i].sampler, self.ctx, row)
-        return out | {i: f.result() for i, f in running.items()}
+        """Each slot's next token from the logits at its row (its samplers also record it), all slots in one pass:
+        a greedy slot's token is its row's first largest logit (what llama.cpp's greedy sampler picks), taken for
+        every row at once; any other chain runs on llama.cpp's samplers over the row, and slots under a grammar or
+        with a sampling chain run on threads at once: their time is spent inside llama.cpp, where ctypes lets go of
+        the GIL, so several such requests cost the decode thread about as much as one."""
+        out, slots, logits = {}, self.slots, self._logits
+        argmax = [i for i in rows if slots[i].argmax]
+        if argmax:
+            if self._best is None:
+                self._best = logits.argmax(axis=1)
+            out = {i: int(self._best[rows[i]]) for i in argmax}
+        others = [(i, rows[i]) for i in rows if not slots[i].argmax]
+        n = min(len(others), self._threads)
+        if n <= 1:
+            return out | self._sample_some(others)
+        for part in self._pool.map(self._sample_some, [others[k::n] for k in range(n)]):
+            out |= part
+        return out
+
+    def _sample_some(self, rows: list[tuple[int, int]]) -> dict[int, int]:
+        out = {}
+        for i, row in rows:
+            slot, logits = self.slots[i], self._logits[row]
+            if slot.grammar is not None:
+                out[i] = self._constrained(slot, logits)
+            else:
+                out[i] = self._pick(logits, [slot.sampler])  # as llama_sampler_sample does, over this row
+                self.lib.llama_sampler_accept(slot.sampler, out[i])
+        return out
 
     def _constrained(self, slot: Slot, logits: np.ndarray) -> int:
         """The chain picks first and the grammar checks that one token; only when it refuses does the grammar mask
@@ -212,7 +256,7 @@ class LlamaBatch:
     def _pick(self, logits: np.ndarray, samplers: list) -> int:
         """The token the samplers choose among the whole vocabulary (nothing recorded)."""
         cur = np.empty(self.n_vocab, TOKEN_DATA)
-        cur["id"], cur["logit"], cur["p"] = np.arange(self.n_vocab), logits, 0.0
+        cur["id"], cur["logit"], cur["p"] = self._ids, logits, 0.0
         array = self._candidates(cur)
         for sampler in samplers:
             self.lib.llama_sampler_apply(sampler, ctypes.byref(array))
@@ -225,15 +269,13 @@ class LlamaBatch:
         return bool(np.isfinite(cur["logit"][0]))
 
     def logits(self, row: int) -> np.ndarray:
-        ptr = self.lib.llama_get_logits_ith(self.ctx, row)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return self._logits[row].copy()
 
     def close(self) -> None:
         self._pool.shutdown()
         for i in range(len(self.slots)):
             self.release(i)
         if self.ctx:
-            self.lib.llama_batch_free(self.batch)
             self.lib.llama_free(self.ctx)
             self.lib.llama_model_free(self.model)
             self.ctx = None
