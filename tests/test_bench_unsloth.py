@@ -105,3 +105,47 @@ def test_long_search_finds_the_longest_length_within_budget(tmp_path, monkeypatc
     assert results["longest_within_budget"]["u"] == longest
     assert len(tried) <= 5 and all(n % 4096 == 0 for n in tried)
     assert json.loads((tmp_path / "u.json").read_text())["longest_within_budget"]["u"] == longest
+
+
+def _runner(tmp_path, monkeypatch, peak, tps, **over):
+    """A Runner whose rows are computed, not trained: peak(batch, length) GiB and tps(batch, length) tokens/s."""
+    import argparse
+
+    import bench.train_throughput as tt
+    tried = []
+
+    def fake_row(model, batches, warmup, init):
+        b, n = batches[0]
+        tried.append((b, n))
+        return {"tokens_per_s": tps(b, n), "step_s": 1.0, "peak_gib": peak(b, n), "losses": [10.0], "loss_last5": 10.0}
+    monkeypatch.setattr(train_unsloth, "train_row", fake_row)
+    monkeypatch.setattr(tt, "windows", lambda snap, steps, batch, length, repeat=1: [(batch, length)])
+    monkeypatch.setattr(tt, "corpus_repeat", lambda snap, n, length: 1)
+    args = argparse.Namespace(**{**dict(max_long=131072, budget_gib=12.0, long_steps=1, long_warmup=0,
+                                        long_start=16384, deadline=0.0, row_reserve_s=15.0, tp_batches=[16, 24, 32],
+                                        steps=5, warmup=3, out=tmp_path / "u.json"), **over})
+    results = {"rows": []}
+    return train_unsloth.Runner(args, results, tmp_path), results, tried
+
+
+def test_throughput_search_stops_at_the_budget_and_marks_the_fastest(tmp_path, monkeypatch):
+    runner, results, tried = _runner(tmp_path, monkeypatch, peak=lambda b, n: 3 + 0.4 * b, tps=lambda b, n: 1000 * b)
+    runner.throughput(None, {}, {"which": "u"})
+    assert [b for b, _ in tried] == [16, 24]  # 24 x 512 needs 12.6 GiB: over, so 32 is never tried
+    best = [r for r in results["rows"] if r.get("best_within_budget")]
+    assert [r["batch"] for r in best] == [16]
+    runner, results, tried = _runner(tmp_path, monkeypatch, peak=lambda b, n: 13.0 if b >= 16 else 5.0,
+                                     tps=lambda b, n: 1000.0)
+    runner.throughput(None, {}, {"which": "u"})
+    assert [b for b, _ in tried] == [16, 8]  # the first over the budget: half of it
+
+
+def test_a_long_search_cut_by_the_deadline_says_so(tmp_path, monkeypatch):
+    import time
+    runner, results, tried = _runner(tmp_path, monkeypatch, peak=lambda b, n: 2 + 5e-5 * n,
+                                     tps=lambda b, n: 16384 / 30, deadline=time.time() + 100)
+    with pytest.raises(train_unsloth.Deadline):
+        runner.long(None, {}, {"which": "u"})  # 16 384 takes 30 s by its own speed, 32 768 would need ~135
+    assert [n for _, n in tried] == [16384]
+    assert results["longest_within_budget"] == {"u": 16384} and results["long_search_cut_short"] == ["u"]
+    assert "search cut short" in train_unsloth.table([results])
