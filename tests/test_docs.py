@@ -238,14 +238,15 @@ def path_problems(doc: str, token: str) -> list[str]:
     return [] if (ROOT / token).exists() else [f"{doc}: `{token}` does not exist"]
 
 
+def doc_spans() -> list[tuple[str, str]]:
+    """(doc, span) for each code span of each doc."""
+    return [(doc, span) for doc, text in doc_texts().items() for span in split_doc(text)[0]]
+
+
 def test_named_files_exist():
-    problems = []
+    problems = [p for doc, span in doc_spans() if re.fullmatch(r"[\w.*/-]+", span) for p in path_problems(doc, span)]
     for doc, text in doc_texts().items():
-        spans, lines = split_doc(text)
-        for span in spans:
-            if re.fullmatch(r"[\w.*/-]+", span):
-                problems += path_problems(doc, span)
-        for line in lines:
+        for line in split_doc(text)[1]:
             for tokens in segments(line):
                 for tok in tokens:
                     tok = tok.split("=", 1)[-1]
@@ -272,12 +273,8 @@ def name_problem(doc: str, name: str) -> str | None:
 
 
 def test_named_modules_attributes_and_config_keys_exist():
-    problems = []
-    for doc, text in doc_texts().items():
-        spans, _ = split_doc(text)
-        for span in spans:
-            if re.fullmatch(r"[a-z_]\w*(\.\w+)+(\(\))?( = .+)?", span):
-                problems.append(name_problem(doc, span))
+    problems = [name_problem(doc, span) for doc, span in doc_spans()
+                if re.fullmatch(r"[a-z_]\w*(\.\w+)+(\(\))?( = .+)?", span)]
     assert not [p for p in problems if p], "\n".join(p for p in problems if p)
 
 

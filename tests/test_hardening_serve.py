@@ -105,21 +105,30 @@ def _refuses_at_once(server: Server) -> None:
                                     "param": None, "code": "shutting_down"}
 
 
+def _sigterm_in_flight(server: Server, stream_tokens: int, whole_tokens: int,
+                       join_s: float) -> tuple[list, float, float]:
+    """SIGTERM while _in_flight's 8 requests run, checked to refuse new work at once: (each request's outcome once its
+    thread ends or join_s passes, when the signal was sent, how long the refusals took)."""
+    out: list = []
+    threads = _in_flight(server, stream_tokens, whole_tokens, out)
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    _refuses_at_once(server)
+    refused = time.monotonic() - sent
+    for t in threads:
+        t.join(join_s)
+    return out, sent, refused
+
+
 def test_sigterm_lets_the_requests_in_flight_finish(gguf, tmp_path):
     """SIGTERM with 4 streams running and 4 requests queued: /ready and new requests get 503 at once, and every
     request in flight still gets its whole reply within the grace period; then the process exits 0."""
     server = Server("--model", f"tiny={gguf}", "--threads", "1", "--parallel", "4", "--shutdown-grace", "60",
                     log_path=tmp_path / "serve.log").start()
     try:
-        out: list = []
         # the streams as long as the context allows: the whole requests must still find every slot taken
-        threads = _in_flight(server, 450, 100, out)
-        sent = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
-        _refuses_at_once(server)
-        assert time.monotonic() - sent < 2
-        for t in threads:
-            t.join(90)
+        out, _, refused = _sigterm_in_flight(server, 450, 100, join_s=90)
+        assert refused < 2
         assert sorted(out) == [("stream", 200, "length", None, True)] * 4 + [("whole", 200, "length", None)] * 4, \
             f"{out}\n{server.log()}"
         assert server.proc.wait(15) == 0, server.log()
@@ -134,13 +143,7 @@ def test_what_runs_past_the_grace_period_ends_cleanly(gguf, tmp_path):
     server = Server("--model", f"tiny={gguf}", "--threads", "1", "--parallel", "4", "--ctx-size", "2048",
                     "--shutdown-grace", "1", log_path=tmp_path / "serve.log").start()
     try:
-        out: list = []
-        threads = _in_flight(server, 1900, 1900, out)
-        sent = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
-        _refuses_at_once(server)
-        for t in threads:
-            t.join(30)
+        out, sent, _ = _sigterm_in_flight(server, 1900, 1900, join_s=30)
         assert sorted(out) == ([("stream", 200, None, "shutting_down", True)] * 4
                                + [("whole", 503, None, "shutting_down")] * 4), f"{out}\n{server.log()}"
         assert server.proc.wait(15) == 0, server.log()

@@ -17,10 +17,10 @@ import pytest
 
 from aegis.tiny import corpus_path
 from support import serving as testing
-from support.browser import CHROMIUM, CHROMIUM_ARGS, DESKTOP, open_page, outside, pick, set_number, ui_process
+from support.browser import CHROMIUM, DESKTOP, browser, open_page, outside, pick, set_number, ui  # noqa: F401 - fixtures
 from support.serving import REPO, Server, base_gguf, find_gguf, metric
 
-sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+pytest.importorskip("playwright.sync_api")
 
 # the README's picture is refreshed only when asked (AEGIS_UPDATE_SCREENSHOT=1), not on every test run
 SCREENSHOT = REPO / "docs" / "screenshot-ui.png"
@@ -60,17 +60,13 @@ def runs_root(run_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ui(api, runs_root, tmp_path_factory):
-    with ui_process(api.api, tmp_path_factory.mktemp("ui") / "ui.log", "--runs", str(runs_root)) as url:
-        yield url
+def ui_api(api) -> str:
+    return api.api
 
 
 @pytest.fixture(scope="module")
-def page(ui):
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield open_page(browser, ui, DESKTOP)
-        browser.close()
+def page(browser, ui):
+    return open_page(browser, ui, DESKTOP)
 
 
 def status(page) -> str:

@@ -16,20 +16,20 @@ import pytest
 
 from support.browser import (
     CHROMIUM,
-    CHROMIUM_ARGS,
     DESKTOP,
     PHONE,
     PLACEHOLDER,
     TOFU,
     axe_violations,
+    browser,  # noqa: F401 - a fixture
     open_page,
     outside,
     tofu,
-    ui_process,
+    ui,  # noqa: F401 - a fixture
 )
 from support.echo_api import EchoApi
 
-sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+pytest.importorskip("playwright.sync_api")
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"the chat page's browser tests need Chromium at {CHROMIUM}: apt-get install chromium "
@@ -80,17 +80,8 @@ def runs_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ui(echo, runs_root, tmp_path_factory):
-    with ui_process(echo.api, tmp_path_factory.mktemp("ui") / "ui.log", "--runs", str(runs_root)) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
+def ui_api(echo) -> str:
+    return echo.api
 
 
 def test_japanese_font_at_first_paint(browser, ui):

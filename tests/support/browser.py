@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from .serving import REPO, free_port
 
@@ -44,6 +45,32 @@ def ui_process(api: str, log: Path, *args: str):
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+@contextlib.contextmanager
+def chromium():
+    """Debian's Chromium, headless, driven by Playwright."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A fixture a browser test module imports: one Chromium for the module."""
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def ui(ui_api, runs_root, tmp_path_factory):
+    """A fixture a browser test module imports: the chat page against the module's `ui_api` (a URL), its Soul
+    monitor reading the module's `runs_root`."""
+    with ui_process(ui_api, tmp_path_factory.mktemp("ui") / "ui.log", "--runs", str(runs_root)) as url:
+        yield url
 
 
 def open_page(browser, url: str, viewport: dict = DESKTOP):
