@@ -2,7 +2,7 @@
 
 The routes live at module level and get the server's state (settings, registry, metrics) through the `service`
 dependency. They know nothing about which backend runs a model: they decode the body strictly (schemas.decode),
-prepare the job (engine.py) and hand it to the one request path (replies.respond).
+prepare the job (engine.py) and hand it to the one request path (request_path.respond).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from .job import Finish, Job
 from .metrics import Metrics
 from .openapi import ExactJsonRenderPlugin
 from .registry import Registry, ServedModel
-from .replies import ChatReply, TextReply, cut_off, respond
+from .replies import ChatReply, TextReply
+from .request_path import cut_off, respond
 from .responses import ChatCompletion, Completion, ErrorResponse, Health, ModelCard, ModelList
 from .schemas import ChatCompletionRequest, CompletionRequest, decode
 

@@ -11,8 +11,8 @@ leaving) and, timeout_graceful_shutdown later, cancels what still runs, which a 
 stream cut without [DONE]. Here the first SIGTERM or Ctrl-C starts a drain instead: /ready and new requests answer
 503 at once while the requests in flight get --shutdown-grace seconds (and the server at least --shutdown-delay, for a
 balancer's checks to see it leave); those still running then are cancelled and end in the API's shape
-(replies.cut_off); only then does uvicorn's own shutdown run, with nothing left to wait for. A second signal stops at
-once.
+(request_path.cut_off); only then does uvicorn's own shutdown run, with nothing left to wait for. A second signal
+stops at once.
 """
 
 from __future__ import annotations
