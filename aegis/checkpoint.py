@@ -16,13 +16,13 @@ it. A checkpoint without a manifest cannot be verified and is refused.
 from __future__ import annotations
 
 import json
-import random
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safetensors import safe_open
 
+from . import train_state
 from .atomic import TMP_PREFIX, atomic_dir, discard, remove, size_of
 from .errors import CheckpointError
 from .manifest import FORMAT_VERSION, MANIFEST, verify, write_manifest  # noqa: F401 - checkpoint I/O's names
@@ -107,57 +107,6 @@ def load_soul_into(soul, ckpt: Path) -> dict:
     return meta
 
 
-# ---- optimizer and RNG ------------------------------------------------------------------------------------------
-
-
-def _save_optimizer(path: Path, optimizer) -> dict:
-    import torch
-    from safetensors.torch import save_file
-
-    sd = optimizer.state_dict()
-    tensors = {}
-    for idx, st in sd["state"].items():
-        for name, value in st.items():
-            tensors[f"{idx}.{name}"] = (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    return {"param_groups": sd["param_groups"]}
-
-
-def _load_optimizer(path: Path, optimizer, groups: dict) -> None:
-    from safetensors.torch import load_file
-
-    flat = load_file(str(path))
-    state: dict[int, dict] = {}
-    for key, value in flat.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    import torch
-
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
-    version, internal, gauss = random.getstate()
-    return tensors, {"python": [version, list(internal), gauss]}
-
-
-def _restore_rng(path: Path, py: dict) -> None:
-    import torch
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = py["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
 # ---- whole checkpoints ------------------------------------------------------------------------------------------
 
 
@@ -198,9 +147,9 @@ def _write(tmp: Path, model, soul, tokenizer, optimizer, scheduler, soul_meta: d
     save_soul(tmp / SOUL, soul, soul_meta)
     if optimizer is not None:
         state = dict(trainer_state or {})
-        state["optimizer"] = _save_optimizer(tmp / OPTIMIZER, optimizer)
+        state["optimizer"] = train_state.save_optimizer(tmp / OPTIMIZER, optimizer)
         state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-        rng_tensors, state["rng"] = _rng_state()
+        rng_tensors, state["rng"] = train_state.rng_state()
         save_file(rng_tensors, str(tmp / RNG))
         state["format_version"] = FORMAT_VERSION
         (tmp / STATE).write_text(json.dumps(state, indent=1))
@@ -283,10 +232,10 @@ def resume(ckpt: Path, optimizer, scheduler) -> dict:
     """Restore optimizer, scheduler and RNG from `ckpt`; returns the trainer state (step, data position, ...)."""
     ckpt = Path(ckpt)
     state = read_state(ckpt)
-    _load_optimizer(ckpt / OPTIMIZER, optimizer, state["optimizer"])
+    train_state.load_optimizer(ckpt / OPTIMIZER, optimizer, state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(ckpt / RNG, state["rng"])
+    train_state.restore_rng(ckpt / RNG, state["rng"])
     return state
 
 
