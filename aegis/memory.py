@@ -37,7 +37,7 @@ Forced on, the step is planned around the 16-bit weights, and one that cannot fi
 key.
 
 A plan whose step is still estimated over the budget in its most frugal form (checkpointing, offload, both tilings,
-micro-batch 1, or whatever was forced) is refused before any weights load (`refuse_over_budget`), with the estimate
+micro-batch 1, or whatever was forced) is refused before any weights load (aegis/memory_budget.py), with the estimate
 and the budget: the allocation would otherwise fail minutes later. On a GPU the budget is train.memory_budget_gib or
 what the card has free, if less; on the CPU the step lives in the machine's memory, so it is the setting or the
 machine's size (not what happens to be free, so the same config plans the same on the same machine). The estimate
@@ -50,11 +50,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .config import ConfigError
+from .memory_budget import device_budget, refuse_over_budget
 
 ACT_BYTES = 43  # what a layer keeps for its backward pass, per hidden unit and token, without checkpointing
 RECOMPUTE_BYTES = 51  # the one layer being recomputed and back-propagated under checkpointing, likewise
 MIN_MICRO_TOKENS = 1024  # positions per micro-batch below which recomputing beats splitting the batch further
-DEVICE_RESERVE_GIB = 0.5  # what cuBLAS workspaces, the allocator's cache and other processes may still take
 MARGIN = 1.10  # allocator fragmentation and workspace
 LOSS_CHUNK = 4096  # positions the loss projects at a time (train.loss.LOSS_CHUNK_TOKENS)
 MLP_BYTES = 8  # per intermediate unit and token: what a gated MLP keeps for its backward pass, in 16 bits
@@ -109,50 +109,6 @@ def estimate_gib(
     else:
         act = layers * tokens * per_token + one_slice
     return MARGIN * (weights + logits + act) / 2**30
-
-
-def device_budget(
-    configured: float, free_gib: float | None, where: str = "the GPU has {:.1f} GiB free"
-) -> tuple[float, str]:
-    """The budget a plan can use: train.memory_budget_gib, or less where the device has less than that (a 12 GB
-    card also holds the CUDA context and maybe a desktop; a CPU has the machine's memory). Returns (budget, a note
-    for the log when lowered)."""
-    if free_gib is None or free_gib - DEVICE_RESERVE_GIB >= configured:
-        return configured, ""
-    budget = max(free_gib - DEVICE_RESERVE_GIB, 0.0)
-    return budget, (
-        f"{where.format(free_gib)}, so the plan is for {budget:.1f} GiB, not train.memory_budget_gib {configured:g}"
-    )
-
-
-def refuse_over_budget(p: Plan, length: int, batch: int) -> None:
-    """A plan whose step is estimated over its budget even in its most frugal form cannot run: refused with the
-    estimate and the budget, before any weights load (the allocation would fail only after minutes of loading)."""
-    if p.estimate_gib <= p.budget_gib:
-        return
-    layout = ", ".join(
-        [
-            f"micro-batch {p.micro_batch} of train.batch_size {batch}",
-            f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}",
-        ]
-        + [
-            name
-            for name, on in (
-                ("activations offloaded", p.offload),
-                ("MLP tiled", p.tiled_mlp),
-                ("attention tiled", p.tiled_attention),
-            )
-            if on
-        ]
-    )
-    raise ConfigError(
-        f"train.max_length {length}",
-        [
-            f"the training step is estimated at {p.estimate_gib:,.1f} GiB ({layout}), over the memory budget of "
-            f"{p.budget_gib:,.1f} GiB (train.memory_budget_gib, or what the device has); lower train.max_length, "
-            f'leave the memory settings at "auto", or raise the budget'
-        ],
-    )
 
 
 def _largest_micro(config, batch: int, length: int, quantized: bool, budget_gib: float, *layout) -> int | None:

@@ -136,7 +136,7 @@ def test_the_setting_is_validated_and_reaches_the_plan():
 def test_the_plan_stays_within_what_the_gpu_has_free():
     """A 12 GB card does not have 12 GiB free (the CUDA context, a desktop): the budget is the smaller of the
     setting and the free memory less a reserve, and the log says so; with room to spare the setting stands."""
-    from aegis.memory import DEVICE_RESERVE_GIB, device_budget
+    from aegis.memory_budget import DEVICE_RESERVE_GIB, device_budget
 
     assert device_budget(12.0, None) == (12.0, "")
     assert device_budget(12.0, 80.0) == (12.0, "")
