@@ -43,11 +43,9 @@ HERMES_INTRO = ("You can call the tools below. The JSON Schema of each one, its 
 HERMES_HOWTO = ('</tools>\nTo call a tool, reply with <tool_call>\n{"name": "TOOL_NAME", "arguments": {...}}\n'
                 '</tool_call> for each call, one per line, and nothing else. Each result comes back in a user turn '
                 'inside <tool_response></tool_response>. Otherwise, reply in plain text.')
-LLAMA_INTRO = ("You can call the functions below. Each line defines one function in JSON: its name, what it does "
-               "and the JSON Schema of its parameters.")
-LLAMA_HOWTO = ('To call a function, reply with nothing but a JSON object {"name": "FUNCTION_NAME", "parameters": '
-               '{...}}, its arguments by name; several calls are such objects separated by "; ". Each result comes '
-               'back in an ipython turn. Otherwise, reply in plain text.')
+LLAMA_INTRO = "Functions you can call, one JSON definition a line:"
+LLAMA_HOWTO = ('To call one, reply with nothing but {"name": "FUNCTION_NAME", "parameters": {...}}; several calls: '
+               'such objects separated by "; ". Results come back in ipython turns. Otherwise, reply in plain text.')
 # plain text an `auto` reply may be: it cannot be mistaken for a call (it does not start like one, nor with blank
 # space before one); {first} is the character class a call starts with
 _PROSE = 'aegis-prose ::= [^{first} \\t\\n\\r] [^\\x00]*'

@@ -3,9 +3,10 @@
 Ollama renders a chat with a Go template over .Messages (the system, user and assistant messages in order, with
 consecutive messages of one role merged) and always asks for the assistant's turn next. The BOS token is not part of
 the text: llama.cpp's tokenizer adds it when the GGUF says so (export writes add_bos_token as the HF tokenizer
-behaves). The formats AEGIS writes (Phi-3, ChatML, Llama 3, Llama 2 [INST], Mistral [INST], Gemma) are Go templates
-built here, each with the few parameters its models vary (a default system prompt, whether an empty system message
-is printed, a literal BOS, the spacing around [INST]).
+behaves). The templates AEGIS writes are Go templates, each family's in its file (aegis/families/: Phi-3, Llama 3,
+Mistral [INST], ChatML) and here those of the formats no family owns (Gemma, Llama 2 [INST]), each with the few
+parameters its models vary (a default system prompt, whether an empty system message is printed, a literal BOS, the
+spacing around [INST]).
 
 A model's format is the first candidate whose template renders every conversation in PROOF to exactly the tokens
 the tokenizer's own Jinja chat template (transformers' apply_chat_template) gives. When none does, ChatFormatError
@@ -13,10 +14,10 @@ shows where the closest candidate differs: nothing falls back silently."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-from aegis import families, tool_format
+from aegis import families
+from aegis.families._ollama import Facts, Template
 
 from . import gotemplate
 from .files import ExportError
@@ -70,37 +71,8 @@ class Proof:
 
 
 # ---- the formats ----------------------------------------------------------------------------------------------------
-
-def _turns(open_: str, close: str, gen: str, bos: str, skip_empty_system: bool, default_system: str | None,
-           tools: tool_format.ToolFormat | None = None) -> str:
-    """Formats that wrap each message as open(role) + content + close, e.g. <|im_start|>user\\n...<|im_end|>\\n.
-    No cosmetic newlines and no trim markers: every character of the template is one the chat renders. With
-    `tools`, Ollama's tools, calls and tool results are written in that tool format, as the server writes them."""
-    described = open_.format(role="system") + (tools.go_tools if tools else "") + close
-    system = (open_.format(role="system") + "{{ .Content }}"
-              + ("{{ if and $.Tools (eq $i 0) }}{{ if .Content }}\n\n{{ end }}" + tools.go_tools + "{{ end }}"
-                 if tools else "")
-              + close)
-    if skip_empty_system:
-        system = ("{{ if or .Content (and $.Tools (eq $i 0)) }}" if tools else "{{ if .Content }}") + system \
-            + "{{ end }}"
-    # a chat that does not open with a system message: the tools' description is its system turn (the server
-    # inserts one), else the template's default system prompt, if it has one
-    first = '{{ if and (eq $i 0) (ne .Role "system") }}'
-    default = first + open_.format(role="system") + default_system + close + "{{ end }}" if default_system else ""
-    if tools and default:
-        default = first + "{{ if $.Tools }}" + described + "{{ else }}" + default[len(first):] + "{{ end }}"
-    elif tools:
-        default = '{{ if and $.Tools (eq $i 0) (ne .Role "system") }}' + described + "{{ end }}"
-    other = open_.format(role="{{ .Role }}") + "{{ .Content }}" + close
-    if tools:
-        other = ('{{ if eq .Role "tool" }}' + open_.format(role=tools.result_role) + tools.go_result + close
-                 + "{{ else if .ToolCalls }}" + open_.format(role="assistant")
-                 + "{{ if .Content }}{{ .Content }}\n{{ end }}" + tools.go_calls + close
-                 + "{{ else }}" + other + "{{ end }}")
-    return (bos + "{{ range $i, $m := .Messages }}" + default + '{{ if eq .Role "system" }}' + system
-            + "{{ else }}" + other + "{{ end }}{{ end }}" + gen)
-
+# Each family's own templates are in its file (aegis/families/, `Family.ollama`); here are those of the chat formats
+# no registered family owns, which a model of a supported architecture may still ship.
 
 def _gemma(bos: str) -> str:
     """Gemma has user and model turns only; a system message opens the first user turn (as Gemma 3's does)."""
@@ -120,74 +92,32 @@ def _llama2(bos: str, bos_text: str, eos_text: str) -> str:
             + "{{ end }}{{ end }}")
 
 
-def _mistral(bos: str, eos_text: str, close: str, space: str) -> str:
-    """Mistral: [INST] turns, the system prompt opening the last user turn (as Mistral's v0.3 template does)."""
-    return (bos + "{{ $first := index .Messages 0 }}{{ range $i, $m := .Messages }}"
-            "{{ $last := eq (len (slice $.Messages $i)) 1 }}"
-            '{{ if eq .Role "user" }}[INST] {{ if and $last (eq $first.Role "system") }}{{ $first.Content }}\n\n'
-            "{{ end }}{{ .Content }}" + close + '{{ else if eq .Role "assistant" }}' + space + "{{ .Content }}"
-            + eos_text + "{{ end }}{{ end }}")
+def _others(facts: Facts) -> list[Template]:
+    out = []
+    if facts.has("<start_of_turn>", "<end_of_turn>"):
+        out += [Template("Gemma", _gemma(bos), ("<end_of_turn>", "<start_of_turn>")) for bos in facts.boses]
+    if facts.bos and facts.eos:
+        out += [Template("Llama 2 [INST]", _llama2(bos, facts.bos, facts.eos), ("[INST]", "[/INST]", "<<SYS>>",
+                                                                               "<</SYS>>")) for bos in facts.boses]
+    return out
 
 
-@dataclass
-class _Candidate:
-    format: str
-    template: str
-    stops: tuple[str, ...]
+def known_formats() -> list[str]:
+    """The chat formats AEGIS can write for Ollama: every family's own, then the others'."""
+    return list(dict.fromkeys([*(f.ollama_format for f in families.FAMILIES.values()), "ChatML", "Gemma",
+                               "Llama 2 [INST]"]))
 
 
-def _default_system(render, start: str, end: str) -> str | None:
-    """The system prompt a chat template inserts when the conversation has none (Qwen's and SmolLM's ChatML do)."""
-    text = render([_m("user", "x")])
-    m = re.search(re.escape(start) + "system\n(.*?)" + re.escape(end), text or "", re.DOTALL)
-    return m.group(1) if m else None
-
-
-def candidates(tok, render) -> list[_Candidate]:
-    """Every template AEGIS would write for this tokenizer, most likely first; `render(messages)` is the chat
-    template's text (None if it refuses the conversation)."""
-    vocab = tok.get_vocab()
-    has = lambda *ts: all(t in vocab for t in ts)  # noqa: E731
-    bos_text, eos_text = tok.bos_token or "", tok.eos_token or ""
-    boses = ["", bos_text] if bos_text else [""]
-    out: list[_Candidate] = []
-    # the tool format the server uses for this chat template (its family's), written into every template that has
-    # a place for it
-    tools = families.by_chat_template(tok.chat_template if isinstance(tok.chat_template, str) else None).tool_format
-    if has("<|user|>", "<|assistant|>", "<|end|>"):
-        for bos in boses:
-            for skip in (True, False):
-                out.append(_Candidate("Phi-3", _turns("<|{role}|>\n", "<|end|>\n", "<|assistant|>\n", bos, skip, None,
-                                                      tools),
-                                      ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>")))
-    if has("<|im_start|>", "<|im_end|>"):
-        default = _default_system(render, "<|im_start|>", "<|im_end|>")
-        for bos in boses:
-            for d in ([default, None] if default is not None else [None]):
-                for skip in (False, True):
-                    out.append(_Candidate("ChatML" + (" (default system prompt)" if d is not None else ""),
-                                          _turns("<|im_start|>{role}\n", "<|im_end|>\n", "<|im_start|>assistant\n",
-                                                 bos, skip, d, tools), ("<|im_end|>", "<|im_start|>")))
-    if has("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
-        for bos in boses:
-            for skip in (False, True):
-                out.append(_Candidate("Llama 3", _turns("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>",
-                                                        "<|start_header_id|>assistant<|end_header_id|>\n\n", bos,
-                                                        skip, None, tools),
-                                      ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>")))
-    if has("<start_of_turn>", "<end_of_turn>"):
-        for bos in boses:
-            out.append(_Candidate("Gemma", _gemma(bos), ("<end_of_turn>", "<start_of_turn>")))
-    if bos_text and eos_text:
-        for bos in boses:
-            out.append(_Candidate("Llama 2 [INST]", _llama2(bos, bos_text, eos_text),
-                                  ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")))
-            for close in ("[/INST]", " [/INST]"):
-                for space in (" ", ""):
-                    out.append(_Candidate("Mistral [INST]", _mistral(bos, eos_text, close, space),
-                                          ("[INST]", "[/INST]")))
+def candidates(tok, render) -> list[Template]:
+    """Every template AEGIS would write for this tokenizer: each registered family's (registry order), then the
+    other formats'; `render(messages)` is the chat template's text (None if it refuses the conversation). Each
+    writes tools in the tool format the server uses for this chat template (its family's)."""
+    template = tok.chat_template if isinstance(tok.chat_template, str) else None
+    facts = Facts(tok.get_vocab(), tok.bos_token or "", tok.eos_token or "", render,
+                  families.by_chat_template(template).tool_format)
+    out = [t for family in families.FAMILIES.values() for t in family.ollama(facts)] + _others(facts)
     for c in out:  # the model's own end-of-sequence token always stops a reply
-        c.stops = tuple(dict.fromkeys([*c.stops, eos_text] if eos_text else c.stops))
+        c.stops = tuple(dict.fromkeys([*c.stops, facts.eos] if facts.eos else c.stops))
     return out
 
 
@@ -233,7 +163,7 @@ def _difference(a: str, b: str) -> str:
     return f"at character {i} the Modelfile renders {a[around]!r}, the chat template {b[around]!r}"
 
 
-def _try(c: _Candidate, tok, render, tokenizers: dict) -> tuple[list[dict], list[str], str | None, bool]:
+def _try(c: Template, tok, render, tokenizers: dict) -> tuple[list[dict], list[str], str | None, bool]:
     """(passed conversations, notes, first failure, system allowed) for one candidate."""
     hf_ids = lambda text: list(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     passed, notes, system = [], [], True
@@ -288,7 +218,7 @@ def derive(tok, where: str, tokenizers: dict | None = None) -> Proof:
             return Proof(c.format, c.template, list(c.stops), passed, list(tokenizers), notes, system)
         if best is None or len(passed) > best[0]:
             best = (len(passed), c.format, failure)
-    known = "Phi-3, ChatML, Llama 3, Llama 2 [INST], Mistral [INST], Gemma"
+    known = ", ".join(known_formats())
     closest = (f"; closest: {best[1]} ({best[0]} of {len(PROOF) + 1} conversations match; {best[2]})" if best
                else "; none of their turn markers is in the vocabulary")
     raise ChatFormatError(f"{where}: no Ollama template AEGIS can write renders this chat template exactly (formats: "

@@ -1,7 +1,7 @@
 """Model families: everything AEGIS knows about one family of models in one file of this package, read by train
 (LoRA targets, which bases it accepts), export (GGUF architecture and tensor layout, vocabulary, end-of-turn token,
-the tool format the Modelfile writes) and serve (end-of-turn tokens, the tool-call format), each from this
-registry. Adding a family is adding a module here that calls `register`, and its test data in
+the Ollama Modelfile's template and the tool format it writes) and serve (end-of-turn tokens, the tool-call
+format), each from this registry. Adding a family is adding a module here that calls `register`, and its test data in
 tests/support/families.py.
 
 A family is found by its Hugging Face `model_type` (a base's config.json), by its GGUF architecture, or by the chat
@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aegis import tool_format
+
+from . import _ollama
 
 
 @dataclass(frozen=True)
@@ -24,8 +27,11 @@ class Family:
     chat_template: str  # the Jinja chat template of the family's chat format (what its instruct models ship)
     chat_markers: tuple[str, ...]  # tokens every chat template of this format holds (how a served model is matched)
     end_of_turn: tuple[str, ...]  # tokens that end a reply, the format's own end-of-turn token first
-    ollama_format: str  # the Modelfile format its chat template proves to (a candidate of export/chat_formats.py)
+    ollama_format: str  # the format name of the Modelfile template its own chat template proves to
     tools: str = "json"  # its tool-call format, a name in aegis.tool_format.FORMATS
+    # its Ollama Modelfile templates (Go) for a tokenizer's facts, most likely first, each with its tool section in
+    # the tool format the facts name; export takes the first that renders as the chat template does
+    ollama: Callable[[_ollama.Facts], list[_ollama.Template]] = _ollama.none
     permute_qk: bool = False  # q/k rows reordered for llama.cpp's interleaved rotary layout (HF rotates halves)
     longrope: bool = False  # LongRoPE factors written as tensors and the original context as metadata
     bpe_pre: str | None = None  # llama.cpp's pre-tokenizer usual for its byte-level BPE tokenizer, tried first
@@ -72,6 +78,8 @@ def end_of_turn() -> tuple[str, ...]:
     return tuple(dict.fromkeys(t for f in FAMILIES.values() for t in f.end_of_turn))
 
 
-# every module of this package is a family: importing it registers it (modules sorted by name, Phi-3's first)
+# every module of this package is a family (but _ollama, what they share): importing it registers it (modules
+# sorted by name, Phi-3's first)
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: (i.name != "phi3", i.name)):
-    importlib.import_module(f"{__name__}.{_info.name}")
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")

@@ -2,6 +2,7 @@
 the <|system|>/<|user|>/<|assistant|> ... <|end|> chat format; no tool format of its own, so AEGIS's JSON one."""
 
 from aegis.families import Family, register
+from aegis.families._ollama import Facts, Template, turns
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -11,9 +12,21 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
 
+MARKERS = ("<|user|>", "<|assistant|>", "<|end|>")
+# a small model that forgets <|end|> goes on to write the next turn itself: its markers stop the reply too
+END_OF_TURN = ("<|end|>", "<|endoftext|>", "<|assistant|>", "<|user|>", "<|system|>")
+
+
+def ollama(facts: Facts) -> list[Template]:
+    """Phi-3's turns in Ollama's template: with or without a literal BOS, an empty system message skipped or
+    printed."""
+    if not facts.has(*MARKERS):
+        return []
+    return [Template("Phi-3", turns("<|{role}|>\n", "<|end|>\n", "<|assistant|>\n", bos, skip, None, facts.tools),
+                     END_OF_TURN) for bos in facts.boses for skip in (True, False)]
+
+
 FAMILY = register(Family(
     name="phi3", gguf_arch="phi3", lora_targets=("qkv_proj", "o_proj"), chat_template=CHAT_TEMPLATE,
-    chat_markers=("<|user|>", "<|assistant|>", "<|end|>"),
-    # a small model that forgets <|end|> goes on to write the next turn itself: its markers stop the reply too
-    end_of_turn=("<|end|>", "<|endoftext|>", "<|assistant|>", "<|user|>", "<|system|>"),
-    ollama_format="Phi-3", tools="json", longrope=True))
+    chat_markers=MARKERS, end_of_turn=END_OF_TURN, ollama_format="Phi-3", ollama=ollama, tools="json",
+    longrope=True))
