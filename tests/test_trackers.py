@@ -1,6 +1,7 @@
 """train.report_to: a short real run logs to TensorBoard, W&B (offline), MLflow (sqlite) and trackio (its local store)
 at once, each read back from its own store with its own reader; a resumed run continues the same tracker runs without
-logging a step twice, and `python -m train.eval` adds its figures to them; nothing reaches the network. A bad name, a missing package and a store that breaks mid-run."""
+logging a step twice, and `python -m train.eval` adds its figures to them; nothing reaches the network. A bad name, a
+missing package and a store that breaks mid-run."""
 
 import json
 import signal

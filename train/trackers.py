@@ -5,8 +5,8 @@ tracker is an extra view of it, so one that fails mid-run is warned about once a
 Where each one writes: TensorBoard to RUN/tensorboard/; W&B under RUN/wandb/, online or offline as `WANDB_MODE` says,
 in the project `WANDB_PROJECT` (default `aegis`); MLflow to `MLFLOW_TRACKING_URI` (default mlflow.db in the working
 directory), experiment `MLFLOW_EXPERIMENT_NAME` (default `aegis`); trackio to its local store (`TRACKIO_DIR`; a Space
-only if `TRACKIO_SPACE_ID` names one), project `aegis`. RUN/trackers.json keeps each tracker's run, so a resumed run (and `python -m train.eval` on one of its
-checkpoints) continues it."""
+only if `TRACKIO_SPACE_ID` names one), project `aegis`. RUN/trackers.json keeps each tracker's run, so a resumed run
+(and `python -m train.eval` on one of its checkpoints) continues it."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import uuid
 from pathlib import Path
 
 from aegis import atomic, runs
-from aegis.metrics import MetricLogger
 from aegis.config import Config, to_dict
+from aegis.metrics import MetricLogger
 
 from .rundir import RunError
 
