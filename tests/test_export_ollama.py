@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from export import modelfile, ollama
+from aegis import families as registry
+from export import chat_formats, modelfile, ollama
 from export.files import ExportError
+from support import families
 
 DIGEST = re.compile(r"^/api/blobs/(sha256:[0-9a-f]{64})$")
 
@@ -171,3 +173,22 @@ def test_ollama_command(server, small_gguf, tiny_path):
     assert proc.returncode == 0, proc.stderr
     assert "chat template: Phi-3" in proc.stdout and "ollama: created aegis-cli" in proc.stdout
     assert [c["model"] for c in FakeOllama.creates] == ["aegis-cli"] and FakeOllama.problems == []
+
+
+@pytest.mark.parametrize("name", list(registry.FAMILIES))
+def test_each_familys_template_reaches_ollama(server, small_gguf, tiny_path, tmp_path, name):
+    """Every registered family: the template its file offers for its own chat template (with its tool section) and
+    its stops go into Ollama's create request as derived, and its end-of-turn token stops a reply."""
+    from transformers import AutoTokenizer
+
+    family = registry.FAMILIES[name]
+    fmt = next(k for k, spec in families.CHAT_FORMATS.items() if spec[5] == family.chat_template)
+    tok = AutoTokenizer.from_pretrained(families.build_tokenizer(fmt, tmp_path / name, tiny_path))
+    proof = chat_formats.derive(tok, name)
+    ollama.create(modelfile.Modelfile(small_gguf, proof.template, proof.stops, 1024, proof=proof), f"aegis-{name}",
+                  host=server, log=lambda *_: None)
+    (req,) = FakeOllama.creates
+    assert FakeOllama.problems == [] and proof.format == family.ollama_format
+    assert req["template"] == proof.template and "$.Tools" in req["template"] and ".ToolCalls" in req["template"]
+    assert req["parameters"]["stop"] == proof.stops and tok.eos_token in proof.stops
+    assert set(family.end_of_turn[:1]) <= set(proof.stops)
