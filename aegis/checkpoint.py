@@ -25,7 +25,7 @@ from safetensors import safe_open
 from . import train_state
 from .atomic import TMP_PREFIX, atomic_dir, discard, remove, size_of
 from .errors import CheckpointError
-from .manifest import FORMAT_VERSION, MANIFEST, verify, write_manifest  # noqa: F401 - checkpoint I/O's names
+from .manifest import FORMAT_VERSION, verify, write_manifest
 
 # torch (and safetensors' torch side) is imported by the functions that move tensors, not here: export's commands
 # and the torch-less serve image look at run directories through this module and start without it.

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import checkpoint, families, memory
+from . import checkpoint, families, manifest, memory
 from .config import EMBEDDED, Config
 from .errors import ModelError
 from .tiny import ensure as ensure_tiny
@@ -278,7 +278,7 @@ def load_checkpoint(
     for name in checkpoint.REQUIRED:
         if not (ckpt / name).is_file():
             raise checkpoint.CheckpointError(f"{ckpt}: missing {name}; not a complete AEGIS checkpoint")
-    checkpoint.verify(ckpt)  # every reader (chat, eval, export, serve) trusts a checkpoint only once it verifies
+    manifest.verify(ckpt)  # every reader (chat, eval, export, serve) trusts a checkpoint only once it verifies
     tensors, meta = checkpoint.read_soul(ckpt)
     device = device or device_for()
     base_path = resolve_base(base or meta["base"], meta.get("revision", ""))

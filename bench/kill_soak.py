@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aegis import checkpoint, metrics  # noqa: E402
+from aegis import checkpoint, manifest, metrics  # noqa: E402
 
 
 def train_cmd(config: Path, run_dir: Path, sets: list[str], resume: bool) -> list[str]:
@@ -84,7 +84,7 @@ def unverified(run_dir: Path) -> list[str]:
     problems = []
     for ckpt in checkpoint.candidates(run_dir):
         try:
-            checkpoint.verify(ckpt)
+            manifest.verify(ckpt)
         except checkpoint.CheckpointError as e:
             problems.append(str(e))
     return problems

@@ -8,7 +8,7 @@ import hashlib
 import tempfile
 from pathlib import Path
 
-from aegis import checkpoint, runs
+from aegis import checkpoint, manifest, runs
 from aegis.atomic import TMP_PREFIX, sha256_file
 from aegis.errors import AegisError
 
@@ -54,5 +54,5 @@ def find_checkpoint(run_dir: Path, log=print) -> Path:
     if found is None:
         raise ExportError(f"{run_dir}: no complete checkpoint that verifies ({checkpoint.FINAL}/ or "
                           f"{checkpoint.CHECKPOINTS}/step_N/ with {', '.join(checkpoint.REQUIRED)} and a "
-                          f"{checkpoint.MANIFEST} they match)")
+                          f"{manifest.MANIFEST} they match)")
     return found

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from aegis import checkpoint, loading
+from aegis import checkpoint, loading, manifest
 from aegis.atomic import atomic_dir
 
 from . import prompts
@@ -89,7 +89,7 @@ def validate_checkpoint(ckpt: Path, base: str | None = None) -> tuple[dict, Path
                 else ""
             )
             raise ExportError(f"{ckpt / name}: missing; {ckpt} is not a complete AEGIS checkpoint{hint}")
-    checkpoint.verify(ckpt)
+    manifest.verify(ckpt)
     _, meta = checkpoint.read_soul(ckpt)
     name = base or meta.get("base")
     if not name:

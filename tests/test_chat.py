@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from aegis import checkpoint
+from aegis import manifest
 from train import chat as chat_mod
 
 PROMPT = "こんにちは。今日はどんなことを手伝ってくれますか。"
@@ -124,7 +124,7 @@ def _rewrite_soul(ckpt: Path, **meta_changes) -> None:
     if "hidden_size" in meta_changes:
         tensors["generators"] = torch.zeros(meta_changes["hidden_size"] // 8, 28)
     save_file(tensors, str(path), metadata=meta)
-    checkpoint.write_manifest(ckpt)  # a well-formed checkpoint of another shape, not a damaged one
+    manifest.write_manifest(ckpt)  # a well-formed checkpoint of another shape, not a damaged one
 
 
 def test_mismatched_soul_is_a_clear_error(short_run, tmp_path):

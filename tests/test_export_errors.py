@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from aegis import checkpoint
+from aegis import manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_wrong_hidden_size_is_named(ckpt_copy, previous_output):
     tensors = load_file(str(path))
     meta["hidden_size"] = "64"
     save_file({"generators": torch.zeros(8, 28), "alpha": tensors["alpha"]}, str(path), metadata=meta)
-    checkpoint.write_manifest(ckpt_copy)  # a well-formed checkpoint for another base, not a damaged one
+    manifest.write_manifest(ckpt_copy)  # a well-formed checkpoint for another base, not a damaged one
     proc = export_cli("merge", "--checkpoint", str(ckpt_copy), "--out", str(previous_output))
     assert proc.returncode == 1
     assert "hidden_size 64" in proc.stderr and "hidden_size 256" in proc.stderr and "soul.safetensors" in proc.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from aegis import checkpoint, metrics
+from aegis import checkpoint, manifest, metrics
 from aegis.runs import SUMMARY
 from conftest import QUICKSTART, ROOT, SHORT
 from test_integrity import MISSING_BASE, TINY, cli, flip, one_line_error, train
@@ -177,7 +177,7 @@ def test_a_second_trainer_is_refused_while_the_first_runs_and_kill_9_frees_the_d
         first.send_signal(signal.SIGKILL)
         first.wait()
     for ckpt in checkpoint.candidates(run):
-        checkpoint.verify(ckpt)
+        manifest.verify(ckpt)
     # the lock died with the process: the next trainer gets past it (and stops at the shape check, before loading)
     one_line_error(train(run, *sets, MISSING_BASE, flags=("--resume",)), "cannot resume", "model.base")
 
@@ -193,7 +193,7 @@ def test_resuming_a_finished_run_whose_final_fails_keeps_its_summary(short_run, 
     proc = train(run, *SHORT, flags=("--resume",))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipping checkpoint" in proc.stdout + proc.stderr
-    checkpoint.verify(run / checkpoint.FINAL)  # written again from step 12
+    manifest.verify(run / checkpoint.FINAL)  # written again from step 12
     after = json.loads((run / SUMMARY).read_text())
     assert after["phase"] == before["phase"] and after["steps"] == before["steps"] == 12
     for key in ("final_loss", "alpha", "gate", "ortho_error"):
@@ -218,11 +218,11 @@ def test_a_checkpoint_save_on_a_full_disk_leaves_the_run_as_it_was(short_run, sm
     assert not leftovers(small_fs) and not (run / checkpoint.FINAL).exists() and not (run / SUMMARY).exists()
     assert {p: p.read_bytes() for p in before} == before
     for ckpt in checkpoint.candidates(run):
-        checkpoint.verify(ckpt)
+        manifest.verify(ckpt)
     (small_fs / "filler").unlink()
     proc = train(run, *SHORT, flags=("--resume",))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    checkpoint.verify(run / checkpoint.FINAL)
+    manifest.verify(run / checkpoint.FINAL)
     assert json.loads((run / SUMMARY).read_text())["final_loss"] is not None
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from aegis import checkpoint, metrics
+from aegis import checkpoint, manifest, metrics
 from aegis.config import ConfigError, build
 from conftest import QUICKSTART, ROOT, SHORT, train_cli
 
@@ -78,10 +78,10 @@ def test_verify_names_the_damaged_file(short_run, tmp_path, damage):
     name, harm, found = DAMAGE[damage]
     ckpt = tmp_path / "final"
     shutil.copytree(short_run / "final", ckpt)
-    checkpoint.verify(ckpt)  # intact, it verifies
+    manifest.verify(ckpt)  # intact, it verifies
     harm(ckpt / name)
     with pytest.raises(checkpoint.CheckpointError) as e:
-        checkpoint.verify(ckpt)
+        manifest.verify(ckpt)
     assert str(ckpt / name) in str(e.value) and found in str(e.value) and "\n" not in str(e.value)
 
 
@@ -100,7 +100,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(short_run, tmp
     for a, b in zip(full, resumed):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4, a["step"]
     for ckpt in checkpoint.candidates(run):
-        checkpoint.verify(ckpt)  # the damaged ones were written again
+        manifest.verify(ckpt)  # the damaged ones were written again
 
 
 def test_export_falls_back_and_refuses_a_named_checkpoint_that_fails(short_run, tmp_path):

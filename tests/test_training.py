@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from aegis import checkpoint, metrics
+from aegis import checkpoint, manifest, metrics
 from aegis.schedule import Schedule, alpha_for_step, gate
 from conftest import QUICKSTART, ROOT, SHORT, train_cli
 
@@ -41,7 +41,7 @@ def test_run_directory_layout(short_run):
         assert (ckpt / "tokenizer_config.json").is_file()
         tensors, meta = checkpoint.read_soul(ckpt)
         assert meta["hidden_size"] == 256 and meta["mix"] == "interpolate" and meta["base"] == "embedded"
-        assert meta["format_version"] == checkpoint.FORMAT_VERSION and "schedule" in meta
+        assert meta["format_version"] == manifest.FORMAT_VERSION and "schedule" in meta
     _, meta = checkpoint.read_soul(short_run / "final")
     assert meta["step"] == 12 and meta["gate"] == pytest.approx(0.8345, abs=1e-4)
     assert not list(short_run.rglob("*.bin")) and not list(short_run.rglob("*.pt"))  # no pickles anywhere
