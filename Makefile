@@ -23,6 +23,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 setup: $(VENV)/.installed
 
