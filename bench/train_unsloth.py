@@ -246,20 +246,22 @@ class Runner:
         buys nothing); when the first is already over, half of it. The fastest within the budget is marked."""
         label, done = dict(label, setting="throughput"), []
         sizes = list(self.args.tp_batches)
-        while sizes:
-            b = sizes.pop(0)
-            r = self.row(model, init, label, b, 512, self.args.steps + self.args.warmup, self.args.warmup)
-            if r is None or not r["within_budget"]:
-                if not done and b > 1:
-                    sizes = [b // 2]
-                    continue
-                break
-            done.append(r)
-            if len(done) > 1 and r["tokens_per_s"] <= done[-2]["tokens_per_s"]:
-                break
-        if done:
-            max(done, key=lambda r: r["tokens_per_s"])["best_within_budget"] = True
-            self.save()
+        try:
+            while sizes:
+                b = sizes.pop(0)
+                r = self.row(model, init, label, b, 512, self.args.steps + self.args.warmup, self.args.warmup)
+                if r is None or not r["within_budget"]:
+                    if not done and b > 1:
+                        sizes = [b // 2]
+                        continue
+                    break
+                done.append(r)
+                if len(done) > 1 and r["tokens_per_s"] <= done[-2]["tokens_per_s"]:
+                    break
+        finally:  # also when the deadline stopped the search: the best of what was measured
+            if done:
+                max(done, key=lambda r: r["tokens_per_s"])["best_within_budget"] = True
+                self.save()
 
     def long(self, model, init, label: dict) -> None:
         """Longest single sequence within the budget in few rows (a very long one costs a minute): two lengths give
