@@ -29,9 +29,9 @@ import hashlib
 import json
 import re
 
-from .tool_reader import Call, CallReader
+from .tool_reader import CallReader
 
-__all__ = ["Call", "CallReader", "FORMATS", "JSON", "ToolFormat", "get", "register", "system_text"]
+__all__ = ["FORMATS", "JSON", "ToolFormat", "get", "register", "system_text"]
 
 TOOLS_INTRO = ("You can call the tools below. Each line describes one tool: its name, what it does and the JSON "
                "Schema of its arguments.")

@@ -1,5 +1,5 @@
 """The shapes of the completion endpoints' replies: a Reply turns a job's text pieces and scored tokens into OpenAI's
-chunks while streaming, or into one body; ChatReply also reads tool calls out of the text (tools.CallReader),
+chunks while streaming, or into one body; ChatReply also reads tool calls from the text (aegis.tool_reader.CallReader),
 TextReply writes legacy logprobs. serve/request_path.py delivers them."""
 
 from __future__ import annotations

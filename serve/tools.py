@@ -11,7 +11,6 @@ opening character, nor with blank space). parallel_tool_calls false admits one c
 from __future__ import annotations
 
 from aegis import tool_format
-from aegis.tool_format import Call, CallReader  # noqa: F401 - the reader and its calls, where the server reads them
 
 from . import structured
 

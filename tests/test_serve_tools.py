@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from aegis import chat_template, families as registry, tool_format
-from serve.tools import CallReader
+from aegis.tool_reader import CallReader
 from support import serving
 from support.fixtures import client, server  # noqa: F401 - fixtures
 

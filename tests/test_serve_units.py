@@ -189,7 +189,7 @@ def test_under_a_grammar_only_text_tokens_are_generated(gguf_backend):
 
 
 def test_call_reader_streams_what_it_reads_whole():
-    from serve.tools import CallReader
+    from aegis.tool_reader import CallReader
 
     text = (
         '{ "tool_calls" : [ { "name" : "get_weather" , "arguments" : { "city" : "東\\"京", "days": [1, '
