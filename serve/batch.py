@@ -8,8 +8,9 @@ One scheduler thread owns the model's batch (a llama.cpp context with one sequen
      (at most n_batch tokens in all, so a long prompt joins over several steps instead of stalling the streams),
   4. samples each request's token with its own settings and hands it to that request's Decoding (stops, limits).
 With --speculate N a greedy request also decodes, after its next token, up to N tokens guessed from its own prompt
-and reply (serve/speculate.py); each drafted position gets its logits in the same step, the tokens greedy sampling
-agrees with are kept, one after another until the first it does not, and the rest leave the slot's cells.
+and reply, or by a smaller model of the same vocabulary (--draft-model; serve/speculate.py); each drafted position
+gets its logits in the same step, the tokens greedy sampling agrees with are kept, one after another until the
+first it does not, and the rest leave the slot's cells.
 The bounded queue and its 429 are the worker pool's: a request that finds neither a free slot nor a place in the
 queue is refused at once.
 """
@@ -21,10 +22,11 @@ import sys
 import threading
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 from .backends.base import Backend
 from .job import Decoding, Finish, Job, Waker, admit
-from .speculate import Drafter
+from .speculate import Drafter, DraftModel
 
 log = logging.getLogger("serve.batch")
 
@@ -44,13 +46,16 @@ class BatchPool:
     """Same face as pool.WorkerPool (start, submit, close, waiting, busy, workers) over one batched context."""
 
     def __init__(self, backend: Backend, slots: int = 4, max_queue: int = 64, on_finish=None,
-                 prefix_cache: bool = True, cache_type: str = "f16", speculate: int = 0):
+                 prefix_cache: bool = True, cache_type: str = "f16", speculate: int = 0,
+                 draft_model: Path | None = None):
         if slots < 1 or max_queue < 0:
             raise ValueError("slots must be >= 1 and the queue size >= 0")
         self.backend, self.workers, self.max_queue = backend, slots, max_queue
         self.on_finish, self.prefix_cache = on_finish, prefix_cache
         self.cache_type = cache_type  # the KV cache's type (aegis.llamacpp.CACHE_TYPES)
         self.speculate = speculate  # tokens drafted per step for a greedy request (0: none)
+        self.draft_model = draft_model  # a GGUF of the same vocabulary that drafts (None: prompt lookup drafts)
+        self._draft_model: DraftModel | None = None
         self.waiting = 0  # requests in the queue, not yet in a slot
         self.busy = 0  # slots running a request
         self.steps = self.sequences = 0  # decode calls and the sequences they carried (metrics)
@@ -66,6 +71,12 @@ class BatchPool:
     def start(self) -> None:
         """Make the batched context (on this thread: a failure is the caller's) and start the scheduler."""
         self._batch = self.backend.new_batch(self.workers, cache_type=self.cache_type)
+        if self.draft_model is not None and self.speculate:
+            try:
+                self._draft_model = DraftModel(self.backend, self.draft_model, self.workers)
+            except BaseException:
+                self._batch.close()
+                raise
         # After each llama_decode this thread needs the GIL back, and an event loop busy with many streams keeps it
         # until the switch interval ends (5 ms by default, a third of a decode step on a GPU): ask for it sooner.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
@@ -121,6 +132,8 @@ class BatchPool:
             self._waker.close()
             self._fail_queued("the server is shutting down")
             self._batch.close()
+            if self._draft_model is not None:
+                self._draft_model.close()
 
     def _wake(self) -> None:
         if self._outbox:
@@ -136,6 +149,8 @@ class BatchPool:
             job.outbox = self._outbox
             self.waiting -= 1
             slot, keep = self._batch.claim(free, job.prompt, self.prefix_cache)
+            if self._draft_model is not None:
+                self._draft_model.claim(slot, job.prompt, self.prefix_cache)
             free.remove(slot)
             self.busy += 1
             pending = job.prompt[keep:-1]
@@ -156,9 +171,14 @@ class BatchPool:
         feeds, budget = [], self._batch.n_batch
         generating = [(slot, r) for slot, r in running.items() if r.next_token is not None]
         budget -= len(generating)
+        rooms = {}
         for slot, r in generating:  # every generating request moves one token each step, perhaps with a draft
-            r.draft = self._draft(r, budget)
-            budget -= len(r.draft)
+            rooms[slot] = self._room(r, budget)
+            budget -= rooms[slot]
+        drafts = self._drafts(running, rooms)
+        for slot, r in generating:
+            r.draft = drafts.get(slot, [])
+            budget += rooms[slot] - len(r.draft)
             feeds.append((slot, [r.next_token, *r.draft], 1 + len(r.draft)))
         # then prompts, in arrival order, in chunks that fit the batch. A prompt's last token waits for the next
         # step, where it is decoded as generating tokens are: the first logits then come out of the same kind of
@@ -185,14 +205,20 @@ class BatchPool:
                     self._finish(slot, running)
                     break
 
-    def _draft(self, r: Running, budget: int) -> list[int]:
-        """Tokens guessed to follow r.next_token: no more than the batch, the slot's context and the request's
-        max_tokens leave room for."""
+    def _room(self, r: Running, budget: int) -> int:
+        """How many tokens may be drafted after r.next_token: no more than the batch, the slot's context and the
+        request's max_tokens leave room for."""
         if r.drafter is None or budget <= 0:
-            return []
-        room = min(self.speculate, budget, self.backend.context_length - len(r.drafter.tokens),
-                   r.job.max_tokens - r.decoding.n - 1)
-        return r.drafter.draft(room)
+            return 0
+        return max(0, min(self.speculate, budget, self.backend.context_length - len(r.drafter.tokens),
+                          r.job.max_tokens - r.decoding.n - 1))
+
+    def _drafts(self, running: dict[int, Running], rooms: dict[int, int]) -> dict[int, list[int]]:
+        """Each slot's guesses: the draft model's, all slots at once, or else each request's prompt lookup."""
+        wants = {slot: n for slot, n in rooms.items() if n > 0}
+        if self._draft_model is not None:
+            return self._draft_model.propose({slot: (running[slot].drafter.tokens, n) for slot, n in wants.items()})
+        return {slot: running[slot].drafter.draft(n) for slot, n in wants.items()}
 
     def _accept(self, rows: dict[int, int], running: dict[int, Running]) -> dict[int, list[int]]:
         """Each slot's tokens of this step: the one sampled after its next token, then, while the last one is the

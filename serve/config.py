@@ -14,6 +14,7 @@ from aegis import cli
 from aegis.cli import setting
 
 from .backends import KINDS, detect
+from .speculate import vocabulary_difference
 
 PROG = "python -m serve"
 
@@ -87,6 +88,10 @@ class Settings:
                                 "from its own prompt and reply (prompt lookup: what followed the last repeat of its "
                                 "latest tokens), checked in the same decode; the reply is the same, sooner where it "
                                 "repeats its input (0: off)", parse=NON_NEGATIVE, metavar="N")
+    draft_model: Path | None = setting(None, "llama.cpp: a smaller GGUF with the model's vocabulary that drafts the "
+                                             "--speculate N tokens instead of prompt lookup (greedy, N decodes of the "
+                                             "draft per step, all requests together); the reply is the same",
+                                       metavar="PATH")
     queue_size: int = setting(64, "requests that may wait for a worker before the server answers 429",
                               parse=NON_NEGATIVE)
     timeout: float = setting(300.0, "seconds per request, queue included", parse=POSITIVE)
@@ -138,6 +143,22 @@ class Settings:
         names = [s.name for s in self.models]
         if len(set(names)) != len(names):
             out.append(f"--model: two models share a name ({', '.join(names)}); name them with NAME=PATH")
+        if self.draft_model is not None:
+            out += self._draft_problems()
+        return out
+
+    def _draft_problems(self) -> list[str]:
+        """The draft is a GGUF, it has something to draft, and its vocabulary is each llama.cpp model's."""
+        draft = self.draft_model
+        if not draft.is_file() or draft.suffix != ".gguf":
+            return [f"--draft-model {draft}: not a GGUF file"]
+        if not self.speculate:
+            return [f"--draft-model {draft}: give --speculate N, the tokens it drafts per step"]
+        out = []
+        for spec in self.models:
+            if spec.path.is_file() and spec.path.suffix == ".gguf":
+                if (why := vocabulary_difference(spec.path, draft)) is not None:
+                    out.append(f"--draft-model {draft}: its vocabulary is not that of --model {spec.path}: {why}")
         return out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics"}
@@ -29,16 +29,19 @@ class BatchCounts:
         steps = CounterMetricFamily("aegis_decode_steps", "llama_decode calls of the batched engine", labels=["model"])
         seqs = CounterMetricFamily("aegis_decode_sequences", "sequences those calls carried (a prompt chunk or one "
                                    "generated token each)", labels=["model"])
-        drafted = CounterMetricFamily("aegis_draft_tokens", "tokens drafted by prompt lookup (--speculate)",
-                                      labels=["model"])
+        drafted = CounterMetricFamily("aegis_draft_tokens", "tokens drafted (--speculate: by prompt lookup or "
+                                      "--draft-model)", labels=["model"])
         accepted = CounterMetricFamily("aegis_draft_accepted_tokens", "drafted tokens greedy decoding agreed with, "
                                        "each a step saved (accepted / drafted: the acceptance rate)", labels=["model"])
+        rate = GaugeMetricFamily("aegis_draft_acceptance_rate", "accepted / drafted tokens since the start (0 before "
+                                 "any draft)", labels=["model"])
         for name, pool in self.pools.items():
             steps.add_metric([name], pool.steps)
             seqs.add_metric([name], pool.sequences)
             drafted.add_metric([name], pool.drafted)
             accepted.add_metric([name], pool.accepted)
-        yield from (steps, seqs, drafted, accepted)
+            rate.add_metric([name], pool.accepted / pool.drafted if pool.drafted else 0.0)
+        yield from (steps, seqs, drafted, accepted, rate)
 
 
 class Metrics:

@@ -90,6 +90,7 @@ class Registry:
                         prefix_cache=s.prefix_cache == "on",
                         cache_type=s.cache_type,
                         speculate=s.speculate,
+                        draft_model=s.draft_model,
                     )
                 else:
                     pool = WorkerPool(backend, workers=s.parallel or 1, max_queue=s.queue_size, on_finish=hook)

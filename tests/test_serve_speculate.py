@@ -1,18 +1,23 @@
 """--speculate N (prompt lookup): greedy replies are token for token those of plain decoding, alone and side by side;
 a reply that repeats its prompt has its drafts accepted in fewer decode steps, and /metrics counts drafted and
-accepted tokens; sampled and grammar-constrained requests never draft."""
+accepted tokens; sampled and grammar-constrained requests never draft. --draft-model (the model itself, or another
+model of the same vocabulary) gives the same replies, its acceptance rate in /metrics; a draft of another
+vocabulary is refused before the server starts."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import subprocess
+import sys
 
 import openai
 import pytest
 
 from aegis.tiny import corpus_path
 from support import serving
-from support.serving import metric
+from support.serving import REPO, base_gguf, metric
 
 CHATS = ["日本の四季について説明してください。", "こんにちは。今日はどんなことを手伝ってくれますか。",
          "梅雨の時期に洗濯物を上手に乾かすには？"]
@@ -108,3 +113,50 @@ def test_sampled_and_constrained_requests_do_not_draft(servers):
     client.chat.completions.create(model=_name(fast), messages=TURNS, max_tokens=24, temperature=0,
                                    response_format={"type": "json_object"})
     assert metric(fast, "aegis_draft_tokens_total") == drafted
+
+
+@pytest.fixture(scope="module")
+def draft_servers(request, tmp_path_factory):
+    """The model drafting for itself, and the base model of the same run (same vocabulary, other weights)."""
+    gguf, _ = serving.served_files(request)
+    drafts = {"self": gguf, "base": base_gguf(serving.run_for_tests(request))}
+    with contextlib.ExitStack() as stack:
+        yield {kind: stack.enter_context(serving.tiny_server(request, tmp_path_factory, "--speculate", "4",
+                                                             "--draft-model", str(path), "--ctx-size", "512",
+                                                             name=f"tiny-draft-{kind}"))
+               for kind, path in drafts.items()}
+
+
+def test_a_draft_model_gives_the_replies_of_plain_decoding(servers, draft_servers):
+    plain = servers[0]
+    expected = [asyncio.run(_send(plain, [r]))[0] for r in _requests(_name(plain))]
+    rates = {}
+    for kind, server in draft_servers.items():
+        got = asyncio.run(_send(server, _requests(_name(server))))  # all at once: the draft decodes them together
+        for (text, probs), (want_text, want_probs) in zip(got, expected):
+            assert text == want_text, kind
+            assert [t for t, _ in probs] == [t for t, _ in want_probs], kind
+        drafted = metric(server, "aegis_draft_tokens_total")
+        accepted = metric(server, "aegis_draft_accepted_tokens_total")
+        assert 0 < accepted <= drafted, (kind, accepted, drafted)
+        rates[kind] = metric(server, "aegis_draft_acceptance_rate")
+        assert rates[kind] == pytest.approx(accepted / drafted), kind
+    # the model agrees with itself nearly always (batches of other shapes sum in another order); the base less often
+    assert rates["self"] > 0.9 and rates["base"] < rates["self"], rates
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused(request, tmp_path):
+    gguf, _ = serving.served_files(request)
+    other = tmp_path / "other.gguf"
+    shutil.copy(gguf, other)
+    import gguf as gguf_py
+    reader = gguf_py.GGUFReader(str(other), "r+")
+    field = reader.fields["tokenizer.ggml.tokens"]
+    field.parts[field.data[300]][:] = ord("Z")  # one token's text, in place
+    reader.data.flush()
+    del reader
+    done = subprocess.run([sys.executable, "-m", "serve", "--model", str(gguf), "--speculate", "4", "--draft-model",
+                           str(other)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(other) in lines[0] and "vocabulary" in lines[0] and "token 300" in lines[0], lines

@@ -87,7 +87,7 @@ class LlamaBatch:
         best, keep = free[0], 0
         if reuse:
             for i in free:
-                n = _common(self.slots[i].cached, prompt[:-1])
+                n = common_prefix(self.slots[i].cached, prompt[:-1])
                 if n > keep:
                     best, keep = i, n
         self._keep(self.slots[best], keep)
@@ -297,7 +297,7 @@ def _logged(lib, make):
         lib.llama_log_set(previous, data)
 
 
-def _common(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
