@@ -225,3 +225,16 @@ def test_a_tracker_whose_store_breaks_mid_run_warns_once(tmp_path, monkeypatch):
         mlflow.end_run()
     assert len(warnings) == 1 and warnings[0].startswith("warning: train.report_to: mlflow failed at step 2 (")
     assert [r["step"] for r in metrics.read(tmp_path)] == [1, 2, 3]
+
+
+def test_a_tracker_that_cannot_start_stops_the_run_in_one_line(tmp_path, monkeypatch):
+    """W&B online without an account: the library's own refusal, one line, by name, with the way out."""
+    from train import trackers
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    with pytest.raises(trackers.TrackerError) as e:
+        trackers.start(build({"train": {"report_to": ["wandb"]}}), tmp_path)
+    assert str(e.value).startswith("train.report_to: wandb could not start: ") and "\n" not in str(e.value)
+    assert str(e.value).endswith("(WANDB_MODE=offline logs without an account or a network)")

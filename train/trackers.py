@@ -28,6 +28,7 @@ EXTRA = "trackers"  # pyproject.toml's extra that installs them all
 STATE = "trackers.json"
 PROJECT = "aegis"
 MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+HINTS = {"wandb": " (WANDB_MODE=offline logs without an account or a network)"}
 
 
 class TrackerError(RunError):
@@ -100,7 +101,8 @@ def start(cfg: Config, run_dir: Path, logged: int = 0, warn=print) -> list[Track
             tracker.start()
             tracker.store_init_configuration(config)
         except Exception as e:  # a library's own error (no W&B login, a store it cannot open): one line, by name
-            raise TrackerError(f"train.report_to: {name} could not start: {_first_line(e)}") from e
+            hint = HINTS.get(name, "")
+            raise TrackerError(f"train.report_to: {name} could not start: {_first_line(e)}{hint}") from e
         state[name] = _identity(name, tracker)
         sinks.append(TrackerSink(name, tracker, logged if known is not None else 0, warn))
     atomic.write_json(run_dir / STATE, state)
