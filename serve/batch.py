@@ -125,6 +125,8 @@ class BatchPool:
                     for slot in list(running):
                         self._finish(slot, running, error=f"{type(e).__name__}: {e}")
                     self._batch.forget()
+                    if self._draft_model is not None:
+                        self._draft_model.forget()
         finally:
             for slot in list(running):
                 self._finish(slot, running, error="the server is shutting down")

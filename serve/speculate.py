@@ -133,6 +133,11 @@ class DraftModel:
                 drafts[slot].append(token)
         return drafts
 
+    def forget(self) -> None:
+        """After a failed step: nothing the cells hold can be trusted."""
+        self.batch.forget()
+        self.synced = [0] * len(self.synced)
+
     def close(self) -> None:
         self.batch.close()
         self.backend.close()
