@@ -18,7 +18,8 @@ from aegis import metrics
 from aegis.config import TRACKERS, ConfigError, build
 from conftest import QUICKSTART, ROOT, train_cli
 
-SETS = ["schedule.total_steps=8", "schedule.warmup_steps=1", "schedule.anneal_steps=4", "train.save_steps=2",
+TOTAL = 10  # steps; the first session is stopped after its fifth
+SETS = [f"schedule.total_steps={TOTAL}", "schedule.warmup_steps=1", "schedule.anneal_steps=4", "train.save_steps=2",
         "train.max_length=64", "train.report_to=" + ",".join(TRACKERS)]
 LOGGED = {"loss", "lr", "alpha", "gate", "ortho_error", "tokens_per_s", "grad_norm"}
 
@@ -99,7 +100,7 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
     run = tmp_path / "run"
 
-    # the first session is stopped (Ctrl-C) after its fifth step; the resume starts again from step_4
+    # the first session is stopped (Ctrl-C) after its fifth step; the resume starts again from its newest checkpoint
     cmd = [sys.executable, "-m", "train", "--config", str(QUICKSTART), "--run-dir", str(run), "--no-progress"]
     proc = subprocess.Popen(cmd + [a for s in SETS for a in ("--set", s)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -109,7 +110,7 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) != 0, "the run ended before it was stopped"
     stopped = max(r["step"] for r in metrics.read(run))
-    assert 5 <= stopped < 8
+    assert 5 <= stopped < TOTAL
     first = json.loads((run / "trackers.json").read_text())
     out = train_cli(run, *SETS, resume=True)
     assert "resumed from" in out.stdout + out.stderr and "warning: train.report_to" not in out.stdout + out.stderr
@@ -122,9 +123,9 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
     evaluated = json.loads(report.read_text())["results"]["checkpoint"]["loss"]
 
     jsonl = {r["step"]: r for r in metrics.read(run)}
-    assert sorted(jsonl) == list(range(1, 9))
+    assert sorted(jsonl) == list(range(1, TOTAL + 1))
     # every step but, at most, the one being logged when the run was stopped (after metrics.jsonl, before a tracker)
-    allowed = [set(range(1, 9)), set(range(1, 9)) - {stopped}]
+    allowed = [set(range(1, TOTAL + 1)), set(range(1, TOTAL + 1)) - {stopped}]
 
     def same_losses(series: dict):
         assert series.keys() in allowed, sorted(series)
@@ -139,7 +140,8 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
     scalars = events.Scalars("loss")
     unique_steps([e.step for e in scalars])
     same_losses({e.step: e.value for e in scalars})
-    assert [(e.step, round(e.value, 4)) for e in events.Scalars("eval/checkpoint/loss")] == [(8, round(evaluated, 4))]
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("eval/checkpoint/loss")] == \
+        [(TOTAL, round(evaluated, 4))]
     hparams = {}
     for sub in (run / "tensorboard").iterdir():
         if sub.is_dir() and list(sub.glob("events.*")):
@@ -153,7 +155,7 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
     ids, rows, config = wandb_store(run)
     assert ids == {first["wandb"]["id"]}
     same_losses({step: row["loss"] for step, row in rows.items() if "loss" in row})
-    assert rows[8]["eval/checkpoint/loss"] == pytest.approx(evaluated)
+    assert rows[TOTAL]["eval/checkpoint/loss"] == pytest.approx(evaluated)
     assert config["train.lr"] == pytest.approx(2e-4) and config["train.report_to"] == ",".join(TRACKERS)
 
     # MLflow: one run in the sqlite store, through its client
@@ -166,8 +168,8 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
     same_losses({m.step: m.value for m in history})
     assert [(m.step, round(m.value, 4)) for m in client.get_metric_history(first["mlflow"]["run_id"],
                                                                           "eval/checkpoint/loss")] == \
-        [(8, round(evaluated, 4))]
-    assert LOGGED <= set(found[0].data.metrics) and found[0].data.params["schedule.total_steps"] == "8"
+        [(TOTAL, round(evaluated, 4))]
+    assert LOGGED <= set(found[0].data.metrics) and found[0].data.params["schedule.total_steps"] == str(TOTAL)
 
     # trackio: one run in its local store
     from trackio.sqlite_storage import SQLiteStorage
@@ -176,7 +178,7 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
     unique_steps([row["step"] for row in logs if "loss" in row])
     same_losses({row["step"]: row["loss"] for row in logs if "loss" in row})
     assert [(row["step"], row["eval/checkpoint/loss"]) for row in logs if "eval/checkpoint/loss" in row] == \
-        [(8, pytest.approx(evaluated))]
+        [(TOTAL, pytest.approx(evaluated))]
     assert SQLiteStorage.get_run_config("aegis", first["trackio"]["name"])["train.lr"] == pytest.approx(2e-4)
 
     assert proxy.calls == 0, "a tracker tried the network"
