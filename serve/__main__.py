@@ -20,7 +20,7 @@ from .server import make
 def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.no_verify:
-        verify_files(settings.models)  # a DigestError names the file and --no-verify
+        verify_files(settings.files())  # a DigestError names the file and --no-verify
 
     failed: list[BaseException] = []
     server = None

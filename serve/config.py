@@ -147,6 +147,10 @@ class Settings:
             out += self._draft_problems()
         return out
 
+    def files(self) -> list[ModelSpec]:
+        """Every model the server loads, the draft model among them (each GGUF is checked against its digest)."""
+        return [*self.models, *([ModelSpec("draft", self.draft_model, "llamacpp")] if self.draft_model else [])]
+
     def _draft_problems(self) -> list[str]:
         """The draft is a GGUF, it has something to draft, and its vocabulary is each llama.cpp model's."""
         draft = self.draft_model
