@@ -66,12 +66,24 @@ class Option:
     positional: bool = False
 
 
-def setting(default: Any = None, help: str = "", *, parse: Callable[[str], Any] | None = None,
-            choices: Sequence[str] = (), metavar: str = "", env: str = "", flag: str = "", repeat: bool = False,
-            commas: bool = False, required: bool = False, positional: bool = False) -> Any:
+def setting(
+    default: Any = None,
+    help: str = "",
+    *,
+    parse: Callable[[str], Any] | None = None,
+    choices: Sequence[str] = (),
+    metavar: str = "",
+    env: str = "",
+    flag: str = "",
+    repeat: bool = False,
+    commas: bool = False,
+    required: bool = False,
+    positional: bool = False,
+) -> Any:
     """A settings field and what its option needs (the module's rules say how each is used)."""
-    meta = {"cli": dict(help=help, parse=parse, choices=tuple(choices), metavar=metavar, env=env, flag=flag,
-                        repeat=repeat, commas=commas, required=required, positional=positional)}
+    how = dict(locals(), choices=tuple(choices))  # the parameters: each one but the default describes the option
+    del how["default"]
+    meta = {"cli": how}
     if repeat:
         return field(default_factory=lambda: list(default or ()), metadata=meta)
     return field(default=default, metadata=meta)
@@ -99,11 +111,13 @@ CONVERT: dict[type, Callable[[str], Any]] = {int: _integer, float: _number, str:
 
 def bounded(kind: type, low: float, *, strict: bool = False) -> Callable[[str], Any]:
     """A parse function for an int or float of at least `low` (above it when `strict`)."""
+
     def parse(text: str):
         value = CONVERT[kind](text)
         if value < low or (strict and value == low):
             raise ValueError(f"must be {'>' if strict else '>='} {low}")
         return value
+
     parse.kind = kind  # the help shows N for it
     return parse
 
@@ -129,8 +143,9 @@ def options(cls: type) -> list[Option]:
             kind = typing.get_args(kind)[0]
         kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        flag = meta.pop("flag") or (meta["metavar"] or f.name.upper() if meta["positional"]
-                                    else "--" + f.name.replace("_", "-"))
+        flag = meta.pop("flag") or (
+            meta["metavar"] or f.name.upper() if meta["positional"] else "--" + f.name.replace("_", "-")
+        )
         out.append(Option(f.name, flag, kind, default, **meta))
     return out
 
@@ -205,8 +220,7 @@ def _resolve(o: Option, texts: list[str] | None, environ: Mapping[str, str]) -> 
     return (good[0] if good else o.default), problems
 
 
-def parse(cls: type, argv: Sequence[str], *, prog: str, environ: Mapping[str, str] | None = None,
-          check: bool = True):
+def parse(cls: type, argv: Sequence[str], *, prog: str, environ: Mapping[str, str] | None = None, check: bool = True):
     """The settings of `cls` from a command line and the environment; raises UsageError naming every problem, or
     Help. `check=False` leaves out the settings' own `problems()` (checks of files and of options together)."""
     environ = os.environ if environ is None else environ
@@ -226,8 +240,14 @@ def parse(cls: type, argv: Sequence[str], *, prog: str, environ: Mapping[str, st
     return settings
 
 
-def parse_command(commands: Mapping[str, type], argv: Sequence[str], *, prog: str, description: str,
-                  environ: Mapping[str, str] | None = None):
+def parse_command(
+    commands: Mapping[str, type],
+    argv: Sequence[str],
+    *,
+    prog: str,
+    description: str,
+    environ: Mapping[str, str] | None = None,
+):
     """(the command's name, its settings) of `prog COMMAND [options]`; each command is a settings class."""
     if argv and argv[0] in HELP.split(", "):
         raise Help(commands_help(commands, prog, description))

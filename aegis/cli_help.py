@@ -47,8 +47,11 @@ def _describe(o: Option) -> str:
 
 
 def _paragraphs(text: str) -> list[str]:
-    return [line for p in textwrap.dedent(text or "").strip().split("\n\n")
-            for line in [*textwrap.wrap(" ".join(p.split()), WIDTH, break_on_hyphens=False), ""]]
+    return [
+        line
+        for p in textwrap.dedent(text or "").strip().split("\n\n")
+        for line in [*textwrap.wrap(" ".join(p.split()), WIDTH, break_on_hyphens=False), ""]
+    ]
 
 
 def _usage(o: Option) -> str:

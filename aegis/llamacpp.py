@@ -187,7 +187,7 @@ def piece(vocab, token: int) -> bytes:
     if n > len(buf):  # a piece longer than the buffer: ask again with the size it told us
         buf = ctypes.create_string_buffer(n)
         n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
-    return buf.raw[:max(n, 0)]
+    return buf.raw[: max(n, 0)]
 
 
 def _child(path: Path, extra_bufts: bool, threads: int | None) -> tuple[int, str, str]:
@@ -224,20 +224,32 @@ def probe(path: Path | str, threads: int | None = None, log=print, name: str | N
     first = _describe(rc)
     rc2, _, err2 = _child(path, False, threads)
     if rc2 == 0:
-        note = (f"llama.cpp {first} decoding {Path(name).name} with its extra CPU buffer types (AMX / repacked "
-                f"weights); it decodes without them, so they stay off for this file")
+        note = (
+            f"llama.cpp {first} decoding {Path(name).name} with its extra CPU buffer types (AMX / repacked "
+            f"weights); it decodes without them, so they stay off for this file"
+        )
         log(f"warning: {note}")
         return Probe(str(path), False, note)
     tail = (err2 or err).strip().splitlines()[-6:]
     raise LlamaCrash(
         f"{name}: llama.cpp could not load and decode this {_gguf_type(path)} GGUF ({first} with the extra CPU "
         f"buffer types, {_describe(rc2)} without them). llama.cpp build: {system_info()}"
-        + ("\n  " + "\n  ".join(tail) if tail else ""))
+        + ("\n  " + "\n  ".join(tail) if tail else "")
+    )
 
 
 def _probe_here(path: str, extra_bufts: bool, threads: int | None) -> dict:
-    llm = open_model(path, extra_bufts=extra_bufts, n_ctx=128, n_batch=64, n_ubatch=64, logits_all=False,
-                     verbose=False, n_threads=threads, n_threads_batch=threads)
+    llm = open_model(
+        path,
+        extra_bufts=extra_bufts,
+        n_ctx=128,
+        n_batch=64,
+        n_ubatch=64,
+        logits_all=False,
+        verbose=False,
+        n_threads=threads,
+        n_threads_batch=threads,
+    )
     n_vocab = llm.n_vocab()
     prompt = [(7 * i + 11) % n_vocab for i in range(PROBE_TOKENS)]
     llm.eval(prompt)
@@ -257,9 +269,14 @@ class ProbeArgs:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> None:
-        _, args = cli.parse_command({"probe": ProbeArgs}, sys.argv[1:] if argv is None else argv, prog=PROG,
-                                    description="The child's side of llama.cpp's crash probe.")
+        _, args = cli.parse_command(
+            {"probe": ProbeArgs},
+            sys.argv[1:] if argv is None else argv,
+            prog=PROG,
+            description="The child's side of llama.cpp's crash probe.",
+        )
         print(json.dumps(_probe_here(str(args.path), not args.no_extra_bufts, args.threads)))
+
     return cli.main(body)
 
 

@@ -52,7 +52,9 @@ def find_checkpoint(run_dir: Path, log=print) -> Path:
         raise ExportError(f"{run_dir}: not a run directory (no {runs.CONFIG} and no {checkpoint.CHECKPOINTS}/)")
     found = checkpoint.newest_verified(run_dir, resumable=False, log=log)
     if found is None:
-        raise ExportError(f"{run_dir}: no complete checkpoint that verifies ({checkpoint.FINAL}/ or "
-                          f"{checkpoint.CHECKPOINTS}/step_N/ with {', '.join(checkpoint.REQUIRED)} and a "
-                          f"{manifest.MANIFEST} they match)")
+        raise ExportError(
+            f"{run_dir}: no complete checkpoint that verifies ({checkpoint.FINAL}/ or "
+            f"{checkpoint.CHECKPOINTS}/step_N/ with {', '.join(checkpoint.REQUIRED)} and a "
+            f"{manifest.MANIFEST} they match)"
+        )
     return found

@@ -39,8 +39,15 @@ def stop_ids(model, tokenizer) -> list[int]:
 class Chat:
     """A conversation with one loaded model: history, system prompt, sampling settings."""
 
-    def __init__(self, model, tokenizer, temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 256,
-                 system: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        max_new_tokens: int = 256,
+        system: str | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.system = system
@@ -58,8 +65,9 @@ class Chat:
     def _prompt_ids(self) -> torch.Tensor:
         """The rendered conversation; the oldest exchanges are dropped while it would not fit the context."""
         while True:
-            ids = self.tokenizer.apply_chat_template(self.messages(), add_generation_prompt=True, tokenize=True,
-                                                     return_tensors="pt", return_dict=True)["input_ids"]
+            ids = self.tokenizer.apply_chat_template(
+                self.messages(), add_generation_prompt=True, tokenize=True, return_tensors="pt", return_dict=True
+            )["input_ids"]
             if ids.shape[1] + self.max_new_tokens <= self.context or len(self.history) <= 1:
                 return ids
             self.history = self.history[2:]  # one user turn and its reply
@@ -73,10 +81,16 @@ class Chat:
         device = next(self.model.parameters()).device
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sample = self.temperature > 0
-        kwargs = dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), streamer=streamer,
-                      max_new_tokens=self.max_new_tokens, do_sample=sample, eos_token_id=self.eos,
-                      pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                      else self.eos[0], use_cache=True)
+        kwargs = dict(
+            input_ids=ids.to(device),
+            attention_mask=torch.ones_like(ids).to(device),
+            streamer=streamer,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=sample,
+            eos_token_id=self.eos,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos[0],
+            use_cache=True,
+        )
         if sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p)
         else:  # greedy: don't let the model's own sampling defaults leak in (and warn)
@@ -151,11 +165,13 @@ def checkpoint_dir(value: str) -> Path:
     if (path / runs.CONFIG).is_file() or (path / checkpoint.FINAL).exists() or (path / checkpoint.CHECKPOINTS).is_dir():
         found = checkpoint.latest(path, resumable=False)
         if found is None:
-            raise ValueError(f"this run has no complete checkpoint yet (neither {checkpoint.FINAL}/ nor "
-                             "checkpoints/step_N)")
+            raise ValueError(
+                f"this run has no complete checkpoint yet (neither {checkpoint.FINAL}/ nor checkpoints/step_N)"
+            )
         return found
-    raise ValueError("neither a checkpoint nor a run directory; pass RUN_DIR, RUN_DIR/final or "
-                     "RUN_DIR/checkpoints/step_N")
+    raise ValueError(
+        "neither a checkpoint nor a run directory; pass RUN_DIR, RUN_DIR/final or RUN_DIR/checkpoints/step_N"
+    )
 
 
 def _top_p(text: str) -> float:
@@ -169,9 +185,13 @@ def _top_p(text: str) -> float:
 class Args:
     """Chat with a trained checkpoint (base + LoRA adapter + soul) in the terminal, or answer one --prompt."""
 
-    checkpoint: Path = setting(help="RUN_DIR (its final/, else its newest checkpoint), RUN_DIR/final or "
-                                    "RUN_DIR/checkpoints/step_N", parse=checkpoint_dir, metavar="DIR",
-                               env="AEGIS_CHECKPOINT", required=True)
+    checkpoint: Path = setting(
+        help="RUN_DIR (its final/, else its newest checkpoint), RUN_DIR/final or RUN_DIR/checkpoints/step_N",
+        parse=checkpoint_dir,
+        metavar="DIR",
+        env="AEGIS_CHECKPOINT",
+        required=True,
+    )
     prompt: str | None = setting(None, "answer this once and exit", metavar="TEXT")
     system: str | None = setting(None, "system prompt", metavar="TEXT")
     temperature: float = setting(0.7, "0 for greedy decoding", parse=cli.bounded(float, 0))
@@ -179,8 +199,9 @@ class Args:
     max_new_tokens: int = setting(256, "the longest reply, in tokens", parse=cli.bounded(int, 1))
     seed: int | None = setting(None, "seed for sampling (reproducible replies)")
     base: str | None = setting(None, "use this base instead of the one the checkpoint names", metavar="NAME")
-    quantization: str | None = setting(None, "override the quantization the checkpoint was trained with",
-                                       choices=("nf4", "none"))
+    quantization: str | None = setting(
+        None, "override the quantization the checkpoint was trained with", choices=("nf4", "none")
+    )
 
     def problems(self) -> list[str]:
         return ["--prompt: empty"] if self.prompt is not None and not self.prompt.strip() else []
@@ -188,15 +209,18 @@ class Args:
 
 def chat(args: Args) -> None:
     try:
-        model, soul, tokenizer, meta = load_checkpoint(args.checkpoint, base=args.base,
-                                                       quantization=args.quantization)
+        model, soul, tokenizer, meta = load_checkpoint(args.checkpoint, base=args.base, quantization=args.quantization)
     except AegisError as e:  # the checkpoint or base the user named
         raise cli.UsageError(str(e).splitlines()) from None
     if args.seed is not None:
         from transformers import set_seed
+
         set_seed(args.seed)
-    print(f"loaded {args.checkpoint} (step {meta.get('step')}, gate {float(soul.gate()):.4f}, "
-          f"base {meta.get('base')}, {meta.get('quantization')})", file=sys.stderr)
+    print(
+        f"loaded {args.checkpoint} (step {meta.get('step')}, gate {float(soul.gate()):.4f}, "
+        f"base {meta.get('base')}, {meta.get('quantization')})",
+        file=sys.stderr,
+    )
     talk = Chat(model, tokenizer, args.temperature, args.top_p, args.max_new_tokens, args.system)
     try:
         if args.prompt is not None:

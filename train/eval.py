@@ -40,7 +40,7 @@ def windows(examples: list[data.Example], max_length: int) -> list[data.Example]
     out = []
     for ex in examples:
         for i in range(0, len(ex.input_ids), max_length):
-            w = data.Example(ex.input_ids[i:i + max_length], ex.labels[i:i + max_length])
+            w = data.Example(ex.input_ids[i : i + max_length], ex.labels[i : i + max_length])
             if any(t != data.IGNORE for t in w.labels[1:]):
                 out.append(w)
     return out
@@ -66,7 +66,7 @@ def loss_over(model, seqs: list[data.Example], pad_id: int, batch_size: int = 8)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
-        batch = data.collate([seqs[i] for i in order[start:start + batch_size]], pad_id)
+        batch = data.collate([seqs[i] for i in order[start : start + batch_size]], pad_id)
         count += count_targets(batch["labels"])
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -92,17 +92,23 @@ def default_sources(ckpt: Path) -> list[str]:
 class Evaluator:
     """One loaded checkpoint, scored on as many data sets as asked (the model is loaded once)."""
 
-    def __init__(self, ckpt: Path, base: str | None = None, quantization: str | None = None,
-                 max_length: int | None = None, batch_size: int = 8):
+    def __init__(
+        self,
+        ckpt: Path,
+        base: str | None = None,
+        quantization: str | None = None,
+        max_length: int | None = None,
+        batch_size: int = 8,
+    ):
         self.ckpt = Path(ckpt)
         if not self.ckpt.is_dir():
             raise checkpoint.CheckpointError(f"{self.ckpt}: no such checkpoint directory")
         run_dir = runs.run_of(self.ckpt)
-        self.max_length = max_length or (runs.read_config(run_dir).train.max_length if run_dir
-                                         else DEFAULT_MAX_LENGTH)
+        self.max_length = max_length or (runs.read_config(run_dir).train.max_length if run_dir else DEFAULT_MAX_LENGTH)
         self.batch_size = batch_size
-        self.model, self.soul, self.tokenizer, self.meta = load_checkpoint(self.ckpt, base=base,
-                                                                           quantization=quantization)
+        self.model, self.soul, self.tokenizer, self.meta = load_checkpoint(
+            self.ckpt, base=base, quantization=quantization
+        )
         self.quantization = quantization or self.meta.get("quantization")
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -114,9 +120,18 @@ class Evaluator:
             raise ValueError(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
         seqs = windows(data.load(list(sources), self.tokenizer, log=log), self.max_length)
         soul = self.soul
-        result = {"checkpoint": str(self.ckpt), "data": list(sources), "max_length": self.max_length,
-                  "base": self.meta.get("base"), "quantization": self.quantization, "step": self.meta.get("step"),
-                  "mix": soul.mix, "gate": float(soul.gate()), "alpha": float(soul.alpha), "results": {}}
+        result = {
+            "checkpoint": str(self.ckpt),
+            "data": list(sources),
+            "max_length": self.max_length,
+            "base": self.meta.get("base"),
+            "quantization": self.quantization,
+            "step": self.meta.get("step"),
+            "mix": soul.mix,
+            "gate": float(soul.gate()),
+            "alpha": float(soul.alpha),
+            "results": {},
+        }
         for variant in variants:
             adapter_off = self.model.disable_adapter() if variant == "base" else nullcontext()
             shut = gate_shut(soul) if variant in ("base", "gate_shut") else nullcontext()
@@ -130,8 +145,16 @@ class Evaluator:
         return result
 
 
-def evaluate(ckpt: Path, sources: list[str] | None = None, variants=VARIANTS, max_length: int | None = None,
-             base: str | None = None, quantization: str | None = None, batch_size: int = 8, log=print) -> dict:
+def evaluate(
+    ckpt: Path,
+    sources: list[str] | None = None,
+    variants=VARIANTS,
+    max_length: int | None = None,
+    base: str | None = None,
+    quantization: str | None = None,
+    batch_size: int = 8,
+    log=print,
+) -> dict:
     """Load `ckpt` and score it on `sources` (default: the run's data.eval)."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
@@ -143,9 +166,11 @@ def evaluate(ckpt: Path, sources: list[str] | None = None, variants=VARIANTS, ma
 
 
 def table(result: dict) -> str:
-    rows = [f"{result['checkpoint']} (step {result['step']}, gate {result['gate']:.4f}, mix {result['mix']}) on "
-            f"{', '.join(result['data'])}: {next(iter(result['results'].values()))['tokens']} labelled tokens",
-            f"{'':<12}{'loss':>10}{'perplexity':>13}{'vs base':>10}"]
+    rows = [
+        f"{result['checkpoint']} (step {result['step']}, gate {result['gate']:.4f}, mix {result['mix']}) on "
+        f"{', '.join(result['data'])}: {next(iter(result['results'].values()))['tokens']} labelled tokens",
+        f"{'':<12}{'loss':>10}{'perplexity':>13}{'vs base':>10}",
+    ]
     labels = {"checkpoint": "checkpoint", "gate_shut": "gate shut", "base": "base"}
     for variant, r in result["results"].items():
         ratio = f"{r['ratio_to_base']:.4f}" if "ratio_to_base" in r else ""
@@ -157,14 +182,20 @@ def table(result: dict) -> str:
 class Args:
     """Held-out loss and perplexity of a checkpoint, of it with the gate shut (g = 0), and of the base alone."""
 
-    checkpoint: Path = setting(help="RUN_DIR/final or RUN_DIR/checkpoints/step_N", metavar="DIR",
-                               env="AEGIS_CHECKPOINT", required=True)
+    checkpoint: Path = setting(
+        help="RUN_DIR/final or RUN_DIR/checkpoints/step_N", metavar="DIR", env="AEGIS_CHECKPOINT", required=True
+    )
     base: bool = setting(False, "evaluate the base alone only (no adapter, no soul)")
     base_model: str | None = setting(None, "use this base instead of the one the checkpoint names", metavar="NAME")
-    data: list[str] = setting(None, "evaluation data (file, directory, embedded:NAME); default: the run's data.eval "
-                                    "from its config.toml", metavar="SOURCE", repeat=True)
-    max_length: int | None = setting(None, "window length (default: the run's train.max_length)",
-                                     parse=cli.bounded(int, 2))
+    data: list[str] = setting(
+        None,
+        "evaluation data (file, directory, embedded:NAME); default: the run's data.eval from its config.toml",
+        metavar="SOURCE",
+        repeat=True,
+    )
+    max_length: int | None = setting(
+        None, "window length (default: the run's train.max_length)", parse=cli.bounded(int, 2)
+    )
     batch_size: int = setting(8, "examples scored at once", parse=cli.bounded(int, 1))
     json: bool = setting(False, "print the figures as JSON")
     out: Path | None = setting(None, "also write the JSON to this file", metavar="FILE")
@@ -173,8 +204,15 @@ class Args:
 def report(args: Args) -> None:
     variants = ("base",) if args.base else VARIANTS
     try:
-        result = evaluate(args.checkpoint, args.data, variants, args.max_length, base=args.base_model,
-                          batch_size=args.batch_size, log=lambda m: print(m, file=sys.stderr))
+        result = evaluate(
+            args.checkpoint,
+            args.data,
+            variants,
+            args.max_length,
+            base=args.base_model,
+            batch_size=args.batch_size,
+            log=lambda m: print(m, file=sys.stderr),
+        )
     except AegisError as e:  # the checkpoint, base or data the user named
         raise cli.UsageError(str(e).splitlines()) from None
     trackers.log_eval(args.checkpoint, result, warn=lambda m: print(m, file=sys.stderr))
