@@ -125,20 +125,23 @@ def log_eval(ckpt: Path, result: dict, warn=print) -> None:
 
 
 def reopen(run_dir: Path, warn=print) -> list[TrackerSink]:
-    """Sinks continuing the runs RUN/trackers.json names, for records a later command adds (evaluation figures);
-    a tracker that cannot be reopened is warned about and left out. Each gets the run's config again: trackio
-    keeps a run's config with its newest session."""
+    """Sinks continuing the runs RUN/trackers.json names of the trackers the run's config names, for records a
+    later command adds (evaluation figures); a tracker that cannot be reopened is warned about and left out. Each
+    gets the run's config again: trackio keeps a run's config with its newest session."""
     cfg = runs.read_config(run_dir)
+    state = _state(Path(run_dir))
     sinks = []
-    for name, known in _state(Path(run_dir)).items():
+    for name in (cfg.train.report_to if cfg is not None else []):
+        known = state.get(name)
+        if known is None:  # named, but its run never started
+            continue
         if importlib.util.find_spec(MODULES[name]) is None:
             warn(f"warning: train.report_to: {name} is not installed (pip install 'aegis-soul[{EXTRA}]')")
             continue
         try:
             tracker = _OPEN[name](Path(run_dir), known)
             tracker.start()
-            if cfg is not None:
-                tracker.store_init_configuration(hparams(cfg))
+            tracker.store_init_configuration(hparams(cfg))
         except Exception as e:
             warn(f"warning: train.report_to: {name} could not be reopened ({_first_line(e)})")
             continue
