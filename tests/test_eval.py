@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from aegis.tiny import corpus_path
+from support.commands import python_m
 from train import eval as ev, monitor
 
 EVAL_DATA = ["embedded:prose_eval.txt"]
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -95,23 +92,7 @@ def test_gate_shut_restores_alpha(short_run):
 
 def test_cli_json_defaults_to_the_runs_eval_data(short_run, result, tmp_path):
     out = tmp_path / "eval.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train.eval",
-            "--checkpoint",
-            str(short_run / "final"),
-            "--base",
-            "--json",
-            "--out",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = python_m("train.eval", "--checkpoint", short_run / "final", "--base", "--json", "--out", out, timeout=300)
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert printed == json.loads(out.read_text())
@@ -121,25 +102,8 @@ def test_cli_json_defaults_to_the_runs_eval_data(short_run, result, tmp_path):
 
 
 def test_cli_errors(short_run, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "train.eval", "--checkpoint", str(tmp_path / "nope")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = python_m("train.eval", "--checkpoint", tmp_path / "nope", timeout=120)
     assert proc.returncode == 2 and "no such checkpoint directory" in proc.stderr
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train.eval",
-            "--checkpoint",
-            str(short_run / "final"),
-            "--data",
-            str(tmp_path / "missing.txt"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    missing = tmp_path / "missing.txt"
+    proc = python_m("train.eval", "--checkpoint", short_run / "final", "--data", missing, timeout=120)
     assert proc.returncode == 2 and "missing.txt: no such file" in proc.stderr

@@ -16,6 +16,7 @@ import pytest
 from aegis import gguf_context, llamacpp
 from export import names
 from export.pipeline import export_gguf
+from support.commands import python_m
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,12 @@ def _crash_env(tmp_path: Path, when: str) -> dict:
     (site / "sitecustomize.py").write_text(CRASHER)
     path = [str(site), str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "CRASH_WHEN": when}
+
+
+def _export_q8_0(tiny_path: Path, out: Path, tmp_path: Path, crash: str):
+    """`python -m export gguf` of the tiny model to OUT/m.gguf in q8_0, with llama.cpp crashing as `crash` says."""
+    args = ("--model", tiny_path, "--out", out / "m.gguf", "--type", "q8_0", "--no-progress")
+    return python_m("export", "gguf", *args, env=_crash_env(tmp_path, crash))
 
 
 def test_llama_cpp_is_loaded_only_through_the_runtime():
@@ -106,26 +113,7 @@ def test_every_offered_type_loads_and_decodes(tiny_path, tmp_path):
 
 def test_a_crash_in_llama_cpp_is_a_clear_error_and_leaves_no_file(tiny_path, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "export",
-            "gguf",
-            "--model",
-            str(tiny_path),
-            "--out",
-            str(out / "m.gguf"),
-            "--type",
-            "q8_0",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=_crash_env(tmp_path, "always"),
-        timeout=600,
-    )
+    proc = _export_q8_0(tiny_path, out, tmp_path, "always")
     assert proc.returncode == 1, proc.stderr[-2000:]
     err = proc.stderr
     assert "m.gguf" in err and "Q8_0" in err and "SIGSEGV" in err, err[-2000:]
@@ -137,26 +125,7 @@ def test_a_crash_in_llama_cpp_is_a_clear_error_and_leaves_no_file(tiny_path, tmp
 def test_fast_cpu_paths_are_dropped_only_when_they_crash(tiny_path, tmp_path):
     """A build whose extra buffer types crash still exports: the probe falls back, says so, and parity runs."""
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "export",
-            "gguf",
-            "--model",
-            str(tiny_path),
-            "--out",
-            str(out / "m.gguf"),
-            "--type",
-            "q8_0",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=_crash_env(tmp_path, "extra_bufts"),
-        timeout=600,
-    )
+    proc = _export_q8_0(tiny_path, out, tmp_path, "extra_bufts")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     text = proc.stdout + proc.stderr
     assert "killed by SIGSEGV" in text and "stay off for this file" in text
@@ -187,14 +156,7 @@ def test_the_server_says_what_failed_when_llama_cpp_crashes(tiny_path, tmp_path)
     """`serve` checks at start-up that the model decodes; a native crash there is a one-line error and exit 1."""
     path = tmp_path / "m.gguf"
     export_gguf(tiny_path, path, "q8_0", progress=False, check_parity=False, log=lambda *_: None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "serve", "--model", str(path), "--port", "18677"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=_crash_env(tmp_path, "always"),
-        timeout=300,
-    )
+    proc = python_m("serve", "--model", path, "--port", "18677", env=_crash_env(tmp_path, "always"), timeout=300)
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert "could not load the model" in proc.stderr and "SIGSEGV" in proc.stderr and str(path) in proc.stderr
 

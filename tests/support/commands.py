@@ -1,0 +1,15 @@
+"""An AEGIS command run as a user runs it: `python -m MODULE ARGS` from the repository, its output captured."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def python_m(module: str, *args, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` (each argument as text) in the repository, with stdout and stderr captured as text."""
+    argv = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
