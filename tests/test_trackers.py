@@ -171,8 +171,11 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
         [(TOTAL, round(evaluated, 4))]
     assert LOGGED <= set(found[0].data.metrics) and found[0].data.params["schedule.total_steps"] == str(TOTAL)
 
-    # trackio: one run in its local store
+    # trackio: one run in its local store (TRACKIO_DIR), read through trackio's storage class pointed at it
+    from trackio import sqlite_storage
     from trackio.sqlite_storage import SQLiteStorage
+    assert (tmp_path / "trackio" / SQLiteStorage.get_project_db_filename("aegis")).is_file()
+    monkeypatch.setattr(sqlite_storage, "TRACKIO_DIR", tmp_path / "trackio")  # read once, at its first import
     assert SQLiteStorage.get_runs("aegis") == [first["trackio"]["name"]]
     logs = SQLiteStorage.get_logs("aegis", first["trackio"]["name"])
     unique_steps([row["step"] for row in logs if "loss" in row])
