@@ -55,8 +55,6 @@ class Deadline(Exception):
 def setup_env() -> None:
     for k, v in OFFLINE.items():
         os.environ[k] = v
-    # Unsloth writes its patched modelling code to ./unsloth_compiled_cache: keep it out of the repository
-    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", "/tmp/unsloth_compiled_cache")
 
 
 def versions() -> dict:
@@ -102,7 +100,11 @@ def check(model, dropout: float, batch: dict) -> dict:
     layers = decoder_layers(model)
     drops = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
     ps = sorted({float(getattr(d, "p", 0.0)) for d in drops})  # p = 0 is an nn.Identity in PEFT
-    four = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    try:  # bitsandbytes' own class (PEFT's LoRA wrapper around it shares the name)
+        from bitsandbytes.nn import Linear4bit
+        four = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    except ImportError:
+        four = []
     states = [getattr(m.weight, "quant_state", None) for m in four]
     lora = [n for n, m in model.named_modules() if n.endswith(".lora_A")]
     out = {"training": bool(model.training) and bool(layers) and all(m.training for m in layers + drops),
@@ -135,6 +137,8 @@ def check(model, dropout: float, batch: dict) -> dict:
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         if dev.type == "cuda":
             torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - hooks inside compiled code may break a step; the rows still run
+        out["count_error"] = repr(e)[-1000:]
     finally:
         for h in hooks:
             h.remove()
@@ -310,6 +314,11 @@ class Runner:
 
 def run(args) -> None:
     setup_env()
+    # Unsloth writes its patched modelling code to ./unsloth_compiled_cache: run in the work directory, not the
+    # repository (its default location, as users get it)
+    args.out, args.work = args.out.resolve(), args.work.resolve()
+    (args.work / "unsloth-cwd").mkdir(parents=True, exist_ok=True)
+    os.chdir(args.work / "unsloth-cwd")
     t0 = time.time()
     import torch
     import unsloth  # noqa: F401 - before transformers, as Unsloth requires

@@ -149,3 +149,22 @@ def test_a_long_search_cut_by_the_deadline_says_so(tmp_path, monkeypatch):
     assert [n for _, n in tried] == [16384]
     assert results["longest_within_budget"] == {"u": 16384} and results["long_search_cut_short"] == ["u"]
     assert "search cut short" in train_unsloth.table([results])
+
+
+def test_checks_count_the_4bit_base_layers(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, Phi3ForCausalLM
+    tiny_phi3(tmp_path / "m")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    model = Phi3ForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q, device_map="cpu")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                             target_modules=["qkv_proj", "o_proj"]))
+    model.train()
+    batch = {"input_ids": torch.randint(0, 32064, (1, 12)), "attention_mask": torch.ones(1, 12, dtype=torch.long)}
+    batch["labels"] = batch["input_ids"].clone()
+    out = train_unsloth.check(model, 0.0, batch)
+    # qkv, o, gate_up, down in each of 2 layers: PEFT's wrappers of the same name are not counted again
+    assert out["linear4bit_layers"] == 8 and out["quant_types"] == ["nf4"] and out["double_quant"] == [True]
+    assert out["four_bit_ok"] and out["dropout_ok"] and out["lora_dropout_p"] == [0.0]
+    assert not out["checkpointing_seen"] and not out["ok"]  # not checkpointed here, and the check says so
