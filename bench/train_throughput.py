@@ -5,7 +5,9 @@ One run measures, side by side on the same card and the same real tokens:
       o_proj, prepare_model_for_kbit_training, AdamW 2e-4, HF forward with labels, in training mode (checked: the
       layers are training and, where the row says so, checkpointed);
   (b) `python -m train` (the product's own path: soul + seed schedule), run as a user runs it, through the Borea
-      config file with the base laid out as a hub snapshot (HF_HUB_OFFLINE=1), so the Borea code path is the one timed.
+      config file with the base laid out as a hub snapshot (HF_HUB_OFFLINE=1), so the Borea code path is the one timed;
+  (c) Unsloth, on the same snapshot and windows: bench/train_unsloth.py, in its own process and environment (its
+      transformers pin is older than ours needs), after ours on the same card.
 Reported: tokens/s of real (non-padding) tokens (median over steps after warm-up), step time, peak
 torch.cuda.max_memory_allocated, and the mean loss of the last steps (speed must not come from doing less work).
 

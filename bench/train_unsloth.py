@@ -18,8 +18,9 @@ tokens/s is the median over the steps after --warmup; peak is torch.cuda.max_mem
 load is checked and the checks written with its rows: training mode, LoRA dropout, 4-bit base layers, and
 checkpointing seen, not assumed (decoder-layer forwards counted over one step: 2 per layer means recomputed).
 
-Unsloth pins transformers <= 5.17, so this runs in its own process and environment (.gpu-unsloth/run.sh); it must be
-imported before transformers, and it must never reach the network (the flags are set here before the import).
+Unsloth pins transformers <= 5.17 while ours needs >= 5.21, so this runs in its own process with its own PYTHONPATH,
+after ours on the same card; Unsloth is imported before transformers, and never reaches the network (the flags are
+set here before the import).
 
     python bench/train_unsloth.py --work /tmp/b --form llama --out unsloth_llama.json
     python bench/train_unsloth.py --table ours.json unsloth_llama.json unsloth_fused.json   # markdown for BENCHMARKS
