@@ -10,7 +10,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +17,8 @@ import pytest
 
 from aegis import checkpoint, manifest, metrics
 from aegis.runs import SUMMARY
-from conftest import QUICKSTART, ROOT, SHORT
-from test_integrity import MISSING_BASE, TINY, cli, flip, one_line_error, train
+from conftest import ROOT, SHORT
+from test_integrity import MISSING_BASE, TINY, cli, flip, one_line_error, train, train_argv
 
 
 def leftovers(root: Path) -> list[Path]:
@@ -145,17 +144,7 @@ def test_a_second_trainer_is_refused_while_the_first_runs_and_kill_9_frees_the_d
     ]
     with open(log, "w") as out:
         first = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "train",
-                "--config",
-                str(QUICKSTART),
-                "--run-dir",
-                str(run),
-                "--no-progress",
-                *[a for s in sets for a in ("--set", s)],
-            ],
+            train_argv(run, "--no-progress", *[a for s in sets for a in ("--set", s)]),
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -264,23 +253,17 @@ def test_a_gguf_on_a_full_disk_keeps_the_earlier_file(merged, small_fs):
     assert not leftovers(small_fs)
 
 
+def _gguf_args(merged: Path, out: Path, kind: str) -> tuple:
+    """`export gguf`'s arguments for the merged model written as `kind` at `out`, unchecked."""
+    return ("--model", merged, "--out", out, "--type", kind, "--skip-parity", "--no-progress")
+
+
 def test_a_k_quant_on_a_full_disk_is_one_line(merged, small_fs):
     """Room for the float intermediate but not for llama.cpp's quantized file: its writer does not say why it
     failed, so the full file system is recognised and named; the intermediate goes too."""
     out = small_fs / "tiny-q4_k_m.gguf"
     leave(small_fs, size_of(merged / "model.safetensors") + 2_000_000)
-    proc = cli(
-        "export",
-        "gguf",
-        "--model",
-        str(merged),
-        "--out",
-        str(out),
-        "--type",
-        "q4_k_m",
-        "--skip-parity",
-        "--no-progress",
-    )
+    proc = cli("export", "gguf", *_gguf_args(merged, out, "q4_k_m"))
     assert "quantizing to q4_k_m with llama.cpp" in proc.stdout  # the intermediate was written
     one_line_error(proc, str(small_fs), "tiny-q4_k_m", "no space left on device", "bytes it had written")
     assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
@@ -291,26 +274,6 @@ def test_a_gguf_past_the_file_size_limit_is_one_line(merged, tmp_path):
     out = tmp_path / "out" / "tiny-f16.gguf"
     out.parent.mkdir()
     limit = size_of(merged / "model.safetensors") // 4
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "export",
-            "gguf",
-            "--model",
-            str(merged),
-            "--out",
-            str(out),
-            "--type",
-            "f16",
-            "--skip-parity",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-        preexec_fn=file_size_limit(limit),
-    )
+    proc = cli("export", "gguf", *_gguf_args(merged, out, "f16"), preexec_fn=file_size_limit(limit))
     one_line_error(proc, f"{out} (unchecked)", f"file-size limit (ulimit -f) of {limit:,} bytes", "needs about")
     assert list(out.parent.iterdir()) == []

@@ -15,6 +15,7 @@ import pytest
 from aegis import checkpoint, manifest, metrics
 from aegis.config import ConfigError, build
 from conftest import QUICKSTART, ROOT, SHORT, train_cli
+from support.commands import python_m
 
 TINY = [
     "schedule.total_steps=4",
@@ -26,13 +27,17 @@ TINY = [
 MISSING_BASE = "model.base=/nonexistent/aegis-base"  # loading it would fail: an error about it means we got that far
 
 
-def cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+cli = python_m  # a command as a user runs it
+
+
+def train_argv(run_dir: Path, *more: str) -> list[str]:
+    """`python -m train` of the quickstart recipe into `run_dir`, with `more` arguments."""
+    return [sys.executable, "-m", "train", "--config", str(QUICKSTART), "--run-dir", str(run_dir), *more]
 
 
 def train(run_dir: Path, *overrides: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    args = ["--config", str(QUICKSTART), "--run-dir", str(run_dir), "--no-progress", *flags]
-    return cli("train", *args, *[a for o in overrides for a in ("--set", o)])
+    argv = train_argv(run_dir, "--no-progress", *flags, *[a for o in overrides for a in ("--set", o)])
+    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *named: str) -> str:
@@ -220,18 +225,7 @@ def test_bad_run_directories_fail_before_the_model_loads(tiny_path, tmp_path):
     one_line_error(train(a_file, MISSING_BASE), str(a_file), "is not a directory")
     one_line_error(train(a_file / "run", MISSING_BASE), str(a_file / "run"), "cannot be written")
     ro = tmp_path / "ro"
-    proc = _read_only(
-        ro,
-        sys.executable,
-        "-m",
-        "train",
-        "--config",
-        str(QUICKSTART),
-        "--run-dir",
-        str(ro / "run"),
-        "--set",
-        MISSING_BASE,
-    )
+    proc = _read_only(ro, *train_argv(ro / "run", "--set", MISSING_BASE))
     one_line_error(proc, str(ro / "run"), "Read-only file system")
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def python_m(module: str, *args, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m MODULE ARGS` (each argument as text) in the repository, with stdout and stderr captured as text."""
+def python_m(module: str, *args, timeout: float = 600, **run) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` (each argument as text) in the repository, with stdout and stderr captured as text;
+    `run` goes to subprocess.run (env=, preexec_fn=)."""
     argv = [sys.executable, "-m", module, *map(str, args)]
-    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, **run)
