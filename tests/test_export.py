@@ -26,23 +26,16 @@ def export_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def export_all(run: Path, out: Path, *more: str) -> subprocess.CompletedProcess:
+    """`python -m export all` of RUN into OUT: the test's GGUF types, named tiny-soul."""
+    args = ("--run", str(run), "--out", str(out), "--type", ",".join(TYPES), "--name", "tiny-soul", *more)
+    return export_cli("all", *args, "--no-progress")
+
+
 @pytest.fixture(scope="session")
 def exported(short_run, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("export") / "out"
-    proc = export_cli(
-        "all",
-        "--run",
-        str(short_run),
-        "--out",
-        str(out),
-        "--type",
-        ",".join(TYPES),
-        "--name",
-        "tiny-soul",
-        "--system",
-        "あなたは親切なアシスタントです。",
-        "--no-progress",
-    )
+    proc = export_all(short_run, out, "--system", "あなたは親切なアシスタントです。")
     return {
         "run": short_run,
         "out": out,
@@ -284,18 +277,7 @@ def test_modelfile_template_renders_like_the_chat_template(exported):
 def test_rerun_is_idempotent(exported):
     before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in exported["gguf"].values()}
     merged_mtime = (exported["merged"] / "model.safetensors").stat().st_mtime_ns
-    proc = export_cli(
-        "all",
-        "--run",
-        str(exported["run"]),
-        "--out",
-        str(exported["out"]),
-        "--type",
-        ",".join(TYPES),
-        "--name",
-        "tiny-soul",
-        "--no-progress",
-    )
+    proc = export_all(exported["run"], exported["out"])
     assert "reusing" in proc.stdout
     after = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in exported["gguf"].values()}
     assert after == before and (exported["merged"] / "model.safetensors").stat().st_mtime_ns == merged_mtime
@@ -308,18 +290,7 @@ def test_rerun_remakes_a_gguf_whose_record_is_gone_or_wrong(exported):
     path = next(iter(exported["gguf"].values()))
     before = path.stat().st_mtime_ns
     digest.sidecar(path).unlink()
-    proc = export_cli(
-        "all",
-        "--run",
-        str(exported["run"]),
-        "--out",
-        str(exported["out"]),
-        "--type",
-        ",".join(TYPES),
-        "--name",
-        "tiny-soul",
-        "--no-progress",
-    )
+    proc = export_all(exported["run"], exported["out"])
     assert f"{path} already passed" not in proc.stdout
     assert path.stat().st_mtime_ns != before
     digest.verify(path)
