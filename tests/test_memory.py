@@ -1,18 +1,11 @@
 import pytest
 import torch
-from transformers import Phi3Config
 
 from aegis.config import ConfigError, build
 from aegis.memory import MIN_MICRO_TOKENS, estimate_gib, plan, plan_for
+from support.training import phi35_mini
 
-PHI35 = Phi3Config(
-    vocab_size=32064,
-    hidden_size=3072,
-    intermediate_size=8192,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-)
+PHI35 = phi35_mini()
 
 
 def test_estimate_lies_just_above_the_measured_peaks():

@@ -7,24 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Phi3Config
 
 from aegis import loading as model_mod
 from aegis.config import ConfigError, build
 from aegis.forwards import given
 from aegis.memory import estimate_gib, plan
 from aegis.tiled import _tiled_attention, _tiled_forward, tile_attentions, tile_mlps
-from support.training import assert_grads_close, loss_and_grads
+from support.training import assert_grads_close, loss_and_grads, phi35_mini
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
-PHI35 = Phi3Config(
-    vocab_size=32064,
-    hidden_size=3072,
-    intermediate_size=8192,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-)
+PHI35 = phi35_mini()
 
 
 def _model(tiny_path, device: str, *sets: str):

@@ -9,6 +9,14 @@ from aegis.forwards import given, take_back
 from train.loss import micro_loss
 
 
+def phi35_mini():
+    """A Phi3Config of Phi-3.5-mini's shapes, for the plans and slices that depend on shapes alone."""
+    from transformers import Phi3Config
+
+    shapes = {"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192}
+    return Phi3Config(**shapes, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
+
+
 def loss_and_grads(model, ids: torch.Tensor, offload: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch through the training loop's own loss (the sequence is its own labels): the loss and every
     gradient, which are then cleared. The seed is fixed first, so every call draws the same dropout masks."""
