@@ -119,8 +119,9 @@ class ToolFormat:
         raise NotImplementedError
 
     def reply_schema(self, call: dict, parallel: bool) -> dict:
-        """The JSON Schema of the reply's JSON, given `call`, the schema of one call."""
-        raise NotImplementedError
+        """The JSON Schema of the reply's JSON, given `call`, the schema of one call (by default a call is its own
+        JSON: the format writes each call apart, and reply_rules repeats them)."""
+        return call
 
     def reply_rules(self, auto: bool, parallel: bool) -> str:
         """GBNF rules around the schema's rule `json-reply` ("" when the schema's rule is the root itself)."""
@@ -197,9 +198,6 @@ class HermesFormat(ToolFormat):
     def result_text(self, name: str, content: str, call_id: str | None = None) -> str:
         return f"<tool_response>\n{content}\n</tool_response>"
 
-    def reply_schema(self, call: dict, parallel: bool) -> dict:
-        return call
-
     def reply_rules(self, auto: bool, parallel: bool) -> str:
         return self._rules('"<tool_call>\\n" json-reply "\\n</tool_call>"', '"\\n"', auto, parallel)
 
@@ -220,9 +218,6 @@ class Llama3Format(ToolFormat):
 
     def result_text(self, name: str, content: str, call_id: str | None = None) -> str:
         return content
-
-    def reply_schema(self, call: dict, parallel: bool) -> dict:
-        return call
 
     def reply_rules(self, auto: bool, parallel: bool) -> str:
         return self._rules("json-reply", '"; "', auto, parallel)
