@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from support.fixtures import client, server  # noqa: F401 - fixtures
+from support.replies import json_reply
 
 USER = [{"role": "user", "content": "今日の予定を JSON で教えてください。"}]
 POINT = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"]}
@@ -126,16 +127,7 @@ def schema_format(schema: dict, strict: bool = False) -> dict:
 def test_every_reply_validates_against_its_schema(client, name):
     schema = SCHEMAS[name]
     for seed in (1, 2):
-        r = client.chat.completions.create(
-            model="tiny",
-            messages=USER,
-            response_format=schema_format(schema),
-            temperature=1.0,
-            seed=seed,
-            max_tokens=400,
-        )
-        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
-        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        jsonschema.validate(json_reply(client, USER, schema_format(schema), seed, 400), schema)
 
 
 def test_enough_schemas():

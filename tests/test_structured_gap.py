@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from support.fixtures import client, server  # noqa: F401 - fixtures
+from support.replies import json_reply
 
 USER = [{"role": "user", "content": "Fill in the form as JSON."}]
 CHECK = jsonschema.Draft202012Validator.FORMAT_CHECKER
@@ -132,16 +133,7 @@ def schema_format(schema: dict, strict: bool | None = None) -> dict:
 def test_generated_replies_validate(client, name):
     schema = SCHEMAS.get(name, NARROWED.get(name))
     for seed in (1, 2, 3):
-        r = client.chat.completions.create(
-            model="tiny",
-            messages=USER,
-            response_format=schema_format(schema),
-            temperature=1.0,
-            seed=seed,
-            max_tokens=500,
-        )
-        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
-        jsonschema.validate(json.loads(r.choices[0].message.content), schema, format_checker=CHECK)
+        jsonschema.validate(json_reply(client, USER, schema_format(schema), seed, 500), schema, format_checker=CHECK)
 
 
 @pytest.mark.parametrize(
