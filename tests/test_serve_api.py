@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from support import serving
+from support.fixtures import served_files  # noqa: F401 - a fixture
 from support.serving import Server, metric
 
 KEY = "test-key-5f2c"
@@ -19,11 +19,6 @@ CHAT = [
     {"role": "system", "content": "あなたは親切なアシスタントです。"},
     {"role": "user", "content": "こんにちは。今日の天気はどうですか。"},
 ]
-
-
-@pytest.fixture(scope="session")
-def served_files(request) -> tuple[Path, Path]:
-    return serving.served_files(request)
 
 
 @pytest.fixture(scope="module")

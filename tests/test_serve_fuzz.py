@@ -15,33 +15,19 @@ import httpx
 import pytest
 
 from support import serving
+from support.fixtures import served_files  # noqa: F401 - a fixture
 from support.serving import Server
 
 KEY = "fuzz-key"
 MODEL = "tiny"
 
 
-@pytest.fixture(scope="session")
-def served_files(request):
-    return serving.served_files(request)
-
-
 @pytest.fixture(scope="module")
 def fuzz_server(served_files, tmp_path_factory):
     gguf, _ = served_files
     log = tmp_path_factory.mktemp("serve") / "fuzz.log"
-    with Server(
-        "--model",
-        f"{MODEL}={gguf}",
-        "--threads",
-        "1",
-        "--timeout",
-        "20",
-        "--max-tokens-default",
-        "64",
-        api_key=KEY,
-        log_path=log,
-    ) as s:
+    limits = ("--threads", "1", "--timeout", "20", "--max-tokens-default", "64")
+    with Server("--model", f"{MODEL}={gguf}", *limits, api_key=KEY, log_path=log) as s:
         yield s
 
 

@@ -1,5 +1,5 @@
-"""Fixtures the API test modules share by importing them: one server per module on the test run's GGUF (served
-as "tiny"), and the official openai client for it."""
+"""Fixtures the API test modules share by importing them: the test run's served files, one server per module on its
+GGUF (served as "tiny"), and the official openai client for it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ import openai
 import pytest
 
 from . import serving
+
+
+@pytest.fixture(scope="session")
+def served_files(request):
+    """(GGUF, tokenizer directory) of the exported test run, found once per test session."""
+    return serving.served_files(request)
 
 
 @pytest.fixture(scope="module")
