@@ -10,6 +10,8 @@ import shutil
 import pytest
 import torch
 
+from support.training import SMALL_SHAPE
+
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -31,12 +33,7 @@ def tied_checkpoint(tiny_path, tmp_path_factory) -> dict:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=64 * -(-len(tok) // 64),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **SMALL_SHAPE,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_word_embeddings=True,

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from support.tokenizers import copy_with_stripping_markers
+from support.training import SMALL_SHAPE
 
 
 def _template_parity(gguf_path, model_dir):
@@ -72,12 +73,7 @@ def test_qwen2_with_byte_level_bpe(tmp_path):
     model = Qwen2ForCausalLM(
         Qwen2Config(
             vocab_size=1024,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
+            **SMALL_SHAPE,
             tie_word_embeddings=False,
             eos_token_id=tok.eos_token_id,
         )

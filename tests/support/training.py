@@ -8,6 +8,10 @@ from aegis import soul as soul_mod
 from aegis.forwards import given, take_back
 from train.loss import micro_loss
 
+# a decoder small enough to build and export inside a test: two layers, grouped-query attention
+SMALL_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=512)
+
 
 def phi35_mini():
     """A Phi3Config of Phi-3.5-mini's shapes, for the plans and slices that depend on shapes alone."""
