@@ -10,7 +10,9 @@ temperature 0.8, top_p 0.95, a seed each) of --tokens tokens each (end-of-turn i
 asyncio loop reads their text as the API does. llama_decode is timed where the engine calls it; a step is the time
 from one llama_decode's start to the next one's, taken only over steps where every slot decodes one token (no
 prompt being read). Reported per slot count: the median step, the median llama_decode, their difference (the
-engine's overhead per step) and its share, and tokens/s. --profile adds the scheduler thread's top functions by own
+engine's overhead per step) and its share, and tokens/s; then the mean time per step (every step) in llama_decode,
+in filling the batch and reading the logits, in sampling, in turning tokens into text with stops and bookkeeping,
+and in handing the step's text to the event loop. --profile adds the scheduler thread's top functions by own
 time. Without --gguf, the GGUF of a short training run of the embedded model is made (and cached) first.
 """
 
@@ -59,6 +61,22 @@ class TimedRuntime:
         return rc
 
 
+def _timed(obj, name: str, totals: dict) -> None:
+    """obj.name, with the seconds spent in it added to totals[name]."""
+    totals[name] = 0.0
+    fn = getattr(obj, name, None)
+    if fn is None:  # an engine without it (the wake-up was part of each token's handling before it had its own)
+        return
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[name] += time.perf_counter() - start
+    setattr(obj, name, timed)
+
+
 async def _read(job: Job) -> int:
     n = 0
     async for pieces in job.events():
@@ -81,6 +99,9 @@ def measure(backend, slots: int, tokens: int, sampled: bool, profile: bool) -> d
         pool._run = profiled
     pool.start()
     timed = pool._batch.lib = TimedRuntime(pool._batch.lib)
+    totals: dict[str, float] = {}
+    for obj, name in ((pool, "_step"), (pool, "_wake"), (pool._batch, "decode"), (pool._batch, "sample")):
+        _timed(obj, name, totals)
     prompt = backend.tokenize(PROMPT)
 
     async def main():
@@ -110,6 +131,11 @@ def measure(backend, slots: int, tokens: int, sampled: bool, profile: bool) -> d
                llama_decode_ms=round(decode, 3), overhead_ms=round(over, 3),
                overhead_share=round(over / step, 3), overhead_us_per_slot=round(over * 1e3 / slots, 1),
                tokens_per_s=round(generated / wall, 1))
+    # where a step's time goes, as means over every step (prompt steps too)
+    n, llama = len(calls), sum(end - start for start, end, _ in calls)
+    split = dict(llama_decode=llama, batch=totals["decode"] - llama, sampling=totals["sample"],
+                 text_and_bookkeeping=totals["_step"] - totals["decode"] - totals["sample"], wake=totals["_wake"])
+    out["mean_ms"] = {k: round(v / n * 1e3, 3) for k, v in split.items()}
     if prof is not None:
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(18)
@@ -142,6 +168,7 @@ def main() -> None:
             print(f"{slots:3d} slots: step {row['step_ms']:.3f} ms, llama_decode {row['llama_decode_ms']:.3f} ms, "
                   f"overhead {row['overhead_ms']:.3f} ms ({row['overhead_share']:.0%}, "
                   f"{row['overhead_us_per_slot']:.1f} us/slot), {row['tokens_per_s']:.0f} tokens/s", flush=True)
+            print("     mean per step (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in row["mean_ms"].items()))
             if args.profile:
                 print(row["profile"])
     finally:

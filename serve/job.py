@@ -12,6 +12,7 @@ engine's thread should not wait for it back before its next llama_decode (which 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from collections import deque
@@ -183,37 +184,31 @@ def _set(jobs: list[Job]) -> None:
 
 
 class Waker:
-    """A thread that wakes the event loops of the jobs handed to it (`put`), in the order they come."""
+    """A thread that wakes the event loops of the jobs handed to it (`put`), in the order they come. Handing over
+    never waits: the engine's thread puts a list on a queue and goes on."""
 
     def __init__(self):
-        self._jobs: list[Job] = []
-        self._cv = threading.Condition()
-        self._closed = False
+        self._queue: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="model-wake", daemon=True)
         self._thread.start()
 
     def put(self, jobs: list[Job]) -> None:
-        with self._cv:
-            self._jobs += jobs
-            self._cv.notify()
+        self._queue.put(jobs)
 
     def close(self) -> None:
         """After every job handed over so far is woken."""
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
+        self._queue.put(None)
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._jobs and not self._closed:
-                    self._cv.wait()
-                jobs, self._jobs = self._jobs, []
-            if jobs:
-                wake(jobs)
-            elif self._closed:
-                return
+        while (jobs := self._queue.get()) is not None:
+            while not self._queue.empty():  # what came meanwhile, in the same wake-up
+                more = self._queue.get()
+                if more is None:
+                    wake(jobs)
+                    return
+                jobs += more
+            wake(jobs)
 
 
 class Decoding:

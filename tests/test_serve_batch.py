@@ -145,7 +145,7 @@ def _one_by_one(backend, ids: list[int], settings: list[Sampling], n: int) -> li
 
 def test_batched_sampling_picks_what_llama_cpp_picks_for_each_request(request):
     """Requests of every kind of sampling decoded together (greedy slots all at once from the logits matrix, the
-    others through their chains on threads) get the tokens llama.cpp's own sampler picks for each of them."""
+    others through their chains) get the tokens llama.cpp's own sampler picks for each of them."""
     gguf, _ = serving.served_files(request)
     backend = LlamaCppBackend(gguf, n_threads=1)
     ids = prompt.chat_ids(backend, USER)

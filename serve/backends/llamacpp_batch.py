@@ -74,8 +74,14 @@ class LlamaBatch:
         self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self._logits = np.zeros((0, self.n_vocab), np.float32)  # the last decode's logits, one row per output
         self._best: np.ndarray | None = None  # each of those rows' largest logit, when a greedy slot asks
-        self._threads = min(slots, os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="aegis-sample")
+        self._view = (0, 0)  # the address and rows of that view
+        self._at: list[int] | None = None  # each of those rows' place in the batch, when a sampling chain asks
+        self._n = 0  # the last decode's tokens
+        cores = os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(min(slots, cores), thread_name_prefix="aegis-sample")
+        # sampling chains go to threads only where cores are left beside llama.cpp's (half of them by default):
+        # on two cores a thread per part costs more hand-overs of the GIL than it saves
+        self._chain_threads = min(slots, cores // 2) if cores > 2 else 1
         banned = backend.controls_not_eog
         self._ban = (lib.llama_logit_bias * len(banned))(*[lib.llama_logit_bias(int(t), -np.inf) for t in banned])
 
@@ -189,9 +195,13 @@ class LlamaBatch:
         for index, tokens, _ in feeds:
             self.slots[index].cached.extend(tokens)
         if outputs:  # rows in batch order (llama.cpp keeps them so), read in place until the next decode
+            # (llama_get_logits also puts llama.cpp's rows in order, once: what llama_sampler_sample reads after it
+            # on the sampling threads is then only read)
             ptr = self.lib.llama_get_logits(self.ctx)
-            self._logits = np.ctypeslib.as_array(ptr, shape=(outputs, self.n_vocab))
-        self._best = None
+            view = (ctypes.addressof(ptr.contents), outputs)
+            if view != self._view:  # llama.cpp keeps its buffer from step to step: so does the view of it
+                self._logits, self._view = np.ctypeslib.as_array(ptr, shape=(outputs, self.n_vocab)), view
+        self._best, self._at, self._n = None, None, n
         return rows
 
     def _grammar(self, text: str):
@@ -206,47 +216,46 @@ class LlamaBatch:
         return chain
 
     def sample(self, rows: dict[int, int]) -> dict[int, int]:
-        """Each slot's next token from the logits at its row (its samplers also record it), all slots in one pass:
-        a greedy slot's token is its row's first largest logit (what llama.cpp's greedy sampler picks), taken for
-        every row at once; any other chain runs on llama.cpp's samplers over the row, and slots under a grammar or
-        with a sampling chain run on threads at once: their time is spent inside llama.cpp, where ctypes lets go of
-        the GIL, so several such requests cost the decode thread about as much as one."""
-        out, slots, logits = {}, self.slots, self._logits
+        """Each slot's next token from the logits at its row (its samplers also record it), all slots in one pass.
+        A greedy slot's token is its row's first largest logit (what llama.cpp's greedy sampler picks), taken for
+        every row at once. A slot under a grammar, and, where there are cores to spare, the slots with a sampling
+        chain (split among threads), are sampled on threads meanwhile: their time is spent inside llama.cpp, where
+        ctypes lets go of the GIL, so several such requests cost the decode thread about as much as one."""
+        out, slots = {}, self.slots
         argmax = [i for i in rows if slots[i].argmax]
         if argmax:
             if self._best is None:
-                self._best = logits.argmax(axis=1)
+                self._best = self._logits.argmax(axis=1)
             out = {i: int(self._best[rows[i]]) for i in argmax}
-        others = [(i, rows[i]) for i in rows if not slots[i].argmax]
-        n = min(len(others), self._threads)
+        chains = [(i, rows[i]) for i in rows if not slots[i].argmax and slots[i].grammar is None]
+        if chains and self._at is None:
+            self._at = np.flatnonzero(self._want[:self._n]).tolist()
+        n = min(len(chains), self._chain_threads)
+        running = [self._pool.submit(self._chains, chains[k::n]) for k in range(n)] if n > 1 else []
+        running += [self._pool.submit(self._constrained, i, rows[i]) for i in rows if slots[i].grammar is not None]
         if n <= 1:
-            return out | self._sample_some(others)
-        for part in self._pool.map(self._sample_some, [others[k::n] for k in range(n)]):
-            out |= part
+            out |= self._chains(chains)
+        for f in running:
+            out |= f.result()
         return out
 
-    def _sample_some(self, rows: list[tuple[int, int]]) -> dict[int, int]:
-        out = {}
-        for i, row in rows:
-            slot, logits = self.slots[i], self._logits[row]
-            if slot.grammar is not None:
-                out[i] = self._constrained(slot, logits)
-            else:
-                out[i] = self._pick(logits, [slot.sampler])  # as llama_sampler_sample does, over this row
-                self.lib.llama_sampler_accept(slot.sampler, out[i])
-        return out
+    def _chains(self, rows: list[tuple[int, int]]) -> dict[int, int]:
+        """llama.cpp's own sampling of each slot's row, which also records the token in the slot's chain."""
+        lib, ctx, slots, at = self.lib, self.ctx, self.slots, self._at
+        return {i: lib.llama_sampler_sample(slots[i].sampler, ctx, at[row]) for i, row in rows}
 
-    def _constrained(self, slot: Slot, logits: np.ndarray) -> int:
+    def _constrained(self, index: int, row: int) -> dict[int, int]:
         """The chain picks first and the grammar checks that one token; only when it refuses does the grammar mask
         the whole vocabulary and the chain pick again. Checking a token costs microseconds, masking the vocabulary
         milliseconds. Greedy picks what it would have picked under the mask; sampling draws the allowed tokens in
         proportion to their probability either way, as llama.cpp's own common sampler does."""
+        slot, logits = self.slots[index], self._logits[row]
         token = self._pick(logits, [slot.sampler])
         if not self._allows(slot.grammar, token):
             token = self._pick(logits, [slot.grammar, slot.sampler])
         self.lib.llama_sampler_accept(slot.grammar, token)
         self.lib.llama_sampler_accept(slot.sampler, token)
-        return token
+        return {index: token}
 
     def _candidates(self, cur: np.ndarray):
         lib = self.lib
