@@ -51,15 +51,20 @@ def test_overrides_parse_toml_values_and_bare_words():
     assert cfg.data.train == ["a.txt", "b.jsonl"]
 
 
+def refused(path: Path, text: str, overrides: list[str]) -> ConfigError:
+    """The ConfigError of a recipe holding `text`, written at `path`, loaded with `overrides`."""
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(path, overrides)
+    return err.value
+
+
 def test_every_problem_is_reported_at_once(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text(
-        '[model]\nquantization = "int3"\ncolour = "red"\n[lora]\nr = "sixteen"\n'
-        "[schedule]\ntotal_steps = 10\nwarmup_steps = 8\nanneal_steps = 8\n[extra]\nx = 1\n"
-    )
-    with pytest.raises(ConfigError) as err:
-        load(bad, ["train.lr=-1", "soul.mix=blend", "nonsense"])
-    msg = str(err.value)
+    text = '[model]\nquantization = "int3"\ncolour = "red"\n[lora]\nr = "sixteen"\n'
+    text += "[schedule]\ntotal_steps = 10\nwarmup_steps = 8\nanneal_steps = 8\n[extra]\nx = 1\n"
+    error = refused(bad, text, ["train.lr=-1", "soul.mix=blend", "nonsense"])
+    msg = str(error)
     assert str(bad) in msg
     for fragment in (
         "model.quantization: 'int3'",
@@ -72,7 +77,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
         "expected section.key=value",
     ):
         assert fragment in msg, fragment
-    assert len(err.value.problems) == 8
+    assert len(error.problems) == 8
 
 
 def test_invalid_toml_names_the_file(tmp_path):
@@ -98,13 +103,9 @@ def test_one_problem_is_one_line_naming_file_and_key(tmp_path):
 
 def test_each_problem_names_the_line_of_its_key_or_its_override(tmp_path):
     bad = tmp_path / "lines.toml"
-    bad.write_text(
-        '# a recipe\n[model]\nbase = "embedded"\nquantization = "int3"\n\n[lora]\nr = 0\n'
-        "[schedule]\ntotal_steps = 10\nwarmup_steps = 8\nanneal_steps = 8\n[extra]\nx = 1\n"
-    )
-    with pytest.raises(ConfigError) as err:
-        load(bad, ["train.lr=-1", "nonsense"])
-    assert sorted(str(err.value).splitlines()) == sorted(
+    text = '# a recipe\n[model]\nbase = "embedded"\nquantization = "int3"\n\n[lora]\nr = 0\n'
+    text += "[schedule]\ntotal_steps = 10\nwarmup_steps = 8\nanneal_steps = 8\n[extra]\nx = 1\n"
+    assert sorted(str(refused(bad, text, ["train.lr=-1", "nonsense"])).splitlines()) == sorted(
         [
             f"{bad}:4: model.quantization: 'int3' is not one of nf4, none",
             f"{bad}:7: lora.r: must be > 0, got 0",
