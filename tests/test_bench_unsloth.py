@@ -25,6 +25,19 @@ def tiny_phi3(path):
     return model
 
 
+def lora_check(model, dropout: float) -> tuple:
+    """(the model with LoRA (r 4, `dropout`) on qkv_proj and o_proj, a random 12-token batch, train_unsloth.check of
+    the two)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["qkv_proj", "o_proj"])
+    model = get_peft_model(model, lora)
+    model.train()
+    batch = {"input_ids": torch.randint(0, 32064, (1, 12)), "attention_mask": torch.ones(1, 12, dtype=torch.long)}
+    batch["labels"] = batch["input_ids"].clone()
+    return model, batch, train_unsloth.check(model, dropout, batch)
+
+
 def test_llamafied_copy_gives_the_same_logits(tmp_path):
     from transformers import LlamaForCausalLM
     phi3 = tiny_phi3(tmp_path / "phi3")
@@ -47,16 +60,10 @@ def test_llamafy_refuses_a_rope_it_cannot_carry():
 
 @pytest.mark.parametrize("ckpt", [True, False])
 def test_checks_see_checkpointing_and_dropout(tmp_path, ckpt):
-    from peft import LoraConfig, get_peft_model
     model = tiny_phi3(tmp_path / "m")
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05,
-                                             target_modules=["qkv_proj", "o_proj"]))
-    model.train()
-    batch = {"input_ids": torch.randint(0, 32064, (1, 12)), "attention_mask": torch.ones(1, 12, dtype=torch.long)}
-    batch["labels"] = batch["input_ids"].clone()
-    out = train_unsloth.check(model, 0.05, batch)
+    model, batch, out = lora_check(model, 0.05)
     assert out["training"] and out["dropout_ok"] and out["lora_targets"] == ["o_proj", "qkv_proj"]
     assert out["layer_forwards_per_step"] == (2.0 if ckpt else 1.0)
     assert out["checkpointing_seen"] is ckpt
@@ -152,18 +159,12 @@ def test_a_long_search_cut_by_the_deadline_says_so(tmp_path, monkeypatch):
 
 
 def test_checks_count_the_4bit_base_layers(tmp_path):
-    from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, Phi3ForCausalLM
     tiny_phi3(tmp_path / "m")
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32)
     model = Phi3ForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q, device_map="cpu")
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                             target_modules=["qkv_proj", "o_proj"]))
-    model.train()
-    batch = {"input_ids": torch.randint(0, 32064, (1, 12)), "attention_mask": torch.ones(1, 12, dtype=torch.long)}
-    batch["labels"] = batch["input_ids"].clone()
-    out = train_unsloth.check(model, 0.0, batch)
+    _, _, out = lora_check(model, 0.0)
     # qkv, o, gate_up, down in each of 2 layers: PEFT's wrappers of the same name are not counted again
     assert out["linear4bit_layers"] == 8 and out["quant_types"] == ["nf4"] and out["double_quant"] == [True]
     assert out["four_bit_ok"] and out["dropout_ok"] and out["lora_dropout_p"] == [0.0]
