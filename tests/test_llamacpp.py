@@ -60,10 +60,10 @@ def _export_q8_0(tiny_path: Path, out: Path, tmp_path: Path, crash: str):
 
 def test_llama_cpp_is_loaded_only_through_the_runtime():
     """aegis.llamacpp.runtime() puts the real C++ runtime in the global symbol scope before llama.cpp's libraries
-    load. Anything that imports llama_cpp before it undoes that: on the GPU machine the CUDA build's server died in
-    llama_model::print_info, whose std::ostream calls had bound to libstdc++ copies exported by libggml-cuda.so,
-    because serve/structured.py imported llama_cpp's grammar module at import time. So: no product module imports
-    llama_cpp at its top level, and importing the entry points leaves it unloaded."""
+    load. Anything that imports llama_cpp before it undoes that: a CUDA build's std::ostream calls then bind to the
+    libstdc++ copies libggml-cuda.so exports and crash in llama_model::print_info, even for an import of llama_cpp's
+    grammar module alone. So no product module imports llama_cpp at its top level, and importing the entry points
+    leaves it unloaded."""
     import ast
 
     offenders = []
