@@ -30,8 +30,12 @@ def use_causal_sdpa(model, max_length: int) -> bool:
     except ImportError:
         return False
     window = getattr(model.config, "sliding_window", None)
-    if (model.config._attn_implementation != "sdpa" or (window is not None and window < max_length)
-            or getattr(model.config, "attention_chunk_size", None) or not hasattr(model, "set_attn_implementation")):
+    if (
+        model.config._attn_implementation != "sdpa"
+        or (window is not None and window < max_length)
+        or getattr(model.config, "attention_chunk_size", None)
+        or not hasattr(model, "set_attn_implementation")
+    ):
         return False
     AttentionInterface.register(NAME, sdpa_attention_forward)
     model.set_attn_implementation(NAME)

@@ -41,8 +41,9 @@ def compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
-def render(source: str, messages: list[dict], special_tokens: dict[str, str],
-           add_generation_prompt: bool = True) -> str:
+def render(
+    source: str, messages: list[dict], special_tokens: dict[str, str], add_generation_prompt: bool = True
+) -> str:
     """The prompt text for `messages` (dicts with role and content); special_tokens gives the template its
     bos_token, eos_token, ... variables."""
     try:

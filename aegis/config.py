@@ -135,7 +135,7 @@ def _coerce(value: Any, typ: Any, key: str, problems: list[str]) -> Any:
     if typ == (bool | str):  # true, false or "auto"
         if isinstance(value, bool) or value == "auto":
             return value
-        problems.append(f"{key}: expected true, false or \"auto\", got {value!r}")
+        problems.append(f'{key}: expected true, false or "auto", got {value!r}')
         return None
     if typ == (str | list[str]):  # a single word such as "auto", or a list of names
         if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
@@ -182,8 +182,9 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def build(raw: dict[str, Any], overrides: list[str] = (), source: str = "<config>",
-          lines: dict[str, int] | None = None) -> Config:
+def build(
+    raw: dict[str, Any], overrides: list[str] = (), source: str = "<config>", lines: dict[str, int] | None = None
+) -> Config:
     """Turn nested dict + overrides into a Config, or raise ConfigError listing every problem. `lines` (from
     `key_lines`) gives the line of each key of the source, so a problem names it."""
     problems: list[str] = []
@@ -221,34 +222,61 @@ def build(raw: dict[str, Any], overrides: list[str] = (), source: str = "<config
                 setattr(target, name, coerced)
     problems += validate(cfg)
     if problems:
+
         def where(key: str) -> str | None:
             if key.startswith("--set "):  # a problem of the override itself names it
                 return ""
             if key in overridden:
                 return "--set "
             return f"{source}:{lines[key]}: " if lines and key in lines else None
+
         raise ConfigError(source, problems, where)
     return cfg
 
 
 # the keys whose value is one of a list, and the numbers that must be above zero (or at least zero)
-CHOICES = {"model.quantization": QUANTIZATIONS, "model.dtype": DTYPES, "soul.mix": MIXES, "soul.init": INITS,
-           "soul.alpha_mode": ALPHA_MODES, "schedule.shape": SHAPES, "train.lr_schedule": LR_SCHEDULES,
-           "data.packing": PACKING}
-POSITIVE = ("lora.r", "lora.alpha", "schedule.total_steps", "schedule.anneal_steps", "train.lr", "train.batch_size",
-            "train.grad_accum", "train.save_steps", "train.memory_budget_gib")
-NOT_NEGATIVE = ("schedule.warmup_steps", "train.weight_decay", "train.max_grad_norm", "train.lr_warmup_steps",
-                "train.keep_last")
+CHOICES = {
+    "model.quantization": QUANTIZATIONS,
+    "model.dtype": DTYPES,
+    "soul.mix": MIXES,
+    "soul.init": INITS,
+    "soul.alpha_mode": ALPHA_MODES,
+    "schedule.shape": SHAPES,
+    "train.lr_schedule": LR_SCHEDULES,
+    "data.packing": PACKING,
+}
+POSITIVE = (
+    "lora.r",
+    "lora.alpha",
+    "schedule.total_steps",
+    "schedule.anneal_steps",
+    "train.lr",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.save_steps",
+    "train.memory_budget_gib",
+)
+NOT_NEGATIVE = (
+    "schedule.warmup_steps",
+    "train.weight_decay",
+    "train.max_grad_norm",
+    "train.lr_warmup_steps",
+    "train.keep_last",
+)
 
 
 def validate(cfg: Config) -> list[str]:
     """Every problem of the values of a Config, each starting with its key."""
+
     def value(key: str) -> Any:
         section, name = key.split(".")
         return getattr(getattr(cfg, section), name)
 
-    p = [f"{k}: {value(k)!r} is not one of {', '.join(allowed)}" for k, allowed in CHOICES.items()
-         if value(k) not in allowed]
+    p = [
+        f"{k}: {value(k)!r} is not one of {', '.join(allowed)}"
+        for k, allowed in CHOICES.items()
+        if value(k) not in allowed
+    ]
     p += [f"{k}: must be > 0, got {value(k)}" for k in POSITIVE if value(k) <= 0]
     p += [f"{k}: must be >= 0, got {value(k)}" for k in NOT_NEGATIVE if value(k) < 0]
     if not cfg.model.base:
@@ -262,14 +290,19 @@ def validate(cfg: Config) -> list[str]:
         p.append("lora.target_modules: the list is empty")
     s = cfg.schedule
     if s.warmup_steps + s.anneal_steps > s.total_steps:
-        p.append(f"schedule: warmup_steps + anneal_steps ({s.warmup_steps + s.anneal_steps}) exceeds "
-                 f"total_steps ({s.total_steps})")
+        p.append(
+            f"schedule: warmup_steps + anneal_steps ({s.warmup_steps + s.anneal_steps}) exceeds "
+            f"total_steps ({s.total_steps})"
+        )
     if not 0 <= cfg.train.seed <= SEED_MAX:  # numpy's generator, seeded with it, takes no other
         p.append(f"train.seed: must be in [0, {SEED_MAX}], got {cfg.train.seed}")
     if cfg.train.max_length < 16:
         p.append(f"train.max_length: must be at least 16, got {cfg.train.max_length}")
-    p += [f"train.report_to: {name!r} is not one of {', '.join(TRACKERS)}" for name in cfg.train.report_to
-          if name not in TRACKERS]
+    p += [
+        f"train.report_to: {name!r} is not one of {', '.join(TRACKERS)}"
+        for name in cfg.train.report_to
+        if name not in TRACKERS
+    ]
     if not cfg.data.train:
         p.append("data.train: at least one source is needed")
     return p
@@ -287,9 +320,11 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
         text = data.decode("utf-8")
         raw = tomllib.loads(text)
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}", [f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                                            f"a config is a TOML file"]) from None
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}",
+            [f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); a config is a TOML file"],
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), [f"not valid TOML: {e}"]) from None
     return build(raw, overrides, source=str(path), lines=key_lines(text))

@@ -28,11 +28,13 @@ def give(module: nn.Module, fn, **state) -> bool:
     cls = type(module)
     sub = _MADE.get((cls, fn))
     if sub is None:
+
         def forward(self, *args, **kwargs):
             return fn(self, cls.forward.__get__(self), *args, **kwargs)
 
-        sub = _MADE[cls, fn] = type(cls.__name__, (cls,), {"forward": forward, "_given_forward": fn,
-                                                           "__module__": cls.__module__})
+        sub = _MADE[cls, fn] = type(
+            cls.__name__, (cls,), {"forward": forward, "_given_forward": fn, "__module__": cls.__module__}
+        )
     for name, value in state.items():
         setattr(module, name, value)
     module.__class__ = sub

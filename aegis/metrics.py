@@ -68,11 +68,14 @@ class ProgressSink:
 
     def __init__(self, total: int, initial: int = 0, enabled: bool = True):
         from tqdm.auto import tqdm
+
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
 
     def __call__(self, r: dict) -> None:
-        self.bar.set_postfix_str(f"loss {r['loss']:.3f} α {r['alpha']:+.3f} gate {r['gate']:.4f} {r['phase']} "
-                                 f"{r['tokens_per_s']:.0f} tok/s", refresh=False)
+        self.bar.set_postfix_str(
+            f"loss {r['loss']:.3f} α {r['alpha']:+.3f} gate {r['gate']:.4f} {r['phase']} {r['tokens_per_s']:.0f} tok/s",
+            refresh=False,
+        )
         self.bar.update(1)
 
     def close(self) -> None:

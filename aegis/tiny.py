@@ -31,12 +31,31 @@ from .errors import ModelError
 from .families.phi3 import CHAT_TEMPLATE  # the tiny model is a Phi-3: its family's chat format
 
 SP_VOCAB = 4000
-ARCH = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
-            num_key_value_heads=8, original_max_position_embeddings=512, max_position_embeddings=2048,
-            rms_norm_eps=1e-5, rope_theta=10000.0)
+ARCH = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    original_max_position_embeddings=512,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+)
 # Phi-3's added tokens in Phi-3's order; they follow the SentencePiece vocabulary as in the real model (32000...).
-SPECIAL_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
-                  "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|placeholder1|>",
+    "<|placeholder2|>",
+    "<|placeholder3|>",
+    "<|placeholder4|>",
+    "<|system|>",
+    "<|end|>",
+    "<|placeholder5|>",
+    "<|placeholder6|>",
+    "<|user|>",
+]
 CORPUS_PROSE = ["prose_train_a.txt", "prose_train_b.txt", "prose_train_c.txt"]
 CORPUS_CHAT = ["chat_train.jsonl"]
 CORPUS_TRAIN = CORPUS_PROSE + CORPUS_CHAT
@@ -62,8 +81,11 @@ def texts(names: list[str], render) -> list[str]:
     for name in names:
         path = corpus_path(name)
         if name.endswith(".jsonl"):
-            out += [render(json.loads(line)["messages"]) for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip()]
+            out += [
+                render(json.loads(line)["messages"])
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()
+            ]
         else:
             out += paragraphs(path)
     return out
@@ -101,8 +123,9 @@ def tokenizer(work: Path):
     """The tokenizer trained on the corpus's training text in `work` (work/sp.model); (tokenizer, vocabulary
     digest)."""
     plain = lambda msgs: "\n".join(m["content"] for m in msgs)  # noqa: E731 - text only, for the tokenizer
-    tok = sp_tokenizer.train(texts(CORPUS_TRAIN, plain), work, SP_VOCAB, SPECIAL_TOKENS, CHAT_TEMPLATE,
-                             ARCH["max_position_embeddings"])
+    tok = sp_tokenizer.train(
+        texts(CORPUS_TRAIN, plain), work, SP_VOCAB, SPECIAL_TOKENS, CHAT_TEMPLATE, ARCH["max_position_embeddings"]
+    )
     return tok, sp_tokenizer.vocab_digest(work / "sp.model")
 
 
@@ -113,13 +136,24 @@ def model_config(tok, dropout: float = 0.0):
     head_dim = ARCH["hidden_size"] // ARCH["num_attention_heads"]
     short, long = _rope_factors(head_dim // 2)
     return Phi3Config(
-        vocab_size=64 * math.ceil(len(tok) / 64), **{k: v for k, v in ARCH.items() if k != "rope_theta"},
-        rope_parameters={"rope_type": "longrope", "short_factor": short, "long_factor": long,
-                         "rope_theta": ARCH["rope_theta"], "factor": ARCH["max_position_embeddings"]
-                         / ARCH["original_max_position_embeddings"]},
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False, sliding_window=None, attention_dropout=0.0, resid_pdrop=dropout,
-        embd_pdrop=dropout)
+        vocab_size=64 * math.ceil(len(tok) / 64),
+        **{k: v for k, v in ARCH.items() if k != "rope_theta"},
+        rope_parameters={
+            "rope_type": "longrope",
+            "short_factor": short,
+            "long_factor": long,
+            "rope_theta": ARCH["rope_theta"],
+            "factor": ARCH["max_position_embeddings"] / ARCH["original_max_position_embeddings"],
+        },
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        attention_dropout=0.0,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+    )
 
 
 def shipped_weights(vocab: str) -> tuple[dict, dict]:
@@ -129,8 +163,10 @@ def shipped_weights(vocab: str) -> tuple[dict, dict]:
     meta = shipped_metadata()
     path = corpus_path(SHIPPED)
     if meta.get("vocab") != vocab:
-        raise ModelError(f"{path}: trained with tokenizer vocabulary {meta.get('vocab')}, the tokenizer built from "
-                         f"the corpus is {vocab}; make the weights anew (tools/tiny_pretrain.py --ship)")
+        raise ModelError(
+            f"{path}: trained with tokenizer vocabulary {meta.get('vocab')}, the tokenizer built from "
+            f"the corpus is {vocab}; make the weights anew (tools/tiny_pretrain.py --ship)"
+        )
     with safe_open(str(path), framework="pt") as f:
         state = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 - a safetensors file, not a dict
     return state, json.loads(meta["stats"])
@@ -140,8 +176,9 @@ def save(model, tok, work: Path, out: Path, info: dict, log=print) -> Path:
     """Writes a built model whole at `out` as a transformers directory (plus tokenizer.model and INFO)."""
     model.eval()
     model.config.resid_pdrop = model.config.embd_pdrop = 0.0
-    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(t) for t in
-                                            ("<|end|>", "<|endoftext|>", "<|assistant|>")]
+    model.generation_config.eos_token_id = [
+        tok.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>", "<|assistant|>")
+    ]
     model.generation_config.pad_token_id = tok.pad_token_id
     info = {**info, "ln_vocab": math.log(model.config.vocab_size)}
     with atomic_dir(out) as tmp:
@@ -196,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         args = cli.parse(Args, sys.argv[1:] if argv is None else argv, prog="python -m aegis.tiny")
         print(build(args.out) if args.out else ensure())
+
     return cli.main(body)
 
 

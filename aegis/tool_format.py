@@ -33,34 +33,48 @@ from .tool_reader import CallReader
 
 __all__ = ["FORMATS", "JSON", "ToolFormat", "get", "register", "system_text"]
 
-TOOLS_INTRO = ("You can call the tools below. Each line describes one tool: its name, what it does and the JSON "
-               "Schema of its arguments.")
-CALL_HOWTO = ('To call tools, reply with nothing but a JSON object of this form: {"tool_calls": [{"name": '
-              '"TOOL_NAME", "arguments": {...}}]}. Each result comes back in a user turn as {"tool_result": '
-              '{"name": "TOOL_NAME", "content": "..."}}. Otherwise, reply in plain text.')
-HERMES_INTRO = ("You can call the tools below. The JSON Schema of each one, its name, what it does and its "
-                "arguments, is inside <tools></tools>:\n<tools>")
-HERMES_HOWTO = ('</tools>\nTo call a tool, reply with <tool_call>\n{"name": "TOOL_NAME", "arguments": {...}}\n'
-                '</tool_call> for each call, one per line, and nothing else. Each result comes back in a user turn '
-                'inside <tool_response></tool_response>. Otherwise, reply in plain text.')
+TOOLS_INTRO = (
+    "You can call the tools below. Each line describes one tool: its name, what it does and the JSON "
+    "Schema of its arguments."
+)
+CALL_HOWTO = (
+    'To call tools, reply with nothing but a JSON object of this form: {"tool_calls": [{"name": '
+    '"TOOL_NAME", "arguments": {...}}]}. Each result comes back in a user turn as {"tool_result": '
+    '{"name": "TOOL_NAME", "content": "..."}}. Otherwise, reply in plain text.'
+)
+HERMES_INTRO = (
+    "You can call the tools below. The JSON Schema of each one, its name, what it does and its "
+    "arguments, is inside <tools></tools>:\n<tools>"
+)
+HERMES_HOWTO = (
+    '</tools>\nTo call a tool, reply with <tool_call>\n{"name": "TOOL_NAME", "arguments": {...}}\n'
+    "</tool_call> for each call, one per line, and nothing else. Each result comes back in a user turn "
+    "inside <tool_response></tool_response>. Otherwise, reply in plain text."
+)
 LLAMA_INTRO = "Functions you can call, one JSON definition a line:"
-LLAMA_HOWTO = ('To call one, reply with nothing but {"name": "FUNCTION_NAME", "parameters": {...}}; several calls: '
-               'such objects separated by "; ". Results come back in ipython turns. Otherwise, reply in plain text.')
+LLAMA_HOWTO = (
+    'To call one, reply with nothing but {"name": "FUNCTION_NAME", "parameters": {...}}; several calls: '
+    'such objects separated by "; ". Results come back in ipython turns. Otherwise, reply in plain text.'
+)
 # plain text an `auto` reply may be: it cannot be mistaken for a call (it does not start like one, nor with blank
 # space before one); {first} is the character class a call starts with
-_PROSE = 'aegis-prose ::= [^{first} \\t\\n\\r] [^\\x00]*'
+_PROSE = "aegis-prose ::= [^{first} \\t\\n\\r] [^\\x00]*"
 # The same texts in an Ollama Modelfile's Go template: a JSON line per tool of $.Tools, as _described writes them,
 # and a call's JSON object, inside `range .ToolCalls`
-_GO_TOOLS = ('{{ range $.Tools }}\n{"name":{{ json .Function.Name }}'
-             '{{ if .Function.Description }},"description":{{ json .Function.Description }}{{ end }}'
-             ',"parameters":{{ json .Function.Parameters }}}{{ end }}\n')
+_GO_TOOLS = (
+    '{{ range $.Tools }}\n{"name":{{ json .Function.Name }}'
+    '{{ if .Function.Description }},"description":{{ json .Function.Description }}{{ end }}'
+    ',"parameters":{{ json .Function.Parameters }}}{{ end }}\n'
+)
 _GO_CALL = '{"name":{{ json .Function.Name }},"arguments":{{ json .Function.Arguments }}}'
 
 
 # the same as JSON function definitions ({"type": "function", "function": {...}}), as Llama and Mistral take them
-_GO_DEFINITION = ('{"type":"function","function":{"name":{{ json .Function.Name }}'
-                  '{{ if .Function.Description }},"description":{{ json .Function.Description }}{{ end }}'
-                  ',"parameters":{{ json .Function.Parameters }}}}')
+_GO_DEFINITION = (
+    '{"type":"function","function":{"name":{{ json .Function.Name }}'
+    '{{ if .Function.Description }},"description":{{ json .Function.Description }}{{ end }}'
+    ',"parameters":{{ json .Function.Parameters }}}}'
+)
 
 
 def _json(value) -> str:
@@ -93,6 +107,7 @@ def mistral_id(call_id: str) -> str:
 class ToolFormat:
     """One tool-call format. `opening` is the text a reply of calls starts with; `depth` is how deep a call object
     ({"name", "arguments"}) sits in the reply's JSON (the reader follows the nesting, not the wrapper text)."""
+
     name: str
     opening: str
     depth: int
@@ -136,7 +151,7 @@ class ToolFormat:
 
     def _rules(self, call: str, between: str, auto: bool, parallel: bool) -> str:
         """Rules for a reply of calls, each written as `call` (GBNF around json-reply), `between` two of them."""
-        calls = "aegis-calls ::= aegis-call" + (f' ({between} aegis-call)*' if parallel else "")
+        calls = "aegis-calls ::= aegis-call" + (f" ({between} aegis-call)*" if parallel else "")
         rules = [calls, f"aegis-call ::= {call}"]
         if auto:
             return "\n".join(['root ::= aegis-calls | aegis-prose | ""', *rules, self.prose()])
@@ -192,8 +207,9 @@ class HermesFormat(ToolFormat):
         return "\n".join([HERMES_INTRO, *_described(tools), HERMES_HOWTO])
 
     def calls_text(self, calls: list[tuple[str, object]], ids: list[str] | None = None) -> str:
-        return "\n".join(f"<tool_call>\n{_json({'name': name, 'arguments': args})}\n</tool_call>"
-                         for name, args in calls)
+        return "\n".join(
+            f"<tool_call>\n{_json({'name': name, 'arguments': args})}\n</tool_call>" for name, args in calls
+        )
 
     def result_text(self, name: str, content: str, call_id: str | None = None) -> str:
         return f"<tool_response>\n{content}\n</tool_response>"
@@ -206,7 +222,7 @@ class HermesFormat(ToolFormat):
 class Llama3Format(ToolFormat):
     name, opening, depth, also = "llama3", "{", 1, ("<|python_tag|>",)  # each call is an object of its own
     args_key, result_role, prose_first = "parameters", "ipython", "{<"
-    go_tools = (LLAMA_INTRO + "{{ range $.Tools }}\n" + _GO_DEFINITION + "{{ end }}\n" + LLAMA_HOWTO)
+    go_tools = LLAMA_INTRO + "{{ range $.Tools }}\n" + _GO_DEFINITION + "{{ end }}\n" + LLAMA_HOWTO
     go_calls = _go_calls('{"name":{{ json .Function.Name }},"parameters":{{ json .Function.Arguments }}}', "; ")
     go_result = "{{ .Content }}"
 
@@ -227,8 +243,12 @@ class Llama3Format(ToolFormat):
 class MistralFormat(ToolFormat):
     name, opening, depth = "mistral", "[TOOL_CALLS]", 2  # the list of calls, a call
     prose_first = "\\x5B"  # "[", written so that it cannot close the character class
-    go_tools = ("[AVAILABLE_TOOLS][" + "{{ range $j, $t := $.Tools }}{{ if $j }},{{ end }}" + _GO_DEFINITION
-                + "{{ end }}][/AVAILABLE_TOOLS]")
+    go_tools = (
+        "[AVAILABLE_TOOLS]["
+        + "{{ range $j, $t := $.Tools }}{{ if $j }},{{ end }}"
+        + _GO_DEFINITION
+        + "{{ end }}][/AVAILABLE_TOOLS]"
+    )
     go_calls = "[TOOL_CALLS][" + _go_calls(_GO_CALL, ",") + "]"
     go_result = '[TOOL_RESULTS]{"content":{{ json .Content }}}[/TOOL_RESULTS]'
 

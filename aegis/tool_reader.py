@@ -24,6 +24,7 @@ class CallReader:
     other reply is content. `opening`: one text or several (a reply of calls starts with any of them); `depth`: the
     nesting level of a call object (1: the reply's top-level objects); `key`: the call object's key for its
     arguments."""
+
     opening: str | tuple[str, ...] = "{"
     depth: int = 3
     key: str = "arguments"

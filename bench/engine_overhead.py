@@ -74,6 +74,7 @@ def _timed(obj, name: str, totals: dict) -> None:
             return fn(*args, **kwargs)
         finally:
             totals[name] += time.perf_counter() - start
+
     setattr(obj, name, timed)
 
 
@@ -96,6 +97,7 @@ def measure(backend, slots: int, tokens: int, sampled: bool, profile: bool) -> d
                 run()
             finally:
                 prof.disable()
+
         pool._run = profiled
     pool.start()
     timed = pool._batch.lib = TimedRuntime(pool._batch.lib)
@@ -109,8 +111,9 @@ def measure(backend, slots: int, tokens: int, sampled: bool, profile: bool) -> d
         jobs = []
         for i in range(slots):
             s = Sampling(temperature=0.8, top_p=0.95, seed=i) if sampled else Sampling(temperature=0.0)
-            jobs.append(Job(prompt=prompt, sampling=s, max_tokens=tokens, stops=[], timeout=600, loop=loop,
-                            ignore_eos=True))
+            jobs.append(
+                Job(prompt=prompt, sampling=s, max_tokens=tokens, stops=[], timeout=600, loop=loop, ignore_eos=True)
+            )
         start = time.perf_counter()
         for job in jobs:
             pool.submit(job)
@@ -122,19 +125,34 @@ def measure(backend, slots: int, tokens: int, sampled: bool, profile: bool) -> d
     finally:
         pool.close()
     calls = timed.calls
-    steady = [(calls[i + 1][0] - calls[i][0], calls[i][1] - calls[i][0]) for i in range(len(calls) - 1)
-              if calls[i][2] == slots and calls[i + 1][2] == slots]
+    steady = [
+        (calls[i + 1][0] - calls[i][0], calls[i][1] - calls[i][0])
+        for i in range(len(calls) - 1)
+        if calls[i][2] == slots and calls[i + 1][2] == slots
+    ]
     step = statistics.median(s for s, _ in steady) * 1e3
     decode = statistics.median(d for _, d in steady) * 1e3
     over = statistics.median(s - d for s, d in steady) * 1e3
-    out = dict(slots=slots, steps=len(calls), steady_steps=len(steady), step_ms=round(step, 3),
-               llama_decode_ms=round(decode, 3), overhead_ms=round(over, 3),
-               overhead_share=round(over / step, 3), overhead_us_per_slot=round(over * 1e3 / slots, 1),
-               tokens_per_s=round(generated / wall, 1))
+    out = dict(
+        slots=slots,
+        steps=len(calls),
+        steady_steps=len(steady),
+        step_ms=round(step, 3),
+        llama_decode_ms=round(decode, 3),
+        overhead_ms=round(over, 3),
+        overhead_share=round(over / step, 3),
+        overhead_us_per_slot=round(over * 1e3 / slots, 1),
+        tokens_per_s=round(generated / wall, 1),
+    )
     # where a step's time goes, as means over every step (prompt steps too)
     n, llama = len(calls), sum(end - start for start, end, _ in calls)
-    split = dict(llama_decode=llama, batch=totals["decode"] - llama, sampling=totals["sample"],
-                 text_and_bookkeeping=totals["_step"] - totals["decode"] - totals["sample"], wake=totals["_wake"])
+    split = dict(
+        llama_decode=llama,
+        batch=totals["decode"] - llama,
+        sampling=totals["sample"],
+        text_and_bookkeeping=totals["_step"] - totals["decode"] - totals["sample"],
+        wake=totals["_wake"],
+    )
     out["mean_ms"] = {k: round(v / n * 1e3, 3) for k, v in split.items()}
     if prof is not None:
         text = io.StringIO()
@@ -158,6 +176,7 @@ def main() -> None:
     gguf = args.gguf
     if gguf is None:
         from tests.support.serving import exported_run, find_gguf
+
         gguf = find_gguf(exported_run(Path(os.environ.get("AEGIS_CACHE", Path.home() / ".cache" / "aegis"))))
     backend = LlamaCppBackend(gguf, n_ctx=args.ctx, n_threads=args.threads, gpu_layers=args.gpu_layers)
     rows = []
@@ -165,17 +184,26 @@ def main() -> None:
         for slots in (int(s) for s in args.slots.split(",")):
             row = measure(backend, slots, args.tokens, args.sampled, args.profile)
             rows.append(row)
-            print(f"{slots:3d} slots: step {row['step_ms']:.3f} ms, llama_decode {row['llama_decode_ms']:.3f} ms, "
-                  f"overhead {row['overhead_ms']:.3f} ms ({row['overhead_share']:.0%}, "
-                  f"{row['overhead_us_per_slot']:.1f} us/slot), {row['tokens_per_s']:.0f} tokens/s", flush=True)
+            print(
+                f"{slots:3d} slots: step {row['step_ms']:.3f} ms, llama_decode {row['llama_decode_ms']:.3f} ms, "
+                f"overhead {row['overhead_ms']:.3f} ms ({row['overhead_share']:.0%}, "
+                f"{row['overhead_us_per_slot']:.1f} us/slot), {row['tokens_per_s']:.0f} tokens/s",
+                flush=True,
+            )
             print("     mean per step (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in row["mean_ms"].items()))
             if args.profile:
                 print(row["profile"])
     finally:
         backend.close()
     if args.out:
-        meta = dict(gguf=str(gguf), machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
-                    tokens=args.tokens, sampled=args.sampled, date=time.strftime("%Y-%m-%d"))
+        meta = dict(
+            gguf=str(gguf),
+            machine=platform.processor() or platform.machine(),
+            cpus=os.cpu_count(),
+            tokens=args.tokens,
+            sampled=args.sampled,
+            date=time.strftime("%Y-%m-%d"),
+        )
         args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
 
 

@@ -18,9 +18,22 @@ import sys
 from pathlib import Path
 
 # Phi-3 and Llama share these keys' meaning; everything else in the Llama config is set below.
-SHARED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-          "num_key_value_heads", "max_position_embeddings", "original_max_position_embeddings", "rms_norm_eps",
-          "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
+SHARED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "original_max_position_embeddings",
+    "rms_norm_eps",
+    "initializer_range",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tie_word_embeddings",
+)
 
 
 def llama_config(phi3: dict) -> dict:
@@ -34,17 +47,28 @@ def llama_config(phi3: dict) -> dict:
     kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
     heads = phi3["num_attention_heads"]
     cfg = {k: phi3[k] for k in SHARED if k in phi3}
-    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act=phi3.get("hidden_act", "silu"),
-               head_dim=phi3["hidden_size"] // heads, attention_bias=False, mlp_bias=False,
-               attention_dropout=0.0, rope_theta=theta)
+    cfg.update(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_act=phi3.get("hidden_act", "silu"),
+        head_dim=phi3["hidden_size"] // heads,
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=0.0,
+        rope_theta=theta,
+    )
     cfg.setdefault("num_key_value_heads", heads)
     if phi3.get("dtype") or phi3.get("torch_dtype"):
         cfg["dtype"] = phi3.get("dtype") or phi3.get("torch_dtype")
     if kind == "longrope":
-        cfg["original_max_position_embeddings"] = rope.pop("original_max_position_embeddings",
-                                                           phi3.get("original_max_position_embeddings"))
-        cfg["rope_scaling"] = {"type": "longrope", "short_factor": rope["short_factor"],
-                               "long_factor": rope["long_factor"]}
+        cfg["original_max_position_embeddings"] = rope.pop(
+            "original_max_position_embeddings", phi3.get("original_max_position_embeddings")
+        )
+        cfg["rope_scaling"] = {
+            "type": "longrope",
+            "short_factor": rope["short_factor"],
+            "long_factor": rope["long_factor"],
+        }
     elif kind != "default":
         raise ValueError(f"rope type {kind!r} is not converted")
     return cfg
@@ -58,8 +82,11 @@ def split(name: str, tensor, cfg: dict) -> list[tuple[str, object]]:
         if tensor.shape[0] != q + 2 * kv:
             raise ValueError(f"{name}: {tensor.shape[0]} rows, expected {q + 2 * kv}")
         base = name[: -len("qkv_proj.weight")]
-        return [(base + "q_proj.weight", tensor[:q]), (base + "k_proj.weight", tensor[q:q + kv]),
-                (base + "v_proj.weight", tensor[q + kv:])]
+        return [
+            (base + "q_proj.weight", tensor[:q]),
+            (base + "k_proj.weight", tensor[q : q + kv]),
+            (base + "v_proj.weight", tensor[q + kv :]),
+        ]
     if name.endswith("mlp.gate_up_proj.weight"):
         n = cfg["intermediate_size"]
         if tensor.shape[0] != 2 * n:
@@ -76,8 +103,9 @@ def convert(src: Path, out: Path) -> Path:
     phi3 = json.loads((src / "config.json").read_text())
     cfg = llama_config(phi3)
     index = src / "model.safetensors.index.json"
-    shards = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-              else ["model.safetensors"])
+    shards = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -92,8 +120,9 @@ def convert(src: Path, out: Path) -> Path:
         weight_map.update(dict.fromkeys(tensors, shard))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     if len(shards) > 1:
-        (tmp / index.name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=1))
+        (tmp / index.name).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+        )
     (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
     for f in src.iterdir():  # tokenizer, its template, generation config
         if f.is_file() and not f.name.startswith(("model", "config.json")):

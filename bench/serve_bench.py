@@ -50,13 +50,19 @@ sys.path.insert(0, str(REPO))
 from aegis import digest  # noqa: E402
 from tests.support.serving import Server, exported_run, find_gguf  # noqa: E402
 
-PROMPTS = ["こんにちは。自己紹介をしてください。", "日本の四季について説明してください。",
-           "おすすめの本を三冊教えてください。", "明日の予定を立てるのを手伝ってください。"]
-TURNS = ["京都の有名なお寺をいくつか教えてください。それぞれの歴史についても簡単に説明してください。",
-         "その中で、秋に紅葉が一番きれいなのはどこですか。行き方も教えてください。",
-         "近くでおすすめの食事処はありますか。予算は一人三千円くらいです。",
-         "雨の日でも楽しめる場所はありますか。子ども連れでも大丈夫なところがいいです。",
-         "最後に、一日で回れるおすすめのコースを作ってください。"]
+PROMPTS = [
+    "こんにちは。自己紹介をしてください。",
+    "日本の四季について説明してください。",
+    "おすすめの本を三冊教えてください。",
+    "明日の予定を立てるのを手伝ってください。",
+]
+TURNS = [
+    "京都の有名なお寺をいくつか教えてください。それぞれの歴史についても簡単に説明してください。",
+    "その中で、秋に紅葉が一番きれいなのはどこですか。行き方も教えてください。",
+    "近くでおすすめの食事処はありますか。予算は一人三千円くらいです。",
+    "雨の日でも楽しめる場所はありますか。子ども連れでも大丈夫なところがいいです。",
+    "最後に、一日で回れるおすすめのコースを作ってください。",
+]
 REPLIES = [  # assistant turns of a usual length (~150 tokens each with the embedded tokenizer: turn 5 reads ~700)
     "有名なお寺としては、清水寺、金閣寺、銀閣寺、東福寺、南禅寺などがあります。清水寺は七七八年に開かれたと伝えられ、"
     "崖の上に張り出した舞台から京都の街を見渡せることで知られています。金閣寺は正式には鹿苑寺といい、足利義満の山荘を"
@@ -77,7 +83,8 @@ REPLIES = [  # assistant turns of a usual length (~150 tokens each with the embe
     "一日のコースなら、朝いちばんに東福寺で紅葉を見て、十一時ごろに近くのお店で湯豆腐の昼食をとります。午後は電車で"
     "京都駅へ戻り、梅小路公園まで歩いて京都鉄道博物館を見学し、夕方に京都水族館へ回ると、雨が降っても困りません。"
     "時間に余裕があれば、夜は京都駅の近くで夕食をとって、ライトアップされた京都タワーを見てから帰るのもよいでしょう。"
-    "移動は電車と徒歩だけで済むので、子ども連れでも疲れにくいコースです。"]
+    "移動は電車と徒歩だけで済むので、子ども連れでも疲れにくいコースです。",
+]
 MODEL = "bench"
 CHAT_CTX = 2048  # the five-turn chat's context
 OURS, LLAMA_SERVER, LCP_SERVER = "aegis serve", "llama-server", "llama_cpp.server"
@@ -96,8 +103,9 @@ class MemoryWatch:
 
     @staticmethod
     def _gpu_used() -> int:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True
+        ).stdout
         return int(out.split()[0]) if out.strip() else 0
 
     @staticmethod
@@ -116,6 +124,7 @@ class MemoryWatch:
             while not self._stop.wait(0.2):
                 used = self._gpu_used() - self.base if self.gpu else self._rss(pid)
                 self.peak = max(self.peak, used)
+
         self._thread = threading.Thread(target=poll, daemon=True)
         self._thread.start()
 
@@ -126,29 +135,66 @@ class MemoryWatch:
         return self.peak
 
 
-def server_for(name: str, gguf: Path, clients: int, args, prefix_cache: str = "on",
-               ctx: int = 0) -> tuple[Server, str]:
+def server_for(name: str, gguf: Path, clients: int, args, prefix_cache: str = "on", ctx: int = 0) -> tuple[Server, str]:
     """The server and its readiness path, configured for `clients` concurrent requests (ctx: per slot)."""
     ctx = ctx or args.ctx
     args.logs.mkdir(parents=True, exist_ok=True)
     log = args.logs / f"{name.replace(' ', '_')}-{clients}-{prefix_cache}.log"  # a server that dies says why here
     if name == OURS:
-        return Server("--model", f"{MODEL}={gguf}", "--parallel", str(clients), "--ctx-size", str(ctx),
-                      "--queue-size", "512", "--prefix-cache", prefix_cache, "--n-gpu-layers", str(args.gpu_layers),
-                      *(["--threads", str(args.threads)] if args.threads else []), "--log-level", "warning",
-                      # a GGUF from elsewhere (random_model.py, --gguf) has no export record to verify
-                      *([] if digest.sidecar(gguf).is_file() else ["--no-verify"]), log_path=log), "/ready"
+        return Server(
+            "--model",
+            f"{MODEL}={gguf}",
+            "--parallel",
+            str(clients),
+            "--ctx-size",
+            str(ctx),
+            "--queue-size",
+            "512",
+            "--prefix-cache",
+            prefix_cache,
+            "--n-gpu-layers",
+            str(args.gpu_layers),
+            *(["--threads", str(args.threads)] if args.threads else []),
+            "--log-level",
+            "warning",
+            # a GGUF from elsewhere (random_model.py, --gguf) has no export record to verify
+            *([] if digest.sidecar(gguf).is_file() else ["--no-verify"]),
+            log_path=log,
+        ), "/ready"
     if name == LLAMA_SERVER:
-        return Server("-m", str(gguf), "-a", MODEL, "-np", str(clients), "-c", str(ctx * clients), "-cb",
-                      "-ngl", str(999 if args.gpu_layers < 0 else args.gpu_layers),
-                      *(["-t", str(args.threads)] if args.threads else []), program=str(args.llama_server),
-                      log_path=log), "/health"
+        return Server(
+            "-m",
+            str(gguf),
+            "-a",
+            MODEL,
+            "-np",
+            str(clients),
+            "-c",
+            str(ctx * clients),
+            "-cb",
+            "-ngl",
+            str(999 if args.gpu_layers < 0 else args.gpu_layers),
+            *(["-t", str(args.threads)] if args.threads else []),
+            program=str(args.llama_server),
+            log_path=log,
+        ), "/health"
     # llama_cpp.server decodes one request at a time; --interrupt_requests False makes the next request wait instead
     # of aborting the running stream
-    return Server("--model", str(gguf), "--model_alias", MODEL, "--n_ctx", str(ctx), "--n_gpu_layers",
-                  str(args.gpu_layers), "--interrupt_requests", "False",
-                  *(["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)] if args.threads
-                    else []), module="llama_cpp.server", log_path=log), "/v1/models"
+    return Server(
+        "--model",
+        str(gguf),
+        "--model_alias",
+        MODEL,
+        "--n_ctx",
+        str(ctx),
+        "--n_gpu_layers",
+        str(args.gpu_layers),
+        "--interrupt_requests",
+        "False",
+        *(["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)] if args.threads else []),
+        module="llama_cpp.server",
+        log_path=log,
+    ), "/v1/models"
 
 
 def body(name: str, messages: list[dict], max_tokens: int) -> dict:
@@ -186,22 +232,30 @@ async def load(base: str, name: str, clients: int, requests: int, max_tokens: in
     url = base + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
     async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
+
         async def worker(i: int) -> list[dict]:
-            return [await one_request(client, url, body(name, [{"role": "user", "content":
-                                                                PROMPTS[(i + k) % len(PROMPTS)]}],
-                                                          max_tokens))
-                    for k in range(requests)]
+            return [
+                await one_request(
+                    client, url, body(name, [{"role": "user", "content": PROMPTS[(i + k) % len(PROMPTS)]}], max_tokens)
+                )
+                for k in range(requests)
+            ]
 
         start = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients))) for r in rs]
         wall = time.perf_counter() - start
     ttfts = sorted(r["ttft"] for r in results)
     tokens = sum(r["tokens"] for r in results)
-    return {"wall_s": wall, "requests": len(results), "completion_tokens": tokens, "tokens_per_s": tokens / wall,
-            "per_request_tokens_per_s": statistics.median(r["tokens"] / r["total"] for r in results),
-            "ttft_p50_ms": 1000 * statistics.median(ttfts),
-            "ttft_p90_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
-            "min_tokens": min(r["tokens"] for r in results)}
+    return {
+        "wall_s": wall,
+        "requests": len(results),
+        "completion_tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "per_request_tokens_per_s": statistics.median(r["tokens"] / r["total"] for r in results),
+        "ttft_p50_ms": 1000 * statistics.median(ttfts),
+        "ttft_p90_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
+        "min_tokens": min(r["tokens"] for r in results),
+    }
 
 
 def chat_turns(base: str, chat: int) -> list[tuple[float, int, int]]:
@@ -214,12 +268,19 @@ def chat_turns(base: str, chat: int) -> list[tuple[float, int, int]]:
         for i, (turn, reply) in enumerate(zip(TURNS, REPLIES)):
             messages.append({"role": "user", "content": f"{chat + 1}件目の相談です。{turn}" if i == 0 else turn})
             start = time.perf_counter()
-            r = client.post(base + "/v1/chat/completions", json={"model": MODEL, "messages": messages,
-                                                                 "max_tokens": 1, "temperature": 0})
+            r = client.post(
+                base + "/v1/chat/completions",
+                json={"model": MODEL, "messages": messages, "max_tokens": 1, "temperature": 0},
+            )
             r.raise_for_status()
             usage = r.json()["usage"]
-            out.append((1000 * (time.perf_counter() - start), usage["prompt_tokens"],
-                        (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0))
+            out.append(
+                (
+                    1000 * (time.perf_counter() - start),
+                    usage["prompt_tokens"],
+                    (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
+                )
+            )
             messages.append({"role": "assistant", "content": reply})
     return out
 
@@ -237,42 +298,81 @@ def prefix_reuse(gguf: Path, args, failed: list[dict]) -> dict:
         except (RuntimeError, httpx.HTTPError) as e:
             failed.append({"server": OURS, "prefix_cache": cache, "error": str(e)[-2000:]})
             continue
-        out[cache] = [{"turn": t + 1, "ttft_ms": statistics.median(c[t][0] for c in chats),
-                       "prompt_tokens": chats[0][t][1], "cached_tokens": chats[0][t][2]} for t in range(len(TURNS))]
-        print(f"prefix cache {cache}: time to first token per turn (ms, median of {args.chats} chats) "
-              + ", ".join(f"{r['ttft_ms']:.1f}" for r in out[cache])
-              + "; prompt/cached tokens " + ", ".join(f"{r['prompt_tokens']}/{r['cached_tokens']}" for r in out[cache]),
-              flush=True)
+        out[cache] = [
+            {
+                "turn": t + 1,
+                "ttft_ms": statistics.median(c[t][0] for c in chats),
+                "prompt_tokens": chats[0][t][1],
+                "cached_tokens": chats[0][t][2],
+            }
+            for t in range(len(TURNS))
+        ]
+        print(
+            f"prefix cache {cache}: time to first token per turn (ms, median of {args.chats} chats) "
+            + ", ".join(f"{r['ttft_ms']:.1f}" for r in out[cache])
+            + "; prompt/cached tokens "
+            + ", ".join(f"{r['prompt_tokens']}/{r['cached_tokens']}" for r in out[cache]),
+            flush=True,
+        )
     return out
 
 
 def markdown(rows: list[dict], memory: str) -> str:
-    lines = [f"| clients | server | tokens/s (all clients) | tokens/s per request | TTFT p50 (ms) | TTFT p90 (ms) | "
-             f"peak {memory} (MiB) |", "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| clients | server | tokens/s (all clients) | tokens/s per request | TTFT p50 (ms) | TTFT p90 (ms) | "
+        f"peak {memory} (MiB) |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['clients']} | {r['server']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['per_request_tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | "
-                     f"{r['peak_mib']} |")
+        lines.append(
+            f"| {r['clients']} | {r['server']} | {r['tokens_per_s']:.1f} | "
+            f"{r['per_request_tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | "
+            f"{r['peak_mib']} |"
+        )
     return "\n".join(lines)
 
 
 def batched_bench(program: Path, gguf: Path, levels: list[int], args) -> list[dict]:
     """llama-batched-bench at every level: one JSON line per level (pp, tg, pl, speed_tg, speed, ...)."""
     ctx = max(levels) * (args.prompt_tokens + args.max_tokens) + 256
-    cmd = [str(program), "-m", str(gguf), "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(args.prompt_tokens),
-           "-ntg", str(args.max_tokens), "-npl", ",".join(map(str, levels)),
-           "-ngl", str(999 if args.gpu_layers < 0 else args.gpu_layers), "--output-format", "jsonl",
-           *(["-t", str(args.threads)] if args.threads else [])]
+    cmd = [
+        str(program),
+        "-m",
+        str(gguf),
+        "-c",
+        str(ctx),
+        "-b",
+        "2048",
+        "-ub",
+        "512",
+        "-npp",
+        str(args.prompt_tokens),
+        "-ntg",
+        str(args.max_tokens),
+        "-npl",
+        ",".join(map(str, levels)),
+        "-ngl",
+        str(999 if args.gpu_layers < 0 else args.gpu_layers),
+        "--output-format",
+        "jsonl",
+        *(["-t", str(args.threads)] if args.threads else []),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     args.logs.mkdir(parents=True, exist_ok=True)
     (args.logs / "llama-batched-bench.log").write_text(done.stdout + done.stderr)
-    rows = [json.loads(line) for line in done.stdout.splitlines() + done.stderr.splitlines()
-            if line.startswith("{") and '"speed_tg"' in line]
+    rows = [
+        json.loads(line)
+        for line in done.stdout.splitlines() + done.stderr.splitlines()
+        if line.startswith("{") and '"speed_tg"' in line
+    ]
     if done.returncode != 0 or not rows:
         raise RuntimeError(f"llama-batched-bench exited with {done.returncode}: {done.stderr[-2000:]}")
     for r in rows:
-        print(f"{r['pl']:3d} sequences llama-batched-bench {r['speed']:9.1f} tokens/s (generation alone "
-              f"{r['speed_tg']:.1f})", flush=True)
+        print(
+            f"{r['pl']:3d} sequences llama-batched-bench {r['speed']:9.1f} tokens/s (generation alone "
+            f"{r['speed_tg']:.1f})",
+            flush=True,
+        )
     return rows
 
 
@@ -287,8 +387,11 @@ def run_level(name: str, gguf: Path, clients: int, args) -> dict:
     finally:
         server.stop()
         result_peak = watch.stop()
-    print(f"{clients:3d} clients  {name:18s} {result['tokens_per_s']:9.1f} tokens/s  "
-          f"TTFT p50 {result['ttft_p50_ms']:8.1f} ms  peak {result_peak} MiB", flush=True)
+    print(
+        f"{clients:3d} clients  {name:18s} {result['tokens_per_s']:9.1f} tokens/s  "
+        f"TTFT p50 {result['ttft_p50_ms']:8.1f} ms  peak {result_peak} MiB",
+        flush=True,
+    )
     return {"clients": clients, "server": name, **result, "peak_mib": result_peak}
 
 
@@ -296,22 +399,34 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", type=Path, help="GGUF to serve (default: a short run of the embedded model)")
     ap.add_argument("--clients", default="1,4,16,64", help="comma-separated concurrency levels (empty: none)")
-    ap.add_argument("--baseline-levels", default="1,4,16,64",
-                    help="levels llama_cpp.server runs (it serves one request at a time, so high levels take long)")
+    ap.add_argument(
+        "--baseline-levels",
+        default="1,4,16,64",
+        help="levels llama_cpp.server runs (it serves one request at a time, so high levels take long)",
+    )
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--ctx", type=int, default=1024, help="context per slot, every server")
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: each server's default)")
     ap.add_argument("--gpu-layers", type=int, default=-1, help="-1: all")
     ap.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server executable (row left out without)")
-    ap.add_argument("--batched-bench", type=Path, help="llama.cpp's llama-batched-bench executable (row left out "
-                    "without)")
-    ap.add_argument("--prompt-tokens", type=int, default=32, help="llama-batched-bench's prompt per sequence (the "
-                    "chat prompts the servers read are about this long)")
+    ap.add_argument(
+        "--batched-bench", type=Path, help="llama.cpp's llama-batched-bench executable (row left out without)"
+    )
+    ap.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=32,
+        help="llama-batched-bench's prompt per sequence (the chat prompts the servers read are about this long)",
+    )
     ap.add_argument("--chats", type=int, default=5, help="five-turn chats for the prefix-reuse measure (0: none)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "serve_results.json")
-    ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "serve-bench-logs",
-                    help="where each server's output goes")
+    ap.add_argument(
+        "--logs",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "serve-bench-logs",
+        help="where each server's output goes",
+    )
     args = ap.parse_args(argv)
     try:
         levels = [int(c) for c in args.clients.split(",") if c]
@@ -324,8 +439,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--llama-server {args.llama_server}: not an executable")
     gguf = args.gguf
     if gguf is None:
-        gguf = find_gguf(exported_run(Path(os.environ.get("AEGIS_CACHE", Path.home() / ".cache" / "aegis"))
-                                      / "serve-bench", log=lambda m: print(m, file=sys.stderr)))
+        gguf = find_gguf(
+            exported_run(
+                Path(os.environ.get("AEGIS_CACHE", Path.home() / ".cache" / "aegis")) / "serve-bench",
+                log=lambda m: print(m, file=sys.stderr),
+            )
+        )
     if not gguf or not gguf.is_file():
         ap.error(f"--gguf {gguf}: no such file")
     servers = [OURS] + ([LLAMA_SERVER] if args.llama_server else []) + [LCP_SERVER]
@@ -356,22 +475,44 @@ def main(argv: list[str] | None = None) -> int:
         by = {r["server"]: r for r in rows if r["clients"] == clients}
         if OURS not in by:
             continue
-        ratios[clients] = {other: by[OURS]["tokens_per_s"] / by[other]["tokens_per_s"]
-                           for other in (LLAMA_SERVER, LCP_SERVER) if other in by}
+        ratios[clients] = {
+            other: by[OURS]["tokens_per_s"] / by[other]["tokens_per_s"]
+            for other in (LLAMA_SERVER, LCP_SERVER)
+            if other in by
+        }
         for r in library:
             if r["pl"] == clients:
                 ratios[clients]["llama-batched-bench"] = by[OURS]["tokens_per_s"] / r["speed"]
                 ratios[clients]["llama-batched-bench generation"] = by[OURS]["tokens_per_s"] / r["speed_tg"]
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                         text=True).stdout.strip() if MemoryWatch().gpu else ""
-    result = {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "max_tokens": args.max_tokens,
-              "requests_per_client": args.requests, "ctx_per_slot": args.ctx, "threads": args.threads,
-              "machine": {"cpus": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
-                          "python": platform.python_version()},
-              "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(["bench/serve_bench.py", *(argv if argv is not None else sys.argv[1:])]),
-              "rows": rows, "batched_bench": library, "failed": failed, "ratios_ours_over": ratios,
-              "prefix_cache_ttft_ms": turns, "table": table}
+    gpu = (
+        subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
+        if MemoryWatch().gpu
+        else ""
+    )
+    result = {
+        "gguf": str(gguf),
+        "gguf_bytes": gguf.stat().st_size,
+        "max_tokens": args.max_tokens,
+        "requests_per_client": args.requests,
+        "ctx_per_slot": args.ctx,
+        "threads": args.threads,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "gpu": gpu,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["bench/serve_bench.py", *(argv if argv is not None else sys.argv[1:])]),
+        "rows": rows,
+        "batched_bench": library,
+        "failed": failed,
+        "ratios_ours_over": ratios,
+        "prefix_cache_ttft_ms": turns,
+        "table": table,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
     print(table)

@@ -32,8 +32,11 @@ from aegis import digest  # noqa: E402
 from tests.support.serving import Server, exported_run, find_gguf  # noqa: E402
 
 MODEL = "bench"
-FREE = ["こんにちは。自己紹介をしてください。", "日本の四季について説明してください。",
-        "おすすめの本を三冊教えてください。"]
+FREE = [
+    "こんにちは。自己紹介をしてください。",
+    "日本の四季について説明してください。",
+    "おすすめの本を三冊教えてください。",
+]
 
 
 def grounded_tasks(chars: int) -> dict[str, str]:
@@ -41,9 +44,11 @@ def grounded_tasks(chars: int) -> dict[str, str]:
     repository, so every run reads the same)."""
     prose = (REPO / "aegis" / "corpus" / "prose_eval.txt").read_text(encoding="utf-8")[:chars]
     code = (REPO / "aegis" / "schedule.py").read_text(encoding="utf-8")[:chars]
-    return {"rewrite": f"次の文章を、内容を変えずに丁寧な言葉で書き直してください。\n\n{prose}",
-            "code edit": "次のコードの関数名 phase を phase_name に変えて、ファイル全体を書き直してください。"
-                         f"\n\n```python\n{code}\n```"}
+    return {
+        "rewrite": f"次の文章を、内容を変えずに丁寧な言葉で書き直してください。\n\n{prose}",
+        "code edit": "次のコードの関数名 phase を phase_name に変えて、ファイル全体を書き直してください。"
+        f"\n\n```python\n{code}\n```",
+    }
 
 
 def counters(base: str) -> tuple[float, float]:
@@ -51,13 +56,21 @@ def counters(base: str) -> tuple[float, float]:
 
     def total(name: str) -> float:
         return sum(float(m) for m in re.findall(rf"^{name}_total{{[^}}]*}} (\S+)$", text, re.M))
+
     return total("aegis_draft_tokens"), total("aegis_draft_accepted_tokens")
 
 
 def one(base: str, prompt: str, max_tokens: int) -> tuple[str, float, int]:
     """One streamed greedy request: its text, seconds from the first piece to the last, tokens written."""
-    payload = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-               "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    payload = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     text, first, tokens = [], None, max_tokens
     with httpx.stream("POST", base + "/v1/chat/completions", json=payload, timeout=600) as r:
         r.raise_for_status()
@@ -78,10 +91,21 @@ def one(base: str, prompt: str, max_tokens: int) -> tuple[str, float, int]:
 def run_mode(gguf: Path, speculate: int, tasks: dict[str, str], args) -> dict:
     log = args.logs / f"speculate-{speculate}.log"
     args.logs.mkdir(parents=True, exist_ok=True)
-    server = Server("--model", f"{MODEL}={gguf}", "--parallel", "1", "--ctx-size", str(args.ctx),
-                    "--n-gpu-layers", str(args.gpu_layers), "--log-level", "warning",
-                    *(["--speculate", str(speculate)] if speculate else []),
-                    *([] if digest.sidecar(gguf).is_file() else ["--no-verify"]), log_path=log)
+    server = Server(
+        "--model",
+        f"{MODEL}={gguf}",
+        "--parallel",
+        "1",
+        "--ctx-size",
+        str(args.ctx),
+        "--n-gpu-layers",
+        str(args.gpu_layers),
+        "--log-level",
+        "warning",
+        *(["--speculate", str(speculate)] if speculate else []),
+        *([] if digest.sidecar(gguf).is_file() else ["--no-verify"]),
+        log_path=log,
+    )
     out = {}
     with server:
         for name, prompt in tasks.items():
@@ -89,9 +113,14 @@ def run_mode(gguf: Path, speculate: int, tasks: dict[str, str], args) -> dict:
             before = counters(server.url)
             text, seconds, tokens = one(server.url, prompt, args.max_tokens)
             after = counters(server.url)
-            out[name] = {"text": text, "seconds": seconds, "tokens": tokens,
-                         "tokens_per_s": (tokens - 1) / seconds if seconds > 0 else 0.0,
-                         "drafted": after[0] - before[0], "accepted": after[1] - before[1]}
+            out[name] = {
+                "text": text,
+                "seconds": seconds,
+                "tokens": tokens,
+                "tokens_per_s": (tokens - 1) / seconds if seconds > 0 else 0.0,
+                "drafted": after[0] - before[0],
+                "accepted": after[1] - before[1],
+            }
     return out
 
 
@@ -99,19 +128,30 @@ def rows(off: dict, on: dict) -> list[dict]:
     out = []
     for name in off:
         a, b = off[name], on[name]
-        out.append({"task": name, "off_tokens_per_s": round(a["tokens_per_s"], 1),
-                    "on_tokens_per_s": round(b["tokens_per_s"], 1),
-                    "ratio": round(b["tokens_per_s"] / a["tokens_per_s"], 3) if a["tokens_per_s"] else None,
-                    "identical": a["text"] == b["text"], "drafted": b["drafted"], "accepted": b["accepted"]})
+        out.append(
+            {
+                "task": name,
+                "off_tokens_per_s": round(a["tokens_per_s"], 1),
+                "on_tokens_per_s": round(b["tokens_per_s"], 1),
+                "ratio": round(b["tokens_per_s"] / a["tokens_per_s"], 3) if a["tokens_per_s"] else None,
+                "identical": a["text"] == b["text"],
+                "drafted": b["drafted"],
+                "accepted": b["accepted"],
+            }
+        )
     return out
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| task | tokens/s off | tokens/s on | on / off | same text | drafted | accepted |",
-             "|---|---:|---:|---:|---|---:|---:|"]
+    lines = [
+        "| task | tokens/s off | tokens/s on | on / off | same text | drafted | accepted |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
     for r in table:
-        lines.append(f"| {r['task']} | {r['off_tokens_per_s']} | {r['on_tokens_per_s']} | {r['ratio']} | "
-                     f"{'yes' if r['identical'] else 'NO'} | {r['drafted']:.0f} | {r['accepted']:.0f} |")
+        lines.append(
+            f"| {r['task']} | {r['off_tokens_per_s']} | {r['on_tokens_per_s']} | {r['ratio']} | "
+            f"{'yes' if r['identical'] else 'NO'} | {r['drafted']:.0f} | {r['accepted']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -131,9 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     off = run_mode(gguf, 0, tasks, args)
     on = run_mode(gguf, args.speculate, tasks, args)
     table = rows(off, on)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "gguf": gguf.name,
-              "speculate": args.speculate, "max_tokens": args.max_tokens, "ctx": args.ctx, "rows": table,
-              "texts": {name: {"off": off[name]["text"], "on": on[name]["text"]} for name in tasks}}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.node(),
+        "gguf": gguf.name,
+        "speculate": args.speculate,
+        "max_tokens": args.max_tokens,
+        "ctx": args.ctx,
+        "rows": table,
+        "texts": {name: {"off": off[name]["text"], "on": on[name]["text"]} for name in tasks},
+    }
     args.out.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
     print(markdown(table))
     return 0

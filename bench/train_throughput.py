@@ -35,9 +35,18 @@ COMMIT = "0" * 40
 WARMUP = 3
 CORPUS = ["embedded:prose_train_a.txt", "embedded:prose_train_b.txt", "embedded:prose_train_c.txt"]
 # Phi-3.5-mini-instruct's shapes: 3.82 B parameters.
-PHI35 = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072,
-             original_max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
+PHI35 = dict(
+    vocab_size=32064,
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=131072,
+    original_max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 
 
 def build_model(hf_home: Path) -> Path:
@@ -45,13 +54,20 @@ def build_model(hf_home: Path) -> Path:
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
     from aegis.tiny import ensure
+
     repo = hf_home / "hub" / ("models--" + HUB_ID.replace("/", "--"))
     snap = repo / "snapshots" / COMMIT
     if (snap / "config.json").exists():
         return snap
     n = PHI35["hidden_size"] // PHI35["num_attention_heads"] // 2
-    cfg = Phi3Config(**PHI35, rope_scaling={"type": "longrope", "short_factor": [1.0 + i / n for i in range(n)],
-                                            "long_factor": [1.0 + 4 * i / n for i in range(n)]})
+    cfg = Phi3Config(
+        **PHI35,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0 + i / n for i in range(n)],
+            "long_factor": [1.0 + 4 * i / n for i in range(n)],
+        },
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Phi3ForCausalLM(cfg).to(torch.bfloat16)
@@ -68,6 +84,7 @@ def build_model(hf_home: Path) -> Path:
 def dataset_snapshot(hf_home: Path) -> Path:
     """The seed's dataset id as a hub snapshot holding the embedded corpus, so the Borea config runs unchanged."""
     from aegis.tiny import corpus_path
+
     repo = hf_home / "hub" / "datasets--TFMC--imatrix-dataset-for-japanese-llm"
     snap = repo / "snapshots" / COMMIT
     snap.mkdir(parents=True, exist_ok=True)
@@ -84,6 +101,7 @@ def windows(snap: Path, steps: int, batch: int, length: int, repeat: int = 1, se
     from transformers import AutoTokenizer
 
     from train import data
+
     tok = AutoTokenizer.from_pretrained(snap)
     ex = data.load(CORPUS * repeat, tok)
     stream = data.Stream(ex, length, seed)
@@ -107,15 +125,23 @@ def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool, repe
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.cuda.reset_peak_memory_stats()
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(snap, quantization_config=q, dtype=torch.bfloat16,
-                                                 device_map={"": 0})
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(snap, quantization_config=q, dtype=torch.bfloat16, device_map={"": 0})
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
     assert model.is_gradient_checkpointing == ckpt
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                             target_modules=["qkv_proj", "o_proj"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM", target_modules=["qkv_proj", "o_proj"]
+        ),
+    )
     # from_pretrained leaves the model in eval mode, where transformers never checkpoints and PEFT applies no LoRA
     # dropout: a user's Trainer or loop trains in training mode, and so does this baseline
     model.train()
@@ -140,64 +166,124 @@ def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool, repe
     del model, opt
     torch.cuda.empty_cache()
     step_s = statistics.median(times[WARMUP:])
-    return {"tokens_per_s": statistics.median(n / t for n, t in zip(tokens[WARMUP:], times[WARMUP:])),
-            "step_s": step_s, "peak_gib": peak,
-            "loss_last5": statistics.mean(losses[-5:]), "losses": losses}
+    return {
+        "tokens_per_s": statistics.median(n / t for n, t in zip(tokens[WARMUP:], times[WARMUP:])),
+        "step_s": step_s,
+        "peak_gib": peak,
+        "loss_last5": statistics.mean(losses[-5:]),
+        "losses": losses,
+    }
 
 
-def ours(snap: Path, hf_home: Path, work: Path, steps: int, batch: int, length: int, ckpt: bool | str,
-         extra: list[str], nprocs: int = 1, profile: int = 0, repeat: int = 1) -> dict:
+def ours(
+    snap: Path,
+    hf_home: Path,
+    work: Path,
+    steps: int,
+    batch: int,
+    length: int,
+    ckpt: bool | str,
+    extra: list[str],
+    nprocs: int = 1,
+    profile: int = 0,
+    repeat: int = 1,
+) -> dict:
     run = work / f"run_b{batch}x{length}_{'ckpt' if ckpt else 'nockpt'}_n{nprocs}"
     shutil.rmtree(run, ignore_errors=True)
     flag = '"auto"' if ckpt == "auto" else "true" if ckpt else "false"  # "auto": the memory plan decides
-    sets = [f"schedule.total_steps={steps}", f"schedule.warmup_steps={max(1, steps // 10)}",
-            f"schedule.anneal_steps={steps * 8 // 10}", f"train.save_steps={steps}", f"train.batch_size={batch}",
-            f"train.max_length={length}", f"model.gradient_checkpointing={flag}",
-            "data.train=" + json.dumps(CORPUS * repeat)]
-    launch = [sys.executable] if nprocs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                   "--nproc-per-node", str(nprocs)]
-    cmd = launch + ["-m", "train", "--config", str(ROOT / "configs" / "borea_rtx3060.toml"),
-                    "--run-dir", str(run), "--no-progress"] + [a for s in sets + extra for a in ("--set", s)]
+    sets = [
+        f"schedule.total_steps={steps}",
+        f"schedule.warmup_steps={max(1, steps // 10)}",
+        f"schedule.anneal_steps={steps * 8 // 10}",
+        f"train.save_steps={steps}",
+        f"train.batch_size={batch}",
+        f"train.max_length={length}",
+        f"model.gradient_checkpointing={flag}",
+        "data.train=" + json.dumps(CORPUS * repeat),
+    ]
+    launch = (
+        [sys.executable]
+        if nprocs == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nprocs)]
+    )
+    cmd = (
+        launch
+        + [
+            "-m",
+            "train",
+            "--config",
+            str(ROOT / "configs" / "borea_rtx3060.toml"),
+            "--run-dir",
+            str(run),
+            "--no-progress",
+        ]
+        + [a for s in sets + extra for a in ("--set", s)]
+    )
     env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", AEGIS_PROFILE=str(profile))
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     from aegis.metrics import read
+
     recs = read(run)
     said = next((line for line in (proc.stdout + proc.stderr).splitlines() if "memory plan:" in line), "")
     step_s = statistics.median(r["tokens"] / r["tokens_per_s"] for r in recs[WARMUP:])
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in recs[WARMUP:]), "step_s": step_s,
-            "peak_gib": max(r["gpu_mem_gib"] for r in recs), "loss_last5": statistics.mean(r["loss"]
-                                                                                        for r in recs[-5:]),
-            "losses": [r["loss"] for r in recs], "updates": len(recs), "final_gate": recs[-1]["gate"],
-            "ortho_error": max(r["ortho_error"] for r in recs), "wall_s": time.time() - t0,
-            "checkpoint": sorted(p.name for p in (run / "checkpoints").iterdir()), "nprocs": nprocs,
-            "plan": said, "checkpointing": "gradient checkpointing on" in said if said else ckpt,
-            "profile": (run / "profile.txt").read_text() if profile else ""}
+    return {
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in recs[WARMUP:]),
+        "step_s": step_s,
+        "peak_gib": max(r["gpu_mem_gib"] for r in recs),
+        "loss_last5": statistics.mean(r["loss"] for r in recs[-5:]),
+        "losses": [r["loss"] for r in recs],
+        "updates": len(recs),
+        "final_gate": recs[-1]["gate"],
+        "ortho_error": max(r["ortho_error"] for r in recs),
+        "wall_s": time.time() - t0,
+        "checkpoint": sorted(p.name for p in (run / "checkpoints").iterdir()),
+        "nprocs": nprocs,
+        "plan": said,
+        "checkpointing": "gradient checkpointing on" in said if said else ckpt,
+        "profile": (run / "profile.txt").read_text() if profile else "",
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/aegis-bench"))
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--settings", default="seed,throughput", help="seed = 1x512 no checkpointing; "
-                    "throughput = BxL with gradient checkpointing (see --tp-batch); long (see --long-lengths)")
+    ap.add_argument(
+        "--settings",
+        default="seed,throughput",
+        help="seed = 1x512 no checkpointing; "
+        "throughput = BxL with gradient checkpointing (see --tp-batch); long (see --long-lengths)",
+    )
     ap.add_argument("--tp-batch", type=int, default=8)
     ap.add_argument("--which", default="plain,ours")
     ap.add_argument("--ours-set", action="append", default=[], help="extra --set for all our runs")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[;KEY=VALUE]",
-                    help="run ours once per variant with these extra --set (e.g. eager=train.cuda_graphs=false)")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=KEY=VALUE[;KEY=VALUE]",
+        help="run ours once per variant with these extra --set (e.g. eager=train.cuda_graphs=false)",
+    )
     ap.add_argument("--plain-tp-batch", type=int, default=0, help="plain's throughput micro-batch (default --tp-batch)")
-    ap.add_argument("--plain-search", default="", metavar="B1,B2c,B3n,...",
-                    help="throughput setting: run plain at each of these batch sizes, with and without checkpointing "
-                         "(a c or n suffix: only with, only without), "
-                         "and report its best within --budget-gib (the row it is compared by)")
+    ap.add_argument(
+        "--plain-search",
+        default="",
+        metavar="B1,B2c,B3n,...",
+        help="throughput setting: run plain at each of these batch sizes, with and without checkpointing "
+        "(a c or n suffix: only with, only without), "
+        "and report its best within --budget-gib (the row it is compared by)",
+    )
     ap.add_argument("--budget-gib", type=float, default=12.0)
-    ap.add_argument("--long-lengths", default="8192,16384,32768,65536,81920",
-                    help="long = one sequence of each length, ours with the memory plan's choices; plain "
-                    "(checkpointed) at --plain-long-lengths, its longest within "
-                    "--budget-gib reported")
+    ap.add_argument(
+        "--long-lengths",
+        default="8192,16384,32768,65536,81920",
+        help="long = one sequence of each length, ours with the memory plan's choices; plain "
+        "(checkpointed) at --plain-long-lengths, its longest within "
+        "--budget-gib reported",
+    )
     ap.add_argument("--plain-long-lengths", default="2048,4096,8192,12288,16384")
     ap.add_argument("--long-steps", type=int, default=8)
     ap.add_argument("--nprocs", default="1", help="process counts for our runs, e.g. 1,2 (one GPU each)")
@@ -213,9 +299,13 @@ def main() -> None:
     grid = {"seed": (1, 512, False), "throughput": (args.tp_batch, 512, True)}  # plain's; ours: the plan decides
     variants = [(v.partition("=")[0], [s for s in v.partition("=")[2].split(";") if s]) for v in args.variant]
     variants = variants or [("", [])]
-    results = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-               "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "bitsandbytes")},
-               "command": " ".join(sys.argv), "rows": []}
+    results = {
+        "card": torch.cuda.get_device_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "bitsandbytes")},
+        "command": " ".join(sys.argv),
+        "rows": [],
+    }
     for name in args.settings.split(","):
         if name == "long":
             run_long(args, snap, hf_home, results)
@@ -227,13 +317,20 @@ def main() -> None:
                 jobs += [("plain", 1, [], b, c) for b, c in plain_search(args.plain_search)]
             else:
                 jobs.append(("plain", 1, [], (args.plain_tp_batch or batch) if name == "throughput" else batch, ckpt))
-        jobs += [(f"ours {label}".strip(), int(n), sets, batch, "auto") for n in args.nprocs.split(",")
-                 for label, sets in variants if "ours" in args.which]
+        jobs += [
+            (f"ours {label}".strip(), int(n), sets, batch, "auto")
+            for n in args.nprocs.split(",")
+            for label, sets in variants
+            if "ours" in args.which
+        ]
         for which, n, sets, b, c in jobs:
             print(f"== {name}: {which} x{n} {b}x{length} checkpointing={c}", flush=True)
             try:
-                r = (plain_peft(snap, args.steps, b, length, c) if which == "plain" else
-                     ours(snap, hf_home, args.work, args.steps, b, length, c, args.ours_set + sets, n, args.profile))
+                r = (
+                    plain_peft(snap, args.steps, b, length, c)
+                    if which == "plain"
+                    else ours(snap, hf_home, args.work, args.steps, b, length, c, args.ours_set + sets, n, args.profile)
+                )
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 print(f"out of memory: {which} {b}x{length} checkpointing={c}", flush=True)
@@ -248,24 +345,31 @@ def main() -> None:
             results["rows"].append(r)
             print({k: v for k, v in r.items() if k != "losses"}, flush=True)
             args.out.write_text(json.dumps(results, indent=1))
-        plain = [r for r in results["rows"] if r["which"] == "plain" and r["setting"] == name
-                 and r["peak_gib"] <= args.budget_gib]
+        plain = [
+            r
+            for r in results["rows"]
+            if r["which"] == "plain" and r["setting"] == name and r["peak_gib"] <= args.budget_gib
+        ]
         if plain:
             best = max(plain, key=lambda r: r["tokens_per_s"])
             best["best_plain_within_budget"] = True
-            print(f"{name}: plain's best within {args.budget_gib:g} GiB: {best['batch']}x{length} checkpointing="
-                  f"{best['checkpointing']}, {best['tokens_per_s']:.0f} tokens/s, {best['peak_gib']:.2f} GiB")
+            print(
+                f"{name}: plain's best within {args.budget_gib:g} GiB: {best['batch']}x{length} checkpointing="
+                f"{best['checkpointing']}, {best['tokens_per_s']:.0f} tokens/s, {best['peak_gib']:.2f} GiB"
+            )
     print("\n| setting | path | GPUs | batch×len per GPU | ckpt | tokens/s | step ms | peak GiB | loss (last 5) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        print(f"| {r['setting']} | {r['which']} | {r['nprocs']} | {r['batch']}×{r['length']} | {r['checkpointing']} | "
-              f"{r['tokens_per_s']:.0f} | {1000 * r['step_s']:.0f} | {r['peak_gib']:.2f} | {r['loss_last5']:.3f} |")
+        print(
+            f"| {r['setting']} | {r['which']} | {r['nprocs']} | {r['batch']}×{r['length']} | {r['checkpointing']} | "
+            f"{r['tokens_per_s']:.0f} | {1000 * r['step_s']:.0f} | {r['peak_gib']:.2f} | {r['loss_last5']:.3f} |"
+        )
     compare_losses(results)
     args.out.write_text(json.dumps(results, indent=1))
 
 
 def plain_search(spec: str) -> list[tuple[int, bool]]:
-    """"8,16" runs each batch size with and without checkpointing; a suffix picks one: "2n" without, "16c" with."""
+    """ "8,16" runs each batch size with and without checkpointing; a suffix picks one: "2n" without, "16c" with."""
     out = []
     for item in spec.split(","):
         modes = {"c": (True,), "n": (False,)}.get(item[-1], (True, False))
@@ -280,6 +384,7 @@ def corpus_repeat(snap: Path, windows_needed: int, length: int) -> int:
     from transformers import AutoTokenizer
 
     from train import data
+
     tokens = sum(len(e.input_ids) for e in data.load(CORPUS, AutoTokenizer.from_pretrained(snap)))
     return -(-windows_needed * length // tokens) + 1
 
@@ -296,8 +401,11 @@ def run_long(args, snap: Path, hf_home: Path, results: dict) -> None:
             continue
         print(f"== long: {which} 1x{length}", flush=True)
         try:
-            r = (plain_peft(snap, args.long_steps, 1, length, True, repeat) if which == "plain" else
-                 ours(snap, hf_home, args.work, args.long_steps, 1, length, "auto", args.ours_set, repeat=repeat))
+            r = (
+                plain_peft(snap, args.long_steps, 1, length, True, repeat)
+                if which == "plain"
+                else ours(snap, hf_home, args.work, args.long_steps, 1, length, "auto", args.ours_set, repeat=repeat)
+            )
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             print(f"out of memory: {which} 1x{length}", flush=True)
@@ -314,8 +422,14 @@ def run_long(args, snap: Path, hf_home: Path, results: dict) -> None:
         print({k: v for k, v in r.items() if k not in ("losses", "profile")}, flush=True)
         args.out.write_text(json.dumps(results, indent=1))
     for which in ("plain", "ours"):
-        longest = max((r["length"] for r in results["rows"] if r["setting"] == "long" and r["which"] == which
-                       and r["peak_gib"] <= args.budget_gib), default=0)
+        longest = max(
+            (
+                r["length"]
+                for r in results["rows"]
+                if r["setting"] == "long" and r["which"] == which and r["peak_gib"] <= args.budget_gib
+            ),
+            default=0,
+        )
         results[f"longest_{which}_within_budget"] = longest
         print(f"long: {which}'s longest within {args.budget_gib:g} GiB: {longest} tokens", flush=True)
 
@@ -326,15 +440,23 @@ def compare_losses(results: dict) -> None:
     for plain in (r for r in results["rows"] if r["which"] == "plain"):
         noise = statistics.mean(abs(a - b) for a, b in zip(plain["losses"], plain["losses"][1:]))
         for r in results["rows"]:
-            if r["which"] == "plain" or (r["setting"], r["batch"], r["length"]) != (plain["setting"], plain["batch"],
-                                                                                      plain["length"]):
+            if r["which"] == "plain" or (r["setting"], r["batch"], r["length"]) != (
+                plain["setting"],
+                plain["batch"],
+                plain["length"],
+            ):
                 continue
             diff = [a - b for a, b in zip(r["losses"], plain["losses"])]
-            r["loss_vs_plain"] = {"mean_diff": statistics.mean(diff), "mean_abs_diff": statistics.mean(map(abs, diff)),
-                                  "plain_step_to_step": noise}
-            print(f"{r['setting']} {r['which']} vs plain, same windows: mean loss difference "
-                  f"{statistics.mean(diff):+.4f}, mean |difference| {statistics.mean(map(abs, diff)):.4f} "
-                  f"(plain's own step-to-step change {noise:.4f})")
+            r["loss_vs_plain"] = {
+                "mean_diff": statistics.mean(diff),
+                "mean_abs_diff": statistics.mean(map(abs, diff)),
+                "plain_step_to_step": noise,
+            }
+            print(
+                f"{r['setting']} {r['which']} vs plain, same windows: mean loss difference "
+                f"{statistics.mean(diff):+.4f}, mean |difference| {statistics.mean(map(abs, diff)):.4f} "
+                f"(plain's own step-to-step change {noise:.4f})"
+            )
 
 
 if __name__ == "__main__":

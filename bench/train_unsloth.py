@@ -40,13 +40,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # Offline, no statistics ping, no telemetry: the GPU machine has no network and a timed run must not wait on one.
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
-           "HF_HUB_ENABLE_HF_TRANSFER": "0", "TOKENIZERS_PARALLELISM": "false"}
-TARGETS = {("fused", "attn"): ["qkv_proj", "o_proj"],
-           ("fused", "all"): ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-           ("llama", "attn"): ["q_proj", "k_proj", "v_proj", "o_proj"],
-           ("llama", "all"): ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_ENABLE_HF_TRANSFER": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+TARGETS = {
+    ("fused", "attn"): ["qkv_proj", "o_proj"],
+    ("fused", "all"): ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    ("llama", "attn"): ["q_proj", "k_proj", "v_proj", "o_proj"],
+    ("llama", "all"): ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 
 
 class Deadline(Exception):
@@ -60,9 +69,21 @@ def setup_env() -> None:
 
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
+
     out = {}
-    for name in ("unsloth", "unsloth_zoo", "torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate",
-                 "triton", "xformers", "flash_attn"):
+    for name in (
+        "unsloth",
+        "unsloth_zoo",
+        "torch",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "trl",
+        "accelerate",
+        "triton",
+        "xformers",
+        "flash_attn",
+    ):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -74,19 +95,31 @@ def attention_backend() -> dict:
     """Which attention kernels Unsloth found (xformers and flash-attn are optional; without them it uses SDPA)."""
     try:
         from unsloth.models import _utils as u
-        return {"flash_attention": bool(getattr(u, "HAS_FLASH_ATTENTION", False)),
-                "xformers": getattr(u, "xformers", None) is not None}
+
+        return {
+            "flash_attention": bool(getattr(u, "HAS_FLASH_ATTENTION", False)),
+            "xformers": getattr(u, "xformers", None) is not None,
+        }
     except Exception as e:  # noqa: BLE001 - reported, never fatal
         return {"error": repr(e)}
 
 
 def load(model_dir: Path, form: str, targets: str, dropout: float, max_seq_length: int):
     from unsloth import FastLanguageModel
-    model, _ = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=max_seq_length,
-                                                 load_in_4bit=True, dtype=None)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=dropout,
-                                             target_modules=TARGETS[(form, targets)], bias="none",
-                                             use_gradient_checkpointing="unsloth", random_state=3407)
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=str(model_dir), max_seq_length=max_seq_length, load_in_4bit=True, dtype=None
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=32,
+        lora_dropout=dropout,
+        target_modules=TARGETS[(form, targets)],
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=3407,
+    )
     model.train()  # as a Trainer does before its first step
     return model
 
@@ -98,40 +131,55 @@ def decoder_layers(model) -> list:
 def check(model, dropout: float, batch: dict) -> dict:
     """What the rows of this load really do (recorded with them; `ok` says all held)."""
     import torch
+
     layers = decoder_layers(model)
     drops = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
     ps = sorted({float(getattr(d, "p", 0.0)) for d in drops})  # p = 0 is an nn.Identity in PEFT
     try:  # bitsandbytes' own class (PEFT's LoRA wrapper around it shares the name)
         from bitsandbytes.nn import Linear4bit
+
         four = [m for m in model.modules() if isinstance(m, Linear4bit)]
     except ImportError:
         four = []
     states = [getattr(m.weight, "quant_state", None) for m in four]
     lora = [n for n, m in model.named_modules() if n.endswith(".lora_A")]
-    out = {"training": bool(model.training) and bool(layers) and all(m.training for m in layers + drops),
-           "decoder_layers": len(layers), "lora_layers": len(lora),
-           "lora_targets": sorted({n.split(".")[-2] for n in lora}), "lora_dropout_p": ps,
-           "dropout_ok": bool(drops) and ps == [float(dropout)],
-           "linear4bit_layers": len(four),
-           "quant_types": sorted({getattr(s, "quant_type", "?") for s in states if s is not None}),
-           "double_quant": sorted({bool(getattr(s, "nested", False)) for s in states if s is not None}),
-           "flags_gradient_checkpointing": sorted({str(getattr(m, "gradient_checkpointing", None)) for m in layers}),
-           "model_flag": str(getattr(model, "is_gradient_checkpointing", None))}
+    out = {
+        "training": bool(model.training) and bool(layers) and all(m.training for m in layers + drops),
+        "decoder_layers": len(layers),
+        "lora_layers": len(lora),
+        "lora_targets": sorted({n.split(".")[-2] for n in lora}),
+        "lora_dropout_p": ps,
+        "dropout_ok": bool(drops) and ps == [float(dropout)],
+        "linear4bit_layers": len(four),
+        "quant_types": sorted({getattr(s, "quant_type", "?") for s in states if s is not None}),
+        "double_quant": sorted({bool(getattr(s, "nested", False)) for s in states if s is not None}),
+        "flags_gradient_checkpointing": sorted({str(getattr(m, "gradient_checkpointing", None)) for m in layers}),
+        "model_flag": str(getattr(model, "is_gradient_checkpointing", None)),
+    }
     # 4 or 7 projections per layer in 4 bits, whichever form: the base really is quantized
     out["four_bit_ok"] = len(four) >= len(layers) * 4 and out["quant_types"] == ["nf4"]
     if layers:  # Unsloth's fast-path patches on the first layer, for the record
         attn, mlp = getattr(layers[0], "self_attn", None), getattr(layers[0], "mlp", None)
-        out["layer0_patches"] = {k: getattr(getattr(o, k, None), "__name__", None) for o, k in
-                                 ((attn, "apply_qkv"), (attn, "apply_o"), (mlp, "forward"), (layers[0], "forward"))}
+        out["layer0_patches"] = {
+            k: getattr(getattr(o, k, None), "__name__", None)
+            for o, k in ((attn, "apply_qkv"), (attn, "apply_o"), (mlp, "forward"), (layers[0], "forward"))
+        }
     # Forwards counted on each layer and on its attention and MLP blocks: a checkpointed layer runs its blocks
     # again in backward. Which of these calls go through nn.Module.__call__ (where hooks fire) depends on the
     # release (transformers 5.2x re-runs the layer's own forward; Unsloth's kernels call the blocks), so the most
     # any of them saw is what counts.
-    parts = {"layer": layers, "self_attn": [getattr(m, "self_attn", None) for m in layers],
-             "mlp": [getattr(m, "mlp", None) for m in layers]}
+    parts = {
+        "layer": layers,
+        "self_attn": [getattr(m, "self_attn", None) for m in layers],
+        "mlp": [getattr(m, "mlp", None) for m in layers],
+    }
     calls = {k: [] for k in parts}
-    hooks = [m.register_forward_pre_hook(lambda *_, k=k: calls[k].append(1))
-             for k, ms in parts.items() for m in ms if m is not None]
+    hooks = [
+        m.register_forward_pre_hook(lambda *_, k=k: calls[k].append(1))
+        for k, ms in parts.items()
+        for m in ms
+        if m is not None
+    ]
     try:
         dev = next(model.parameters()).device
         ids, mask, labels = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels"))
@@ -155,6 +203,7 @@ def check(model, dropout: float, batch: dict) -> dict:
 def train_row(model, batches: list, warmup: int, init: dict) -> dict:
     """Steps on `batches` from the freshly initialised LoRA with a new AdamW; timed after `warmup` steps."""
     import torch
+
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -183,16 +232,23 @@ def train_row(model, batches: list, warmup: int, init: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         del opt
     timed = list(zip(tokens[warmup:], times[warmup:])) or list(zip(tokens, times))
-    return {"tokens_per_s": statistics.median(n / t for n, t in timed),
-            "step_s": statistics.median(t for _, t in timed),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "losses": losses,
-            "loss_first": losses[0], "loss_last5": statistics.mean(losses[-5:]), "steps": len(losses),
-            "warmup": warmup, "first_step_s": times[0]}
+    return {
+        "tokens_per_s": statistics.median(n / t for n, t in timed),
+        "step_s": statistics.median(t for _, t in timed),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "losses": losses,
+        "loss_first": losses[0],
+        "loss_last5": statistics.mean(losses[-5:]),
+        "steps": len(losses),
+        "warmup": warmup,
+        "first_step_s": times[0],
+    }
 
 
 def is_oom(e: BaseException) -> bool:
     import torch
+
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
@@ -212,12 +268,14 @@ class Runner:
     def left(self) -> float:
         return self.args.deadline - time.time() - self.reserve if self.args.deadline else float("inf")
 
-    def row(self, model, init, label: dict, batch: int, length: int, steps: int, warmup: int,
-            repeat: int = 1) -> dict | None:
+    def row(
+        self, model, init, label: dict, batch: int, length: int, steps: int, warmup: int, repeat: int = 1
+    ) -> dict | None:
         """One measured row, or None when it ran out of memory (recorded as such)."""
         import torch
 
         from bench.train_throughput import windows
+
         tag = f"{label['which']} {label['setting']} {batch}x{length}"
         need = self.args.row_reserve_s  # longer sequences cost more per token: count them twice
         if self.tokens_per_s:
@@ -232,8 +290,9 @@ class Runner:
             torch.cuda.empty_cache()
             oom = is_oom(e)
             print(f"{'out of memory' if oom else 'failed'}: {tag}: {str(e)[-500:]}", flush=True)
-            self.results.setdefault("oom" if oom else "failed", []).append(dict(label, batch=batch, length=length,
-                                                                               error=str(e)[-2000:]))
+            self.results.setdefault("oom" if oom else "failed", []).append(
+                dict(label, batch=batch, length=length, error=str(e)[-2000:])
+            )
             self.save()
             if not oom:
                 raise
@@ -272,6 +331,7 @@ class Runner:
         """Longest single sequence within the budget in few rows (a very long one costs a minute): two lengths give
         the peak's growth per token, the next is where the budget falls by that line, then one step either way."""
         from bench.train_throughput import corpus_repeat
+
         label, step, top, budget = dict(label, setting="long"), 8192, self.args.max_long, self.args.budget_gib
         steps = self.args.long_steps + self.args.long_warmup
         repeat = corpus_repeat(self.snap, steps + 1, top)
@@ -325,27 +385,44 @@ def run(args) -> None:
     import unsloth  # noqa: F401 - before transformers, as Unsloth requires
 
     from bench.train_throughput import build_model, windows
+
     print(f"unsloth imported in {time.time() - t0:.0f} s", flush=True)
     snap = build_model(args.work / "hf")  # ours has laid it out already; built here only when run alone
     model_dir = snap
     if args.form == "llama":
         from bench.llamafy import convert
+
         model_dir = args.work / "phi35-llamafied"
         if not (model_dir / "config.json").exists():
             t = time.time()
             convert(snap, model_dir)
             print(f"llamafied in {time.time() - t:.0f} s", flush=True)
-    results = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "versions": versions(),
-               "attention": attention_backend(), "form": args.form, "model_dir": str(model_dir),
-               "budget_gib": args.budget_gib, "command": " ".join(sys.argv), "env": dict(OFFLINE), "rows": [],
-               "loads": []}
+    results = {
+        "card": torch.cuda.get_device_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": versions(),
+        "attention": attention_backend(),
+        "form": args.form,
+        "model_dir": str(model_dir),
+        "budget_gib": args.budget_gib,
+        "command": " ".join(sys.argv),
+        "env": dict(OFFLINE),
+        "rows": [],
+        "loads": [],
+    }
     runner = Runner(args, results, snap)
     for i, dropout in enumerate(args.dropouts):
         which = f"unsloth {args.form} dropout {dropout:g}"
         longest = "long" in args.settings and dropout == args.long_dropout
         msl = max(args.max_seq_length, args.max_long if longest else 0)
-        label = {"which": which, "form": args.form, "lora_dropout": dropout, "targets": args.targets,
-                 "max_seq_length": msl, "checkpointing": "unsloth"}
+        label = {
+            "which": which,
+            "form": args.form,
+            "lora_dropout": dropout,
+            "targets": args.targets,
+            "max_seq_length": msl,
+            "checkpointing": "unsloth",
+        }
         runner.reserve = (len(args.dropouts) - 1 - i) * args.load_budget_s
         try:
             if runner.left() < args.load_reserve_s:
@@ -371,6 +448,7 @@ def run(args) -> None:
             results.setdefault("skipped", []).append({"which": which, "why": str(e)})
         except Exception:  # noqa: BLE001 - one load failing must not lose the other dropout's rows
             import traceback
+
             traceback.print_exc()
             results.setdefault("failed", []).append({"which": which, "error": traceback.format_exc()[-4000:]})
         finally:
@@ -383,9 +461,15 @@ def run(args) -> None:
 
 # ---- the markdown table (no GPU, no Unsloth needed) ----
 
+
 def _best(rows: list, setting: str, which: str | None = None) -> dict | None:
-    pool = [r for r in rows if r["setting"] == setting and (which is None or r["which"] == which)
-            and r.get("within_budget", r["peak_gib"] <= 12.0)]
+    pool = [
+        r
+        for r in rows
+        if r["setting"] == setting
+        and (which is None or r["which"] == which)
+        and r.get("within_budget", r["peak_gib"] <= 12.0)
+    ]
     return max(pool, key=lambda r: r["tokens_per_s"], default=None)
 
 
@@ -396,38 +480,62 @@ def table(docs: list[dict]) -> str:
         card = card or f"{d.get('card', '?')}, {d.get('date', '?')}"
         budget = d.get("budget_gib", 12.0)
         for r in d.get("rows", []):
-            rows.append(dict(r, within_budget=r.get("within_budget", r["peak_gib"] <= budget),
-                             unsloth=r["which"].startswith("unsloth")))
+            rows.append(
+                dict(
+                    r,
+                    within_budget=r.get("within_budget", r["peak_gib"] <= budget),
+                    unsloth=r["which"].startswith("unsloth"),
+                )
+            )
         longest.update(d.get("longest_within_budget", {}))
         cut.update(d.get("long_search_cut_short", []))
         for k in ("longest_ours_within_budget", "longest_plain_within_budget"):
             if k in d:
                 longest[k.split("_")[1]] = d[k]
-    out = [f"Card: {card}. Budget 12 GiB; peak = torch.cuda.max_memory_allocated; tokens/s = median after warm-up.", "",
-           "| setting | path | batch×len | checkpointing | tokens/s | step ms | peak GiB | first loss | loss (last 5) "
-           "| checks |", "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
-    for r in sorted(rows, key=lambda r: (["seed", "throughput", "long"].index(r["setting"])
-                                         if r["setting"] in ("seed", "throughput", "long") else 9,
-                                         r["unsloth"], r["which"], r["batch"], r["length"])):
+    out = [
+        f"Card: {card}. Budget 12 GiB; peak = torch.cuda.max_memory_allocated; tokens/s = median after warm-up.",
+        "",
+        "| setting | path | batch×len | checkpointing | tokens/s | step ms | peak GiB | first loss | loss (last 5) "
+        "| checks |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in sorted(
+        rows,
+        key=lambda r: (
+            ["seed", "throughput", "long"].index(r["setting"]) if r["setting"] in ("seed", "throughput", "long") else 9,
+            r["unsloth"],
+            r["which"],
+            r["batch"],
+            r["length"],
+        ),
+    ):
         mark = "**" if r.get("best_within_budget") or r.get("best_plain_within_budget") else ""
         chk = ("ok" if r.get("checks_ok") else "FAILED") if r["unsloth"] else ""
-        out.append(f"| {r['setting']} | {r['which']} | {r['batch']}×{r['length']} | {r.get('checkpointing')} | "
-                   f"{mark}{r['tokens_per_s']:.0f}{mark} | {1000 * r['step_s']:.0f} | {r['peak_gib']:.2f}"
-                   f"{'' if r['within_budget'] else ' (over)'} | {r['losses'][0]:.3f} | {r['loss_last5']:.3f} | "
-                   f"{chk} |")
+        out.append(
+            f"| {r['setting']} | {r['which']} | {r['batch']}×{r['length']} | {r.get('checkpointing')} | "
+            f"{mark}{r['tokens_per_s']:.0f}{mark} | {1000 * r['step_s']:.0f} | {r['peak_gib']:.2f}"
+            f"{'' if r['within_budget'] else ' (over)'} | {r['losses'][0]:.3f} | {r['loss_last5']:.3f} | "
+            f"{chk} |"
+        )
     out.append("")
     for setting in ("seed", "throughput"):
         ours = _best([r for r in rows if not r["unsloth"] and r["which"].startswith("ours")], setting)
         uns = _best([r for r in rows if r["unsloth"]], setting)
         if ours and uns:
-            out.append(f"- {setting}: ours {ours['tokens_per_s']:.0f} tokens/s ({ours['batch']}×{ours['length']}, "
-                       f"{ours['peak_gib']:.2f} GiB) against Unsloth's best within budget, {uns['which']} "
-                       f"{uns['batch']}×{uns['length']}, {uns['tokens_per_s']:.0f} ({uns['peak_gib']:.2f} GiB): "
-                       f"**{ours['tokens_per_s'] / uns['tokens_per_s']:.2f}×** (target ≥ 1.5×)")
+            out.append(
+                f"- {setting}: ours {ours['tokens_per_s']:.0f} tokens/s ({ours['batch']}×{ours['length']}, "
+                f"{ours['peak_gib']:.2f} GiB) against Unsloth's best within budget, {uns['which']} "
+                f"{uns['batch']}×{uns['length']}, {uns['tokens_per_s']:.0f} ({uns['peak_gib']:.2f} GiB): "
+                f"**{ours['tokens_per_s'] / uns['tokens_per_s']:.2f}×** (target ≥ 1.5×)"
+            )
     if longest:
-        out.append("- longest single sequence within budget: " + ", ".join(
-            f"{k} {v}" + (" (search cut short by the time limit: at least this)" if k in cut else "")
-            for k, v in longest.items()))
+        out.append(
+            "- longest single sequence within budget: "
+            + ", ".join(
+                f"{k} {v}" + (" (search cut short by the time limit: at least this)" if k in cut else "")
+                for k, v in longest.items()
+            )
+        )
     return "\n".join(out)
 
 
@@ -452,10 +560,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline", type=float, default=0.0, help="epoch seconds: start no row or load after it")
     ap.add_argument("--row-reserve-s", type=float, default=15.0, help="start no row with less time left")
     ap.add_argument("--load-reserve-s", type=float, default=60.0, help="start no load with less time left")
-    ap.add_argument("--load-budget-s", type=float, default=80.0,
-                    help="time kept for each later load (its loading, seed and throughput rows)")
-    ap.add_argument("--quick", action="store_true",
-                    help="the short plan: dropout 0 only, throughput at 16, long 16384 and 32768, 2 + 3 steps")
+    ap.add_argument(
+        "--load-budget-s",
+        type=float,
+        default=80.0,
+        help="time kept for each later load (its loading, seed and throughput rows)",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="the short plan: dropout 0 only, throughput at 16, long 16384 and 32768, 2 + 3 steps",
+    )
     ap.add_argument("--out", type=Path, default=Path("unsloth.json"))
     args = ap.parse_args(argv)
     if args.table:

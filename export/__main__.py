@@ -61,18 +61,23 @@ def _threads():
 
 
 def _num_ctx():
-    return setting(None, "the context length Ollama runs it with (default: the GGUF's original one)",
-                   parse=cli.bounded(int, 0, strict=True))
+    return setting(
+        None,
+        "the context length Ollama runs it with (default: the GGUF's original one)",
+        parse=cli.bounded(int, 0, strict=True),
+    )
 
 
 @dataclass
 class Merge:
     """Merge a checkpoint into a stock HF model: LoRA merged, the soul folded into lm_head."""
 
-    checkpoint: Path = setting(help="checkpoint directory (final/ or checkpoints/step_N/)", parse=_directory,
-                               metavar="DIR", required=True)
-    out: Path = setting(help="output directory (replaced only if the check passes)", parse=_out_dir, metavar="DIR",
-                        required=True)
+    checkpoint: Path = setting(
+        help="checkpoint directory (final/ or checkpoints/step_N/)", parse=_directory, metavar="DIR", required=True
+    )
+    out: Path = setting(
+        help="output directory (replaced only if the check passes)", parse=_out_dir, metavar="DIR", required=True
+    )
     base: str | None = setting(None, "base model (hub id or directory); default: the one in the checkpoint")
     dtype: str = setting("float32", "merge precision", choices=merge.DTYPES)
     device: str = setting("auto", "auto (CUDA if present), cpu, cuda, cuda:N")
@@ -82,8 +87,14 @@ class Merge:
         return _writable(self.out)
 
     def run(self) -> int:
-        merge.merge(self.checkpoint, self.out, base=self.base, dtype=self.dtype, device=self.device,
-                    quant_gap=not self.no_quant_gap)
+        merge.merge(
+            self.checkpoint,
+            self.out,
+            base=self.base,
+            dtype=self.dtype,
+            device=self.device,
+            quant_gap=not self.no_quant_gap,
+        )
         return 0
 
 
@@ -93,8 +104,7 @@ class Gguf:
 
     model: Path = setting(help="merged model directory", parse=_hf_model, metavar="DIR", required=True)
     out: Path = setting(help="the GGUF file to write", parse=_gguf_out, metavar="FILE.gguf", required=True)
-    out_type: str = setting("f16", f"GGUF type, one of: {TYPES}", flag="--type", choices=names.TYPES,
-                            metavar="TYPE")
+    out_type: str = setting("f16", f"GGUF type, one of: {TYPES}", flag="--type", choices=names.TYPES, metavar="TYPE")
     name: str | None = setting(None, "general.name (default: the model directory's name)")
     skip_parity: bool = setting(False, "write without the llama.cpp parity check")
     threads: int | None = _threads()
@@ -104,8 +114,15 @@ class Gguf:
         return _writable(self.out)
 
     def run(self) -> int:
-        pipeline.export_gguf(self.model, self.out, self.out_type, name=self.name, progress=not self.no_progress,
-                             check_parity=not self.skip_parity, threads=self.threads)
+        pipeline.export_gguf(
+            self.model,
+            self.out,
+            self.out_type,
+            name=self.name,
+            progress=not self.no_progress,
+            check_parity=not self.skip_parity,
+            threads=self.threads,
+        )
         return 0
 
 
@@ -121,8 +138,13 @@ class Parity:
 
     model: Path = setting(help="merged model directory", parse=_hf_model, metavar="DIR", required=True)
     gguf: Path = setting(help="the GGUF file", parse=_file, metavar="FILE", required=True)
-    out_type: str | None = setting(None, "thresholds to apply (default: from the file name, else f16)", flag="--type",
-                                   choices=names.TYPES, metavar="TYPE")
+    out_type: str | None = setting(
+        None,
+        "thresholds to apply (default: from the file name, else f16)",
+        flag="--type",
+        choices=names.TYPES,
+        metavar="TYPE",
+    )
     threads: int | None = _threads()
 
     def run(self) -> int:
@@ -147,8 +169,9 @@ class Modelfile:
         return _writable(self.out)
 
     def run(self) -> int:
-        modelfile.write(self.gguf, self.out, model_dir=self.model, name=self.name, system=self.system,
-                        num_ctx=self.num_ctx)
+        modelfile.write(
+            self.gguf, self.out, model_dir=self.model, name=self.name, system=self.system, num_ctx=self.num_ctx
+        )
         return 0
 
 
@@ -161,13 +184,19 @@ class Ollama:
     model: Path | None = setting(None, MODEL_HELP, parse=_hf_model, metavar="DIR")
     system: str | None = setting(None, "SYSTEM prompt")
     num_ctx: int | None = _num_ctx()
-    host: str | None = setting(None, "Ollama server URL (default: $OLLAMA_HOST, else http://127.0.0.1:11434)",
-                               metavar="URL")
+    host: str | None = setting(
+        None, "Ollama server URL (default: $OLLAMA_HOST, else http://127.0.0.1:11434)", metavar="URL"
+    )
 
     def run(self) -> int:
         ollama.check_name(self.name)
-        mf = modelfile.build(self.gguf, modelfile.model_dir_for(self.gguf, self.model), system=self.system,
-                             num_ctx=self.num_ctx, name=self.name)
+        mf = modelfile.build(
+            self.gguf,
+            modelfile.model_dir_for(self.gguf, self.model),
+            system=self.system,
+            num_ctx=self.num_ctx,
+            name=self.name,
+        )
         ollama.create(mf, self.name, host=self.host)
         return 0
 
@@ -177,11 +206,24 @@ class All:
     """Export a run: merge, then a GGUF of each type, each checked for parity, then a Modelfile. Steps whose
     outputs are up to date are skipped."""
 
-    run_dir: Path = setting(help="run directory (uses final/, else the newest checkpoint)", flag="--run",
-                            parse=_directory, metavar="DIR", env="AEGIS_RUN", required=True)
+    run_dir: Path = setting(
+        help="run directory (uses final/, else the newest checkpoint)",
+        flag="--run",
+        parse=_directory,
+        metavar="DIR",
+        env="AEGIS_RUN",
+        required=True,
+    )
     checkpoint: Path | None = setting(None, "a specific checkpoint instead", parse=_directory, metavar="DIR")
-    types: list[str] = setting(pipeline.DEFAULT_TYPES, f"GGUF types, of: {TYPES}", flag="--type",
-                               choices=names.TYPES, metavar="TYPE", repeat=True, commas=True)
+    types: list[str] = setting(
+        pipeline.DEFAULT_TYPES,
+        f"GGUF types, of: {TYPES}",
+        flag="--type",
+        choices=names.TYPES,
+        metavar="TYPE",
+        repeat=True,
+        commas=True,
+    )
     out: Path | None = setting(None, "default: RUN/export", parse=_out_dir, metavar="DIR")
     base: str | None = setting(None, "override the checkpoint's base model")
     dtype: str = setting("float32", "merge precision", choices=merge.DTYPES)
@@ -196,9 +238,19 @@ class All:
         return repeated + _writable(self.out or (self.run_dir / "export" if self.run_dir else None))
 
     def run(self) -> int:
-        summary = pipeline.export_all(self.run_dir, self.types, out=self.out, base=self.base, dtype=self.dtype,
-                                      name=self.name, system=self.system, checkpoint=self.checkpoint,
-                                      force=self.force, progress=not self.no_progress, device=self.device)
+        summary = pipeline.export_all(
+            self.run_dir,
+            self.types,
+            out=self.out,
+            base=self.base,
+            dtype=self.dtype,
+            name=self.name,
+            system=self.system,
+            checkpoint=self.checkpoint,
+            force=self.force,
+            progress=not self.no_progress,
+            device=self.device,
+        )
         write_json(Path(summary["merged"]).parent / "export.json", summary)
         return 0
 
@@ -208,10 +260,14 @@ COMMANDS = {"merge": Merge, "gguf": Gguf, "parity": Parity, "modelfile": Modelfi
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        _, command = cli.parse_command(COMMANDS, sys.argv[1:] if argv is None else argv, prog=PROG,
-                                       description="Merge an AEGIS checkpoint, write GGUF, check parity, make an "
-                                                   "Ollama model.")
+        _, command = cli.parse_command(
+            COMMANDS,
+            sys.argv[1:] if argv is None else argv,
+            prog=PROG,
+            description="Merge an AEGIS checkpoint, write GGUF, check parity, make an Ollama model.",
+        )
         return command.run()
+
     return cli.main(body)
 
 

@@ -32,17 +32,34 @@ def _m(role: str, content: str) -> dict:
 PROOF = [
     ("user", [_m("user", "日本の首都はどこですか？")]),
     ("system, user", [_m("system", "あなたは親切なアシスタントです。"), _m("user", "What is the capital of Japan?")]),
-    ("user, assistant, user", [_m("user", "こんにちは"), _m("assistant", "こんにちは！何をお手伝いしましょうか。"),
-                               _m("user", "富士山の高さは？")]),
-    ("system and three turns", [_m("system", "Answer briefly."), _m("user", "1+1?"), _m("assistant", "2"),
-                                _m("user", "2+2?"), _m("assistant", "4"), _m("user", "3+3?")]),
+    (
+        "user, assistant, user",
+        [
+            _m("user", "こんにちは"),
+            _m("assistant", "こんにちは！何をお手伝いしましょうか。"),
+            _m("user", "富士山の高さは？"),
+        ],
+    ),
+    (
+        "system and three turns",
+        [
+            _m("system", "Answer briefly."),
+            _m("user", "1+1?"),
+            _m("assistant", "2"),
+            _m("user", "2+2?"),
+            _m("assistant", "4"),
+            _m("user", "3+3?"),
+        ],
+    ),
     ("empty system", [_m("system", ""), _m("user", "a")]),
     ("several lines", [_m("user", "複数行の\n\n質問です。\n- one\n- two")]),
 ]
 # Whitespace around a message's content: kept exactly, or stripped by the chat template (Llama 2/3 and Gemma
 # templates trim); Ollama's template language has no trim, so that difference is reported, never hidden.
-EDGE = ("whitespace around content", [_m("user", "  leading and trailing spaces  "), _m("assistant", " b\n"),
-                                      _m("user", "c\n")])
+EDGE = (
+    "whitespace around content",
+    [_m("user", "  leading and trailing spaces  "), _m("assistant", " b\n"), _m("user", "c\n")],
+)
 
 
 class ChatFormatError(ExportError):
@@ -61,35 +78,48 @@ class Proof:
 
     def summary(self) -> str:
         tokens = sum(c["tokens"] for c in self.conversations)
-        return (f"chat template: {self.format}; the Modelfile template renders {len(self.conversations)} "
-                f"conversations to the same {tokens} tokens as the tokenizer's chat template "
-                f"(tokenized by {' and '.join(self.tokenizers)})")
+        return (
+            f"chat template: {self.format}; the Modelfile template renders {len(self.conversations)} "
+            f"conversations to the same {tokens} tokens as the tokenizer's chat template "
+            f"(tokenized by {' and '.join(self.tokenizers)})"
+        )
 
     def to_json(self) -> dict:
-        return {"ok": True, "format": self.format, "stops": self.stops, "conversations": self.conversations,
-                "tokenizers": self.tokenizers, "notes": self.notes, "system_messages": self.system}
+        return {
+            "ok": True,
+            "format": self.format,
+            "stops": self.stops,
+            "conversations": self.conversations,
+            "tokenizers": self.tokenizers,
+            "notes": self.notes,
+            "system_messages": self.system,
+        }
 
 
 # ---- the formats ----------------------------------------------------------------------------------------------------
 # Each family's own templates are in its file (aegis/families/, `Family.ollama`); here are those of the chat formats
 # no registered family owns, which a model of a supported architecture may still ship.
 
+
 def _gemma(bos: str) -> str:
     """Gemma has user and model turns only; a system message opens the first user turn (as Gemma 3's does)."""
-    return (bos + "{{ $first := index .Messages 0 }}{{ range $i, $m := .Messages }}"
-            '{{ if eq .Role "user" }}<start_of_turn>user\n{{ if and (eq $i 1) (eq $first.Role "system") }}'
-            "{{ $first.Content }}\n\n{{ end }}{{ .Content }}<end_of_turn>\n"
-            '{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
-            "{{ end }}{{ end }}<start_of_turn>model\n")
+    return (
+        bos + "{{ $first := index .Messages 0 }}{{ range $i, $m := .Messages }}"
+        '{{ if eq .Role "user" }}<start_of_turn>user\n{{ if and (eq $i 1) (eq $first.Role "system") }}'
+        "{{ $first.Content }}\n\n{{ end }}{{ .Content }}<end_of_turn>\n"
+        '{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
+        "{{ end }}{{ end }}<start_of_turn>model\n"
+    )
 
 
 def _llama2(bos: str, bos_text: str, eos_text: str) -> str:
     """Llama 2: every user turn after the first starts with BOS; the system prompt sits in <<SYS>> inside the first."""
-    return (bos + "{{ $first := index .Messages 0 }}{{ range $i, $m := .Messages }}"
-            '{{ if eq .Role "user" }}{{ if gt $i 1 }}' + bos_text + "{{ end }}[INST] "
-            '{{ if and (eq $i 1) (eq $first.Role "system") }}<<SYS>>\n{{ $first.Content }}\n<</SYS>>\n\n{{ end }}'
-            '{{ .Content }} [/INST]{{ else if eq .Role "assistant" }} {{ .Content }} ' + eos_text
-            + "{{ end }}{{ end }}")
+    return (
+        bos + "{{ $first := index .Messages 0 }}{{ range $i, $m := .Messages }}"
+        '{{ if eq .Role "user" }}{{ if gt $i 1 }}' + bos_text + "{{ end }}[INST] "
+        '{{ if and (eq $i 1) (eq $first.Role "system") }}<<SYS>>\n{{ $first.Content }}\n<</SYS>>\n\n{{ end }}'
+        '{{ .Content }} [/INST]{{ else if eq .Role "assistant" }} {{ .Content }} ' + eos_text + "{{ end }}{{ end }}"
+    )
 
 
 def _others(facts: Facts) -> list[Template]:
@@ -97,15 +127,18 @@ def _others(facts: Facts) -> list[Template]:
     if facts.has("<start_of_turn>", "<end_of_turn>"):
         out += [Template("Gemma", _gemma(bos), ("<end_of_turn>", "<start_of_turn>")) for bos in facts.boses]
     if facts.bos and facts.eos:
-        out += [Template("Llama 2 [INST]", _llama2(bos, facts.bos, facts.eos), ("[INST]", "[/INST]", "<<SYS>>",
-                                                                               "<</SYS>>")) for bos in facts.boses]
+        out += [
+            Template("Llama 2 [INST]", _llama2(bos, facts.bos, facts.eos), ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"))
+            for bos in facts.boses
+        ]
     return out
 
 
 def known_formats() -> list[str]:
     """The chat formats AEGIS can write for Ollama: every family's own, then the others'."""
-    return list(dict.fromkeys([*(f.ollama_format for f in families.FAMILIES.values()), "ChatML", "Gemma",
-                               "Llama 2 [INST]"]))
+    return list(
+        dict.fromkeys([*(f.ollama_format for f in families.FAMILIES.values()), "ChatML", "Gemma", "Llama 2 [INST]"])
+    )
 
 
 def candidates(tok, render) -> list[Template]:
@@ -113,8 +146,13 @@ def candidates(tok, render) -> list[Template]:
     other formats'; `render(messages)` is the chat template's text (None if it refuses the conversation). Each
     writes tools in the tool format the server uses for this chat template (its family's)."""
     template = tok.chat_template if isinstance(tok.chat_template, str) else None
-    facts = Facts(tok.get_vocab(), tok.bos_token or "", tok.eos_token or "", render,
-                  families.by_chat_template(template).tool_format)
+    facts = Facts(
+        tok.get_vocab(),
+        tok.bos_token or "",
+        tok.eos_token or "",
+        render,
+        families.by_chat_template(template).tool_format,
+    )
     out = [t for family in families.FAMILIES.values() for t in family.ollama(facts)] + _others(facts)
     for c in out:  # the model's own end-of-sequence token always stops a reply
         c.stops = tuple(dict.fromkeys([*c.stops, facts.eos] if facts.eos else c.stops))
@@ -122,6 +160,7 @@ def candidates(tok, render) -> list[Template]:
 
 
 # ---- the proof ------------------------------------------------------------------------------------------------------
+
 
 def ollama_messages(messages: list[dict]) -> list[dict]:
     """The .Messages Ollama gives a template: consecutive messages of one role merged with a blank line; a message
@@ -133,16 +172,30 @@ def ollama_messages(messages: list[dict]) -> list[dict]:
         if plain and out and out[-1]["Role"] == m["role"] and not out[-1]["ToolCalls"]:
             out[-1]["Content"] += "\n\n" + m["content"]
         else:
-            out.append({"Role": m["role"], "Content": m.get("content") or "", "ToolCalls": calls,
-                        "ToolName": m.get("tool_name", "")})
+            out.append(
+                {
+                    "Role": m["role"],
+                    "Content": m.get("content") or "",
+                    "ToolCalls": calls,
+                    "ToolName": m.get("tool_name", ""),
+                }
+            )
     return out
 
 
 def render_go(template: str, messages: list[dict], tools: list[dict] | None = None) -> str:
     """tools: Ollama's request tools ({"type": "function", "function": {"name", "description", "parameters"}})."""
-    shaped = [{"Type": t.get("type", "function"), "Function": {
-        "Name": t["function"]["name"], "Description": t["function"].get("description", ""),
-        "Parameters": t["function"].get("parameters")}} for t in tools or []]
+    shaped = [
+        {
+            "Type": t.get("type", "function"),
+            "Function": {
+                "Name": t["function"]["name"],
+                "Description": t["function"].get("description", ""),
+                "Parameters": t["function"].get("parameters"),
+            },
+        }
+        for t in tools or []
+    ]
     return gotemplate.render(template, {"Messages": ollama_messages(messages), "Tools": shaped})
 
 
@@ -154,6 +207,7 @@ def _hf_renderer(tok):
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except jinja2.TemplateError:  # raise_exception() in the template: it refuses this conversation
             return None
+
     return render
 
 
@@ -185,10 +239,13 @@ def _try(c: Template, tok, render, tokenizers: dict) -> tuple[list[dict], list[s
             continue
         if (name, conv) == EDGE:
             stripped = [_m(m["role"], m["content"].strip()) for m in conv]
-            if render(stripped) == want and all(enc(render_go(c.template, stripped)) == ids
-                                                for enc in tokenizers.values()):
-                notes.append("the chat template strips whitespace around message content; Ollama's template "
-                             "language cannot, so a message that starts or ends with whitespace keeps it in Ollama")
+            if render(stripped) == want and all(
+                enc(render_go(c.template, stripped)) == ids for enc in tokenizers.values()
+            ):
+                notes.append(
+                    "the chat template strips whitespace around message content; Ollama's template "
+                    "language cannot, so a message that starts or ends with whitespace keeps it in Ollama"
+                )
                 continue
         return passed, notes, f"'{name}': {_difference(got, want)} (differs for: {', '.join(bad)})", system
     if not system:
@@ -202,14 +259,18 @@ def derive(tok, where: str, tokenizers: dict | None = None) -> Proof:
     parsed); the HF tokenizer is always one of them."""
     template = tok.chat_template
     if not template:
-        raise ChatFormatError(f"{where}: the tokenizer has no chat template; the Modelfile's template is derived "
-                              f"from the model's own, so there is nothing to derive it from")
+        raise ChatFormatError(
+            f"{where}: the tokenizer has no chat template; the Modelfile's template is derived "
+            f"from the model's own, so there is nothing to derive it from"
+        )
     # The runtime adds BOS to the rendered text as a token, then tokenizes the text as following it (llama.cpp
     # does; export writes add_bos_token and add_space_prefix as the HF tokenizer behaves after special tokens).
     adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
     prefix = tok.bos_token if adds_bos else ""
-    tokenizers = {"the HF tokenizer": lambda text: list(tok(prefix + text, add_special_tokens=False)["input_ids"]),
-                  **(tokenizers or {})}
+    tokenizers = {
+        "the HF tokenizer": lambda text: list(tok(prefix + text, add_special_tokens=False)["input_ids"]),
+        **(tokenizers or {}),
+    }
     render = _hf_renderer(tok)
     best = None
     for c in candidates(tok, render):
@@ -219,7 +280,11 @@ def derive(tok, where: str, tokenizers: dict | None = None) -> Proof:
         if best is None or len(passed) > best[0]:
             best = (len(passed), c.format, failure)
     known = ", ".join(known_formats())
-    closest = (f"; closest: {best[1]} ({best[0]} of {len(PROOF) + 1} conversations match; {best[2]})" if best
-               else "; none of their turn markers is in the vocabulary")
-    raise ChatFormatError(f"{where}: no Ollama template AEGIS can write renders this chat template exactly (formats: "
-                          f"{known}){closest}")
+    closest = (
+        f"; closest: {best[1]} ({best[0]} of {len(PROOF) + 1} conversations match; {best[2]})"
+        if best
+        else "; none of their turn markers is in the vocabulary"
+    )
+    raise ChatFormatError(
+        f"{where}: no Ollama template AEGIS can write renders this chat template exactly (formats: {known}){closest}"
+    )

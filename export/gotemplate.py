@@ -15,9 +15,11 @@ import json
 import re
 
 _ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.DOTALL)
-_TOKEN = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<raw>`[^`]*`)|(?P<num>-?\d+(?:\.\d+)?)|'
-                    r'(?P<var>\$[A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)|(?P<field>(?:\.[A-Za-z_][A-Za-z0-9_]*)+|\.)|'
-                    r'(?P<ident>[A-Za-z_][A-Za-z0-9_]*)|(?P<punct>:=|[(),|=]))')
+_TOKEN = re.compile(
+    r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<raw>`[^`]*`)|(?P<num>-?\d+(?:\.\d+)?)|'
+    r"(?P<var>\$[A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)|(?P<field>(?:\.[A-Za-z_][A-Za-z0-9_]*)+|\.)|"
+    r"(?P<ident>[A-Za-z_][A-Za-z0-9_]*)|(?P<punct>:=|[(),|=]))"
+)
 
 
 class TemplateError(ValueError):
@@ -26,12 +28,13 @@ class TemplateError(ValueError):
 
 # ---- lexing into text and actions ---------------------------------------------------------------------------------
 
+
 def _split(src: str) -> list[tuple[str, str]]:
     """[('text', s) | ('action', body)] with Go's trim markers applied to the neighbouring text."""
     parts: list[tuple[str, str]] = []
     pos, trim_next = 0, False
     for m in _ACTION.finditer(src):
-        text = src[pos:m.start()]
+        text = src[pos : m.start()]
         if trim_next:
             text = text.lstrip(" \t\r\n")
         if m.group(1):
@@ -64,6 +67,7 @@ def _tokens(body: str) -> list[tuple[str, str]]:
 
 
 # ---- parsing into a tree -------------------------------------------------------------------------------------------
+
 
 class _Parser:
     """The text and actions of `_split` as a tree: ("text", s), ("out", tokens), ("if", [(cond or None, nodes)]),
@@ -137,6 +141,7 @@ def _parse(parts: list[tuple[str, str]]):
 
 # ---- evaluation ---------------------------------------------------------------------------------------------------
 
+
 def _truth(v) -> bool:
     return not (v is None or v is False or v == 0 or v == "" or (hasattr(v, "__len__") and len(v) == 0))
 
@@ -168,15 +173,14 @@ _FUNCS = {
     "not": lambda a: not _truth(a),
     "len": lambda a: len(a),
     "index": lambda a, *i: _index(a, i),
-    "slice": lambda a, *i: a[i[0]:(i[1] if len(i) > 1 else None)],
+    "slice": lambda a, *i: a[i[0] : (i[1] if len(i) > 1 else None)],
     "json": lambda a: _go_json(a),
 }
 
 
 def _go_json(value) -> str:
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
-                    ("\u2029", "\\u2029")):
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(ch, esc)
     return text
 
@@ -250,11 +254,12 @@ class _Eval:
                         raise TemplateError("unbalanced parentheses")
                     depth += {"(": 1, ")": -1}.get(toks[j][1], 0) if toks[j][0] == "punct" else 0
                     j += 1
-                items.append(("value", self._args(toks[i + 1:j - 1], dot)))
+                items.append(("value", self._args(toks[i + 1 : j - 1], dot)))
                 i = j
                 continue
-            items.append(("fn", v) if kind == "ident" and v in (*_FUNCS, "and", "or") else
-                         ("value", self.value(toks[i], dot)))
+            items.append(
+                ("fn", v) if kind == "ident" and v in (*_FUNCS, "and", "or") else ("value", self.value(toks[i], dot))
+            )
             i += 1
         if not items:
             raise TemplateError("empty action")

@@ -30,6 +30,7 @@ def _quote(s: str) -> str:
 @dataclass
 class Modelfile:
     """What Ollama needs to create the model: as Modelfile text (`render`) or as the create request (ollama.py)."""
+
     gguf: Path
     template: str
     stops: list[str]
@@ -44,10 +45,15 @@ class Modelfile:
 
     def render(self, from_path: str) -> str:
         fmt = self.proof.format if self.proof else "chat"
-        lines = [f"# Ollama Modelfile{f' for {self.name}' if self.name else ''}, written by `python -m export`.",
-                 f"# {fmt} chat format, derived from the model's chat template and checked token for token; the",
-                 "# soul is folded into the head, so nothing else is needed at run time.",
-                 f"FROM {from_path}", "", f"TEMPLATE {_quote(self.template)}", ""]
+        lines = [
+            f"# Ollama Modelfile{f' for {self.name}' if self.name else ''}, written by `python -m export`.",
+            f"# {fmt} chat format, derived from the model's chat template and checked token for token; the",
+            "# soul is folded into the head, so nothing else is needed at run time.",
+            f"FROM {from_path}",
+            "",
+            f"TEMPLATE {_quote(self.template)}",
+            "",
+        ]
         lines += [f'PARAMETER stop "{s}"' for s in self.stops]
         lines.append(f"PARAMETER num_ctx {self.num_ctx}")
         if self.system:
@@ -68,12 +74,20 @@ def model_dir_for(gguf_path: Path, model_dir: Path | None) -> Path:
     beside = Path(gguf_path).parent / "merged"
     if (beside / "config.json").is_file():
         return beside
-    raise ExportError(f"--model is needed: the Modelfile's template comes from the model's own chat template, and "
-                      f"there is no merged model at {beside}")
+    raise ExportError(
+        f"--model is needed: the Modelfile's template comes from the model's own chat template, and "
+        f"there is no merged model at {beside}"
+    )
 
 
-def build(gguf_path: Path, model_dir: Path, system: str | None = None, num_ctx: int | None = None,
-          name: str | None = None, log=print) -> Modelfile:
+def build(
+    gguf_path: Path,
+    model_dir: Path,
+    system: str | None = None,
+    num_ctx: int | None = None,
+    name: str | None = None,
+    log=print,
+) -> Modelfile:
     """The Modelfile for `gguf_path`, its template derived from `model_dir`'s chat template and proved."""
     from transformers import AutoTokenizer
 
@@ -88,12 +102,26 @@ def build(gguf_path: Path, model_dir: Path, system: str | None = None, num_ctx: 
         log(f"  note: {note}")
     if system and not proof.system:
         raise ExportError(f"--system: {model_dir}'s chat template refuses system messages")
-    return Modelfile(gguf=gguf_path, template=proof.template, stops=proof.stops, system=system, name=name,
-                     num_ctx=num_ctx or gguf_context.trained_context(gguf_path) or DEFAULT_NUM_CTX, proof=proof)
+    return Modelfile(
+        gguf=gguf_path,
+        template=proof.template,
+        stops=proof.stops,
+        system=system,
+        name=name,
+        num_ctx=num_ctx or gguf_context.trained_context(gguf_path) or DEFAULT_NUM_CTX,
+        proof=proof,
+    )
 
 
-def write(gguf_path: Path, out: Path, model_dir: Path | None = None, name: str | None = None,
-          system: str | None = None, num_ctx: int | None = None, log=print) -> Modelfile:
+def write(
+    gguf_path: Path,
+    out: Path,
+    model_dir: Path | None = None,
+    name: str | None = None,
+    system: str | None = None,
+    num_ctx: int | None = None,
+    log=print,
+) -> Modelfile:
     """Write the Modelfile at `out` (atomically) once its template is proved; returns it (with the proof)."""
     out = Path(out)
     mf = build(gguf_path, model_dir_for(gguf_path, model_dir), system, num_ctx, name, log)

@@ -14,8 +14,10 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*(:[
 
 def check_name(name: str) -> None:
     if not NAME.match(name):
-        raise ExportError(f"--name {name!r}: an Ollama model name is letters, digits, '.', '_', '-' (with optional "
-                          f"namespace/ and :tag)")
+        raise ExportError(
+            f"--name {name!r}: an Ollama model name is letters, digits, '.', '_', '-' (with optional "
+            f"namespace/ and :tag)"
+        )
 
 
 def create(mf: Modelfile, name: str, host: str | None = None, log=print) -> None:
@@ -29,13 +31,21 @@ def create(mf: Modelfile, name: str, host: str | None = None, log=print) -> None
         log(f"ollama: uploading {mf.gguf.name} ({mf.gguf.stat().st_size / 2**20:.1f} MiB)")
         digest = client.create_blob(mf.gguf)
         last = None
-        for progress in client.create(model=name, files={mf.gguf.name: digest}, template=mf.template,
-                                      system=mf.system, parameters=mf.parameters, stream=True):
+        for progress in client.create(
+            model=name,
+            files={mf.gguf.name: digest},
+            template=mf.template,
+            system=mf.system,
+            parameters=mf.parameters,
+            stream=True,
+        ):
             last = progress.status
             log(f"ollama: {last}")
     except ConnectionError as e:
-        raise ExportError(f"no Ollama server answering ({where}): {e}; start `ollama serve`, or pass --host / set "
-                          f"OLLAMA_HOST to where one runs") from None
+        raise ExportError(
+            f"no Ollama server answering ({where}): {e}; start `ollama serve`, or pass --host / set "
+            f"OLLAMA_HOST to where one runs"
+        ) from None
     except ollama.ResponseError as e:
         raise ExportError(f"Ollama could not create {name}: {e.error} (status {e.status_code})") from None
     if last != "success":

@@ -24,6 +24,7 @@ from .hparams import HParams, hparams, read_config
 
 # ---- tensors ------------------------------------------------------------------------------------------------------
 
+
 class TensorSource:
     """Lazy access to a model directory's safetensors (one file or an index of shards)."""
 
@@ -55,7 +56,7 @@ class TensorSource:
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotates the two halves of each head; llama.cpp's llama graph rotates adjacent pairs. Reorder rows so
     that the pairs llama.cpp rotates are the ones HF rotates."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 @dataclass
@@ -101,8 +102,10 @@ def plan_tensors(src: TensorSource, hp: HParams, target, fallbacks: list[str]) -
     table = {n: namer(n) for n in src.where if not n.endswith("rotary_emb.inv_freq")}
     unknown = [n for n, g in table.items() if g is None]
     if unknown:
-        raise ExportError(f"tensors with no GGUF name for {hp.model_type}: {', '.join(sorted(unknown)[:8])}"
-                          f"{' ...' if len(unknown) > 8 else ''}")
+        raise ExportError(
+            f"tensors with no GGUF name for {hp.model_type}: {', '.join(sorted(unknown)[:8])}"
+            f"{' ...' if len(unknown) > 8 else ''}"
+        )
     plan = [Planned(g, n, src.shape(n), None) for n, g in table.items()]
     for p in plan:
         p.qtype = _choose_type(target, p.gguf, p.shape, fallbacks)
@@ -110,8 +113,10 @@ def plan_tensors(src: TensorSource, hp: HParams, target, fallbacks: list[str]) -
         for gname, key in ((names.ROPE_FACTORS_LONG, "long_factor"), (names.ROPE_FACTORS_SHORT, "short_factor")):
             factors = hp.rope.get(key)
             if not factors or len(factors) != hp.rope_dims // 2:
-                raise ExportError(f"config.json: rope {key} has {len(factors or [])} values, expected "
-                                  f"{hp.rope_dims // 2} (rope dimensions / 2)")
+                raise ExportError(
+                    f"config.json: rope {key} has {len(factors or [])} values, expected "
+                    f"{hp.rope_dims // 2} (rope dimensions / 2)"
+                )
             data = np.asarray(factors, dtype=np.float32)
             plan.append(Planned(gname, None, data.shape, gguf.GGMLQuantizationType.F32, data))
     plan.sort(key=lambda p: _sort_key(p.gguf))
@@ -137,6 +142,7 @@ def convert(p: Planned, src: TensorSource, hp: HParams) -> np.ndarray:
 
 # ---- metadata -----------------------------------------------------------------------------------------------------
 
+
 def _name_for_llama_cpp(name: str, vocab: vocab_mod.Vocab) -> tuple[str, str | None]:
     """llama.cpp gives every special token Phi-3's rstrip attribute (and looks up <s>, </s>, <unk> and
     <|endoftext|> by text) when general.name contains "phi3" or "phi-3". Name the model so that llama.cpp does that
@@ -146,10 +152,15 @@ def _name_for_llama_cpp(name: str, vocab: vocab_mod.Vocab) -> tuple[str, str | N
     if vocab.specials_rstrip and not has:
         missing = [t for t in ("<s>", "</s>", "<unk>", "<|endoftext|>") if t not in vocab.tokens]
         if missing:
-            raise ExportError(f"the tokenizer's special tokens strip the whitespace after them (as Phi-3's do), "
-                              f"which llama.cpp reproduces only for a model named phi3, and that needs tokens "
-                              f"{', '.join(missing)} that this vocabulary lacks")
-        return f"{name}-phi3", "general.name gets '-phi3' so llama.cpp strips whitespace after special tokens as HF does"
+            raise ExportError(
+                f"the tokenizer's special tokens strip the whitespace after them (as Phi-3's do), "
+                f"which llama.cpp reproduces only for a model named phi3, and that needs tokens "
+                f"{', '.join(missing)} that this vocabulary lacks"
+            )
+        return (
+            f"{name}-phi3",
+            "general.name gets '-phi3' so llama.cpp strips whitespace after special tokens as HF does",
+        )
     if not vocab.specials_rstrip and has:
         fixed = re.sub(r"(?i)phi-?3", "phi_3", name)
         return fixed, "general.name avoids 'phi3' so llama.cpp keeps whitespace after special tokens as HF does"
@@ -184,8 +195,7 @@ def write_metadata(writer, hp: HParams, vocab: vocab_mod.Vocab, name: str, file_
         writer.add_sliding_window(hp.sliding_window or 0)
         if hp.rope_type in ("longrope", "su"):
             scale = hp.n_ctx / orig
-            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1
-                                                 else 1.0)
+            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
         elif hp.rope_type != "default":
             raise ExportError(f"config.json: rope type {hp.rope_type!r} is not supported for {hp.model_type}")
     elif hp.rope_type == "linear":
@@ -198,6 +208,7 @@ def write_metadata(writer, hp: HParams, vocab: vocab_mod.Vocab, name: str, file_
 
 
 # ---- the whole file -----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class WriteResult:
@@ -214,8 +225,15 @@ def default_name(model_dir: Path) -> str:
     return Path(model_dir).resolve().name
 
 
-def write_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = None, progress: bool = True,
-               log=print, label: str | None = None) -> WriteResult:
+def write_gguf(
+    model_dir: Path,
+    out: Path,
+    out_type: str,
+    name: str | None = None,
+    progress: bool = True,
+    log=print,
+    label: str | None = None,
+) -> WriteResult:
     """Write `model_dir` as GGUF of a Python-made type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)."""
     import gguf
 
@@ -258,10 +276,19 @@ def write_gguf(model_dir: Path, out: Path, out_type: str, name: str | None = Non
         size = tmp.stat().st_size
     for f in fallbacks:
         log(f"  fallback: {f}")
-    log(f"wrote {label or out} ({size / 2**20:.1f} MiB, {len(plan)} tensors: "
-        f"{', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
-    return WriteResult(path=str(out), type=out_type, tensors=len(plan), tensor_types=counts, fallbacks=fallbacks,
-                       notes=notes, bytes=size)
+    log(
+        f"wrote {label or out} ({size / 2**20:.1f} MiB, {len(plan)} tensors: "
+        f"{', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})"
+    )
+    return WriteResult(
+        path=str(out),
+        type=out_type,
+        tensors=len(plan),
+        tensor_types=counts,
+        fallbacks=fallbacks,
+        notes=notes,
+        bytes=size,
+    )
 
 
 def _write_vocab_only(path: Path, hp: HParams, vocab: vocab_mod.Vocab) -> None:

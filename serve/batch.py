@@ -45,9 +45,17 @@ class Running:
 class BatchPool:
     """Same face as pool.WorkerPool (start, submit, close, waiting, busy, workers) over one batched context."""
 
-    def __init__(self, backend: Backend, slots: int = 4, max_queue: int = 64, on_finish=None,
-                 prefix_cache: bool = True, cache_type: str = "f16", speculate: int = 0,
-                 draft_model: Path | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        slots: int = 4,
+        max_queue: int = 64,
+        on_finish=None,
+        prefix_cache: bool = True,
+        cache_type: str = "f16",
+        speculate: int = 0,
+        draft_model: Path | None = None,
+    ):
         if slots < 1 or max_queue < 0:
             raise ValueError("slots must be >= 1 and the queue size >= 0")
         self.backend, self.workers, self.max_queue = backend, slots, max_queue
@@ -157,9 +165,14 @@ class BatchPool:
             self.busy += 1
             pending = job.prompt[keep:-1]
             greedy = job.sampling.temperature <= 0 and not job.sampling.grammar  # sampled replies never speculate
-            running[slot] = Running(job, Decoding(self.backend, job), pending,
-                                    next_token=None if pending else job.prompt[-1], cached=keep,
-                                    drafter=Drafter(job.prompt) if greedy and self.speculate else None)
+            running[slot] = Running(
+                job,
+                Decoding(self.backend, job),
+                pending,
+                next_token=None if pending else job.prompt[-1],
+                cached=keep,
+                drafter=Drafter(job.prompt) if greedy and self.speculate else None,
+            )
             out.append((slot, job))
         return out
 
@@ -212,8 +225,15 @@ class BatchPool:
         request's max_tokens leave room for."""
         if r.drafter is None or budget <= 0:
             return 0
-        return max(0, min(self.speculate, budget, self.backend.context_length - len(r.drafter.tokens),
-                          r.job.max_tokens - r.decoding.n - 1))
+        return max(
+            0,
+            min(
+                self.speculate,
+                budget,
+                self.backend.context_length - len(r.drafter.tokens),
+                r.job.max_tokens - r.decoding.n - 1,
+            ),
+        )
 
     def _drafts(self, running: dict[int, Running], rooms: dict[int, int]) -> dict[int, list[int]]:
         """Each slot's guesses: the draft model's, all slots at once, or else each request's prompt lookup."""
@@ -229,9 +249,11 @@ class BatchPool:
         first miss leave the slot's cells."""
         out = {slot: [token] for slot, token in self._batch.sample(rows).items()}
         k = 0
-        while live := {slot: rows[slot] + 1 + k for slot, tokens in out.items()
-                       if len(tokens) == k + 1 and k < len(running[slot].draft or ()) and
-                       tokens[-1] == running[slot].draft[k]}:
+        while live := {
+            slot: rows[slot] + 1 + k
+            for slot, tokens in out.items()
+            if len(tokens) == k + 1 and k < len(running[slot].draft or ()) and tokens[-1] == running[slot].draft[k]
+        }:
             for slot, token in self._batch.sample(live).items():
                 out[slot].append(token)
             k += 1
@@ -248,8 +270,11 @@ class BatchPool:
         self._batch.release(slot)
         with self._cv:
             self.busy -= 1
-        finish = (Finish("error", len(r.job.prompt), r.decoding.n, error=error, cached_tokens=r.cached) if error
-                  else r.decoding.finish(cached_tokens=r.cached))
+        finish = (
+            Finish("error", len(r.job.prompt), r.decoding.n, error=error, cached_tokens=r.cached)
+            if error
+            else r.decoding.finish(cached_tokens=r.cached)
+        )
         if self.on_finish is not None:
             try:
                 self.on_finish(r.job, finish)
@@ -263,4 +288,3 @@ class BatchPool:
             self.waiting = 0
         for job in jobs:
             job.emit(Finish("error", len(job.prompt), 0, error=error))
-

@@ -64,24 +64,43 @@ def _stops(stop) -> list[str]:
 
 
 def _sampling(req: SamplingRequest, grammar: str | None = None) -> Sampling:
-    return Sampling(temperature=1.0 if req.temperature is None else req.temperature,
-                    top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-                    presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-                    seed=req.seed, grammar=grammar)
+    return Sampling(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        seed=req.seed,
+        grammar=grammar,
+    )
 
 
-def budget(backend: Backend, prompt_len: int, requested: int | None, default: int, param: str,
-           prompt_param: str, settings: Settings) -> int:
+def budget(
+    backend: Backend,
+    prompt_len: int,
+    requested: int | None,
+    default: int,
+    param: str,
+    prompt_param: str,
+    settings: Settings,
+) -> int:
     """max_tokens for the job: as requested if prompt + max_tokens fits the context, else a 400."""
     n_ctx = backend.context_length
     if prompt_len >= n_ctx:
-        raise bad_request(f"the prompt is {prompt_len} tokens; this model's context is {n_ctx}",
-                          prompt_param, "context_length_exceeded")
+        raise bad_request(
+            f"the prompt is {prompt_len} tokens; this model's context is {n_ctx}",
+            prompt_param,
+            "context_length_exceeded",
+        )
     room = n_ctx - prompt_len
     if requested is not None:
         if requested > room:
-            raise bad_request(f"max_tokens {requested} is beyond the context: the prompt takes {prompt_len} of "
-                              f"{n_ctx} tokens, leaving {room}", param, "context_length_exceeded")
+            raise bad_request(
+                f"max_tokens {requested} is beyond the context: the prompt takes {prompt_len} of "
+                f"{n_ctx} tokens, leaving {room}",
+                param,
+                "context_length_exceeded",
+            )
         return requested
     if default:
         return min(default, room)
@@ -92,8 +111,9 @@ def _tool_plan(req: ChatCompletionRequest) -> tuple[str, list[dict]]:
     """(choice, tools): choice is none | auto | required | a function's name."""
     if req.functions is not None or req.function_call is not None:
         param = "functions" if req.functions is not None else "function_call"
-        raise _unsupported("the legacy functions/function_call fields are not supported: use tools and tool_choice",
-                           param)
+        raise _unsupported(
+            "the legacy functions/function_call fields are not supported: use tools and tool_choice", param
+        )
     defs = []
     for i, t in enumerate(req.tools or []):
         params = t.function.parameters
@@ -106,8 +126,9 @@ def _tool_plan(req: ChatCompletionRequest) -> tuple[str, list[dict]]:
             raise bad_request(f"two tools are named {t.function.name!r}", f"tools[{i}].function.name")
         if t.function.strict and t.function.parameters is not None:
             _check_strict(params, where, f"function '{t.function.name}'")
-        defs.append({"name": t.function.name, "description": t.function.description, "parameters": params,
-                     "param": where})
+        defs.append(
+            {"name": t.function.name, "description": t.function.description, "parameters": params, "param": where}
+        )
     choice = req.tool_choice
     if not defs:
         if choice not in (None, "none"):
@@ -117,8 +138,9 @@ def _tool_plan(req: ChatCompletionRequest) -> tuple[str, list[dict]]:
         return "none", []
     if isinstance(choice, NamedToolChoice):
         if all(d["name"] != choice.function.name for d in defs):
-            raise bad_request(f"tool_choice names {choice.function.name!r}, which is not among the tools",
-                              "tool_choice.function.name")
+            raise bad_request(
+                f"tool_choice names {choice.function.name!r}, which is not among the tools", "tool_choice.function.name"
+            )
         return choice.function.name, defs
     return choice or "auto", defs
 
@@ -136,18 +158,21 @@ def _check_strict(schema, param: str, what: str) -> None:
 def _grammar(backend: Backend, req: ChatCompletionRequest, choice: str, defs: list[dict]) -> str | None:
     fmt = req.response_format
     if isinstance(fmt, JsonSchemaFormat) and fmt.json_schema.strict and fmt.json_schema.schema is not None:
-        _check_strict(fmt.json_schema.schema, "response_format.json_schema.schema",
-                      f"response_format '{fmt.json_schema.name}'")
+        _check_strict(
+            fmt.json_schema.schema, "response_format.json_schema.schema", f"response_format '{fmt.json_schema.name}'"
+        )
     constrained = isinstance(fmt, (JsonObjectFormat, JsonSchemaFormat))
     if constrained and choice != "none":
-        raise _unsupported("response_format json_object/json_schema together with tools needs tool_choice none",
-                           "response_format")
+        raise _unsupported(
+            "response_format json_object/json_schema together with tools needs tool_choice none", "response_format"
+        )
     param = "response_format" if constrained else "tools"
     if not constrained and choice == "none":
         return None
     if not backend.supports_grammar:
-        raise _unsupported(f"this model's backend ({backend.kind}) cannot constrain decoding: serve a GGUF file for "
-                           f"{param}", param)
+        raise _unsupported(
+            f"this model's backend ({backend.kind}) cannot constrain decoding: serve a GGUF file for {param}", param
+        )
     try:
         if isinstance(fmt, JsonSchemaFormat):
             param = "response_format.json_schema.schema"
@@ -184,8 +209,13 @@ def prepare_chat(registry: Registry, req: ChatCompletionRequest) -> Prepared:
     # what the system turn gets besides the conversation's own: the tools on offer, or what the JSON reply is for
     # (the two never come together: a JSON response_format needs tool_choice none)
     fmt = req.response_format
-    note = backend.tool_format.system_text(defs) if choice != "none" else \
-        fmt.json_schema.description if isinstance(fmt, JsonSchemaFormat) else None
+    note = (
+        backend.tool_format.system_text(defs)
+        if choice != "none"
+        else fmt.json_schema.description
+        if isinstance(fmt, JsonSchemaFormat)
+        else None
+    )
     messages = prompt.conversation(req.messages, backend.chat_template, note)
     try:
         ids = prompt.chat_ids(backend, messages)
@@ -194,9 +224,18 @@ def prepare_chat(registry: Registry, req: ChatCompletionRequest) -> Prepared:
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = budget(backend, len(ids), requested, 0, param, "messages", registry.settings)
-    return Prepared(model, ids, max_tokens, _stops(req.stop), _sampling(req, grammar), bool(req.stream),
-                    bool(req.stream_options and req.stream_options.include_usage), req.ignore_eos,
-                    (req.top_logprobs or 0) if req.logprobs else None, choice != "none")
+    return Prepared(
+        model,
+        ids,
+        max_tokens,
+        _stops(req.stop),
+        _sampling(req, grammar),
+        bool(req.stream),
+        bool(req.stream_options and req.stream_options.include_usage),
+        req.ignore_eos,
+        (req.top_logprobs or 0) if req.logprobs else None,
+        choice != "none",
+    )
 
 
 def completion_prompt(backend: Backend, prompt_value, parse_special: bool) -> list[int]:
@@ -208,8 +247,9 @@ def completion_prompt(backend: Backend, prompt_value, parse_special: bool) -> li
     elif all(isinstance(p, int) and not isinstance(p, bool) for p in prompt_value):
         bad = next((p for p in prompt_value if not 0 <= p < backend.vocab_size), None)
         if bad is not None:
-            raise bad_request(f"token id {bad} is outside the vocabulary (0..{backend.vocab_size - 1})", "prompt",
-                              "invalid_token")
+            raise bad_request(
+                f"token id {bad} is outside the vocabulary (0..{backend.vocab_size - 1})", "prompt", "invalid_token"
+            )
         ids = list(prompt_value)
     elif len(prompt_value) == 1 and isinstance(prompt_value[0], str):
         ids = tokenize(prompt_value[0])
@@ -234,13 +274,30 @@ def prepare_completion(registry: Registry, req: CompletionRequest) -> Prepared:
     ids = completion_prompt(model.backend, req.prompt, req.parse_special)
     # OpenAI's legacy completions default to 16 tokens
     max_tokens = budget(model.backend, len(ids), req.max_tokens, 16, "max_tokens", "prompt", registry.settings)
-    return Prepared(model, ids, max_tokens, _stops(req.stop), _sampling(req), bool(req.stream),
-                    bool(req.stream_options and req.stream_options.include_usage), req.ignore_eos, req.logprobs)
+    return Prepared(
+        model,
+        ids,
+        max_tokens,
+        _stops(req.stop),
+        _sampling(req),
+        bool(req.stream),
+        bool(req.stream_options and req.stream_options.include_usage),
+        req.ignore_eos,
+        req.logprobs,
+    )
 
 
 def submit(p: Prepared, timeout: float) -> Job:
-    job = Job(prompt=p.prompt, sampling=p.sampling, max_tokens=p.max_tokens, stops=p.stops, timeout=timeout,
-              loop=asyncio.get_running_loop(), ignore_eos=p.ignore_eos, logprobs=p.logprobs)
+    job = Job(
+        prompt=p.prompt,
+        sampling=p.sampling,
+        max_tokens=p.max_tokens,
+        stops=p.stops,
+        timeout=timeout,
+        loop=asyncio.get_running_loop(),
+        ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs,
+    )
     try:
         p.model.pool.submit(job)
     except QueueFull as e:

@@ -52,6 +52,7 @@ class Finish:
 @dataclass(frozen=True)
 class Scored:
     """A generated token with its log-probability under the model and the most likely tokens at its place."""
+
     token: int
     logprob: float
     top: list[tuple[int, float]]
@@ -83,7 +84,7 @@ class StopMatcher:
         self.buf += text
         hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.buf = self.buf[:min(hits)], ""
+            out, self.buf = self.buf[: min(hits)], ""
             return out, True
         hold = 0
         for s in self.stops:

@@ -27,14 +27,24 @@ class BatchCounts:
 
     def collect(self):
         steps = CounterMetricFamily("aegis_decode_steps", "llama_decode calls of the batched engine", labels=["model"])
-        seqs = CounterMetricFamily("aegis_decode_sequences", "sequences those calls carried (a prompt chunk or one "
-                                   "generated token each)", labels=["model"])
-        drafted = CounterMetricFamily("aegis_draft_tokens", "tokens drafted (--speculate: by prompt lookup or "
-                                      "--draft-model)", labels=["model"])
-        accepted = CounterMetricFamily("aegis_draft_accepted_tokens", "drafted tokens greedy decoding agreed with, "
-                                       "each a step saved (accepted / drafted: the acceptance rate)", labels=["model"])
-        rate = GaugeMetricFamily("aegis_draft_acceptance_rate", "accepted / drafted tokens since the start (0 before "
-                                 "any draft)", labels=["model"])
+        seqs = CounterMetricFamily(
+            "aegis_decode_sequences",
+            "sequences those calls carried (a prompt chunk or one generated token each)",
+            labels=["model"],
+        )
+        drafted = CounterMetricFamily(
+            "aegis_draft_tokens", "tokens drafted (--speculate: by prompt lookup or --draft-model)", labels=["model"]
+        )
+        accepted = CounterMetricFamily(
+            "aegis_draft_accepted_tokens",
+            "drafted tokens greedy decoding agreed with, each a step saved (accepted / drafted: the acceptance rate)",
+            labels=["model"],
+        )
+        rate = GaugeMetricFamily(
+            "aegis_draft_acceptance_rate",
+            "accepted / drafted tokens since the start (0 before any draft)",
+            labels=["model"],
+        )
         for name, pool in self.pools.items():
             steps.add_metric([name], pool.steps)
             seqs.add_metric([name], pool.sequences)
@@ -49,28 +59,47 @@ class Metrics:
 
     def __init__(self):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("aegis_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                registry=r)
-        self.latency = Histogram("aegis_request_latency_seconds", "time from request to the last byte sent",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("aegis_time_to_first_token_seconds", "time from request to the first generated text",
-                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "aegis_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "aegis_request_latency_seconds",
+            "time from request to the last byte sent",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "aegis_time_to_first_token_seconds",
+            "time from request to the first generated text",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("aegis_prompt_tokens", "prompt tokens processed", ["model"], registry=r)
         self.completion_tokens = Counter("aegis_completion_tokens", "tokens generated", ["model"], registry=r)
         self.queue_depth = Gauge("aegis_queue_depth", "requests waiting for a model worker", ["model"], registry=r)
-        self.cached_tokens = Counter("aegis_cached_prompt_tokens", "prompt tokens found in a slot's KV cache",
-                                     ["model"], registry=r)
-        self.busy_workers = Gauge("aegis_busy_workers", "requests being decoded (llama.cpp slots or transformers "
-                                  "workers in use)", ["model"], registry=r)
+        self.cached_tokens = Counter(
+            "aegis_cached_prompt_tokens", "prompt tokens found in a slot's KV cache", ["model"], registry=r
+        )
+        self.busy_workers = Gauge(
+            "aegis_busy_workers",
+            "requests being decoded (llama.cpp slots or transformers workers in use)",
+            ["model"],
+            registry=r,
+        )
         self.workers = Gauge("aegis_workers", "requests a model serves at once (--parallel)", ["model"], registry=r)
-        self.finished = Counter("aegis_generations", "generations by finish reason", ["model", "reason"],
-                                registry=r)
+        self.finished = Counter("aegis_generations", "generations by finish reason", ["model", "reason"], registry=r)
         # kept by the HTTP protocol (serve/server.py), below the app
         self.open_connections = Gauge("aegis_open_connections", "HTTP connections open now", registry=r)
-        self.dropped = Counter("aegis_connections_dropped", "connections the server closed on its own: "
-                               "header_timeout (no complete request headers in time), body_timeout (a body the app "
-                               "did not read arrived too slowly), over_limit (--max-connections were open)",
-                               ["reason"], registry=r)
+        self.dropped = Counter(
+            "aegis_connections_dropped",
+            "connections the server closed on its own: "
+            "header_timeout (no complete request headers in time), body_timeout (a body the app "
+            "did not read arrived too slowly), over_limit (--max-connections were open)",
+            ["reason"],
+            registry=r,
+        )
 
         self.batches = BatchCounts()
         r.register(self.batches)

@@ -40,7 +40,7 @@ def split_controls(text: str, controls: dict[str, Control]) -> list[str | Contro
     parts: list[str | Control] = []
     pos = 0
     for m in _pattern(frozenset(controls)).finditer(text) if controls else ():
-        parts += [text[pos:m.start()], controls[m.group(0)]]
+        parts += [text[pos : m.start()], controls[m.group(0)]]
         pos = m.end()
     parts.append(text[pos:])
     for i, part in enumerate(parts):
@@ -65,6 +65,7 @@ def chat_ids(backend: Backend, messages: list[dict]) -> list[int]:
         def placeholder(m: re.Match) -> str:
             found.append(m.group(0))
             return f"\ue000{nonce}{len(found) - 1}\ue001"
+
         return _pattern(frozenset(controls)).sub(placeholder, value)
 
     hidden = [{k: v if k == "role" else hide(v) for k, v in m.items()} for m in messages]
@@ -102,10 +103,14 @@ def conversation(messages: list, template: str, note: str | None = None) -> list
             raise bad_request("an assistant message needs content or tool_calls", f"{at}.content")
         if m.role == "tool":
             if m.tool_call_id not in called:
-                raise bad_request("a tool message must answer a tool call of an earlier assistant message (by "
-                                  "its id)", f"{at}.tool_call_id")
-            item = {"role": fmt.result_role,
-                    "content": fmt.result_text(called[m.tool_call_id], _text(m), m.tool_call_id)}
+                raise bad_request(
+                    "a tool message must answer a tool call of an earlier assistant message (by its id)",
+                    f"{at}.tool_call_id",
+                )
+            item = {
+                "role": fmt.result_role,
+                "content": fmt.result_text(called[m.tool_call_id], _text(m), m.tool_call_id),
+            }
         elif calls:
             written = []
             for j, call in enumerate(calls):
@@ -114,8 +119,9 @@ def conversation(messages: list, template: str, note: str | None = None) -> list
                 except ValueError:
                     args = None
                 if not isinstance(args, dict):
-                    raise bad_request("arguments must be a JSON object in text",
-                                      f"{at}.tool_calls[{j}].function.arguments")
+                    raise bad_request(
+                        "arguments must be a JSON object in text", f"{at}.tool_calls[{j}].function.arguments"
+                    )
                 called[call.id] = call.function.name
                 written.append((call.function.name, args))
             text = fmt.calls_text(written, [c.id for c in calls])

@@ -39,7 +39,7 @@ class Drafter:
         for i in range(self.indexed, end):
             for n in NGRAMS:
                 if i + 1 >= n:
-                    self.seen[tuple(toks[i + 1 - n:i + 1])] = i + 1
+                    self.seen[tuple(toks[i + 1 - n : i + 1])] = i + 1
         self.indexed = max(self.indexed, end)
 
     def draft(self, most: int) -> list[int]:
@@ -53,7 +53,7 @@ class Drafter:
             if len(toks) > n:
                 end = self.seen.get(tuple(toks[-n:]))
                 if end is not None:
-                    return toks[end:end + most]
+                    return toks[end : end + most]
         return []
 
 
@@ -89,8 +89,13 @@ class DraftModel:
         if (why := vocabulary_difference(backend.path, path)) is not None:
             raise ModelError(f"--draft-model {path}: its vocabulary is not the model's ({backend.path.name}): {why}")
         # same context per slot and the same threads, batch and layers on the GPU as the served model
-        self.backend = LlamaCppBackend(path, n_ctx=backend.context_length, n_threads=backend.n_threads,
-                                       n_batch=backend.n_batch, gpu_layers=backend.gpu_layers)
+        self.backend = LlamaCppBackend(
+            path,
+            n_ctx=backend.context_length,
+            n_threads=backend.n_threads,
+            n_batch=backend.n_batch,
+            gpu_layers=backend.gpu_layers,
+        )
         self.batch = self.backend.new_batch(slots)
         for i in range(slots):
             self.batch.start(i, Sampling(temperature=0))  # greedy: each row's largest logit
@@ -108,7 +113,7 @@ class DraftModel:
         b, pending, drafts = self.batch, {}, {slot: [] for slot in wants}
         for slot, (tokens, _) in wants.items():
             cells = b.slots[slot].cached
-            keep = self.synced[slot] + common_prefix(cells[self.synced[slot]:], tokens[self.synced[slot]:])
+            keep = self.synced[slot] + common_prefix(cells[self.synced[slot] :], tokens[self.synced[slot] :])
             keep = min(keep, len(tokens) - 1)  # the last token is decoded again if need be, for its logits
             b.drop(slot, len(cells) - keep)
             pending[slot] = tokens[keep:]
@@ -141,4 +146,3 @@ class DraftModel:
     def close(self) -> None:
         self.batch.close()
         self.backend.close()
-

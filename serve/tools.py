@@ -22,8 +22,9 @@ def grammar(tools: list[dict], choice: str, parallel: bool, fmt: tool_format.Too
     checker = structured.Checker()
     alternatives = []
     if len(tools) > structured.MAX_ALTERNATIVES:
-        raise structured.SchemaLimit(f"/: {len(tools)} tools, above the limit of {structured.MAX_ALTERNATIVES} per "
-                                     f"request")
+        raise structured.SchemaLimit(
+            f"/: {len(tools)} tools, above the limit of {structured.MAX_ALTERNATIVES} per request"
+        )
     for t in tools:
         if choice in ("auto", "required") or choice == t["name"]:
             try:
@@ -32,7 +33,12 @@ def grammar(tools: list[dict], choice: str, parallel: bool, fmt: tool_format.Too
                 e.param = t["param"]
                 raise
             # the name first: the reader starts a call at its name, before the arguments stream
-            alternatives.append({"type": "object", "properties": {"name": {"const": t["name"]}, fmt.args_key: params},
-                                 "required": ["name", fmt.args_key]})
+            alternatives.append(
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": t["name"]}, fmt.args_key: params},
+                    "required": ["name", fmt.args_key],
+                }
+            )
     schema = fmt.reply_schema({"anyOf": alternatives}, parallel)
     return structured.grammar(schema, checker.defs, fmt.reply_rules(choice == "auto", parallel))

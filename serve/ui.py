@@ -47,6 +47,7 @@ class Pickers:
         import gradio as gr
 
         from .ui_chat import status_html
+
         try:
             models = await self.api.models()
         except UIError as e:
@@ -62,8 +63,12 @@ class Pickers:
         a = base or (models[0].id if models else None)
         b = next((m.id for m in trained if m.id != a), a)
         note = f"connected to {self.api.base_url}: {len(models)} model(s)"
-        return (gr.update(choices=chat, value=pick), gr.update(choices=every, value=a),
-                gr.update(choices=every, value=b), status_html(note, True))
+        return (
+            gr.update(choices=chat, value=pick),
+            gr.update(choices=every, value=a),
+            gr.update(choices=every, value=b),
+            status_html(note, True),
+        )
 
     def bound_tokens(self, value, *models):
         import gradio as gr
@@ -75,11 +80,12 @@ class Pickers:
 
 def compare_side(api: Api):
     """The handler of one side of Compare: the prompt to that side's model, streamed into its box."""
+
     async def side(prompt, model, system, temperature, max_tokens):
         if not (prompt or "").strip():
             yield ""
             return
-        messages = ([{"role": "system", "content": system}] if (system or "").strip() else [])
+        messages = [{"role": "system", "content": system}] if (system or "").strip() else []
         messages.append({"role": "user", "content": prompt})
         text = ""
         try:
@@ -88,10 +94,12 @@ def compare_side(api: Api):
                 yield text
         except UIError as e:
             yield f"{text}\n\n✖ {e}" if text else f"✖ {e}"
+
     return side
 
 
 # ---- the page -------------------------------------------------------------------------------------------------------
+
 
 def build(api: Api, runs: Path | None):
     """The page: the model picker and status line over three tabs, laid out, then their events wired."""
@@ -125,14 +133,27 @@ def build(api: Api, runs: Path | None):
 def _chat_tab(page: SimpleNamespace) -> None:
     import gradio as gr
 
-    page.chatbot = gr.Chatbot(label="chat", show_label=False, height=430, elem_id="chatbot", render_markdown=False,
-                              sanitize_html=True, buttons=[], feedback_options=None)
+    page.chatbot = gr.Chatbot(
+        label="chat",
+        show_label=False,
+        height=430,
+        elem_id="chatbot",
+        render_markdown=False,
+        sanitize_html=True,
+        buttons=[],
+        feedback_options=None,
+    )
     with gr.Row(elem_id="chat-row"):
-        page.msg = gr.Textbox(placeholder="メッセージを入力… (Enter で送信)", show_label=False, scale=5, min_width=200,
-                              elem_id="chat-input", label="message")
+        page.msg = gr.Textbox(
+            placeholder="メッセージを入力… (Enter で送信)",
+            show_label=False,
+            scale=5,
+            min_width=200,
+            elem_id="chat-input",
+            label="message",
+        )
         page.send_btn = gr.Button("send", variant="primary", scale=1, min_width=70, elem_id="chat-send")
-        page.stop_btn = gr.Button("stop", variant="stop", scale=1, min_width=70, interactive=False,
-                                  elem_id="chat-stop")
+        page.stop_btn = gr.Button("stop", variant="stop", scale=1, min_width=70, interactive=False, elem_id="chat-stop")
         page.clear = gr.Button("clear", variant="secondary", scale=1, min_width=70, elem_id="chat-clear")
         page.retry_btn = gr.Button("retry", variant="secondary", scale=1, min_width=70, elem_id="chat-retry")
     with gr.Accordion("settings", open=False, elem_id="chat-settings"):
@@ -140,8 +161,9 @@ def _chat_tab(page: SimpleNamespace) -> None:
         with gr.Row():
             page.temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature")
             page.top_p = gr.Slider(0.0, 1.0, value=0.95, step=0.01, label="top-p")
-            page.max_tokens = gr.Slider(1, max_tokens_limit(None), value=256, step=1, label="max tokens",
-                                        info="up to half the model's context")
+            page.max_tokens = gr.Slider(
+                1, max_tokens_limit(None), value=256, step=1, label="max tokens", info="up to half the model's context"
+            )
         page.stop = gr.Textbox(label="stop sequences (one per line, up to 4; \\n for a line break)", lines=2)
 
 
@@ -172,16 +194,33 @@ def _wire_chat(page: SimpleNamespace, api: Api) -> None:
     settings = [page.convo, page.model, page.system, page.temperature, page.top_p, page.max_tokens, page.stop]
     # after a run, the whole log once more (a plain value, not a stream's change): a send or clear in the moment a
     # run ends can leave the streamed log behind the conversation
-    settle = dict(fn=lambda c: gr.skip() if c.busy else c.render(), inputs=page.convo, outputs=page.chatbot,
-                  queue=False, show_progress="hidden")
+    settle = dict(
+        fn=lambda c: gr.skip() if c.busy else c.render(),
+        inputs=page.convo,
+        outputs=page.chatbot,
+        queue=False,
+        show_progress="hidden",
+    )
     # one run per send ("multiple": the default drops a run while one is pending), no limit across sessions (the
     # API's own queue bounds the work)
-    answer = dict(fn=chat.drain, inputs=settings, outputs=log, show_progress="hidden", trigger_mode="multiple",
-                  concurrency_limit=None)
+    answer = dict(
+        fn=chat.drain,
+        inputs=settings,
+        outputs=log,
+        show_progress="hidden",
+        trigger_mode="multiple",
+        concurrency_limit=None,
+    )
     for trigger in (page.msg.submit, page.send_btn.click):
         # every press counts (the default drops a press while the last one is in flight, and the text with it)
-        trigger(chat.send, [page.msg, page.convo], [page.msg, page.chatbot], queue=False, show_progress="hidden",
-                trigger_mode="multiple").then(**answer).then(**settle)
+        trigger(
+            chat.send,
+            [page.msg, page.convo],
+            [page.msg, page.chatbot],
+            queue=False,
+            show_progress="hidden",
+            trigger_mode="multiple",
+        ).then(**answer).then(**settle)
     page.stop_btn.click(chat.stop, page.convo, None, queue=False)
     for cleared in (page.clear.click, page.chatbot.clear):  # the log's own trash button clears the conversation too
         cleared(chat.clear, page.convo, log, queue=False)
@@ -219,11 +258,17 @@ class Args:
     """The chat page: a Gradio front end that speaks only the OpenAI protocol to the API at --api, with a Soul
     monitor of the training runs under --runs and a Compare tab."""
 
-    api: str = setting("http://127.0.0.1:8000/v1", "base URL of an OpenAI-compatible API", parse=_api_url,
-                       metavar="URL", env="AEGIS_API")
+    api: str = setting(
+        "http://127.0.0.1:8000/v1",
+        "base URL of an OpenAI-compatible API",
+        parse=_api_url,
+        metavar="URL",
+        env="AEGIS_API",
+    )
     api_key: str | None = setting(None, "key for the API", metavar="KEY", env="AEGIS_API_KEY")
-    runs: Path | None = setting(None, "directory with training runs for the Soul monitor", parse=_directory,
-                                metavar="DIR", env="AEGIS_RUNS")
+    runs: Path | None = setting(
+        None, "directory with training runs for the Soul monitor", parse=_directory, metavar="DIR", env="AEGIS_RUNS"
+    )
     base: str = setting("base", "name of the served untrained base model, offered only in Compare", metavar="NAME")
     host: str = setting("127.0.0.1", "address to listen on (default: loopback only)")
     port: int = setting(7860, "TCP port", parse=cli.tcp_port)
@@ -239,9 +284,18 @@ def launch(args: Args) -> None:
     demo.queue(default_concurrency_limit=8)
     from starlette.middleware import Middleware
 
-    demo.launch(server_name=args.host, server_port=args.port, theme=theme(), css=CSS, ssr_mode=False,
-                footer_links=[], show_error=True, quiet=False, allowed_paths=[str(STATIC)],
-                app_kwargs={"middleware": [Middleware(PagePolicy)]})
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        theme=theme(),
+        css=CSS,
+        ssr_mode=False,
+        footer_links=[],
+        show_error=True,
+        quiet=False,
+        allowed_paths=[str(STATIC)],
+        app_kwargs={"middleware": [Middleware(PagePolicy)]},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

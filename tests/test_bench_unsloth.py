@@ -13,12 +13,24 @@ from bench import llamafy, train_unsloth
 
 def tiny_phi3(path):
     from transformers import Phi3Config, Phi3ForCausalLM
+
     n = 4  # head_dim 8 / 2
-    cfg = Phi3Config(vocab_size=32064, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
-                     original_max_position_embeddings=16, tie_word_embeddings=False,
-                     rope_scaling={"type": "longrope", "short_factor": [1.0 + i / n for i in range(n)],
-                                   "long_factor": [1.0 + 4 * i / n for i in range(n)]})
+    cfg = Phi3Config(
+        vocab_size=32064,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        original_max_position_embeddings=16,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0 + i / n for i in range(n)],
+            "long_factor": [1.0 + 4 * i / n for i in range(n)],
+        },
+    )
     torch.manual_seed(0)
     model = Phi3ForCausalLM(cfg).eval()
     model.save_pretrained(path)
@@ -40,6 +52,7 @@ def lora_check(model, dropout: float) -> tuple:
 
 def test_llamafied_copy_gives_the_same_logits(tmp_path):
     from transformers import LlamaForCausalLM
+
     phi3 = tiny_phi3(tmp_path / "phi3")
     llamafy.convert(tmp_path / "phi3", tmp_path / "llama")
     llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
@@ -54,8 +67,9 @@ def test_llamafied_copy_gives_the_same_logits(tmp_path):
 
 def test_llamafy_refuses_a_rope_it_cannot_carry():
     with pytest.raises(ValueError, match="yarn"):
-        llamafy.llama_config({"num_attention_heads": 8, "hidden_size": 64,
-                              "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+        llamafy.llama_config(
+            {"num_attention_heads": 8, "hidden_size": 64, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}
+        )
 
 
 @pytest.mark.parametrize("ckpt", [True, False])
@@ -75,13 +89,29 @@ def test_checks_see_checkpointing_and_dropout(tmp_path, ckpt):
 
 def test_table_names_unsloths_best_row_and_the_ratio(tmp_path):
     def row(which, setting, tps, peak, batch=1, **kw):
-        return dict(which=which, setting=setting, batch=batch, length=512, tokens_per_s=tps, step_s=0.1,
-                    peak_gib=peak, losses=[10.4, 10.3], loss_last5=10.3, checkpointing="unsloth", **kw)
+        return dict(
+            which=which,
+            setting=setting,
+            batch=batch,
+            length=512,
+            tokens_per_s=tps,
+            step_s=0.1,
+            peak_gib=peak,
+            losses=[10.4, 10.3],
+            loss_last5=10.3,
+            checkpointing="unsloth",
+            **kw,
+        )
+
     ours = {"card": "H200", "date": "2026-12-07", "rows": [row("ours", "seed", 20000.0, 9.1)]}
-    uns = {"rows": [row("unsloth llama dropout 0", "seed", 8000.0, 5.0, checks_ok=True),
-                    row("unsloth fused dropout 0", "seed", 9000.0, 12.5, checks_ok=True),
-                    row("unsloth llama dropout 0.05", "seed", 6000.0, 5.0, checks_ok=False)],
-           "longest_within_budget": {"unsloth llama dropout 0": 65536}}
+    uns = {
+        "rows": [
+            row("unsloth llama dropout 0", "seed", 8000.0, 5.0, checks_ok=True),
+            row("unsloth fused dropout 0", "seed", 9000.0, 12.5, checks_ok=True),
+            row("unsloth llama dropout 0.05", "seed", 6000.0, 5.0, checks_ok=False),
+        ],
+        "longest_within_budget": {"unsloth llama dropout 0": 65536},
+    }
     (tmp_path / "a.json").write_text(json.dumps(ours))
     (tmp_path / "b.json").write_text(json.dumps(uns))
     text = train_unsloth.table([ours, uns])
@@ -95,18 +125,33 @@ def test_long_search_finds_the_longest_length_within_budget(tmp_path, monkeypatc
     import argparse
 
     import bench.train_throughput as tt
+
     tried = []
 
     def fake_row(model, batches, warmup, init):
         n = batches[0]
         tried.append(n)
-        return {"tokens_per_s": 5000.0, "step_s": 1.0, "peak_gib": 2.0 + per_token_gib * n, "losses": [10.0],
-                "loss_last5": 10.0}
+        return {
+            "tokens_per_s": 5000.0,
+            "step_s": 1.0,
+            "peak_gib": 2.0 + per_token_gib * n,
+            "losses": [10.0],
+            "loss_last5": 10.0,
+        }
+
     monkeypatch.setattr(train_unsloth, "train_row", fake_row)
     monkeypatch.setattr(tt, "windows", lambda snap, steps, batch, length, repeat=1: [length])
     monkeypatch.setattr(tt, "corpus_repeat", lambda snap, n, length: 1)
-    args = argparse.Namespace(max_long=131072, budget_gib=12.0, long_steps=1, long_warmup=1, long_start=16384,
-                              deadline=0.0, row_reserve_s=15.0, out=tmp_path / "u.json")
+    args = argparse.Namespace(
+        max_long=131072,
+        budget_gib=12.0,
+        long_steps=1,
+        long_warmup=1,
+        long_start=16384,
+        deadline=0.0,
+        row_reserve_s=15.0,
+        out=tmp_path / "u.json",
+    )
     results = {"rows": []}
     train_unsloth.Runner(args, results, tmp_path).long(None, {}, {"which": "u"})
     assert results["longest_within_budget"]["u"] == longest
@@ -119,18 +164,35 @@ def _runner(tmp_path, monkeypatch, peak, tps, **over):
     import argparse
 
     import bench.train_throughput as tt
+
     tried = []
 
     def fake_row(model, batches, warmup, init):
         b, n = batches[0]
         tried.append((b, n))
         return {"tokens_per_s": tps(b, n), "step_s": 1.0, "peak_gib": peak(b, n), "losses": [10.0], "loss_last5": 10.0}
+
     monkeypatch.setattr(train_unsloth, "train_row", fake_row)
     monkeypatch.setattr(tt, "windows", lambda snap, steps, batch, length, repeat=1: [(batch, length)])
     monkeypatch.setattr(tt, "corpus_repeat", lambda snap, n, length: 1)
-    args = argparse.Namespace(**{**dict(max_long=131072, budget_gib=12.0, long_steps=1, long_warmup=0,
-                                        long_start=16384, deadline=0.0, row_reserve_s=15.0, tp_batches=[16, 24, 32],
-                                        steps=5, warmup=3, out=tmp_path / "u.json"), **over})
+    args = argparse.Namespace(
+        **{
+            **dict(
+                max_long=131072,
+                budget_gib=12.0,
+                long_steps=1,
+                long_warmup=0,
+                long_start=16384,
+                deadline=0.0,
+                row_reserve_s=15.0,
+                tp_batches=[16, 24, 32],
+                steps=5,
+                warmup=3,
+                out=tmp_path / "u.json",
+            ),
+            **over,
+        }
+    )
     results = {"rows": []}
     return train_unsloth.Runner(args, results, tmp_path), results, tried
 
@@ -141,16 +203,19 @@ def test_throughput_search_stops_at_the_budget_and_marks_the_fastest(tmp_path, m
     assert [b for b, _ in tried] == [16, 24]  # 24 x 512 needs 12.6 GiB: over, so 32 is never tried
     best = [r for r in results["rows"] if r.get("best_within_budget")]
     assert [r["batch"] for r in best] == [16]
-    runner, results, tried = _runner(tmp_path, monkeypatch, peak=lambda b, n: 13.0 if b >= 16 else 5.0,
-                                     tps=lambda b, n: 1000.0)
+    runner, results, tried = _runner(
+        tmp_path, monkeypatch, peak=lambda b, n: 13.0 if b >= 16 else 5.0, tps=lambda b, n: 1000.0
+    )
     runner.throughput(None, {}, {"which": "u"})
     assert [b for b, _ in tried] == [16, 8]  # the first over the budget: half of it
 
 
 def test_a_long_search_cut_by_the_deadline_says_so(tmp_path, monkeypatch):
     import time
-    runner, results, tried = _runner(tmp_path, monkeypatch, peak=lambda b, n: 2 + 5e-5 * n,
-                                     tps=lambda b, n: 16384 / 30, deadline=time.time() + 100)
+
+    runner, results, tried = _runner(
+        tmp_path, monkeypatch, peak=lambda b, n: 2 + 5e-5 * n, tps=lambda b, n: 16384 / 30, deadline=time.time() + 100
+    )
     with pytest.raises(train_unsloth.Deadline):
         runner.long(None, {}, {"which": "u"})  # 16 384 takes 30 s by its own speed, 32 768 would need ~135
     assert [n for _, n in tried] == [16384]
@@ -160,9 +225,14 @@ def test_a_long_search_cut_by_the_deadline_says_so(tmp_path, monkeypatch):
 
 def test_checks_count_the_4bit_base_layers(tmp_path):
     from transformers import BitsAndBytesConfig, Phi3ForCausalLM
+
     tiny_phi3(tmp_path / "m")
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     model = Phi3ForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q, device_map="cpu")
     _, _, out = lora_check(model, 0.0)
     # qkv, o, gate_up, down in each of 2 layers: PEFT's wrappers of the same name are not counted again

@@ -12,21 +12,25 @@ from train import data
 @pytest.fixture(scope="module")
 def tok(tiny_path):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(tiny_path)
 
 
 def _jsonl(path: Path, rows) -> Path:
-    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in rows) + "\n",
-                    encoding="utf-8")
+    path.write_text(
+        "\n".join(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8"
+    )
     return path
 
 
 def test_chat_loss_covers_exactly_the_assistant_turns(tok):
-    msgs = [{"role": "system", "content": "あなたは親切なアシスタントです。"},
-            {"role": "user", "content": "空はなぜ青いのですか。"},
-            {"role": "assistant", "content": "光が散らばるからです。"},
-            {"role": "user", "content": "夕焼けは？"},
-            {"role": "assistant", "content": "赤い光が残るからです。"}]
+    msgs = [
+        {"role": "system", "content": "あなたは親切なアシスタントです。"},
+        {"role": "user", "content": "空はなぜ青いのですか。"},
+        {"role": "assistant", "content": "光が散らばるからです。"},
+        {"role": "user", "content": "夕焼けは？"},
+        {"role": "assistant", "content": "赤い光が残るからです。"},
+    ]
     [ex] = data.tokenize(tok, "messages", msgs)  # one text holds every turn
     assert len(ex.input_ids) == len(ex.labels)
     learned = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != data.IGNORE])
@@ -44,11 +48,13 @@ def test_a_template_that_moves_the_system_prompt_trains_turn_by_turn(tok):
 
     mistral = copy.deepcopy(tok)
     mistral.chat_template = MISTRAL
-    msgs = [{"role": "system", "content": "短く答えてください。"},
-            {"role": "user", "content": "空はなぜ青いのですか。"},
-            {"role": "assistant", "content": "光が散らばるからです。"},
-            {"role": "user", "content": "夕焼けは？"},
-            {"role": "assistant", "content": "赤い光が残るからです。"}]
+    msgs = [
+        {"role": "system", "content": "短く答えてください。"},
+        {"role": "user", "content": "空はなぜ青いのですか。"},
+        {"role": "assistant", "content": "光が散らばるからです。"},
+        {"role": "user", "content": "夕焼けは？"},
+        {"role": "assistant", "content": "赤い光が残るからです。"},
+    ]
     first, second = data.tokenize(mistral, "messages", msgs)
     for ex, turn, prompt in [(first, "光が散らばるからです。", msgs[:2]), (second, "赤い光が残るからです。", msgs[:4])]:
         learned = mistral.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != data.IGNORE])
@@ -59,8 +65,9 @@ def test_a_template_that_moves_the_system_prompt_trains_turn_by_turn(tok):
 
 
 def test_formats_text_instruction_and_txt(tmp_path, tok):
-    src = _jsonl(tmp_path / "mix.jsonl", [{"text": "猫が眠る。"},
-                                          {"instruction": "翻訳して", "input": "cat", "output": "猫"}])
+    src = _jsonl(
+        tmp_path / "mix.jsonl", [{"text": "猫が眠る。"}, {"instruction": "翻訳して", "input": "cat", "output": "猫"}]
+    )
     txt = tmp_path / "p.txt"
     txt.write_text("一段落目です。\n\n二段落目です。\n", encoding="utf-8")
     ex = data.load([str(src), str(txt)], tok)
@@ -72,14 +79,27 @@ def test_formats_text_instruction_and_txt(tmp_path, tok):
 
 
 def test_bad_lines_are_all_reported_with_file_and_line(tmp_path, tok):
-    src = _jsonl(tmp_path / "bad.jsonl", [
-        {"text": "良い行"}, "{not json", {"messages": [{"role": "bot", "content": "x"}]},
-        {"messages": [{"role": "user", "content": "質問"}]}, {"foo": 1}, [1, 2]])
+    src = _jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"text": "良い行"},
+            "{not json",
+            {"messages": [{"role": "bot", "content": "x"}]},
+            {"messages": [{"role": "user", "content": "質問"}]},
+            {"foo": 1},
+            [1, 2],
+        ],
+    )
     with pytest.raises(data.DataError) as err:
         data.load([str(src)], tok)
     msg = str(err.value)
-    for line, frag in [(2, "not valid JSON"), (3, "messages[0].role 'bot'"), (4, "'messages' has no assistant message"),
-                       (5, "no 'text', 'messages'"), (6, "expected a JSON object")]:
+    for line, frag in [
+        (2, "not valid JSON"),
+        (3, "messages[0].role 'bot'"),
+        (4, "'messages' has no assistant message"),
+        (5, "no 'text', 'messages'"),
+        (6, "expected a JSON object"),
+    ]:
         assert f"{src}:{line}: {frag}" in msg
     assert "5 bad record(s)" in msg
 
@@ -93,10 +113,15 @@ def test_bad_lines_can_be_skipped_and_counted(tmp_path, tok):
 
 def test_a_lone_surrogate_is_a_bad_record_wherever_it_is(tmp_path, tok):
     """JSON's unpaired \\ud800 escape decodes to a string no tokenizer takes: a bad record naming its field."""
-    src = _jsonl(tmp_path / "bad.jsonl", [{"text": "良い行"}, '{"text": "a\\ud800b"}',
-                                          '{"messages": [{"role": "user", "content": "q"}, '
-                                          '{"role": "assistant", "content": "\\udfff"}]}',
-                                          '{"instruction": "x\\ud83d", "output": "y"}'])
+    src = _jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"text": "良い行"},
+            '{"text": "a\\ud800b"}',
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\udfff"}]}',
+            '{"instruction": "x\\ud83d", "output": "y"}',
+        ],
+    )
     with pytest.raises(data.DataError) as err:
         data.load([str(src)], tok)
     for line, field in [(2, "text"), (3, "messages[1].content"), (4, "instruction")]:
@@ -152,6 +177,7 @@ def test_hub_dataset_from_a_snapshot_shaped_cache(tmp_path, tok, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as c
+
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     files = data.resolve("hf:TFMC/imatrix-dataset-for-japanese-llm")
@@ -162,8 +188,11 @@ def test_hub_dataset_from_a_snapshot_shaped_cache(tmp_path, tok, monkeypatch):
 def test_documents_packing_cuts_the_same_windows_and_numbers_their_documents():
     """data.packing = "documents" keeps concat's windows and targets, adds each token's document, and drops only
     the target of each document's first token (nothing of its own document comes before it)."""
-    ex = [data.Example([1, 2, 3], [1, 2, 3]), data.Example([4, 5], [data.IGNORE, 5], chat=True),
-          data.Example([6, 7, 8, 9, 10, 11], [6, 7, 8, 9, 10, 11])]
+    ex = [
+        data.Example([1, 2, 3], [1, 2, 3]),
+        data.Example([4, 5], [data.IGNORE, 5], chat=True),
+        data.Example([6, 7, 8, 9, 10, 11], [6, 7, 8, 9, 10, 11]),
+    ]
     concat, docs = data.pack(ex, 4), data.pack(ex, 4, documents=True)
     assert [w.input_ids for w in docs] == [w.input_ids for w in concat] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11]]
     assert all(w.documents is None for w in concat)
@@ -176,8 +205,10 @@ def test_documents_packing_cuts_the_same_windows_and_numbers_their_documents():
 
 
 def test_auto_packing_keeps_chat_documents_apart_and_reads_text_on(tmp_path, tok):
-    chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "空は？"},
-                                                          {"role": "assistant", "content": "青い。"}]}])
+    chat = _jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": [{"role": "user", "content": "空は？"}, {"role": "assistant", "content": "青い。"}]}],
+    )
     txt = tmp_path / "p.txt"
     txt.write_text("一段落目です。\n\n二段落目です。\n", encoding="utf-8")
     text, mixed = data.load([str(txt)], tok), data.load([str(txt), str(chat)], tok)

@@ -39,6 +39,7 @@ THIRD_PARTY = {"health_check", "non_idempotent"}
 
 # ---- reading the docs -------------------------------------------------------------------------------------------
 
+
 def split_doc(text: str) -> tuple[list[str], list[str]]:
     """(inline code spans of the prose, lines of the fenced code blocks with backslash continuations joined)."""
     blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M)
@@ -53,6 +54,7 @@ def doc_texts() -> dict[str, str]:
 
 
 # ---- what the code defines ----------------------------------------------------------------------------------------
+
 
 @cache
 def tracked() -> tuple[str, ...]:
@@ -73,8 +75,9 @@ def code_text() -> str:
 
 def used_in_code(name: str) -> bool:
     """As a word of the code; a Prometheus counter is declared without the _total its samples carry."""
-    return any(re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", code_text())
-               for n in {name, name.removesuffix("_total")})
+    return any(
+        re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", code_text()) for n in {name, name.removesuffix("_total")}
+    )
 
 
 @cache
@@ -95,8 +98,9 @@ def defined_in(path: Path) -> frozenset[str]:
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 names.update((a.asname or a.name).split(".")[0] for a in node.names)
             elif isinstance(node, (ast.If, ast.Try)):
-                visit(node.body + getattr(node, "orelse", []) + [n for h in getattr(node, "handlers", [])
-                                                                   for n in h.body])
+                visit(
+                    node.body + getattr(node, "orelse", []) + [n for h in getattr(node, "handlers", []) for n in h.body]
+                )
 
     visit(ast.parse(path.read_text(encoding="utf-8")).body)
     return frozenset(names)
@@ -107,16 +111,21 @@ def functions() -> frozenset[str]:
     names: set[str] = set()
     for pkg in PACKAGES:
         for path in (ROOT / pkg).rglob("*.py"):
-            names.update(n.name for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-                         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
+            names.update(
+                n.name
+                for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            )
     return frozenset(names)
 
 
 @cache
 def config_keys() -> dict[str, frozenset[str]]:
     from aegis.config import Config
-    return {f.name: frozenset(g.name for g in dataclasses.fields(f.default_factory()))
-            for f in dataclasses.fields(Config)}
+
+    return {
+        f.name: frozenset(g.name for g in dataclasses.fields(f.default_factory())) for f in dataclasses.fields(Config)
+    }
 
 
 def module_file(parts: list[str]) -> Path | None:
@@ -147,13 +156,17 @@ def command_of(tokens: list[str]) -> tuple[tuple[str, ...] | None, list[str]]:
     """(the AEGIS command in a shell segment, e.g. ("-m", "export", "gguf") or ("bench/x.py",), its arguments)."""
     for i, tok in enumerate(tokens):
         if tok == "-m" and i + 1 < len(tokens) and tokens[i + 1].split(".")[0] in PACKAGES:
-            module, args = tokens[i + 1], tokens[i + 2:]
+            module, args = tokens[i + 1], tokens[i + 2 :]
             if module == "export" and args and args[0] in EXPORT_COMMANDS:
                 return ("-m", module, args[0]), args[1:]
             return ("-m", module), args
-        if (tok.endswith(".py") and tok.split("/")[0] in SCRIPT_DIRS and i > 0
-                and Path(tokens[i - 1]).name.startswith("python")):
-            return (tok,), tokens[i + 1:]
+        if (
+            tok.endswith(".py")
+            and tok.split("/")[0] in SCRIPT_DIRS
+            and i > 0
+            and Path(tokens[i - 1]).name.startswith("python")
+        ):
+            return (tok,), tokens[i + 1 :]
     return None, []
 
 
@@ -186,8 +199,7 @@ def options(command: tuple[str, ...]) -> set[str]:
     return set(re.findall(r"(?<![\w-])--[a-zA-Z][\w-]*", help_text(command)))
 
 
-MAIN_COMMANDS = [("-m", "train"), ("-m", "serve"), ("-m", "serve.ui"),
-                 *(("-m", "export", c) for c in EXPORT_COMMANDS)]
+MAIN_COMMANDS = [("-m", "train"), ("-m", "serve"), ("-m", "serve.ui"), *(("-m", "export", c) for c in EXPORT_COMMANDS)]
 
 
 @pytest.fixture(scope="module")
@@ -208,11 +220,26 @@ def commands() -> dict[tuple[str, ...], list[tuple[str, list[str]]]]:
 
 # ---- the tests ----------------------------------------------------------------------------------------------------
 
+
 def test_the_site_builds_with_no_broken_link_or_anchor(tmp_path):
     """mkdocs.yml is strict and makes unknown links and anchors warnings, so any of them fails the build."""
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
-                           str(ROOT / "mkdocs.yml"), "--site-dir", str(tmp_path / "site")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(tmp_path / "site"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "site" / "index.html").is_file()
 
@@ -268,13 +295,15 @@ def name_problem(doc: str, name: str) -> str | None:
         return f"{doc}: `{name}` is not a config key (aegis/config.py)"
     if first in PACKAGES and not resolves(name):
         return f"{doc}: `{name}` is neither a module nor defined in one" + (
-            f", nor a config key of [{first}]" if first in keys else "")
+            f", nor a config key of [{first}]" if first in keys else ""
+        )
     return None
 
 
 def test_named_modules_attributes_and_config_keys_exist():
-    problems = [name_problem(doc, span) for doc, span in doc_spans()
-                if re.fullmatch(r"[a-z_]\w*(\.\w+)+(\(\))?( = .+)?", span)]
+    problems = [
+        name_problem(doc, span) for doc, span in doc_spans() if re.fullmatch(r"[a-z_]\w*(\.\w+)+(\(\))?( = .+)?", span)
+    ]
     assert not [p for p in problems if p], "\n".join(p for p in problems if p)
 
 
@@ -290,8 +319,12 @@ def test_code_names_exist():
         for span in spans:
             if re.fullmatch(r"[a-z_]\w*\(\)", span) and span[:-2] not in functions():
                 problems.append(f"{doc}: `{span}` is no function of {', '.join(PACKAGES)}")
-            elif (re.fullmatch(r"[A-Za-z]\w*", span) and ("_" in span or re.fullmatch(r"[A-Z]{4,}", span))
-                  and span not in THIRD_PARTY and not used_in_code(span)):
+            elif (
+                re.fullmatch(r"[A-Za-z]\w*", span)
+                and ("_" in span or re.fullmatch(r"[A-Z]{4,}", span))
+                and span not in THIRD_PARTY
+                and not used_in_code(span)
+            ):
                 problems.append(f"{doc}: `{span}` appears nowhere in the code")
     assert not problems, "\n".join(problems)
 

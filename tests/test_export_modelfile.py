@@ -77,8 +77,11 @@ def test_a_template_no_format_reproduces_is_an_error(tokenizers):
     tok = _tok(tokenizers["chatml"])
     tok.chat_template = families.CHATML.replace("'\n' + message['content']", "':\n' + message['content']")
     assert tok.chat_template != families.CHATML
-    with pytest.raises(chat_formats.ChatFormatError, match=r"closest: ChatML .*the Modelfile renders .*user\\n.*"
-                                                           r"the chat template .*user:\\n"):
+    with pytest.raises(
+        chat_formats.ChatFormatError,
+        match=r"closest: ChatML .*the Modelfile renders .*user\\n.*"
+        r"the chat template .*user:\\n",
+    ):
         chat_formats.derive(tok, "edited")
     tok.chat_template = None
     with pytest.raises(chat_formats.ChatFormatError, match="has no chat template"):
@@ -105,9 +108,27 @@ def test_modelfile_command(tiny_path, tmp_path):
     gguf = tmp_path / "g" / "q-f16.gguf"
     write_gguf(model, gguf, "f16", progress=False, log=lambda *_: None)
     out = tmp_path / "modelfiles" / "q.modelfile"
-    proc = subprocess.run([sys.executable, "-m", "export", "modelfile", "--gguf", str(gguf), "--name", "q",
-                           "--out", str(out), "--model", str(model), "--system", "短く答えて。"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "modelfile",
+            "--gguf",
+            str(gguf),
+            "--name",
+            "q",
+            "--out",
+            str(out),
+            "--model",
+            str(model),
+            "--system",
+            "短く答えて。",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "ChatML (default system prompt)" in proc.stdout and "the GGUF's llama.cpp vocabulary" in proc.stdout
     cmds = parse(out.read_text())
@@ -117,8 +138,12 @@ def test_modelfile_command(tiny_path, tmp_path):
     template = dict(c for c in cmds if c[0] == "TEMPLATE")["TEMPLATE"]
     assert "<|im_start|>" in template and "<|user|>" not in template
     # Without --model and no merged/ beside the GGUF, the command asks for it rather than guessing.
-    proc = subprocess.run([sys.executable, "-m", "export", "modelfile", "--gguf", str(gguf), "--name", "q",
-                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "export", "modelfile", "--gguf", str(gguf), "--name", "q", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 1 and "--model is needed" in proc.stderr
 
 
@@ -141,10 +166,10 @@ def test_go_template_rules():
     assert render("{{ range $i, $m := .M }}{{ $i }}{{ $m.C }}{{ end }}", {"M": [{"C": "x"}, {"C": "y"}]}) == "0x1y"
     assert render("{{ range .M }}{{ .C }}{{ else }}none{{ end }}", {"M": []}) == "none"
     assert render("{{ range .M }}{{ $.S }}{{ end }}", {"M": [1, 2], "S": "s"}) == "ss"
-    assert render('{{ if and .A (not .B) }}ok{{ end }}', {"A": 1, "B": 0}) == "ok"
-    assert render('{{ len .M }}', {"M": [1, 2, 3]}) == "3"
-    assert render('{{ range $i, $_ := .M }}{{ if gt $i 0 }},{{ end }}{{ $i }}{{ end }}', {"M": "abc"}) == "0,1,2"
-    assert render('{{ $f := index .M 0 }}{{ $f.C }}{{ len (slice .M 1) }}', {"M": [{"C": "x"}, 2]}) == "x1"
+    assert render("{{ if and .A (not .B) }}ok{{ end }}", {"A": 1, "B": 0}) == "ok"
+    assert render("{{ len .M }}", {"M": [1, 2, 3]}) == "3"
+    assert render("{{ range $i, $_ := .M }}{{ if gt $i 0 }},{{ end }}{{ $i }}{{ end }}", {"M": "abc"}) == "0,1,2"
+    assert render("{{ $f := index .M 0 }}{{ $f.C }}{{ len (slice .M 1) }}", {"M": [{"C": "x"}, 2]}) == "x1"
     assert render('{{ "a\\nb" }}', {}) == "a\nb"
     for bad in ("{{ if .X }}no end", "{{ end }}", "{{ with .X }}{{ end }}", "{{ .X | printf }}"):
         with pytest.raises(gotemplate.TemplateError):
@@ -174,28 +199,71 @@ def test_template_writes_tools_as_the_server_does(tokenizers, name):
     tok = _tok(tokenizers[_format_of(family)])
     template = chat_formats.derive(tok, name).template
     assert "$.Tools" in template
-    weather = {"type": "object", "required": ["city"],
-               "properties": {"city": {"type": "string", "description": "都市の名前"}}}
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "天気予報",
-                                               "parameters": weather}},
-             {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "required": [],
-                                                                              "properties": {}}}}]
+    weather = {
+        "type": "object",
+        "required": ["city"],
+        "properties": {"city": {"type": "string", "description": "都市の名前"}},
+    }
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "description": "天気予報", "parameters": weather}},
+        {
+            "type": "function",
+            "function": {"name": "ping", "parameters": {"type": "object", "required": [], "properties": {}}},
+        },
+    ]
     call = {"name": "get_weather", "arguments": {"city": "東京"}}
     for system in ("丁寧に答えてください。", None):
         head = [{"role": "system", "content": system}] if system else []
-        request = msgspec.json.decode(msgspec.json.encode({"model": "m", "tools": tools, "messages": head + [
-            {"role": "user", "content": "東京の天気は?"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
-                "name": "get_weather", "arguments": '{"city": "東京"}'}}]},
-            {"role": "tool", "tool_call_id": "c1", "content": "晴れ"}]}), type=ChatCompletionRequest)
-        note = fmt.system_text([{"name": t["function"]["name"], "description": t["function"].get("description"),
-                                 "parameters": t["function"]["parameters"]} for t in tools])
-        served = chat_template.render(tok.chat_template, prompt.conversation(request.messages, tok.chat_template, note),
-                                      dict(bos_token=tok.bos_token or "", eos_token=tok.eos_token or ""))
-        ollama = chat_formats.render_go(template, head + [
-            {"role": "user", "content": "東京の天気は?"},
-            {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "content": "晴れ", "tool_name": "get_weather"}], tools=tools)
+        request = msgspec.json.decode(
+            msgspec.json.encode(
+                {
+                    "model": "m",
+                    "tools": tools,
+                    "messages": head
+                    + [
+                        {"role": "user", "content": "東京の天気は?"},
+                        {
+                            "role": "assistant",
+                            "content": None,
+                            "tool_calls": [
+                                {
+                                    "id": "c1",
+                                    "type": "function",
+                                    "function": {"name": "get_weather", "arguments": '{"city": "東京"}'},
+                                }
+                            ],
+                        },
+                        {"role": "tool", "tool_call_id": "c1", "content": "晴れ"},
+                    ],
+                }
+            ),
+            type=ChatCompletionRequest,
+        )
+        note = fmt.system_text(
+            [
+                {
+                    "name": t["function"]["name"],
+                    "description": t["function"].get("description"),
+                    "parameters": t["function"]["parameters"],
+                }
+                for t in tools
+            ]
+        )
+        served = chat_template.render(
+            tok.chat_template,
+            prompt.conversation(request.messages, tok.chat_template, note),
+            dict(bos_token=tok.bos_token or "", eos_token=tok.eos_token or ""),
+        )
+        ollama = chat_formats.render_go(
+            template,
+            head
+            + [
+                {"role": "user", "content": "東京の天気は?"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "晴れ", "tool_name": "get_weather"},
+            ],
+            tools=tools,
+        )
         if tok.bos_token and served.startswith(tok.bos_token) and not ollama.startswith(tok.bos_token):
             ollama = tok.bos_token + ollama  # llama.cpp adds the BOS the chat template writes
         assert ollama == re.sub(r',"(call_)?id":"[A-Za-z0-9]{9}"', "", served)
@@ -212,9 +280,13 @@ def test_a_familys_template_comes_from_its_family_file(tokenizers, name):
     family = registry.FAMILIES[name]
     tok = _tok(tokenizers[_format_of(family)])
     proof = chat_formats.derive(tok, name)
-    facts = registry._ollama.Facts(tok.get_vocab(), tok.bos_token or "", tok.eos_token or "",
-                                   lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
-                                   family.tool_format)
+    facts = registry._ollama.Facts(
+        tok.get_vocab(),
+        tok.bos_token or "",
+        tok.eos_token or "",
+        lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+        family.tool_format,
+    )
     own = family.ollama(facts)
     assert proof.format == family.ollama_format and proof.template in [t.template for t in own]
     assert set(own[0].stops) <= set(proof.stops)

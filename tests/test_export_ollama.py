@@ -92,8 +92,11 @@ class FakeOllama(BaseHTTPRequestHandler):
         lines = [{"status": "parsing GGUF"}]
         for digest in files.values():
             lines.append({"status": f"using existing layer {digest}"})
-        lines += [{"error": self.fail_create}] if self.fail_create else [{"status": "writing manifest"},
-                                                                          {"status": "success"}]
+        lines += (
+            [{"error": self.fail_create}]
+            if self.fail_create
+            else [{"status": "writing manifest"}, {"status": "success"}]
+        )
         for line in lines:
             self.wfile.write((json.dumps(line) + "\n").encode())
             self.wfile.flush()
@@ -167,9 +170,25 @@ def test_ollama_command(server, small_gguf, tiny_path):
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "export", "ollama", "--gguf", str(small_gguf), "--model",
-                           str(tiny_path), "--name", "aegis-cli", "--host", server], capture_output=True, text=True,
-                          cwd=root)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "ollama",
+            "--gguf",
+            str(small_gguf),
+            "--model",
+            str(tiny_path),
+            "--name",
+            "aegis-cli",
+            "--host",
+            server,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "chat template: Phi-3" in proc.stdout and "ollama: created aegis-cli" in proc.stdout
     assert [c["model"] for c in FakeOllama.creates] == ["aegis-cli"] and FakeOllama.problems == []
@@ -185,8 +204,12 @@ def test_each_familys_template_reaches_ollama(server, small_gguf, tiny_path, tmp
     fmt = next(k for k, spec in families.CHAT_FORMATS.items() if spec[5] == family.chat_template)
     tok = AutoTokenizer.from_pretrained(families.build_tokenizer(fmt, tmp_path / name, tiny_path))
     proof = chat_formats.derive(tok, name)
-    ollama.create(modelfile.Modelfile(small_gguf, proof.template, proof.stops, 1024, proof=proof), f"aegis-{name}",
-                  host=server, log=lambda *_: None)
+    ollama.create(
+        modelfile.Modelfile(small_gguf, proof.template, proof.stops, 1024, proof=proof),
+        f"aegis-{name}",
+        host=server,
+        log=lambda *_: None,
+    )
     (req,) = FakeOllama.creates
     assert FakeOllama.problems == [] and proof.format == family.ollama_format
     assert req["template"] == proof.template and "$.Tools" in req["template"] and ".ToolCalls" in req["template"]

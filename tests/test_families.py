@@ -35,12 +35,34 @@ def exported(request, tiny_path, tmp_path_factory) -> dict:
     run = root / "run"
     train_cli(run, *SHORT, f"model.base={base}", *families.TRAIN_OVERRIDES.get(family, []))
     out = run / "export"
-    proc = subprocess.run([sys.executable, "-m", "export", "all", "--run", str(run), "--type", ",".join(TYPES),
-                           "--name", family, "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "all",
+            "--run",
+            str(run),
+            "--type",
+            ",".join(TYPES),
+            "--name",
+            family,
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, f"export failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return {"family": family, "base": base, "run": run, "out": out, "stdout": proc.stdout,
-            "parity": json.loads((out / "parity.json").read_text()),
-            "summary": json.loads((out / "export.json").read_text())}
+    return {
+        "family": family,
+        "base": base,
+        "run": run,
+        "out": out,
+        "stdout": proc.stdout,
+        "parity": json.loads((out / "parity.json").read_text()),
+        "summary": json.loads((out / "export.json").read_text()),
+    }
 
 
 def test_every_type_passes_parity(exported):
@@ -97,13 +119,15 @@ def test_served_answer_is_the_merged_models(exported, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     ids = tok.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
-                             eos_token_id=None)
-    want = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    want = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     gguf = exported["out"] / f"{exported['family']}-f32.gguf"
     with Server("--model", f"fam={gguf}", "--parallel", "1", "--threads", "1", log_path=tmp_path / "serve.log") as s:
-        r = httpx.post(s.api + "/chat/completions", timeout=120, json={
-            "model": "fam", "messages": CHAT, "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+        r = httpx.post(
+            s.api + "/chat/completions",
+            timeout=120,
+            json={"model": "fam", "messages": CHAT, "max_tokens": 6, "temperature": 0, "ignore_eos": True},
+        )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["usage"]["prompt_tokens"] == ids["input_ids"].shape[1]
@@ -119,8 +143,9 @@ def test_unsupported_architecture_is_refused_before_loading(tmp_path):
     assert proc.returncode == 2
     assert f"{base / 'config.json'}: model_type 'gemma2'" in proc.stderr
     assert "phi3, llama, mistral, qwen2" in proc.stderr and "Traceback" not in proc.stderr
-    (base / "config.json").write_text(json.dumps({"model_type": "llama",
-                                                  "architectures": ["LlamaForSequenceClassification"]}))
+    (base / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]})
+    )
     proc = train_cli(tmp_path / "run2", *SHORT, f"model.base={base}", check=False)
     assert proc.returncode == 2 and "LlamaForSequenceClassification" in proc.stderr
 
@@ -168,27 +193,42 @@ print(AUTO_TARGETS["qwen3"], names.arch_name("qwen3"), vocab.BPE_PRE["qwen3"], "
 # ---- without a model: each family's chat and tool format --------------------------------------------------------
 
 # bounded values, so that a small random model's calls end within max_tokens
-WEATHER = {"type": "object", "properties": {"city": {"enum": ["東京", "大阪"]},
-                                            "days": {"type": "integer", "minimum": 1, "maximum": 9}},
-           "required": ["city", "days"]}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "都市の天気予報",
-                                           "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {},
-                                                                          "additionalProperties": False}}}]
-CALLS = [("get_weather", {"city": "東京 \"}{<tool_call>", "days": 2}), ("ping", {})]
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"enum": ["東京", "大阪"]}, "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+    "required": ["city", "days"],
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "都市の天気予報", "parameters": WEATHER}},
+    {
+        "type": "function",
+        "function": {"name": "ping", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}},
+    },
+]
+CALLS = [("get_weather", {"city": '東京 "}{<tool_call>', "days": 2}), ("ping", {})]
 
 
 def _described() -> list[dict]:
-    return [{"name": t["function"]["name"], "description": t["function"].get("description"),
-             "parameters": t["function"]["parameters"]} for t in TOOLS]
+    return [
+        {
+            "name": t["function"]["name"],
+            "description": t["function"].get("description"),
+            "parameters": t["function"]["parameters"],
+        }
+        for t in TOOLS
+    ]
 
 
 @pytest.mark.parametrize("name", list(registry.FAMILIES))
 def test_chat_template_is_its_familys_and_renders(name):
     family = registry.FAMILIES[name]
     assert registry.by_chat_template(family.chat_template) is family  # how a served model finds its tool format
-    text = chat_template.render(family.chat_template, CHAT + [{"role": "assistant", "content": "東京です。"}],
-                                {"bos_token": "<s>", "eos_token": "</s>"}, add_generation_prompt=False)
+    text = chat_template.render(
+        family.chat_template,
+        CHAT + [{"role": "assistant", "content": "東京です。"}],
+        {"bos_token": "<s>", "eos_token": "</s>"},
+        add_generation_prompt=False,
+    )
     assert all(m in text for m in family.chat_markers) and "東京です。" in text
     assert not family.end_of_turn or family.end_of_turn[0] in text  # the format's own end of a turn
 
@@ -204,11 +244,24 @@ def test_tool_turns_render_and_read_back(name):
 
     family = registry.FAMILIES[name]
     fmt = family.tool_format
-    written = [{"id": f"c{i}", "type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
-               for i, (n, a) in enumerate(CALLS)]
-    req = msgspec.json.decode(msgspec.json.encode({"model": "m", "tools": TOOLS, "messages": [
-        CHAT[1], {"role": "assistant", "content": None, "tool_calls": written},
-        {"role": "tool", "tool_call_id": "c0", "content": "晴れ"}]}), type=ChatCompletionRequest)
+    written = [
+        {"id": f"c{i}", "type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
+        for i, (n, a) in enumerate(CALLS)
+    ]
+    req = msgspec.json.decode(
+        msgspec.json.encode(
+            {
+                "model": "m",
+                "tools": TOOLS,
+                "messages": [
+                    CHAT[1],
+                    {"role": "assistant", "content": None, "tool_calls": written},
+                    {"role": "tool", "tool_call_id": "c0", "content": "晴れ"},
+                ],
+            }
+        ),
+        type=ChatCompletionRequest,
+    )
     note = fmt.system_text(_described())
     messages = prompt.conversation(req.messages, family.chat_template, note)
     text = chat_template.render(family.chat_template, messages, {"bos_token": "<s>", "eos_token": "</s>"})
@@ -223,7 +276,7 @@ def test_tool_turns_render_and_read_back(name):
     for size, opening in [(len(reply), ""), (1, ""), (7, ""), *[(5, also) for also in fmt.also]]:
         reader, events, written_reply = fmt.reader(), [], opening + reply  # Llama's <|python_tag|> before a call
         for i in range(0, len(written_reply), size):
-            events += reader.feed(written_reply[i:i + size])
+            events += reader.feed(written_reply[i : i + size])
         assert reader.mode == "calls"
         assert [(c.name, json.loads(c.arguments)) for c in reader.calls] == CALLS
         assert [e[2].name for e in events if e[0] == "call"] == [n for n, _ in CALLS]
@@ -234,6 +287,7 @@ def test_tool_turns_render_and_read_back(name):
 
 
 # ---- served: tool calls in the family's format ------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def served(exported, tmp_path_factory):
@@ -246,8 +300,19 @@ def served(exported, tmp_path_factory):
 
 
 def _ask(client, **kwargs):
-    args = dict(model="fam", messages=CHAT, tools=TOOLS, temperature=1.0, max_tokens=240, seed=3,
-                tool_choice="required", parallel_tool_calls=False) | kwargs
+    args = (
+        dict(
+            model="fam",
+            messages=CHAT,
+            tools=TOOLS,
+            temperature=1.0,
+            max_tokens=240,
+            seed=3,
+            tool_choice="required",
+            parallel_tool_calls=False,
+        )
+        | kwargs
+    )
     return client.chat.completions.create(**args)
 
 

@@ -109,6 +109,7 @@ def test_decide():
 
 def test_decide_reads_the_models_rope(tiny_path):
     from transformers import AutoConfig, LlamaConfig
+
     gpu = torch.device("cuda")
     assert graphs.decide("auto", gpu, 1, False, AutoConfig.from_pretrained(tiny_path))[0] is True  # LongRoPE
     dynamic = LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0})

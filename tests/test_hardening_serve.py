@@ -47,11 +47,18 @@ def _error_code(r: httpx.Response) -> str | None:
 
 # ---- shutdown ---------------------------------------------------------------------------------------------------
 
+
 def _ask(server: Server, stream: bool, max_tokens: int, out: list, started: threading.Event | None = None) -> None:
     """One chat request; appends how it ended: ("stream", status, finish_reason, error_code, saw_done) or
     ("whole", status, finish_reason, error_code)."""
-    body = {"model": "tiny", "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": stream}
+    body = {
+        "model": "tiny",
+        "messages": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
     try:
         if not stream:
             r = httpx.post(server.api + "/chat/completions", json=body, timeout=120)
@@ -98,15 +105,21 @@ def _refuses_at_once(server: Server) -> None:
     """Right after SIGTERM: /ready and a new request answer the JSON 503 `shutting_down`."""
     ready = httpx.get(server.url + "/ready", timeout=5)
     assert ready.status_code == 503 and _error_code(ready) == "shutting_down", ready.text
-    late = httpx.post(server.api + "/chat/completions", json={"model": "tiny", "messages": PROMPT, "max_tokens": 4},
-                      timeout=5)
+    late = httpx.post(
+        server.api + "/chat/completions", json={"model": "tiny", "messages": PROMPT, "max_tokens": 4}, timeout=5
+    )
     assert late.status_code == 503, late.text
-    assert late.json()["error"] == {"message": late.json()["error"]["message"], "type": "server_error",
-                                    "param": None, "code": "shutting_down"}
+    assert late.json()["error"] == {
+        "message": late.json()["error"]["message"],
+        "type": "server_error",
+        "param": None,
+        "code": "shutting_down",
+    }
 
 
-def _sigterm_in_flight(server: Server, stream_tokens: int, whole_tokens: int,
-                       join_s: float) -> tuple[list, float, float]:
+def _sigterm_in_flight(
+    server: Server, stream_tokens: int, whole_tokens: int, join_s: float
+) -> tuple[list, float, float]:
     """SIGTERM while _in_flight's 8 requests run, checked to refuse new work at once: (each request's outcome once its
     thread ends or join_s passes, when the signal was sent, how long the refusals took)."""
     out: list = []
@@ -123,14 +136,24 @@ def _sigterm_in_flight(server: Server, stream_tokens: int, whole_tokens: int,
 def test_sigterm_lets_the_requests_in_flight_finish(gguf, tmp_path):
     """SIGTERM with 4 streams running and 4 requests queued: /ready and new requests get 503 at once, and every
     request in flight still gets its whole reply within the grace period; then the process exits 0."""
-    server = Server("--model", f"tiny={gguf}", "--threads", "1", "--parallel", "4", "--shutdown-grace", "60",
-                    log_path=tmp_path / "serve.log").start()
+    server = Server(
+        "--model",
+        f"tiny={gguf}",
+        "--threads",
+        "1",
+        "--parallel",
+        "4",
+        "--shutdown-grace",
+        "60",
+        log_path=tmp_path / "serve.log",
+    ).start()
     try:
         # the streams as long as the context allows: the whole requests must still find every slot taken
         out, _, refused = _sigterm_in_flight(server, 450, 100, join_s=90)
         assert refused < 2
-        assert sorted(out) == [("stream", 200, "length", None, True)] * 4 + [("whole", 200, "length", None)] * 4, \
+        assert sorted(out) == [("stream", 200, "length", None, True)] * 4 + [("whole", 200, "length", None)] * 4, (
             f"{out}\n{server.log()}"
+        )
         assert server.proc.wait(15) == 0, server.log()
     finally:
         server.stop()
@@ -140,12 +163,24 @@ def test_sigterm_lets_the_requests_in_flight_finish(gguf, tmp_path):
 def test_what_runs_past_the_grace_period_ends_cleanly(gguf, tmp_path):
     """With a 1 s grace period, requests that need far longer end as API errors, not cut connections: each stream
     with an error event (shutting_down) and [DONE], each queued request with the JSON 503."""
-    server = Server("--model", f"tiny={gguf}", "--threads", "1", "--parallel", "4", "--ctx-size", "2048",
-                    "--shutdown-grace", "1", log_path=tmp_path / "serve.log").start()
+    server = Server(
+        "--model",
+        f"tiny={gguf}",
+        "--threads",
+        "1",
+        "--parallel",
+        "4",
+        "--ctx-size",
+        "2048",
+        "--shutdown-grace",
+        "1",
+        log_path=tmp_path / "serve.log",
+    ).start()
     try:
         out, sent, _ = _sigterm_in_flight(server, 1900, 1900, join_s=30)
-        assert sorted(out) == ([("stream", 200, None, "shutting_down", True)] * 4
-                               + [("whole", 503, None, "shutting_down")] * 4), f"{out}\n{server.log()}"
+        assert sorted(out) == (
+            [("stream", 200, None, "shutting_down", True)] * 4 + [("whole", 503, None, "shutting_down")] * 4
+        ), f"{out}\n{server.log()}"
         assert server.proc.wait(15) == 0, server.log()
         assert time.monotonic() - sent < 1 + 8, "the grace period was not kept to"
     finally:
@@ -156,8 +191,19 @@ def test_what_runs_past_the_grace_period_ends_cleanly(gguf, tmp_path):
 
 
 def test_a_second_signal_stops_at_once(gguf, tmp_path):
-    server = Server("--model", f"tiny={gguf}", "--threads", "1", "--parallel", "1", "--ctx-size", "2048",
-                    "--shutdown-grace", "60", log_path=tmp_path / "serve.log").start()
+    server = Server(
+        "--model",
+        f"tiny={gguf}",
+        "--threads",
+        "1",
+        "--parallel",
+        "1",
+        "--ctx-size",
+        "2048",
+        "--shutdown-grace",
+        "60",
+        log_path=tmp_path / "serve.log",
+    ).start()
     try:
         out: list = []
         started = threading.Event()
@@ -178,8 +224,9 @@ def test_a_second_signal_stops_at_once(gguf, tmp_path):
 def test_a_stopping_server_answers_503_for_the_shutdown_delay(gguf, tmp_path):
     """--shutdown-delay: with nothing in flight the server still answers /ready (503) that long after SIGTERM, so
     that a balancer's health checks see it leave before it stops listening; then it exits 0."""
-    server = Server("--model", f"tiny={gguf}", "--threads", "1", "--shutdown-delay", "1.5",
-                    log_path=tmp_path / "serve.log").start()
+    server = Server(
+        "--model", f"tiny={gguf}", "--threads", "1", "--shutdown-delay", "1.5", log_path=tmp_path / "serve.log"
+    ).start()
     try:
         sent = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -223,12 +270,26 @@ def test_containers_give_the_drain_its_time():
 
 # ---- connections ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def guarded(gguf, tmp_path_factory):
     """A server with short deadlines and a small bound on connections."""
     log = tmp_path_factory.mktemp("serve") / "guarded.log"
-    with Server("--model", f"tiny={gguf}", "--threads", "1", "--parallel", "1", "--header-timeout", "1",
-                "--body-timeout", "1", "--max-connections", "40", log_path=log) as s:
+    with Server(
+        "--model",
+        f"tiny={gguf}",
+        "--threads",
+        "1",
+        "--parallel",
+        "1",
+        "--header-timeout",
+        "1",
+        "--body-timeout",
+        "1",
+        "--max-connections",
+        "40",
+        log_path=log,
+    ) as s:
         yield s
         assert s.alive(), s.log()
 
@@ -254,8 +315,10 @@ def _status_and_json(raw: bytes) -> tuple[int, dict]:
 
 
 def _post_head(length: int) -> bytes:
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 def test_slow_headers_are_closed_after_the_header_timeout(guarded):
@@ -307,20 +370,32 @@ def test_abandoned_uploads_are_client_errors(guarded):
     client event, never a 5xx and never an ERROR line."""
     for _ in range(20):
         _connect(guarded, _post_head(1000) + b'{"messages": [{"role": "user", "content": "').close()
-    _wait(lambda: metric(guarded, "aegis_requests_total", endpoint="/v1/chat/completions", status="499") == 20, 10,
-          "20 abandoned uploads counted as 499")
+    _wait(
+        lambda: metric(guarded, "aegis_requests_total", endpoint="/v1/chat/completions", status="499") == 20,
+        10,
+        "20 abandoned uploads counted as 499",
+    )
     text = httpx.get(guarded.url + "/metrics").text
-    assert not [line for line in text.splitlines()
-                if line.startswith('aegis_requests_total{endpoint="/v1/') and 'status="5' in line], text
+    assert not [
+        line
+        for line in text.splitlines()
+        if line.startswith('aegis_requests_total{endpoint="/v1/') and 'status="5' in line
+    ], text
     log = guarded.log()
     assert " ERROR " not in log and "went away before sending all of its POST /v1/chat/completions body" in log, log
 
 
 # ---- verifying the GGUF -----------------------------------------------------------------------------------------
 
+
 def _serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serve", *args, "--port", str(serving.free_port())], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "serve", *args, "--port", str(serving.free_port())],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_a_damaged_gguf_is_refused_unless_told_otherwise(gguf, tmp_path):

@@ -53,9 +53,9 @@ def test_a_tokens_logits_do_not_depend_on_the_documents_before_it(tiny_path):
     alone = _logits(model, data.collate([data.Example(last, last)], pad_id=0))
     befores = [[_tokens(400, 1), _tokens(300, 2)], [_tokens(250, 3), _tokens(330, 4), _tokens(90, 5)]]
     for before in befores:
-        got = _logits(model, _window(before, last, "documents"))[-len(last):]
+        got = _logits(model, _window(before, last, "documents"))[-len(last) :]
         torch.testing.assert_close(got, alone, rtol=0, atol=1e-4)
-    concat = [_logits(model, _window(before, last, "concat"))[-len(last):] for before in befores]
+    concat = [_logits(model, _window(before, last, "concat"))[-len(last) :] for before in befores]
     assert (concat[0] - concat[1]).abs().max() > 0.1 and (concat[0] - alone).abs().max() > 0.1
 
 
@@ -68,8 +68,9 @@ def test_the_captured_steps_buffers_and_the_compiled_blocks_keep_documents_apart
     model, soul = _model(tiny_path)
     params = [p for p in model.parameters() if p.requires_grad]
     rows = [[_tokens(40, 6), _tokens(60, 7)], [_tokens(70, 8), _tokens(30, 9)]]
-    batch = data.collate([data.pack([data.Example(d, d) for d in row], 100, documents=True)[0] for row in rows],
-                         pad_id=0)
+    batch = data.collate(
+        [data.pack([data.Example(d, d) for d in row], 100, documents=True)[0] for row in rows], pad_id=0
+    )
     n = count_targets(batch["labels"])
     head = soul_mod.head_of(model)
 
@@ -136,10 +137,13 @@ def test_the_captured_step_keeps_documents_apart_on_cuda(tiny_path):
     step = graphs.GraphedStep(model, soul, params, 2, 128, device, documents=True)
     try:
         for update in range(3):
-            rows = [[_tokens(30 + 20 * update, 10 * update + i), _tokens(98 - 20 * update, 10 * update + i + 5)]
-                    for i in range(2)]
-            batch = data.collate([data.pack([data.Example(d, d) for d in r], 128, documents=True)[0] for r in rows],
-                                 pad_id=0, width=128)
+            rows = [
+                [_tokens(30 + 20 * update, 10 * update + i), _tokens(98 - 20 * update, 10 * update + i + 5)]
+                for i in range(2)
+            ]
+            batch = data.collate(
+                [data.pack([data.Example(d, d) for d in r], 128, documents=True)[0] for r in rows], pad_id=0, width=128
+            )
             n = count_targets(batch["labels"])
             step.begin()
             got_loss = float(step.micro(batch, 1.0 / n))

@@ -58,7 +58,7 @@ def test_each_request_keeps_its_own_settings(server, client):
     hot = dict(model="tiny", messages=USER, max_tokens=24, temperature=1.5, seed=7)
     replies = asyncio.run(_together(server, [greedy, stopped, hot, hot | {"seed": 8}]))
     assert replies[0].choices[0].message.content == alone  # sampling neighbours do not change a greedy reply
-    assert replies[1].choices[0].message.content == alone[:alone.index(stop)]
+    assert replies[1].choices[0].message.content == alone[: alone.index(stop)]
     assert replies[1].choices[0].finish_reason == "stop" and replies[0].choices[0].finish_reason == "length"
     assert replies[2].choices[0].message.content != replies[3].choices[0].message.content != alone
 
@@ -89,14 +89,34 @@ def _steps_while_reading(gguf, batch_size: int) -> tuple[int, int]:
     try:
         short = prompt.chat_ids(backend, USER)
         long = prompt.chat_ids(backend, [{"role": "user", "content": LONG}])
-        running = Recorded("running", log, prompt=short, sampling=greedy, max_tokens=300, stops=[], timeout=120,
-                           loop=loop, ignore_eos=True)
+        running = Recorded(
+            "running",
+            log,
+            prompt=short,
+            sampling=greedy,
+            max_tokens=300,
+            stops=[],
+            timeout=120,
+            loop=loop,
+            ignore_eos=True,
+        )
         pool.submit(running)
         while sum(name == "running" for name, _ in log) < 5:
             time.sleep(0.001)
         sent = len(log)
-        pool.submit(Recorded("long", log, prompt=long, sampling=greedy, max_tokens=1, stops=[], timeout=120,
-                             loop=loop, ignore_eos=True))
+        pool.submit(
+            Recorded(
+                "long",
+                log,
+                prompt=long,
+                sampling=greedy,
+                max_tokens=1,
+                stops=[],
+                timeout=120,
+                loop=loop,
+                ignore_eos=True,
+            )
+        )
         while not any(name == "long" for name, _ in log):
             time.sleep(0.001)
         running.cancel()
@@ -119,9 +139,13 @@ def test_a_long_prompt_is_read_in_chunks_while_a_request_runs(request):
     assert moved <= 3, moved
 
 
-MIXED = [Sampling(temperature=0), Sampling(temperature=0, presence_penalty=1.5),
-         Sampling(temperature=0.9, top_p=0.9, seed=3), Sampling(temperature=1.3, top_k=40, seed=5),
-         Sampling(temperature=1.0, frequency_penalty=1.0, seed=11)]
+MIXED = [
+    Sampling(temperature=0),
+    Sampling(temperature=0, presence_penalty=1.5),
+    Sampling(temperature=0.9, top_p=0.9, seed=3),
+    Sampling(temperature=1.3, top_k=40, seed=5),
+    Sampling(temperature=1.0, frequency_penalty=1.0, seed=11),
+]
 
 
 def _one_by_one(backend, ids: list[int], settings: list[Sampling], n: int) -> list[list[int]]:
@@ -151,8 +175,12 @@ def test_batched_sampling_picks_what_llama_cpp_picks_for_each_request(request):
     ids = prompt.chat_ids(backend, USER)
     pool = BatchPool(backend, slots=len(MIXED))
     loop, log = asyncio.new_event_loop(), []
-    jobs = [Recorded(i, log, prompt=ids, sampling=s, max_tokens=24, stops=[], timeout=120, loop=loop,
-                     ignore_eos=True, logprobs=0) for i, s in enumerate(MIXED)]
+    jobs = [
+        Recorded(
+            i, log, prompt=ids, sampling=s, max_tokens=24, stops=[], timeout=120, loop=loop, ignore_eos=True, logprobs=0
+        )
+        for i, s in enumerate(MIXED)
+    ]
     for job in jobs:  # queued before the engine starts: its first step takes them all
         pool.submit(job)
     pool.start()
@@ -173,6 +201,7 @@ def test_batched_sampling_picks_what_llama_cpp_picks_for_each_request(request):
 
 class CountingLoop(asyncio.SelectorEventLoop):
     """An event loop that counts the wake-ups other threads send it."""
+
     wakes = 0
 
     def call_soon_threadsafe(self, *args, **kwargs):
@@ -195,8 +224,18 @@ def test_the_event_loop_is_woken_once_per_step_for_all_requests(request):
     async def read_all():
         await asyncio.gather(*(read(j) for j in jobs))
 
-    jobs = [Job(prompt=ids, sampling=Sampling(temperature=0), max_tokens=32, stops=[], timeout=120, loop=loop,
-                ignore_eos=True) for _ in range(8)]
+    jobs = [
+        Job(
+            prompt=ids,
+            sampling=Sampling(temperature=0),
+            max_tokens=32,
+            stops=[],
+            timeout=120,
+            loop=loop,
+            ignore_eos=True,
+        )
+        for _ in range(8)
+    ]
     for job in jobs:
         pool.submit(job)
     pool.start()
@@ -212,8 +251,10 @@ def test_the_event_loop_is_woken_once_per_step_for_all_requests(request):
 
 def test_the_next_turn_of_a_chat_reuses_the_cache(server, client, request, tmp_path_factory):
     first = client.chat.completions.create(model="tiny", messages=USER, max_tokens=16, temperature=0)
-    turn2 = USER + [{"role": "assistant", "content": first.choices[0].message.content},
-                    {"role": "user", "content": "夏について、もう少し詳しく教えてください。"}]
+    turn2 = USER + [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "夏について、もう少し詳しく教えてください。"},
+    ]
     second = client.chat.completions.create(model="tiny", messages=turn2, max_tokens=16, temperature=0)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
@@ -221,8 +262,9 @@ def test_the_next_turn_of_a_chat_reuses_the_cache(server, client, request, tmp_p
     assert cached < second.usage.prompt_tokens
     # the same turn on a server that reads every prompt whole: the same reply, nothing cached
     with serving.tiny_server(request, tmp_path_factory, "--prefix-cache", "off", name="nocache") as cold:
-        fresh = serving.openai_client(cold).chat.completions.create(model="nocache", messages=turn2, max_tokens=16,
-                                                                   temperature=0)
+        fresh = serving.openai_client(cold).chat.completions.create(
+            model="nocache", messages=turn2, max_tokens=16, temperature=0
+        )
     assert fresh.usage.prompt_tokens_details.cached_tokens == 0
     assert fresh.choices[0].message.content == second.choices[0].message.content
 
@@ -230,6 +272,7 @@ def test_the_next_turn_of_a_chat_reuses_the_cache(server, client, request, tmp_p
 def test_the_log_says_where_the_layers_went(server):
     """Start-up names the placement: on a build without a GPU backend (CI's) it says so plainly."""
     from aegis import llamacpp
+
     log = server.log_path.read_text()
     if llamacpp.runtime().llama_supports_gpu_offload():
         assert "layers on the GPU" in log, log[-2000:]
@@ -246,12 +289,20 @@ def test_serve_puts_every_layer_on_the_gpu_and_decodes_there(tiny_path, tmp_path
 
     from aegis import llamacpp
     from export.pipeline import export_gguf
+
     assert llamacpp.runtime().llama_supports_gpu_offload(), "this llama-cpp-python has no GPU backend"
     gguf = tmp_path_factory.mktemp("gpu") / "tiny-q8_0.gguf"
     export_gguf(tiny_path, gguf, "q8_0", progress=False, check_parity=False, log=lambda *_: None)
     free_before, _ = torch.cuda.mem_get_info()
-    with serving.Server("--model", f"tiny={gguf}", "--parallel", "4", "--log-level", "info",
-                        log_path=tmp_path_factory.mktemp("gpu") / "serve.log") as s:
+    with serving.Server(
+        "--model",
+        f"tiny={gguf}",
+        "--parallel",
+        "4",
+        "--log-level",
+        "info",
+        log_path=tmp_path_factory.mktemp("gpu") / "serve.log",
+    ) as s:
         log = s.log_path.read_text()
         layers = [w for w in log.split() if "/" in w and w.split("/")[0].isdigit()]
         assert "layers on the GPU" in log and layers and layers[0].split("/")[0] == layers[0].split("/")[1], log

@@ -18,9 +18,12 @@ KV_LINE = re.compile(r"KV cache (\w+), ([\d.]+) MiB for (\d+) slots of (\d+) pos
 @pytest.fixture(scope="module")
 def servers(request, tmp_path_factory):
     with contextlib.ExitStack() as stack:
-        yield {kind: stack.enter_context(serving.tiny_server(request, tmp_path_factory, "--cache-type", kind,
-                                                             name=f"tiny-{kind}"))
-               for kind in ("f16", "q8_0")}
+        yield {
+            kind: stack.enter_context(
+                serving.tiny_server(request, tmp_path_factory, "--cache-type", kind, name=f"tiny-{kind}")
+            )
+            for kind in ("f16", "q8_0")
+        }
 
 
 def _kv(server) -> tuple[str, float, int, int]:
@@ -32,9 +35,13 @@ def _kv(server) -> tuple[str, float, int, int]:
 
 def _greedy(server, text: str) -> str:
     client = serving.openai_client(server)
-    reply = client.chat.completions.create(model=server.args[server.args.index("--model") + 1].split("=")[0],
-                                           messages=[{"role": "user", "content": text}], max_tokens=32,
-                                           temperature=0, extra_body={"ignore_eos": True})
+    reply = client.chat.completions.create(
+        model=server.args[server.args.index("--model") + 1].split("=")[0],
+        messages=[{"role": "user", "content": text}],
+        max_tokens=32,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     return reply.choices[0].message.content
 
 

@@ -19,14 +19,19 @@ from aegis.tiny import corpus_path
 from support import serving
 from support.serving import REPO, base_gguf, metric
 
-CHATS = ["日本の四季について説明してください。", "こんにちは。今日はどんなことを手伝ってくれますか。",
-         "梅雨の時期に洗濯物を上手に乾かすには？"]
+CHATS = [
+    "日本の四季について説明してください。",
+    "こんにちは。今日はどんなことを手伝ってくれますか。",
+    "梅雨の時期に洗濯物を上手に乾かすには？",
+]
 
 # a chat's next turn: its prompt ends as the turn before did ("<|end|>", the assistant's marker), so prompt lookup
 # drafts from the first step on
-TURNS = [{"role": "user", "content": CHATS[0]},
-         {"role": "assistant", "content": "春は桜、夏は海、秋は紅葉、冬は雪です。"},
-         {"role": "user", "content": CHATS[1]}]
+TURNS = [
+    {"role": "user", "content": CHATS[0]},
+    {"role": "assistant", "content": "春は桜、夏は海、秋は紅葉、冬は雪です。"},
+    {"role": "user", "content": CHATS[1]},
+]
 
 
 def _prose(cut: int = 100) -> str:
@@ -40,24 +45,32 @@ def _prose(cut: int = 100) -> str:
 def servers(request, tmp_path_factory):
     with contextlib.ExitStack() as stack:
         # the model's original context (beyond it the long rope factors apply and it copies its prompt less well)
-        yield {n: stack.enter_context(serving.tiny_server(request, tmp_path_factory, "--speculate", str(n),
-                                                          "--ctx-size", "512", name=f"tiny-spec{n}"))
-               for n in (0, 4)}
+        yield {
+            n: stack.enter_context(
+                serving.tiny_server(
+                    request, tmp_path_factory, "--speculate", str(n), "--ctx-size", "512", name=f"tiny-spec{n}"
+                )
+            )
+            for n in (0, 4)
+        }
 
 
 def _requests(name: str) -> list[tuple[str, dict]]:
     """Chats with logprobs and prose to go on with, each long enough that drafts are kept and refused mid-reply."""
     greedy = dict(model=name, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
-    chats = [("chat", greedy | dict(messages=[{"role": "user", "content": c}], logprobs=True))
-             for c in [*CHATS, _prose(0)]] + [("chat", greedy | dict(messages=TURNS, logprobs=True))]
+    chats = [
+        ("chat", greedy | dict(messages=[{"role": "user", "content": c}], logprobs=True)) for c in [*CHATS, _prose(0)]
+    ] + [("chat", greedy | dict(messages=TURNS, logprobs=True))]
     return [*chats, *(("completion", greedy | dict(prompt=_prose(cut))) for cut in (60, 100, 150))]
 
 
 async def _send(server, requests: list[tuple[str, dict]]) -> list[tuple[str, list]]:
     """(text, [(token, logprob)] of a chat) of each request, all sent at once."""
     async with openai.AsyncOpenAI(base_url=server.api, api_key="none", max_retries=0, timeout=120) as c:
-        calls = [c.chat.completions.create(**args) if kind == "chat" else c.completions.create(**args)
-                 for kind, args in requests]
+        calls = [
+            c.chat.completions.create(**args) if kind == "chat" else c.completions.create(**args)
+            for kind, args in requests
+        ]
         replies = await asyncio.gather(*calls)
     out = []
     for reply in replies:
@@ -95,10 +108,13 @@ def test_greedy_replies_are_those_of_plain_decoding(servers):
 
 def test_a_reply_that_repeats_its_prompt_takes_fewer_steps(servers):
     fast = servers[4]
-    before = {m: metric(fast, m) for m in ("aegis_draft_tokens_total", "aegis_draft_accepted_tokens_total",
-                                          "aegis_decode_steps_total")}
-    reply = serving.openai_client(fast).completions.create(model=_name(fast), prompt=_prose(), max_tokens=40,
-                                                           temperature=0)
+    before = {
+        m: metric(fast, m)
+        for m in ("aegis_draft_tokens_total", "aegis_draft_accepted_tokens_total", "aegis_decode_steps_total")
+    }
+    reply = serving.openai_client(fast).completions.create(
+        model=_name(fast), prompt=_prose(), max_tokens=40, temperature=0
+    )
     drafted, accepted, steps = (metric(fast, m) - v for m, v in before.items())
     assert 10 <= accepted <= drafted, (drafted, accepted)
     # plain decoding takes a step per token (and one more for the prompt): here many steps give several tokens
@@ -110,8 +126,9 @@ def test_sampled_and_constrained_requests_do_not_draft(servers):
     client = serving.openai_client(fast)
     drafted = metric(fast, "aegis_draft_tokens_total")
     client.chat.completions.create(model=_name(fast), messages=TURNS, max_tokens=24, temperature=0.8, seed=1)
-    client.chat.completions.create(model=_name(fast), messages=TURNS, max_tokens=24, temperature=0,
-                                   response_format={"type": "json_object"})
+    client.chat.completions.create(
+        model=_name(fast), messages=TURNS, max_tokens=24, temperature=0, response_format={"type": "json_object"}
+    )
     assert metric(fast, "aegis_draft_tokens_total") == drafted
 
 
@@ -121,10 +138,22 @@ def draft_servers(request, tmp_path_factory):
     gguf, _ = serving.served_files(request)
     drafts = {"self": gguf, "base": base_gguf(serving.run_for_tests(request))}
     with contextlib.ExitStack() as stack:
-        yield {kind: stack.enter_context(serving.tiny_server(request, tmp_path_factory, "--speculate", "4",
-                                                             "--draft-model", str(path), "--ctx-size", "512",
-                                                             name=f"tiny-draft-{kind}"))
-               for kind, path in drafts.items()}
+        yield {
+            kind: stack.enter_context(
+                serving.tiny_server(
+                    request,
+                    tmp_path_factory,
+                    "--speculate",
+                    "4",
+                    "--draft-model",
+                    str(path),
+                    "--ctx-size",
+                    "512",
+                    name=f"tiny-draft-{kind}",
+                )
+            )
+            for kind, path in drafts.items()
+        }
 
 
 def test_a_draft_model_gives_the_replies_of_plain_decoding(servers, draft_servers):
@@ -150,13 +179,19 @@ def test_a_draft_model_of_another_vocabulary_is_refused(request, tmp_path):
     other = tmp_path / "other.gguf"
     shutil.copy(gguf, other)
     import gguf as gguf_py
+
     reader = gguf_py.GGUFReader(str(other), "r+")
     field = reader.fields["tokenizer.ggml.tokens"]
     field.parts[field.data[300]][:] = ord("Z")  # one token's text, in place
     reader.data.flush()
     del reader
-    done = subprocess.run([sys.executable, "-m", "serve", "--model", str(gguf), "--speculate", "4", "--draft-model",
-                           str(other)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "serve", "--model", str(gguf), "--speculate", "4", "--draft-model", str(other)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and str(other) in lines[0] and "vocabulary" in lines[0] and "token 300" in lines[0], lines

@@ -20,26 +20,41 @@ from aegis.tool_reader import CallReader
 from support import serving
 from support.fixtures import client, server  # noqa: F401 - fixtures
 
-USER = [{"role": "system", "content": "あなたは天気を調べるアシスタントです。"},
-        {"role": "user", "content": "東京の明日の天気は？"}]
-WEATHER = {"type": "object", "properties": {"city": {"enum": ["東京", "大阪", "札幌"]},
-                                            "days": {"type": "integer"},
-                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
-           "required": ["city", "days"]}
-CLOCK = {"type": "object", "properties": {"zone": {"type": "string", "pattern": "^[A-Z][a-z]{2,8}/[A-Z][a-z]{2,8}$"}},
-         "required": ["zone"]}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "都市の天気予報",
-                                           "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "get_time", "description": "現在時刻", "parameters": CLOCK}},
-         {"type": "function", "function": {"name": "ping", "description": "no arguments"}}]
-PARAMS = {"get_weather": WEATHER, "get_time": CLOCK,
-          "ping": {"type": "object", "properties": {}, "additionalProperties": False}}
-
+USER = [
+    {"role": "system", "content": "あなたは天気を調べるアシスタントです。"},
+    {"role": "user", "content": "東京の明日の天気は？"},
+]
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"enum": ["東京", "大阪", "札幌"]},
+        "days": {"type": "integer"},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "days"],
+}
+CLOCK = {
+    "type": "object",
+    "properties": {"zone": {"type": "string", "pattern": "^[A-Z][a-z]{2,8}/[A-Z][a-z]{2,8}$"}},
+    "required": ["zone"],
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "都市の天気予報", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "現在時刻", "parameters": CLOCK}},
+    {"type": "function", "function": {"name": "ping", "description": "no arguments"}},
+]
+PARAMS = {
+    "get_weather": WEATHER,
+    "get_time": CLOCK,
+    "ping": {"type": "object", "properties": {}, "additionalProperties": False},
+}
 
 
 def call(client, **kwargs):
-    args = dict(model="tiny", messages=USER, tools=TOOLS, temperature=1.0, max_tokens=300,
-                parallel_tool_calls=False) | kwargs
+    args = (
+        dict(model="tiny", messages=USER, tools=TOOLS, temperature=1.0, max_tokens=300, parallel_tool_calls=False)
+        | kwargs
+    )
     return client.chat.completions.create(**args)
 
 
@@ -125,14 +140,14 @@ def test_tool_calls_stream_as_deltas(client):
 
 
 def get_weather(city: str, days: int, unit: str = "celsius") -> str:
-    return json.dumps({"city": city, "in_days": days, "forecast": "晴れ", "high": 21, "unit": unit},
-                      ensure_ascii=False)
+    return json.dumps({"city": city, "in_days": days, "forecast": "晴れ", "high": 21, "unit": unit}, ensure_ascii=False)
 
 
 def test_agent_loop_call_result_answer(client, server):
     messages = list(USER)
-    first = call(client, messages=messages, tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                 seed=5)
+    first = call(
+        client, messages=messages, tool_choice={"type": "function", "function": {"name": "get_weather"}}, seed=5
+    )
     assert first.choices[0].finish_reason == "tool_calls"
     messages.append(first.choices[0].message)  # the SDK's own message object goes back, as apps do
     for c in first.choices[0].message.tool_calls:
@@ -142,12 +157,20 @@ def test_agent_loop_call_result_answer(client, server):
     assert final.choices[0].message.tool_calls is None
     assert final.choices[0].message.content and final.choices[0].finish_reason in ("stop", "length")
     # the call and its result were rendered for the next turn, in the documented format
-    history = [{"role": "system", "content": USER[0]["content"]}, USER[1],
-               {"role": "assistant", "content": tool_format.JSON.calls_text(
-                   [("get_weather", json.loads(first.choices[0].message.tool_calls[0].function.arguments))])},
-               {"role": "user", "content": tool_format.JSON.result_text("get_weather", messages[-1]["content"])}]
-    rendered = client.completions.create(model="tiny", prompt=render_phi3(history), max_tokens=1,
-                                         extra_body={"parse_special": True})
+    history = [
+        {"role": "system", "content": USER[0]["content"]},
+        USER[1],
+        {
+            "role": "assistant",
+            "content": tool_format.JSON.calls_text(
+                [("get_weather", json.loads(first.choices[0].message.tool_calls[0].function.arguments))]
+            ),
+        },
+        {"role": "user", "content": tool_format.JSON.result_text("get_weather", messages[-1]["content"])},
+    ]
+    rendered = client.completions.create(
+        model="tiny", prompt=render_phi3(history), max_tokens=1, extra_body={"parse_special": True}
+    )
     assert final.usage.prompt_tokens == rendered.usage.prompt_tokens
 
 
@@ -156,25 +179,63 @@ def render_phi3(messages) -> str:
     return "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages) + "<|assistant|>\n"
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    (dict(tool_choice={"type": "function", "function": {"name": "nowhere"}}), "tool_choice.function.name"),
-    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]),
-     "tools[0].function.parameters"),
-    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"n": {"type": "array", "uniqueItems": True}}}}}]),
-     "tools[0].function.parameters"),
-    (dict(tools=[TOOLS[0], TOOLS[0]]), "tools[1].function.name"),
-    (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "tools[0].function.name"),
-    (dict(tools=None, tool_choice="required"), "tool_choice"),
-    (dict(tools=None, parallel_tool_calls=True), "parallel_tool_calls"),
-    (dict(response_format={"type": "json_object"}), "response_format"),
-    (dict(extra_body={"functions": [{"name": "f"}]}), "functions"),
-    (dict(extra_body={"function_call": "auto"}), "function_call"),
-    (dict(messages=USER + [{"role": "tool", "tool_call_id": "call_x", "content": "?"}]), "messages[2].tool_call_id"),
-    (dict(messages=USER + [{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
-        "name": "get_weather", "arguments": "{not json"}}]}]), "messages[2].tool_calls[0].function.arguments"),
-    (dict(messages=USER + [{"role": "assistant"}]), "messages[2].content"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(tool_choice={"type": "function", "function": {"name": "nowhere"}}), "tool_choice.function.name"),
+        (
+            dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]),
+            "tools[0].function.parameters",
+        ),
+        (
+            dict(
+                tools=[
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {
+                                "type": "object",
+                                "properties": {"n": {"type": "array", "uniqueItems": True}},
+                            },
+                        },
+                    }
+                ]
+            ),
+            "tools[0].function.parameters",
+        ),
+        (dict(tools=[TOOLS[0], TOOLS[0]]), "tools[1].function.name"),
+        (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "tools[0].function.name"),
+        (dict(tools=None, tool_choice="required"), "tool_choice"),
+        (dict(tools=None, parallel_tool_calls=True), "parallel_tool_calls"),
+        (dict(response_format={"type": "json_object"}), "response_format"),
+        (dict(extra_body={"functions": [{"name": "f"}]}), "functions"),
+        (dict(extra_body={"function_call": "auto"}), "function_call"),
+        (
+            dict(messages=USER + [{"role": "tool", "tool_call_id": "call_x", "content": "?"}]),
+            "messages[2].tool_call_id",
+        ),
+        (
+            dict(
+                messages=USER
+                + [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c1",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": "{not json"},
+                            }
+                        ],
+                    }
+                ]
+            ),
+            "messages[2].tool_calls[0].function.arguments",
+        ),
+        (dict(messages=USER + [{"role": "assistant"}]), "messages[2].content"),
+    ],
+)
 def test_tool_requests_that_cannot_be_honoured_are_400(client, kwargs, param):
     args = dict(model="tiny", messages=USER, tools=TOOLS, max_tokens=4) | kwargs
     args = {k: v for k, v in args.items() if v is not None}
@@ -194,8 +255,20 @@ FORMATS = [name for name, f in registry.FAMILIES.items() if f.tool_format is not
 def _with_template(src: Path, dst: Path, template: str) -> Path:
     """A copy of a GGUF whose tokenizer.chat_template is `template` (gguf-py's own metadata copier)."""
     (dst.parent / "template.jinja").write_text(template, encoding="utf-8")
-    done = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--force", "--chat-template-file",
-                           str(dst.parent / "template.jinja"), str(src), str(dst)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gguf.scripts.gguf_new_metadata",
+            "--force",
+            "--chat-template-file",
+            str(dst.parent / "template.jinja"),
+            str(src),
+            str(dst),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return dst
 
@@ -205,8 +278,9 @@ def family_client(request, tmp_path_factory):
     family = registry.FAMILIES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     gguf = _with_template(serving.served_files(request)[0], root / f"{family.name}.gguf", family.chat_template)
-    with serving.Server("--model", f"tiny={gguf}", "--no-verify", "--threads", "1", "--ctx-size", "2048",
-                        log_path=root / "serve.log") as s:
+    with serving.Server(
+        "--model", f"tiny={gguf}", "--no-verify", "--threads", "1", "--ctx-size", "2048", log_path=root / "serve.log"
+    ) as s:
         yield family.tool_format, serving.openai_client(s)
         assert s.alive(), s.log()
 
@@ -234,8 +308,9 @@ def test_each_format_calls_whole_and_streamed(family_client):
         deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
         assert deltas[0].function.name == name and deltas[0].id.startswith("call_")
         assert "".join(d.function.arguments or "" for d in deltas) == whole.tool_calls[0].function.arguments
-        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
-            ["tool_calls"]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+            "tool_calls"
+        ]
     most = 0  # parallel calls allowed: the model (its choice, by seed) writes several, each valid
     for seed in range(6):
         many = call(client, tool_choice="required", seed=seed, parallel_tool_calls=True, max_tokens=300).choices[0]
@@ -290,9 +365,14 @@ def test_each_format_round_trips_a_call_and_its_result(family_client):
     messages = [*USER, first.choices[0].message, {"role": "tool", "tool_call_id": made.id, "content": result}]
     final = call(client, messages=messages, tool_choice="none", seed=5, max_tokens=8)
     assert final.choices[0].message.tool_calls is None
-    history = [*USER, {"role": "assistant", "content": fmt.calls_text(
-        [(made.function.name, json.loads(made.function.arguments))], [made.id])},
-               {"role": fmt.result_role, "content": fmt.result_text(made.function.name, result, made.id)}]
+    history = [
+        *USER,
+        {
+            "role": "assistant",
+            "content": fmt.calls_text([(made.function.name, json.loads(made.function.arguments))], [made.id]),
+        },
+        {"role": fmt.result_role, "content": fmt.result_text(made.function.name, result, made.id)},
+    ]
     text = chat_template.render(family.chat_template, history, {"bos_token": "<s>", "eos_token": "<|endoftext|>"})
     rendered = client.completions.create(model="tiny", prompt=text, max_tokens=1, extra_body={"parse_special": True})
     assert final.usage.prompt_tokens == rendered.usage.prompt_tokens

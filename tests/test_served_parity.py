@@ -41,14 +41,18 @@ def served_replies(server: serving.Server, replies: dict) -> dict:
     for label, r in replies.items():
         common = {"model": "tiny", "max_tokens": len(r["ids"]), "temperature": 0, "ignore_eos": True}
         if label == "chat":
-            body = httpx.post(server.api + "/chat/completions", timeout=120,
-                              json={**common, "messages": prompts.CHAT, "logprobs": True}).json()
+            body = httpx.post(
+                server.api + "/chat/completions",
+                timeout=120,
+                json={**common, "messages": prompts.CHAT, "logprobs": True},
+            ).json()
             choice = body["choices"][0]
             tokens = [bytes(e["bytes"]) for e in choice["logprobs"]["content"]]
             text = choice["message"]["content"]
         else:
-            body = httpx.post(server.api + "/completions", timeout=120,
-                              json={**common, "prompt": r["prompt"], "logprobs": 0}).json()
+            body = httpx.post(
+                server.api + "/completions", timeout=120, json={**common, "prompt": r["prompt"], "logprobs": 0}
+            ).json()
             choice = body["choices"][0]
             tokens, text = choice["logprobs"]["tokens"], choice["text"]
         assert body["usage"]["prompt_tokens"] == len(r["prompt"]), (label, body["usage"])
@@ -60,8 +64,7 @@ def served_replies(server: serving.Server, replies: dict) -> dict:
 def expected(r: dict, pieces: dict, as_bytes: bool) -> tuple:
     """(token texts, or bytes as the chat's logprobs give them; text) of the recorded reply."""
     raw = [pieces[t] for t in r["ids"]]
-    return ([p if as_bytes else p.decode("utf-8", "replace") for p in raw],
-            b"".join(raw).decode("utf-8", "replace"))
+    return ([p if as_bytes else p.decode("utf-8", "replace") for p in raw], b"".join(raw).decode("utf-8", "replace"))
 
 
 def differing(served: dict, replies: dict, pieces: dict) -> list[str]:

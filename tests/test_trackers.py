@@ -19,8 +19,14 @@ from aegis.config import TRACKERS, ConfigError, build
 from conftest import QUICKSTART, ROOT, train_cli
 
 TOTAL = 10  # steps; the first session is stopped after its fifth
-SETS = [f"schedule.total_steps={TOTAL}", "schedule.warmup_steps=1", "schedule.anneal_steps=4", "train.save_steps=2",
-        "train.max_length=64", "train.report_to=" + ",".join(TRACKERS)]
+SETS = [
+    f"schedule.total_steps={TOTAL}",
+    "schedule.warmup_steps=1",
+    "schedule.anneal_steps=4",
+    "train.save_steps=2",
+    "train.max_length=64",
+    "train.report_to=" + ",".join(TRACKERS),
+]
 LOGGED = {"loss", "lr", "alpha", "gate", "ortho_error", "tokens_per_s", "grad_norm"}
 
 
@@ -47,16 +53,17 @@ def wandb_records(path):
     """The records of a W&B run file (.wandb): its header, then 32 KiB blocks of length-prefixed chunks, each record
     one protobuf `Record` (wandb's own message class)."""
     from wandb.proto import wandb_internal_pb2 as pb
+
     data = path.read_bytes()
     assert data[:4] == b":W&B"
     pos, part = 7, b""
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if left < 7 or (kind == 0 and length == 0):  # the block's padding
             pos += left
             continue
-        part += data[pos + 7:pos + 7 + length]
+        part += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a whole record, or the last chunk of one
             record = pb.Record()
@@ -102,8 +109,9 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
 
     # the first session is stopped (Ctrl-C) after its fifth step; the resume starts again from its newest checkpoint
     cmd = [sys.executable, "-m", "train", "--config", str(QUICKSTART), "--run-dir", str(run), "--no-progress"]
-    proc = subprocess.Popen(cmd + [a for s in SETS for a in ("--set", s)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd + [a for s in SETS for a in ("--set", s)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while time.time() < deadline and max((r["step"] for r in metrics.read(run)), default=0) < 5:
         time.sleep(0.02)
@@ -116,9 +124,23 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
     assert "resumed from" in out.stdout + out.stderr and "warning: train.report_to" not in out.stdout + out.stderr
     assert json.loads((run / "trackers.json").read_text()) == first  # the same tracker runs, continued
     report = tmp_path / "eval.json"
-    ev = subprocess.run([sys.executable, "-m", "train.eval", "--checkpoint", str(run / "final"), "--data",
-                         "embedded:prose_eval.txt", "--out", str(report)], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
+    ev = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.eval",
+            "--checkpoint",
+            str(run / "final"),
+            "--data",
+            "embedded:prose_eval.txt",
+            "--out",
+            str(report),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ev.returncode == 0, ev.stderr
     evaluated = json.loads(report.read_text())["results"]["checkpoint"]["loss"]
 
@@ -135,13 +157,15 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
     # TensorBoard: the event files, through TensorBoard's own reader; the config as its hparams
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
+
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     assert LOGGED <= set(events.Tags()["scalars"])
     scalars = events.Scalars("loss")
     unique_steps([e.step for e in scalars])
     same_losses({e.step: e.value for e in scalars})
-    assert [(e.step, round(e.value, 4)) for e in events.Scalars("eval/checkpoint/loss")] == \
-        [(TOTAL, round(evaluated, 4))]
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("eval/checkpoint/loss")] == [
+        (TOTAL, round(evaluated, 4))
+    ]
     hparams = {}
     for sub in (run / "tensorboard").iterdir():
         if sub.is_dir() and list(sub.glob("events.*")):
@@ -160,28 +184,32 @@ def test_every_tracker_gets_the_run_and_a_resume_continues_it(tiny_path, tmp_pat
 
     # MLflow: one run in the sqlite store, through its client
     from mlflow import MlflowClient
+
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     found = client.search_runs([client.get_experiment_by_name("aegis").experiment_id])
     assert [r.info.run_id for r in found] == [first["mlflow"]["run_id"]]
     history = client.get_metric_history(first["mlflow"]["run_id"], "loss")
     unique_steps([m.step for m in history])
     same_losses({m.step: m.value for m in history})
-    assert [(m.step, round(m.value, 4)) for m in client.get_metric_history(first["mlflow"]["run_id"],
-                                                                          "eval/checkpoint/loss")] == \
-        [(TOTAL, round(evaluated, 4))]
+    assert [
+        (m.step, round(m.value, 4))
+        for m in client.get_metric_history(first["mlflow"]["run_id"], "eval/checkpoint/loss")
+    ] == [(TOTAL, round(evaluated, 4))]
     assert LOGGED <= set(found[0].data.metrics) and found[0].data.params["schedule.total_steps"] == str(TOTAL)
 
     # trackio: one run in its local store (TRACKIO_DIR), read through trackio's storage class pointed at it
     from trackio import sqlite_storage
     from trackio.sqlite_storage import SQLiteStorage
+
     assert (tmp_path / "trackio" / SQLiteStorage.get_project_db_filename("aegis")).is_file()
     monkeypatch.setattr(sqlite_storage, "TRACKIO_DIR", tmp_path / "trackio")  # read once, at its first import
     assert SQLiteStorage.get_runs("aegis") == [first["trackio"]["name"]]
     logs = SQLiteStorage.get_logs("aegis", first["trackio"]["name"])
     unique_steps([row["step"] for row in logs if "loss" in row])
     same_losses({row["step"]: row["loss"] for row in logs if "loss" in row})
-    assert [(row["step"], row["eval/checkpoint/loss"]) for row in logs if "eval/checkpoint/loss" in row] == \
-        [(TOTAL, pytest.approx(evaluated))]
+    assert [(row["step"], row["eval/checkpoint/loss"]) for row in logs if "eval/checkpoint/loss" in row] == [
+        (TOTAL, pytest.approx(evaluated))
+    ]
     assert SQLiteStorage.get_run_config("aegis", first["trackio"]["name"])["train.lr"] == pytest.approx(2e-4)
 
     assert proxy.calls == 0, "a tracker tried the network"
@@ -198,9 +226,24 @@ def test_a_bad_tracker_name_is_refused_with_the_allowed_ones():
 def test_a_tracker_that_is_not_installed_names_the_extra(tmp_path):
     """mlflow made unimportable (None in sys.modules, Python's mark for a blocked import): the command stops with
     one line before any model loads."""
-    code = ("import sys; sys.modules['mlflow'] = None; from train.__main__ import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, "--config", str(QUICKSTART), "--run-dir", str(tmp_path / "r"),
-                           "--set", "train.report_to=mlflow"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    code = "import sys; sys.modules['mlflow'] = None; from train.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--config",
+            str(QUICKSTART),
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--set",
+            "train.report_to=mlflow",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: train.report_to: mlflow is not installed (pip install 'aegis-soul[trackers]')"
 
@@ -213,13 +256,15 @@ def test_a_tracker_whose_store_breaks_mid_run_warns_once(tmp_path, monkeypatch):
     import mlflow
 
     from train import trackers
+
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     cfg = build({"train": {"report_to": ["mlflow"]}})
     warnings = []
     try:
-        logger = metrics.MetricLogger([metrics.JsonlSink(tmp_path / "metrics.jsonl"),
-                                       *trackers.start(cfg, tmp_path, warn=warnings.append)])
+        logger = metrics.MetricLogger(
+            [metrics.JsonlSink(tmp_path / "metrics.jsonl"), *trackers.start(cfg, tmp_path, warn=warnings.append)]
+        )
         logger.log({"step": 1, "loss": 2.0, "phase": "chaos"})
         with sqlite3.connect(db) as conn:
             conn.execute("DROP TABLE metrics")
@@ -235,6 +280,7 @@ def test_a_tracker_whose_store_breaks_mid_run_warns_once(tmp_path, monkeypatch):
 def test_a_tracker_that_cannot_start_stops_the_run_in_one_line(tmp_path, monkeypatch):
     """W&B online without an account: the library's own refusal, one line, by name, with the way out."""
     from train import trackers
+
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login

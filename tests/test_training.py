@@ -13,8 +13,21 @@ from aegis import checkpoint, manifest, metrics
 from aegis.schedule import Schedule, alpha_for_step, gate
 from conftest import QUICKSTART, ROOT, SHORT, train_cli
 
-FIELDS = {"step", "loss", "lr", "alpha", "gate", "phase", "ortho_error", "det_min", "rotation_norm", "grad_norm",
-          "tokens", "tokens_per_s", "elapsed_s"}
+FIELDS = {
+    "step",
+    "loss",
+    "lr",
+    "alpha",
+    "gate",
+    "phase",
+    "ortho_error",
+    "det_min",
+    "rotation_norm",
+    "grad_norm",
+    "tokens",
+    "tokens_per_s",
+    "elapsed_s",
+}
 
 
 def test_metrics_follow_the_schedule(short_run):
@@ -50,6 +63,7 @@ def test_run_directory_layout(short_run):
 def test_adapter_loads_with_plain_peft(short_run, tiny_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
     base = AutoModelForCausalLM.from_pretrained(tiny_path)
     model = PeftModel.from_pretrained(base, short_run / "final")
     trained = checkpoint.adapter_weights(short_run / "final")
@@ -83,6 +97,7 @@ def test_interrupted_save_leaves_the_last_complete_checkpoint(short_run, tmp_pat
     shutil.copytree(short_run, run)
     shutil.rmtree(run / "final")
     from aegis.loading import load_checkpoint
+
     model, soul, tok, _ = load_checkpoint(run / "checkpoints" / "step_12")
 
     def die(tmp):
@@ -90,8 +105,14 @@ def test_interrupted_save_leaves_the_last_complete_checkpoint(short_run, tmp_pat
         raise KeyboardInterrupt("killed mid-save")
 
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(run / "checkpoints" / "step_18", model=model, soul=soul, tokenizer=tok,
-                        soul_meta={"step": 18}, before_commit=die)
+        checkpoint.save(
+            run / "checkpoints" / "step_18",
+            model=model,
+            soul=soul,
+            tokenizer=tok,
+            soul_meta={"step": 18},
+            before_commit=die,
+        )
     assert not (run / "checkpoints" / "step_18").exists()
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert checkpoint.latest(run).name == "step_12"
@@ -99,8 +120,14 @@ def test_interrupted_save_leaves_the_last_complete_checkpoint(short_run, tmp_pat
 
 def test_sigkill_at_any_moment_never_leaves_a_bad_checkpoint(tiny_path, tmp_path):
     run = tmp_path / "run"
-    sets = ["train.save_steps=1", "train.max_length=64", "train.keep_last=3", "schedule.total_steps=60",
-            "schedule.warmup_steps=5", "schedule.anneal_steps=20"]
+    sets = [
+        "train.save_steps=1",
+        "train.max_length=64",
+        "train.keep_last=3",
+        "schedule.total_steps=60",
+        "schedule.warmup_steps=5",
+        "schedule.anneal_steps=20",
+    ]
     cmd = [sys.executable, "-m", "train", "--config", str(QUICKSTART), "--run-dir", str(run), "--no-progress"]
     cmd += [a for s in sets for a in ("--set", s)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,8 +153,15 @@ def test_sigkill_at_any_moment_never_leaves_a_bad_checkpoint(tiny_path, tmp_path
 
 def test_keep_last_prunes_old_checkpoints(tiny_path, tmp_path):
     run = tmp_path / "run"
-    train_cli(run, "schedule.total_steps=6", "schedule.warmup_steps=1", "schedule.anneal_steps=3",
-              "train.save_steps=1", "train.keep_last=2", "train.max_length=64")
+    train_cli(
+        run,
+        "schedule.total_steps=6",
+        "schedule.warmup_steps=1",
+        "schedule.anneal_steps=3",
+        "train.save_steps=1",
+        "train.keep_last=2",
+        "train.max_length=64",
+    )
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step_5", "step_6"]
 
 
@@ -144,8 +178,16 @@ def test_bad_config_and_bad_data_stop_before_training(tiny_path, tmp_path):
 def test_a_split_batch_trains_the_same_as_the_whole_batch(tiny_path, tmp_path):
     """A memory budget the batch of 4 does not fit makes the plan run it as 2 micro-batches of 2 in the same update:
     the loss is normalised over the whole update, so the curve is the same."""
-    common = ["schedule.total_steps=4", "schedule.warmup_steps=1", "schedule.anneal_steps=2", "train.save_steps=4",
-              "train.max_length=128", "train.batch_size=4", "lora.dropout=0.0", "model.gradient_checkpointing=false"]
+    common = [
+        "schedule.total_steps=4",
+        "schedule.warmup_steps=1",
+        "schedule.anneal_steps=2",
+        "train.save_steps=4",
+        "train.max_length=128",
+        "train.batch_size=4",
+        "lora.dropout=0.0",
+        "model.gradient_checkpointing=false",
+    ]
     whole = train_cli(tmp_path / "whole", *common)
     split = train_cli(tmp_path / "split", *common, "train.memory_budget_gib=0.05")
     assert "micro-batches" not in whole.stdout

@@ -26,8 +26,10 @@ pytest.importorskip("playwright.sync_api")
 SCREENSHOT = REPO / "docs" / "screenshot-ui.png"
 
 if not Path(CHROMIUM).exists():
-    pytest.skip(f"the chat page's browser tests need Chromium at {CHROMIUM}: apt-get install chromium "
-                "(as .ci/run does)", allow_module_level=True)
+    pytest.skip(
+        f"the chat page's browser tests need Chromium at {CHROMIUM}: apt-get install chromium (as .ci/run does)",
+        allow_module_level=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,17 @@ def run_dir(request) -> Path:
 def api(run_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("ui") / "api.log"
     # the base first, as the README's command listed it: the page must still chat with the trained model
-    server = Server("--model", f"base={base_gguf(run_dir)}", "--model", f"souled={find_gguf(run_dir)}",
-                    "--threads", "1", "--parallel", "2", log_path=log)
+    server = Server(
+        "--model",
+        f"base={base_gguf(run_dir)}",
+        "--model",
+        f"souled={find_gguf(run_dir)}",
+        "--threads",
+        "1",
+        "--parallel",
+        "2",
+        log_path=log,
+    )
     with server:
         yield server
 
@@ -74,8 +85,11 @@ def status(page) -> str:
 
 
 def wait_done(page, turns: int, timeout: float = 90_000) -> None:
-    page.wait_for_function(f"() => document.querySelector('#api-status').innerText.includes('done · {turns} turn')"
-                           " && !document.querySelector('#chatbot .turn-queued')", timeout=timeout)
+    page.wait_for_function(
+        f"() => document.querySelector('#api-status').innerText.includes('done · {turns} turn')"
+        " && !document.querySelector('#chatbot .turn-queued')",
+        timeout=timeout,
+    )
 
 
 def open_settings(page) -> None:
@@ -115,29 +129,44 @@ def test_chat_streams_a_reply(page, api, tmp_path):
         .observe(document.querySelector('#chatbot'), {subtree: true, childList: true, characterData: true}); }""")
     page.fill("#chat-input textarea", "こんにちは。自己紹介してください。")
     page.keyboard.press("Enter")
-    page.wait_for_function("() => document.querySelector('#api-status').innerText.includes('done · 1 turn')",
-                           timeout=60_000)
+    page.wait_for_function(
+        "() => document.querySelector('#api-status').innerText.includes('done · 1 turn')", timeout=60_000
+    )
     shown = page.locator("#chatbot .message.user, #chatbot .message.bot").all_inner_texts()
     assert shown[0].strip() == "こんにちは。自己紹介してください。"
     reply = shown[-1].strip()
     # the same request straight to the API (greedy) gives the same text: the UI shows the real streamed reply
     system = page.get_by_label("system prompt").input_value()
-    direct = httpx.post(api.api + "/chat/completions", timeout=60, json={
-        "model": "souled", "temperature": 0, "top_p": 0.95, "max_tokens": 48,
-        "messages": [{"role": "system", "content": system},
-                     {"role": "user", "content": "こんにちは。自己紹介してください。"}]}).json()
+    direct = httpx.post(
+        api.api + "/chat/completions",
+        timeout=60,
+        json={
+            "model": "souled",
+            "temperature": 0,
+            "top_p": 0.95,
+            "max_tokens": 48,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": "こんにちは。自己紹介してください。"},
+            ],
+        },
+    ).json()
     expected = direct["choices"][0]["message"]["content"]
     assert expected.strip() and " ".join(reply.split()) == " ".join(expected.split())  # HTML folds runs of spaces
 
     # a follow-up turn (history goes along): the first user turn of the held-out chat split, which the model never
     # trained on, greedy and at most 96 tokens as the chat metrics measure it; then the picture for the README
-    held_out = next(m["content"] for m in json.loads(corpus_path("chat_eval.jsonl").read_text(encoding="utf-8")
-                                                     .splitlines()[0])["messages"] if m["role"] == "user")
+    held_out = next(
+        m["content"]
+        for m in json.loads(corpus_path("chat_eval.jsonl").read_text(encoding="utf-8").splitlines()[0])["messages"]
+        if m["role"] == "user"
+    )
     set_number(page, "max tokens", 96)
     page.fill("#chat-input textarea", held_out)
     page.keyboard.press("Enter")
-    page.wait_for_function("() => document.querySelector('#api-status').innerText.includes('done · 2 turn')",
-                           timeout=60_000)
+    page.wait_for_function(
+        "() => document.querySelector('#api-status').innerText.includes('done · 2 turn')", timeout=60_000
+    )
     lengths = page.evaluate("() => window.replyLengths")
     assert len({n for n in lengths if n > 0}) >= 3, lengths  # the replies appeared piece by piece
     page.evaluate("() => window.scrollTo(0, 0)")
@@ -154,6 +183,7 @@ def test_a_chat_longer_than_the_context_is_still_answered(api):
     from concurrent.futures import ThreadPoolExecutor
 
     from serve.ui_api import Api
+
     context = next(m["context_length"] for m in httpx.get(api.api + "/models").json()["data"] if m["id"] == "souled")
     long = "日本の四季について説明してください。" * 30
     chat = [{"role": "system", "content": "丁寧に答えてください。"}]
@@ -165,8 +195,11 @@ def test_a_chat_longer_than_the_context_is_still_answered(api):
         return "".join([p async for p in Api(api.api, None).stream("souled", messages, 0.0, 1.0, max_tokens, [])])
 
     for messages, max_tokens in ((chat, 16), ([{"role": "user", "content": long}], context - 100)):
-        sent = httpx.post(api.api + "/chat/completions", timeout=60,
-                          json={"model": "souled", "messages": messages, "max_tokens": max_tokens})
+        sent = httpx.post(
+            api.api + "/chat/completions",
+            timeout=60,
+            json={"model": "souled", "messages": messages, "max_tokens": max_tokens},
+        )
         assert sent.status_code == 400 and sent.json()["error"]["code"] == "context_length_exceeded"
         with ThreadPoolExecutor(1) as pool:  # the browser tests' sync playwright keeps a loop in this thread
             assert pool.submit(asyncio.run, ask(messages, max_tokens)).result(120)
@@ -196,9 +229,12 @@ def replies(page) -> int:
 
 def reply_started(page, before: int) -> None:
     """Wait until a reply after the first `before` ones has some text."""
-    page.wait_for_function("n => { const m = document.querySelectorAll('#chatbot .message.bot');"
-                           " return m.length > n && m[m.length - 1].innerText.trim().replace('…', '').length > 0; }",
-                           arg=before, timeout=60_000)
+    page.wait_for_function(
+        "n => { const m = document.querySelectorAll('#chatbot .message.bot');"
+        " return m.length > n && m[m.length - 1].innerText.trim().replace('…', '').length > 0; }",
+        arg=before,
+        timeout=60_000,
+    )
 
 
 def test_typing_is_kept_and_a_quick_second_message_is_queued(page, api):
@@ -227,28 +263,32 @@ def test_typing_is_kept_and_a_quick_second_message_is_queued(page, api):
 def test_monitor_plots_a_real_run_and_follows_it(page, run_dir, runs_root):
     page.get_by_role("tab", name="Soul monitor").click()
     pick(page, "run", str(runs_root / "finished-run"))
-    page.wait_for_function("() => document.querySelector('#soul-badge .phase-badge')"
-                           " && document.querySelector('#soul-badge').innerText.includes('step 20')",
-                           timeout=30_000)
+    page.wait_for_function(
+        "() => document.querySelector('#soul-badge .phase-badge')"
+        " && document.querySelector('#soul-badge').innerText.includes('step 20')",
+        timeout=30_000,
+    )
     badge = page.inner_text("#soul-badge")
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["phase"].upper() in badge and f"α {last['alpha']:+.4f}" in badge
-    page.wait_for_function("() => { const i = document.querySelector('#soul-plot img');"
-                           " return i && i.complete && i.naturalWidth > 0; }", timeout=30_000)
-    size = page.evaluate("() => { const i = document.querySelector('#soul-plot img');"
-                         " return [i.naturalWidth, i.naturalHeight]; }")
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#soul-plot img'); return i && i.complete && i.naturalWidth > 0; }",
+        timeout=30_000,
+    )
+    size = page.evaluate(
+        "() => { const i = document.querySelector('#soul-plot img'); return [i.naturalWidth, i.naturalHeight]; }"
+    )
     assert size[0] > 600 and size[1] > 300
 
     # a run still training: the monitor picks up records as they are appended
     pick(page, "run", str(runs_root / "live-run"))
-    page.wait_for_function("() => document.querySelector('#soul-badge').innerText.includes('step 10')",
-                           timeout=30_000)
+    page.wait_for_function("() => document.querySelector('#soul-badge').innerText.includes('step 10')", timeout=30_000)
     from aegis.metrics import JsonlSink
+
     sink = JsonlSink(runs_root / "live-run" / "metrics.jsonl")
     for line in (run_dir / "metrics.jsonl").read_text().splitlines()[10:]:
         sink(json.loads(line))
-    page.wait_for_function("() => document.querySelector('#soul-badge').innerText.includes('step 20')",
-                           timeout=30_000)
+    page.wait_for_function("() => document.querySelector('#soul-badge').innerText.includes('step 20')", timeout=30_000)
     assert "LIVE" in page.inner_text("#soul-badge")
 
 
@@ -258,8 +298,11 @@ def test_compare_base_and_souled(page):
     pick(page, "model B", "souled · trained")
     page.fill("#compare-prompt textarea", "日本の四季について教えてください。")
     page.click("#compare-run")
-    page.wait_for_function("() => ['#compare-a', '#compare-b'].every(s => document.querySelector(s + ' textarea')"
-                           " && document.querySelector(s + ' textarea').value.trim().length > 0)", timeout=120_000)
+    page.wait_for_function(
+        "() => ['#compare-a', '#compare-b'].every(s => document.querySelector(s + ' textarea')"
+        " && document.querySelector(s + ' textarea').value.trim().length > 0)",
+        timeout=120_000,
+    )
     a = page.input_value("#compare-a textarea")
     b = page.input_value("#compare-b textarea")
     assert "✖" not in a and "✖" not in b

@@ -32,8 +32,10 @@ from support.echo_api import EchoApi
 pytest.importorskip("playwright.sync_api")
 
 if not Path(CHROMIUM).exists():
-    pytest.skip(f"the chat page's browser tests need Chromium at {CHROMIUM}: apt-get install chromium "
-                "(as .ci/run does)", allow_module_level=True)
+    pytest.skip(
+        f"the chat page's browser tests need Chromium at {CHROMIUM}: apt-get install chromium (as .ci/run does)",
+        allow_module_level=True,
+    )
 
 # markup of every kind that could make a browser fetch something or create an element, if a message were rendered
 PAYLOADS = [
@@ -73,8 +75,18 @@ def runs_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     run = root / "run"
     run.mkdir()
-    records = [{"step": s, "loss": 3.0 - s / 10, "alpha": -5 + s / 3, "gate": s / 25, "ortho_error": 1e-7,
-                "tokens_per_s": 900.0, "phase": "chaos" if s < 5 else "transition"} for s in range(1, 21)]
+    records = [
+        {
+            "step": s,
+            "loss": 3.0 - s / 10,
+            "alpha": -5 + s / 3,
+            "gate": s / 25,
+            "ortho_error": 1e-7,
+            "tokens_per_s": 900.0,
+            "phase": "chaos" if s < 5 else "transition",
+        }
+        for s in range(1, 21)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return root
 
@@ -117,17 +129,22 @@ def test_messages_and_replies_are_text(browser, ui, echo):
         page.fill("#chat-input textarea", payload)
         page.keyboard.press("Enter")
         page.wait_for_function("() => document.querySelector('#chat-input textarea').value === ''")
-    page.wait_for_function("n => document.querySelectorAll("
-                           "'#chatbot .message.user, #chatbot .message.bot').length === n"
-                           " && !document.querySelector('#chatbot .turn-queued')"
-                           " && document.querySelector('#api-status').innerText.includes('done')",
-                           arg=2 * len(PAYLOADS), timeout=60_000)
+    page.wait_for_function(
+        "n => document.querySelectorAll("
+        "'#chatbot .message.user, #chatbot .message.bot').length === n"
+        " && !document.querySelector('#chatbot .turn-queued')"
+        " && document.querySelector('#api-status').innerText.includes('done')",
+        arg=2 * len(PAYLOADS),
+        timeout=60_000,
+    )
     texts = page.locator("#chatbot .message.user, #chatbot .message.bot").all_inner_texts()
     norm = lambda s: " ".join(s.split())  # noqa: E731 - the page shows line breaks; innerText may fold spaces
     assert [norm(t) for t in texts] == [norm(p) for p in PAYLOADS for _ in (0, 1)]
     assert [r["messages"][-1]["content"] for r in echo.requests[sent:]] == PAYLOADS  # each sent once, in order
-    made = page.evaluate(f"() => [...document.querySelectorAll('#chatbot .message.user, #chatbot .message.bot')]"
-                         f".flatMap(m => [...m.querySelectorAll({json.dumps(ELEMENTS)})].map(e => e.outerHTML))")
+    made = page.evaluate(
+        f"() => [...document.querySelectorAll('#chatbot .message.user, #chatbot .message.bot')]"
+        f".flatMap(m => [...m.querySelectorAll({json.dumps(ELEMENTS)})].map(e => e.outerHTML))"
+    )
     assert made == []
     assert not page.locator("#chatbot a[href^='javascript']").count()
     page.wait_for_timeout(500)  # anything a message could have started loading has had time to ask
@@ -151,8 +168,9 @@ def send(page, text: str) -> None:
 
 
 def wait_status(page, words: str, timeout: float = 30_000) -> None:
-    page.wait_for_function("w => document.querySelector('#api-status').innerText.includes(w)", arg=words,
-                           timeout=timeout)
+    page.wait_for_function(
+        "w => document.querySelector('#api-status').innerText.includes(w)", arg=words, timeout=timeout
+    )
 
 
 def wait_closed(echo, count: int, timeout: float = 10) -> None:
@@ -164,8 +182,11 @@ def wait_closed(echo, count: int, timeout: float = 10) -> None:
 
 def wait_bot_text(page, text: str) -> None:
     """Until the last reply on the page holds text."""
-    page.wait_for_function("t => { const m = document.querySelectorAll('#chatbot .message.bot');"
-                           " return m.length && m[m.length - 1].innerText.includes(t); }", arg=text)
+    page.wait_for_function(
+        "t => { const m = document.querySelectorAll('#chatbot .message.bot');"
+        " return m.length && m[m.length - 1].innerText.includes(t); }",
+        arg=text,
+    )
 
 
 def test_stop_and_clear_close_the_stream_and_the_chat_goes_on(browser, ui, echo):
@@ -233,8 +254,14 @@ def test_a_message_sent_again_is_answered_in_its_place(browser, ui, echo):
         wait_status(page, "done · 2 turn")
         send(page, text)
         wait_status(page, "done · 3 turn")
-        assert chat_log(page) == [f"user: {text}", f"bot: {text} ⏹ stopped", f"user: {text}", f"bot: {text}",
-                                  f"user: {text}", f"bot: {text}"]
+        assert chat_log(page) == [
+            f"user: {text}",
+            f"bot: {text} ⏹ stopped",
+            f"user: {text}",
+            f"bot: {text}",
+            f"user: {text}",
+            f"bot: {text}",
+        ]
         sent = echo.requests[-1]["messages"]
         assert [m["role"] for m in sent if m["role"] != "system"] == ["user", "assistant"] * 2 + ["user"]
     finally:
@@ -264,22 +291,28 @@ def test_accessible_and_fits(browser, ui, viewport):
     width = viewport["width"]
     picker = page.locator("#model-picker input")
     drawn = picker.screenshot()
-    page.evaluate("() => { const i = document.querySelector('#model-picker input');"
-                  " i.value = i.value.replaceAll('_', ' '); }")
+    page.evaluate(
+        "() => { const i = document.querySelector('#model-picker input'); i.value = i.value.replaceAll('_', ' '); }"
+    )
     assert picker.screenshot() != drawn  # the underscores in the model's name are drawn, not clipped
     page.fill("#chat-input textarea", "こんにちは <b>太字</b>")
     page.keyboard.press("Enter")
-    page.wait_for_function("() => document.querySelectorAll("
-                           "'#chatbot .message.user, #chatbot .message.bot').length === 2"
-                           " && document.querySelector('#api-status').innerText.includes('done')")
+    page.wait_for_function(
+        "() => document.querySelectorAll("
+        "'#chatbot .message.user, #chatbot .message.bot').length === 2"
+        " && document.querySelector('#api-status').innerText.includes('done')"
+    )
     problems = {"chat": axe_violations(page)}
-    rect = page.evaluate("() => { const r = document.querySelector('#api-status').getBoundingClientRect();"
-                         " return [r.left, r.right]; }")
+    rect = page.evaluate(
+        "() => { const r = document.querySelector('#api-status').getBoundingClientRect(); return [r.left, r.right]; }"
+    )
     assert 0 <= rect[0] and rect[1] <= width, rect
     first = page.locator("#chatbot .message.user").first.bounding_box()
-    covering = page.evaluate("""([x, y]) => { const e = document.elementFromPoint(x, y);
+    covering = page.evaluate(
+        """([x, y]) => { const e = document.elementFromPoint(x, y);
         return e.closest('#chatbot .message') ? null : e.outerHTML.slice(0, 200); }""",
-                             [first["x"] + 8, first["y"] + 6])
+        [first["x"] + 8, first["y"] + 6],
+    )
     assert covering is None  # nothing lies over the top message
     assert not page.locator("#chatbot [data-testid='block-label']").is_visible()  # the floating "chat" label did
 
@@ -293,11 +326,15 @@ def test_accessible_and_fits(browser, ui, viewport):
     page.get_by_label("run", exact=True).click()
     page.locator('li[role="option"]:visible').first.click()
     plot = "#soul-plot-tall" if width < 700 else "#soul-plot"
-    page.wait_for_function(f"() => {{ const i = document.querySelector('{plot} img');"
-                           " return i && i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 0; }",
-                           timeout=30_000)
-    shown, natural = page.evaluate(f"() => {{ const i = document.querySelector('{plot} img');"
-                                   " return [i.getBoundingClientRect().width, i.naturalWidth]; }")
+    page.wait_for_function(
+        f"() => {{ const i = document.querySelector('{plot} img');"
+        " return i && i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 0; }",
+        timeout=30_000,
+    )
+    shown, natural = page.evaluate(
+        f"() => {{ const i = document.querySelector('{plot} img');"
+        " return [i.getBoundingClientRect().width, i.naturalWidth]; }"
+    )
     assert shown <= width and natural <= 1.6 * shown, (shown, natural)  # not shrunk past reading
     problems["monitor"] = axe_violations(page)
     page.get_by_role("tab", name="Compare").click()
@@ -313,9 +350,11 @@ def test_accessible_and_fits(browser, ui, viewport):
 
 def contrast(fg: str, bg: str) -> float:
     """WCAG contrast ratio of two CSS rgb()/rgba() colours (the background taken as opaque)."""
+
     def luminance(css):
-        parts = [float(v) for v in css[css.index("(") + 1:-1].replace("/", ",").split(",")[:3]]
+        parts = [float(v) for v in css[css.index("(") + 1 : -1].replace("/", ",").split(",")[:3]]
         lin = [c / 255 / 12.92 if c / 255 <= 0.03928 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in parts]
         return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
     hi, lo = sorted([luminance(fg), luminance(bg)], reverse=True)
     return (hi + 0.05) / (lo + 0.05)

@@ -45,7 +45,10 @@ JAPANESE = (
     (0x3400, 0x4DBF),  # CJK ideographs, extension A
     (0x4E00, 0x9FFF),  # CJK unified ideographs
     (0xF900, 0xFAFF),  # CJK compatibility ideographs
-    (0xFF01, 0xFF0F), (0xFF1A, 0xFF20), (0xFF3B, 0xFF40), (0xFF5B, 0xFF65),  # full-width punctuation
+    (0xFF01, 0xFF0F),
+    (0xFF1A, 0xFF20),
+    (0xFF3B, 0xFF40),
+    (0xFF5B, 0xFF65),  # full-width punctuation
     (0xFF66, 0xFF9F),  # half-width katakana
     (0x2025, 0x2026),  # ‥ …
 )
@@ -68,7 +71,7 @@ def japanese_ratio(text: str) -> float:
 
 def most_repeated(ids: list[int], n: int = NGRAM) -> int:
     """How often the most frequent run of `n` consecutive tokens occurs (overlapping runs count); 0 if shorter."""
-    counts = Counter(tuple(ids[i:i + n]) for i in range(len(ids) - n + 1))
+    counts = Counter(tuple(ids[i : i + n]) for i in range(len(ids) - n + 1))
     return max(counts.values(), default=0)
 
 
@@ -89,21 +92,36 @@ def held_out_turns(path: Path) -> list[tuple[list[dict], str]]:
 @torch.no_grad()
 def greedy_reply(model, tokenizer, messages: list[dict], stops: list[int], max_new_tokens: int) -> list[int]:
     """The generated token ids, the stop token included when one was produced."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     device = next(model.parameters()).device
-    out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), do_sample=False,
-                         temperature=None, top_p=None, top_k=None, max_new_tokens=max_new_tokens,
-                         eos_token_id=stops, pad_token_id=stops[0], use_cache=True)
-    return out[0, ids.shape[1]:].tolist()
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=torch.ones_like(ids).to(device),
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=stops[0],
+        use_cache=True,
+    )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def score_reply(tokenizer, new_ids: list[int], stops: list[int], end_id: int) -> dict:
     ended = bool(new_ids) and new_ids[-1] == end_id
     body = new_ids[:-1] if new_ids and new_ids[-1] in stops else new_ids
     text = tokenizer.decode(body, skip_special_tokens=True).strip()
-    return {"reply": text, "tokens": len(new_ids), "ended": ended, "japanese": japanese_ratio(text),
-            "most_repeated": most_repeated(body)}
+    return {
+        "reply": text,
+        "tokens": len(new_ids),
+        "ended": ended,
+        "japanese": japanese_ratio(text),
+        "most_repeated": most_repeated(body),
+    }
 
 
 def replies(model, tokenizer, turns, max_new_tokens: int = MAX_NEW_TOKENS, log=print) -> list[dict]:
@@ -122,14 +140,16 @@ def replies(model, tokenizer, turns, max_new_tokens: int = MAX_NEW_TOKENS, log=p
 
 def summary(rows: list[dict]) -> dict:
     n = len(rows)
-    return {"replies": n,
-            "japanese_min": min(r["japanese"] for r in rows),
-            "japanese_mean": sum(r["japanese"] for r in rows) / n,
-            "japanese_ok": sum(r["japanese"] >= JAPANESE_MIN for r in rows) / n,
-            "ended": sum(r["ended"] for r in rows) / n,
-            "most_repeated": max(r["most_repeated"] for r in rows),
-            "looping": sum(r["most_repeated"] > REPEAT_MAX for r in rows),
-            "mean_tokens": sum(r["tokens"] for r in rows) / n}
+    return {
+        "replies": n,
+        "japanese_min": min(r["japanese"] for r in rows),
+        "japanese_mean": sum(r["japanese"] for r in rows) / n,
+        "japanese_ok": sum(r["japanese"] >= JAPANESE_MIN for r in rows) / n,
+        "ended": sum(r["ended"] for r in rows) / n,
+        "most_repeated": max(r["most_repeated"] for r in rows),
+        "looping": sum(r["most_repeated"] > REPEAT_MAX for r in rows),
+        "mean_tokens": sum(r["tokens"] for r in rows) / n,
+    }
 
 
 def targets(result: dict) -> dict[str, bool]:
@@ -148,8 +168,9 @@ def base_perplexity(model, tokenizer, sources: list[str], max_length: int = 512)
     return figures(*loss_over(model, seqs, tokenizer.pad_token_id))
 
 
-def evaluate(checkpoint_dir: Path | None, source: str = HELD_OUT, max_new_tokens: int = MAX_NEW_TOKENS,
-             log=print) -> dict:
+def evaluate(
+    checkpoint_dir: Path | None, source: str = HELD_OUT, max_new_tokens: int = MAX_NEW_TOKENS, log=print
+) -> dict:
     """Replies and perplexity of the embedded base (checkpoint_dir None) or of a training checkpoint."""
     turns = held_out_turns(data.resolve(source)[0])
     if checkpoint_dir is None:
@@ -162,39 +183,54 @@ def evaluate(checkpoint_dir: Path | None, source: str = HELD_OUT, max_new_tokens
         what = {"model": str(path), "quantization": "none"}
     else:
         from .eval import Evaluator
+
         ev = Evaluator(checkpoint_dir)
         model, tokenizer = ev.model, ev.tokenizer
         res = ev.run([source], variants=("checkpoint", "base"), log=lambda *_: None)["results"]
-        ppl = {"checkpoint": res["checkpoint"], "base": res["base"],
-               "ratio_to_base": res["checkpoint"]["ratio_to_base"]}
+        ppl = {
+            "checkpoint": res["checkpoint"],
+            "base": res["base"],
+            "ratio_to_base": res["checkpoint"]["ratio_to_base"],
+        }
         what = {"model": str(checkpoint_dir), "quantization": ev.quantization, "gate": float(ev.soul.gate())}
     rows = replies(model, tokenizer, turns, max_new_tokens, log)
-    result = {**what, "data": source, "max_new_tokens": max_new_tokens, "summary": summary(rows),
-              "perplexity": ppl, "rows": rows}
+    result = {
+        **what,
+        "data": source,
+        "max_new_tokens": max_new_tokens,
+        "summary": summary(rows),
+        "perplexity": ppl,
+        "rows": rows,
+    }
     result["targets"] = targets(result)
     return result
 
 
 def report(result: dict, show: int = 3) -> str:
     s, ppl = result["summary"], result["perplexity"]
+
     def ok(name: str) -> str:
         return "" if name not in result["targets"] else " ok" if result["targets"][name] else " MISSED"
 
-    lines = [f"{result['model']} on {result['data']}: {s['replies']} greedy replies (at most "
-             f"{result['max_new_tokens']} new tokens)",
-             f"  Japanese characters   min {s['japanese_min']:.1%}  mean {s['japanese_mean']:.1%}  replies at "
-             f">= {JAPANESE_MIN:.0%}: {s['japanese_ok']:.1%}{ok('japanese')}",
-             f"  ended with {END}     {s['ended']:.1%} (target >= {ENDED_MIN:.0%}){ok('ended')}  mean length "
-             f"{s['mean_tokens']:.1f} tokens",
-             f"  4-token runs          most repeated {s['most_repeated']}x; replies with one over "
-             f"{REPEAT_MAX}x: {s['looping']}{ok('no_loops')}"]
+    lines = [
+        f"{result['model']} on {result['data']}: {s['replies']} greedy replies (at most "
+        f"{result['max_new_tokens']} new tokens)",
+        f"  Japanese characters   min {s['japanese_min']:.1%}  mean {s['japanese_mean']:.1%}  replies at "
+        f">= {JAPANESE_MIN:.0%}: {s['japanese_ok']:.1%}{ok('japanese')}",
+        f"  ended with {END}     {s['ended']:.1%} (target >= {ENDED_MIN:.0%}){ok('ended')}  mean length "
+        f"{s['mean_tokens']:.1f} tokens",
+        f"  4-token runs          most repeated {s['most_repeated']}x; replies with one over "
+        f"{REPEAT_MAX}x: {s['looping']}{ok('no_loops')}",
+    ]
     for name in ("base", "checkpoint"):
         if name in ppl:
-            lines.append(f"  perplexity ({name:<10}) {ppl[name]['perplexity']:.3f} over {ppl[name]['tokens']} "
-                         f"assistant tokens")
+            lines.append(
+                f"  perplexity ({name:<10}) {ppl[name]['perplexity']:.3f} over {ppl[name]['tokens']} assistant tokens"
+            )
     if "ratio_to_base" in ppl:
-        lines.append(f"  checkpoint / base     {ppl['ratio_to_base']:.4f} (target <= {PERPLEXITY_MAX})"
-                     + ok("perplexity"))
+        lines.append(
+            f"  checkpoint / base     {ppl['ratio_to_base']:.4f} (target <= {PERPLEXITY_MAX})" + ok("perplexity")
+        )
     for row in result["rows"][:show]:
         lines += [f"  > {row['prompt']}", f"    {row['reply']}"]
     return "\n".join(lines)
@@ -205,8 +241,12 @@ class Args:
     """Can the model hold a short conversation in Japanese? Greedy replies to every held-out user turn, scored for
     Japanese, for ending inside the limit and for loops; with --checkpoint, its perplexity against its base too."""
 
-    checkpoint: Path | None = setting(None, "RUN_DIR/final or RUN_DIR/checkpoints/step_N (default: the embedded "
-                                            "tiny Phi-3 itself)", metavar="DIR", env="AEGIS_CHECKPOINT")
+    checkpoint: Path | None = setting(
+        None,
+        "RUN_DIR/final or RUN_DIR/checkpoints/step_N (default: the embedded tiny Phi-3 itself)",
+        metavar="DIR",
+        env="AEGIS_CHECKPOINT",
+    )
     data: str = setting(HELD_OUT, "held-out chats", metavar="SOURCE")
     max_new_tokens: int = setting(MAX_NEW_TOKENS, "the longest reply, in tokens", parse=cli.bounded(int, 1))
     show: int = setting(3, "print this many prompts and replies", parse=cli.bounded(int, 0))
@@ -226,8 +266,9 @@ def score(args: Args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(lambda: score(cli.parse(Args, sys.argv[1:] if argv is None else argv,
-                                            prog="python -m train.chat_quality")))
+    return cli.main(
+        lambda: score(cli.parse(Args, sys.argv[1:] if argv is None else argv, prog="python -m train.chat_quality"))
+    )
 
 
 if __name__ == "__main__":

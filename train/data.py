@@ -56,9 +56,13 @@ def resolve(source: str) -> list[Path]:
         return [path]
     if source.startswith("hf:"):
         from huggingface_hub import snapshot_download
+
         repo, _, revision = source.removeprefix("hf:").partition("@")
-        root = Path(snapshot_download(repo_id=repo, repo_type="dataset", revision=revision or None,
-                                      allow_patterns=[f"*{s}" for s in SUFFIXES]))
+        root = Path(
+            snapshot_download(
+                repo_id=repo, repo_type="dataset", revision=revision or None, allow_patterns=[f"*{s}" for s in SUFFIXES]
+            )
+        )
         files = sorted(p for p in root.rglob("*") if p.suffix in SUFFIXES and p.is_file())
         if not files:
             raise DataError(f"{source}: the dataset has no {'/'.join(SUFFIXES)} files")
@@ -88,8 +92,10 @@ def _check_unicode(value, where: str) -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ValueError(f"{where or 'the record'} holds a lone surrogate {value[e.start]!r} at character "
-                             f"{e.start} (an unpaired \\u escape: not valid Unicode)") from None
+            raise ValueError(
+                f"{where or 'the record'} holds a lone surrogate {value[e.start]!r} at character "
+                f"{e.start} (an unpaired \\u escape: not valid Unicode)"
+            ) from None
     elif isinstance(value, dict):
         for key, item in value.items():
             _check_unicode(item, f"{where}.{key}" if where else str(key))
@@ -136,9 +142,11 @@ def read_text(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                        f"a binary file or another encoding?") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            f"a binary file or another encoding?"
+        ) from None
 
 
 def records(path: Path, skip_bad: bool = False, skipped: list[str] | None = None) -> Iterator[tuple[str, object]]:
@@ -177,8 +185,11 @@ def records(path: Path, skip_bad: bool = False, skipped: list[str] | None = None
         raise DataError(f"{bad[0]} (set data.skip_bad_lines = true to skip bad records)")
     if bad and not skip_bad:
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise DataError(f"{len(bad)} bad record(s) (set data.skip_bad_lines = true to skip them):\n  " +
-                        "\n  ".join(bad[:20]) + more)
+        raise DataError(
+            f"{len(bad)} bad record(s) (set data.skip_bad_lines = true to skip them):\n  "
+            + "\n  ".join(bad[:20])
+            + more
+        )
     if skipped is not None:
         skipped += bad
     yield from good
@@ -191,13 +202,17 @@ def tokenize(tokenizer, kind: str, payload) -> list[Example]:
         return [Example(ids, list(ids))]
     texts = assistant_spans(tokenizer, payload)
     if texts is None:
-        raise DataError("the chat template renders an assistant turn that does not continue the prompt before it, "
-                        "so its tokens cannot be told apart")
+        raise DataError(
+            "the chat template renders an assistant turn that does not continue the prompt before it, "
+            "so its tokens cannot be told apart"
+        )
     out = []
     for text, spans in texts:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        labels = [tid if any(s < e_ and e > s_ for s_, e_ in spans) else IGNORE
-                  for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+        labels = [
+            tid if any(s < e_ and e > s_ for s_, e_ in spans) else IGNORE
+            for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])
+        ]
         out.append(Example(enc["input_ids"], labels, chat=True))
     return out
 
@@ -217,15 +232,17 @@ def load(sources: list[str], tokenizer, skip_bad: bool = False, log=print) -> li
 
 
 def packing_mode(setting: str, examples: list[Example], tiled_attention: bool = False) -> str:
-    """"documents" or "concat": data.packing, "auto" decided by the data (documents if any record is a chat).
+    """ "documents" or "concat": data.packing, "auto" decided by the data (documents if any record is a chat).
     Not "documents" where the memory plan tiles the attention (aegis/tiled.py): those windows are one long sequence
     each, and a mask of their length squared is what tiling is there to avoid."""
     if setting == "auto":
         return "documents" if any(ex.chat for ex in examples) and not tiled_attention else "concat"
     if setting == "documents" and tiled_attention:
-        raise DataError("data.packing = \"documents\" masks attention across the window, which the tiled attention "
-                        "of long sequences (train.tiled_attention) does not; set data.packing = \"concat\" or a "
-                        "shorter train.max_length")
+        raise DataError(
+            'data.packing = "documents" masks attention across the window, which the tiled attention '
+            'of long sequences (train.tiled_attention) does not; set data.packing = "concat" or a '
+            "shorter train.max_length"
+        )
     return setting
 
 
@@ -240,9 +257,9 @@ def pack(examples: list[Example], max_length: int, documents: bool = False) -> l
     owner = [i for i, ex in enumerate(examples) for _ in ex.input_ids] if documents else None
     out = []
     for i in range(0, len(ids), max_length):
-        window = Example(ids[i: i + max_length], labels[i: i + max_length])
+        window = Example(ids[i : i + max_length], labels[i : i + max_length])
         if documents:
-            own = owner[i: i + max_length]
+            own = owner[i : i + max_length]
             window.documents = [own[j] - own[0] for j in range(len(own))]
             window.labels = [IGNORE if j and own[j] != own[j - 1] else t for j, t in enumerate(window.labels)]
         if any(x != IGNORE for x in window.labels[1:]):
@@ -250,8 +267,9 @@ def pack(examples: list[Example], max_length: int, documents: bool = False) -> l
     return out
 
 
-def epoch_sequences(examples: list[Example], max_length: int, seed: int, epoch: int,
-                    documents: bool = False) -> list[Example]:
+def epoch_sequences(
+    examples: list[Example], max_length: int, seed: int, epoch: int, documents: bool = False
+) -> list[Example]:
     """The packed sequences of one epoch: examples shuffled by (seed, epoch), then packed. Deterministic."""
     order = list(range(len(examples)))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
@@ -275,8 +293,8 @@ def collate(batch: list[Example], pad_id: int, width: int | None = None) -> dict
         docs = out[DOCUMENTS] = torch.zeros((len(batch), width), dtype=torch.long)
         for row, ex in enumerate(batch):
             own = ex.documents if ex.documents is not None else [0] * len(ex.input_ids)
-            docs[row, :len(own)] = torch.tensor(own)
-            docs[row, len(own):] = own[-1] + 1 if own else 0
+            docs[row, : len(own)] = torch.tensor(own)
+            docs[row, len(own) :] = own[-1] + 1 if own else 0
     return out
 
 
@@ -286,15 +304,24 @@ class Stream:
     Position is (epoch, offset) in global sequences, so it does not depend on the number of processes: a run
     resumed on another process count continues at the same place."""
 
-    def __init__(self, examples: list[Example], max_length: int, seed: int, rank: int = 0, world: int = 1,
-                 documents: bool = False):
+    def __init__(
+        self,
+        examples: list[Example],
+        max_length: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        documents: bool = False,
+    ):
         self.examples, self.max_length, self.seed, self.rank, self.world = examples, max_length, seed, rank, world
         self.documents = documents  # keep the examples of a window apart (data.packing = "documents")
         self.epoch, self.offset = 0, 0
         self._seqs = epoch_sequences(examples, max_length, seed, 0, documents)
         if not self._seqs:
-            raise DataError(f"the data holds no sequence with a token to learn from ({len(examples)} example(s), "
-                            f"none longer than its end-of-text token)")
+            raise DataError(
+                f"the data holds no sequence with a token to learn from ({len(examples)} example(s), "
+                f"none longer than its end-of-text token)"
+            )
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
@@ -315,5 +342,7 @@ class Stream:
     def next_update(self, batch_size: int, accum: int) -> list[list[Example]]:
         """This rank's micro-batches for one update: global batch = world x batch_size x accum sequences."""
         glob = self._take(self.world * batch_size * accum)
-        return [glob[(j * self.world + self.rank) * batch_size:(j * self.world + self.rank + 1) * batch_size]
-                for j in range(accum)]
+        return [
+            glob[(j * self.world + self.rank) * batch_size : (j * self.world + self.rank + 1) * batch_size]
+            for j in range(accum)
+        ]

@@ -40,8 +40,9 @@ def _rope_types(params) -> set[str]:
     return set().union(*(_rope_types(v) for v in params.values()))
 
 
-def decide(setting: bool | str, device: torch.device, processes: int, checkpointing: bool,
-           model_config=None) -> tuple[bool, str]:
+def decide(
+    setting: bool | str, device: torch.device, processes: int, checkpointing: bool, model_config=None
+) -> tuple[bool, str]:
     """Whether to capture the step, and why; `true` where it cannot work is an error naming the key."""
     import transformers
     from packaging.version import Version
@@ -68,8 +69,17 @@ def decide(setting: bool | str, device: torch.device, processes: int, checkpoint
 class GraphedStep:
     """begin() once per update, micro(batch, scale) per micro-batch, end() before the optimizer step."""
 
-    def __init__(self, model: nn.Module, soul: Soul, params: list[torch.Tensor], batch_size: int, length: int,
-                 device: torch.device, capture: bool = True, documents: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        soul: Soul,
+        params: list[torch.Tensor],
+        batch_size: int,
+        length: int,
+        device: torch.device,
+        capture: bool = True,
+        documents: bool = False,
+    ):
         self.model, self.soul, self.capture = model, soul, capture
         # the generators reach the loss only through the rotation, so their gradient comes from end()
         self.params = params
@@ -103,8 +113,9 @@ class GraphedStep:
             self.rotation.copy_(self.soul.rotation())
 
     def _forward_backward(self) -> torch.Tensor:
-        loss = masked_loss_sum(self.model(input_ids=self.ids, **packing.model_inputs(self.model, self.inputs)).logits,
-                               self.labels)
+        loss = masked_loss_sum(
+            self.model(input_ids=self.ids, **packing.model_inputs(self.model, self.inputs)).logits, self.labels
+        )
         (loss * self.scale).backward()
         return loss.detach()
 
@@ -126,8 +137,10 @@ class GraphedStep:
         """Forward + backward of one micro-batch (input_ids, labels and, keeping documents apart, their documents,
         exactly batch_size x length); the loss sum."""
         if batch["input_ids"].shape != self.ids.shape:
-            raise ValueError(f"graphed step: micro-batch of shape {tuple(batch['input_ids'].shape)}, captured "
-                             f"for {tuple(self.ids.shape)}")
+            raise ValueError(
+                f"graphed step: micro-batch of shape {tuple(batch['input_ids'].shape)}, captured "
+                f"for {tuple(self.ids.shape)}"
+            )
         self.ids.copy_(batch["input_ids"], non_blocking=True)
         self.labels.copy_(batch["labels"], non_blocking=True)
         for key, buffer in self.inputs.items():

@@ -33,8 +33,9 @@ class NonFiniteError(RunError):
     """A loss, gradient norm or weight that is NaN or infinite; the message names the step."""
 
 
-def run(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False, log=print,
-        progress: bool = True) -> Path:
+def run(
+    cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False, log=print, progress: bool = True
+) -> Path:
     """Train `cfg` into `run_dir`; returns the final checkpoint. `resume` continues the run there from its newest
     checkpoint that verifies; `overwrite` deletes a run there first; without either, a run there is an error."""
     recipe = Recipe(cfg, Path(run_dir), log)
@@ -102,21 +103,28 @@ class Recipe:
         examples = data.load(cfg.data.train, self.tokenizer, cfg.data.skip_bad_lines, log=self.log)
         self.packing = data.packing_mode(cfg.data.packing, examples, self.mem.tiled_attention)
         self.log(f"data.packing: {self.packing}")
-        self.stream = data.Stream(examples, cfg.train.max_length, cfg.train.seed, self.acc.process_index,
-                                  self.acc.num_processes, documents=self.packing == "documents")
+        self.stream = data.Stream(
+            examples,
+            cfg.train.max_length,
+            cfg.train.seed,
+            self.acc.process_index,
+            self.acc.num_processes,
+            documents=self.packing == "documents",
+        )
 
     def _set_up_model(self, base_path: Path) -> None:
         cfg, acc = self.cfg, self.acc
-        self.use_graphs, why = graphs.decide(cfg.train.cuda_graphs, acc.device, acc.num_processes,
-                                             self.mem.gradient_checkpointing, self.base_config)
+        self.use_graphs, why = graphs.decide(
+            cfg.train.cuda_graphs, acc.device, acc.num_processes, self.mem.gradient_checkpointing, self.base_config
+        )
         if acc.device.type == "cuda":
             self.log(f"CUDA graphs {'on' if self.use_graphs else 'off'}: {why}")
-        self.model, self.soul = model_mod.build(cfg, base_path, acc.device, cfg.train.seed, log=self.log,
-                                                plan=self.mem)
+        self.model, self.soul = model_mod.build(cfg, base_path, acc.device, cfg.train.seed, log=self.log, plan=self.mem)
         self.head = soul_mod.head_of(self.model)
         # the adapter names its base as users would load it: the hub id or directory (the embedded model by its path)
-        self.model.peft_config["default"].base_model_name_or_path = (str(base_path) if cfg.model.base == EMBEDDED
-                                                                     else cfg.model.base)
+        self.model.peft_config["default"].base_model_name_or_path = (
+            str(base_path) if cfg.model.base == EMBEDDED else cfg.model.base
+        )
         # A learned α is trainable from the start so DDP registers it; until the anneal ends the schedule overwrites
         # it and its gradient is dropped before each update.
         self.learned_alpha = cfg.soul.alpha_mode == "learned"
@@ -126,10 +134,15 @@ class Recipe:
         cfg, acc = self.cfg, self.acc
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # fused: one kernel for the whole update instead of a dozen per parameter group (the step is launch-bound)
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                      fused=acc.device.type == "cuda")
-        self.lr_sched = get_scheduler(cfg.train.lr_schedule, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
-                                      num_training_steps=cfg.schedule.total_steps)
+        optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=acc.device.type == "cuda"
+        )
+        self.lr_sched = get_scheduler(
+            cfg.train.lr_schedule,
+            optimizer,
+            num_warmup_steps=cfg.train.lr_warmup_steps,
+            num_training_steps=cfg.schedule.total_steps,
+        )
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
 
     # ---- restore and begin ------------------------------------------------------------------------------------
@@ -143,9 +156,11 @@ class Recipe:
         self.stream.restore(state["data"])
         accum = rundir.accum_for(self.cfg, state, self.acc.num_processes)
         if accum != self.cfg.train.grad_accum:
-            self.log(f"resumed on {self.acc.num_processes} process(es) instead of {state['world_size']}: gradient "
-                     f"accumulation {self.cfg.train.grad_accum} -> {accum} keeps the global batch of "
-                     f"{state['global_batch']} sequences")
+            self.log(
+                f"resumed on {self.acc.num_processes} process(es) instead of {state['world_size']}: gradient "
+                f"accumulation {self.cfg.train.grad_accum} -> {accum} keeps the global batch of "
+                f"{state['global_batch']} sequences"
+            )
             self.cfg.train.grad_accum = accum
         self.log(f"resumed from {ckpt} at step {self.progress.step}")
 
@@ -162,14 +177,26 @@ class Recipe:
             sink.truncate_after(self.progress.step)
             # what summary.json reports if this session takes no step (a finished run whose final/ failed its
             # digests is resumed from its last step checkpoint and only writes final/ again)
-            self.progress.last = next((r for r in reversed(read_metrics(self.run_dir))
-                                       if r["step"] == self.progress.step), {})
-        bar = ProgressSink(self.cfg.schedule.total_steps, initial=self.progress.step,
-                           enabled=show_progress and self.main)
+            self.progress.last = next(
+                (r for r in reversed(read_metrics(self.run_dir)) if r["step"] == self.progress.step), {}
+            )
+        bar = ProgressSink(
+            self.cfg.schedule.total_steps, initial=self.progress.step, enabled=show_progress and self.main
+        )
         self.logger = MetricLogger([sink, bar, *views] if self.main else [])
-        self.captured = (graphs.GraphedStep(self.model, self.soul, self.params, self.mem.micro_batch,
-                                            self.cfg.train.max_length, self.acc.device,
-                                            documents=self.stream.documents) if self.use_graphs else None)
+        self.captured = (
+            graphs.GraphedStep(
+                self.model,
+                self.soul,
+                self.params,
+                self.mem.micro_batch,
+                self.cfg.train.max_length,
+                self.acc.device,
+                documents=self.stream.documents,
+            )
+            if self.use_graphs
+            else None
+        )
         self.profiler = profile.start(self.run_dir) if self.main else None
         self.progress.started = time.time()
         self.model.train()
@@ -188,15 +215,18 @@ class Recipe:
             with torch.no_grad():
                 self.soul.alpha.fill_(schedule.alpha_for_step(p.step, cfg.schedule))
         seqs = [ex for b in self.stream.next_update(cfg.train.batch_size, cfg.train.grad_accum) for ex in b]
-        micro = [data.collate(seqs[i:i + self.mem.micro_batch], self.tokenizer.pad_token_id, cfg.train.max_length)
-                 for i in range(0, len(seqs), self.mem.micro_batch)]
+        micro = [
+            data.collate(seqs[i : i + self.mem.micro_batch], self.tokenizer.pad_token_id, cfg.train.max_length)
+            for i in range(0, len(seqs), self.mem.micro_batch)
+        ]
         loss_sum, n_targets = self._forward_backward(micro)
         if self.learned_alpha and not free_alpha:
             self.soul.alpha.grad = None  # AdamW skips it: the schedule owns α until the anneal ends
         grad_norm = self._grad_norm()
         # counted on the host copies: no wait for the GPU inside the update
-        counts = torch.tensor([n_targets, sum(int(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64,
-                              device=self.acc.device)
+        counts = torch.tensor(
+            [n_targets, sum(int(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64, device=self.acc.device
+        )
         totals = self.acc.reduce(torch.cat([loss_sum.reshape(1), counts]), reduction="sum")
         loss_total, targets, tokens = totals.tolist()
         loss = loss_total / max(targets, 1)
@@ -205,8 +235,16 @@ class Recipe:
         self.optimizer.step()
         self.lr_sched.step()
         self.optimizer.zero_grad(set_to_none=True)  # a captured step re-attaches its fixed gradients in begin()
-        rec = metrics_record(self.progress, self.soul, cfg, self.lr_sched.get_last_lr()[0], loss, grad_norm,
-                             int(tokens), time.time() - t0)
+        rec = metrics_record(
+            self.progress,
+            self.soul,
+            cfg,
+            self.lr_sched.get_last_lr()[0],
+            loss,
+            grad_norm,
+            int(tokens),
+            time.time() - t0,
+        )
         broken = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
         if broken:  # the soul's health is measured on the updated weights: NaN there means the update broke them
             self._stop(f"the update left {', '.join(broken)} non-finite")
@@ -238,13 +276,14 @@ class Recipe:
         """The gradients' global norm, after clipping them to train.max_grad_norm when it is set."""
         if self.cfg.train.max_grad_norm > 0:
             return float(self.acc.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params
-                                                           if p.grad is not None])))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
 
     def _stop(self, what: str) -> None:
         newest = checkpoint.latest(self.run_dir)
-        raise NonFiniteError(f"step {self.progress.step}: {what}; the run stops here and nothing of this step is "
-                             f"saved (newest checkpoint: {newest or 'none'}); lower train.lr or check the data")
+        raise NonFiniteError(
+            f"step {self.progress.step}: {what}; the run stops here and nothing of this step is "
+            f"saved (newest checkpoint: {newest or 'none'}); lower train.lr or check the data"
+        )
 
     # ---- record and save --------------------------------------------------------------------------------------
 
@@ -267,12 +306,24 @@ class Recipe:
         acc, cfg, step = self.acc, self.cfg, self.progress.step
         acc.wait_for_everyone()
         if self.main:
-            state = {"step": step, "data": self.stream.state(), "world_size": acc.num_processes,
-                     "grad_accum": cfg.train.grad_accum, "config": to_dict(cfg),
-                     "global_batch": acc.num_processes * cfg.train.batch_size * cfg.train.grad_accum}
-            checkpoint.save(dest, model=acc.unwrap_model(self.model), soul=self.soul, tokenizer=self.tokenizer,
-                            optimizer=self.optimizer, scheduler=self.lr_sched, soul_meta=soul_metadata(cfg, step),
-                            trainer_state=state)
+            state = {
+                "step": step,
+                "data": self.stream.state(),
+                "world_size": acc.num_processes,
+                "grad_accum": cfg.train.grad_accum,
+                "config": to_dict(cfg),
+                "global_batch": acc.num_processes * cfg.train.batch_size * cfg.train.grad_accum,
+            }
+            checkpoint.save(
+                dest,
+                model=acc.unwrap_model(self.model),
+                soul=self.soul,
+                tokenizer=self.tokenizer,
+                optimizer=self.optimizer,
+                scheduler=self.lr_sched,
+                soul_meta=soul_metadata(cfg, step),
+                trainer_state=state,
+            )
             checkpoint.prune(self.run_dir, cfg.train.keep_last)
         acc.wait_for_everyone()
 
@@ -287,5 +338,6 @@ class Recipe:
         if not self.main:
             return
         summary = write_summary(self.run_dir, self.progress, self.soul, self.cfg)
-        self.log("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in summary.items()))
+        self.log(
+            "done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+        )

@@ -45,7 +45,7 @@ def sparkline(values: list[float], width: int = 48) -> str:
     buckets = min(width, len(vals))
     means = []
     for i in range(buckets):
-        chunk = vals[i * len(vals) // buckets:(i + 1) * len(vals) // buckets]
+        chunk = vals[i * len(vals) // buckets : (i + 1) * len(vals) // buckets]
         means.append(sum(chunk) / len(chunk))
     lo, hi = min(means), max(means)
     if hi - lo < 1e-12:
@@ -62,6 +62,7 @@ def read_schedule(run_dir: Path) -> schedule.Schedule | None:
 @dataclass
 class State:
     """Everything one frame shows, computed from the run directory (no rendering here, so tests can check it)."""
+
     run_dir: Path
     exists: bool = False
     sched: schedule.Schedule | None = None
@@ -97,14 +98,18 @@ def find_warnings(records: list[dict]) -> list[str]:
         window = (window + [loss])[-SPIKE_WINDOW:]
     if spikes:
         step, loss, med = spikes[-1]
-        out.append(f"loss spike at step {step}: {loss:.3f} against a recent median of {med:.3f}"
-                   + (f" ({len(spikes)} spikes in all)" if len(spikes) > 1 else ""))
+        out.append(
+            f"loss spike at step {step}: {loss:.3f} against a recent median of {med:.3f}"
+            + (f" ({len(spikes)} spikes in all)" if len(spikes) > 1 else "")
+        )
     if records:
         last = records[-1]
         ortho = number(last.get("ortho_error"))
         if not ortho <= ORTHO_LIMIT:  # also catches NaN
-            out.append(f"orthogonality error {ortho:.2e} at step {last['step']} is above {ORTHO_LIMIT:.0e}: "
-                       "the rotation is no longer in SO(8)")
+            out.append(
+                f"orthogonality error {ortho:.2e} at step {last['step']} is above {ORTHO_LIMIT:.0e}: "
+                "the rotation is no longer in SO(8)"
+            )
         for key in ("grad_norm", "alpha", "gate"):
             if not math.isfinite(number(last.get(key))):
                 out.append(f"{key} is {last.get(key)} at step {last['step']}")
@@ -180,8 +185,11 @@ def render(st: State):
     """One frame: the run's progress, the soul's schedule and health, the loss, and any warning."""
     title = f"AEGIS run {st.run_dir}"
     if not st.exists:
-        return Panel(Text(f"waiting for the run to start: {st.run_dir} does not exist yet", style="yellow"),
-                     title=title, box=box.ROUNDED)
+        return Panel(
+            Text(f"waiting for the run to start: {st.run_dir} does not exist yet", style="yellow"),
+            title=title,
+            box=box.ROUNDED,
+        )
     if st.last is None:
         msg = "waiting for the first step (no metrics yet)"
         if st.sched is None:
@@ -194,8 +202,12 @@ def render(st: State):
         for label, value in rows(st):
             table.add_row(label, value)
     parts = [table] + [Text(f"WARNING: {w}", style="bold red") for w in st.warnings]
-    return Panel(Group(*parts), title=title, box=box.ROUNDED,
-                 border_style="red" if st.warnings else ("green" if st.finished else "blue"))
+    return Panel(
+        Group(*parts),
+        title=title,
+        box=box.ROUNDED,
+        border_style="red" if st.warnings else ("green" if st.finished else "blue"),
+    )
 
 
 def _progress_rows(st: State) -> list[tuple[str, object]]:
@@ -219,8 +231,9 @@ def _soul_rows(st: State) -> list[tuple[str, object]]:
     alpha_line = f"{_fmt(last.get('alpha'), '+.4f')}"
     gate_line = f"{_fmt(last.get('gate'), '.4f')}"
     if sched:
-        alpha_line += (f"   scheduled {schedule.alpha_for_step(last['step'], sched):+.4f}"
-                       f"   target {sched.target_alpha:+.4f}")
+        alpha_line += (
+            f"   scheduled {schedule.alpha_for_step(last['step'], sched):+.4f}   target {sched.target_alpha:+.4f}"
+        )
         gate_line += f"   target {schedule.gate(sched.target_alpha):.4f}"
     phase = Text.assemble(_phase_line(last.get("phase", "")), f"   ({last.get('phase')})")
     return [("phase", phase), ("α", alpha_line), ("gate", gate_line)]
@@ -243,7 +256,8 @@ def _health_rows(st: State) -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = [
         ("ortho error", f"{_fmt(last.get('ortho_error'), '.2e')}   (limit {ORTHO_LIMIT:.0e})"),
         ("det range", f"{_fmt(last.get('det_min'), '.6f')} … {_fmt(last.get('det_max'), '.6f')}"),
-        ("rotation norm", f"{_fmt(last.get('rotation_norm'), '.4f')}   (‖R − I‖, 0 = identity)")]
+        ("rotation norm", f"{_fmt(last.get('rotation_norm'), '.4f')}   (‖R − I‖, 0 = identity)"),
+    ]
     rate = throughput(st.records)
     if rate:
         rows.append(("throughput", f"{rate[1]:,.0f} tokens/s   {rate[0]:.2f} s/step   (recent steps)"))
@@ -262,8 +276,13 @@ class Args:
     """Watch a training run: step, phase, α/gate, loss trend, soul health. It reads only what the run writes, so it
     works before the run starts (it waits for the directory), while it goes and after it ends."""
 
-    run_dir: Path = setting(help="the run directory given to `python -m train --run-dir`", metavar="RUN_DIR",
-                            env="AEGIS_RUN_DIR", positional=True, required=True)
+    run_dir: Path = setting(
+        help="the run directory given to `python -m train --run-dir`",
+        metavar="RUN_DIR",
+        env="AEGIS_RUN_DIR",
+        positional=True,
+        required=True,
+    )
     once: bool = setting(False, "print one frame and exit")
     interval: float = setting(1.0, "seconds between refreshes", parse=cli.bounded(float, 0, strict=True))
     width: int | None = setting(None, "frame width in columns (default: the terminal's)", parse=cli.bounded(int, 40))

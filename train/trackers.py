@@ -64,8 +64,9 @@ class TrackerSink:
         step = record["step"]
         if self.failed or step <= self.skip_to:
             return
-        values = {k: v for k, v in record.items()
-                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        values = {
+            k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         self._guard(f"step {step}", lambda: self.tracker.log(values, step=step))
 
     def close(self) -> None:
@@ -78,8 +79,10 @@ class TrackerSink:
             call()
         except Exception as e:  # any failure of the tracker's library or store: it is a view, training goes on
             self.failed = True
-            self.warn(f"warning: train.report_to: {self.name} failed at {when} ({_first_line(e)}); training goes on "
-                      f"without it")
+            self.warn(
+                f"warning: train.report_to: {self.name} failed at {when} ({_first_line(e)}); training goes on "
+                f"without it"
+            )
 
 
 def start(cfg: Config, run_dir: Path, logged: int = 0, warn=print) -> list[TrackerSink]:
@@ -131,7 +134,7 @@ def reopen(run_dir: Path, warn=print) -> list[TrackerSink]:
     cfg = runs.read_config(run_dir)
     state = _state(Path(run_dir))
     sinks = []
-    for name in (cfg.train.report_to if cfg is not None else []):
+    for name in cfg.train.report_to if cfg is not None else []:
         known = state.get(name)
         if known is None:  # named, but its run never started
             continue
@@ -161,13 +164,16 @@ def _first_line(e: BaseException) -> str:
 
 # ---- one opener per tracker: accelerate's class, where it writes, and how it continues a run ------------------------
 
+
 def _tensorboard(run_dir: Path, known: dict | None):
     from accelerate.tracking import TensorBoardTracker
+
     return TensorBoardTracker("tensorboard", run_dir)  # RUN/tensorboard: a resumed run adds an event file there
 
 
 def _wandb(run_dir: Path, known: dict | None):
     from accelerate.tracking import WandBTracker
+
     more = {"id": known["id"], "resume": "allow"} if known else {"id": uuid.uuid4().hex[:12]}
     return WandBTracker(os.environ.get("WANDB_PROJECT", PROJECT), name=run_dir.name, dir=str(run_dir), **more)
 
@@ -175,6 +181,7 @@ def _wandb(run_dir: Path, known: dict | None):
 def _mlflow(run_dir: Path, known: dict | None):
     import mlflow
     from accelerate.tracking import MLflowTracker
+
     if known:  # the store the run was started in, wherever this command runs from
         mlflow.set_tracking_uri(known["tracking_uri"])
     return MLflowTracker(PROJECT, run_id=known["run_id"] if known else None, run_name=run_dir.name)
@@ -182,6 +189,7 @@ def _mlflow(run_dir: Path, known: dict | None):
 
 def _trackio(run_dir: Path, known: dict | None):
     from accelerate.tracking import TrackioTracker
+
     # trackio continues a run by its name: each run directory's gets a suffix of its own
     name, resume = (known["name"], "must") if known else (f"{run_dir.name}-{uuid.uuid4().hex[:8]}", "never")
     return TrackioTracker(PROJECT, name=name, resume=resume, embed=False, auto_log_cpu=False, auto_log_gpu=False)
@@ -196,6 +204,7 @@ def _identity(name: str, tracker) -> dict:
         return {"id": tracker.run.id}
     if name == "mlflow":
         import mlflow
+
         return {"run_id": tracker.active_run.info.run_id, "tracking_uri": mlflow.get_tracking_uri()}
     if name == "trackio":
         return {"name": tracker.run.name}

@@ -18,6 +18,7 @@ from aegis.tool_format import ToolFormat
 @dataclass(frozen=True)
 class Facts:
     """What a tokenizer gives a family's Modelfile templates."""
+
     vocab: Container[str]  # its tokens' texts
     bos: str  # the BOS token's text ("" when none)
     eos: str  # the EOS token's text ("" when none)
@@ -40,36 +41,69 @@ class Template:
     stops: tuple[str, ...]  # Ollama's stop parameters (export adds the model's EOS)
 
 
-def turns(open_: str, close: str, gen: str, bos: str, skip_empty_system: bool, default_system: str | None,
-          tools: ToolFormat | None = None) -> str:
+def turns(
+    open_: str,
+    close: str,
+    gen: str,
+    bos: str,
+    skip_empty_system: bool,
+    default_system: str | None,
+    tools: ToolFormat | None = None,
+) -> str:
     """Formats that wrap each message as open(role) + content + close, e.g. <|im_start|>user\\n...<|im_end|>\\n.
     With `tools`, Ollama's tools, calls and tool results are written in that tool format, as the server writes
     them: the tools' description in the system turn, calls in the assistant's, results in a turn of the format's
     result role."""
     described = open_.format(role="system") + (tools.go_tools if tools else "") + close
-    system = (open_.format(role="system") + "{{ .Content }}"
-              + ("{{ if and $.Tools (eq $i 0) }}{{ if .Content }}\n\n{{ end }}" + tools.go_tools + "{{ end }}"
-                 if tools else "")
-              + close)
+    system = (
+        open_.format(role="system")
+        + "{{ .Content }}"
+        + (
+            "{{ if and $.Tools (eq $i 0) }}{{ if .Content }}\n\n{{ end }}" + tools.go_tools + "{{ end }}"
+            if tools
+            else ""
+        )
+        + close
+    )
     if skip_empty_system:
-        system = ("{{ if or .Content (and $.Tools (eq $i 0)) }}" if tools else "{{ if .Content }}") + system \
-            + "{{ end }}"
+        system = (
+            ("{{ if or .Content (and $.Tools (eq $i 0)) }}" if tools else "{{ if .Content }}") + system + "{{ end }}"
+        )
     # a chat that does not open with a system message: the tools' description is its system turn (the server
     # inserts one), else the template's default system prompt, if it has one
     first = '{{ if and (eq $i 0) (ne .Role "system") }}'
     default = first + open_.format(role="system") + default_system + close + "{{ end }}" if default_system else ""
     if tools and default:
-        default = first + "{{ if $.Tools }}" + described + "{{ else }}" + default[len(first):] + "{{ end }}"
+        default = first + "{{ if $.Tools }}" + described + "{{ else }}" + default[len(first) :] + "{{ end }}"
     elif tools:
         default = '{{ if and $.Tools (eq $i 0) (ne .Role "system") }}' + described + "{{ end }}"
     other = open_.format(role="{{ .Role }}") + "{{ .Content }}" + close
     if tools:
-        other = ('{{ if eq .Role "tool" }}' + open_.format(role=tools.result_role) + tools.go_result + close
-                 + "{{ else if .ToolCalls }}" + open_.format(role="assistant")
-                 + "{{ if .Content }}{{ .Content }}\n{{ end }}" + tools.go_calls + close
-                 + "{{ else }}" + other + "{{ end }}")
-    return (bos + "{{ range $i, $m := .Messages }}" + default + '{{ if eq .Role "system" }}' + system
-            + "{{ else }}" + other + "{{ end }}{{ end }}" + gen)
+        other = (
+            '{{ if eq .Role "tool" }}'
+            + open_.format(role=tools.result_role)
+            + tools.go_result
+            + close
+            + "{{ else if .ToolCalls }}"
+            + open_.format(role="assistant")
+            + "{{ if .Content }}{{ .Content }}\n{{ end }}"
+            + tools.go_calls
+            + close
+            + "{{ else }}"
+            + other
+            + "{{ end }}"
+        )
+    return (
+        bos
+        + "{{ range $i, $m := .Messages }}"
+        + default
+        + '{{ if eq .Role "system" }}'
+        + system
+        + "{{ else }}"
+        + other
+        + "{{ end }}{{ end }}"
+        + gen
+    )
 
 
 def none(facts: Facts) -> list[Template]:

@@ -9,7 +9,8 @@ from aegis.families._ollama import Facts, Template, turns
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 
 MARKERS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
@@ -19,14 +20,37 @@ def ollama(facts: Facts) -> list[Template]:
     or skipped."""
     if not facts.has(*MARKERS):
         return []
-    return [Template("Llama 3", turns("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>",
-                                      "<|start_header_id|>assistant<|end_header_id|>\n\n", bos, skip, None,
-                                      facts.tools),
-                     ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"))
-            for bos in facts.boses for skip in (False, True)]
+    return [
+        Template(
+            "Llama 3",
+            turns(
+                "<|start_header_id|>{role}<|end_header_id|>\n\n",
+                "<|eot_id|>",
+                "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                bos,
+                skip,
+                None,
+                facts.tools,
+            ),
+            ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
+        )
+        for bos in facts.boses
+        for skip in (False, True)
+    ]
 
 
-FAMILY = register(Family(
-    name="llama", gguf_arch="llama", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-    chat_template=CHAT_TEMPLATE, chat_markers=MARKERS, end_of_turn=("<|eot_id|>", "<|eom_id|>"),
-    ollama_format="Llama 3", ollama=ollama, tools="llama3", permute_qk=True, bpe_pre="llama-bpe"))
+FAMILY = register(
+    Family(
+        name="llama",
+        gguf_arch="llama",
+        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        chat_template=CHAT_TEMPLATE,
+        chat_markers=MARKERS,
+        end_of_turn=("<|eot_id|>", "<|eom_id|>"),
+        ollama_format="Llama 3",
+        ollama=ollama,
+        tools="llama3",
+        permute_qk=True,
+        bpe_pre="llama-bpe",
+    )
+)

@@ -13,23 +13,39 @@ CHAT_TEMPLATE = (
     "{% if loop.last and system_message is defined %}"
     "{{ '[INST] ' + system_message + '\n\n' + message['content'] + '[/INST]' }}"
     "{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
 
 def _go(bos: str, eos: str, close: str, space: str, tools: ToolFormat) -> str:
     """[INST] turns in Ollama's template. The system prompt, and after it the tools on offer, open the last turn
     when it is the user's (a tool's result included: the server writes it as a user turn); an assistant turn is its
     text, or its text and its calls, then EOS."""
-    system = ('{{ if and $last (or (eq $first.Role "system") $.Tools) }}'
-              '{{ if eq $first.Role "system" }}{{ $first.Content }}{{ end }}'
-              '{{ if and $.Tools (eq $first.Role "system") $first.Content }}\n\n{{ end }}'
-              "{{ if $.Tools }}" + tools.go_tools + "{{ end }}\n\n{{ end }}")
+    system = (
+        '{{ if and $last (or (eq $first.Role "system") $.Tools) }}'
+        '{{ if eq $first.Role "system" }}{{ $first.Content }}{{ end }}'
+        '{{ if and $.Tools (eq $first.Role "system") $first.Content }}\n\n{{ end }}'
+        "{{ if $.Tools }}" + tools.go_tools + "{{ end }}\n\n{{ end }}"
+    )
     user = '{{ if eq .Role "tool" }}' + tools.go_result + "{{ else }}{{ .Content }}{{ end }}"
-    assistant = ("{{ if .ToolCalls }}{{ if .Content }}{{ .Content }}\n{{ end }}" + tools.go_calls
-                 + "{{ else }}{{ .Content }}{{ end }}")
-    return (bos + "{{ $first := index .Messages 0 }}{{ range $i, $m := .Messages }}"
-            "{{ $last := eq (len (slice $.Messages $i)) 1 }}"
-            '{{ if or (eq .Role "user") (eq .Role "tool") }}[INST] ' + system + user + close
-            + '{{ else if eq .Role "assistant" }}' + space + assistant + eos + "{{ end }}{{ end }}")
+    assistant = (
+        "{{ if .ToolCalls }}{{ if .Content }}{{ .Content }}\n{{ end }}"
+        + tools.go_calls
+        + "{{ else }}{{ .Content }}{{ end }}"
+    )
+    return (
+        bos + "{{ $first := index .Messages 0 }}{{ range $i, $m := .Messages }}"
+        "{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+        '{{ if or (eq .Role "user") (eq .Role "tool") }}[INST] '
+        + system
+        + user
+        + close
+        + '{{ else if eq .Role "assistant" }}'
+        + space
+        + assistant
+        + eos
+        + "{{ end }}{{ end }}"
+    )
 
 
 def ollama(facts: Facts) -> list[Template]:
@@ -37,11 +53,26 @@ def ollama(facts: Facts) -> list[Template]:
     with BOS and EOS: with or without a literal BOS, "[/INST]" or " [/INST]", a space before a reply or none."""
     if not (facts.bos and facts.eos):
         return []
-    return [Template("Mistral [INST]", _go(bos, facts.eos, close, space, facts.tools), ("[INST]", "[/INST]"))
-            for bos in facts.boses for close in ("[/INST]", " [/INST]") for space in (" ", "")]
+    return [
+        Template("Mistral [INST]", _go(bos, facts.eos, close, space, facts.tools), ("[INST]", "[/INST]"))
+        for bos in facts.boses
+        for close in ("[/INST]", " [/INST]")
+        for space in (" ", "")
+    ]
 
 
-FAMILY = register(Family(
-    name="mistral", gguf_arch="llama", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-    chat_template=CHAT_TEMPLATE, chat_markers=("[INST]", "[/INST]"), end_of_turn=(),
-    ollama_format="Mistral [INST]", ollama=ollama, tools="mistral", permute_qk=True, bpe_pre="llama-bpe"))
+FAMILY = register(
+    Family(
+        name="mistral",
+        gguf_arch="llama",
+        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        chat_template=CHAT_TEMPLATE,
+        chat_markers=("[INST]", "[/INST]"),
+        end_of_turn=(),
+        ollama_format="Mistral [INST]",
+        ollama=ollama,
+        tools="mistral",
+        permute_qk=True,
+        bpe_pre="llama-bpe",
+    )
+)

@@ -10,7 +10,8 @@ CHAT_TEMPLATE = (
     "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
     "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
     "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
 
 MARKERS = ("<|user|>", "<|assistant|>", "<|end|>")
 # a small model that forgets <|end|> goes on to write the next turn itself: its markers stop the reply too
@@ -22,11 +23,26 @@ def ollama(facts: Facts) -> list[Template]:
     printed."""
     if not facts.has(*MARKERS):
         return []
-    return [Template("Phi-3", turns("<|{role}|>\n", "<|end|>\n", "<|assistant|>\n", bos, skip, None, facts.tools),
-                     END_OF_TURN) for bos in facts.boses for skip in (True, False)]
+    return [
+        Template(
+            "Phi-3", turns("<|{role}|>\n", "<|end|>\n", "<|assistant|>\n", bos, skip, None, facts.tools), END_OF_TURN
+        )
+        for bos in facts.boses
+        for skip in (True, False)
+    ]
 
 
-FAMILY = register(Family(
-    name="phi3", gguf_arch="phi3", lora_targets=("qkv_proj", "o_proj"), chat_template=CHAT_TEMPLATE,
-    chat_markers=MARKERS, end_of_turn=END_OF_TURN, ollama_format="Phi-3", ollama=ollama, tools="json",
-    longrope=True))
+FAMILY = register(
+    Family(
+        name="phi3",
+        gguf_arch="phi3",
+        lora_targets=("qkv_proj", "o_proj"),
+        chat_template=CHAT_TEMPLATE,
+        chat_markers=MARKERS,
+        end_of_turn=END_OF_TURN,
+        ollama_format="Phi-3",
+        ollama=ollama,
+        tools="json",
+        longrope=True,
+    )
+)

@@ -11,15 +11,17 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 MARKERS = ("<|im_start|>", "<|im_end|>")
 
 
 def _default_system(facts: Facts) -> str | None:
     """The system prompt a ChatML template inserts when the conversation has none (Qwen's and SmolLM's do)."""
-    m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", facts.render([{"role": "user", "content": "x"}]) or "",
-                  re.DOTALL)
+    m = re.search(
+        r"<\|im_start\|>system\n(.*?)<\|im_end\|>", facts.render([{"role": "user", "content": "x"}]) or "", re.DOTALL
+    )
     return m.group(1) if m else None
 
 
@@ -29,15 +31,29 @@ def ollama(facts: Facts) -> list[Template]:
     if not facts.has(*MARKERS):
         return []
     default = _default_system(facts)
-    return [Template("ChatML" + (" (default system prompt)" if d is not None else ""),
-                     turns("<|im_start|>{role}\n", "<|im_end|>\n", "<|im_start|>assistant\n", bos, skip, d,
-                           facts.tools), ("<|im_end|>", "<|im_start|>"))
-            for bos in facts.boses for d in ([default, None] if default is not None else [None])
-            for skip in (False, True)]
+    return [
+        Template(
+            "ChatML" + (" (default system prompt)" if d is not None else ""),
+            turns("<|im_start|>{role}\n", "<|im_end|>\n", "<|im_start|>assistant\n", bos, skip, d, facts.tools),
+            ("<|im_end|>", "<|im_start|>"),
+        )
+        for bos in facts.boses
+        for d in ([default, None] if default is not None else [None])
+        for skip in (False, True)
+    ]
 
 
-FAMILY = register(Family(
-    name="qwen2", gguf_arch="qwen2",
-    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    chat_template=CHAT_TEMPLATE, chat_markers=MARKERS, end_of_turn=("<|im_end|>", "<|endoftext|>"),
-    ollama_format="ChatML (default system prompt)", ollama=ollama, tools="hermes", bpe_pre="qwen2"))
+FAMILY = register(
+    Family(
+        name="qwen2",
+        gguf_arch="qwen2",
+        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        chat_template=CHAT_TEMPLATE,
+        chat_markers=MARKERS,
+        end_of_turn=("<|im_end|>", "<|endoftext|>"),
+        ollama_format="ChatML (default system prompt)",
+        ollama=ollama,
+        tools="hermes",
+        bpe_pre="qwen2",
+    )
+)

@@ -29,23 +29,36 @@ def detect(path: Path) -> str:
     if path.is_dir() and (is_checkpoint(path) or is_hf_model(path)):
         return "hf"
     if path.is_dir():
-        raise ValueError(f"{path}: a directory, but neither a training checkpoint (soul.safetensors + adapter) "
-                         f"nor a model directory (config.json)")
+        raise ValueError(
+            f"{path}: a directory, but neither a training checkpoint (soul.safetensors + adapter) "
+            f"nor a model directory (config.json)"
+        )
     raise FileNotFoundError(f"{path}: no such file or directory")
 
 
-def open_backend(path: Path, kind: str = "auto", *, n_ctx: int = 0, threads: int = 0, batch_size: int = 512,
-                 gpu_layers: int = -1, device: str = "auto", dtype: str = "auto",
-                 quantization: str | None = None) -> Backend:
+def open_backend(
+    path: Path,
+    kind: str = "auto",
+    *,
+    n_ctx: int = 0,
+    threads: int = 0,
+    batch_size: int = 512,
+    gpu_layers: int = -1,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantization: str | None = None,
+) -> Backend:
     path = Path(path)
     if kind == "auto":
         kind = detect(path)
     # each runtime is imported only when a model needs it (the serve image has llama.cpp but no torch)
     if kind == "llamacpp":
         from .llamacpp import LlamaCppBackend
+
         return LlamaCppBackend(path, n_ctx=n_ctx, n_threads=threads, n_batch=batch_size, gpu_layers=gpu_layers)
     if kind == "hf":
         from .hf import HFBackend
+
         return HFBackend(path, n_ctx=n_ctx, device=device, dtype=dtype, quantization=quantization)
     raise ValueError(f"backend {kind!r} is not one of {', '.join(KINDS)}")
 

@@ -26,6 +26,7 @@ END_OF_TURN = families.end_of_turn()
 @dataclass(frozen=True)
 class Sampling:
     """Decoding parameters after validation; every backend reads the same fields."""
+
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
@@ -39,6 +40,7 @@ class Sampling:
 class Control:
     """A control token (<|user|>, <|end|>, <s>, ...): only the chat template may produce one. lstrip/rstrip: the
     tokenizer drops whitespace to its left/right, as the joint tokenization of a prompt does."""
+
     id: int
     lstrip: bool = False
     rstrip: bool = False

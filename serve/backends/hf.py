@@ -34,18 +34,18 @@ class HFDetokenizer(Detokenizer):
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):  # U+FFFD: a character still incomplete
             self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before):]
+            return after[len(before) :]
         return ""
 
     def flush(self) -> str:
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         self.read = len(self.ids)
-        return after[len(before):]
+        return after[len(before) :]
 
 
 def sample(logits, sampling: Sampling, counts: dict[int, int], generator):
@@ -89,7 +89,7 @@ class HFSession(Session):
         model, device, n_vocab = self.backend.model, self.backend.device, self.backend.vocab_size
         generator = torch.Generator(device="cpu")
         if sampling.seed is not None:
-            generator.manual_seed(sampling.seed % (2 ** 63))
+            generator.manual_seed(sampling.seed % (2**63))
         else:
             generator.seed()
         counts: dict[int, int] = {}
@@ -104,15 +104,20 @@ class HFSession(Session):
                 self._logits = logits
                 yield token
                 cache = out["cache"] if "cache" in out else out["past_key_values"]
-                out = model(input_ids=torch.tensor([[token]], device=device), **{self.backend.cache_arg: cache},
-                            use_cache=True, logits_to_keep=1)
+                out = model(
+                    input_ids=torch.tensor([[token]], device=device),
+                    **{self.backend.cache_arg: cache},
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
 
 
 class HFBackend(Backend):
     kind = "transformers"
 
-    def __init__(self, path: Path, n_ctx: int = 0, device: str = "auto", dtype: str = "auto",
-                 quantization: str | None = None):
+    def __init__(
+        self, path: Path, n_ctx: int = 0, device: str = "auto", dtype: str = "auto", quantization: str | None = None
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,17 +127,21 @@ class HFBackend(Backend):
         self.device = torch.device(device)
         if is_checkpoint(self.path):
             # base + adapter + soul, exactly as training left them (the soul stays a module in front of the head)
-            self.model, _soul, self.tokenizer, _meta = load_checkpoint(self.path, quantization=quantization,
-                                                                       dtype=dtype, device=self.device)
+            self.model, _soul, self.tokenizer, _meta = load_checkpoint(
+                self.path, quantization=quantization, dtype=dtype, device=self.device
+            )
             self.kind = "transformers (checkpoint)"
         elif is_hf_model(self.path):
             torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-            self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype,
-                                                              device_map={"": self.device})
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.path, dtype=torch_dtype, device_map={"": self.device}
+            )
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         else:
-            raise ValueError(f"{self.path}: neither a training checkpoint (soul.safetensors + adapter) nor a "
-                             f"model directory (config.json)")
+            raise ValueError(
+                f"{self.path}: neither a training checkpoint (soul.safetensors + adapter) nor a "
+                f"model directory (config.json)"
+            )
         self.model.eval()
         # transformers 5 renamed the KV-cache argument from past_key_values to cache
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -146,8 +155,11 @@ class HFBackend(Backend):
         self.special_tokens = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
         self.add_bos = bool(getattr(tok, "add_bos_token", False)) and tok.bos_token_id is not None
         self.bos_id = tok.bos_token_id
-        self.controls = {t.content: Control(i, bool(t.lstrip), bool(t.rstrip))
-                         for i, t in tok.added_tokens_decoder.items() if t.special and t.content}
+        self.controls = {
+            t.content: Control(i, bool(t.lstrip), bool(t.rstrip))
+            for i, t in tok.added_tokens_decoder.items()
+            if t.special and t.content
+        }
         self._text_tokenizer, self._metaspace = text_tokenizer(tok)
         unk = tok.unk_token_id
 
@@ -163,8 +175,7 @@ class HFBackend(Backend):
         self.stop_ids = frozenset(stops)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=add_special, split_special_tokens=not parse_special)[
-            "input_ids"]
+        return self.tokenizer(text, add_special_tokens=add_special, split_special_tokens=not parse_special)["input_ids"]
 
     def tokenize_text(self, text: str) -> list[int]:
         if self._text_tokenizer is None:
@@ -177,8 +188,9 @@ class HFBackend(Backend):
         piece = self.tokenizer.convert_ids_to_tokens(token)
         if m := BYTE_PIECE.fullmatch(piece):
             return bytes([int(m.group(1), 16)])
-        return (piece.replace("\u2581", " ") if self._metaspace else
-                self.tokenizer.convert_tokens_to_string([piece])).encode("utf-8")
+        return (
+            piece.replace("\u2581", " ") if self._metaspace else self.tokenizer.convert_tokens_to_string([piece])
+        ).encode("utf-8")
 
     def detokenizer(self) -> Detokenizer:
         return HFDetokenizer(self.tokenizer)

@@ -51,8 +51,9 @@ class LlamaCppBackend(Backend):
         self.context_length = n_ctx or rule.default
         self.n_ctx_train = rule.length or self.context_length
         if n_ctx and (why := rule.warning(n_ctx)):
-            log.warning("%s: --ctx-size %d: %s; the default (--ctx-size 0) serves %d", self.path.name, n_ctx, why,
-                        rule.default)
+            log.warning(
+                "%s: --ctx-size %d: %s; the default (--ctx-size 0) serves %d", self.path.name, n_ctx, why, rule.default
+            )
         # half the cores, as llama-cpp-python's own server does: on shared or busy cores more threads than free
         # cores make llama.cpp's thread barriers spin and slow everything down
         self.n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
@@ -74,10 +75,12 @@ class LlamaCppBackend(Backend):
             attr = llama_cpp.llama_vocab_get_attr(self._vocab, tid)
             # the tokens llama.cpp reads from text only when asked to parse special tokens
             if attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN) and self._text(tid):
-                self.controls[self._text(tid)] = Control(tid, bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP),
-                                                         bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP))
-        self.controls_not_eog = sorted(c.id for c in self.controls.values()
-                                       if not llama_cpp.llama_vocab_is_eog(self._vocab, c.id))
+                self.controls[self._text(tid)] = Control(
+                    tid, bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP), bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP)
+                )
+        self.controls_not_eog = sorted(
+            c.id for c in self.controls.values() if not llama_cpp.llama_vocab_is_eog(self._vocab, c.id)
+        )
         stops = end_of_turn_ids(self._lookup)
         stops |= {t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
         self.stop_ids = frozenset(stops)

@@ -61,13 +61,20 @@ class LlamaBatch:
         self.ctx, said = _logged(lib, lambda: lib.llama_init_from_model(self.model, cp))
         if not self.ctx:
             lib.llama_model_free(self.model)
-            raise RuntimeError(f"{backend.path}: llama.cpp could not make a context of {cp.n_ctx} tokens for "
-                               f"{slots} slots (memory?)")
+            raise RuntimeError(
+                f"{backend.path}: llama.cpp could not make a context of {cp.n_ctx} tokens for {slots} slots (memory?)"
+            )
         self.mem = lib.llama_get_memory(self.ctx)
         # llama.cpp's own account of the memory its KV cache took (K and V of each cache it made)
         self.kv_mib = sum(float(m[1]) + float(m[3]) for m in KV_SIZE.findall(said)) or None
-        log.info("%s: KV cache %s%s for %d slots of %d positions", backend.path.name, cache_type,
-                 f", {self.kv_mib:.2f} MiB" if self.kv_mib else "", slots, backend.context_length)
+        log.info(
+            "%s: KV cache %s%s for %d slots of %d positions",
+            backend.path.name,
+            cache_type,
+            f", {self.kv_mib:.2f} MiB" if self.kv_mib else "",
+            slots,
+            backend.context_length,
+        )
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.batch = self._batch_arrays(self.n_batch)
@@ -120,8 +127,12 @@ class LlamaBatch:
         self.release(index)
         slot.sampler = self._chain(sampling)
         slot.grammar = self._grammar(sampling.grammar) if sampling.grammar else None
-        slot.argmax = (sampling.temperature <= 0 and not sampling.grammar and not sampling.presence_penalty
-                       and not sampling.frequency_penalty)
+        slot.argmax = (
+            sampling.temperature <= 0
+            and not sampling.grammar
+            and not sampling.presence_penalty
+            and not sampling.frequency_penalty
+        )
 
     def release(self, index: int) -> None:
         """The request on this slot is done; its cells stay for a later request that shares their prefix."""
@@ -142,8 +153,11 @@ class LlamaBatch:
 
         if s.presence_penalty or s.frequency_penalty:
             # OpenAI's penalties count the tokens generated so far: the chain sees only those
-            add(lib.llama_sampler_init_penalties(self.n_vocab, self.backend.context_length, 1.0,
-                                                 s.frequency_penalty, s.presence_penalty))
+            add(
+                lib.llama_sampler_init_penalties(
+                    self.n_vocab, self.backend.context_length, 1.0, s.frequency_penalty, s.presence_penalty
+                )
+            )
         if s.temperature <= 0:
             add(lib.llama_sampler_init_greedy())
             return chain
@@ -164,10 +178,15 @@ class LlamaBatch:
         self._nseq, self._want = np.ones(n, np.int32), np.zeros(n, np.int8)
         base = self._seq.ctypes.data
         self._seq_ptrs = (i32 * n)(*[ctypes.cast(base + 4 * i, i32) for i in range(n)])
-        return lib.llama_batch(n_tokens=0, token=self._tok.ctypes.data_as(i32), embd=None,
-                               pos=self._pos.ctypes.data_as(i32), n_seq_id=self._nseq.ctypes.data_as(i32),
-                               seq_id=ctypes.cast(self._seq_ptrs, ctypes.POINTER(i32)),
-                               logits=self._want.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)))
+        return lib.llama_batch(
+            n_tokens=0,
+            token=self._tok.ctypes.data_as(i32),
+            embd=None,
+            pos=self._pos.ctypes.data_as(i32),
+            n_seq_id=self._nseq.ctypes.data_as(i32),
+            seq_id=ctypes.cast(self._seq_ptrs, ctypes.POINTER(i32)),
+            logits=self._want.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
 
     def decode(self, feeds: list[tuple[int, list[int], bool | int]]) -> dict[int, int]:
         """One llama_decode of (slot, tokens, logits wanted: for the last token, or for the last n) for several
@@ -210,8 +229,9 @@ class LlamaBatch:
         lib = self.lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if len(self._ban):
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(self._ban),
-                                                                               self._ban))
+            lib.llama_sampler_chain_add(
+                chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(self._ban), self._ban)
+            )
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_grammar(self.vocab, text.encode("utf-8"), b"root"))
         return chain
 
@@ -229,7 +249,7 @@ class LlamaBatch:
             out = {i: int(self._best[rows[i]]) for i in argmax}
         chains = [(i, rows[i]) for i in rows if not slots[i].argmax and slots[i].grammar is None]
         if chains and self._at is None:
-            self._at = np.flatnonzero(self._want[:self._n]).tolist()
+            self._at = np.flatnonzero(self._want[: self._n]).tolist()
         n = min(len(chains), self._chain_threads)
         running = [self._pool.submit(self._chains, chains[k::n]) for k in range(n)] if n > 1 else []
         running += [self._pool.submit(self._constrained, i, rows[i]) for i in rows if slots[i].grammar is not None]
@@ -313,4 +333,3 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-

@@ -15,8 +15,16 @@ import pytest
 from .serving import REPO, free_port
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 DESKTOP = {"width": 1400, "height": 900}
 PHONE = {"width": 390, "height": 844}
 PLACEHOLDER = "メッセージを入力… (Enter で送信)"
@@ -27,8 +35,12 @@ def ui_process(api: str, log: Path, *args: str):
     """`python -m serve.ui --api API ARGS` on a free loopback port; yields the page's URL once it answers."""
     port = free_port()
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "serve.ui", "--api", api, "--port", str(port), *args],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serve.ui", "--api", api, "--port", str(port), *args],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 120
@@ -79,9 +91,11 @@ def open_page(browser, url: str, viewport: dict = DESKTOP):
     page = browser.new_page(viewport=viewport)
     page.requests = []
     page.on("request", lambda r: page.requests.append(r.url))
-    page.add_init_script("window.cspViolations = []; document.addEventListener('securitypolicyviolation',"
-                         " e => window.cspViolations.push("
-                         "[e.violatedDirective, e.blockedURI, e.sourceFile, e.lineNumber].join(' ')));")
+    page.add_init_script(
+        "window.cspViolations = []; document.addEventListener('securitypolicyviolation',"
+        " e => window.cspViolations.push("
+        "[e.violatedDirective, e.blockedURI, e.sourceFile, e.lineNumber].join(' ')));"
+    )
     page.goto(url, wait_until="load")  # not networkidle: the page keeps a heartbeat stream open (its session state)
     page.wait_for_selector("#api-status .api-ok", timeout=60_000)
     return page
@@ -98,8 +112,11 @@ def axe_violations(page, impacts=("serious", "critical")) -> list[str]:
     from axe_playwright_python.sync_playwright import Axe
 
     found = Axe().run(page).response["violations"]
-    return [f"{v['id']} ({v['impact']}): {v['help']} — {[n['target'] for n in v['nodes']][:4]}"
-            for v in found if v["impact"] in impacts]
+    return [
+        f"{v['id']} ({v['impact']}): {v['help']} — {[n['target'] for n in v['nodes']][:4]}"
+        for v in found
+        if v["impact"] in impacts
+    ]
 
 
 # Draws each character of a text in the given element's font on a canvas and compares it with the drawing of a
@@ -138,10 +155,10 @@ def set_number(page, label: str, value, within: str = "#chat-settings") -> None:
         box.press("Enter")
         box.blur()
         try:
-            page.wait_for_function("([el, v]) => Number(el.value) === v",
-                                   arg=[slider.element_handle(), float(value)], timeout=10_000)
+            page.wait_for_function(
+                "([el, v]) => Number(el.value) === v", arg=[slider.element_handle(), float(value)], timeout=10_000
+            )
             return
         except Exception:
             if attempt == 2:
                 raise
-

@@ -34,8 +34,13 @@ def tool(name: str) -> str:
 
 @functools.cache
 def _config(kind: str, env: tuple[tuple[str, str], ...]) -> str:
-    proc = subprocess.run([tool("docker-compose"), "-f", str(FILES[kind]), "config"], capture_output=True,
-                          text=True, cwd=ROOT, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **dict(env)})
+    proc = subprocess.run(
+        [tool("docker-compose"), "-f", str(FILES[kind]), "config"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **dict(env)},
+    )
     assert proc.returncode == 0 and not proc.stderr.strip(), f"docker-compose config of {FILES[kind]}: {proc.stderr}"
     return proc.stdout
 
@@ -44,10 +49,12 @@ def load(kind: str, env: dict[str, str] | None = None) -> dict:
     """The compose file as Compose resolves it (`docker-compose config`: variables interpolated from `env` alone,
     anchors merged, paths absolute, ports with their protocol); fails on any error or warning."""
     import yaml  # the test modules that call this skip without it
+
     return yaml.safe_load(_config(kind, tuple(sorted((env or {}).items()))))
 
 
 # ---- the Dockerfile, parsed just enough ------------------------------------------------------------------------
+
 
 def global_args() -> dict[str, str]:
     """The build arguments declared before the first FROM, with their defaults: what a FROM line may name."""
@@ -124,6 +131,7 @@ def image_entrypoint(target: str) -> list[str]:
     for line in lineage(target):
         if line.upper().startswith("ENTRYPOINT "):
             import json
+
             return json.loads(line.split(None, 1)[1])
     raise AssertionError(f"Dockerfile target {target} has no ENTRYPOINT")
 
@@ -140,8 +148,13 @@ def copied_into(target: str) -> dict[str, str]:
         if m.group(1):
             inner = copied_into(m.group(1)) if m.group(1) in all_stages else {}  # else an outside image
             for src in (x.rstrip("/") for x in sources):
-                out.update({dest.rstrip("/") + path[len(src):]: repo for path, repo in inner.items()
-                            if path == src or path.startswith(src + "/")})
+                out.update(
+                    {
+                        dest.rstrip("/") + path[len(src) :]: repo
+                        for path, repo in inner.items()
+                        if path == src or path.startswith(src + "/")
+                    }
+                )
             continue
         for src in sources:
             image_path = dest + Path(src).name if dest.endswith("/") and not src.endswith("/") else dest
@@ -153,13 +166,14 @@ def in_image(target: str, path: str) -> Path:
     """The repository file that `path` in the target's image comes from (asserts there is one)."""
     for image_path, src in copied_into(target).items():
         if path == image_path or path.startswith(image_path + "/"):
-            repo = ROOT / src / path[len(image_path):].lstrip("/") if path != image_path else ROOT / src
+            repo = ROOT / src / path[len(image_path) :].lstrip("/") if path != image_path else ROOT / src
             assert repo.exists(), f"{path} in the {target} image comes from {repo}, which does not exist"
             return repo
     raise AssertionError(f"nothing in the Dockerfile copies {path} into the {target} image")
 
 
 # ---- the code, searched just enough -----------------------------------------------------------------------------
+
 
 def module_file(module: str) -> Path:
     base = ROOT / module.replace(".", "/")
@@ -176,14 +190,16 @@ def assert_flags(module: str, args: list[str]) -> None:
         if a.startswith("-"):
             break
         words.append(a)
-    proc = subprocess.run([sys.executable, "-m", module, *words, "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *words, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, f"python -m {module} {' '.join(words)}: {proc.stderr.strip()[-500:]}"
     for a in args:
         if a.startswith("--"):
             flag = a.split("=", 1)[0]
-            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", proc.stdout), \
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", proc.stdout), (
                 f"python -m {module}: no option {flag}"
+            )
 
 
 def script_commands(script: Path) -> list[list[str]]:
@@ -194,20 +210,25 @@ def script_commands(script: Path) -> list[list[str]]:
         m = re.search(r"""exec\s+"\$python"\s+-m\s+(.*)""", line)
         if m:
             cmds.append([w.strip('"') for w in m.group(1).split()])
-    assert cmds, f"{script}: no `exec \"$python\" -m ...` line"
+    assert cmds, f'{script}: no `exec "$python" -m ...` line'
     return cmds
 
 
 def env_vars_read() -> str:
     """All the text where the project reads environment variables: its Python packages and docker/ scripts."""
-    files = [p for d in ("aegis", "train", "export", "serve", "docker") for p in (ROOT / d).rglob("*")
-             if p.suffix in (".py", ".sh")]
+    files = [
+        p
+        for d in ("aegis", "train", "export", "serve", "docker")
+        for p in (ROOT / d).rglob("*")
+        if p.suffix in (".py", ".sh")
+    ]
     return "\n".join(p.read_text() for p in files)
 
 
 def package_reads(package: str, var: str) -> bool | None:
     """Whether an installed package's source names the variable (None: package not installed)."""
     import importlib.util
+
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -35,8 +35,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path.rstrip("/").endswith("/v1/models"):
-            models = [{"id": name, "object": "model", "created": 0, "owned_by": "echo", "context_length": CONTEXT}
-                      for name in self.server.names]
+            models = [
+                {"id": name, "object": "model", "created": 0, "owned_by": "echo", "context_length": CONTEXT}
+                for name in self.server.names
+            ]
             return self._json(200, {"object": "list", "data": models})
         self._json(404, {"error": {"message": "not found"}})
 
@@ -68,8 +70,13 @@ class _Handler(BaseHTTPRequestHandler):
         step = max(1, -(-len(text) // server.pieces))
         try:
             for i in range(0, len(text), step):
-                chunk = {"id": "echo", "object": "chat.completion.chunk", "created": 0, "model": body.get("model"),
-                         "choices": [{"index": 0, "delta": {"content": text[i:i + step]}, "finish_reason": None}]}
+                chunk = {
+                    "id": "echo",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": body.get("model"),
+                    "choices": [{"index": 0, "delta": {"content": text[i : i + step]}, "finish_reason": None}],
+                }
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
                 self._wait(server.delay)

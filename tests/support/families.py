@@ -18,7 +18,8 @@ from aegis import families as registry
 # ---- chat templates, written after each family's conventions -------------------------------------------------------
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 LLAMA2 = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
     "{% set turns = messages[1:] %}{% else %}{% set system = none %}{% set turns = messages %}{% endif %}"
@@ -30,13 +31,15 @@ LLAMA2 = (
     "{% else %}{% set content = message['content'] %}{% endif %}"
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
-    "{% endfor %}")
+    "{% endfor %}"
+)
 MISTRAL_NO_SYSTEM = (  # v0.1's: user/assistant turns only
     "{{ bos_token }}{% for message in messages %}"
     "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
     "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
 GEMMA = (  # Gemma 3's: a system message opens the first user turn; turns are trimmed
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
     "{% set prefix = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
@@ -44,17 +47,19 @@ GEMMA = (  # Gemma 3's: a system message opens the first user turn; turns are tr
     "{% for message in turns %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
     "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') }}"
     "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 GEMMA_NO_SYSTEM = (  # Gemma 1/2's
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
     "{% endif %}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
     "else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 ALPACA = (  # a format AEGIS does not write: the proof must refuse it
     "{% for message in messages %}{% if message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] }}"
     "{% else %}{{ '### Response:\n' + message['content'] }}{% endif %}{{ '\n\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}")
-
+    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
 
 
 def _family(name: str, kind: str, specials: list[str], bos: str | None, eos: str | None, add_bos: bool) -> tuple:
@@ -67,17 +72,38 @@ def _family(name: str, kind: str, specials: list[str], bos: str | None, eos: str
 CHAT_FORMATS = {
     "phi3": _family("phi3", "tiny", [], None, None, False),
     "chatml": ("bpe", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", False, CHATML, "ChatML"),
-    "chatml-default-system": _family("qwen2", "bpe", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None,
-                                     "<|im_end|>", False),
-    "llama3": _family("llama", "bpe", ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                                       "<|end_header_id|>", "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", True),
+    "chatml-default-system": _family(
+        "qwen2", "bpe", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", False
+    ),
+    "llama3": _family(
+        "llama",
+        "bpe",
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        True,
+    ),
     "llama2": ("spm", [], "<s>", "</s>", True, LLAMA2, "Llama 2 [INST]"),
     "mistral": _family("mistral", "spm", [], "<s>", "</s>", True),
     "mistral-no-system": ("spm", [], "<s>", "</s>", True, MISTRAL_NO_SYSTEM, "Mistral [INST]"),
-    "gemma": ("bpe", ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", True, GEMMA,
-              "Gemma"),
-    "gemma-no-system": ("bpe", ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>",
-                        True, GEMMA_NO_SYSTEM, "Gemma"),
+    "gemma": (
+        "bpe",
+        ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        "<bos>",
+        "<eos>",
+        True,
+        GEMMA,
+        "Gemma",
+    ),
+    "gemma-no-system": (
+        "bpe",
+        ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        "<bos>",
+        "<eos>",
+        True,
+        GEMMA_NO_SYSTEM,
+        "Gemma",
+    ),
     "alpaca": ("bpe", ["<|endoftext|>"], None, "<|endoftext|>", False, ALPACA, None),
 }
 
@@ -94,8 +120,16 @@ PRETRAIN_STEPS = 30
 # last user turn, trains on the same chats, turn by turn: train/data.py).
 TRAIN_OVERRIDES: dict[str, list[str]] = {}
 # Rows of 256 so that llama.cpp's K-quants apply rather than fall back.
-SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0)
+SHAPE = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+)
 
 
 def _bpe(texts: list[str], specials: list[str]):
@@ -104,8 +138,12 @@ def _bpe(texts: list[str], specials: list[str]):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1200, special_tokens=specials,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=1200, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     return bpe
 
 
@@ -125,18 +163,33 @@ def build_tokenizer(fmt: str, out: Path, tiny_path: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(out)
     elif kind == "spm":  # the embedded SentencePiece model, as Llama 2 and Mistral ship theirs
         shutil.copy(tiny_path / "tokenizer.model", out / "tokenizer.model")
-        (out / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "bos_token": bos, "eos_token": eos, "unk_token": "<unk>",
-            "add_bos_token": add_bos, "add_eos_token": False, "legacy": True}))
+        (out / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "LlamaTokenizer",
+                    "bos_token": bos,
+                    "eos_token": eos,
+                    "unk_token": "<unk>",
+                    "add_bos_token": add_bos,
+                    "add_eos_token": False,
+                    "legacy": True,
+                }
+            )
+        )
         tok = AutoTokenizer.from_pretrained(out)
     else:
         texts = [corpus_path(n).read_text(encoding="utf-8") for n in ("prose_train_a.txt", "prose_train_b.txt")]
         bpe = _bpe(texts, specials)
         if add_bos:
-            bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                               special_tokens=[(bos, bpe.token_to_id(bos))])
-        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos,
-                                      pad_token=specials[0] if specials[0] not in (bos, eos) else eos)
+            bpe.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bpe.token_to_id(bos))]
+            )
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=bpe,
+            bos_token=bos,
+            eos_token=eos,
+            pad_token=specials[0] if specials[0] not in (bos, eos) else eos,
+        )
     tok.chat_template = template
     tok.save_pretrained(out)
     return out
@@ -172,8 +225,15 @@ def build_model(family: str, out: Path, tiny_path: Path, seed: int = 0, chat_for
     fmt, overrides = FAMILIES[family]
     out = build_tokenizer(chat_format or fmt, out, tiny_path)
     tok = AutoTokenizer.from_pretrained(out)
-    cfg = AutoConfig.for_model(family, vocab_size=64 * -(-len(tok) // 64), bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPE, **overrides)
+    cfg = AutoConfig.for_model(
+        family,
+        vocab_size=64 * -(-len(tok) // 64),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **SHAPE,
+        **overrides,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():

@@ -23,9 +23,19 @@ from aegis.config import EMBEDDED
 from aegis.tiny import ensure as ensure_tiny
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN_ARGS = ["--config", str(REPO / "configs" / "quickstart.toml"), "--set", "schedule.total_steps=20",
-              "--set", "schedule.warmup_steps=5", "--set", "schedule.anneal_steps=10", "--set", "train.save_steps=10",
-              "--no-progress"]
+TRAIN_ARGS = [
+    "--config",
+    str(REPO / "configs" / "quickstart.toml"),
+    "--set",
+    "schedule.total_steps=20",
+    "--set",
+    "schedule.warmup_steps=5",
+    "--set",
+    "schedule.anneal_steps=10",
+    "--set",
+    "train.save_steps=10",
+    "--no-progress",
+]
 
 
 def free_port() -> int:
@@ -50,9 +60,13 @@ def _compute_fingerprint() -> str:
     the files' contents)."""
     h = hashlib.sha256(" ".join(TRAIN_ARGS[2:]).encode())
     try:
-        trees = subprocess.run(["git", "rev-parse", "HEAD:aegis", "HEAD:train", "HEAD:export",
-                                "HEAD:configs/quickstart.toml"],
-                               cwd=REPO, capture_output=True, text=True, check=True).stdout
+        trees = subprocess.run(
+            ["git", "rev-parse", "HEAD:aegis", "HEAD:train", "HEAD:export", "HEAD:configs/quickstart.toml"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         h.update(trees.encode())
     except (OSError, subprocess.CalledProcessError):
         for folder in ("aegis", "train", "export"):
@@ -81,14 +95,17 @@ def exported_run(cache_root: Path, log=print) -> Path:
         shutil.rmtree(run)
     run.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    steps = [[sys.executable, "-m", "train", *TRAIN_ARGS, "--run-dir", str(run)],
-             [sys.executable, "-m", "export", "all", "--run", str(run)]]
+    steps = [
+        [sys.executable, "-m", "train", *TRAIN_ARGS, "--run-dir", str(run)],
+        [sys.executable, "-m", "export", "all", "--run", str(run)],
+    ]
     for cmd in steps:
         log(f"$ {' '.join(cmd[1:])}")
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[1:3])} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
-                               f"{done.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(cmd[1:3])} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
     if not find_gguf(run):
         raise RuntimeError(f"export left no GGUF under {run / 'export'}")
     for old in run.parent.glob("run-*"):  # runs made by older code are of no further use
@@ -122,8 +139,12 @@ def base_gguf(run_dir: Path) -> Path:
     base = runs.read_config(run_dir).model.base
     if base == EMBEDDED:
         base = str(ensure_tiny())
-    done = subprocess.run([sys.executable, "-m", "export", "gguf", "--model", base, "--out", str(out), "--type",
-                           "f16"], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "export", "gguf", "--model", base, "--out", str(out), "--type", "f16"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"export gguf of the base failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return out
@@ -132,9 +153,16 @@ def base_gguf(run_dir: Path) -> Path:
 class Server:
     """`python -m serve ARGS` on a free loopback port; waits until /ready answers 200."""
 
-    def __init__(self, *args: str, api_key: str | None = None, log_path: Path | None = None,
-                 ready_timeout: float = 180.0, module: str = "serve", ready_path: str = "/ready",
-                 program: str | None = None):
+    def __init__(
+        self,
+        *args: str,
+        api_key: str | None = None,
+        log_path: Path | None = None,
+        ready_timeout: float = 180.0,
+        module: str = "serve",
+        ready_path: str = "/ready",
+        program: str | None = None,
+    ):
         """program: an executable to run instead of `python -m module` (llama.cpp's llama-server)."""
         self.port = free_port()
         self.api_key = api_key
@@ -162,8 +190,9 @@ class Server:
         """Start and wait until ready_path (default: the one given at construction) answers 200."""
         ready_path = ready_path or self.ready_path
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(
+            self.args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -213,6 +242,7 @@ def tiny_server(request, tmp_path_factory, *args: str, name: str = "tiny"):
 
 def openai_client(server: Server):
     import openai
+
     return openai.OpenAI(base_url=server.api, api_key=server.api_key or "none", max_retries=0, timeout=120)
 
 

@@ -9,8 +9,14 @@ from aegis.forwards import given, take_back
 from train.loss import micro_loss
 
 # a decoder small enough to build and export inside a test: two layers, grouped-query attention
-SMALL_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=512)
+SMALL_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 
 def phi35_mini():
@@ -44,8 +50,9 @@ def assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
     """Every gradient within `rel` of the reference, measured over the whole tensor (the norm of the difference over
     the reference's norm): in bf16, single elements near zero differ by more than any elementwise tolerance allows,
     while a wrong product, scaling or lost slice moves the whole tensor. The worst one is printed either way."""
-    errors = {n: float((got[n].float() - want[n].float()).norm() / want[n].float().norm().clamp_min(1e-30))
-              for n in want}
+    errors = {
+        n: float((got[n].float() - want[n].float()).norm() / want[n].float().norm().clamp_min(1e-30)) for n in want
+    }
     worst = max(errors, key=errors.get)
     print(f"worst relative gradient difference: {errors[worst]:.2e} ({worst}); limit {rel:.0e}")
     bad = {n: e for n, e in errors.items() if not e <= rel}
