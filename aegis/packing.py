@@ -1,5 +1,5 @@
 """Packed windows that keep their documents apart: each token attends only to the tokens before it in its own
-document, and its position counts from its document's start (data.packing = "documents", train/data.py).
+document, and its position counts from its document's start (data.packing = "documents", train/batches.py).
 
 A window arrives with the document of each token as a [batch, length] tensor of numbers that never decrease along a
 row (0 for the first document of the window, 1 for the next, ...). From it the model gets two inputs, both built on
@@ -16,7 +16,7 @@ the device with no host synchronisation and a shape fixed by the window, so a co
 from __future__ import annotations
 
 MODES = ("auto", "documents", "concat")
-KEY = "documents"  # the batch entry (train/data.py collate) that carries the documents
+KEY = "documents"  # the batch entry (train/batches.py collate) that carries the documents
 
 
 def positions(documents):

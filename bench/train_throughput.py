@@ -100,13 +100,13 @@ def windows(snap: Path, steps: int, batch: int, length: int, repeat: int = 1, se
     the bench's data.train), so both paths see the same windows in the same order."""
     from transformers import AutoTokenizer
 
-    from train import data
+    from train import batches, data
 
     tok = AutoTokenizer.from_pretrained(snap)
     ex = data.load(CORPUS * repeat, tok)
-    stream = data.Stream(ex, length, seed)
+    stream = batches.Stream(ex, length, seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return [data.collate(stream.next_update(batch, 1)[0], pad, length) for _ in range(steps)]
+    return [batches.collate(stream.next_update(batch, 1)[0], pad, length) for _ in range(steps)]
 
 
 def check_plain_mode(model, ckpt: bool) -> None:

@@ -7,7 +7,7 @@ o_proj, or q/k/v/o in the llamafied form; `--targets all` adds the MLP), the mod
 gradient clipping at 1.0, the HF forward with labels. Two forms of the same random weights: Phi-3 as Borea ships it
 (fused projections: Unsloth's generic path) and llamafied (bench/llamafy.py: Unsloth's Llama kernels).
 
-Rows, each on the training windows ours sees (train.data.Stream, same corpus and seed), LoRA re-initialised and a new
+Rows, each on the training windows ours sees (train.batches.Stream, same corpus and seed), LoRA re-initialised and a new
 optimizer per row so every row starts where ours does:
   seed        1 x 512;
   throughput  batch x 512 for --tp-batches in order, up to the first over --budget-gib or no faster than the one

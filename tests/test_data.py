@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train import data
+from train import batches, data
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_missing_and_unsupported_sources(tmp_path, tok):
 def test_packing_fills_windows_without_padding(tok):
     ex = data.load(["embedded:prose_eval.txt"], tok)
     total = sum(len(e.input_ids) for e in ex)
-    packed = data.pack(ex, 128)
+    packed = batches.pack(ex, 128)
     assert all(len(p.input_ids) == 128 for p in packed[:-1])
     assert sum(len(p.input_ids) for p in packed) == total
     assert [t for p in packed for t in p.input_ids] == [t for e in ex for t in e.input_ids]
@@ -154,13 +154,13 @@ def test_packing_fills_windows_without_padding(tok):
 
 def test_stream_is_deterministic_and_independent_of_process_count(tok):
     ex = data.load(["embedded:prose_eval.txt"], tok)
-    one = data.Stream(ex, 64, seed=3)
-    two = [data.Stream(ex, 64, seed=3, rank=r, world=2) for r in range(2)]
+    one = batches.Stream(ex, 64, seed=3)
+    two = [batches.Stream(ex, 64, seed=3, rank=r, world=2) for r in range(2)]
     for _ in range(5):
         a = one.next_update(1, 2)  # one process, accumulation 2
         b = [s.next_update(1, 1)[0] for s in two]  # two processes, no accumulation: one micro-batch each
         assert [x.input_ids for m in a for x in m] == [x.input_ids for m in b for x in m]
-    again = data.Stream(ex, 64, seed=3)
+    again = batches.Stream(ex, 64, seed=3)
     again.restore(one.state())
     assert again.next_update(1, 1)[0][0].input_ids == one.next_update(1, 1)[0][0].input_ids
 
@@ -193,15 +193,15 @@ def test_documents_packing_cuts_the_same_windows_and_numbers_their_documents():
         data.Example([4, 5], [data.IGNORE, 5], chat=True),
         data.Example([6, 7, 8, 9, 10, 11], [6, 7, 8, 9, 10, 11]),
     ]
-    concat, docs = data.pack(ex, 4), data.pack(ex, 4, documents=True)
+    concat, docs = batches.pack(ex, 4), batches.pack(ex, 4, documents=True)
     assert [w.input_ids for w in docs] == [w.input_ids for w in concat] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11]]
     assert all(w.documents is None for w in concat)
     assert [w.documents for w in docs] == [[0, 0, 0, 1], [0, 1, 1, 1], [0, 0, 0]]
     assert [w.labels for w in docs] == [[1, 2, 3, data.IGNORE], [5, data.IGNORE, 7, 8], [9, 10, 11]]
     assert [w.labels for w in concat] == [[1, 2, 3, data.IGNORE], [5, 6, 7, 8], [9, 10, 11]]
-    batch = data.collate(docs[1:], pad_id=0, width=5)
+    batch = batches.collate(docs[1:], pad_id=0, width=5)
     assert batch["documents"].tolist() == [[0, 1, 1, 1, 2], [0, 0, 0, 1, 1]]  # padding: a document of its own
-    assert "documents" not in data.collate(concat[1:], pad_id=0, width=5)
+    assert "documents" not in batches.collate(concat[1:], pad_id=0, width=5)
 
 
 def test_auto_packing_keeps_chat_documents_apart_and_reads_text_on(tmp_path, tok):
@@ -212,10 +212,10 @@ def test_auto_packing_keeps_chat_documents_apart_and_reads_text_on(tmp_path, tok
     txt = tmp_path / "p.txt"
     txt.write_text("一段落目です。\n\n二段落目です。\n", encoding="utf-8")
     text, mixed = data.load([str(txt)], tok), data.load([str(txt), str(chat)], tok)
-    assert data.packing_mode("auto", text) == "concat" and data.packing_mode("auto", mixed) == "documents"
-    assert data.packing_mode("concat", mixed) == "concat" and data.packing_mode("documents", text) == "documents"
-    assert data.packing_mode("auto", mixed, tiled_attention=True) == "concat"  # one long sequence per window
+    assert batches.packing_mode("auto", text) == "concat" and batches.packing_mode("auto", mixed) == "documents"
+    assert batches.packing_mode("concat", mixed) == "concat" and batches.packing_mode("documents", text) == "documents"
+    assert batches.packing_mode("auto", mixed, tiled_attention=True) == "concat"  # one long sequence per window
     with pytest.raises(data.DataError, match=r'^data.packing = "documents" .*train.tiled_attention'):
-        data.packing_mode("documents", mixed, tiled_attention=True)
-    stream = data.Stream(mixed * 8, 16, seed=0, documents=True)
+        batches.packing_mode("documents", mixed, tiled_attention=True)
+    stream = batches.Stream(mixed * 8, 16, seed=0, documents=True)
     assert all(w.documents is not None and len(w.documents) == len(w.input_ids) for w in stream.next_update(2, 2)[0])

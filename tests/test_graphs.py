@@ -10,6 +10,7 @@ from aegis import loading as model_mod, metrics
 from aegis.config import ConfigError, build
 from conftest import SHORT, train_cli
 from train import data, graphs
+from train.batches import collate
 from train.loss import count_targets, masked_loss_sum
 
 
@@ -33,7 +34,7 @@ def _batches(device, n, width=64, seed=0):
     for _ in range(n):
         a = torch.randint(12, 4000, (width,), generator=gen).tolist()
         b = torch.randint(12, 4000, (width - 20,), generator=gen).tolist()
-        out.append(data.collate([data.Example(a, a), data.Example(b, b)], pad_id=0, width=width))
+        out.append(collate([data.Example(a, a), data.Example(b, b)], pad_id=0, width=width))
     return out
 
 

@@ -7,7 +7,7 @@ import torch
 
 from aegis import loading as model_mod, memory, soul as soul_mod
 from aegis.config import ConfigError, build
-from train import data, graphs
+from train import batches, data, graphs
 from train.loss import count_targets, micro_loss
 
 ARGS = ["model.base=embedded", "model.quantization=none", "lora.dropout=0.0"]
@@ -32,8 +32,8 @@ def _window(before: list[list[int]], last: list[int], mode: str) -> dict[str, to
     """One window, packed and collated as training does it: the documents `before`, then `last`."""
     docs = [data.Example(d, d) for d in [*before, last]]
     width = sum(map(len, [*before, last]))
-    [window] = data.pack(docs, width, documents=mode == "documents")
-    return data.collate([window], pad_id=0, width=width)
+    [window] = batches.pack(docs, width, documents=mode == "documents")
+    return batches.collate([window], pad_id=0, width=width)
 
 
 def _logits(model, batch) -> torch.Tensor:
@@ -50,7 +50,7 @@ def test_a_tokens_logits_do_not_depend_on_the_documents_before_it(tiny_path):
     document is shorter, so LongRoPE picks its factors from the restarted positions, as for the document alone."""
     model, _ = _model(tiny_path)
     last = _tokens(120, 0)
-    alone = _logits(model, data.collate([data.Example(last, last)], pad_id=0))
+    alone = _logits(model, batches.collate([data.Example(last, last)], pad_id=0))
     befores = [[_tokens(400, 1), _tokens(300, 2)], [_tokens(250, 3), _tokens(330, 4), _tokens(90, 5)]]
     for before in befores:
         got = _logits(model, _window(before, last, "documents"))[-len(last) :]
@@ -68,8 +68,8 @@ def test_the_captured_steps_buffers_and_the_compiled_blocks_keep_documents_apart
     model, soul = _model(tiny_path)
     params = [p for p in model.parameters() if p.requires_grad]
     rows = [[_tokens(40, 6), _tokens(60, 7)], [_tokens(70, 8), _tokens(30, 9)]]
-    batch = data.collate(
-        [data.pack([data.Example(d, d) for d in row], 100, documents=True)[0] for row in rows], pad_id=0
+    batch = batches.collate(
+        [batches.pack([data.Example(d, d) for d in row], 100, documents=True)[0] for row in rows], pad_id=0
     )
     n = count_targets(batch["labels"])
     head = soul_mod.head_of(model)
@@ -141,8 +141,10 @@ def test_the_captured_step_keeps_documents_apart_on_cuda(tiny_path):
                 [_tokens(30 + 20 * update, 10 * update + i), _tokens(98 - 20 * update, 10 * update + i + 5)]
                 for i in range(2)
             ]
-            batch = data.collate(
-                [data.pack([data.Example(d, d) for d in r], 128, documents=True)[0] for r in rows], pad_id=0, width=128
+            batch = batches.collate(
+                [batches.pack([data.Example(d, d) for d in r], 128, documents=True)[0] for r in rows],
+                pad_id=0,
+                width=128,
             )
             n = count_targets(batch["labels"])
             step.begin()

@@ -27,7 +27,7 @@ from aegis.cli import setting
 from aegis.errors import AegisError
 from aegis.loading import load_checkpoint
 
-from . import data, trackers
+from . import batches, data, trackers
 from .loss import count_targets, masked_loss_sum
 
 PROG = "python -m train.eval"
@@ -66,7 +66,7 @@ def loss_over(model, seqs: list[data.Example], pad_id: int, batch_size: int = 8)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
-        batch = data.collate([seqs[i] for i in order[start : start + batch_size]], pad_id)
+        batch = batches.collate([seqs[i] for i in order[start : start + batch_size]], pad_id)
         count += count_targets(batch["labels"])
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -23,7 +23,7 @@ from aegis.config import EMBEDDED, Config, to_dict
 from aegis.errors import no_space, out_of_room
 from aegis.metrics import METRICS, JsonlSink, MetricLogger, ProgressSink, read as read_metrics
 
-from . import data, graphs, profile, rundir, trackers
+from . import batches, data, graphs, profile, rundir, trackers
 from .loss import count_targets, micro_loss
 from .progress import Progress, metrics_record, soul_metadata, write_summary
 from .rundir import RunError
@@ -101,9 +101,9 @@ class Recipe:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         examples = data.load(cfg.data.train, self.tokenizer, cfg.data.skip_bad_lines, log=self.log)
-        self.packing = data.packing_mode(cfg.data.packing, examples, self.mem.tiled_attention)
+        self.packing = batches.packing_mode(cfg.data.packing, examples, self.mem.tiled_attention)
         self.log(f"data.packing: {self.packing}")
-        self.stream = data.Stream(
+        self.stream = batches.Stream(
             examples,
             cfg.train.max_length,
             cfg.train.seed,
@@ -216,7 +216,7 @@ class Recipe:
                 self.soul.alpha.fill_(schedule.alpha_for_step(p.step, cfg.schedule))
         seqs = [ex for b in self.stream.next_update(cfg.train.batch_size, cfg.train.grad_accum) for ex in b]
         micro = [
-            data.collate(seqs[i : i + self.mem.micro_batch], self.tokenizer.pad_token_id, cfg.train.max_length)
+            batches.collate(seqs[i : i + self.mem.micro_batch], self.tokenizer.pad_token_id, cfg.train.max_length)
             for i in range(0, len(seqs), self.mem.micro_batch)
         ]
         loss_sum, n_targets = self._forward_backward(micro)
