@@ -11,8 +11,9 @@ Anything else is a TemplateError naming the position, rather than a silently dif
 from __future__ import annotations
 
 import ast
-import json
 import re
+
+from .gofuncs import FUNCS, and_or, path, truth
 
 _ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.DOTALL)
 _TOKEN = re.compile(
@@ -142,65 +143,6 @@ def _parse(parts: list[tuple[str, str]]):
 # ---- evaluation ---------------------------------------------------------------------------------------------------
 
 
-def _truth(v) -> bool:
-    return not (v is None or v is False or v == 0 or v == "" or (hasattr(v, "__len__") and len(v) == 0))
-
-
-def _field(obj, name: str):
-    if isinstance(obj, dict):
-        if name in obj:
-            return obj[name]
-        for k in obj:  # Ollama's messages are Go structs (Role, Content); accept JSON-style keys too
-            if isinstance(k, str) and k.lower() == name.lower():
-                return obj[k]
-        return None
-    return getattr(obj, name, None)
-
-
-def _path(obj, dotted: str):
-    for name in [p for p in dotted.split(".") if p]:
-        obj = _field(obj, name)
-    return obj
-
-
-_FUNCS = {
-    "eq": lambda a, *b: any(a == x for x in b),
-    "ne": lambda a, b: a != b,
-    "lt": lambda a, b: a < b,
-    "le": lambda a, b: a <= b,
-    "gt": lambda a, b: a > b,
-    "ge": lambda a, b: a >= b,
-    "not": lambda a: not _truth(a),
-    "len": lambda a: len(a),
-    "index": lambda a, *i: _index(a, i),
-    "slice": lambda a, *i: a[i[0] : (i[1] if len(i) > 1 else None)],
-    "json": lambda a: _go_json(a),
-}
-
-
-def _go_json(value) -> str:
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
-        text = text.replace(ch, esc)
-    return text
-
-
-def _and_or(name: str, args: list):
-    """Go's and / or: the first argument that decides (falsy for and, truthy for or), else the last."""
-    out = name == "and"
-    for a in args:
-        out = a
-        if _truth(a) != (name == "and"):
-            break
-    return out
-
-
-def _index(a, idx):
-    for i in idx:
-        a = a[i]
-    return a
-
-
 class _Eval:
     def __init__(self, root):
         self.root = root
@@ -221,10 +163,10 @@ class _Eval:
         if kind == "num":
             return float(v) if "." in v else int(v)
         if kind == "field":
-            return dot if v == "." else _path(dot, v)
+            return dot if v == "." else path(dot, v)
         if kind == "var":
             head, _, rest = v.partition(".")
-            return _path(self.var(head), rest)
+            return path(self.var(head), rest)
         if kind == "ident" and v in ("true", "false"):
             return v == "true"
         if kind == "ident" and v == "nil":
@@ -258,14 +200,14 @@ class _Eval:
                 i = j
                 continue
             items.append(
-                ("fn", v) if kind == "ident" and v in (*_FUNCS, "and", "or") else ("value", self.value(toks[i], dot))
+                ("fn", v) if kind == "ident" and v in (*FUNCS, "and", "or") else ("value", self.value(toks[i], dot))
             )
             i += 1
         if not items:
             raise TemplateError("empty action")
         if items[0][0] == "fn":
             name, args = items[0][1], [v for _, v in items[1:]]
-            return _and_or(name, args) if name in ("and", "or") else _FUNCS[name](*args)
+            return and_or(name, args) if name in ("and", "or") else FUNCS[name](*args)
         if len(items) != 1:
             raise TemplateError(f"cannot call a non-function with arguments: {toks}")
         return items[0][1]
@@ -281,7 +223,7 @@ class _Eval:
                     out.append(v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v))
             elif kind == "if":
                 for cond, body in node[1]:
-                    if cond is None or _truth(self.pipeline(cond, dot)):
+                    if cond is None or truth(self.pipeline(cond, dot)):
                         self.run(body, dot, out)
                         break
             elif kind == "range":
