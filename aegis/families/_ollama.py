@@ -77,22 +77,6 @@ def turns(
         default = first + "{{ if $.Tools }}" + described + "{{ else }}" + default[len(first) :] + "{{ end }}"
     elif tools:
         default = '{{ if and $.Tools (eq $i 0) (ne .Role "system") }}' + described + "{{ end }}"
-    other = open_.format(role="{{ .Role }}") + "{{ .Content }}" + close
-    if tools:
-        other = (
-            '{{ if eq .Role "tool" }}'
-            + open_.format(role=tools.result_role)
-            + tools.go_result
-            + close
-            + "{{ else if .ToolCalls }}"
-            + open_.format(role="assistant")
-            + "{{ if .Content }}{{ .Content }}\n{{ end }}"
-            + tools.go_calls
-            + close
-            + "{{ else }}"
-            + other
-            + "{{ end }}"
-        )
     return (
         bos
         + "{{ range $i, $m := .Messages }}"
@@ -100,9 +84,31 @@ def turns(
         + '{{ if eq .Role "system" }}'
         + system
         + "{{ else }}"
-        + other
+        + _other(open_, close, tools)
         + "{{ end }}{{ end }}"
         + gen
+    )
+
+
+def _other(open_: str, close: str, tools: ToolFormat | None) -> str:
+    """A turn that is not the system's: the message's role and content, or with `tools` a tool's result in the
+    format's result role and an assistant's calls in its call format."""
+    other = open_.format(role="{{ .Role }}") + "{{ .Content }}" + close
+    if not tools:
+        return other
+    return (
+        '{{ if eq .Role "tool" }}'
+        + open_.format(role=tools.result_role)
+        + tools.go_result
+        + close
+        + "{{ else if .ToolCalls }}"
+        + open_.format(role="assistant")
+        + "{{ if .Content }}{{ .Content }}\n{{ end }}"
+        + tools.go_calls
+        + close
+        + "{{ else }}"
+        + other
+        + "{{ end }}"
     )
 
 
