@@ -1,7 +1,7 @@
 """From a decoded request to a job ready to queue: the prompt (the model's own chat template), the grammar that
-constrains the reply (response_format, tools), the token budget against the context, and every check a type cannot
-express. Everything here raises APIError with the client's status (400/404/429/503); nothing a client sends reaches
-a backend unchecked, and every field it sends is honoured or refused by name."""
+constrains the reply (response_format, tools: serve/constraints.py), the token budget against the context, and every
+check a type cannot express. Everything here raises APIError with the client's status (400/404/429/503); nothing a
+client sends reaches a backend unchecked, and every field it sends is honoured or refused by name."""
 
 from __future__ import annotations
 
@@ -11,20 +11,14 @@ from dataclasses import dataclass
 
 from aegis.chat_template import TemplateError
 
-from . import prompt, structured, tools
+from . import constraints, prompt
 from .backends import Backend, Sampling
 from .config import Settings
+from .constraints import unsupported
 from .errors import APIError, bad_request
 from .job import Job, PoolClosed, QueueFull
 from .registry import Registry, ServedModel
-from .schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    JsonObjectFormat,
-    JsonSchemaFormat,
-    NamedToolChoice,
-    SamplingRequest,
-)
+from .schemas import ChatCompletionRequest, CompletionRequest, JsonSchemaFormat, SamplingRequest
 
 log = logging.getLogger("serve")
 
@@ -43,15 +37,11 @@ class Prepared:
     tools: bool = False  # the reply is read for tool calls
 
 
-def _unsupported(message: str, param: str) -> APIError:
-    return bad_request(message, param, "unsupported_parameter")
-
-
 def _check_common(req: SamplingRequest) -> None:
     if req.n not in (None, 1):
-        raise _unsupported("n > 1 is not supported: send one request per completion", "n")
+        raise unsupported("n > 1 is not supported: send one request per completion", "n")
     if req.logit_bias:
-        raise _unsupported("logit_bias is not supported by this server", "logit_bias")
+        raise unsupported("logit_bias is not supported by this server", "logit_bias")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     if req.user:
@@ -107,103 +97,14 @@ def budget(
     return min(settings.max_tokens_default, room) if settings.max_tokens_default else room
 
 
-def _tool_plan(req: ChatCompletionRequest) -> tuple[str, list[dict]]:
-    """(choice, tools): choice is none | auto | required | a function's name."""
-    if req.functions is not None or req.function_call is not None:
-        param = "functions" if req.functions is not None else "function_call"
-        raise _unsupported(
-            "the legacy functions/function_call fields are not supported: use tools and tool_choice", param
-        )
-    defs = []
-    for i, t in enumerate(req.tools or []):
-        params = t.function.parameters
-        where = f"tools[{i}].function.parameters"
-        if params is None:  # OpenAI: a function without parameters takes no arguments
-            params = {"type": "object", "properties": {}, "additionalProperties": False}
-        elif params.get("type") != "object":
-            raise bad_request('a function\'s parameters must be a JSON Schema of "type": "object"', where)
-        if any(d["name"] == t.function.name for d in defs):
-            raise bad_request(f"two tools are named {t.function.name!r}", f"tools[{i}].function.name")
-        if t.function.strict and t.function.parameters is not None:
-            _check_strict(params, where, f"function '{t.function.name}'")
-        defs.append(
-            {"name": t.function.name, "description": t.function.description, "parameters": params, "param": where}
-        )
-    choice = req.tool_choice
-    if not defs:
-        if choice not in (None, "none"):
-            raise bad_request("tool_choice needs tools", "tool_choice")
-        if req.parallel_tool_calls is not None:
-            raise bad_request("parallel_tool_calls needs tools", "parallel_tool_calls")
-        return "none", []
-    if isinstance(choice, NamedToolChoice):
-        if all(d["name"] != choice.function.name for d in defs):
-            raise bad_request(
-                f"tool_choice names {choice.function.name!r}, which is not among the tools", "tool_choice.function.name"
-            )
-        return choice.function.name, defs
-    return choice or "auto", defs
-
-
-def _check_strict(schema, param: str, what: str) -> None:
-    """strict: true holds the schema to OpenAI's strict rules, refused in OpenAI's words."""
-    try:
-        structured.check_strict(schema)
-    except RecursionError:
-        raise bad_request("the schema is nested too deeply", param) from None
-    except structured.StrictError as e:
-        raise bad_request(f"Invalid schema for {what}: {e}.", param, "invalid_json_schema") from None
-
-
-def _grammar(backend: Backend, req: ChatCompletionRequest, choice: str, defs: list[dict]) -> str | None:
-    fmt = req.response_format
-    if isinstance(fmt, JsonSchemaFormat) and fmt.json_schema.strict and fmt.json_schema.schema is not None:
-        _check_strict(
-            fmt.json_schema.schema, "response_format.json_schema.schema", f"response_format '{fmt.json_schema.name}'"
-        )
-    constrained = isinstance(fmt, (JsonObjectFormat, JsonSchemaFormat))
-    if constrained and choice != "none":
-        raise _unsupported(
-            "response_format json_object/json_schema together with tools needs tool_choice none", "response_format"
-        )
-    param = "response_format" if constrained else "tools"
-    if not constrained and choice == "none":
-        return None
-    if not backend.supports_grammar:
-        raise _unsupported(
-            f"this model's backend ({backend.kind}) cannot constrain decoding: serve a GGUF file for {param}", param
-        )
-    try:
-        if isinstance(fmt, JsonSchemaFormat):
-            param = "response_format.json_schema.schema"
-            schema = fmt.json_schema.schema
-            grammar = structured.schema_grammar({} if schema is None else schema)
-        elif constrained:
-            grammar = structured.schema_grammar({"type": "object"})
-        else:
-            grammar = tools.grammar(defs, choice, req.parallel_tool_calls is not False, backend.tool_format)
-    except structured.SchemaLimit as e:
-        where = e.param or param
-        raise bad_request(f"the schema is beyond a limit at {where}#{e}", where, "schema_too_large") from None
-    except structured.SchemaError as e:
-        raise _unsupported(f"this schema cannot be enforced: {e}", e.param or param) from None
-    except RecursionError:
-        raise bad_request("the schema is nested too deeply", param) from None
-    except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:  # what the converter refuses
-        raise _unsupported(f"this schema cannot be turned into a grammar: {e}", param) from None
-    if not backend.check_grammar(grammar):
-        raise _unsupported("this schema cannot be turned into a grammar llama.cpp accepts", param)
-    return grammar
-
-
 def prepare_chat(registry: Registry, req: ChatCompletionRequest) -> Prepared:
     model = registry.get(req.model)
     backend = model.backend
     _check_common(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-    choice, defs = _tool_plan(req)
-    grammar = _grammar(backend, req, choice, defs)
+    choice, defs = constraints.tool_plan(req)
+    grammar = constraints.grammar(backend, req, choice, defs)
     if not backend.chat_template:
         raise bad_request("this model has no chat template; use /v1/completions", "messages", "no_chat_template")
     # what the system turn gets besides the conversation's own: the tools on offer, or what the JSON reply is for
@@ -254,7 +155,7 @@ def completion_prompt(backend: Backend, prompt_value, parse_special: bool) -> li
     elif len(prompt_value) == 1 and isinstance(prompt_value[0], str):
         ids = tokenize(prompt_value[0])
     elif all(isinstance(p, str) for p in prompt_value):
-        raise _unsupported("batched prompts are not supported: send one prompt per request", "prompt")
+        raise unsupported("batched prompts are not supported: send one prompt per request", "prompt")
     else:
         raise bad_request("prompt must be a string, a list of one string, or a list of token ids", "prompt")
     if not ids:
@@ -266,11 +167,11 @@ def prepare_completion(registry: Registry, req: CompletionRequest) -> Prepared:
     model = registry.get(req.model)
     _check_common(req)
     if req.best_of not in (None, 1):
-        raise _unsupported("best_of > 1 is not supported", "best_of")
+        raise unsupported("best_of > 1 is not supported", "best_of")
     if req.echo:
-        raise _unsupported("echo is not supported by this server", "echo")
+        raise unsupported("echo is not supported by this server", "echo")
     if req.suffix:
-        raise _unsupported("suffix (insertion) is not supported by this server", "suffix")
+        raise unsupported("suffix (insertion) is not supported by this server", "suffix")
     ids = completion_prompt(model.backend, req.prompt, req.parse_special)
     # OpenAI's legacy completions default to 16 tokens
     max_tokens = budget(model.backend, len(ids), req.max_tokens, 16, "max_tokens", "prompt", registry.settings)
