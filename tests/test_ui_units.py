@@ -7,8 +7,8 @@ import asyncio
 import base64
 import hashlib
 
-from serve.ui import max_tokens_limit
 from serve.ui_api import Api, Model, fit, parse_stops
+from serve.ui_layout import max_tokens_limit
 from serve.ui_theme import HEAD, content_security_policy
 from support.echo_api import CONTEXT, EchoApi
 
