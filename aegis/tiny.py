@@ -30,18 +30,22 @@ from .cli import setting
 from .errors import ModelError
 from .families.phi3 import CHAT_TEMPLATE  # the tiny model is a Phi-3: its family's chat format
 
+
+def shape(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, **more) -> dict:
+    """The keywords that size a decoder's config (Phi-3, Llama, Mistral and Qwen2 name them alike), then `more`."""
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+    } | more
+
+
 SP_VOCAB = 4000
-ARCH = dict(
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=6,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    original_max_position_embeddings=512,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-)
+# A dict, in this key order: the recipe's fingerprint (tools/tiny_pretrain.py) holds it as JSON.
+ARCH = shape(256, 768, 6, 8, 8, original_max_position_embeddings=512, max_position_embeddings=2048)
+ARCH |= {"rms_norm_eps": 1e-5, "rope_theta": 10000.0}
 # Phi-3's added tokens in Phi-3's order; they follow the SentencePiece vocabulary as in the real model (32000...).
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -129,27 +133,32 @@ def tokenizer(work: Path):
     return tok, sp_tokenizer.vocab_digest(work / "sp.model")
 
 
-def model_config(tok, dropout: float = 0.0):
-    """The Phi-3 configuration for tokenizer `tok` (dropout only while pre-training)."""
+def phi3_config(arch: dict, factors=None, **more):
+    """A Phi-3 config of `arch` (a shape() with max_position_embeddings and original_max_position_embeddings, and
+    rope_theta unless the default) under LongRoPE, as Phi-3.5: an untied head, no sliding window. factors(head_dim
+    // 2) gives the short and long rope factors (Phi-3.5-like ones by default); `more` adds or overrides keywords."""
     from transformers import Phi3Config
 
-    head_dim = ARCH["hidden_size"] // ARCH["num_attention_heads"]
-    short, long = _rope_factors(head_dim // 2)
-    return Phi3Config(
+    short, long = (factors or _rope_factors)(arch["hidden_size"] // arch["num_attention_heads"] // 2)
+    rope = {
+        "rope_type": "longrope",
+        "short_factor": short,
+        "long_factor": long,
+        "rope_theta": arch.get("rope_theta", 10000.0),
+        "factor": arch["max_position_embeddings"] / arch["original_max_position_embeddings"],
+    }
+    sizes = {k: v for k, v in arch.items() if k != "rope_theta"}
+    return Phi3Config(**sizes | {"rope_parameters": rope, "tie_word_embeddings": False, "sliding_window": None} | more)
+
+
+def model_config(tok, dropout: float = 0.0):
+    """The Phi-3 configuration for tokenizer `tok` (dropout only while pre-training)."""
+    return phi3_config(
+        ARCH,
         vocab_size=64 * math.ceil(len(tok) / 64),
-        **{k: v for k, v in ARCH.items() if k != "rope_theta"},
-        rope_parameters={
-            "rope_type": "longrope",
-            "short_factor": short,
-            "long_factor": long,
-            "rope_theta": ARCH["rope_theta"],
-            "factor": ARCH["max_position_embeddings"] / ARCH["original_max_position_embeddings"],
-        },
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-        sliding_window=None,
         attention_dropout=0.0,
         resid_pdrop=dropout,
         embd_pdrop=dropout,

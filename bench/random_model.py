@@ -19,50 +19,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PHI35 = dict(
-    hidden_size=3072,
-    intermediate_size=8192,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32064,
-    max_position_embeddings=131072,
-    original_max_position_embeddings=4096,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-)
+from bench.common import PHI35  # noqa: E402
 
 
 def build(out: Path, layers: int, hidden: int) -> Path:
     import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
+    from transformers import Phi3ForCausalLM
 
     from aegis import tiny
 
     src = tiny.ensure(log=lambda m: print(m, file=sys.stderr))
-    arch = PHI35 | {
-        "num_hidden_layers": layers,
-        "hidden_size": hidden,
-        "intermediate_size": hidden * PHI35["intermediate_size"] // PHI35["hidden_size"],
-        "num_attention_heads": hidden // 96,
-        "num_key_value_heads": hidden // 96,
-    }
-    short, long = tiny._rope_factors(48)  # head_dim 96, as Phi-3.5's
-    config = Phi3Config(
-        **{k: v for k, v in arch.items() if k != "rope_theta"},
-        rope_parameters={
-            "rope_type": "longrope",
-            "short_factor": short,
-            "long_factor": long,
-            "rope_theta": arch["rope_theta"],
-            "factor": arch["max_position_embeddings"] / arch["original_max_position_embeddings"],
-        },
-        bos_token_id=1,
-        eos_token_id=32000,
-        pad_token_id=32000,
-        tie_word_embeddings=False,
-        sliding_window=None,
-    )
+    heads = hidden // 96  # head_dim 96, as Phi-3.5's
+    arch = PHI35 | tiny.shape(hidden, hidden * PHI35["intermediate_size"] // PHI35["hidden_size"], layers, heads, heads)
+    config = tiny.phi3_config(arch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):

@@ -30,44 +30,26 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import PHI35, ramp_factors  # noqa: E402
+
 HUB_ID = "HODACHI/Borea-Phi-3.5-mini-Instruct-Jp"
 COMMIT = "0" * 40
 WARMUP = 3
 CORPUS = ["embedded:prose_train_a.txt", "embedded:prose_train_b.txt", "embedded:prose_train_c.txt"]
-# Phi-3.5-mini-instruct's shapes: 3.82 B parameters.
-PHI35 = dict(
-    vocab_size=32064,
-    hidden_size=3072,
-    intermediate_size=8192,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=131072,
-    original_max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
 
 
 def build_model(hf_home: Path) -> Path:
     """A random Phi-3.5-mini-shaped model saved as a hub snapshot of the Borea id, with the tiny tokenizer."""
-    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+    from transformers import AutoTokenizer, Phi3ForCausalLM
 
-    from aegis.tiny import ensure
+    from aegis.tiny import ensure, phi3_config
 
     repo = hf_home / "hub" / ("models--" + HUB_ID.replace("/", "--"))
     snap = repo / "snapshots" / COMMIT
     if (snap / "config.json").exists():
         return snap
-    n = PHI35["hidden_size"] // PHI35["num_attention_heads"] // 2
-    cfg = Phi3Config(
-        **PHI35,
-        rope_scaling={
-            "type": "longrope",
-            "short_factor": [1.0 + i / n for i in range(n)],
-            "long_factor": [1.0 + 4 * i / n for i in range(n)],
-        },
-    )
+    cfg = phi3_config(PHI35, ramp_factors)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Phi3ForCausalLM(cfg).to(torch.bfloat16)

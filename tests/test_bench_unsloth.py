@@ -12,25 +12,13 @@ from bench import llamafy, train_unsloth
 
 
 def tiny_phi3(path):
-    from transformers import Phi3Config, Phi3ForCausalLM
+    from transformers import Phi3ForCausalLM
 
-    n = 4  # head_dim 8 / 2
-    cfg = Phi3Config(
-        vocab_size=32064,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        original_max_position_embeddings=16,
-        tie_word_embeddings=False,
-        rope_scaling={
-            "type": "longrope",
-            "short_factor": [1.0 + i / n for i in range(n)],
-            "long_factor": [1.0 + 4 * i / n for i in range(n)],
-        },
-    )
+    from aegis.tiny import phi3_config, shape
+    from bench.common import ramp_factors
+
+    arch = shape(64, 96, 2, 8, 4, vocab_size=32064, max_position_embeddings=256, original_max_position_embeddings=16)
+    cfg = phi3_config(arch, ramp_factors)
     torch.manual_seed(0)
     model = Phi3ForCausalLM(cfg).eval()
     model.save_pretrained(path)

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from aegis import families as registry
+from aegis.tiny import shape
 
 # ---- chat templates, written after each family's conventions -------------------------------------------------------
 CHATML = (
@@ -120,16 +121,7 @@ PRETRAIN_STEPS = 30
 # last user turn, trains on the same chats, turn by turn: train/data.py).
 TRAIN_OVERRIDES: dict[str, list[str]] = {}
 # Rows of 256 so that llama.cpp's K-quants apply rather than fall back.
-SHAPE = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-)
+SHAPE = shape(256, 512, 2, 4, 2, max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0)
 
 
 def _bpe(texts: list[str], specials: list[str]):

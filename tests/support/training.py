@@ -6,25 +6,18 @@ import torch
 
 from aegis import soul as soul_mod
 from aegis.forwards import given, take_back
+from aegis.tiny import shape
 from train.loss import micro_loss
 
 # a decoder small enough to build and export inside a test: two layers, grouped-query attention
-SMALL_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-)
+SMALL_SHAPE = shape(64, 128, 2, 4, 2, max_position_embeddings=512)
 
 
 def phi35_mini():
     """A Phi3Config of Phi-3.5-mini's shapes, for the plans and slices that depend on shapes alone."""
     from transformers import Phi3Config
 
-    shapes = {"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192}
-    return Phi3Config(**shapes, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
+    return Phi3Config(**shape(3072, 8192, 32, 32, 32, vocab_size=32064))
 
 
 def loss_and_grads(model, ids: torch.Tensor, offload: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
