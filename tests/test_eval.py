@@ -11,7 +11,7 @@ import torch
 
 from aegis.tiny import corpus_path
 from support.commands import python_m
-from train import eval as ev, monitor
+from train import eval as ev, monitor_state
 
 EVAL_DATA = ["embedded:prose_eval.txt"]
 
@@ -71,7 +71,7 @@ def test_rows_separate_lora_and_soul(short_run, result):
     res = result["results"]
     assert set(res) == {"checkpoint", "gate_shut", "base"}
     assert result["gate"] == pytest.approx(0.8345, abs=1e-4)
-    assert result["step"] == monitor.read_schedule(short_run).total_steps
+    assert result["step"] == monitor_state.read_schedule(short_run).total_steps
     assert len({res["checkpoint"]["tokens"], res["gate_shut"]["tokens"], res["base"]["tokens"]}) == 1
     # LoRA moved the model off the base, and the soul (gate 0.83, trained rotation) moved it again.
     assert res["gate_shut"]["loss"] != pytest.approx(res["base"]["loss"], abs=1e-6)

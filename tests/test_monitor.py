@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from aegis import metrics
-from train import monitor
+from train import monitor, monitor_state
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ def partial_copy(run: Path, dest: Path, upto: int, tail: str = "") -> list[dict]
 
 def test_frame_mid_run_shows_step_phase_alpha(short_run, tmp_path):
     # A step in the middle of the transition; a writer's half-written line after it must be skipped, not fatal.
-    total = monitor.read_schedule(short_run).total_steps
+    total = monitor_state.read_schedule(short_run).total_steps
     steps = [r["step"] for r in metrics.read(short_run) if r["phase"] == "transition"]
     mid = steps[len(steps) // 2]
     recs = partial_copy(short_run, tmp_path / "mid", mid, tail=f'{{"step": {mid + 1}, "loss": 5.1')
@@ -61,7 +61,7 @@ def test_frame_mid_run_shows_step_phase_alpha(short_run, tmp_path):
 
 
 def test_frame_after_the_run(short_run):
-    total = monitor.read_schedule(short_run).total_steps
+    total = monitor_state.read_schedule(short_run).total_steps
     last = metrics.read(short_run)[-1]
     assert last["step"] == total and last["phase"] == "golden"
     out = frame(short_run)
@@ -90,7 +90,7 @@ def test_warnings_on_nan_spike_and_orthogonality(short_run, tmp_path):
     dest.mkdir()
     shutil.copy(short_run / "config.toml", dest / "config.toml")
     (dest / metrics.METRICS).write_text("".join(json.dumps(r) + "\n" for r in bad), encoding="utf-8")
-    warnings = monitor.collect(dest).warnings
+    warnings = monitor_state.collect(dest).warnings
     assert any("non-finite loss" in w and "first 6" in w for w in warnings), warnings
     assert any(f"loss spike at step {bad[-2]['step']}" in w for w in warnings), warnings
     assert any("orthogonality error 3.00e-03" in w for w in warnings), warnings
@@ -98,7 +98,7 @@ def test_warnings_on_nan_spike_and_orthogonality(short_run, tmp_path):
     assert out.count("WARNING") == 3
     assert "nan" in out  # the latest loss is fine, but the trend skips the NaN instead of failing
     # the real run itself raises none of these
-    assert monitor.collect(short_run).warnings == []
+    assert monitor_state.collect(short_run).warnings == []
 
 
 def test_live_mode_waits_then_follows_the_run(short_run, tmp_path):
@@ -129,7 +129,7 @@ def test_live_mode_waits_then_follows_the_run(short_run, tmp_path):
             proc.communicate()
             raise AssertionError("the live monitor did not stop on SIGINT within 30 s") from None
     assert proc.returncode == 0, err
-    total = monitor.read_schedule(short_run).total_steps
+    total = monitor_state.read_schedule(short_run).total_steps
     assert f"7 / {total}" in out, out
 
 
@@ -144,14 +144,14 @@ def test_one_throughput_in_which_tokens_per_s_and_s_per_step_agree(short_run, tm
     dest.mkdir()
     shutil.copy(short_run / "config.toml", dest / "config.toml")
     (dest / metrics.METRICS).write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
-    assert monitor.throughput(recs) == (0.5, 1024.0)
+    assert monitor_state.throughput(recs) == (0.5, 1024.0)
     assert "1,024 tokens/s   0.50 s/step" in frame(dest)
     # a resumed session restarts elapsed_s: only the steps after the restart count
     resumed = recs[:6] + [{**r, "elapsed_s": 0.25 * (r["step"] - 6), "tokens": 256} for r in recs[6:]]
-    assert monitor.throughput(resumed) == (0.25, 1024.0)
+    assert monitor_state.throughput(resumed) == (0.25, 1024.0)
     # the real run: the figures shown multiply to its tokens per step
     real = metrics.read(short_run)
-    sps, tps = monitor.throughput(real)
+    sps, tps = monitor_state.throughput(real)
     window = real[-50:]
     per_step = sum(r["tokens"] for r in window[1:]) / (window[-1]["step"] - window[0]["step"])
     assert abs(sps * tps - per_step) < 1e-6 * per_step
