@@ -541,8 +541,9 @@ def matcher(request):
 
 
 def test_the_decode_threads_share_of_a_big_grammar_is_bounded(matcher):
-    """The batched engine makes each request's grammar sampler on the decode thread (LlamaBatch._chain) and runs it
-    there every token: for the largest admitted schemas that costs well under the half second a client may wait."""
+    """The batched engine makes each request's grammar sampler on the decode thread (LlamaBatch.start, through
+    grammar_chain) and runs it there every token: for the largest admitted schemas that costs well under the half
+    second a client may wait."""
     schema = big_format()["json_schema"]["schema"]
     grammar = structured.schema_grammar(schema)
     t = time.perf_counter()

@@ -21,9 +21,9 @@ import numpy as np
 from aegis import llamacpp
 
 from .base import Sampling
+from .llamacpp_sampling import allows, chain, grammar_chain, pick
 
 log = logging.getLogger(__name__)
-TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data's layout
 KV_SIZE = re.compile(r"K \((\w+)\):\s*([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB")  # llama.cpp's KV cache line
 
 
@@ -125,8 +125,11 @@ class LlamaBatch:
     def start(self, index: int, sampling: Sampling) -> None:
         slot = self.slots[index]
         self.release(index)
-        slot.sampler = self._chain(sampling)
-        slot.grammar = self._grammar(sampling.grammar) if sampling.grammar else None
+        lib = self.lib
+        slot.sampler = chain(lib, sampling, self.n_vocab, self.backend.context_length)
+        slot.grammar = (
+            grammar_chain(lib, self.vocab, self.n_vocab, self._ban, sampling.grammar) if sampling.grammar else None
+        )
         slot.argmax = (
             sampling.temperature <= 0
             and not sampling.grammar
@@ -141,33 +144,6 @@ class LlamaBatch:
             if getattr(slot, name) is not None:
                 self.lib.llama_sampler_free(getattr(slot, name))
                 setattr(slot, name, None)
-
-    def _chain(self, s: Sampling):
-        lib = self.lib
-        params = lib.llama_sampler_chain_default_params()
-        params.no_perf = True
-        chain = lib.llama_sampler_chain_init(params)
-
-        def add(sampler):
-            lib.llama_sampler_chain_add(chain, sampler)
-
-        if s.presence_penalty or s.frequency_penalty:
-            # OpenAI's penalties count the tokens generated so far: the chain sees only those
-            add(
-                lib.llama_sampler_init_penalties(
-                    self.n_vocab, self.backend.context_length, 1.0, s.frequency_penalty, s.presence_penalty
-                )
-            )
-        if s.temperature <= 0:
-            add(lib.llama_sampler_init_greedy())
-            return chain
-        if s.top_k > 0:
-            add(lib.llama_sampler_init_top_k(s.top_k))
-        if s.top_p < 1.0:
-            add(lib.llama_sampler_init_top_p(s.top_p, 1))
-        add(lib.llama_sampler_init_temp(s.temperature))
-        add(lib.llama_sampler_init_dist(lib.LLAMA_DEFAULT_SEED if s.seed is None else s.seed % 0xFFFFFFFF))
-        return chain
 
     # ---- one step -------------------------------------------------------------------------------------------
     def _batch_arrays(self, n: int):
@@ -223,18 +199,6 @@ class LlamaBatch:
         self._best, self._at, self._n = None, None, n
         return rows
 
-    def _grammar(self, text: str):
-        """A chain of the control-token ban and the grammar: under a grammar only text tokens and end-of-generation
-        (llama.cpp's grammar reads a control token as its text: "<|user|>" fits inside a JSON string)."""
-        lib = self.lib
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        if len(self._ban):
-            lib.llama_sampler_chain_add(
-                chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(self._ban), self._ban)
-            )
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_grammar(self.vocab, text.encode("utf-8"), b"root"))
-        return chain
-
     def sample(self, rows: dict[int, int]) -> dict[int, int]:
         """Each slot's next token from the logits at its row (its samplers also record it), all slots in one pass.
         A greedy slot's token is its row's first largest logit (what llama.cpp's greedy sampler picks), taken for
@@ -270,32 +234,12 @@ class LlamaBatch:
         milliseconds. Greedy picks what it would have picked under the mask; sampling draws the allowed tokens in
         proportion to their probability either way, as llama.cpp's own common sampler does."""
         slot, logits = self.slots[index], self._logits[row]
-        token = self._pick(logits, [slot.sampler])
-        if not self._allows(slot.grammar, token):
-            token = self._pick(logits, [slot.grammar, slot.sampler])
+        token = pick(self.lib, self._ids, logits, [slot.sampler])
+        if not allows(self.lib, slot.grammar, token):
+            token = pick(self.lib, self._ids, logits, [slot.grammar, slot.sampler])
         self.lib.llama_sampler_accept(slot.grammar, token)
         self.lib.llama_sampler_accept(slot.sampler, token)
         return {index: token}
-
-    def _candidates(self, cur: np.ndarray):
-        lib = self.lib
-        data = cur.ctypes.data_as(ctypes.POINTER(lib.llama_token_data))
-        return lib.llama_token_data_array(data=data, size=len(cur), selected=-1, sorted=False)
-
-    def _pick(self, logits: np.ndarray, samplers: list) -> int:
-        """The token the samplers choose among the whole vocabulary (nothing recorded)."""
-        cur = np.empty(self.n_vocab, TOKEN_DATA)
-        cur["id"], cur["logit"], cur["p"] = self._ids, logits, 0.0
-        array = self._candidates(cur)
-        for sampler in samplers:
-            self.lib.llama_sampler_apply(sampler, ctypes.byref(array))
-        return int(array.data[array.selected].id)  # a sampler may sort the candidates in place
-
-    def _allows(self, grammar, token: int) -> bool:
-        cur = np.array([(token, 0.0, 0.0)], TOKEN_DATA)
-        array = self._candidates(cur)
-        self.lib.llama_sampler_apply(grammar, ctypes.byref(array))
-        return bool(np.isfinite(cur["logit"][0]))
 
     def logits(self, row: int) -> np.ndarray:
         return self._logits[row].copy()

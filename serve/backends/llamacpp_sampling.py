@@ -1,0 +1,71 @@
+"""The samplers of the batched llama.cpp context (serve/backends/llamacpp_batch.py): a request's sampler chain built
+from its Sampling, its grammar chained after the control-token ban, and the pick of a token by samplers run over the
+whole vocabulary or, for a grammar's check, over one token. Each function takes llama-cpp-python's low-level module
+(`lib`) and records nothing in a sampler unless it says so."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from .base import Sampling
+
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data's layout
+
+
+def chain(lib, s: Sampling, n_vocab: int, n_ctx: int):
+    """The sampler chain of one request: OpenAI's penalties, then greedy, or top-k, top-p, temperature and a draw."""
+    params = lib.llama_sampler_chain_default_params()
+    params.no_perf = True
+    made = lib.llama_sampler_chain_init(params)
+
+    def add(sampler):
+        lib.llama_sampler_chain_add(made, sampler)
+
+    if s.presence_penalty or s.frequency_penalty:
+        # OpenAI's penalties count the tokens generated so far: the chain sees only those
+        add(lib.llama_sampler_init_penalties(n_vocab, n_ctx, 1.0, s.frequency_penalty, s.presence_penalty))
+    if s.temperature <= 0:
+        add(lib.llama_sampler_init_greedy())
+        return made
+    if s.top_k > 0:
+        add(lib.llama_sampler_init_top_k(s.top_k))
+    if s.top_p < 1.0:
+        add(lib.llama_sampler_init_top_p(s.top_p, 1))
+    add(lib.llama_sampler_init_temp(s.temperature))
+    add(lib.llama_sampler_init_dist(lib.LLAMA_DEFAULT_SEED if s.seed is None else s.seed % 0xFFFFFFFF))
+    return made
+
+
+def grammar_chain(lib, vocab, n_vocab: int, ban, text: str):
+    """A chain of the control-token ban and the grammar: under a grammar only text tokens and end-of-generation
+    (llama.cpp's grammar reads a control token as its text: "<|user|>" fits inside a JSON string)."""
+    made = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+    if len(ban):
+        lib.llama_sampler_chain_add(made, lib.llama_sampler_init_logit_bias(n_vocab, len(ban), ban))
+    lib.llama_sampler_chain_add(made, lib.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root"))
+    return made
+
+
+def _candidates(lib, cur: np.ndarray):
+    data = cur.ctypes.data_as(ctypes.POINTER(lib.llama_token_data))
+    return lib.llama_token_data_array(data=data, size=len(cur), selected=-1, sorted=False)
+
+
+def pick(lib, ids: np.ndarray, logits: np.ndarray, samplers: list) -> int:
+    """The token the samplers choose among the whole vocabulary (ids: every token id, in order)."""
+    cur = np.empty(len(ids), TOKEN_DATA)
+    cur["id"], cur["logit"], cur["p"] = ids, logits, 0.0
+    array = _candidates(lib, cur)
+    for sampler in samplers:
+        lib.llama_sampler_apply(sampler, ctypes.byref(array))
+    return int(array.data[array.selected].id)  # a sampler may sort the candidates in place
+
+
+def allows(lib, grammar, token: int) -> bool:
+    """Whether the grammar lets this one token through."""
+    cur = np.array([(token, 0.0, 0.0)], TOKEN_DATA)
+    array = _candidates(lib, cur)
+    lib.llama_sampler_apply(grammar, ctypes.byref(array))
+    return bool(np.isfinite(cur["logit"][0]))
