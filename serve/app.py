@@ -116,6 +116,21 @@ def body_guard(timeout: float):
 # ---- generation -------------------------------------------------------------------------------------------------
 
 
+def _completion_route(path: str, answer: type) -> post:
+    """The route of a completion endpoint: behind the API's guards, answering `answer` (server-sent events when the
+    request streams) or one of ERRORS."""
+    return post(
+        path,
+        guards=[accepting_guard, api_key_guard],
+        status_code=200,
+        tags=["openai"],
+        responses={
+            200: ResponseSpec(answer, description="a completion, or server-sent events when stream is true"),
+            **ERRORS,
+        },
+    )
+
+
 async def _generate(request: Request, service: Service, kind, prepare, reply) -> Response:
     """Both completion endpoints: decode strictly, prepare, then the one request path."""
     body = await request.body()
@@ -124,31 +139,13 @@ async def _generate(request: Request, service: Service, kind, prepare, reply) ->
     return await respond(request, p, reply(p), service.settings.timeout)
 
 
-@post(
-    "/v1/chat/completions",
-    guards=[accepting_guard, api_key_guard],
-    status_code=200,
-    tags=["openai"],
-    responses={
-        200: ResponseSpec(ChatCompletion, description="a completion, or server-sent events when stream is true"),
-        **ERRORS,
-    },
-)
+@_completion_route("/v1/chat/completions", ChatCompletion)
 async def chat_completions(request: Request, service: Service) -> Response:
     """Chat completion with the model's own chat template (body: ChatCompletionRequest)."""
     return await _generate(request, service, ChatCompletionRequest, engine.prepare_chat, ChatReply)
 
 
-@post(
-    "/v1/completions",
-    guards=[accepting_guard, api_key_guard],
-    status_code=200,
-    tags=["openai"],
-    responses={
-        200: ResponseSpec(Completion, description="a completion, or server-sent events when stream is true"),
-        **ERRORS,
-    },
-)
+@_completion_route("/v1/completions", Completion)
 async def completions(request: Request, service: Service) -> Response:
     """Plain text completion of a prompt, no chat template (body: CompletionRequest)."""
     return await _generate(request, service, CompletionRequest, engine.prepare_completion, TextReply)
