@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import PHI35, ramp_factors  # noqa: E402
+from bench.common import PHI35, ramp_factors, train_steps  # noqa: E402
 
 HUB_ID = "HODACHI/Borea-Phi-3.5-mini-Instruct-Jp"
 COMMIT = "0" * 40
@@ -128,22 +128,11 @@ def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool, repe
     # dropout: a user's Trainer or loop trains in training mode, and so does this baseline
     model.train()
     check_plain_mode(model, ckpt)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
     batches = windows(snap, steps, batch, length, repeat)
     torch.cuda.reset_peak_memory_stats()
-    times, losses, tokens = [], [], []
-    for b in batches:
-        ids, labels, mask = (b[k].cuda() for k in ("input_ids", "labels", "attention_mask"))
-        tokens.append(int(b["attention_mask"].sum()))
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        times.append(time.perf_counter() - t0)
+    tokens, losses, times = train_steps(model, batches, params, opt)
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model, opt
     torch.cuda.empty_cache()

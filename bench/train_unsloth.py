@@ -204,6 +204,8 @@ def train_row(model, batches: list, warmup: int, init: dict) -> dict:
     """Steps on `batches` from the freshly initialised LoRA with a new AdamW; timed after `warmup` steps."""
     import torch
 
+    from bench.common import train_steps
+
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -213,21 +215,8 @@ def train_row(model, batches: list, warmup: int, init: dict) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    times, losses, tokens = [], [], []
     try:
-        for b in batches:
-            ids, labels, mask = (b[k].cuda() for k in ("input_ids", "labels", "attention_mask"))
-            tokens.append(int(b["attention_mask"].sum()))
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        tokens, losses, times = train_steps(model, batches, params, opt)
     finally:
         opt.zero_grad(set_to_none=True)
         del opt
