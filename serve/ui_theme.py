@@ -99,6 +99,38 @@ input[type="checkbox"]:checked, input[type="radio"]:checked { box-shadow: inset 
 """
 
 
+# Gradio's theme variables by the colour each takes: the palette's, and a few shades between them
+_PAINT = {
+    NEON["bg"]: ("body_background_fill", "button_primary_text_color"),
+    NEON["text"]: ("body_text_color",),
+    NEON["dim"]: ("body_text_color_subdued",),
+    NEON["panel"]: ("background_fill_primary", "block_background_fill", "table_even_background_fill"),
+    NEON["grid"]: ("block_border_color", "border_color_primary", "input_border_color"),
+    NEON["cyan"]: (
+        "block_label_text_color",
+        "block_title_text_color",
+        "input_border_color_focus",
+        "button_secondary_text_color",
+        "button_secondary_border_color",
+        "link_text_color",
+        "slider_color",
+    ),
+    NEON["magenta"]: ("border_color_accent", "button_primary_background_fill", "color_accent"),
+    "#0b0c16": (
+        "background_fill_secondary",
+        "input_background_fill",
+        "checkbox_background_color",
+        "table_odd_background_fill",
+    ),
+    "#ff5ce0": ("button_primary_background_fill_hover",),
+    "#151730": ("button_secondary_background_fill",),
+    # hovered, the secondary buttons keep their cyan text on a dark face (Gradio's light default gives 1.3:1)
+    "#1d2046": ("button_secondary_background_fill_hover",),
+    "#7df7ff": ("button_secondary_text_color_hover", "button_secondary_border_color_hover"),
+    "#2a0f2a": ("color_accent_soft",),
+}
+
+
 def theme():
     import gradio as gr
 
@@ -110,39 +142,7 @@ def theme():
         font_mono=MONO,
         radius_size="sm",
     )
-    dark = dict(
-        body_background_fill=NEON["bg"],
-        body_text_color=NEON["text"],
-        body_text_color_subdued=NEON["dim"],
-        background_fill_primary=NEON["panel"],
-        background_fill_secondary="#0b0c16",
-        block_background_fill=NEON["panel"],
-        block_border_color=NEON["grid"],
-        block_label_text_color=NEON["cyan"],
-        block_title_text_color=NEON["cyan"],
-        border_color_primary=NEON["grid"],
-        border_color_accent=NEON["magenta"],
-        input_background_fill="#0b0c16",
-        input_border_color=NEON["grid"],
-        input_border_color_focus=NEON["cyan"],
-        button_primary_background_fill=NEON["magenta"],
-        button_primary_background_fill_hover="#ff5ce0",
-        button_primary_text_color="#07070d",
-        button_secondary_background_fill="#151730",
-        button_secondary_text_color=NEON["cyan"],
-        button_secondary_border_color=NEON["cyan"],
-        # hovered, the secondary buttons keep their cyan text on a dark face (Gradio's light default gives 1.3:1)
-        button_secondary_background_fill_hover="#1d2046",
-        button_secondary_text_color_hover="#7df7ff",
-        button_secondary_border_color_hover="#7df7ff",
-        color_accent=NEON["magenta"],
-        color_accent_soft="#2a0f2a",
-        link_text_color=NEON["cyan"],
-        slider_color=NEON["cyan"],
-        checkbox_background_color="#0b0c16",
-        table_even_background_fill=NEON["panel"],
-        table_odd_background_fill="#0b0c16",
-    )
+    dark = {name: colour for colour, names in _PAINT.items() for name in names}
     # the same colours whatever the visitor's light/dark preference: this UI has one look
     # Gradio draws the tick and the radio dot as data: images, which the page's policy does not allow: a checked box
     # is shown by its fill and an inner ring instead (CSS above)
