@@ -38,6 +38,15 @@ def _wait(cond, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def _tiny(gguf: Path, log_path: Path, **options) -> Server:
+    """`python -m serve` of the tiny GGUF on one thread, not started: each keyword is an option (shutdown_grace=60 is
+    --shutdown-grace 60; True, a flag alone)."""
+    args = ["--model", f"tiny={gguf}", "--threads", "1"]
+    for name, value in options.items():
+        args += ["--" + name.replace("_", "-")] + ([] if value is True else [str(value)])
+    return Server(*args, log_path=log_path)
+
+
 def _error_code(r: httpx.Response) -> str | None:
     try:
         return r.json()["error"]["code"]
@@ -136,17 +145,7 @@ def _sigterm_in_flight(
 def test_sigterm_lets_the_requests_in_flight_finish(gguf, tmp_path):
     """SIGTERM with 4 streams running and 4 requests queued: /ready and new requests get 503 at once, and every
     request in flight still gets its whole reply within the grace period; then the process exits 0."""
-    server = Server(
-        "--model",
-        f"tiny={gguf}",
-        "--threads",
-        "1",
-        "--parallel",
-        "4",
-        "--shutdown-grace",
-        "60",
-        log_path=tmp_path / "serve.log",
-    ).start()
+    server = _tiny(gguf, tmp_path / "serve.log", parallel=4, shutdown_grace=60).start()
     try:
         # the streams as long as the context allows: the whole requests must still find every slot taken
         out, _, refused = _sigterm_in_flight(server, 450, 100, join_s=90)
@@ -163,19 +162,7 @@ def test_sigterm_lets_the_requests_in_flight_finish(gguf, tmp_path):
 def test_what_runs_past_the_grace_period_ends_cleanly(gguf, tmp_path):
     """With a 1 s grace period, requests that need far longer end as API errors, not cut connections: each stream
     with an error event (shutting_down) and [DONE], each queued request with the JSON 503."""
-    server = Server(
-        "--model",
-        f"tiny={gguf}",
-        "--threads",
-        "1",
-        "--parallel",
-        "4",
-        "--ctx-size",
-        "2048",
-        "--shutdown-grace",
-        "1",
-        log_path=tmp_path / "serve.log",
-    ).start()
+    server = _tiny(gguf, tmp_path / "serve.log", parallel=4, ctx_size=2048, shutdown_grace=1).start()
     try:
         out, sent, _ = _sigterm_in_flight(server, 1900, 1900, join_s=30)
         assert sorted(out) == (
@@ -191,19 +178,7 @@ def test_what_runs_past_the_grace_period_ends_cleanly(gguf, tmp_path):
 
 
 def test_a_second_signal_stops_at_once(gguf, tmp_path):
-    server = Server(
-        "--model",
-        f"tiny={gguf}",
-        "--threads",
-        "1",
-        "--parallel",
-        "1",
-        "--ctx-size",
-        "2048",
-        "--shutdown-grace",
-        "60",
-        log_path=tmp_path / "serve.log",
-    ).start()
+    server = _tiny(gguf, tmp_path / "serve.log", parallel=1, ctx_size=2048, shutdown_grace=60).start()
     try:
         out: list = []
         started = threading.Event()
@@ -224,9 +199,7 @@ def test_a_second_signal_stops_at_once(gguf, tmp_path):
 def test_a_stopping_server_answers_503_for_the_shutdown_delay(gguf, tmp_path):
     """--shutdown-delay: with nothing in flight the server still answers /ready (503) that long after SIGTERM, so
     that a balancer's health checks see it leave before it stops listening; then it exits 0."""
-    server = Server(
-        "--model", f"tiny={gguf}", "--threads", "1", "--shutdown-delay", "1.5", log_path=tmp_path / "serve.log"
-    ).start()
+    server = _tiny(gguf, tmp_path / "serve.log", shutdown_delay=1.5).start()
     try:
         sent = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -275,21 +248,7 @@ def test_containers_give_the_drain_its_time():
 def guarded(gguf, tmp_path_factory):
     """A server with short deadlines and a small bound on connections."""
     log = tmp_path_factory.mktemp("serve") / "guarded.log"
-    with Server(
-        "--model",
-        f"tiny={gguf}",
-        "--threads",
-        "1",
-        "--parallel",
-        "1",
-        "--header-timeout",
-        "1",
-        "--body-timeout",
-        "1",
-        "--max-connections",
-        "40",
-        log_path=log,
-    ) as s:
+    with _tiny(gguf, log, parallel=1, header_timeout=1, body_timeout=1, max_connections=40) as s:
         yield s
         assert s.alive(), s.log()
 
@@ -417,6 +376,6 @@ def test_a_damaged_gguf_is_refused_unless_told_otherwise(gguf, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "--no-verify" in lines[0], proc.stderr
 
-    with Server("--model", f"tiny={copy}", "--threads", "1", "--no-verify", log_path=tmp_path / "serve.log") as s:
+    with _tiny(copy, tmp_path / "serve.log", no_verify=True) as s:
         r = httpx.post(s.api + "/chat/completions", json={"messages": PROMPT, "max_tokens": 2}, timeout=60)
         assert r.status_code == 200, r.text
