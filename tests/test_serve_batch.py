@@ -85,38 +85,29 @@ def _steps_while_reading(gguf, batch_size: int) -> tuple[int, int]:
     pool = BatchPool(backend, slots=2)
     pool.start()
     loop, log = asyncio.new_event_loop(), []
-    greedy = Sampling(temperature=0)
-    try:
-        short = prompt.chat_ids(backend, USER)
-        long = prompt.chat_ids(backend, [{"role": "user", "content": LONG}])
-        running = Recorded(
-            "running",
+
+    def greedy(name: str, ids: list[int], max_tokens: int) -> Recorded:
+        return Recorded(
+            name,
             log,
-            prompt=short,
-            sampling=greedy,
-            max_tokens=300,
+            prompt=ids,
+            sampling=Sampling(temperature=0),
+            max_tokens=max_tokens,
             stops=[],
             timeout=120,
             loop=loop,
             ignore_eos=True,
         )
+
+    try:
+        short = prompt.chat_ids(backend, USER)
+        long = prompt.chat_ids(backend, [{"role": "user", "content": LONG}])
+        running = greedy("running", short, 300)
         pool.submit(running)
         while sum(name == "running" for name, _ in log) < 5:
             time.sleep(0.001)
         sent = len(log)
-        pool.submit(
-            Recorded(
-                "long",
-                log,
-                prompt=long,
-                sampling=greedy,
-                max_tokens=1,
-                stops=[],
-                timeout=120,
-                loop=loop,
-                ignore_eos=True,
-            )
-        )
+        pool.submit(greedy("long", long, 1))
         while not any(name == "long" for name, _ in log):
             time.sleep(0.001)
         running.cancel()
