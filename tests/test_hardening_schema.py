@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 from aegis import llamacpp
 from serve import structured
 from support import serving
+from support.schemas import formatted
 
 USER = [{"role": "user", "content": "予定を JSON で"}]
 SCHEMA_PARAM = "response_format.json_schema.schema"
@@ -635,15 +636,7 @@ def test_random_walks_through_the_calendar_grammars_all_parse(matcher):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_sampled_dates_through_the_server_are_real_dates(http, temperature):
-    schema = {
-        "type": "object",
-        "properties": {
-            "day": {"type": "string", "format": "date"},
-            "at": {"type": "string", "format": "date-time"},
-            "t": {"type": "string", "format": "time"},
-        },
-        "required": ["day", "at", "t"],
-    }
+    schema = formatted(day="date", at="date-time", t="time")
     seeds = [107, *range(1, 7)] if temperature else [107]
     for seed in seeds:
         r = chat(http, max_tokens=200, response_format=as_format(schema), temperature=temperature, seed=seed)

@@ -14,6 +14,7 @@ import pytest
 
 from support.fixtures import client, server  # noqa: F401 - fixtures
 from support.replies import json_reply
+from support.schemas import formatted
 
 USER = [{"role": "user", "content": "今日の予定を JSON で教えてください。"}]
 POINT = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"]}
@@ -73,15 +74,7 @@ SCHEMAS = {
         "required": ["version", "kind"],
     },
     "mixed_enum": {"enum": [1, "two", None, True, {"three": 3}]},
-    "formats": {
-        "type": "object",
-        "properties": {
-            "day": {"type": "string", "format": "date"},
-            "at": {"type": "string", "format": "date-time"},
-            "id": {"type": "string", "format": "uuid"},
-        },
-        "required": ["day", "at", "id"],
-    },
+    "formats": formatted(day="date", at="date-time", id="uuid"),
     "tuple": {
         "type": "array",
         "prefixItems": [{"type": "integer"}, {"enum": ["x", "y"]}, {"type": "boolean"}],
