@@ -1,12 +1,14 @@
-"""What several benchmarks share, so that each measures the same way: Phi-3.5-mini's shapes and the timed training
-step.
+"""What several benchmarks share, so that each measures the same way: Phi-3.5-mini's shapes, the greedy streamed chat
+request, concurrent clients and the summary of their requests, and the timed training step.
 
-Only the standard library and aegis.tiny load with it (torch inside the function that uses it):
+Only the standard library and aegis.tiny load with it (torch and httpx inside the functions that use them):
 bench/train_unsloth.py imports it in Unsloth's own environment, where Unsloth must come before transformers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import statistics
 import time
 
 from aegis.tiny import shape
@@ -19,6 +21,50 @@ PHI35 |= {"original_max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_
 def ramp_factors(n: int) -> tuple[list[float], list[float]]:
     """LongRoPE factors rising evenly over the `n` frequencies: short ones from 1 toward 2, long ones toward 5."""
     return [1.0 + i / n for i in range(n)], [1.0 + 4 * i / n for i in range(n)]
+
+
+def chat_request(model: str, prompt: str, max_tokens: int, **more) -> dict:
+    """A greedy streamed chat request of one user turn, its usage in the last chunk; `more` adds fields."""
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    } | more
+
+
+async def run_clients(request, clients: int, requests: int, timeout: float, **client_kw) -> tuple[list, float, float]:
+    """`clients` concurrent clients on one httpx.AsyncClient, each awaiting request(client, i, k) for k < `requests`
+    one after another (i: the client's number): (each client's results, wall seconds, this process's CPU seconds)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, **client_kw) as client:
+
+        async def worker(i: int) -> list[dict]:
+            return [await request(client, i, k) for k in range(requests)]
+
+        cpu0, start = time.process_time(), time.perf_counter()
+        results = await asyncio.gather(*(worker(i) for i in range(clients)))
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    return results, wall, cpu
+
+
+def summary(results: list[dict], wall: float) -> dict:
+    """Requests' results ({ttft, total, tokens}) sent in `wall` seconds: aggregate and per-request tokens/s, ttft."""
+    tokens = sum(r["tokens"] for r in results)
+    ttfts = sorted(r["ttft"] for r in results)
+    return {
+        "wall_s": wall,
+        "requests": len(results),
+        "completion_tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "per_request_tokens_per_s": statistics.median(r["tokens"] / r["total"] for r in results),
+        "ttft_p50_ms": 1000 * statistics.median(ttfts),
+        "ttft_p90_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
+    }
 
 
 def train_steps(model, batches, params: list, opt) -> tuple[list[int], list[float], list[float]]:

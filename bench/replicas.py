@@ -31,7 +31,6 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +40,10 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.common import chat_request, run_clients, summary  # noqa: E402
+
 PROMPTS = [
     "こんにちは。自己紹介をしてください。",
     "日本の四季について説明してください。",
@@ -125,15 +128,7 @@ class Stack:
 
 
 def body(model: str, prompt: str, max_tokens: int) -> dict:
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": True,
-    }
+    return chat_request(model, prompt, max_tokens, ignore_eos=True)
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
@@ -158,31 +153,16 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
 
 async def load(api: str, headers: dict, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     url = api + "/v1/chat/completions"
-    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
-    async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers, trust_env=False) as client:
 
-        async def worker(i: int) -> list[dict]:
-            return [
-                await one_request(client, url, model, PROMPTS[(i + k) % len(PROMPTS)], max_tokens)
-                for k in range(requests)
-            ]
+    async def request(client: httpx.AsyncClient, i: int, k: int) -> dict:
+        return await one_request(client, url, model, PROMPTS[(i + k) % len(PROMPTS)], max_tokens)
 
-        cpu0, start = time.process_time(), time.perf_counter()
-        results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients))) for r in rs]
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    tokens = sum(r["tokens"] for r in results)
-    ttfts = sorted(r["ttft"] for r in results)
+    per_client, wall, cpu = await run_clients(request, clients, requests, 600, headers=headers, trust_env=False)
+    results = [r for rs in per_client for r in rs]
     split: dict[str, int] = {}
     for r in results:
         split[r["replica"]] = split.get(r["replica"], 0) + 1
-    return {
-        "wall_s": wall,
-        "requests": len(results),
-        "completion_tokens": tokens,
-        "tokens_per_s": tokens / wall,
-        "per_request_tokens_per_s": statistics.median(r["tokens"] / r["total"] for r in results),
-        "ttft_p50_ms": 1000 * statistics.median(ttfts),
-        "ttft_p90_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
+    return summary(results, wall) | {
         "requests_by_replica": dict(sorted(split.items())),
         "client_cpu_s": cpu,
         "short_replies": sum(r["tokens"] != max_tokens for r in results),

@@ -34,6 +34,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from serve_bench import MODEL, OURS, one_request, server_for  # noqa: E402
 
+from bench.common import chat_request, run_clients  # noqa: E402
+
 ROW = {
     "type": "object",
     "additionalProperties": False,
@@ -88,35 +90,19 @@ PROMPT = "受注の記録を JSON で書いてください。"
 
 
 def payload(i: int, constrained: bool, max_tokens: int) -> dict:
-    out = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if constrained:
-        schema = SCHEMAS[i % len(SCHEMAS)]
-        out["response_format"] = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}}
-    else:
-        out["ignore_eos"] = True
-    return out
+    if not constrained:
+        return chat_request(MODEL, PROMPT, max_tokens, ignore_eos=True)
+    schema = {"name": f"s{i}", "schema": SCHEMAS[i % len(SCHEMAS)]}
+    return chat_request(MODEL, PROMPT, max_tokens, response_format={"type": "json_schema", "json_schema": schema})
 
 
 async def round_(base: str, clients: int, constrained: int, requests: int, max_tokens: int) -> dict:
     url = base + "/v1/chat/completions"
-    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
-    async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
 
-        async def worker(i: int) -> list[dict]:
-            return [
-                await one_request(client, url, payload(i + k, i < constrained, max_tokens)) for k in range(requests)
-            ]
+    async def request(client: httpx.AsyncClient, i: int, k: int) -> dict:
+        return await one_request(client, url, payload(i + k, i < constrained, max_tokens))
 
-        start = time.perf_counter()
-        results = await asyncio.gather(*(worker(i) for i in range(clients)))
-        wall = time.perf_counter() - start
+    results, wall, _ = await run_clients(request, clients, requests, 1800)
     flat = [(i < constrained, r) for i, rs in enumerate(results) for r in rs]
     tokens = sum(r["tokens"] for _, r in flat)
     part = lambda c: [r["tokens"] / r["total"] for k, r in flat if k == c]  # noqa: E731

@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from aegis import digest  # noqa: E402
+from bench.common import run_clients, summary  # noqa: E402
 from tests.support.serving import Server, exported_run, find_gguf  # noqa: E402
 
 PROMPTS = [
@@ -230,32 +231,14 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> dic
 async def load(base: str, name: str, clients: int, requests: int, max_tokens: int) -> dict:
     """`clients` concurrent clients, each sending `requests` requests one after another."""
     url = base + "/v1/chat/completions"
-    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
-    async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
 
-        async def worker(i: int) -> list[dict]:
-            return [
-                await one_request(
-                    client, url, body(name, [{"role": "user", "content": PROMPTS[(i + k) % len(PROMPTS)]}], max_tokens)
-                )
-                for k in range(requests)
-            ]
+    async def request(client: httpx.AsyncClient, i: int, k: int) -> dict:
+        messages = [{"role": "user", "content": PROMPTS[(i + k) % len(PROMPTS)]}]
+        return await one_request(client, url, body(name, messages, max_tokens))
 
-        start = time.perf_counter()
-        results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients))) for r in rs]
-        wall = time.perf_counter() - start
-    ttfts = sorted(r["ttft"] for r in results)
-    tokens = sum(r["tokens"] for r in results)
-    return {
-        "wall_s": wall,
-        "requests": len(results),
-        "completion_tokens": tokens,
-        "tokens_per_s": tokens / wall,
-        "per_request_tokens_per_s": statistics.median(r["tokens"] / r["total"] for r in results),
-        "ttft_p50_ms": 1000 * statistics.median(ttfts),
-        "ttft_p90_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
-        "min_tokens": min(r["tokens"] for r in results),
-    }
+    per_client, wall, _ = await run_clients(request, clients, requests, 1800)
+    results = [r for rs in per_client for r in rs]
+    return summary(results, wall) | {"min_tokens": min(r["tokens"] for r in results)}
 
 
 def chat_turns(base: str, chat: int) -> list[tuple[float, int, int]]:

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from aegis import digest  # noqa: E402
+from bench.common import chat_request  # noqa: E402
 from tests.support.serving import Server, exported_run, find_gguf  # noqa: E402
 
 MODEL = "bench"
@@ -62,15 +63,7 @@ def counters(base: str) -> tuple[float, float]:
 
 def one(base: str, prompt: str, max_tokens: int) -> tuple[str, float, int]:
     """One streamed greedy request: its text, seconds from the first piece to the last, tokens written."""
-    payload = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "ignore_eos": True,
-        "stream_options": {"include_usage": True},
-    }
+    payload = chat_request(MODEL, prompt, max_tokens, ignore_eos=True)
     text, first, tokens = [], None, max_tokens
     with httpx.stream("POST", base + "/v1/chat/completions", json=payload, timeout=600) as r:
         r.raise_for_status()
