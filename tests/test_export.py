@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from aegis import digest
+from support.conversations import CONVERSATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = ["f16", "q8_0", "q4_k_m"]
@@ -259,17 +260,7 @@ def test_modelfile_template_renders_like_the_chat_template(exported):
     assert ("PARAMETER", "num_ctx 512") in cmds
     assert ("SYSTEM", "あなたは親切なアシスタントです。") in cmds
     tok = AutoTokenizer.from_pretrained(exported["merged"])
-    chats = [
-        [{"role": "user", "content": "こんにちは"}],
-        [{"role": "system", "content": "丁寧に答えてください。"}, {"role": "user", "content": "富士山の高さは？"}],
-        [
-            {"role": "user", "content": "Hello!"},
-            {"role": "assistant", "content": "こんにちは！"},
-            {"role": "user", "content": "日本語で話して"},
-        ],
-        [{"role": "system", "content": ""}, {"role": "user", "content": " 空白で始まる\n改行も "}],
-    ]
-    for chat in chats:
+    for chat in CONVERSATIONS:
         go = chat_formats.render_go(template, chat)
         assert go == tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 

@@ -13,17 +13,7 @@ from aegis import chat_template
 from serve import prompt
 from serve.job import StopMatcher
 from support import serving
-
-CONVERSATIONS = [
-    [{"role": "user", "content": "こんにちは"}],
-    [{"role": "system", "content": "あなたは親切なアシスタントです。"}, {"role": "user", "content": "天気は?"}],
-    [
-        {"role": "system", "content": ""},
-        {"role": "user", "content": "一"},
-        {"role": "assistant", "content": "二"},
-        {"role": "user", "content": "三 <b>&amp;</b> {{ x }}"},
-    ],
-]
+from support.conversations import CONVERSATIONS
 
 
 def feed(matcher: StopMatcher, pieces: list[str]) -> tuple[str, bool]:

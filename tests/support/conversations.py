@@ -1,0 +1,23 @@
+"""Conversations that check a chat template's renderers against transformers' own (the server's prompt, export's
+Go template): one turn, a system prompt, an empty one, several turns, text that looks like markup or a template, and
+whitespace at both ends of a message."""
+
+from __future__ import annotations
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "こんにちは"}],
+    [{"role": "system", "content": "あなたは親切なアシスタントです。"}, {"role": "user", "content": "天気は?"}],
+    [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "一"},
+        {"role": "assistant", "content": "二"},
+        {"role": "user", "content": "三 <b>&amp;</b> {{ x }}"},
+    ],
+    [{"role": "system", "content": "丁寧に答えてください。"}, {"role": "user", "content": "富士山の高さは？"}],
+    [
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "こんにちは！"},
+        {"role": "user", "content": "日本語で話して"},
+    ],
+    [{"role": "system", "content": ""}, {"role": "user", "content": " 空白で始まる\n改行も "}],
+]
