@@ -56,6 +56,13 @@ def _writable(dest: Path | None) -> list[str]:
     return [f"--out {dest}: cannot write there: {why}"] if why else []
 
 
+class _WritesOut:
+    """A command that writes at --out: its problems are that place's."""
+
+    def problems(self) -> list[str]:
+        return _writable(self.out)
+
+
 def _threads():
     return setting(None, "llama.cpp threads for the parity check", parse=cli.bounded(int, 1))
 
@@ -69,7 +76,7 @@ def _num_ctx():
 
 
 @dataclass
-class Merge:
+class Merge(_WritesOut):
     """Merge a checkpoint into a stock HF model: LoRA merged, the soul folded into lm_head."""
 
     checkpoint: Path = setting(
@@ -82,9 +89,6 @@ class Merge:
     dtype: str = setting("float32", "merge precision", choices=merge.DTYPES)
     device: str = setting("auto", "auto (CUDA if present), cpu, cuda, cuda:N")
     no_quant_gap: bool = setting(False, "skip measuring the 4-bit training base's gap")
-
-    def problems(self) -> list[str]:
-        return _writable(self.out)
 
     def run(self) -> int:
         merge.merge(
@@ -99,7 +103,7 @@ class Merge:
 
 
 @dataclass
-class Gguf:
+class Gguf(_WritesOut):
     """Write a merged HF model as GGUF, then check its parity with the model."""
 
     model: Path = setting(help="merged model directory", parse=_hf_model, metavar="DIR", required=True)
@@ -109,9 +113,6 @@ class Gguf:
     skip_parity: bool = setting(False, "write without the llama.cpp parity check")
     threads: int | None = _threads()
     no_progress: bool = setting(False, "no progress bar")
-
-    def problems(self) -> list[str]:
-        return _writable(self.out)
 
     def run(self) -> int:
         pipeline.export_gguf(
@@ -155,7 +156,7 @@ class Parity:
 
 
 @dataclass
-class Modelfile:
+class Modelfile(_WritesOut):
     """Write an Ollama Modelfile for a GGUF, its chat template proved against the model's own."""
 
     gguf: Path = setting(help="the GGUF file", parse=_file, metavar="FILE", required=True)
@@ -164,9 +165,6 @@ class Modelfile:
     system: str | None = setting(None, "SYSTEM prompt")
     num_ctx: int | None = _num_ctx()
     model: Path | None = setting(None, MODEL_HELP, parse=_hf_model, metavar="DIR")
-
-    def problems(self) -> list[str]:
-        return _writable(self.out)
 
     def run(self) -> int:
         modelfile.write(
