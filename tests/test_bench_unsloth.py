@@ -110,40 +110,12 @@ def test_table_names_unsloths_best_row_and_the_ratio(tmp_path):
 @pytest.mark.parametrize("per_token_gib, longest", [(1e-4, 98304), (5e-5, 131072), (4e-4, 24576)])
 def test_long_search_finds_the_longest_length_within_budget(tmp_path, monkeypatch, per_token_gib, longest):
     """Peak memory linear in length (as measured rows are): the search lands on the longest multiple it tries."""
-    import argparse
-
-    import bench.train_throughput as tt
-
-    tried = []
-
-    def fake_row(model, batches, warmup, init):
-        n = batches[0]
-        tried.append(n)
-        return {
-            "tokens_per_s": 5000.0,
-            "step_s": 1.0,
-            "peak_gib": 2.0 + per_token_gib * n,
-            "losses": [10.0],
-            "loss_last5": 10.0,
-        }
-
-    monkeypatch.setattr(train_unsloth, "train_row", fake_row)
-    monkeypatch.setattr(tt, "windows", lambda snap, steps, batch, length, repeat=1: [length])
-    monkeypatch.setattr(tt, "corpus_repeat", lambda snap, n, length: 1)
-    args = argparse.Namespace(
-        max_long=131072,
-        budget_gib=12.0,
-        long_steps=1,
-        long_warmup=1,
-        long_start=16384,
-        deadline=0.0,
-        row_reserve_s=15.0,
-        out=tmp_path / "u.json",
+    runner, results, tried = _runner(
+        tmp_path, monkeypatch, peak=lambda b, n: 2.0 + per_token_gib * n, tps=lambda b, n: 5000.0, long_warmup=1
     )
-    results = {"rows": []}
-    train_unsloth.Runner(args, results, tmp_path).long(None, {}, {"which": "u"})
+    runner.long(None, {}, {"which": "u"})
     assert results["longest_within_budget"]["u"] == longest
-    assert len(tried) <= 5 and all(n % 4096 == 0 for n in tried)
+    assert len(tried) <= 5 and all(n % 4096 == 0 for _, n in tried)
     assert json.loads((tmp_path / "u.json").read_text())["longest_within_budget"]["u"] == longest
 
 
