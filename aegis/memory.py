@@ -61,6 +61,7 @@ MLP_BYTES = 8  # per intermediate unit and token: what a gated MLP keeps for its
 ATTN_BYTES = 5  # per value of q, k and v and token: what attention keeps of them and its output, in 16 bits
 TILE = 4096  # positions per MLP slice (aegis/tiled.py): ~256 MiB of intermediates at Phi-3.5-mini's shapes
 HEAD_GROUP = 4  # key/value heads per group of the tiled attention (aegis/tiled.py): 8 groups at Phi-3.5-mini's shapes
+DEQUANTIZE = "train.dequantized_base = true"  # the setting that forces the dequantized base, as its errors name it
 
 
 @dataclass(frozen=True)
@@ -131,39 +132,6 @@ def _at(config, p: Plan, length: int, quantized: bool) -> float:
     )
 
 
-def _fit(
-    config,
-    batch: int,
-    length: int,
-    quantized: bool,
-    budget_gib: float,
-    requested: bool | str,
-    offload: bool | str,
-    tiled: bool | str,
-    tiled_attention: bool | str,
-) -> Plan:
-    """The plan, its base not dequantized, with linear weights at 4.25 bits (quantized) or 16."""
-    if requested == "auto":  # no recompute while a micro-batch without it keeps MIN_MICRO_TOKENS positions
-        free = _largest_micro(config, batch, length, quantized, budget_gib, False)
-        ckpt = free is None or (free < batch and free * length < MIN_MICRO_TOKENS)
-    else:
-        ckpt = bool(requested)
-    if offload == "auto":
-        off = ckpt and estimate_gib(config, batch, length, quantized, True) > budget_gib
-    else:
-        off = ckpt and bool(offload)
-    # each tiling only when one sequence alone does not fit otherwise
-    tile = estimate_gib(config, 1, length, quantized, ckpt, off) > budget_gib if tiled == "auto" else bool(tiled)
-    heads = (
-        estimate_gib(config, 1, length, quantized, ckpt, off, tile) > budget_gib
-        if tiled_attention == "auto"
-        else bool(tiled_attention)
-    )
-    micro = _largest_micro(config, batch, length, quantized, budget_gib, ckpt, off, tile, heads) or 1
-    p = Plan(ckpt, 0.0, budget_gib, micro, off, tiled_mlp=tile, tiled_attention=heads)
-    return replace(p, estimate_gib=_at(config, p, length, quantized))
-
-
 def plan(
     config,
     batch: int,
@@ -185,27 +153,49 @@ def plan(
     module's docstring; "auto" is off where the step runs without a GPU (`gpu` False): the budget and the time it
     saves are the GPU's, and at the CPU's fp32 compute a dense copy would take ~7.5x the 4-bit layers' host
     memory."""
-    key = "train.dequantized_base = true"
+    if dequantize is True and not quantized:
+        raise ConfigError(
+            DEQUANTIZE, ['model.quantization is "none": the base is already at 16 bits, there is nothing to dequantize']
+        )
+    bits4 = quantized and dequantize is not True  # a base dequantized by request is planned at 16 bits
+    if requested == "auto":  # no recompute while a micro-batch without it keeps MIN_MICRO_TOKENS positions
+        free = _largest_micro(config, batch, length, bits4, budget_gib, False)
+        ckpt = free is None or (free < batch and free * length < MIN_MICRO_TOKENS)
+    else:
+        ckpt = bool(requested)
+    if offload == "auto":
+        off = ckpt and estimate_gib(config, batch, length, bits4, True) > budget_gib
+    else:
+        off = ckpt and bool(offload)
+    # each tiling only when one sequence alone does not fit otherwise
+    tile = estimate_gib(config, 1, length, bits4, ckpt, off) > budget_gib if tiled == "auto" else bool(tiled)
+    heads = (
+        estimate_gib(config, 1, length, bits4, ckpt, off, tile) > budget_gib
+        if tiled_attention == "auto"
+        else bool(tiled_attention)
+    )
+    micro = _largest_micro(config, batch, length, bits4, budget_gib, ckpt, off, tile, heads) or 1
+    p = Plan(ckpt, 0.0, budget_gib, micro, off, tiled_mlp=tile, tiled_attention=heads)
+    p = replace(p, estimate_gib=_at(config, p, length, bits4))
+    return _with_base(p, config, length, quantized, dequantize, gpu)
+
+
+def _with_base(p: Plan, config, length: int, quantized: bool, dequantize: bool | str, gpu: bool) -> Plan:
+    """Plan `p` (made at 16 bits where `dequantize` is True, else at the base's bits) with its base's decision."""
     if dequantize is True:
-        if not quantized:
+        if p.estimate_gib > p.budget_gib:
             raise ConfigError(
-                key, ['model.quantization is "none": the base is already at 16 bits, there is nothing to dequantize']
-            )
-        p = _fit(config, batch, length, False, budget_gib, requested, offload, tiled, tiled_attention)
-        if p.estimate_gib > budget_gib:
-            raise ConfigError(
-                key,
+                DEQUANTIZE,
                 [
                     f"with the base's linear weights at 16 bits the step is estimated at "
                     f"{p.estimate_gib:.1f} GiB at micro-batch {p.micro_batch}, gradient checkpointing "
                     f"{'on' if p.gradient_checkpointing else 'off'}: over train.memory_budget_gib "
-                    f'{budget_gib:g}; set it to "auto" or false, lower train.max_length or raise '
+                    f'{p.budget_gib:g}; set it to "auto" or false, lower train.max_length or raise '
                     f"the budget"
                 ],
             )
-        why = f"{key}: ~{p.estimate_gib:.1f} GiB, ~{_at(config, p, length, True):.1f} GiB at 4 bits"
+        why = f"{DEQUANTIZE}: ~{p.estimate_gib:.1f} GiB, ~{_at(config, p, length, True):.1f} GiB at 4 bits"
         return replace(p, dequantized_base=True, why_base=why)
-    p = _fit(config, batch, length, quantized, budget_gib, requested, offload, tiled, tiled_attention)
     if not quantized or dequantize is False or not gpu:
         why = (
             "the base is not quantized"
@@ -216,7 +206,7 @@ def plan(
         )
         return replace(p, why_base=why)
     dense = _at(config, p, length, False)  # the same plan, 16-bit linear weights
-    on = dense <= budget_gib
+    on = dense <= p.budget_gib
     why = f"~{dense:.1f} GiB with the base dequantized, ~{p.estimate_gib:.1f} GiB at 4 bits: " + (
         "fits the budget with the same checkpointing and micro-batch" if on else "over the budget"
     )
