@@ -53,8 +53,9 @@ class Args:
 def train(args: Args) -> None:
     # the loop brings torch and transformers with it: a problem of the command line is reported before they load
     from .data import DataError
-    from .loop import NonFiniteError, run
+    from .loop import run
     from .rundir import RunError
+    from .update import NonFiniteError
 
     try:
         run(args.recipe, args.run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
