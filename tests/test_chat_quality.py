@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from support.chats import conversation
 from train import chat_quality as cq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,13 +62,7 @@ def test_most_repeated_4_token_run(ids, most):
 
 def test_held_out_turns_give_the_history_before_each_reply(tmp_path):
     path = tmp_path / "chats.jsonl"
-    msgs = [
-        {"role": "system", "content": "S"},
-        {"role": "user", "content": "U1"},
-        {"role": "assistant", "content": "A1"},
-        {"role": "user", "content": "U2"},
-        {"role": "assistant", "content": "A2"},
-    ]
+    msgs = conversation("S", "U1", "A1", "U2", "A2")
     path.write_text(json.dumps({"messages": msgs}) + "\n", encoding="utf-8")
     turns = cq.held_out_turns(path)
     assert [(len(h), h[-1]["content"], ref) for h, ref in turns] == [(2, "U1", "A1"), (4, "U2", "A2")]

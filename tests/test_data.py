@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from support.chats import conversation
 from train import batches, data
+
+SKY = ("空はなぜ青いのですか。", "光が散らばるからです。", "夕焼けは？", "赤い光が残るからです。")  # two turns
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +27,7 @@ def _jsonl(path: Path, rows) -> Path:
 
 
 def test_chat_loss_covers_exactly_the_assistant_turns(tok):
-    msgs = [
-        {"role": "system", "content": "あなたは親切なアシスタントです。"},
-        {"role": "user", "content": "空はなぜ青いのですか。"},
-        {"role": "assistant", "content": "光が散らばるからです。"},
-        {"role": "user", "content": "夕焼けは？"},
-        {"role": "assistant", "content": "赤い光が残るからです。"},
-    ]
+    msgs = conversation("あなたは親切なアシスタントです。", *SKY)
     [ex] = data.tokenize(tok, "messages", msgs)  # one text holds every turn
     assert len(ex.input_ids) == len(ex.labels)
     learned = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != data.IGNORE])
@@ -48,13 +45,7 @@ def test_a_template_that_moves_the_system_prompt_trains_turn_by_turn(tok):
 
     mistral = copy.deepcopy(tok)
     mistral.chat_template = MISTRAL
-    msgs = [
-        {"role": "system", "content": "短く答えてください。"},
-        {"role": "user", "content": "空はなぜ青いのですか。"},
-        {"role": "assistant", "content": "光が散らばるからです。"},
-        {"role": "user", "content": "夕焼けは？"},
-        {"role": "assistant", "content": "赤い光が残るからです。"},
-    ]
+    msgs = conversation("短く答えてください。", *SKY)
     first, second = data.tokenize(mistral, "messages", msgs)
     for ex, turn, prompt in [(first, "光が散らばるからです。", msgs[:2]), (second, "赤い光が残るからです。", msgs[:4])]:
         learned = mistral.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != data.IGNORE])
