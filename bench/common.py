@@ -1,5 +1,5 @@
-"""What several benchmarks share, so that each measures the same way: Phi-3.5-mini's shapes, the greedy streamed chat
-request, concurrent clients and the summary of their requests, and the timed training step.
+"""What several benchmarks share, so that each measures the same way: Phi-3.5-mini's shapes, the prompts and
+the greedy streamed chat request, concurrent clients and the summary of their requests, and the timed training step.
 
 Only the standard library and aegis.tiny load with it (torch and httpx inside the functions that use them):
 bench/train_unsloth.py imports it in Unsloth's own environment, where Unsloth must come before transformers.
@@ -16,6 +16,14 @@ from aegis.tiny import shape
 # Phi-3.5-mini-instruct's shapes: 3.82 B parameters.
 PHI35 = shape(3072, 8192, 32, 32, 32, vocab_size=32064, max_position_embeddings=131072)
 PHI35 |= {"original_max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-5}
+
+# the chat prompts the serve benches send, in turn
+PROMPTS = [
+    "こんにちは。自己紹介をしてください。",
+    "日本の四季について説明してください。",
+    "おすすめの本を三冊教えてください。",
+    "明日の予定を立てるのを手伝ってください。",
+]
 
 
 def ramp_factors(n: int) -> tuple[list[float], list[float]]:

@@ -42,14 +42,8 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import chat_request, run_clients, summary  # noqa: E402
+from bench.common import PROMPTS, chat_request, run_clients, summary  # noqa: E402
 
-PROMPTS = [
-    "こんにちは。自己紹介をしてください。",
-    "日本の四季について説明してください。",
-    "おすすめの本を三冊教えてください。",
-    "明日の予定を立てるのを手伝ってください。",
-]
 # each chain's file, its CPU serve image and its data volume (compose.replicas.yaml's header)
 CHAINS = {
     "compose.cpu.yaml": ("aegis-serve:cpu", "aegis-cpu-data"),

@@ -48,15 +48,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from aegis import digest  # noqa: E402
-from bench.common import run_clients, summary  # noqa: E402
+from bench.common import PROMPTS, run_clients, summary  # noqa: E402
 from tests.support.serving import Server, exported_run, find_gguf  # noqa: E402
 
-PROMPTS = [
-    "こんにちは。自己紹介をしてください。",
-    "日本の四季について説明してください。",
-    "おすすめの本を三冊教えてください。",
-    "明日の予定を立てるのを手伝ってください。",
-]
 TURNS = [
     "京都の有名なお寺をいくつか教えてください。それぞれの歴史についても簡単に説明してください。",
     "その中で、秋に紅葉が一番きれいなのはどこですか。行き方も教えてください。",
