@@ -78,7 +78,7 @@ def end_of_turn() -> tuple[str, ...]:
     return tuple(dict.fromkeys(t for f in FAMILIES.values() for t in f.end_of_turn))
 
 
-# every module of this package is a family (but _ollama, what they share): importing it registers it (modules
+# every module of this package is a family (but those named _*, what they share): importing it registers it (modules
 # sorted by name, Phi-3's first)
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: (i.name != "phi3", i.name)):
     if not _info.name.startswith("_"):

@@ -1,7 +1,8 @@
 """What a family's Ollama Modelfile template is built from: the facts a tokenizer gives (`Facts`), the template and
 stops a family offers for them (`Template`), and the Go template of the formats that wrap each message in an
-opening and a closing text (`turns`: Phi-3, ChatML, Llama 3). Each family file builds its own templates from these
-(`Family.ollama`); export proves them against the tokenizer's chat template (export/chat_formats.py).
+opening and a closing text (`turns`: Phi-3, ChatML, Llama 3) with its variants for a tokenizer (`wrapped`). Each
+family file builds its own templates from these (`Family.ollama`); export proves them against the tokenizer's chat
+template (export/chat_formats.py).
 
 Ollama renders a chat with a Go template over .Messages (the system, user, assistant and tool messages in order) and
 .Tools (the request's tools); every character of a template here is one the chat renders: no cosmetic newlines, no
@@ -110,6 +111,32 @@ def _other(open_: str, close: str, tools: ToolFormat | None) -> str:
         + other
         + "{{ end }}"
     )
+
+
+def wrapped(
+    facts: Facts,
+    format: str,
+    open_: str,
+    close: str,
+    gen: str,
+    stops: tuple[str, ...],
+    skips: tuple[bool, ...] = (False, True),
+    default_system: str | None = None,
+) -> list[Template]:
+    """The `turns` templates of a wrapping format for a tokenizer's facts: with or without a literal BOS, with the
+    chat template's default system prompt (when it has one, named "FORMAT (default system prompt)") or without,
+    an empty system message printed or skipped in the order of `skips`."""
+    defaults = [default_system, None] if default_system is not None else [None]
+    return [
+        Template(
+            format + (" (default system prompt)" if d is not None else ""),
+            turns(open_, close, gen, bos, skip, d, facts.tools),
+            stops,
+        )
+        for bos in facts.boses
+        for d in defaults
+        for skip in skips
+    ]
 
 
 def none(facts: Facts) -> list[Template]:

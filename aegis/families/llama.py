@@ -3,8 +3,9 @@ llama.cpp's llama graph wants interleaved, the Llama 3 header chat format; calls
 (aegis/tool_format.py `llama3`: a JSON object {"name", "parameters"}, results in the ipython role, a turn that ends in
 <|eot_id|> or, after a call, <|eom_id|>)."""
 
-from aegis.families import Family, register
-from aegis.families._ollama import Facts, Template, turns
+from aegis.families import register
+from aegis.families._llama_arch import llama_arch
+from aegis.families._ollama import Facts, Template, wrapped
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -20,37 +21,24 @@ def ollama(facts: Facts) -> list[Template]:
     or skipped."""
     if not facts.has(*MARKERS):
         return []
-    return [
-        Template(
-            "Llama 3",
-            turns(
-                "<|start_header_id|>{role}<|end_header_id|>\n\n",
-                "<|eot_id|>",
-                "<|start_header_id|>assistant<|end_header_id|>\n\n",
-                bos,
-                skip,
-                None,
-                facts.tools,
-            ),
-            ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
-        )
-        for bos in facts.boses
-        for skip in (False, True)
-    ]
+    return wrapped(
+        facts,
+        "Llama 3",
+        "<|start_header_id|>{role}<|end_header_id|>\n\n",
+        "<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
+    )
 
 
 FAMILY = register(
-    Family(
+    llama_arch(
         name="llama",
-        gguf_arch="llama",
-        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
         chat_template=CHAT_TEMPLATE,
         chat_markers=MARKERS,
         end_of_turn=("<|eot_id|>", "<|eom_id|>"),
         ollama_format="Llama 3",
         ollama=ollama,
         tools="llama3",
-        permute_qk=True,
-        bpe_pre="llama-bpe",
     )
 )

@@ -2,7 +2,8 @@
 system prompt opens the last user turn) that ends a reply with the tokenizer's EOS; calls in Mistral's own tool format
 (aegis/tool_format.py `mistral`: [AVAILABLE_TOOLS], [TOOL_CALLS], [TOOL_RESULTS])."""
 
-from aegis.families import Family, register
+from aegis.families import register
+from aegis.families._llama_arch import llama_arch
 from aegis.families._ollama import Facts, Template
 from aegis.tool_format import ToolFormat
 
@@ -62,17 +63,13 @@ def ollama(facts: Facts) -> list[Template]:
 
 
 FAMILY = register(
-    Family(
+    llama_arch(
         name="mistral",
-        gguf_arch="llama",
-        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
         chat_template=CHAT_TEMPLATE,
         chat_markers=("[INST]", "[/INST]"),
         end_of_turn=(),
         ollama_format="Mistral [INST]",
         ollama=ollama,
         tools="mistral",
-        permute_qk=True,
-        bpe_pre="llama-bpe",
     )
 )

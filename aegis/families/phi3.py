@@ -2,7 +2,7 @@
 the <|system|>/<|user|>/<|assistant|> ... <|end|> chat format; no tool format of its own, so AEGIS's JSON one."""
 
 from aegis.families import Family, register
-from aegis.families._ollama import Facts, Template, turns
+from aegis.families._ollama import Facts, Template, wrapped
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -23,13 +23,7 @@ def ollama(facts: Facts) -> list[Template]:
     printed."""
     if not facts.has(*MARKERS):
         return []
-    return [
-        Template(
-            "Phi-3", turns("<|{role}|>\n", "<|end|>\n", "<|assistant|>\n", bos, skip, None, facts.tools), END_OF_TURN
-        )
-        for bos in facts.boses
-        for skip in (True, False)
-    ]
+    return wrapped(facts, "Phi-3", "<|{role}|>\n", "<|end|>\n", "<|assistant|>\n", END_OF_TURN, skips=(True, False))
 
 
 FAMILY = register(

@@ -5,7 +5,7 @@ adapts the attention and the MLP projections."""
 import re
 
 from aegis.families import Family, register
-from aegis.families._ollama import Facts, Template, turns
+from aegis.families._ollama import Facts, Template, wrapped
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -30,17 +30,15 @@ def ollama(facts: Facts) -> list[Template]:
     with or without a literal BOS, an empty system message printed or skipped."""
     if not facts.has(*MARKERS):
         return []
-    default = _default_system(facts)
-    return [
-        Template(
-            "ChatML" + (" (default system prompt)" if d is not None else ""),
-            turns("<|im_start|>{role}\n", "<|im_end|>\n", "<|im_start|>assistant\n", bos, skip, d, facts.tools),
-            ("<|im_end|>", "<|im_start|>"),
-        )
-        for bos in facts.boses
-        for d in ([default, None] if default is not None else [None])
-        for skip in (False, True)
-    ]
+    return wrapped(
+        facts,
+        "ChatML",
+        "<|im_start|>{role}\n",
+        "<|im_end|>\n",
+        "<|im_start|>assistant\n",
+        ("<|im_end|>", "<|im_start|>"),
+        default_system=_default_system(facts),
+    )
 
 
 FAMILY = register(
