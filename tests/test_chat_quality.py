@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support.chats import conversation
+from support.conversations import conversation
 from train import chat_quality as cq
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from support.chats import conversation
+from support.conversations import conversation
 from train import batches, data
 
 SKY = ("空はなぜ青いのですか。", "光が散らばるからです。", "夕焼けは？", "赤い光が残るからです。")  # two turns

@@ -1,6 +1,6 @@
-"""Conversations that check a chat template's renderers against transformers' own (the server's prompt, export's
-Go template): one turn, a system prompt, an empty one, several turns, text that looks like markup or a template, and
-whitespace at both ends of a message."""
+"""The tests' conversations: CONVERSATIONS check a chat template's renderers against transformers' own (the server's
+prompt, export's Go template): one turn, a system prompt, an empty one, several turns, text that looks like markup or a
+template, and whitespace at both ends of a message; conversation() writes a chat out as its message list."""
 
 from __future__ import annotations
 
@@ -21,3 +21,9 @@ CONVERSATIONS = [
     ],
     [{"role": "system", "content": ""}, {"role": "user", "content": " 空白で始まる\n改行も "}],
 ]
+
+
+def conversation(system: str, *turns: str) -> list[dict]:
+    """[system, user, assistant, user, ...]: `turns` alternate, the user's first."""
+    roles = ("user", "assistant")
+    return [{"role": "system", "content": system}] + [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
