@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import INITS, MIXES
+from .config_checks import INITS, MIXES
 
 BLOCK = 8
 FREE = BLOCK * (BLOCK - 1) // 2  # 28

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from aegis import metrics
-from aegis.config import TRACKERS, ConfigError, build
+from aegis.config import ConfigError, build
+from aegis.config_checks import TRACKERS
 from conftest import QUICKSTART, ROOT, train_cli
 
 TOTAL = 10  # steps; the first session is stopped after its fifth
