@@ -4,10 +4,8 @@ transformers' warning about the embedded model's LongRoPE config, and a FutureWa
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-from conftest import ROOT, train_cli
+from conftest import train_cli
+from support.commands import python_m
 
 NOISE = ("kernels-community", "rope_parameters", "FutureWarning", "DeprecationWarning")
 
@@ -22,25 +20,8 @@ def test_training_and_chat_print_no_library_notes(tiny_path, tmp_path):
         "train.max_length=64",
         "train.save_steps=2",
     )
-    chat = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train.chat",
-            "--checkpoint",
-            str(run),
-            "--prompt",
-            "こんにちは",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "2",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    greedy = ["--prompt", "こんにちは", "--temperature", 0, "--max-new-tokens", 2]
+    chat = python_m("train.chat", "--checkpoint", run, *greedy, timeout=300)
     assert chat.returncode == 0, chat.stderr
     for out in (proc.stdout + proc.stderr, chat.stderr):
         assert not [n for n in NOISE if n in out], out
