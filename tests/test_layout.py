@@ -74,3 +74,24 @@ def test_the_core_and_the_serving_path_start_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 300, 60
+
+
+@pytest.mark.parametrize("package", (CORE, *STAGES))
+def test_modules_and_functions_stay_short(package):
+    """A product module holds at most 300 lines and a function at most 60 (docs/architecture.md): past that, split
+    along the steps or concerns. Decorators do not count toward a function's length."""
+    problems = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        name, lines = path.relative_to(ROOT), text.count("\n")
+        if lines > MAX_MODULE_LINES:
+            problems.append(f"{name}: {lines} lines, over {MAX_MODULE_LINES}")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    problems.append(f"{name}:{node.lineno} {node.name}: {length} lines, over {MAX_FUNCTION_LINES}")
+    assert not problems, "\n".join(problems)
