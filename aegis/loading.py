@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from . import checkpoint, families, manifest, memory
 from .config import EMBEDDED, Config
 from .errors import ModelError
+from .pretrained import pretrained
 from .tiny import ensure as ensure_tiny
 
 # torch, transformers, peft and the soul (a torch module) are imported by the functions that build models: serve's
@@ -17,8 +18,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-# The families that go end to end (train -> merge -> GGUF -> serve), with the LoRA targets of
-# `lora.target_modules = "auto"` under each architecture's own names: aegis/families/ declares them.
+# The families that go end to end, with `lora.target_modules = "auto"`'s targets: aegis/families/ declares them.
 AUTO_TARGETS = {f.name: list(f.lora_targets) for f in families.FAMILIES.values()}
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -99,7 +99,7 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_base(path: Path, quantization: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     kwargs = {"dtype": dtype, "device_map": {"": device}}
     if quantization == "nf4":
@@ -110,7 +110,7 @@ def load_base(path: Path, quantization: str, dtype: torch.dtype, device: torch.d
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=torch.uint8,
         )
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = pretrained(path, **kwargs)
     model.config.use_cache = False
     return model
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aegis import checkpoint, loading, manifest
 from aegis.atomic import atomic_dir
+from aegis.pretrained import pretrained
 
 from . import prompts
 from .files import ExportError, fingerprint
@@ -183,9 +184,8 @@ def _reload_and_check(tmp: Path, reference, items, dtype: str, dev, out: Path, l
     """Load what was written with plain transformers, as a user would, and compare its logits with the checkpoint
     model's; an ExportError when they differ by more than the bound of `dtype`. Returns (model, diff, bound)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype), device_map={"": dev})
+    reloaded = pretrained(tmp, dtype=getattr(torch, dtype), device_map={"": dev})
     reloaded.eval()
     diff = compare(reference, logits_for(reloaded, items))
     bound = RELATIVE_BOUND[dtype]

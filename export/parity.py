@@ -26,6 +26,7 @@ from pathlib import Path
 
 from aegis import chat_template, decoding, gguf_context, llamacpp
 from aegis.atomic import write_json
+from aegis.pretrained import pretrained
 
 from . import logits, prompts
 from .files import ExportError
@@ -105,7 +106,7 @@ def check(
 ) -> dict:
     """Measure parity; returns the report (with "passed"). Raises ExportError only for unusable input."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     start = time.time()
     threads = threads or max(1, min(4, os.cpu_count() or 1))
@@ -117,7 +118,7 @@ def check(
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map={"": dev})
+    model = pretrained(model_dir, dtype=torch.float32, device_map={"": dev})
     model.eval()
     groups, sampled, longrope = _prompt_groups(tok, rule)
     template_check = (lambda llm: template_parity(llm, tok)) if tok.chat_template else None

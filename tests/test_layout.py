@@ -95,3 +95,17 @@ def test_modules_and_functions_stay_short(package):
                 if length > MAX_FUNCTION_LINES:
                     problems.append(f"{name}:{node.lineno} {node.name}: {length} lines, over {MAX_FUNCTION_LINES}")
     assert not problems, "\n".join(problems)
+
+
+def test_models_load_through_one_function():
+    """`AutoModelForCausalLM.from_pretrained` is called in aegis/pretrained.py alone, which turns the hub's kernels
+    off; a stage calling it directly would load them again."""
+    calls = [
+        f"{path.relative_to(ROOT)}:{n + 1}"
+        for package in (CORE, *STAGES)
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if path != ROOT / "aegis" / "pretrained.py"
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines())
+        if "ForCausalLM.from_pretrained(" in line
+    ]
+    assert not calls, calls

@@ -75,3 +75,11 @@ def test_base_from_a_hub_snapshot_shaped_cache(tiny_path, tmp_path, monkeypatch)
 def test_bad_base_names(tmp_path):
     with pytest.raises(ModelError, match="neither a directory"):
         model_mod.resolve_base(str(tmp_path / "nope" / "deeper"))
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_a_base_loads_without_the_hubs_kernels(tiny_path, quantization):
+    """transformers would swap layers for kernels fetched from the hub (a network call that fails offline on a GPU,
+    and other arithmetic than the one the tests check); every product load goes through aegis.pretrained."""
+    model = model_mod.load_base(tiny_path, quantization, torch.float32, torch.device("cpu"))
+    assert model.use_kernels is False

@@ -26,6 +26,7 @@ import torch
 
 from aegis import atomic, checkpoint, cli
 from aegis.cli import setting
+from aegis.pretrained import pretrained
 from aegis.tiny import ensure
 
 from . import data
@@ -174,10 +175,10 @@ def evaluate(
     """Replies and perplexity of the embedded base (checkpoint_dir None) or of a training checkpoint."""
     turns = held_out_turns(data.resolve(source)[0])
     if checkpoint_dir is None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         path = ensure(log=log)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = pretrained(path, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         ppl = {"base": base_perplexity(model, tokenizer, [source])}
         what = {"model": str(path), "quantization": "none"}

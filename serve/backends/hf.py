@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from aegis.loading import load_checkpoint
+from aegis.pretrained import pretrained
 
 from . import is_checkpoint, is_hf_model
 from .base import Backend, Control, Detokenizer, Sampling, Session, end_of_turn_ids
@@ -119,7 +120,7 @@ class HFBackend(Backend):
         self, path: Path, n_ctx: int = 0, device: str = "auto", dtype: str = "auto", quantization: str | None = None
     ):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.path = Path(path)
         if device == "auto":
@@ -133,9 +134,7 @@ class HFBackend(Backend):
             self.kind = "transformers (checkpoint)"
         elif is_hf_model(self.path):
             torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                self.path, dtype=torch_dtype, device_map={"": self.device}
-            )
+            self.model = pretrained(self.path, dtype=torch_dtype, device_map={"": self.device})
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         else:
             raise ValueError(
