@@ -113,7 +113,10 @@ def plain_peft(snap: Path, steps: int, batch: int, length: int, ckpt: bool, repe
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
-    model = AutoModelForCausalLM.from_pretrained(snap, quantization_config=q, dtype=torch.bfloat16, device_map={"": 0})
+    # the hub's kernels off, as for ours (aegis/pretrained.py): the GPU machine has no network to fetch them from
+    model = AutoModelForCausalLM.from_pretrained(
+        snap, quantization_config=q, dtype=torch.bfloat16, device_map={"": 0}, use_kernels=False
+    )
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
