@@ -30,7 +30,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from aegis.llamacpp import CACHE_TYPES, context_params, load_model, runtime  # noqa: E402
+from aegis.llamacpp import CACHE_TYPES, context_params, load_model, open_vocab, runtime  # noqa: E402
+from aegis.tiny import CORPUS_EVAL, texts  # noqa: E402
+from bench.common import short_run_gguf  # noqa: E402
 
 BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 values and one f16 scale per block
 # Phi-3.5-mini: 32 layers, 32 key/value heads of 96 values each (no grouped-query sharing)
@@ -48,20 +50,8 @@ def slots_within(budget_bytes: float, ctx: int, layers: int, kv_values: int) -> 
 
 
 def eval_text() -> str:
-    corpus = REPO / "aegis" / "corpus"
-    chats = [json.loads(line) for line in (corpus / "chat_eval.jsonl").read_text(encoding="utf-8").splitlines()]
-    turns = [m["content"] for chat in chats for m in chat.get("messages", [])]
-    return (corpus / "prose_eval.txt").read_text(encoding="utf-8") + "\n".join(turns)
-
-
-def tokenize(lib, vocab, text: str) -> list[int]:
-    raw = text.encode("utf-8")
-    room = len(raw) + 8
-    ids = (lib.llama_token * room)()
-    n = lib.llama_tokenize(vocab, raw, len(raw), ids, room, False, False)
-    if n < 0:
-        raise RuntimeError("llama_tokenize needed more room than the text's byte length")
-    return list(ids[:n])
+    """The corpus's held-out prose paragraphs and held-out chats (their turns' text, one per line)."""
+    return "\n".join(texts(CORPUS_EVAL, lambda messages: "\n".join(m["content"] for m in messages)))
 
 
 def window_logprobs(lib, ctx, batch, window: list[int], chunk: int, n_vocab: int) -> np.ndarray:
@@ -84,15 +74,18 @@ def window_logprobs(lib, ctx, batch, window: list[int], chunk: int, n_vocab: int
     return logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
 
 
-def read_all(path: Path, windows: list[list[int]], cache_type: str, chunk: int, threads: int) -> list[np.ndarray]:
+def read_all(path: Path, windows: list[list[int]], cache_type: str, chunk: int, threads: int):
+    """(the model's KV shape: layers and key/value values per position, each window's log-probabilities)."""
     lib = runtime()
     model = load_model(path, extra_bufts=True)
+    n_embd, n_head = lib.llama_model_n_embd(model), lib.llama_model_n_head(model)
+    shape = dict(layers=lib.llama_model_n_layer(model), kv_values=n_embd // n_head * lib.llama_model_n_head_kv(model))
     ctx_len = max(len(w) for w in windows)
     ctx = lib.llama_init_from_model(model, context_params(ctx_len, 1, chunk, threads, cache_type))
     batch = lib.llama_batch_init(chunk, 0, 1)
     n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
     try:
-        return [window_logprobs(lib, ctx, batch, w, chunk, n_vocab) for w in windows]
+        return shape, [window_logprobs(lib, ctx, batch, w, chunk, n_vocab) for w in windows]
     finally:
         lib.llama_batch_free(batch)
         lib.llama_free(ctx)
@@ -127,22 +120,12 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=6.0, help="KV cache budget for the Phi-3.5-mini slot count")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    gguf = args.gguf
-    if gguf is None:
-        from tests.support.serving import exported_run, find_gguf
-
-        gguf = find_gguf(exported_run(Path(os.environ.get("AEGIS_CACHE", Path.home() / ".cache" / "aegis"))))
-    lib = runtime()
-    model = load_model(gguf, extra_bufts=True)
-    vocab = lib.llama_model_get_vocab(model)
-    ids = tokenize(lib, vocab, eval_text())
-    n_embd, n_head = lib.llama_model_n_embd(model), lib.llama_model_n_head(model)
-    shape = dict(layers=lib.llama_model_n_layer(model), kv_values=n_embd // n_head * lib.llama_model_n_head_kv(model))
-    lib.llama_model_free(model)
+    gguf = args.gguf or short_run_gguf()
+    ids = open_vocab(gguf).tokenize(eval_text().encode("utf-8"), add_bos=False, special=False)
     windows = [ids[i : i + args.ctx] for i in range(0, len(ids) - args.ctx + 1, args.ctx)]
     started = time.perf_counter()
-    read = {t: read_all(gguf, windows, t, args.chunk, args.threads) for t in CACHE_TYPES}
-    parity = compare(windows, read["f16"], read["q8_0"])
+    (shape, f16), (_, q8) = (read_all(gguf, windows, t, args.chunk, args.threads) for t in CACHE_TYPES)
+    parity = compare(windows, f16, q8)
     budget = 4 * args.ctx * kv_bytes_per_position(**shape, cache_type="f16")  # what four f16 slots take
     memory = dict(
         this_gguf=dict(

@@ -8,8 +8,10 @@ bench/train_unsloth.py imports it in Unsloth's own environment, where Unsloth mu
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
+from pathlib import Path
 
 from aegis.tiny import shape
 
@@ -95,3 +97,11 @@ def train_steps(model, batches, params: list, opt) -> tuple[list[int], list[floa
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return tokens, losses, times
+
+
+def short_run_gguf() -> Path:
+    """The f16 GGUF of a short training run of the embedded model, made (and cached under AEGIS_CACHE, by default
+    ~/.cache/aegis) the first time: what a bench decodes when it is given no --gguf."""
+    from tests.support.serving import exported_run, find_gguf
+
+    return find_gguf(exported_run(Path(os.environ.get("AEGIS_CACHE", Path.home() / ".cache" / "aegis"))))

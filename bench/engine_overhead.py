@@ -34,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import short_run_gguf  # noqa: E402
 from serve.backends import Sampling  # noqa: E402
 from serve.backends.llamacpp import LlamaCppBackend  # noqa: E402
 from serve.batch import BatchPool  # noqa: E402
@@ -173,11 +174,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    gguf = args.gguf
-    if gguf is None:
-        from tests.support.serving import exported_run, find_gguf
-
-        gguf = find_gguf(exported_run(Path(os.environ.get("AEGIS_CACHE", Path.home() / ".cache" / "aegis"))))
+    gguf = args.gguf or short_run_gguf()
     backend = LlamaCppBackend(gguf, n_ctx=args.ctx, n_threads=args.threads, gpu_layers=args.gpu_layers)
     rows = []
     try:
