@@ -171,7 +171,7 @@ class BatchPool:
                 pending,
                 next_token=None if pending else job.prompt[-1],
                 cached=keep,
-                drafter=Drafter(job.prompt) if greedy and self.speculate else None,
+                drafter=Drafter(job.prompt, self.speculate) if greedy and self.speculate else None,
             )
             out.append((slot, job))
         return out
@@ -221,14 +221,14 @@ class BatchPool:
                     break
 
     def _room(self, r: Running, budget: int) -> int:
-        """How many tokens may be drafted after r.next_token: no more than the batch, the slot's context and the
-        request's max_tokens leave room for."""
+        """How many tokens may be drafted after r.next_token: no more than its drafter wants, and than the batch, the
+        slot's context and the request's max_tokens leave room for."""
         if r.drafter is None or budget <= 0:
             return 0
         return max(
             0,
             min(
-                self.speculate,
+                r.drafter.want(),
                 budget,
                 self.backend.context_length - len(r.drafter.tokens),
                 r.job.max_tokens - r.decoding.n - 1,
@@ -263,6 +263,7 @@ class BatchPool:
                 self.drafted += drafted
                 self.accepted += len(tokens) - 1
                 self._batch.drop(slot, drafted - (len(tokens) - 1))
+                running[slot].drafter.kept(drafted, len(tokens) - 1)
         return out
 
     def _finish(self, slot: int, running: dict[int, Running], error: str = "") -> None:

@@ -107,7 +107,7 @@ class Settings:
     )
     speculate: int = setting(
         0,
-        "llama.cpp: tokens drafted per step for a greedy request (temperature 0, no grammar) "
+        "llama.cpp: the most tokens drafted per step for a greedy request (temperature 0, no grammar) "
         "from its own prompt and reply (prompt lookup: what followed the last repeat of its "
         "latest tokens), checked in the same decode; the reply is the same, sooner where it "
         "repeats its input (0: off)",

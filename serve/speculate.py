@@ -19,16 +19,44 @@ from .backends.llamacpp import LlamaCppBackend
 from .backends.llamacpp_batch import common_prefix
 
 NGRAMS = (3, 2)  # n-gram sizes looked up, longest first; a single token matches too often to guess well
+REST = 8  # steps a request drafts nothing after a one-token draft was refused
 
 
 class Drafter:
-    """The tokens of one request (prompt, then what it generated) and where each of their n-grams ended last."""
+    """The tokens of one request (prompt, then what it generated), where each of their n-grams ended last, and how
+    many tokens to draft next.
 
-    def __init__(self, tokens: list[int]):
+    A drafted token that greedy decoding refuses was decoded for nothing: on a GPU it costs little beside the step's
+    weights, on a CPU nearly a token's work. So the length follows what was kept (the heuristic of transformers'
+    assisted generation): two more after a draft kept whole, one fewer otherwise; and a request whose one-token draft
+    is refused rests REST steps. Free chat then drafts little, a reply that copies its input drafts the most."""
+
+    def __init__(self, tokens: list[int], most: int):
         self.tokens: list[int] = []
         self.seen: dict[tuple[int, ...], int] = {}  # n-gram -> the index just past its latest earlier occurrence
         self.indexed = 0  # n-grams ending before this index are in `seen`
+        self.most = most  # --speculate: never more per step
+        self.length = most  # tokens to draft next step
+        self.rest = 0  # steps left without a draft
         self.extend(tokens)
+
+    def want(self) -> int:
+        """How many tokens to draft this step (0 while resting); called once a step."""
+        if self.rest:
+            self.rest -= 1
+            return 0
+        return self.length
+
+    def kept(self, drafted: int, accepted: int) -> None:
+        """What greedy decoding kept of this step's draft sets the next one's length."""
+        if not drafted:
+            return
+        if accepted == drafted:
+            self.length = min(self.most, self.length + 2)
+        elif accepted == 0 and self.length == 1:
+            self.rest = REST
+        else:
+            self.length = max(1, self.length - 1)
 
     def extend(self, tokens: list[int]) -> None:
         self.tokens.extend(tokens)

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from aegis.tiny import corpus_path
+from serve.speculate import REST, Drafter
 from support import serving
 from support.serving import REPO, base_gguf, metric
 
@@ -130,6 +131,24 @@ def test_sampled_and_constrained_requests_do_not_draft(servers):
         model=_name(fast), messages=TURNS, max_tokens=24, temperature=0, response_format={"type": "json_object"}
     )
     assert metric(fast, "aegis_draft_tokens_total") == drafted
+
+
+def test_the_draft_length_follows_what_was_kept():
+    d = Drafter([1, 2, 3, 1, 2], most=4)
+    assert d.want() == 4 and d.draft(d.want()) == [3, 1, 2]  # "1 2" came before, followed by "3 1 2"
+    d.kept(4, 4)
+    assert d.want() == 4  # never more than --speculate
+    d.kept(4, 1)
+    assert d.want() == 3
+    d.kept(3, 0)
+    d.kept(2, 1)
+    assert d.want() == 1
+    d.kept(1, 0)  # even one token refused: a rest
+    assert [d.want() for _ in range(REST)] == [0] * REST and d.want() == 1
+    d.kept(1, 1)
+    assert d.want() == 3
+    d.kept(0, 0)  # nothing drafted (no n-gram matched): nothing learnt
+    assert d.want() == 3
 
 
 @pytest.fixture(scope="module")
