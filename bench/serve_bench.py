@@ -427,6 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     servers = [OURS] + ([LLAMA_SERVER] if args.llama_server else []) + [LCP_SERVER]
 
     rows, failed = [], []
+    library = []  # the library's limit first: it takes seconds, and a run cut short still has it in its log
+    if args.batched_bench:
+        try:
+            library = batched_bench(args.batched_bench, gguf, levels, args)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            print(f"llama-batched-bench: FAILED {e}", flush=True)
+            failed.append({"server": "llama-batched-bench", "error": str(e)[-2000:]})
     for clients in levels:
         for name in servers:
             if name == LCP_SERVER and clients not in baseline_levels:
@@ -436,13 +443,6 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:  # one server failing still leaves the others' rows; the reason is kept
                 print(f"{clients:3d} clients  {name}: FAILED {e}", flush=True)
                 failed.append({"clients": clients, "server": name, "error": str(e)[-2000:]})
-    library = []
-    if args.batched_bench:
-        try:
-            library = batched_bench(args.batched_bench, gguf, levels, args)
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-            print(f"llama-batched-bench: FAILED {e}", flush=True)
-            failed.append({"server": "llama-batched-bench", "error": str(e)[-2000:]})
     turns = prefix_reuse(gguf, args, failed) if args.chats else {}
 
     memory = "GPU memory" if MemoryWatch().gpu else "RSS"
