@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -86,15 +85,15 @@ OURS, LLAMA_SERVER, LCP_SERVER = "aegis serve", "llama-server", "llama_cpp.serve
 
 
 class MemoryWatch:
-    """Peak memory while a server runs: GPU memory in use (nvidia-smi) above the level before it started, or the
-    process's peak resident set without a GPU."""
+    """Memory a server holds: GPU memory in use (nvidia-smi) above the level before it started, or the process's
+    peak resident set without a GPU. Read after the warm-up and after the timed load, never during it: llama.cpp
+    keeps its buffers from the first step to the last, so the reading after the load is its peak, and a query of
+    the driver while the load runs would share the timed GPU with it."""
 
     def __init__(self):
         self.gpu = shutil.which("nvidia-smi") is not None
         self.base = self._gpu_used() if self.gpu else 0
         self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     @staticmethod
     def _gpu_used() -> int:
@@ -114,19 +113,9 @@ class MemoryWatch:
             pass
         return 0
 
-    def start(self, pid: int) -> None:
-        def poll():
-            while not self._stop.wait(0.2):
-                used = self._gpu_used() - self.base if self.gpu else self._rss(pid)
-                self.peak = max(self.peak, used)
-
-        self._thread = threading.Thread(target=poll, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> int:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
+    def read(self, pid: int) -> int:
+        """The peak so far, with a reading now."""
+        self.peak = max(self.peak, self._gpu_used() - self.base if self.gpu else self._rss(pid))
         return self.peak
 
 
@@ -204,7 +193,8 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> dic
     """A streamed request: time to the first content, to the end, and the tokens (see the module's docstring)."""
     start = time.perf_counter()
     first, chunks, usage, reason = None, 0, None, None
-    async with client.stream("POST", url, json=payload) as r:
+    # a connection per request, for every server alike: llama-server dropped a kept-alive one before answering
+    async with client.stream("POST", url, json=payload, headers={"Connection": "close"}) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line.strip() == "data: [DONE]":
@@ -358,12 +348,12 @@ def run_level(name: str, gguf: Path, clients: int, args) -> dict:
     watch = MemoryWatch()
     server.start(ready_path=ready)
     try:
-        watch.start(server.proc.pid)
         asyncio.run(load(server.url, name, 1, 1, 8))  # warm-up: first CUDA kernels, caches
+        watch.read(server.proc.pid)
         result = asyncio.run(load(server.url, name, clients, args.requests, args.max_tokens))
+        result_peak = watch.read(server.proc.pid)
     finally:
         server.stop()
-        result_peak = watch.stop()
     print(
         f"{clients:3d} clients  {name:18s} {result['tokens_per_s']:9.1f} tokens/s  "
         f"TTFT p50 {result['ttft_p50_ms']:8.1f} ms  peak {result_peak} MiB",
