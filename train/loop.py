@@ -7,6 +7,8 @@ stops the run at the step where it appears, before anything of that step is save
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
 from pathlib import Path
 
@@ -41,16 +43,40 @@ def run(
         if start is not None:
             recipe.restore(start)
         recipe.begin(show_progress=progress)
-        while recipe.progress.step < cfg.schedule.total_steps:
-            recipe.record(recipe.step())
-            if recipe.progress.step % cfg.train.save_steps == 0:
-                recipe.save(recipe.run_dir / checkpoint.CHECKPOINTS / f"step_{recipe.progress.step}")
+        with interrupts() as seen:
+            while recipe.progress.step < cfg.schedule.total_steps:
+                recipe.record(recipe.step())
+                if recipe.progress.step % cfg.train.save_steps == 0:
+                    recipe.save(recipe.run_dir / checkpoint.CHECKPOINTS / f"step_{recipe.progress.step}")
+                if seen:  # a Ctrl-C a library caught mid-call still stops the run, here
+                    raise KeyboardInterrupt
         recipe.finish()
     finally:
         if hasattr(recipe, "logger"):  # a run stopped early still closes its trackers: each keeps what it was given
             recipe.logger.close()
         rundir.unlock(recipe.run_dir)
     return recipe.run_dir / checkpoint.FINAL
+
+
+@contextlib.contextmanager
+def interrupts():
+    """Ctrl-C is raised as ever and also remembered: a tracker's library that catches it in the middle of a call
+    (MLflow's store was seen to, while it wrote a metric) cannot make the run go on past the step."""
+    seen: list[int] = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: signals are not this code's to handle
+        yield seen
+        return
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Recipe(Update):
