@@ -14,6 +14,7 @@ CHAT_TEMPLATE = (
 )
 
 MARKERS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+OLLAMA_FORMAT = "Llama 3"
 
 
 def ollama(facts: Facts) -> list[Template]:
@@ -23,7 +24,7 @@ def ollama(facts: Facts) -> list[Template]:
         return []
     return wrapped(
         facts,
-        "Llama 3",
+        OLLAMA_FORMAT,
         "<|start_header_id|>{role}<|end_header_id|>\n\n",
         "<|eot_id|>",
         "<|start_header_id|>assistant<|end_header_id|>\n\n",
@@ -37,7 +38,7 @@ FAMILY = register(
         chat_template=CHAT_TEMPLATE,
         chat_markers=MARKERS,
         end_of_turn=("<|eot_id|>", "<|eom_id|>"),
-        ollama_format="Llama 3",
+        ollama_format=OLLAMA_FORMAT,
         ollama=ollama,
         tools="llama3",
     )
