@@ -7,6 +7,26 @@ import json
 import shutil
 from pathlib import Path
 
+# SentencePiece's trainer options, whatever the corpus: BPE with byte fallback over the text as written, <unk> <s>
+# </s> at Phi-3's ids 0 1 2 and no padding piece, every sentence read in order on one thread
+TRAINER_OPTIONS = {
+    "model_type": "bpe",
+    "byte_fallback": True,
+    "character_coverage": 0.9995,
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "split_digits": True,
+    "allow_whitespace_only_pieces": True,
+    "unk_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "pad_id": -1,
+    "num_threads": 1,
+    "minloglevel": 2,
+    "input_sentence_size": 0,
+    "shuffle_input_sentence": False,
+}
+
 
 def train(
     texts: list[str], workdir: Path, vocab_size: int, special_tokens: list[str], chat_template: str, max_length: int
@@ -20,24 +40,7 @@ def train(
     source = workdir / "sp_input.txt"
     source.write_text("\n".join(t.replace("\n", " ") for t in texts), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(source),
-        model_prefix=str(workdir / "sp"),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=0.9995,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
+        input=str(source), model_prefix=str(workdir / "sp"), vocab_size=vocab_size, **TRAINER_OPTIONS
     )
     tok_dir = workdir / "tok"
     tok_dir.mkdir()
