@@ -33,6 +33,8 @@ from . import data
 
 HELD_OUT = "embedded:chat_eval.jsonl"
 MAX_NEW_TOKENS = 96
+# greedy decoding: the model's own sampling defaults (its generation config) are left out
+GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 END = "<|end|>"
 JAPANESE_MIN, ENDED_MIN, REPEAT_MAX, PERPLEXITY_MAX = 0.90, 0.80, 2, 1.05
 NGRAM = 4
@@ -100,10 +102,7 @@ def greedy_reply(model, tokenizer, messages: list[dict], stops: list[int], max_n
     out = model.generate(
         input_ids=ids.to(device),
         attention_mask=torch.ones_like(ids).to(device),
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
+        **GREEDY,
         max_new_tokens=max_new_tokens,
         eos_token_id=stops,
         pad_token_id=stops[0],
