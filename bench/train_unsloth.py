@@ -550,10 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--row-reserve-s", type=float, default=15.0, help="start no row with less time left")
     ap.add_argument("--load-reserve-s", type=float, default=60.0, help="start no load with less time left")
     ap.add_argument(
-        "--load-budget-s",
-        type=float,
-        default=80.0,
-        help="time kept for each later load (its loading, seed and throughput rows)",
+        "--load-budget-s", type=float, default=80.0, help="time kept per later load (loading, seed and throughput rows)"
     )
     ap.add_argument(
         "--quick",

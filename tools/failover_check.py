@@ -69,10 +69,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument(
-        "--max-tokens",
-        type=int,
-        default=1000,
-        help="tokens per request in the kill test, at most the served context less 96",
+        "--max-tokens", type=int, default=1000, help="tokens per kill-test request, at most the served context less 96"
     )
     ap.add_argument("--timeout", type=float, default=60, help="seconds a request may take before it counts as hung")
     args = ap.parse_args()
