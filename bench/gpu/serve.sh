@@ -31,7 +31,7 @@
 # arguments, e.g. "--layers 2 --hidden 384" for a trial), DRY=1 (print the commands, run nothing).
 set -uo pipefail  # no -e: a failed step is recorded and the next one runs
 
-OUT=${1:?usage: bench/gpu/serve.sh OUTDIR [DIR]}
+OUTDIR=${1:?usage: bench/gpu/serve.sh OUTDIR [DIR]}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT" || exit 1
 KIT=${2:-.gpudeps/serve}
@@ -55,7 +55,7 @@ MIN_STEP=30  # a step with less time than this left is skipped
 START=$SECONDS
 
 abs() { case $1 in /*) echo "$1" ;; *) echo "$ROOT/$1" ;; esac; }
-OUT=$(abs "$OUT") KIT=$(abs "$KIT") WORKDIR=$(abs "$WORKDIR") SRC=$(abs "$SRC")
+OUTDIR=$(abs "$OUTDIR") KIT=$(abs "$KIT") WORKDIR=$(abs "$WORKDIR") SRC=$(abs "$SRC")
 BUILD=$(abs "$BUILD") GGUF=$(abs "$GGUF")
 LOGS=$(mktemp -d /tmp/aegis-serve-logs.XXXXXX)
 PARTS=$LOGS/serve_bench_levels  # serve_bench's JSON per level, merged into OUTDIR/serve.json
@@ -63,8 +63,8 @@ RESULTS=(run.txt schema_load.json serve.json engine.json speculate.json logs.tar
 if [[ $DRY == 1 ]]; then
     RUN=$LOGS/run.txt
 else
-    mkdir -p "$OUT" "$WORKDIR" "$PARTS" && (cd "$OUT" && rm -f "${RESULTS[@]}")  # no result of an earlier run stays
-    RUN=$OUT/run.txt
+    mkdir -p "$OUTDIR" "$WORKDIR" "$PARTS" && (cd "$OUTDIR" && rm -f "${RESULTS[@]}")  # no result of an earlier run stays
+    RUN=$OUTDIR/run.txt
 fi
 : > "$RUN"
 
@@ -138,15 +138,15 @@ cleanup() {
     fi
     cp "$RUN" "$LOGS/run.txt"
     if command -v xz > /dev/null; then
-        tar -C "$LOGS" -cf - . | xz -6 -T0 > "$OUT/logs.tar.xz"
+        tar -C "$LOGS" -cf - . | xz -6 -T0 > "$OUTDIR/logs.tar.xz"
     else
         "$PYTHON" -c 'import sys, tarfile
 with tarfile.open(sys.argv[1], "w:xz") as t:
-    t.add(sys.argv[2], ".")' "$OUT/logs.tar.xz" "$LOGS"
+    t.add(sys.argv[2], ".")' "$OUTDIR/logs.tar.xz" "$LOGS"
     fi
     rm -rf "$LOGS"
-    echo "results in $OUT:"
-    ls -l "$OUT"
+    echo "results in $OUTDIR:"
+    ls -l "$OUTDIR"
 }
 trap cleanup EXIT
 trap 'note "interrupted"; exit 130' INT TERM
@@ -240,12 +240,12 @@ note "ready; $(left)s left"
 
 if wants a; then
     step schema_load 150 "$PYTHON" bench/schema_load.py load --gguf "$GGUF" --clients 16 --constrained 8 \
-        --requests 2 --max-tokens 256 --out "$OUT/schema_load.json" --logs "$LOGS/schema_load_servers"
+        --requests 2 --max-tokens 256 --out "$OUTDIR/schema_load.json" --logs "$LOGS/schema_load_servers"
 fi
 
 merge_serve() {  # serve_bench's JSON files (those there) as one result, with its table and ratios
     [[ $DRY == 1 ]] && return 0
-    "$PYTHON" - "$OUT/serve.json" "$@" << 'EOF'
+    "$PYTHON" - "$OUTDIR/serve.json" "$@" << 'EOF'
 import json
 import sys
 from pathlib import Path
@@ -289,11 +289,11 @@ if wants b; then
 fi
 
 if wants c; then
-    step engine_overhead 120 "$PYTHON" bench/engine_overhead.py --gguf "$GGUF" --profile --out "$OUT/engine.json"
+    step engine_overhead 120 "$PYTHON" bench/engine_overhead.py --gguf "$GGUF" --profile --out "$OUTDIR/engine.json"
 fi
 
 if wants d; then
-    step speculate 180 "$PYTHON" bench/speculate_bench.py --gguf "$GGUF" --out "$OUT/speculate.json" \
+    step speculate 180 "$PYTHON" bench/speculate_bench.py --gguf "$GGUF" --out "$OUTDIR/speculate.json" \
         --logs "$LOGS/speculate_servers"
 fi
 note "done; $(left)s left"
