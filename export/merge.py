@@ -229,7 +229,6 @@ def merge(
     merged = model.merge_and_unload()
     untied = fold_head(merged, soul, tdtype)
     merged.config.use_cache = True
-    gate = float(soul.gate())
     # what the weights take on disk (safetensors adds a header of a few KiB): the room a full disk is short of
     needed = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
     with atomic_dir(out, needed) as tmp:
@@ -247,7 +246,7 @@ def merge(
             base_path=str(base_path),
             dtype=dtype,
             source_fingerprint=source_fingerprint(ckpt, base_name, dtype),
-            soul_gate=gate,
+            soul_gate=float(soul.gate()),
             untied_head=untied,
             check=diff,
             bound=bound,
