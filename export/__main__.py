@@ -63,6 +63,19 @@ class _WritesOut:
         return _writable(self.out)
 
 
+class _MakesModelfile:
+    """A command that makes the Modelfile of --gguf, its template proved against --model's chat template."""
+
+    def build_modelfile(self) -> modelfile.Modelfile:
+        return modelfile.build(
+            self.gguf,
+            modelfile.model_dir_for(self.gguf, self.model),
+            system=self.system,
+            num_ctx=self.num_ctx,
+            name=self.name,
+        )
+
+
 def _threads():
     return setting(None, "llama.cpp threads for the parity check", parse=cli.bounded(int, 1))
 
@@ -156,7 +169,7 @@ class Parity:
 
 
 @dataclass
-class Modelfile(_WritesOut):
+class Modelfile(_WritesOut, _MakesModelfile):
     """Write an Ollama Modelfile for a GGUF, its chat template proved against the model's own."""
 
     gguf: Path = setting(help="the GGUF file", parse=_file, metavar="FILE", required=True)
@@ -167,14 +180,12 @@ class Modelfile(_WritesOut):
     model: Path | None = setting(None, MODEL_HELP, parse=_hf_model, metavar="DIR")
 
     def run(self) -> int:
-        modelfile.write(
-            self.gguf, self.out, model_dir=self.model, name=self.name, system=self.system, num_ctx=self.num_ctx
-        )
+        modelfile.write(self.build_modelfile(), self.out)
         return 0
 
 
 @dataclass
-class Ollama:
+class Ollama(_MakesModelfile):
     """Create an Ollama model from a GGUF, through the ollama client."""
 
     gguf: Path = setting(help="the GGUF file", parse=_file, metavar="FILE", required=True)
@@ -188,14 +199,7 @@ class Ollama:
 
     def run(self) -> int:
         ollama.check_name(self.name)
-        mf = modelfile.build(
-            self.gguf,
-            modelfile.model_dir_for(self.gguf, self.model),
-            system=self.system,
-            num_ctx=self.num_ctx,
-            name=self.name,
-        )
-        ollama.create(mf, self.name, host=self.host)
+        ollama.create(self.build_modelfile(), self.name, host=self.host)
         return 0
 
 

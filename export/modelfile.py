@@ -113,21 +113,11 @@ def build(
     )
 
 
-def write(
-    gguf_path: Path,
-    out: Path,
-    model_dir: Path | None = None,
-    name: str | None = None,
-    system: str | None = None,
-    num_ctx: int | None = None,
-    log=print,
-) -> Modelfile:
-    """Write the Modelfile at `out` (atomically) once its template is proved; returns it (with the proof)."""
+def write(mf: Modelfile, out: Path, log=print) -> None:
+    """Write the Modelfile `build` made at `out` (atomically), FROM its GGUF relative to `out`."""
     out = Path(out)
-    mf = build(gguf_path, model_dir_for(gguf_path, model_dir), system, num_ctx, name, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(mf.gguf.resolve(), out.parent.resolve())
     from_path = rel if rel.startswith("..") else f"./{rel}"
     write_text(out, mf.render(from_path))
     log(f"wrote {out} (FROM {from_path}, num_ctx {mf.num_ctx})")
-    return mf

@@ -202,7 +202,8 @@ def export_all(
     chosen = min(ggufs.values(), key=lambda p: Path(p).stat().st_size)
     mf = out / f"{name}.modelfile"
     # The Modelfile's template is derived from the merged model's chat template and proved token for token.
-    proof = modelfile_mod.write(Path(chosen), mf, model_dir=merged_dir, name=name, system=system, log=log).proof
+    built = modelfile_mod.build(Path(chosen), merged_dir, system=system, name=name, log=log)
+    modelfile_mod.write(built, mf, log=log)
     summary = {
         "checkpoint": str(ckpt),
         "merged": str(merged_dir),
@@ -210,7 +211,7 @@ def export_all(
         "modelfile": str(mf),
         "parity": str(out / parity.PARITY_FILE),
         "merge_check": merge_report.get("check"),
-        "template": proof.to_json(),
+        "template": built.proof.to_json(),
     }
     log("")
     log(f"checkpoint  {ckpt}")
@@ -218,7 +219,7 @@ def export_all(
     for t, p in ggufs.items():
         log(f"gguf {t:<6} {p}")
     log(f"parity      {out / parity.PARITY_FILE}")
-    log(f"template    {proof.summary()}")
+    log(f"template    {built.proof.summary()}")
     log(
         f"modelfile   {mf}  (FROM {Path(chosen).name}; `ollama create {name} -f {mf}`, or without the CLI "
         f"`python -m export ollama --gguf {chosen} --name {name}`)"
