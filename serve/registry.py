@@ -66,20 +66,13 @@ class Registry:
 
     def load_all(self) -> None:
         s = self.settings
+        # the settings each runtime reads: llama.cpp's for a GGUF, transformers' for a model directory
+        llama_cpp = dict(threads=s.threads, batch_size=s.batch_size, gpu_layers=s.n_gpu_layers)
+        transformers = dict(device=s.device, dtype=s.dtype, quantization=s.quantization)
         try:
             for spec in s.models:
                 started = time.monotonic()
-                backend = open_backend(
-                    spec.path,
-                    spec.backend,
-                    n_ctx=s.ctx_size,
-                    threads=s.threads,
-                    batch_size=s.batch_size,
-                    gpu_layers=s.n_gpu_layers,
-                    device=s.device,
-                    dtype=s.dtype,
-                    quantization=s.quantization,
-                )
+                backend = open_backend(spec.path, spec.backend, n_ctx=s.ctx_size, **llama_cpp, **transformers)
                 hook = self._finished_hook(spec.name)
                 if backend.batched:
                     pool = BatchPool(
