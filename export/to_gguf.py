@@ -111,11 +111,12 @@ def write_gguf(
     out: Path,
     out_type: str,
     name: str | None = None,
+    label: str | None = None,
     progress: bool = True,
     log=print,
-    label: str | None = None,
 ) -> WriteResult:
-    """Write `model_dir` as GGUF of a Python-made type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)."""
+    """Write `model_dir` as GGUF of a Python-made type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1). `name` is the
+    file's general.name (default: the model directory's name), `label` what the log calls `out` (default: its path)."""
     import gguf
 
     if out_type not in names.PYTHON_TYPES:
