@@ -209,7 +209,11 @@ class BatchPool:
         rows = self._batch.decode(feeds)
         self.steps += 1
         self.sequences += len(feeds)
-        for slot, tokens in self._accept(rows, running).items():  # only the generating feeds asked for logits
+        accepted = self._accept(rows, running)
+        for slot, why in self._batch.refused.items():  # a grammar with no way on: that request fails, not the rest
+            self._finish(slot, running, error=why)
+        self._batch.refused.clear()
+        for slot, tokens in accepted.items():  # only the generating feeds asked for logits
             r = running[slot]
             for i, token in enumerate(tokens):
                 r.next_token = token

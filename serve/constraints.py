@@ -63,7 +63,8 @@ def check_strict(schema, param: str, what: str) -> None:
         raise bad_request(f"Invalid schema for {what}: {e}.", param, "invalid_json_schema") from None
 
 
-def grammar(backend: Backend, req: ChatCompletionRequest, choice: str, defs: list[dict]) -> str | None:
+def grammar(backend: Backend, req: ChatCompletionRequest, choice: str, defs: list[dict]) -> tuple[str, object] | None:
+    """(GBNF, the backend's compiled form of it) for the reply, None where nothing constrains it."""
     fmt = req.response_format
     if isinstance(fmt, JsonSchemaFormat) and fmt.json_schema.strict and fmt.json_schema.schema is not None:
         check_strict(
@@ -99,6 +100,7 @@ def grammar(backend: Backend, req: ChatCompletionRequest, choice: str, defs: lis
         raise bad_request("the schema is nested too deeply", param) from None
     except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:  # what the converter refuses
         raise unsupported(f"this schema cannot be turned into a grammar: {e}", param) from None
-    if not backend.check_grammar(grammar):
-        raise unsupported("this schema cannot be turned into a grammar llama.cpp accepts", param)
-    return grammar
+    compiled = backend.compile_grammar(grammar)
+    if compiled is None:
+        raise unsupported("this schema cannot be turned into a grammar the decoder accepts", param)
+    return grammar, compiled

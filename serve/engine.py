@@ -53,7 +53,7 @@ def _stops(stop) -> list[str]:
     return [s for s in ([stop] if isinstance(stop, str) else list(stop or [])) if s]
 
 
-def _sampling(req: SamplingRequest, grammar: str | None = None) -> Sampling:
+def _sampling(req: SamplingRequest, grammar: tuple[str, object] | None = None) -> Sampling:
     return Sampling(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -61,7 +61,8 @@ def _sampling(req: SamplingRequest, grammar: str | None = None) -> Sampling:
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         seed=req.seed,
-        grammar=grammar,
+        grammar=grammar[0] if grammar else None,
+        compiled=grammar[1] if grammar else None,
     )
 
 

@@ -21,11 +21,14 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from aegis import llamacpp
 from serve import structured
+from serve.backends import gbnf_lark
+from serve.backends.guides import Guides
 from support import serving
 from support.schemas import formatted
 
@@ -221,46 +224,59 @@ def test_schemas_at_the_limits_are_admitted(http):
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
 
 
-# llama.cpp's grammar parser in a child process: n nested groups, as the converter writes a{0,n}, parsed on a thread
-# with the given stack
-PARSE_CHILD = """
-import sys, threading
+# the server's grammar engine in a child process, compiling on a thread with a 1 MB stack (an eighth of a thread's
+# default): a crash there is a negative return code, not the end of the test run
+COMPILE_CHILD = """
+import json, sys, threading
 from aegis import llamacpp
+from serve.backends.guides import Guides, GrammarError
 lib = llamacpp.runtime()
 params = lib.llama_model_default_params()
 params.vocab_only = True
 vocab = lib.llama_model_get_vocab(lib.llama_model_load_from_file(sys.argv[1].encode(), params))
-n, stack = int(sys.argv[2]), int(sys.argv[3])
-grammar = "root ::= " + '("a" ' * n + ")?" * n
-threading.stack_size(stack)
-t = threading.Thread(target=lambda: lib.llama_sampler_init_grammar(vocab, grammar.encode(), b"root"))
+n = lib.llama_vocab_n_tokens(vocab)
+guides = Guides(vocab, n, [t for t in range(n) if lib.llama_vocab_is_eog(vocab, t)])
+grammars = json.loads(sys.stdin.read())
+def compile_all():
+    for g in grammars:
+        try:
+            guides.compile(g)
+            print("compiled")
+        except GrammarError as e:
+            print("refused:", str(e).splitlines()[0])
+threading.stack_size(1 << 20)
+t = threading.Thread(target=compile_all)
 t.start()
 t.join()
-print("survived")
 """
 
 
-def test_the_repetition_limit_leaves_llama_cpp_a_margin(request):
-    """llama.cpp parses nested groups recursively (~430 bytes of stack each) and counts them only on the way back,
-    so enough of them overflow the stack (SIGSEGV, the whole server). Twice MAX_REPEAT nested groups parse on a 1 MB
-    thread stack, an eighth of what a thread gets by default; 40 times MAX_REPEAT do not (if that one stops
-    crashing, llama.cpp changed: measure again and revisit the comment over the limits)."""
+def test_the_deepest_grammars_leave_the_engine_a_margin(request):
+    """llguidance follows groups and rules recursively, so nesting deep enough overflows its stack (SIGSEGV, the
+    whole server). The deepest schemas the limits admit (objects MAX_DEPTH - 1 deep, a pattern's groups as deep as
+    allowed, the tool grammars) compile on a 1 MB stack; groups nested past gbnf_lark.MOST_NESTED, which no admitted
+    schema writes, are refused by name before llguidance reads them."""
     gguf, _ = serving.served_files(request)
-
-    def parse(n: int) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-c", PARSE_CHILD, str(gguf), str(n), str(1 << 20)],
-            cwd=serving.REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)),
-        )
-
-    fine = parse(2 * structured.MAX_REPEAT)
-    assert fine.returncode == 0 and "survived" in fine.stdout, fine.stderr[-2000:]
-    crash = parse(40 * structured.MAX_REPEAT)
-    assert crash.returncode < 0, (crash.returncode, crash.stdout[-500:])
+    depth = structured.MAX_DEPTH - 1
+    grammars = [
+        structured.schema_grammar(nested(depth)),
+        structured.schema_grammar(pattern("^" + "(a" * depth + ")?" * depth + "$")),
+        structured.schema_grammar({"anyOf": [nested(depth), {"type": "array", "items": nested(depth - 1)}]}),
+        "root ::= " + '("a" ' * (gbnf_lark.MOST_NESTED + 1) + ")?" * (gbnf_lark.MOST_NESTED + 1),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_CHILD, str(gguf)],
+        input=json.dumps(grammars),
+        cwd=serving.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)),
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    said = done.stdout.splitlines()
+    assert said[:3] == ["compiled"] * 3, said
+    assert said[3].startswith("refused:") and "nested more than" in said[3], said
 
 
 # ---- latency: building or refusing a big schema holds no one else up ------------------------------------------
@@ -438,7 +454,8 @@ def test_the_server_survived_the_fuzzing(server, http):
 
 
 class Matcher:
-    """llama.cpp's own grammar matcher over the served vocabulary, fed one character token at a time."""
+    """The server's own grammar engine (serve.backends.guides: llguidance over the served vocabulary), fed one
+    character token at a time."""
 
     def __init__(self, gguf):
         self.lib = lib = llamacpp.runtime()
@@ -446,82 +463,53 @@ class Matcher:
         params.vocab_only = True
         self.model = lib.llama_model_load_from_file(str(gguf).encode(), params)
         self.vocab = lib.llama_model_get_vocab(self.model)
+        n = lib.llama_vocab_n_tokens(self.vocab)
+        self.eog = [t for t in range(n) if lib.llama_vocab_is_eog(self.vocab, t)]
+        self.guides = Guides(self.vocab, n, self.eog)
         self.tokens, buf = {}, ctypes.create_string_buffer(16)
-        self.eog = next(t for t in range(lib.llama_vocab_n_tokens(self.vocab)) if lib.llama_vocab_is_eog(self.vocab, t))
-        for t in range(lib.llama_vocab_n_tokens(self.vocab)):
-            n = lib.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, False)
-            piece = buf.raw[:n]
+        for t in range(n):
+            k = lib.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, False)
+            piece = buf.raw[:k]
             if len(piece) == 1 and not lib.llama_vocab_is_control(self.vocab, t):
                 self.tokens.setdefault(piece.decode("latin-1"), t)
-        self.one = (lib.llama_token_data * 1)()
 
-    def allows(self, sampler, token: int) -> bool:
-        self.one[0].id, self.one[0].logit, self.one[0].p = token, 0.0, 0.0
-        arr = self.lib.llama_token_data_array(self.one, 1, -1, False)
-        self.lib.llama_sampler_apply(sampler, ctypes.byref(arr))
-        return self.one[0].logit != float("-inf")
-
-    def sampler(self, grammar: str):
-        s = self.lib.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
-        assert s
-        return s
+    def ends(self, m) -> bool:
+        """Whether the end of generation is allowed now, read off the mask as decoding reads it."""
+        return bool(self.guides.masks([m])[0][self.eog].any())
 
     def admits(self, grammar: str, text: str) -> bool:
         """Whether the grammar admits exactly text (then the end of generation)."""
-        s = self.sampler(grammar)
-        try:
-            for ch in text:
-                token = self.tokens[ch]
-                if not self.allows(s, token):
-                    return False
-                self.lib.llama_sampler_accept(s, token)
-            return self.allows(s, self.eog)
-        finally:
-            self.lib.llama_sampler_free(s)
+        m = self.guides.compile(grammar)
+        for ch in text:
+            if not m.consume_token(self.tokens[ch]):
+                return False
+        return self.ends(m)
 
     def walk(self, grammar: str, rng: random.Random, alphabet: str) -> str:
         """A random text the grammar admits, one allowed character at a time."""
-        s, out = self.sampler(grammar), []
-        try:
-            while True:
-                allowed = [c for c in alphabet if self.allows(s, self.tokens[c])]
-                if not allowed:
-                    assert self.allows(s, self.eog), "".join(out)
-                    return "".join(out)
-                c = rng.choice(allowed)
-                out.append(c)
-                self.lib.llama_sampler_accept(s, self.tokens[c])
-        finally:
-            self.lib.llama_sampler_free(s)
+        m, out = self.guides.compile(grammar), []
+        while True:
+            allowed = [c for c in alphabet if m.validate_tokens([self.tokens[c]]) == 1]
+            if not allowed:
+                assert self.ends(m), "".join(out)
+                return "".join(out)
+            c = rng.choice(allowed)
+            out.append(c)
+            assert m.consume_token(self.tokens[c])
 
     def step_cost(self, grammar: str, steps: int, avoid: str = "") -> float:
-        """The slowest of `steps` tokens under the grammar, each checked against the whole vocabulary as the decode
-        thread's sampler chain does, along a random path that keeps away from `avoid` (to stay inside a value)."""
-        lib = self.lib
-        n = lib.llama_vocab_n_tokens(self.vocab)
-        data = (lib.llama_token_data * n)()
-        s, rng, worst = self.sampler(grammar), random.Random(0), 0.0
-        try:
-            for _ in range(steps):
-                for i in range(n):
-                    data[i].id, data[i].logit = i, 0.0
-                arr = lib.llama_token_data_array(data, n, -1, False)
-                t = time.perf_counter()
-                lib.llama_sampler_apply(s, ctypes.byref(arr))
-                worst = max(worst, time.perf_counter() - t)
-                allowed = [
-                    i
-                    for i in range(n)
-                    if data[i].logit != float("-inf")
-                    and not lib.llama_vocab_is_eog(self.vocab, i)
-                    and not lib.llama_vocab_is_control(self.vocab, i)
-                ]
-                inside = [i for i in allowed if not any(ch in self.piece(i) for ch in avoid)]
-                if not allowed:
-                    break
-                lib.llama_sampler_accept(s, rng.choice(inside or allowed))
-        finally:
-            lib.llama_sampler_free(s)
+        """The slowest of `steps` token masks under the grammar, as the decode thread computes them, along a
+        random path that keeps away from `avoid` (to stay inside a value)."""
+        m, rng, worst = self.guides.compile(grammar), random.Random(0), 0.0
+        for _ in range(steps):
+            t = time.perf_counter()
+            mask = self.guides.masks([m])[0]
+            worst = max(worst, time.perf_counter() - t)
+            allowed = [i for i in np.flatnonzero(mask).tolist() if i not in self.eog]
+            inside = [i for i in allowed if not any(ch in self.piece(i) for ch in avoid)]
+            if not allowed:
+                break
+            assert m.consume_token(rng.choice(inside or allowed))
         return worst
 
     def piece(self, token: int) -> str:
@@ -542,13 +530,16 @@ def matcher(request):
 
 
 def test_the_decode_threads_share_of_a_big_grammar_is_bounded(matcher):
-    """The batched engine makes each request's grammar sampler on the decode thread (LlamaBatch.start, through
-    grammar_chain) and runs it there every token: for the largest admitted schemas that costs well under the half
-    second a client may wait."""
+    """The request thread compiles each request's grammar (LlamaCppBackend.compile_grammar); the decode thread copies
+    the compiled matcher (LlamaBatch.start) and computes its mask every token: for the largest admitted schemas both
+    cost the decode thread well under the half second a client may wait."""
     schema = big_format()["json_schema"]["schema"]
     grammar = structured.schema_grammar(schema)
     t = time.perf_counter()
-    matcher.lib.llama_sampler_free(matcher.sampler(grammar))
+    compiled = matcher.guides.compile(grammar)
+    made = time.perf_counter() - t
+    t = time.perf_counter()
+    compiled.deep_copy()
     start = time.perf_counter() - t
     group, product = structured.MAX_GROUP_REPEAT, structured.MAX_REPEAT_PRODUCT
     worst = max(
@@ -562,8 +553,8 @@ def test_the_decode_threads_share_of_a_big_grammar_is_bounded(matcher):
     values = [f"item-number-{i:05d}" for i in range(structured.MAX_ENUM_VALUES)]
     enum = matcher.step_cost(structured.schema_grammar({"enum": values}), steps=20)
     print(
-        f"big grammar ({len(grammar):,} bytes): sampler made in {start:.3f} s; worst token under an admitted "
-        f"pattern {worst:.3f} s, under a 1 000-value enum {enum:.3f} s"
+        f"big grammar ({len(grammar):,} bytes): compiled in {made:.3f} s, copied in {start:.4f} s; "
+        f"worst token under an admitted pattern {worst:.3f} s, under a 1 000-value enum {enum:.3f} s"
     )
     assert start < 0.25 and worst < 0.25 and enum < 0.25
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +34,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     seed: int | None = None
     grammar: str | None = None  # GBNF the reply must follow (backends with supports_grammar only)
+    compiled: object = field(default=None, compare=False, repr=False)  # the backend's compile_grammar(grammar)
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,9 @@ class Backend(abc.ABC):
     def detokenizer(self) -> Detokenizer:
         pass
 
-    def check_grammar(self, grammar: str) -> bool:
-        """Whether the runtime's own parser accepts the GBNF (only asked where supports_grammar)."""
-        return False
+    def compile_grammar(self, grammar: str) -> object | None:
+        """The runtime's compiled form of the GBNF, None where it refuses it (only asked where supports_grammar)."""
+        return None
 
     def new_session(self) -> Session:
         """Decoding state for one worker of a worker pool (called once per worker, on that worker's thread)."""

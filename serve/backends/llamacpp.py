@@ -14,6 +14,7 @@ from pathlib import Path
 from aegis import gguf_context, llamacpp
 
 from .base import Backend, Control, Detokenizer, end_of_turn_ids
+from .guides import GrammarError, Guides
 from .llamacpp_batch import LlamaBatch
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,11 @@ class LlamaCppBackend(Backend):
             c.id for c in self.controls.values() if not llama_cpp.llama_vocab_is_eog(self._vocab, c.id)
         )
         stops = end_of_turn_ids(self._lookup)
-        stops |= {t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
+        stops |= set(eog := [t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, t)])
         self.stop_ids = frozenset(stops)
+        # under a grammar, the end of generation is llama.cpp's own (the GGUF's EOG tokens), where the grammar may
+        # end; the other stops (a turn marker such as <|user|>) are control tokens, never grammar text
+        self.guides = Guides(self._vocab, self.vocab_size, eog, self.controls_not_eog)
         self._pieces: dict[int, bytes] = {}
 
     def _text(self, tid: int) -> str:
@@ -101,14 +105,13 @@ class LlamaCppBackend(Backend):
         # llama.cpp tokenizes each stretch of text between control tokens on its own, as this does
         return self._vocab_llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
-    def check_grammar(self, grammar: str) -> bool:
-        """Whether llama.cpp's own parser accepts the GBNF (checked on the request thread, before any worker)."""
-        llama_cpp = llamacpp.runtime()
-        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
-        if not sampler:
-            return False
-        llama_cpp.llama_sampler_free(sampler)
-        return True
+    def compile_grammar(self, grammar: str) -> object | None:
+        """The GBNF's llguidance matcher, made on the request thread (the decoding thread only copies it)."""
+        try:
+            return self.guides.compile(grammar)
+        except GrammarError as e:
+            log.info("grammar refused: %s", e)
+            return None
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token stands for (b"" for control tokens), cached: the vocabulary never changes."""

@@ -21,7 +21,7 @@ import numpy as np
 from aegis import llamacpp
 
 from .base import Sampling
-from .llamacpp_sampling import allows, chain, grammar_chain, pick
+from .llamacpp_sampling import chain, pick
 
 log = logging.getLogger(__name__)
 KV_SIZE = re.compile(r"K \((\w+)\):\s*([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB")  # llama.cpp's KV cache line
@@ -32,8 +32,9 @@ class Slot:
     seq: int  # llama.cpp sequence id
     cached: list[int] = field(default_factory=list)  # the tokens whose KV this slot's cells hold, in order
     sampler: object = None  # the running request's sampler chain (None while free)
-    grammar: object = None  # its grammar, with the control tokens banned, apart from the chain (None: unconstrained)
-    argmax: bool = False  # greedy with nothing else in its chain: its token is the row's first largest logit
+    guide: object = None  # its grammar's llguidance matcher (None: unconstrained)
+    greedy: bool = False  # greedy with no penalties: its token is the (allowed) row's first largest logit
+    argmax: bool = False  # greedy and unconstrained: taken for all such rows at once
 
 
 def placement(lib, model, gpu_layers: int) -> str:
@@ -89,8 +90,7 @@ class LlamaBatch:
         # sampling chains go to threads only where cores are left beside llama.cpp's (half of them by default):
         # on two cores a thread per part costs more hand-overs of the GIL than it saves
         self._chain_threads = min(slots, cores // 2) if cores > 2 else 1
-        banned = backend.controls_not_eog
-        self._ban = (lib.llama_logit_bias * len(banned))(*[lib.llama_logit_bias(int(t), -np.inf) for t in banned])
+        self.refused: dict[int, str] = {}  # slots whose grammar allowed no token at the last sample, and why
 
     # ---- slots ----------------------------------------------------------------------------------------------
     def claim(self, free: list[int], prompt: list[int], reuse: bool) -> tuple[int, int]:
@@ -127,23 +127,20 @@ class LlamaBatch:
         self.release(index)
         lib = self.lib
         slot.sampler = chain(lib, sampling, self.n_vocab, self.backend.context_length)
-        slot.grammar = (
-            grammar_chain(lib, self.vocab, self.n_vocab, self._ban, sampling.grammar) if sampling.grammar else None
-        )
-        slot.argmax = (
-            sampling.temperature <= 0
-            and not sampling.grammar
-            and not sampling.presence_penalty
-            and not sampling.frequency_penalty
-        )
+        slot.guide = None
+        if sampling.grammar:  # a copy of the matcher the request thread made (compiled here only if it made none)
+            made = sampling.compiled
+            slot.guide = made.deep_copy() if made is not None else self.backend.guides.compile(sampling.grammar)
+        slot.greedy = sampling.temperature <= 0 and not sampling.presence_penalty and not sampling.frequency_penalty
+        slot.argmax = slot.greedy and slot.guide is None
 
     def release(self, index: int) -> None:
         """The request on this slot is done; its cells stay for a later request that shares their prefix."""
         slot = self.slots[index]
-        for name in ("sampler", "grammar"):
-            if getattr(slot, name) is not None:
-                self.lib.llama_sampler_free(getattr(slot, name))
-                setattr(slot, name, None)
+        if slot.sampler is not None:
+            self.lib.llama_sampler_free(slot.sampler)
+            slot.sampler = None
+        slot.guide = None
 
     # ---- one step -------------------------------------------------------------------------------------------
     def _batch_arrays(self, n: int):
@@ -202,21 +199,23 @@ class LlamaBatch:
     def sample(self, rows: dict[int, int]) -> dict[int, int]:
         """Each slot's next token from the logits at its row (its samplers also record it), all slots in one pass.
         A greedy slot's token is its row's first largest logit (what llama.cpp's greedy sampler picks), taken for
-        every row at once. A slot under a grammar, and, where there are cores to spare, the slots with a sampling
-        chain (split among threads), are sampled on threads meanwhile: their time is spent inside llama.cpp, where
-        ctypes lets go of the GIL, so several such requests cost the decode thread about as much as one."""
+        every row at once. Where there are cores to spare, the slots with a sampling chain are split among threads:
+        their time is spent inside llama.cpp, where ctypes lets go of the GIL. The slots under a grammar get their
+        masks all at once meanwhile (Guides.masks). A slot whose grammar allows no token gets none: it is added to
+        `refused` instead, which the caller empties."""
         out, slots = {}, self.slots
         argmax = [i for i in rows if slots[i].argmax]
         if argmax:
             if self._best is None:
                 self._best = self._logits.argmax(axis=1)
             out = {i: int(self._best[rows[i]]) for i in argmax}
-        chains = [(i, rows[i]) for i in rows if not slots[i].argmax and slots[i].grammar is None]
+        chains = [(i, rows[i]) for i in rows if not slots[i].argmax and slots[i].guide is None]
         if chains and self._at is None:
             self._at = np.flatnonzero(self._want[: self._n]).tolist()
         n = min(len(chains), self._chain_threads)
         running = [self._pool.submit(self._chains, chains[k::n]) for k in range(n)] if n > 1 else []
-        running += [self._pool.submit(self._constrained, i, rows[i]) for i in rows if slots[i].grammar is not None]
+        if guided := [i for i in rows if slots[i].guide is not None]:
+            out |= self._guided(guided, rows)
         if n <= 1:
             out |= self._chains(chains)
         for f in running:
@@ -228,18 +227,25 @@ class LlamaBatch:
         lib, ctx, slots, at = self.lib, self.ctx, self.slots, self._at
         return {i: lib.llama_sampler_sample(slots[i].sampler, ctx, at[row]) for i, row in rows}
 
-    def _constrained(self, index: int, row: int) -> dict[int, int]:
-        """The chain picks first and the grammar checks that one token; only when it refuses does the grammar mask
-        the whole vocabulary and the chain pick again. Checking a token costs microseconds, masking the vocabulary
-        milliseconds. Greedy picks what it would have picked under the mask; sampling draws the allowed tokens in
-        proportion to their probability either way, as llama.cpp's own common sampler does."""
-        slot, logits = self.slots[index], self._logits[row]
-        token = pick(self.lib, self._ids, logits, [slot.sampler])
-        if not allows(self.lib, slot.grammar, token):
-            token = pick(self.lib, self._ids, logits, [slot.grammar, slot.sampler])
-        self.lib.llama_sampler_accept(slot.grammar, token)
-        self.lib.llama_sampler_accept(slot.sampler, token)
-        return {index: token}
+    def _guided(self, guided: list[int], rows: dict[int, int]) -> dict[int, int]:
+        """The slots under a grammar: the disallowed logits of a copy of each row set to -inf, then greedy's first
+        largest or the slot's chain over the whole vocabulary (so sampling draws the allowed tokens in proportion to
+        their probability), and the token recorded in the matcher and the chain."""
+        slots, out = self.slots, {}
+        masks = self.backend.guides.masks([slots[i].guide for i in guided])
+        for i, allowed in zip(guided, masks):
+            slot = slots[i]
+            if not allowed.any():
+                self.refused[i] = f"the grammar allows no token here ({slot.guide.get_error() or 'a dead end'})"
+                continue
+            logits = np.where(allowed, self._logits[rows[i]], -np.inf).astype(np.float32)
+            token = int(logits.argmax()) if slot.greedy else pick(self.lib, self._ids, logits, [slot.sampler])
+            if not slot.guide.consume_token(token):
+                self.refused[i] = f"the grammar refused token {token}: {slot.guide.get_error()}"
+                continue
+            self.lib.llama_sampler_accept(slot.sampler, token)
+            out[i] = token
+        return out
 
     def logits(self, row: int) -> np.ndarray:
         return self._logits[row].copy()

@@ -1,6 +1,6 @@
 """The samplers of the batched llama.cpp context (serve/backends/llamacpp_batch.py): a request's sampler chain built
-from its Sampling, its grammar chained after the control-token ban, and the pick of a token by samplers run over the
-whole vocabulary or, for a grammar's check, over one token. Each function takes llama-cpp-python's low-level module
+from its Sampling, and the pick of a token by samplers run over the whole vocabulary (a grammar's mask already
+applied to the logits: serve/backends/guides.py). Each function takes llama-cpp-python's low-level module
 (`lib`) and records nothing in a sampler unless it says so."""
 
 from __future__ import annotations
@@ -38,16 +38,6 @@ def chain(lib, s: Sampling, n_vocab: int, n_ctx: int):
     return made
 
 
-def grammar_chain(lib, vocab, n_vocab: int, ban, text: str):
-    """A chain of the control-token ban and the grammar: under a grammar only text tokens and end-of-generation
-    (llama.cpp's grammar reads a control token as its text: "<|user|>" fits inside a JSON string)."""
-    made = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-    if len(ban):
-        lib.llama_sampler_chain_add(made, lib.llama_sampler_init_logit_bias(n_vocab, len(ban), ban))
-    lib.llama_sampler_chain_add(made, lib.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root"))
-    return made
-
-
 def _candidates(lib, cur: np.ndarray):
     data = cur.ctypes.data_as(ctypes.POINTER(lib.llama_token_data))
     return lib.llama_token_data_array(data=data, size=len(cur), selected=-1, sorted=False)
@@ -61,11 +51,3 @@ def pick(lib, ids: np.ndarray, logits: np.ndarray, samplers: list) -> int:
     for sampler in samplers:
         lib.llama_sampler_apply(sampler, ctypes.byref(array))
     return int(array.data[array.selected].id)  # a sampler may sort the candidates in place
-
-
-def allows(lib, grammar, token: int) -> bool:
-    """Whether the grammar lets this one token through."""
-    cur = np.array([(token, 0.0, 0.0)], TOKEN_DATA)
-    array = _candidates(lib, cur)
-    lib.llama_sampler_apply(grammar, ctypes.byref(array))
-    return bool(np.isfinite(cur["logit"][0]))

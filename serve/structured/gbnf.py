@@ -81,6 +81,34 @@ LITERAL_ESCAPE = re.compile(r'[\\\r\n"]')
 LITERAL_ESCAPES = {"\\": "\\\\", "\r": "\\r", "\n": "\\n", '"': '\\"'}
 
 
+def _counted(item: str, low: int, high: int | None) -> str:
+    if high == 0:
+        return ""
+    if high is None:
+        return f"{item}*" if low == 0 else f"{item}+" if low == 1 else f"{item}{{{low},}}"
+    if (low, high) == (0, 1):
+        return f"{item}?"
+    if low == high:
+        return item if low == 1 else f"{item}{{{low}}}"
+    return f"{item}{{{low},{high}}}"
+
+
+def repetition(item_rule: str, min_items: int, max_items: int | None, separator_rule=None, item_rule_is_literal=False):
+    """GBNF for min_items to max_items (None: no end) of item_rule, separated by separator_rule if given, written
+    with GBNF's counted repetition, so its nesting does not grow with the count."""
+    del item_rule_is_literal  # a literal repeats as well as any item
+    if max_items == 0:
+        return ""
+    item = f"({item_rule})"
+    if not separator_rule:
+        return _counted(item, min_items, max_items)
+    rest = _counted(
+        f"({separator_rule} {item_rule})", max(min_items - 1, 0), None if max_items is None else max_items - 1
+    )
+    both = f"{item} {rest}".rstrip()
+    return both if min_items > 0 else f"({both})?"
+
+
 class _Converter:
     """llama-cpp-python's converter with the calendar formats written by our own rules (made lazily: the class
     lives in llama_cpp, which loads only through aegis.llamacpp.runtime())."""
@@ -91,7 +119,13 @@ class _Converter:
     def make(cls):
         if cls.cls is None:
             llamacpp.runtime()  # llama.cpp loads the one safe way before its package is imported
+            from llama_cpp import llama_grammar
             from llama_cpp.llama_grammar import SchemaConverter
+
+            # The converter's own repetition writes x{0,n} as n nested optional groups: as deep as the count, which
+            # the grammar engine's reader walks recursively. GBNF has {m,n}: the converter's methods call this
+            # module-level function, so it is replaced where they look it up.
+            llama_grammar._build_repetition = repetition
 
             class Converter(SchemaConverter):
                 def visit(self, schema, name):
