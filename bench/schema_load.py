@@ -11,9 +11,10 @@ do), then all unconstrained again. Reported: aggregate tokens/s of each round an
 the two unconstrained ones.
 
 build: every schema of the JSON Schema Test Suite the server accepts (the suite as bench/schema_coverage.py gets it),
-timed from the schema to a llama.cpp grammar sampler over the GGUF's vocabulary, as a request pays for it: the
-server's check and GBNF (serve.structured.schema_grammar) on the request's thread, then llama_sampler_init_grammar
-on the decode thread. p50, p99 and the slowest, per part and together.
+timed from the schema to the grammar engine's matcher over the GGUF's vocabulary, as a request pays for it on its
+own thread: the server's check and GBNF (serve.structured.schema_grammar), then the compile
+(LlamaCppBackend.compile_grammar; the decode thread only copies the result). p50, p99 and the slowest, per part and
+together.
 """
 
 from __future__ import annotations
@@ -143,12 +144,11 @@ def load(args) -> dict:
 def build(args) -> dict:
     from schema_coverage import load_cases, suite_dir
 
-    from aegis import llamacpp
     from serve import structured
+    from serve.backends.llamacpp import LlamaCppBackend
 
-    lib = llamacpp.runtime()
-    llm = llamacpp.open_vocab(args.gguf)
-    vocab = lib.llama_model_get_vocab(llm.model)
+    backend = LlamaCppBackend(args.gguf)  # the served vocabulary and grammar engine (serve/backends/guides.py)
+    backend.compile_grammar(structured.schema_grammar({"type": "object"}))  # its tokenizer is read once, at first use
     cases, _ = load_cases(suite_dir(args.cache))
     check, init = [], []
     for case in cases:
@@ -158,17 +158,15 @@ def build(args) -> dict:
         except structured.SchemaError:
             continue
         t1 = time.perf_counter()
-        sampler = lib.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+        if backend.compile_grammar(grammar) is None:
+            raise SystemExit(f"{case['id']}: the grammar engine refused the grammar")
         t2 = time.perf_counter()
-        if not sampler:
-            raise SystemExit(f"{case['id']}: llama.cpp refused the grammar")
-        lib.llama_sampler_free(sampler)
         check.append(t1 - t0)
         init.append(t2 - t1)
     out = {"schemas": len(check)}
     for name, xs in (
         ("check_and_gbnf", check),
-        ("llama_grammar_init", init),
+        ("engine_compile", init),
         ("total", [a + b for a, b in zip(check, init)]),
     ):
         xs = sorted(1000 * x for x in xs)

@@ -35,6 +35,7 @@ class Guides:
         self.n_vocab = n_vocab
         self._vocab, self._eog = vocab, sorted(eog)
         self._banned = np.array(sorted(banned), np.int64)  # never allowed: control and unknown tokens
+        self._banned_set = frozenset(banned)
         self._lock = threading.Lock()
         self._tokenizer = None  # built on first use: reading the vocabulary takes about a second
         self._executor = None
@@ -72,6 +73,9 @@ class Guides:
             while len(self._kept) > KEPT:
                 self._kept.popitem(last=False)
         return matcher.deep_copy()
+
+    def banned(self, token: int) -> bool:
+        return token in self._banned_set
 
     def masks(self, matchers: list) -> np.ndarray:
         """The tokens each matcher allows next, one row of n_vocab booleans per matcher, computed in parallel."""
