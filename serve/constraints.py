@@ -1,5 +1,5 @@
 """What constrains a chat reply: the tools a request offers (tool_choice, parallel_tool_calls) and its
-response_format, checked and turned into the llama.cpp grammar its reply is decoded under. A schema or tool the
+response_format, checked and turned into the grammar (GBNF) its reply is decoded under. A schema or tool the
 grammar cannot enforce, or a backend that cannot constrain decoding, is refused with a 400 naming the field, before
 anything reaches a backend."""
 

@@ -1,9 +1,10 @@
 """Structured-output schemas never crash or stall the server: every grammar the server builds (response_format
-json_schema/json_object, tool parameters under every tool_choice) is held to serve/structured.py's limits before
-llama.cpp sees it, refused with a 400 that names the param, the keyword's JSON pointer and the limit, and built off
-the event loop. Checked against the real server process (`python -m serve` on the test run's GGUF): known-bad
+json_schema/json_object, tool parameters under every tool_choice) is held to serve/structured's limits before the
+grammar engine sees it, refused with a 400 that names the param, the keyword's JSON pointer and the limit, and built
+off the event loop. Checked against the real server process (`python -m serve` on the test run's GGUF): known-bad
 schemas (those that once killed or stalled it), generated ones (hypothesis), a small request's latency while big
-ones are built or refused, and the calendar formats, both through llama.cpp's own grammar matcher and sampled."""
+ones are built or refused, and the calendar formats, both through the engine's own matcher
+(serve/backends/guides.py) and sampled."""
 
 from __future__ import annotations
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 # What one request's schemas (response_format's, or all its tools' parameters together) may ask of the grammar.
 # Why each (the measurements behind them, on the quickstart model: BENCHMARKS.md; tests/test_hardening_schema.py
 # keeps them honest):
-# - llama.cpp parses a grammar recursively, a few hundred bytes of stack per nested group, and a stack overflow ends
-#   the whole server (SIGSEGV). The converter writes x{0,n} (and maxLength n, maxItems n) as n nested groups, and
-#   llama.cpp refuses more than 1 000 of them only after recursing through all of them: so no count above
-#   MAX_REPEAT gets there.
-# - the grammar runs on the decode thread every client shares: each token costs (parse states alive) x vocabulary.
-#   A repeated group whose body varies in length keeps a state per way to split the text (hence MAX_GROUP_REPEAT and
-#   MAX_REPEAT_PRODUCT); an enum is one alternative per value, alive while they share a prefix (hence the enum
-#   limits); the optional properties of one object are alternatives too, and the converter builds them in quadratic
-#   time (hence MAX_OPTIONAL_PROPERTIES).
+# - the grammar engine (llguidance, serve/backends/guides.py) follows nested groups and rules recursively, so
+#   nesting deep enough overflows its stack and ends the whole server (SIGSEGV). Counts are written as x{m,n}, which
+#   nests nothing; nesting comes from schemas inside schemas and pattern groups (MAX_DEPTH), and
+#   serve/backends/gbnf_lark.py refuses groups nested past its own MOST_NESTED before the engine reads them.
+# - a repeated group whose body varies in length keeps a parse state per way to split the text (hence
+#   MAX_GROUP_REPEAT and MAX_REPEAT_PRODUCT); an enum is one alternative per value, alive while they share a prefix
+#   (hence the enum limits); the optional properties of one object are alternatives too, and the converter builds
+#   them in quadratic time (hence MAX_OPTIONAL_PROPERTIES). Each costs the token masks of every step.
 # - the limits sit above what real applications send: OpenAI's structured outputs take at most 5 000 properties,
 #   10 levels of nesting, 1 000 enum values and 120 000 characters of names and values; agents send up to 128 tools.
 MAX_SCHEMA_BYTES = 512 * 1024  # the request's schemas as compact JSON
@@ -26,7 +25,7 @@ MAX_ENUM_BYTES = 128 * 1024  # enum and const values of the request, as JSON tex
 MAX_REPEAT = 1_000  # one count: {m,n} in a pattern, minLength/maxLength, minItems/maxItems
 MAX_REPEAT_PRODUCT = 256  # counts multiplied through the groups around them in a pattern
 MAX_GROUP_REPEAT = 16  # times a pattern group that varies in length (a repetition or | inside) may repeat
-MAX_GRAMMAR_BYTES = 4 * 1024 * 1024  # the grammar text llama.cpp parses (a backstop: the limits above keep it lower)
+MAX_GRAMMAR_BYTES = 4 * 1024 * 1024  # the grammar text the engine reads (a backstop: the limits above keep it lower)
 MAX_GRAMMAR_RULES = 20_000
 
 
