@@ -255,14 +255,15 @@ t.join()
 def test_the_deepest_grammars_leave_the_engine_a_margin(request):
     """llguidance follows groups and rules recursively, so nesting deep enough overflows its stack (SIGSEGV, the
     whole server). The deepest schemas the limits admit (objects MAX_DEPTH - 1 deep, a pattern's groups as deep as
-    allowed, the tool grammars) compile on a 1 MB stack; groups nested past gbnf_lark.MOST_NESTED, which no admitted
-    schema writes, are refused by name before llguidance reads them."""
+    allowed, the tool grammars) and groups nested exactly gbnf_lark.MOST_NESTED deep compile on a 1 MB stack; groups
+    nested past it, which no admitted schema writes, are refused by name before llguidance reads them."""
     gguf, _ = serving.served_files(request)
     depth = structured.MAX_DEPTH - 1
     grammars = [
         structured.schema_grammar(nested(depth)),
         structured.schema_grammar(pattern("^" + "(a" * depth + ")?" * depth + "$")),
         structured.schema_grammar({"anyOf": [nested(depth), {"type": "array", "items": nested(depth - 1)}]}),
+        "root ::= " + '("a" ' * gbnf_lark.MOST_NESTED + ")?" * gbnf_lark.MOST_NESTED,
         "root ::= " + '("a" ' * (gbnf_lark.MOST_NESTED + 1) + ")?" * (gbnf_lark.MOST_NESTED + 1),
     ]
     done = subprocess.run(
@@ -276,8 +277,8 @@ def test_the_deepest_grammars_leave_the_engine_a_margin(request):
     )
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     said = done.stdout.splitlines()
-    assert said[:3] == ["compiled"] * 3, said
-    assert said[3].startswith("refused:") and "nested more than" in said[3], said
+    assert said[:4] == ["compiled"] * 4, said
+    assert said[4].startswith("refused:") and "nested more than" in said[4], said
 
 
 # ---- latency: building or refusing a big schema holds no one else up ------------------------------------------

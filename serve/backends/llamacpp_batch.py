@@ -86,10 +86,10 @@ class LlamaBatch:
         self._at: list[int] | None = None  # each of those rows' place in the batch, when a sampling chain asks
         self._n = 0  # the last decode's tokens
         cores = os.cpu_count() or 1
-        self._pool = ThreadPoolExecutor(min(slots, cores), thread_name_prefix="aegis-sample")
         # sampling chains go to threads only where cores are left beside llama.cpp's (half of them by default):
         # on two cores a thread per part costs more hand-overs of the GIL than it saves
         self._chain_threads = min(slots, cores // 2) if cores > 2 else 1
+        self._pool = ThreadPoolExecutor(self._chain_threads, thread_name_prefix="aegis-sample")
         self.refused: dict[int, str] = {}  # slots whose grammar allowed no token at the last sample, and why
 
     # ---- slots ----------------------------------------------------------------------------------------------
@@ -245,12 +245,12 @@ class LlamaBatch:
                 refused.append(i)
         if refused:
             for i, allowed in zip(refused, self.backend.guides.masks([slots[i].guide for i in refused])):
+                slot = slots[i]
                 if not allowed.any():
-                    self.refused[i] = f"the grammar allows no token here ({slots[i].guide.get_error() or 'a dead end'})"
+                    self.refused[i] = f"the grammar allows no token here ({slot.guide.get_error() or 'a dead end'})"
                     continue
                 logits = np.where(allowed, self._logits[rows[i]], -np.inf).astype(np.float32)
-                greedy_pick = slots[i].greedy
-                out[i] = int(logits.argmax()) if greedy_pick else pick(self.lib, self._ids, logits, [slots[i].sampler])
+                out[i] = int(logits.argmax()) if slot.greedy else pick(self.lib, self._ids, logits, [slot.sampler])
         for i, token in list(out.items()):
             if not slots[i].guide.consume_token(token):
                 self.refused[i] = f"the grammar refused token {token}: {slots[i].guide.get_error()}"
