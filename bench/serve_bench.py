@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -209,7 +210,7 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> dic
                 chunks += 1
     end = time.perf_counter()
     tokens = usage["completion_tokens"] if usage else payload["max_tokens"] if reason == "length" else chunks
-    return {"ttft": (first or end) - start, "total": end - start, "tokens": tokens}
+    return {"ttft": (first or end) - start, "total": end - start, "tokens": tokens, "start": start, "end": end}
 
 
 async def load(base: str, name: str, clients: int, requests: int, max_tokens: int) -> dict:
@@ -220,9 +221,26 @@ async def load(base: str, name: str, clients: int, requests: int, max_tokens: in
         messages = [{"role": "user", "content": PROMPTS[(i + k) % len(PROMPTS)]}]
         return await one_request(client, url, body(name, messages, max_tokens))
 
-    per_client, wall, _ = await run_clients(request, clients, requests, 1800)
+    per_client, wall, cpu = await run_clients(request, clients, requests, 1800)
     results = [r for rs in per_client for r in rs]
-    return summary(results, wall) | {"min_tokens": min(r["tokens"] for r in results)}
+    return summary(results, wall) | {"min_tokens": min(r["tokens"] for r in results), **timeline(per_client, cpu)}
+
+
+def timeline(per_client: list[list[dict]], cpu: float) -> dict:
+    """Where a load's wall time went: each client's requests end to end (the slowest client sets the wall), the
+    slowest request, the gaps between a client's requests, and the client process's own CPU share (near 1.0: the
+    bench, not the server, sets the pace)."""
+    t0 = min(r["start"] for rs in per_client for r in rs)
+    spans = [rs[-1]["end"] - rs[0]["start"] for rs in per_client]
+    gaps = [b["start"] - a["end"] for rs in per_client for a, b in zip(rs, rs[1:])]
+    totals = sorted(r["total"] for rs in per_client for r in rs)
+    wall = max(r["end"] for rs in per_client for r in rs) - t0
+    return {
+        "client_span_s": {"min": min(spans), "median": statistics.median(spans), "max": max(spans)},
+        "request_s": {"min": totals[0], "median": statistics.median(totals), "max": totals[-1]},
+        "max_gap_s": max(gaps, default=0.0),
+        "client_cpu_share": cpu / wall if wall > 0 else 0.0,
+    }
 
 
 def chat_turns(base: str, chat: int) -> list[tuple[float, int, int]]:
@@ -343,6 +361,53 @@ def batched_bench(program: Path, gguf: Path, levels: list[int], args) -> list[di
     return rows
 
 
+def profiler(pid: int, out: Path) -> subprocess.Popen | None:
+    """py-spy sampling the server's threads (not pausing it) into `out`, collapsed stacks, until interrupted; None
+    (and a line saying so) where py-spy is not installed."""
+    exe = shutil.which("py-spy")
+    if exe is None:
+        print("--profile: py-spy is not installed; no profile", flush=True)
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [exe, "record", "-p", str(pid), "-f", "raw", "-o", str(out), "-r", "200", "--threads", "--nonblocking"]
+    spy = subprocess.Popen(cmd + ["-d", "3600"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    time.sleep(0.5)  # attached before the load starts
+    return spy
+
+
+def engine_counters(base: str) -> dict[str, float]:
+    """Ours' batched-engine counters from /metrics: decode steps, the sequences they carried, and the engine
+    thread's seconds (step, decode, decode_cpu)."""
+    text = httpx.get(base + "/metrics", timeout=30).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(("aegis_decode_steps_total", "aegis_decode_sequences_total", "aegis_engine_seconds_total")):
+            key, value = line.rsplit(" ", 1)
+            name = key.split("{")[0].removesuffix("_total")
+            part = key.split('part="')[1].split('"')[0] if 'part="' in key else ""
+            out[f"{name}:{part}" if part else name] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def engine_use(before: dict, after: dict, wall: float) -> dict:
+    """What ours' decode thread did during a load: steps per second, the mean batch, and per step the ms spent in
+    the step, in llama_decode (with its batch and logits) and the thread's CPU time there; busy: the share of the
+    load's wall time spent in steps (near 1.0: the engine thread sets the pace)."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    steps = d.get("aegis_decode_steps", 0.0)
+    if not steps:
+        return {}
+    return {
+        "steps": int(steps),
+        "steps_per_s": steps / wall,
+        "mean_batch": d.get("aegis_decode_sequences", 0.0) / steps,
+        "step_ms": 1000 * d.get("aegis_engine_seconds:step", 0.0) / steps,
+        "decode_ms": 1000 * d.get("aegis_engine_seconds:decode", 0.0) / steps,
+        "decode_cpu_ms": 1000 * d.get("aegis_engine_seconds:decode_cpu", 0.0) / steps,
+        "busy": d.get("aegis_engine_seconds:step", 0.0) / wall,
+    }
+
+
 def run_level(name: str, gguf: Path, clients: int, args) -> dict:
     server, ready = server_for(name, gguf, clients, args)
     watch = MemoryWatch()
@@ -350,7 +415,16 @@ def run_level(name: str, gguf: Path, clients: int, args) -> dict:
     try:
         asyncio.run(load(server.url, name, 1, 1, 8))  # warm-up: first CUDA kernels, caches
         watch.read(server.proc.pid)
-        result = asyncio.run(load(server.url, name, clients, args.requests, args.max_tokens))
+        before = engine_counters(server.url) if name == OURS else {}
+        spy = profiler(server.proc.pid, args.profile / f"ours-{clients}.txt") if name == OURS and args.profile else None
+        try:
+            result = asyncio.run(load(server.url, name, clients, args.requests, args.max_tokens))
+        finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled when interrupted
+                spy.wait(timeout=60)
+        if name == OURS:
+            result["engine"] = engine_use(before, engine_counters(server.url), result["wall_s"])
         result_peak = watch.read(server.proc.pid)
     finally:
         server.stop()
@@ -388,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--chats", type=int, default=5, help="five-turn chats for the prefix-reuse measure (0: none)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "serve_results.json")
+    ap.add_argument("--profile", type=Path, help="py-spy profiles of ours during each timed load go here")
     ap.add_argument(
         "--logs",
         type=Path,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,9 @@ class BatchPool:
         self.busy = 0  # slots running a request
         self.steps = self.sequences = 0  # decode calls and the sequences they carried (metrics)
         self.drafted = self.accepted = 0  # tokens drafted by prompt lookup and those greedy decoding kept (metrics)
+        # seconds of the decode thread (metrics): in its steps; in llama_decode with the batch and the logits; and
+        # its own CPU time in the latter (wall less CPU there: time the thread slept, e.g. waiting for the GIL)
+        self.step_s = self.decode_s = self.decode_cpu_s = 0.0
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -183,6 +187,13 @@ class BatchPool:
             self._finish(slot, running, error=f"{type(e).__name__}: {e}")
 
     def _step(self, running: dict[int, Running]) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._feed_and_accept(running)
+        finally:
+            self.step_s += time.perf_counter() - t0
+
+    def _feed_and_accept(self, running: dict[int, Running]) -> None:
         feeds, budget = [], self._batch.n_batch
         generating = [(slot, r) for slot, r in running.items() if r.next_token is not None]
         budget -= len(generating)
@@ -206,7 +217,10 @@ class BatchPool:
                 budget -= len(chunk)
                 if not r.pending:
                     r.next_token = r.job.prompt[-1]
+        t0, c0 = time.perf_counter(), time.thread_time()
         rows = self._batch.decode(feeds)
+        self.decode_s += time.perf_counter() - t0
+        self.decode_cpu_s += time.thread_time() - c0
         self.steps += 1
         self.sequences += len(feeds)
         accepted = self._accept(rows, running)

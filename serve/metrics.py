@@ -45,13 +45,21 @@ class BatchCounts:
             "accepted / drafted tokens since the start (0 before any draft)",
             labels=["model"],
         )
+        seconds = CounterMetricFamily(
+            "aegis_engine_seconds",
+            "seconds of the batched engine's thread: in decode steps (part=step); in llama_decode with its batch and "
+            "logits (part=decode); the thread's CPU time in the latter (part=decode_cpu)",
+            labels=["model", "part"],
+        )
         for name, pool in self.pools.items():
+            for part, value in (("step", pool.step_s), ("decode", pool.decode_s), ("decode_cpu", pool.decode_cpu_s)):
+                seconds.add_metric([name, part], value)
             steps.add_metric([name], pool.steps)
             seqs.add_metric([name], pool.sequences)
             drafted.add_metric([name], pool.drafted)
             accepted.add_metric([name], pool.accepted)
             rate.add_metric([name], pool.accepted / pool.drafted if pool.drafted else 0.0)
-        yield from (steps, seqs, drafted, accepted, rate)
+        yield from (steps, seqs, drafted, accepted, rate, seconds)
 
 
 class Metrics:

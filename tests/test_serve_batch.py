@@ -40,6 +40,7 @@ async def _together(server, requests: list[dict]) -> list:
 
 def test_concurrent_requests_share_decode_steps(server):
     steps, seqs = metric(server, "aegis_decode_steps_total"), metric(server, "aegis_decode_sequences_total")
+    seconds = {p: metric(server, "aegis_engine_seconds_total", part=p) for p in ("step", "decode", "decode_cpu")}
     args = dict(model="tiny", messages=USER, max_tokens=48, temperature=1.0, extra_body={"ignore_eos": True})
     replies = asyncio.run(_together(server, [args | {"seed": s} for s in range(4)]))
     assert all(r.usage.completion_tokens == 48 for r in replies)
@@ -47,6 +48,9 @@ def test_concurrent_requests_share_decode_steps(server):
     seqs = metric(server, "aegis_decode_sequences_total") - seqs
     # four requests of 48 tokens one after another would take 4 * 48 steps and more: together, far fewer
     assert seqs / steps > 2.5 and steps < 2 * 48 + 10, (steps, seqs)
+    # the engine thread's time: steps hold their llama_decode calls, which take this thread's CPU on a CPU build
+    spent = {p: metric(server, "aegis_engine_seconds_total", part=p) - v for p, v in seconds.items()}
+    assert spent["step"] >= spent["decode"] >= spent["decode_cpu"] > 0, spent
     assert metric(server, "aegis_workers") == 4
 
 

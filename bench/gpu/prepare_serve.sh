@@ -38,6 +38,8 @@ WHEELS=(
     prometheus-client jsonschema jsonschema-specifications referencing rpds-py attrs
     gguf tqdm diskcache sentencepiece protobuf llguidance
 )
+# and, pinned here (a profiler, not a dependency of the product): py-spy, for serve_bench --profile
+TOOLS=(py-spy==0.4.3)
 PLATFORM=(
     --python-version 3.12 --implementation cp --only-binary=:all:
     --platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64
@@ -70,6 +72,7 @@ if [[ ! -s $SDIST ]]; then
 fi
 specs=()
 for name in "${WHEELS[@]}"; do specs+=("$(pin "$name")"); done
+specs+=("${TOOLS[@]}")
 echo "downloading ${#specs[@]} wheels (kept ones are reused)"
 "$PYTHON" -m pip download -q --no-deps "${PLATFORM[@]}" -d "$CACHE/wheels" "${specs[@]}"
 
@@ -96,7 +99,7 @@ pack "$DIR/llama.cpp.tar.xz" "$WORK" llama.cpp
 SITE=$WORK/site
 "$PYTHON" -m pip install -q --no-deps --no-index --find-links "$CACHE/wheels" --target "$SITE" --no-compile \
     "${PLATFORM[@]}" "${specs[@]}"
-rm -rf "$SITE/bin"
+find "$SITE/bin" -mindepth 1 -not -name py-spy -delete  # the scripts go, py-spy's executable stays
 find "$SITE" -name __pycache__ -prune -exec rm -rf {} +
 cp -r "$SRC/llama_cpp" "$SITE/llama_cpp"
 rm -rf "$SITE/llama_cpp/lib"
