@@ -385,7 +385,8 @@ def engine_counters(base: str) -> dict[str, float]:
             key, value = line.rsplit(" ", 1)
             name = key.split("{")[0].removesuffix("_total")
             part = key.split('part="')[1].split('"')[0] if 'part="' in key else ""
-            out[f"{name}:{part}" if part else name] = out.get(key, 0.0) + float(value)
+            name = f"{name}:{part}" if part else name
+            out[name] = out.get(name, 0.0) + float(value)  # summed over the models served
     return out
 
 
