@@ -69,8 +69,7 @@ class BatchPool:
         self.busy = 0  # slots running a request
         self.steps = self.sequences = 0  # decode calls and the sequences they carried (metrics)
         self.drafted = self.accepted = 0  # tokens drafted by prompt lookup and those greedy decoding kept (metrics)
-        # seconds of the decode thread (metrics): in its steps; in llama_decode with the batch and the logits; and
-        # its own CPU time in the latter (wall less CPU there: time the thread slept, e.g. waiting for the GIL)
+        # the decode thread's seconds in steps, in llama_decode with its batch and logits, its CPU time there (metrics)
         self.step_s = self.decode_s = self.decode_cpu_s = 0.0
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
@@ -130,6 +129,7 @@ class BatchPool:
                     self._finish(slot, running)
                 if not running:
                     continue
+                t0 = time.perf_counter()
                 try:
                     self._step(running)
                 except Exception as e:  # noqa: BLE001 - a runtime failure ends the requests in this batch only
@@ -139,6 +139,7 @@ class BatchPool:
                     self._batch.forget()
                     if self._draft_model is not None:
                         self._draft_model.forget()
+                self.step_s += time.perf_counter() - t0
         finally:
             for slot in list(running):
                 self._finish(slot, running, error="the server is shutting down")
@@ -187,13 +188,6 @@ class BatchPool:
             self._finish(slot, running, error=f"{type(e).__name__}: {e}")
 
     def _step(self, running: dict[int, Running]) -> None:
-        t0 = time.perf_counter()
-        try:
-            self._feed_and_accept(running)
-        finally:
-            self.step_s += time.perf_counter() - t0
-
-    def _feed_and_accept(self, running: dict[int, Running]) -> None:
         feeds, budget = [], self._batch.n_batch
         generating = [(slot, r) for slot, r in running.items() if r.next_token is not None]
         budget -= len(generating)
@@ -243,15 +237,8 @@ class BatchPool:
         slot's context and the request's max_tokens leave room for."""
         if r.drafter is None or budget <= 0:
             return 0
-        return max(
-            0,
-            min(
-                r.drafter.want(),
-                budget,
-                self.backend.context_length - len(r.drafter.tokens),
-                r.job.max_tokens - r.decoding.n - 1,
-            ),
-        )
+        context_left = self.backend.context_length - len(r.drafter.tokens)
+        return max(0, min(r.drafter.want(), budget, context_left, r.job.max_tokens - r.decoding.n - 1))
 
     def _drafts(self, running: dict[int, Running], rooms: dict[int, int]) -> dict[int, list[int]]:
         """Each slot's guesses: the draft model's, all slots at once, or else each request's prompt lookup."""

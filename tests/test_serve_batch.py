@@ -49,8 +49,9 @@ def test_concurrent_requests_share_decode_steps(server):
     # four requests of 48 tokens one after another would take 4 * 48 steps and more: together, far fewer
     assert seqs / steps > 2.5 and steps < 2 * 48 + 10, (steps, seqs)
     # the engine thread's time: steps hold their llama_decode calls, which take this thread's CPU on a CPU build
+    # (its CPU clock and the wall clock may differ by a tick)
     spent = {p: metric(server, "aegis_engine_seconds_total", part=p) - v for p, v in seconds.items()}
-    assert spent["step"] >= spent["decode"] >= spent["decode_cpu"] > 0, spent
+    assert spent["step"] >= spent["decode"] > 0 and 0 < spent["decode_cpu"] <= spent["decode"] + 0.02, spent
     assert metric(server, "aegis_workers") == 4
 
 
