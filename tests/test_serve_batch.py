@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import openai
 import pytest
 
+from aegis import llamacpp
 from serve import prompt
 from serve.backends import Sampling
 from serve.backends.llamacpp import LlamaCppBackend
@@ -192,6 +194,66 @@ def test_batched_sampling_picks_what_llama_cpp_picks_for_each_request(request):
             together = [item.token for name, item in log if name == i and isinstance(item, Scored)]
             assert together == expected[i], sampling
     finally:
+        backend.close()
+
+
+QUESTIONS = {
+    0: "日本の四季について説明してください。",
+    2: "おすすめの本を三冊教えてください。",
+    5: "東京の天気はどうですか。",
+}
+
+
+def test_slots_decoding_together_take_one_pass_whatever_their_order(request, monkeypatch):
+    """Busy slots fed in any order, with idle ones between them, go through the model once per step: llama.cpp runs
+    a batch over per-slot caches as one pass per run of consecutive sequence ids, so the batch puts them in order and
+    gives each idle slot between them a placeholder token. The idle slots' cells stay as they were (a full one gives
+    up its last cell for the placeholder) and each busy slot gets the logits it gets decoding alone."""
+    gguf, _ = serving.served_files(request)
+    lib = llamacpp.runtime()
+    nodes = []
+
+    @lib.ggml_backend_sched_eval_callback
+    def count(tensor, ask, user_data):  # noqa: ARG001 - asked once for each node of each pass
+        nodes.append(ask)
+        return False
+
+    made = llamacpp.context_params
+
+    def counted(*args, **kwargs):
+        cp = made(*args, **kwargs)
+        cp.cb_eval = count
+        return cp
+
+    monkeypatch.setattr(llamacpp, "context_params", counted)
+    backend = LlamaCppBackend(gguf, n_ctx=64, n_threads=1)
+    batch = backend.new_batch(6)
+    try:
+        ids = {i: prompt.chat_ids(backend, [{"role": "user", "content": text}]) for i, text in QUESTIONS.items()}
+        alone = {}
+        for i, tokens in ids.items():
+            batch.start(i, Sampling(temperature=0))
+            batch.decode([(i, tokens[:-1], False)])
+            nodes.clear()
+            alone[i] = batch.logits(batch.decode([(i, tokens[-1:], True)])[i])
+            one_pass = len(nodes)
+            batch.drop(i, 1)
+        batch.decode([(3, ids[0][:5], False)])
+        batch.decode([(4, (ids[0] * 8)[:64], False)])  # slot 4's cells are full
+        nodes.clear()
+        rows = batch.decode([(i, ids[i][-1:], True) for i in (5, 0, 2)])
+        assert len(nodes) < 1.5 * one_pass, (len(nodes), one_pass)  # three runs of the weights would be 3x
+        for i in ids:  # a batch of another size sums in another order: close, not equal; apart from the others'
+            together = batch.logits(rows[i])
+            assert together.argmax() == alone[i].argmax()
+            others = min(np.abs(together - alone[j]).max() for j in ids if j != i)
+            assert np.abs(together - alone[i]).max() < 0.05 < others
+        held = [len(s.cached) for s in batch.slots]
+        assert held == [len(ids[0]), 0, len(ids[2]), 5, 63, len(ids[5])], held
+        pos_max = [lib.llama_memory_seq_pos_max(batch.mem, i) for i in range(6)]
+        assert pos_max == [n - 1 for n in held], pos_max
+    finally:
+        batch.close()
         backend.close()
 
 

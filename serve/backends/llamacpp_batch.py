@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -21,10 +20,10 @@ import numpy as np
 from aegis import llamacpp
 
 from .base import Sampling
+from .llamacpp_context import kv_mib, logged, placement
 from .llamacpp_sampling import chain, pick
 
 log = logging.getLogger(__name__)
-KV_SIZE = re.compile(r"K \((\w+)\):\s*([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB")  # llama.cpp's KV cache line
 
 
 @dataclass
@@ -37,15 +36,6 @@ class Slot:
     argmax: bool = False  # greedy and unconstrained: taken for all such rows at once
 
 
-def placement(lib, model, gpu_layers: int) -> str:
-    """Where the layers went, counted as llama.cpp counts them (the output layer is one more)."""
-    total = lib.llama_model_n_layer(model) + 1
-    if not lib.llama_supports_gpu_offload():
-        return "CPU only (this llama.cpp build has no GPU backend)"
-    on_gpu = total if gpu_layers < 0 else min(gpu_layers, total)
-    return f"{on_gpu}/{total} layers on the GPU" + ("" if on_gpu == total else " (--n-gpu-layers)")
-
-
 class LlamaBatch:
     """One context with `slots` sequences. Not thread-safe: the scheduler thread alone calls it."""
 
@@ -53,13 +43,14 @@ class LlamaBatch:
         lib = self.lib = llamacpp.runtime()
         self.backend = backend
         self.slots = [Slot(i) for i in range(slots)]
-        self.n_batch = max(backend.n_batch, slots)
+        self.n_batch = max(backend.n_batch, slots)  # tokens a step may bring; with idle slots' placeholders:
+        capacity = self.n_batch + slots - 1
         self.model = llamacpp.load_model(backend.path, backend.loader.extra_bufts, backend.gpu_layers)
         self.placement = placement(lib, self.model, backend.gpu_layers)
         log.info("%s: %s", backend.path.name, self.placement)
         # the same context as export's recorded greedy replies (aegis.llamacpp.greedy), per slot
-        cp = llamacpp.context_params(backend.context_length, slots, self.n_batch, backend.n_threads, cache_type)
-        self.ctx, said = _logged(lib, lambda: lib.llama_init_from_model(self.model, cp))
+        cp = llamacpp.context_params(backend.context_length, slots, capacity, backend.n_threads, cache_type)
+        self.ctx, said = logged(lib, lambda: lib.llama_init_from_model(self.model, cp))
         if not self.ctx:
             lib.llama_model_free(self.model)
             raise RuntimeError(
@@ -67,7 +58,7 @@ class LlamaBatch:
             )
         self.mem = lib.llama_get_memory(self.ctx)
         # llama.cpp's own account of the memory its KV cache took (K and V of each cache it made)
-        self.kv_mib = sum(float(m[1]) + float(m[3]) for m in KV_SIZE.findall(said)) or None
+        self.kv_mib = kv_mib(said)
         log.info(
             "%s: KV cache %s%s for %d slots of %d positions",
             backend.path.name,
@@ -78,7 +69,7 @@ class LlamaBatch:
         )
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
-        self.batch = self._batch_arrays(self.n_batch)
+        self.batch = self._batch_arrays(capacity)
         self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self._logits = np.zeros((0, self.n_vocab), np.float32)  # the last decode's logits, one row per output
         self._best: np.ndarray | None = None  # each of those rows' largest logit, when a greedy slot asks
@@ -163,11 +154,18 @@ class LlamaBatch:
 
     def decode(self, feeds: list[tuple[int, list[int], bool | int]]) -> dict[int, int]:
         """One llama_decode of (slot, tokens, logits wanted: for the last token, or for the last n) for several
-        slots, at most n_batch tokens in all; {slot: the row of its first logits} (the others follow it)."""
+        slots, at most n_batch tokens in all; {slot: the row of its first logits} (the others follow it).
+
+        Each slot's cells are a stream of their own, and llama.cpp reads such a batch in one pass of the weights
+        only for a run of consecutive sequence ids in increasing order (llama_batch_allocr::split_equal): any other
+        order, or an idle slot between two busy ones, costs a whole pass more. So the slots go in order, and each
+        idle slot between the first and the last busy one reads one placeholder token, whose cell is removed after."""
+        feeds = sorted((f for f in feeds if f[1]), key=lambda f: f[0])
+        busy = {index for index, _, _ in feeds}
+        gaps = {i for i in range(feeds[0][0], feeds[-1][0]) if i not in busy} if feeds else set()
+        feeds = sorted(feeds + [(i, [self._placeholder(i)], False) for i in gaps], key=lambda f: f[0])
         toks, pos, seqs, want, rows, outputs = [], [], [], [], {}, 0
         for index, tokens, wanted in feeds:
-            if not tokens:
-                continue
             slot, k = self.slots[index], len(tokens)
             at, w = len(slot.cached), min(int(wanted), k)
             toks += tokens
@@ -182,10 +180,13 @@ class LlamaBatch:
         self._tok[:n], self._pos[:n], self._seq[:n], self._want[:n] = toks, pos, seqs, want
         self.batch.n_tokens = n
         rc = self.lib.llama_decode(self.ctx, self.batch)
+        for i in gaps:  # the placeholders' cells go (on failure too: forget() may not follow)
+            self.lib.llama_memory_seq_rm(self.mem, self.slots[i].seq, len(self.slots[i].cached), -1)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}) on a batch of {n} tokens")
         for index, tokens, _ in feeds:
-            self.slots[index].cached.extend(tokens)
+            if index not in gaps:
+                self.slots[index].cached.extend(tokens)
         if outputs:  # rows in batch order (llama.cpp keeps them so), read in place until the next decode
             # (llama_get_logits also puts llama.cpp's rows in order, once: what llama_sampler_sample reads after it
             # on the sampling threads is then only read)
@@ -195,6 +196,13 @@ class LlamaBatch:
                 self._logits, self._view = np.ctypeslib.as_array(ptr, shape=(outputs, self.n_vocab)), view
         self._best, self._at, self._n = None, None, n
         return rows
+
+    def _placeholder(self, index: int) -> int:
+        """A token for an idle slot to read at the end of its cells (made room for when they are full)."""
+        slot = self.slots[index]
+        if len(slot.cached) >= self.backend.context_length:
+            self._keep(slot, len(slot.cached) - 1)
+        return slot.cached[-1] if slot.cached else 0
 
     def sample(self, rows: dict[int, int]) -> dict[int, int]:
         """Each slot's next token from the logits at its row (its samplers also record it), all slots in one pass.
@@ -270,22 +278,6 @@ class LlamaBatch:
             self.lib.llama_free(self.ctx)
             self.lib.llama_model_free(self.model)
             self.ctx = None
-
-
-def _logged(lib, make):
-    """make()'s result and what llama.cpp logged meanwhile (the server drops its log otherwise)."""
-    said, previous, data = [], lib.llama_log_callback(), ctypes.c_void_p()
-    lib.llama_log_get(ctypes.byref(previous), ctypes.byref(data))
-
-    @lib.llama_log_callback
-    def keep(level, text, user_data):  # noqa: ARG001
-        said.append(text.decode("utf-8", "replace"))
-
-    lib.llama_log_set(keep, ctypes.c_void_p(0))
-    try:
-        return make(), "".join(said)
-    finally:
-        lib.llama_log_set(previous, data)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
