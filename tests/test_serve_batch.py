@@ -257,6 +257,53 @@ def test_slots_decoding_together_take_one_pass_whatever_their_order(request, mon
         backend.close()
 
 
+RECORD = r"""root ::= "{" ws "\"name\"" ws ":" ws name ws "," ws "\"age\"" ws ":" ws [0-9]{1,3} ws "}"
+name ::= "\"" [^"\\\x00-\x1f]{1,12} "\""
+ws ::= [ ]?"""
+
+
+def test_grammar_masks_made_during_the_step_pick_the_same_tokens(request):
+    """On a GPU the constrained slots' masks are made while llama_decode's step computes (masks_early) and the
+    model's choice is checked against them; elsewhere it is checked by the matcher first and only a refused one
+    gets a mask. Greedy and sampled constrained slots, beside a free one, pick the same tokens either way."""
+    gguf, _ = serving.served_files(request)
+    backend = LlamaCppBackend(gguf, n_threads=1)
+    ids = prompt.chat_ids(backend, USER)
+    settings = [
+        Sampling(temperature=0, grammar=RECORD),
+        Sampling(temperature=1.0, seed=3, grammar=RECORD),
+        Sampling(temperature=0),
+        Sampling(temperature=0.8, top_p=0.9, seed=5, grammar=RECORD),
+    ]
+    made, masks = [], backend.guides.masks
+    backend.guides.masks = lambda matchers: made.append(len(matchers)) or masks(matchers)
+    runs = []
+    try:
+        for early in (False, True):
+            batch, made[:] = backend.new_batch(len(settings)), []
+            batch.masks_early = early
+            try:
+                for i, sampling in enumerate(settings):
+                    batch.start(i, sampling)
+                batch.decode([(i, ids[:-1], False) for i in range(len(settings))])
+                out, last = [[] for _ in settings], {i: ids[-1] for i in range(len(settings))}
+                for _ in range(20):
+                    last = batch.sample(batch.decode([(i, [t], True) for i, t in last.items()]))
+                    for i, token in last.items():
+                        out[i].append(token)
+                runs.append((out, dict(batch.refused)))
+            finally:
+                batch.close()
+            if early:  # every step, all three constrained slots at once, before the logits were read
+                assert made == [3] * 20, made
+            else:  # only for refused choices
+                assert len(made) < 20 and max(made) <= 3, made
+    finally:
+        backend.close()
+    assert runs[0] == runs[1]
+    assert all(len(tokens) == 20 for tokens in runs[0][0]) and not runs[0][1]
+
+
 class CountingLoop(asyncio.SelectorEventLoop):
     """An event loop that counts the wake-ups other threads send it."""
 

@@ -82,6 +82,9 @@ class LlamaBatch:
         self._chain_threads = min(slots, cores // 2) if cores > 2 else 1
         self._pool = ThreadPoolExecutor(self._chain_threads, thread_name_prefix="aegis-sample")
         self.refused: dict[int, str] = {}  # slots whose grammar allowed no token at the last sample, and why
+        # on a GPU llama_decode only queues the step: the grammar masks are made while it computes (see decode)
+        self.masks_early = bool(lib.llama_supports_gpu_offload()) and backend.gpu_layers != 0
+        self._masks: dict[int, np.ndarray] = {}  # those masks, for this step's rows
 
     # ---- slots ----------------------------------------------------------------------------------------------
     def claim(self, free: list[int], prompt: list[int], reuse: bool) -> tuple[int, int]:
@@ -187,6 +190,9 @@ class LlamaBatch:
         for index, tokens, _ in feeds:
             if index not in gaps:
                 self.slots[index].cached.extend(tokens)
+        self._masks = {}
+        if self.masks_early and (guided := [i for i in rows if self.slots[i].guide is not None]):
+            self._masks = dict(zip(guided, self.backend.guides.masks([self.slots[i].guide for i in guided])))
         if outputs:  # rows in batch order (llama.cpp keeps them so), read in place until the next decode
             # (llama_get_logits also puts llama.cpp's rows in order, once: what llama_sampler_sample reads after it
             # on the sampling threads is then only read)
@@ -237,23 +243,26 @@ class LlamaBatch:
 
     def _guided(self, guided: list[int], rows: dict[int, int]) -> dict[int, int]:
         """The slots under a grammar. The slot's own choice first (greedy's first largest logit, or its chain's draw),
-        kept where the matcher accepts it, which costs a microsecond; only the refused ones get a mask (all at once),
-        the disallowed logits of a copy of their row set to -inf and the choice made again. Greedy then takes what
-        it would have taken under the mask, and a draw is still in proportion to the allowed tokens' probability
-        (a draw refused is drawn again among the allowed ones). The token is recorded in the matcher and the chain."""
-        slots, out, refused = self.slots, {}, []
-        greedy = [i for i in guided if slots[i].greedy]
+        kept where the matcher accepts it (a microsecond, or a look at the mask made during the step); the refused
+        ones get a mask (all at once, unless made already), the disallowed logits of a copy of their row set to -inf
+        and the choice made again. Greedy then takes what it would have taken under the mask, and a draw is still in
+        proportion to the allowed tokens' probability (a draw refused is drawn again among the allowed ones). The
+        token is recorded in the matcher and the chain."""
+        slots, out, refused, masks, self._masks = self.slots, {}, [], self._masks, {}
+        greedy, banned = [i for i in guided if slots[i].greedy], self.backend.guides.banned
         firsts = dict(zip(greedy, self._logits[[rows[i] for i in greedy]].argmax(axis=1).tolist())) if greedy else {}
         for i in guided:
             slot = slots[i]
             token = firsts[i] if slot.greedy else pick(self.lib, self._ids, self._logits[rows[i]], [slot.sampler])
-            if slot.guide.validate_tokens([token]) == 1 and not self.backend.guides.banned(token):
+            if masks[i][token] if i in masks else slot.guide.validate_tokens([token]) == 1 and not banned(token):
                 out[i] = token
             else:
                 refused.append(i)
         if refused:
-            for i, allowed in zip(refused, self.backend.guides.masks([slots[i].guide for i in refused])):
-                slot = slots[i]
+            if need := [i for i in refused if i not in masks]:
+                masks |= dict(zip(need, self.backend.guides.masks([slots[i].guide for i in need])))
+            for i in refused:
+                slot, allowed = slots[i], masks[i]
                 if not allowed.any():
                     self.refused[i] = f"the grammar allows no token here ({slot.guide.get_error() or 'a dead end'})"
                     continue
