@@ -26,8 +26,8 @@ def tiny_phi3(path):
 
 
 def lora_check(model, dropout: float) -> tuple:
-    """(the model with LoRA (r 4, `dropout`) on qkv_proj and o_proj, a random 12-token batch, train_unsloth.check of
-    the two)."""
+    """(the model with LoRA (r 4, `dropout`) on qkv_proj and o_proj, a random 12-token batch, train_unsloth.check
+    of the model with train_unsloth.forwards of both, as the bench merges them after its rows)."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["qkv_proj", "o_proj"])
@@ -35,7 +35,7 @@ def lora_check(model, dropout: float) -> tuple:
     model.train()
     batch = {"input_ids": torch.randint(0, 32064, (1, 12)), "attention_mask": torch.ones(1, 12, dtype=torch.long)}
     batch["labels"] = batch["input_ids"].clone()
-    return model, batch, train_unsloth.check(model, dropout, batch)
+    return model, batch, train_unsloth.check(model, dropout) | train_unsloth.forwards(model, batch)
 
 
 def test_llamafied_copy_gives_the_same_logits(tmp_path):
@@ -70,9 +70,9 @@ def test_checks_see_checkpointing_and_dropout(tmp_path, ckpt):
     assert out["layer_forwards_per_step"] == (2.0 if ckpt else 1.0)
     assert out["checkpointing_seen"] is ckpt
     assert not out["four_bit_ok"] and not out["ok"]  # no 4-bit layers here, and the check says so
-    assert not train_unsloth.check(model, 0.0, batch)["dropout_ok"]
+    assert not train_unsloth.check(model, 0.0)["dropout_ok"]
     model.eval()
-    assert not train_unsloth.check(model, 0.05, batch)["training"]
+    assert not train_unsloth.check(model, 0.05)["training"]
 
 
 def test_table_names_unsloths_best_row_and_the_ratio(tmp_path):
@@ -198,4 +198,4 @@ def test_checks_count_the_4bit_base_layers(tmp_path):
     # qkv, o, gate_up, down in each of 2 layers: PEFT's wrappers of the same name are not counted again
     assert out["linear4bit_layers"] == 8 and out["quant_types"] == ["nf4"] and out["double_quant"] == [True]
     assert out["four_bit_ok"] and out["dropout_ok"] and out["lora_dropout_p"] == [0.0]
-    assert not out["checkpointing_seen"] and not out["ok"]  # not checkpointed here, and the check says so
+    assert out["ok"] and not out["checkpointing_seen"]  # what the model tells holds; the count sees no checkpointing
