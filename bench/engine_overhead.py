@@ -7,7 +7,8 @@ loop), with every slot generating.
 
 For each slot count the engine is started on the GGUF with that many slots, as many greedy requests (--sampled:
 temperature 0.8, top_p 0.95, a seed each) of --tokens tokens each (end-of-turn ignored) are submitted at once and an
-asyncio loop reads their text as the API does. llama_decode is timed where the engine calls it; a step is the time
+asyncio loop reads their text as the API does. llama_decode is timed where the engine calls it, up to the end of the
+llama_get_logits after it (on a GPU llama_decode only queues the step, which that call waits for); a step is the time
 from one llama_decode's start to the next one's, taken only over steps where every slot decodes one token (no
 prompt being read). Reported per slot count: the median step, the median llama_decode, their difference (the
 engine's overhead per step) and its share, and tokens/s; then the mean time per step (every step) in llama_decode,
@@ -60,6 +61,14 @@ class TimedRuntime:
         rc = self._lib.llama_decode(ctx, batch)
         self.calls.append((start, time.perf_counter(), batch.n_tokens))
         return rc
+
+    def llama_get_logits(self, ctx):
+        """Counted with the llama_decode before it: on a GPU llama_decode only queues the step, and this waits."""
+        ptr = self._lib.llama_get_logits(ctx)
+        if self.calls:
+            start, _, n = self.calls[-1]
+            self.calls[-1] = (start, time.perf_counter(), n)
+        return ptr
 
 
 def _timed(obj, name: str, totals: dict) -> None:
