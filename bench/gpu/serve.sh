@@ -30,8 +30,7 @@
 # CPU alone, for a trial without a GPU), CUDA_ARCH (default 90: H100, H200), MODEL_ARGS (more bench/random_model.py
 # arguments, e.g. "--layers 2 --hidden 384" for a trial), PROFILE=1 (py-spy profiles of ours during serve_bench's
 # loads, into logs.tar.xz's profiles/), REQUESTS (serve_bench's requests per client, default 2), DRY=1 (print the
-# commands, run nothing), PACK=1 (OUTDIR/build.tar.xz: the built executables and libraries), PREBUILT=FILE (such a
-# build.tar.xz from an earlier machine, unpacked instead of compiling: same CUDA, same paths).
+# commands, run nothing).
 set -uo pipefail  # no -e: a failed step is recorded and the next one runs
 
 OUTDIR=${1:?usage: bench/gpu/serve.sh OUTDIR [DIR]}
@@ -62,7 +61,7 @@ OUTDIR=$(abs "$OUTDIR") KIT=$(abs "$KIT") WORKDIR=$(abs "$WORKDIR") SRC=$(abs "$
 BUILD=$(abs "$BUILD") GGUF=$(abs "$GGUF")
 LOGS=$(mktemp -d /tmp/aegis-serve-logs.XXXXXX)
 PARTS=$LOGS/serve_bench_levels  # serve_bench's JSON per level, merged into OUTDIR/serve.json
-RESULTS=(run.txt schema_load.json serve.json engine.json speculate.json logs.tar.xz build.tar.xz)  # all this writes in OUTDIR
+RESULTS=(run.txt schema_load.json serve.json engine.json speculate.json logs.tar.xz)  # all this writes in OUTDIR
 if [[ $DRY == 1 ]]; then
     RUN=$LOGS/run.txt
 else
@@ -186,17 +185,10 @@ cmake_args=(
 )
 [[ $CUDA == ON ]] && cmake_args+=(-DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH")
 targets=(llama llama-server llama-batched-bench)
-if [[ -n ${PREBUILT:-} ]]; then  # a build this script packed on an earlier machine (PACK=1): no compiling
-    note "unpacking the prebuilt llama.cpp $PREBUILT into $BUILD"
-    if [[ $DRY != 1 ]]; then
-        rm -rf "$BUILD" && mkdir -p "$BUILD" && unpack "$(abs "$PREBUILT")" "$BUILD" || { note "could not unpack"; exit 1; }
-    fi
-else
 # shellcheck disable=SC2016 # expanded by the inner shell
 background build "cmake ${cmake_args[*]} && cmake --build $BUILD -j $JOBS --target ${targets[*]}" \
     bash -c 'cmake "${@:4}" && cmake --build "$1" -j "$2" --target $3' \
     _ "$BUILD" "$JOBS" "${targets[*]}" "${cmake_args[@]}"
-fi
 
 # 2. the Python packages
 note "unpacking $KIT/serve-site.tar.xz into $SITE"
@@ -236,12 +228,6 @@ print(torch.__version__, torch.version.cuda, transformers.__version__)' 2>&1 | t
 
 ok=1
 finish build || ok=0
-if [[ $DRY != 1 && $ok == 1 && ${PACK:-0} == 1 && -z ${PREBUILT:-} ]]; then
-    # the build's executables and shared libraries, for PREBUILT= on a later machine (a file back is at most 16 MiB)
-    (cd "$BUILD" && find . -path '*/CMakeFiles' -prune -o \( -name 'lib*.so*' -o -name llama-server \
-        -o -name llama-batched-bench \) -print0 | tar --null -T - -cf - | xz -6 -T0 > "$OUTDIR/build.tar.xz")
-    note "packed the build: $(stat -c %s "$OUTDIR/build.tar.xz") bytes"
-fi
 finish model || ok=0
 if [[ $DRY != 1 && $ok == 1 ]]; then
     mkdir -p "$SITE/llama_cpp/lib"
