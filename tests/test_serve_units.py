@@ -258,3 +258,20 @@ def test_control_tokens_that_strip_whitespace_tokenize_as_llama_cpp_does(tiny_pa
             assert prompt.chat_ids(backend, messages) == whole
     finally:
         backend.close()
+
+
+def test_argmax_rows_split_among_threads_pick_what_one_argmax_picks():
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from serve.backends.llamacpp_sampling import argmax_rows
+
+    rng = np.random.default_rng(0)
+    for rows in (1, 15, 16, 64, 67):
+        logits = rng.standard_normal((rows, 4032)).astype(np.float32)
+        logits[:, 7] = logits[:, 4000] = logits.max() + 1  # a tie: the first one wins, as in llama.cpp's greedy
+        with ThreadPoolExecutor(4) as pool:
+            for threads in (1, 3, 4):
+                got = argmax_rows(logits, pool, threads)
+                assert got.tolist() == logits.argmax(axis=1).tolist() == [7] * rows

@@ -21,7 +21,7 @@ from aegis import llamacpp
 
 from .base import Sampling
 from .llamacpp_context import kv_mib, logged, placement
-from .llamacpp_sampling import chain, pick
+from .llamacpp_sampling import argmax_rows, chain, pick
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class LlamaBatch:
         argmax = [i for i in rows if slots[i].argmax]
         if argmax:
             if self._best is None:
-                self._best = self._logits.argmax(axis=1)
+                self._best = argmax_rows(self._logits, self._pool, self._chain_threads)
             out = {i: int(self._best[rows[i]]) for i in argmax}
         chains = [(i, rows[i]) for i in rows if not slots[i].argmax and slots[i].guide is None]
         if chains and self._at is None:

@@ -51,3 +51,12 @@ def pick(lib, ids: np.ndarray, logits: np.ndarray, samplers: list) -> int:
     for sampler in samplers:
         lib.llama_sampler_apply(sampler, ctypes.byref(array))
     return int(array.data[array.selected].id)  # a sampler may sort the candidates in place
+
+
+def argmax_rows(logits: np.ndarray, pool, threads: int) -> np.ndarray:
+    """Each row's first largest logit, which is what llama.cpp's greedy sampler picks. Many rows are split among the
+    pool's threads (numpy lets go of the GIL): rows just copied from a GPU are read from memory, not from a cache,
+    and one thread took 0.88 ms for 64 rows of 32 064 on an H100 machine."""
+    if threads <= 1 or len(logits) < 16:
+        return logits.argmax(axis=1)
+    return np.concatenate(list(pool.map(lambda part: part.argmax(axis=1), np.array_split(logits, threads))))
