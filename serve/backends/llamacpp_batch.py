@@ -82,8 +82,9 @@ class LlamaBatch:
         self._chain_threads = min(slots, cores // 2) if cores > 2 else 1
         self._pool = ThreadPoolExecutor(self._chain_threads, thread_name_prefix="aegis-sample")
         self.refused: dict[int, str] = {}  # slots whose grammar allowed no token at the last sample, and why
-        # on a GPU llama_decode only queues the step: the grammar masks are made while it computes (see decode)
-        self.masks_early = bool(lib.llama_supports_gpu_offload()) and backend.gpu_layers != 0
+        # on a GPU llama_decode only queues the step, so the grammar masks are made while it computes; and a token
+        # costs next to nothing beside a pass of the weights, so idle slots fill the gaps between busy ones (decode)
+        self.masks_early = self.fill_gaps = bool(lib.llama_supports_gpu_offload()) and backend.gpu_layers != 0
         self._masks: dict[int, np.ndarray] = {}  # those masks, for this step's rows
 
     # ---- slots ----------------------------------------------------------------------------------------------
@@ -161,11 +162,12 @@ class LlamaBatch:
 
         Each slot's cells are a stream of their own, and llama.cpp reads such a batch in one pass of the weights
         only for a run of consecutive sequence ids in increasing order (llama_batch_allocr::split_equal): any other
-        order, or an idle slot between two busy ones, costs a whole pass more. So the slots go in order, and each
-        idle slot between the first and the last busy one reads one placeholder token, whose cell is removed after."""
+        order, or an idle slot between two busy ones, costs a whole pass more. So the slots go in order, and with
+        fill_gaps each idle slot between the first and the last busy one reads a placeholder token, whose cell is
+        removed after (on a CPU a token costs its compute, which may be more than a pass: there gaps stay)."""
         feeds = sorted((f for f in feeds if f[1]), key=lambda f: f[0])
         busy = {index for index, _, _ in feeds}
-        gaps = {i for i in range(feeds[0][0], feeds[-1][0]) if i not in busy} if feeds else set()
+        gaps = {i for i in range(feeds[0][0], feeds[-1][0]) if i not in busy} if feeds and self.fill_gaps else set()
         feeds = sorted(feeds + [(i, [self._placeholder(i)], False) for i in gaps], key=lambda f: f[0])
         toks, pos, seqs, want, rows, outputs = [], [], [], [], {}, 0
         for index, tokens, wanted in feeds:
