@@ -22,28 +22,17 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 from .backends.base import Backend
+from .batch_step import Running, Step
 from .job import Decoding, Finish, Job, Waker, admit
 from .speculate import Drafter, DraftModel
 
 log = logging.getLogger("serve.batch")
 
 
-@dataclass(eq=False)
-class Running:
-    job: Job
-    decoding: Decoding
-    pending: list[int]  # prompt tokens still to read, all but the last
-    next_token: int | None = None  # the prompt's last token, then each sampled one: decoded next step, for logits
-    cached: int = 0  # prompt tokens found in the slot's cells
-    drafter: Drafter | None = None  # a greedy request's prompt lookup (--speculate), None: it does not speculate
-    draft: list[int] | None = None  # the tokens drafted for this step
-
-
-class BatchPool:
+class BatchPool(Step):
     """Same face as pool.WorkerPool (start, submit, close, waiting, busy, workers) over one batched context."""
 
     def __init__(
@@ -82,6 +71,7 @@ class BatchPool:
     def start(self) -> None:
         """Make the batched context (on this thread: a failure is the caller's) and start the scheduler."""
         self._batch = self.backend.new_batch(self.workers, cache_type=self.cache_type)
+        self.say_later = getattr(self._batch, "offloaded", False)
         if self.draft_model is not None and self.speculate:
             try:
                 self._draft_model = DraftModel(self.backend, self.draft_model, self.workers)
@@ -187,92 +177,10 @@ class BatchPool:
         except Exception as e:  # noqa: BLE001 - e.g. a grammar llama.cpp refuses: this request fails, not the rest
             self._finish(slot, running, error=f"{type(e).__name__}: {e}")
 
-    def _step(self, running: dict[int, Running]) -> None:
-        feeds, budget = [], self._batch.n_batch
-        generating = [(slot, r) for slot, r in running.items() if r.next_token is not None]
-        budget -= len(generating)
-        rooms = {}
-        for slot, r in generating:  # every generating request moves one token each step, perhaps with a draft
-            rooms[slot] = self._room(r, budget)
-            budget -= rooms[slot]
-        drafts = self._drafts(running, rooms)
-        for slot, r in generating:
-            r.draft = drafts.get(slot, [])
-            budget += rooms[slot] - len(r.draft)
-            feeds.append((slot, [r.next_token, *r.draft], 1 + len(r.draft)))
-        # then prompts, in arrival order, in chunks that fit the batch. A prompt's last token waits for the next
-        # step, where it is decoded as generating tokens are: the first logits then come out of the same kind of
-        # step whether the rest of the prompt was read now or found in the cache (llama.cpp sums a batch of one
-        # sequence's tokens in another order than single tokens, and a seeded sample could tell the difference)
-        for slot, r in running.items():
-            if r.next_token is None and r.pending and budget > 0:
-                chunk, r.pending = r.pending[:budget], r.pending[budget:]
-                feeds.append((slot, chunk, False))
-                budget -= len(chunk)
-                if not r.pending:
-                    r.next_token = r.job.prompt[-1]
-        t0, c0 = time.perf_counter(), time.thread_time()
-        rows = self._batch.decode(feeds)
-        self.decode_s += time.perf_counter() - t0
-        self.decode_cpu_s += time.thread_time() - c0
-        self.steps += 1
-        self.sequences += len(feeds)
-        accepted = self._accept(rows, running)
-        for slot, why in self._batch.refused.items():  # a grammar with no way on: that request fails, not the rest
-            self._finish(slot, running, error=why)
-        self._batch.refused.clear()
-        for slot, tokens in accepted.items():  # only the generating feeds asked for logits
-            r = running[slot]
-            for i, token in enumerate(tokens):
-                r.next_token = token
-                if r.drafter is not None:
-                    r.drafter.extend([token])
-                if r.decoding.push(token, lambda row=rows[slot] + i: self._batch.logits(row)):
-                    r.next_token = None
-                    self._finish(slot, running)
-                    break
-
-    def _room(self, r: Running, budget: int) -> int:
-        """How many tokens may be drafted after r.next_token: no more than its drafter wants, and than the batch, the
-        slot's context and the request's max_tokens leave room for."""
-        if r.drafter is None or budget <= 0:
-            return 0
-        context_left = self.backend.context_length - len(r.drafter.tokens)
-        return max(0, min(r.drafter.want(), budget, context_left, r.job.max_tokens - r.decoding.n - 1))
-
-    def _drafts(self, running: dict[int, Running], rooms: dict[int, int]) -> dict[int, list[int]]:
-        """Each slot's guesses: the draft model's, all slots at once, or else each request's prompt lookup."""
-        wants = {slot: n for slot, n in rooms.items() if n > 0}
-        if self._draft_model is not None:
-            return self._draft_model.propose({slot: (running[slot].drafter.tokens, n) for slot, n in wants.items()})
-        return {slot: running[slot].drafter.draft(n) for slot, n in wants.items()}
-
-    def _accept(self, rows: dict[int, int], running: dict[int, Running]) -> dict[int, list[int]]:
-        """Each slot's tokens of this step: the one sampled after its next token, then, while the last one is the
-        token drafted there, the one sampled at the drafted position (all slots at a position in one sample call,
-        in order, so each sampler records exactly the tokens plain decoding would have). Drafted tokens past the
-        first miss leave the slot's cells."""
-        out = {slot: [token] for slot, token in self._batch.sample(rows).items()}
-        k = 0
-        while live := {
-            slot: rows[slot] + 1 + k
-            for slot, tokens in out.items()
-            if len(tokens) == k + 1 and k < len(running[slot].draft or ()) and tokens[-1] == running[slot].draft[k]
-        }:
-            for slot, token in self._batch.sample(live).items():
-                out[slot].append(token)
-            k += 1
-        for slot, tokens in out.items():
-            drafted = len(running[slot].draft or ())
-            if drafted:
-                self.drafted += drafted
-                self.accepted += len(tokens) - 1
-                self._batch.drop(slot, drafted - (len(tokens) - 1))
-                running[slot].drafter.kept(drafted, len(tokens) - 1)
-        return out
-
     def _finish(self, slot: int, running: dict[int, Running], error: str = "") -> None:
         r = running.pop(slot)
+        if r.unsaid is not None and not error:  # its text waited for a step that will not come (see batch_step)
+            r.decoding.push(r.unsaid)
         self._batch.release(slot)
         with self._cv:
             self.busy -= 1

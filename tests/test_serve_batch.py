@@ -424,3 +424,58 @@ def test_serve_puts_every_layer_on_the_gpu_and_decodes_there(tiny_path, tmp_path
         assert free_before - torch.cuda.mem_get_info()[0] >= 0.9 * gguf.stat().st_size
         replies = asyncio.run(_together(s, [dict(model="tiny", messages=USER, max_tokens=24, temperature=0)] * 4))
         assert all(r.usage.completion_tokens > 0 for r in replies)
+
+
+def _replies(backend, ids: list[int], requests: list[dict], say_later: bool) -> dict:
+    """Each request's (text, scored tokens, finish reason, completion tokens), all decoded together by a BatchPool
+    whose tokens' text is made at once, or (say_later) while the next step computes, as on a GPU."""
+    pool = BatchPool(backend, slots=len(requests))
+    loop, log = asyncio.new_event_loop(), []
+    pool.start()
+    pool.say_later = say_later
+    jobs = [Recorded(i, log, prompt=ids, timeout=120, loop=loop, **r) for i, r in enumerate(requests)]
+    for job in jobs:
+        pool.submit(job)
+    try:
+        while sum(isinstance(item, Finish) for _, item in log) < len(jobs):
+            time.sleep(0.01)
+    finally:
+        pool.close()
+        loop.close()
+    out = {}
+    for i in range(len(jobs)):
+        items = [item for name, item in log if name == i]
+        finish = items[-1]
+        text = "".join(item for item in items if isinstance(item, str))
+        scored = [(s.token, round(s.logprob, 4)) for s in items if isinstance(s, Scored)]
+        out[i] = (text, scored, finish.reason, finish.completion_tokens)
+    return out
+
+
+def test_text_made_while_the_next_step_computes_is_the_same_reply(request):
+    """Where llama_decode only queues the step (a GPU), a token that can end its request only by a stop string is
+    fed on at once and its text is made during the next step (say_later). Replies, finish reasons and token counts
+    are those of making each token's text at once: a stop string found a step late, max_tokens, the end of the
+    turn, log-probabilities, a grammar, sampled and greedy requests side by side."""
+    gguf, _ = serving.served_files(request)
+    backend = LlamaCppBackend(gguf, n_threads=1)
+    try:
+        ids = prompt.chat_ids(backend, USER)
+        greedy = dict(sampling=Sampling(temperature=0), max_tokens=24, stops=[], ignore_eos=True)
+        alone = _replies(backend, ids, [greedy], say_later=False)[0][0]
+        stop = alone[8:10]
+        requests = [
+            greedy,
+            greedy | {"stops": [stop]},
+            dict(sampling=Sampling(temperature=1.0, seed=3), max_tokens=40, stops=[]),
+            dict(sampling=Sampling(temperature=0), max_tokens=12, stops=[], ignore_eos=True, logprobs=2),
+            dict(sampling=Sampling(temperature=0, grammar=RECORD), max_tokens=40, stops=[]),
+            dict(sampling=Sampling(temperature=0.9, seed=11), max_tokens=30, stops=["の"]),
+        ]
+        at_once = _replies(backend, ids, requests, say_later=False)
+        later = _replies(backend, ids, requests, say_later=True)
+    finally:
+        backend.close()
+    assert later == at_once
+    assert at_once[0][2:] == ("length", 24) and at_once[1][:1] == (alone[: alone.index(stop)],)
+    assert at_once[1][2] == "stop" and len(at_once[3][1]) == 12

@@ -57,16 +57,10 @@ class LlamaBatch:
                 f"{backend.path}: llama.cpp could not make a context of {cp.n_ctx} tokens for {slots} slots (memory?)"
             )
         self.mem = lib.llama_get_memory(self.ctx)
-        # llama.cpp's own account of the memory its KV cache took (K and V of each cache it made)
-        self.kv_mib = kv_mib(said)
-        log.info(
-            "%s: KV cache %s%s for %d slots of %d positions",
-            backend.path.name,
-            cache_type,
-            f", {self.kv_mib:.2f} MiB" if self.kv_mib else "",
-            slots,
-            backend.context_length,
-        )
+        self.kv_mib = kv_mib(said)  # llama.cpp's own account of its KV cache's memory
+        size = f", {self.kv_mib:.2f} MiB" if self.kv_mib else ""
+        n = backend.context_length
+        log.info("%s: KV cache %s%s for %d slots of %d positions", backend.path.name, cache_type, size, slots, n)
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.batch = self._batch_arrays(capacity)
@@ -84,7 +78,8 @@ class LlamaBatch:
         self.refused: dict[int, str] = {}  # slots whose grammar allowed no token at the last sample, and why
         # on a GPU llama_decode only queues the step, so the grammar masks are made while it computes; and a token
         # costs next to nothing beside a pass of the weights, so idle slots fill the gaps between busy ones (decode)
-        self.masks_early = self.fill_gaps = bool(lib.llama_supports_gpu_offload()) and backend.gpu_layers != 0
+        self.offloaded = bool(lib.llama_supports_gpu_offload()) and backend.gpu_layers != 0
+        self.masks_early = self.fill_gaps = self.offloaded
         self._masks: dict[int, np.ndarray] = {}  # those masks, for this step's rows
 
     # ---- slots ----------------------------------------------------------------------------------------------
@@ -156,9 +151,10 @@ class LlamaBatch:
             logits=self._want.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
         )
 
-    def decode(self, feeds: list[tuple[int, list[int], bool | int]]) -> dict[int, int]:
+    def decode(self, feeds: list[tuple[int, list[int], bool | int]], meanwhile=None) -> dict[int, int]:
         """One llama_decode of (slot, tokens, logits wanted: for the last token, or for the last n) for several
-        slots, at most n_batch tokens in all; {slot: the row of its first logits} (the others follow it).
+        slots, at most n_batch tokens in all; {slot: the row of its first logits} (the others follow it). meanwhile()
+        runs after llama_decode, before the logits are read: on a GPU, while the step computes.
 
         Each slot's cells are a stream of their own, and llama.cpp reads such a batch in one pass of the weights
         only for a run of consecutive sequence ids in increasing order (llama_batch_allocr::split_equal): any other
@@ -185,13 +181,15 @@ class LlamaBatch:
         self._tok[:n], self._pos[:n], self._seq[:n], self._want[:n] = toks, pos, seqs, want
         self.batch.n_tokens = n
         rc = self.lib.llama_decode(self.ctx, self.batch)
-        for i in gaps:  # the placeholders' cells go (on failure too: forget() may not follow)
+        for i in gaps:  # placeholders' cells go (on failure too: forget() may not follow)
             self.lib.llama_memory_seq_rm(self.mem, self.slots[i].seq, len(self.slots[i].cached), -1)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}) on a batch of {n} tokens")
         for index, tokens, _ in feeds:
             if index not in gaps:
                 self.slots[index].cached.extend(tokens)
+        if meanwhile is not None:
+            meanwhile()
         self._masks = {}
         if self.masks_early and (guided := [i for i in rows if self.slots[i].guide is not None]):
             self._masks = dict(zip(guided, self.backend.guides.masks([self.slots[i].guide for i in guided])))
