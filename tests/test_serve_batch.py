@@ -146,6 +146,16 @@ MIXED = [
 ]
 
 
+def _until_finished(pool: BatchPool, loop, log: list, n: int) -> None:
+    """Wait until n Recorded jobs logged their Finish, then close the pool and the jobs' loop."""
+    try:
+        while sum(isinstance(item, Finish) for _, item in log) < n:
+            time.sleep(0.01)
+    finally:
+        pool.close()
+        loop.close()
+
+
 def _one_by_one(backend, ids: list[int], settings: list[Sampling], n: int) -> list[list[int]]:
     """n tokens for each request, decoded in the steps the engine takes (every prompt but its last token, then one
     token per slot per step) with each token picked by llama.cpp's own llama_sampler_sample and the slot's chain."""
@@ -182,12 +192,7 @@ def test_batched_sampling_picks_what_llama_cpp_picks_for_each_request(request):
     for job in jobs:  # queued before the engine starts: its first step takes them all
         pool.submit(job)
     pool.start()
-    try:
-        while sum(isinstance(item, Finish) for _, item in log) < len(jobs):
-            time.sleep(0.01)
-    finally:
-        pool.close()
-        loop.close()
+    _until_finished(pool, loop, log, len(jobs))
     try:
         expected = _one_by_one(backend, ids, MIXED, 24)
         for i, sampling in enumerate(MIXED):
@@ -207,7 +212,7 @@ QUESTIONS = {
 def test_slots_decoding_together_take_one_pass_whatever_their_order(request, monkeypatch):
     """Busy slots fed in any order, with idle ones between them, go through the model once per step: llama.cpp runs
     a batch over per-slot caches as one pass per run of consecutive sequence ids, so the batch puts them in order and
-    (fill_gaps, on by default where the model runs on a GPU) gives each idle slot between them a placeholder token.
+    (`offloaded`, true where the model runs on a GPU) gives each idle slot between them a placeholder token.
     The idle slots' cells stay as they were (a full one gives up its last cell for the placeholder) and each busy
     slot gets the logits it gets decoding alone."""
     gguf, _ = serving.served_files(request)
@@ -229,7 +234,7 @@ def test_slots_decoding_together_take_one_pass_whatever_their_order(request, mon
     monkeypatch.setattr(llamacpp, "context_params", counted)
     backend = LlamaCppBackend(gguf, n_ctx=64, n_threads=1)
     batch = backend.new_batch(6)
-    assert not batch.fill_gaps  # this llama.cpp build runs on the CPU
+    assert not batch.offloaded  # this llama.cpp build runs on the CPU
 
     def step(order: list[int]) -> tuple[int, dict]:
         """Decode the busy slots' last prompt token in this order: (graph nodes evaluated, logits), then undo it."""
@@ -251,7 +256,7 @@ def test_slots_decoding_together_take_one_pass_whatever_their_order(request, mon
         alone |= step([1])[1] | step([5])[1]
         assert step([1, 0])[0] < 1.5 * one_pass  # out of order: two passes before the batch sorted them
         assert 1.5 * one_pass < step([5, 0, 1])[0] < 2.5 * one_pass  # slots 0-1, then 5: two runs
-        batch.fill_gaps = True
+        batch.offloaded = True
         n, together = step([5, 0, 1])
         assert n < 1.5 * one_pass, (n, one_pass)  # slots 2, 3 and 4 read a placeholder each: one run
         for i in ids:  # a batch of another size sums in another order: close, not equal; apart from the others'
@@ -273,7 +278,7 @@ ws ::= [ ]?"""
 
 
 def test_grammar_masks_made_during_the_step_pick_the_same_tokens(request):
-    """On a GPU the constrained slots' masks are made while llama_decode's step computes (masks_early) and the
+    """On a GPU the constrained slots' masks are made while llama_decode's step computes (`offloaded`) and the
     model's choice is checked against them; elsewhere it is checked by the matcher first and only a refused one
     gets a mask. Greedy and sampled constrained slots, beside a free one, pick the same tokens either way."""
     gguf, _ = serving.served_files(request)
@@ -291,7 +296,7 @@ def test_grammar_masks_made_during_the_step_pick_the_same_tokens(request):
     try:
         for early in (False, True):
             batch, made[:] = backend.new_batch(len(settings)), []
-            batch.masks_early = early
+            batch.offloaded = early
             try:
                 for i, sampling in enumerate(settings):
                     batch.start(i, sampling)
@@ -436,12 +441,7 @@ def _replies(backend, ids: list[int], requests: list[dict], say_later: bool) -> 
     jobs = [Recorded(i, log, prompt=ids, timeout=120, loop=loop, **r) for i, r in enumerate(requests)]
     for job in jobs:
         pool.submit(job)
-    try:
-        while sum(isinstance(item, Finish) for _, item in log) < len(jobs):
-            time.sleep(0.01)
-    finally:
-        pool.close()
-        loop.close()
+    _until_finished(pool, loop, log, len(jobs))
     out = {}
     for i in range(len(jobs)):
         items = [item for name, item in log if name == i]

@@ -79,7 +79,6 @@ class LlamaBatch:
         # on a GPU llama_decode only queues the step, so the grammar masks are made while it computes; and a token
         # costs next to nothing beside a pass of the weights, so idle slots fill the gaps between busy ones (decode)
         self.offloaded = bool(lib.llama_supports_gpu_offload()) and backend.gpu_layers != 0
-        self.masks_early = self.fill_gaps = self.offloaded
         self._masks: dict[int, np.ndarray] = {}  # those masks, for this step's rows
 
     # ---- slots ----------------------------------------------------------------------------------------------
@@ -158,12 +157,12 @@ class LlamaBatch:
 
         Each slot's cells are a stream of their own, and llama.cpp reads such a batch in one pass of the weights
         only for a run of consecutive sequence ids in increasing order (llama_batch_allocr::split_equal): any other
-        order, or an idle slot between two busy ones, costs a whole pass more. So the slots go in order, and with
-        fill_gaps each idle slot between the first and the last busy one reads a placeholder token, whose cell is
+        order, or an idle slot between two busy ones, costs a whole pass more. So the slots go in order, and when
+        offloaded each idle slot between the first and the last busy one reads a placeholder token, whose cell is
         removed after (on a CPU a token costs its compute, which may be more than a pass: there gaps stay)."""
-        feeds = sorted((f for f in feeds if f[1]), key=lambda f: f[0])
+        feeds = [f for f in feeds if f[1]]
         busy = {index for index, _, _ in feeds}
-        gaps = {i for i in range(feeds[0][0], feeds[-1][0]) if i not in busy} if feeds and self.fill_gaps else set()
+        gaps = set(range(min(busy), max(busy))) - busy if busy and self.offloaded else set()
         feeds = sorted(feeds + [(i, [self._placeholder(i)], False) for i in gaps], key=lambda f: f[0])
         toks, pos, seqs, want, rows, outputs = [], [], [], [], {}, 0
         for index, tokens, wanted in feeds:
@@ -191,7 +190,7 @@ class LlamaBatch:
         if meanwhile is not None:
             meanwhile()
         self._masks = {}
-        if self.masks_early and (guided := [i for i in rows if self.slots[i].guide is not None]):
+        if self.offloaded and (guided := [i for i in rows if self.slots[i].guide is not None]):
             self._masks = dict(zip(guided, self.backend.guides.masks([self.slots[i].guide for i in guided])))
         if outputs:  # rows in batch order (llama.cpp keeps them so), read in place until the next decode
             # (llama_get_logits also puts llama.cpp's rows in order, once: what llama_sampler_sample reads after it
