@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from aegis import digest  # noqa: E402
 from bench.common import PROMPTS, run_clients, summary  # noqa: E402
-from tests.support.serving import Server, exported_run, find_gguf  # noqa: E402
+from tests.support.serving import Server, exported_run, find_gguf, metric  # noqa: E402
 
 TURNS = [
     "京都の有名なお寺をいくつか教えてください。それぞれの歴史についても簡単に説明してください。",
@@ -375,19 +375,12 @@ def profiler(pid: int, out: Path) -> subprocess.Popen | None:
     return spy
 
 
-def engine_counters(base: str) -> dict[str, float]:
-    """Ours' batched-engine counters from /metrics: decode steps, the sequences they carried, and the engine
-    thread's seconds (step, decode, decode_cpu)."""
-    text = httpx.get(base + "/metrics", timeout=30).text
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(("aegis_decode_steps_total", "aegis_decode_sequences_total", "aegis_engine_seconds_total")):
-            key, value = line.rsplit(" ", 1)
-            name = key.split("{")[0].removesuffix("_total")
-            part = key.split('part="')[1].split('"')[0] if 'part="' in key else ""
-            name = f"{name}:{part}" if part else name
-            out[name] = out.get(name, 0.0) + float(value)  # summed over the models served
-    return out
+def engine_counters(server: Server) -> dict[str, float]:
+    """Ours' batched-engine counters from /metrics (summed over the models served): decode steps, the sequences
+    they carried, and the engine thread's seconds (step, decode, decode_cpu)."""
+    out = {name: metric(server, f"{name}_total") for name in ("aegis_decode_steps", "aegis_decode_sequences")}
+    parts = ("step", "decode", "decode_cpu")
+    return out | {f"aegis_engine_seconds:{p}": metric(server, "aegis_engine_seconds_total", part=p) for p in parts}
 
 
 def engine_use(before: dict, after: dict, wall: float) -> dict:
@@ -416,7 +409,7 @@ def run_level(name: str, gguf: Path, clients: int, args) -> dict:
     try:
         asyncio.run(load(server.url, name, 1, 1, 8))  # warm-up: first CUDA kernels, caches
         watch.read(server.proc.pid)
-        before = engine_counters(server.url) if name == OURS else {}
+        before = engine_counters(server) if name == OURS else {}
         spy = profiler(server.proc.pid, args.profile / f"ours-{clients}.txt") if name == OURS and args.profile else None
         try:
             result = asyncio.run(load(server.url, name, clients, args.requests, args.max_tokens))
@@ -425,7 +418,7 @@ def run_level(name: str, gguf: Path, clients: int, args) -> dict:
                 spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled when interrupted
                 spy.wait(timeout=60)
         if name == OURS:
-            result["engine"] = engine_use(before, engine_counters(server.url), result["wall_s"])
+            result["engine"] = engine_use(before, engine_counters(server), result["wall_s"])
         result_peak = watch.read(server.proc.pid)
     finally:
         server.stop()
