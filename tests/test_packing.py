@@ -5,7 +5,7 @@ concatenation ("concat") still reads across the window."""
 import pytest
 import torch
 
-from aegis import loading as model_mod, memory, soul as soul_mod
+from aegis import loading as model_mod, memory, packing, soul as soul_mod
 from aegis.config import ConfigError, build
 from train import batches, data, graphs
 from train.loss import count_targets, micro_loss
@@ -36,25 +36,31 @@ def _window(before: list[list[int]], last: list[int], mode: str) -> dict[str, to
     return batches.collate([window], pad_id=0, width=width)
 
 
-def _logits(model, batch) -> torch.Tensor:
-    """The logits of the training forward (micro_loss's call, head not deferred)."""
-    from aegis import packing
-
+def _logits(model, batch, flex: bool | None = None) -> torch.Tensor:
+    """The logits of the training forward (micro_loss's call, head not deferred); `flex`: which mask keeps the
+    documents apart (the block mask, as on CUDA, or the additive one; by default the device's choice)."""
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], **packing.model_inputs(model, batch)).logits[0]
+        return model(input_ids=batch["input_ids"], **packing.model_inputs(model, batch, flex)).logits[0]
 
 
-def test_a_tokens_logits_do_not_depend_on_the_documents_before_it(tiny_path):
+@pytest.mark.parametrize("flex", [False, True], ids=["additive mask", "flex block mask"])
+def test_a_tokens_logits_do_not_depend_on_the_documents_before_it(tiny_path, flex):
     """The last document's logits are the same whatever comes before it in the window, and the same as when it is
     alone; under "concat" they change. The windows are longer than the model's original context (512) while every
-    document is shorter, so LongRoPE picks its factors from the restarted positions, as for the document alone."""
+    document is shorter, so LongRoPE picks its factors from the restarted positions, as for the document alone.
+    Both masks: the additive one of the CPU, and flex attention's block mask of CUDA (its forward runs on the CPU;
+    its backward and compiled kernel are checked on CUDA, test_flex_attention_trains_as_the_additive_mask_on_cuda)."""
     model, _ = _model(tiny_path)
+    assert packing.model_inputs(model, {}) == {} and not packing.flex_fits(model, torch.device("cpu"))
     last = _tokens(120, 0)
     alone = _logits(model, batches.collate([data.Example(last, last)], pad_id=0))
     befores = [[_tokens(400, 1), _tokens(300, 2)], [_tokens(250, 3), _tokens(330, 4), _tokens(90, 5)]]
     for before in befores:
-        got = _logits(model, _window(before, last, "documents"))[-len(last) :]
-        torch.testing.assert_close(got, alone, rtol=0, atol=1e-4)
+        window = _window(before, last, "documents")
+        got = _logits(model, window, flex)
+        torch.testing.assert_close(got[-len(last) :], alone, rtol=0, atol=1e-4)
+        if flex:  # every document of the window, not only the last, as under the additive mask
+            torch.testing.assert_close(got, _logits(model, window, False), rtol=0, atol=1e-4)
     concat = [_logits(model, _window(before, last, "concat"))[-len(last) :] for before in befores]
     assert (concat[0] - concat[1]).abs().max() > 0.1 and (concat[0] - alone).abs().max() > 0.1
 
@@ -162,3 +168,44 @@ def test_the_captured_step_keeps_documents_apart_on_cuda(tiny_path):
                 assert (g - p.grad).abs().max() <= 2e-2 * p.grad.abs().max() + 1e-8
     finally:
         step.close()
+
+
+@pytest.mark.gpu
+def test_flex_attention_trains_as_the_additive_mask_on_cuda(tiny_path):
+    """On CUDA the block mask is the default, and flex attention's compiled kernel (called alone, and traced inside
+    the compiled blocks) gives the loss and the gradients of SDPA under the additive mask."""
+    from train.loss import masked_loss_sum
+
+    device = torch.device("cuda")
+    cfg = build({}, ["model.base=embedded", "model.quantization=nf4", "lora.dropout=0.0"])
+    model, _ = model_mod.build(cfg, tiny_path, device, seed=0)
+    assert packing.flex_fits(model, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=gen).to(p) * 0.05)
+    rows = [[_tokens(150, 11), _tokens(106, 12)], [_tokens(60, 13), _tokens(120, 14), _tokens(76, 15)]]
+    batch = batches.collate(
+        [batches.pack([data.Example(d, d) for d in r], 256, documents=True)[0] for r in rows], pad_id=0, width=256
+    )
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    def step(flex):
+        inputs = packing.model_inputs(model, batch, flex)
+        assert isinstance(inputs["attention_mask"], torch.Tensor) != flex
+        loss = masked_loss_sum(model(input_ids=batch["input_ids"], **inputs).logits, batch["labels"])
+        loss.backward()
+        grads = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        return float(loss), grads
+
+    want_loss, want = step(False)
+    runs = [step(True)]
+    plan = memory.plan_for(cfg, model.get_base_model().config, device)
+    assert model_mod.compile_blocks(model, plan) > 0
+    runs.append(step(True))
+    for got_loss, got in runs:
+        assert got_loss == pytest.approx(want_loss, rel=1e-2)
+        for g, w in zip(got, want):
+            assert (g - w).abs().max() <= 2e-2 * w.abs().max() + 1e-8
