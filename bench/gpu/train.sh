@@ -12,6 +12,8 @@
 #
 # The work, most important rows first (times estimated from the scripts and earlier runs of ours on H100/H200):
 #   setup   install the wheels, unpack Unsloth's site, print the versions             ~ 25 s
+#   tests   the GPU-marked packing tests (flex attention's block mask against the additive mask, the captured
+#           step), so the rows below are known to keep documents apart the way the tests check   ~ 40-70 s
 #   ours    seed 1x512 and throughput 16x512, each with data.packing = concat and = documents (the packing cost)
 #           as `python -m train` runs them: build the random Phi-3.5-mini snapshot (~40 s: 3.8 B parameters,
 #           7.6 GB written), then 4 runs of ~35-45 s (start, 4-bit load, compile, STEPS=15 updates)  ~ 180-220 s
@@ -30,7 +32,7 @@
 # run.log and logs.tar.xz (run.log, ours.log, unsloth.log), the last two packed only at the end.
 # Exit status 1: a step failed or was cut by its timeout (run.log says which); what was measured is there anyway.
 # Settings (environment): LIMIT, STEPS (ours' updates per run), TP_BATCHES, DROPOUTS, LONG_START, PARTS (a subset
-# of ours,llama,fused,long), WORK (default /tmp/aegis-bench: the snapshots, 16 GB), DRY=1 (print the commands only).
+# of tests,ours,llama,fused,long), WORK (default /tmp/aegis-bench: the snapshots, 16 GB), DRY=1 (print the commands only).
 set -uo pipefail
 START=$(date +%s)
 cd "$(dirname "$0")/../.." || exit 2
@@ -42,7 +44,7 @@ STEPS=${STEPS:-15}
 TP_BATCHES=${TP_BATCHES:-16,32}
 DROPOUTS=${DROPOUTS:-0}
 LONG_START=${LONG_START:-16384}
-PARTS=${PARTS:-ours,llama,fused,long}
+PARTS=${PARTS:-tests,ours,llama,fused,long}
 WORK=${WORK:-/tmp/aegis-bench}
 DRY=${DRY:-0}
 END=$((START + LIMIT))
@@ -138,6 +140,12 @@ EOF
 versions ours "$OURS_PATH" transformers huggingface_hub peft accelerate bitsandbytes kernels tokenizers safetensors
 versions Unsloth "$UNSLOTH_PATH" unsloth unsloth_zoo transformers trl datasets torchao peft accelerate bitsandbytes \
     huggingface_hub triton xformers torchvision pyarrow pandas
+
+# ---- the GPU-marked packing tests, on ours' site
+if has tests; then
+    run tests run.log 150 env PYTHONPATH="$OURS_PATH" python3 -m pytest -x -q -m gpu -p no:cacheprovider \
+        tests/test_packing.py
+fi
 
 # ---- ours: seed and throughput, concat and documents packing; keeps UNSLOTH_MIN for the Unsloth steps
 if has ours; then
