@@ -24,15 +24,17 @@
 #           and then, in the same load (its max_seq_length 131072), the long rows: one sequence, one step each,
 #           LONG_START then twice it, then the budget's guess and one 8192 step either way (5-60 s each), as time
 #           allows (bench/train_unsloth.py starts no row that would not end before its deadline)
+#   ourslong  (not in the default PARTS: a call of its own, e.g. PARTS=ourslong,long) ours' longest sequence,
+#           one per step as the memory plan decides, at OURS_LONG (default 131072) for 2 steps      ~ 150-200 s
 #   table   bench/train_unsloth.py --table, the packing cost, logs packed                 ~ 5 s
 # Expected: 400-490 s before the long rows. Unsloth's rows use LoRA dropout 0 (its own advice and fastest path;
 # DROPOUTS=0,0.05 adds the seed recipe's 0.05 as a second load of each form, about 60-80 s more each).
 #
-# OUTDIR gets at most 8 files, no folders: train_ours.json, unsloth_llama.json, unsloth_fused.json, table.md,
-# run.log and logs.tar.xz (run.log, ours.log, unsloth.log), the last two packed only at the end.
+# OUTDIR gets at most 8 files, no folders: train_ours.json, train_ours_long.json, unsloth_llama.json,
+# unsloth_fused.json, table.md, run.log and logs.tar.xz (run.log, ours.log, unsloth.log), the last two packed only at the end.
 # Exit status 1: a step failed or was cut by its timeout (run.log says which); what was measured is there anyway.
 # Settings (environment): LIMIT, STEPS (ours' updates per run), TP_BATCHES, DROPOUTS, LONG_START, PARTS (a subset
-# of tests,ours,llama,fused,long), WORK (default /tmp/aegis-bench: the snapshots, 16 GB), DRY=1 (print the commands only).
+# of tests,ours,llama,fused,long,ourslong), OURS_LONG, WORK (default /tmp/aegis-bench: the snapshots, 16 GB), DRY=1 (print the commands only).
 set -uo pipefail
 START=$(date +%s)
 cd "$(dirname "$0")/../.." || exit 2
@@ -46,6 +48,7 @@ DROPOUTS=${DROPOUTS:-0}
 LONG_START=${LONG_START:-16384}
 PARTS=${PARTS:-tests,ours,llama,fused,long}
 WORK=${WORK:-/tmp/aegis-bench}
+OURS_LONG=${OURS_LONG:-131072}
 DRY=${DRY:-0}
 END=$((START + LIMIT))
 TAIL=12          # kept for the table and the packing of the logs
@@ -61,7 +64,7 @@ export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=igno
 
 mkdir -p "$OUTDIR"
 # this script's own files from an earlier run would mix into the table
-[ "$DRY" = 1 ] || (cd "$OUTDIR" && rm -f train_ours.json unsloth_llama.json unsloth_fused.json table.md run.log \
+[ "$DRY" = 1 ] || (cd "$OUTDIR" && rm -f train_ours.json train_ours_long.json unsloth_llama.json unsloth_fused.json table.md run.log \
     ours.log unsloth.log logs.tar.xz)
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
 left() { echo $((END - $(date +%s))); }
@@ -157,6 +160,15 @@ if has ours; then
         --out "$OUTDIR/train_ours.json"
 fi
 
+# ---- ours' longest sequence (the memory plan's tiled MLP and attention, offload), beside Unsloth's long rows
+if has ourslong; then
+    keep=0
+    has long && keep=$UNSLOTH_MIN
+    run "ours long" ours.log $(($(left) - TAIL - keep)) env PYTHONPATH="$OURS_PATH" python3 bench/train_throughput.py \
+        --work "$WORK" --which ours --settings long --long-lengths "$OURS_LONG" --long-steps 2 \
+        --out "$OUTDIR/train_ours_long.json"
+fi
+
 # ---- Unsloth: llama form, then fused form (+ the long rows), on ours' snapshot in WORK (built there if absent)
 unsloth() { # unsloth FORM SETTINGS KEEP: one process; starts no row or load later than KEEP s before the end
     local form=$1 settings=$2 keep=$3 secs
@@ -187,7 +199,7 @@ fi
 
 # ---- the table for BENCHMARKS.md, and what documents packing costs against concat
 tables=()
-for f in train_ours unsloth_llama unsloth_fused; do tables+=("$OUTDIR/$f.json"); done
+for f in train_ours train_ours_long unsloth_llama unsloth_fused; do tables+=("$OUTDIR/$f.json"); done
 if [ "$DRY" = 1 ]; then
     say "would write $OUTDIR/table.md: bench/train_unsloth.py --table ${tables[*]}"
 else
