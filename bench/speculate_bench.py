@@ -2,20 +2,27 @@
 given text of ~1 000 tokens, edit a given code file), where the reply repeats its input and drafts are accepted, and
 free chat, where speculation must not cost anything.
 
-    python bench/speculate_bench.py [--gguf FILE] [--speculate 4] [--max-tokens 256] [--ctx 2048]
-                                    [--gpu-layers -1] [--out bench/speculate_results.json]
+    python bench/speculate_bench.py [--model copy|quickstart | --gguf FILE] [--speculate 4] [--max-tokens 256]
+                                    [--ctx 2048] [--gpu-layers -1] [--out bench/speculate_results.json]
 
 Each mode starts its own `python -m serve` with one slot (--speculate N or none); every task is one greedy streamed
 request of --max-tokens new tokens (end-of-turn ignored, so both modes write the same number), run twice, the second
 timed. Reported per task: tokens/s off and on, the ratio, whether the texts are identical, and the drafted and
-accepted tokens /metrics counted during the task. Without --gguf, the GGUF of a short training run of the embedded
-model is made (and cached) first; its trained context is 512, so --ctx (2 048 by default) lets the long prompts in.
+accepted tokens /metrics counted during the task, and how much of the reply (off) is a copy of its prompt: the share
+of its tokens in runs of COPY_RUN or more that repeat the prompt in order, so a reader sees whether the grounded tasks
+were grounded. The model served, unless --gguf names one: `copy` (default), the embedded tiny model fine-tuned to
+repeat what it is asked to rewrite or edit (bench/copy_model.py), as an instruct model does; `quickstart`, the GGUF of
+a short training run of the embedded model, which does not copy. Either is made (and cached) first; the embedded
+model's trained context is 512, so --ctx (2 048 by default) lets the long prompts in.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import hashlib
 import json
+import os
 import platform
 import re
 import sys
@@ -28,11 +35,12 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from aegis import digest  # noqa: E402
+from aegis import digest, llamacpp  # noqa: E402
 from bench.common import chat_request  # noqa: E402
 from tests.support.serving import Server, exported_run, find_gguf  # noqa: E402
 
 MODEL = "bench"
+COPY_RUN = 8  # a reply token counts as copied inside a run of this many tokens repeating the prompt in order
 FREE = [
     "こんにちは。自己紹介をしてください。",
     "日本の四季について説明してください。",
@@ -52,13 +60,21 @@ def grounded_tasks(chars: int) -> dict[str, str]:
     }
 
 
-def counters(base: str) -> tuple[float, float]:
+def counters(base: str) -> dict[str, float]:
+    """The engine's counters: tokens drafted and accepted, decode steps, and its thread's seconds in steps and in
+    llama_decode (with its batch and logits)."""
     text = httpx.get(base + "/metrics", timeout=10).text
 
-    def total(name: str) -> float:
-        return sum(float(m) for m in re.findall(rf"^{name}_total{{[^}}]*}} (\S+)$", text, re.M))
+    def total(name: str, labels: str = "[^}]*") -> float:
+        return sum(float(m) for m in re.findall(rf"^{name}_total{{{labels}}} (\S+)$", text, re.M))
 
-    return total("aegis_draft_tokens"), total("aegis_draft_accepted_tokens")
+    return {
+        "drafted": total("aegis_draft_tokens"),
+        "accepted": total("aegis_draft_accepted_tokens"),
+        "steps": total("aegis_decode_steps"),
+        "step_s": total("aegis_engine_seconds", '[^}]*part="step"[^}]*'),
+        "decode_s": total("aegis_engine_seconds", '[^}]*part="decode"[^}]*'),
+    }
 
 
 def one(base: str, prompt: str, max_tokens: int) -> tuple[str, float, int]:
@@ -79,6 +95,18 @@ def one(base: str, prompt: str, max_tokens: int) -> tuple[str, float, int]:
                     first = first or time.perf_counter()
                     text.append(piece)
     return "".join(text), time.perf_counter() - (first or time.perf_counter()), tokens
+
+
+def copy_share(vocab, prompt: str, reply: str) -> float:
+    """The share of the reply's tokens that repeat the prompt in order, in runs of COPY_RUN tokens or more (difflib's
+    matching blocks: a reply that loops on a short piece of the prompt counts that piece once)."""
+
+    def ids(text: str) -> list[int]:
+        return vocab.tokenize(text.encode(), add_bos=False, special=False)
+
+    p, r = ids(prompt), ids(reply)
+    blocks = difflib.SequenceMatcher(None, p, r, autojunk=False).get_matching_blocks()
+    return round(sum(b.size for b in blocks if b.size >= COPY_RUN) / len(r), 3) if r else 0.0
 
 
 def run_mode(gguf: Path, speculate: int, tasks: dict[str, str], args) -> dict:
@@ -111,13 +139,12 @@ def run_mode(gguf: Path, speculate: int, tasks: dict[str, str], args) -> dict:
                 "seconds": seconds,
                 "tokens": tokens,
                 "tokens_per_s": (tokens - 1) / seconds if seconds > 0 else 0.0,
-                "drafted": after[0] - before[0],
-                "accepted": after[1] - before[1],
+                **{k: after[k] - before[k] for k in after},
             }
     return out
 
 
-def rows(off: dict, on: dict) -> list[dict]:
+def rows(off: dict, on: dict, copied: dict) -> list[dict]:
     out = []
     for name in off:
         a, b = off[name], on[name]
@@ -130,6 +157,18 @@ def rows(off: dict, on: dict) -> list[dict]:
                 "identical": a["text"] == b["text"],
                 "drafted": b["drafted"],
                 "accepted": b["accepted"],
+                "copy_share_off": copied[name],
+                # where the time went, per decode step: the steps, the engine thread's ms in a step and in
+                # llama_decode, and the ms of the request's wall time per step (the rest: outside the engine's steps)
+                "engine": {
+                    mode: {
+                        "steps": d["steps"],
+                        "step_ms": round(1e3 * d["step_s"] / d["steps"], 3) if d["steps"] else None,
+                        "decode_ms": round(1e3 * d["decode_s"] / d["steps"], 3) if d["steps"] else None,
+                        "wall_ms": round(1e3 * d["seconds"] / d["steps"], 3) if d["steps"] else None,
+                    }
+                    for mode, d in (("off", a), ("on", b))
+                },
             }
         )
     return out
@@ -137,20 +176,31 @@ def rows(off: dict, on: dict) -> list[dict]:
 
 def markdown(table: list[dict]) -> str:
     lines = [
-        "| task | tokens/s off | tokens/s on | on / off | same text | drafted | accepted |",
-        "|---|---:|---:|---:|---|---:|---:|",
+        "| task | tokens/s off | tokens/s on | on / off | same text | drafted | accepted | reply copied |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in table:
         lines.append(
             f"| {r['task']} | {r['off_tokens_per_s']} | {r['on_tokens_per_s']} | {r['ratio']} | "
-            f"{'yes' if r['identical'] else 'NO'} | {r['drafted']:.0f} | {r['accepted']:.0f} |"
+            f"{'yes' if r['identical'] else 'NO'} | {r['drafted']:.0f} | {r['accepted']:.0f} | "
+            f"{r['copy_share_off']:.0%} |"
         )
     return "\n".join(lines)
 
 
+def served_gguf(model: str) -> Path:
+    """The GGUF --model names, made and cached in the temp directory on first use."""
+    if model == "copy":
+        from bench import copy_model
+
+        return copy_model.ensure(Path(tempfile.gettempdir()) / "aegis-copy-model")
+    return find_gguf(exported_run(Path(tempfile.gettempdir()) / "aegis-serve"), "q8_0")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python bench/speculate_bench.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gguf", type=Path, help="GGUF to serve (default: a short run of the embedded model)")
+    ap.add_argument("--model", choices=["copy", "quickstart"], default="copy", help="what to serve without --gguf")
+    ap.add_argument("--gguf", type=Path, help="GGUF to serve (instead of --model)")
     ap.add_argument("--speculate", type=int, default=4, help="tokens drafted per step when on")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--ctx", type=int, default=2048, help="served context (the grounded prompts need ~1 100)")
@@ -159,15 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "speculate_results.json")
     ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "speculate-bench-logs")
     args = ap.parse_args(argv)
-    gguf = args.gguf or find_gguf(exported_run(Path(tempfile.gettempdir()) / "aegis-serve"), "q8_0")
+    gguf = args.gguf or served_gguf(args.model)
     tasks = {**grounded_tasks(args.chars), **{f"free chat {i + 1}": p for i, p in enumerate(FREE)}}
     off = run_mode(gguf, 0, tasks, args)
     on = run_mode(gguf, args.speculate, tasks, args)
-    table = rows(off, on)
+    vocab = llamacpp.open_vocab(gguf)
+    table = rows(off, on, {name: copy_share(vocab, tasks[name], off[name]["text"]) for name in tasks})
+    vocab.close()
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "load_before": os.getloadavg(),
         "gguf": gguf.name,
+        "gguf_sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
         "speculate": args.speculate,
         "max_tokens": args.max_tokens,
         "ctx": args.ctx,
