@@ -1,7 +1,13 @@
 """A tiny Phi-3 that copies its input, as an instruct model does when it rewrites a text or edits a code file: the
 stand-in bench/speculate_bench.py serves, so that prompt lookup has something to find offline.
 
-    python bench/copy_model.py [--cache DIR]      prints the path of the q8_0 GGUF (made once, cached)
+    python bench/copy_model.py [--cache DIR] [--steps N]     prints the path of the q8_0 GGUF (made once, cached)
+    python bench/copy_model.py --steps N --save DIR          on a GPU machine: train only, the model (bf16) in DIR
+    python bench/copy_model.py --model-dir DIR               export what --save wrote, into the cache
+
+On two CPU cores the model learns to predict the held-out replies token by token but drifts from them when it
+decodes greedily on its own; a GPU trains many more steps in a minute (--steps), and the folder --save writes
+(about 14 MB) comes back to be exported here, where the export's packages are.
 
 The embedded tiny model (aegis/tiny.py) is fine-tuned, all of its weights, in a plain torch loop on chat records
 made only from text shipped in this repository: a user turn that asks to rewrite a passage of the training prose
@@ -43,7 +49,7 @@ sys.path.insert(0, str(REPO))
 from aegis import tiny  # noqa: E402
 from bench.speculate_bench import grounded_tasks  # noqa: E402
 
-STEPS, LR, WARMUP, SEED = 560, 1e-3, 20, 0
+STEPS, LR, WARMUP, SEED = 560, 1e-3, 20, 0  # STEPS: the default of --steps
 MAX_TOKENS = 1700  # a record's tokens at most: the bench's code prompt (~1 200) and a few hundred of its reply
 SHORTEST, START, LONGEST = 20, 200, 1400  # a passage's characters: fewest; most at first; most at last (the bench's)
 GROW = 0.8  # share of the steps over which the longest passage drawn grows to LONGEST: short copies are learned first
@@ -144,11 +150,12 @@ def copy_sources(ids: list[int], labels: list[int]) -> list[tuple[int, int]]:
     return pairs
 
 
-def train(model, tok, log) -> None:
+def train(model, tok, log, steps: int = STEPS) -> None:
     import torch
 
     rng = random.Random(SEED)
     torch.manual_seed(SEED)
+    device = next(model.parameters()).device
     prose, sentences, files = sources()
     chats = [json.loads(line)["messages"] for line in tiny.corpus_path("chat_train.jsonl").open(encoding="utf-8")]
     held = [encode(tok, chat(*record)) for record in bench_records()]
@@ -156,7 +163,7 @@ def train(model, tok, log) -> None:
     def record(step: int) -> tuple[list[int], list[int]]:
         if rng.random() < CHAT_SHARE:
             return encode(tok, rng.choice(chats))
-        n = rng.randint(SHORTEST, int(START + (LONGEST - START) * min(1.0, step / (GROW * STEPS))))
+        n = rng.randint(SHORTEST, int(START + (LONGEST - START) * min(1.0, step / (GROW * steps))))
         pair = prose_record(rng, n, prose, sentences) if rng.random() < 0.5 else code_record(rng, n, files)
         return encode(tok, chat(*pair))
 
@@ -191,7 +198,7 @@ def train(model, tok, log) -> None:
         model.eval()
         out = []
         for ids, labels in held:
-            x, y, _, positions = batch([(ids, labels)])
+            x, y, _, positions = (t.to(device) for t in batch([(ids, labels)]))
             guess = model(input_ids=x, position_ids=positions).logits[0, :-1].argmax(-1)
             want = y[0, 1:]
             out.append(round(((guess == want) & (want >= 0)).sum().item() / (want >= 0).sum().item(), 3))
@@ -203,15 +210,15 @@ def train(model, tok, log) -> None:
     model.train()
     start, recent = time.time(), []
     log(f"held-out reply tokens predicted (rewrite, code edit) before: {agreement()}")
-    for step in range(1, STEPS + 1):
+    for step in range(1, steps + 1):
         for g in opt.param_groups:  # warm-up, then a cosine to a tenth
-            g["lr"] = LR * min(1.0, step / WARMUP) * (0.55 + 0.45 * math.cos(math.pi * step / STEPS))
+            g["lr"] = LR * min(1.0, step / WARMUP) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
         records = [record(step)]
         while sum(len(r[0]) for r in records) < BATCH_TOKENS:
             records.append(record(step))
-        x, y, mask, positions = batch(records)
-        guided = step <= GUIDED * STEPS
-        if step == int(GUIDED * STEPS) + 1:
+        x, y, mask, positions = (t.to(device) for t in batch(records))
+        guided = step <= GUIDED * steps
+        if step == int(GUIDED * steps) + 1:
             model.set_attn_implementation("sdpa")
         out = model(input_ids=x, attention_mask=mask, position_ids=positions, labels=y, output_attentions=guided)
         loss = out.loss + guided_loss(out, records) if guided else out.loss
@@ -220,9 +227,9 @@ def train(model, tok, log) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         recent = (recent + [loss.item()])[-20:]
-        if step % 20 == 0 or step == STEPS:
+        if step % 20 == 0 or step == steps:
             avg = sum(recent) / len(recent)
-            log(f"step {step}/{STEPS} loss {avg:.3f} held-out {agreement()} ({time.time() - start:.0f}s)")
+            log(f"step {step}/{steps} loss {avg:.3f} held-out {agreement()} ({time.time() - start:.0f}s)")
     model.eval()
 
 
@@ -246,43 +253,69 @@ def fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def build(out: Path, log) -> Path:
-    """Fine-tune into a model directory beside `out`, then export it as `out` (q8_0, llama.cpp parity checked)."""
+def trained(model_dir: Path, log, steps: int = STEPS) -> Path:
+    """Fine-tune the tiny model (on CUDA where there is one) into model_dir, with its tokenizer and template."""
     import torch
     from transformers import AutoTokenizer, Phi3ForCausalLM
 
     base = tiny.ensure(log=log)
-    with tempfile.TemporaryDirectory(prefix=".copy-", dir=out.parent) as work:
-        model_dir = Path(work) / "copy-tiny"
-        shutil.copytree(base, model_dir)  # the tokenizer and template travel with the weights
-        (model_dir / tiny.INFO).unlink()  # that file describes the shipped weights, not these
-        tok = AutoTokenizer.from_pretrained(base)
-        model = Phi3ForCausalLM.from_pretrained(base, dtype=torch.float32)
-        train(model, tok, log)
-        model.save_pretrained(model_dir)
-        cmd = [sys.executable, "-m", "export", "gguf", "--model", str(model_dir), "--out", str(out)]
-        subprocess.run([*cmd, "--type", "q8_0", "--name", "copy-tiny", "--no-progress"], cwd=REPO, check=True)
+    shutil.copytree(base, model_dir)  # the tokenizer and template travel with the weights
+    (model_dir / tiny.INFO).unlink()  # that file describes the shipped weights, not these
+    tok = AutoTokenizer.from_pretrained(base)
+    model = Phi3ForCausalLM.from_pretrained(base, dtype=torch.float32)
+    train(model.to("cuda" if torch.cuda.is_available() else "cpu"), tok, log, steps)
+    model.to(torch.bfloat16).save_pretrained(model_dir)
+    return model_dir
+
+
+def export(model_dir: Path, out: Path) -> Path:
+    """The q8_0 GGUF of a trained model directory (llama.cpp parity checked)."""
+    cmd = [sys.executable, "-m", "export", "gguf", "--model", str(model_dir), "--out", str(out)]
+    subprocess.run([*cmd, "--type", "q8_0", "--name", "copy-tiny", "--no-progress"], cwd=REPO, check=True)
     return out
 
 
-def ensure(cache: Path, log=print) -> Path:
-    """The copying model's GGUF, made once per fingerprint under `cache` (older ones removed)."""
-    out = Path(cache) / f"copy-{fingerprint()}" / "copy-tiny-q8_0.gguf"
+def ensure(cache: Path, log=print, steps: int = STEPS, model_dir: Path | None = None) -> Path:
+    """The copying model's GGUF, made once per fingerprint and step count under `cache` (older ones removed);
+    exported from model_dir where given (what --save wrote elsewhere), else trained here first."""
+    key = f"{fingerprint()}-{steps}" if model_dir is None else "dir-" + digest_dir(model_dir)
+    out = Path(cache) / f"copy-{key}" / "copy-tiny-q8_0.gguf"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    build(out, log)
+    if model_dir is not None:
+        export(model_dir, out)
+    else:
+        with tempfile.TemporaryDirectory(prefix=".copy-", dir=out.parent) as work:
+            export(trained(Path(work) / "copy-tiny", log, steps), out)
     for old in Path(cache).glob("copy-*"):
         if old != out.parent:
             shutil.rmtree(old, ignore_errors=True)
     return out
 
 
+def digest_dir(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python bench/copy_model.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "aegis-copy-model")
+    ap.add_argument("--steps", type=int, default=STEPS, help="training steps")
+    ap.add_argument("--save", type=Path, help="train only: write the model directory here (a new folder)")
+    ap.add_argument("--model-dir", type=Path, help="export this model directory (what --save wrote) instead")
     args = ap.parse_args(argv)
-    print(ensure(args.cache, log=lambda m: print(m, file=sys.stderr, flush=True)))
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.save and args.model_dir:
+        ap.error("--save trains, --model-dir exports what was trained: one or the other")
+    if args.save and args.save.exists():
+        ap.error(f"--save {args.save}: exists already")
+    if args.model_dir and not (args.model_dir / "config.json").is_file():
+        ap.error(f"--model-dir {args.model_dir}: no config.json there")
+    print(trained(args.save, log, args.steps) if args.save else ensure(args.cache, log, args.steps, args.model_dir))
     return 0
 
 

@@ -26,15 +26,18 @@
 #           allows (bench/train_unsloth.py starts no row that would not end before its deadline)
 #   ourslong  (not in the default PARTS: a call of its own, e.g. PARTS=ourslong,long) ours' longest sequence,
 #           one per step as the memory plan decides, at OURS_LONG (default 131072) for 2 steps      ~ 150-200 s
+#   copymodel (not in the default PARTS) bench/copy_model.py --steps COPY_STEPS (default 3000) --save: the tiny
+#           model that copies, for the speculation bench (bench/speculate_bench.py), trained where steps are cheap;
+#           OUTDIR/copy-tiny.tar comes back, and `python bench/copy_model.py --model-dir` exports it     ~ 120-200 s
 #   table   bench/train_unsloth.py --table, the packing cost, logs packed                 ~ 5 s
 # Expected: 400-490 s before the long rows. Unsloth's rows use LoRA dropout 0 (its own advice and fastest path;
 # DROPOUTS=0,0.05 adds the seed recipe's 0.05 as a second load of each form, about 60-80 s more each).
 #
 # OUTDIR gets at most 8 files, no folders: train_ours.json, train_ours_long.json, unsloth_llama.json,
-# unsloth_fused.json, table.md, run.log and logs.tar.xz (run.log, ours.log, unsloth.log), the last two packed only at the end.
+# unsloth_fused.json, copy-tiny.tar, table.md, run.log and logs.tar.xz (run.log, ours.log, unsloth.log), the last two packed only at the end.
 # Exit status 1: a step failed or was cut by its timeout (run.log says which); what was measured is there anyway.
 # Settings (environment): LIMIT, STEPS (ours' updates per run), TP_BATCHES, DROPOUTS, LONG_START, PARTS (a subset
-# of tests,ours,llama,fused,long,ourslong), OURS_LONG, WORK (default /tmp/aegis-bench: the snapshots, 16 GB), DRY=1 (print the commands only).
+# of tests,ours,llama,fused,long,ourslong,copymodel), OURS_LONG, COPY_STEPS, WORK (default /tmp/aegis-bench: the snapshots, 16 GB), DRY=1 (print the commands only).
 set -uo pipefail
 START=$(date +%s)
 cd "$(dirname "$0")/../.." || exit 2
@@ -49,6 +52,7 @@ LONG_START=${LONG_START:-16384}
 PARTS=${PARTS:-tests,ours,llama,fused,long}
 WORK=${WORK:-/tmp/aegis-bench}
 OURS_LONG=${OURS_LONG:-131072}
+COPY_STEPS=${COPY_STEPS:-3000}
 DRY=${DRY:-0}
 END=$((START + LIMIT))
 TAIL=12          # kept for the table and the packing of the logs
@@ -64,7 +68,7 @@ export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=igno
 
 mkdir -p "$OUTDIR"
 # this script's own files from an earlier run would mix into the table
-[ "$DRY" = 1 ] || (cd "$OUTDIR" && rm -f train_ours.json train_ours_long.json unsloth_llama.json unsloth_fused.json table.md run.log \
+[ "$DRY" = 1 ] || (cd "$OUTDIR" && rm -f copy-tiny.tar train_ours.json train_ours_long.json unsloth_llama.json unsloth_fused.json table.md run.log \
     ours.log unsloth.log logs.tar.xz)
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
 left() { echo $((END - $(date +%s))); }
@@ -158,6 +162,14 @@ if has ours; then
         --work "$WORK" --which ours --settings seed,throughput --tp-batch 16 --steps "$STEPS" \
         --variant concat=data.packing=concat --variant documents=data.packing=documents \
         --out "$OUTDIR/train_ours.json"
+fi
+
+# ---- the copying tiny model for the speculation bench (its folder, packed as one file)
+if has copymodel; then
+    rm -rf /tmp/copy-tiny
+    run "copy model" run.log $(($(left) - TAIL)) env PYTHONPATH="$OURS_PATH" python3 bench/copy_model.py \
+        --steps "$COPY_STEPS" --save /tmp/copy-tiny &&
+        { [ "$DRY" = 1 ] || tar -cf "$OUTDIR/copy-tiny.tar" -C /tmp copy-tiny; }
 fi
 
 # ---- ours' longest sequence (the memory plan's tiled MLP and attention, offload), beside Unsloth's long rows
