@@ -72,6 +72,13 @@ class BatchPool(Step):
         """Make the batched context (on this thread: a failure is the caller's) and start the scheduler."""
         self._batch = self.backend.new_batch(self.workers, cache_type=self.cache_type)
         self.say_later = getattr(self._batch, "offloaded", False)
+        if self.speculate and not self.say_later:
+            log.warning(
+                "--speculate %d on the CPU: a drafted token costs about a token's compute there, kept or not, so "
+                "expect little gain or a loss (BENCHMARKS.md, prompt lookup on one stream); on a GPU it costs next "
+                "to nothing beside a step's pass over the weights",
+                self.speculate,
+            )
         if self.draft_model is not None and self.speculate:
             try:
                 self._draft_model = DraftModel(self.backend, self.draft_model, self.workers)

@@ -122,6 +122,13 @@ def test_a_reply_that_repeats_its_prompt_takes_fewer_steps(servers):
     assert steps < reply.usage.completion_tokens, (steps, reply.usage.completion_tokens)
 
 
+def test_speculating_on_the_cpu_says_what_it_costs(servers):
+    """On a CPU a drafted token costs about a token's compute: the server says so at start, and only when drafting."""
+    said = {n: server.log_path.read_text(errors="replace") for n, server in servers.items()}
+    assert "--speculate 4 on the CPU: a drafted token costs" in said[4]
+    assert "on the CPU: a drafted token costs" not in said[0]
+
+
 def test_sampled_and_constrained_requests_do_not_draft(servers):
     fast = servers[4]
     client = serving.openai_client(fast)
