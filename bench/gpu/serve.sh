@@ -12,9 +12,13 @@
 #   b  bench/serve_bench.py             ours against llama-server and llama-batched-bench, one call per client level
 #                                       (so a run cut short keeps the levels done), merged into one serve.json
 #   c  bench/engine_overhead.py         the engine's own cost per decode step, profiled
-#   d  bench/speculate_bench.py         prompt-lookup speculation on and off
+#   d  bench/speculate_bench.py         prompt-lookup speculation on and off: on the GGUF above (what drafting costs
+#                                       at Phi-3.5-mini's size, free chat's rows), then, where the kit holds it, on
+#                                       COPY_GGUF, the tiny model that copies (bench/copy_model.py; the grounded rows)
 # OUTDIR gets run.txt (versions, each step's command, exit status and seconds), schema_load.json, serve.json,
-# engine.json, speculate.json and logs.tar.xz (every log: build, model, steps, servers); no subfolders.
+# engine.json, speculate.json, speculate_copy.json and logs.tar.xz (every log: build, model, steps, servers).
+# COPY_GGUF (default DIR/copy-tiny-q8_0.gguf): trained on a GPU by `PARTS=copymodel bench/gpu/train.sh`, exported
+# here by `python bench/copy_model.py --model-dir` and copied into the kit.
 #
 # The machine needs Python 3.12 with torch and transformers (numpy, pydantic, pyyaml, jinja2, requests, packaging
 # beside them), a CUDA toolkit with nvcc, cmake and ninja. Everything else comes from the kit: its site folder is
@@ -49,6 +53,7 @@ JOBS=${JOBS:-$(nproc)}
 CUDA=${CUDA:-ON}
 CUDA_ARCH=${CUDA_ARCH:-90}
 MODEL_ARGS=${MODEL_ARGS:-}
+COPY_GGUF=${COPY_GGUF:-$KIT/copy-tiny-q8_0.gguf}
 DRY=${DRY:-0}
 SITE=/tmp/aegis-serve-site
 SRC=$WORKDIR/llama.cpp
@@ -58,10 +63,10 @@ START=$SECONDS
 
 abs() { case $1 in /*) echo "$1" ;; *) echo "$ROOT/$1" ;; esac; }
 OUTDIR=$(abs "$OUTDIR") KIT=$(abs "$KIT") WORKDIR=$(abs "$WORKDIR") SRC=$(abs "$SRC")
-BUILD=$(abs "$BUILD") GGUF=$(abs "$GGUF")
+BUILD=$(abs "$BUILD") GGUF=$(abs "$GGUF") COPY_GGUF=$(abs "$COPY_GGUF")
 LOGS=$(mktemp -d /tmp/aegis-serve-logs.XXXXXX)
 PARTS=$LOGS/serve_bench_levels  # serve_bench's JSON per level, merged into OUTDIR/serve.json
-RESULTS=(run.txt schema_load.json serve.json engine.json speculate.json logs.tar.xz)  # all this writes in OUTDIR
+RESULTS=(run.txt schema_load.json serve.json engine.json speculate.json speculate_copy.json logs.tar.xz)  # all this writes in OUTDIR
 if [[ $DRY == 1 ]]; then
     RUN=$LOGS/run.txt
 else
@@ -299,5 +304,11 @@ fi
 if wants d; then
     step speculate 180 "$PYTHON" bench/speculate_bench.py --gguf "$GGUF" --out "$OUTDIR/speculate.json" \
         --logs "$LOGS/speculate_servers"
+    if [[ -f $COPY_GGUF ]]; then
+        step speculate-copy 120 "$PYTHON" bench/speculate_bench.py --gguf "$COPY_GGUF" \
+            --out "$OUTDIR/speculate_copy.json" --logs "$LOGS/speculate_copy_servers"
+    else
+        note "no $COPY_GGUF: the speculation rows of a model that copies are not run"
+    fi
 fi
 note "done; $(left)s left"
