@@ -13,6 +13,8 @@
 #                           llama-batched-bench reads (no models, docs, tests, examples, other backends)
 #   DIR/serve-site.tar.xz   one site-packages folder: the wheels, plus llama-cpp-python's Python package without its
 #                           shared libraries (serve.sh copies the ones it builds into llama_cpp/lib)
+#   DIR/quickstart-q8_0.gguf  the GGUF of a short quickstart run of the embedded model (the tests' own, made or
+#                           taken from the temp directory's cache): serve.sh's free-chat speculation rows
 #   DIR/CONTENTS.txt        what they hold: versions, sizes, checksums
 #
 # Downloads are kept in KIT_CACHE (default ~/.cache/aegis-gpu-kit), so running it again only repacks; the archives
@@ -106,14 +108,28 @@ rm -rf "$SITE/llama_cpp/lib"
 mv "$SITE" "$WORK/serve-site"
 pack "$DIR/serve-site.tar.xz" "$WORK" serve-site
 
+# the quickstart run's GGUF (trained and exported here once, as the tests make it)
+"$ROOT/.venv/bin/python" - "$DIR/quickstart-q8_0.gguf" <<'EOF'
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, ".")
+from tests.support.serving import exported_run, find_gguf
+
+shutil.copyfile(find_gguf(exported_run(Path(tempfile.gettempdir()) / "aegis-serve"), "q8_0"), sys.argv[1])
+EOF
+
 {
     echo "# the serving benchmarks' kit for bench/gpu/serve.sh (written by bench/gpu/prepare_serve.sh)"
     echo "llama.cpp.tar.xz: llama.cpp as $LCP $(basename "$SDIST") vendors it, pruned"
     echo "serve-site.tar.xz: CPython 3.12 x86-64 site folder: llama_cpp (Python, no libraries) from $LCP and"
     printf '    %s\n' "${specs[@]}"
+    echo "quickstart-q8_0.gguf: a 20-step quickstart run of the embedded model, exported (tests/support/serving.py)"
     echo
     echo "# bytes  sha256  file"
-    for f in llama.cpp.tar.xz serve-site.tar.xz; do
+    for f in llama.cpp.tar.xz serve-site.tar.xz quickstart-q8_0.gguf; do
         echo "$(stat -c %s "$DIR/$f")  $(sha256sum "$DIR/$f" | cut -d' ' -f1)  $f"
     done
 } > "$DIR/CONTENTS.txt"

@@ -14,9 +14,12 @@
 #   c  bench/engine_overhead.py         the engine's own cost per decode step, profiled
 #   d  bench/speculate_bench.py         prompt-lookup speculation on and off: on the GGUF above (what drafting costs
 #                                       at Phi-3.5-mini's size, free chat's rows), then, where the kit holds it, on
-#                                       COPY_GGUF, the tiny model that copies (bench/copy_model.py; the grounded rows)
+#                                       COPY_GGUF, the tiny model that copies (bench/copy_model.py; the grounded rows),
+#                                       and on DIR/quickstart-q8_0.gguf (prepare_serve.sh's; free chat that does not
+#                                       loop, unlike a random model's)
 # OUTDIR gets run.txt (versions, each step's command, exit status and seconds), schema_load.json, serve.json,
-# engine.json, speculate.json, speculate_copy.json and logs.tar.xz (every log: build, model, steps, servers).
+# engine.json, speculate.json, speculate_copy.json, speculate_chat.json and logs.tar.xz (every log: build, model,
+# steps, servers).
 # COPY_GGUF (default DIR/copy-tiny-q8_0.gguf): trained on a GPU by `PARTS=copymodel bench/gpu/train.sh`, exported
 # here by `python bench/copy_model.py --model-dir` and copied into the kit.
 #
@@ -66,7 +69,8 @@ OUTDIR=$(abs "$OUTDIR") KIT=$(abs "$KIT") WORKDIR=$(abs "$WORKDIR") SRC=$(abs "$
 BUILD=$(abs "$BUILD") GGUF=$(abs "$GGUF") COPY_GGUF=$(abs "$COPY_GGUF")
 LOGS=$(mktemp -d /tmp/aegis-serve-logs.XXXXXX)
 PARTS=$LOGS/serve_bench_levels  # serve_bench's JSON per level, merged into OUTDIR/serve.json
-RESULTS=(run.txt schema_load.json serve.json engine.json speculate.json speculate_copy.json logs.tar.xz)  # all this writes in OUTDIR
+RESULTS=(run.txt schema_load.json serve.json engine.json speculate.json speculate_copy.json speculate_chat.json
+    logs.tar.xz)  # all this writes in OUTDIR
 if [[ $DRY == 1 ]]; then
     RUN=$LOGS/run.txt
 else
@@ -309,6 +313,10 @@ if wants d; then
             --out "$OUTDIR/speculate_copy.json" --logs "$LOGS/speculate_copy_servers"
     else
         note "no $COPY_GGUF: the speculation rows of a model that copies are not run"
+    fi
+    if [[ -f $KIT/quickstart-q8_0.gguf ]]; then
+        step speculate-chat 120 "$PYTHON" bench/speculate_bench.py --gguf "$KIT/quickstart-q8_0.gguf" \
+            --out "$OUTDIR/speculate_chat.json" --logs "$LOGS/speculate_chat_servers"
     fi
 fi
 note "done; $(left)s left"
