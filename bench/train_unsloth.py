@@ -58,6 +58,9 @@ TARGETS = {
 }
 
 
+NO_COMPILE = "UNSLOTH_COMPILE_DISABLE"  # set to 1 (in the environment), Unsloth runs its blocks uncompiled
+
+
 class Deadline(Exception):
     """No time left for another row (the device call has a hard limit)."""
 
@@ -405,13 +408,14 @@ def run(args) -> None:
         "model_dir": str(model_dir),
         "budget_gib": args.budget_gib,
         "command": " ".join(sys.argv),
-        "env": dict(OFFLINE),
+        "env": dict(OFFLINE) | {k: v for k, v in os.environ.items() if k.startswith("UNSLOTH_")},  # its own too
         "rows": [],
         "loads": [],
     }
     runner = Runner(args, results, snap)
     for i, dropout in enumerate(args.dropouts):
-        which = f"unsloth {args.form} dropout {dropout:g}"
+        off = " compile off" if os.environ.get(NO_COMPILE) == "1" else ""
+        which = f"unsloth {args.form} dropout {dropout:g}{off}"
         longest = "long" in args.settings and dropout == args.long_dropout
         msl = max(args.max_seq_length, args.max_long if longest else 0)
         label = {

@@ -37,7 +37,8 @@
 # unsloth_fused.json, copy-tiny.tar, table.md, run.log and logs.tar.xz (run.log, ours.log, unsloth.log), the last two packed only at the end.
 # Exit status 1: a step failed or was cut by its timeout (run.log says which); what was measured is there anyway.
 # Settings (environment): LIMIT, STEPS (ours' updates per run), TP_BATCHES, DROPOUTS, LONG_START, PARTS (a subset
-# of tests,ours,llama,fused,long,ourslong,copymodel), OURS_LONG, COPY_STEPS, WORK (default /tmp/aegis-bench: the snapshots, 16 GB), DRY=1 (print the commands only).
+# of tests,ours,llama,fused,long,ourslong,copymodel), OURS_LONG, COPY_STEPS; and Unsloth's own, passed through
+# (UNSLOTH_COMPILE_DISABLE=1 runs its blocks uncompiled; its rows are then named "... compile off"), WORK (default /tmp/aegis-bench: the snapshots, 16 GB), DRY=1 (print the commands only).
 set -uo pipefail
 START=$(date +%s)
 cd "$(dirname "$0")/../.." || exit 2
