@@ -34,7 +34,8 @@
 # DROPOUTS=0,0.05 adds the seed recipe's 0.05 as a second load of each form, about 60-80 s more each).
 #
 # OUTDIR gets at most 8 files, no folders: train_ours.json, train_ours_long.json, unsloth_llama.json,
-# unsloth_fused.json, copy-tiny.tar, table.md, run.log and logs.tar.xz (run.log, ours.log, unsloth.log), the last two packed only at the end.
+# unsloth_fused.json, copy-tiny.tar, table.md, run.log and logs.tar.xz (run.log, ours.log, unsloth.log), the last
+# two packed only at the end.
 # Exit status 1: a step failed or was cut by its timeout (run.log says which); what was measured is there anyway.
 # Settings (environment): LIMIT, STEPS (ours' updates per run), TP_BATCHES, DROPOUTS, LONG_START, PARTS (a subset
 # of tests,ours,llama,fused,long,ourslong,copymodel), OURS_LONG, COPY_STEPS; and Unsloth's own, passed through
