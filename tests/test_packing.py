@@ -52,6 +52,7 @@ def test_a_tokens_logits_do_not_depend_on_the_documents_before_it(tiny_path, fle
     its backward and compiled kernel are checked on CUDA, test_flex_attention_trains_as_the_additive_mask_on_cuda)."""
     model, _ = _model(tiny_path)
     assert packing.model_inputs(model, {}) == {} and not packing.flex_fits(model, torch.device("cpu"))
+    assert packing.flex_fits(model, torch.device("cuda"))  # the PEFT model's config is read through (no GPU used)
     last = _tokens(120, 0)
     alone = _logits(model, batches.collate([data.Example(last, last)], pad_id=0))
     befores = [[_tokens(400, 1), _tokens(300, 2)], [_tokens(250, 3), _tokens(330, 4), _tokens(90, 5)]]
