@@ -121,6 +121,47 @@ def test_the_captured_steps_buffers_and_the_compiled_blocks_keep_documents_apart
     assert float(compiled_loss) == pytest.approx(float(want_loss), rel=1e-5)
 
 
+def test_the_compiled_attention_takes_the_block_mask_as_an_input(tiny_path):
+    """The block mask (CUDA's) goes through the compiled blocks as an input, as the documents' tensor does: windows
+    with other documents and other boundaries run the attention block compiled once, and give the additive mask's
+    logits. A graph compiled per window would soon pass torch.compile's recompile limit and run uncompiled."""
+    import torch._dynamo
+
+    model, _ = _model(tiny_path)
+    cfg = build({}, ARGS)
+    plan = memory.plan_for(cfg, model.get_base_model().config, torch.device("cpu"))
+    compiles = []
+
+    def backend(gm, example_inputs):  # counts what dynamo compiles, runs it as traced
+        compiles.append(gm)
+        return gm.forward
+
+    rows = [
+        [[_tokens(40, 1), _tokens(60, 2)], [_tokens(70, 3), _tokens(30, 4)]],
+        [[_tokens(20, 5), _tokens(80, 6)], [_tokens(50, 7), _tokens(25, 8), _tokens(25, 9)]],
+        [[_tokens(100, 10)], [_tokens(10, 11), _tokens(90, 12)]],
+    ]
+    torch._dynamo.reset()
+    try:
+        model_mod.compile_blocks(model, plan, backend=backend)
+        for i, window in enumerate(rows):
+            batch = batches.collate(
+                [batches.pack([data.Example(d, d) for d in r], 100, documents=True)[0] for r in window], pad_id=0
+            )
+            with torch.no_grad():
+                got, want = (
+                    model(input_ids=batch["input_ids"], **packing.model_inputs(model, batch, flex)).logits
+                    for flex in (True, False)
+                )
+            if i == 0:
+                first = len(compiles) - 1  # a graph per kind of block (the norms, the attention, the MLP), then
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+            assert len(compiles) == first + 1, (i, len(compiles))  # the additive mask's attention, once
+    finally:
+        torch._dynamo.reset()
+    assert 3 <= first <= 6, first
+
+
 def test_a_bad_packing_value_names_the_key():
     with pytest.raises(ConfigError, match=r"data.packing: 'docs' is not one of auto, documents, concat"):
         build({"data": {"packing": "docs"}})
