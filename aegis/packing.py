@@ -78,7 +78,7 @@ def model_inputs(model, batch: dict, flex: bool | None = None) -> dict:
     documents = batch.get(KEY)
     if documents is None:
         return {}
-    embeddings = getattr(model, "module", model).get_input_embeddings().weight
+    embeddings = getattr(model, "module", model).get_input_embeddings().weight  # DDP holds the model as .module
     documents = documents.to(embeddings.device, non_blocking=True)
     if flex is None:
         flex = flex_fits(model, documents.device)

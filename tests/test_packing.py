@@ -2,6 +2,8 @@
 its own document, through the eager training path, the compiled blocks and the captured step's fixed buffers; plain
 concatenation ("concat") still reads across the window."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -34,6 +36,32 @@ def _window(before: list[list[int]], last: list[int], mode: str) -> dict[str, to
     width = sum(map(len, [*before, last]))
     [window] = batches.pack(docs, width, documents=mode == "documents")
     return batches.collate([window], pad_id=0, width=width)
+
+
+def _windows(rows: list[list[list[int]]], width: int) -> dict[str, torch.Tensor]:
+    """Windows of `width` tokens, one per row of documents, packed and collated as training does it."""
+    packed = [batches.pack([data.Example(d, d) for d in row], width, documents=True)[0] for row in rows]
+    return batches.collate(packed, pad_id=0, width=width)
+
+
+@contextlib.contextmanager
+def _compiled(model):
+    """The model's blocks compiled as training compiles them on this plan, by a backend that counts what dynamo
+    compiles and runs it as traced; yields (blocks compiled, the graphs compiled so far)."""
+    import torch._dynamo
+
+    plan = memory.plan_for(build({}, ARGS), model.get_base_model().config, torch.device("cpu"))
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        yield model_mod.compile_blocks(model, plan, backend=backend), compiles
+    finally:
+        torch._dynamo.reset()
 
 
 def _logits(model, batch, flex: bool | None = None) -> torch.Tensor:
@@ -70,14 +98,11 @@ def test_the_captured_steps_buffers_and_the_compiled_blocks_keep_documents_apart
     """The captured step's fixed buffers (run eagerly here; tests/test_gpu.py captures them) give the loss and
     gradients of the eager path; the compiled blocks compile once per kind of block with the mask and positions as
     inputs, and give the same loss."""
-    import torch._dynamo
 
     model, soul = _model(tiny_path)
     params = [p for p in model.parameters() if p.requires_grad]
     rows = [[_tokens(40, 6), _tokens(60, 7)], [_tokens(70, 8), _tokens(30, 9)]]
-    batch = batches.collate(
-        [batches.pack([data.Example(d, d) for d in row], 100, documents=True)[0] for row in rows], pad_id=0
-    )
+    batch = _windows(rows, 100)
     n = count_targets(batch["labels"])
     head = soul_mod.head_of(model)
 
@@ -102,21 +127,9 @@ def test_the_captured_steps_buffers_and_the_compiled_blocks_keep_documents_apart
     for g, w in zip(got, want):
         assert (g - w).abs().max() <= 1e-5 * w.abs().max() + 1e-12
 
-    cfg = build({}, ARGS)
-    plan = memory.plan_for(cfg, model.get_base_model().config, torch.device("cpu"))
-    compiles = []
-
-    def backend(gm, example_inputs):  # counts what dynamo compiles, runs it as traced
-        compiles.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    try:
-        layers = model.get_base_model().config.num_hidden_layers
-        assert model_mod.compile_blocks(model, plan, backend=backend) == 4 * layers
+    with _compiled(model) as (blocks, compiles):
+        assert blocks == 4 * model.get_base_model().config.num_hidden_layers
         compiled_loss, _ = eager()
-    finally:
-        torch._dynamo.reset()
     assert 4 <= len(compiles) <= 8, len(compiles)
     assert float(compiled_loss) == pytest.approx(float(want_loss), rel=1e-5)
 
@@ -125,29 +138,15 @@ def test_the_compiled_attention_takes_the_block_mask_as_an_input(tiny_path):
     """The block mask (CUDA's) goes through the compiled blocks as an input, as the documents' tensor does: windows
     with other documents and other boundaries run the attention block compiled once, and give the additive mask's
     logits. A graph compiled per window would soon pass torch.compile's recompile limit and run uncompiled."""
-    import torch._dynamo
-
     model, _ = _model(tiny_path)
-    cfg = build({}, ARGS)
-    plan = memory.plan_for(cfg, model.get_base_model().config, torch.device("cpu"))
-    compiles = []
-
-    def backend(gm, example_inputs):  # counts what dynamo compiles, runs it as traced
-        compiles.append(gm)
-        return gm.forward
-
     rows = [
         [[_tokens(40, 1), _tokens(60, 2)], [_tokens(70, 3), _tokens(30, 4)]],
         [[_tokens(20, 5), _tokens(80, 6)], [_tokens(50, 7), _tokens(25, 8), _tokens(25, 9)]],
         [[_tokens(100, 10)], [_tokens(10, 11), _tokens(90, 12)]],
     ]
-    torch._dynamo.reset()
-    try:
-        model_mod.compile_blocks(model, plan, backend=backend)
+    with _compiled(model) as (_, compiles):
         for i, window in enumerate(rows):
-            batch = batches.collate(
-                [batches.pack([data.Example(d, d) for d in r], 100, documents=True)[0] for r in window], pad_id=0
-            )
+            batch = _windows(window, 100)
             with torch.no_grad():
                 got, want = (
                     model(input_ids=batch["input_ids"], **packing.model_inputs(model, batch, flex)).logits
@@ -157,8 +156,6 @@ def test_the_compiled_attention_takes_the_block_mask_as_an_input(tiny_path):
                 first = len(compiles) - 1  # a graph per kind of block (the norms, the attention, the MLP), then
             torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
             assert len(compiles) == first + 1, (i, len(compiles))  # the additive mask's attention, once
-    finally:
-        torch._dynamo.reset()
     assert 3 <= first <= 6, first
 
 
@@ -189,11 +186,7 @@ def test_the_captured_step_keeps_documents_apart_on_cuda(tiny_path):
                 [_tokens(30 + 20 * update, 10 * update + i), _tokens(98 - 20 * update, 10 * update + i + 5)]
                 for i in range(2)
             ]
-            batch = batches.collate(
-                [batches.pack([data.Example(d, d) for d in r], 128, documents=True)[0] for r in rows],
-                pad_id=0,
-                width=128,
-            )
+            batch = _windows(rows, 128)
             n = count_targets(batch["labels"])
             step.begin()
             got_loss = float(step.micro(batch, 1.0 / n))
@@ -228,10 +221,7 @@ def test_flex_attention_trains_as_the_additive_mask_on_cuda(tiny_path):
         for p in params:
             p.copy_(torch.randn(p.shape, generator=gen).to(p) * 0.05)
     rows = [[_tokens(150, 11), _tokens(106, 12)], [_tokens(60, 13), _tokens(120, 14), _tokens(76, 15)]]
-    batch = batches.collate(
-        [batches.pack([data.Example(d, d) for d in r], 256, documents=True)[0] for r in rows], pad_id=0, width=256
-    )
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device) for k, v in _windows(rows, 256).items()}
 
     def step(flex):
         inputs = packing.model_inputs(model, batch, flex)
