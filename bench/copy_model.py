@@ -295,10 +295,11 @@ def ensure(cache: Path, log=print, steps: int = STEPS, model_dir: Path | None = 
 
 
 def digest_dir(model_dir: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    """A key for a trained model directory: its weights' digests."""
+    from aegis.atomic import sha256_file
+
+    digests = [sha256_file(path) for path in sorted(Path(model_dir).glob("*.safetensors"))]
+    return hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> int:
